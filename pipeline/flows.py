@@ -1,0 +1,79 @@
+"""The nightly Prefect flow: the steps of `pipeline.run` as tasks over whole batches.
+
+Why batches, not records: Prefect's overhead is per task run (tens of milliseconds), so a task per
+conversation would cost more than the work. Tasks take no cache (inputs are large and every run
+is new data) and keep no results: the state database, not Prefect, is what makes runs resumable.
+Local runs need no server: Prefect starts a temporary one for the duration of the run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+import pandas as pd  # noqa: E402
+from prefect import flow, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from pipeline import run as steps  # noqa: E402
+from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.process import BatchResult  # noqa: E402
+from pipeline.schema import Conversation  # noqa: E402
+from pipeline.segment import Segmenter  # noqa: E402
+
+
+@task(name="ingest", cache_policy=NO_CACHE, persist_result=False)
+def ingest_task(ctx: steps.RunContext) -> steps.IngestResult:
+    return steps.ingest(ctx)
+
+
+@task(name="process-batch", cache_policy=NO_CACHE, persist_result=False)
+def process_task(ctx: steps.RunContext, batch: list[Conversation], part: int) -> BatchResult:
+    res = steps.process(ctx, batch, part, Segmenter(ctx.cfg))
+    steps.store(ctx, res.cases, part)
+    return res
+
+
+@task(name="commit", cache_policy=NO_CACHE, persist_result=False)
+def commit_task(ctx: steps.RunContext, ing: steps.IngestResult, results: list[BatchResult]) -> dict[str, Any]:
+    rejected = [q for r in results for q in r.rejected]
+    cases = pd.concat([r.cases for r in results], ignore_index=True) if results else \
+        pd.DataFrame(columns=["outcome", "channel", "order_id", "timings_missing"])
+    pii: Counter = Counter()
+    for r in results:
+        pii.update(r.pii_counts)
+        for k, v in r.seconds.items():
+            ctx.seconds[k] = ctx.seconds.get(k, 0.0) + v
+    qpath = steps.commit(ctx, ing, rejected, cases)
+    return steps.summarize(ctx, ing, rejected, cases, pii, sum(r.chars_segmented for r in results), qpath=qpath)
+
+
+@flow(name="casemine-nightly", log_prints=False, validate_parameters=False)
+def nightly(input_dir: str | None = None, out: str | None = None, config_path: str | None = None) -> dict[str, Any]:
+    """Process the transcripts that arrived since the last run and store their cases."""
+    cfg: Config = load_config(config_path)
+    input_path = Path(input_dir) if input_dir else cfg.resolve(cfg.paths.input)
+    out_path = Path(out) if out else cfg.resolve(cfg.paths.out)
+    ctx = steps.start_run(cfg, input_path, out_path)
+    ing = ingest_task(ctx)
+    futures = [process_task.submit(ctx, batch, n) for n, batch in enumerate(steps.batches(ing.accepted, cfg.flow.batch_size))]
+    results = [f.result() for f in futures]
+    return commit_task(ctx, ing, results)
+
+
+def serve_nightly(config_path: str | None = None) -> None:
+    """Register the nightly deployment with its cron schedule and serve it (blocks).
+
+    Against a running `prefect server start` (PREFECT_API_URL set) this schedules real nightly runs;
+    against Prefect's temporary server it registers but nothing triggers the schedule.
+    """
+    from prefect.schedules import Cron
+
+    cfg = load_config(config_path)
+    nightly.serve(name="nightly", schedule=Cron(cfg.flow.schedule_cron, timezone=cfg.flow.schedule_timezone),
+                  parameters={"config_path": config_path})

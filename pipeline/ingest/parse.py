@@ -1,0 +1,208 @@
+"""Turn decoded records (chat JSON objects, ASR sentence lists, CSV rows) into Conversations.
+
+Every check raises `RecordError(reason, detail)`: `reason` is a stable key for counting, `detail`
+says what is wrong and what to do. Parsing does not normalise or mask; it keeps the text exactly
+as received so the content hash identifies a re-delivery whatever the file's encoding was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+from pipeline.config import IngestConfig
+from pipeline.schema import SPEAKERS, Conversation, Turn
+
+BUILTIN_SPEAKERS = {"customer": "customer", "agent": "agent", "system": "system", "bot": "bot",
+                    "client": "customer", "cs": "agent", "robot": "bot"}
+AGENT_CUES = ("您好", "请问", "为您", "帮您", "给您", "稍等", "工号", "很高兴", "感谢您", "抱歉", "您的", "客服",
+              "请您", "亲", "核实", "处理")
+CUSTOMER_CUES = ("我的", "我想", "我要", "我买", "你们", "怎么还", "为什么", "能不能")
+
+
+class RecordError(ValueError):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def parse_time(value: Any, field: str) -> datetime | None:
+    """ISO 8601 string (with zone; 'Z' allowed) or epoch seconds/ms -> aware datetime."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise RecordError("bad_timestamp", f"{field} is {value!r}, expected ISO 8601 like 2025-09-01T10:02:03+08:00")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise RecordError("bad_timestamp", f"{field} is {value!r}")
+        secs = value / 1000 if value > 1e11 else value
+        return datetime.fromtimestamp(secs, tz=timezone.utc)
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value.strip().replace(" ", "T", 1) if "T" not in value else value.strip())
+        except ValueError:
+            pass
+    raise RecordError("bad_timestamp", f"{field} {str(value)[:40]!r} is not ISO 8601 (e.g. 2025-09-01T10:02:03+08:00)")
+
+
+def content_hash(conv: Conversation) -> str:
+    """Hash of what was said, by whom and when: the same conversation re-delivered in another file
+    or encoding hashes the same; any change of content does not."""
+    body = {
+        "channel": conv.channel,
+        "started_at": conv.started_at,
+        "turns": [[t.speaker, t.text, t.t] for t in conv.turns],
+        "metadata": conv.metadata,
+    }
+    return hashlib.sha256(json.dumps(body, ensure_ascii=False, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class Parser:
+    """Validates and builds Conversations according to the ingest config."""
+
+    def __init__(self, cfg: IngestConfig):
+        self.cfg = cfg
+        self.aliases = {**BUILTIN_SPEAKERS, **{k.lower(): v for k, v in cfg.speaker_aliases.items()}}
+
+    def speaker(self, raw: Any) -> str:
+        name = str(raw).strip().lower() if raw is not None else ""
+        if name in self.aliases:
+            return self.aliases[name]
+        raise RecordError("unknown_speaker", f"speaker {str(raw)[:30]!r} is not one of {', '.join(SPEAKERS)}; "
+                                             "map it under ingest.speaker_aliases in configs/casemine.yaml")
+
+    def _check_sizes(self, conv: Conversation) -> None:
+        if len(conv.turns) > self.cfg.max_turns:
+            raise RecordError("oversized_record", f"{len(conv.turns)} turns exceed ingest.max_turns={self.cfg.max_turns}")
+        for i, t in enumerate(conv.turns):
+            if len(t.text) > self.cfg.max_message_chars:
+                raise RecordError("oversized_message", f"turn {i} has {len(t.text)} characters, over "
+                                  f"ingest.max_message_chars={self.cfg.max_message_chars}; split or truncate it upstream")
+
+    def _finish(self, conv: Conversation) -> Conversation:
+        if not conv.turns:
+            raise RecordError("empty_text", "every turn's text is empty")
+        self._check_sizes(conv)
+        conv.content_hash = content_hash(conv)
+        return conv
+
+    # -- chat ---------------------------------------------------------------------------------
+    def chat(self, obj: Any) -> Conversation:
+        if not isinstance(obj, dict):
+            raise RecordError("not_an_object", f"expected a JSON object per conversation, got {type(obj).__name__}")
+        cid = obj.get("conversation_id")
+        if cid is None or (isinstance(cid, str) and not cid.strip()) or isinstance(cid, (dict, list, bool)):
+            raise RecordError("missing_id", "conversation_id is missing or empty; every conversation needs a stable id")
+        turns_raw = obj.get("turns")
+        if not isinstance(turns_raw, list) or not turns_raw:
+            raise RecordError("no_turns", "`turns` is missing, empty or not a list")
+        started = parse_time(obj.get("started_at"), "started_at")
+        metadata = obj.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise RecordError("bad_metadata", f"`metadata` must be an object, got {type(metadata).__name__}")
+        turns: list[Turn] = []
+        stamps: list[datetime | None] = []
+        for i, t in enumerate(turns_raw):
+            if not isinstance(t, dict):
+                raise RecordError("bad_turn", f"turn {i} is {type(t).__name__}, expected an object with speaker and text")
+            speaker = self.speaker(t.get("speaker"))
+            text = t.get("text")
+            if text is None:
+                text = ""
+            if not isinstance(text, str):
+                raise RecordError("bad_turn", f"turn {i} text is {type(text).__name__}, expected a string")
+            if not text.strip():
+                continue
+            turns.append(Turn(speaker=speaker, text=text))
+            stamps.append(parse_time(t.get("ts"), f"turns[{i}].ts"))
+        origin = started or next((s for s in stamps if s is not None), None)
+        for turn, ts in zip(turns, stamps):
+            if ts is not None and origin is not None:
+                turn.t = _seconds_between(origin, ts)
+        conv = Conversation(conversation_id=str(cid).strip(), channel=str(obj.get("channel") or "chat").strip().lower(),
+                            turns=turns, started_at=started.isoformat() if started else None, metadata=metadata)
+        return self._finish(conv)
+
+    # -- ASR ----------------------------------------------------------------------------------
+    def asr(self, sentences: list[dict[str, Any]], conversation_id: str, started_at: Any = None,
+            metadata: dict[str, Any] | None = None, agent_channel: Any = None, channel: str = "call") -> Conversation:
+        """Sentences with ChannelId/BeginTime/EndTime/Text (any key case) -> a call Conversation."""
+        if not sentences:
+            raise RecordError("no_turns", "the ASR result has no sentences")
+        rows = []
+        for i, s in enumerate(sentences):
+            if not isinstance(s, dict):
+                raise RecordError("bad_turn", f"sentence {i} is {type(s).__name__}, expected an object")
+            k = {str(key).lower(): v for key, v in s.items()}
+            text = k.get("text")
+            if text is None:
+                text = ""
+            if not isinstance(text, str):
+                raise RecordError("bad_turn", f"sentence {i} Text is {type(text).__name__}, expected a string")
+            ch = k.get("channelid", k.get("channel_id", k.get("speakerid", k.get("speaker_id"))))
+            speaker = k.get("speaker")
+            begin, end = _ms(k.get("begintime", k.get("begin_ms", k.get("begin_time"))), i), _ms(
+                k.get("endtime", k.get("end_ms", k.get("end_time"))), i)
+            if ch is None and speaker is None:
+                raise RecordError("bad_turn", f"sentence {i} has neither ChannelId nor speaker")
+            rows.append((begin if begin is not None else math.inf, i, ch, speaker, text, begin, end))
+        rows.sort(key=lambda r: (r[0], r[1]))  # by time; input order breaks ties
+        agent = self._agent_channel(rows, agent_channel)
+        started = parse_time(started_at, "started_at")
+        turns = []
+        for _, _, ch, speaker, text, begin, end in rows:
+            if not text.strip():
+                continue
+            who = self.speaker(speaker) if speaker is not None else ("agent" if str(ch) == str(agent) else "customer")
+            turns.append(Turn(who, text, None if begin is None else begin / 1000, None if end is None else end / 1000))
+        meta = dict(metadata or {})
+        if agent is not None:
+            meta.setdefault("agent_channel", agent)
+        conv = Conversation(conversation_id=str(conversation_id), channel=channel or "call", turns=turns,
+                            started_at=started.isoformat() if started else None, metadata=meta)
+        return self._finish(conv)
+
+    def _agent_channel(self, rows: list[tuple], explicit: Any) -> Any:
+        channels = [r[2] for r in rows if r[2] is not None]
+        if not channels:
+            return None
+        if explicit is not None and explicit != "":
+            return explicit
+        if self.cfg.agent_channel != "infer":
+            return self.cfg.agent_channel
+        return infer_agent_channel([(r[2], r[4]) for r in rows if r[2] is not None])
+
+
+def infer_agent_channel(rows: Iterable[tuple[Any, str]]) -> Any:
+    """The channel that talks like an agent (greets, 您/请问/稍等, gives a 工号); ties go to the
+    side that spoke first, since agents open calls."""
+    rows = list(rows)
+    scores: dict[str, float] = {}
+    first = str(rows[0][0])
+    for ch, text in rows:
+        s = sum(text.count(c) for c in AGENT_CUES) - sum(text.count(c) for c in CUSTOMER_CUES)
+        scores[str(ch)] = scores.get(str(ch), 0.0) + s
+    best = max(scores.items(), key=lambda kv: (kv[1], kv[0] == first))[0]
+    original = next(ch for ch, _ in rows if str(ch) == best)
+    return original
+
+
+def _ms(value: Any, i: int) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise RecordError("bad_turn", f"sentence {i} time {str(value)[:20]!r} is not a number of milliseconds") from None
+    if not math.isfinite(v) or v < 0:
+        raise RecordError("bad_turn", f"sentence {i} time {value!r} is not a non-negative number of milliseconds")
+    return v
+
+
+def _seconds_between(a: datetime, b: datetime) -> float | None:
+    if (a.tzinfo is None) != (b.tzinfo is None):
+        a, b = a.replace(tzinfo=None), b.replace(tzinfo=None)
+    return (b - a).total_seconds()

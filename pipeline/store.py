@@ -1,0 +1,117 @@
+"""Where case records and quarantined records live on disk, under one output root.
+
+Layout (all relative to `--out`):
+  processed/cases/date=YYYY-MM-DD/part-<run_id>-<n>.parquet   the case table, hive-partitioned
+  quarantine/<run_id>.jsonl                                    rejected records, masked excerpts
+  runs/<run_id>/summary.json, summary.txt                      what a run did
+Each run writes new files only (atomically); a run that did not commit is undone by deleting
+its files, so readers never see half a run and a re-run never duplicates one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from pipeline.io import atomic_write_parquet, atomic_write_text
+from pipeline.mask import Masker
+from pipeline.schema import CASE_SCHEMA, QuarantineRecord
+
+
+def cases_dir(out: Path) -> Path:
+    return out / "processed" / "cases"
+
+
+def case_table(df: pd.DataFrame) -> pa.Table:
+    """The DataFrame as an Arrow table in the stored schema; extra columns (classification...) are
+    appended after the fixed ones with inferred types."""
+    fixed = [c for c in CASE_SCHEMA.names]
+    extra = [c for c in df.columns if c not in fixed]
+    base = pa.Table.from_pandas(df[fixed], schema=CASE_SCHEMA, preserve_index=False)
+    for c in extra:
+        base = base.append_column(c, pa.array(df[c].tolist()))
+    return base
+
+
+def write_cases(out: Path, df: pd.DataFrame, run_id: str, part: int) -> list[Path]:
+    """One Parquet file per date partition for this batch; returns the paths written."""
+    written = []
+    for day, group in df.groupby("date", sort=True):
+        path = cases_dir(out) / f"date={day}" / f"part-{run_id}-{part:05d}.parquet"
+        atomic_write_parquet(path, case_table(group.reset_index(drop=True)))
+        written.append(path)
+    return written
+
+
+def read_cases(out: Path, columns: list[str] | None = None, runs: Iterable[str] | None = None) -> pd.DataFrame:
+    """All stored cases (optionally only some runs' parts) as one DataFrame."""
+    root = cases_dir(out)
+    files = sorted(root.glob("date=*/part-*.parquet")) if root.exists() else []
+    if runs is not None:
+        keep = set(runs)
+        files = [f for f in files if _run_of(f) in keep]
+    if not files:
+        return pd.DataFrame(columns=columns or list(CASE_SCHEMA.names))
+    # Partitions written before a later step added a column lack it: unify by name.
+    schema = pa.unify_schemas([pq.read_schema(f) for f in files])
+    if columns is not None:
+        columns = [c for c in columns if c in schema.names]
+    table = ds.dataset([str(f) for f in files], format="parquet", schema=schema).to_table(columns=columns)
+    return table.to_pandas()
+
+
+def _run_of(path: Path) -> str:
+    # part-<run_id>-<n>.parquet; run ids contain dashes, the part number is last.
+    return path.stem[len("part-"):].rsplit("-", 1)[0]
+
+
+def remove_orphans(out: Path, committed: set[str]) -> list[Path]:
+    """Delete files written by runs that never committed (killed mid-run)."""
+    removed: list[Path] = []
+    root = cases_dir(out)
+    for f in sorted(root.glob("date=*/part-*.parquet")) if root.exists() else []:
+        if _run_of(f) not in committed:
+            f.unlink()
+            removed.append(f)
+    for f in sorted((out / "quarantine").glob("*.jsonl")) if (out / "quarantine").exists() else []:
+        if f.stem not in committed:
+            f.unlink()
+            removed.append(f)
+    for d in sorted((out / "runs").glob("*")) if (out / "runs").exists() else []:
+        if d.is_dir() and d.name not in committed:
+            shutil.rmtree(d)
+            removed.append(d)
+    for f in root.glob("date=*/.*.tmp") if root.exists() else []:
+        f.unlink(missing_ok=True)
+    return removed
+
+
+def write_quarantine(out: Path, run_id: str, records: list[QuarantineRecord], masker: Masker) -> Path | None:
+    """Quarantine file for the run: where, why, what to do, and a masked excerpt, never raw PII."""
+    if not records:
+        return None
+    lines = []
+    for q in records:
+        excerpt = masker.mask(q.excerpt)[0] if q.excerpt else ""
+        lines.append(json.dumps({
+            "file": masker.mask(q.source_file)[0], "line": q.line, "byte_offset": q.byte_offset,
+            "conversation_id": masker.mask(q.conversation_id)[0] if q.conversation_id else None,
+            "reason": q.reason, "detail": masker.mask(q.detail)[0], "excerpt": excerpt, "raw_sha256": q.raw_hash,
+        }, ensure_ascii=False))
+    path = out / "quarantine" / f"{run_id}.jsonl"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def write_summary(out: Path, run_id: str, summary: dict[str, Any], text: str) -> Path:
+    d = out / "runs" / run_id
+    atomic_write_text(d / "summary.txt", text)
+    atomic_write_text(d / "summary.json", json.dumps(summary, ensure_ascii=False, indent=2, default=str) + "\n")
+    return d / "summary.json"
