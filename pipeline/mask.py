@@ -56,9 +56,10 @@ _ADDRESS_RE = re.compile(
 )
 _ADDRESS_CUE_RE = re.compile(r"(?:收货地址|送货地址|详细地址|家庭住址|地址|住在|住址|送到|寄到)(?:是|为|:|：|在)?\s*"
                              r"([^\s,，。.!！?？;；<]{4,40})")
+_ADDRESS_END_RE = re.compile(r".*[0-9A-Za-z号室栋幢楼单元层户院座区县市镇村路街道巷弄]")
 _ADDRESS_HINT = re.compile(r"[0-9]|路|街|号|栋|室|单元|区|县|镇|村|小区|大厦|省|市")
 _NAME_CUE_RE = re.compile(r"(?:我叫|我的名字(?:是|叫)|本人姓名|姓名(?:是|为|:|：)?|收件人(?:是|为|:|：)?|收货人(?:是|为|:|：)?"
-                          r"|联系人(?:是|为|:|：)?|我姓)\s*([\u4e00-\u9fff]{1,3})")
+                          r"|联系人(?:是|为|:|：)?|(?:开户|持卡|账户)(?:名|人)(?:是|为|:|：)?|户名(?:是|为|:|：)?|我姓)\s*([\u4e00-\u9fff]{1,3})")
 _HONORIFIC_RE = re.compile(r"([\u4e00-\u9fff]{1,2})(?=先生|女士|小姐)")
 
 
@@ -151,8 +152,11 @@ class Masker:
     def _addresses(self, t: str) -> Iterable[Span]:
         for m in _ADDRESS_CUE_RE.finditer(t):
             value = m.group(1)
-            if _ADDRESS_HINT.search(value) and not PLACEHOLDER_RE.fullmatch(value):
-                yield Span(*m.span(1), "address")
+            # The cue's capture runs to the next punctuation; end it at the last address unit so
+            # "送到...1202室吧" keeps its 吧.
+            tail = _ADDRESS_END_RE.search(value)
+            if tail and _ADDRESS_HINT.search(value) and not PLACEHOLDER_RE.fullmatch(value):
+                yield Span(m.start(1), m.start(1) + tail.end(), "address")
         for m in _ADDRESS_RE.finditer(t):
             yield Span(*m.span(1), "address")
 

