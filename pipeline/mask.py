@@ -56,6 +56,7 @@ _ADDRESS_RE = re.compile(
 )
 _ADDRESS_CUE_RE = re.compile(r"(?:收货地址|送货地址|详细地址|家庭住址|地址|住在|住址|送到|寄到)(?:是|为|:|：|在)?\s*"
                              r"([^\s,，。.!！?？;；<]{4,40})")
+_ADDRESS_PREFILTER = re.compile(r"(?:路|街|大道|巷|弄|胡同|村)[0-9一二三四五六七八九十]|小区|花园|公寓|大厦|家园|苑|广场|新村")
 _ADDRESS_END_RE = re.compile(r".*[0-9A-Za-z号室栋幢楼单元层户院座区县市镇村路街道巷弄]")
 _ADDRESS_HINT = re.compile(r"[0-9]|路|街|号|栋|室|单元|区|县|镇|村|小区|大厦|省|市")
 _NAME_CUE_RE = re.compile(r"(?:我叫|我的名字(?:是|叫)|本人姓名|姓名(?:是|为|:|：)?|收件人(?:是|为|:|：)?|收货人(?:是|为|:|：)?"
@@ -157,8 +158,11 @@ class Masker:
             tail = _ADDRESS_END_RE.search(value)
             if tail and _ADDRESS_HINT.search(value) and not PLACEHOLDER_RE.fullmatch(value):
                 yield Span(m.start(1), m.start(1) + tail.end(), "address")
-        for m in _ADDRESS_RE.finditer(t):
-            yield Span(*m.span(1), "address")
+        # The structural pattern is the costliest regex here; most texts hold no street or
+        # estate word at all, so check for one first.
+        if _ADDRESS_PREFILTER.search(t):
+            for m in _ADDRESS_RE.finditer(t):
+                yield Span(*m.span(1), "address")
 
     def _names(self, t: str) -> Iterable[Span]:
         for m in _NAME_CUE_RE.finditer(t):
@@ -211,10 +215,18 @@ def map_foreign_placeholders(text: str) -> str:
     return _FOREIGN_RE.sub(lambda m: FOREIGN_PLACEHOLDERS.get(m.group(1), m.group(0)), text)
 
 
+_ONE_TO_ONE_RE = re.compile(r"[\x20-\x7e\u3001-\u3003\u3008-\u3011\u4e00-\u9fff\uff01-\uff5e]*")
+
+
 def fold_with_map(text: str) -> tuple[str, list[int]]:
     """NFKC + Traditional-to-Simplified per character, with each folded char's source index."""
     from pipeline.normalize import to_simplified
 
+    if _ONE_TO_ONE_RE.fullmatch(text):
+        # ASCII, CJK and full-width forms fold one character to one: no per-character walk.
+        folded = unicodedata.normalize("NFKC", text)
+        simp = to_simplified(folded)
+        return (simp if len(simp) == len(folded) else folded), list(range(len(text)))
     chars: list[str] = []
     back: list[int] = []
     for i, c in enumerate(text):

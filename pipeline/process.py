@@ -41,7 +41,8 @@ def mask_conversation(conv: Conversation, masker: Masker) -> Conversation:
     turns: list[Turn] = []
     for t in conv.turns:
         text, c1 = masker.mask(t.text)
-        original, _ = masker.mask_original(t.original or "")
+        # Received text equal to the normalised one needs no second pass.
+        original = text if t.original == t.text else masker.mask_original(t.original or "")[0]
         counts.update(c1)
         turns.append(replace(t, text=text, original=original))
     metadata, c2 = _mask_values(conv.metadata, masker)

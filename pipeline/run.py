@@ -269,21 +269,21 @@ def run_pipeline(cfg: Config, input_dir: Path, out: Path, progress: Progress = _
     """The whole nightly run without Prefect (same steps the flow runs as tasks)."""
     ctx = start_run(cfg, input_dir, out)
     ing = ingest(ctx, progress)
-    seg = Segmenter(cfg)
     frames, rejected, pii, chars = [], [], Counter(), 0
     parts = batches(ing.accepted, cfg.flow.batch_size)
-    for n, batch in enumerate(parts):
-        res = process(ctx, batch, n, seg)
-        for k, v in res.seconds.items():
-            ctx.seconds[k] = ctx.seconds.get(k, 0.0) + v
-        t = time.perf_counter()
-        store(ctx, res.cases, n)
-        ctx.seconds["store"] = ctx.seconds.get("store", 0.0) + time.perf_counter() - t
-        frames.append(res.cases)
-        rejected += res.rejected
-        pii.update(res.pii_counts)
-        chars += res.chars_segmented
-        progress("process", n + 1, len(parts))
+    with Segmenter(cfg) as seg:
+        for n, batch in enumerate(parts):
+            res = process(ctx, batch, n, seg)
+            for k, v in res.seconds.items():
+                ctx.seconds[k] = ctx.seconds.get(k, 0.0) + v
+            t = time.perf_counter()
+            store(ctx, res.cases, n)
+            ctx.seconds["store"] = ctx.seconds.get("store", 0.0) + time.perf_counter() - t
+            frames.append(res.cases)
+            rejected += res.rejected
+            pii.update(res.pii_counts)
+            chars += res.chars_segmented
+            progress("process", n + 1, len(parts))
     cases = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["outcome", "channel", "order_id", "timings_missing"])
     qpath = commit(ctx, ing, rejected, cases)
     return summarize(ctx, ing, rejected, cases, pii, chars, qpath=qpath)

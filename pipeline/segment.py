@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Sequence
 
 import jieba
-import jieba.analyse
 
 from pipeline.config import Config
 from pipeline.mask import PLACEHOLDER_RE
@@ -52,8 +51,22 @@ class Segmenter:
         self.cfg = cfg
         self.user_dict = str(cfg.resolve(cfg.segment.user_dict))
         self.stopwords = read_wordlist(cfg.resolve(cfg.segment.stopwords))
-        idf = jieba.analyse.default_tfidf
-        self._idf, self._median_idf = idf.idf_freq, idf.median_idf
+        self._pool = None
+
+    def close(self) -> None:
+        """Stop the worker pool, if one was started."""
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool = None
+
+    def __enter__(self) -> "Segmenter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
 
     @property
     def tokenizer(self) -> jieba.Tokenizer:
@@ -82,17 +95,29 @@ class Segmenter:
             return [self.cut(t) for t in texts]
         size = math.ceil(len(texts) / (n_proc * 4))
         chunks = [list(texts[i:i + size]) for i in range(0, len(texts), size)]
-        with mp.get_context("spawn").Pool(n_proc, initializer=_init_worker, initargs=(self.cfg,)) as pool:
-            parts = pool.map(_cut_chunk, chunks)
+        if self._pool is None:
+            # Started once and reused for every later batch: a worker costs about a second to
+            # start (interpreter, jieba dictionary), which only pays off if it stays.
+            self._pool = mp.get_context("spawn").Pool(n_proc, initializer=_init_worker, initargs=(self.cfg,))
+        parts = self._pool.map(_cut_chunk, chunks)
         return [toks for part in parts for toks in part]
 
     def keywords(self, tokens: Sequence[str], k: int | None = None) -> list[str]:
         """Top-k tokens by TF-IDF against jieba's bundled IDF table (what `jieba.analyse` uses);
         placeholders and single characters say nothing about the topic and are left out."""
         k = k or self.cfg.segment.keywords_top_k
+        idf, median = _idf_table()
         tf = Counter(t for t in tokens if len(t) > 1 and not PLACEHOLDER_RE.fullmatch(t) and not t.isdigit())
-        scored = sorted(tf.items(), key=lambda kv: (-kv[1] * self._idf.get(kv[0], self._median_idf), kv[0]))
+        scored = sorted(tf.items(), key=lambda kv: (-kv[1] * idf.get(kv[0], median), kv[0]))
         return [w for w, _ in scored[:k]]
+
+
+@lru_cache(maxsize=1)
+def _idf_table() -> tuple[dict[str, float], float]:
+    # Importing jieba.analyse parses its 270k-word IDF file (~0.8 s): only when keywords are asked.
+    import jieba.analyse
+
+    return jieba.analyse.default_tfidf.idf_freq, jieba.analyse.default_tfidf.median_idf
 
 
 _worker: Segmenter | None = None
