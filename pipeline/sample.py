@@ -142,12 +142,16 @@ def _fill(template: str, slots: Mapping[str, Seg]) -> list[Seg]:
     return out
 
 
+# (customer phrasing, the handlings that answer it)
+_Phrasing = tuple[str, tuple[str, ...]]
+
+
 @functools.lru_cache(maxsize=None)
-def _problem_pool(issue_type: str, category: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _problem_pool(issue_type: str, category: str) -> tuple[tuple[_Phrasing, ...], tuple[_Phrasing, ...]]:
     """(phrasings without money at stake, phrasings with it) for an issue and product category."""
-    t = T.ISSUES[issue_type]
-    pool = t.problems + t.by_category.get(category, ())
-    return (tuple(p for p in pool if "{amount}" not in p), tuple(p for p in pool if "{amount}" in p))
+    pool = [(p, s.handlings) for s in T.ISSUES[issue_type].scenarios
+            if s.categories is None or category in s.categories for p in s.problems]
+    return (tuple(x for x in pool if "{amount}" not in x[0]), tuple(x for x in pool if "{amount}" in x[0]))
 
 
 @functools.lru_cache(maxsize=None)
@@ -239,19 +243,36 @@ def _fake_email(rng: random.Random) -> str:
     return f"{rng.choice(T.EMAIL_USERS)}{rng.choice(('', '_', '.'))}{rng.randint(1, 2005)}@{rng.choice(T.EMAIL_DOMAINS)}"
 
 
-def _pii_slots(rng: random.Random, style: str, region: str) -> dict[str, Seg]:
-    surname = rng.choice(T.SURNAMES)
-    values = {
-        "phone": _fake_phone(rng, style),
-        "landline": _fake_landline(rng, style),
-        "idcard": _fake_id(rng),
-        "card": _fake_card(rng, spaced=style == "chat" and rng.random() < 0.3),
-        "email": _fake_email(rng),
-        "address": _fake_address(rng, region),
-        "name": surname + rng.choice(T.GIVEN_NAMES),
-        "title": surname + rng.choice(("先生", "女士")),
-    }
-    return {slot: (_PII_SLOTS[slot], v) for slot, v in values.items()}
+class _Slots(dict):
+    """Template slot values; personal data is made up on first use (most turns need none, and
+    making it is the costly part of a conversation). One surname serves both name and title."""
+
+    def __init__(self, base: dict[str, Seg], rng: random.Random, style: str, region: str) -> None:
+        super().__init__(base)
+        self.rng, self.style, self.region = rng, style, region
+        self.surname: str | None = None
+
+    def __missing__(self, slot: str) -> Seg:
+        value = (_PII_SLOTS[slot], self._make(slot))  # KeyError for an unknown slot
+        self[slot] = value
+        return value
+
+    def _make(self, slot: str) -> str:
+        rng, style = self.rng, self.style
+        if slot in ("name", "title"):
+            self.surname = self.surname or rng.choice(T.SURNAMES)
+            return self.surname + rng.choice(T.GIVEN_NAMES if slot == "name" else ("先生", "女士"))
+        if slot == "phone":
+            return _fake_phone(rng, style)
+        if slot == "landline":
+            return _fake_landline(rng, style)
+        if slot == "idcard":
+            return _fake_id(rng)
+        if slot == "card":
+            return _fake_card(rng, spaced=style == "chat" and rng.random() < 0.3)
+        if slot == "email":
+            return _fake_email(rng)
+        return _fake_address(rng, self.region)
 
 
 def _order_id(rng: random.Random, when: datetime) -> str:
@@ -303,23 +324,36 @@ class _Conv:
     metadata: dict[str, Any]
     turns: list[_Turn]
     issues: list[_Issue]
-    flags: list[str] = field(default_factory=list)
-    rng: random.Random = field(default_factory=random.Random, repr=False)  # for render-time noise
+    flags: list[str]
+    rng: random.Random = field(repr=False)  # the builder's RNG, carried on for render-time noise
 
 
 class _Builder:
-    """Builds one conversation's turns from its RNG."""
+    """Builds one conversation's turns (and its issue plan) from its RNG."""
 
-    def __init__(self, rng: random.Random, style: str, emoji: bool, force_pii: bool) -> None:
+    def __init__(self, rng: random.Random, style: str, emoji: bool, force_pii: bool, issue_type: str,
+                 product: str, region: str, when: datetime) -> None:
         self.rng = rng
         self.style = style
+        self.first_issue = issue_type
+        self.product, self.category = product, T.PRODUCTS[product]
         self.turns: list[_Turn] = []
-        self.issue = 0
-        self.group = 0
-        self.order_given = False
         self.flags: list[str] = []
+        self.issue = 0  # index of the issue block being spoken
+        self.group = 0  # current optional-turn group
+        self.order_given = False
+        self.handlings: tuple[str, ...] = ()  # answers to the problem phrasing just chosen
         self.emoji = emoji and style == "chat" and rng.random() < 0.10
         self.has_pii = force_pii or rng.random() < 0.40
+        self.order = _order_id(rng, when)
+        amount = rng.choice((59, 89, 129, 199, 299, 399, 499, 799, 1299, 1599, 2499, 3999, 5999))
+        self.agent_no = f"{rng.randint(1, 120):03d}"
+        self.slots = _Slots({
+            "product": product, "days": rng.choice(T.DAYS), "amount": str(amount),
+            "amount2": str(amount * rng.choice((7, 8, 9)) // 10), "order": (ORDER, self.order),
+            "promise": rng.choice(T.PROMISES), "coupon": rng.choice(T.COUPONS), "courier": rng.choice(T.COURIERS),
+            "agent_no": self.agent_no, "shop": rng.choice(T.SHOPS),
+        }, rng, style, region)
 
     # -- primitives
 
@@ -342,28 +376,12 @@ class _Builder:
 
     # -- whole conversation
 
-    def build(self, issue_type: str, product: str, region: str, when: datetime) -> list[_Issue]:
-        rng = self.rng
-        self.first_issue = issue_type
-        order = _order_id(rng, when)
-        self.product, self.category = product, T.PRODUCTS[product]
-        amount = rng.choice((59, 89, 129, 199, 299, 399, 499, 799, 1299, 1599, 2499, 3999, 5999))
-        self.slots: dict[str, Seg] = {
-            "product": product, "days": rng.choice(T.DAYS), "amount": str(amount),
-            "amount2": str(amount * rng.choice((7, 8, 9)) // 10), "order": (ORDER, order),
-            "promise": rng.choice(T.PROMISES), "coupon": rng.choice(T.COUPONS), "courier": rng.choice(T.COURIERS),
-            "agent_no": f"{rng.randint(1, 120):03d}", "shop": rng.choice(T.SHOPS),
-        }
-        if self.has_pii:
-            self.slots.update(_pii_slots(rng, self.style, region))
-        self.order = order
-        return self._plan_and_speak()
-
-    def _plan_and_speak(self) -> list[_Issue]:
+    def build(self) -> list[_Issue]:
         rng = self.rng
         first = _plan_issue(rng, self.first_issue, self.category, first=True)
         issues = [first]
-        if first.outcome == "resolved" and rng.random() < 0.15:
+        # A second issue only after the first is settled, so the two are clearly separate.
+        if first.outcome == "resolved" and rng.random() < 0.13:
             second_type = self._second_issue_type(first.issue_type)
             if second_type:
                 issues.append(_plan_issue(rng, second_type, self.category, first=False))
@@ -427,7 +445,7 @@ class _Builder:
         self._exchanges(tpl)
         if issue.request_kind == "建议":
             self.say("agent", T.SUGGESTION_ACK)
-        self.say("agent", tpl.handlings, pause=rng.random() < 0.2)
+        self.say("agent", self.handlings, pause=rng.random() < 0.2)
         self._outcome(issue)
 
     def _problem(self, issue: _Issue, tpl: T.IssueTemplates, k: int, hello: bool) -> list[Seg]:
@@ -436,14 +454,15 @@ class _Builder:
         if k > 0:
             segs.append(rng.choice(T.SECOND_ISSUE_INTROS))
         elif hello or rng.random() < 0.3:
-            segs.append(rng.choice(T.CUSTOMER_HELLO) or "你好，")
-        if issue.emotion == "angry" and rng.random() < 0.5:
-            segs.append(rng.choice(T.EMOTION_PREFIX["angry"]))
+            segs.append(rng.choice(T.CUSTOMER_HELLO))
+        prefixed = issue.emotion == "angry" and rng.random() < 0.5
+        if prefixed:
+            segs.append(rng.choice(T.ANGRY_PREFIXES))
         if issue.urgency_via == "repeat":
             segs.append(rng.choice(T.REPEAT_CONTACT))
         plain, money = _problem_pool(issue.issue_type, self.category)
         wants_money = issue.urgency_via == "money"
-        phrasing = rng.choice(money if wants_money and money else plain)
+        phrasing, self.handlings = rng.choice(money if wants_money and money else plain)
         segs += _fill(phrasing, self.slots)
         if wants_money and not money:
             segs += self.pick(T.MONEY_AT_STAKE)
@@ -451,14 +470,15 @@ class _Builder:
             segs += self.pick(T.HAZARDS[self.category])
         elif issue.urgency_via == "threat":
             segs.append(rng.choice(T.SEVERE_THREATS))
-        if issue.request_kind == "投诉" and rng.random() < 0.6:
+        if issue.request_kind == "投诉":
             segs.append(rng.choice(T.COMPLAINT_MARKERS))
         elif issue.request_kind == "咨询" and rng.random() < 0.3:
             segs.append(rng.choice(T.CONSULT_MARKERS))
         elif issue.request_kind == "建议":
             segs.append(rng.choice(tpl.suggestions))
+        # Every non-neutral label gets a cue in the text, or the label would be unknowable.
         suffixes = T.EMOTION_SUFFIX[issue.emotion]
-        if suffixes and rng.random() < 0.7:
+        if suffixes and not (prefixed and rng.random() < 0.5):
             segs.append(rng.choice(suffixes))
         if self.emoji:
             segs.append(rng.choice(T.EMOJI[issue.emotion]) * rng.randint(1, 3))
@@ -485,7 +505,7 @@ class _Builder:
         rng = self.rng
         n = rng.choices((0, 1, 2, 3, 4, 6, 8), weights=(30, 25, 18, 12, 8, 5, 2))[0]
         pool = tpl.exchanges + T.GENERIC_EXCHANGES
-        for agent_line, customer_line in (rng.choice(pool) for _ in range(n)):
+        for agent_line, customer_line in rng.sample(pool, min(n, len(pool))):
             self.new_group()
             self.say("agent", agent_line, optional=True)
             self.say("customer", customer_line, optional=True)
@@ -524,8 +544,9 @@ def _plan_issue(rng: random.Random, issue_type: str, category: str, first: bool)
     via = ""
     if urgency == "紧急":
         via = "safety" if tpl.safety and category in T.HAZARDS and rng.random() < 0.7 else "threat"
-        if emotion == "satisfied":
-            emotion = "anxious"
+        # Nobody reports smoke calmly or threatens a lawsuit contentedly.
+        if emotion in ("neutral", "satisfied"):
+            emotion = "anxious" if via == "safety" else "angry"
     elif urgency == "重要":
         via = "repeat" if first and rng.random() < 0.5 else "money"
     outcome = _OUTCOME_CHOICE[emotion](rng)
@@ -551,8 +572,8 @@ def _build_conversation(cid: str, seed: int, spec: _FormatSpec, attempt: int = 0
     product = rng.choice(_products_for(issue_type))
     region = rng.choice(T.REGIONS)
     when = _BASE_TIME + timedelta(days=rng.randrange(61), seconds=rng.randrange(8 * 3600, 23 * 3600))
-    b = _Builder(rng, spec.style, spec.emoji, force_pii)
-    issues = b.build(issue_type, product, region, when)
+    b = _Builder(rng, spec.style, spec.emoji, force_pii, issue_type, product, region, when)
+    issues = b.build()
     turns = _trim(b.turns)
     if len(turns) < MIN_TURNS:
         turns.append(_Turn("agent", [rng.choice(T.AGENT_AFTER_RESOLVED)], issue=len(issues) - 1))
@@ -568,7 +589,7 @@ def _build_conversation(cid: str, seed: int, spec: _FormatSpec, attempt: int = 0
     has_times = spec.style == "call" or rng.random() >= 0.10
     metadata: dict[str, Any] = {
         "region": region, "product": product, "order_id": b.order if b.order_given else None,
-        "agent_id": "A" + str(b.slots["agent_no"]), "csat": _csat(rng, issues),
+        "agent_id": "A" + b.agent_no, "csat": _csat(rng, issues),
     }
     if any(i.urgency_via == "repeat" for i in issues):
         metadata["repeat_contact"] = True
@@ -596,7 +617,7 @@ _FULLWIDTH.update({c: c + 0xFEE0 for c in range(ord("a"), ord("z") + 1)})
 _HALFWIDTH_PUNCT = str.maketrans({"，": ",", "！": "!", "？": "?", "：": ":", "；": ";", "（": "(", "）": ")"})
 # OpenCC's s2t prefers some variant forms that Big5 lacks; these are the Big5 spellings.
 _BIG5_VARIANTS = str.maketrans({"爲": "為", "裏": "裡", "着": "著", "牀": "床", "僞": "偽", "啓": "啟", "峯": "峰",
-                                "羣": "群", "綫": "線", "衆": "眾", "麪": "麵", "鷄": "雞", "㠯": "以"})
+                                "羣": "群", "綫": "線", "衆": "眾", "麪": "麵", "鷄": "雞", "儁": "俊"})
 _ASR_PUNCT = re.compile(r"[\s，。！？、；：“”‘’（）《》…—·,.!?;:()\"'\-]+")
 
 
@@ -675,26 +696,32 @@ def _iso(dt: datetime) -> str:
 def _render_chat(conv: _Conv, spec: _FormatSpec) -> tuple[dict[str, Any], _Truth]:
     truth = _Truth()
     turns: list[dict[str, Any]] = []
-    offsets = _chat_offsets(conv) if conv.started_at else None
+    started = conv.started_at
+    offsets = _chat_offsets(conv) if started else []
     for i, turn in enumerate(conv.turns):
         row: dict[str, Any] = {"speaker": turn.speaker, "text": _render_chat_text(turn, i, conv, spec, truth)}
-        if offsets is not None and conv.started_at is not None:
-            row["ts"] = _iso(conv.started_at + timedelta(seconds=offsets[i]))
+        if started:
+            row["ts"] = _iso(started + timedelta(seconds=offsets[i]))
         turns.append(row)
     record = {
         "conversation_id": conv.conversation_id, "channel": conv.channel,
         "started_at": _iso(conv.started_at) if conv.started_at else None,
-        "turns": turns, "metadata": conv.metadata,
+        "turns": turns, "metadata": _traditional_values(conv.metadata) if spec.traditional else conv.metadata,
     }
     return record, truth
 
 
-def _add_homophones(conv: _Conv) -> list[dict[str, str]]:
+def _traditional_values(meta: dict[str, Any]) -> dict[str, Any]:
+    """A Big5 export is Traditional throughout, metadata included."""
+    return {k: _traditional(v) if isinstance(v, str) else v for k, v in meta.items()}
+
+
+def _add_homophones(conv: _Conv) -> list[dict[str, Any]]:
     """Swap a word or two for the sound-alike ASR would hear; only literal text, never PII."""
     rng = conv.rng
     if rng.random() >= 0.4:
         return []
-    used: list[dict[str, str]] = []
+    used: list[dict[str, Any]] = []
     for right, wrong in rng.sample(T.HOMOPHONES, len(T.HOMOPHONES)):
         spots = [(ti, si) for ti, turn in enumerate(conv.turns) for si, seg in enumerate(turn.segs)
                  if isinstance(seg, str) and right in seg]
@@ -711,7 +738,7 @@ def _add_homophones(conv: _Conv) -> list[dict[str, str]]:
 
 def _asr_literal(text: str, rng: random.Random) -> str:
     """ASR output has no punctuation; people fill pauses where the commas were."""
-    pieces = [p for p in _ASR_PUNCT.split(text)]
+    pieces = _ASR_PUNCT.split(text)
     out = pieces[0]
     for piece in pieces[1:]:
         if out and piece and rng.random() < 0.12:
@@ -746,7 +773,7 @@ class _Sentence:
 _EMOTION_VALUE = {"angry": (6.5, 9.0), "anxious": (5.5, 7.5), "neutral": (4.5, 6.0), "satisfied": (5.0, 6.5)}
 
 
-def _render_call(conv: _Conv, agent_channel: int) -> tuple[list[_Sentence], _Truth, list[dict[str, str]]]:
+def _render_call(conv: _Conv, agent_channel: int) -> tuple[list[_Sentence], _Truth, list[dict[str, Any]]]:
     rng = conv.rng
     homophones = _add_homophones(conv)
     truth = _Truth()
@@ -785,7 +812,7 @@ def _dumps(obj: Any) -> str:
 
 
 def _label(conv: _Conv, spec: _FormatSpec, file: str, line: int | None, truth: _Truth,
-           agent_channel: int | None, homophones: list[dict[str, str]]) -> dict[str, Any]:
+           agent_channel: int | None, homophones: list[dict[str, Any]]) -> dict[str, Any]:
     starts = [i for i, t in enumerate(conv.turns) if t.starts_issue]
     return {
         "conversation_id": conv.conversation_id, "file": file, "line": line, "format": spec.source_format,
@@ -887,7 +914,7 @@ class _Generator:
                 line += 1
             self._emit_label(_label(conv, spec, spec.path, first_line, truth, agent_channel, homophones))
 
-    def _call(self, spec: _FormatSpec) -> tuple[_Conv, list[_Sentence], _Truth, list[dict[str, str]], int]:
+    def _call(self, spec: _FormatSpec) -> tuple[_Conv, list[_Sentence], _Truth, list[dict[str, Any]], int]:
         self.call_seq += 1
         conv = _build_conversation(f"CALL-{self.call_seq:06d}", self.seed, spec)
         agent_channel = 0 if conv.rng.random() < 0.6 else 1
@@ -905,7 +932,8 @@ class _Generator:
         return len(records)
 
 
-def _malformed_records(seed: int, good: list[tuple[str, str]]) -> Iterator[tuple[bytes, str, str | None, list]]:
+def _malformed_records(seed: int, good: list[tuple[str, str]]
+                       ) -> Iterator[tuple[bytes, str, str | None, list[dict[str, Any]]]]:
     """(bytes, expect_reason, conversation_id, pii present in the bytes) for each broken record."""
     spec = _FORMATS["chat_jsonl"]
 

@@ -15,7 +15,7 @@ Kept apart from the generator so the wording can grow without touching its logic
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # ---------------------------------------------------------------------------------------------
 # Catalogue
@@ -142,7 +142,7 @@ CALL_GREETINGS: tuple[str, ...] = ("您好，这里是{shop}客服，工号{agen
 # A customer who opens before any greeting.
 CUSTOMER_OPENERS: tuple[str, ...] = ("在吗？", "你好", "有人吗？")
 AGENT_REPLY_OPENER: tuple[str, ...] = ("在的，请问有什么可以帮您？", "您好，请问有什么可以帮您？")
-CUSTOMER_HELLO: tuple[str, ...] = ("你好，", "您好，", "你好，我想问一下，", "")
+CUSTOMER_HELLO: tuple[str, ...] = ("你好，", "您好，", "你好，我想问一下，", "您好，请问一下，")
 
 ASK_ORDER: tuple[str, ...] = ("请提供一下您的订单号。", "麻烦您提供一下订单号，我帮您查询一下。", "您好，请问您的订单号是多少？",
                               "请您提供一下订单号，我这边帮您核实。")
@@ -190,17 +190,12 @@ COMPLAINT_MARKERS: tuple[str, ...] = ("我要投诉！", "必须给我一个说�
 CONSULT_MARKERS: tuple[str, ...] = ("想咨询一下。", "麻烦帮我看看。", "请问怎么处理？")
 SUGGESTION_ACK: tuple[str, ...] = ("感谢您的建议，我们会反馈给相关部门改进。", "谢谢您的宝贵意见，已经记录并提交了。")
 
-EMOTION_PREFIX: dict[str, tuple[str, ...]] = {
-    "angry": ("气死了！", "什么破服务！", "太过分了！"),
-    "anxious": ("急死了，", "怎么办啊，"),
-    "neutral": (),
-    "satisfied": (),
-}
+ANGRY_PREFIXES: tuple[str, ...] = ("气死了！", "什么破服务！", "太过分了！")
 EMOTION_SUFFIX: dict[str, tuple[str, ...]] = {
     "angry": ("垃圾！", "什么破服务！！！", "你们这是什么服务？！", "气死我了！！！"),
     "anxious": ("我急用，怎么办？", "着急用，麻烦快点。", "明天就要用了，怎么办啊？"),
     "neutral": (),
-    "satisfied": ("麻烦你了。",),
+    "satisfied": ("麻烦你了，谢谢！", "谢谢，你们服务一直挺好的。", "辛苦了，谢谢！"),
 }
 EMOJI: dict[str, tuple[str, ...]] = {
     "angry": ("😡", "😤", "💢"),
@@ -220,7 +215,7 @@ UNRESOLVED: tuple[str, ...] = ("还是不行。", "算了，不用了。", "我�
                                "那算了吧，我自己想办法。")
 AGENT_AFTER_UNRESOLVED: tuple[str, ...] = ("非常抱歉没能帮到您，您有其他问题可以随时联系我们。", "很抱歉，目前只能这样处理，请您谅解。")
 # Escalation threats that are not legal/media (do not by themselves make a case 紧急).
-ESCALATE_THREATS: tuple[str, ...] = ("再不解决我就投诉到12315！", "我要投诉你们，叫你们主管来跟我说。", "你解决不了就找个能解决的人来！",
+ESCALATE_THREATS: tuple[str, ...] = ("再不解决我就投诉到12315！", "我要投诉你们，叫你们主管来跟我说。", "解决不了我就投诉到底，叫你们主管来！",
                                      "我要去12315投诉你们。")
 ESCALATE_SEVERE: tuple[str, ...] = ("我要找媒体曝光你们！", "那我只能找律师了。", "我要在网上曝光你们！")
 ESCALATE_AGENT: tuple[str, ...] = ("非常抱歉，已为您升级给专员处理，{promise}会有专人联系您。", "我这边马上为您转接主管，请稍等。",
@@ -231,39 +226,50 @@ ESCALATE_AGENT: tuple[str, ...] = ("非常抱歉，已为您升级给专员处�
 
 
 @dataclass(frozen=True)
+class Scenario:
+    """One concrete problem within an issue type: ways a customer puts it, and what an agent does
+    about it (so the handling always answers the problem that was raised)."""
+
+    problems: tuple[str, ...]
+    handlings: tuple[str, ...]
+    categories: tuple[str, ...] | None = None  # product categories it fits; None = all
+
+
+@dataclass(frozen=True)
 class IssueTemplates:
-    problems: tuple[str, ...]  # customer phrasings that fit any product of `categories`
-    handlings: tuple[str, ...]  # agent actions with a time promise
-    exchanges: tuple[tuple[str, str], ...]  # (agent, customer) pairs specific to the issue
+    scenarios: tuple[Scenario, ...]
+    exchanges: tuple[tuple[str, str], ...]  # (agent, customer) pairs that fit any scenario
     suggestions: tuple[str, ...]  # customer suggestions, for request kind 建议
     kinds: tuple[tuple[str, float], ...]  # request kind weights
     weight: float  # share among first issues
-    categories: tuple[str, ...] | None = None  # product categories it fits; None = all
-    by_category: dict[str, tuple[str, ...]] = field(default_factory=dict)  # extra phrasings
+    categories: tuple[str, ...] | None = None  # product categories the issue fits; None = all
     needs_order: bool = True
     safety: bool = False  # a safety hazard is a plausible part of this issue
 
 
-_ALL_HARDWARE = ("electronic", "appliance", "furniture")
+_GADGETS = ("electronic", "appliance")  # things that can be repaired
 
 ISSUES: dict[str, IssueTemplates] = {
     "物流配送": IssueTemplates(
-        problems=(
-            "我的快递{days}天了还没到，{product}到底什么时候能送到？",
-            "我买的{product}物流信息{days}天没更新了，是不是丢件了？",
-            "物流显示已签收，但是我根本没收到{product}！",
-            "地址填错了，能不能帮我改一下收货地址？{product}还没发货吧。",
-            "快递员没打电话就把{product}放驿站了，我找了半天都没找到。",
-            "下单的时候说次日达，现在都{days}天了还在路上。",
-            "{product}花了{amount}元，说好的两天送到，现在包裹丢了谁负责？",
-            "我付了{amount}元加急运费，结果比普通快递还慢。",
-        ),
-        handlings=(
-            "已为您催促物流，已经联系{courier}加急派送，预计{promise}送达。",
-            "核实到包裹在运输途中丢失，已为您申请补发，新的包裹{promise}发出。",
-            "已为您登记工单，联系站点核实签收情况，{promise}给您回复。",
-            "已为您修改收货地址，快递会按新地址派送，预计{promise}送到。",
-            "已经联系快递员，{promise}会再次为您派送，请保持电话畅通。",
+        scenarios=(
+            Scenario(  # delay
+                problems=("我的快递{days}天了还没到，{product}到底什么时候能送到？", "下单的时候说次日达，现在都{days}天了还在路上。",
+                          "我买的{product}物流信息{days}天没更新了，是不是卡在哪里了？", "我付了{amount}元加急运费，结果比普通快递还慢。"),
+                handlings=("已为您催促物流，已经联系{courier}加急派送，预计{promise}送达。",
+                           "已经联系快递员，{promise}会为您派送，请保持电话畅通。"),
+            ),
+            Scenario(  # lost parcel
+                problems=("我买的{product}物流信息{days}天没更新了，是不是丢件了？", "物流显示已签收，但是我根本没收到{product}！",
+                          "快递员没打电话就把{product}放驿站了，我找了半天都没找到。",
+                          "{product}花了{amount}元，说好的两天送到，现在包裹丢了谁负责？"),
+                handlings=("核实到包裹在运输途中丢失，已为您申请补发，新的包裹{promise}发出。",
+                           "已为您登记工单，联系站点核实签收情况，{promise}给您回复。"),
+            ),
+            Scenario(  # wrong address
+                problems=("地址填错了，能不能帮我改一下收货地址？{product}还没发货吧。", "快递送错地址了，{product}被送到别的小区去了。"),
+                handlings=("已为您修改收货地址，快递会按新地址派送，预计{promise}送到。",
+                           "已联系{courier}把包裹转寄到正确地址，预计{promise}送到。"),
+            ),
         ),
         exchanges=(
             ("请问您最近一次查看物流是什么时候？", "昨天看还是显示在中转站，一直没动。"),
@@ -275,19 +281,14 @@ ISSUES: dict[str, IssueTemplates] = {
         weight=0.18,
     ),
     "商品破损": IssueTemplates(
-        problems=(
-            "收到的{product}包装破了，东西也摔坏了。",
-            "{product}到手就是坏的，有明显的破损。",
-            "拆开一看{product}有好几处划痕，跟二手的一样。",
-            "快递箱都压扁了，{product}也被压坏了。",
-            "{product}{amount}块买的，收到就是坏的，这让我怎么用？",
-            "东西破成这样没法用，{amount}元必须全额退给我。",
-        ),
-        handlings=(
-            "已为您申请补发一件新的{product}，{promise}发出。",
-            "已为您提交退款申请，款项{promise}原路退回。",
-            "已为您登记破损工单，并补偿您一张{coupon}。",
-            "已安排快递上门取件换新，取件后{promise}为您寄出新品。",
+        scenarios=(
+            Scenario(
+                problems=("收到的{product}包装破了，东西也摔坏了。", "{product}到手就是坏的，有明显的破损。",
+                          "拆开一看{product}有好几处划痕，跟二手的一样。", "快递箱都压扁了，{product}也被压坏了。",
+                          "{product}{amount}块买的，收到就是坏的，这让我怎么用？", "东西破成这样没法用，{amount}元必须全额退给我。"),
+                handlings=("已为您申请补发一件新的{product}，{promise}发出。", "已为您提交退款申请，款项{promise}原路退回。",
+                           "已为您登记破损工单，并补偿您一张{coupon}。", "已安排快递上门取件换新，取件后{promise}为您寄出新品。"),
+            ),
         ),
         exchanges=(
             ("麻烦您拍一下破损部位和外包装的照片发给我们。", "照片已经发过去了，你看看。"),
@@ -300,20 +301,21 @@ ISSUES: dict[str, IssueTemplates] = {
         safety=True,
     ),
     "退换货/退款": IssueTemplates(
-        problems=(
-            "我想把{product}退了，七天无理由可以退吗？",
-            "退款申请{days}天了，{amount}元到现在还没到账。",
-            "{product}不太合适，想换个型号。",
-            "退货已经寄回去了，商家一直不处理退款。",
-            "客服之前答应给我退款{amount}元，现在又说不行了。",
-            "退款申请被驳回了，为什么不给退？",
-            "我想换货，换成别的颜色可以吗？",
-        ),
-        handlings=(
-            "已为您提交退款申请，款项将在{promise}原路退回。",
-            "已为您加急处理退款，预计{promise}到账。",
-            "已为您生成换货单，新商品{promise}发出，退回运费由我们承担。",
-            "已为您重新审核退货申请，审核通过后{promise}退款。",
+        scenarios=(
+            Scenario(  # wants to return or exchange
+                problems=("我想把{product}退了，七天无理由可以退吗？", "{product}不太合适，想换个型号。", "我想换货，换成别的颜色可以吗？"),
+                handlings=("已为您生成换货单，新商品{promise}发出，退回运费由我们承担。",
+                           "可以的，已为您提交退换货申请，快递员{promise}上门取件。"),
+            ),
+            Scenario(  # refund slow
+                problems=("退款申请{days}天了，{amount}元到现在还没到账。", "退货已经寄回去了，商家一直不处理退款。",
+                          "客服之前答应给我退款{amount}元，现在又说不行了。"),
+                handlings=("已为您加急处理退款，预计{promise}到账。", "已为您提交退款申请，款项将在{promise}原路退回。"),
+            ),
+            Scenario(  # rejected
+                problems=("退款申请被驳回了，为什么不给退？", "退货申请一直显示审核中，{days}天了都没人管。"),
+                handlings=("已为您重新审核退货申请，审核通过后{promise}退款。",),
+            ),
         ),
         exchanges=(
             ("请问商品有没有拆封使用过？", "拆开看了一下，没用过。"),
@@ -325,25 +327,39 @@ ISSUES: dict[str, IssueTemplates] = {
         weight=0.14,
     ),
     "质量问题": IssueTemplates(
-        problems=(
-            "{product}才买了{days}天就出问题了，质量太差了。",
-            "{product}质量有问题，有很大的异味。",
-            "{amount}块买的{product}，质量还不如几十块的。",
-            "{product}做工太粗糙了，跟图片完全不一样。",
-        ),
-        by_category={
-            "electronic": ("{product}用了没几天就坏了，开不了机。", "{product}用着用着就自动关机。",
-                           "{product}充不进电，换了充电器也不行。"),
-            "appliance": ("{product}用了一个星期就不工作了。", "{product}噪音特别大，晚上根本没法用。"),
-            "apparel": ("{product}穿了两次就开胶了。", "{product}洗了一次就掉色，还起球。"),
-            "consumable": ("{product}里面有结块和黑点，是不是过期了？", "{product}的味道跟以前买的不一样，是不是假货？"),
-            "furniture": ("{product}睡了一个月就塌了一块。", "{product}有一股很重的胶水味。"),
-        },
-        handlings=(
-            "已为您登记质量问题工单，安排{promise}为您换新。",
-            "已为您提交退款申请，商品寄回后{promise}退款。",
-            "已将问题反馈给质检部门，并补偿您一张{coupon}，{promise}会有专人跟进。",
-            "已为您申请换货，新品{promise}发出。",
+        scenarios=(
+            Scenario(
+                problems=("{product}才买了{days}天就出问题了，质量太差了。", "{product}质量有问题，有很大的异味。",
+                          "{amount}块买的{product}，质量还不如几十块的。", "{product}做工太粗糙了，跟图片完全不一样。"),
+                handlings=("已为您登记质量问题工单，安排{promise}为您换新。", "已为您提交退款申请，商品寄回后{promise}退款。",
+                           "已将问题反馈给质检部门，并补偿您一张{coupon}，{promise}会有专人跟进。", "已为您申请换货，新品{promise}发出。"),
+            ),
+            Scenario(
+                problems=("{product}用了没几天就坏了，开不了机。", "{product}用着用着就自动关机。", "{product}充不进电，换了充电器也不行。"),
+                handlings=("已为您登记质量问题工单，安排{promise}为您换新。", "已为您申请换货，新品{promise}发出。"),
+                categories=("electronic",),
+            ),
+            Scenario(
+                problems=("{product}用了一个星期就不工作了。", "{product}噪音特别大，晚上根本没法用。"),
+                handlings=("已为您登记质量问题工单，安排师傅{promise}上门检测，确认是质量问题直接换新。",
+                           "已为您申请换货，新品{promise}发出。"),
+                categories=("appliance",),
+            ),
+            Scenario(
+                problems=("{product}穿了两次就开胶了。", "{product}洗了一次就掉色，还起球。"),
+                handlings=("已为您提交退款申请，商品寄回后{promise}退款。", "已为您申请换货，新品{promise}发出。"),
+                categories=("apparel",),
+            ),
+            Scenario(
+                problems=("{product}里面有结块和黑点，是不是过期了？", "{product}的味道跟以前买的不一样，是不是假货？"),
+                handlings=("已将批次信息反馈给质检部门，并为您提交退款申请，{promise}退回。",),
+                categories=("consumable",),
+            ),
+            Scenario(
+                problems=("{product}睡了一个月就塌了一块。", "{product}有一股很重的胶水味。"),
+                handlings=("已为您登记质量问题工单，{promise}安排上门取件换新。",),
+                categories=("furniture",),
+            ),
         ),
         exchanges=(
             ("请问问题是从什么时候开始出现的？", "买回来第二天就这样了。"),
@@ -356,24 +372,40 @@ ISSUES: dict[str, IssueTemplates] = {
         safety=True,
     ),
     "使用咨询/操作指导": IssueTemplates(
-        problems=(
-            "{product}的说明书找不到了，能发一份电子版吗？",
-            "{product}怎么用啊，说明书看不懂。",
-            "新买的{product}第一次用需要注意什么？",
-            "{product}平时怎么保养比较好？",
-        ),
-        by_category={
-            "electronic": ("{product}怎么连接蓝牙？", "新买的{product}怎么恢复出厂设置？", "{product}怎么设置指纹解锁？"),
-            "appliance": ("{product}怎么连接手机APP？", "{product}的预约功能怎么设置？", "{product}的滤网多久换一次？"),
-            "apparel": ("{product}可以机洗吗？", "{product}怎么清洗不容易坏？"),
-            "consumable": ("{product}开封以后能放多久？", "{product}一次用多少合适？"),
-            "furniture": ("{product}拆封后多久能睡？", "{product}需要定期翻面吗？"),
-        },
-        handlings=(
-            "我这边把详细的操作步骤发给您，您按照步骤操作一下就可以了。",
-            "您可以在APP里点击我的设备，选择添加设备，按提示操作就可以。",
-            "已为您发送电子版说明书到您的账户消息里，请注意查收。",
-            "已为您登记，{promise}会有技术人员电话指导您操作。",
+        scenarios=(
+            Scenario(  # manual
+                problems=("{product}的说明书找不到了，能发一份电子版吗？", "{product}怎么用啊，说明书看不懂。"),
+                handlings=("已为您发送电子版说明书到您的账户消息里，请注意查收。", "我这边把详细的使用说明发给您，您按照步骤操作一下就可以了。"),
+            ),
+            Scenario(
+                problems=("{product}怎么连接蓝牙？", "新买的{product}怎么恢复出厂设置？", "{product}怎么设置指纹解锁？"),
+                handlings=("我这边把详细的操作步骤发给您，您按照步骤操作一下就可以了。", "已为您登记，{promise}会有技术人员电话指导您操作。"),
+                categories=("electronic",),
+            ),
+            Scenario(
+                problems=("{product}怎么连接手机APP？", "{product}的预约功能怎么设置？"),
+                handlings=("您可以在APP里点击我的设备，选择添加设备，按提示操作就可以。", "已为您登记，{promise}会有技术人员电话指导您操作。"),
+                categories=("appliance",),
+            ),
+            Scenario(  # care and storage
+                problems=("新买的{product}第一次用需要注意什么？", "{product}平时怎么保养比较好？"),
+                handlings=("我这边把注意事项发给您，您按照说明使用就可以了。", "建议按照说明书上的方法使用和保养，有疑问随时联系我们。"),
+            ),
+            Scenario(
+                problems=("{product}可以机洗吗？", "{product}怎么清洗不容易坏？"),
+                handlings=("建议手洗或者用洗衣机的轻柔模式，水温不要超过30度。",),
+                categories=("apparel",),
+            ),
+            Scenario(
+                problems=("{product}开封以后能放多久？", "{product}一次用多少合适？"),
+                handlings=("开封后建议在一个月内用完，用量可以参考包装上的说明。",),
+                categories=("consumable",),
+            ),
+            Scenario(
+                problems=("{product}拆封后多久能睡？", "{product}需要定期翻面吗？"),
+                handlings=("拆封后通风一两天就可以使用，建议每三个月翻面一次。",),
+                categories=("furniture",),
+            ),
         ),
         exchanges=(
             ("请问您现在具体操作到哪一步了？", "到第二步就不会了。"),
@@ -385,22 +417,23 @@ ISSUES: dict[str, IssueTemplates] = {
         needs_order=False,
     ),
     "售后维修": IssueTemplates(
-        problems=(
-            "{product}坏了，还在保修期内，怎么申请维修？",
-            "{product}修了又坏，已经修了{days}次了。",
-            "师傅说好今天上门修{product}，到现在都没来。",
-            "{product}送修{days}天了还没修好，什么时候能寄回来？",
-            "维修{product}要收我{amount}元，不是说保修期内免费吗？",
-        ),
-        by_category={
-            "appliance": ("{product}不工作了，能不能安排师傅上门看看？",),
-            "electronic": ("{product}屏幕出问题了，需要寄修吗？",),
-        },
-        handlings=(
-            "已为您登记维修工单，安排师傅{promise}上门检测。",
-            "已为您催促售后网点，师傅会在{promise}联系您。",
-            "核实到您的产品在保修期内，维修费用全免，已为您安排师傅上门。",
-            "已为您申请寄修，快递会上门取件，维修完成后{promise}寄回。",
+        scenarios=(
+            Scenario(  # wants a repair
+                problems=("{product}坏了，还在保修期内，怎么申请维修？", "{product}出故障了，能不能安排师傅上门看看？"),
+                handlings=("已为您登记维修工单，安排师傅{promise}上门检测。", "已为您申请寄修，快递会上门取件，维修完成后{promise}寄回。"),
+            ),
+            Scenario(  # repair late
+                problems=("师傅说好今天上门修{product}，到现在都没来。", "{product}送修{days}天了还没修好，什么时候能寄回来？"),
+                handlings=("已为您催促售后网点，师傅会在{promise}联系您。", "已为您加急处理，维修完成后{promise}寄回。"),
+            ),
+            Scenario(  # broken again
+                problems=("{product}修了又坏，已经修了{days}次了。",),
+                handlings=("已为您登记维修工单，这次安排高级师傅{promise}上门检测。", "已为您申请换新，新品{promise}发出。"),
+            ),
+            Scenario(  # charged in warranty
+                problems=("维修{product}要收我{amount}元，不是说保修期内免费吗？",),
+                handlings=("核实到您的产品在保修期内，维修费用全免，已为您安排师傅上门。",),
+            ),
         ),
         exchanges=(
             ("请问产品是什么时候购买的？", "去年买的，还在保修期。"),
@@ -410,23 +443,23 @@ ISSUES: dict[str, IssueTemplates] = {
         suggestions=("建议售后网点多一些，等太久了。", "建议维修进度可以在APP上查。"),
         kinds=(("投诉", 0.4), ("咨询", 0.5), ("建议", 0.1)),
         weight=0.08,
-        categories=_ALL_HARDWARE,
+        categories=_GADGETS,
         safety=True,
     ),
     "发票": IssueTemplates(
-        problems=(
-            "我想开发票，在哪里申请？",
-            "发票抬头开错了，能帮我重新开一张吗？",
-            "买{product}的发票一直没收到。",
-            "我需要增值税专用发票，公司报销用的。",
-            "{amount}元的发票金额开错了，跟实际付款不一样。",
-            "电子发票怎么下载？",
-        ),
-        handlings=(
-            "已为您开具电子发票，{promise}会发送到您的邮箱。",
-            "已为您提交发票重开申请，原发票作废，新发票{promise}开出。",
-            "电子发票可以在订单详情页点击查看发票下载。",
-            "已为您登记专票申请，{promise}为您开出。",
+        scenarios=(
+            Scenario(
+                problems=("我想开发票，在哪里申请？", "电子发票怎么下载？", "买{product}的发票一直没收到。"),
+                handlings=("已为您开具电子发票，{promise}会发送到您的邮箱。", "电子发票可以在订单详情页点击查看发票下载。"),
+            ),
+            Scenario(
+                problems=("发票抬头开错了，能帮我重新开一张吗？", "{amount}元的发票金额开错了，跟实际付款不一样。"),
+                handlings=("已为您提交发票重开申请，原发票作废，新发票{promise}开出。",),
+            ),
+            Scenario(
+                problems=("我需要增值税专用发票，公司报销用的。",),
+                handlings=("已为您登记专票申请，{promise}为您开出。",),
+            ),
         ),
         exchanges=(
             ("请问发票抬头是个人还是单位？", "单位，抬头是我们公司名字。"),
@@ -437,20 +470,23 @@ ISSUES: dict[str, IssueTemplates] = {
         weight=0.06,
     ),
     "支付/价格/优惠": IssueTemplates(
-        problems=(
-            "我刚买了{product}就降价了，能不能退差价？",
-            "付款的时候扣了两次钱，{amount}元被扣了两遍。",
-            "优惠券为什么用不了？明明没过期。",
-            "活动页面写的满300减50，结算的时候没减。",
-            "付款失败了但是钱已经扣了{amount}元。",
-            "{product}前天买的{amount}元，今天只要{amount2}元，差价能补吗？",
-            "分期付款怎么申请？",
-        ),
-        handlings=(
-            "已为您申请价格保护，差价{promise}退回到您的账户。",
-            "核实到您的订单重复扣款，已为您提交退款申请，{promise}原路退回。",
-            "已为您补偿一张{coupon}，下单时可以直接使用。",
-            "这张优惠券仅限指定商品使用，已为您补发一张通用券。",
+        scenarios=(
+            Scenario(  # price drop
+                problems=("我刚买了{product}就降价了，能不能退差价？", "{product}前天买的{amount}元，今天只要{amount2}元，差价能补吗？"),
+                handlings=("已为您申请价格保护，差价{promise}退回到您的账户。",),
+            ),
+            Scenario(  # charged twice
+                problems=("付款的时候扣了两次钱，{amount}元被扣了两遍。", "付款失败了但是钱已经扣了{amount}元。"),
+                handlings=("核实到您的订单重复扣款，已为您提交退款申请，{promise}原路退回。", "已为您核实，多扣的款项会在{promise}自动退回。"),
+            ),
+            Scenario(  # coupon
+                problems=("优惠券为什么用不了？明明没过期。", "活动页面写的满300减50，结算的时候没减。"),
+                handlings=("这张优惠券仅限指定商品使用，已为您补发一张通用券。", "已为您补偿一张{coupon}，下单时可以直接使用。"),
+            ),
+            Scenario(
+                problems=("分期付款怎么申请？",),
+                handlings=("结算的时候选择分期付款，按提示选择期数就可以。",),
+            ),
         ),
         exchanges=(
             ("请问您是用什么方式支付的？", "微信支付的。"),
@@ -461,19 +497,17 @@ ISSUES: dict[str, IssueTemplates] = {
         weight=0.08,
     ),
     "账户/会员": IssueTemplates(
-        problems=(
-            "我的账号登不上去了，一直提示密码错误。",
-            "会员自动续费了，我没同意啊，扣了{amount}元。",
-            "积分怎么突然清零了？",
-            "我想注销账号，怎么操作？",
-            "手机号换了，账号绑定的手机收不到验证码。",
-            "开了会员为什么没有享受到免运费？",
-        ),
-        handlings=(
-            "已为您重置登录密码，新密码会以短信形式发送给您。",
-            "已为您关闭自动续费，并提交退款申请，{promise}退回。",
-            "已为您提交积分恢复申请，{promise}处理完成。",
-            "已为您登记换绑申请，审核通过后{promise}完成换绑。",
+        scenarios=(
+            Scenario(problems=("我的账号登不上去了，一直提示密码错误。",),
+                     handlings=("已为您重置登录密码，新密码会以短信形式发送给您。",)),
+            Scenario(problems=("会员自动续费了，我没同意啊，扣了{amount}元。",),
+                     handlings=("已为您关闭自动续费，并提交退款申请，{promise}退回。",)),
+            Scenario(problems=("积分怎么突然清零了？",), handlings=("已为您提交积分恢复申请，{promise}处理完成。",)),
+            Scenario(problems=("手机号换了，账号绑定的手机收不到验证码。",),
+                     handlings=("已为您登记换绑申请，审核通过后{promise}完成换绑。",)),
+            Scenario(problems=("我想注销账号，怎么操作？",), handlings=("在设置里点击账号与安全，选择注销账号，按提示操作就可以。",)),
+            Scenario(problems=("开了会员为什么没有享受到免运费？",),
+                     handlings=("核实到您的会员权益没有生效，已为您补发运费券，{promise}恢复正常。",)),
         ),
         exchanges=(
             ("请问您最近有没有在其他设备上登录过？", "没有，就用这一个手机。"),
@@ -485,18 +519,15 @@ ISSUES: dict[str, IssueTemplates] = {
         needs_order=False,
     ),
     "服务态度": IssueTemplates(
-        problems=(
-            "你们客服态度太差了，问什么都说不知道。",
-            "快递员态度很恶劣，还骂人。",
-            "上次那个客服直接把我电话挂了。",
-            "打了好几次电话都没人接，等了半个小时。",
-            "师傅上门服务态度很差，还乱收费{amount}元。",
-            "在线客服一直机器人回复，根本解决不了问题。",
-        ),
-        handlings=(
-            "非常抱歉给您带来不好的体验，已为您登记投诉工单，会对相关人员进行处理，{promise}给您回复。",
-            "您反馈的问题已经记录，我们会对相关人员进行培训考核，并补偿您一张{coupon}。",
-            "已将您的反馈提交给站点负责人，{promise}会有专人联系您。",
+        scenarios=(
+            Scenario(
+                problems=("你们客服态度太差了，问什么都说不知道。", "快递员态度很恶劣，还骂人。", "上次那个客服直接把我电话挂了。",
+                          "打了好几次电话都没人接，等了半个小时。", "师傅上门服务态度很差，还乱收费{amount}元。",
+                          "在线客服一直机器人回复，根本解决不了问题。"),
+                handlings=("非常抱歉给您带来不好的体验，已为您登记投诉工单，会对相关人员进行处理，{promise}给您回复。",
+                           "您反馈的问题已经记录，我们会对相关人员进行培训考核，并补偿您一张{coupon}。",
+                           "已将您的反馈提交给负责人，{promise}会有专人联系您。"),
+            ),
         ),
         exchanges=(
             ("请问是什么时间发生的事情？", "就昨天下午。"),
@@ -507,20 +538,14 @@ ISSUES: dict[str, IssueTemplates] = {
         weight=0.05,
     ),
     "售前咨询": IssueTemplates(
-        problems=(
-            "{product}现在有货吗？什么时候发货？",
-            "这款{product}和上一代有什么区别？",
-            "{product}支持七天无理由退货吗？",
-            "现在买{product}有什么优惠活动吗？",
-            "{product}能送货上门吗？",
-            "{product}这个价格包邮吗？",
-        ),
-        handlings=(
-            "有现货的，今天下单{promise}发货。",
-            "这款是新一代产品，续航和性能都有提升，具体参数我发给您。",
-            "支持七天无理由退货，商品不影响二次销售就可以。",
-            "现在下单可以领取{coupon}，还有赠品。",
-            "支持送货上门，大件商品免费安装。",
+        scenarios=(
+            Scenario(problems=("{product}现在有货吗？什么时候发货？",), handlings=("有现货的，今天下单{promise}发货。",)),
+            Scenario(problems=("这款{product}和上一代有什么区别？",),
+                     handlings=("这款是新一代产品，性能和做工都有提升，具体参数我发给您。",)),
+            Scenario(problems=("{product}支持七天无理由退货吗？",), handlings=("支持七天无理由退货，商品不影响二次销售就可以。",)),
+            Scenario(problems=("现在买{product}有什么优惠活动吗？", "{product}这个价格包邮吗？"),
+                     handlings=("现在下单可以领取{coupon}，而且全场包邮。",)),
+            Scenario(problems=("{product}能送货上门吗？",), handlings=("支持送货上门，大件商品免费安装。",)),
         ),
         exchanges=(
             ("请问您主要是自己用还是送人？", "送给家里老人用的。"),

@@ -110,3 +110,14 @@ def test_two_outputs_never_touch(sample, cfg, tmp_path):
     steps.run_pipeline(cfg, input_dir, tmp_path / "a")
     s = steps.run_pipeline(cfg, input_dir, tmp_path / "b")
     assert s["records"]["accepted"] > 0  # b did not see a's state
+
+
+def test_committed_sample_is_the_generators_output(tmp_path):
+    """data/sample (what `make run` reads) must be exactly what `make sample` writes today."""
+    from pipeline.sample import generate
+    from tests.conftest import REPO
+
+    generate(tmp_path / "s", n=150, seed=7, labels_out=tmp_path / "labels.jsonl")
+    fresh = {p.relative_to(tmp_path / "s"): p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file()}
+    committed = {p.relative_to(REPO / "data" / "sample"): p.read_bytes() for p in (REPO / "data" / "sample").rglob("*") if p.is_file()}
+    assert fresh == committed, "data/sample is stale: run `make sample` and commit it"
