@@ -34,23 +34,37 @@ def ingest_task(ctx: steps.RunContext) -> steps.IngestResult:
 
 @task(name="process-batch", cache_policy=NO_CACHE, persist_result=False)
 def process_task(ctx: steps.RunContext, batch: list[Conversation], part: int) -> BatchResult:
-    res = steps.process(ctx, batch, part, Segmenter(ctx.cfg))
+    with Segmenter(ctx.cfg) as seg:
+        res = steps.process(ctx, batch, part, seg)
+    res.cases = steps.classify(ctx, res.cases)
     steps.store(ctx, res.cases, part)
     return res
 
 
+@task(name="embed-and-index", cache_policy=NO_CACHE, persist_result=False)
+def index_task(ctx: steps.RunContext, results: list[BatchResult]) -> dict[str, Any]:
+    cases = _all_cases(results)
+    return steps.index(ctx, cases) if len(cases) else {"added": 0, "replaced": 0}
+
+
+def _all_cases(results: list[BatchResult]) -> pd.DataFrame:
+    return pd.concat([r.cases for r in results], ignore_index=True) if results else \
+        pd.DataFrame(columns=steps.EMPTY_CASE_COLUMNS)
+
+
 @task(name="commit", cache_policy=NO_CACHE, persist_result=False)
-def commit_task(ctx: steps.RunContext, ing: steps.IngestResult, results: list[BatchResult]) -> dict[str, Any]:
+def commit_task(ctx: steps.RunContext, ing: steps.IngestResult, results: list[BatchResult],
+                index_summary: dict[str, Any]) -> dict[str, Any]:
     rejected = [q for r in results for q in r.rejected]
-    cases = pd.concat([r.cases for r in results], ignore_index=True) if results else \
-        pd.DataFrame(columns=["outcome", "channel", "order_id", "timings_missing"])
+    cases = _all_cases(results)
     pii: Counter = Counter()
     for r in results:
         pii.update(r.pii_counts)
         for k, v in r.seconds.items():
             ctx.seconds[k] = ctx.seconds.get(k, 0.0) + v
     qpath = steps.commit(ctx, ing, rejected, cases)
-    return steps.summarize(ctx, ing, rejected, cases, pii, sum(r.chars_segmented for r in results), qpath=qpath)
+    extra = {"index": index_summary, "classification": steps.classification_summary(cases)}
+    return steps.summarize(ctx, ing, rejected, cases, pii, sum(r.chars_segmented for r in results), extra, qpath=qpath)
 
 
 @flow(name="casemine-nightly", log_prints=False, validate_parameters=False)
@@ -63,7 +77,7 @@ def nightly(input_dir: str | None = None, out: str | None = None, config_path: s
     ing = ingest_task(ctx)
     futures = [process_task.submit(ctx, batch, n) for n, batch in enumerate(steps.batches(ing.accepted, cfg.flow.batch_size))]
     results = [f.result() for f in futures]
-    return commit_task(ctx, ing, results)
+    return commit_task(ctx, ing, results, index_task(ctx, results))
 
 
 def serve_nightly(config_path: str | None = None) -> None:

@@ -29,6 +29,7 @@ from pipeline.store import remove_orphans, write_cases, write_quarantine, write_
 from pipeline.textprep import get_masker
 
 Progress = Callable[[str, int, int], None]
+EMPTY_CASE_COLUMNS = ["outcome", "channel", "order_id", "timings_missing"]
 
 
 def _noop(stage: str, done: int, total: int) -> None:
@@ -161,6 +162,38 @@ def process(ctx: RunContext, convs: list[Conversation], part: int, segmenter: Se
     return process_batch(convs, ctx.cfg, ctx.run_id, ctx.ingest_date, prior, segmenter)
 
 
+def classify(ctx: RunContext, cases: pd.DataFrame) -> pd.DataFrame:
+    """Issue type, request kind and urgency for a batch of cases (trained model, else rules)."""
+    from pipeline.classify import classify_cases
+
+    t = time.perf_counter()
+    out = classify_cases(cases, ctx.cfg)
+    ctx.seconds["classify"] = ctx.seconds.get("classify", 0.0) + time.perf_counter() - t
+    return out
+
+
+def index(ctx: RunContext, cases: pd.DataFrame) -> dict[str, Any]:
+    """Embed the run's cases (cache first) and swap in an index version that holds them.
+
+    Runs before the commit on purpose: if the run dies after it, the re-run replaces the same
+    stable case ids, so the index never holds a case twice."""
+    from pipeline.index import update_from_cases
+
+    t = time.perf_counter()
+    summary = update_from_cases(ctx.cfg, ctx.out, cases)
+    ctx.seconds["embed+index"] = time.perf_counter() - t
+    return summary
+
+
+def classification_summary(cases: pd.DataFrame) -> dict[str, Any]:
+    if not len(cases) or "issue_type" not in cases:
+        return {}
+    return {"classifier": str(cases["classifier"].iloc[0]),
+            "needs_review": int(cases["needs_review"].sum()),
+            "by_issue_type": {k: int(v) for k, v in cases["issue_type"].value_counts().items()},
+            "by_urgency": {k: int(v) for k, v in cases["urgency"].value_counts().items()}}
+
+
 def store(ctx: RunContext, cases: pd.DataFrame, part: int) -> list[Path]:
     return write_cases(ctx.out, cases, ctx.run_id, part) if len(cases) else []
 
@@ -274,6 +307,7 @@ def run_pipeline(cfg: Config, input_dir: Path, out: Path, progress: Progress = _
     with Segmenter(cfg) as seg:
         for n, batch in enumerate(parts):
             res = process(ctx, batch, n, seg)
+            res.cases = classify(ctx, res.cases)
             for k, v in res.seconds.items():
                 ctx.seconds[k] = ctx.seconds.get(k, 0.0) + v
             t = time.perf_counter()
@@ -284,6 +318,8 @@ def run_pipeline(cfg: Config, input_dir: Path, out: Path, progress: Progress = _
             pii.update(res.pii_counts)
             chars += res.chars_segmented
             progress("process", n + 1, len(parts))
-    cases = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["outcome", "channel", "order_id", "timings_missing"])
+    cases = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=EMPTY_CASE_COLUMNS)
+    extra = {"index": index(ctx, cases) if len(cases) else {"added": 0, "replaced": 0},
+             "classification": classification_summary(cases)}
     qpath = commit(ctx, ing, rejected, cases)
-    return summarize(ctx, ing, rejected, cases, pii, chars, qpath=qpath)
+    return summarize(ctx, ing, rejected, cases, pii, chars, extra, qpath=qpath)
