@@ -79,6 +79,6 @@ class CachedTokenizer:
         toks = self._memo.get(text)
         if toks is None:
             toks = self.cut(text)
-            if len(self._memo) < 200_000:
+            if len(self._memo) < 50_000:
                 self._memo[text] = toks
         return toks

@@ -1,0 +1,241 @@
+"""`casemine train`, `casemine classify`, `casemine review-queue`, `casemine eval classify`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import pandas as pd
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.cli import app, eval_app
+from pipeline.cli.common import ConfigOption, console, emit_json, fail, get_config
+from pipeline.config import Config, ConfigError
+
+RESULT_FIELDS = ("issue_type", "issue_type_confidence", "urgency", "urgency_confidence", "urgency_due_hours",
+                 "request_kind", "needs_review", "evidence", "classifier")
+
+
+def _errors():
+    """Exceptions that are the user's to fix (bad data, stale model), mapped to exit code 1."""
+    from pipeline.classify import LabeledDataError, ModelMismatchError
+
+    return (LabeledDataError, ModelMismatchError)
+
+
+@app.command("train")
+def train_cmd(
+    labels: Optional[Path] = typer.Option(None, "--labels", "-l",
+                                          help="Labelled CSV/JSONL/Parquet (text, label) or a folder of them "
+                                               "(default: classify.labeled_dir)."),
+    config: Optional[Path] = ConfigOption,
+    json_out: bool = typer.Option(False, "--json", help="Print the model card as JSON."),
+) -> None:
+    """Train the issue-type classifier on labelled cases; saves model + model card."""
+    cfg = get_config(config)
+    from pipeline.classify import train
+
+    try:
+        _, card = train(cfg, labels)
+    except ConfigError as e:
+        fail(str(e), code=2)
+    except (*_errors(), ValueError) as e:
+        fail(str(e))
+    if json_out:
+        emit_json(card)
+        return
+    t = Table(title="cross-validated macro-F1 per variant")
+    t.add_column("variant")
+    t.add_column("macro-F1", justify="right")
+    t.add_column("accuracy", justify="right")
+    for c in card["cv"]["candidates"]:
+        mark = " *" if c["name"] == card["chosen_variant"]["name"] else ""
+        t.add_row(c["name"] + mark, f"{c['macro_f1']:.3f}", f"{c['accuracy']:.3f}")
+    console.print(t)
+    console.print(f"trained {card['model_id']} on {card['training_data']['rows']} rows; saved to "
+                  f"{cfg.resolve(cfg.classify.model_dir)}")
+
+
+# -- classify ----------------------------------------------------------------------------------
+
+def _is_transcript_jsonl(path: Path) -> bool:
+    with open(path, encoding="utf-8-sig") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    return False
+                return isinstance(obj, dict) and "turns" in obj and "text" not in obj
+    return False
+
+
+def read_text_input(path: Path) -> pd.DataFrame:
+    """Texts to classify: JSONL objects with `text`, or a CSV with a `text` column. Other fields
+    (id, repeat_contact, emotion_score, ...) are kept and passed on."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows: list[dict[str, Any]] = []
+        with open(path, encoding="utf-8-sig") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} line {n} is not valid JSON ({e.msg})") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise ValueError(f"{path} line {n} has no string field 'text' (each line must be "
+                                     "an object like {\"text\": \"...\"})")
+                rows.append(obj)
+        df = pd.DataFrame(rows)
+    elif suffix == ".csv":
+        try:
+            df = pd.read_csv(path, encoding="utf-8-sig", dtype={"text": str}, keep_default_na=False)
+        except pd.errors.EmptyDataError:
+            df = pd.DataFrame()
+        if len(df.columns) and "text" not in df.columns:
+            raise ValueError(f"{path} has no 'text' column (found: {list(df.columns)})")
+    else:
+        raise ValueError(f"{path}: unsupported input {suffix or '(no suffix)'}; use JSONL with a 'text' field "
+                         "per line, a CSV with a 'text' column, or transcripts (JSONL with 'turns', ASR JSON)")
+    if df.empty:
+        raise ValueError(f"{path} holds no texts to classify")
+    return df.reset_index(drop=True)
+
+
+def classify_transcripts(path: Path, cfg: Config) -> pd.DataFrame:
+    """Transcripts through the same ingest and case extraction as the nightly run, then classify."""
+    from pipeline.classify import classify_cases
+    from pipeline.ingest import read_file
+    from pipeline.process import process_batch
+
+    res = read_file(path, cfg.ingest)
+    for q in res.quarantined[:5]:
+        console.print(f"[yellow]skipped[/] {q.source_file}:{q.line or ''} {q.reason}: {q.detail}", highlight=False)
+    if not res.conversations:
+        raise ValueError(f"{path}: no readable conversations ({len(res.quarantined)} quarantined)")
+    cases = process_batch(res.conversations, cfg).cases
+    return classify_cases(cases, cfg)
+
+
+def _result_records(df: pd.DataFrame, id_col: str | None, text_col: str) -> list[dict[str, Any]]:
+    out = []
+    for r in df.to_dict("records"):
+        rec: dict[str, Any] = {}
+        if id_col and id_col in r:
+            rec[id_col] = r[id_col]
+        rec["text"] = r.get(text_col, "")
+        for k in RESULT_FIELDS:
+            v = r.get(k)
+            if k == "evidence":
+                v = json.loads(v)
+            elif hasattr(v, "item"):
+                v = v.item()
+            rec[k] = v
+        out.append(rec)
+    return out
+
+
+@app.command("classify")
+def classify_cmd(
+    file: Path = typer.Argument(..., help="JSONL ({\"text\": ...} per line), CSV with a text column, or transcripts."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON line per input on stdout."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Classify texts or transcripts: issue type, urgency, request kind, review flag, evidence."""
+    cfg = get_config(config)
+    if not file.is_file():
+        fail(f"{file} does not exist or is not a file")
+    from pipeline.classify import classify_texts, get_model_status
+
+    try:
+        status = get_model_status(cfg)
+        if status:
+            console.print(f"[yellow]{status}[/]", highlight=False)
+        if file.suffix.lower() in (".json",) or (file.suffix.lower() == ".jsonl" and _is_transcript_jsonl(file)):
+            df = classify_transcripts(file, cfg)
+            id_col, text_col = "case_id", "problem"
+        else:
+            inp = read_text_input(file)
+            extra = inp.drop(columns=["text"])
+            df = classify_texts(inp["text"].astype(str).tolist(), cfg, extra=extra)
+            df["text"] = inp["text"].tolist()
+            id_col = next((c for c in ("id", "case_id", "conversation_id") if c in inp.columns), None)
+            text_col = "text"
+    except ConfigError as e:
+        fail(str(e), code=2)
+    except (*_errors(), ValueError, UnicodeDecodeError) as e:
+        fail(str(e))
+    records = _result_records(df, id_col, text_col)
+    if json_out:
+        for rec in records:
+            emit_json(rec)
+        return
+    t = Table(title=f"{len(records)} classified ({records[0]['classifier'] if records else ''})")
+    for col in ("#", "text", "issue_type", "conf", "urgency", "kind", "review"):
+        t.add_column(col)
+    for i, rec in enumerate(records, 1):
+        text = str(rec["text"])
+        t.add_row(str(rec.get(id_col) if id_col else i), text[:40] + ("…" if len(text) > 40 else ""), rec["issue_type"],
+                  f"{rec['issue_type_confidence']:.2f}", rec["urgency"], rec["request_kind"],
+                  "待人工" if rec["needs_review"] else "")
+    Console().print(t)  # without --json the table is the output: stdout
+
+
+# -- review queue ------------------------------------------------------------------------------
+
+@app.command("review-queue")
+def review_queue_cmd(
+    n: int = typer.Option(50, "--n", "-n", min=1, help="How many of the least certain cases."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="CSV to write (default: <paths.out>/review/review_queue.csv)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Output root holding processed/cases/ (default: paths.out)."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Export the least certain cases as a CSV with an empty `label` column to fill in and drop
+    into classify.labeled_dir (then `casemine train`)."""
+    cfg = get_config(config)
+    from pipeline.classify.review import review_queue
+
+    root = data or cfg.resolve(cfg.paths.out)
+    try:
+        path, queue = review_queue(cfg, root, n, out_file)
+    except ConfigError as e:
+        fail(str(e), code=2)
+    except (*_errors(), ValueError) as e:
+        fail(str(e))
+    console.print(f"wrote {len(queue)} cases to {path}; fill the 'label' column (one of the taxonomy's types), "
+                  f"then copy the file into {cfg.resolve(cfg.classify.labeled_dir)} and run `casemine train`")
+
+
+# -- eval --------------------------------------------------------------------------------------
+
+@eval_app.command("classify")
+def eval_classify_cmd(
+    labels: Path = typer.Option(..., "--labels", "-l", help="Labelled CSV/JSONL/Parquet (text, label)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder (default: <paths.out>/reports)."),
+    nested: bool = typer.Option(False, "--nested", help="Also nested CV (unbiased, ~6x slower)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Cross-validated per-class precision/recall/F1, macro-F1 and confusion matrix, for the
+    trained model and for the rules alone on the same data."""
+    cfg = get_config(config)
+    from pipeline.evaluate.classification import evaluate_classification, summary_line, write_reports
+
+    try:
+        report = evaluate_classification(cfg, labels, nested=nested)
+    except ConfigError as e:
+        fail(str(e), code=2)
+    except (*_errors(), ValueError) as e:
+        fail(str(e))
+    j, md = write_reports(report, out or cfg.resolve(cfg.paths.out) / "reports")
+    report["reports"] = {"json": str(j), "markdown": str(md)}
+    if json_out:
+        emit_json(report)
+    else:
+        console.print(summary_line(report))
+        console.print(f"reports: {j} {md}")
