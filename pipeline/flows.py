@@ -68,9 +68,18 @@ def commit_task(ctx: steps.RunContext, ing: steps.IngestResult, results: list[Ba
 
 
 @flow(name="casemine-nightly", log_prints=False, validate_parameters=False)
-def nightly(input_dir: str | None = None, out: str | None = None, config_path: str | None = None) -> dict[str, Any]:
-    """Process the transcripts that arrived since the last run and store their cases."""
+def nightly(input_dir: str | None = None, out: str | None = None, config_path: str | None = None,
+            overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Process the transcripts that arrived since the last run and store their cases.
+
+    `overrides` replaces config fields per section, e.g. {"flow": {"batch_size": 500}}."""
     cfg: Config = load_config(config_path)
+    if overrides:
+        cfg = cfg.with_overrides(**overrides)
+    if cfg.flow.task_runner == "dask":
+        # Dask already runs batches in parallel; a process pool per batch inside a worker would
+        # oversubscribe the cores (and daemonic worker processes cannot start one).
+        cfg = cfg.with_overrides(segment={"processes": 1})
     input_path = Path(input_dir) if input_dir else cfg.resolve(cfg.paths.input)
     out_path = Path(out) if out else cfg.resolve(cfg.paths.out)
     ctx = steps.start_run(cfg, input_path, out_path)
@@ -78,6 +87,25 @@ def nightly(input_dir: str | None = None, out: str | None = None, config_path: s
     futures = [process_task.submit(ctx, batch, n) for n, batch in enumerate(steps.batches(ing.accepted, cfg.flow.batch_size))]
     results = [f.result() for f in futures]
     return commit_task(ctx, ing, results, index_task(ctx, results))
+
+
+def task_runner(cfg: Config):
+    """The configured task runner: Prefect's default, or Dask (an existing scheduler, or a
+    LocalCluster started for the run)."""
+    if cfg.flow.task_runner != "dask":
+        return None
+    from prefect_dask import DaskTaskRunner
+
+    if cfg.flow.dask_address:
+        return DaskTaskRunner(address=cfg.flow.dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.flow.dask_workers, "processes": cfg.flow.dask_processes,
+                                          "threads_per_worker": 1, "dashboard_address": ":0"})
+
+
+def flow_for(cfg: Config):
+    """`nightly` with the task runner the config asks for."""
+    runner = task_runner(cfg)
+    return nightly if runner is None else nightly.with_options(task_runner=runner)
 
 
 def serve_nightly(config_path: str | None = None) -> None:
@@ -89,5 +117,5 @@ def serve_nightly(config_path: str | None = None) -> None:
     from prefect.schedules import Cron
 
     cfg = load_config(config_path)
-    nightly.serve(name="nightly", schedule=Cron(cfg.flow.schedule_cron, timezone=cfg.flow.schedule_timezone),
+    flow_for(cfg).serve(name="nightly", schedule=Cron(cfg.flow.schedule_cron, timezone=cfg.flow.schedule_timezone),
                   parameters={"config_path": config_path})

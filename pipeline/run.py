@@ -8,7 +8,9 @@ run's files count only once its commit is in the state database.
 
 from __future__ import annotations
 
+import os
 import secrets
+import signal
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -57,6 +59,13 @@ class IngestResult:
     reasons: Counter
     files_skipped: int = 0
     encodings: Counter = field(default_factory=Counter)
+
+
+def checkpoint(stage: str) -> None:
+    """Fault injection for the crash tests: with CASEMINE_KILL_AT=<stage> the process dies here by
+    SIGKILL, as a machine losing power would (no cleanup, no finally blocks)."""
+    if os.environ.get("CASEMINE_KILL_AT") == stage:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def new_run_id() -> str:
@@ -302,6 +311,7 @@ def run_pipeline(cfg: Config, input_dir: Path, out: Path, progress: Progress = _
     """The whole nightly run without Prefect (same steps the flow runs as tasks)."""
     ctx = start_run(cfg, input_dir, out)
     ing = ingest(ctx, progress)
+    checkpoint("ingest")
     frames, rejected, pii, chars = [], [], Counter(), 0
     parts = batches(ing.accepted, cfg.flow.batch_size)
     with Segmenter(cfg) as seg:
@@ -312,6 +322,7 @@ def run_pipeline(cfg: Config, input_dir: Path, out: Path, progress: Progress = _
                 ctx.seconds[k] = ctx.seconds.get(k, 0.0) + v
             t = time.perf_counter()
             store(ctx, res.cases, n)
+            checkpoint("store")
             ctx.seconds["store"] = ctx.seconds.get("store", 0.0) + time.perf_counter() - t
             frames.append(res.cases)
             rejected += res.rejected
@@ -321,5 +332,7 @@ def run_pipeline(cfg: Config, input_dir: Path, out: Path, progress: Progress = _
     cases = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=EMPTY_CASE_COLUMNS)
     extra = {"index": index(ctx, cases) if len(cases) else {"added": 0, "replaced": 0},
              "classification": classification_summary(cases)}
+    checkpoint("index")
     qpath = commit(ctx, ing, rejected, cases)
+    checkpoint("commit")
     return summarize(ctx, ing, rejected, cases, pii, chars, extra, qpath=qpath)

@@ -12,6 +12,8 @@ import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# Prefect logs "Stopping temporary server" at interpreter exit, after pytest closed the streams.
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 from pipeline.config import Config, load_config  # noqa: E402
 

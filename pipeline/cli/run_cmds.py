@@ -36,19 +36,22 @@ def run(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output root; everything the run writes goes here (default: paths.out)."),
     config: Optional[Path] = ConfigOption,
     prefect: bool = typer.Option(True, "--prefect/--no-prefect", help="Run as a Prefect flow (default) or as plain functions."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Conversations per batch (default: flow.batch_size)."),
     json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout."),
 ) -> None:
-    """Run the nightly pipeline: ingest new transcripts, mask, mine cases, store them."""
+    """Run the nightly pipeline: ingest new transcripts, mask, mine cases, classify, index them."""
     cfg = get_config(config)
+    overrides = {"flow": {"batch_size": batch_size}} if batch_size else {}
+    cfg = cfg.with_overrides(**overrides) if overrides else cfg
     input_dir = input or cfg.resolve(cfg.paths.input)
     out_dir = out or cfg.resolve(cfg.paths.out)
     if not input_dir.exists():
         fail(f"input {input_dir} does not exist; pass --input DIR (or run `casemine sample --out {input_dir}` first)")
     try:
         if prefect:
-            from pipeline.flows import nightly
+            from pipeline.flows import flow_for
 
-            summary = nightly(str(input_dir), str(out_dir), str(config) if config else None)
+            summary = flow_for(cfg)(str(input_dir), str(out_dir), str(config) if config else None, overrides or None)
         else:
             from pipeline.run import run_pipeline
 
