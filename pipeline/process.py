@@ -31,7 +31,9 @@ def normalize_conversation(conv: Conversation, normalizer: Normalizer) -> Conver
     """Each turn's text normalised; the received text kept in `original`."""
     asr = conv.source_format in ASR_FORMATS
     turns = [replace(t, original=t.text, text=normalizer.normalize(t.text, asr=asr)) for t in conv.turns]
-    return replace(conv, turns=[t for t in turns if t.text])
+    # Metadata values are grouped on (region, product): 華東 from a Big5 file must count as 华东.
+    metadata = {k: normalizer.normalize(v) if isinstance(v, str) else v for k, v in conv.metadata.items()}
+    return replace(conv, turns=[t for t in turns if t.text], metadata=metadata)
 
 
 def mask_conversation(conv: Conversation, masker: Masker) -> Conversation:

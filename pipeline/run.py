@@ -194,6 +194,20 @@ def index(ctx: RunContext, cases: pd.DataFrame) -> dict[str, Any]:
     return summary
 
 
+def export(ctx: RunContext) -> dict[str, Any]:
+    """Clusters, trends, root-cause matrix, KPIs and the HTML report over all stored cases.
+
+    After the commit: exports are derived from committed cases only, and rebuilding them is
+    idempotent, so a run killed here is finished by the next one."""
+    from pipeline.export import export_all
+
+    t = time.perf_counter()
+    summary = export_all(ctx.cfg, ctx.out)
+    ctx.seconds["export"] = time.perf_counter() - t
+    keep = ("export_dir", "report", "n_cases", "n_clusters", "n_new_clusters", "alerts")
+    return {k: summary[k] for k in keep if k in summary}
+
+
 def classification_summary(cases: pd.DataFrame) -> dict[str, Any]:
     if not len(cases) or "issue_type" not in cases:
         return {}
@@ -292,7 +306,7 @@ def summary_text(s: dict[str, Any]) -> str:
         lines.append("  timings not computable: " + ", ".join(f"{k} in {v} cases" for k, v in c["timings_missing"].items()))
     if s["pii_masked"]:
         lines.append("  masked  " + ", ".join(f"{k} {v}" for k, v in s["pii_masked"].items()))
-    for key in ("classification", "index"):
+    for key in ("classification", "index", "exports"):
         if key in s and isinstance(s[key], dict):
             lines.append(f"  {key:<7} " + ", ".join(f"{k} {v}" for k, v in s[key].items() if not isinstance(v, (dict, list))))
     secs = s["seconds"]
@@ -301,6 +315,8 @@ def summary_text(s: dict[str, Any]) -> str:
     lines.append(f"  speed   {tp['transcripts_per_s']} transcripts/s end to end; segmentation {tp['segment_chars_per_s']} chars/s")
     o = s["outputs"]
     lines.append(f"  outputs cases {o['cases']}")
+    if isinstance(s.get("exports"), dict) and s["exports"].get("report"):
+        lines.append(f"          report {s['exports']['report']}")
     if o.get("quarantine"):
         lines.append(f"          quarantine {o['quarantine']}")
     lines.append(f"          summary {o['summary']}")
@@ -335,4 +351,5 @@ def run_pipeline(cfg: Config, input_dir: Path, out: Path, progress: Progress = _
     checkpoint("index")
     qpath = commit(ctx, ing, rejected, cases)
     checkpoint("commit")
+    extra["exports"] = export(ctx)
     return summarize(ctx, ing, rejected, cases, pii, chars, extra, qpath=qpath)

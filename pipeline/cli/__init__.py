@@ -29,6 +29,8 @@ app.add_typer(eval_app, name="eval")
 _COMMAND_MODULES = (
     "pipeline.cli.run_cmds",
     "pipeline.cli.search_cmds",
+    "pipeline.cli.classify_cmds",
+    "pipeline.cli.cluster_cmds",
 )
 
 

@@ -1,0 +1,72 @@
+"""`casemine clusters export` and `casemine eval clusters`."""
+
+from __future__ import annotations
+
+from datetime import date
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pipeline.cli import app, eval_app
+from pipeline.cli.common import ConfigOption, console, emit_json, fail, get_config
+
+clusters_app = typer.Typer(help="Root-cause clusters, trends, KPIs and the HTML report.", no_args_is_help=True)
+app.add_typer(clusters_app, name="clusters")
+
+
+def _parse_date(value: str | None) -> date | None:
+    if not value:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        fail(f"--since {value!r} is not a date; use YYYY-MM-DD, e.g. --since 2025-09-01", code=2)
+
+
+@clusters_app.command("export")
+def export_cmd(
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output root holding processed/ (default: paths.out)."),
+    since: Optional[str] = typer.Option(None, "--since", help="Only cases dated on or after YYYY-MM-DD."),
+    config: Optional[Path] = ConfigOption,
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Cluster the stored cases; write clusters, members, trends, alerts, matrix, KPIs (Parquet + CSV)
+    and report.html under <out>/exports/<today>/, and point exports/LATEST at it."""
+    cfg = get_config(config)
+    root = Path(out) if out else cfg.resolve(cfg.paths.out)
+    start = _parse_date(since)
+    if not (root / "processed" / "cases").is_dir():
+        fail(f"no case table under {root}/processed/cases; run `casemine run --out {root}` first")
+    from pipeline.export import export_all
+
+    summary = export_all(cfg, root, start)
+    if summary["n_cases"] == 0:
+        fail(f"no cases{' since ' + since if since else ''} under {root}; nothing to export")
+    if json_out:
+        emit_json(summary)
+        return
+    console.print(f"exported {summary['n_cases']} cases, {summary['n_clusters']} clusters "
+                  f"({summary['n_new_clusters']} new), {summary['alerts']} alerts -> {summary['export_dir']}")
+    console.print(f"report: {summary['report']}")
+
+
+@eval_app.command("clusters")
+def eval_clusters_cmd(
+    labels: Path = typer.Option(..., "--labels", "-l", help="CSV or JSONL with `text` and `label`."),
+    config: Optional[Path] = ConfigOption,
+    json_out: bool = typer.Option(False, "--json", help="Print nmi, ari, n_clusters, noise_share as JSON."),
+) -> None:
+    """Cluster labelled texts with the product's clustering and score it against the labels."""
+    cfg = get_config(config)
+    from pipeline.evaluate.clusters import evaluate_clusters
+
+    try:
+        res = evaluate_clusters(cfg, labels)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    if json_out:
+        emit_json({k: res[k] for k in ("nmi", "ari", "n_clusters", "noise_share")})
+        return
+    console.print(f"{res['rows']} texts, {res['n_labels']} labels: NMI {res['nmi']:.3f}  ARI {res['ari']:.3f}  "
+                  f"clusters {res['n_clusters']}  noise {res['noise_share']:.1%}")

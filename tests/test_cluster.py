@@ -1,0 +1,309 @@
+"""Root-cause clusters, stable ids, trends, KPIs and the export (pipeline.cluster/trends/kpis/export)."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import date, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.cluster import (ALL_SCOPE, NOISE, CauseLexicon, ClusterParams, ClusterState, ScopeResult,
+                              assign_stable_ids, class_tfidf, cluster_vectors, label_from_terms, match_centroids,
+                              select_cases)
+from pipeline.embed.fake import HashingEmbedder
+from pipeline.kpis import compute_kpis
+from pipeline.trends import rise_p_value, root_cause_matrix, week_over_week
+from tests.conftest import PII_PATTERNS, all_output_text
+
+
+def _blobs(n_per: int = 30, k: int = 3, dim: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centers = np.eye(dim)[:k] * 1.0
+    X = np.concatenate([c + rng.normal(0, 0.05, (n_per, dim)) for c in centers])
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    return X.astype(np.float32), np.repeat(np.arange(k), n_per)
+
+
+# -- clustering ---------------------------------------------------------------------------------
+
+def test_cluster_vectors_recovers_separated_groups():
+    X, y = _blobs()
+    labels = cluster_vectors(X, ClusterParams(pca_components=5, min_cluster_size=5, min_samples=2))
+    found = labels[labels != NOISE]
+    assert len(set(found)) == 3
+    # every cluster is pure
+    for lab in set(found):
+        assert len(set(y[labels == lab])) == 1
+
+
+def test_too_few_cases_are_all_noise():
+    X, _ = _blobs(n_per=2)
+    assert (cluster_vectors(X, ClusterParams(min_scope_cases=10)) == NOISE).all()
+
+
+def test_class_tfidf_prefers_distinctive_terms_and_drops_placeholders():
+    tokens = [["快递", "没收到", "<PHONE>", "问题"]] * 5 + [["发票", "抬头", "问题"]] * 5
+    labels = [0] * 5 + [1] * 5
+    terms = class_tfidf(tokens, labels, top_k=3)
+    assert terms[0][0][0] in ("快递", "没收到")
+    assert terms[1][0][0] in ("发票", "抬头")
+    flat = [t for ts in terms.values() for t, _ in ts]
+    assert "<PHONE>" not in flat
+    # a word in every cluster ranks below the distinctive ones
+    assert [t for t, _ in terms[0]].index("问题") == 2
+
+
+def test_label_orders_terms_as_in_the_typical_case():
+    assert label_from_terms(["签收", "物流"], "物流显示已签收但没收到", 2) == "物流、签收"
+    assert label_from_terms([], "x", 3) == "（无明显关键词）"
+
+
+def test_select_cases_skips_empty_problems_and_fills_issue_type():
+    df = pd.DataFrame({"case_id": ["a", "b", "c"], "problem": ["怎么办", "快递三天了还没送到", ""],
+                       "customer_text": ["", "", "我的发票一直没有开出来"]})
+    sel = select_cases(df, min_chars=4)
+    assert sel["case_id"].tolist() == ["b", "c"]
+    assert sel["cluster_text"].tolist()[1].startswith("我的发票")
+    assert set(sel["issue_type"]) == {"未分类"}
+
+
+def test_cause_lexicon_attributes_category_as_suggestion(cfg):
+    lex = CauseLexicon.load(cfg)
+    res = lex.attribute(["快递三天了还没送到", "物流太慢了还没到", "发票抬头错了"], min_share=0.3)
+    assert res["cause_phrases"][0] == "配送延误"
+    assert res["cause_category"] == "logistics_partner"
+    with pytest.raises(ValueError, match="category"):
+        CauseLexicon.from_dict({"causes": [{"phrase": "x", "category": "weather", "patterns": ["x"]}]})
+
+
+# -- stable ids ---------------------------------------------------------------------------------
+
+def test_hungarian_matching_follows_centroids_not_order():
+    prev = np.eye(4, dtype=np.float32)[:3]
+    new = prev[[2, 0, 1]]
+    pairs = match_centroids(prev, new, threshold=0.9)
+    assert sorted((p, n) for p, n, _ in pairs) == [(0, 1), (1, 2), (2, 0)]
+    assert match_centroids(prev, np.eye(4, dtype=np.float32)[3:], threshold=0.9) == []
+
+
+def _scope(centroids: list[np.ndarray], labels: list[str], sizes: list[int]) -> ScopeResult:
+    rows = pd.DataFrame({"scope": ALL_SCOPE, "local_label": range(len(labels)), "label": labels, "size": sizes})
+    return ScopeResult(ALL_SCOPE, rows, np.arange(len(labels)), {i: c for i, c in enumerate(centroids)})
+
+
+def test_cluster_keeps_its_id_and_label_history_across_nights():
+    e = np.eye(8, dtype=np.float32)
+    day1, state = assign_stable_ids([_scope([e[0], e[1]], ["快递、没收到", "发票、抬头"], [10, 5])],
+                                    ClusterState.empty(), "2025-10-01", 0.85)
+    assert day1["is_new"].all()
+    ids1 = dict(zip(day1["label"], day1["cluster_id"]))
+    # next night: same two causes (slightly moved, other order, one renamed) plus a new one
+    moved = [e[1] * 0.98 + e[2] * 0.02, e[0], e[5]]
+    moved = [v / np.linalg.norm(v) for v in moved]
+    day2, state = assign_stable_ids([_scope(moved, ["发票、抬头", "物流、没收到", "蓝牙、连接"], [6, 20, 7])],
+                                    state, "2025-10-02", 0.85)
+    ids2 = dict(zip(day2["label"], day2["cluster_id"]))
+    assert ids2["发票、抬头"] == ids1["发票、抬头"]
+    assert ids2["物流、没收到"] == ids1["快递、没收到"]
+    assert ids2["蓝牙、连接"] not in ids1.values()
+    assert day2.set_index("label").loc["蓝牙、连接", "is_new"]
+    renamed = day2.set_index("cluster_id").loc[ids1["快递、没收到"]]
+    assert [h["label"] for h in json.loads(renamed["label_history"])] == ["快递、没收到", "物流、没收到"]
+    assert renamed["previous_size"] == 10 and renamed["growth"] == 10
+    assert len(state.table) == 3
+
+
+# -- trends -------------------------------------------------------------------------------------
+
+def test_rise_test_separates_noise_from_real_growth():
+    assert rise_p_value(4, 2) > 0.1
+    assert rise_p_value(80, 40) < 0.001
+    assert rise_p_value(3, 9) == 1.0
+
+
+def _weekly_cases(counts: dict[str, tuple[int, int]], as_of: date) -> pd.DataFrame:
+    rows = []
+    for key, (last, this) in counts.items():
+        rows += [{"issue_type": key, "date": (as_of - timedelta(days=10)).isoformat()}] * last
+        rows += [{"issue_type": key, "date": (as_of - timedelta(days=2)).isoformat()}] * this
+    return pd.DataFrame(rows)
+
+
+def test_week_over_week_alerts_only_on_significant_rises():
+    as_of = date(2025, 10, 31)
+    df = _weekly_cases({"small": (2, 4), "big": (40, 80), "flat": (30, 30)}, as_of)
+    wow = week_over_week(df, "issue_type", "issue_type", as_of, alpha=0.01, min_count=10, new_keys=["flat"])
+    by = wow.set_index("key")
+    assert not by.loc["small", "alert"] and by.loc["big", "alert"] and not by.loc["flat", "alert"]
+    assert (by.loc["big", "this_week"], by.loc["big", "last_week"]) == (80, 40)
+    # emerging (alerting or new) rows come first
+    assert set(wow["key"].head(2)) == {"big", "flat"}
+
+
+def test_root_cause_matrix_shares_add_up_per_issue_type():
+    members = pd.DataFrame({
+        "scope": ["物流配送"] * 10 + [ALL_SCOPE] * 10, "issue_type": ["物流配送"] * 20,
+        "cluster_id": ["C0001"] * 7 + [None] * 3 + ["C0009"] * 10,
+        "region": ["华东"] * 5 + ["华北"] * 5 + ["华东"] * 10, "product": ["床垫"] * 20})
+    clusters = pd.DataFrame({"cluster_id": ["C0001"], "label": ["快递、没收到"], "cause_phrases": [["配送延误"]],
+                             "cause_category": ["logistics_partner"], "cause_category_zh": ["物流伙伴"]})
+    m = root_cause_matrix(members, clusters, pd.Series({"物流配送": 10}), top=2)
+    assert m["share_of_issue_type"].sum() == pytest.approx(1.0)
+    top = m.iloc[0]
+    assert top["cluster_id"] == "C0001" and top["count"] == 7 and top["top_regions"].startswith("华东 71%")
+    assert top["impact"] == "配送延误: 华东 71%"
+
+
+def test_kpis_report_how_many_cases_had_timings():
+    df = pd.DataFrame({"channel": ["chat", "chat", "call"], "issue_type": ["发票", None, "发票"],
+                       "first_response_s": [10.0, None, 30.0], "duration_s": [None, None, 100.0],
+                       "outcome": ["resolved", "escalated", "unknown"]})
+    k = compute_kpis(df).set_index(["group_by", "group"])
+    assert k.loc[("all", "全部"), "n_with_first_response"] == 2
+    assert k.loc[("all", "全部"), "n_with_duration"] == 1
+    assert k.loc[("all", "全部"), "resolution_rate"] == pytest.approx(1 / 3, abs=1e-3)
+    assert k.loc[("channel", "chat"), "escalation_rate"] == 0.5
+    assert ("issue_type", "未分类") in k.index
+
+
+# -- the export, end to end (fake embedder: behaviour does not depend on the model) --------------
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, cfg):
+    from pipeline.export import export_all
+    from pipeline.run import run_pipeline
+    from pipeline.sample import generate
+
+    root = tmp_path_factory.mktemp("export")
+    generate(root / "in", n=200, seed=7, labels_out=root / "labels.jsonl")
+    run_pipeline(cfg, root / "in", root / "out")
+    first = export_all(cfg, root / "out", embedder=HashingEmbedder(), today=date(2025, 11, 1))
+    second = export_all(cfg, root / "out", embedder=HashingEmbedder(), today=date(2025, 11, 2))
+    return root / "out", first, second
+
+
+def test_export_writes_every_table_as_parquet_and_csv(exported):
+    out, first, second = exported
+    folder = Path(second["export_dir"])
+    assert folder == out / "exports" / "2025-11-02"
+    assert (out / "exports" / "LATEST").read_text().strip() == "2025-11-02"
+    for name in ("clusters", "members", "trends", "alerts", "matrix", "kpis"):
+        pq_df = pd.read_parquet(folder / f"{name}.parquet")
+        csv_df = pd.read_csv(folder / f"{name}.csv", encoding="utf-8-sig")
+        assert len(pq_df) == len(csv_df) > 0, name
+    assert (out / "state" / "clusters" / "clusters.parquet").is_file()
+    assert not list((out / "exports").glob(".*tmp*"))
+    json.dumps(second)  # JSON-able
+
+
+def test_export_clusters_are_labelled_and_stable_between_runs(exported):
+    out, first, second = exported
+    assert first["n_clusters"] > 0 and first["n_new_clusters"] == first["n_clusters"]
+    assert second["n_new_clusters"] == 0
+    c1 = pd.read_parquet(out / "exports" / "2025-11-01" / "clusters.parquet")
+    c2 = pd.read_parquet(out / "exports" / "2025-11-02" / "clusters.parquet")
+    assert set(c1["cluster_id"]) == set(c2["cluster_id"])
+    row = c2.iloc[0]
+    assert row["label"] and len(row["representative_texts"]) >= 1 and row["cause_suggested"]
+    assert not any("<" in t for t in c2["top_terms"].explode().dropna())
+    per_type = c2[c2["scope"] != ALL_SCOPE]
+    assert (per_type["share_of_scope"] <= 1).all() and len(per_type) > 0
+
+
+def test_export_members_link_cases_to_clusters(exported):
+    out, _, second = exported
+    m = pd.read_parquet(Path(second["export_dir"]) / "members.parquet")
+    c = pd.read_parquet(Path(second["export_dir"]) / "clusters.parquet")
+    clustered = m[m["cluster_id"].notna()]
+    assert set(clustered["cluster_id"]) == set(c["cluster_id"])
+    sizes = clustered.groupby("cluster_id").size()
+    assert (sizes.reindex(c["cluster_id"]).to_numpy() == c["size"].to_numpy()).all()
+    assert set(m["scope"]) >= {ALL_SCOPE}
+
+
+def test_export_never_contains_unmasked_personal_data(exported):
+    out, _, second = exported
+    # plotly.js itself (inlined in report.html) is full of long float constants: leave it out.
+    text = re.sub(r"<script>/\*\*\s*\* plotly\.js.*?</script>", "", all_output_text(Path(second["export_dir"])), flags=re.S)
+    assert "Plotly.newPlot" in text and "clusters" in text
+    for kind, pat in PII_PATTERNS.items():
+        assert not pat.search(text), kind
+
+
+def test_export_since_filters_cases(exported, cfg):
+    from pipeline.export import export_all
+
+    out, _, second = exported
+    later = export_all(cfg, out, since=date(2099, 1, 1), embedder=HashingEmbedder(), today=date(2025, 11, 3))
+    assert later["n_cases"] == 0 and later["n_clusters"] == 0
+    assert (out / "exports" / "LATEST").read_text().strip() == "2025-11-03"
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+
+def _fake_embedder(monkeypatch):
+    import pipeline.embed
+
+    monkeypatch.setattr(pipeline.embed, "Embedder", lambda cfg, **kw: HashingEmbedder())
+
+
+def test_eval_clusters_json_has_exactly_the_documented_keys(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import _register, app
+
+    _register()
+    _fake_embedder(monkeypatch)
+    rows = [{"text": f"快递{i}天还没送到，物流不更新", "label": "物流配送"} for i in range(15)]
+    rows += [{"text": f"发票抬头开错了第{i}次，要重开", "label": "发票"} for i in range(15)]
+    path = tmp_path / "labels.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    res = CliRunner().invoke(app, ["eval", "clusters", "--labels", str(path), "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert set(got) == {"nmi", "ari", "n_clusters", "noise_share"}
+    assert got["nmi"] > 0.5
+
+
+def test_clusters_export_cli_fails_clearly_without_cases(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import _register, app
+
+    _register()
+    res = CliRunner().invoke(app, ["clusters", "export", "--out", str(tmp_path), "--json"])
+    assert res.exit_code == 1
+    assert "casemine run" in res.output
+
+
+def test_clusters_export_cli_rejects_bad_date(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import _register, app
+
+    _register()
+    res = CliRunner().invoke(app, ["clusters", "export", "--out", str(tmp_path), "--since", "yesterday"])
+    assert res.exit_code == 2
+
+
+# -- real data ----------------------------------------------------------------------------------
+
+def test_real_complaints_cluster_better_than_chance(shared_data, cfg, tmp_path):
+    """The product's clustering on the hand-labelled complaints agrees with the issue types
+    clearly above chance (NMI of a random partition is ~0.03 here)."""
+    from pipeline.evaluate.clusters import evaluate_clusters
+
+    res = evaluate_clusters(cfg, shared_data / "complaints" / "dev.csv", out_root=tmp_path)
+    assert res["rows"] == 413
+    assert res["nmi"] > 0.15 and res["n_clusters"] >= 3 and res["noise_share"] < 0.6
+
+
+def test_no_alerts_without_a_baseline_week():
+    as_of = date(2025, 10, 31)
+    df = _weekly_cases({"a": (0, 80), "b": (0, 40)}, as_of)
+    wow = week_over_week(df, "issue_type", "issue_type", as_of, alpha=0.01, min_count=10)
+    assert not wow["alert"].any()
