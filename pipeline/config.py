@@ -177,6 +177,39 @@ class ClusterConfig(_Section):
     csv_encoding: str = "utf-8-sig"  # BOM: Excel opens the Chinese CSVs correctly
 
 
+class EmotionConfig(_Section):
+    """Per-turn customer emotion and conversation curves (pipeline.emotion)."""
+    lexicon: Path = Path("configs/emotion.yaml")
+    model_dir: Path = Path("models/emotion")
+    # A trained model (casemine train emotion) "joins" the rules (weighted mean where the rules
+    # found cues, the model alone where they found none), "replaces" them, or is "ignored".
+    model_mode: Literal["join", "replace", "ignore"] = "join"
+    model_weight: float = Field(0.6, ge=0, le=1)
+    # Trajectory of a conversation from end - start of the customer sentiment curve.
+    improve_delta: float = Field(0.3, gt=0, le=2)
+    worsen_delta: float = Field(0.3, gt=0, le=2)
+    cv_folds: int = Field(5, ge=2)
+
+
+class LibraryConfig(_Section):
+    """The typical-case library (pipeline.library): candidate rules, diversity and coverage."""
+    per_group: int = Field(5, ge=1, description="candidates per issue type and per root-cause cluster")
+    # "Emotion that ended better than it started" (end > start of the curve) is required by default.
+    require_emotion_improved: bool = True
+    min_chars: int = Field(20, ge=0, description="shortest problem+handling worth teaching")
+    max_chars: int = Field(1500, ge=20, description="longest customer+agent text a trainer reads")
+    max_turns: int = Field(40, ge=2)
+    # Action words too generic to show a concrete action alone (给您添麻烦了 is not handling).
+    generic_actions: list[str] = Field(default_factory=lambda: ["给您", "为您", "帮您", "您可以", "建议您", "操作", "查看"])
+    # Diversity: a candidate more similar than this to one already picked in its group is skipped.
+    max_similarity: float = Field(0.92, ge=-1, le=1)
+    # A case is covered when its nearest published case is at least this similar (cosine of the
+    # problem embeddings; see the report for how it was chosen).
+    # 0.92: the F1-best cut separating same-question from hard-negative pairs on 2,000 BQ pairs
+    # (precision 0.60, recall 0.90); this model puts most unrelated short texts above 0.85.
+    coverage_threshold: float = Field(0.92, ge=-1, le=1)
+
+
 class Config(_Section):
     paths: PathsConfig = PathsConfig()
     ingest: IngestConfig = IngestConfig()
@@ -190,6 +223,8 @@ class Config(_Section):
     search: SearchConfig = SearchConfig()
     flow: FlowConfig = FlowConfig()
     cluster: ClusterConfig = ClusterConfig()
+    emotion: EmotionConfig = EmotionConfig()
+    library: LibraryConfig = LibraryConfig()
     # Directory relative paths are resolved against (the project root: the parent of configs/).
     root: Path = Field(default=PACKAGE_ROOT, exclude=True)
     _hash: int | None = PrivateAttr(None)

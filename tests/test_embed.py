@@ -97,3 +97,17 @@ def test_cache_compacts_shards(tmp_path):
     assert len(list(tmp_path.glob("shard-*.npz"))) <= 16
     found, vecs, _ = EmbeddingCache(tmp_path, "m").lookup([f"t{i}" for i in range(20)])
     assert found.all() and vecs[:, 0].tolist() == list(range(20))
+
+
+@pytest.mark.slow
+def test_onnx_int8_backend_agrees_with_torch():
+    """Exports + quantises once into models/embedder/<name>/onnx/ (~40 s), then compares."""
+    ensure_default_model(REPO / "models")
+    texts = ["快递三天没到，客户要投诉", "退款什么时候到账？", "屏幕碎了申请售后"]
+    torch_v = Embedder(Config().with_overrides(embed={"backend": "torch"})).encode_passages(texts)
+    e = Embedder(Config().with_overrides(embed={"backend": "onnx", "query_engine": "model"}))
+    onnx_v = e.encode_passages(texts)
+    assert onnx_v.shape == torch_v.shape and onnx_v.dtype == np.float32
+    assert (onnx_v * torch_v).sum(1).min() >= 0.98
+    q = e.encode_queries(texts)
+    assert (q * onnx_v).sum(1).min() < 0.9999  # the query prompt is applied: not the passage vector

