@@ -52,6 +52,11 @@ def export_task(ctx: steps.RunContext) -> dict[str, Any]:
     return steps.export(ctx)
 
 
+@task(name="library-candidates", cache_policy=NO_CACHE, persist_result=False)
+def library_task(ctx: steps.RunContext) -> dict[str, Any]:
+    return steps.refresh_library(ctx)
+
+
 def _all_cases(results: list[BatchResult]) -> pd.DataFrame:
     return pd.concat([r.cases for r in results], ignore_index=True) if results else \
         pd.DataFrame(columns=steps.EMPTY_CASE_COLUMNS)
@@ -70,6 +75,7 @@ def commit_task(ctx: steps.RunContext, ing: steps.IngestResult, results: list[Ba
     qpath = steps.commit(ctx, ing, rejected, cases)
     extra = {"index": index_summary, "classification": steps.classification_summary(cases)}
     extra["exports"] = export_task(ctx)
+    extra["library"] = library_task(ctx)
     return steps.summarize(ctx, ing, rejected, cases, pii, sum(r.chars_segmented for r in results), extra, qpath=qpath)
 
 

@@ -168,7 +168,13 @@ def process(ctx: RunContext, convs: list[Conversation], part: int, segmenter: Se
         prior = state.known_orders(str(c.metadata.get("order_id")) for c in convs if c.metadata.get("order_id"))
     finally:
         state.close()
-    return process_batch(convs, ctx.cfg, ctx.run_id, ctx.ingest_date, prior, segmenter)
+    res = process_batch(convs, ctx.cfg, ctx.run_id, ctx.ingest_date, prior, segmenter)
+    from pipeline.emotion import add_emotion
+
+    t = time.perf_counter()
+    res.cases = add_emotion(res.cases, ctx.cfg)
+    res.seconds["emotion"] = time.perf_counter() - t
+    return res
 
 
 def classify(ctx: RunContext, cases: pd.DataFrame) -> pd.DataFrame:
@@ -206,6 +212,16 @@ def export(ctx: RunContext) -> dict[str, Any]:
     ctx.seconds["export"] = time.perf_counter() - t
     keep = ("export_dir", "report", "n_cases", "n_clusters", "n_new_clusters", "alerts")
     return {k: summary[k] for k in keep if k in summary}
+
+
+def refresh_library(ctx: RunContext) -> dict[str, Any]:
+    """Re-select typical-case candidates; decisions already made in the review store are kept."""
+    from pipeline.library import build
+
+    t = time.perf_counter()
+    summary = build(ctx.cfg, ctx.out)
+    ctx.seconds["library"] = time.perf_counter() - t
+    return {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
 
 
 def classification_summary(cases: pd.DataFrame) -> dict[str, Any]:
@@ -306,7 +322,7 @@ def summary_text(s: dict[str, Any]) -> str:
         lines.append("  timings not computable: " + ", ".join(f"{k} in {v} cases" for k, v in c["timings_missing"].items()))
     if s["pii_masked"]:
         lines.append("  masked  " + ", ".join(f"{k} {v}" for k, v in s["pii_masked"].items()))
-    for key in ("classification", "index", "exports"):
+    for key in ("classification", "index", "exports", "library"):
         if key in s and isinstance(s[key], dict):
             lines.append(f"  {key:<7} " + ", ".join(f"{k} {v}" for k, v in s[key].items() if not isinstance(v, (dict, list))))
     secs = s["seconds"]
@@ -352,4 +368,5 @@ def run_pipeline(cfg: Config, input_dir: Path, out: Path, progress: Progress = _
     qpath = commit(ctx, ing, rejected, cases)
     checkpoint("commit")
     extra["exports"] = export(ctx)
+    extra["library"] = refresh_library(ctx)
     return summarize(ctx, ing, rejected, cases, pii, chars, extra, qpath=qpath)

@@ -31,6 +31,8 @@ _COMMAND_MODULES = (
     "pipeline.cli.search_cmds",
     "pipeline.cli.classify_cmds",
     "pipeline.cli.cluster_cmds",
+    "pipeline.cli.emotion_cmds",
+    "pipeline.cli.library_cmds",
 )
 
 

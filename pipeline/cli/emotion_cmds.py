@@ -1,0 +1,180 @@
+"""`casemine emotion FILE`, `casemine train emotion --labels PATH`, `casemine eval emotion`.
+
+`casemine train` was a single command (the issue classifier, pipeline/cli/classify_cmds.py). To add
+`casemine train emotion` without editing that module, the registered `train` command is turned into
+a group here: its callback *is* the classifier's command (same options, same help), run when no
+subcommand is given, so `casemine train --labels X` keeps working unchanged.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import typing
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from pipeline.cli import app, eval_app
+from pipeline.cli.common import ConfigOption, console, emit_json, fail, get_config
+from pipeline.config import ConfigError
+
+
+def _emotion_errors():
+    from pipeline.emotion import EmotionDataError
+
+    return (EmotionDataError, ConfigError)
+
+
+# -- casemine emotion ---------------------------------------------------------------------------
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    out = []
+    with open(path, encoding="utf-8-sig") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                fail(f"{path}:{n} is not valid JSON ({e.msg}); each line must be one JSON object")
+            if not isinstance(obj, dict) or not ("text" in obj or "turns" in obj):
+                fail(f"{path}:{n} has neither `text` nor `turns`")
+            out.append(obj)
+    return out
+
+
+@app.command("emotion")
+def emotion_cmd(
+    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSONL: {\"text\": ...} lines or transcripts with `turns`."),
+    config: Optional[Path] = ConfigOption,
+    json_out: bool = typer.Option(False, "--json", help="One JSON line per input on stdout."),
+) -> None:
+    """Customer emotion per text, or per conversation with its emotion curve."""
+    cfg = get_config(config)
+    from pipeline.emotion import EmotionAnalyzer, add_emotion, analyze_texts
+
+    try:
+        analyzer = EmotionAnalyzer.from_config(cfg)
+    except ConfigError as e:
+        fail(str(e), code=2)
+    recs = _records(file)
+    results: list[dict[str, Any]] = []
+    texts = [r for r in recs if "turns" not in r]
+    if texts:
+        for r, e in zip(texts, analyze_texts([str(r.get("text") or "") for r in texts], cfg, analyzer)):
+            results.append({**({"id": r["id"]} if "id" in r else {}), **e.as_dict()})
+    if len(texts) < len(recs):
+        from pipeline.ingest import read_file
+        from pipeline.process import process_batch
+
+        res = read_file(file, cfg.ingest)
+        convs = getattr(res, "conversations", None) or []
+        if not convs:
+            fail(f"{file}: no transcript could be read (see `casemine run` quarantine for why)")
+        cases = add_emotion(process_batch(convs, cfg).cases, cfg, analyzer)
+        for row in cases.to_dict("records"):
+            detail = json.loads(row["emotion_turn_detail"])
+            low = min(detail, key=lambda d: d["sentiment"]) if detail else None
+            results.append({
+                "conversation_id": row["conversation_id"], "case_id": row["case_id"],
+                "sentiment": row["emotion_end"], "emotion": (low["emotion"] if low and low["sentiment"] < 0 else
+                                                             (detail[-1]["emotion"] if detail else "平静")),
+                "intensity": max((d["intensity"] for d in detail), default=0.0),
+                "evidence": sorted({e for d in detail for e in d["evidence"]}),
+                "curve": json.loads(row["emotion_curve"]), "curve_turns": json.loads(row["emotion_curve_turns"]),
+                "start": row["emotion_start"], "end": row["emotion_end"], "min": row["emotion_min"],
+                "min_turn": row["emotion_min_turn"], "delta": row["emotion_delta"],
+                "trajectory": row["emotion_trajectory"], "turning_points": json.loads(row["turning_points"]),
+                "turns": detail,
+            })
+    for r in results:
+        if json_out:
+            emit_json(r)
+        else:
+            head = r.get("conversation_id") or r.get("id") or ""
+            curve = f" curve={r['curve']} {r['trajectory']}" if "curve" in r else ""
+            console.print(f"{head} {r['emotion']} sentiment={r['sentiment']:+.2f} intensity={r['intensity']:.2f}{curve} "
+                          f"evidence={'、'.join(r['evidence'][:6])}", highlight=False, markup=False)
+
+
+# -- casemine train emotion ---------------------------------------------------------------------
+
+def train_emotion_cmd(
+    labels: Path = typer.Option(..., "--labels", "-l", help="CSV/JSONL/Parquet (or folder): a text column "
+                                "(text/review/content) and a 1/0 polarity or emotion label."),
+    config: Optional[Path] = ConfigOption,
+    json_out: bool = typer.Option(False, "--json", help="Print the model card as JSON."),
+) -> None:
+    """Train the emotion model (scikit-learn) that joins or replaces the default rules."""
+    cfg = get_config(config)
+    from pipeline.emotion import train_emotion
+
+    try:
+        _, card = train_emotion(cfg, labels)
+    except _emotion_errors() as e:
+        fail(str(e))
+    if json_out:
+        emit_json(card)
+        return
+    console.print(f"trained {card['model_id']} ({card['kind']}) on {card['training_data']['rows']} texts; "
+                  f"cv {card['cv']}; saved to {cfg.resolve(cfg.emotion.model_dir)}", highlight=False)
+
+
+def _install_train_group() -> None:
+    """Make `train` a group whose bare invocation is the existing classifier command."""
+    existing = next((c for c in app.registered_commands if c.name == "train"), None)
+    train_app = typer.Typer(help="Train models: the issue classifier (no subcommand) or `train emotion`.",
+                            no_args_is_help=False)
+    train_app.command("emotion")(train_emotion_cmd)
+    if existing is None:
+        app.add_typer(train_app, name="train")
+        return
+    orig = existing.callback
+    hints = typing.get_type_hints(orig)
+    sig = inspect.signature(orig)
+
+    def group_callback(ctx: typer.Context, **kwargs: Any) -> None:
+        if ctx.invoked_subcommand is None:
+            orig(**kwargs)
+
+    ctx_param = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+    group_callback.__signature__ = sig.replace(parameters=[ctx_param, *[
+        p.replace(annotation=hints.get(n, p.annotation)) for n, p in sig.parameters.items()]])
+    group_callback.__annotations__ = {"ctx": typer.Context, **{k: v for k, v in hints.items() if k != "return"}}
+    group_callback.__doc__ = orig.__doc__
+    train_app.callback(invoke_without_command=True)(group_callback)
+    app.registered_commands.remove(existing)
+    app.add_typer(train_app, name="train")
+
+
+_install_train_group()
+
+
+# -- casemine eval emotion ----------------------------------------------------------------------
+
+@eval_app.command("emotion")
+def eval_emotion_cmd(
+    reviews: Path = typer.Option(Path("../shared/data/reviews"), "--reviews", help="Folder with waimai_10k.csv and "
+                                 "online_shopping_10_cats.csv."),
+    per_corpus: int = typer.Option(4000, "--per-corpus", help="Texts sampled per corpus (0 = all)."),
+    folds: int = typer.Option(5, "--folds"),
+    config: Optional[Path] = ConfigOption,
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Cross-validated AUC/accuracy: default rules, trained model, cnsenti and snownlp on the same folds."""
+    cfg = get_config(config)
+    from pipeline.evaluate.emotion import CORPORA, evaluate_sentiment
+
+    missing = [c for c in CORPORA if not (reviews / c).is_file()]
+    if missing:
+        fail(f"{reviews} lacks {', '.join(missing)}; pass --reviews DIR")
+    res = evaluate_sentiment(cfg, reviews, per_corpus or None, folds)
+    if json_out:
+        emit_json(res)
+        return
+    console.print(res["data"], highlight=False)
+    for m, r in res["results"].items():
+        console.print(f"{m:16s} AUC {r['auc']:.3f}±{r['auc_sd']:.3f}  acc {r['accuracy']:.3f}±{r['accuracy_sd']:.3f}",
+                      highlight=False)

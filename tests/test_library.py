@@ -1,0 +1,226 @@
+"""The typical-case library: candidate selection, the review state machine (also across two
+processes), rebuilds that keep decisions, coverage on a known set, masked exports, CLI JSON."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from conftest import PII_PATTERNS, all_output_text
+from pipeline.cli import _register, app
+from pipeline.embed.fake import HashingEmbedder
+from pipeline.library import (Candidate, CandidateScorer, LibraryError, LibraryStore, compute_coverage,
+                              published_case_ids, publish, record_usage, select_candidates)
+
+_register()
+runner = CliRunner()
+
+TURNS = [{"speaker": "customer", "text": "你好，快递怎么还没到"}, {"speaker": "agent", "text": "已为您催促站点"},
+         {"speaker": "customer", "text": "好的谢谢"}]
+
+
+def _case(cid, problem, *, outcome="resolved", handling="已为您催促站点加急派送", delta=0.5, itype="物流配送", n_chars=200):
+    return {"case_id": cid, "channel": "chat", "issue_type": itype, "problem": problem, "handling": handling,
+            "outcome": outcome, "outcome_evidence": "customer: 谢谢", "customer_text": "x" * (n_chars // 2),
+            "agent_text": "y" * (n_chars // 2), "n_turns": 3, "turns": TURNS, "emotion_start": -0.2,
+            "emotion_end": -0.2 + delta, "emotion_min": -0.4, "emotion_delta": delta, "emotion_trajectory": "改善",
+            "turning_points": "{}"}
+
+
+@pytest.fixture()
+def scorer(cfg):
+    return CandidateScorer(cfg.library.model_copy(update={"per_group": 2}), ["催促", "加急", "补发"])
+
+
+def test_candidates_are_eligible_diverse_and_explained(scorer):
+    cases = pd.DataFrame([
+        _case("a", "快递三天还没到", delta=0.9), _case("b", "快递三天还没到了", delta=0.8),
+        _case("c", "发票开错了抬头", delta=0.5), _case("d", "快递丢了", outcome="unknown"),
+        _case("e", "快递慢", handling="您好亲"), _case("f", "快递慢死了", delta=0.0), _case("g", "太长", n_chars=5000)])
+    vec = np.array([[1, 0], [1, 0], [0, 1], [1, 0], [1, 0], [1, 0], [1, 0]], dtype=np.float32)
+    cands, counts = select_candidates(cases, vec, scorer, {"a": "C1", "b": "C1", "c": "C2"})
+    ids = [c.case_id for c in cands]
+    assert counts["eligible"] == 3 and set(ids) == {"a", "c"}  # b is a near-copy of a
+    a = next(c for c in cands if c.case_id == "a")
+    assert a.cluster_id == "C1" and set(a.groups) == {"type:物流配送", "cluster:C1"}
+    assert any("已解决" in r for r in a.reasons) and any("情绪改善" in r for r in a.reasons)
+    assert a.score > next(c for c in cands if c.case_id == "c").score
+    assert set(a.parts) >= {"context", "problem", "handling", "outcome"}
+    ok, _, why = scorer.assess(cases.iloc[3].to_dict())
+    assert not ok and any("outcome" in w for w in why)
+    assert not scorer.assess(cases.iloc[4].to_dict())[0] and not scorer.assess(cases.iloc[5].to_dict())[0]
+
+
+def _cand(cid, itype="物流配送", problem="快递没到", parts=None):
+    return Candidate(cid, itype, None, 0.8, ["已解决"], parts or {"context": "渠道:chat", "problem": problem,
+                                                               "handling": "已催促", "outcome": "resolved"}, [f"type:{itype}"])
+
+
+def test_review_state_machine(tmp_path):
+    st = LibraryStore(tmp_path)
+    st.sync_candidates([_cand("a"), _cand("b"), _cand("c")])
+    with pytest.raises(LibraryError, match="nothing to publish"):
+        st.publish()
+    with pytest.raises(LibraryError, match="unknown case id"):
+        st.approve("zzz", by="li")
+    d = st.approve("a", by="li", note="好例子")
+    assert d.changed and (d.from_status, d.status) == ("candidate", "approved")
+    again = st.approve("a", by="wang")
+    assert not again.changed and "already approved by li" in again.message
+    with pytest.raises(LibraryError, match="needs a reason"):
+        st.reject("b", by="li", note="")
+    st.reject("b", by="li", note="处理不规范")
+    with pytest.raises(LibraryError, match="--force"):
+        st.approve("b", by="wang")
+    assert st.approve("b", by="wang", note="复核通过", force=True).status == "approved"
+    with pytest.raises(LibraryError, match="--by"):
+        st.approve("c", by=" ")
+    new, rows = st.publish()
+    assert sorted(new) == ["a", "b"] and {r["case_id"] for r in rows} == {"a", "b"}
+    assert st.status("a") == "published" and st.approve("a", by="x").changed is False
+    st.reject("a", by="li", note="过时")
+    assert published_case_ids(tmp_path) == {"b"}
+    ev = [(e["case_id"], e["from_status"], e["to_status"], e["by"]) for e in st.events("b")]
+    assert ev == [("b", None, "candidate", "build"), ("b", "candidate", "rejected", "li"),
+                  ("b", "rejected", "approved", "wang"), ("b", "approved", "published", "publish")]
+
+
+def test_rebuild_keeps_decisions(tmp_path):
+    st = LibraryStore(tmp_path)
+    st.sync_candidates([_cand("a"), _cand("b"), _cand("c")])
+    st.approve("a", by="li")
+    st.reject("b", by="li", note="no")
+    counts = st.sync_candidates([_cand("d"), _cand("b", problem="新的问题文本")])  # a and c not picked again
+    assert counts == {"new": 1, "refreshed": 0, "decisions_kept": 2, "retired": 1}
+    status = {e["case_id"]: e["status"] for e in st.entries(include_retired=True)}
+    assert status == {"a": "approved", "b": "rejected", "c": "candidate", "d": "candidate"}
+    assert {e["case_id"] for e in st.entries()} == {"a", "b", "d"}  # c is retired from the list
+    assert next(e for e in st.entries() if e["case_id"] == "b")["parts"]["problem"] == "新的问题文本"
+
+
+def _approve_in_process(out: str, case_id: str, by: str, barrier, results) -> None:
+    st = LibraryStore(Path(out))
+    barrier.wait()
+    try:
+        d = st.approve(case_id, by=by)
+        results.put((by, d.changed, None))
+    except Exception as e:  # pragma: no cover - the test fails on it
+        results.put((by, None, repr(e)))
+
+
+def test_two_processes_approving_at_once(tmp_path):
+    st = LibraryStore(tmp_path)
+    st.sync_candidates([_cand("same")] + [_cand(f"c{i}") for i in range(20)])
+    ctx = mp.get_context("spawn")
+    for case_ids in (["same", "same"], [f"c{i}" for i in range(4)]):
+        barrier, results = ctx.Barrier(len(case_ids)), ctx.Queue()
+        procs = [ctx.Process(target=_approve_in_process, args=(str(tmp_path), cid, f"p{i}", barrier, results))
+                 for i, cid in enumerate(case_ids)]
+        for p in procs:
+            p.start()
+        got = [results.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(60)
+        assert all(err is None for _, _, err in got), got
+        if case_ids[0] == "same":
+            assert sorted(changed for _, changed, _ in got) == [False, True]  # exactly one approval
+    approvals = [e for e in st.events() if e["to_status"] == "approved"]
+    assert len([e for e in approvals if e["case_id"] == "same"]) == 1
+    assert {e["case_id"] for e in approvals} == {"same", "c0", "c1", "c2", "c3"}
+
+
+def test_coverage_on_known_set():
+    v = np.array([[1, 0, 0], [0.99, 0.141, 0], [0, 1, 0], [0, 0, 1], [0, 0.1, 0.995]], dtype=np.float32)
+    res = compute_coverage(["p1", "x1", "x2", "x3", "x4"], ["物流", "物流", "发票", "售后", "售后"],
+                           ["C1", "C1", "C2", "C3", None], v, ["p1"], v[:1], ["物流"], ["C1"], threshold=0.9)
+    assert res.n_covered == 2 and res.coverage == 0.4
+    assert res.by_type["物流"] == {"cases": 2, "covered": 2, "coverage": 1.0, "published": 1}
+    assert res.by_type["售后"]["coverage"] == 0.0
+    assert [(g["kind"], g["id"], g["cases"]) for g in res.gaps] == [
+        ("issue_type", "售后", 2), ("cluster", "C2", 1), ("cluster", "C3", 1), ("issue_type", "发票", 1)]
+    none = compute_coverage(["a"], ["t"], [None], v[:1], [], np.zeros((0, 3)), [], [], 0.9)
+    assert none.coverage == 0.0 and none.gaps[0]["id"] == "t"
+
+
+def test_published_exports_carry_no_personal_data(cfg, tmp_path):
+    st = LibraryStore(tmp_path)
+    leaky = {"context": "渠道:chat 客户 13812345678", "problem": "发票寄到 test.user@example.com",
+             "handling": "已登记身份证 110101199003074514", "outcome": "resolved"}
+    st.sync_candidates([_cand("a", itype="发票/开票", parts=leaky), _cand("b")])
+    st.approve("a", by="li", note="电话13912345678")
+    st.approve("b", by="li")
+    res = publish(cfg, tmp_path)
+    assert res["published"] == 2 and Path(res["parquet"]).is_file()
+    assert set(res["pages"]) == {"发票/开票", "物流配送"} and all(Path(p).is_file() for p in res["pages"].values())
+    text = all_output_text(tmp_path / "library" / "published")
+    for name, pat in PII_PATTERNS.items():
+        assert not pat.search(text), name
+    page = Path(res["pages"]["发票/开票"]).read_text(encoding="utf-8")
+    assert "客户背景" in page and "处理" in page and "<script" not in page and "http" not in page
+    df = pd.read_parquet(res["parquet"])
+    assert set(df["case_id"]) == {"a", "b"} and {"context", "problem", "handling", "outcome"} <= set(df.columns)
+
+
+def test_usage_counts(tmp_path):
+    LibraryStore(tmp_path).sync_candidates([_cand("a")])
+    record_usage(tmp_path, ["a", "a", "b"])
+    record_usage(tmp_path, ["a"])
+    assert next(e for e in LibraryStore(tmp_path).entries() if e["case_id"] == "a")["used"] == 2
+
+
+# -- end to end through the CLI -------------------------------------------------------------------
+
+@pytest.fixture()
+def stored(cfg, sample, tmp_path, monkeypatch):
+    from pipeline.ingest import discover, read_file
+    from pipeline.process import process_batch
+    from pipeline.store import write_cases
+
+    import pipeline.embed
+
+    monkeypatch.setattr(pipeline.embed, "Embedder", lambda *a, **k: HashingEmbedder())
+    convs = [c for f in discover(sample[0]) for c in read_file(f, cfg.ingest).conversations]
+    write_cases(tmp_path, process_batch(convs, cfg).cases, "run1", 0)
+    return tmp_path
+
+
+def test_library_cli_json(stored):
+    out = ["--out", str(stored)]
+    res = runner.invoke(app, ["library", "build", *out, "--json"])
+    assert res.exit_code == 0, res.output
+    built = json.loads(res.stdout)
+    assert built["candidates"] > 0 and built["new"] == built["candidates"]
+    res = runner.invoke(app, ["library", "list", *out, "--json"])
+    rows = [json.loads(x) for x in res.stdout.splitlines()]
+    assert res.exit_code == 0 and len(rows) == built["candidates"] and all(r["status"] == "candidate" for r in rows)
+    cid = rows[0]["case_id"]
+    res = runner.invoke(app, ["library", "publish", *out])
+    assert res.exit_code == 1 and "nothing to publish" in res.output
+    res = runner.invoke(app, ["library", "approve", "nope-0", "--by", "li", *out])
+    assert res.exit_code == 1 and "unknown case id" in res.output
+    res = runner.invoke(app, ["library", "reject", cid, "--by", "li", "--note", "重复", *out, "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["status"] == "rejected"
+    res = runner.invoke(app, ["library", "approve", cid, "--by", "wang", *out])
+    assert res.exit_code == 1 and "--force" in res.output
+    res = runner.invoke(app, ["library", "approve", cid, "--by", "wang", "--force", *out, "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["status"] == "approved"
+    res = runner.invoke(app, ["library", "build", *out, "--json"])  # rebuild keeps the decision
+    assert res.exit_code == 0 and json.loads(res.stdout)["decisions_kept"] >= 1
+    assert runner.invoke(app, ["library", "publish", *out, "--json"]).exit_code == 0
+    res = runner.invoke(app, ["library", "list", "--status", "published", *out, "--json"])
+    assert [json.loads(x)["case_id"] for x in res.stdout.splitlines()] == [cid]
+    res = runner.invoke(app, ["library", "coverage", *out, "--json"])
+    assert res.exit_code == 0, res.output
+    cov = json.loads(res.stdout)
+    assert 0 < cov["coverage"] <= 1 and {"coverage", "by_type", "gaps"} <= set(cov)
+    assert cov["gaps"] == sorted(cov["gaps"], key=lambda g: -g["cases"])
+    res = runner.invoke(app, ["library", "coverage", "--since", "yesterday", *out])
+    assert res.exit_code == 2
+    res = runner.invoke(app, ["library", "list", "--status", "bogus", *out])
+    assert res.exit_code == 1 and "unknown status" in res.output
