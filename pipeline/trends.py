@@ -158,6 +158,8 @@ def weekly_series(counts: pd.DataFrame, dimension: str, top: int) -> pd.DataFram
     w = counts[(counts["dimension"] == dimension) & (counts["granularity"] == "week") & (counts["breakdown"] == "all")]
     if w.empty:
         return w
+    # Counts concatenated from empty frames come back as object dtype: make them numbers.
+    w = w.assign(count=pd.to_numeric(w["count"]))
     keep = w.groupby("key")["count"].sum().nlargest(top).index
     w = w[w["key"].isin(keep)]
     # Weeks without cases are zeros, not gaps a line would bridge.
