@@ -110,56 +110,80 @@ def bench_embed(n: int = 256) -> dict:
 
 # -- index -----------------------------------------------------------------------------------
 
-def bench_index(sizes: list[int], dim: int = 384, n_queries: int = 200, k: int = 10) -> dict:
+def _vectors(n: int, dim: int, rng: np.random.Generator, structured: bool) -> np.ndarray:
+    """Unit vectors. `structured`: a 48-dimensional latent space mapped into `dim` plus noise, the
+    way sentence embeddings occupy a low-dimensional part of their space; else isotropic random
+    vectors, the worst case for graph indexes (every neighbour is almost equally far)."""
+    if structured:
+        basis = np.random.default_rng(1).standard_normal((48, dim), dtype=np.float32)
+        x = np.empty((n, dim), dtype=np.float32)
+        for s in range(0, n, 100_000):
+            m = min(100_000, n - s)
+            x[s:s + m] = rng.standard_normal((m, 48), dtype=np.float32) @ basis
+            x[s:s + m] += 0.5 * rng.standard_normal((m, dim), dtype=np.float32)
+    else:
+        x = rng.standard_normal((n, dim), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def bench_index(sizes: list[int], dim: int = 384, n_queries: int = 200, k: int = 10,
+                structured: bool = True, ef_values: tuple[int, ...] = (64, 128, 256)) -> dict:
     import faiss
 
     from pipeline.config import Config
     from pipeline.index import CaseIndex
 
-    faiss.omp_set_num_threads(os.cpu_count() or 1)
     rng = np.random.default_rng(0)
     out: dict = {}
     rows = []
     for n in sizes:
-        # Random unit vectors are the hard case for HNSW (no cluster structure): recall is a floor.
-        x = rng.standard_normal((n, dim), dtype=np.float32)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        x = _vectors(n, dim, rng, structured)
         q = x[rng.choice(n, n_queries, replace=False)] + 0.3 * rng.standard_normal((n_queries, dim), dtype=np.float32) / np.sqrt(dim)
         q /= np.linalg.norm(q, axis=1, keepdims=True)
         res_n: dict = {}
         exact_ids = None
+
+        def timed(index, params=None):
+            # One thread per query: a query process serves one agent; threads only add jitter here.
+            faiss.omp_set_num_threads(1)
+            lat, ids = [], np.empty((n_queries, k), dtype=np.int64)
+            for i in range(n_queries):
+                t1 = time.perf_counter()
+                _, I = index.search(q[i:i + 1], k, params=params)
+                lat.append((time.perf_counter() - t1) * 1000)
+                ids[i] = I[0]
+            faiss.omp_set_num_threads(os.cpu_count() or 1)
+            return lat, ids
+
         for kind in ("flat", "hnsw"):
             icfg = Config().index.model_copy(update={"exact_max": n if kind == "flat" else 1})
             idx = CaseIndex(dim, "bench", icfg)
+            faiss.omp_set_num_threads(os.cpu_count() or 1)
             t0 = time.perf_counter()
             idx.index = idx._new_faiss(kind, x)
             idx.index.add_with_ids(x, np.arange(n, dtype=np.int64))
             build = time.perf_counter() - t0
-            lat = []
-            ids = np.empty((n_queries, k), dtype=np.int64)
-            for i in range(n_queries):
-                t1 = time.perf_counter()
-                _, I = idx.index.search(q[i:i + 1], k)
-                lat.append((time.perf_counter() - t1) * 1000)
-                ids[i] = I[0]
-            if kind == "flat":
-                exact_ids = ids
-                recall = 1.0
-            else:
-                recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ids, exact_ids)]))
             mem = len(faiss.serialize_index(idx.index))
-            res_n[kind] = {"build_s": round(build, 2), "p50_ms": round(float(np.percentile(lat, 50)), 3),
-                           "p95_ms": round(float(np.percentile(lat, 95)), 3), "recall@10": round(recall, 4),
-                           "mb_per_million": round(mem / n * 1e6 / 2**20, 1)}
+            for ef in ((0,) if kind == "flat" else ef_values):
+                params = faiss.SearchParametersHNSW(efSearch=ef) if ef else None
+                lat, ids = timed(idx.index, params)
+                if kind == "flat":
+                    exact_ids = ids
+                recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ids, exact_ids)]))
+                key = kind if not ef else f"hnsw_ef{ef}"
+                res_n[key] = {"build_s": round(build, 2), "p50_ms": round(float(np.percentile(lat, 50)), 3),
+                              "p95_ms": round(float(np.percentile(lat, 95)), 3), "recall@10": round(recall, 4),
+                              "mb_per_million": round(mem / n * 1e6 / 2**20, 1)}
             del idx
         out[n] = res_n
-        f, h = res_n["flat"], res_n["hnsw"]
-        for kind in ("flat", "hnsw"):
-            r = res_n[kind]
-            rows.append([f"{n:,}", kind, r["build_s"], r["p50_ms"], r["p95_ms"],
+        f = res_n["flat"]
+        for key, r in res_n.items():
+            rows.append([f"{n:,}", key, r["build_s"], r["p50_ms"], r["p95_ms"],
                          f"{f['p50_ms'] / r['p50_ms']:.1f}", r["recall@10"], r["mb_per_million"]])
         print(f"  done {n:,}", file=sys.stderr, flush=True)
-    _table(f"index: random unit vectors, dim {dim}, {n_queries} single queries, k={k} (HNSW M=32, efC=80, efS=64)",
+    _table(f"index: {'structured (48-d latent)' if structured else 'isotropic random'} unit vectors, dim {dim}, "
+           f"{n_queries} single queries (1 thread), k={k}; HNSW M=32, efConstruction=80, build on {os.cpu_count()} threads",
            ["vectors", "kind", "build s", "p50 ms", "p95 ms", "speed-up vs exact", "recall@10 vs exact", "MiB per 1M"],
            rows)
     return out
@@ -256,6 +280,7 @@ def main() -> None:
     ap.add_argument("--skip-index", action="store_true")
     ap.add_argument("--skip-query", action="store_true")
     ap.add_argument("--embed-texts", type=int, default=256)
+    ap.add_argument("--random-vectors", action="store_true", help="isotropic random vectors (HNSW worst case)")
     a = ap.parse_args()
     results: dict = {"machine": {"cpus": os.cpu_count()}}
     if not a.skip_embed:
@@ -263,7 +288,7 @@ def main() -> None:
     if not a.skip_query:
         results["query"] = bench_query()
     if not a.skip_index:
-        results["index"] = bench_index([int(s) for s in a.sizes.split(",") if s])
+        results["index"] = bench_index([int(s) for s in a.sizes.split(",") if s], structured=not a.random_vectors)
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     f = out / f"embed_index_{time.strftime('%Y%m%dT%H%M%S')}.json"

