@@ -24,6 +24,10 @@ app = typer.Typer(
 )
 eval_app = typer.Typer(help="Measure quality on labelled data.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
+# `casemine train` trains the issue classifier (its callback, in classify_cmds); subcommands train
+# other models (`casemine train emotion`, in emotion_cmds).
+train_app = typer.Typer(help="Train models: the issue classifier (no subcommand) or `train emotion`.")
+app.add_typer(train_app, name="train")
 
 # Command modules, imported for their registrations. Add yours here.
 _COMMAND_MODULES = (

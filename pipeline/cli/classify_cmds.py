@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+# pandas is imported inside the commands: every `casemine` call (an agent's `query` included)
+# imports this module to register its commands, and pandas costs about half a second.
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import pandas as pd
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.cli import app, eval_app
+from pipeline.cli import app, eval_app, train_app
+
+if TYPE_CHECKING:
+    import pandas as pd
 from pipeline.cli.common import ConfigOption, console, emit_json, fail, get_config
 from pipeline.config import Config, ConfigError
 
@@ -26,8 +30,9 @@ def _errors():
     return (LabeledDataError, ModelMismatchError)
 
 
-@app.command("train")
+@train_app.callback(invoke_without_command=True)
 def train_cmd(
+    ctx: typer.Context,
     labels: Optional[Path] = typer.Option(None, "--labels", "-l",
                                           help="Labelled CSV/JSONL/Parquet (text, label) or a folder of them "
                                                "(default: classify.labeled_dir)."),
@@ -35,6 +40,8 @@ def train_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print the model card as JSON."),
 ) -> None:
     """Train the issue-type classifier on labelled cases; saves model + model card."""
+    if ctx.invoked_subcommand is not None:
+        return  # `casemine train emotion ...`: the subcommand does the work
     cfg = get_config(config)
     from pipeline.classify import train
 
@@ -73,9 +80,11 @@ def _is_transcript_jsonl(path: Path) -> bool:
     return False
 
 
-def read_text_input(path: Path) -> pd.DataFrame:
+def read_text_input(path: Path) -> "pd.DataFrame":
     """Texts to classify: JSONL objects with `text`, or a CSV with a `text` column. Other fields
     (id, repeat_contact, emotion_score, ...) are kept and passed on."""
+    import pandas as pd
+
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows: list[dict[str, Any]] = []
@@ -107,7 +116,7 @@ def read_text_input(path: Path) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def classify_transcripts(path: Path, cfg: Config) -> pd.DataFrame:
+def classify_transcripts(path: Path, cfg: Config) -> "pd.DataFrame":
     """Transcripts through the same ingest and case extraction as the nightly run, then classify."""
     from pipeline.classify import classify_cases
     from pipeline.ingest import read_file
@@ -122,7 +131,7 @@ def classify_transcripts(path: Path, cfg: Config) -> pd.DataFrame:
     return classify_cases(cases, cfg)
 
 
-def _result_records(df: pd.DataFrame, id_col: str | None, text_col: str) -> list[dict[str, Any]]:
+def _result_records(df: "pd.DataFrame", id_col: str | None, text_col: str) -> list[dict[str, Any]]:
     out = []
     for r in df.to_dict("records"):
         rec: dict[str, Any] = {}

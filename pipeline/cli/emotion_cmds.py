@@ -1,22 +1,14 @@
-"""`casemine emotion FILE`, `casemine train emotion --labels PATH`, `casemine eval emotion`.
-
-`casemine train` was a single command (the issue classifier, pipeline/cli/classify_cmds.py). To add
-`casemine train emotion` without editing that module, the registered `train` command is turned into
-a group here: its callback *is* the classifier's command (same options, same help), run when no
-subcommand is given, so `casemine train --labels X` keeps working unchanged.
-"""
+"""`casemine emotion FILE`, `casemine train emotion --labels PATH`, `casemine eval emotion`."""
 
 from __future__ import annotations
 
-import inspect
 import json
-import typing
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from pipeline.cli import app, eval_app
+from pipeline.cli import app, eval_app, train_app
 from pipeline.cli.common import ConfigOption, console, emit_json, fail, get_config
 from pipeline.config import ConfigError
 
@@ -101,6 +93,7 @@ def emotion_cmd(
 
 # -- casemine train emotion ---------------------------------------------------------------------
 
+@train_app.command("emotion")
 def train_emotion_cmd(
     labels: Path = typer.Option(..., "--labels", "-l", help="CSV/JSONL/Parquet (or folder): a text column "
                                 "(text/review/content) and a 1/0 polarity or emotion label."),
@@ -122,34 +115,6 @@ def train_emotion_cmd(
                   f"cv {card['cv']}; saved to {cfg.resolve(cfg.emotion.model_dir)}", highlight=False)
 
 
-def _install_train_group() -> None:
-    """Make `train` a group whose bare invocation is the existing classifier command."""
-    existing = next((c for c in app.registered_commands if c.name == "train"), None)
-    train_app = typer.Typer(help="Train models: the issue classifier (no subcommand) or `train emotion`.",
-                            no_args_is_help=False)
-    train_app.command("emotion")(train_emotion_cmd)
-    if existing is None:
-        app.add_typer(train_app, name="train")
-        return
-    orig = existing.callback
-    hints = typing.get_type_hints(orig)
-    sig = inspect.signature(orig)
-
-    def group_callback(ctx: typer.Context, **kwargs: Any) -> None:
-        if ctx.invoked_subcommand is None:
-            orig(**kwargs)
-
-    ctx_param = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
-    group_callback.__signature__ = sig.replace(parameters=[ctx_param, *[
-        p.replace(annotation=hints.get(n, p.annotation)) for n, p in sig.parameters.items()]])
-    group_callback.__annotations__ = {"ctx": typer.Context, **{k: v for k, v in hints.items() if k != "return"}}
-    group_callback.__doc__ = orig.__doc__
-    train_app.callback(invoke_without_command=True)(group_callback)
-    app.registered_commands.remove(existing)
-    app.add_typer(train_app, name="train")
-
-
-_install_train_group()
 
 
 # -- casemine eval emotion ----------------------------------------------------------------------

@@ -1,0 +1,104 @@
+"""End-to-end nightly run on generated transcripts: throughput, where the time goes, peak memory,
+how cost grows with size, and what an incremental night costs.
+
+Each run is a fresh process (`casemine run`), so peak RSS and model loading are counted as a real
+nightly job would see them. The 'prefect' row runs the same input through the Prefect flow to show
+the orchestration overhead measured against the plain run in the same session.
+
+    python -m bench.bench_flow [--sizes 10000,100000] [--increment 1000] [--prefect-size 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pipeline.sample import generate
+
+STAGES = ["ingest", "normalize", "mask", "cases", "segment_setup", "segment", "emotion", "classify", "store",
+          "embed+index", "export", "library"]
+
+
+def run(input_dir: Path, out: Path, prefect: bool = False) -> tuple[dict, float, float]:
+    """(summary, wall seconds, peak RSS MiB of the child)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t = time.perf_counter()
+    args = [sys.executable, "-m", "pipeline.cli.__main__", "run", "--input", str(input_dir), "--out", str(out), "--json"]
+    if not prefect:
+        args.append("--no-prefect")
+    proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"})
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise SystemExit(f"run failed:\n{proc.stderr[-2000:]}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    # ru_maxrss of children is the max over all children so far: report the larger of the two
+    # readings (exact for the first and for any run bigger than those before it).
+    return json.loads(proc.stdout), wall, max(peak, before) / 1024
+
+
+def stage_table(label: str, s: dict, wall: float, peak: float) -> None:
+    secs = s["seconds"]
+    n = s["records"]["accepted"]
+    total = secs["total"]
+    print(f"\n{label}: {n:,} transcripts, {s['cases']['written']:,} cases, wall {wall:.1f} s "
+          f"(process start to exit), {n / wall:.1f} transcripts/s, peak RSS {peak:,.0f} MiB")
+    embed = secs.get("embed+index", 0.0)
+    for k in STAGES:
+        if k in secs:
+            print(f"  {k:<14} {secs[k]:>9.2f} s  {100 * secs[k] / total:>5.1f}%  "
+                  f"{'' if k == 'embed+index' or not embed else f'{secs[k] / embed:.3f}x embed'}")
+    rest = sum(v for k, v in secs.items() if k not in ("total", "embed+index"))
+    print(f"  {'all but embed':<14} {rest:>9.2f} s  = {rest / embed:.2f}x the embedding step" if embed else "")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--sizes", default="10000")
+    ap.add_argument("--increment", type=int, default=1000, help="new transcripts for the incremental night")
+    ap.add_argument("--prefect-size", type=int, default=1000)
+    a = ap.parse_args()
+    sizes = [int(x) for x in a.sizes.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        results = {}
+        for n in sizes:
+            inp = tmp / f"in{n}"
+            generate(inp, n=n, seed=n, malformed=False)
+            s, wall, peak = run(inp, tmp / f"out{n}")
+            results[n] = (s, wall)
+            stage_table(f"full run, n={n}", s, wall, peak)
+        if len(sizes) > 1:
+            a_, b_ = sizes[0], sizes[-1]
+            print(f"\ncost growth {a_:,} -> {b_:,} ({b_ / a_:.0f}x data):")
+            sa, sb = results[a_][0]["seconds"], results[b_][0]["seconds"]
+            for k in STAGES + ["total"]:
+                if sa.get(k) and sb.get(k):
+                    print(f"  {k:<14} {sb[k] / sa[k]:>6.1f}x")
+        # Incremental night: the largest history plus `increment` new conversations in a new file.
+        n = sizes[0]
+        extra = tmp / f"extra{n}"
+        generate(extra, n=a.increment, seed=999_999, malformed=False, formats=("chat_jsonl",))
+        inc = tmp / f"in{n}" / "night2"
+        inc.mkdir()
+        (extra / "chat.jsonl").rename(inc / "chat.jsonl")
+        s, wall, peak = run(tmp / f"in{n}", tmp / f"out{n}")
+        stage_table(f"incremental night on n={n} history (+{a.increment} new; ids may repeat: duplicates/conflicts are counted)", s, wall, peak)
+        # Prefect overhead on the same small input, plain vs flow, both fresh outputs.
+        inp = tmp / "pf"
+        generate(inp, n=a.prefect_size, seed=5, malformed=False)
+        _, plain, _ = run(inp, tmp / "pf-plain")
+        sp, flow, _ = run(inp, tmp / "pf-flow", prefect=True)
+        print(f"\nPrefect overhead, n={a.prefect_size}: plain {plain:.1f} s, flow {flow:.1f} s, "
+              f"+{flow - plain:.1f} s per run ({flow / plain:.2f}x), {len(STAGES)} stages in 6 task kinds "
+              f"(one process-batch task per {2000} conversations)")
+
+
+if __name__ == "__main__":
+    main()
