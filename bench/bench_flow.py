@@ -47,8 +47,11 @@ def stage_table(label: str, s: dict, wall: float, peak: float) -> None:
     secs = s["seconds"]
     n = s["records"]["accepted"]
     total = secs["total"]
+    idx = s.get("index", {})
     print(f"\n{label}: {n:,} transcripts, {s['cases']['written']:,} cases, wall {wall:.1f} s "
-          f"(process start to exit), {n / wall:.1f} transcripts/s, peak RSS {peak:,.0f} MiB")
+          f"(process start to exit), {n / wall:.1f} transcripts/s, peak RSS {peak:,.0f} MiB; "
+          f"embedded {idx.get('embedded_new', 0):,} distinct new texts ({idx.get('embedded_cached', 0):,} from the cache; "
+          f"generated text repeats, so real data embeds more per case)")
     embed = secs.get("embed+index", 0.0)
     for k in STAGES:
         if k in secs:
@@ -87,9 +90,13 @@ def main() -> None:
         generate(extra, n=a.increment, seed=999_999, malformed=False, formats=("chat_jsonl",))
         inc = tmp / f"in{n}" / "night2"
         inc.mkdir()
-        (extra / "chat.jsonl").rename(inc / "chat.jsonl")
+        # The generator numbers conversations from 1 in every run: give the new night its own ids.
+        lines = [json.loads(x) for x in (extra / "chat.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
+        for rec in lines:
+            rec["conversation_id"] = "NIGHT2-" + rec["conversation_id"]
+        (inc / "chat.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in lines) + "\n", encoding="utf-8")
         s, wall, peak = run(tmp / f"in{n}", tmp / f"out{n}")
-        stage_table(f"incremental night on n={n} history (+{a.increment} new; ids may repeat: duplicates/conflicts are counted)", s, wall, peak)
+        stage_table(f"incremental night on the n={n} history (+{len(lines)} new conversations)", s, wall, peak)
         # Prefect overhead on the same small input, plain vs flow, both fresh outputs.
         inp = tmp / "pf"
         generate(inp, n=a.prefect_size, seed=5, malformed=False)

@@ -27,7 +27,8 @@ from pipeline.process import BatchResult, process_batch
 from pipeline.schema import Conversation, QuarantineRecord
 from pipeline.segment import Segmenter
 from pipeline.state import FileStamp, State
-from pipeline.store import remove_orphans, write_cases, write_quarantine, write_summary
+from pipeline.store import (CorruptOutputError, remove_orphans, run_parts, verify_parts, write_cases, write_quarantine,
+                            write_summary)
 from pipeline.textprep import get_masker
 
 Progress = Callable[[str, int, int], None]
@@ -80,6 +81,13 @@ def start_run(cfg: Config, input_dir: Path, out: Path) -> RunContext:
     out.mkdir(parents=True, exist_ok=True)
     state = State(out)
     try:
+        problems = verify_parts(out, state.parts())
+        if problems:
+            first = problems[0]
+            raise CorruptOutputError(
+                f"{len(problems)} stored case file(s) are damaged, e.g. {first['path']}: {first['problem']}. "
+                f"Run `casemine repair --out {out}` to drop the affected runs' cases; the next `casemine run` "
+                "reprocesses their transcripts (keep the input files in place).")
         abandoned = state.abandoned_runs()
         removed = remove_orphans(out, state.committed_runs())
         state.mark_abandoned(abandoned)
@@ -242,6 +250,7 @@ def commit(ctx: RunContext, ing: IngestResult, rejected: list[QuarantineRecord],
     masker = get_masker(ctx.cfg)
     quarantined = ing.quarantined + rejected
     qpath = write_quarantine(ctx.out, ctx.run_id, quarantined, masker)
+    parts = [(str(p.relative_to(ctx.out)), sha256_file(p)) for p in run_parts(ctx.out, ctx.run_id)]
     state = State(ctx.out)
     try:
         state.commit_run(
@@ -250,6 +259,7 @@ def commit(ctx: RunContext, ing: IngestResult, rejected: list[QuarantineRecord],
             quarantined=[(q.raw_hash, q.reason) for q in quarantined],
             files=ing.files,
             orders=[o for o in cases["order_id"].dropna().unique()] if len(cases) else [],
+            parts=parts,
         )
     finally:
         state.close()
@@ -337,6 +347,23 @@ def summary_text(s: dict[str, Any]) -> str:
         lines.append(f"          quarantine {o['quarantine']}")
     lines.append(f"          summary {o['summary']}")
     return "\n".join(lines) + "\n"
+
+
+def repair(out: Path, check_only: bool = False) -> dict[str, Any]:
+    """Find damaged case files; unless check_only, forget the runs that wrote them (so the next
+    run reprocesses their transcripts) and delete those runs' files."""
+    state = State(out)
+    try:
+        problems = verify_parts(out, state.parts())
+        runs = sorted({p["run_id"] for p in problems})
+        removed: list[Path] = []
+        if runs and not check_only:
+            state.forget_runs(runs)
+            removed = remove_orphans(out, state.committed_runs())
+    finally:
+        state.close()
+    return {"problems": problems, "runs": runs, "repaired": bool(runs) and not check_only,
+            "removed": [str(p) for p in removed]}
 
 
 def run_pipeline(cfg: Config, input_dir: Path, out: Path, progress: Progress = _noop) -> dict[str, Any]:

@@ -27,6 +27,8 @@ CREATE TABLE IF NOT EXISTS files (
     run_id TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS orders (
     order_id TEXT PRIMARY KEY, contacts INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS parts (
+    path TEXT PRIMARY KEY, run_id TEXT NOT NULL, sha256 TEXT NOT NULL);
 """
 
 
@@ -110,9 +112,10 @@ class State:
 
     # -- the commit -------------------------------------------------------------------------------
     def commit_run(self, run_id: str, conversations: Iterable[tuple[str, str]], quarantined: Iterable[tuple[str, str]],
-                   files: Iterable[FileStamp], orders: Iterable[str]) -> None:
-        """Record everything the run accepted, quarantined and read, atomically."""
+                   files: Iterable[FileStamp], orders: Iterable[str], parts: Iterable[tuple[str, str]] = ()) -> None:
+        """Record everything the run accepted, quarantined, read and wrote, atomically."""
         with self.transaction() as db:
+            db.executemany("INSERT OR REPLACE INTO parts VALUES (?, ?, ?)", [(p, run_id, h) for p, h in parts])
             db.executemany("INSERT OR REPLACE INTO conversations VALUES (?, ?, ?)",
                            [(cid, h, run_id) for cid, h in conversations])
             db.executemany("INSERT OR IGNORE INTO quarantined VALUES (?, ?, ?)",
@@ -122,6 +125,22 @@ class State:
             db.executemany("INSERT INTO orders VALUES (?, 1) ON CONFLICT(order_id) DO UPDATE SET contacts = contacts + 1",
                            [(o,) for o in orders if o])
             db.execute("UPDATE runs SET status = 'committed', finished_at = ? WHERE run_id = ?", (_now(), run_id))
+
+
+    # -- integrity ------------------------------------------------------------------------------
+    def parts(self) -> list[tuple[str, str, str]]:
+        """(path relative to the output root, run_id, sha256) of every committed case file."""
+        return self.db.execute("SELECT path, run_id, sha256 FROM parts ORDER BY path").fetchall()
+
+    def forget_runs(self, run_ids: Iterable[str]) -> None:
+        """Undo committed runs in the state: their conversations, files and quarantined records
+        are forgotten (the next run reads them again) and the runs count as never committed, so
+        their remaining files are removed as orphans."""
+        ids = list(run_ids)
+        with self.transaction() as db:
+            for table in ("conversations", "quarantined", "files", "parts"):
+                db.executemany(f"DELETE FROM {table} WHERE run_id = ?", [(r,) for r in ids])
+            db.executemany("UPDATE runs SET status = 'repaired', finished_at = ? WHERE run_id = ?", [(_now(), r) for r in ids])
 
 
 def _now() -> str:

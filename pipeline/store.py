@@ -67,6 +67,28 @@ def read_cases(out: Path, columns: list[str] | None = None, runs: Iterable[str] 
     return table.to_pandas()
 
 
+def run_parts(out: Path, run_id: str) -> list[Path]:
+    return sorted(cases_dir(out).glob(f"date=*/part-{run_id}-*.parquet"))
+
+
+class CorruptOutputError(RuntimeError):
+    """A stored case file is missing or does not match the checksum recorded at its commit."""
+
+
+def verify_parts(out: Path, recorded: list[tuple[str, str, str]]) -> list[dict[str, str]]:
+    """Problems with committed case files: missing, or checksum differs (truncated, overwritten)."""
+    from pipeline.io import sha256_file
+
+    problems = []
+    for rel, run_id, sha in recorded:
+        p = out / rel
+        if not p.is_file():
+            problems.append({"path": rel, "run_id": run_id, "problem": "missing"})
+        elif sha256_file(p) != sha:
+            problems.append({"path": rel, "run_id": run_id, "problem": "checksum mismatch (corrupt or truncated)"})
+    return problems
+
+
 def _run_of(path: Path) -> str:
     # part-<run_id>-<n>.parquet; run ids contain dashes, the part number is last.
     return path.stem[len("part-"):].rsplit("-", 1)[0]

@@ -51,3 +51,26 @@ def test_sigkill_then_rerun_equals_uninterrupted(stage, sample, cfg, reference, 
     cases, index_ids, n_vectors = snapshot(cfg, tmp_path)
     assert cases == reference[0]
     assert index_ids == reference[1] and n_vectors == reference[2] == len(set(index_ids))
+
+
+def test_damaged_case_file_is_detected_and_repaired(sample, cfg, tmp_path):
+    from pipeline import run as steps
+    from pipeline.store import CorruptOutputError
+
+    input_dir, _ = sample
+    out = tmp_path / "out"
+    steps.run_pipeline(cfg.with_overrides(flow={"batch_size": 60}), input_dir, out)
+    before = sorted(read_cases(out)["case_id"])
+    part = sorted((out / "processed" / "cases").rglob("part-*.parquet"))[0]
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])  # truncated
+    with pytest.raises(CorruptOutputError, match="casemine repair"):
+        steps.run_pipeline(cfg, input_dir, out)
+    rep = steps.repair(out, check_only=True)
+    assert rep["problems"] and not rep["repaired"] and part.exists()
+    rep = steps.repair(out)
+    assert rep["repaired"] and not part.exists()
+    s = steps.run_pipeline(cfg, input_dir, out)
+    assert s["records"]["accepted"] > 0
+    assert sorted(read_cases(out)["case_id"]) == before
+    idx = IndexStore(index_root(out), cfg.index).load()
+    assert sorted(idx.meta["case_id"]) == before

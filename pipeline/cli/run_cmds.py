@@ -63,6 +63,12 @@ def run(
                 summary = run_pipeline(cfg, input_dir, out_dir)
     except FileNotFoundError as e:
         fail(str(e))
+    except Exception as e:  # a damaged output is reported, not a traceback
+        from pipeline.store import CorruptOutputError
+
+        if isinstance(e, CorruptOutputError):
+            fail(str(e))
+        raise
     from pipeline.run import summary_text
 
     sys.stderr.write(summary_text(summary))  # plain text: no markup parsing, no wrapping
@@ -136,6 +142,36 @@ def sample(
         console.print(f"wrote {rep.n_conversations} conversations (+{rep.n_malformed} malformed records) in "
                       f"{len(rep.files)} files under {out}" + (f"; labels in {rep.labels_path}" if rep.labels_path else ""),
                       highlight=False)
+
+
+@app.command()
+def repair(
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output root (default: paths.out)."),
+    check: bool = typer.Option(False, "--check", help="Only report damaged files (exit 1 if any)."),
+    config: Optional[Path] = ConfigOption,
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Verify stored case files against their commit checksums and drop runs whose files are damaged.
+
+    The dropped runs' transcripts are read again by the next `casemine run` (case ids are stable, so
+    the index and exports end up as before)."""
+    from pipeline.run import repair as do_repair
+
+    cfg = get_config(config)
+    out_dir = out or cfg.resolve(cfg.paths.out)
+    rep = do_repair(out_dir, check_only=check)
+    if json_out:
+        emit_json(rep)
+    elif not rep["problems"]:
+        console.print(f"all committed case files under {out_dir} match their checksums", highlight=False)
+    else:
+        for p in rep["problems"]:
+            console.print(f"{p['path']}: {p['problem']} (run {p['run_id']})", highlight=False, markup=False)
+        if rep["repaired"]:
+            console.print(f"dropped {len(rep['runs'])} run(s); run `casemine run` to reprocess their transcripts",
+                          highlight=False)
+    if check and rep["problems"]:
+        raise typer.Exit(1)
 
 
 @app.command()
