@@ -28,14 +28,16 @@ from pipeline.cluster import (ALL_SCOPE, CauseLexicon, ClusterState, ScopeResult
                               fill_classification, members_table, select_cases)
 from pipeline.config import Config
 from pipeline.io import atomic_write_bytes, atomic_write_parquet, atomic_write_text
+from pipeline.emotion_stats import relations, trajectory_table, worsened_by_team
 from pipeline.kpis import compute_kpis, timing_coverage
 from pipeline.report import ReportData, map_coordinates, render_report
 from pipeline.trends import count_table, default_as_of, root_cause_matrix, trend_summary, week_over_week
 
 CASE_COLUMNS = ["case_id", "conversation_id", "channel", "date", "date_source", "problem", "customer_text", "outcome",
                 "emotion", "emotion_score", "first_response_s", "duration_s", "tokens", "region", "product",
-                "repeat_contact", "issue_type", "issue_type_confidence", "request_kind", "urgency", "needs_review"]
-TABLES = ("clusters", "members", "trends", "alerts", "matrix", "kpis")
+                "repeat_contact", "issue_type", "issue_type_confidence", "request_kind", "urgency", "needs_review",
+                "emotion_start", "emotion_end", "emotion_delta", "emotion_trajectory", "csat", "agent_id", "metadata_json"]
+TABLES = ("clusters", "members", "trends", "alerts", "matrix", "kpis", "emotion", "emotion_relations", "emotion_teams")
 
 
 class PassageEncoder(Protocol):
@@ -180,10 +182,14 @@ def build_export(cases: pd.DataFrame, X: np.ndarray, frame: pd.DataFrame, cfg: C
         notes.append(f"{int((cases['date_source'] == 'ingested').sum())} 个案例无会话时间，按导入日期计入趋势。")
     all_scope = next((r for r in results if r.scope == ALL_SCOPE), None)
     points = map_points(frame, X, all_scope, clusters, c.map_max_points)
+    emotion = trajectory_table(cases, members)
+    emotion_rel = relations(cases)
+    emotion_teams = worsened_by_team(cases)
     tables = {"clusters": clusters, "members": members, "trends": counts, "alerts": alerts, "matrix": matrix,
-              "kpis": kpis}
+              "kpis": kpis, "emotion": emotion, "emotion_relations": emotion_rel, "emotion_teams": emotion_teams}
     report = render_report(ReportData(day, as_of.isoformat() if as_of else None, len(cases), len(frame), clusters,
-                                      members, alerts, counts, matrix, kpis, points, notes))
+                                      members, alerts, counts, matrix, kpis, points, notes,
+                                      emotion, emotion_rel, emotion_teams))
     all_members = members[members["scope"] == ALL_SCOPE] if len(members) else members
     summary = {
         "date": day, "as_of": as_of.isoformat() if as_of else None, "n_cases": int(len(cases)),

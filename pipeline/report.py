@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -47,6 +47,9 @@ class ReportData:
     kpis: pd.DataFrame
     map_points: pd.DataFrame  # x, y, cluster_id, label, text
     notes: list[str]
+    emotion: pd.DataFrame = field(default_factory=pd.DataFrame)  # trajectory shares per dimension
+    emotion_relations: pd.DataFrame = field(default_factory=pd.DataFrame)
+    emotion_teams: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def map_coordinates(X: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -134,6 +137,20 @@ def case_map(points: pd.DataFrame, top: int = 12) -> Any:
     return _layout(fig, "案例语义地图（按问题簇着色）", height=560)
 
 
+def trajectory_bar(emotion: pd.DataFrame, dimension: str = "issue_type") -> Any:
+    """Stacked shares of 改善 / 平稳 / 恶化 per issue type."""
+    import plotly.graph_objects as go
+
+    d = emotion[emotion["dimension"] == dimension] if len(emotion) else emotion
+    fig = go.Figure()
+    colors = {"改善": "#2e7d32", "平稳": "#9e9e9e", "恶化": "#c62828"}
+    for t in ("改善", "平稳", "恶化"):
+        fig.add_bar(name=t, x=d["key"].tolist() if len(d) else [], y=d[f"share_{t}"].tolist() if len(d) else [],
+                    marker_color=colors[t])
+    fig.update_layout(barmode="stack", yaxis_tickformat=".0%")
+    return _layout(fig, "情绪走向（按问题类型）")
+
+
 def table_html(df: pd.DataFrame, columns: dict[str, str], max_rows: int = 50,
                row_class: str | None = None) -> str:
     """A plain escaped HTML table of selected columns with Chinese headers."""
@@ -167,7 +184,7 @@ def render_report(data: ReportData) -> str:
     figs = [cluster_bar(data.clusters), issue_bar(data.members),
             trend_lines(data.counts, "issue_type", "每周案例数（问题类型）"),
             trend_lines(data.counts, "cluster", "每周案例数（问题簇）"),
-            case_map(data.map_points)]
+            case_map(data.map_points), trajectory_bar(data.emotion)]
     charts = [_fig_html(f, i == 0) for i, f in enumerate(figs)]
     per_type = data.clusters[data.clusters["scope"] != ALL_SCOPE] if len(data.clusters) else data.clusters
     # Emerging and alerting rows sort first; the next largest movers follow for context.
@@ -210,12 +227,20 @@ def render_report(data: ReportData) -> str:
                        "mean_emotion": "平均情绪", "cause_phrases": "直接原因（建议）", "cause_category_zh": "原因类别（建议）",
                        "representative_texts": "代表案例", "is_new": "新簇"}, max_rows=60)}
 
+<h2>客户情绪走向</h2>
+<p class="note">每个客户回合的情绪得分连成曲线；终点减起点超过阈值为改善或恶化。相关系数附 95% 自助法置信区间：区间跨过 0 即看不出关系。</p>
+{charts[5]}
+{table_html(data.emotion_relations, {"measure": "情绪指标", "outcome_measure": "结果", "method": "方法", "n": "案例数",
+                                     "r": "相关系数", "ci_low": "下限", "ci_high": "上限", "note": "解读"})}
+{table_html(data.emotion_teams, {"team": "班组/坐席", "n": "会话数", "worsened": "恶化", "share_worsened": "恶化占比",
+                                 "ci_low": "下限", "ci_high": "上限"}, max_rows=30)}
+
 <h2>服务指标（KPI）</h2>
 {table_html(data.kpis, {"group_by": "维度", "group": "分组", "n_cases": "案例数",
                         "n_with_first_response": "有首响时间", "first_response_median_s": "首响中位数(秒)",
                         "n_with_duration": "有处理时长", "duration_median_s": "处理时长中位数(秒)",
                         "resolution_rate": "解决率", "escalation_rate": "升级率", "n_outcome_unknown": "结果未知"}, max_rows=80)}
-<p class="note">由 casemine 生成；无需网络即可打开。数据表：clusters、members、trends、alerts、matrix、kpis（CSV 与 Parquet）。</p>
+<p class="note">由 casemine 生成；无需网络即可打开。数据表：clusters、members、trends、alerts、matrix、kpis、emotion、emotion_relations、emotion_teams（CSV 与 Parquet）。</p>
 </body></html>
 """
 

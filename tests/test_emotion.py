@@ -203,3 +203,32 @@ def test_emotion_cli_bad_input(tmp_path):
     p.write_text("{not json\n", encoding="utf-8")
     res = runner.invoke(app, ["emotion", str(p), "--json"])
     assert res.exit_code == 1 and "not valid JSON" in res.output
+
+
+def test_emotion_stats_relations_and_team_ranking():
+    import numpy as np
+    import pandas as pd
+
+    from pipeline.emotion_stats import bootstrap_corr, relations, wilson, worsened_by_team
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=300)
+    r, lo, hi = bootstrap_corr(x, x + rng.normal(scale=0.5, size=300))
+    assert lo < r < hi and lo > 0.7
+    r0, lo0, hi0 = bootstrap_corr(x, rng.normal(size=300))
+    assert lo0 < 0 < hi0  # independent: the interval spans 0
+    lo_w, hi_w = wilson(2, 2)
+    assert hi_w == 1.0 and lo_w < 0.5
+    cases = pd.DataFrame({
+        "emotion_trajectory": ["恶化"] * 2 + ["恶化"] * 50 + ["平稳"] * 50,
+        "agent_id": ["tiny"] * 2 + ["big"] * 100,
+        "metadata_json": ["{}"] * 102,
+        "outcome": ["resolved"] * 51 + ["unresolved"] * 51,
+        "emotion_start": rng.normal(size=102), "emotion_end": np.r_[np.ones(51), -np.ones(51)] + rng.normal(scale=0.1, size=102),
+        "emotion_delta": rng.normal(size=102), "csat": [None] * 102,
+    })
+    teams = worsened_by_team(cases)
+    assert teams["team"].tolist()[0] == "big"  # 50/100 ranks above 2/2 by the lower bound
+    rel = relations(cases).set_index(["measure", "outcome_measure"])
+    assert rel.loc[("emotion_end", "resolved"), "note"] == "strong"
+    assert rel.loc[("emotion_end", "csat"), "r"] is None or pd.isna(rel.loc[("emotion_end", "csat"), "r"])

@@ -36,7 +36,7 @@ def test_report_is_self_contained(report):
     # plotly.js mentions its CDN in its own source (topojson defaults); our markup must not
     outside_lib = re.sub(r"<script>/\*\*\s*\* plotly\.js.*?</script>", "", html, flags=re.S)
     assert "cdn.plot.ly" not in outside_lib and "https://" not in outside_lib
-    assert html.count("Plotly.newPlot") == 5
+    assert html.count("Plotly.newPlot") == 6  # clusters, issue types, two trends, map, emotion
     assert '<meta charset="utf-8">' in html
     for heading in ("预警与新兴问题", "根因矩阵", "服务指标"):
         assert heading in html
@@ -53,7 +53,7 @@ def test_report_charts_render_in_headless_chromium(report, tmp_path):
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
     # plotly draws each chart as svg.main-svg elements (two per chart) only when its JS ran
     charts = re.findall(r'<div id="[^"]+" class="plotly-graph-div js-plotly-plot"', dom)
-    assert len(charts) == 5, "every chart div was initialised by plotly.js"
-    assert dom.count('class="main-svg"') >= 10
+    assert len(charts) == 6, "every chart div was initialised by plotly.js"
+    assert dom.count('class="main-svg"') >= 12
     # the scatter map drew its points, the bar chart its bars
     assert 'class="point"' in dom and 'class="trace bars"' in dom
