@@ -69,3 +69,16 @@ def all_output_text(out: Path) -> str:
         elif p.suffix in (".json", ".jsonl", ".txt", ".csv", ".md", ".log"):
             parts.append(p.read_text(encoding="utf-8", errors="replace"))
     return "\n".join(parts)
+
+
+@pytest.fixture()
+def fake_embedder(monkeypatch):
+    """The Embedder with a model-free hashing encoder: index and search tests stay fast."""
+    from pipeline.embed import Embedder
+    from pipeline.embed.fake import HashingEmbedder
+
+    fake = HashingEmbedder()
+    monkeypatch.setattr(Embedder, "_load", lambda self: None)
+    monkeypatch.setattr(Embedder, "_encode_raw", lambda self, texts, kind: fake.encode(texts))
+    monkeypatch.setattr(Embedder, "encode_queries", lambda self, texts: fake.encode(list(texts)))
+    return fake

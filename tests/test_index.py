@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 
 from pipeline.config import Config
-from pipeline.embed import Embedder
 from pipeline.embed.fake import HashingEmbedder
 from pipeline.index import (CURRENT, INDEX_FILE, META_FILE, CaseIndex, Filters, IndexLoadError, IndexStore,
                             filter_mask, meta_from_cases, update_from_cases)
@@ -47,15 +46,6 @@ def small_index(cfg: Config, rows=CASES, cut=list) -> CaseIndex:
     idx = CaseIndex(384, "hashing-test", cfg.index)
     idx.update(meta, vecs_for(meta))
     return idx
-
-
-@pytest.fixture()
-def fake_embedder(monkeypatch):
-    fake = HashingEmbedder()
-    monkeypatch.setattr(Embedder, "_load", lambda self: None)
-    monkeypatch.setattr(Embedder, "_encode_raw", lambda self, texts, kind: fake.encode(texts))
-    monkeypatch.setattr(Embedder, "encode_queries", lambda self, texts: fake.encode(list(texts)))
-    return fake
 
 
 def test_add_replace_remove_flat():

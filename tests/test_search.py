@@ -13,7 +13,6 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.config import Config
-from pipeline.embed import Embedder
 from pipeline.embed.fake import HashingEmbedder
 from pipeline.evaluate.retrieval import evaluate_labels, evaluate_pairs, label_precision, pair_metrics
 from pipeline.index import Filters, IndexStore, update_from_cases
@@ -22,15 +21,6 @@ from pipeline.search import Bm25, Searcher, rrf_fuse, tokenize
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 from test_index import make_cases, small_index  # noqa: E402  (same folder, on sys.path under pytest)
-
-
-@pytest.fixture()
-def fake_embedder(monkeypatch):
-    fake = HashingEmbedder()
-    monkeypatch.setattr(Embedder, "_load", lambda self: None)
-    monkeypatch.setattr(Embedder, "_encode_raw", lambda self, texts, kind: fake.encode(texts))
-    monkeypatch.setattr(Embedder, "encode_queries", lambda self, texts: fake.encode(list(texts)))
-    return fake
 
 
 def test_rrf_fuse_rewards_agreement():

@@ -36,3 +36,21 @@ def emit_json(obj: Any) -> None:
     """One JSON document (or line) on stdout, UTF-8, Chinese unescaped."""
     sys.stdout.write(json.dumps(obj, ensure_ascii=False, default=str) + "\n")
     sys.stdout.flush()
+
+
+def read_jsonl_objects(path: Path, require: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL input file, each holding at least one of `require`; a bad line
+    stops the command with its line number (CLI inputs are small and hand-made: fail fast)."""
+    out = []
+    with open(path, encoding="utf-8-sig") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                fail(f"{path}:{n} is not valid JSON ({e.msg}); each line must be one JSON object")
+            if not isinstance(obj, dict) or not any(k in obj for k in require):
+                fail(f"{path}:{n} has none of the fields {', '.join(require)}")
+            out.append(obj)
+    return out

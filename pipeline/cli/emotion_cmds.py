@@ -9,7 +9,7 @@ from typing import Any, Optional
 import typer
 
 from pipeline.cli import app, eval_app, train_app
-from pipeline.cli.common import ConfigOption, console, emit_json, fail, get_config
+from pipeline.cli.common import ConfigOption, console, emit_json, fail, get_config, read_jsonl_objects
 from pipeline.config import ConfigError
 
 
@@ -22,19 +22,7 @@ def _emotion_errors():
 # -- casemine emotion ---------------------------------------------------------------------------
 
 def _records(path: Path) -> list[dict[str, Any]]:
-    out = []
-    with open(path, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                fail(f"{path}:{n} is not valid JSON ({e.msg}); each line must be one JSON object")
-            if not isinstance(obj, dict) or not ("text" in obj or "turns" in obj):
-                fail(f"{path}:{n} has neither `text` nor `turns`")
-            out.append(obj)
-    return out
+    return read_jsonl_objects(path, ("text", "turns"))
 
 
 @app.command("emotion")
