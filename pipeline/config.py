@@ -109,9 +109,12 @@ class EmbedConfig(_Section):
 
 class IndexConfig(_Section):
     exact_max: int = Field(200_000, ge=1, description="above this many vectors use the approximate index")
-    approximate: Literal["hnsw", "ivf"] = "hnsw"
+    # hnsw: fast and accurate, ~1.7 GB per million vectors; ivf: less memory per query; ivfpq:
+    # pq_m bytes per vector (~0.1 GB per million with ids) for collections past memory.
+    approximate: Literal["hnsw", "ivf", "ivfpq"] = "hnsw"
     hnsw_m: int = Field(32, ge=4)
     ivf_nlist: int = Field(1024, ge=1)
+    pq_m: int = Field(48, ge=1, description="sub-quantisers (bytes per vector) of ivfpq; must divide the dimension")
     nprobe: int = Field(16, ge=1)
     keep_versions: int = Field(3, ge=1)
     hnsw_ef_construction: int = Field(80, ge=8)

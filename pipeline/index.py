@@ -220,10 +220,15 @@ class CaseIndex:
             inner = faiss.IndexHNSWFlat(self.dim, self.icfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
             inner.hnsw.efConstruction = self.icfg.hnsw_ef_construction
             inner.hnsw.efSearch = self.icfg.hnsw_ef_search
-        elif kind == "ivf":
+        elif kind in ("ivf", "ivfpq"):
             quant = faiss.IndexFlatIP(self.dim)
             nlist = max(1, min(self.icfg.ivf_nlist, (len(train) if train is not None else 1) // 39))
-            inner = faiss.IndexIVFFlat(quant, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            if kind == "ivf":
+                inner = faiss.IndexIVFFlat(quant, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            else:
+                # Product quantisation: pq_m bytes per vector instead of 4 x dim, for collections
+                # past memory; recall is lower, and vectors read back for rebuilds are approximate.
+                inner = faiss.IndexIVFPQ(quant, self.dim, nlist, self.icfg.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
             inner.train(np.ascontiguousarray(train, dtype=np.float32))
             inner.nprobe = self.icfg.nprobe
             inner.make_direct_map()  # so vectors can be read back for rebuilds and exact filtering
@@ -362,7 +367,7 @@ class CaseIndex:
         kk = min(k, len(self) if rows is None else len(rows))
         if self.kind == "hnsw":
             params = faiss.SearchParametersHNSW(sel=sel, efSearch=max(self.icfg.hnsw_ef_search, kk))
-        elif self.kind == "ivf":
+        elif self.kind in ("ivf", "ivfpq"):
             params = faiss.SearchParametersIVF(sel=sel, nprobe=self.icfg.nprobe)
         else:
             params = faiss.SearchParameters(sel=sel) if sel is not None else None
