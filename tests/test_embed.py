@@ -111,3 +111,17 @@ def test_onnx_int8_backend_agrees_with_torch():
     assert (onnx_v * torch_v).sum(1).min() >= 0.98
     q = e.encode_queries(texts)
     assert (q * onnx_v).sum(1).min() < 0.9999  # the query prompt is applied: not the passage vector
+
+
+@pytest.mark.slow
+def test_multi_process_embedding_equals_single_process():
+    from pipeline.config import load_config
+    from pipeline.embed import Embedder
+
+    cfg = load_config()
+    texts = ["快递三天没到", "退款什么时候到账", "发票抬头开错了", "手机屏幕碎了"] * 5
+    one = Embedder(cfg, backend="torch").encode_passages(texts)
+    multi_cfg = cfg.with_overrides(embed={"processes": 2, "multi_process_min_texts": 1, "query_engine": "model"})
+    two = Embedder(multi_cfg, backend="torch").encode_passages(texts)
+    assert two.shape == one.shape
+    assert float((one * two).sum(axis=1).min()) > 0.9999

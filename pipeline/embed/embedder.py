@@ -142,6 +142,16 @@ class Embedder:
                                              lambda n: p.advance(task, n))
             return self._onnx.encode([prompt + t for t in texts], bs, progress)
         prompt = self._prompt(kind)
+        n_proc = self.cfg.embed.processes
+        if n_proc > 1 and len(texts) >= self.cfg.embed.multi_process_min_texts:
+            # Independent worker processes, each with its own copy of the model: pays off on
+            # machines with many cores; on 2 cores torch's own threads already use both.
+            pool = self._st.start_multi_process_pool(["cpu"] * n_proc)
+            try:
+                return self._st.encode(texts, prompt=prompt or None, batch_size=bs, convert_to_numpy=True,
+                                       normalize_embeddings=True, pool=pool).astype(np.float32)
+            finally:
+                self._st.stop_multi_process_pool(pool)
         return self._st.encode(texts, prompt=prompt or None, batch_size=bs, convert_to_numpy=True,
                                normalize_embeddings=True, show_progress_bar=show).astype(np.float32)
 
