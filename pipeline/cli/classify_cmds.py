@@ -16,7 +16,7 @@ from pipeline.cli import app, eval_app, train_app
 
 if TYPE_CHECKING:
     import pandas as pd
-from pipeline.cli.common import ConfigOption, console, emit_json, fail, get_config
+from pipeline.cli.common import ConfigOption, console, emit_json, fail, get_config, read_jsonl_objects
 from pipeline.config import Config, ConfigError
 
 RESULT_FIELDS = ("issue_type", "issue_type_confidence", "urgency", "urgency_confidence", "urgency_due_hours",
@@ -87,19 +87,10 @@ def read_text_input(path: Path) -> "pd.DataFrame":
 
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows: list[dict[str, Any]] = []
-        with open(path, encoding="utf-8-sig") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path} line {n} is not valid JSON ({e.msg})") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                    raise ValueError(f"{path} line {n} has no string field 'text' (each line must be "
-                                     "an object like {\"text\": \"...\"})")
-                rows.append(obj)
+        rows = read_jsonl_objects(path, ("text",))
+        bad = next((n for n, r in enumerate(rows, 1) if not isinstance(r["text"], str)), None)
+        if bad is not None:
+            raise ValueError(f"{path}: object {bad} has a 'text' that is not a string")
         df = pd.DataFrame(rows)
     elif suffix == ".csv":
         try:

@@ -49,8 +49,8 @@ def read_jsonl_objects(path: Path, require: tuple[str, ...]) -> list[dict[str, A
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                fail(f"{path}:{n} is not valid JSON ({e.msg}); each line must be one JSON object")
+                fail(f"{path} line {n} is not valid JSON ({e.msg}); each line must be one JSON object")
             if not isinstance(obj, dict) or not any(k in obj for k in require):
-                fail(f"{path}:{n} has none of the fields {', '.join(require)}")
+                fail(f"{path} line {n} has none of the fields {', '.join(require)}")
             out.append(obj)
     return out
