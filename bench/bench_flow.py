@@ -50,8 +50,8 @@ def stage_table(label: str, s: dict, wall: float, peak: float) -> None:
     idx = s.get("index", {})
     print(f"\n{label}: {n:,} transcripts, {s['cases']['written']:,} cases, wall {wall:.1f} s "
           f"(process start to exit), {n / wall:.1f} transcripts/s, peak RSS {peak:,.0f} MiB; "
-          f"embedded {idx.get('embedded_new', 0):,} distinct new texts ({idx.get('embedded_cached', 0):,} from the cache; "
-          f"generated text repeats, so real data embeds more per case)")
+          f"embedded {idx.get('embedded_new', 0):,} texts, {idx.get('embedded_cached', 0):,} from the cache "
+          f"(identical problem texts are embedded once)")
     embed = secs.get("embed+index", 0.0)
     for k in STAGES:
         if k in secs:
