@@ -8,6 +8,7 @@ run's files count only once its commit is in the state database.
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import signal
@@ -115,11 +116,11 @@ def ingest(ctx: RunContext, progress: Progress = _noop) -> IngestResult:
         for i, p in enumerate(paths):
             st = p.stat()
             rel = str(p.relative_to(ctx.input_dir)) if p != ctx.input_dir else p.name
-            stamp = FileStamp(rel, st.st_size, st.st_mtime_ns, sha256_file(p))
-            if state.file_unchanged(stamp):
+            digest = functools.lru_cache(maxsize=1)(lambda p=p: sha256_file(p))
+            if state.file_unchanged(rel, st.st_size, st.st_mtime_ns, digest):
                 skipped += 1
             else:
-                stamps.append(stamp)
+                stamps.append(FileStamp(rel, st.st_size, st.st_mtime_ns, digest()))
                 results.append(read_file(p, ctx.cfg.ingest, root=ctx.input_dir if ctx.input_dir.is_dir() else p.parent))
             progress("ingest", i + 1, len(paths))
         seen_ids: dict[str, str] = state.seen_hashes(c.conversation_id for r in results for c in r.conversations)

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -97,9 +97,14 @@ class State:
             found.update(r[0] for r in self.db.execute(q, chunk))
         return found
 
-    def file_unchanged(self, stamp: FileStamp) -> bool:
-        row = self.db.execute("SELECT size, mtime_ns, sha256 FROM files WHERE path = ?", (stamp.path,)).fetchone()
-        return row is not None and row[0] == stamp.size and row[2] == stamp.sha256
+    def file_unchanged(self, path: str, size: int, mtime_ns: int, sha256: "Callable[[], str]") -> bool:
+        """Whether a committed run already read this file as it is now. Size and mtime decide
+        without reading the file; only a file whose mtime moved is hashed (a `touch` is not new
+        data). `sha256` is called lazily for that reason."""
+        row = self.db.execute("SELECT size, mtime_ns, sha256 FROM files WHERE path = ?", (path,)).fetchone()
+        if row is None or row[0] != size:
+            return False
+        return row[1] == mtime_ns or row[2] == sha256()
 
     def known_orders(self, order_ids: Iterable[str]) -> frozenset[str]:
         ids = [o for o in dict.fromkeys(order_ids) if o]
