@@ -81,12 +81,9 @@ def load_cases(out: Path, since: date | None = None) -> pd.DataFrame:
     """The stored cases (one row per case id: the latest run's wins), optionally from a date on."""
     from pipeline.store import read_cases
 
-    df = read_cases(Path(out), columns=CASE_COLUMNS + ["run_id"])
+    df = read_cases(Path(out), columns=CASE_COLUMNS)
     if since is not None and len(df):
         df = df[df["date"].astype(str) >= since.isoformat()]
-    if "case_id" in df and len(df):
-        order = df.sort_values("run_id", kind="stable") if "run_id" in df else df
-        df = order.drop_duplicates("case_id", keep="last")
     return df.reset_index(drop=True)
 
 

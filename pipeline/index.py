@@ -597,25 +597,15 @@ def update_from_cases(cfg: Config, out_root: Path, cases: pd.DataFrame) -> dict[
 
 
 def read_processed_cases(out_root: Path) -> pd.DataFrame:
-    """All processed cases (`<out>/processed/cases/date=*/*.parquet`), latest row per case_id.
+    """All processed cases (latest row per case_id) with the columns the index keeps; columns a
+    partition predates (issue_type before classification existed) come back empty."""
+    from pipeline.store import read_cases
 
-    Files are read one by one so a partition written with an older schema (fewer columns) or
-    with `date` inside the file as well as in the path does not break the read.
-    """
-    base = Path(out_root) / "processed" / "cases"
-    wanted = set(META_COLUMNS) | {"run_id"}
-    frames = []
-    for f in sorted(base.glob("date=*/*.parquet")):
-        schema = pq.read_schema(f)
-        cols = [c for c in schema.names if c in wanted]
-        df = pq.read_table(f, columns=cols).to_pandas()
-        if "date" not in df.columns:
-            df["date"] = f.parent.name.split("=", 1)[1]
-        frames.append(df)
-    if not frames:
-        return pd.DataFrame(columns=list(META_COLUMNS))
-    df = pd.concat(frames, ignore_index=True)
-    return df.drop_duplicates("case_id", keep="last").reset_index(drop=True)
+    df = read_cases(Path(out_root), columns=list(META_COLUMNS))
+    for c in META_COLUMNS:
+        if c not in df.columns:
+            df[c] = None
+    return df
 
 
 def sync_index(cfg: Config, out_root: Path, rebuild: bool = False) -> dict[str, Any]:

@@ -426,10 +426,7 @@ def load_library_cases(cfg: Config, out: Path, since: str | None = None) -> pd.D
         base = base[base["date"].astype(str) >= since]
     if not len(base):
         return base
-    if "run_id" in base:
-        base = base.sort_values("run_id", kind="stable")
-    base = base.drop_duplicates("case_id", keep="last").reset_index(drop=True)
-    base, _ = ensure_classified(base, cfg)
+    base, _ = ensure_classified(base.reset_index(drop=True), cfg)
     if "emotion_delta" not in base or base["emotion_delta"].isna().all():
         from pipeline.emotion import add_emotion
 

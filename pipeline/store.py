@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -50,21 +50,22 @@ def write_cases(out: Path, df: pd.DataFrame, run_id: str, part: int) -> list[Pat
     return written
 
 
-def read_cases(out: Path, columns: list[str] | None = None, runs: Iterable[str] | None = None) -> pd.DataFrame:
-    """All stored cases (optionally only some runs' parts) as one DataFrame."""
+def read_cases(out: Path, columns: list[str] | None = None, latest: bool = True) -> pd.DataFrame:
+    """All stored cases as one DataFrame. With `latest`, one row per case_id, the newest run's:
+    a repaired or re-delivered conversation must not count twice downstream."""
     root = cases_dir(out)
     files = sorted(root.glob("date=*/part-*.parquet")) if root.exists() else []
-    if runs is not None:
-        keep = set(runs)
-        files = [f for f in files if _run_of(f) in keep]
     if not files:
         return pd.DataFrame(columns=columns or list(CASE_SCHEMA.names))
     # Partitions written before a later step added a column lack it: unify by name.
     schema = pa.unify_schemas([pq.read_schema(f) for f in files])
-    if columns is not None:
-        columns = [c for c in columns if c in schema.names]
-    table = ds.dataset([str(f) for f in files], format="parquet", schema=schema).to_table(columns=columns)
-    return table.to_pandas()
+    wanted = None if columns is None else [c for c in columns if c in schema.names]
+    read = wanted if wanted is None or not latest else list(dict.fromkeys(wanted + ["case_id", "run_id"]))
+    df = ds.dataset([str(f) for f in files], format="parquet", schema=schema).to_table(columns=read).to_pandas()
+    if latest and len(df):
+        # Run ids start with their UTC start time, so their order is the runs' order.
+        df = df.sort_values("run_id", kind="stable").drop_duplicates("case_id", keep="last").reset_index(drop=True)
+    return df if wanted is None else df[wanted]
 
 
 def run_parts(out: Path, run_id: str) -> list[Path]:
