@@ -24,7 +24,7 @@ from pipeline import run as steps  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.process import BatchResult  # noqa: E402
 from pipeline.schema import Conversation  # noqa: E402
-from pipeline.segment import Segmenter  # noqa: E402
+from pipeline.segment import shared_segmenter  # noqa: E402
 
 
 @task(name="ingest", cache_policy=NO_CACHE, persist_result=False)
@@ -34,8 +34,7 @@ def ingest_task(ctx: steps.RunContext) -> steps.IngestResult:
 
 @task(name="process-batch", cache_policy=NO_CACHE, persist_result=False)
 def process_task(ctx: steps.RunContext, batch: list[Conversation], part: int) -> BatchResult:
-    with Segmenter(ctx.cfg) as seg:
-        res = steps.process(ctx, batch, part, seg)
+    res = steps.process(ctx, batch, shared_segmenter(ctx.cfg))
     res.cases = steps.classify(ctx, res.cases)
     steps.store(ctx, res.cases, part)
     return res

@@ -170,7 +170,7 @@ def batches(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def process(ctx: RunContext, convs: list[Conversation], part: int, segmenter: Segmenter | None = None) -> BatchResult:
+def process(ctx: RunContext, convs: list[Conversation], segmenter: Segmenter | None = None) -> BatchResult:
     """Normalise, mask, extract cases and segment one batch (pure; no writes)."""
     state = State(ctx.out)
     try:
@@ -376,7 +376,7 @@ def run_pipeline(cfg: Config, input_dir: Path, out: Path, progress: Progress = _
     parts = batches(ing.accepted, cfg.flow.batch_size)
     with Segmenter(cfg) as seg:
         for n, batch in enumerate(parts):
-            res = process(ctx, batch, n, seg)
+            res = process(ctx, batch, seg)
             res.cases = classify(ctx, res.cases)
             for k, v in res.seconds.items():
                 ctx.seconds[k] = ctx.seconds.get(k, 0.0) + v

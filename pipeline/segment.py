@@ -118,6 +118,17 @@ class Segmenter:
         return [w for w, _ in scored[:k]]
 
 
+@lru_cache(maxsize=4)
+def shared_segmenter(cfg: Config) -> Segmenter:
+    """One Segmenter (and its worker pool) per process and config, for callers that run batch
+    after batch in the same process (Prefect tasks): the pool starts once, not once per batch."""
+    import atexit
+
+    seg = Segmenter(cfg)
+    atexit.register(seg.close)
+    return seg
+
+
 @lru_cache(maxsize=1)
 def _idf_table() -> tuple[dict[str, float], float]:
     # Importing jieba.analyse parses its 270k-word IDF file (~0.8 s): only when keywords are asked.

@@ -94,7 +94,7 @@ def test_killed_run_is_undone_and_redone(sample, cfg, tmp_path):
     out = tmp_path / "crash"
     ctx = steps.start_run(cfg, input_dir, out)
     ing = steps.ingest(ctx)
-    res = steps.process(ctx, ing.accepted[:40], 0, Segmenter(cfg))
+    res = steps.process(ctx, ing.accepted[:40], Segmenter(cfg))
     steps.store(ctx, res.cases, 0)  # ... and the process dies here, before commit
     assert len(read_cases(out)) > 0
     s = steps.run_pipeline(cfg, input_dir, out)
