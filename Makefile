@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: venv run sample test test-fast bench lock clean
+.PHONY: venv run sample test test-fast bench notebook lock clean
 
 venv: $(STAMP)
 
@@ -36,10 +36,15 @@ test-fast: venv
 bench: venv
 	$(PY) -m bench
 
+# JupyterLab on the analysts' notebook (reads exports/LATEST under $$CASEMINE_OUT, default data).
+notebook: venv
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,analyst]'
+	$(VENV)/bin/jupyter lab notebooks/analyst.ipynb
+
 # Rebuild the lock from a clean venv (needs the package registry).
 lock:
 	rm -rf /tmp/casemine-lock && $(PYTHON) -m venv /tmp/casemine-lock
-	/tmp/casemine-lock/bin/pip install --quiet torch==2.13.0 && /tmp/casemine-lock/bin/pip install --quiet -e '.[dev]'
+	/tmp/casemine-lock/bin/pip install --quiet torch==2.13.0 && /tmp/casemine-lock/bin/pip install --quiet -e '.[dev,analyst]'
 	{ sed -n '1,/^# Regenerate/p' constraints.txt; /tmp/casemine-lock/bin/pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu/torch==\1/'; } > constraints.tmp && mv constraints.tmp constraints.txt
 
 clean:

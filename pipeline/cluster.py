@@ -242,8 +242,10 @@ class CauseLexicon:
             found = self.find(t)
             phrase_hits.update({c.phrase for c in found})
             cat_hits.update({c.category for c in found})
-        phrases = [(p, k / n) for p, k in phrase_hits.most_common() if k / n >= min_share]
-        cats = [(c, k / n) for c, k in cat_hits.most_common() if k / n >= min_share]
+        # Ties broken by name, not by Counter's insertion order: that follows set iteration, which
+        # differs between processes (string hashing is salted), and two identical runs disagreed.
+        phrases = [(p, k / n) for p, k in _ranked(phrase_hits) if k / n >= min_share]
+        cats = [(c, k / n) for c, k in _ranked(cat_hits) if k / n >= min_share]
         category = cats[0][0] if cats else None
         return {
             "cause_phrases": [p for p, _ in phrases[:3]],
@@ -252,6 +254,10 @@ class CauseLexicon:
             "cause_category_zh": self.category_names.get(category, category) if category else None,
             "cause_category_share": round(cats[0][1], 3) if cats else 0.0,
         }
+
+
+def _ranked(counts: Counter) -> list[tuple[str, int]]:
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
 # -- describing clusters ------------------------------------------------------------------------

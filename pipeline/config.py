@@ -140,7 +140,8 @@ class SearchConfig(_Section):
     fusion_depth: int = Field(50, ge=1)
     dense_weight: float = Field(1.5, ge=0)
     bm25_weight: float = Field(1.0, ge=0)
-    serve_port: int = Field(8765, ge=1, le=65535)
+    # Outside 8000-8999, where Prefect picks its temporary server's port.
+    serve_port: int = Field(9765, ge=1, le=65535)
 
 
 class FlowConfig(_Section):
@@ -153,6 +154,11 @@ class FlowConfig(_Section):
     dask_processes: bool = False
     schedule_cron: str = "0 3 * * *"
     schedule_timezone: str = "Asia/Shanghai"
+    # Prefect's temporary API server must start within this many seconds (Prefect's own default,
+    # 20 s, was too short on a 2-core machine under load); it is tried `prefect_start_attempts`
+    # times, then the run goes on without Prefect and its summary says so.
+    prefect_startup_timeout_s: int = Field(180, ge=1)
+    prefect_start_attempts: int = Field(2, ge=1)
 
 
 class ClusterConfig(_Section):
@@ -247,9 +253,33 @@ class Config(_Section):
         return self._hash
 
     def resolve(self, p: Path | str) -> Path:
-        """Absolute form of a configured path: relative ones hang off the project root."""
+        """Absolute form of a configured path: relative ones hang off the config's root (the
+        parent of its `configs/` folder, else the config file's folder).
+
+        One exception, so that a deployment can keep a copy of `casemine.yaml` anywhere: a
+        relative `configs/...` resource that is not beside that copy is casemine's own bundled one.
+        """
         p = Path(p)
-        return p if p.is_absolute() else (self.root / p)
+        if p.is_absolute():
+            return p
+        local = self.root / p
+        if not local.exists() and p.parts[:1] == ("configs",) and (PACKAGE_ROOT / p).exists():
+            return PACKAGE_ROOT / p
+        return local
+
+    def resource_files(self) -> dict[str, Path]:
+        """Every input file the config names, by dotted key, resolved (pre-flight checks them)."""
+        named = {
+            "normalize.asr_corrections": self.normalize.asr_corrections,
+            "mask.surnames": self.mask.surnames if self.mask.mask_names else None,
+            "segment.user_dict": self.segment.user_dict,
+            "segment.stopwords": self.segment.stopwords,
+            "cases.lexicon": self.cases.lexicon,
+            "classify.taxonomy": self.classify.taxonomy,
+            "cluster.cause_lexicon": self.cluster.cause_lexicon,
+            "emotion.lexicon": self.emotion.lexicon,
+        }
+        return {k: self.resolve(v) for k, v in named.items() if v is not None}
 
     def with_overrides(self, **sections: dict[str, Any]) -> "Config":
         """A copy with some section fields replaced (used by the CLI's --input/--out)."""

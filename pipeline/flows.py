@@ -8,21 +8,20 @@ Local runs need no server: Prefect starts a temporary one for the duration of th
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-
+import pipeline.prefect_api  # noqa: F401  (Prefect's environment defaults, before Prefect loads)
 import pandas as pd  # noqa: E402
 from prefect import flow, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from pipeline import run as steps  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.lock import run_lock  # noqa: E402
 from pipeline.process import BatchResult  # noqa: E402
+from pipeline.progress import progress  # noqa: E402
 from pipeline.schema import Conversation  # noqa: E402
 from pipeline.segment import shared_segmenter  # noqa: E402
 
@@ -72,9 +71,14 @@ def commit_task(ctx: steps.RunContext, ing: steps.IngestResult, results: list[Ba
         for k, v in r.seconds.items():
             ctx.seconds[k] = ctx.seconds.get(k, 0.0) + v
     qpath = steps.commit(ctx, ing, rejected, cases)
+    progress("commit", 1, 1)
     extra = {"index": index_summary, "classification": steps.classification_summary(cases)}
-    extra["exports"] = export_task(ctx)
-    extra["library"] = library_task(ctx)
+    if len(cases) or not steps.derived_outputs_current(ctx.out):
+        extra["exports"] = export_task(ctx)
+        extra["library"] = library_task(ctx)
+        steps.mark_derived_current(ctx.out)
+    else:
+        extra.update(steps.after_commit(ctx, cases))
     return steps.summarize(ctx, ing, rejected, cases, pii, sum(r.chars_segmented for r in results), extra, qpath=qpath)
 
 
@@ -83,7 +87,8 @@ def nightly(input_dir: str | None = None, out: str | None = None, config_path: s
             overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Process the transcripts that arrived since the last run and store their cases.
 
-    `overrides` replaces config fields per section, e.g. {"flow": {"batch_size": 500}}."""
+    `overrides` replaces config fields per section, e.g. {"flow": {"batch_size": 500}}. Holds the
+    output root's lock for the whole run (re-entrant: `casemine run` already holds it)."""
     cfg: Config = load_config(config_path)
     if overrides:
         cfg = cfg.with_overrides(**overrides)
@@ -93,11 +98,16 @@ def nightly(input_dir: str | None = None, out: str | None = None, config_path: s
         cfg = cfg.with_overrides(segment={"processes": 1})
     input_path = Path(input_dir) if input_dir else cfg.resolve(cfg.paths.input)
     out_path = Path(out) if out else cfg.resolve(cfg.paths.out)
-    ctx = steps.start_run(cfg, input_path, out_path)
-    ing = ingest_task(ctx)
-    futures = [process_task.submit(ctx, batch, n) for n, batch in enumerate(steps.batches(ing.accepted, cfg.flow.batch_size))]
-    results = [f.result() for f in futures]
-    return commit_task(ctx, ing, results, index_task(ctx, results))
+    with run_lock(out_path, command="casemine-nightly flow"):
+        ctx = steps.start_run(cfg, input_path, out_path, runner=f"Prefect flow ({cfg.flow.task_runner} task runner)")
+        ing = ingest_task(ctx)
+        parts = steps.batches(ing.accepted, cfg.flow.batch_size)
+        futures = [process_task.submit(ctx, batch, n) for n, batch in enumerate(parts)]
+        results = []
+        for n, f in enumerate(futures):
+            results.append(f.result())
+            progress("process", sum(map(len, parts[:n + 1])), len(ing.accepted))
+        return commit_task(ctx, ing, results, index_task(ctx, results))
 
 
 def task_runner(cfg: Config):

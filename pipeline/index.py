@@ -155,6 +155,17 @@ class Filters:
         return cls(**kw, since=d.get("since"), until=d.get("until"), case_ids=list(d.get("case_ids") or []))
 
 
+def _bm25s():
+    import logging
+
+    import bm25s
+
+    # bm25s sets its own logger to DEBUG at import, so its "Building index" lines reach any
+    # handler the process has (a piped run printed them); warnings still pass.
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+    return bm25s
+
+
 class Bm25:
     """BM25 (Lucene variant, bm25s) over pre-tokenised documents, one per metadata row.
 
@@ -163,8 +174,7 @@ class Bm25:
     """
 
     def __init__(self, docs: Sequence[Sequence[str]], k1: float = 1.2, b: float = 0.75):
-        import bm25s
-
+        bm25s = _bm25s()
         self.n = len(docs)
         self._r = bm25s.BM25(k1=k1, b=b)
         # bm25s rejects an empty corpus and empty docs score 0 anyway.
@@ -175,8 +185,7 @@ class Bm25:
 
     @classmethod
     def load(cls, d: Path, n: int) -> "Bm25":
-        import bm25s
-
+        bm25s = _bm25s()
         self = cls.__new__(cls)
         self.n = n
         self._r = bm25s.BM25.load(str(d))
@@ -473,6 +482,15 @@ class IndexStore:
     def exists(self) -> bool:
         return self.current_version() is not None
 
+    def check_intact(self) -> None:
+        """Refuse to go on when versions exist but `CURRENT` does not name one: an update would
+        otherwise publish an index holding only the new cases and shrink history silently."""
+        versions = self.versions()
+        if versions and self.current_version() not in versions:
+            raise IndexLoadError(f"{self.root / CURRENT} is missing or names no stored version, while "
+                                 f"v{versions[0]}..v{versions[-1]} exist; nothing was changed. Rebuild it from the stored cases "
+                                 "with `casemine index --rebuild`, then run again")
+
     def load(self, expect_model: str | None = None, verify: bool = True) -> CaseIndex:
         """The live index.
 
@@ -585,6 +603,7 @@ def update_from_cases(cfg: Config, out_root: Path, cases: pd.DataFrame) -> dict[
     # Embedding happens outside the writer lock: it is the slow part and the cache is safe to share.
     emb, vecs = _embed_meta(cfg, out_root, meta)
     with store.writer():
+        store.check_intact()
         if store.exists():
             idx = store.load(expect_model=model_identity(cfg))
         else:

@@ -179,6 +179,16 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
+
+def _alerts_html(alerts: pd.DataFrame) -> str:
+    """The alerts table, or why there is none: with no previous week in the data nothing can be
+    compared, and a table of "0 last week" rows would only look alarming."""
+    if not len(alerts) or alerts["last_week"].sum() == 0:
+        return '<p class="note">数据中还没有上周的案例：本周的数量已计入趋势，预警从有上周数据起开始计算。</p>'
+    return table_html(alerts, {"dimension": "维度", "key": "编号/类型", "label": "标签", "this_week": "本周",
+                               "last_week": "上周", "change": "变化", "p_value": "p 值", "alert": "预警",
+                               "is_new": "新簇", "emerging": "新兴"}, row_class="alert")
+
 def render_report(data: ReportData) -> str:
     """The whole report as one HTML document."""
     figs = [cluster_bar(data.clusters), issue_bar(data.members),
@@ -202,8 +212,7 @@ def render_report(data: ReportData) -> str:
 
 <h2>预警与新兴问题（本周 vs 上周）</h2>
 <p class="note">单侧条件二项检验：本周数 ≥ 最低计数且 p 值低于阈值才预警（红色）；新出现的簇与预警排在最前。</p>
-{table_html(alerts, {"dimension": "维度", "key": "编号/类型", "label": "标签", "this_week": "本周", "last_week": "上周",
-                     "change": "变化", "p_value": "p 值", "alert": "预警", "is_new": "新簇", "emerging": "新兴"}, row_class="alert")}
+{_alerts_html(alerts)}
 
 <h2>问题簇</h2>
 {charts[0]}

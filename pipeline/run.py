@@ -17,27 +17,25 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 
 from pipeline.config import Config
 from pipeline.ingest import FileResult, discover, read_file
-from pipeline.io import sha256_file
+from pipeline.lock import run_lock
+from pipeline.io import atomic_write_text, sha256_file
 from pipeline.process import BatchResult, process_batch
+from pipeline.progress import progress
 from pipeline.schema import Conversation, QuarantineRecord
 from pipeline.segment import Segmenter
-from pipeline.state import FileStamp, State
-from pipeline.store import (CorruptOutputError, remove_orphans, run_parts, verify_parts, write_cases, write_quarantine,
-                            write_summary)
+from pipeline.state import (CommitRecord, FileStamp, State, StateError, manifests_on_disk, read_manifest,
+                            write_manifest)
+from pipeline.store import (CorruptOutputError, remove_orphans, run_of, run_parts, stored_parts, verify_parts, write_cases,
+                            write_quarantine, write_summary)
 from pipeline.textprep import get_masker
 
-Progress = Callable[[str, int, int], None]
 EMPTY_CASE_COLUMNS = ["outcome", "channel", "order_id", "timings_missing"]
-
-
-def _noop(stage: str, done: int, total: int) -> None:
-    pass
 
 
 @dataclass
@@ -50,6 +48,7 @@ class RunContext:
     started: float = field(default_factory=time.perf_counter)
     seconds: dict[str, float] = field(default_factory=dict)
     orphans_removed: int = 0
+    runner: str = "plain"  # how the steps ran, for the summary (Prefect, or why not)
 
 
 @dataclass
@@ -74,14 +73,21 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
-def start_run(cfg: Config, input_dir: Path, out: Path) -> RunContext:
-    """Undo what killed runs left behind, then open a new run."""
+def start_run(cfg: Config, input_dir: Path, out: Path, runner: str = "plain") -> RunContext:
+    """Check that the stored history is whole, undo what killed runs left behind, open a new run.
+
+    Never deletes what it cannot account for: a lost state database, a missing index `CURRENT`
+    or case files of an unknown run stop the run with what to do, instead of shrinking history."""
     if not input_dir.exists():
         raise FileNotFoundError(f"input {input_dir} does not exist; pass --input DIR with *.jsonl, *.json or *.csv files "
                                 "(or run `casemine sample` to make some)")
     out.mkdir(parents=True, exist_ok=True)
+    from pipeline.index import IndexStore, index_root
+
+    IndexStore(index_root(out), cfg.index).check_intact()
     state = State(out)
     try:
+        reconcile_manifests(out, state)
         problems = verify_parts(out, state.parts())
         if problems:
             first = problems[0]
@@ -90,16 +96,40 @@ def start_run(cfg: Config, input_dir: Path, out: Path) -> RunContext:
                 f"Run `casemine repair --out {out}` to drop the affected runs' cases; the next `casemine run` "
                 "reprocesses their transcripts (keep the input files in place).")
         abandoned = state.abandoned_runs()
-        removed = remove_orphans(out, state.committed_runs())
+        removed = remove_orphans(out, state.known_runs())
         state.mark_abandoned(abandoned)
-        ctx = RunContext(cfg, out, input_dir, new_run_id(), datetime.now().date(), orphans_removed=len(removed))
+        ctx = RunContext(cfg, out, input_dir, new_run_id(), datetime.now().date(), orphans_removed=len(removed),
+                         runner=runner)
         state.begin_run(ctx.run_id)
     finally:
         state.close()
     return ctx
 
 
-def ingest(ctx: RunContext, progress: Progress = _noop) -> IngestResult:
+def reconcile_manifests(out: Path, state: State) -> None:
+    """Bring the state database and the runs' manifests into agreement before a run starts.
+
+    - a manifest of a run the database never saw: the database was lost, emptied or replaced;
+      stop (nothing deleted) and point to `casemine repair`;
+    - a manifest of a run the database saw begin but not commit: the run died between writing
+      its manifest and its SQLite commit; finish that commit (the manifest is exactly it);
+    - a committed run without a manifest (made before manifests existed): write it from the
+      database, so a later repair can rebuild from manifests alone."""
+    known = state.known_runs()
+    on_disk = manifests_on_disk(out)
+    unknown = sorted(r for r in on_disk if r not in known)
+    if unknown:
+        raise StateError(f"the state database does not know {len(unknown)} committed run(s) (e.g. {unknown[0]}): it "
+                         f"was lost, emptied or replaced. Nothing was deleted; run `casemine repair --out {out}` "
+                         "to rebuild it from the runs' manifests, then run again")
+    for run_id, status in known.items():
+        if status == "running" and run_id in on_disk:
+            state.commit_run(read_manifest(on_disk[run_id]))
+        elif status == "committed" and run_id not in on_disk:
+            write_manifest(out, state.record_of(run_id))
+
+
+def ingest(ctx: RunContext) -> IngestResult:
     """Read every new or changed file; deduplicate against what earlier runs committed."""
     t0 = time.perf_counter()
     paths = discover(ctx.input_dir)
@@ -205,6 +235,7 @@ def index(ctx: RunContext, cases: pd.DataFrame) -> dict[str, Any]:
 
     t = time.perf_counter()
     summary = update_from_cases(ctx.cfg, ctx.out, cases)
+    progress("index", 1, 1)
     ctx.seconds["embed+index"] = time.perf_counter() - t
     return summary
 
@@ -217,7 +248,9 @@ def export(ctx: RunContext) -> dict[str, Any]:
     from pipeline.export import export_all
 
     t = time.perf_counter()
+    progress("export", 0, 1)
     summary = export_all(ctx.cfg, ctx.out)
+    progress("export", 1, 1)
     ctx.seconds["export"] = time.perf_counter() - t
     keep = ("export_dir", "report", "n_cases", "n_clusters", "n_new_clusters", "alerts")
     return {k: summary[k] for k in keep if k in summary}
@@ -228,7 +261,9 @@ def refresh_library(ctx: RunContext) -> dict[str, Any]:
     from pipeline.library import build
 
     t = time.perf_counter()
+    progress("library", 0, 1)
     summary = build(ctx.cfg, ctx.out)
+    progress("library", 1, 1)
     ctx.seconds["library"] = time.perf_counter() - t
     return {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
 
@@ -252,16 +287,15 @@ def commit(ctx: RunContext, ing: IngestResult, rejected: list[QuarantineRecord],
     quarantined = ing.quarantined + rejected
     qpath = write_quarantine(ctx.out, ctx.run_id, quarantined, masker)
     parts = [(str(p.relative_to(ctx.out)), sha256_file(p)) for p in run_parts(ctx.out, ctx.run_id)]
+    rec = CommitRecord.of(ctx.run_id, conversations=[(c.conversation_id, c.content_hash) for c in ing.accepted],
+                          quarantined=[(q.raw_hash, q.reason) for q in quarantined], files=ing.files,
+                          orders=[o for o in cases["order_id"].dropna().unique()] if len(cases) else [], parts=parts)
+    # The manifest first: if the process dies before the SQLite commit, the next start finishes
+    # that commit from it; if the database is ever lost, `casemine repair` rebuilds it from all.
+    write_manifest(ctx.out, rec)
     state = State(ctx.out)
     try:
-        state.commit_run(
-            ctx.run_id,
-            conversations=[(c.conversation_id, c.content_hash) for c in ing.accepted],
-            quarantined=[(q.raw_hash, q.reason) for q in quarantined],
-            files=ing.files,
-            orders=[o for o in cases["order_id"].dropna().unique()] if len(cases) else [],
-            parts=parts,
-        )
+        state.commit_run(rec)
     finally:
         state.close()
     return qpath
@@ -293,6 +327,7 @@ def summarize(ctx: RunContext, ing: IngestResult, rejected: list[QuarantineRecor
                   "timings_missing": _timings_missing(cases)},
         "pii_masked": dict(sorted(pii.items())),
         "orphans_removed": ctx.orphans_removed,
+        "runner": ctx.runner,
         "seconds": {k: round(v, 3) for k, v in {**ctx.seconds, "total": total}.items()},
         "throughput": {
             "transcripts_per_s": round(n_conv / total, 1) if total else None,
@@ -334,12 +369,19 @@ def summary_text(s: dict[str, Any]) -> str:
     if s["pii_masked"]:
         lines.append("  masked  " + ", ".join(f"{k} {v}" for k, v in s["pii_masked"].items()))
     for key in ("classification", "index", "exports", "library"):
-        if key in s and isinstance(s[key], dict):
-            lines.append(f"  {key:<7} " + ", ".join(f"{k} {v}" for k, v in s[key].items() if not isinstance(v, (dict, list))))
-    secs = s["seconds"]
-    lines.append("  seconds " + ", ".join(f"{k} {v}" for k, v in secs.items()))
+        items = [f"{k} {v}" for k, v in (s.get(key) or {}).items() if not isinstance(v, (dict, list))] \
+            if isinstance(s.get(key), dict) else []
+        if items:
+            lines.append(f"  {key:<7} " + ", ".join(items))
+    lines.append("  seconds " + ", ".join(f"{k} {v}" for k, v in s["seconds"].items()))
     tp = s["throughput"]
-    lines.append(f"  speed   {tp['transcripts_per_s']} transcripts/s end to end; segmentation {tp['segment_chars_per_s']} chars/s")
+    speed = [f"{tp['transcripts_per_s']} transcripts/s end to end"] if r["accepted"] else []
+    if tp.get("segment_chars_per_s"):
+        speed.append(f"segmentation {tp['segment_chars_per_s']:.0f} chars/s")
+    if speed:
+        lines.append("  speed   " + "; ".join(speed))
+    if s.get("runner"):
+        lines.append(f"  runner  {s['runner']}")
     o = s["outputs"]
     lines.append(f"  outputs cases {o['cases']}")
     if isinstance(s.get("exports"), dict) and s["exports"].get("report"):
@@ -351,26 +393,75 @@ def summary_text(s: dict[str, Any]) -> str:
 
 
 def repair(out: Path, check_only: bool = False) -> dict[str, Any]:
-    """Find damaged case files; unless check_only, forget the runs that wrote them (so the next
-    run reprocesses their transcripts) and delete those runs' files."""
-    state = State(out)
+    """Make the output root consistent again, never by dropping history it can keep.
+
+    1. A damaged state database is moved aside and rebuilt from the runs' manifests; manifests of
+       runs the database does not know are replayed into it (in run order: contact counts add up).
+    2. Case files of a run with neither a database record nor a manifest are adopted as committed
+       (their conversations are read again by the next run; case ids are stable, so they replace
+       the same cases instead of adding them).
+    3. Damaged case files (checksum) drop their runs, so the next run reprocesses those transcripts.
+    With `check_only`, nothing is changed and the problems are reported."""
+    report: dict[str, Any] = {"state_rebuilt": False, "replayed_runs": [], "adopted_runs": []}
     try:
-        problems = verify_parts(out, state.parts())
-        runs = sorted({p["run_id"] for p in problems})
+        state = State(out)
+    except StateError:
+        if check_only:
+            return {**report, "problems": [{"path": "state/state.sqlite", "run_id": "", "problem": "damaged"}],
+                    "runs": [], "repaired": False, "removed": []}
+        _move_aside(out / "state" / "state.sqlite")
+        state = State(out)
+        report["state_rebuilt"] = True
+    try:
+        known = state.known_runs()
+        on_disk = manifests_on_disk(out)
+        replay = sorted(r for r in on_disk if known.get(r) not in ("committed", "repaired", "abandoned"))
+        adopt = sorted({run_of(p) for p in stored_parts(out)} - set(known) - set(on_disk))
+        problems = [{"path": str(on_disk[r].relative_to(out)), "run_id": r, "problem": "not in the state database"}
+                    for r in replay]
+        problems += [{"path": f"processed/cases/*/part-{r}-*", "run_id": r, "problem": "case files of no known run"}
+                     for r in adopt]
+        if not check_only:
+            for r in replay:
+                state.commit_run(read_manifest(on_disk[r]))
+            for r in adopt:
+                state.begin_run(r)
+                state.commit_run(CommitRecord(r, parts=[(str(p.relative_to(out)), sha256_file(p))
+                                                        for p in run_parts(out, r)]))
+                write_manifest(out, state.record_of(r))
+            report.update(replayed_runs=replay, adopted_runs=adopt)
+        damaged = verify_parts(out, state.parts())
+        problems += damaged
+        runs = sorted({p["run_id"] for p in damaged})
         removed: list[Path] = []
         if runs and not check_only:
             state.forget_runs(runs)
-            removed = remove_orphans(out, state.committed_runs())
+            removed = remove_orphans(out, state.known_runs())
     finally:
         state.close()
-    return {"problems": problems, "runs": runs, "repaired": bool(runs) and not check_only,
+    return {**report, "problems": problems, "runs": runs, "repaired": bool(problems) and not check_only,
             "removed": [str(p) for p in removed]}
 
 
-def run_pipeline(cfg: Config, input_dir: Path, out: Path, progress: Progress = _noop) -> dict[str, Any]:
-    """The whole nightly run without Prefect (same steps the flow runs as tasks)."""
-    ctx = start_run(cfg, input_dir, out)
-    ing = ingest(ctx, progress)
+def _move_aside(path: Path) -> Path:
+    aside = path.with_name(f"{path.name}.damaged-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}")
+    for suffix in ("", "-wal", "-shm"):
+        p = path.with_name(path.name + suffix)
+        if p.exists():
+            p.rename(aside.with_name(aside.name + suffix))
+    return aside
+
+
+def run_pipeline(cfg: Config, input_dir: Path, out: Path, runner: str = "plain") -> dict[str, Any]:
+    """The whole nightly run without Prefect (same steps the flow runs as tasks), holding the
+    output root's lock (re-entrant: `casemine run` already holds it)."""
+    with run_lock(out):
+        return _run_locked(cfg, input_dir, out, runner)
+
+
+def _run_locked(cfg: Config, input_dir: Path, out: Path, runner: str) -> dict[str, Any]:
+    ctx = start_run(cfg, input_dir, out, runner)
+    ing = ingest(ctx)
     checkpoint("ingest")
     frames, rejected, pii, chars = [], [], Counter(), 0
     parts = batches(ing.accepted, cfg.flow.batch_size)
@@ -388,13 +479,52 @@ def run_pipeline(cfg: Config, input_dir: Path, out: Path, progress: Progress = _
             rejected += res.rejected
             pii.update(res.pii_counts)
             chars += res.chars_segmented
-            progress("process", n + 1, len(parts))
+            progress("process", sum(map(len, parts[:n + 1])), len(ing.accepted))
     cases = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=EMPTY_CASE_COLUMNS)
     extra = {"index": index(ctx, cases) if len(cases) else {"added": 0, "replaced": 0},
              "classification": classification_summary(cases)}
     checkpoint("index")
     qpath = commit(ctx, ing, rejected, cases)
     checkpoint("commit")
-    extra["exports"] = export(ctx)
-    extra["library"] = refresh_library(ctx)
+    progress("commit", 1, 1)
+    extra.update(after_commit(ctx, cases))
     return summarize(ctx, ing, rejected, cases, pii, chars, extra, qpath=qpath)
+
+
+def after_commit(ctx: RunContext, cases: pd.DataFrame) -> dict[str, Any]:
+    """Exports and library candidates, derived from all committed cases: redone when this run
+    added cases or an earlier run died before finishing them; a night with nothing new keeps
+    yesterday's exports."""
+    if not len(cases) and derived_outputs_current(ctx.out):
+        return {"exports": {"skipped": "no new cases"}, "library": {"skipped": "no new cases"}}
+    done = {"exports": export(ctx), "library": refresh_library(ctx)}
+    mark_derived_current(ctx.out)
+    return done
+
+
+def mark_derived_current(out: Path) -> None:
+    atomic_write_text(_derived_marker(out), _latest_committed(out) + "\n")
+
+
+def _derived_marker(out: Path) -> Path:
+    return out / "exports" / "DERIVED_FROM_RUN"
+
+
+def _latest_committed(out: Path) -> str:
+    if not (out / "state" / "state.sqlite").is_file():
+        return ""
+    state = State(out)
+    try:
+        return max(state.committed_runs(), default="")
+    finally:
+        state.close()
+
+
+def derived_outputs_current(out: Path) -> bool:
+    """Whether exports and library reflect the latest committed run (a run killed after its
+    commit leaves them behind; the next run, even with nothing new, finishes them)."""
+    latest = _latest_committed(out)
+    if not latest:
+        return True
+    marker = _derived_marker(out)
+    return marker.is_file() and marker.read_text(encoding="utf-8").strip() == latest

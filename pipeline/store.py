@@ -1,7 +1,9 @@
 """Where case records and quarantined records live on disk, under one output root.
 
 Layout (all relative to `--out`):
-  processed/cases/date=YYYY-MM-DD/part-<run_id>-<n>.parquet   the case table, hive-partitioned
+  processed/cases/date=YYYY-MM-DD/part-<run_id>-<n>.parquet   the case table, hive-partitioned:
+      `date` lives in the folder name only (as Hive, Spark and pyarrow expect), so that
+      `pandas.read_parquet("<out>/processed/cases")` and DuckDB's hive_partitioning read it
   quarantine/<run_id>.jsonl                                    rejected records, masked excerpts
   runs/<run_id>/summary.json, summary.txt                      what a run did
 Each run writes new files only (atomically); a run that did not commit is undone by deleting
@@ -29,13 +31,19 @@ def cases_dir(out: Path) -> Path:
     return out / "processed" / "cases"
 
 
+PARTITION = ds.partitioning(pa.schema([("date", pa.string())]), flavor="hive")
+
+
 def case_table(df: pd.DataFrame) -> pa.Table:
-    """The DataFrame as an Arrow table in the stored schema; extra columns (classification...) are
-    appended after the fixed ones with inferred types."""
-    fixed = [c for c in CASE_SCHEMA.names]
+    """The DataFrame as an Arrow table in the stored schema, without the partition key `date`;
+    extra columns (classification...) are appended after the fixed ones with inferred types."""
+    fixed = [c for c in CASE_SCHEMA.names if c != "date"]
     extra = [c for c in df.columns if c not in fixed]
-    base = pa.Table.from_pandas(df[fixed], schema=CASE_SCHEMA, preserve_index=False)
+    base = pa.Table.from_pandas(df[fixed], schema=pa.schema([CASE_SCHEMA.field(c) for c in fixed]),
+                                preserve_index=False)
     for c in extra:
+        if c == "date":
+            continue
         base = base.append_column(c, pa.array(df[c].tolist()))
     return base
 
@@ -57,11 +65,15 @@ def read_cases(out: Path, columns: list[str] | None = None, latest: bool = True)
     files = sorted(root.glob("date=*/part-*.parquet")) if root.exists() else []
     if not files:
         return pd.DataFrame(columns=columns or list(CASE_SCHEMA.names))
-    # Partitions written before a later step added a column lack it: unify by name.
+    # Partitions written before a later step added a column lack it: unify by name. `date` comes
+    # from the folder (files written before it moved there also hold it: same values).
     schema = pa.unify_schemas([pq.read_schema(f) for f in files])
+    if "date" not in schema.names:
+        schema = schema.append(pa.field("date", pa.string()))
     wanted = None if columns is None else [c for c in columns if c in schema.names]
     read = wanted if wanted is None or not latest else list(dict.fromkeys(wanted + ["case_id", "run_id"]))
-    df = ds.dataset([str(f) for f in files], format="parquet", schema=schema).to_table(columns=read).to_pandas()
+    df = ds.dataset([str(f) for f in files], format="parquet", schema=schema, partitioning=PARTITION,
+                    partition_base_dir=str(root)).to_table(columns=read).to_pandas()
     if latest and len(df):
         # Run ids start with their UTC start time, so their order is the runs' order.
         df = df.sort_values("run_id", kind="stable").drop_duplicates("case_id", keep="last").reset_index(drop=True)
@@ -90,28 +102,46 @@ def verify_parts(out: Path, recorded: list[tuple[str, str, str]]) -> list[dict[s
     return problems
 
 
-def _run_of(path: Path) -> str:
-    # part-<run_id>-<n>.parquet; run ids contain dashes, the part number is last.
+def run_of(path: Path) -> str:
+    """The run that wrote a case file: part-<run_id>-<n>.parquet (run ids contain dashes)."""
     return path.stem[len("part-"):].rsplit("-", 1)[0]
 
 
-def remove_orphans(out: Path, committed: set[str]) -> list[Path]:
-    """Delete files written by runs that never committed (killed mid-run)."""
-    removed: list[Path] = []
+def stored_parts(out: Path) -> list[Path]:
     root = cases_dir(out)
-    for f in sorted(root.glob("date=*/part-*.parquet")) if root.exists() else []:
-        if _run_of(f) not in committed:
+    return sorted(root.glob("date=*/part-*.parquet")) if root.exists() else []
+
+
+def remove_orphans(out: Path, known_runs: dict[str, str]) -> list[Path]:
+    """Delete the files of runs that the state saw begin and never commit (killed mid-run).
+
+    `known_runs` maps run ids to their status in the state database. Files of a run the state
+    does not know are never deleted: that is how a lost state database used to erase history.
+    Raises CorruptOutputError naming them instead."""
+    uncommitted = {r for r, status in known_runs.items() if status != "committed"}
+    parts = stored_parts(out)
+    unknown = sorted({run_of(f) for f in parts} - set(known_runs))
+    if unknown:
+        n = sum(run_of(f) in set(unknown) for f in parts)
+        raise CorruptOutputError(
+            f"{n} case file(s) under {cases_dir(out)} belong to {len(unknown)} run(s) this output root's state does "
+            f"not know (e.g. {unknown[0]}); nothing was deleted. If the state database was replaced or lost, run "
+            f"`casemine repair --out {out}`; if the files were copied in from elsewhere, move them away")
+    removed: list[Path] = []
+    for f in parts:
+        if run_of(f) in uncommitted:
             f.unlink()
             removed.append(f)
     for f in sorted((out / "quarantine").glob("*.jsonl")) if (out / "quarantine").exists() else []:
-        if f.stem not in committed:
+        if f.stem in uncommitted:
             f.unlink()
             removed.append(f)
     for d in sorted((out / "runs").glob("*")) if (out / "runs").exists() else []:
-        if d.is_dir() and d.name not in committed:
+        if d.is_dir() and d.name in uncommitted:
             shutil.rmtree(d)
             removed.append(d)
-    for f in root.glob("date=*/.*.tmp") if root.exists() else []:
+    # Half-written temporaries: only a crashed writer leaves them, and the caller holds the run lock.
+    for f in cases_dir(out).glob("date=*/.*.tmp") if cases_dir(out).exists() else []:
         f.unlink(missing_ok=True)
     return removed
 

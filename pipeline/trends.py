@@ -88,16 +88,19 @@ def week_over_week(df: pd.DataFrame, dimension: str, key_col: str, as_of: date, 
     rows = []
     new = set(new_keys)
     # No case at all last week means the data does not reach back that far (first load, one
-    # backfilled day): every key would "rise from zero", so nothing can alert.
+    # backfilled day): every key would "rise from zero", so nothing can alert or be "new". A key
+    # absent last week has no previous week to rise from either: it has no p-value and cannot
+    # alert (a new cluster shows as emerging instead).
     has_baseline = int(last.sum()) > 0
     for k in sorted(set(keys.dropna())):
         a, b = int(this.get(k, 0)), int(last.get(k, 0))
-        p = rise_p_value(a, b)
-        alert = bool(has_baseline and a >= min_count and p < alpha)
+        p = rise_p_value(a, b) if has_baseline and b > 0 else None
+        alert = bool(p is not None and a >= min_count and p < alpha)
         rows.append({"dimension": dimension, "key": k, "label": (labels or {}).get(k, k), "this_week": a,
                      "last_week": b, "change": a - b, "pct_change": round((a - b) / b, 3) if b else None,
-                     "p_value": round(p, 6), "alert": alert, "is_new": k in new,
-                     "emerging": alert or (k in new and a > 0)})
+                     "p_value": None if p is None else round(p, 6), "alert": alert,
+                     "is_new": has_baseline and k in new,
+                     "emerging": alert or (has_baseline and k in new and a > 0)})
     out = pd.DataFrame(rows, columns=cols)
     return out.sort_values(["emerging", "alert", "p_value", "this_week"], ascending=[False, False, True, False],
                            kind="stable").reset_index(drop=True)

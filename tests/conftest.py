@@ -14,6 +14,15 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 # Prefect logs "Stopping temporary server" at interpreter exit, after pytest closed the streams.
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# Tests that call the flow directly let Prefect start its temporary server itself: give it the
+# start-up time a loaded 2-core CI machine needs (Prefect's default of 20 s failed there).
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "600")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# No test may depend on how fast the machine is: no per-example deadline, no "too slow" check.
+settings.register_profile("casemine", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("casemine")
 
 from pipeline.config import Config, load_config  # noqa: E402
 

@@ -19,7 +19,7 @@ record = st.one_of(
     st.lists(st.integers(), max_size=3), st.text(max_size=20), st.integers())
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(records=st.lists(st.one_of(record.map(lambda r: json.dumps(r, ensure_ascii=False).encode()), st.binary(max_size=40)), max_size=12),
        encoding=st.sampled_from(["utf-8", "gb18030"]))
 def test_jsonl_reader_accounts_for_every_line(tmp_path_factory, records, encoding):
@@ -39,7 +39,7 @@ def test_jsonl_reader_accounts_for_every_line(tmp_path_factory, records, encodin
         assert q.reason and q.detail
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(rows=st.lists(st.tuples(st.text(max_size=4), st.text(max_size=4), st.text(max_size=6), st.text(max_size=30)), max_size=10))
 def test_csv_reader_never_crashes(tmp_path_factory, rows):
     import csv

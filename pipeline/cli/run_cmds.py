@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections import Counter
 from pathlib import Path
@@ -13,23 +14,6 @@ from pipeline.cli import app
 from pipeline.cli.common import ConfigOption, console, emit_json, fail, get_config
 
 
-def _progress():
-    """A rich progress callback for long work, silent when stderr is not a terminal."""
-    if not sys.stderr.isatty():
-        return None, lambda *a: None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
-    tasks: dict[str, int] = {}
-
-    def update(stage: str, done: int, total: int) -> None:
-        if stage not in tasks:
-            tasks[stage] = bar.add_task(stage, total=total)
-        bar.update(tasks[stage], completed=done, total=total)
-
-    return bar, update
-
-
 @app.command()
 def run(
     input: Optional[Path] = typer.Option(None, "--input", "-i", help="Folder of transcripts (default: paths.input)."),
@@ -37,36 +21,39 @@ def run(
     config: Optional[Path] = ConfigOption,
     prefect: bool = typer.Option(True, "--prefect/--no-prefect", help="Run as a Prefect flow (default) or as plain functions."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Conversations per batch (default: flow.batch_size)."),
+    allow_empty: bool = typer.Option(False, "--allow-empty", help="Exit 0 when the input holds no transcripts (default: exit 1, an empty delivery is an error)."),
+    wait: float = typer.Option(0.0, "--wait", min=0, help="Seconds to wait when another run holds --out (default: refuse at once)."),
     json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout."),
 ) -> None:
-    """Run the nightly pipeline: ingest new transcripts, mask, mine cases, classify, index them."""
+    """Run the nightly pipeline: ingest new transcripts, mask, mine cases, classify, index them.
+
+    Exit codes: 0 done (or nothing new), 1 bad or missing input / another run holds --out /
+    counts that do not reconcile, 2 usage or configuration error."""
+    from pipeline.lock import LockHeld, run_lock
+    from pipeline.preflight import PreflightError, check_run
+
     cfg = get_config(config)
     overrides = {"flow": {"batch_size": batch_size}} if batch_size else {}
     cfg = cfg.with_overrides(**overrides) if overrides else cfg
     input_dir = input or cfg.resolve(cfg.paths.input)
     out_dir = out or cfg.resolve(cfg.paths.out)
-    if not input_dir.exists():
-        fail(f"input {input_dir} does not exist; pass --input DIR (or run `casemine sample --out {input_dir}` first)")
     try:
-        if prefect:
-            from pipeline.flows import flow_for
-
-            summary = flow_for(cfg)(str(input_dir), str(out_dir), str(config) if config else None, overrides or None)
-        else:
-            from pipeline.run import run_pipeline
-
-            bar, update = _progress()
-            if bar:
-                with bar:
-                    summary = run_pipeline(cfg, input_dir, out_dir, update)
-            else:
-                summary = run_pipeline(cfg, input_dir, out_dir)
+        delivery = check_run(cfg, input_dir, out_dir, allow_empty)
+        with run_lock(out_dir, wait_s=wait):
+            if delivery.new_files == 0 and _derived_current(out_dir):
+                _nothing_new(input_dir, out_dir, len(delivery.files), json_out)
+                return
+            summary = _run_steps(cfg, input_dir, out_dir, config, overrides, prefect)
+    except (PreflightError, LockHeld) as e:
+        fail(str(e), getattr(e, "code", 1))
     except FileNotFoundError as e:
         fail(str(e))
-    except Exception as e:  # a damaged output is reported, not a traceback
+    except Exception as e:  # damaged or inconsistent outputs are reported in one line, not a traceback
+        from pipeline.index import IndexLoadError
+        from pipeline.state import StateError
         from pipeline.store import CorruptOutputError
 
-        if isinstance(e, CorruptOutputError):
+        if isinstance(e, (CorruptOutputError, StateError, IndexLoadError)):
             fail(str(e))
         raise
     from pipeline.run import summary_text
@@ -76,6 +63,47 @@ def run(
         emit_json(summary)
     if not summary["records"]["reconciles"]:
         fail("record counts do not reconcile (read != accepted + duplicates + quarantined); please report this run")
+
+
+def _derived_current(out_dir: Path) -> bool:
+    from pipeline.run import derived_outputs_current
+
+    return derived_outputs_current(out_dir)
+
+
+def _nothing_new(input_dir: Path, out_dir: Path, n_files: int, json_out: bool) -> None:
+    what = (f"nothing new: all {n_files} file(s) under {input_dir} were processed by earlier runs"
+            if n_files else f"nothing new: no transcripts under {input_dir} (allowed by --allow-empty)")
+    console.print(f"{what}; outputs under {out_dir} are unchanged", highlight=False, markup=False)
+    if json_out:
+        emit_json({"status": "nothing_new", "input": str(input_dir), "out": str(out_dir), "files": n_files})
+
+
+def _run_steps(cfg, input_dir: Path, out_dir: Path, config: Path | None, overrides: dict, prefect: bool) -> dict:
+    """The run under Prefect when its API can be reached or started, else the same steps without
+    it (the night is not lost for Prefect's sake; the summary's `runner` line says why)."""
+    from pipeline.progress import reporting, rich_display
+
+    runner = "plain (--no-prefect)"
+    if prefect:
+        from pipeline.prefect_api import PrefectUnavailable, ensure_api
+
+        try:
+            with console.status("starting Prefect's API", spinner="dots"):
+                ensure_api(cfg.flow)
+        except PrefectUnavailable as e:
+            prefect = False
+            runner = f"plain: Prefect was unavailable ({e}); the same steps ran without it"
+            console.print(f"warning: {e}; running the same steps without Prefect", highlight=False, markup=False)
+    display = rich_display(console) if console.is_terminal else contextlib.nullcontext(None)
+    with display as update, reporting(update):
+        if prefect:
+            from pipeline.flows import flow_for
+
+            return flow_for(cfg)(str(input_dir), str(out_dir), str(config) if config else None, overrides or None)
+        from pipeline.run import run_pipeline
+
+        return run_pipeline(cfg, input_dir, out_dir, runner)
 
 
 @app.command()
@@ -147,29 +175,42 @@ def sample(
 @app.command()
 def repair(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output root (default: paths.out)."),
-    check: bool = typer.Option(False, "--check", help="Only report damaged files (exit 1 if any)."),
+    check: bool = typer.Option(False, "--check", help="Only report problems (exit 1 if any); change nothing."),
     config: Optional[Path] = ConfigOption,
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Verify stored case files against their commit checksums and drop runs whose files are damaged.
+    """Make an output root consistent again without dropping history it can keep.
 
-    The dropped runs' transcripts are read again by the next `casemine run` (case ids are stable, so
-    the index and exports end up as before)."""
+    Rebuilds a lost or damaged state database from the runs' manifests, adopts case files of
+    unknown runs, and drops runs whose case files are damaged (the next `casemine run` reads their
+    transcripts again; case ids are stable, so the index and exports end up as before)."""
+    from pipeline.lock import LockHeld, run_lock
     from pipeline.run import repair as do_repair
 
     cfg = get_config(config)
     out_dir = out or cfg.resolve(cfg.paths.out)
-    rep = do_repair(out_dir, check_only=check)
+    if not out_dir.is_dir():
+        fail(f"--out {out_dir} is not a folder; pass the output root of earlier runs", code=2)
+    try:
+        with run_lock(out_dir, command="casemine repair"):
+            rep = do_repair(out_dir, check_only=check)
+    except LockHeld as e:
+        fail(str(e))
     if json_out:
         emit_json(rep)
-    elif not rep["problems"]:
-        console.print(f"all committed case files under {out_dir} match their checksums", highlight=False)
+    elif not rep["problems"] and not rep["state_rebuilt"]:
+        console.print(f"{out_dir}: the state, the run manifests and every committed case file agree", highlight=False)
     else:
+        if rep["state_rebuilt"]:
+            console.print("the damaged state database was moved aside and rebuilt", highlight=False)
         for p in rep["problems"]:
-            console.print(f"{p['path']}: {p['problem']} (run {p['run_id']})", highlight=False, markup=False)
-        if rep["repaired"]:
-            console.print(f"dropped {len(rep['runs'])} run(s); run `casemine run` to reprocess their transcripts",
-                          highlight=False)
+            console.print(f"{p['path']}: {p['problem']} (run {p['run_id'] or '-'})", highlight=False, markup=False)
+        if rep["replayed_runs"] or rep["adopted_runs"]:
+            console.print(f"restored {len(rep['replayed_runs'])} run(s) from their manifests; adopted the case files of "
+                          f"{len(rep['adopted_runs'])} run(s) without one", highlight=False)
+        if rep["runs"] and rep["repaired"]:
+            console.print(f"dropped {len(rep['runs'])} run(s) with damaged files; run `casemine run` to reprocess "
+                          "their transcripts", highlight=False)
     if check and rep["problems"]:
         raise typer.Exit(1)
 
@@ -178,10 +219,21 @@ def repair(
 def schedule(config: Optional[Path] = ConfigOption) -> None:
     """Serve the nightly flow on its cron schedule (flow.schedule_cron); blocks until stopped.
 
-    Needs a Prefect server for the schedule to fire: `prefect server start`, then
-    `PREFECT_API_URL=http://127.0.0.1:4200/api casemine schedule`.
+    Needs a running Prefect server, which keeps the schedule: `prefect server start`, then
+    `PREFECT_API_URL=http://127.0.0.1:4200/api casemine schedule`. Without one it exits 2.
     """
-    from pipeline.flows import serve_nightly
+    from pipeline.prefect_api import PrefectUnavailable, check_server, configured_api_url
 
     get_config(config)
+    url = configured_api_url()
+    if not url:
+        fail("no Prefect server is configured, and a temporary one cannot keep a schedule: start one with "
+             "`prefect server start`, then `export PREFECT_API_URL=http://127.0.0.1:4200/api` and rerun", code=2)
+    try:
+        check_server(url)
+    except PrefectUnavailable as e:
+        fail(f"{e}; start it with `prefect server start` (or fix PREFECT_API_URL) and rerun", code=2)
+    from pipeline.flows import serve_nightly
+
+    console.print(f"serving the nightly deployment on {url}; stop with Ctrl-C", highlight=False, markup=False)
     serve_nightly(str(config) if config else None)

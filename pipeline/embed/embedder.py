@@ -15,13 +15,12 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
 
 from pipeline.config import Config
 from pipeline.embed.cache import EmbeddingCache
 from pipeline.embed.convert import DEFAULT_MODEL_NAME, PROMPTS, ensure_default_model
+from pipeline.progress import own_display_unless_reporting, progress
 
 log = logging.getLogger(__name__)
 
@@ -125,35 +124,36 @@ class Embedder:
 
     # -- encoding ----------------------------------------------------------------------------
     def _encode_raw(self, texts: list[str], kind: str) -> np.ndarray:
+        """Encode in blocks of a few batches, reporting `embed` progress after each block: the
+        run's display labels it (sentence-transformers' own unlabelled bar stays off)."""
         self._load()
+        block = self.cfg.embed.batch_size * 8
+        if len(texts) <= block:
+            return self._encode_block(texts, kind)
         show = self.show_progress if self.show_progress is not None else len(texts) >= _PROGRESS_MIN
-        bs = self.cfg.embed.batch_size
-        if self._onnx is not None:
-            prompt = self._prompt(kind)
-            progress: Callable[[int], None] | None = None
-            if show:
-                from rich.console import Console
-                from rich.progress import Progress
-
-                # stderr: stdout may be a --json stream
-                with Progress(transient=True, console=Console(stderr=True)) as p:
-                    task = p.add_task(f"embedding {len(texts)} texts (onnx)", total=len(texts))
-                    return self._onnx.encode([prompt + t for t in texts], bs,
-                                             lambda n: p.advance(task, n))
-            return self._onnx.encode([prompt + t for t in texts], bs, progress)
-        prompt = self._prompt(kind)
         n_proc = self.cfg.embed.processes
-        if n_proc > 1 and len(texts) >= self.cfg.embed.multi_process_min_texts:
-            # Independent worker processes, each with its own copy of the model: pays off on
-            # machines with many cores; on 2 cores torch's own threads already use both.
-            pool = self._st.start_multi_process_pool(["cpu"] * n_proc)
-            try:
-                return self._st.encode(texts, prompt=prompt or None, batch_size=bs, convert_to_numpy=True,
-                                       normalize_embeddings=True, pool=pool).astype(np.float32)
-            finally:
+        # Independent worker processes, each with its own copy of the model: pays off on machines
+        # with many cores; on 2 cores torch's own threads already use both.
+        pool = (self._st.start_multi_process_pool(["cpu"] * n_proc) if self._st is not None and n_proc > 1
+                and len(texts) >= self.cfg.embed.multi_process_min_texts else None)
+        try:
+            with own_display_unless_reporting(show):
+                parts = []
+                for i in range(0, len(texts), block):
+                    parts.append(self._encode_block(texts[i:i + block], kind, pool))
+                    progress("embed", min(i + block, len(texts)), len(texts))
+        finally:
+            if pool is not None:
                 self._st.stop_multi_process_pool(pool)
-        return self._st.encode(texts, prompt=prompt or None, batch_size=bs, convert_to_numpy=True,
-                               normalize_embeddings=True, show_progress_bar=show).astype(np.float32)
+        return np.vstack(parts)
+
+    def _encode_block(self, texts: list[str], kind: str, pool=None) -> np.ndarray:
+        prompt = self._prompt(kind)
+        if self._onnx is not None:
+            return self._onnx.encode([prompt + t for t in texts], self.cfg.embed.batch_size, None)
+        return self._st.encode(texts, prompt=prompt or None, batch_size=self.cfg.embed.batch_size,
+                               convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False,
+                               pool=pool).astype(np.float32)
 
     def encode_queries(self, texts: list[str]) -> np.ndarray:
         """Vectors for search questions (query prompt); never cached."""
