@@ -5,6 +5,7 @@ import sys
 
 BENCHES = [
     ["bench.bench_pipeline", "--n", "5000"],
+    ["bench.bench_mask", "--n", "3000"],
     ["bench.bench_flow", "--sizes", "2000,10000"],
     ["bench.bench_embed_index", "--sizes", "10000,100000"],
     ["bench.bench_clusters"],

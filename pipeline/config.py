@@ -58,6 +58,10 @@ class MaskConfig(_Section):
     mask_addresses: bool = True
     mask_names: bool = True
     surnames: Path = Path("configs/surnames.txt")
+    # Characters that make a given name after a surname (names without a cue word), and words a
+    # name detector must never take for a person (brands like 李宁, forms of address like 小妹).
+    given_name_chars: Path = Path("configs/given_name_chars.txt")
+    keep_words: Path = Path("configs/mask_keep.txt")
 
 
 class SegmentConfig(_Section):
@@ -272,6 +276,8 @@ class Config(_Section):
         named = {
             "normalize.asr_corrections": self.normalize.asr_corrections,
             "mask.surnames": self.mask.surnames if self.mask.mask_names else None,
+            "mask.given_name_chars": self.mask.given_name_chars if self.mask.mask_names else None,
+            "mask.keep_words": self.mask.keep_words if self.mask.mask_names else None,
             "segment.user_dict": self.segment.user_dict,
             "segment.stopwords": self.segment.stopwords,
             "cases.lexicon": self.cases.lexicon,

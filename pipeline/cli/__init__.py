@@ -37,6 +37,7 @@ _COMMAND_MODULES = (
     "pipeline.cli.cluster_cmds",
     "pipeline.cli.emotion_cmds",
     "pipeline.cli.library_cmds",
+    "pipeline.cli.pii_cmds",
 )
 
 
