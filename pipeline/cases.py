@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
 from datetime import date, datetime
+from functools import lru_cache
 from typing import Any, Iterable
 from zoneinfo import ZoneInfo
 
@@ -23,8 +25,26 @@ from pipeline.mask import PLACEHOLDER_RE
 from pipeline.schema import Conversation, Turn
 
 _SENT_SPLIT_RE = re.compile(r"(?<=[,.!?;:，。！？；：~])\s*|\s+")
+_CLAUSE_STRIP = " ,.!?;:，。！？；：~、…-"
 _CONTENT_RE = re.compile(r"[A-Za-z\u3400-\u9fff]")
 _REPEAT_PUNCT_RE = re.compile(r"[!?！？]{2,}")
+_GAP_RE = re.compile(r"\s+")
+# Masked spans: ours (<PHONE>) and those of corpora masked upstream that kept their own form ([数字]).
+_TOKEN_RE = re.compile(PLACEHOLDER_RE.pattern + r"|\[[\u3400-\u9fff]{1,8}\]")
+_URL_RE = re.compile(r"(?:https?://|www\.|[A-Za-z0-9-]+\.(?:com|cn|net)/)[!-~]*")
+# Beyond this length a turn is not aligned with its received text (quadratic matcher); its
+# punctuation alone splits it.
+_ALIGN_MAX_CHARS = 2000
+# An agent turn with more than PASTE_CLAUSES clauses counts as pasted text; its first PASTE_KEEP
+# stand for it in `handling` (chosen on half the CSDS dev chats, confirmed on the other half).
+PASTE_CLAUSES = 4
+PASTE_KEEP = 2
+# A customer clause sharing this share of its characters (in order) with an earlier one is a
+# repeat ("退货运费还要我出" after "退货的运费也要我出").
+NEAR_REPEAT = 0.8
+_NOT_INITIAL = "的了么们样着过吗呢吧"
+# (turn index, clause) pairs, in spoken order.
+_Clauses = list[tuple[int, str]]
 
 
 class _Strict(BaseModel):
@@ -33,10 +53,20 @@ class _Strict(BaseModel):
 
 
 class OutcomeLexicon(_Strict):
+    # The agent hands the matter on (another team, a specialist, a work order, a call-back).
     escalated: list[str]
+    # The customer accepts what was done or said.
     resolved_customer: list[str]
+    # The customer says the matter is settled: a hand-over before it did not leave it open.
+    settled: list[str]
+    # The agent reports a concrete action as done or arranged.
     resolved_agent: list[str]
+    # The customer objects or gives up.
     unresolved: list[str]
+    # The agent says the request cannot be done or answered.
+    refused: list[str]
+    # Grudging acceptance: after a refusal it means the customer did not get what they asked.
+    resigned: list[str]
 
 
 class EmotionLexicon(_Strict):
@@ -50,7 +80,12 @@ class EmotionLexicon(_Strict):
 class CaseLexicon(_Strict):
     greetings: list[str]
     acknowledgements: list[str]
-    problem_cues: list[str]
+    # No longer read (problem keeps every clause that states something); accepted so that
+    # lexicons written for earlier versions still load.
+    problem_cues: list[str] = []
+    customer_noise: list[str]
+    clause_openers: list[str]
+    clause_particles: list[str]
     agent_boilerplate: list[str]
     agent_actions: list[str]
     separate_issue_cues: list[str]
@@ -76,9 +111,81 @@ def _hits(text: str, words: Iterable[str]) -> list[str]:
 
 
 def sentences(text: str) -> list[str]:
-    """Clauses of a turn. Chat writers separate clauses with spaces as often as with commas;
-    ASR text has neither, so an unpunctuated call turn stays one clause."""
-    return [s.strip(" ,.!?;:，。！？；：~") for s in _SENT_SPLIT_RE.split(text) if s and s.strip(" ,.!?;:，。！？；：~")]
+    """Clauses of a text, split at punctuation and spaces. ASR text has neither, so an unpunctuated
+    call turn stays one clause. Links are left out: their dots would split them into fragments,
+    and no reader of a case needs them."""
+    text = _URL_RE.sub(" ", text)
+    return [c for c in (s.strip(_CLAUSE_STRIP) for s in _SENT_SPLIT_RE.split(text) if s) if c]
+
+
+def turn_clauses(turn: Turn) -> list[str]:
+    """Clauses of a turn. Chat writers separate clauses with spaces as often as with commas, and
+    normalisation joins Chinese across spaces (for segmentation), so the spaces of the received
+    text are mapped back onto the normalised one as clause boundaries."""
+    return list(_clauses(turn.text, turn.original))
+
+
+@lru_cache(maxsize=8192)
+def _clauses(text: str, original: str | None) -> tuple[str, ...]:
+    # Cached: problem, handling, outcome and the issue split all read the same turns.
+    if not original or original == text or not _GAP_RE.search(original.strip()) or len(text) > _ALIGN_MAX_CHARS:
+        return tuple(sentences(text))
+    pieces, prev = [], 0
+    for cut in _gap_positions(text, original):
+        pieces.append(text[prev:cut])
+        prev = cut
+    pieces.append(text[prev:])
+    return tuple(c for p in pieces for c in sentences(p))
+
+
+def _gap_positions(text: str, original: str) -> list[int]:
+    """Positions in `text` where `original` had a space that `text` lost."""
+    orig = original.strip()
+    walked = _walk_gaps(text, orig)
+    return walked if walked is not None else _matched_gaps(text, orig)
+
+
+def _walk_gaps(text: str, orig: str) -> list[int] | None:
+    """The usual case in one pass: the two differ only by dropped spaces and character-for-character
+    folding (width, Traditional -> Simplified). None when they differ otherwise."""
+    cuts: list[int] = []
+    i, gap = 0, False
+    for ch in orig:
+        if ch.isspace():
+            gap = True
+            continue
+        if gap and i < len(text) and text[i] == " ":
+            i += 1  # a space normalisation kept: the splitter sees it
+        elif gap and i > 0:
+            cuts.append(i)
+        gap = False
+        if i >= len(text) or not _same_char(ch, text[i]):
+            return None
+        i += 1
+    return cuts if i == len(text) else None
+
+
+def _same_char(received: str, normalised: str) -> bool:
+    if received == normalised:
+        return True
+    folded = unicodedata.normalize("NFKC", received)
+    return folded == normalised or ("\u3400" <= received <= "\u9fff" and "\u3400" <= normalised <= "\u9fff")
+
+
+def _matched_gaps(text: str, orig: str) -> list[int]:
+    # Emoji dropped, repeats collapsed, placeholders of other lengths: align by matching blocks.
+    from difflib import SequenceMatcher
+
+    to_text: dict[int, int] = {}
+    for blk in SequenceMatcher(None, orig, text, autojunk=False).get_matching_blocks():
+        for k in range(blk.size):
+            to_text[blk.a + k] = blk.b + k
+    cuts = set()
+    for m in _GAP_RE.finditer(orig):
+        before = to_text.get(m.start() - 1)
+        if before is not None and before + 1 < len(text) and not text[before + 1].isspace():
+            cuts.add(before + 1)
+    return sorted(cuts)
 
 
 @dataclass(frozen=True)
@@ -99,72 +206,168 @@ class CaseExtractor:
     # -- text pieces ----------------------------------------------------------------------------
     def _substance(self, sentence: str) -> str:
         """The sentence without greetings and acknowledgements; empty if nothing else is there."""
-        s = PLACEHOLDER_RE.sub("", sentence)
-        for w in sorted(self.lex.greetings + self.lex.acknowledgements, key=len, reverse=True):
-            s = s.replace(w, "")
+        s = _alternation(tuple(self.lex.greetings + self.lex.acknowledgements)).sub("", _TOKEN_RE.sub("", sentence))
         return s if len(_CONTENT_RE.findall(s)) >= 2 else ""
 
-    def _strip_greeting(self, sentence: str) -> str:
-        for g in sorted(self.lex.greetings, key=len, reverse=True):
-            if sentence.startswith(g) and len(sentence) > len(g) + 3:
-                return sentence[len(g):].lstrip(" ,.!，。！")
-        return sentence
+    def trim(self, clause: str) -> str:
+        """The clause without what opens it as address or filler (亲, 您好, 就是, 那) and the
+        particles that close it (哦, 呢, 哈): a summary keeps neither. Only the ends are cut, so the
+        result is still words that were said, in their order."""
+        words = tuple(self.lex.greetings + self.lex.clause_openers)
+        opener, fillers = _alternation(words), set(words) | set(self.lex.clause_particles)
+        particles = frozenset(self.lex.clause_particles)
+        longest = max(map(len, particles), default=0)
+        if clause in fillers:
+            return ""
+        prev = None
+        while prev != clause:
+            prev = clause
+            m = opener.match(clause)
+            # "我说的是" must not become "的是": only cut before a word that can start a clause.
+            if m and len(clause) > m.end() + 1 and clause[m.end()] not in _NOT_INITIAL:
+                clause = clause[m.end():].lstrip(_CLAUSE_STRIP)
+            for n in range(min(longest, len(clause) - 2), 0, -1):
+                if clause[-n:] in particles:
+                    clause = clause[:-n].rstrip(_CLAUSE_STRIP)
+                    break
+        return "" if clause in fillers else clause
+
+    def _is_noise(self, clause: str) -> bool:
+        """A customer clause that states nothing: a greeting, thanks, "在吗", or an order paste
+        whose words are the form's labels around placeholders."""
+        noise = _alternation(tuple(self.lex.greetings + self.lex.acknowledgements + self.lex.customer_noise))
+        return len(_CONTENT_RE.findall(noise.sub("", _TOKEN_RE.sub("", clause)))) < 2
+
+    def customer_clauses(self, turns: list[Turn]) -> list[str]:
+        """What the customer said that states the matter, in spoken order, repeats left out."""
+        out: list[str] = []
+        for t in turns:
+            if t.speaker == "customer":
+                out += [self.trim(c) for c in turn_clauses(t) if not self._is_noise(c)]
+        return _dedup([c for c in out if c], near=NEAR_REPEAT)
 
     def problem(self, turns: list[Turn]) -> str:
-        """The customer's statement of the problem: substantive clauses from their first turns,
-        those with problem cues first in spoken order, cut at problem_max_chars."""
-        cands: list[tuple[int, str]] = []
-        n_turns = 0
+        """The customer's statement of the matter: what they asked, complained of or requested,
+        in spoken order, without greetings, pasted order cards, thanks or repeats, cut at
+        problem_max_chars. Every clause is kept that states something: the human summaries this
+        was measured against keep the customer's context too, and choosing only the "cued"
+        clauses lost more than it gained."""
+        return _join(self.customer_clauses(turns), self.problem_max_chars)
+
+    def _is_ritual(self, clause: str) -> bool:
+        return self._ritual_only(clause) or not self._substance(clause)
+
+    def _ritual_only(self, clause: str) -> bool:
+        """A clause with a ritual phrase is ritual, unless what remains around the phrases still
+        reports an action or a hand-over: an unpunctuated call turn is one clause, and
+        "非常抱歉已为您升级给专员处理" must not be dropped for its 抱歉."""
+        ritual = _alternation(tuple(self.lex.agent_boilerplate))
+        if not ritual.search(clause):
+            return False
+        rest = ritual.sub(" ", clause)
+        o = self.lex.outcome
+        return not _alternation(tuple(o.escalated + o.resolved_agent + o.refused)).search(rest)
+
+    def _is_reply(self, clause: str) -> bool:
+        """An agent clause that says something to the customer's matter. Unlike in `handling`, a
+        bare 是的 / 可以的 counts: it answers a yes-no question."""
+        if self._ritual_only(clause):
+            return False
+        return bool(_CONTENT_RE.search(_alternation(tuple(self.lex.greetings)).sub("", _TOKEN_RE.sub("", clause))))
+
+    def agent_clauses(self, turns: list[Turn]) -> list[str]:
+        """What the agent said beyond service ritual, in spoken order, repeats left out."""
+        out: list[str] = []
         for t in turns:
-            if t.speaker != "customer":
-                continue
-            subs = [self._strip_greeting(s) for s in sentences(t.text) if self._substance(s)]
-            if subs:
-                n_turns += 1
-                cands += [(len(cands), s) for s in subs]
-            if n_turns >= 3:
-                break
-        if not cands:
-            return ""
-        seen: set[str] = set()
-        cands = [c for c in cands if not (c[1] in seen or seen.add(c[1]))]  # customers repeat themselves
-        cued = [c for c in cands if _hits(c[1], self.lex.problem_cues)]
-        chosen = sorted(cued[:4] or cands[:2])
-        return _join([s for _, s in chosen], self.problem_max_chars)
+            if t.speaker == "agent":
+                said = [c for c in (self.trim(c) for c in turn_clauses(t) if not self._is_ritual(c)) if c]
+                # A turn of many clauses is pasted text (steps in the app, a policy): a summary
+                # names it by its opening, it does not copy it.
+                out += said[:PASTE_KEEP] if len(said) > PASTE_CLAUSES else said
+        return _dedup(out)
 
     def handling(self, turns: list[Turn]) -> str:
-        """What the agent did or promised: clauses with action words, ritual phrases left out."""
-        picked: list[str] = []
-        fallback: list[str] = []
-        for t in turns:
-            if t.speaker != "agent":
-                continue
-            for s in sentences(t.text):
-                if _hits(s, self.lex.agent_boilerplate) or not self._substance(s):
-                    continue
-                (picked if _hits(s, self.lex.agent_actions) else fallback).append(s)
-        seen: set[str] = set()
-        uniq = [s for s in picked or fallback[:2] if not (s in seen or seen.add(s))]
-        return _join(uniq, self.handling_max_chars)
+        """What the agent did, promised or answered: their clauses without ritual, cut at
+        handling_max_chars."""
+        return _join(self.agent_clauses(turns), self.handling_max_chars)
 
     def outcome(self, turns: list[Turn], metadata: dict[str, Any]) -> tuple[str, str]:
-        """(resolved | unresolved | escalated | unknown, evidence). The end of the conversation
-        decides: what the customer said last, then what the agent said last."""
-        lex = self.lex.outcome
-        agent_text = " ".join(t.text for t in turns if t.speaker == "agent")
-        esc = _hits(agent_text, lex.escalated)
-        if metadata.get("transferred") in (True, 1, "1", "true", "True") or esc:
-            return "escalated", ("metadata.transferred" if not esc else f"agent: {esc[0]}")
-        customer_tail = [t.text for t in turns if t.speaker == "customer"][-2:]
-        agent_tail = [t.text for t in turns if t.speaker == "agent"][-3:]
-        tail = " ".join(customer_tail)
-        if bad := _hits(tail, lex.unresolved):
-            return "unresolved", f"customer: {bad[0]}"
-        if good := _hits(tail, lex.resolved_customer):
-            return "resolved", f"customer: {good[0]}"
-        if done := _hits(" ".join(agent_tail), lex.resolved_agent):
+        """(resolved | unresolved | escalated | unknown, evidence). Read from the end, as a person
+        would: a hand-over or promised call-back the chat does not settle is escalated; an
+        objection, or a refusal the customer can only accept grudgingly, is unresolved; a
+        question left unanswered is unresolved; otherwise what the agent did or said stands."""
+        if _truthy(metadata.get("transferred")):
+            return "escalated", "metadata.transferred"
+        agent = [(i, c) for i, t in enumerate(turns) if t.speaker == "agent" for c in turn_clauses(t)
+                 if self._is_reply(c)]
+        customer = [(i, c) for i, t in enumerate(turns) if t.speaker == "customer" for c in turn_clauses(t)]
+        if not agent:
+            return ("unknown", "") if not any(not self._is_noise(c) for _, c in customer) else \
+                ("unresolved", "no answer from the agent")
+        for decide in (self._objection_after, self._final_handover, self._objection, self._unanswered,
+                       self._escalation, self._refusal):
+            if (found := decide(agent, customer)) is not None:
+                return found
+        last_i, last = agent[-1]
+        if done := _hits(" ".join(c for i, c in agent if i == last_i), self.lex.outcome.resolved_agent):
             return "resolved", f"agent: {done[0]}"
-        return "unknown", ""
+        if good := _hits(" ".join(c for i, c in customer if i > last_i), self.lex.outcome.resolved_customer):
+            return "resolved", f"customer: {good[0]}"
+        return "resolved", f"agent answered: {last[:40]}"
+
+    def _objection_after(self, agent: _Clauses, customer: _Clauses) -> tuple[str, str] | None:
+        # The customer objects to the agent's last concrete word, whatever it was.
+        return self._objection(agent, customer, after=agent[-1][0])
+
+    def _objection(self, agent: _Clauses, customer: _Clauses, after: int | None = None) -> tuple[str, str] | None:
+        # An objection in the customer's last two turns that reacts to what the agent did (not
+        # the opening complaint), said after the agent's last concrete word or just before it.
+        cust_turns = sorted({i for i, _ in customer})[-2:]
+        start = agent[-1][0] - 1 if after is None else after + 1
+        tail = [c for i, c in customer if i in cust_turns and agent[0][0] < i and i >= start]
+        if bad := _hits(" ".join(tail), self.lex.outcome.unresolved):
+            return "unresolved", f"customer: {bad[0]}"
+        return None
+
+    def _unanswered(self, agent: _Clauses, customer: _Clauses) -> tuple[str, str] | None:
+        # A question the customer asked after the agent's last concrete word.
+        later = [c for i, c in customer if i > agent[-1][0] and not self._is_noise(c)]
+        asks = [c for c in later if _is_question(c)]
+        if asks:
+            return "unresolved", f"customer asked last: {asks[-1][:40]}"
+        return None
+
+    def _final_handover(self, agent: _Clauses, customer: _Clauses) -> tuple[str, str] | None:
+        # The agent's last concrete word is a hand-over: it answers whatever objection came before.
+        last_i = agent[-1][0]
+        return self._escalation([(i, c) for i, c in agent if i == last_i], customer)
+
+    def _escalation(self, agent: _Clauses, customer: _Clauses) -> tuple[str, str] | None:
+        # The last hand-over decides unless the customer then says it is settled, or went on to
+        # ask something else: then it was one matter among several, or an offer the chat went past.
+        esc = [(i, h[0]) for i, c in agent if (h := _hits(c, self.lex.outcome.escalated))]
+        if not esc:
+            return None
+        at, cue = esc[-1]
+        if any(i > at and _hits(c, self.lex.outcome.resolved_agent) for i, c in agent):
+            return None  # the agent went on to settle something in the chat
+        later = [c for i, c in customer if i > at]
+        if any(_is_question(c) and not self._is_noise(c) for c in later) or _hits(" ".join(later), self.lex.outcome.settled):
+            return None
+        return "escalated", f"agent: {cue}"
+
+    def _refusal(self, agent: _Clauses, customer: _Clauses) -> tuple[str, str] | None:
+        # The agent's last concrete word says no, and the customer leaves it there or accepts it
+        # grudgingly (好吧); a plain thanks after a clear "no" still counts as answered.
+        last_i = agent[-1][0]
+        final = [c for i, c in agent if i == last_i]
+        no = _hits(" ".join(final), self.lex.outcome.refused)
+        if not no:
+            return None
+        reply = [c for i, c in customer if i > last_i]
+        if not reply or _hits(" ".join(reply), self.lex.outcome.resigned):
+            return "unresolved", f"agent: {no[0]}"
+        return None
 
     def emotion(self, turns: list[Turn]) -> dict[str, Any]:
         lex = self.lex.emotion
@@ -284,6 +487,63 @@ class CaseExtractor:
 def case_id(conversation_id: str, segment: int) -> str:
     """Stable: the same conversation id and segment always give the same case id."""
     return hashlib.sha1(conversation_id.encode("utf-8")).hexdigest()[:16] + f"-{segment}"
+
+
+def _is_question(clause: str) -> bool:
+    # Clauses come without their punctuation: the particle or a question word tells.
+    return clause.endswith(("吗", "么", "呢")) or any(w in clause for w in _QUESTION_WORDS)
+
+
+_QUESTION_WORDS = ("怎么", "为什么", "什么时候", "多久", "几天", "哪里", "能不能", "可不可以", "是不是", "有没有",
+                   "如何")
+
+
+@lru_cache(maxsize=32)
+def _longest_first(words: tuple[str, ...]) -> list[str]:
+    return sorted(set(words), key=len, reverse=True)
+
+
+@lru_cache(maxsize=32)
+def _alternation(words: tuple[str, ...]) -> re.Pattern[str]:
+    """One pattern for a word list, longest words first so the longest match wins."""
+    return re.compile("|".join(map(re.escape, _longest_first(tuple(w for w in words if w)))) or "(?!)")
+
+
+def _dedup(clauses: list[str], near: float = 1.0) -> list[str]:
+    """Clauses without repeats: customers paste the same question twice, agents repeat a
+    promise; a clause inside a longer one already kept adds nothing, and with `near` < 1 neither
+    does one that shares that share of its characters, in order, with a kept one."""
+    kept: list[str] = []
+    for c in clauses:
+        if any(c in k or (near < 1 and _near(c, k, near)) for k in kept):
+            continue
+        inside = [n for n, k in enumerate(kept) if k in c]
+        if inside:  # the longer wording takes the place of the first shorter one
+            kept[inside[0]] = c
+            kept = [k for n, k in enumerate(kept) if n not in inside[1:]]
+        else:
+            kept.append(c)
+    return kept
+
+
+def _near(a: str, b: str, share: float) -> bool:
+    return lcs_length(a, b) >= share * min(len(a), len(b))
+
+
+def lcs_length(a: str, b: str) -> int:
+    """Length of the longest common subsequence, bit-parallel (Hyyro 2004): len(b) big-integer
+    steps instead of a len(a) x len(b) table."""
+    if not a or not b:
+        return 0
+    masks: dict[str, int] = {}
+    for i, ch in enumerate(a):
+        masks[ch] = masks.get(ch, 0) | (1 << i)
+    full = (1 << len(a)) - 1
+    v = full
+    for ch in b:
+        u = v & masks.get(ch, 0)
+        v = ((v + u) | (v - u)) & full
+    return len(a) - bin(v).count("1")
 
 
 def _join(parts: list[str], limit: int) -> str:

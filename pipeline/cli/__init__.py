@@ -38,6 +38,7 @@ _COMMAND_MODULES = (
     "pipeline.cli.emotion_cmds",
     "pipeline.cli.library_cmds",
     "pipeline.cli.pii_cmds",
+    "pipeline.cli.cases_cmds",
 )
 
 
