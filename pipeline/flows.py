@@ -33,8 +33,7 @@ def ingest_task(ctx: steps.RunContext) -> steps.IngestResult:
 
 @task(name="process-batch", cache_policy=NO_CACHE, persist_result=False)
 def process_task(ctx: steps.RunContext, batch: list[Conversation], part: int) -> BatchResult:
-    res = steps.process(ctx, batch, shared_segmenter(ctx.cfg))
-    res.cases = steps.classify(ctx, res.cases)
+    res = steps.process_and_classify(ctx, batch, shared_segmenter(ctx.cfg))
     steps.store(ctx, res.cases, part)
     return res
 

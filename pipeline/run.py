@@ -25,7 +25,7 @@ from pipeline.config import Config
 from pipeline.ingest import FileResult, discover, read_file
 from pipeline.lock import run_lock
 from pipeline.io import atomic_write_text, sha256_file
-from pipeline.process import BatchResult, process_batch
+from pipeline.process import BatchResult, guard_case_step, process_batch
 from pipeline.progress import progress
 from pipeline.schema import Conversation, QuarantineRecord
 from pipeline.segment import Segmenter
@@ -211,8 +211,17 @@ def process(ctx: RunContext, convs: list[Conversation], segmenter: Segmenter | N
     from pipeline.emotion import add_emotion
 
     t = time.perf_counter()
-    res.cases = add_emotion(res.cases, ctx.cfg)
+    res.cases, bad = guard_case_step(res.cases, lambda df: add_emotion(df, ctx.cfg), "emotion")
+    res.rejected += bad
     res.seconds["emotion"] = time.perf_counter() - t
+    return res
+
+
+def process_and_classify(ctx: RunContext, convs: list[Conversation], segmenter: Segmenter | None = None) -> BatchResult:
+    """`process` then `classify`, a conversation that makes either raise quarantined alone."""
+    res = process(ctx, convs, segmenter)
+    res.cases, bad = guard_case_step(res.cases, lambda df: classify(ctx, df), "classify")
+    res.rejected += bad
     return res
 
 
@@ -287,7 +296,11 @@ def commit(ctx: RunContext, ing: IngestResult, rejected: list[QuarantineRecord],
     quarantined = ing.quarantined + rejected
     qpath = write_quarantine(ctx.out, ctx.run_id, quarantined, masker)
     parts = [(str(p.relative_to(ctx.out)), sha256_file(p)) for p in run_parts(ctx.out, ctx.run_id)]
-    rec = CommitRecord.of(ctx.run_id, conversations=[(c.conversation_id, c.content_hash) for c in ing.accepted],
+    # A conversation a step failed on (bad_value) is not recorded as seen: once the failure is
+    # fixed, its next delivery is processed instead of counted as a duplicate.
+    failed = {q.raw_hash for q in rejected if q.reason == "bad_value"}
+    rec = CommitRecord.of(ctx.run_id, conversations=[(c.conversation_id, c.content_hash) for c in ing.accepted
+                                                     if c.content_hash not in failed],
                           quarantined=[(q.raw_hash, q.reason) for q in quarantined], files=ing.files,
                           orders=[o for o in cases["order_id"].dropna().unique()] if len(cases) else [], parts=parts)
     # The manifest first: if the process dies before the SQLite commit, the next start finishes
@@ -467,8 +480,7 @@ def _run_locked(cfg: Config, input_dir: Path, out: Path, runner: str) -> dict[st
     parts = batches(ing.accepted, cfg.flow.batch_size)
     with Segmenter(cfg) as seg:
         for n, batch in enumerate(parts):
-            res = process(ctx, batch, seg)
-            res.cases = classify(ctx, res.cases)
+            res = process_and_classify(ctx, batch, seg)
             for k, v in res.seconds.items():
                 ctx.seconds[k] = ctx.seconds.get(k, 0.0) + v
             t = time.perf_counter()

@@ -4,37 +4,30 @@
 comes back either as a Conversation or as a QuarantineRecord naming the file, line or byte offset
 and a reason a person can act on. Counting (`FileResult.n_read`) is per record: a JSONL line, an
 element of a JSON array, an ASR JSON file, or one conversation's rows in a CSV.
+
+Why every record is fenced off on its own: a delivery holds thousands of records from systems we
+do not control, and one value nobody anticipated (a 23-digit timestamp, a lone surrogate) must
+cost that record, not the night. Anything a check did not foresee still becomes a `bad_value`
+quarantine naming the field being read.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import IngestConfig
-from pipeline.ingest.decode import Line, detect_encoding, split_lines
-from pipeline.ingest.parse import Parser, RecordError
-from pipeline.schema import Conversation, QuarantineRecord
+from pipeline.ingest.common import EXCERPT_CHARS, FileResult, quarantine as _quarantine, unexpected
+from pipeline.ingest.csvrows import read_csv_lines
+from pipeline.ingest.decode import BOM, Line, decode_lines
+from pipeline.ingest.parse import (Parser, RecordError, find_long_int, has_escaped_surrogate, locate_long_int,
+                                   scrub_surrogates)
+from pipeline.schema import Conversation
+
+__all__ = ["FileResult", "discover", "read_file"]
 
 SUFFIXES = (".jsonl", ".json", ".csv")
-EXCERPT_CHARS = 120
-
-
-@dataclass
-class FileResult:
-    path: str
-    encoding: str
-    conversations: list[Conversation] = field(default_factory=list)
-    quarantined: list[QuarantineRecord] = field(default_factory=list)
-
-    @property
-    def n_read(self) -> int:
-        return len(self.conversations) + len(self.quarantined)
 
 
 def discover(input_dir: Path) -> list[Path]:
@@ -47,45 +40,67 @@ def discover(input_dir: Path) -> list[Path]:
     return sorted(found)
 
 
-def _raw_hash(raw: bytes) -> str:
-    return hashlib.sha256(raw).hexdigest()
-
-
-def _quarantine(path: str, err: RecordError, raw: bytes, line: int | None = None, offset: int | None = None,
-                cid: Any = None, excerpt: str = "") -> QuarantineRecord:
-    # The excerpt is cut here and masked by the caller before it is written anywhere.
-    return QuarantineRecord(source_file=path, reason=err.reason, detail=err.detail, line=line, byte_offset=offset,
-                            conversation_id=None if cid is None else str(cid)[:100],
-                            excerpt=excerpt[:EXCERPT_CHARS], raw_hash=_raw_hash(raw))
+def _display_name(path: Path, root: Path | None) -> str:
+    name = str(path.relative_to(root)) if root and path.is_relative_to(root) else str(path)
+    # A file name that is not valid UTF-8 arrives with lone surrogates (surrogateescape); they
+    # could be written nowhere, so its odd bytes are shown as \xNN instead.
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def read_file(path: Path, cfg: IngestConfig, root: Path | None = None) -> FileResult:
     """Read one file of any supported format; `root` makes the recorded path relative."""
-    name = str(path.relative_to(root)) if root and path.is_relative_to(root) else str(path)
-    parser = Parser(cfg)
+    name = _display_name(path, root)
     try:
         data = path.read_bytes()
     except OSError as e:
         res = FileResult(name, "unknown")
         res.quarantined.append(_quarantine(name, RecordError("unreadable_file", f"cannot read the file: {e.strerror}"), b""))
         return res
-    encoding = detect_encoding(data)
-    res = FileResult(name, encoding)
+    res = FileResult(name, "unknown")
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        _read_jsonl(data, encoding, parser, res, cfg)
-    elif suffix == ".json":
-        _read_json(path, data, encoding, parser, res, cfg)
-    elif suffix == ".csv":
-        _read_csv(data, encoding, parser, res)
+    try:
+        if suffix == ".json":
+            _read_json(path, data, Parser(cfg), res, cfg)
+        else:
+            res.encoding, lines = decode_lines(data)
+            if suffix == ".jsonl":
+                _read_jsonl(lines, Parser(cfg), res, cfg)
+            elif suffix == ".csv":
+                read_csv_lines(lines, Parser(cfg), res, cfg)
+    except Exception as e:  # noqa: BLE001 - a reader bug must not stop the night either
+        # The records already read stand; the rest of the file is one quarantined record, so the
+        # file is seen as broken (not silently short) and the counts still reconcile.
+        res.quarantined.append(_quarantine(name, unexpected(e, "the file"), data, None, None, None, ""))
     for c in res.conversations:
-        c.source_file, c.encoding = name, encoding
+        c.source_file = name
+        c.encoding = c.encoding or res.encoding
         c.source_format = c.source_format or suffix.lstrip(".")
     return res
 
 
-def _read_jsonl(data: bytes, encoding: str, parser: Parser, res: FileResult, cfg: IngestConfig) -> None:
-    for line in split_lines(data, encoding):
+def load_json(text: str) -> Any:
+    """json.loads for one record, with its hostile cases turned into RecordErrors and lone
+    surrogates replaced (they would raise in every writer downstream)."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecordError("malformed_json", f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
+                                            "fix or re-export the record") from None
+    except ValueError:
+        # Python refuses to convert integers over 4,300 digits; say where the number is.
+        where, digits, record = locate_long_int(text) or ("a number", 0, None)
+        raise RecordError("bad_value", _long_int_detail(where, digits), scrub_surrogates(record)) from None
+    except RecursionError:
+        raise RecordError("malformed_json", "JSON nested too deeply") from None
+    return scrub_surrogates(obj) if has_escaped_surrogate(text) else obj
+
+
+def _long_int_detail(where: str, digits: int) -> str:
+    return f"{where} is a {digits}-digit integer, too long to be any real value"
+
+
+def _read_jsonl(lines: list[Line], parser: Parser, res: FileResult, cfg: IngestConfig) -> None:
+    for line in lines:
         if line.text is not None and not line.text.strip():
             continue
         _one_record(line, parser, res, cfg)
@@ -93,57 +108,90 @@ def _read_jsonl(data: bytes, encoding: str, parser: Parser, res: FileResult, cfg
 
 def _one_record(line: Line, parser: Parser, res: FileResult, cfg: IngestConfig) -> None:
     excerpt = line.text if line.text is not None else line.raw.decode("utf-8", errors="replace")
+    obj: Any = None
     try:
         if line.text is None:
             raise RecordError("undecodable_bytes", f"{line.error}; re-export the file in UTF-8")
         if len(line.raw) > cfg.max_record_bytes:
             raise RecordError("oversized_record", f"{len(line.raw)} bytes exceed ingest.max_record_bytes={cfg.max_record_bytes}")
-        try:
-            obj = json.loads(line.text)
-        except json.JSONDecodeError as e:
-            raise RecordError("malformed_json", f"not valid JSON ({e.msg} at column {e.colno}); fix or re-export the line") from None
+        # A BOM inside the file is where another export was pasted on; JSON does not allow it.
+        obj = load_json(line.text[1:] if line.text.startswith("\ufeff") else line.text)
         conv = parser.chat(obj)
-        conv.source_line, conv.source_format = line.number, "chat_jsonl"
+        conv.source_line, conv.source_format, conv.encoding = line.number, "chat_jsonl", line.encoding
         res.conversations.append(conv)
     except RecordError as e:
-        cid = obj.get("conversation_id") if "obj" in locals() and isinstance(obj, dict) else None
+        cid = _cid(obj if obj is not None else e.record)
         res.quarantined.append(_quarantine(res.path, e, line.raw, line.number, line.offset, cid, excerpt))
-    except RecursionError:
-        res.quarantined.append(_quarantine(res.path, RecordError("malformed_json", "JSON nested too deeply"),
-                                           line.raw, line.number, line.offset, None, excerpt))
+    except Exception as e:  # noqa: BLE001 - see the module docstring
+        res.quarantined.append(_quarantine(res.path, unexpected(e, "the record"), line.raw, line.number, line.offset,
+                                           _cid(obj), excerpt))
 
 
-def _read_json(path: Path, data: bytes, encoding: str, parser: Parser, res: FileResult, cfg: IngestConfig) -> None:
-    text = None
+def _cid(obj: Any) -> Any:
+    return obj.get("conversation_id") if isinstance(obj, dict) else None
+
+
+def _json_text(data: bytes) -> tuple[str, str | None, str, int | None]:
+    """A .json file's encoding and text, decided line by line like JSONL (a pretty-printed file
+    pasted together from two exports can mix encodings); the text is None when a line does not
+    decode, with the reason and that line's byte offset."""
+    label, skip = ("utf-8-sig", 3) if data.startswith(BOM) else ("utf-8", 0)
+    try:  # the common case, without splitting the file into lines
+        return label, data[skip:].decode("utf-8"), "", None
+    except UnicodeDecodeError:
+        pass
+    encoding, lines = decode_lines(data)
+    if encoding == "utf-16":
+        try:
+            return encoding, data.decode("utf-16"), "", None
+        except UnicodeDecodeError as e:
+            return encoding, None, f"byte {e.start} is not valid UTF-16", e.start
+    bad = next((ln for ln in lines if ln.text is None), None)
+    if bad is not None:
+        return encoding, None, f"line {bad.number}: {bad.error}", bad.offset
+    return encoding, "\n".join(ln.text or "" for ln in lines), "", None
+
+
+def _read_json(path: Path, data: bytes, parser: Parser, res: FileResult, cfg: IngestConfig) -> None:
+    if len(data) > cfg.max_record_bytes * 50:
+        res.quarantined.append(_quarantine(res.path, RecordError(
+            "oversized_record", f"{len(data)} bytes: split the file or raise ingest.max_record_bytes"), data))
+        return
+    res.encoding, text, error, offset = _json_text(data)
+    if text is None:
+        res.quarantined.append(_quarantine(res.path, RecordError("undecodable_bytes", f"{error}; re-export in UTF-8"),
+                                           data, None, offset))
+        return
+    long_ints = False
     try:
-        text = data.decode(encoding)
-        if len(data) > cfg.max_record_bytes * 50:
-            raise RecordError("oversized_record", f"{len(data)} bytes: split the file or raise ingest.max_record_bytes")
-        obj = json.loads(text)
-    except UnicodeDecodeError as e:
-        res.quarantined.append(_quarantine(res.path, RecordError("undecodable_bytes", f"byte {e.start} is not valid {encoding}; re-export in UTF-8"), data, None, e.start))
-        return
-    except json.JSONDecodeError as e:
-        res.quarantined.append(_quarantine(res.path, RecordError("malformed_json", f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"),
-                                           data, e.lineno, e.pos, None, text[:EXCERPT_CHARS] if text else ""))
-        return
+        obj = load_json(text)
     except RecordError as e:
-        res.quarantined.append(_quarantine(res.path, e, data))
-        return
-    except RecursionError:
-        res.quarantined.append(_quarantine(res.path, RecordError("malformed_json", "JSON nested too deeply"), data))
-        return
+        if not (e.reason == "bad_value" and isinstance(e.record, list)):
+            res.quarantined.append(_quarantine(res.path, e, data, None, None, _cid(e.record), text[:EXCERPT_CHARS]))
+            return
+        # A list of conversations: only the items holding such a number are bad.
+        obj, long_ints = e.record, True
     items = obj if isinstance(obj, list) else [obj]
     for i, item in enumerate(items):
-        raw = json.dumps(item, ensure_ascii=False, default=str).encode() if isinstance(obj, list) else data
+        index = i if isinstance(obj, list) else None
         try:
-            conv = _json_item(item, path, parser, index=i if isinstance(obj, list) else None)
-            conv.source_line = i + 1 if isinstance(obj, list) else None
+            raw = json.dumps(item, ensure_ascii=False, default=str).encode() if index is not None else data
+        except Exception:  # noqa: BLE001 - only for the hash; the item itself is judged below
+            raw = repr(item).encode("utf-8", "backslashreplace")
+        try:
+            found = find_long_int(item) if long_ints else None
+            if found:
+                raise RecordError("bad_value", _long_int_detail(*found))
+            conv = _json_item(item, path, parser, index)
+            conv.source_line = None if index is None else i + 1
             res.conversations.append(conv)
-        except RecordError as e:
-            cid = item.get("conversation_id") if isinstance(item, dict) else None
-            res.quarantined.append(_quarantine(res.path, e, raw, i + 1 if isinstance(obj, list) else None, None, cid,
+        except Exception as e:  # noqa: BLE001 - see the module docstring
+            err = e if isinstance(e, RecordError) else unexpected(e, "the record")
+            res.quarantined.append(_quarantine(res.path, err, raw, None if index is None else i + 1, None, _cid(item),
                                                raw.decode("utf-8", errors="replace")))
+
+
+_ID_TYPES = (str, int)
 
 
 def _json_item(item: Any, path: Path, parser: Parser, index: int | None) -> Conversation:
@@ -154,8 +202,10 @@ def _json_item(item: Any, path: Path, parser: Parser, index: int | None) -> Conv
         conv = parser.chat(item)
         conv.source_format = "chat_json"
         return conv
-    cid = item.get("conversation_id") or item.get("TaskId") or item.get("task_id") or (
-        path.stem if index is None else f"{path.stem}-{index}")
+    given = item.get("conversation_id")
+    if given is not None and (not isinstance(given, _ID_TYPES) or isinstance(given, bool)):
+        raise RecordError("missing_id", f"conversation_id is {type(given).__name__}; it must be a string or a number")
+    cid = given or item.get("TaskId") or item.get("task_id") or (path.stem if index is None else f"{path.stem}-{index}")
     conv = parser.asr(sentences, str(cid), item.get("started_at"), item.get("metadata") if isinstance(item.get("metadata"), dict) else None,
                       item.get("agent_channel"), str(item.get("channel") or "call"))
     conv.source_format = "asr_json"
@@ -170,72 +220,3 @@ def _find_sentences(item: dict[str, Any]) -> list | None:
                 if isinstance(holder.get(key), list):
                     return holder[key]
     return None
-
-
-_META_COLUMNS = ("region", "product", "order_id", "agent_id", "csat", "customer_id", "team")
-
-
-def _read_csv(data: bytes, encoding: str, parser: Parser, res: FileResult) -> None:
-    """CSV: one row per sentence (ASR: channel_id, begin_ms, end_ms) or per turn (chat: speaker),
-    grouped into conversations by conversation_id in order of first appearance."""
-    lines = split_lines(data, encoding)
-    good = []
-    for line in lines:
-        if line.text is None:
-            res.quarantined.append(_quarantine(res.path, RecordError("undecodable_bytes", f"{line.error}; re-export the file in UTF-8"),
-                                               line.raw, line.number, line.offset, None, line.raw.decode("utf-8", errors="replace")))
-        else:
-            good.append(line)
-    if not good:
-        return
-    reader = csv.reader(io.StringIO("\n".join(line.text for line in good)))
-    numbers = [line.number for line in good]
-    try:
-        header = [h.strip().lower().lstrip("\ufeff") for h in next(reader)]
-    except (StopIteration, csv.Error):
-        return
-    if "conversation_id" not in header or "text" not in header:
-        res.quarantined.append(_quarantine(res.path, RecordError("bad_header", "the CSV needs conversation_id and text columns "
-                                           f"(found: {', '.join(header)[:200]})"), good[0].raw, good[0].number, good[0].offset))
-        return
-    groups: dict[str, list[tuple[int, dict[str, str]]]] = {}
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as e:
-            n = numbers[min(reader.line_num - 1, len(numbers) - 1)]
-            res.quarantined.append(_quarantine(res.path, RecordError("malformed_csv", f"CSV parse error: {e}"), b"", n))
-            continue
-        n = numbers[min(reader.line_num - 1, len(numbers) - 1)]
-        if not any(cell.strip() for cell in row):
-            continue
-        rec = dict(zip(header, row))
-        cid = (rec.get("conversation_id") or "").strip()
-        if not cid:
-            res.quarantined.append(_quarantine(res.path, RecordError("missing_id", "row has no conversation_id"),
-                                               ",".join(row).encode(), n, None, None, ",".join(row)))
-            continue
-        groups.setdefault(cid, []).append((n, rec))
-    for cid, rows in groups.items():
-        first_line, first = rows[0]
-        raw = json.dumps([r for _, r in rows], ensure_ascii=False).encode()
-        meta = {k: first[k] for k in _META_COLUMNS if first.get(k) not in (None, "")}
-        try:
-            if "speaker" in header and "channel_id" not in header:
-                conv = parser.chat({"conversation_id": cid, "channel": first.get("channel") or "chat",
-                                    "started_at": first.get("started_at") or None, "metadata": meta,
-                                    "turns": [{"speaker": r.get("speaker"), "text": r.get("text"), "ts": r.get("ts") or None} for _, r in rows]})
-                conv.source_format = "chat_csv"
-            else:
-                sentences = [{"ChannelId": r.get("channel_id"), "BeginTime": r.get("begin_ms", r.get("begin_time")),
-                              "EndTime": r.get("end_ms", r.get("end_time")), "Text": r.get("text"),
-                              **({"speaker": r["speaker"]} if r.get("speaker") else {})} for _, r in rows]
-                conv = parser.asr(sentences, cid, first.get("started_at") or None, meta, first.get("agent_channel") or None,
-                                  first.get("channel") or "call")
-                conv.source_format = "asr_csv"
-            conv.source_line = first_line
-            res.conversations.append(conv)
-        except RecordError as e:
-            res.quarantined.append(_quarantine(res.path, e, raw, first_line, None, cid, rows[0][1].get("text", "")))
