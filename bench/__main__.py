@@ -9,6 +9,7 @@ BENCHES = [
     ["bench.bench_flow", "--sizes", "2000,10000"],
     ["bench.bench_embed_index", "--sizes", "10000,100000"],
     ["bench.bench_clusters"],
+    ["bench.bench_query"],
 ]
 
 if __name__ == "__main__":

@@ -47,8 +47,8 @@ REBUILD_HINT = "rebuild it with `casemine index --rebuild`"
 
 # Metadata kept per case: what query display and filters need. `vid` is the FAISS id.
 META_COLUMNS: tuple[str, ...] = (
-    "case_id", "vid", "conversation_id", "problem", "handling", "outcome", "issue_type", "urgency",
-    "channel", "date", "product", "region", "emotion", "tokens", "text_hash",
+    "case_id", "vid", "conversation_id", "problem", "handling", "outcome", "outcome_evidence", "issue_type",
+    "urgency", "channel", "date", "product", "region", "emotion", "tokens", "text_hash",
 )
 _STRING_COLS = tuple(c for c in META_COLUMNS if c not in ("vid", "tokens"))
 FILTER_FIELDS = ("issue_type", "urgency", "channel", "product", "region")
@@ -440,6 +440,9 @@ class CaseIndex:
             idx.index = faiss.read_index(str(d / INDEX_FILE))
             idx.kind = man["kind"]
             idx.meta = pq.read_table(d / META_FILE).to_pandas()
+            for c in META_COLUMNS:  # versions written before a column was kept (outcome_evidence)
+                if c not in idx.meta.columns:
+                    idx.meta[c] = None
             idx.meta["tokens"] = idx.meta["tokens"].map(lambda t: list(t) if t is not None else [])
             idx.tombstones = set(int(x) for x in np.load(d / TOMB_FILE))
             idx.next_id = int(man["next_id"])

@@ -234,3 +234,14 @@ def test_default_run_succeeds_with_both_cores_busy(small_input, tmp_path):
     summary = json.loads(r.stdout)
     assert summary["records"]["reconciles"] and summary["cases"]["written"] > 0
     assert "Prefect" in summary["runner"]  # as a flow, or said why not
+
+
+def test_unexpected_errors_are_one_line_unless_debug(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "state").write_text("a file where a folder belongs")
+    r = subprocess.run([*CASEMINE, "repair", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "--debug" in r.stderr
+    assert len([line for line in r.stderr.splitlines() if line.startswith("error:")]) == 1
+    r = subprocess.run([*CASEMINE, "repair", "--out", str(out), "--debug"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" in r.stderr

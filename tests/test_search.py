@@ -163,13 +163,13 @@ def test_server_round_trip_and_follows_swaps(tmp_path, fake_embedder):
     assert up.wait(30)
     try:
         res = query_remote(cfg, out, ["快递三天没到"], 2, Filters(), "hybrid", port=port)
-        assert res and res["index_version"] == 1 and res["results"][0][0]["case_id"] == "c1"
+        assert res and res["index_version"] == 1 and res["results"][0]["hits"][0]["case_id"] == "c1"
         # another root: the server declines, the client falls back to local
         assert query_remote(cfg, tmp_path / "elsewhere", ["x"], 1, None, None, port=port) is None
         # after an update the server reloads and answers from the new version
         update_from_cases(cfg, out, make_cases([("c7", "快递丢件了", "", "物流配送", "紧急", "chat", "2025-09-09", None, None)]))
         res = query_remote(cfg, out, ["快递丢件了"], 1, Filters(), "hybrid", port=port)
-        assert res["index_version"] == 2 and res["results"][0][0]["case_id"] == "c7"
+        assert res["index_version"] == 2 and res["results"][0]["hits"][0]["case_id"] == "c7"
     finally:
         box["httpd"].shutdown()
     assert query_remote(cfg, out, ["x"], 1, None, None, port=port) is None  # nobody listening

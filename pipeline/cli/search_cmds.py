@@ -1,5 +1,5 @@
-"""`casemine embed build-model`, `casemine index`, `casemine query`, `casemine serve`,
-`casemine eval retrieval`.
+"""`casemine embed build-model`, `casemine index`, `casemine query`, `casemine show`,
+`casemine serve`, `casemine eval retrieval`.
 
 Kept free of Prefect and of heavy imports at module level: `casemine query` is called by agents
 many times, so everything expensive is imported inside the command that needs it.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -79,29 +79,12 @@ def index_cmd(
                       f"in {summary['seconds']} s")
 
 
-def _print_hits(query: str, hits: list[dict], mode: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"{query}  [{mode}]", show_lines=True, title_justify="left")
-    for col in ("#", "score", "type", "urgency", "date", "outcome"):
-        t.add_column(col, overflow="fold", no_wrap=col in ("#", "score", "date"))
-    t.add_column("problem", overflow="fold", ratio=3, min_width=16)
-    t.add_column("handling", overflow="fold", ratio=2, min_width=12)
-    for i, h in enumerate(hits, 1):
-        t.add_row(str(i), f"{h['score']:.3f}", h.get("issue_type") or "-", h.get("urgency") or "-",
-                  h.get("date") or "-", h.get("outcome") or "-", h.get("problem") or "", h.get("handling") or "")
-    if not hits:
-        t.add_row("-", "-", "-", "-", "-", "-", "(no matching cases)", "")
-    Console().print(t)  # results are the command's output: stdout
-
-
 @app.command("query")
 def query_cmd(
     query: Optional[str] = typer.Argument(None, help="The question; omit to read one query per line from stdin."),
-    k: int = typer.Option(5, "-k", "--k", min=1, max=1000, help="How many similar cases."),
-    issue_type: list[str] = typer.Option([], "--type", help="Issue type(s) to keep (repeatable)."),
-    urgency: list[str] = typer.Option([], "--urgency", help="Urgency level(s) to keep."),
+    k: int = typer.Option(5, "-k", "--k", min=1, max=100, help="How many similar cases (1-100)."),
+    issue_type: list[str] = typer.Option([], "--type", help="Issue type(s) to keep (repeatable), e.g. 物流配送."),
+    urgency: list[str] = typer.Option([], "--urgency", help="Urgency level(s) to keep: 紧急, 重要, 一般."),
     channel: list[str] = typer.Option([], "--channel", help="Channel(s): chat, call, ..."),
     product: list[str] = typer.Option([], "--product", help="Product(s) to keep."),
     region: list[str] = typer.Option([], "--region", help="Region(s) to keep."),
@@ -111,90 +94,161 @@ def query_cmd(
     out: Optional[Path] = OutOption,
     library: bool = typer.Option(False, "--library", help="Search only the published typical-case library."),
     local: bool = typer.Option(False, "--local", help="Do not use a running `casemine serve`."),
-    port: Optional[int] = typer.Option(None, "--port", help="Port of `casemine serve` (default: search.serve_port)."),
+    port: Optional[int] = typer.Option(None, "--port", help="Port of `casemine serve` (default: the one it runs on)."),
     config: Optional[Path] = ConfigOption,
     json_out: bool = typer.Option(False, "--json", help="One JSON object per query on stdout."),
 ) -> None:
-    """Find the k most similar past cases to a customer's problem."""
-    import re
+    """Find the k most similar past cases to a customer's problem.
+
+    Each case shows its id (for `casemine show`), type, date, cosine similarity, problem, handling
+    and outcome with its evidence; a line says when no case is a close match. Uses a running
+    `casemine serve` for the same --out when there is one, else searches locally.
+    """
+    from pipeline import query_client
 
     t0 = time.perf_counter()
-    MODES = ("dense", "bm25", "hybrid")  # not imported from pipeline.search: that costs pandas + faiss
     cfg = get_config(config)
     root = _out_root(cfg, out)
-    if mode is not None and mode not in MODES:
-        fail(f"--mode must be one of {', '.join(MODES)}", code=2)
-    for name, d in (("--since", since), ("--until", until)):
-        if d and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", d):
-            fail(f"{name} takes a date like 2025-09-01, not {d!r}", code=2)
-    queries = [query] if query else [l.strip() for l in sys.stdin if l.strip()]
+    if mode is not None and mode not in query_client.MODES:
+        fail(f"--mode must be one of {', '.join(query_client.MODES)}", code=2)
+    queries = [query] if query else [line.strip() for line in sys.stdin if line.strip()]
     if not queries:
         fail("no query given: pass one as an argument or pipe queries on stdin, one per line", code=2)
-    # Plain dict (Filters.to_dict's shape) so the server path never imports pandas.
     filters = {k_: v for k_, v in dict(issue_type=issue_type, urgency=urgency, channel=channel, product=product,
                                        region=region, since=since, until=until).items() if v}
-    if library:
-        from pipeline.library import published_case_ids
+    code = query_client.run_query(cfg, root, queries, k=k, filters=filters, mode=mode, library=library,
+                                  json_out=json_out, t0=t0, try_server=not local, port=port)
+    if code:
+        raise typer.Exit(code)
 
-        ids = published_case_ids(root)
-        if not ids:
-            fail(f"no published library cases under {root}; review candidates (`casemine library list`, "
-                 "`approve`) and run `casemine library publish` first")
-        filters["case_ids"] = sorted(ids)
-    eff_mode = mode or cfg.search.mode
-    res = None
-    served_by = "local"
-    if not local:
-        from pipeline.serve import query_remote
 
-        res = query_remote(cfg, root, queries, k, filters, eff_mode, port=port)
-        served_by = "server" if res is not None else "local"
-    if res is None:
-        from pipeline.index import IndexLoadError
-        from pipeline.serve import QueryService
+@app.command("show")
+def show_cmd(
+    case_id: str = typer.Argument(..., help="A case id as `casemine query` prints it, e.g. 1f1a6a9c764d0902-0."),
+    out: Optional[Path] = OutOption,
+    config: Optional[Path] = ConfigOption,
+    json_out: bool = typer.Option(False, "--json", help="The stored case row as one JSON object."),
+) -> None:
+    """Print one case in full (masked, as stored): facts, problem, handling, outcome, the conversation."""
+    from pipeline.query_client import term_width
 
-        try:
-            res = QueryService(cfg, root).answer(queries, k, filters, eff_mode)
-        except IndexLoadError as e:
-            fail(str(e))
-    elapsed = round((time.perf_counter() - t0) * 1000, 1)
-    if library:
-        from pipeline.library import record_usage
+    cfg = get_config(config)
+    root = _out_root(cfg, out)
+    row = read_case(root, case_id)
+    if row is None:
+        fail(f"no case {case_id!r} under {root / 'processed' / 'cases'}")
+    if json_out:
+        emit_json(row)
+    else:
+        sys.stdout.write(render_case(row, term_width(sys.stdout)) + "\n")
 
-        # Usage counts feed the library's evaluate step; the query text itself is never stored.
-        record_usage(root, [h["case_id"] for hits in res["results"] for h in hits])
-    for q, hits in zip(queries, res["results"]):
-        if json_out:
-            shown = {k_: v for k_, v in filters.items() if k_ != "case_ids"}
-            emit_json({"query": q, "k": k, "mode": eff_mode, "filters": shown, "library": library,
-                       "index_version": res["index_version"], "served_by": served_by, "elapsed_ms": elapsed,
-                       "results": [{"rank": i, **h} for i, h in enumerate(hits, 1)]})
-        else:
-            _print_hits(q, hits, eff_mode)
-    if not json_out:
-        console.print(f"[dim]index v{res['index_version']}, {served_by}, {elapsed} ms[/]")
+
+def read_case(root: Path, case_id: str) -> dict[str, Any] | None:
+    """The newest stored row of a case (a re-run may have written it again), or None."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    base = Path(root) / "processed" / "cases"
+    files = sorted(base.glob("date=*/part-*.parquet"))
+    if not files:
+        return None
+    # Partitions written before a later step added a column lack it: unify by name. `date` is the
+    # folder's (older files also hold it as a column, with the same value).
+    schema = pa.unify_schemas([pq.read_schema(f) for f in files])
+    if "date" not in schema.names:
+        schema = schema.append(pa.field("date", pa.string()))
+    hive = ds.partitioning(pa.schema([("date", pa.string())]), flavor="hive")
+    rows = ds.dataset([str(f) for f in files], format="parquet", schema=schema, partitioning=hive,
+                      partition_base_dir=str(base)).to_table(filter=ds.field("case_id") == case_id).to_pylist()
+    return max(rows, key=lambda r: r.get("run_id") or "") if rows else None
+
+
+def render_case(row: dict[str, Any], width: int) -> str:
+    from pipeline.query_client import wrap
+
+    def field_(label: str, value: Any) -> list[str]:
+        text = "-" if value in (None, "", []) else str(value)
+        body = wrap(" ".join(text.split()), width - 15)
+        return [f"  {label:<12} {body[0]}"] + [" " * 15 + line for line in body[1:]]
+
+    lines = [f"case {row.get('case_id')}"]
+    lines += field_("conversation", f"{row.get('conversation_id')} (issue {int(row.get('segment') or 0) + 1})")
+    lines += field_("type", _with_confidence(row.get("issue_type"), row.get("issue_type_confidence"),
+                                             row.get("needs_review")))
+    lines += field_("request", row.get("request_kind"))
+    lines += field_("urgency", row.get("urgency"))
+    date_note = " (ingest date: the transcript has no time)" if row.get("date_source") == "ingested" else ""
+    lines += field_("date", f"{row.get('date')}{date_note}")
+    lines += field_("channel", row.get("channel"))
+    for key in ("product", "region", "order_id", "agent_id"):
+        if row.get(key):
+            lines += field_(key.replace("_id", ""), row.get(key))
+    outcome = row.get("outcome") or "unknown"
+    evidence = (row.get("outcome_evidence") or "").strip()
+    lines += field_("outcome", f"{outcome} ({evidence})" if evidence else outcome)
+    lines += field_("emotion", _emotion(row))
+    lines += field_("timings", _timings(row))
+    for title, key in (("problem", "problem"), ("handling", "handling")):
+        lines += ["", title] + ["  " + line for line in wrap(row.get(key) or "-", width - 2)]
+    turns = row.get("turns") or []
+    lines += ["", f"conversation ({len(turns)} turns, personal data masked)"]
+    for t in turns:
+        body = wrap(" ".join((t.get("text") or "").split()), width - 12)
+        lines += [f"  {(t.get('speaker') or '?'):<9} {body[0]}"] + [" " * 12 + line for line in body[1:]]
+    return "\n".join(lines)
+
+
+def _with_confidence(value: str | None, confidence: Any, review: Any) -> str:
+    text = value or "-"
+    if isinstance(confidence, (int, float)):
+        text += f" (confidence {confidence:.2f}{', needs review' if review else ''})"
+    return text
+
+
+def _emotion(row: dict[str, Any]) -> str:
+    text = row.get("emotion") or "-"
+    start, end = row.get("emotion_start"), row.get("emotion_end")
+    if isinstance(start, (int, float)) and isinstance(end, (int, float)):
+        text += f" (curve {start:+.2f} -> {end:+.2f})"
+    return text
+
+
+def _timings(row: dict[str, Any]) -> str:
+    parts = []
+    if isinstance(row.get("first_response_s"), (int, float)):
+        parts.append(f"first response {row['first_response_s']:.0f} s")
+    if isinstance(row.get("duration_s"), (int, float)):
+        parts.append(f"duration {row['duration_s'] / 60:.1f} min")
+    parts.append(f"{row.get('n_turns') or 0} turns")
+    missing = row.get("timings_missing") or []
+    if missing:
+        parts.append("not computable: " + ", ".join(missing))
+    return "; ".join(parts)
 
 
 @app.command("serve")
 def serve_cmd(
-    port: Optional[int] = typer.Option(None, "--port", help="Loopback port (default: search.serve_port, 8765)."),
+    port: Optional[int] = typer.Option(None, "--port", help="Loopback port (default: search.serve_port)."),
     out: Optional[Path] = OutOption,
     config: Optional[Path] = ConfigOption,
 ) -> None:
-    """Keep the model and index warm on 127.0.0.1 so `casemine query` answers in milliseconds."""
-    from pipeline.index import IndexLoadError
+    """Keep the model and index warm on 127.0.0.1 (HTTP API, token in <out>/serve.token) so
+    `casemine query` answers in milliseconds."""
+    from pipeline.search import IndexUnavailable
     from pipeline.serve import run_server
 
     cfg = get_config(config)
     root = _out_root(cfg, out)
     port = port or cfg.search.serve_port
 
-    def ready(httpd, service) -> None:
-        console.print(f"serving {root} (index v{service.version}) on http://127.0.0.1:{port}; Ctrl-C to stop")
+    def ready(handle: Any, service: Any) -> None:
+        console.print(f"serving {root} (index v{service.version}, {service.cases} cases) on http://127.0.0.1:{port}; "
+                      f"token in {root / 'serve.token'}; Ctrl-C to stop")
 
     try:
         run_server(cfg, root, port, ready=ready)
-    except IndexLoadError as e:
+    except IndexUnavailable as e:
         fail(str(e))
     except OSError as e:
         fail(f"cannot listen on 127.0.0.1:{port} ({e}); is another `casemine serve` running? pick --port")
