@@ -372,7 +372,8 @@ def test_review_queue_exports_least_certain(cli, cfg, tmp_path):
     res = cli("review-queue", "--n", "2", "--out", str(dest))
     assert res.exit_code == 0, res.output
     q = pd.read_csv(dest, encoding="utf-8-sig", keep_default_na=False)
-    assert len(q) == 2 and {"text", "label", "issue_type_confidence"} <= set(q.columns)
-    assert (q["label"] == "").all()
+    assert len(q) == 2 and {"text", "conversation_id", "predicted_issue_type", "issue_type_confidence"} <= set(q.columns)
+    # Label columns start empty: a prediction must never be read back as a label.
+    assert all((q[c] == "").all() for c in ("issue_type", "request_kind", "outcome"))
     assert q["issue_type_confidence"].is_monotonic_increasing
-    assert "我想问一下这个东西" in q["text"].tolist()  # nothing matched: the least certain
+    assert "c1" in q["conversation_id"].tolist()  # "我想问一下这个东西": nothing matched, the least certain

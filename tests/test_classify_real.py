@@ -58,3 +58,35 @@ def test_jddc_urgency_rises_with_repeat_consultation(cfg, tmp_path):
     rep, once = rank[out["repeat_contact"]], rank[~out["repeat_contact"]]
     assert rep.mean() > once.mean() + 0.5
     assert (rep >= 1).mean() > 0.8 and (once >= 1).mean() < 0.2
+
+
+@pytest.fixture(scope="module")
+def jddc_cold_start(cfg, tmp_path_factory):
+    """Cold-start figures on the 497 labelled JD chats (no labels used by the classifier)."""
+    from pipeline.classify.conversations import evaluate_conversations
+
+    labels = _need(SHARED / "jddc-labels" / "dev.jsonl")
+    transcripts = _need(SHARED / "jddc" / "dev.jsonl")
+    c = cfg.with_overrides(classify={"model_dir": str(tmp_path_factory.mktemp("none") / "model")})
+    return evaluate_conversations(c, labels, transcripts)
+
+
+def test_jddc_cold_start_request_kind_beats_the_obvious_guess(jddc_cold_start):
+    rk = jddc_cold_start["cold_start"]["request_kind"]
+    assert jddc_cold_start["conversations"] == 497
+    # Target >= 0.90 (always 咨询 scores 0.93); measured 0.938, both halves >= 0.93.
+    assert rk["all"]["accuracy"] >= 0.90
+    assert min(rk["half_a"]["accuracy"], rk["half_b"]["accuracy"]) >= 0.88
+    # Unlike the constant guess, it does find complaints.
+    assert rk["all"]["per_class"]["投诉"]["recall"] >= 0.2
+
+
+def test_jddc_cold_start_issue_type(jddc_cold_start):
+    it = jddc_cold_start["cold_start"]["issue_type"]
+    # Targets: accuracy >= 0.70 (met: 0.73) and macro-F1 >= 0.60 (not yet: 0.57; half A 0.67,
+    # half B 0.55). The floor below catches a regression, it does not claim the target.
+    assert it["all"]["accuracy"] >= 0.70
+    assert it["all"]["macro_f1"] >= 0.55
+    # 其他 is for what fits nowhere, not the fallback for few keywords.
+    assert it["all"]["per_class"]["其他"]["precision"] >= 0.2
+    assert it["all"]["per_class"]["售前咨询"]["recall"] >= 0.4

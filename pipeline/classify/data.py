@@ -85,6 +85,9 @@ def load_labeled(path: Path, taxonomy: Taxonomy) -> LabeledData:
         if df.empty and not len(df.columns):
             meta.append({"path": str(f), "sha256": sha256_file(f), "rows": 0, "used": 0})
             continue  # an empty file: reported below if nothing else has rows
+        if "label" not in df.columns and "issue_type" in df.columns:
+            # A review queue labelled in a spreadsheet names the column after the task.
+            df = df.rename(columns={"issue_type": "label"})
         missing = [c for c in ("text", "label") if c not in df.columns]
         if missing:
             raise LabeledDataError(f"{f} has no column(s) {missing}; labelled data needs columns 'text' and "

@@ -104,33 +104,48 @@ class KeywordRules:
 
 
 class RequestKindRules:
-    """咨询 / 投诉 / 建议 from cue words plus the emotion step's score.
+    """咨询 / 投诉 / 建议 from what the customer said and the emotion step.
 
-    Why emotion counts: "怎么还没到？" is phrased as a question but a customer at -0.8 is
-    complaining, not asking.
+    Why 咨询 unless dissatisfaction shows: most contacts are routine requests, and a refund or a
+    return asked for politely is a request, not a complaint (on real JD chats the old rule, which
+    counted 退款 and question marks, called a quarter of plain consultations 投诉). Dissatisfaction
+    is a complaint cue, an escalation threat, or a turn whose sentiment falls below
+    `complaint_emotion_below` ("怎么还没到？" said at -0.8 is a complaint).
     """
 
     def __init__(self, taxonomy: Taxonomy) -> None:
         self.kinds = taxonomy.request_kinds
+        self._cues = {k.name: list(k.keywords) for k in self.kinds.kinds}
 
     def predict_one(self, text: str, emotion_score: float | None = None,
                     threats: Sequence[str] = ()) -> tuple[str, dict[str, Any]]:
-        scores: dict[str, float] = {}
-        hits: dict[str, list[str]] = {}
-        for k in self.kinds.kinds:
-            found = [w for w in k.keywords if w in text]
-            hits[k.name] = found
-            scores[k.name] = float(len(found))
-        names = [k.name for k in self.kinds.kinds]
-        complaint = "投诉" if "投诉" in names else self.kinds.default
-        if emotion_score is not None and not math.isnan(emotion_score) and emotion_score < -0.3:
-            scores[complaint] = scores.get(complaint, 0.0) + 2.0 * -emotion_score
+        """`emotion_score` is the lowest turn sentiment when the emotion step gave one (else the
+        conversation's score)."""
+        hits = {name: [w for w in words if w in text] for name, words in self._cues.items()}
+        complaint = self.kinds.complaint
+        why: list[str] = []
+        if hits.get(complaint):
+            why.append("complaint cues")
         if threats:
-            scores[complaint] = scores.get(complaint, 0.0) + 2.0
-        best = max(names, key=lambda n: (scores.get(n, 0.0), n == self.kinds.default))
-        if scores.get(best, 0.0) <= 0:
-            best = self.kinds.default
-        return best, {k: v for k, v in hits.items() if v}
+            why.append("escalation threat")
+        thr = self.kinds.complaint_emotion_below
+        if thr is not None and emotion_score is not None and not math.isnan(emotion_score) and emotion_score < thr:
+            why.append(f"sentiment {emotion_score:.2f} < {thr:.2f}")
+        evidence: dict[str, Any] = {k: v for k, v in hits.items() if v}
+        if why:
+            return complaint, {**evidence, "why": why}
+        suggestion = next((k.name for k in self.kinds.kinds if k.name not in (complaint, self.kinds.default)
+                           and hits.get(k.name)), None)
+        if suggestion is not None:
+            return suggestion, {**evidence, "why": ["suggestion cues"]}
+        return self.kinds.default, evidence
+
+    def signals(self, text: str, emotion_score: float | None, threats: Sequence[str]) -> list[float]:
+        """The same evidence as numbers, for a trained request-kind model: cue counts per kind,
+        threats, and how far the sentiment fell."""
+        counts = [float(sum(w in text for w in words)) for words in self._cues.values()]
+        low = 0.0 if emotion_score is None or math.isnan(emotion_score) else float(min(0.0, emotion_score))
+        return [*np.log1p(counts).tolist(), float(bool(threats)), low]
 
 
 # Elapsed time: "三天了", "等了一个星期", "半个月还没", "2周". Units in days.

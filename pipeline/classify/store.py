@@ -192,3 +192,73 @@ def load_model(cfg: Config) -> tuple[TextClassifier, dict[str, Any]] | None:
 
 def cv_summary(results: list) -> list[dict[str, Any]]:
     return [{k: v for k, v in asdict(r).items() if k not in ("y_pred", "confidence", "proba")} for r in results]
+
+
+# -- models trained from labelled conversations (one per task) ---------------------------------
+
+def task_dir(cfg: Config, task: str) -> Path:
+    """Where a task's model lives. The issue-type model keeps the folder it always had, so a
+    deployment's existing model and tooling stay where they were; the others sit beside it."""
+    root = cfg.resolve(cfg.classify.model_dir)
+    return root if task == "issue_type" else root / task
+
+
+def task_fingerprint(task: str, taxonomy: Taxonomy, uses_prototypes: bool = False) -> str:
+    """What a task's model depends on in the taxonomy: editing anything else must not force a
+    retrain (a new urgency weight does not change what an outcome model learnt)."""
+    from pipeline.classify.tasks import task_labels
+
+    if task == "issue_type":
+        payload: Any = [taxonomy.fingerprint()]
+        if uses_prototypes:
+            payload.append([[t.definition, list(t.examples)] for t in taxonomy.issue_types])
+    elif task == "request_kind":
+        payload = [[k.name, list(k.keywords)] for k in taxonomy.request_kinds.kinds]
+    else:
+        payload = task_labels(task, taxonomy)
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def save_task_model(cfg: Config, task: str, model: Any, card: dict[str, Any]) -> Path:
+    """Model first, card second, both atomic (as save_model)."""
+    taxonomy = load_taxonomy(cfg)
+    card["task_fingerprint"] = task_fingerprint(task, taxonomy, bool(card.get("uses_prototypes")))
+    out = task_dir(cfg, task)
+    buf = io.BytesIO()
+    joblib.dump({"model_id": card["model_id"], "model": model}, buf, compress=3)
+    atomic_write_bytes(out / MODEL_FILE, buf.getvalue())
+    atomic_write_json(out / CARD_FILE, card)
+    return out
+
+
+def load_task_model(cfg: Config, task: str) -> tuple[Any, dict[str, Any]] | None:
+    """(model, card) for a task, or None when none was trained. The issue-type folder may hold a
+    text model (`casemine train --labels` of text,label) or a case model; `card["input"]` says which.
+    Raises ModelMismatchError when the model no longer fits the taxonomy or its files disagree."""
+    if task == "issue_type":
+        card = read_card(cfg)
+        if card is None:
+            return None
+        if card.get("input") != "case":
+            return load_model(cfg)
+    where = task_dir(cfg, task)
+    p = where / CARD_FILE
+    if not p.is_file():
+        return None
+    try:
+        card = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelMismatchError(f"model card {p} is not valid JSON ({e}); retrain: casemine train") from None
+    taxonomy = load_taxonomy(cfg)
+    if card.get("task_fingerprint") != task_fingerprint(task, taxonomy, bool(card.get("uses_prototypes"))):
+        raise ModelMismatchError(f"the {task} model in {where} was trained for a different taxonomy (its types, "
+                                 "keywords or prototypes changed). Retrain it: casemine train --labels FILE "
+                                 "--transcripts DIR")
+    try:
+        blob = joblib.load(where / MODEL_FILE)
+    except FileNotFoundError:
+        raise ModelMismatchError(f"{where / MODEL_FILE} is missing but its model card exists; retrain: casemine train") from None
+    if not isinstance(blob, dict) or blob.get("model_id") != card.get("model_id"):
+        raise ModelMismatchError(f"{where / MODEL_FILE} does not belong to {CARD_FILE} (an interrupted save?); "
+                                 "retrain: casemine train")
+    return blob["model"], card

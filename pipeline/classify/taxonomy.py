@@ -41,6 +41,9 @@ class IssueType(_Strict):
     definition: str = ""
     keywords: list[Keyword] = Field(default_factory=list)
     exclude: list[str] = Field(default_factory=list)
+    # Short, general customer utterances of this type: the cold start's sentence-embedding
+    # prototypes (with the definition). Written for the type, never copied from labelled chats.
+    examples: list[str] = Field(default_factory=list)
 
     _norm_kw = field_validator("keywords", mode="before")(_as_keywords)
 
@@ -59,13 +62,32 @@ class RequestKind(_Strict):
 class RequestKinds(_Strict):
     default: str
     kinds: list[RequestKind] = Field(min_length=1)
+    # The kind a dissatisfied customer's contact is, and how low the lowest turn sentiment of the
+    # emotion step (-1..1) must fall to count as dissatisfaction without any complaint cue.
+    complaint: str = "投诉"
+    complaint_emotion_below: float | None = Field(-0.6, ge=-1, le=1)
 
     @model_validator(mode="after")
     def _default_known(self) -> "RequestKinds":
         names = [k.name for k in self.kinds]
         if self.default not in names:
             raise ValueError(f"request_kinds.default {self.default!r} is not one of the kinds {names}")
+        if self.complaint not in names:
+            raise ValueError(f"request_kinds.complaint {self.complaint!r} is not one of the kinds {names}")
         return self
+
+
+class ColdStart(_Strict):
+    """How issue types are decided before any model is trained."""
+    # Sentence-embedding prototypes (each type's definition + examples) next to the keywords.
+    # Off: keywords alone (no embedding model is loaded).
+    embeddings: bool = True
+    # Weight of the keyword share (a type's keyword score / (all scores + 1), 0..1) against the
+    # embedding similarity (standardised across types, scaled so the best type scores 1).
+    keyword_weight: float = Field(2.0, ge=0)
+    # Characters of the customer's text embedded: enough to state the matter, and it bounds the
+    # cost per case.
+    embed_chars: int = Field(128, ge=16)
 
 
 class UrgencyLevel(_Strict):
@@ -135,6 +157,7 @@ class Taxonomy(_Strict):
     issue_types: list[IssueType] = Field(min_length=2)
     request_kinds: RequestKinds
     urgency: Urgency
+    cold_start: ColdStart = ColdStart()
 
     @model_validator(mode="after")
     def _consistent(self) -> "Taxonomy":

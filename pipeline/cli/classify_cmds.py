@@ -35,14 +35,22 @@ def train_cmd(
     ctx: typer.Context,
     labels: Optional[Path] = typer.Option(None, "--labels", "-l",
                                           help="Labelled CSV/JSONL/Parquet (text, label) or a folder of them "
-                                               "(default: classify.labeled_dir)."),
+                                               "(default: classify.labeled_dir); with --transcripts, a JSONL/CSV "
+                                               "of conversation_id + any of issue_type, request_kind, outcome."),
+    transcripts: Optional[Path] = typer.Option(None, "--transcripts", "-t",
+                                               help="Folder (or file) of the labelled conversations' transcripts: "
+                                                    "trains one model per label column from them."),
     config: Optional[Path] = ConfigOption,
-    json_out: bool = typer.Option(False, "--json", help="Print the model card as JSON."),
+    json_out: bool = typer.Option(False, "--json", help="Print the model card(s) as JSON."),
 ) -> None:
-    """Train the issue-type classifier on labelled cases; saves model + model card."""
+    """Train on labelled cases (text, label) or labelled conversations (--transcripts); saves
+    model + model card per task."""
     if ctx.invoked_subcommand is not None:
         return  # `casemine train emotion ...`: the subcommand does the work
     cfg = get_config(config)
+    if transcripts is not None:
+        _train_conversations(cfg, labels, transcripts, json_out)
+        return
     from pipeline.classify import train
 
     try:
@@ -50,7 +58,10 @@ def train_cmd(
     except ConfigError as e:
         fail(str(e), code=2)
     except (*_errors(), ValueError) as e:
-        fail(str(e))
+        msg = str(e)
+        if "conversation_id" in msg or "no column(s) ['text']" in msg:
+            msg += "; a file of conversation_id + issue_type/request_kind/outcome needs --transcripts DIR"
+        fail(msg)
     if json_out:
         emit_json(card)
         return
@@ -64,6 +75,34 @@ def train_cmd(
     console.print(t)
     console.print(f"trained {card['model_id']} on {card['training_data']['rows']} rows; saved to "
                   f"{cfg.resolve(cfg.classify.model_dir)}")
+
+
+def _train_conversations(cfg: Config, labels: Optional[Path], transcripts: Path, json_out: bool) -> None:
+    from pipeline.classify.conversations import train_from_conversations
+    from pipeline.classify.store import task_dir
+
+    if labels is None:
+        fail("--transcripts needs --labels FILE (conversation_id + any of issue_type, request_kind, outcome)", code=2)
+    try:
+        fits = train_from_conversations(cfg, labels, transcripts)
+    except ConfigError as e:
+        fail(str(e), code=2)
+    except (*_errors(), ValueError) as e:
+        fail(str(e))
+    if json_out:
+        emit_json({"models": [f.card for f in fits]})
+        return
+    t = Table(title="cross-validated per task (mean ± sd across folds)")
+    for col in ("task", "conversations", "macro-F1", "accuracy", "model"):
+        t.add_column(col)
+    for f in fits:
+        cv = f.card["cv"]
+        t.add_row(f.task, str(f.card["training_data"]["conversations"]),
+                  f"{cv['macro_f1']['mean']:.3f} ± {cv['macro_f1']['sd']:.3f}",
+                  f"{cv['accuracy']['mean']:.3f} ± {cv['accuracy']['sd']:.3f}", f.card["model_id"])
+    console.print(t)
+    for f in fits:
+        console.print(f"saved {f.task} to {task_dir(cfg, f.task)}")
 
 
 # -- classify ----------------------------------------------------------------------------------
@@ -195,8 +234,8 @@ def review_queue_cmd(
     data: Optional[Path] = typer.Option(None, "--data", help="Output root holding processed/cases/ (default: paths.out)."),
     config: Optional[Path] = ConfigOption,
 ) -> None:
-    """Export the least certain cases as a CSV with an empty `label` column to fill in and drop
-    into classify.labeled_dir (then `casemine train`)."""
+    """Export the least certain cases as a CSV with empty issue_type / request_kind / outcome
+    columns to fill in; `casemine train --labels FILE --transcripts DIR` reads it back."""
     cfg = get_config(config)
     from pipeline.classify.review import review_queue
 
@@ -207,8 +246,9 @@ def review_queue_cmd(
         fail(str(e), code=2)
     except (*_errors(), ValueError) as e:
         fail(str(e))
-    console.print(f"wrote {len(queue)} cases to {path}; fill the 'label' column (one of the taxonomy's types), "
-                  f"then copy the file into {cfg.resolve(cfg.classify.labeled_dir)} and run `casemine train`")
+    console.print(f"wrote {len(queue)} cases to {path}; fill any of the issue_type, request_kind and outcome "
+                  "columns (empty cells are skipped), then run `casemine train --labels FILE --transcripts DIR` "
+                  "with the transcripts of that run (or `casemine train --labels FILE` for issue types from the text)")
 
 
 # -- eval --------------------------------------------------------------------------------------
@@ -218,12 +258,21 @@ def eval_classify_cmd(
     labels: Path = typer.Option(..., "--labels", "-l", help="Labelled CSV/JSONL/Parquet (text, label)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder (default: <paths.out>/reports)."),
     nested: bool = typer.Option(False, "--nested", help="Also nested CV (unbiased, ~6x slower)."),
+    transcripts: Optional[Path] = typer.Option(None, "--transcripts", "-t",
+                                               help="Labels are conversation_id + issue_type/request_kind/outcome "
+                                                    "for these transcripts: report the cold start (all, two halves)."),
+    trained: bool = typer.Option(False, "--trained", help="With --transcripts: also cross-validate the models "
+                                                          "`casemine train --transcripts` would train."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Cross-validated per-class precision/recall/F1, macro-F1 and confusion matrix, for the
-    trained model and for the rules alone on the same data."""
+    trained model and for the rules alone on the same data; with --transcripts, the cold start on
+    labelled conversations."""
     cfg = get_config(config)
+    if transcripts is not None:
+        _eval_conversations(cfg, labels, transcripts, trained, json_out)
+        return
     from pipeline.evaluate.classification import evaluate_classification, summary_line, write_reports
 
     try:
@@ -239,3 +288,27 @@ def eval_classify_cmd(
     else:
         console.print(summary_line(report))
         console.print(f"reports: {j} {md}")
+
+
+def _eval_conversations(cfg: Config, labels: Path, transcripts: Path, trained: bool, json_out: bool) -> None:
+    from pipeline.classify.conversations import evaluate_conversations
+
+    try:
+        report = evaluate_conversations(cfg, labels, transcripts, trained_cv=trained)
+    except ConfigError as e:
+        fail(str(e), code=2)
+    except (*_errors(), ValueError) as e:
+        fail(str(e))
+    if json_out:
+        emit_json(report)
+        return
+    for task, e in report["cold_start"].items():
+        parts = [f"{k} macro-F1 {e[k]['macro_f1']:.3f} acc {e[k]['accuracy']:.3f} (n={e[k]['n']})"
+                 for k in ("all", "half_a", "half_b")]
+        g = e["majority_guess"]
+        console.print(f"cold start {task}: " + "; ".join(parts) + f"; always {g['label']}: acc {g['accuracy']:.3f}",
+                      highlight=False)
+    for task, cv in report.get("trained_cv", {}).items():
+        console.print(f"trained {task}: macro-F1 {cv['macro_f1']['mean']:.3f} ± {cv['macro_f1']['sd']:.3f}, "
+                      f"accuracy {cv['accuracy']['mean']:.3f} ± {cv['accuracy']['sd']:.3f} ({cv['folds']} folds)",
+                      highlight=False)

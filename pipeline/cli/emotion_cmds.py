@@ -113,6 +113,12 @@ def eval_emotion_cmd(
                                  "online_shopping_10_cats.csv."),
     per_corpus: int = typer.Option(4000, "--per-corpus", help="Texts sampled per corpus (0 = all)."),
     folds: int = typer.Option(5, "--folds"),
+    domain_shift: bool = typer.Option(False, "--domain-shift", help="Instead: AUC on domains the model never saw "
+                                      "(train on one corpus, test on the other; leave one shopping category out), "
+                                      "the trained model's recipe against a plain char n-gram TF-IDF logistic "
+                                      "regression in the same run."),
+    per_domain: int = typer.Option(1500, "--per-domain", help="With --domain-shift: texts sampled per domain "
+                                   "(the food-delivery corpus and each shopping category; 0 = all)."),
     config: Optional[Path] = ConfigOption,
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -123,6 +129,9 @@ def eval_emotion_cmd(
     missing = [c for c in CORPORA if not (reviews / c).is_file()]
     if missing:
         fail(f"{reviews} lacks {', '.join(missing)}; pass --reviews DIR")
+    if domain_shift:
+        _eval_domain_shift(cfg, reviews, per_domain, json_out)
+        return
     res = evaluate_sentiment(cfg, reviews, per_corpus or None, folds)
     if json_out:
         emit_json(res)
@@ -130,4 +139,21 @@ def eval_emotion_cmd(
     console.print(res["data"], highlight=False)
     for m, r in res["results"].items():
         console.print(f"{m:16s} AUC {r['auc']:.3f}±{r['auc_sd']:.3f}  acc {r['accuracy']:.3f}±{r['accuracy_sd']:.3f}",
+                      highlight=False)
+
+
+def _eval_domain_shift(cfg, reviews: Path, per_domain: int, json_out: bool) -> None:
+    from pipeline.emotion import evaluate_domain_shift
+
+    res = evaluate_domain_shift(cfg, reviews, per_domain)
+    if json_out:
+        emit_json(res)
+        return
+    for r in res["splits"]:
+        aucs = "  ".join(f"{m} {a:.3f}" for m, a in r["auc"].items())
+        console.print(f"{r['split']:40s} {aucs}", highlight=False)
+    for group, s in res["summary"].items():
+        d = s.get("trained_minus_baseline", {})
+        console.print(f"{group}: trained {s['trained']:.3f} vs baseline {s['baseline']:.3f} (mean difference "
+                      f"{d.get('mean', 0):+.3f}, trained >= baseline in {d.get('wins')} of {d.get('of')})",
                       highlight=False)

@@ -1,0 +1,134 @@
+"""What each trained task reads from a case: the same function builds the inputs at training
+(from labelled conversations) and at run time (from the night's cases), so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.classify.case_model import CaseInput
+from pipeline.classify.coldstart import ColdStartIssueClassifier, Encode
+from pipeline.classify.rules import RequestKindRules
+from pipeline.classify.taxonomy import Taxonomy
+from pipeline.schema import OUTCOMES
+
+TASKS: tuple[str, ...] = ("issue_type", "request_kind", "outcome")
+# How the end of a chat reads: the customer's last words and the agent's last replies.
+_TAIL_CUSTOMER = 2
+_TAIL_AGENT = 3
+
+
+def task_labels(task: str, taxonomy: Taxonomy) -> list[str]:
+    """The labels a task may take (labelled data outside them is refused)."""
+    if task == "issue_type":
+        return taxonomy.labels
+    if task == "request_kind":
+        return [k.name for k in taxonomy.request_kinds.kinds]
+    if task == "outcome":
+        return list(OUTCOMES)
+    raise ValueError(f"unknown task {task!r} (one of {TASKS})")
+
+
+def _str(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return str(v)
+
+
+def _float(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def _list(v: Any) -> list[Any]:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return []
+    return list(v) if isinstance(v, (list, tuple, np.ndarray)) else [v]
+
+
+def lowest_sentiment(row: dict[str, Any]) -> float | None:
+    """The emotion step's lowest turn sentiment when it ran, else the case's emotion score."""
+    for col in ("emotion_min", "emotion_score"):
+        v = _float(row.get(col))
+        if v is not None:
+            return v
+    return None
+
+
+def _tail(turns: Any, speaker: str, n: int) -> str:
+    texts = [_str(t.get("text")) for t in _list(turns) if isinstance(t, dict) and t.get("speaker") == speaker]
+    return " ".join(texts[-n:])
+
+
+def signal_names(task: str, taxonomy: Taxonomy, with_prototypes: bool) -> list[str]:
+    if task == "issue_type":
+        names = [f"关键词:{t}" for t in taxonomy.labels]
+        return names + ([f"原型:{t}" for t in taxonomy.labels] if with_prototypes else [])
+    if task == "request_kind":
+        return [f"线索:{k.name}" for k in taxonomy.request_kinds.kinds] + ["威胁", "最低情绪"]
+    return [f"规则:{o}" for o in OUTCOMES]
+
+
+def build_inputs(task: str, cases: pd.DataFrame, taxonomy: Taxonomy, encode: Encode | None = None,
+                 with_prototypes: bool = False) -> list[CaseInput]:
+    """One input per case row for `task` (see the module docstring of case_model)."""
+    rows = cases.to_dict("records")
+    if task == "issue_type":
+        customer = [_str(r.get("customer_text")) or _str(r.get("problem")) for r in rows]
+        cold = ColdStartIssueClassifier(taxonomy, encode if with_prototypes else None)
+        share, sim = cold.features(customer)
+        if with_prototypes and sim is None:
+            raise ValueError("this issue-type model uses prototype similarities but no sentence embedder is available")
+        sig = np.hstack([share, sim]) if sim is not None else share
+        return [{"customer": c, "agent": _str(r.get("agent_text")), "signals": s.tolist()}
+                for c, r, s in zip(customer, rows, sig)]
+    if task == "request_kind":
+        rules = RequestKindRules(taxonomy)
+        out = []
+        for r in rows:
+            text = _str(r.get("customer_text")) or _str(r.get("problem"))
+            out.append({"customer": text, "agent": "",
+                        "signals": rules.signals(text, lowest_sentiment(r), _list(r.get("escalation_threats")))})
+        return out
+    if task == "outcome":
+        out = []
+        for r in rows:
+            rule = _str(r.get("outcome"))
+            out.append({"customer": _tail(r.get("turns"), "customer", _TAIL_CUSTOMER),
+                        "agent": _tail(r.get("turns"), "agent", _TAIL_AGENT) or _str(r.get("agent_text")),
+                        "signals": [float(rule == o) for o in OUTCOMES]})
+        return out
+    raise ValueError(f"unknown task {task!r} (one of {TASKS})")
+
+
+def conversation_rows(cases: pd.DataFrame) -> pd.DataFrame:
+    """One row per conversation, its cases joined in order: labels describe whole conversations,
+    and the few that split into several cases are learnt from as the customer lived them."""
+    if cases.empty:
+        return cases
+    if cases["conversation_id"].is_unique:
+        return cases.reset_index(drop=True)
+    out = []
+    for _, g in cases.sort_values(["conversation_id", "segment"]).groupby("conversation_id", sort=False):
+        first, last = g.iloc[0].to_dict(), g.iloc[-1].to_dict()
+        row = dict(first)
+        row["customer_text"] = " ".join(g["customer_text"].map(_str))
+        row["agent_text"] = " ".join(g["agent_text"].map(_str))
+        row["turns"] = [t for ts in g["turns"] for t in _list(ts)]
+        row["outcome"] = last.get("outcome")
+        row["escalation_threats"] = [t for ts in g["escalation_threats"] for t in _list(ts)] \
+            if "escalation_threats" in g else []
+        for col in ("emotion_min", "emotion_score"):
+            if col in g:
+                vals = [v for v in (_float(x) for x in g[col]) if v is not None]
+                row[col] = min(vals) if vals else None
+        out.append(row)
+    return pd.DataFrame(out)
+

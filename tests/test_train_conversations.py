@@ -1,0 +1,214 @@
+"""Training from labelled conversations (`casemine train --labels FILE --transcripts DIR`), the
+request-kind rules on hand-written chats, and the review queue read back as training data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.classify import classify_cases
+from pipeline.classify.conversations import read_conversation_labels, train_from_conversations
+from pipeline.classify.data import LabeledDataError
+from pipeline.classify.store import load_task_model, task_dir
+from pipeline.classify.taxonomy import load_taxonomy
+from pipeline.config import Config
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = ("issue_type", "request_kind", "outcome")
+
+
+def _labels_file(sample_labels: list[dict], path: Path) -> Path:
+    """Ground truth of the generated sample as a labelling team would hand it over: one row per
+    conversation, the first issue's labels."""
+    rows = [{"conversation_id": r["conversation_id"], **{t: r["issues"][0][t] for t in TASKS}}
+            for r in sample_labels if r.get("issues")]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def conv_trained(cfg, sample, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("conv")
+    transcripts, labels = sample
+    c = cfg.with_overrides(classify={"model_dir": str(tmp / "model")})
+    lab = _labels_file(labels, tmp / "labels.jsonl")
+    fits = train_from_conversations(c, lab, transcripts, encode=_hash_encode)
+    return c, fits, lab, transcripts
+
+
+def _hash_encode(texts: list[str]):
+    from pipeline.embed.fake import HashingEmbedder
+
+    return HashingEmbedder().encode(list(texts))
+
+
+def test_one_model_per_label_column_with_card(conv_trained):
+    c, fits, _, _ = conv_trained
+    assert [f.task for f in fits] == list(TASKS)
+    for f in fits:
+        card = json.loads((task_dir(c, f.task) / "model_card.json").read_text(encoding="utf-8"))
+        assert card["task"] == f.task and card["input"] == "case"
+        cv = card["cv"]
+        assert cv["folds"] >= 2 and len(cv["per_fold_macro_f1"]) == cv["folds"]
+        assert {"mean", "sd", "min", "max"} <= set(cv["macro_f1"]) and {"mean", "sd"} <= set(cv["accuracy"])
+        assert cv["per_class"] and set(cv["per_class"]) <= set(card["training_data"]["label_counts"])
+        assert card["training_data"]["conversations"] >= 100
+        assert "ingest" in card["training_data"]["steps"]
+    # The issue-type model keeps the folder the text model always used.
+    assert task_dir(c, "issue_type") == c.resolve(c.classify.model_dir)
+
+
+def test_models_learn_the_generated_labels(conv_trained):
+    """Generated chats are templated: a model that learnt anything gets most of them right."""
+    _, fits, _, _ = conv_trained
+    cv = {f.task: f.card["cv"] for f in fits}
+    assert cv["issue_type"]["accuracy"]["mean"] >= 0.7, cv["issue_type"]
+    assert cv["request_kind"]["accuracy"]["mean"] >= 0.6, cv["request_kind"]
+    assert cv["outcome"]["accuracy"]["mean"] >= 0.6, cv["outcome"]
+
+
+def test_run_time_classification_uses_every_trained_model(conv_trained, cfg, monkeypatch, fake_embedder):
+    from pipeline.emotion import add_emotion
+    from pipeline.ingest import discover, read_file
+    from pipeline.process import process_batch
+
+    c, fits, _, transcripts = conv_trained
+    convs = [conv for p in discover(transcripts) for conv in read_file(p, c.ingest).conversations][:20]
+    cases = add_emotion(process_batch(convs, c).cases, c)
+    rule_outcomes = cases["outcome"].tolist()
+    out = classify_cases(cases, c)
+    ids = {f.task: f.card["model_id"] for f in fits}
+    assert (out["classifier"] == ids["issue_type"]).all()
+    ev = [json.loads(e) for e in out["evidence"]]
+    assert all(e["request_kind"]["method"] == "model" and e["request_kind"]["model_id"] == ids["request_kind"] for e in ev)
+    # The outcome model overrides the rule outcome and says so, keeping what the rules said.
+    assert all(e["outcome"]["model_id"] == ids["outcome"] for e in ev)
+    assert [e["outcome"]["rules_said"] for e in ev] == rule_outcomes
+    assert out["outcome_evidence"].str.startswith(f"model {ids['outcome']}").all()
+    assert set(out["outcome"]) <= {"resolved", "unresolved", "escalated", "unknown"}
+
+
+def test_stale_task_model_is_refused_not_used(conv_trained, tmp_path):
+    c, _, _, _ = conv_trained
+    raw = yaml.safe_load((REPO / "configs" / "taxonomy.yaml").read_text(encoding="utf-8"))
+    raw["request_kinds"]["kinds"][1]["keywords"].append("新线索")
+    tax = tmp_path / "taxonomy.yaml"
+    tax.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    c2 = c.with_overrides(classify={"taxonomy": str(tax)})
+    from pipeline.classify import ModelMismatchError
+
+    with pytest.raises(ModelMismatchError, match="request_kind"):
+        load_task_model(c2, "request_kind")
+    assert load_task_model(c2, "outcome") is not None  # outcome does not depend on the taxonomy's cues
+
+
+def test_conversation_labels_are_validated(cfg, tmp_path):
+    tax = load_taxonomy(cfg)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"conversation_id": "a", "request_kind": "抱怨"}\n', encoding="utf-8")
+    with pytest.raises(LabeledDataError, match="抱怨"):
+        read_conversation_labels(bad, tax)
+    none = tmp_path / "none.csv"
+    none.write_text("conversation_id,comment\na,x\n", encoding="utf-8")
+    with pytest.raises(LabeledDataError, match="issue_type"):
+        read_conversation_labels(none, tax)
+
+
+# -- request kind rules on hand-written chats -------------------------------------------------
+
+def _chat_cases(cfg: Config, turns: list[tuple[str, str]]) -> pd.DataFrame:
+    from pipeline.emotion import add_emotion
+    from pipeline.process import process_batch
+    from pipeline.schema import Conversation, Turn
+
+    conv = Conversation("hand-1", "chat", [Turn(s, t) for s, t in turns], started_at="2026-01-05T10:00:00+08:00")
+    return add_emotion(process_batch([conv], cfg).cases, cfg)
+
+
+@pytest.mark.parametrize("turns", [
+    [("customer", "你好，我买的鞋子尺码不合适，想申请退货退款"), ("agent", "您好，可以的，已为您提交退货申请"),
+     ("customer", "好的，退款大概几天到账？"), ("agent", "审核通过后1-3个工作日原路退回"), ("customer", "好的谢谢")],
+    [("customer", "订单不想要了，帮我取消一下，钱退回来"), ("agent", "已为您取消订单，退款已提交"), ("customer", "好的")],
+])
+def test_refund_request_without_complaint_is_consultation(cfg, tmp_path, turns):
+    c = cfg.with_overrides(classify={"model_dir": str(tmp_path / "none")})
+    out = classify_cases(_chat_cases(c, turns), c)
+    assert out.loc[0, "request_kind"] == "咨询", out.loc[0, "evidence"]
+
+
+@pytest.mark.parametrize("turns", [
+    [("customer", "你们这什么破服务！快递一个星期了还没到，客服一直敷衍我"), ("agent", "非常抱歉，马上为您催促"),
+     ("customer", "太差了，我要投诉，再不给说法就打12315"), ("agent", "理解您的心情")],
+    [("customer", "收到的手机屏幕是碎的，太失望了，你们怎么检查的"), ("agent", "很抱歉给您带来不便"),
+     ("customer", "气死我了，必须赔偿")],
+])
+def test_angry_complaint_is_complaint(cfg, tmp_path, turns):
+    c = cfg.with_overrides(classify={"model_dir": str(tmp_path / "none")})
+    out = classify_cases(_chat_cases(c, turns), c)
+    assert out.loc[0, "request_kind"] == "投诉"
+    assert json.loads(out.loc[0, "evidence"])["request_kind"]["method"] == "rules"
+
+
+# -- the review queue closes the loop ---------------------------------------------------------
+
+@pytest.fixture()
+def cli(tmp_path):
+    from pipeline.cli import _register, app
+
+    _register()
+    conf = tmp_path / "configs" / "casemine.yaml"
+    conf.parent.mkdir()
+    conf.write_text(yaml.safe_dump({
+        "paths": {"out": str(tmp_path / "out"), "models": str(REPO / "models")},
+        "classify": {"taxonomy": str(REPO / "configs" / "taxonomy.yaml"), "model_dir": str(tmp_path / "model")},
+        "segment": {"user_dict": str(REPO / "configs" / "userdict.txt"), "stopwords": str(REPO / "configs" / "stopwords.txt")},
+        "mask": {"surnames": str(REPO / "configs" / "surnames.txt")},
+        "normalize": {"asr_corrections": str(REPO / "configs" / "asr_corrections.yaml")},
+        "cases": {"lexicon": str(REPO / "configs" / "case_lexicon.yaml")},
+    }, allow_unicode=True), encoding="utf-8")
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(app, [*args, "--config", str(conf)], catch_exceptions=False)
+
+    return invoke
+
+
+def test_review_queue_file_trains(cli, cfg, sample, tmp_path, fake_embedder):
+    from pipeline.emotion import add_emotion
+    from pipeline.ingest import discover, read_file
+    from pipeline.process import process_batch
+    from pipeline.store import write_cases
+
+    transcripts, labels = sample
+    convs = [conv for p in discover(transcripts) for conv in read_file(p, cfg.ingest).conversations]
+    cases = add_emotion(process_batch(convs, cfg, run_id="r1").cases, cfg)
+    write_cases(tmp_path / "out", cases, "r1", 0)
+    queue = tmp_path / "queue.csv"
+    res = cli("review-queue", "--n", "60", "--out", str(queue))
+    assert res.exit_code == 0, res.output
+    # A reviewer fills the label columns in a spreadsheet (truth from the generator), leaving a
+    # few rows empty, and saves it as CSV again.
+    truth = {r["conversation_id"]: r["issues"][0] for r in labels if r.get("issues")}
+    q = pd.read_csv(queue, encoding="utf-8-sig", dtype=str, keep_default_na=False)
+    assert len(q) >= 30
+    for t in TASKS:
+        q[t] = [truth.get(cid, {}).get(t, "") for cid in q["conversation_id"]]
+    q.loc[q.index[:3], "outcome"] = ""
+    q.to_csv(queue, index=False, encoding="utf-8-sig")
+    res = cli("train", "--labels", str(queue), "--transcripts", str(transcripts), "--json")
+    assert res.exit_code == 0, res.output
+    cards = json.loads(res.stdout)["models"]
+    assert {c["task"] for c in cards} == set(TASKS)
+    outcome = next(c for c in cards if c["task"] == "outcome")
+    assert outcome["training_data"]["conversations"] == len(q) - 3  # empty cells are skipped
+    assert (tmp_path / "model" / "outcome" / "model_card.json").is_file()
+    # The same file, without transcripts, trains issue types from its text column.
+    res = cli("train", "--labels", str(queue), "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["task"] == "issue_type"
