@@ -22,7 +22,7 @@ from pipeline.classify.coldstart import ColdStartIssueClassifier, default_encode
 from pipeline.classify.rules import KeywordRules, RequestKindRules, UrgencyScorer
 from pipeline.classify.store import CARD_FILE, ModelMismatchError, load_task_model
 from pipeline.classify.taxonomy import Taxonomy, load_taxonomy
-from pipeline.classify.tasks import TASKS, build_inputs, lowest_sentiment
+from pipeline.classify.tasks import TASKS, build_inputs, lowest_sentiment, to_float
 from pipeline.classify.text import get_backend
 from pipeline.config import Config
 
@@ -93,14 +93,6 @@ def _list(v: Any) -> list[str]:
     if isinstance(v, (list, tuple, np.ndarray)):
         return [str(x) for x in v]
     return [str(v)]
-
-
-def _float(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(f) else f
 
 
 def case_texts(cases: pd.DataFrame, source: str) -> list[str]:
@@ -234,11 +226,11 @@ def classify_cases(cases: pd.DataFrame, cfg: Config) -> pd.DataFrame:
 
     scorer = UrgencyScorer(taxonomy, cfg.classify.urgency_weights)
     col = lambda name, conv, default: out[name].map(conv).tolist() if name in out else [default] * n  # noqa: E731
-    emo = col("emotion_score", _float, None)
+    emo = col("emotion_score", to_float, None)
     cues = col("emotion_cues", _list, [])
     threats = col("escalation_threats", _list, [])
     repeat = col("repeat_contact", lambda v: bool(v) if v is not None and not (isinstance(v, float) and math.isnan(v)) else False, False)
-    duration = col("duration_s", _float, None)
+    duration = col("duration_s", to_float, None)
 
     thr = cfg.classify.review_threshold
     urg, uconf, due, review, evidence = [], [], [], [], []

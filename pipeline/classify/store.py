@@ -170,13 +170,7 @@ def load_model(cfg: Config) -> tuple[TextClassifier, dict[str, Any]] | None:
         return None
     taxonomy = load_taxonomy(cfg)
     check_taxonomy(card, taxonomy, where)
-    try:
-        blob = joblib.load(where / MODEL_FILE)
-    except FileNotFoundError:
-        raise ModelMismatchError(f"{where / MODEL_FILE} is missing but its model card exists; retrain: casemine train") from None
-    if not isinstance(blob, dict) or blob.get("model_id") != card.get("model_id"):
-        raise ModelMismatchError(f"{where / MODEL_FILE} does not belong to {CARD_FILE} (an interrupted save?); "
-                                 "retrain: casemine train")
+    blob = _load_blob(where, card)
     model: TextClassifier = blob["model"]
     _, cut, tok_name = get_backend(cfg)
     model.tokenizer = CachedTokenizer(cut, tok_name)
@@ -254,6 +248,12 @@ def load_task_model(cfg: Config, task: str) -> tuple[Any, dict[str, Any]] | None
         raise ModelMismatchError(f"the {task} model in {where} was trained for a different taxonomy (its types, "
                                  "keywords or prototypes changed). Retrain it: casemine train --labels FILE "
                                  "--transcripts DIR")
+    blob = _load_blob(where, card)
+    return blob["model"], card
+
+
+def _load_blob(where: Path, card: dict[str, Any]) -> dict[str, Any]:
+    """The saved model next to its card; a missing file or one from another save is refused."""
     try:
         blob = joblib.load(where / MODEL_FILE)
     except FileNotFoundError:
@@ -261,4 +261,4 @@ def load_task_model(cfg: Config, task: str) -> tuple[Any, dict[str, Any]] | None
     if not isinstance(blob, dict) or blob.get("model_id") != card.get("model_id"):
         raise ModelMismatchError(f"{where / MODEL_FILE} does not belong to {CARD_FILE} (an interrupted save?); "
                                  "retrain: casemine train")
-    return blob["model"], card
+    return blob

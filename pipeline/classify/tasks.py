@@ -39,12 +39,6 @@ def _str(v: Any) -> str:
     return str(v)
 
 
-def _float(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(f) else f
 
 
 def _list(v: Any) -> list[Any]:
@@ -56,7 +50,7 @@ def _list(v: Any) -> list[Any]:
 def lowest_sentiment(row: dict[str, Any]) -> float | None:
     """The emotion step's lowest turn sentiment when it ran, else the case's emotion score."""
     for col in ("emotion_min", "emotion_score"):
-        v = _float(row.get(col))
+        v = to_float(row.get(col))
         if v is not None:
             return v
     return None
@@ -127,8 +121,16 @@ def conversation_rows(cases: pd.DataFrame) -> pd.DataFrame:
             if "escalation_threats" in g else []
         for col in ("emotion_min", "emotion_score"):
             if col in g:
-                vals = [v for v in (_float(x) for x in g[col]) if v is not None]
+                vals = [v for v in (to_float(x) for x in g[col]) if v is not None]
                 row[col] = min(vals) if vals else None
         out.append(row)
     return pd.DataFrame(out)
 
+
+def to_float(v: Any) -> float | None:
+    """A number, or None for missing, unparsable and NaN values (case columns mix all three)."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
