@@ -22,7 +22,7 @@ from pipeline.classify.coldstart import ColdStartIssueClassifier, default_encode
 from pipeline.classify.rules import KeywordRules, RequestKindRules, UrgencyScorer
 from pipeline.classify.store import CARD_FILE, ModelMismatchError, load_task_model
 from pipeline.classify.taxonomy import Taxonomy, load_taxonomy
-from pipeline.classify.tasks import TASKS, build_inputs, lowest_sentiment, to_float
+from pipeline.classify.tasks import TASKS, build_inputs, lowest_sentiment, to_float, to_list, to_str
 from pipeline.classify.text import get_backend
 from pipeline.config import Config
 
@@ -81,25 +81,15 @@ def get_model_status(cfg: Config) -> str | None:
     return "; ".join(problems) or None
 
 
-def _str(v: Any) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return ""
-    return str(v)
-
-
-def _list(v: Any) -> list[str]:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return []
-    if isinstance(v, (list, tuple, np.ndarray)):
-        return [str(x) for x in v]
-    return [str(v)]
+def _strings(v: Any) -> list[str]:
+    return [str(x) for x in to_list(v)]
 
 
 def case_texts(cases: pd.DataFrame, source: str) -> list[str]:
     """The text each case is classified on (see ClassifyConfig.text_source)."""
     n = len(cases)
-    problem = cases["problem"].map(_str).tolist() if "problem" in cases else [""] * n
-    customer = cases["customer_text"].map(_str).tolist() if "customer_text" in cases else [""] * n
+    problem = cases["problem"].map(to_str).tolist() if "problem" in cases else [""] * n
+    customer = cases["customer_text"].map(to_str).tolist() if "customer_text" in cases else [""] * n
     out = []
     for p, c in zip(problem, customer):
         if source == "customer" or not p.strip():
@@ -115,8 +105,8 @@ def customer_texts(cases: pd.DataFrame) -> list[str]:
     """Everything the customer said in each case (the condensed problem when that is all there is,
     as for `casemine classify` on plain texts)."""
     n = len(cases)
-    problem = cases["problem"].map(_str).tolist() if "problem" in cases else [""] * n
-    customer = cases["customer_text"].map(_str).tolist() if "customer_text" in cases else [""] * n
+    problem = cases["problem"].map(to_str).tolist() if "problem" in cases else [""] * n
+    customer = cases["customer_text"].map(to_str).tolist() if "customer_text" in cases else [""] * n
     return [c if c.strip() else p for p, c in zip(problem, customer)]
 
 
@@ -169,7 +159,7 @@ def _request_kinds(cases: pd.DataFrame, cfg: Config, taxonomy: Taxonomy) -> tupl
                        for p in proba]
     rules = RequestKindRules(taxonomy)
     texts = customer_texts(cases)
-    out = [rules.predict_one(t, lowest_sentiment(r), _list(r.get("escalation_threats"))) for t, r in zip(texts, rows)]
+    out = [rules.predict_one(t, lowest_sentiment(r), _strings(r.get("escalation_threats"))) for t, r in zip(texts, rows)]
     return [k for k, _ in out], [{"method": "rules", "cues": hits} for _, hits in out]
 
 
@@ -182,8 +172,8 @@ def _model_outcomes(cases: pd.DataFrame, cfg: Config, taxonomy: Taxonomy) -> lis
     model, card = loaded
     proba = model.predict_proba(build_inputs("outcome", cases, taxonomy))
     labels = [str(model.classes_[i]) for i in proba.argmax(axis=1)]
-    rule = cases["outcome"].map(_str).tolist()
-    rule_ev = cases["outcome_evidence"].map(_str).tolist() if "outcome_evidence" in cases else [""] * len(cases)
+    rule = cases["outcome"].map(to_str).tolist()
+    rule_ev = cases["outcome_evidence"].map(to_str).tolist() if "outcome_evidence" in cases else [""] * len(cases)
     evidence = []
     for lab, p, r, rev in zip(labels, proba, rule, rule_ev):
         evidence.append({"method": "model", "model_id": card["model_id"], "confidence": round(float(p.max()), 4),
@@ -214,7 +204,7 @@ def classify_cases(cases: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     # Urgency cues ("三天了", 12315) often sit in turns the condensed problem leaves out, so it
     # reads everything the customer said.
     full = [t if not c or c == t else f"{t}\n{c}"
-            for t, c in zip(texts, out["customer_text"].map(_str) if "customer_text" in out else [""] * n)]
+            for t, c in zip(texts, out["customer_text"].map(to_str) if "customer_text" in out else [""] * n)]
 
     loaded = get_model(cfg)
     if loaded is not None:
@@ -227,8 +217,8 @@ def classify_cases(cases: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     scorer = UrgencyScorer(taxonomy, cfg.classify.urgency_weights)
     col = lambda name, conv, default: out[name].map(conv).tolist() if name in out else [default] * n  # noqa: E731
     emo = col("emotion_score", to_float, None)
-    cues = col("emotion_cues", _list, [])
-    threats = col("escalation_threats", _list, [])
+    cues = col("emotion_cues", _strings, [])
+    threats = col("escalation_threats", _strings, [])
     repeat = col("repeat_contact", lambda v: bool(v) if v is not None and not (isinstance(v, float) and math.isnan(v)) else False, False)
     duration = col("duration_s", to_float, None)
 
@@ -272,5 +262,5 @@ def classify_texts(texts: Sequence[str], cfg: Config, extra: pd.DataFrame | None
     frame = extra.reset_index(drop=True).copy() if extra is not None else pd.DataFrame(index=range(len(texts)))
     frame["problem"] = [prepare(t) for t in texts]
     if "customer_text" in frame:
-        frame["customer_text"] = frame["customer_text"].map(lambda t: prepare(_str(t)))
+        frame["customer_text"] = frame["customer_text"].map(lambda t: prepare(to_str(t)))
     return classify_cases(frame, cfg)

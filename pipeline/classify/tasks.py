@@ -33,15 +33,15 @@ def task_labels(task: str, taxonomy: Taxonomy) -> list[str]:
     raise ValueError(f"unknown task {task!r} (one of {TASKS})")
 
 
-def _str(v: Any) -> str:
+def to_str(v: Any) -> str:
+    """Text of a case cell: missing and NaN are empty."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return ""
     return str(v)
 
 
-
-
-def _list(v: Any) -> list[Any]:
+def to_list(v: Any) -> list[Any]:
+    """Items of a list cell (Arrow lists arrive as arrays); missing and NaN are empty."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return []
     return list(v) if isinstance(v, (list, tuple, np.ndarray)) else [v]
@@ -57,7 +57,7 @@ def lowest_sentiment(row: dict[str, Any]) -> float | None:
 
 
 def _tail(turns: Any, speaker: str, n: int) -> str:
-    texts = [_str(t.get("text")) for t in _list(turns) if isinstance(t, dict) and t.get("speaker") == speaker]
+    texts = [to_str(t.get("text")) for t in to_list(turns) if isinstance(t, dict) and t.get("speaker") == speaker]
     return " ".join(texts[-n:])
 
 
@@ -75,28 +75,28 @@ def build_inputs(task: str, cases: pd.DataFrame, taxonomy: Taxonomy, encode: Enc
     """One input per case row for `task` (see the module docstring of case_model)."""
     rows = cases.to_dict("records")
     if task == "issue_type":
-        customer = [_str(r.get("customer_text")) or _str(r.get("problem")) for r in rows]
+        customer = [to_str(r.get("customer_text")) or to_str(r.get("problem")) for r in rows]
         cold = ColdStartIssueClassifier(taxonomy, encode if with_prototypes else None)
         share, sim = cold.features(customer)
         if with_prototypes and sim is None:
             raise ValueError("this issue-type model uses prototype similarities but no sentence embedder is available")
         sig = np.hstack([share, sim]) if sim is not None else share
-        return [{"customer": c, "agent": _str(r.get("agent_text")), "signals": s.tolist()}
+        return [{"customer": c, "agent": to_str(r.get("agent_text")), "signals": s.tolist()}
                 for c, r, s in zip(customer, rows, sig)]
     if task == "request_kind":
         rules = RequestKindRules(taxonomy)
         out = []
         for r in rows:
-            text = _str(r.get("customer_text")) or _str(r.get("problem"))
+            text = to_str(r.get("customer_text")) or to_str(r.get("problem"))
             out.append({"customer": text, "agent": "",
-                        "signals": rules.signals(text, lowest_sentiment(r), _list(r.get("escalation_threats")))})
+                        "signals": rules.signals(text, lowest_sentiment(r), to_list(r.get("escalation_threats")))})
         return out
     if task == "outcome":
         out = []
         for r in rows:
-            rule = _str(r.get("outcome"))
+            rule = to_str(r.get("outcome"))
             out.append({"customer": _tail(r.get("turns"), "customer", _TAIL_CUSTOMER),
-                        "agent": _tail(r.get("turns"), "agent", _TAIL_AGENT) or _str(r.get("agent_text")),
+                        "agent": _tail(r.get("turns"), "agent", _TAIL_AGENT) or to_str(r.get("agent_text")),
                         "signals": [float(rule == o) for o in OUTCOMES]})
         return out
     raise ValueError(f"unknown task {task!r} (one of {TASKS})")
@@ -113,11 +113,11 @@ def conversation_rows(cases: pd.DataFrame) -> pd.DataFrame:
     for _, g in cases.sort_values(["conversation_id", "segment"]).groupby("conversation_id", sort=False):
         first, last = g.iloc[0].to_dict(), g.iloc[-1].to_dict()
         row = dict(first)
-        row["customer_text"] = " ".join(g["customer_text"].map(_str))
-        row["agent_text"] = " ".join(g["agent_text"].map(_str))
-        row["turns"] = [t for ts in g["turns"] for t in _list(ts)]
+        row["customer_text"] = " ".join(g["customer_text"].map(to_str))
+        row["agent_text"] = " ".join(g["agent_text"].map(to_str))
+        row["turns"] = [t for ts in g["turns"] for t in to_list(ts)]
         row["outcome"] = last.get("outcome")
-        row["escalation_threats"] = [t for ts in g["escalation_threats"] for t in _list(ts)] \
+        row["escalation_threats"] = [t for ts in g["escalation_threats"] for t in to_list(ts)] \
             if "escalation_threats" in g else []
         for col in ("emotion_min", "emotion_score"):
             if col in g:
