@@ -515,28 +515,28 @@ def after_commit(ctx: RunContext, cases: pd.DataFrame) -> dict[str, Any]:
 
 
 def mark_derived_current(out: Path) -> None:
-    atomic_write_text(_derived_marker(out), _latest_committed(out) + "\n")
+    atomic_write_text(_derived_marker(out), _latest_case_run(out) + "\n")
 
 
 def _derived_marker(out: Path) -> Path:
     return out / "exports" / "DERIVED_FROM_RUN"
 
 
-def _latest_committed(out: Path) -> str:
+def _latest_case_run(out: Path) -> str:
     if not (out / "state" / "state.sqlite").is_file():
         return ""
     state = State(out)
     try:
-        return max(state.committed_runs(), default="")
+        return state.latest_case_run()
     finally:
         state.close()
 
 
 def derived_outputs_current(out: Path) -> bool:
-    """Whether exports and library reflect the latest committed run (a run killed after its
-    commit leaves them behind; the next run, even with nothing new, finishes them)."""
-    latest = _latest_committed(out)
-    if not latest:
-        return True
+    """Whether exports and library reflect every stored case: the marker names the newest run
+    that stored case files. A run killed after its commit leaves them behind and the next run,
+    even with nothing new, finishes them; a run that stored no cases changes nothing they derive
+    from, so it does not make them stale."""
+    latest = _latest_case_run(out)
     marker = _derived_marker(out)
-    return marker.is_file() and marker.read_text(encoding="utf-8").strip() == latest
+    return not latest or (marker.is_file() and marker.read_text(encoding="utf-8").strip() == latest)

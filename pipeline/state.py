@@ -162,6 +162,11 @@ class State:
     def committed_runs(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT run_id FROM runs WHERE status = 'committed'")}
 
+    def latest_case_run(self) -> str:
+        """The newest committed run that stored case files ("" when none): what exports derive from."""
+        row = self.db.execute("SELECT max(run_id) FROM parts").fetchone()
+        return row[0] or ""
+
     def known_runs(self) -> dict[str, str]:
         """run_id -> status of every run this database has seen begin."""
         return dict(self.db.execute("SELECT run_id, status FROM runs").fetchall())
