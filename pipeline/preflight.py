@@ -64,6 +64,7 @@ def check_resources(cfg: Config) -> None:
 
 def count_new_files(out: Path, input_dir: Path, files: list[Path]) -> int:
     """How many input files no committed run read as they are now (size, mtime, else checksum)."""
+    from pipeline.ingest import input_name
     from pipeline.io import sha256_file
     from pipeline.state import State, StateError
 
@@ -77,8 +78,7 @@ def count_new_files(out: Path, input_dir: Path, files: list[Path]) -> int:
         new = 0
         for p in files:
             st = p.stat()
-            rel = str(p.relative_to(input_dir)) if p != input_dir else p.name
-            if not state.file_unchanged(rel, st.st_size, st.st_mtime_ns, lambda p=p: sha256_file(p)):
+            if not state.file_unchanged(input_name(input_dir, p), st.st_size, st.st_mtime_ns, lambda p=p: sha256_file(p)):
                 new += 1
         return new
     finally:

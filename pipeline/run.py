@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.config import Config
-from pipeline.ingest import FileResult, discover, read_file
+from pipeline.ingest import FileResult, discover, input_name, read_file
 from pipeline.lock import run_lock
 from pipeline.io import atomic_write_text, sha256_file
 from pipeline.process import BatchResult, guard_case_step, process_batch
@@ -145,7 +145,7 @@ def ingest(ctx: RunContext) -> IngestResult:
         results: list[FileResult] = []
         for i, p in enumerate(paths):
             st = p.stat()
-            rel = str(p.relative_to(ctx.input_dir)) if p != ctx.input_dir else p.name
+            rel = input_name(ctx.input_dir, p)
             digest = functools.lru_cache(maxsize=1)(lambda p=p: sha256_file(p))
             if state.file_unchanged(rel, st.st_size, st.st_mtime_ns, digest):
                 skipped += 1

@@ -40,6 +40,12 @@ def discover(input_dir: Path) -> list[Path]:
     return sorted(found)
 
 
+def input_name(input_dir: Path, path: Path) -> str:
+    """How a discovered file is recorded between runs: relative to the input folder (its own name
+    when the input is that file), so moving the whole delivery folder does not make it new."""
+    return str(path.relative_to(input_dir)) if path != input_dir else path.name
+
+
 def _display_name(path: Path, root: Path | None) -> str:
     name = str(path.relative_to(root)) if root and path.is_relative_to(root) else str(path)
     # A file name that is not valid UTF-8 arrives with lone surrogates (surrogateescape); they
