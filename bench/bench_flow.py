@@ -22,8 +22,9 @@ from pathlib import Path
 
 from pipeline.sample import generate
 
-STAGES = ["ingest", "normalize", "mask", "cases", "segment_setup", "segment", "emotion", "classify", "store",
-          "embed+index", "export", "library"]
+# The run's steps as `pipeline.run.NIGHTLY` and `pipeline.steps.BATCH_STEPS` name them.
+STAGES = ["ingest", "normalize", "mask", "cases", "segment", "table", "emotion", "classify", "store",
+          "index", "commit", "export", "library"]
 
 
 def run(input_dir: Path, out: Path, prefect: bool = False) -> tuple[dict, float, float]:
@@ -52,12 +53,12 @@ def stage_table(label: str, s: dict, wall: float, peak: float) -> None:
           f"(process start to exit), {n / wall:.1f} transcripts/s, peak RSS {peak:,.0f} MiB; "
           f"embedded {idx.get('embedded_new', 0):,} texts, {idx.get('embedded_cached', 0):,} from the cache "
           f"(identical problem texts are embedded once)")
-    embed = secs.get("embed+index", 0.0)
+    embed = secs.get("index", 0.0)
     for k in STAGES:
         if k in secs:
             print(f"  {k:<14} {secs[k]:>9.2f} s  {100 * secs[k] / total:>5.1f}%  "
-                  f"{'' if k == 'embed+index' or not embed else f'{secs[k] / embed:.3f}x embed'}")
-    rest = sum(v for k, v in secs.items() if k not in ("total", "embed+index"))
+                  f"{'' if k == 'index' or not embed else f'{secs[k] / embed:.3f}x embed'}")
+    rest = sum(v for k, v in secs.items() if k not in ("total", "index"))
     print(f"  {'all but embed':<14} {rest:>9.2f} s  = {rest / embed:.2f}x the embedding step" if embed else "")
 
 

@@ -1,4 +1,4 @@
-"""The nightly Prefect flow: the steps of `pipeline.run` as tasks over whole batches.
+"""The nightly Prefect flow: the declared steps of `pipeline.run` (`NIGHTLY`) as tasks.
 
 Why batches, not records: Prefect's overhead is per task run (tens of milliseconds), so a task per
 conversation would cost more than the work. Tasks take no cache (inputs are large and every run
@@ -8,12 +8,11 @@ Local runs need no server: Prefect starts a temporary one for the duration of th
 
 from __future__ import annotations
 
-from collections import Counter
+import time
 from pathlib import Path
 from typing import Any
 
 import pipeline.prefect_api  # noqa: F401  (Prefect's environment defaults, before Prefect loads)
-import pandas as pd  # noqa: E402
 from prefect import flow, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
@@ -24,61 +23,55 @@ from pipeline.process import BatchResult  # noqa: E402
 from pipeline.progress import progress  # noqa: E402
 from pipeline.schema import Conversation  # noqa: E402
 from pipeline.segment import shared_segmenter  # noqa: E402
+from pipeline.steps import Components  # noqa: E402
 
 
-@task(name="ingest", cache_policy=NO_CACHE, persist_result=False)
-def ingest_task(ctx: steps.RunContext) -> steps.IngestResult:
-    return steps.ingest(ctx)
+def _task(step: steps.RunStep):
+    # No cache (inputs are large and every run is new data) and no stored results: the state
+    # database, not Prefect, is what makes runs resumable.
+    return task(step.run, name=step.name, cache_policy=NO_CACHE, persist_result=False)
 
 
-@task(name="process-batch", cache_policy=NO_CACHE, persist_result=False)
-def process_task(ctx: steps.RunContext, batch: list[Conversation], part: int) -> BatchResult:
-    res = steps.process_and_classify(ctx, batch, shared_segmenter(ctx.cfg))
-    steps.store(ctx, res.cases, part)
-    return res
+_COMPONENTS: dict[str, Components] = {}
 
 
-@task(name="embed-and-index", cache_policy=NO_CACHE, persist_result=False)
-def index_task(ctx: steps.RunContext, results: list[BatchResult]) -> dict[str, Any]:
-    cases = _all_cases(results)
-    return steps.index(ctx, cases) if len(cases) else {"added": 0, "replaced": 0}
+def _components(ctx: steps.RunContext) -> Components:
+    """The run's components, built once per worker process (a Dask worker is another process)
+    and reused by every batch task of the run; the segmenter's pool is shared per process."""
+    if ctx.run_id not in _COMPONENTS:
+        _COMPONENTS.clear()
+        _COMPONENTS[ctx.run_id] = Components.from_config(ctx.cfg, shared_segmenter(ctx.cfg))
+    return _COMPONENTS[ctx.run_id]
 
 
-@task(name="export", cache_policy=NO_CACHE, persist_result=False)
-def export_task(ctx: steps.RunContext) -> dict[str, Any]:
-    return steps.export(ctx)
+def _process_part(ctx: steps.RunContext, batch: list[Conversation], part: int) -> BatchResult:
+    return steps.process_part(ctx, _components(ctx), batch, part)
 
 
-@task(name="library-candidates", cache_policy=NO_CACHE, persist_result=False)
-def library_task(ctx: steps.RunContext) -> dict[str, Any]:
-    return steps.refresh_library(ctx)
-
-
-def _all_cases(results: list[BatchResult]) -> pd.DataFrame:
-    return pd.concat([r.cases for r in results], ignore_index=True) if results else \
-        pd.DataFrame(columns=steps.EMPTY_CASE_COLUMNS)
-
-
-@task(name="commit", cache_policy=NO_CACHE, persist_result=False)
-def commit_task(ctx: steps.RunContext, ing: steps.IngestResult, results: list[BatchResult],
-                index_summary: dict[str, Any]) -> dict[str, Any]:
-    rejected = [q for r in results for q in r.rejected]
-    cases = _all_cases(results)
-    pii: Counter = Counter()
-    for r in results:
-        pii.update(r.pii_counts)
-        for k, v in r.seconds.items():
-            ctx.seconds[k] = ctx.seconds.get(k, 0.0) + v
-    qpath = steps.commit(ctx, ing, rejected, cases)
-    progress("commit", 1, 1)
-    extra = {"index": index_summary, "classification": steps.classification_summary(cases)}
-    if len(cases) or not steps.derived_outputs_current(ctx.out):
-        extra["exports"] = export_task(ctx)
-        extra["library"] = library_task(ctx)
-        steps.mark_derived_current(ctx.out)
-    else:
-        extra.update(steps.after_commit(ctx, cases))
-    return steps.summarize(ctx, ing, rejected, cases, pii, sum(r.chars_segmented for r in results), extra, qpath=qpath)
+def run_declared(ctx: steps.RunContext) -> dict[str, Any]:
+    """`steps.NIGHTLY` as Prefect tasks, in order: the batch step as one task per batch
+    (submitted together, so a parallel task runner runs them side by side), every other step as
+    one task. Timings and crash checkpoints here, as in the plain runner."""
+    night = steps.Night(ctx)
+    for step in steps.NIGHTLY:
+        t = time.perf_counter()
+        if step.per_batch:
+            assert night.ingest is not None
+            parts = steps.batches(night.ingest.accepted, ctx.cfg.flow.batch_size)
+            run_part = task(_process_part, name=f"{step.name}-batch", cache_policy=NO_CACHE, persist_result=False)
+            futures = [run_part.submit(ctx, batch, n) for n, batch in enumerate(parts)]
+            for n, f in enumerate(futures):
+                res = f.result()
+                night.batches.append(res)
+                for k, v in res.seconds.items():
+                    steps.add_seconds(ctx, k, v)
+                progress(step.name, sum(map(len, parts[:n + 1])), len(night.ingest.accepted))
+        else:
+            setattr(night, step.adds, _task(step)(night))
+            if step.adds != "summary":
+                steps.add_seconds(ctx, step.name, time.perf_counter() - t)
+        steps.checkpoint(step.name)
+    return night.summary
 
 
 @flow(name="casemine-nightly", log_prints=False, validate_parameters=False)
@@ -99,14 +92,7 @@ def nightly(input_dir: str | None = None, out: str | None = None, config_path: s
     out_path = Path(out) if out else cfg.resolve(cfg.paths.out)
     with run_lock(out_path, command="casemine-nightly flow"):
         ctx = steps.start_run(cfg, input_path, out_path, runner=f"Prefect flow ({cfg.flow.task_runner} task runner)")
-        ing = ingest_task(ctx)
-        parts = steps.batches(ing.accepted, cfg.flow.batch_size)
-        futures = [process_task.submit(ctx, batch, n) for n, batch in enumerate(parts)]
-        results = []
-        for n, f in enumerate(futures):
-            results.append(f.result())
-            progress("process", sum(map(len, parts[:n + 1])), len(ing.accepted))
-        return commit_task(ctx, ing, results, index_task(ctx, results))
+        return run_declared(ctx)
 
 
 def task_runner(cfg: Config):

@@ -1,31 +1,26 @@
-"""The pure per-batch steps: normalise -> mask -> cases -> segment, conversations in, cases out.
-
-No I/O and no Prefect here: the flow calls `process_batch` once per batch, tests call it directly,
-and `casemine classify` uses it for transcripts. The steps run in the documented order so that no
-text reaches case extraction, segmentation or storage before it is masked.
+"""What the batch steps do to one conversation or one batch, pure: normalise, mask, segment, build
+the case table, and set aside what a step raised on. The steps' order is declared in
+`pipeline.steps`; no I/O and no Prefect here.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from datetime import date
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Protocol, Sequence, TypeVar
 
 import pandas as pd
 import pyarrow as pa
 
-from pipeline.cases import CaseExtractor
 from pipeline.config import Config
 from pipeline.ingest.parse import scrub_surrogates
 from pipeline.mask import Masker
 from pipeline.normalize import Normalizer
 from pipeline.schema import CASE_COLUMNS, CASE_SCHEMA, Conversation, QuarantineRecord, Turn
 from pipeline.segment import Segmenter
-from pipeline.textprep import get_masker, get_normalizer
 
 ASR_FORMATS = ("asr_json", "asr_csv")
 T = TypeVar("T")
@@ -101,77 +96,42 @@ EXCERPT_CHARS = 120
 
 def process_batch(convs: Sequence[Conversation], cfg: Config, run_id: str = "", ingest_date: date | None = None,
                   prior_orders: frozenset[str] = frozenset(), segmenter: Segmenter | None = None) -> BatchResult:
-    """Conversations (as parsed) -> the case table for them, plus per-step counts and timings.
+    """Conversations (as parsed) -> their case table: the declared steps up to `table`
+    (normalise, mask, cases, segment), for callers that hold a config rather than components."""
+    from pipeline.steps import process_conversations
 
-    A conversation that makes any step raise is set aside with the step and the exception's kind
-    and the batch goes on without it: one record nobody anticipated must not cost the others
-    (nor, since the same delivery comes back, every night after)."""
-    seconds: dict[str, float] = {}
-    failures: list[Failure] = []
-    empty: list[Conversation] = []
-    t0 = time.perf_counter()
-    normalizer = get_normalizer(cfg)
-    normed: list[tuple[Conversation, Conversation]] = []  # (as received, normalised)
-    for c in convs:
-        n = _guarded(failures, c, "normalize", normalize_conversation, c, normalizer)
-        if n is not None and n.turns:
-            normed.append((c, n))
-        elif n is not None:
-            empty.append(c)
-    t1 = time.perf_counter()
-    masker = get_masker(cfg)
-    masked = [(c, m) for c, n in normed
-              if (m := _guarded(failures, c, "mask", mask_conversation, n, masker)) is not None]
-    t2 = time.perf_counter()
-    extractor = CaseExtractor.from_config(cfg)
-    per_conv = [(c, m, recs) for c, m in masked
-                if (recs := _guarded(failures, c, "cases", extractor.extract, m, run_id, ingest_date, prior_orders)) is not None]
-    seg = segmenter or Segmenter(cfg)
-    t_setup = time.perf_counter()
-    seg.warm()
-    t3 = time.perf_counter()
-    per_conv = _segment(per_conv, seg, failures)
-    t4 = time.perf_counter()
-    per_conv, df = _case_table(per_conv, failures)
-    t5 = time.perf_counter()
-    seconds.update(normalize=t1 - t0, mask=t2 - t1, cases=(t_setup - t2) + (t5 - t4), segment_setup=t3 - t_setup,
-                   segment=t4 - t3)
-    records = [r for _, _, recs in per_conv for r in recs]
-    pii: Counter = Counter()
-    for _, m, _ in per_conv:
-        pii.update(m.pii_counts)
-    rejected = [_empty_record(c) for c in empty] + [_failure_record(f, masker) for f in failures]
-    chars = sum(len(r["problem"]) + len(r["customer_text"]) for r in records)
-    return BatchResult(df, rejected, pii, seconds, chars)
+    return process_conversations(convs, cfg, "table", segmenter=segmenter, run_id=run_id, ingest_date=ingest_date,
+                                 prior_orders=prior_orders)
 
 
-def _guarded(failures: list[Failure], conv: Conversation, step: str, fn: Callable[..., T], *args: Any) -> T | None:
+def guarded(failures: list[Failure], conv: Conversation, step: str, fn: Callable[..., T], *args: Any) -> T | None:
     """fn(*args), or None with the failure noted against `conv`."""
     try:
         return fn(*args)
-    except Exception as e:  # noqa: BLE001 - see process_batch
+    except Exception as e:  # noqa: BLE001 - one conversation must not cost the batch
         failures.append((conv, step, e))
         return None
 
 
-PerConv = list[tuple[Conversation, Conversation, list[dict[str, Any]]]]
+class HasRecords(Protocol):
+    received: Conversation
+    records: list[dict[str, Any]]
 
 
-def _segment(per_conv: PerConv, seg: Segmenter, failures: list[Failure]) -> PerConv:
+I = TypeVar("I", bound=HasRecords)
+
+
+def segment_records(items: list[I], seg: Segmenter, failures: list[Failure]) -> list[I]:
     """Tokens and keywords for every record: the whole batch at once (parallel when large), and
     only if that raises, conversation by conversation in this process to find the culprits."""
-    records = [r for _, _, recs in per_conv for r in recs]
     try:
-        _tokenize(records, seg, seg.cut_many)
-        return per_conv
+        _tokenize([r for it in items for r in it.records], seg, seg.cut_many)
+        return items
     except Exception:  # noqa: BLE001 - retried one by one below, where the failure is attributed
         pass
     one_by_one = functools.partial(_cut_here, seg)  # in this process: the pool may be what broke
-    kept = []
-    for c, m, recs in per_conv:
-        if _guarded(failures, c, "segment", _tokenize, recs, seg, one_by_one) is not None:
-            kept.append((c, m, recs))
-    return kept
+    return [it for it in items if guarded(failures, it.received, "segment", _tokenize, it.records, seg, one_by_one)
+            is not None]
 
 
 def _cut_here(seg: Segmenter, texts: Sequence[str]) -> list[list[str]]:
@@ -187,17 +147,17 @@ def _tokenize(records: list[dict[str, Any]], seg: Segmenter, cut: Callable[[Sequ
     return True
 
 
-def _case_table(per_conv: PerConv, failures: list[Failure]) -> tuple[PerConv, pd.DataFrame]:
+def case_table(items: list[I], failures: list[Failure]) -> tuple[list[I], pd.DataFrame]:
     """The batch's case table, holding only records the Parquet writer will accept: a value it
     cannot encode (a lone surrogate that got this far, a number out of range) would otherwise fail
     the whole batch's write, past the point where one conversation can still be set aside. One
     conversion for the batch; one per conversation only when that fails."""
     try:
-        return per_conv, _checked_frame([r for _, _, recs in per_conv for r in recs])
+        return items, _checked_frame([r for it in items for r in it.records])
     except Exception:  # noqa: BLE001 - attributed per conversation below
         pass
-    kept = [(c, m, recs) for c, m, recs in per_conv if _guarded(failures, c, "store", _checked_frame, recs) is not None]
-    return kept, _checked_frame([r for _, _, recs in kept for r in recs])
+    kept = [it for it in items if guarded(failures, it.received, "store", _checked_frame, it.records) is not None]
+    return kept, _checked_frame([r for it in kept for r in it.records])
 
 
 def _checked_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
@@ -208,13 +168,13 @@ def _checked_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     return df
 
 
-def _empty_record(c: Conversation) -> QuarantineRecord:
+def empty_record(c: Conversation) -> QuarantineRecord:
     return QuarantineRecord(c.source_file, "empty_text", "no text left after normalisation (only emoji, marks or "
                             "control characters)", c.source_line, None, scrub_surrogates(c.conversation_id),
                             scrub_surrogates(" ".join(t.text for t in c.turns)[:EXCERPT_CHARS]), c.content_hash)
 
 
-def _failure_record(f: Failure, masker: Masker) -> QuarantineRecord:
+def failure_record(f: Failure, masker: Masker) -> QuarantineRecord:
     # Only the exception's kind: its message may quote the text, and details are not masked
     # everywhere they are shown.
     # Lone surrogates are replaced: the culprit may carry them, and the quarantine file is UTF-8.

@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 
@@ -25,10 +25,11 @@ from pipeline.config import Config
 from pipeline.ingest import FileResult, discover, input_name, read_file
 from pipeline.lock import run_lock
 from pipeline.io import atomic_write_text, sha256_file
-from pipeline.process import BatchResult, guard_case_step, process_batch
+from pipeline.process import BatchResult
 from pipeline.progress import progress
 from pipeline.schema import Conversation, QuarantineRecord
 from pipeline.segment import Segmenter
+from pipeline.steps import Components, run_batch, through
 from pipeline.state import (CommitRecord, FileStamp, State, StateError, manifests_on_disk, read_manifest,
                             write_manifest)
 from pipeline.store import (CorruptOutputError, remove_orphans, run_of, run_parts, stored_parts, verify_parts, write_cases,
@@ -131,7 +132,6 @@ def reconcile_manifests(out: Path, state: State) -> None:
 
 def ingest(ctx: RunContext) -> IngestResult:
     """Read every new or changed file; deduplicate against what earlier runs committed."""
-    t0 = time.perf_counter()
     paths = discover(ctx.input_dir)
     state = State(ctx.out)
     counts: Counter = Counter()
@@ -192,7 +192,6 @@ def ingest(ctx: RunContext) -> IngestResult:
         state.close()
     counts["accepted"] = len(accepted)
     counts["quarantined"] = len(quarantined)
-    ctx.seconds["ingest"] = time.perf_counter() - t0
     return IngestResult(accepted, quarantined, stamps, counts, reasons, skipped, encodings)
 
 
@@ -200,39 +199,40 @@ def batches(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def process(ctx: RunContext, convs: list[Conversation], segmenter: Segmenter | None = None) -> BatchResult:
-    """Normalise, mask, extract cases and segment one batch (pure; no writes)."""
+def prior_orders(ctx: RunContext, convs: list[Conversation]) -> frozenset[str]:
+    """Order ids earlier runs committed, among this batch's: what makes a case a repeat contact."""
     state = State(ctx.out)
     try:
-        prior = state.known_orders(str(c.metadata.get("order_id")) for c in convs if c.metadata.get("order_id"))
+        return state.known_orders(str(c.metadata.get("order_id")) for c in convs if c.metadata.get("order_id"))
     finally:
         state.close()
-    res = process_batch(convs, ctx.cfg, ctx.run_id, ctx.ingest_date, prior, segmenter)
-    from pipeline.emotion import add_emotion
 
-    t = time.perf_counter()
-    res.cases, bad = guard_case_step(res.cases, lambda df: add_emotion(df, ctx.cfg), "emotion")
-    res.rejected += bad
-    res.seconds["emotion"] = time.perf_counter() - t
-    return res
+
+def process(ctx: RunContext, convs: list[Conversation], segmenter: Segmenter | None = None,
+            last: str = "emotion") -> BatchResult:
+    """The declared batch steps through `last` over one batch (no writes)."""
+    with Components.from_config(ctx.cfg, segmenter) as comp:
+        return process_with(ctx, comp, convs, last)
+
+
+def process_with(ctx: RunContext, comp: Components, convs: list[Conversation], last: str = "classify") -> BatchResult:
+    return run_batch(convs, comp, through(last), run_id=ctx.run_id, ingest_date=ctx.ingest_date,
+                     prior_orders=prior_orders(ctx, convs))
 
 
 def process_and_classify(ctx: RunContext, convs: list[Conversation], segmenter: Segmenter | None = None) -> BatchResult:
-    """`process` then `classify`, a conversation that makes either raise quarantined alone."""
-    res = process(ctx, convs, segmenter)
-    res.cases, bad = guard_case_step(res.cases, lambda df: classify(ctx, df), "classify")
-    res.rejected += bad
-    return res
+    """Every batch step, a conversation that makes one raise quarantined alone."""
+    return process(ctx, convs, segmenter, last="classify")
 
 
-def classify(ctx: RunContext, cases: pd.DataFrame) -> pd.DataFrame:
-    """Issue type, request kind and urgency for a batch of cases (trained model, else rules)."""
-    from pipeline.classify import classify_cases
-
+def process_part(ctx: RunContext, comp: Components, batch: list[Conversation], part: int) -> BatchResult:
+    """One batch through every step, and its cases written as part `part` of the run."""
+    res = process_with(ctx, comp, batch)
     t = time.perf_counter()
-    out = classify_cases(cases, ctx.cfg)
-    ctx.seconds["classify"] = ctx.seconds.get("classify", 0.0) + time.perf_counter() - t
-    return out
+    store(ctx, res.cases, part)
+    res.seconds["store"] = time.perf_counter() - t
+    checkpoint("store")
+    return res
 
 
 def index(ctx: RunContext, cases: pd.DataFrame) -> dict[str, Any]:
@@ -242,10 +242,10 @@ def index(ctx: RunContext, cases: pd.DataFrame) -> dict[str, Any]:
     stable case ids, so the index never holds a case twice."""
     from pipeline.index import update_from_cases
 
-    t = time.perf_counter()
+    if not len(cases):
+        return {"added": 0, "replaced": 0}
     summary = update_from_cases(ctx.cfg, ctx.out, cases)
     progress("index", 1, 1)
-    ctx.seconds["embed+index"] = time.perf_counter() - t
     return summary
 
 
@@ -256,11 +256,9 @@ def export(ctx: RunContext) -> dict[str, Any]:
     idempotent, so a run killed here is finished by the next one."""
     from pipeline.export import export_all
 
-    t = time.perf_counter()
     progress("export", 0, 1)
     summary = export_all(ctx.cfg, ctx.out)
     progress("export", 1, 1)
-    ctx.seconds["export"] = time.perf_counter() - t
     keep = ("export_dir", "report", "n_cases", "n_clusters", "n_new_clusters", "alerts")
     return {k: summary[k] for k in keep if k in summary}
 
@@ -269,11 +267,9 @@ def refresh_library(ctx: RunContext) -> dict[str, Any]:
     """Re-select typical-case candidates; decisions already made in the review store are kept."""
     from pipeline.library import build
 
-    t = time.perf_counter()
     progress("library", 0, 1)
     summary = build(ctx.cfg, ctx.out)
     progress("library", 1, 1)
-    ctx.seconds["library"] = time.perf_counter() - t
     return {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
 
 
@@ -465,53 +461,127 @@ def _move_aside(path: Path) -> Path:
     return aside
 
 
-def run_pipeline(cfg: Config, input_dir: Path, out: Path, runner: str = "plain") -> dict[str, Any]:
-    """The whole nightly run without Prefect (same steps the flow runs as tasks), holding the
-    output root's lock (re-entrant: `casemine run` already holds it)."""
-    with run_lock(out):
-        return _run_locked(cfg, input_dir, out, runner)
+# -- the run, declared once ---------------------------------------------------------------------
+
+@dataclass
+class Night:
+    """What a run's steps have made so far; each step adds one field (`RunStep.adds`)."""
+    ctx: RunContext
+    ingest: IngestResult | None = None
+    batches: list[BatchResult] = field(default_factory=list)
+    index: dict[str, Any] = field(default_factory=dict)
+    quarantine: Path | None = None
+    exports: dict[str, Any] = field(default_factory=dict)
+    library: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cases(self) -> pd.DataFrame:
+        frames = [r.cases for r in self.batches]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=EMPTY_CASE_COLUMNS)
+
+    @property
+    def rejected(self) -> list[QuarantineRecord]:
+        return [q for r in self.batches for q in r.rejected]
 
 
-def _run_locked(cfg: Config, input_dir: Path, out: Path, runner: str) -> dict[str, Any]:
-    ctx = start_run(cfg, input_dir, out, runner)
-    ing = ingest(ctx)
-    checkpoint("ingest")
-    frames, rejected, pii, chars = [], [], Counter(), 0
-    parts = batches(ing.accepted, cfg.flow.batch_size)
-    with Segmenter(cfg) as seg:
-        for n, batch in enumerate(parts):
-            res = process_and_classify(ctx, batch, seg)
-            for k, v in res.seconds.items():
-                ctx.seconds[k] = ctx.seconds.get(k, 0.0) + v
-            t = time.perf_counter()
-            store(ctx, res.cases, n)
-            checkpoint("store")
-            ctx.seconds["store"] = ctx.seconds.get("store", 0.0) + time.perf_counter() - t
-            frames.append(res.cases)
-            rejected += res.rejected
-            pii.update(res.pii_counts)
-            chars += res.chars_segmented
-            progress("process", sum(map(len, parts[:n + 1])), len(ing.accepted))
-    cases = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=EMPTY_CASE_COLUMNS)
-    extra = {"index": index(ctx, cases) if len(cases) else {"added": 0, "replaced": 0},
-             "classification": classification_summary(cases)}
-    checkpoint("index")
-    qpath = commit(ctx, ing, rejected, cases)
-    checkpoint("commit")
+@dataclass(frozen=True)
+class RunStep:
+    """One step of the nightly run. `run(night)` returns the value of `night.<adds>`; a
+    `per_batch` step instead runs `run(ctx, components, batch, part)` on every batch of accepted
+    conversations (the declared batch steps of `pipeline.steps`, then the part's case file).
+    The runner times every step, reports progress, and offers a crash checkpoint after it."""
+    name: str
+    reads: tuple[str, ...]
+    adds: str
+    run: Callable[..., Any]
+    per_batch: bool = False
+
+
+def _ingest(night: Night) -> IngestResult:
+    return ingest(night.ctx)
+
+
+def _index(night: Night) -> dict[str, Any]:
+    return index(night.ctx, night.cases)
+
+
+def _commit(night: Night) -> Path | None:
+    assert night.ingest is not None
+    qpath = commit(night.ctx, night.ingest, night.rejected, night.cases)
     progress("commit", 1, 1)
-    extra.update(after_commit(ctx, cases))
-    return summarize(ctx, ing, rejected, cases, pii, chars, extra, qpath=qpath)
+    return qpath
 
 
-def after_commit(ctx: RunContext, cases: pd.DataFrame) -> dict[str, Any]:
-    """Exports and library candidates, derived from all committed cases: redone when this run
-    added cases or an earlier run died before finishing them; a night with nothing new keeps
-    yesterday's exports."""
-    if not len(cases) and derived_outputs_current(ctx.out):
-        return {"exports": {"skipped": "no new cases"}, "library": {"skipped": "no new cases"}}
-    done = {"exports": export(ctx), "library": refresh_library(ctx)}
-    mark_derived_current(ctx.out)
+def _derive_needed(night: Night) -> bool:
+    """Exports and library are derived from all committed cases: redone when this run added cases
+    or an earlier run died before finishing them; a night with nothing new keeps yesterday's."""
+    return bool(len(night.cases)) or not derived_outputs_current(night.ctx.out)
+
+
+def _exports(night: Night) -> dict[str, Any]:
+    return export(night.ctx) if _derive_needed(night) else {"skipped": "no new cases"}
+
+
+def _library(night: Night) -> dict[str, Any]:
+    if not _derive_needed(night):
+        return {"skipped": "no new cases"}
+    done = refresh_library(night.ctx)
+    mark_derived_current(night.ctx.out)  # the last derived output: both are now current
     return done
+
+
+def _summary(night: Night) -> dict[str, Any]:
+    assert night.ingest is not None
+    pii: Counter = Counter()
+    for r in night.batches:
+        pii.update(r.pii_counts)
+    cases = night.cases
+    extra = {"index": night.index, "classification": classification_summary(cases), "exports": night.exports,
+             "library": night.library}
+    return summarize(night.ctx, night.ingest, night.rejected, cases, pii, sum(r.chars_segmented for r in night.batches),
+                     extra, qpath=night.quarantine)
+
+
+NIGHTLY: tuple[RunStep, ...] = (
+    RunStep("ingest", ("input files", "state"), "ingest", _ingest),
+    RunStep("process", ("ingest",), "batches", process_part, per_batch=True),
+    RunStep("index", ("batches",), "index", _index),
+    RunStep("commit", ("ingest", "batches"), "quarantine", _commit),
+    RunStep("export", ("committed cases",), "exports", _exports),
+    RunStep("library", ("committed cases",), "library", _library),
+    RunStep("summary", ("ingest", "batches", "index", "quarantine", "exports", "library"), "summary", _summary),
+)
+
+
+def add_seconds(ctx: RunContext, name: str, seconds: float) -> None:
+    ctx.seconds[name] = ctx.seconds.get(name, 0.0) + seconds
+
+
+def run_pipeline(cfg: Config, input_dir: Path, out: Path, runner: str = "plain") -> dict[str, Any]:
+    """The whole nightly run as a plain loop over `NIGHTLY` (the Prefect flow runs the same list
+    as tasks), holding the output root's lock (re-entrant: `casemine run` already holds it)."""
+    with run_lock(out):
+        ctx = start_run(cfg, input_dir, out, runner)
+        night = Night(ctx)
+        with Components.from_config(cfg) as comp:
+            for step in NIGHTLY:
+                t = time.perf_counter()
+                if step.per_batch:
+                    assert night.ingest is not None
+                    parts = batches(night.ingest.accepted, cfg.flow.batch_size)
+                    for n, batch in enumerate(parts):
+                        res = step.run(ctx, comp, batch, n)
+                        night.batches.append(res)
+                        for k, v in res.seconds.items():
+                            add_seconds(ctx, k, v)
+                        progress(step.name, sum(map(len, parts[:n + 1])), len(night.ingest.accepted))
+                else:
+                    setattr(night, step.adds, step.run(night))
+                    if step.adds != "summary":
+                        add_seconds(ctx, step.name, time.perf_counter() - t)
+                checkpoint(step.name)
+        return night.summary
 
 
 def mark_derived_current(out: Path) -> None:

@@ -147,18 +147,17 @@ def read_text_input(path: Path) -> "pd.DataFrame":
 
 
 def classify_transcripts(path: Path, cfg: Config) -> "pd.DataFrame":
-    """Transcripts through the same ingest and case extraction as the nightly run, then classify."""
-    from pipeline.classify import classify_cases
+    """Transcripts through the nightly run's own steps (ingest, then every batch step through
+    classify: the emotion step too, whose lowest sentiment the request kind reads)."""
     from pipeline.ingest import read_file
-    from pipeline.process import process_batch
+    from pipeline.steps import process_conversations
 
     res = read_file(path, cfg.ingest)
     for q in res.quarantined[:5]:
         console.print(f"[yellow]skipped[/] {q.source_file}:{q.line or ''} {q.reason}: {q.detail}", highlight=False)
     if not res.conversations:
         raise ValueError(f"{path}: no readable conversations ({len(res.quarantined)} quarantined)")
-    cases = process_batch(res.conversations, cfg).cases
-    return classify_cases(cases, cfg)
+    return process_conversations(res.conversations, cfg, "classify").cases
 
 
 def _result_records(df: "pd.DataFrame", id_col: str | None, text_col: str) -> list[dict[str, Any]]:

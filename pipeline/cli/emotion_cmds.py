@@ -33,7 +33,7 @@ def emotion_cmd(
 ) -> None:
     """Customer emotion per text, or per conversation with its emotion curve."""
     cfg = get_config(config)
-    from pipeline.emotion import EmotionAnalyzer, add_emotion, analyze_texts
+    from pipeline.emotion import EmotionAnalyzer, analyze_texts
 
     try:
         analyzer = EmotionAnalyzer.from_config(cfg)
@@ -47,13 +47,14 @@ def emotion_cmd(
             results.append({**({"id": r["id"]} if "id" in r else {}), **e.as_dict()})
     if len(texts) < len(recs):
         from pipeline.ingest import read_file
-        from pipeline.process import process_batch
+        from pipeline.steps import Components, run_batch, through
 
         res = read_file(file, cfg.ingest)
         convs = getattr(res, "conversations", None) or []
         if not convs:
             fail(f"{file}: no transcript could be read (see `casemine run` quarantine for why)")
-        cases = add_emotion(process_batch(convs, cfg).cases, cfg, analyzer)
+        with Components.from_config(cfg, analyzer=analyzer) as comp:
+            cases = run_batch(convs, comp, through("emotion")).cases
         for row in cases.to_dict("records"):
             detail = json.loads(row["emotion_turn_detail"])
             low = min(detail, key=lambda d: d["sentiment"]) if detail else None
