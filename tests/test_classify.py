@@ -100,6 +100,46 @@ def test_keyword_rules_pick_type_with_evidence(cfg):
     assert label == "其他" and conf < 0.45
 
 
+def test_jd_service_words_route_to_their_type(cfg):
+    rules = KeywordRules(load_taxonomy(cfg))
+    assert rules.predict_one("我的订单到哪了，今天能送到吗")[0] == "物流配送"
+    # JD's 上门取件 is the pick-up of a return, not an after-sales visit.
+    label, _, ev = rules.predict_one("帮我改成上门取件")
+    assert label == "退换货/退款" and "售后维修" not in ev["matched"]
+    # 客服 turns up in chats of every type: naming the agent is no complaint about attitude.
+    assert "服务态度" not in rules.predict_one("客服你好，发票什么时候开")[2]["matched"]
+
+
+def test_embed_text_drops_courtesy_only_segments():
+    from pipeline.classify.coldstart import embed_text
+
+    assert embed_text("你好 在吗 我的快递到哪了? 好的,谢谢 没有了", 128) == "我的快递到哪了"
+    assert embed_text("[订单编号:<ORDER>,订单金额:<AMOUNT>] 嗯嗯 好的谢谢 没有了", 128) == ""
+    assert embed_text("好的 发票抬头开错了", 5) == "发票抬头开"
+
+
+def test_cold_start_courtesies_only_is_fallback_and_texts_embed_once(cfg):
+    import numpy as np
+
+    from pipeline.classify.coldstart import ColdStartIssueClassifier
+
+    seen: list[list[str]] = []
+
+    def encode(texts: list[str]) -> np.ndarray:
+        seen.append(list(texts))
+        # A toy encoder: one axis for delivery words, one for invoice words.
+        vecs = np.array([[sum(t.count(w) for w in ("快递", "送", "到")) + 0.1,
+                          sum(t.count(w) for w in ("发票", "开票", "抬头")) + 0.1, 0.3] for t in texts])
+        return vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+
+    cold = ColdStartIssueClassifier(load_taxonomy(cfg), encode)
+    res = cold.predict(["你好 在吗 好的 谢谢 没有了", "快递三天了还没到", "快递三天了还没到", "发票一直没开"])
+    assert res.labels[0] == "其他" and res.confidence[0] <= 0.2
+    assert res.labels[1:] == ["物流配送", "物流配送", "发票"]
+    cases = seen[-1]  # the last call embeds the cases (earlier ones built the prototypes)
+    assert sorted(cases) == sorted({"快递三天了还没到", "发票一直没开"})  # each text once, courtesies never
+
+
 def test_rules_output_is_marked_as_rules(cfg, tmp_path):
     out = classify_cases(_cases(["快递丢件了"]), _cfg(cfg, tmp_path))
     assert out.loc[0, "classifier"] == "rules"

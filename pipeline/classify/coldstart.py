@@ -34,9 +34,31 @@ _ORDER_CARD_RE = re.compile(r"(咨询)?(订单(编)?号|订单金额|下单时�
 _SPACE_RE = re.compile(r"\s+")
 
 
+# Courtesies every chat has ("你好 在吗", "好的 谢谢 没有了" after the agent's closing question):
+# a segment made only of them says nothing about the matter, and left in they pull every short
+# chat towards whichever prototype sounds like small talk.
+_FILLERS = sorted({
+    "你好", "您好", "hello", "hi", "在吗", "在不在", "在么", "在", "有人吗", "有人在吗", "亲", "亲亲", "美女", "客服",
+    "我要转人工", "转人工", "人工客服", "人工", "谢谢", "谢谢你", "谢谢您", "谢谢啦", "谢啦", "多谢", "感谢", "麻烦了",
+    "麻烦你了", "麻烦您了", "辛苦了", "好的", "好滴", "好吧", "好", "行", "可以", "嗯嗯", "嗯", "恩恩", "恩", "哦哦", "哦",
+    "噢", "喔", "额", "呃", "啊", "呀", "了", "的", "吧", "呢", "哈", "对", "对的", "是的", "是", "ok", "OK", "Ok",
+    "没有了", "没有啦", "没了", "没啦", "没有", "暂时没有了", "没有别的问题了", "没有其他问题了", "没问题了", "没事了",
+    "没事", "不用了", "知道了", "明白了", "收到", "拜拜", "再见",
+}, key=len, reverse=True)
+_SEGMENT_RE = re.compile(r"[^\s,，。.!！?？;；:：~～、…()（）\[\]【】<>]+")
+_FILLER_RE = re.compile("|".join(re.escape(f) for f in _FILLERS))
+
+
+def content_segments(text: str) -> list[str]:
+    """The text's segments (split at spaces and punctuation) that are more than courtesies."""
+    return [s for s in _SEGMENT_RE.findall(text or "") if _FILLER_RE.sub("", s).strip()]
+
+
 def embed_text(text: str, max_chars: int) -> str:
-    """What is embedded for a case: the customer's words without placeholders or order cards."""
+    """What is embedded for a case: the customer's words without placeholders, order cards or
+    courtesy-only segments ("" when nothing else is left)."""
     t = _ORDER_CARD_RE.sub(" ", _PLACEHOLDER_RE.sub(" ", text or ""))
+    t = " ".join(content_segments(t))
     t = _SPACE_RE.sub(" ", t).strip(" ,，:：[]")
     return t[:max_chars]
 
@@ -90,8 +112,12 @@ class PrototypeScorer:
         assert self._centroids is not None and self._has is not None
         if not len(texts):
             return np.zeros((0, len(self.labels)))
-        vecs = np.asarray(self.encode(list(texts)), dtype=np.float64)
-        sims = vecs @ self._centroids.T
+        # Each distinct text once, in one call: the encoder is the slow step (re-sent order cards
+        # and one-line chats repeat), and one call lets it batch.
+        uniq = list(dict.fromkeys(texts))
+        vecs = np.asarray(self.encode(uniq), dtype=np.float64)
+        row = {t: i for i, t in enumerate(uniq)}
+        sims = (vecs @ self._centroids.T)[[row[t] for t in texts]]
         # A type without prototypes takes the row's mean: neutral after standardising.
         if not self._has.all():
             sims[:, ~self._has] = sims[:, self._has].mean(axis=1, keepdims=True)
@@ -124,8 +150,13 @@ class ColdStartIssueClassifier:
         share = keyword_share(self.rules.scores(list(texts)))
         if self.protos is None:
             return share, None
-        emb_texts = [embed_text(t, self.settings.embed_chars) or t[:self.settings.embed_chars] for t in texts]
-        return share, standardise(self.protos.similarities(emb_texts))
+        emb_texts = [embed_text(t, self.settings.embed_chars) for t in texts]
+        # Nothing but courtesies and placeholders: nothing to embed, the row stays neutral (0).
+        sim = np.zeros_like(share)
+        todo = [i for i, t in enumerate(emb_texts) if t]
+        if todo:
+            sim[todo] = standardise(self.protos.similarities([emb_texts[i] for i in todo]))
+        return share, sim
 
     def predict(self, texts: Sequence[str]) -> ColdStartResult:
         texts = list(texts)
@@ -134,10 +165,12 @@ class ColdStartIssueClassifier:
         labels = self.taxonomy.labels
         out_labels, conf, evidence = [], [], []
         for i, text in enumerate(texts):
-            if sim is None and not share[i].any():
+            if not share[i].any() and (sim is None or not sim[i].any()):
+                # No keyword and nothing but courtesies to read (or no embedder): too vague to tell.
                 out_labels.append(self.taxonomy.fallback)
                 conf.append(0.2)
-                evidence.append({"rule": "no keyword matched", "matched": {}})
+                evidence.append({"rule": "no keyword matched" if sim is None else "no keyword and no content beyond courtesies",
+                                 "matched": {}})
                 continue
             best = int(np.argmax(scores[i]))
             out_labels.append(labels[best])
