@@ -212,3 +212,57 @@ def test_review_queue_file_trains(cli, cfg, sample, tmp_path, fake_embedder):
     res = cli("train", "--labels", str(queue), "--json")
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["task"] == "issue_type"
+
+
+# -- the case model's parts, on small hand-made inputs ---------------------------------------
+
+def _case_inputs() -> tuple[list[dict], list[str]]:
+    import numpy as np
+
+    rng = np.random.RandomState(0)
+    texts = {"物流配送": "快递怎么还没到 物流不动了", "发票": "发票抬头开错了 税号", "退换货/退款": "我要退货退款"}
+    X, y = [], []
+    for i in range(30):
+        label = list(texts)[i % 3]
+        emb = rng.normal(size=8) + (np.arange(8) == i % 3) * 3
+        prior = {k: (0.8 if k == label else 0.1) for k in [*texts, "服务态度"]}
+        X.append({"customer": texts[label] + f" {i}", "agent": "您好", "signals": [1.0, 0.0],
+                  "emb": emb.tolist(), "prior": prior})
+        y.append(label)
+    # One chat of a type seen once: it cannot be learnt.
+    X.append({"customer": "客服态度太差", "agent": "抱歉", "signals": [0.0, 1.0], "emb": rng.normal(size=8).tolist(),
+              "prior": {"服务态度": 0.9, "物流配送": 0.1}})
+    y.append("服务态度")
+    return X, y
+
+
+def test_case_model_leaves_unlearnable_labels_to_the_rule_vote():
+    from pipeline.classify.case_model import CaseClassifier
+
+    X, y = _case_inputs()
+    m = CaseClassifier(C=4.0, min_df=2, emb_scale=2.0, signals_scale=0.0, prior_weight=0.5, min_class_count=2).fit(X, y)
+    assert m.unlearnt_ == ["服务态度"]
+    assert "服务态度" in set(m.classes_) and "服务态度" not in set(m.model_classes_)
+    assert m.predict(X[:3]).tolist() == y[:3]
+    # Only the rule vote knows the unlearnt type, and it can still win.
+    assert m.predict([X[-1]])[0] == "服务态度"
+    ev = m.explain([X[-1], X[0]], ["服务态度", y[0]], signal_names=["a", "b"])
+    assert ev[0] and ev[0][0]["term"] == "规则投票"
+    # The embedding's dimensions are explained as one term, never as "#3".
+    terms = [t["term"] for t in m.explain(X[:6], y[:6], top_k=50)[0]]
+    assert not any("#" in t for t in terms)
+    assert len(m.feature_names()) == m.clf_.coef_.shape[1]
+    proba = m.predict_proba(X[:5])
+    assert proba.shape == (5, len(m.classes_)) and abs(proba.sum(axis=1) - 1).max() < 1e-6
+
+
+def test_case_model_without_prior_or_embedding_is_the_plain_model():
+    from pipeline.classify.case_model import CaseClassifier
+
+    X, y = _case_inputs()
+    m = CaseClassifier(C=4.0).fit(X, y)
+    assert list(m.classes_) == sorted(set(y)) and m.unlearnt_ == []
+    assert not m.emb_used_
+    bad = [dict(X[0], signals=[1.0, 0.0, 0.0])]
+    with pytest.raises(ValueError, match="retrain"):
+        m.predict(bad)

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.classify.case_model import CaseInput
-from pipeline.classify.coldstart import ColdStartIssueClassifier, Encode
+from pipeline.classify.coldstart import ColdStartIssueClassifier, Encode, embed_text
 from pipeline.classify.rules import RequestKindRules
 from pipeline.classify.taxonomy import Taxonomy
 from pipeline.schema import OUTCOMES
@@ -70,19 +70,71 @@ def signal_names(task: str, taxonomy: Taxonomy, with_prototypes: bool) -> list[s
     return [f"规则:{o}" for o in OUTCOMES]
 
 
+class _Memo:
+    """An encoder that encodes each distinct text once per batch (the prototype scorer and the
+    embedding block read the same customer texts)."""
+
+    def __init__(self, encode: Encode) -> None:
+        self.encode = encode
+        self.seen: dict[str, np.ndarray] = {}
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        todo = list(dict.fromkeys(t for t in texts if t not in self.seen))
+        if todo:
+            self.seen.update(zip(todo, np.asarray(self.encode(todo))))
+        return np.vstack([self.seen[t] for t in texts]) if texts else np.zeros((0, 1))
+
+
+def issue_embed_texts(customer: list[str], taxonomy: Taxonomy) -> list[str]:
+    """The customer's words as the cold-start prototypes read them (coldstart.embed_text: no
+    placeholders, order cards or courtesies), the raw text when nothing else is left."""
+    n = taxonomy.cold_start.embed_chars
+    return [embed_text(t, n) or t[:n] for t in customer]
+
+
+def _embed(enc: Encode, texts: list[str]) -> np.ndarray:
+    """Embeddings of the texts; an empty text (a chat with no customer words) gets zeros."""
+    todo = [i for i, t in enumerate(texts) if t]
+    dim_probe = [texts[i] for i in todo] or ["空"]
+    vecs = np.asarray(enc(dim_probe), dtype=np.float64)
+    out = np.zeros((len(texts), vecs.shape[1]))
+    if todo:
+        out[todo] = vecs
+    return out
+
+
+# The cold-start classifier's confidence scale (coldstart._confidence): its scores as a softmax.
+_PRIOR_SHARPNESS = 1.5
+
+
+def rule_prior(share: np.ndarray, sim: np.ndarray | None, taxonomy: Taxonomy) -> np.ndarray:
+    """The cold-start verdict as probabilities over the taxonomy's types: the softmax of its
+    combined scores (keyword share x weight + standardised prototype similarity)."""
+    scores = share * taxonomy.cold_start.keyword_weight + (sim if sim is not None else 0.0)
+    e = np.exp((scores - scores.max(axis=1, keepdims=True)) * _PRIOR_SHARPNESS)
+    return e / e.sum(axis=1, keepdims=True)
+
+
 def build_inputs(task: str, cases: pd.DataFrame, taxonomy: Taxonomy, encode: Encode | None = None,
                  with_prototypes: bool = False) -> list[CaseInput]:
     """One input per case row for `task` (see the module docstring of case_model)."""
     rows = cases.to_dict("records")
     if task == "issue_type":
         customer = [to_str(r.get("customer_text")) or to_str(r.get("problem")) for r in rows]
-        cold = ColdStartIssueClassifier(taxonomy, encode if with_prototypes else None)
+        enc = _Memo(encode) if with_prototypes and encode is not None else None
+        cold = ColdStartIssueClassifier(taxonomy, enc)
         share, sim = cold.features(customer)
         if with_prototypes and sim is None:
             raise ValueError("this issue-type model uses prototype similarities but no sentence embedder is available")
         sig = np.hstack([share, sim]) if sim is not None else share
-        return [{"customer": c, "agent": to_str(r.get("agent_text")), "signals": s.tolist()}
-                for c, r, s in zip(customer, rows, sig)]
+        prior = rule_prior(share, sim, taxonomy)
+        # The customer side's sentence embedding, as the prototypes read it (same texts, so the
+        # memo encodes each once).
+        emb = _embed(enc, issue_embed_texts(customer, taxonomy)) if enc is not None else [None] * len(rows)
+        return [{"customer": c, "agent": to_str(r.get("agent_text")), "signals": s.tolist(),
+                 "prior": dict(zip(taxonomy.labels, (round(float(v), 6) for v in p))),
+                 "emb": None if e is None else [float(v) for v in e]}
+                for c, r, s, p, e in zip(customer, rows, sig, prior, emb)]
     if task == "request_kind":
         rules = RequestKindRules(taxonomy)
         out = []
