@@ -1,7 +1,8 @@
 """Turn one conversation (normalised and masked) into case records.
 
 A case is what an analyst reads: the customer's problem in a sentence or two, what the agent did,
-how it ended (with the words that show it), the customer's emotion and the timings. Extraction is
+how it ended (with the words that show it) and the timings (emotion is the emotion step's,
+`pipeline.emotion`). Extraction is
 extractive and rule-based on purpose: it must work on day one on any deployment, show its
 evidence, and never invent text that was not said. Cue lists live in configs/case_lexicon.yaml.
 """
@@ -27,7 +28,6 @@ from pipeline.schema import Conversation, Turn
 _SENT_SPLIT_RE = re.compile(r"(?<=[,.!?;:，。！？；：~])\s*|\s+")
 _CLAUSE_STRIP = " ,.!?;:，。！？；：~、…-"
 _CONTENT_RE = re.compile(r"[A-Za-z\u3400-\u9fff]")
-_REPEAT_PUNCT_RE = re.compile(r"[!?！？]{2,}")
 _GAP_RE = re.compile(r"\s+")
 # Masked spans: ours (<PHONE>) and those of corpora masked upstream that kept their own form ([数字]).
 _TOKEN_RE = re.compile(PLACEHOLDER_RE.pattern + r"|\[[\u3400-\u9fff]{1,8}\]")
@@ -43,6 +43,18 @@ PASTE_KEEP = 2
 # repeat ("退货运费还要我出" after "退货的运费也要我出").
 NEAR_REPEAT = 0.8
 _NOT_INITIAL = "的了么们样着过吗呢吧"
+# Words that point into the chat itself: the speakers' words for themselves and each other (我,
+# 你们的, 您, 咱们) and "this one / over here" (这个, 那边). A case is told in the third person to a
+# reader who does not see the chat, so they name nothing for that reader (the human summaries
+# almost never keep them). Dropped wherever they stand, with the 的 that makes a pronoun possessive
+# and the 为 of the service formula 为您 ("已为您申请" -> "已申请", not 因为, 认为...); 你好 / 您好
+# are left to the greeting rules, 自我 is not a pronoun, and 这个月 is a date.
+_DEIXIS_RE = re.compile(r"(?<!自)(?:(?<![因认作成以行])为)?(?:[我你您]们?|咱们)(?!好)的?"
+                        r"|[这那](?:个(?![月周星礼年天时])|边)")
+_QUESTION_MARK = "？"
+# Endings that make a clause a question ("明天到对吧"); a bare 吧 may only soften a request. A
+# customer clause with a question word asks too (`_is_question`); an agent's 呢 only softens.
+_QUESTION_TAGS = ("吗", "对吧", "是吧", "对不对", "是不是")
 # (turn index, clause) pairs, in spoken order.
 _Clauses = list[tuple[int, str]]
 
@@ -69,14 +81,6 @@ class OutcomeLexicon(_Strict):
     resigned: list[str]
 
 
-class EmotionLexicon(_Strict):
-    anger: list[str]
-    anxiety: list[str]
-    satisfaction: list[str]
-    threats: list[str]
-    angry_emoji: list[str] = []
-
-
 class CaseLexicon(_Strict):
     greetings: list[str]
     acknowledgements: list[str]
@@ -90,7 +94,6 @@ class CaseLexicon(_Strict):
     agent_actions: list[str]
     separate_issue_cues: list[str]
     outcome: OutcomeLexicon
-    emotion: EmotionLexicon
 
 
 def load_lexicon(cfg: Config) -> CaseLexicon:
@@ -99,6 +102,9 @@ def load_lexicon(cfg: Config) -> CaseLexicon:
     from pipeline.config import ConfigError
 
     raw = load_yaml_resource(cfg, cfg.cases.lexicon)
+    if isinstance(raw, dict) and "emotion" in raw:
+        raise ConfigError(f"{cfg.resolve(cfg.cases.lexicon)}: the `emotion` block is no longer read; emotion cues, "
+                          f"threats included, live in {cfg.emotion.lexicon} (the emotion step). Delete the block")
     try:
         return CaseLexicon.model_validate(raw)
     except ValidationError as e:
@@ -238,20 +244,28 @@ class CaseExtractor:
         noise = _alternation(tuple(self.lex.greetings + self.lex.acknowledgements + self.lex.customer_noise))
         return len(_CONTENT_RE.findall(noise.sub("", _TOKEN_RE.sub("", clause)))) < 2
 
+    def _told(self, clause: str) -> tuple[str, bool]:
+        """(the clause as a case tells it, whether it asks something): without the words that
+        point into the chat (我, 您, 这个), trimmed. Its question particle (吗, 对吧) is trimmed like
+        any other, a summary keeps neither; the question mark `_marked` adds keeps it a question."""
+        return self.trim(_DEIXIS_RE.sub("", clause)), clause.endswith(_QUESTION_TAGS)
+
     def customer_clauses(self, turns: list[Turn]) -> list[str]:
-        """What the customer said that states the matter, in spoken order, repeats left out."""
-        out: list[str] = []
+        """What the customer said that states the matter, in spoken order, repeats left out;
+        a question ends with a question mark."""
+        out: list[tuple[str, bool]] = []
         for t in turns:
             if t.speaker == "customer":
-                out += [self.trim(c) for c in turn_clauses(t) if not self._is_noise(c)]
-        return _dedup([c for c in out if c], near=NEAR_REPEAT)
+                out += [(told, asks or _is_question(c)) for c in turn_clauses(t) if not self._is_noise(c)
+                        for told, asks in [self._told(c)]]
+        return _marked(_dedup([c for c, _ in out if c], near=NEAR_REPEAT), out)
 
     def problem(self, turns: list[Turn]) -> str:
         """The customer's statement of the matter: what they asked, complained of or requested,
-        in spoken order, without greetings, pasted order cards, thanks or repeats, cut at
-        problem_max_chars. Every clause is kept that states something: the human summaries this
-        was measured against keep the customer's context too, and choosing only the "cued"
-        clauses lost more than it gained."""
+        in spoken order, without greetings, pasted order cards, thanks, repeats or the words that
+        point into the chat (我, 你们, 这个), cut at problem_max_chars. Every clause is kept that
+        states something: the human summaries this was measured against keep the customer's
+        context too, and choosing only the "cued" clauses lost more than it gained."""
         return _join(self.customer_clauses(turns), self.problem_max_chars)
 
     def _is_ritual(self, clause: str) -> bool:
@@ -277,14 +291,14 @@ class CaseExtractor:
 
     def agent_clauses(self, turns: list[Turn]) -> list[str]:
         """What the agent said beyond service ritual, in spoken order, repeats left out."""
-        out: list[str] = []
+        out: list[tuple[str, bool]] = []
         for t in turns:
             if t.speaker == "agent":
-                said = [c for c in (self.trim(c) for c in turn_clauses(t) if not self._is_ritual(c)) if c]
+                said = [(c, q) for c, q in (self._told(c) for c in turn_clauses(t) if not self._is_ritual(c)) if c]
                 # A turn of many clauses is pasted text (steps in the app, a policy): a summary
                 # names it by its opening, it does not copy it.
                 out += said[:PASTE_KEEP] if len(said) > PASTE_CLAUSES else said
-        return _dedup(out)
+        return _marked(_dedup([c for c, _ in out]), out)
 
     def handling(self, turns: list[Turn]) -> str:
         """What the agent did, promised or answered: their clauses without ritual, cut at
@@ -369,34 +383,6 @@ class CaseExtractor:
             return "unresolved", f"agent: {no[0]}"
         return None
 
-    def emotion(self, turns: list[Turn]) -> dict[str, Any]:
-        lex = self.lex.emotion
-        cust = [t for t in turns if t.speaker == "customer"]
-        text = " ".join(t.text for t in cust)
-        original = " ".join(t.original or "" for t in cust)
-        anger = _hits(text, lex.anger)
-        threats = _hits(text, lex.threats)
-        anxiety = _hits(text, lex.anxiety)
-        emoji = _hits(original, lex.angry_emoji)
-        punct = len(_REPEAT_PUNCT_RE.findall(text))
-        tail = " ".join(t.text for t in cust[-2:])
-        satisfied = _hits(tail, lex.satisfaction)
-        score = 0.3 * min(len(satisfied), 2) - 0.25 * min(len(anger) + len(emoji), 4) - 0.35 * min(len(threats), 2) \
-            - 0.1 * min(punct, 3) - 0.1 * min(len(anxiety), 2)
-        score = max(-1.0, min(1.0, score))
-        if threats or len(anger) + len(emoji) >= 2:
-            label = "angry"
-        elif anger or emoji or punct:
-            label = "dissatisfied"
-        elif anxiety:
-            label = "anxious"
-        elif satisfied:
-            label = "satisfied"
-        else:
-            label = "neutral"
-        cues = anger + emoji + anxiety + (["!!/??"] * min(punct, 1))
-        return {"emotion": label, "emotion_score": round(score, 3), "emotion_cues": cues, "escalation_threats": threats}
-
     # -- structure ------------------------------------------------------------------------------
     def split(self, turns: list[Turn]) -> list[list[Turn]]:
         """Separate issues: a customer turn opening with a cue (另外, 还有一个问题...) after the
@@ -464,7 +450,6 @@ class CaseExtractor:
                 "outcome_evidence": evidence,
                 "customer_text": " ".join(t.text for t in seg if t.speaker == "customer"),
                 "agent_text": " ".join(t.text for t in seg if t.speaker == "agent"),
-                **self.emotion(seg),
                 **timing,
                 "n_turns": len(seg),
                 "n_customer_turns": sum(t.speaker == "customer" for t in seg),
@@ -546,10 +531,16 @@ def lcs_length(a: str, b: str) -> int:
     return len(a) - bin(v).count("1")
 
 
+def _marked(kept: list[str], told: list[tuple[str, bool]]) -> list[str]:
+    """The kept clauses, each asked as a question ending with a question mark."""
+    asked = {c for c, q in told if q}
+    return [c + _QUESTION_MARK if c in asked else c for c in kept]
+
+
 def _join(parts: list[str], limit: int) -> str:
     out = ""
     for p in parts:
-        nxt = f"{out}，{p}" if out else p
+        nxt = (f"{out}{p}" if out.endswith(_QUESTION_MARK) else f"{out}，{p}") if out else p
         if len(nxt) > limit:
             return out or p[:limit]
         out = nxt

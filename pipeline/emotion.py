@@ -647,6 +647,9 @@ def _point(turns: Sequence[dict[str, Any]], i: int, s: float) -> dict[str, Any]:
             "agent_before": _agent_near(turns, i, -1), "agent_after": _agent_near(turns, i, +1)}
 
 
+# The conversation's emotion in the case table's first columns (what urgency, clusters and reports
+# read), then the curve. One label set: configs/emotion.yaml `labels`.
+CASE_EMOTION_COLUMNS = ("emotion", "emotion_score", "emotion_cues", "escalation_threats")
 EMOTION_COLUMNS = ("emotion_curve", "emotion_curve_turns", "emotion_labels", "emotion_start", "emotion_end",
                    "emotion_min", "emotion_min_turn", "emotion_delta", "emotion_trajectory", "turning_points",
                    "emotion_turn_detail")
@@ -665,19 +668,53 @@ def conversation_emotion(turns: Sequence[dict[str, Any]], analyzer: EmotionAnaly
     return summary, scored
 
 
-def add_emotion(cases: pd.DataFrame, cfg: Config, analyzer: EmotionAnalyzer | None = None) -> pd.DataFrame:
-    """The case table with emotion-curve columns added (a copy; the input is not changed).
+_WEIGHT_RE = re.compile(r"\([+-]\d+\.\d+\)$")
+THREAT_PREFIX = "威胁:"
 
-    Lists and the turning points are JSON strings: a batch where no case has a customer turn would
-    otherwise store a list<null> column that later partitions cannot unify with. Missing values are
-    NaN (floats) and -1 (emotion_min_turn) for the same reason."""
+
+def conversation_label(scored: Sequence[tuple[int, TurnEmotion]], neutral: str) -> str:
+    """The label of the customer's lowest turn if it is negative (how upset they got), else of
+    their last turn (how they left); `neutral` with no customer turn."""
+    if not scored:
+        return neutral
+    low = min((e for _, e in scored), key=lambda e: e.sentiment)
+    return low.emotion if low.sentiment < 0 else scored[-1][1].emotion
+
+
+def case_emotion(scored: Sequence[tuple[int, TurnEmotion]], neutral: str) -> dict[str, Any]:
+    """The case's emotion columns from its scored customer turns: label, score (the lowest turn
+    sentiment: how bad it got, which is what urgency weighs), the cues of its negative turns and
+    the threats of escalation the customer made."""
+    cues: list[str] = []
+    threats: list[str] = []
+    for _, e in scored:
+        for ev in e.evidence:
+            cue = _WEIGHT_RE.sub("", ev)
+            if cue.startswith(THREAT_PREFIX):
+                threats.append(cue[len(THREAT_PREFIX):])
+            elif e.sentiment < 0 and "(-" in ev:
+                cues.append(cue)
+    low = min((e.sentiment for _, e in scored), default=float("nan"))
+    return {"emotion": conversation_label(scored, neutral), "emotion_score": float(low),
+            "emotion_cues": list(dict.fromkeys(cues)), "escalation_threats": list(dict.fromkeys(threats))}
+
+
+def add_emotion(cases: pd.DataFrame, cfg: Config, analyzer: EmotionAnalyzer | None = None) -> pd.DataFrame:
+    """The case table with the emotion columns added (a copy; the input is not changed): the
+    case's label, score, cues and threats, and the curve over the customer's turns.
+
+    The curve's lists and the turning points are JSON strings: a batch where no case has a
+    customer turn would otherwise store a list<null> column that later partitions cannot unify
+    with. Missing values are NaN (floats) and -1 (emotion_min_turn) for the same reason."""
     analyzer = analyzer or EmotionAnalyzer.from_config(cfg)
+    neutral = analyzer.rules.lex.neutral_label
     rows = []
     for turns_value, channel in zip(cases["turns"] if "turns" in cases else [None] * len(cases),
                                     cases["channel"] if "channel" in cases else [""] * len(cases)):
         turns = _as_turns(turns_value)
         summary, scored = conversation_emotion(turns, analyzer, cfg, asr=str(channel) in ("call", "asr", "voice", "phone"))
         rows.append({
+            **case_emotion(scored, neutral),
             **summary,
             "emotion_curve": json.dumps(summary["emotion_curve"]),
             "emotion_curve_turns": json.dumps(summary["emotion_curve_turns"]),
@@ -686,10 +723,11 @@ def add_emotion(cases: pd.DataFrame, cfg: Config, analyzer: EmotionAnalyzer | No
             "emotion_turn_detail": json.dumps([{"turn": i, **e.as_dict()} for i, e in scored], ensure_ascii=False),
         })
     out = cases.copy()
-    extra = pd.DataFrame(rows, columns=list(EMOTION_COLUMNS), index=cases.index)
-    for c in EMOTION_COLUMNS:
+    columns = CASE_EMOTION_COLUMNS + EMOTION_COLUMNS
+    extra = pd.DataFrame(rows, columns=list(columns), index=cases.index)
+    for c in columns:
         out[c] = extra[c]
-    for c in ("emotion_start", "emotion_end", "emotion_min", "emotion_delta"):
+    for c in ("emotion_score", "emotion_start", "emotion_end", "emotion_min", "emotion_delta"):
         out[c] = out[c].astype("float64")
     out["emotion_min_turn"] = out["emotion_min_turn"].astype("int64")
     return out

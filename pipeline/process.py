@@ -163,7 +163,8 @@ def case_table(items: list[I], failures: list[Failure]) -> tuple[list[I], pd.Dat
 def _checked_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     """The records as a DataFrame, after converting them as the writer will (which raises where
     the writer would)."""
-    df = pd.DataFrame.from_records(records, columns=list(CASE_COLUMNS))
+    # Columns a later step fills (emotion) are None until it runs: null in Arrow whatever the type.
+    df = pd.DataFrame.from_records([{c: r.get(c) for c in CASE_COLUMNS} for r in records], columns=list(CASE_COLUMNS))
     pa.Table.from_pandas(df, schema=CASE_SCHEMA, preserve_index=False)
     return df
 

@@ -79,10 +79,11 @@ CASE_SCHEMA = pa.schema([
     ("outcome_evidence", pa.string()),
     ("customer_text", pa.string()),
     ("agent_text", pa.string()),
-    ("emotion", pa.string()),  # angry | dissatisfied | anxious | neutral | satisfied
-    ("emotion_score", pa.float64()),  # -1 (very negative) .. 1 (positive)
-    ("emotion_cues", pa.list_(pa.string())),
-    ("escalation_threats", pa.list_(pa.string())),
+    # Set by the emotion step (pipeline.emotion), null before it runs:
+    ("emotion", pa.string()),  # configs/emotion.yaml labels: 愤怒 不满 失望 焦虑 满意 平静
+    ("emotion_score", pa.float64()),  # the customer's lowest turn sentiment, -1 .. 1
+    ("emotion_cues", pa.list_(pa.string())),  # cues of the customer's negative turns
+    ("escalation_threats", pa.list_(pa.string())),  # 投诉, 12315, 曝光 ...
     ("first_response_s", pa.float64()),
     ("duration_s", pa.float64()),
     ("n_turns", pa.int32()),

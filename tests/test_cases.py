@@ -1,10 +1,14 @@
 import json
+import re
+from functools import lru_cache
 
+import pandas as pd
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.cases import CaseExtractor, case_id, lcs_length, turn_clauses
+from pipeline.emotion import add_emotion
 from pipeline.schema import Conversation, Turn
 
 
@@ -24,7 +28,7 @@ def test_problem_handling_outcome_timings(cfg):
     ])
     [case] = ex.extract(c, run_id="r1")
     assert case["problem"] == "快递三天了还没到，物流一直不更新"
-    assert "已为您催促物流" in case["handling"] and "很高兴为您服务" not in case["handling"]
+    assert "已催促物流" in case["handling"] and "很高兴为您服务" not in case["handling"]
     assert (case["outcome"], case["outcome_evidence"]) == ("resolved", "agent: 已为您")
     assert case["first_response_s"] == 20.0 and case["duration_s"] == 95.0 and case["timings_missing"] == []
     assert case["date"] == "2025-09-01" and case["case_id"] == case_id("C1", 0)
@@ -38,7 +42,11 @@ def test_escalation_and_threats(cfg):
     ], started_at=None)
     [case] = ex.extract(c)
     assert case["outcome"] == "escalated"
-    assert "12315" in case["escalation_threats"] and case["emotion"] == "angry" and case["emotion_score"] < -0.3
+    # Emotion is the emotion step's alone (one system, one label set): none of it comes from here.
+    assert not {"emotion", "emotion_score", "emotion_cues", "escalation_threats"} & set(case)
+    table = add_emotion(pd.DataFrame([case]), cfg).iloc[0]
+    assert "12315" in table["escalation_threats"] and "投诉" in table["escalation_threats"]
+    assert table["emotion"] == "愤怒" and table["emotion_score"] < -0.3 and len(table["emotion_cues"]) >= 1
     assert case["timings_missing"] == ["started_at", "first_response_s", "duration_s"]
     assert case["date_source"] == "ingested"
 
@@ -206,7 +214,7 @@ GREETING_PASTE_THANKS = [
 def test_problem_keeps_the_matter_and_drops_greetings_pastes_repeats_thanks(cfg):
     ex = CaseExtractor.from_config(cfg)
     [case] = ex.extract(conv(GREETING_PASTE_THANKS))
-    assert case["problem"] == "买的电饭煲少发了电源线，能给我补发吗"
+    assert case["problem"] == "买的电饭煲少发了电源线，能给补发？"
     for dropped in ("你好", "在吗", "<ORDER>", "订单金额", "谢谢"):
         assert dropped not in case["problem"]
 
@@ -214,9 +222,39 @@ def test_problem_keeps_the_matter_and_drops_greetings_pastes_repeats_thanks(cfg)
 def test_handling_keeps_what_was_done_and_drops_rituals(cfg):
     ex = CaseExtractor.from_config(cfg)
     [case] = ex.extract(conv(GREETING_PASTE_THANKS))
-    assert case["handling"] == "已为您申请补发电源线，预计明天发出"
+    assert case["handling"] == "已申请补发电源线，预计明天发出"
     for ritual in ("很高兴为您服务", "正在为您查询", "请问还有其他", "亲爱的", "不便"):
         assert ritual not in case["handling"]
+
+
+def test_words_pointing_into_the_chat_are_dropped(cfg):
+    # A case is read in the third person by someone who does not see the chat: 我, 你们, 您, 这个,
+    # 那边 name nothing for them. 因为 is no 为您, 这个月 is a date, 自我 no pronoun.
+    ex = CaseExtractor.from_config(cfg)
+    [case] = ex.extract(conv([
+        ("customer", "我的这个订单你们什么时候发货", None),
+        ("customer", "商家那边说要我自己联系快递", None),
+        ("customer", "这个月要用，自我感觉很急", None),
+        ("agent", "已为您联系站点，因为您的地址偏远会晚一天", None),
+    ]))
+    assert case["problem"] == "订单什么时候发货？商家说要自己联系快递，这个月要用，自我感觉很急"
+    assert case["handling"] == "已联系站点，因为地址偏远会晚一天"
+
+
+def test_a_question_keeps_a_question_mark_for_its_trimmed_particle(cfg):
+    ex = CaseExtractor.from_config(cfg)
+    [case] = ex.extract(conv([
+        ("customer", "能退款吗", None),
+        ("customer", "明天能到对吧", None),
+        ("customer", "那尽快退款吧", None),
+        ("customer", "怎么还没发货呢", None),
+        ("agent", "可以退的呢，预计明天到账", None),
+        ("agent", "是这个订单吗", None),
+    ]))
+    # 吗 and 对吧 ask, a bare 吧 asks for something, a question word asks whatever ends it
+    assert case["problem"] == "能退款？明天能到？尽快退款，怎么还没发货？"
+    # an agent's 呢 softens, it does not ask
+    assert case["handling"] == "可以退，预计明天到账，是订单？"
 
 
 def test_pasted_instructions_are_named_by_their_opening(cfg):
@@ -253,8 +291,24 @@ def test_problem_and_handling_are_words_that_were_said(cfg, spec):
     [case] = ex.extract(conv(turns))[:1]
     said = {"customer": [t for w, t, _ in turns if w == "customer"], "agent": [t for w, t, _ in turns if w == "agent"]}
     for field, who in (("problem", "customer"), ("handling", "agent")):
-        for piece in filter(None, case[field].split("，")):
-            assert any(piece in t for t in said[who]), (field, piece, said[who])
+        for piece in filter(None, re.split("[，？]", case[field])):
+            assert any(_said_in(piece, t) for t in said[who]), (field, piece, said[who])
+
+
+# Inside a clause only the words that point into the chat may be left out (我, 您的, 这个, 为您).
+_DEIXIS_CHARS = set("我你您们的咱为这那个边")
+
+
+def _said_in(piece, text):
+    """piece is text's characters in order, with only deixis characters left out between them."""
+    @lru_cache(maxsize=None)
+    def from_(i, j):
+        if i == len(piece):
+            return True
+        if j == len(text):
+            return False
+        return (piece[i] == text[j] and from_(i + 1, j + 1)) or (text[j] in _DEIXIS_CHARS and from_(i, j + 1))
+    return any(from_(0, j) for j in range(len(text)))
 
 
 @given(st.text(alphabet="abcd", max_size=30), st.text(alphabet="abcd", max_size=30))
@@ -293,8 +347,9 @@ def test_problem_and_handling_read_like_the_human_summaries(shared_data, cfg):
 
     report = evaluate_cases(cfg, shared_data / "csds", summaries=shared_data / "csds-summaries" / "dev.jsonl")
     problem, handling = (report["summaries"]["fields"][f]["rouge_l_f"] for f in ("problem", "handling"))
-    # Targets of issue 13 (the extractive ceiling is about 0.50). Problem: 0.448 measured; 17 of the
-    # 300 chats lost their customer side in conversion, so every method scores 0 on them.
-    assert problem["mined"] >= 0.44 and problem["mined"] >= problem["all_customer_turns"] + 0.02
+    # Targets of issue 13 (the extractive ceiling is about 0.50). Measured 0.457 (problem) and 0.448
+    # (handling); 17 of the 300 chats lost their customer side in conversion, so every method
+    # scores 0 on them.
+    assert problem["mined"] >= 0.45 and problem["mined"] >= problem["all_customer_turns"] + 0.03
     assert problem["mined"] >= problem["first_three_customer_turns"] + 0.05
-    assert handling["mined"] >= 0.42 and handling["mined"] >= handling["all_agent_turns"] + 0.02
+    assert handling["mined"] >= 0.44 and handling["mined"] >= handling["all_agent_turns"] + 0.03

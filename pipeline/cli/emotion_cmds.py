@@ -57,11 +57,9 @@ def emotion_cmd(
             cases = run_batch(convs, comp, through("emotion")).cases
         for row in cases.to_dict("records"):
             detail = json.loads(row["emotion_turn_detail"])
-            low = min(detail, key=lambda d: d["sentiment"]) if detail else None
             results.append({
                 "conversation_id": row["conversation_id"], "case_id": row["case_id"],
-                "sentiment": row["emotion_end"], "emotion": (low["emotion"] if low and low["sentiment"] < 0 else
-                                                             (detail[-1]["emotion"] if detail else "平静")),
+                "sentiment": row["emotion_end"], "emotion": row["emotion"],
                 "intensity": max((d["intensity"] for d in detail), default=0.0),
                 "evidence": sorted({e for d in detail for e in d["evidence"]}),
                 "curve": json.loads(row["emotion_curve"]), "curve_turns": json.loads(row["emotion_curve_turns"]),

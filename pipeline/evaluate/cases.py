@@ -127,11 +127,11 @@ def load_summaries(path: Path) -> dict[str, dict[str, str]]:
 
 
 def mine_cases(cfg: Config, transcripts: Path) -> tuple[Any, dict[str, int]]:
-    """The case table a nightly run would store for these transcripts, classified; nothing is
-    written. Returns (cases, counts of read / quarantined / duplicate conversations)."""
-    from pipeline.classify import classify_cases
+    """The case table a nightly run would store for these transcripts (every batch step, through
+    classify); nothing is written. Returns (cases, counts of read / quarantined / duplicate
+    conversations)."""
     from pipeline.ingest import discover, read_file
-    from pipeline.process import process_batch
+    from pipeline.steps import process_conversations
 
     transcripts = Path(transcripts)
     paths = discover(transcripts) if transcripts.is_dir() else [transcripts]
@@ -150,9 +150,9 @@ def mine_cases(cfg: Config, transcripts: Path) -> tuple[Any, dict[str, int]]:
     counts["conversations"] = len(convs)
     if not convs:
         raise ValueError(f"{transcripts}: no readable conversations ({counts['quarantined']} quarantined)")
-    batch = process_batch(convs, cfg)
+    batch = process_conversations(convs, cfg, "classify")
     counts["rejected"] = len(batch.rejected)
-    return classify_cases(batch.cases, cfg), dict(counts)
+    return batch.cases, dict(counts)
 
 
 # -- scoring ---------------------------------------------------------------------------------------
