@@ -578,7 +578,7 @@ def index_root(out_root: Path) -> Path:
 
 
 def _cutter(cfg: Config):
-    from pipeline.search import tokenize
+    from pipeline.segment import tokenize
 
     return lambda text: tokenize(cfg, text)
 

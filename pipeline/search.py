@@ -84,33 +84,7 @@ class IndexUnavailable(RuntimeError):
     """No usable index under the output root; the message says what to run."""
 
 
-def __getattr__(name: str) -> Any:
-    # Re-exported for callers of the old API; importing pipeline.index costs pandas.
-    if name in ("Bm25", "CaseIndex", "Filters", "filter_mask"):
-        from pipeline import index
-
-        return getattr(index, name)
-    raise AttributeError(name)
-
-
 # -- tokens ----------------------------------------------------------------------------------
-
-_CUTTERS: dict[tuple[str, str], Any] = {}
-
-
-def _cutter(cfg: Config) -> Callable[[str], list[str]]:
-    key = (str(cfg.root), cfg.segment.model_dump_json())
-    if key not in _CUTTERS:
-        from pipeline.segment import Segmenter  # the project's segmenter (domain dict, stop words)
-
-        _CUTTERS[key] = Segmenter(cfg).cut
-    return _CUTTERS[key]
-
-
-def tokenize(cfg: Config, text: str) -> list[str]:
-    """BM25 tokens of a text, the same way case `tokens` are made (the project's Segmenter)."""
-    return list(_cutter(cfg)(text or ""))
-
 
 class _WordTable:
     """jieba's word -> frequency map, read from SQLite one word at a time (a Mapping to jieba).
@@ -773,6 +747,8 @@ class Searcher:
         return self._embedder
 
     def cut(self, text: str) -> list[str]:
+        from pipeline.segment import tokenize  # jieba only when no word table was given
+
         return self._cut(text) if self._cut is not None else tokenize(self.cfg, text)
 
     @property

@@ -129,6 +129,12 @@ def shared_segmenter(cfg: Config) -> Segmenter:
     return seg
 
 
+def tokenize(cfg: Config, text: str) -> list[str]:
+    """BM25 tokens of a text (a query, a case), made as case `tokens` are: the one tokenizer
+    of the index, search and evaluation."""
+    return list(shared_segmenter(cfg).cut(text or ""))
+
+
 @lru_cache(maxsize=1)
 def _idf_table() -> tuple[dict[str, float], float]:
     # Importing jieba.analyse parses its 270k-word IDF file (~0.8 s): only when keywords are asked.

@@ -188,7 +188,7 @@ class QueryService:
 
 
 def _full_cutter(cfg: Config) -> Callable[[str], list[str]]:
-    from pipeline.search import tokenize
+    from pipeline.segment import tokenize
 
     return lambda text: tokenize(cfg, text)
 

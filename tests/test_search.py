@@ -16,7 +16,9 @@ from pipeline.config import Config
 from pipeline.embed.fake import HashingEmbedder
 from pipeline.evaluate.retrieval import evaluate_labels, evaluate_pairs, label_precision, pair_metrics
 from pipeline.index import Filters, IndexStore, update_from_cases
-from pipeline.search import Bm25, Searcher, rrf_fuse, tokenize
+from pipeline.index import Bm25
+from pipeline.search import Searcher, rrf_fuse
+from pipeline.segment import tokenize
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -39,13 +39,11 @@ class ModelMismatchError(RuntimeError):
 
 
 def _embedder(cfg: Config) -> Any | None:
-    """`Embedder(cfg).encode_passages` if pipeline.embed is installed and enabled, else None."""
+    """`Embedder(cfg).encode_passages` when classify.use_embeddings is on, else None."""
     if not cfg.classify.use_embeddings:
         return None
-    try:
-        from pipeline.embed import Embedder
-    except ImportError:
-        return None
+    from pipeline.embed import Embedder
+
     emb = Embedder(cfg)
     return lambda texts: np.asarray(emb.encode_passages(texts))
 

@@ -18,7 +18,8 @@ import pandas as pd
 
 from pipeline.config import Config
 from pipeline.index import CaseIndex, META_COLUMNS
-from pipeline.search import MODES, Searcher, tokenize
+from pipeline.search import MODES, Searcher
+from pipeline.segment import tokenize
 
 KS = (1, 5, 10)
 
