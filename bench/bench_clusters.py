@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.cluster import ClusterParams, cluster_vectors  # noqa: E402
+from pipeline.insights.cluster import ClusterParams, cluster_vectors  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.evaluate.clusters import cluster_metrics, load_labelled_texts  # noqa: E402
 

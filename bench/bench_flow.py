@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.sample import generate
+from pipeline.sample.generate import generate
 
-# The run's steps as `pipeline.run.NIGHTLY` and `pipeline.steps.BATCH_STEPS` name them.
+# The run's steps as `pipeline.orchestrate.nightly.NIGHTLY` and `pipeline.orchestrate.steps.BATCH_STEPS` name them.
 STAGES = ["ingest", "normalize", "mask", "cases", "segment", "table", "emotion", "classify", "store",
           "index", "commit", "export", "library"]
 

@@ -29,10 +29,10 @@ from typing import Any
 
 from pipeline.config import load_config
 from pipeline.ingest import discover, read_file
-from pipeline.mask import Masker, map_foreign_placeholders
-from pipeline.process import mask_conversation, normalize_conversation
-from pipeline.sample import generate
-from pipeline.textprep import get_masker, get_normalizer
+from pipeline.text.mask import Masker, map_foreign_placeholders
+from pipeline.orchestrate.batch import mask_conversation, normalize_conversation
+from pipeline.sample.generate import generate
+from pipeline.text.prepare import get_masker, get_normalizer
 
 REPO = Path(__file__).resolve().parents[1]
 # The last commit before the masker learned names without cues and grouped numbers.
@@ -44,8 +44,12 @@ def _git_show(rev: str, path: str) -> str:
 
 
 def load_baseline(rev: str) -> ModuleType:
-    """pipeline/mask.py as it was at `rev`, imported under another name."""
-    src = _git_show(rev, "pipeline/mask.py")
+    """The masker as it was at `rev` (pipeline/text/mask.py, or pipeline/mask.py before the
+    packages by stage), imported under another name."""
+    try:
+        src = _git_show(rev, "pipeline/text/mask.py")
+    except subprocess.CalledProcessError:
+        src = _git_show(rev, "pipeline/mask.py")
     path = Path(tempfile.mkdtemp()) / "mask_baseline.py"
     path.write_text(src, encoding="utf-8")
     spec = importlib.util.spec_from_file_location("mask_baseline", path)

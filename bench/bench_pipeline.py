@@ -18,11 +18,11 @@ import jieba
 
 from pipeline.config import load_config
 from pipeline.ingest import discover, read_file
-from pipeline.process import mask_conversation, normalize_conversation
-from pipeline.cases import CaseExtractor
-from pipeline.sample import generate
-from pipeline.segment import Segmenter
-from pipeline.textprep import get_masker, get_normalizer
+from pipeline.orchestrate.batch import mask_conversation, normalize_conversation
+from pipeline.cases.extract import CaseExtractor
+from pipeline.sample.generate import generate
+from pipeline.text.segment import Segmenter
+from pipeline.text.prepare import get_masker, get_normalizer
 
 
 def timed(fn):

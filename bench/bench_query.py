@@ -7,7 +7,7 @@ builds an index of --cases real complaint texts (synthetic ones when ../shared/d
 in a temporary folder. Timings on a shared 2-core machine vary; compare within one run.
 
 `python -m bench.bench_query --calibrate DIR` instead reproduces how the "close match" cosine
-(pipeline.search.CLOSE_MATCH_COSINE) was chosen: DIR is an output root built from the real CSDS
+(pipeline.retrieval.search.CLOSE_MATCH_COSINE) was chosen: DIR is an output root built from the real CSDS
 dialogues (`casemine run --no-prefect --input ../shared/data/csds --out DIR`); each CSDS summary
 is encoded as agents' questions are and compared with the indexed case of its own dialogue (true
 pairs) and with random other cases (non-pairs).
@@ -36,7 +36,7 @@ def _build_index(out: Path, n: int) -> None:
     import pandas as pd
 
     from pipeline.config import load_config
-    from pipeline.index import update_from_cases
+    from pipeline.retrieval.index import update_from_cases
     from pipeline.schema import CASE_COLUMNS
 
     p = SHARED / "complaints" / "dev.csv"
@@ -83,7 +83,7 @@ def calibrate(out: Path, seed: int = 0) -> None:
 
     from pipeline.config import load_config
     from pipeline.embed import Embedder, model_identity
-    from pipeline.search import StoredIndex
+    from pipeline.retrieval.search import StoredIndex
 
     cfg = load_config()
     idx = StoredIndex.load(out / "index", cfg.index, model_identity(cfg))
@@ -136,7 +136,7 @@ def main() -> None:
     srv = subprocess.Popen(_casemine("serve", "--out", str(out), "--port", str(port)), cwd=REPO,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        from pipeline import query_client
+        from pipeline.query import client as query_client
 
         deadline = time.time() + 180
         while query_client.server_port(out) != port and time.time() < deadline:

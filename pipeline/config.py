@@ -166,7 +166,7 @@ class FlowConfig(_Section):
 
 
 class ClusterConfig(_Section):
-    """Root-cause clusters, trends and exports (pipeline.cluster, pipeline.trends, pipeline.export)."""
+    """Root-cause clusters, trends and exports (pipeline.insights.cluster, pipeline.insights.trends, pipeline.insights.export)."""
     # Which cases are clustered: problems of at least this many characters; request kinds to keep
     # (empty = all: consultations reveal root causes too, e.g. "怎么还没发货").
     min_problem_chars: int = Field(4, ge=1)
@@ -198,7 +198,7 @@ class ClusterConfig(_Section):
 
 
 class EmotionConfig(_Section):
-    """Per-turn customer emotion and conversation curves (pipeline.emotion)."""
+    """Per-turn customer emotion and conversation curves (pipeline.analysis.emotion)."""
     lexicon: Path = Path("configs/emotion.yaml")
     model_dir: Path = Path("models/emotion")
     # A trained model (casemine train emotion) "joins" the rules (weighted mean where the rules
@@ -212,7 +212,7 @@ class EmotionConfig(_Section):
 
 
 class LibraryConfig(_Section):
-    """The typical-case library (pipeline.library): candidate rules, diversity and coverage."""
+    """The typical-case library (pipeline.library.typical_cases): candidate rules, diversity and coverage."""
     per_group: int = Field(5, ge=1, description="candidates per issue type and per root-cause cluster")
     # "Emotion that ended better than it started" (end > start of the curve) is required by default.
     require_emotion_improved: bool = True

@@ -79,7 +79,7 @@ CASE_SCHEMA = pa.schema([
     ("outcome_evidence", pa.string()),
     ("customer_text", pa.string()),
     ("agent_text", pa.string()),
-    # Set by the emotion step (pipeline.emotion), null before it runs:
+    # Set by the emotion step (pipeline.analysis.emotion), null before it runs:
     ("emotion", pa.string()),  # configs/emotion.yaml labels: 愤怒 不满 失望 焦虑 满意 平静
     ("emotion_score", pa.float64()),  # the customer's lowest turn sentiment, -1 .. 1
     ("emotion_cues", pa.list_(pa.string())),  # cues of the customer's negative turns

@@ -53,7 +53,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def sample(tmp_path_factory) -> tuple[Path, list[dict]]:
     """A generated sample (150 conversations + malformed records) and its labels."""
-    from pipeline.sample import generate
+    from pipeline.sample.generate import generate
 
     root = tmp_path_factory.mktemp("sample")
     rep = generate(root / "in", n=150, seed=11, labels_out=root / "labels.jsonl")

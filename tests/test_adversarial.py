@@ -2,8 +2,8 @@
 
 import json
 
-from pipeline import run as steps
-from pipeline.store import read_cases
+from pipeline.orchestrate import nightly as steps
+from pipeline.storage.store import read_cases
 
 
 def conv(cid, turns):

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.cases import CaseExtractor, case_id, lcs_length, turn_clauses
-from pipeline.emotion import add_emotion
+from pipeline.cases.extract import CaseExtractor, case_id, lcs_length, turn_clauses
+from pipeline.analysis.emotion import add_emotion
 from pipeline.schema import Conversation, Turn
 
 

@@ -12,10 +12,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipeline.classify import (OUTPUT_COLUMNS, LabeledDataError, ModelMismatchError, classify_cases, classify_texts,
+from pipeline.analysis.classify import (OUTPUT_COLUMNS, LabeledDataError, ModelMismatchError, classify_cases, classify_texts,
                                load_labeled, load_model, load_taxonomy, train)
-from pipeline.classify.rules import KeywordRules, UrgencyScorer, elapsed_days
-from pipeline.classify.taxonomy import parse_taxonomy
+from pipeline.analysis.classify.rules import KeywordRules, UrgencyScorer, elapsed_days
+from pipeline.analysis.classify.taxonomy import parse_taxonomy
 from pipeline.config import Config, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,7 +111,7 @@ def test_jd_service_words_route_to_their_type(cfg):
 
 
 def test_embed_text_drops_courtesy_only_segments():
-    from pipeline.classify.coldstart import embed_text
+    from pipeline.analysis.classify.coldstart import embed_text
 
     assert embed_text("你好 在吗 我的快递到哪了? 好的,谢谢 没有了", 128) == "我的快递到哪了"
     assert embed_text("[订单编号:<ORDER>,订单金额:<AMOUNT>] 嗯嗯 好的谢谢 没有了", 128) == ""
@@ -121,7 +121,7 @@ def test_embed_text_drops_courtesy_only_segments():
 def test_cold_start_courtesies_only_is_fallback_and_texts_embed_once(cfg):
     import numpy as np
 
-    from pipeline.classify.coldstart import ColdStartIssueClassifier
+    from pipeline.analysis.classify.coldstart import ColdStartIssueClassifier
 
     seen: list[list[str]] = []
 
@@ -399,9 +399,9 @@ def test_cli_eval_classify_writes_reports(cli, tmp_path, labels_csv):
 
 
 def test_review_queue_exports_least_certain(cli, cfg, tmp_path):
-    from pipeline.process import process_batch
+    from pipeline.orchestrate.steps import process_batch
     from pipeline.schema import Conversation, Turn
-    from pipeline.store import write_cases
+    from pipeline.storage.store import write_cases
 
     texts = ["快递丢件了，物流一直不更新，快递员也不接电话", "我想问一下这个东西", "发票没有开", "屏幕坏了质量太差"]
     convs = [Conversation(f"c{i}", "chat", [Turn("customer", t), Turn("agent", "您好，马上为您处理")],

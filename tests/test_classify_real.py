@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.classify import classify_cases
+from pipeline.analysis.classify import classify_cases
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -45,7 +45,7 @@ def test_dev_complaints_model_beats_rules(cfg, tmp_path):
 
 def test_jddc_urgency_rises_with_repeat_consultation(cfg, tmp_path):
     from pipeline.ingest import read_file
-    from pipeline.process import process_batch
+    from pipeline.orchestrate.steps import process_batch
 
     path = _need(SHARED / "jddc" / "dev.jsonl")
     c = cfg.with_overrides(classify={"model_dir": str(tmp_path / "model")})
@@ -63,7 +63,7 @@ def test_jddc_urgency_rises_with_repeat_consultation(cfg, tmp_path):
 @pytest.fixture(scope="module")
 def jddc_cold_start(cfg, tmp_path_factory):
     """Cold-start figures on the 497 labelled JD chats (no labels used by the classifier)."""
-    from pipeline.classify.conversations import evaluate_conversations
+    from pipeline.orchestrate.training import evaluate_conversations
 
     labels = _need(SHARED / "jddc-labels" / "dev.jsonl")
     transcripts = _need(SHARED / "jddc" / "dev.jsonl")

@@ -5,7 +5,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import _register, app
 from pipeline.config import ConfigError, load_config
-from pipeline.store import read_cases
+from pipeline.storage.store import read_cases
 
 _register()
 runner = CliRunner()
@@ -60,8 +60,8 @@ def test_labels_inside_input_refused(tmp_path):
 
 @pytest.mark.slow
 def test_prefect_flow_equals_plain_run(sample, cfg, tmp_path):
-    from pipeline import run as steps
-    from pipeline.flows import nightly
+    from pipeline.orchestrate import nightly as steps
+    from pipeline.orchestrate.prefect_flow import nightly
 
     input_dir, _ = sample
     s = nightly(str(input_dir), str(tmp_path / "flow"))

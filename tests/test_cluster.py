@@ -1,4 +1,4 @@
-"""Root-cause clusters, stable ids, trends, KPIs and the export (pipeline.cluster/trends/kpis/export)."""
+"""Root-cause clusters, stable ids, trends, KPIs and the export (pipeline.insights.cluster/trends/kpis/export)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.cluster import (ALL_SCOPE, NOISE, CauseLexicon, ClusterParams, ClusterState, ScopeResult,
+from pipeline.insights.cluster import (ALL_SCOPE, NOISE, CauseLexicon, ClusterParams, ClusterState, ScopeResult,
                               assign_stable_ids, class_tfidf, cluster_vectors, label_from_terms, match_centroids,
                               select_cases)
 from pipeline.embed.fake import HashingEmbedder
-from pipeline.kpis import compute_kpis
-from pipeline.trends import rise_p_value, root_cause_matrix, week_over_week
+from pipeline.insights.kpis import compute_kpis
+from pipeline.insights.trends import rise_p_value, root_cause_matrix, week_over_week
 from tests.conftest import PII_PATTERNS, all_output_text
 
 
@@ -174,9 +174,9 @@ def test_kpis_report_how_many_cases_had_timings():
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, cfg):
-    from pipeline.export import export_all
-    from pipeline.run import run_pipeline
-    from pipeline.sample import generate
+    from pipeline.insights.export import export_all
+    from pipeline.orchestrate.nightly import run_pipeline
+    from pipeline.sample.generate import generate
 
     root = tmp_path_factory.mktemp("export")
     generate(root / "in", n=200, seed=7, labels_out=root / "labels.jsonl")
@@ -235,7 +235,7 @@ def test_export_never_contains_unmasked_personal_data(exported):
 
 
 def test_export_since_filters_cases(exported, cfg):
-    from pipeline.export import export_all
+    from pipeline.insights.export import export_all
 
     out, _, second = exported
     later = export_all(cfg, out, since=date(2099, 1, 1), embedder=HashingEmbedder(), today=date(2025, 11, 3))

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from pipeline import run as steps
-from pipeline.sample import generate
+from pipeline.orchestrate import nightly as steps
+from pipeline.sample.generate import generate
 
 
 def cli(*args):

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from pipeline.index import IndexStore, index_root
-from pipeline.store import read_cases
+from pipeline.retrieval.index import IndexStore, index_root
+from pipeline.storage.store import read_cases
 
 STAGES = ["ingest", "store", "index", "commit"]
 
@@ -54,8 +54,8 @@ def test_sigkill_then_rerun_equals_uninterrupted(stage, sample, cfg, reference, 
 
 
 def test_damaged_case_file_is_detected_and_repaired(sample, cfg, tmp_path):
-    from pipeline import run as steps
-    from pipeline.store import CorruptOutputError
+    from pipeline.orchestrate import nightly as steps
+    from pipeline.storage.store import CorruptOutputError
 
     input_dir, _ = sample
     out = tmp_path / "out"

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import _register, app
-from pipeline.emotion import (EMOTION_COLUMNS, EmotionAnalyzer, RuleScorer, add_emotion, general_lexicons,
+from pipeline.analysis.emotion import (EMOTION_COLUMNS, EmotionAnalyzer, RuleScorer, add_emotion, general_lexicons,
                               load_emotion_model, summarize_curve, train_emotion, trajectory)
 
 _register()
@@ -209,7 +209,7 @@ def test_emotion_stats_relations_and_team_ranking():
     import numpy as np
     import pandas as pd
 
-    from pipeline.emotion_stats import bootstrap_corr, relations, wilson, worsened_by_team
+    from pipeline.insights.emotion_stats import bootstrap_corr, relations, wilson, worsened_by_team
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=300)
@@ -240,7 +240,7 @@ def test_trained_sentiment_holds_up_on_unseen_domains(cfg, shared_data):
     char n-gram TF-IDF logistic regression trained on the same texts, and what the product reports
     (model joined with the rules) must beat it. 300 texts per domain keeps this to a minute; the
     reported figures use `casemine eval emotion --domain-shift` (1,500 per domain)."""
-    from pipeline.emotion import evaluate_domain_shift
+    from pipeline.analysis.emotion import evaluate_domain_shift
 
     reviews = shared_data / "reviews"
     if not (reviews / "waimai_10k.csv").is_file():

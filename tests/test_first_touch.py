@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from pipeline.cli import _register, app
 from pipeline.config import PACKAGE_ROOT, load_config
 from pipeline.progress import reporting
-from pipeline.run import run_pipeline, summary_text
+from pipeline.orchestrate.nightly import run_pipeline, summary_text
 
 _register()
 runner = CliRunner()
@@ -28,7 +28,7 @@ CASEMINE = [sys.executable, "-c", "from pipeline.cli import main; main()"]
 
 @pytest.fixture(scope="module")
 def small_input(tmp_path_factory) -> Path:
-    from pipeline.sample import generate
+    from pipeline.sample.generate import generate
 
     root = tmp_path_factory.mktemp("small")
     generate(root / "in", n=24, seed=5, malformed=False)
@@ -161,7 +161,7 @@ def test_summary_has_no_empty_or_none_lines(run_out):
 def test_a_second_run_on_a_held_out_root_is_refused_naming_the_holder(small_input, tmp_path):
     out = tmp_path / "o"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from pipeline.lock import run_lock\n"
+        "import sys, time; from pathlib import Path; from pipeline.orchestrate.lock import run_lock\n"
         f"with run_lock(Path({str(out)!r}), command='holder-test'):\n"
         "    print('held', flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
     try:
@@ -174,7 +174,7 @@ def test_a_second_run_on_a_held_out_root_is_refused_naming_the_holder(small_inpu
         holder.kill()
         holder.wait()
     # the kernel dropped the killed holder's lock: the stale lock file does not block
-    from pipeline.lock import run_lock
+    from pipeline.orchestrate.lock import run_lock
 
     with run_lock(out):
         pass

@@ -2,13 +2,13 @@
 
 import pytest
 
-from pipeline import run as steps
-from pipeline.store import read_cases
+from pipeline.orchestrate import nightly as steps
+from pipeline.storage.store import read_cases
 
 
 @pytest.mark.slow
 def test_dask_flow_equals_local_run(sample, cfg, tmp_path):
-    from pipeline.flows import flow_for
+    from pipeline.orchestrate.prefect_flow import flow_for
 
     input_dir, _ = sample
     overrides = {"flow": {"task_runner": "dask", "dask_workers": 2, "batch_size": 40}}

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from pipeline.config import IngestConfig
 from pipeline.ingest import read_file
-from pipeline.textprep import get_masker, get_normalizer
+from pipeline.text.prepare import get_masker, get_normalizer
 
 speakers = st.sampled_from(["customer", "agent", "system", "bot", "客户", "manager", "", None, 3])
 texts = st.one_of(st.text(max_size=60), st.none(), st.integers())

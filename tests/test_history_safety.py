@@ -14,10 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import _register, app
-from pipeline.index import IndexLoadError, IndexStore, index_root
-from pipeline.run import repair, run_pipeline
-from pipeline.state import State, StateError, key
-from pipeline.store import CorruptOutputError, read_cases
+from pipeline.retrieval.index import IndexLoadError, IndexStore, index_root
+from pipeline.orchestrate.nightly import repair, run_pipeline
+from pipeline.storage.state import State, StateError, key
+from pipeline.storage.store import CorruptOutputError, read_cases
 
 _register()
 runner = CliRunner()
@@ -27,7 +27,7 @@ CASEMINE = [sys.executable, "-c", "from pipeline.cli import main; main()"]
 @pytest.fixture(scope="module")
 def deliveries(tmp_path_factory) -> tuple[Path, Path]:
     """Two deliveries of different conversations (the generator numbers ids from 1: prefix them)."""
-    from pipeline.sample import generate
+    from pipeline.sample.generate import generate
 
     root = tmp_path_factory.mktemp("deliveries")
     for name, seed in (("a", 21), ("b", 22)):
@@ -182,7 +182,7 @@ def test_version_1_state_is_keyed_in_place(tmp_path):
 
 
 def test_cause_attribution_does_not_depend_on_hash_seed():
-    code = ("from pipeline.cluster import CauseLexicon\n"
+    code = ("from pipeline.insights.cluster import CauseLexicon\n"
             "lex = CauseLexicon.from_dict({'causes': [{'phrase': '延迟', 'category': 'logistics_partner'},\n"
             "                                         {'phrase': '破损', 'category': 'product'}]})\n"
             "print(lex.attribute(['延迟 破损', '破损 延迟'], 0.1))")

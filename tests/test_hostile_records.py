@@ -13,11 +13,11 @@ from pathlib import Path
 import opencc
 import pytest
 
-from pipeline import run as steps
+from pipeline.orchestrate import nightly as steps
 from pipeline.config import IngestConfig
 from pipeline.ingest import read_file
-from pipeline.process import process_batch
-from pipeline.store import read_cases
+from pipeline.orchestrate.steps import process_batch
+from pipeline.storage.store import read_cases
 
 GOOD_TEXT = "你好，我的快递三天了还没到，请帮我查一下物流信息，订单一直显示运输中。"
 AGENT_TEXT = "您好，已为您催促物流，请您耐心等待，稍后给您回电。"
@@ -361,9 +361,9 @@ def _convs(tmp_path: Path, cids: list[str], text_for: dict[str, str] | None = No
 
 @pytest.mark.parametrize("step", ["cases", "mask", "segment"])
 def test_process_batch_sets_aside_the_culprit(cfg, tmp_path, monkeypatch, step):
-    from pipeline.cases import CaseExtractor
-    from pipeline.mask import Masker
-    from pipeline.segment import Segmenter
+    from pipeline.cases.extract import CaseExtractor
+    from pipeline.text.mask import Masker
+    from pipeline.text.segment import Segmenter
 
     poison = "毒丸"
     convs = _convs(tmp_path, ["P-1", "P-BAD", "P-2"], {"P-BAD": f"{poison}我的电话是{PHONE}，{GOOD_TEXT}"})
@@ -414,7 +414,7 @@ def test_process_rejection_carries_no_surrogate(cfg, tmp_path):
 
 
 def test_guard_case_step_drops_only_the_culprit(cfg, tmp_path):
-    from pipeline.process import guard_case_step
+    from pipeline.orchestrate.batch import guard_case_step
 
     cases = process_batch(_convs(tmp_path, ["G-1", "G-BAD", "G-2"]), cfg, "r1").cases
 
@@ -435,7 +435,7 @@ def test_guard_case_step_drops_only_the_culprit(cfg, tmp_path):
 
 
 def test_hostile_delivery_end_to_end(cfg, tmp_path, fake_embedder, monkeypatch):
-    from pipeline.cases import CaseExtractor
+    from pipeline.cases.extract import CaseExtractor
 
     inp = tmp_path / "in"
     inp.mkdir()
@@ -487,9 +487,9 @@ def test_a_step_after_cases_fails_one_conversation_only_and_a_fix_reprocesses_it
                                                                                  monkeypatch, step):
     """Emotion and classification run on case tables: one conversation that makes them raise is
     quarantined alone; it is not recorded as seen, so its next delivery (after a fix) is processed."""
-    import pipeline.classify as classify_mod
-    import pipeline.emotion as emotion_mod
-    from pipeline import run as steps
+    import pipeline.analysis.classify as classify_mod
+    import pipeline.analysis.emotion as emotion_mod
+    from pipeline.orchestrate import nightly as steps
 
     inp = tmp_path / "in"
     inp.mkdir()

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from conftest import PII_PATTERNS, all_output_text
 from pipeline.cli import _register, app
 from pipeline.embed.fake import HashingEmbedder
-from pipeline.library import (Candidate, CandidateScorer, LibraryError, LibraryStore, compute_coverage,
+from pipeline.library.typical_cases import (Candidate, CandidateScorer, LibraryError, LibraryStore, compute_coverage,
                               published_case_ids, publish, record_usage, select_candidates)
 
 _register()
@@ -179,8 +179,8 @@ def test_usage_counts(tmp_path):
 @pytest.fixture()
 def stored(cfg, sample, tmp_path, monkeypatch):
     from pipeline.ingest import discover, read_file
-    from pipeline.process import process_batch
-    from pipeline.store import write_cases
+    from pipeline.orchestrate.steps import process_batch
+    from pipeline.storage.store import write_cases
 
     import pipeline.embed
 

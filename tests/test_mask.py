@@ -2,8 +2,8 @@ import random
 
 import pytest
 
-from pipeline.mask import id_checksum_ok, luhn_ok
-from pipeline.textprep import get_masker, prepare_text
+from pipeline.text.mask import id_checksum_ok, luhn_ok
+from pipeline.text.prepare import get_masker, prepare_text
 
 
 def make_id(rng: random.Random) -> str:
@@ -166,7 +166,7 @@ def test_mask_original_keeps_full_width_and_traditional(cfg):
 # -- the labelled PII sets and `casemine eval pii` ----------------------------------------------
 
 def test_generated_set_is_deterministic_and_positions_hold():
-    from pipeline.pii_corpus import generate
+    from pipeline.evaluate.pii_corpus import generate
 
     a, b = generate(400, seed=5), generate(400, seed=5)
     assert a == b and a != generate(400, seed=6)
@@ -178,7 +178,7 @@ def test_generated_set_is_deterministic_and_positions_hold():
 
 
 def test_marked_sentences_parse_to_offsets():
-    from pipeline.pii_corpus import parse_marked
+    from pipeline.evaluate.pii_corpus import parse_marked
 
     ex = parse_marked("我叫[[name:张伟]]，订单号[[order:JD123456789012]]")
     assert ex.text == "我叫张伟，订单号JD123456789012"
@@ -216,8 +216,8 @@ def test_evaluation_tells_a_weak_masker_from_a_good_one():
     """The evaluation can tell a weak masker from a good one: without names, addresses and grouped
     numbers the same sets score far lower."""
     from pipeline.evaluate.pii import score
-    from pipeline.mask import Masker
-    from pipeline.pii_corpus import generate
+    from pipeline.text.mask import Masker
+    from pipeline.evaluate.pii_corpus import generate
 
     bare = Masker(frozenset(), mask_addresses=False, mask_names=False)
     g = score(bare, generate(600, seed=3))

@@ -1,6 +1,6 @@
 from pipeline.config import NormalizeConfig
-from pipeline.normalize import Normalizer, collapse_repeats, strip_invisible
-from pipeline.textprep import get_normalizer
+from pipeline.text.normalize import Normalizer, collapse_repeats, strip_invisible
+from pipeline.text.prepare import get_normalizer
 
 
 def test_width_folding_and_traditional(cfg):

@@ -24,9 +24,9 @@ def test_notebook_is_committed_without_outputs():
 def test_notebook_executes_on_a_fresh_export(tmp_path, cfg, monkeypatch):
     from nbclient import NotebookClient
 
-    from pipeline.export import export_all
-    from pipeline.run import run_pipeline
-    from pipeline.sample import generate
+    from pipeline.insights.export import export_all
+    from pipeline.orchestrate.nightly import run_pipeline
+    from pipeline.sample.generate import generate
 
     generate(tmp_path / "in", n=120, seed=5, labels_out=tmp_path / "labels.jsonl")
     run_pipeline(cfg, tmp_path / "in", tmp_path / "out")

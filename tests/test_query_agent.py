@@ -14,11 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from pipeline import query_client, search
+from pipeline.query import client as query_client
+
+from pipeline.retrieval import search
 from pipeline.config import Config
 from pipeline.embed.fake import HashingEmbedder
-from pipeline.index import Filters, IndexStore, update_from_cases
-from pipeline.search import (QueryCutter, QueryError, Searcher, StoredIndex, build_word_table, check_filter_values,
+from pipeline.retrieval.index import Filters, IndexStore, update_from_cases
+from pipeline.retrieval.search import (QueryCutter, QueryError, Searcher, StoredIndex, build_word_table, check_filter_values,
                              normalize_filters, suggest, tokenize)
 
 from test_index import CASES, make_cases, small_index  # noqa: E402  (same folder, on sys.path under pytest)

@@ -5,7 +5,7 @@ import sqlite3
 
 from typer.testing import CliRunner
 
-from pipeline import run as steps
+from pipeline.orchestrate import nightly as steps
 from pipeline.cli import _register, app
 
 _register()

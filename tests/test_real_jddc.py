@@ -2,8 +2,8 @@
 
 import pytest
 
-from pipeline import run as steps
-from pipeline.store import read_cases
+from pipeline.orchestrate import nightly as steps
+from pipeline.storage.store import read_cases
 from tests.conftest import PII_PATTERNS, all_output_text
 
 

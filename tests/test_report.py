@@ -16,9 +16,9 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, cfg) -> Path:
-    from pipeline.export import export_all
-    from pipeline.run import run_pipeline
-    from pipeline.sample import generate
+    from pipeline.insights.export import export_all
+    from pipeline.orchestrate.nightly import run_pipeline
+    from pipeline.sample.generate import generate
 
     root = tmp_path_factory.mktemp("report")
     generate(root / "in", n=150, seed=3, labels_out=root / "labels.jsonl")

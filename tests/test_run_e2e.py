@@ -8,9 +8,9 @@ from collections import Counter
 import pandas as pd
 import pytest
 
-from pipeline import run as steps
-from pipeline.segment import Segmenter
-from pipeline.store import read_cases
+from pipeline.orchestrate import nightly as steps
+from pipeline.text.segment import Segmenter
+from pipeline.storage.store import read_cases
 from tests.conftest import PII_PATTERNS, all_output_text
 
 
@@ -114,7 +114,7 @@ def test_two_outputs_never_touch(sample, cfg, tmp_path):
 
 def test_committed_sample_is_the_generators_output(tmp_path):
     """data/sample (what `make run` reads) must be exactly what `make sample` writes today."""
-    from pipeline.sample import generate
+    from pipeline.sample.generate import generate
     from tests.conftest import REPO
 
     generate(tmp_path / "s", n=150, seed=7, labels_out=tmp_path / "labels.jsonl")

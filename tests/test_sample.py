@@ -21,8 +21,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.sample import ALL_FORMATS, CSV_HEADER, MALFORMED_FILE, generate
-from pipeline.sample_templates import HOMOPHONES, ISSUES
+from pipeline.sample.generate import ALL_FORMATS, CSV_HEADER, MALFORMED_FILE, generate
+from pipeline.sample.templates import HOMOPHONES, ISSUES
 
 CHAT_FILES = {"chat.jsonl": "utf-8", "chat_gb18030.jsonl": "gb18030", "chat_big5.jsonl": "big5",
               "chat_bom.jsonl": "utf-8-sig"}

@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 from pipeline.config import Config
 from pipeline.embed.fake import HashingEmbedder
 from pipeline.evaluate.retrieval import evaluate_labels, evaluate_pairs, label_precision, pair_metrics
-from pipeline.index import Filters, IndexStore, update_from_cases
-from pipeline.index import Bm25
-from pipeline.search import Searcher, rrf_fuse
-from pipeline.segment import tokenize
+from pipeline.retrieval.index import Filters, IndexStore, update_from_cases
+from pipeline.retrieval.index import Bm25
+from pipeline.retrieval.search import Searcher, rrf_fuse
+from pipeline.text.segment import tokenize
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -148,7 +148,7 @@ def _free_port() -> int:
 
 
 def test_server_round_trip_and_follows_swaps(tmp_path, fake_embedder):
-    from pipeline.serve import query_remote, run_server
+    from pipeline.query.server import query_remote, run_server
 
     cfg = Config()
     out = _index_for_cli(tmp_path)

@@ -1,4 +1,4 @@
-from pipeline.segment import Segmenter
+from pipeline.text.segment import Segmenter
 
 
 def test_domain_words_and_placeholders(cfg):

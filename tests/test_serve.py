@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from pipeline import query_client
+from pipeline.query import client as query_client
 from pipeline.config import Config
 from pipeline.embed import Embedder
-from pipeline.index import update_from_cases
-from pipeline.serve import MAX_BODY_BYTES, QueryService, _Runner, create_app, run_server
+from pipeline.retrieval.index import update_from_cases
+from pipeline.query.server import MAX_BODY_BYTES, QueryService, _Runner, create_app, run_server
 
 from test_index import make_cases  # noqa: E402  (same folder, on sys.path under pytest)
 
@@ -280,7 +280,7 @@ def test_serve_command_explains_a_taken_port_or_a_missing_index(tmp_path, fake_e
 
 
 def test_library_searches_only_published_cases_and_counts_use(client, monkeypatch):
-    import pipeline.library as library
+    import pipeline.library.typical_cases as library
 
     used: list = []
     monkeypatch.setattr(library, "published_case_ids", lambda out: {"c2", "c5"})

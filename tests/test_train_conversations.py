@@ -11,11 +11,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipeline.classify import classify_cases
-from pipeline.classify.conversations import read_conversation_labels, train_from_conversations
-from pipeline.classify.data import LabeledDataError
-from pipeline.classify.store import load_task_model, task_dir
-from pipeline.classify.taxonomy import load_taxonomy
+from pipeline.analysis.classify import classify_cases
+from pipeline.analysis.classify.conversations import read_conversation_labels
+from pipeline.orchestrate.training import train_from_conversations
+from pipeline.analysis.classify.data import LabeledDataError
+from pipeline.analysis.classify.store import load_task_model, task_dir
+from pipeline.analysis.classify.taxonomy import load_taxonomy
 from pipeline.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,9 +74,9 @@ def test_models_learn_the_generated_labels(conv_trained):
 
 
 def test_run_time_classification_uses_every_trained_model(conv_trained, cfg, monkeypatch, fake_embedder):
-    from pipeline.emotion import add_emotion
+    from pipeline.analysis.emotion import add_emotion
     from pipeline.ingest import discover, read_file
-    from pipeline.process import process_batch
+    from pipeline.orchestrate.steps import process_batch
 
     c, fits, _, transcripts = conv_trained
     convs = [conv for p in discover(transcripts) for conv in read_file(p, c.ingest).conversations][:20]
@@ -100,7 +101,7 @@ def test_stale_task_model_is_refused_not_used(conv_trained, tmp_path):
     tax = tmp_path / "taxonomy.yaml"
     tax.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
     c2 = c.with_overrides(classify={"taxonomy": str(tax)})
-    from pipeline.classify import ModelMismatchError
+    from pipeline.analysis.classify import ModelMismatchError
 
     with pytest.raises(ModelMismatchError, match="request_kind"):
         load_task_model(c2, "request_kind")
@@ -122,8 +123,8 @@ def test_conversation_labels_are_validated(cfg, tmp_path):
 # -- request kind rules on hand-written chats -------------------------------------------------
 
 def _chat_cases(cfg: Config, turns: list[tuple[str, str]]) -> pd.DataFrame:
-    from pipeline.emotion import add_emotion
-    from pipeline.process import process_batch
+    from pipeline.analysis.emotion import add_emotion
+    from pipeline.orchestrate.steps import process_batch
     from pipeline.schema import Conversation, Turn
 
     conv = Conversation("hand-1", "chat", [Turn(s, t) for s, t in turns], started_at="2026-01-05T10:00:00+08:00")
@@ -180,10 +181,10 @@ def cli(tmp_path):
 
 
 def test_review_queue_file_trains(cli, cfg, sample, tmp_path, fake_embedder):
-    from pipeline.emotion import add_emotion
+    from pipeline.analysis.emotion import add_emotion
     from pipeline.ingest import discover, read_file
-    from pipeline.process import process_batch
-    from pipeline.store import write_cases
+    from pipeline.orchestrate.steps import process_batch
+    from pipeline.storage.store import write_cases
 
     transcripts, labels = sample
     convs = [conv for p in discover(transcripts) for conv in read_file(p, cfg.ingest).conversations]
@@ -237,7 +238,7 @@ def _case_inputs() -> tuple[list[dict], list[str]]:
 
 
 def test_case_model_leaves_unlearnable_labels_to_the_rule_vote():
-    from pipeline.classify.case_model import CaseClassifier
+    from pipeline.analysis.classify.case_model import CaseClassifier
 
     X, y = _case_inputs()
     m = CaseClassifier(C=4.0, min_df=2, emb_scale=2.0, signals_scale=0.0, prior_weight=0.5, min_class_count=2).fit(X, y)
@@ -257,7 +258,7 @@ def test_case_model_leaves_unlearnable_labels_to_the_rule_vote():
 
 
 def test_case_model_without_prior_or_embedding_is_the_plain_model():
-    from pipeline.classify.case_model import CaseClassifier
+    from pipeline.analysis.classify.case_model import CaseClassifier
 
     X, y = _case_inputs()
     m = CaseClassifier(C=4.0).fit(X, y)

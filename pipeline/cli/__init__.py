@@ -97,7 +97,7 @@ def _dispatch() -> None:
     if argv[:1] == ["query"]:
         # An agent's question: through a running `casemine serve` (standard library only), else a
         # local search; without typer either way. None: options only typer can parse or report.
-        from pipeline.query_client import fast_query
+        from pipeline.query.client import fast_query
 
         code = fast_query(argv[1:])
         if code is not None:

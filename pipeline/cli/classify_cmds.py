@@ -25,7 +25,7 @@ RESULT_FIELDS = ("issue_type", "issue_type_confidence", "urgency", "urgency_conf
 
 def _errors():
     """Exceptions that are the user's to fix (bad data, stale model), mapped to exit code 1."""
-    from pipeline.classify import LabeledDataError, ModelMismatchError
+    from pipeline.analysis.classify import LabeledDataError, ModelMismatchError
 
     return (LabeledDataError, ModelMismatchError)
 
@@ -51,7 +51,7 @@ def train_cmd(
     if transcripts is not None:
         _train_conversations(cfg, labels, transcripts, json_out)
         return
-    from pipeline.classify import train
+    from pipeline.analysis.classify import train
 
     try:
         _, card = train(cfg, labels)
@@ -78,8 +78,8 @@ def train_cmd(
 
 
 def _train_conversations(cfg: Config, labels: Optional[Path], transcripts: Path, json_out: bool) -> None:
-    from pipeline.classify.conversations import train_from_conversations
-    from pipeline.classify.store import task_dir
+    from pipeline.orchestrate.training import train_from_conversations
+    from pipeline.analysis.classify.store import task_dir
 
     if labels is None:
         fail("--transcripts needs --labels FILE (conversation_id + any of issue_type, request_kind, outcome)", code=2)
@@ -150,7 +150,7 @@ def classify_transcripts(path: Path, cfg: Config) -> "pd.DataFrame":
     """Transcripts through the nightly run's own steps (ingest, then every batch step through
     classify: the emotion step too, whose lowest sentiment the request kind reads)."""
     from pipeline.ingest import read_file
-    from pipeline.steps import process_conversations
+    from pipeline.orchestrate.steps import process_conversations
 
     res = read_file(path, cfg.ingest)
     for q in res.quarantined[:5]:
@@ -188,7 +188,7 @@ def classify_cmd(
     cfg = get_config(config)
     if not file.is_file():
         fail(f"{file} does not exist or is not a file")
-    from pipeline.classify import classify_texts, get_model_status
+    from pipeline.analysis.classify import classify_texts, get_model_status
 
     try:
         status = get_model_status(cfg)
@@ -236,7 +236,7 @@ def review_queue_cmd(
     """Export the least certain cases as a CSV with empty issue_type / request_kind / outcome
     columns to fill in; `casemine train --labels FILE --transcripts DIR` reads it back."""
     cfg = get_config(config)
-    from pipeline.classify.review import review_queue
+    from pipeline.analysis.classify.review import review_queue
 
     root = data or cfg.resolve(cfg.paths.out)
     try:
@@ -290,7 +290,7 @@ def eval_classify_cmd(
 
 
 def _eval_conversations(cfg: Config, labels: Path, transcripts: Path, trained: bool, json_out: bool) -> None:
-    from pipeline.classify.conversations import evaluate_conversations
+    from pipeline.orchestrate.training import evaluate_conversations
 
     try:
         report = evaluate_conversations(cfg, labels, transcripts, trained_cv=trained)

@@ -38,7 +38,7 @@ def export_cmd(
     start = _parse_date(since)
     if not (root / "processed" / "cases").is_dir():
         fail(f"no case table under {root}/processed/cases; run `casemine run --out {root}` first")
-    from pipeline.export import export_all
+    from pipeline.insights.export import export_all
 
     summary = export_all(cfg, root, start)
     if summary["n_cases"] == 0:

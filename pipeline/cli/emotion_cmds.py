@@ -14,7 +14,7 @@ from pipeline.config import ConfigError
 
 
 def _emotion_errors():
-    from pipeline.emotion import EmotionDataError
+    from pipeline.analysis.emotion import EmotionDataError
 
     return (EmotionDataError, ConfigError)
 
@@ -33,7 +33,7 @@ def emotion_cmd(
 ) -> None:
     """Customer emotion per text, or per conversation with its emotion curve."""
     cfg = get_config(config)
-    from pipeline.emotion import EmotionAnalyzer, analyze_texts
+    from pipeline.analysis.emotion import EmotionAnalyzer, analyze_texts
 
     try:
         analyzer = EmotionAnalyzer.from_config(cfg)
@@ -47,7 +47,7 @@ def emotion_cmd(
             results.append({**({"id": r["id"]} if "id" in r else {}), **e.as_dict()})
     if len(texts) < len(recs):
         from pipeline.ingest import read_file
-        from pipeline.steps import Components, run_batch, through
+        from pipeline.orchestrate.steps import Components, run_batch, through
 
         res = read_file(file, cfg.ingest)
         convs = getattr(res, "conversations", None) or []
@@ -89,7 +89,7 @@ def train_emotion_cmd(
 ) -> None:
     """Train the emotion model (scikit-learn) that joins or replaces the default rules."""
     cfg = get_config(config)
-    from pipeline.emotion import train_emotion
+    from pipeline.analysis.emotion import train_emotion
 
     try:
         _, card = train_emotion(cfg, labels)
@@ -142,7 +142,7 @@ def eval_emotion_cmd(
 
 
 def _eval_domain_shift(cfg, reviews: Path, per_domain: int, json_out: bool) -> None:
-    from pipeline.emotion import evaluate_domain_shift
+    from pipeline.analysis.emotion import evaluate_domain_shift
 
     res = evaluate_domain_shift(cfg, reviews, per_domain)
     if json_out:

@@ -24,7 +24,7 @@ def _setup(config: Optional[Path], out: Optional[Path]) -> tuple[Config, Path]:
 
 
 def _run(fn, *args, **kwargs):
-    from pipeline.library import LibraryError
+    from pipeline.library.typical_cases import LibraryError
 
     try:
         return fn(*args, **kwargs)
@@ -39,7 +39,7 @@ def build_cmd(out: Optional[Path] = OutOption, config: Optional[Path] = ConfigOp
               json_out: bool = typer.Option(False, "--json")) -> None:
     """Pick candidates per issue type and root-cause cluster; decisions already made are kept."""
     cfg, out = _setup(config, out)
-    from pipeline.library import build
+    from pipeline.library.typical_cases import build
 
     res = _run(build, cfg, out)
     if json_out:
@@ -57,7 +57,7 @@ def list_cmd(status: Optional[str] = typer.Option(None, "--status", help="candid
              json_out: bool = typer.Option(False, "--json", help="One JSON line per entry.")) -> None:
     """Library entries with their status, score and why they were picked."""
     cfg, out = _setup(config, out)
-    from pipeline.library import LibraryStore
+    from pipeline.library.typical_cases import LibraryStore
 
     rows = _run(lambda: LibraryStore(out).entries(status, issue_type))
     for r in rows:
@@ -88,7 +88,7 @@ def approve_cmd(case_id: str = typer.Argument(...), by: str = typer.Option(..., 
                 json_out: bool = typer.Option(False, "--json")) -> None:
     """Approve a candidate for the library (a rejected one needs --force)."""
     cfg, out = _setup(config, out)
-    from pipeline.library import LibraryStore
+    from pipeline.library.typical_cases import LibraryStore
 
     _decided(_run(lambda: LibraryStore(out).approve(case_id, by, note, force)), json_out)
 
@@ -100,7 +100,7 @@ def reject_cmd(case_id: str = typer.Argument(...), by: str = typer.Option(..., "
                json_out: bool = typer.Option(False, "--json")) -> None:
     """Reject a candidate, approved or published case (it leaves the next publish)."""
     cfg, out = _setup(config, out)
-    from pipeline.library import LibraryStore
+    from pipeline.library.typical_cases import LibraryStore
 
     _decided(_run(lambda: LibraryStore(out).reject(case_id, by, note)), json_out)
 
@@ -110,7 +110,7 @@ def publish_cmd(by: str = typer.Option("publish", "--by"), out: Optional[Path] =
                 config: Optional[Path] = ConfigOption, json_out: bool = typer.Option(False, "--json")) -> None:
     """Publish approved cases: Parquet + one HTML page per issue type under <out>/library/published/."""
     cfg, out = _setup(config, out)
-    from pipeline.library import publish
+    from pipeline.library.typical_cases import publish
 
     res = _run(publish, cfg, out, by)
     if json_out:
@@ -132,7 +132,7 @@ def coverage_cmd(since: Optional[str] = typer.Option(None, "--since", help="YYYY
             date.fromisoformat(since)
         except ValueError:
             fail(f"--since {since!r} is not a date; use YYYY-MM-DD", code=2)
-    from pipeline.library import coverage
+    from pipeline.library.typical_cases import coverage
 
     res = _run(coverage, cfg, out, since)
     if json_out:

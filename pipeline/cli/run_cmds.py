@@ -29,8 +29,8 @@ def run(
 
     Exit codes: 0 done (or nothing new), 1 bad or missing input / another run holds --out /
     counts that do not reconcile, 2 usage or configuration error."""
-    from pipeline.lock import LockHeld, run_lock
-    from pipeline.preflight import PreflightError, check_run
+    from pipeline.orchestrate.lock import LockHeld, run_lock
+    from pipeline.orchestrate.preflight import PreflightError, check_run
 
     cfg = get_config(config)
     overrides = {"flow": {"batch_size": batch_size}} if batch_size else {}
@@ -49,14 +49,14 @@ def run(
     except FileNotFoundError as e:
         fail(str(e))
     except Exception as e:  # damaged or inconsistent outputs are reported in one line, not a traceback
-        from pipeline.index import IndexLoadError
-        from pipeline.state import StateError
-        from pipeline.store import CorruptOutputError
+        from pipeline.retrieval.index import IndexLoadError
+        from pipeline.storage.state import StateError
+        from pipeline.storage.store import CorruptOutputError
 
         if isinstance(e, (CorruptOutputError, StateError, IndexLoadError)):
             fail(str(e))
         raise
-    from pipeline.run import summary_text
+    from pipeline.orchestrate.nightly import summary_text
 
     sys.stderr.write(summary_text(summary))  # plain text: no markup parsing, no wrapping
     if json_out:
@@ -66,7 +66,7 @@ def run(
 
 
 def _derived_current(out_dir: Path) -> bool:
-    from pipeline.run import derived_outputs_current
+    from pipeline.orchestrate.nightly import derived_outputs_current
 
     return derived_outputs_current(out_dir)
 
@@ -86,7 +86,7 @@ def _run_steps(cfg, input_dir: Path, out_dir: Path, config: Path | None, overrid
 
     runner = "plain (--no-prefect)"
     if prefect:
-        from pipeline.prefect_api import PrefectUnavailable, ensure_api
+        from pipeline.orchestrate.prefect_api import PrefectUnavailable, ensure_api
 
         try:
             with console.status("starting Prefect's API", spinner="dots"):
@@ -98,10 +98,10 @@ def _run_steps(cfg, input_dir: Path, out_dir: Path, config: Path | None, overrid
     display = rich_display(console) if console.is_terminal else contextlib.nullcontext(None)
     with display as update, reporting(update):
         if prefect:
-            from pipeline.flows import flow_for
+            from pipeline.orchestrate.prefect_flow import flow_for
 
             return flow_for(cfg)(str(input_dir), str(out_dir), str(config) if config else None, overrides or None)
-        from pipeline.run import run_pipeline
+        from pipeline.orchestrate.nightly import run_pipeline
 
         return run_pipeline(cfg, input_dir, out_dir, runner)
 
@@ -156,7 +156,7 @@ def sample(
     json_out: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
 ) -> None:
     """Generate realistic synthetic Chinese chat and call transcripts (with noise, PII and errors)."""
-    from pipeline.sample import generate
+    from pipeline.sample.generate import generate
 
     try:
         rep = generate(out, n=n, seed=seed, labels_out=labels_out, malformed=malformed)
@@ -184,8 +184,8 @@ def repair(
     Rebuilds a lost or damaged state database from the runs' manifests, adopts case files of
     unknown runs, and drops runs whose case files are damaged (the next `casemine run` reads their
     transcripts again; case ids are stable, so the index and exports end up as before)."""
-    from pipeline.lock import LockHeld, run_lock
-    from pipeline.run import repair as do_repair
+    from pipeline.orchestrate.lock import LockHeld, run_lock
+    from pipeline.orchestrate.nightly import repair as do_repair
 
     cfg = get_config(config)
     out_dir = out or cfg.resolve(cfg.paths.out)
@@ -222,7 +222,7 @@ def schedule(config: Optional[Path] = ConfigOption) -> None:
     Needs a running Prefect server, which keeps the schedule: `prefect server start`, then
     `PREFECT_API_URL=http://127.0.0.1:4200/api casemine schedule`. Without one it exits 2.
     """
-    from pipeline.prefect_api import PrefectUnavailable, check_server, configured_api_url
+    from pipeline.orchestrate.prefect_api import PrefectUnavailable, check_server, configured_api_url
 
     get_config(config)
     url = configured_api_url()
@@ -233,7 +233,7 @@ def schedule(config: Optional[Path] = ConfigOption) -> None:
         check_server(url)
     except PrefectUnavailable as e:
         fail(f"{e}; start it with `prefect server start` (or fix PREFECT_API_URL) and rerun", code=2)
-    from pipeline.flows import serve_nightly
+    from pipeline.orchestrate.prefect_flow import serve_nightly
 
     console.print(f"serving the nightly deployment on {url}; stop with Ctrl-C", highlight=False, markup=False)
     serve_nightly(str(config) if config else None)

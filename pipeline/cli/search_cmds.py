@@ -60,7 +60,7 @@ def index_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Build or update the similar-case index from <out>/processed/cases/."""
-    from pipeline.index import IndexLoadError, sync_index
+    from pipeline.retrieval.index import IndexLoadError, sync_index
 
     cfg = get_config(config)
     root = _out_root(cfg, out)
@@ -104,7 +104,7 @@ def query_cmd(
     and outcome with its evidence; a line says when no case is a close match. Uses a running
     `casemine serve` for the same --out when there is one, else searches locally.
     """
-    from pipeline import query_client
+    from pipeline.query import client as query_client
 
     t0 = time.perf_counter()
     cfg = get_config(config)
@@ -130,7 +130,7 @@ def show_cmd(
     json_out: bool = typer.Option(False, "--json", help="The stored case row as one JSON object."),
 ) -> None:
     """Print one case in full (masked, as stored): facts, problem, handling, outcome, the conversation."""
-    from pipeline.query_client import term_width
+    from pipeline.query.client import term_width
 
     cfg = get_config(config)
     root = _out_root(cfg, out)
@@ -165,7 +165,7 @@ def read_case(root: Path, case_id: str) -> dict[str, Any] | None:
 
 
 def render_case(row: dict[str, Any], width: int) -> str:
-    from pipeline.query_client import wrap
+    from pipeline.query.client import wrap
 
     def field_(label: str, value: Any) -> list[str]:
         text = "-" if value in (None, "", []) else str(value)
@@ -235,8 +235,8 @@ def serve_cmd(
 ) -> None:
     """Keep the model and index warm on 127.0.0.1 (HTTP API, token in <out>/serve.token) so
     `casemine query` answers in milliseconds."""
-    from pipeline.search import IndexUnavailable
-    from pipeline.serve import run_server
+    from pipeline.retrieval.search import IndexUnavailable
+    from pipeline.query.server import run_server
 
     cfg = get_config(config)
     root = _out_root(cfg, out)
@@ -270,7 +270,7 @@ def eval_retrieval(
 ) -> None:
     """Measure retrieval quality for dense, BM25 and hybrid search."""
     from pipeline.evaluate.retrieval import evaluate_labels, evaluate_pairs
-    from pipeline.search import MODES
+    from pipeline.retrieval.search import MODES
 
     cfg = get_config(config)
     if bool(pairs) == bool(labels):

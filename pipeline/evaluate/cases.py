@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from pipeline.cases import lcs_length
+from pipeline.cases.extract import lcs_length
 from pipeline.config import Config
 
 LABEL_FIELDS = ("issue_type", "request_kind", "outcome")
@@ -131,7 +131,7 @@ def mine_cases(cfg: Config, transcripts: Path) -> tuple[Any, dict[str, int]]:
     classify); nothing is written. Returns (cases, counts of read / quarantined / duplicate
     conversations)."""
     from pipeline.ingest import discover, read_file
-    from pipeline.steps import process_conversations
+    from pipeline.orchestrate.steps import process_conversations
 
     transcripts = Path(transcripts)
     paths = discover(transcripts) if transcripts.is_dir() else [transcripts]

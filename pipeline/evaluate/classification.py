@@ -18,11 +18,11 @@ from typing import Any, Sequence
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from pipeline.classify.data import load_labeled
-from pipeline.classify.model import DEFAULT_CANDIDATES, cv_splits, select_model
-from pipeline.classify.rules import KeywordRules
-from pipeline.classify.taxonomy import Taxonomy, load_taxonomy
-from pipeline.classify.text import CachedTokenizer, get_backend
+from pipeline.analysis.classify.data import load_labeled
+from pipeline.analysis.classify.model import DEFAULT_CANDIDATES, cv_splits, select_model
+from pipeline.analysis.classify.rules import KeywordRules
+from pipeline.analysis.classify.taxonomy import Taxonomy, load_taxonomy
+from pipeline.analysis.classify.text import CachedTokenizer, get_backend
 from pipeline.config import Config
 from pipeline.io import atomic_write_json, atomic_write_text
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from pipeline.cluster import NOISE, ClusterParams, cluster_vectors
+from pipeline.insights.cluster import NOISE, ClusterParams, cluster_vectors
 from pipeline.config import Config
 
 

@@ -84,8 +84,8 @@ def evaluate_sentiment(cfg: Config, reviews_dir: Path, per_corpus: int | None = 
     from sklearn.metrics import accuracy_score, roc_auc_score
     from sklearn.model_selection import StratifiedKFold
 
-    from pipeline.emotion import EmotionAnalyzer, EmotionModel, RuleScorer, make_text_model
-    from pipeline.textprep import prepare_text
+    from pipeline.analysis.emotion import EmotionAnalyzer, EmotionModel, RuleScorer, make_text_model
+    from pipeline.text.prepare import prepare_text
 
     data, info = load_reviews(reviews_dir, per_corpus, seed)
     texts = [prepare_text(t, cfg) for t in data["text"]]

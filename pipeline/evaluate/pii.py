@@ -11,8 +11,8 @@ from collections import Counter
 from typing import Any, Iterable, Sequence
 
 from pipeline.config import Config
-from pipeline.mask import Masker, Span
-from pipeline.pii_corpus import KEEP_KINDS, PII_KINDS, Example, Mark, generate, handwritten
+from pipeline.text.mask import Masker, Span
+from pipeline.evaluate.pii_corpus import KEEP_KINDS, PII_KINDS, Example, Mark, generate, handwritten
 
 # The bar the issue sets for the generated set (names are harder, so lower).
 TARGET_RECALL = 0.95
@@ -88,7 +88,7 @@ def meets_targets(result: dict[str, Any]) -> bool:
 
 
 def evaluate_pii(cfg: Config, n: int = 3000, seed: int = 12, masker: Masker | None = None) -> dict[str, Any]:
-    from pipeline.textprep import get_masker
+    from pipeline.text.prepare import get_masker
 
     masker = masker or get_masker(cfg)
     generated = score(masker, generate(n, seed))

@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import Config
-from pipeline.index import CaseIndex, META_COLUMNS
-from pipeline.search import MODES, Searcher
-from pipeline.segment import tokenize
+from pipeline.retrieval.index import CaseIndex, META_COLUMNS
+from pipeline.retrieval.search import MODES, Searcher
+from pipeline.text.segment import tokenize
 
 KS = (1, 5, 10)
 

@@ -1,0 +1,1 @@
+"""Conversations into case records: problem, handling, outcome with its evidence, timings."""

@@ -1,0 +1,1 @@
+"""What analysts read: root-cause clusters, trends and alerts, KPIs, emotion tables, the report."""

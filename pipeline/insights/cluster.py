@@ -1,0 +1,480 @@
+"""Root-cause clusters: group problem cases by meaning, label them, suggest causes, keep stable ids.
+
+Why this shape: analysts read clusters as "the reasons customers call", so a cluster is only
+useful if (1) its label reads like a cause, (2) it keeps its id from one night to the next (so
+its trend and the notes people attach to it survive), and (3) its cause attribution is visibly a
+suggestion. Everything here is pure (frames and arrays in, frames out); reading cases, embedding
+and writing state happen in `pipeline.insights.export`.
+
+Flow: `select_cases` -> per scope (each issue type, and all cases) `cluster_vectors` (PCA then
+HDBSCAN, noise allowed) -> `describe_scope` (c-TF-IDF terms, representatives, mix, causes)
+-> `assign_stable_ids` (Hungarian matching of centroids against the stored state).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import Config, load_yaml_resource
+from pipeline.text.mask import PLACEHOLDER_RE
+
+NOISE = -1
+UNCLASSIFIED = "未分类"
+ALL_SCOPE = "全部"
+OUTCOME_KEYS = ("resolved", "unresolved", "escalated", "unknown")
+CAUSE_CATEGORIES = ("system", "process", "people", "product", "logistics_partner", "external")
+_TERM_OK = re.compile(r"[\u4e00-\u9fffA-Za-z]")
+# JDDC-style bracket tokens ([订单x]) survive some segmentations as pieces; never show them as terms.
+_MASK_PIECE = re.compile(r"^(订单|金额|数字|地址|姓名|日期|时间|电话|站点|链接|组织机构|邮箱|身份证号|x)$")
+
+Cutter = Callable[[str], list[str]]
+
+
+# -- parameters -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ClusterParams:
+    """The knobs of one clustering run (taken from `cfg.cluster`, overridable in tests/bench)."""
+
+    pca_components: int = 10
+    min_cluster_size: int = 5
+    min_samples: int | None = 2
+    min_scope_cases: int = 10
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "ClusterParams":
+        c = cfg.cluster
+        return cls(c.pca_components, c.min_cluster_size, c.min_samples, c.min_scope_cases)
+
+
+# -- selecting and preparing cases --------------------------------------------------------------
+
+def _text(v: Any) -> str:
+    return v if isinstance(v, str) else ""
+
+
+def _as_list(v: Any) -> list:
+    if v is None:
+        return []
+    if isinstance(v, (list, tuple)):
+        return list(v)
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return []
+
+
+def fill_classification(cases: pd.DataFrame) -> pd.DataFrame:
+    """Older partitions lack the classifier's columns: add them as "未分类"/null so every later
+    step can group by issue type without special cases."""
+    out = cases.copy()
+    if "issue_type" not in out:
+        out["issue_type"] = UNCLASSIFIED
+    out["issue_type"] = out["issue_type"].map(lambda v: v if isinstance(v, str) and v else UNCLASSIFIED)
+    for col, default in (("request_kind", None), ("urgency", None), ("issue_type_confidence", None),
+                         ("needs_review", None)):
+        if col not in out:
+            out[col] = default
+    return out
+
+
+def select_cases(cases: pd.DataFrame, min_chars: int = 4, request_kinds: Sequence[str] = ()) -> pd.DataFrame:
+    """The cases worth clustering: a problem statement long enough to carry a cause ("怎么办" does
+    not), optionally only some request kinds. Adds `cluster_text` (problem, else customer text)."""
+    df = fill_classification(cases)
+    problem = df["problem"].map(_text) if "problem" in df else pd.Series("", index=df.index)
+    customer = df["customer_text"].map(_text) if "customer_text" in df else pd.Series("", index=df.index)
+    df["cluster_text"] = [p.strip() or c.strip()[:200] for p, c in zip(problem, customer)]
+    keep = df["cluster_text"].map(lambda t: len(PLACEHOLDER_RE.sub("", t)) >= min_chars)
+    if request_kinds:
+        keep &= df["request_kind"].isin(list(request_kinds))
+    return df[keep].reset_index(drop=True)
+
+
+def case_tokens(frame: pd.DataFrame, cut: Cutter | None) -> list[list[str]]:
+    """Stored jieba tokens of each case's problem; cut the cluster text when they are missing."""
+    stored = frame["tokens"].map(_as_list).tolist() if "tokens" in frame else [[] for _ in range(len(frame))]
+    texts = frame["cluster_text"].tolist()
+    return [toks if toks or cut is None else cut(t) for toks, t in zip(stored, texts)]
+
+
+def is_term(token: str, stopwords: frozenset[str] = frozenset()) -> bool:
+    """A token that can name a cause: has a letter or CJK, 2+ characters, not a placeholder or
+    stop word."""
+    return (len(token) >= 2 and bool(_TERM_OK.search(token)) and not PLACEHOLDER_RE.search(token)
+            and not _MASK_PIECE.match(token) and token not in stopwords)
+
+
+# -- clustering ---------------------------------------------------------------------------------
+
+def reduce_vectors(X: np.ndarray, n_components: int, seed: int = 0) -> np.ndarray:
+    """PCA to a few dimensions, re-normalised so Euclidean distance tracks cosine. HDBSCAN's
+    density estimate degrades in 384 dimensions; 10 components clustered the labelled complaints
+    best (bench/bench_clusters.py)."""
+    X = np.asarray(X, dtype=np.float32)
+    k = min(n_components, X.shape[0] - 1, X.shape[1])
+    if n_components <= 0 or k < 2:
+        return X
+    from sklearn.decomposition import PCA
+
+    Z = PCA(n_components=k, random_state=seed).fit_transform(X)
+    norms = np.linalg.norm(Z, axis=1, keepdims=True)
+    return Z / np.where(norms == 0, 1, norms)
+
+
+def cluster_vectors(X: np.ndarray, params: ClusterParams) -> np.ndarray:
+    """Cluster labels 0..k-1 per row, NOISE (-1) for cases that belong to no dense group.
+    Fewer rows than `min_scope_cases` are all noise: a "cluster" of three calls is an anecdote."""
+    n = len(X)
+    if n < max(params.min_scope_cases, params.min_cluster_size):
+        return np.full(n, NOISE, dtype=int)
+    from sklearn.cluster import HDBSCAN
+
+    Z = reduce_vectors(X, params.pca_components)
+    model = HDBSCAN(min_cluster_size=params.min_cluster_size, min_samples=params.min_samples, copy=True)
+    return model.fit_predict(Z).astype(int)
+
+
+def centroid_of(X: np.ndarray) -> np.ndarray:
+    """Normalised mean vector: compared by cosine across nights, so scale must not matter."""
+    c = np.asarray(X, dtype=np.float64).mean(axis=0)
+    n = np.linalg.norm(c)
+    return (c / n if n else c).astype(np.float32)
+
+
+def representatives(X: np.ndarray, k: int) -> list[int]:
+    """Row positions of the k cases closest to the centroid: what a reader should see first."""
+    c = centroid_of(X)
+    sims = np.asarray(X, dtype=np.float32) @ c
+    return [int(i) for i in np.argsort(-sims, kind="stable")[:k]]
+
+
+def class_tfidf(token_lists: Sequence[Sequence[str]], labels: Sequence[int], top_k: int,
+                stopwords: frozenset[str] = frozenset()) -> dict[int, list[tuple[str, float]]]:
+    """Top terms per cluster by class-based TF-IDF (BERTopic's c-TF-IDF): a term's frequency in
+    the cluster times log(1 + mean tokens per class / its frequency over all classes). Noise is a
+    class too, so words common everywhere rank low in every cluster."""
+    per_class: dict[int, Counter] = {}
+    for toks, lab in zip(token_lists, labels):
+        per_class.setdefault(int(lab), Counter()).update(t for t in toks if is_term(t, stopwords))
+    if not per_class:
+        return {}
+    total = Counter()
+    for c in per_class.values():
+        total.update(c)
+    avg = sum(total.values()) / max(len(per_class), 1)
+    out: dict[int, list[tuple[str, float]]] = {}
+    for lab, cnt in per_class.items():
+        if lab == NOISE:
+            continue
+        size = sum(cnt.values()) or 1
+        scored = [(t, (f / size) * math.log(1 + avg / total[t])) for t, f in cnt.items() if f >= 1]
+        scored.sort(key=lambda kv: (-kv[1], kv[0]))
+        out[lab] = [(t, round(s, 5)) for t, s in scored[:top_k]]
+    return out
+
+
+def label_from_terms(terms: Sequence[str], example: str, n: int) -> str:
+    """A readable label: the top terms in the order they occur in the most typical case, so
+    "签收 / 没收到 / 物流" reads as "物流、签收、没收到" like the customer said it."""
+    chosen = list(terms[:n])
+    if not chosen:
+        return "（无明显关键词）"
+    pos = {t: (example.find(t) if t in example else 10_000 + i) for i, t in enumerate(chosen)}
+    return "、".join(sorted(chosen, key=lambda t: pos[t]))
+
+
+# -- cause attribution --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Cause:
+    phrase: str
+    category: str
+    patterns: tuple[str, ...]
+
+
+@dataclass
+class CauseLexicon:
+    """Configurable cause phrases and their surface patterns (configs/cause_lexicon.yaml).
+
+    Why a lexicon and not a model: causes are a team's own vocabulary ("配送延误" vs "物流慢"),
+    there are no labels for them, and a rule a person can read and edit is the honest form of a
+    suggestion."""
+
+    causes: list[Cause]
+    category_names: dict[str, str] = field(default_factory=dict)
+    label_stopwords: frozenset[str] = frozenset()  # never shown as cluster terms
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CauseLexicon":
+        names = dict(data.get("categories") or {})
+        causes = []
+        for i, c in enumerate(data.get("causes") or []):
+            cat = c.get("category")
+            if cat not in CAUSE_CATEGORIES:
+                raise ValueError(f"cause #{i} ({c.get('phrase')!r}): category {cat!r} is not one of {CAUSE_CATEGORIES}")
+            pats = tuple(str(p).lower() for p in c.get("patterns") or [] if str(p).strip())
+            causes.append(Cause(str(c["phrase"]), cat, pats or (str(c["phrase"]).lower(),)))
+        return cls(causes, names, frozenset(str(w) for w in data.get("label_stopwords") or []))
+
+    @classmethod
+    def load(cls, cfg: Config) -> "CauseLexicon":
+        return cls.from_dict(load_yaml_resource(cfg, cfg.cluster.cause_lexicon) or {})
+
+    def find(self, text: str) -> list[Cause]:
+        low = (text or "").lower()
+        return [c for c in self.causes if any(p in low for p in c.patterns)]
+
+    def attribute(self, texts: Sequence[str], min_share: float) -> dict[str, Any]:
+        """Cause phrases found in at least `min_share` of the texts (most frequent first) and the
+        category with the most matching texts; None when nothing matches often enough."""
+        n = max(len(texts), 1)
+        phrase_hits: Counter = Counter()
+        cat_hits: Counter = Counter()
+        for t in texts:
+            found = self.find(t)
+            phrase_hits.update({c.phrase for c in found})
+            cat_hits.update({c.category for c in found})
+        # Ties broken by name, not by Counter's insertion order: that follows set iteration, which
+        # differs between processes (string hashing is salted), and two identical runs disagreed.
+        phrases = [(p, k / n) for p, k in _ranked(phrase_hits) if k / n >= min_share]
+        cats = [(c, k / n) for c, k in _ranked(cat_hits) if k / n >= min_share]
+        category = cats[0][0] if cats else None
+        return {
+            "cause_phrases": [p for p, _ in phrases[:3]],
+            "cause_phrase_shares": [round(s, 3) for _, s in phrases[:3]],
+            "cause_category": category,
+            "cause_category_zh": self.category_names.get(category, category) if category else None,
+            "cause_category_share": round(cats[0][1], 3) if cats else 0.0,
+        }
+
+
+def _ranked(counts: Counter) -> list[tuple[str, int]]:
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+# -- describing clusters ------------------------------------------------------------------------
+
+def share_dict(values: Iterable[Any], top: int | None = None) -> dict[str, float]:
+    vals = [v if isinstance(v, str) and v else "未知" for v in values]
+    n = max(len(vals), 1)
+    return {k: round(c / n, 3) for k, c in Counter(vals).most_common(top)}
+
+
+def format_shares(shares: dict[str, float], top: int) -> str:
+    """"华东 43%, 华北 20%": how analysts quote impact."""
+    known = [(k, v) for k, v in shares.items() if k != "未知"]  # sources without region say nothing
+    return ", ".join(f"{k} {round(v * 100)}%" for k, v in known[:top])
+
+
+def _mean(values: Iterable[Any]) -> float | None:
+    arr = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return round(float(np.mean(arr)), 3) if arr else None
+
+
+@dataclass
+class ScopeResult:
+    """One scope's clusters (rows keyed by local label), member labels and centroids."""
+
+    scope: str
+    clusters: pd.DataFrame
+    labels: np.ndarray
+    centroids: dict[int, np.ndarray]
+    row_index: np.ndarray | None = None  # positions of the scope's rows in the selected frame
+
+
+def describe_scope(scope: str, frame: pd.DataFrame, X: np.ndarray, labels: np.ndarray,
+                   tokens: Sequence[Sequence[str]], lexicon: CauseLexicon, cfg: Config,
+                   stopwords: frozenset[str] = frozenset()) -> ScopeResult:
+    """One row per cluster of a scope: label, terms, representatives, size, shares, mix, causes."""
+    c = cfg.cluster
+    terms = class_tfidf(tokens, labels, c.top_terms, stopwords)
+    rows, cents = [], {}
+    scope_size = len(frame)
+    for lab in sorted(set(int(v) for v in labels) - {NOISE}):
+        idx = np.flatnonzero(labels == lab)
+        sub = frame.iloc[idx]
+        reps = [int(idx[i]) for i in representatives(X[idx], c.representatives)]
+        top = [t for t, _ in terms.get(lab, [])]
+        rep_texts = frame["cluster_text"].iloc[reps].tolist()
+        outcome = share_dict(sub["outcome"] if "outcome" in sub else [])
+        regions = share_dict(sub["region"] if "region" in sub else [])
+        products = share_dict(sub["product"] if "product" in sub else [])
+        cents[lab] = centroid_of(X[idx])
+        rows.append({
+            "scope": scope,
+            "local_label": lab,
+            "label": label_from_terms(top, rep_texts[0] if rep_texts else "", c.label_terms),
+            "top_terms": top,
+            "size": int(len(idx)),
+            "scope_size": scope_size,
+            "share_of_scope": round(len(idx) / max(scope_size, 1), 4),
+            **{f"share_{k}": outcome.get(k, 0.0) for k in OUTCOME_KEYS},
+            "mean_emotion": _mean(sub["emotion_score"]) if "emotion_score" in sub else None,
+            "top_emotion": next(iter(share_dict(sub["emotion"]).keys()), None) if "emotion" in sub else None,
+            "channels": json.dumps(share_dict(sub["channel"] if "channel" in sub else []), ensure_ascii=False),
+            "issue_types": json.dumps(share_dict(sub["issue_type"], top=3), ensure_ascii=False),
+            "top_regions": format_shares(regions, c.top_breakdown),
+            "top_products": format_shares(products, c.top_breakdown),
+            "representative_case_ids": frame["case_id"].iloc[reps].astype(str).tolist() if "case_id" in frame else [],
+            "representative_texts": rep_texts,
+            **lexicon.attribute(sub["cluster_text"].tolist(), c.cause_min_share),
+            "cause_suggested": True,
+        })
+    return ScopeResult(scope, pd.DataFrame(rows), np.asarray(labels, dtype=int), cents)
+
+
+def cluster_cases(frame: pd.DataFrame, X: np.ndarray, cfg: Config, lexicon: CauseLexicon,
+                  cut: Cutter | None = None, stopwords: frozenset[str] = frozenset(),
+                  params: ClusterParams | None = None) -> list[ScopeResult]:
+    """Cluster the selected cases within each issue type and across all of them. Returns one
+    ScopeResult per scope; `labels` are aligned with the scope's rows of `frame` (in order)."""
+    params = params or ClusterParams.from_config(cfg)
+    stopwords = stopwords | lexicon.label_stopwords
+    tokens = case_tokens(frame, cut)
+    results = []
+    scopes: list[tuple[str, np.ndarray]] = []
+    if cfg.cluster.cluster_across_all:
+        scopes.append((ALL_SCOPE, np.arange(len(frame))))
+    if cfg.cluster.cluster_within_issue_types:
+        for it, idx in frame.groupby("issue_type", sort=True).indices.items():
+            scopes.append((str(it), np.asarray(idx)))
+    for scope, idx in scopes:
+        sub = frame.iloc[idx].reset_index(drop=True)
+        labels = cluster_vectors(X[idx], params)
+        res = describe_scope(scope, sub, X[idx], labels, [tokens[i] for i in idx], lexicon, cfg, stopwords)
+        res.row_index = idx
+        results.append(res)
+    return results
+
+
+# -- stable ids ---------------------------------------------------------------------------------
+
+def match_centroids(prev: np.ndarray, new: np.ndarray, threshold: float) -> list[tuple[int, int, float]]:
+    """(prev_row, new_row, cosine) pairs from a Hungarian assignment maximising total cosine,
+    keeping only pairs at or above `threshold`: each old cluster passes its id to at most one
+    new cluster, and a new cluster unlike every old one gets a new id."""
+    if len(prev) == 0 or len(new) == 0:
+        return []
+    from scipy.optimize import linear_sum_assignment
+
+    sim = np.asarray(new, dtype=np.float64) @ np.asarray(prev, dtype=np.float64).T
+    rows, cols = linear_sum_assignment(-sim)
+    return [(int(c), int(r), round(float(sim[r, c]), 4)) for r, c in zip(rows, cols) if sim[r, c] >= threshold]
+
+
+@dataclass
+class ClusterState:
+    """What survives between nightly exports: each cluster's id, scope, centroid, history."""
+
+    table: pd.DataFrame  # cluster_id, scope, centroid, first_seen, last_seen, label_history, size_history
+
+    COLUMNS = ("cluster_id", "scope", "centroid", "first_seen", "last_seen", "label_history", "size_history")
+
+    @classmethod
+    def empty(cls) -> "ClusterState":
+        return cls(pd.DataFrame({c: pd.Series(dtype=object) for c in cls.COLUMNS}))
+
+    def next_number(self) -> int:
+        nums = [int(m.group(1)) for v in self.table["cluster_id"] if (m := re.fullmatch(r"C(\d+)", str(v)))]
+        return max(nums, default=0) + 1
+
+    def in_scope(self, scope: str, dim: int) -> pd.DataFrame:
+        t = self.table[self.table["scope"] == scope]
+        return t[t["centroid"].map(lambda v: len(_as_list(v)) == dim)]
+
+
+def _history(raw: Any) -> list[dict[str, Any]]:
+    try:
+        return json.loads(raw) if isinstance(raw, str) and raw else []
+    except json.JSONDecodeError:
+        return []
+
+
+def _with_entry(history: list[dict[str, Any]], day: str, key: str, value: Any, dedupe: bool) -> list[dict[str, Any]]:
+    """History with today's value: a same-day re-export replaces today's entry, and a label that
+    did not change is not repeated (so label history lists real renames only)."""
+    h = [e for e in history if e.get("date") != day]
+    if dedupe and h and h[-1].get(key) == value:
+        return h
+    return h + [{"date": day, key: value}]
+
+
+def assign_stable_ids(results: list[ScopeResult], state: ClusterState, day: str,
+                      threshold: float) -> tuple[pd.DataFrame, ClusterState]:
+    """Give every cluster of today an id: the stored id it matches (cosine >= threshold), else
+    a new one (flagged `is_new`). Returns today's cluster table and the updated state."""
+    rows: list[dict[str, Any]] = []
+    updated: list[dict[str, Any]] = []
+    next_no = state.next_number()
+    for res in results:
+        if res.clusters.empty:
+            continue
+        labs = res.clusters["local_label"].tolist()
+        new_c = np.stack([res.centroids[int(lab)] for lab in labs])
+        prev = state.in_scope(res.scope, new_c.shape[1])
+        prev_c = np.stack([np.asarray(_as_list(v), dtype=np.float32) for v in prev["centroid"]]) if len(prev) else np.zeros((0, new_c.shape[1]))
+        matches = {n: (p, s) for p, n, s in match_centroids(prev_c, new_c, threshold)}
+        for j, row in enumerate(res.clusters.to_dict("records")):
+            if j in matches:
+                p, sim = matches[j]
+                old = prev.iloc[p]
+                cid, first_seen, is_new = old["cluster_id"], old["first_seen"], False
+                labels_h, sizes_h = _history(old["label_history"]), _history(old["size_history"])
+            else:
+                cid, first_seen, is_new, sim = f"C{next_no:04d}", day, True, None
+                next_no += 1
+                labels_h, sizes_h = [], []
+            before = [e for e in sizes_h if e.get("date") != day]
+            prev_size = int(before[-1]["size"]) if before else None
+            labels_h = _with_entry(labels_h, day, "label", row["label"], dedupe=True)
+            sizes_h = _with_entry(sizes_h, day, "size", int(row["size"]), dedupe=False)
+            rows.append({"cluster_id": cid, **row, "is_new": is_new, "match_similarity": sim,
+                         "first_seen": first_seen, "previous_size": prev_size,
+                         "growth": (int(row["size"]) - prev_size) if prev_size is not None else None,
+                         "label_history": json.dumps(labels_h, ensure_ascii=False)})
+            updated.append({
+                "cluster_id": cid, "scope": res.scope, "centroid": new_c[j].astype(float).tolist(),
+                "first_seen": first_seen, "last_seen": day,
+                "label_history": json.dumps(labels_h, ensure_ascii=False),
+                "size_history": json.dumps(sizes_h, ensure_ascii=False)})
+    clusters = pd.DataFrame(rows)
+    if not clusters.empty:
+        # Cross-type clusters first, then each issue type's, largest first.
+        clusters = clusters.assign(_all=clusters["scope"] != ALL_SCOPE).sort_values(
+            ["_all", "scope", "size"], ascending=[True, True, False], kind="stable").drop(columns="_all").reset_index(drop=True)
+    seen = {u["cluster_id"] for u in updated}
+    # Clusters not seen today stay in the state (a cause can come back after a quiet week).
+    kept = state.table[~state.table["cluster_id"].isin(seen)]
+    new_table = pd.concat([kept, pd.DataFrame(updated, columns=list(ClusterState.COLUMNS))], ignore_index=True) \
+        if len(kept) else pd.DataFrame(updated, columns=list(ClusterState.COLUMNS))
+    return clusters, ClusterState(new_table)
+
+
+def members_table(frame: pd.DataFrame, results: list[ScopeResult], clusters: pd.DataFrame,
+                  X: np.ndarray) -> pd.DataFrame:
+    """One row per (case, scope): its stable cluster id (None for noise) and cosine to the
+    cluster's centroid, with the case fields an analyst filters on."""
+    ids = {(r["scope"], int(r["local_label"])): r["cluster_id"] for r in clusters.to_dict("records")} if len(clusters) else {}
+    keep = [c for c in ("case_id", "conversation_id", "date", "channel", "region", "product", "issue_type",
+                        "request_kind", "urgency", "outcome", "emotion", "emotion_score", "cluster_text")
+            if c in frame]
+    parts = []
+    for res in results:
+        idx = res.row_index if res.row_index is not None else np.arange(len(res.labels))
+        sub = frame.iloc[idx][keep].reset_index(drop=True).rename(columns={"cluster_text": "problem"})
+        sub.insert(0, "scope", res.scope)
+        cid = [ids.get((res.scope, int(lab))) if lab != NOISE else None for lab in res.labels]
+        sims = [float(X[i] @ res.centroids[int(lab)]) if lab != NOISE else None for i, lab in zip(idx, res.labels)]
+        sub.insert(1, "cluster_id", cid)
+        sub.insert(2, "is_noise", [lab == NOISE for lab in res.labels])
+        sub.insert(3, "similarity", [round(s, 4) if s is not None else None for s in sims])
+        parts.append(sub)
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["scope", "cluster_id", "is_noise"])

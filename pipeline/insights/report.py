@@ -1,0 +1,258 @@
+"""The self-contained HTML report: charts and tables from one export, openable with no server.
+
+Why one file with plotly.js inline: the report is mailed around and opened on laptops with no
+network (and must not call a CDN from inside a company network), so everything it needs is in
+the file. Why SVG scatter and not WebGL: it renders in any browser, headless ones included.
+Pure: tables in, an HTML string out; `pipeline.insights.export` writes it.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.insights.cluster import ALL_SCOPE, NOISE
+
+_PLOT_CONFIG = {"displaylogo": False, "responsive": True}
+_FONT = "PingFang SC, Microsoft YaHei, Noto Sans CJK SC, WenQuanYi Micro Hei, sans-serif"
+_STYLE = """
+body{font-family:%s;margin:24px auto;max-width:1200px;color:#222;padding:0 16px}
+h1{font-size:24px} h2{font-size:19px;margin-top:32px;border-bottom:1px solid #ddd;padding-bottom:4px}
+table{border-collapse:collapse;font-size:13px;width:100%%;margin:8px 0}
+th,td{border:1px solid #e2e2e2;padding:4px 6px;text-align:left;vertical-align:top}
+th{background:#f5f5f5} tr.alert td{background:#fff1f0} .note{color:#666;font-size:13px}
+.tag{display:inline-block;padding:0 6px;border-radius:8px;background:#eef;font-size:12px}
+.new{background:#e6f7e6} .suggest{color:#a15c00;font-size:12px}
+""" % _FONT
+
+
+@dataclass
+class ReportData:
+    """Everything the report shows, as produced by the export."""
+
+    export_date: str
+    as_of: str | None
+    n_cases: int
+    n_clustered: int
+    clusters: pd.DataFrame
+    members: pd.DataFrame
+    alerts: pd.DataFrame
+    counts: pd.DataFrame
+    matrix: pd.DataFrame
+    kpis: pd.DataFrame
+    map_points: pd.DataFrame  # x, y, cluster_id, label, text
+    notes: list[str]
+    emotion: pd.DataFrame = field(default_factory=pd.DataFrame)  # trajectory shares per dimension
+    emotion_relations: pd.DataFrame = field(default_factory=pd.DataFrame)
+    emotion_teams: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+def map_coordinates(X: np.ndarray, seed: int = 0) -> np.ndarray:
+    """2-D coordinates of the cases for the map (PCA: deterministic and fast at 100k points)."""
+    if len(X) < 3:
+        return np.zeros((len(X), 2))
+    from sklearn.decomposition import PCA
+
+    return PCA(n_components=2, random_state=seed).fit_transform(np.asarray(X, dtype=np.float32))
+
+
+def _fig_html(fig: Any, first: bool) -> str:
+    # plotly.js goes inline once, with the first chart; later charts reuse it.
+    return fig.to_html(full_html=False, include_plotlyjs=True if first else False, config=_PLOT_CONFIG)
+
+
+def _layout(fig: Any, title: str, height: int = 420) -> Any:
+    fig.update_layout(title=title, height=height, font={"family": _FONT, "size": 12},
+                      margin={"l": 40, "r": 20, "t": 50, "b": 40}, template="plotly_white")
+    return fig
+
+
+def cluster_bar(clusters: pd.DataFrame, top: int = 15) -> Any:
+    """Largest cross-type clusters, labelled by their root-cause label."""
+    import plotly.graph_objects as go
+
+    c = clusters[clusters["scope"] == ALL_SCOPE] if len(clusters) else clusters
+    c = c.nlargest(top, "size") if len(c) else c
+    names = [f"{r.cluster_id} {r.label}" for r in c.itertuples()] if len(c) else []
+    fig = go.Figure(go.Bar(x=c["size"].tolist() if len(c) else [], y=names, orientation="h",
+                           marker_color="#4c78a8"))
+    fig.update_yaxes(autorange="reversed")
+    return _layout(fig, "最大的问题簇（全部案例）", height=max(320, 28 * len(names) + 100))
+
+
+def issue_bar(members: pd.DataFrame) -> Any:
+    """Cases per issue type, stacked by outcome (how much of each type is left unresolved)."""
+    import plotly.graph_objects as go
+
+    m = members[members["scope"] == ALL_SCOPE] if len(members) else members
+    fig = go.Figure()
+    if len(m):
+        tab = pd.crosstab(m["issue_type"], m["outcome"].fillna("unknown"))
+        tab = tab.loc[tab.sum(axis=1).sort_values(ascending=False).index]
+        for oc in tab.columns:
+            fig.add_trace(go.Bar(name=str(oc), x=tab.index.tolist(), y=tab[oc].tolist()))
+    fig.update_layout(barmode="stack")
+    return _layout(fig, "各问题类型案例数（按处理结果）")
+
+
+def trend_lines(counts: pd.DataFrame, dimension: str, title: str, top: int = 8) -> Any:
+    """Weekly counts of the largest keys of one dimension."""
+    import plotly.graph_objects as go
+
+    from pipeline.insights.trends import weekly_series
+
+    w = weekly_series(counts, dimension, top) if len(counts) else counts
+    fig = go.Figure()
+    for key, g in (w.groupby("key") if len(w) else []):
+        fig.add_trace(go.Scatter(x=g["period"].tolist(), y=g["count"].tolist(), mode="lines+markers", name=str(key)))
+    fig.update_xaxes(title="周（周一）", type="category")  # weeks are labels, not instants
+    return _layout(fig, title)
+
+
+def case_map(points: pd.DataFrame, top: int = 12) -> Any:
+    """Cases in 2-D coloured by cluster; noise grey. Hover shows the masked problem."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    if len(points):
+        sizes = points[points["cluster_id"].notna()]["cluster_id"].value_counts()
+        shown = set(sizes.index[:top])
+        groups = points.assign(group=[c if c in shown else ("噪声" if c is None or pd.isna(c) else "其他簇")
+                                      for c in points["cluster_id"]])
+        for g, sub in groups.groupby("group", sort=False):
+            name = f"{g} {sub['label'].iloc[0]}" if g in shown else g
+            grey = g in ("噪声", "其他簇")
+            fig.add_trace(go.Scatter(x=sub["x"].round(4).tolist(), y=sub["y"].round(4).tolist(), mode="markers",
+                                     name=name[:30], text=sub["text"].str.slice(0, 60).tolist(),
+                                     hovertemplate="%{text}<extra>" + html.escape(name[:30]) + "</extra>",
+                                     marker={"size": 6, "opacity": 0.35 if grey else 0.8,
+                                             **({"color": "#bbbbbb"} if g == "噪声" else {})}))
+    fig.update_xaxes(showticklabels=False)
+    fig.update_yaxes(showticklabels=False)
+    return _layout(fig, "案例语义地图（按问题簇着色）", height=560)
+
+
+def trajectory_bar(emotion: pd.DataFrame, dimension: str = "issue_type") -> Any:
+    """Stacked shares of 改善 / 平稳 / 恶化 per issue type."""
+    import plotly.graph_objects as go
+
+    d = emotion[emotion["dimension"] == dimension] if len(emotion) else emotion
+    fig = go.Figure()
+    colors = {"改善": "#2e7d32", "平稳": "#9e9e9e", "恶化": "#c62828"}
+    for t in ("改善", "平稳", "恶化"):
+        fig.add_bar(name=t, x=d["key"].tolist() if len(d) else [], y=d[f"share_{t}"].tolist() if len(d) else [],
+                    marker_color=colors[t])
+    fig.update_layout(barmode="stack", yaxis_tickformat=".0%")
+    return _layout(fig, "情绪走向（按问题类型）")
+
+
+def table_html(df: pd.DataFrame, columns: dict[str, str], max_rows: int = 50,
+               row_class: str | None = None) -> str:
+    """A plain escaped HTML table of selected columns with Chinese headers."""
+    if df is None or df.empty:
+        return '<p class="note">（无数据）</p>'
+    cols = [c for c in columns if c in df]
+    head = "".join(f"<th>{html.escape(columns[c])}</th>" for c in cols)
+    body = []
+    for r in df.head(max_rows).to_dict("records"):
+        cls = f' class="{row_class}"' if row_class and r.get(row_class) else ""
+        cells = "".join(f"<td>{html.escape(_cell(r[c]))}</td>" for c in cols)
+        body.append(f"<tr{cls}>{cells}</tr>")
+    more = f'<p class="note">仅显示前 {max_rows} 行，共 {len(df)} 行；完整数据见同目录的 CSV/Parquet。</p>' if len(df) > max_rows else ""
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{more}"
+
+
+def _cell(v: Any) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return ""
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return "；".join(str(x) for x in v)
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1 else f"{v:.1f}"
+    if isinstance(v, (bool, np.bool_)):
+        return "是" if v else ""
+    return str(v)
+
+
+
+def _alerts_html(alerts: pd.DataFrame) -> str:
+    """The alerts table, or why there is none: with no previous week in the data nothing can be
+    compared, and a table of "0 last week" rows would only look alarming."""
+    if not len(alerts) or alerts["last_week"].sum() == 0:
+        return '<p class="note">数据中还没有上周的案例：本周的数量已计入趋势，预警从有上周数据起开始计算。</p>'
+    return table_html(alerts, {"dimension": "维度", "key": "编号/类型", "label": "标签", "this_week": "本周",
+                               "last_week": "上周", "change": "变化", "p_value": "p 值", "alert": "预警",
+                               "is_new": "新簇", "emerging": "新兴"}, row_class="alert")
+
+def render_report(data: ReportData) -> str:
+    """The whole report as one HTML document."""
+    figs = [cluster_bar(data.clusters), issue_bar(data.members),
+            trend_lines(data.counts, "issue_type", "每周案例数（问题类型）"),
+            trend_lines(data.counts, "cluster", "每周案例数（问题簇）"),
+            case_map(data.map_points), trajectory_bar(data.emotion)]
+    charts = [_fig_html(f, i == 0) for i, f in enumerate(figs)]
+    per_type = data.clusters[data.clusters["scope"] != ALL_SCOPE] if len(data.clusters) else data.clusters
+    # Emerging and alerting rows sort first; the next largest movers follow for context.
+    alerts = data.alerts.head(max(15, int(data.alerts["emerging"].sum()) + 5)) if len(data.alerts) else data.alerts
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in data.notes)
+    return f"""<!DOCTYPE html>
+<html lang="zh-CN"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>casemine 问题根因报告 {html.escape(data.export_date)}</title><style>{_STYLE}</style></head>
+<body>
+<h1>casemine 问题根因报告</h1>
+<p>导出日期 {html.escape(data.export_date)} · 数据截至 {html.escape(data.as_of or "—")} ·
+案例 {data.n_cases} 个，参与聚类 {data.n_clustered} 个 · 文本均已脱敏。</p>
+<ul class="note">{notes}</ul>
+<p class="suggest">原因类别与原因短语为规则匹配得到的<b>建议</b>，需人工确认。</p>
+
+<h2>预警与新兴问题（本周 vs 上周）</h2>
+<p class="note">单侧条件二项检验：本周数 ≥ 最低计数且 p 值低于阈值才预警（红色）；新出现的簇与预警排在最前。</p>
+{_alerts_html(alerts)}
+
+<h2>问题簇</h2>
+{charts[0]}
+{charts[1]}
+
+<h2>趋势</h2>
+{charts[2]}
+{charts[3]}
+
+<h2>案例地图</h2>
+{charts[4]}
+
+<h2>根因矩阵：问题类型 → 问题簇（直接原因）→ 原因类别 → 影响</h2>
+{table_html(data.matrix, {"issue_type": "问题类型", "cluster_id": "簇", "label": "标签", "cause_phrases": "直接原因（建议）",
+                          "cause_category_zh": "原因类别（建议）", "count": "案例数", "share_of_issue_type": "占该类型",
+                          "top_regions": "主要地区", "top_products": "主要产品"}, max_rows=60)}
+
+<h2>各问题类型内的簇</h2>
+{table_html(per_type, {"cluster_id": "簇", "scope": "问题类型", "label": "标签", "size": "案例数",
+                       "share_of_scope": "占该类型", "share_unresolved": "未解决", "share_escalated": "升级",
+                       "mean_emotion": "平均情绪", "cause_phrases": "直接原因（建议）", "cause_category_zh": "原因类别（建议）",
+                       "representative_texts": "代表案例", "is_new": "新簇"}, max_rows=60)}
+
+<h2>客户情绪走向</h2>
+<p class="note">每个客户回合的情绪得分连成曲线；终点减起点超过阈值为改善或恶化。相关系数附 95% 自助法置信区间：区间跨过 0 即看不出关系。</p>
+{charts[5]}
+{table_html(data.emotion_relations, {"measure": "情绪指标", "outcome_measure": "结果", "method": "方法", "n": "案例数",
+                                     "r": "相关系数", "ci_low": "下限", "ci_high": "上限", "note": "解读"})}
+{table_html(data.emotion_teams, {"team": "班组/坐席", "n": "会话数", "worsened": "恶化", "share_worsened": "恶化占比",
+                                 "ci_low": "下限", "ci_high": "上限"}, max_rows=30)}
+
+<h2>服务指标（KPI）</h2>
+{table_html(data.kpis, {"group_by": "维度", "group": "分组", "n_cases": "案例数",
+                        "n_with_first_response": "有首响时间", "first_response_median_s": "首响中位数(秒)",
+                        "n_with_duration": "有处理时长", "duration_median_s": "处理时长中位数(秒)",
+                        "resolution_rate": "解决率", "escalation_rate": "升级率", "n_outcome_unknown": "结果未知"}, max_rows=80)}
+<p class="note">由 casemine 生成；无需网络即可打开。数据表：clusters、members、trends、alerts、matrix、kpis、emotion、emotion_relations、emotion_teams（CSV 与 Parquet）。</p>
+</body></html>
+"""
+
+
+def report_json_summary(data: ReportData) -> dict[str, Any]:
+    return json.loads(json.dumps({"n_cases": data.n_cases, "n_clustered": data.n_clustered}))

@@ -1,0 +1,173 @@
+"""Trends, week-over-week alerts and the root-cause matrix, from cases and their clusters.
+
+Why a significance test and not a percentage: "+100%" is 2 -> 4 calls as easily as 40 -> 80,
+and only the second deserves a manager's morning. Given this week's count a and last week's b,
+under "nothing changed" a is Binomial(a + b, 1/2) (the conditional test for two Poisson rates);
+the one-sided p-value says how surprising a rise that large is. Pure functions only.
+"""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+from typing import Any, Sequence
+
+import pandas as pd
+from scipy.stats import binomtest
+
+from pipeline.insights.cluster import ALL_SCOPE, format_shares, share_dict
+
+BREAKDOWNS = ("channel", "region", "product")
+
+
+def _dates(df: pd.DataFrame) -> pd.Series:
+    return pd.to_datetime(df["date"], errors="coerce")
+
+
+def week_start(d: pd.Series) -> pd.Series:
+    """Monday of each date's ISO week, as YYYY-MM-DD."""
+    dt = pd.to_datetime(d, errors="coerce")
+    return (dt - pd.to_timedelta(dt.dt.day_of_week, unit="D")).dt.strftime("%Y-%m-%d")
+
+
+def count_table(df: pd.DataFrame, dimension: str, key_col: str) -> pd.DataFrame:
+    """Daily and weekly counts of `key_col`, overall and by channel, region and product, in one
+    long table: dimension, key, granularity, period, breakdown, breakdown_value, count."""
+    if df.empty or key_col not in df:
+        return pd.DataFrame(columns=["dimension", "key", "granularity", "period", "breakdown", "breakdown_value", "count"])
+    base = df[[key_col, "date", *[b for b in BREAKDOWNS if b in df]]].copy()
+    base = base[base[key_col].notna()]
+    base["day"] = _dates(base).dt.strftime("%Y-%m-%d")
+    base["week"] = week_start(base["date"])
+    parts = []
+    for gran, col in (("day", "day"), ("week", "week")):
+        g = base.groupby([key_col, col], dropna=True).size().reset_index(name="count")
+        g.columns = ["key", "period", "count"]
+        g["breakdown"], g["breakdown_value"] = "all", "全部"
+        parts.append(g.assign(granularity=gran))
+        for b in BREAKDOWNS:
+            if b not in base:
+                continue
+            gb = base.assign(**{b: base[b].fillna("未知")}).groupby([key_col, col, b]).size().reset_index(name="count")
+            gb.columns = ["key", "period", "breakdown_value", "count"]
+            gb["breakdown"] = b
+            parts.append(gb.assign(granularity=gran))
+    out = pd.concat(parts, ignore_index=True)
+    out.insert(0, "dimension", dimension)
+    return out[["dimension", "key", "granularity", "period", "breakdown", "breakdown_value", "count"]]
+
+
+def rise_p_value(this_week: int, last_week: int) -> float:
+    """One-sided conditional binomial p-value for "this week is higher than last week"."""
+    n = int(this_week) + int(last_week)
+    if n == 0 or this_week <= last_week:
+        return 1.0
+    return float(binomtest(int(this_week), n, 0.5, alternative="greater").pvalue)
+
+
+def week_windows(as_of: date) -> tuple[tuple[date, date], tuple[date, date]]:
+    """(this week, last week) as inclusive date ranges of 7 days ending at `as_of`."""
+    this = (as_of - timedelta(days=6), as_of)
+    last = (as_of - timedelta(days=13), as_of - timedelta(days=7))
+    return this, last
+
+
+def week_over_week(df: pd.DataFrame, dimension: str, key_col: str, as_of: date, alpha: float,
+                   min_count: int, labels: dict[str, str] | None = None,
+                   new_keys: Sequence[str] = ()) -> pd.DataFrame:
+    """This week vs last week per key, with the test, an alert flag and an emerging flag (new
+    clusters, or a significant rise). Emerging rows come first, then by p-value."""
+    cols = ["dimension", "key", "label", "this_week", "last_week", "change", "pct_change", "p_value",
+            "alert", "is_new", "emerging"]
+    if df.empty or key_col not in df:
+        return pd.DataFrame(columns=cols)
+    d = _dates(df).dt.date
+    (t0, t1), (l0, l1) = week_windows(as_of)
+    keys = df[key_col]
+    this = keys[(d >= t0) & (d <= t1)].value_counts()
+    last = keys[(d >= l0) & (d <= l1)].value_counts()
+    rows = []
+    new = set(new_keys)
+    # No case at all last week means the data does not reach back that far (first load, one
+    # backfilled day): every key would "rise from zero", so nothing can alert or be "new". A key
+    # absent last week has no previous week to rise from either: it has no p-value and cannot
+    # alert (a new cluster shows as emerging instead).
+    has_baseline = int(last.sum()) > 0
+    for k in sorted(set(keys.dropna())):
+        a, b = int(this.get(k, 0)), int(last.get(k, 0))
+        p = rise_p_value(a, b) if has_baseline and b > 0 else None
+        alert = bool(p is not None and a >= min_count and p < alpha)
+        rows.append({"dimension": dimension, "key": k, "label": (labels or {}).get(k, k), "this_week": a,
+                     "last_week": b, "change": a - b, "pct_change": round((a - b) / b, 3) if b else None,
+                     "p_value": None if p is None else round(p, 6), "alert": alert,
+                     "is_new": has_baseline and k in new,
+                     "emerging": alert or (has_baseline and k in new and a > 0)})
+    out = pd.DataFrame(rows, columns=cols)
+    return out.sort_values(["emerging", "alert", "p_value", "this_week"], ascending=[False, False, True, False],
+                           kind="stable").reset_index(drop=True)
+
+
+def root_cause_matrix(members: pd.DataFrame, clusters: pd.DataFrame, issue_counts: pd.Series,
+                      top: int) -> pd.DataFrame:
+    """Issue type -> cluster (direct cause) -> cause category -> impact. One row per per-type
+    cluster plus one "未归类" row per type for its noise, so each type's shares add up."""
+    cols = ["issue_type", "cluster_id", "label", "cause_phrases", "cause_category", "cause_category_zh",
+            "cause_suggested", "count", "share_of_issue_type", "issue_type_total", "top_regions", "top_products",
+            "impact"]
+    if members.empty:
+        return pd.DataFrame(columns=cols)
+    per_type = members[members["scope"] != ALL_SCOPE]
+    info = clusters.set_index("cluster_id") if len(clusters) else pd.DataFrame()
+    rows = []
+    for (it, cid), g in per_type.groupby(["issue_type", per_type["cluster_id"].fillna("")], sort=True):
+        total = int(issue_counts.get(it, len(per_type[per_type["issue_type"] == it])))
+        regions = format_shares(share_dict(g["region"]) if "region" in g else {}, top)
+        products = format_shares(share_dict(g["product"]) if "product" in g else {}, top)
+        c = info.loc[cid] if cid and cid in info.index else None
+        label = c["label"] if c is not None else "未归类（零散个案）"
+        phrases = list(c["cause_phrases"]) if c is not None and c["cause_phrases"] is not None else []
+        rows.append({
+            "issue_type": it, "cluster_id": cid or None, "label": label,
+            "cause_phrases": "、".join(phrases),
+            "cause_category": c["cause_category"] if c is not None else None,
+            "cause_category_zh": c["cause_category_zh"] if c is not None else None,
+            "cause_suggested": True, "count": int(len(g)),
+            "share_of_issue_type": round(len(g) / max(total, 1), 4), "issue_type_total": total,
+            "top_regions": regions, "top_products": products,
+            "impact": f"{(phrases[0] if phrases else label)}: {regions.split(', ')[0] if regions else ''}".strip(": "),
+        })
+    out = pd.DataFrame(rows, columns=cols)
+    out["_noise"] = out["cluster_id"].isna()
+    out = out.sort_values(["issue_type_total", "issue_type", "_noise", "count"], ascending=[False, True, True, False],
+                          kind="stable").drop(columns="_noise")
+    return out.reset_index(drop=True)
+
+
+def default_as_of(cases: pd.DataFrame) -> date | None:
+    """The latest case date: trends end where the data ends (a backfill is not "no calls")."""
+    d = _dates(cases).dropna() if "date" in cases else pd.Series(dtype="datetime64[ns]")
+    return d.max().date() if len(d) else None
+
+
+def trend_summary(alerts: pd.DataFrame) -> dict[str, Any]:
+    """Counts for the run summary: alerts and emerging clusters."""
+    if alerts.empty:
+        return {"alerts": 0, "emerging_clusters": 0}
+    return {"alerts": int(alerts["alert"].sum()),
+            "emerging_clusters": int((alerts["emerging"] & (alerts["dimension"] == "cluster")).sum())}
+
+
+def weekly_series(counts: pd.DataFrame, dimension: str, top: int) -> pd.DataFrame:
+    """Weekly totals of the `top` largest keys of one dimension (for the trend chart)."""
+    w = counts[(counts["dimension"] == dimension) & (counts["granularity"] == "week") & (counts["breakdown"] == "all")]
+    if w.empty:
+        return w
+    # Counts concatenated from empty frames come back as object dtype: make them numbers.
+    w = w.assign(count=pd.to_numeric(w["count"]))
+    keep = w.groupby("key")["count"].sum().nlargest(top).index
+    w = w[w["key"].isin(keep)]
+    # Weeks without cases are zeros, not gaps a line would bridge.
+    weeks = pd.date_range(w["period"].min(), w["period"].max(), freq="7D").strftime("%Y-%m-%d")
+    grid = pd.MultiIndex.from_product([list(keep), weeks], names=["key", "period"])
+    full = w.groupby(["key", "period"])["count"].sum().reindex(grid, fill_value=0).reset_index()
+    return full.assign(dimension=dimension).sort_values(["period", "key"]).reset_index(drop=True)
+

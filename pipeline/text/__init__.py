@@ -1,0 +1,1 @@
+"""Normalise, mask and segment text: what every later step reads is normalised and masked."""
