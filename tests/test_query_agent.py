@@ -21,7 +21,8 @@ from pipeline.config import Config
 from pipeline.embed.fake import HashingEmbedder
 from pipeline.retrieval.index import Filters, IndexStore, update_from_cases
 from pipeline.retrieval.search import (QueryCutter, QueryError, Searcher, StoredIndex, build_word_table, check_filter_values,
-                             normalize_filters, suggest, tokenize)
+                                       normalize_filters, suggest)
+from pipeline.text.segment import tokenize
 
 from test_index import CASES, make_cases, small_index  # noqa: E402  (same folder, on sys.path under pytest)
 
