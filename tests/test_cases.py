@@ -185,6 +185,84 @@ def test_objection_to_the_hand_over_is_unresolved(cfg):
     assert (out, ev) == ("unresolved", "customer: 不满意")
 
 
+def test_refusal_then_a_suggestion_accepted_grudgingly_is_unresolved(cfg):
+    # The "no" need not be the agent's very last word: a suggestion after it does not settle it.
+    out, ev = outcome_of(cfg, [
+        ("customer", "我昨天不小心点了取消订单，能帮我恢复吗"),
+        ("agent", "很抱歉，已经取消的订单无法恢复"),
+        ("customer", "那怎么办"),
+        ("agent", "建议您重新下单购买"),
+        ("customer", "好吧"),
+        ("agent", "请问还有其他可以帮您的吗？"),
+    ])
+    assert (out, ev) == ("unresolved", "agent: 无法")
+
+
+def test_asking_for_a_rating_is_not_a_refusal(cfg):
+    # 能不能 asks; it does not say no.
+    out, ev = outcome_of(cfg, [
+        ("customer", "运费险怎么理赔"),
+        ("agent", "退货完成后运费险会自动理赔到您的账户"),
+        ("customer", "好吧"),
+        ("agent", "能不能麻烦您给我的服务打个分呢"),
+    ])
+    assert out == "resolved", ev
+
+
+def test_a_plain_oh_and_thanks_after_a_no_is_answered(cfg):
+    out, ev = outcome_of(cfg, [
+        ("customer", "这个能货到付款吗"),
+        ("agent", "这款暂时不支持货到付款，可以用微信支付的"),
+        ("customer", "哦，知道了谢谢"),
+    ])
+    assert out == "resolved", ev
+
+
+def test_giving_up_before_the_closing_exchange_is_unresolved(cfg):
+    # "没了" to the closing question says nothing: the objection before it still counts.
+    out, ev = outcome_of(cfg, [
+        ("customer", "我要取消订单"),
+        ("agent", "这个订单已经发货了，可以拒收后退款"),
+        ("customer", "刚说要退你们就发货了，算了算了"),
+        ("agent", "那现在不用退了哦"),
+        ("customer", "嗯"),
+        ("agent", "请问还有其他可以帮您的吗？"),
+        ("customer", "没了"),
+    ])
+    assert (out, ev) == ("unresolved", "customer: 算了")
+
+
+def test_a_question_the_customer_then_lets_go_of_is_not_unanswered(cfg):
+    out, ev = outcome_of(cfg, [
+        ("customer", "价保申请了吗"),
+        ("agent", "已为您申请价保，差价会退回原支付账户"),
+        ("customer", "差价什么时候退呢？好的谢谢"),
+        ("agent", "请问还有其他可以帮您的吗？"),
+        ("customer", "没有了谢谢"),
+    ])
+    assert out == "resolved", ev
+
+
+def test_after_sales_will_contact_you_is_escalated(cfg):
+    out, ev = outcome_of(cfg, [
+        ("customer", "手机屏幕碎了能修吗，要多少钱"),
+        ("agent", "您先提交售后申请，费用方面售后会联系您确认的"),
+        ("customer", "嗯谢谢"),
+    ])
+    assert (out, ev) == ("escalated", "agent: 会联系您")
+
+
+def test_a_hand_over_the_agent_then_completes_is_resolved(cfg):
+    out, ev = outcome_of(cfg, [
+        ("customer", "手机降价了，我要价保"),
+        ("agent", "麻烦您提交一个新订单，我们核实后为您处理"),
+        ("customer", "新订单提交好了"),
+        ("agent", "比价价保成功，差价原路退回"),
+        ("customer", "好的"),
+    ])
+    assert out == "resolved", ev
+
+
 def test_nothing_to_judge_is_unknown(cfg):
     assert outcome_of(cfg, [("customer", "在吗"), ("agent", "您好，很高兴为您服务")])[0] == "unknown"
 
