@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: venv run sample test test-fast bench notebook lock clean
+.PHONY: venv run sample test test-fast lint bench notebook lock clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,13 @@ test: venv
 
 test-fast: venv
 	$(PY) -m pytest -m "not slow"
+
+# Style, types and the architecture: no package imports a later stage ([tool.importlinter]).
+lint: venv
+	$(VENV)/bin/ruff check pipeline
+	$(VENV)/bin/ruff format --check pipeline
+	$(VENV)/bin/mypy pipeline
+	$(VENV)/bin/lint-imports
 
 bench: venv
 	$(PY) -m bench

@@ -166,7 +166,10 @@ class FlowConfig(_Section):
 
 
 class ClusterConfig(_Section):
-    """Root-cause clusters, trends and exports (pipeline.insights.cluster, pipeline.insights.trends, pipeline.insights.export)."""
+    """Root-cause clusters, trends and exports.
+
+    Read by pipeline.insights.cluster, pipeline.insights.trends and pipeline.insights.export.
+    """
     # Which cases are clustered: problems of at least this many characters; request kinds to keep
     # (empty = all: consultations reveal root causes too, e.g. "怎么还没发货").
     min_problem_chars: int = Field(4, ge=1)
@@ -287,7 +290,7 @@ class Config(_Section):
         }
         return {k: self.resolve(v) for k, v in named.items() if v is not None}
 
-    def with_overrides(self, **sections: dict[str, Any]) -> "Config":
+    def with_overrides(self, **sections: dict[str, Any]) -> Config:
         """A copy with some section fields replaced (used by the CLI's --input/--out)."""
         data = self.model_dump()
         for name, values in sections.items():

@@ -10,8 +10,8 @@ terminal) and costs nothing elsewhere.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 Reporter = Callable[[str, int, int], None]
 
@@ -54,11 +54,11 @@ STAGE_LABELS = {
 @contextmanager
 def rich_display(console) -> Iterator[Reporter]:
     """One labelled bar per stage on `console` (a rich Console), as a reporter."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
     bar = Progress(TextColumn("{task.description:<16}"), BarColumn(bar_width=30), MofNCompleteColumn(),
                    TimeElapsedColumn(), console=console, transient=False)
-    tasks: dict[str, int] = {}
+    tasks: dict[str, TaskID] = {}
     lock = threading.Lock()
 
     def update(stage: str, done: int, total: int) -> None:

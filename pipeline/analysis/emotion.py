@@ -20,12 +20,13 @@ import math
 import pickle
 import re
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -174,7 +175,7 @@ class RuleScorer:
         self.cue_words = frozenset(lex.threats) | frozenset(lex.profanity)
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "RuleScorer":
+    def from_config(cls, cfg: Config) -> RuleScorer:
         from pipeline.text.segment import Segmenter
 
         tok = Segmenter(cfg).tokenizer
@@ -351,7 +352,7 @@ def make_baseline_model(seed: int = 0):
 
 
 def _shift_auc(make, train_texts: list[str], train_y: np.ndarray, test_texts: list[str], test_y: np.ndarray,
-               analyzer: "EmotionAnalyzer | None" = None) -> float:
+               analyzer: EmotionAnalyzer | None = None) -> float:
     """AUC of a recipe trained on one domain and scored on another; with `analyzer`, of what the
     product reports (the model joined with the rules as configured)."""
     from sklearn.metrics import roc_auc_score
@@ -406,14 +407,14 @@ def evaluate_domain_shift(cfg: Config, reviews_dir: Path, per_domain: int = 1500
         test = (data["domain"] == cat).to_numpy()
         splits.append((f"online_shopping without {cat} -> {cat}", shop.to_numpy() & ~test, test))
     texts, y = data["text"].tolist(), data["label"].to_numpy()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, tr, te in splits:
         tr_t, te_t = [texts[i] for i in np.flatnonzero(tr)], [texts[i] for i in np.flatnonzero(te)]
         aucs = {m: round(_shift_auc(make, tr_t, y[tr], te_t, y[te]), 4) for m, make in methods.items()}
         if analyzer is not None:
             aucs[f"trained+rules ({analyzer.mode})"] = round(_shift_auc(make_text_model, tr_t, y[tr], te_t, y[te], analyzer), 4)
         rows.append({"split": name, "train": int(tr.sum()), "test": int(te.sum()), "auc": aucs})
-    summary = {}
+    summary: dict[str, dict[str, Any]] = {}
     for group, sel in (("cross_corpus", rows[:2]), ("leave_one_category_out", rows[2:])):
         summary[group] = {m: round(float(np.mean([r["auc"][m] for r in sel])), 4) for m in sel[0]["auc"]}
         if {"trained", "baseline"} <= set(methods):
@@ -436,8 +437,8 @@ def read_labelled(path: Path, cfg: Config) -> tuple[pd.DataFrame, Literal["polar
     """(frame with text/label, kind, provenance): CSV/JSONL/Parquet file or a folder of them, a
     text column and a 1/0 polarity or a service emotion label. Texts are normalised and masked the
     way turns are, so the model sees at training what it sees in production."""
-    from pipeline.labelled import labeled_files, read_table
     from pipeline.io import sha256_file
+    from pipeline.labelled import labeled_files, read_table
     from pipeline.text.prepare import prepare_text
 
     files = labeled_files(path) if path.exists() else []
@@ -496,7 +497,7 @@ def train_emotion(cfg: Config, labels: Path, model_dir: Path | None = None) -> t
         else:
             cv["macro_f1"] = round(float(f1_score(y, pred, average="macro")), 4)
     pipe = make_text_model().fit(X, y)
-    created = datetime.now(timezone.utc)
+    created = datetime.now(UTC)
     card = {
         "model_id": f"emotion-{kind}-{created.strftime('%Y%m%dT%H%M%SZ')}",
         "created_at": created.isoformat(),
@@ -549,7 +550,7 @@ class EmotionAnalyzer:
         self.weight = weight
 
     @classmethod
-    def from_config(cls, cfg: Config, model_dir: Path | None = None) -> "EmotionAnalyzer":
+    def from_config(cls, cfg: Config, model_dir: Path | None = None) -> EmotionAnalyzer:
         return cls(RuleScorer.from_config(cfg), load_emotion_model(cfg, model_dir), cfg.emotion.model_mode,
                    cfg.emotion.model_weight)
 

@@ -13,17 +13,18 @@ import hashlib
 import json
 import re
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime
 from functools import lru_cache
-from typing import Any, Iterable
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.config import Config, load_yaml_resource
-from pipeline.text.mask import PLACEHOLDER_RE
 from pipeline.schema import Conversation, Turn
+from pipeline.text.mask import PLACEHOLDER_RE
 
 _SENT_SPLIT_RE = re.compile(r"(?<=[,.!?;:，。！？；：~])\s*|\s+")
 _CLAUSE_STRIP = " ,.!?;:，。！？；：~、…-"
@@ -211,7 +212,7 @@ class CaseExtractor:
     timezone: str = "Asia/Shanghai"
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "CaseExtractor":
+    def from_config(cls, cfg: Config) -> CaseExtractor:
         c = cfg.cases
         return cls(load_lexicon(cfg), c.problem_max_chars, c.handling_max_chars, c.split_separate_issues, c.timezone)
 

@@ -3,26 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from pipeline.cli import eval_app
-from pipeline.cli.common import ConfigOption, console, emit_json, fail, get_config
+from pipeline.cli.common import ConfigOption, emit_json, fail, get_config
 from pipeline.config import ConfigError
 
 
 @eval_app.command("cases")
 def eval_cases_cmd(
     transcripts: Path = typer.Option(..., "--transcripts", "-t", help="Folder (or file) of transcripts, any input format."),
-    labels: Optional[Path] = typer.Option(None, "--labels", "-l",
+    labels: Path | None = typer.Option(None, "--labels", "-l",
                                           help="JSONL or CSV: conversation_id plus any of issue_type, request_kind, outcome."),
-    summaries: Optional[Path] = typer.Option(None, "--summaries", "-s",
+    summaries: Path | None = typer.Option(None, "--summaries", "-s",
                                              help="JSONL or CSV: conversation_id, user_summary, summary (CSDS style)."),
-    half: Optional[str] = typer.Option(None, "--half", help="Only half of the labelled conversations, a or b (split by a "
+    half: str | None = typer.Option(None, "--half", help="Only half of the labelled conversations, a or b (split by a "
                                                             "hash of the id): check rules chosen on one half on the other."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-    config: Optional[Path] = ConfigOption,
+    config: Path | None = ConfigOption,
 ) -> None:
     """Mine the transcripts as a nightly run would (nothing is written) and compare the cases with
     labels and summaries, each figure beside its baseline from the same run."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 # imports this module to register its commands, and pandas costs about half a second.
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -33,14 +33,14 @@ def _errors():
 @train_app.callback(invoke_without_command=True)
 def train_cmd(
     ctx: typer.Context,
-    labels: Optional[Path] = typer.Option(None, "--labels", "-l",
+    labels: Path | None = typer.Option(None, "--labels", "-l",
                                           help="Labelled CSV/JSONL/Parquet (text, label) or a folder of them "
                                                "(default: classify.labeled_dir); with --transcripts, a JSONL/CSV "
                                                "of conversation_id + any of issue_type, request_kind, outcome."),
-    transcripts: Optional[Path] = typer.Option(None, "--transcripts", "-t",
+    transcripts: Path | None = typer.Option(None, "--transcripts", "-t",
                                                help="Folder (or file) of the labelled conversations' transcripts: "
                                                     "trains one model per label column from them."),
-    config: Optional[Path] = ConfigOption,
+    config: Path | None = ConfigOption,
     json_out: bool = typer.Option(False, "--json", help="Print the model card(s) as JSON."),
 ) -> None:
     """Train on labelled cases (text, label) or labelled conversations (--transcripts); saves
@@ -77,9 +77,9 @@ def train_cmd(
                   f"{cfg.resolve(cfg.classify.model_dir)}")
 
 
-def _train_conversations(cfg: Config, labels: Optional[Path], transcripts: Path, json_out: bool) -> None:
-    from pipeline.orchestrate.training import train_from_conversations
+def _train_conversations(cfg: Config, labels: Path | None, transcripts: Path, json_out: bool) -> None:
     from pipeline.analysis.classify.store import task_dir
+    from pipeline.orchestrate.training import train_from_conversations
 
     if labels is None:
         fail("--transcripts needs --labels FILE (conversation_id + any of issue_type, request_kind, outcome)", code=2)
@@ -119,7 +119,7 @@ def _is_transcript_jsonl(path: Path) -> bool:
     return False
 
 
-def read_text_input(path: Path) -> "pd.DataFrame":
+def read_text_input(path: Path) -> pd.DataFrame:
     """Texts to classify: JSONL objects with `text`, or a CSV with a `text` column. Other fields
     (id, repeat_contact, emotion_score, ...) are kept and passed on."""
     import pandas as pd
@@ -146,7 +146,7 @@ def read_text_input(path: Path) -> "pd.DataFrame":
     return df.reset_index(drop=True)
 
 
-def classify_transcripts(path: Path, cfg: Config) -> "pd.DataFrame":
+def classify_transcripts(path: Path, cfg: Config) -> pd.DataFrame:
     """Transcripts through the nightly run's own steps (ingest, then every batch step through
     classify: the emotion step too, whose lowest sentiment the request kind reads)."""
     from pipeline.ingest import read_file
@@ -160,7 +160,7 @@ def classify_transcripts(path: Path, cfg: Config) -> "pd.DataFrame":
     return process_conversations(res.conversations, cfg, "classify").cases
 
 
-def _result_records(df: "pd.DataFrame", id_col: str | None, text_col: str) -> list[dict[str, Any]]:
+def _result_records(df: pd.DataFrame, id_col: str | None, text_col: str) -> list[dict[str, Any]]:
     out = []
     for r in df.to_dict("records"):
         rec: dict[str, Any] = {}
@@ -168,7 +168,7 @@ def _result_records(df: "pd.DataFrame", id_col: str | None, text_col: str) -> li
             rec[id_col] = r[id_col]
         rec["text"] = r.get(text_col, "")
         for k in RESULT_FIELDS:
-            v = r.get(k)
+            v: Any = r.get(k)
             if k == "evidence":
                 v = json.loads(v)
             elif hasattr(v, "item"):
@@ -182,7 +182,7 @@ def _result_records(df: "pd.DataFrame", id_col: str | None, text_col: str) -> li
 def classify_cmd(
     file: Path = typer.Argument(..., help="JSONL ({\"text\": ...} per line), CSV with a text column, or transcripts."),
     json_out: bool = typer.Option(False, "--json", help="One JSON line per input on stdout."),
-    config: Optional[Path] = ConfigOption,
+    config: Path | None = ConfigOption,
 ) -> None:
     """Classify texts or transcripts: issue type, urgency, request kind, review flag, evidence."""
     cfg = get_config(config)
@@ -196,7 +196,8 @@ def classify_cmd(
             console.print(f"[yellow]{status}[/]", highlight=False)
         if file.suffix.lower() in (".json",) or (file.suffix.lower() == ".jsonl" and _is_transcript_jsonl(file)):
             df = classify_transcripts(file, cfg)
-            id_col, text_col = "case_id", "problem"
+            id_col: str | None = "case_id"
+            text_col = "problem"
         else:
             inp = read_text_input(file)
             extra = inp.drop(columns=["text"])
@@ -229,9 +230,9 @@ def classify_cmd(
 @app.command("review-queue")
 def review_queue_cmd(
     n: int = typer.Option(50, "--n", "-n", min=1, help="How many of the least certain cases."),
-    out_file: Optional[Path] = typer.Option(None, "--out", help="CSV to write (default: <paths.out>/review/review_queue.csv)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Output root holding processed/cases/ (default: paths.out)."),
-    config: Optional[Path] = ConfigOption,
+    out_file: Path | None = typer.Option(None, "--out", help="CSV to write (default: <paths.out>/review/review_queue.csv)."),
+    data: Path | None = typer.Option(None, "--data", help="Output root holding processed/cases/ (default: paths.out)."),
+    config: Path | None = ConfigOption,
 ) -> None:
     """Export the least certain cases as a CSV with empty issue_type / request_kind / outcome
     columns to fill in; `casemine train --labels FILE --transcripts DIR` reads it back."""
@@ -255,15 +256,15 @@ def review_queue_cmd(
 @eval_app.command("classify")
 def eval_classify_cmd(
     labels: Path = typer.Option(..., "--labels", "-l", help="Labelled CSV/JSONL/Parquet (text, label)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder (default: <paths.out>/reports)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Report folder (default: <paths.out>/reports)."),
     nested: bool = typer.Option(False, "--nested", help="Also nested CV (unbiased, ~6x slower)."),
-    transcripts: Optional[Path] = typer.Option(None, "--transcripts", "-t",
+    transcripts: Path | None = typer.Option(None, "--transcripts", "-t",
                                                help="Labels are conversation_id + issue_type/request_kind/outcome "
                                                     "for these transcripts: report the cold start (all, two halves)."),
     trained: bool = typer.Option(False, "--trained", help="With --transcripts: also cross-validate the models "
                                                           "`casemine train --transcripts` would train."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-    config: Optional[Path] = ConfigOption,
+    config: Path | None = ConfigOption,
 ) -> None:
     """Cross-validated per-class precision/recall/F1, macro-F1 and confusion matrix, for the
     trained model and for the rules alone on the same data; with --transcripts, the cold start on
@@ -301,10 +302,10 @@ def _eval_conversations(cfg: Config, labels: Path, transcripts: Path, trained: b
     if json_out:
         emit_json(report)
         return
-    for task, e in report["cold_start"].items():
-        parts = [f"{k} macro-F1 {e[k]['macro_f1']:.3f} acc {e[k]['accuracy']:.3f} (n={e[k]['n']})"
+    for task, res in report["cold_start"].items():
+        parts = [f"{k} macro-F1 {res[k]['macro_f1']:.3f} acc {res[k]['accuracy']:.3f} (n={res[k]['n']})"
                  for k in ("all", "half_a", "half_b")]
-        g = e["majority_guess"]
+        g = res["majority_guess"]
         console.print(f"cold start {task}: " + "; ".join(parts) + f"; always {g['label']}: acc {g['accuracy']:.3f}",
                       highlight=False)
     for task, cv in report.get("trained_cv", {}).items():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from datetime import date
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -26,9 +25,9 @@ def _parse_date(value: str | None) -> date | None:
 
 @clusters_app.command("export")
 def export_cmd(
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output root holding processed/ (default: paths.out)."),
-    since: Optional[str] = typer.Option(None, "--since", help="Only cases dated on or after YYYY-MM-DD."),
-    config: Optional[Path] = ConfigOption,
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output root holding processed/ (default: paths.out)."),
+    since: str | None = typer.Option(None, "--since", help="Only cases dated on or after YYYY-MM-DD."),
+    config: Path | None = ConfigOption,
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Cluster the stored cases; write clusters, members, trends, alerts, matrix, KPIs (Parquet + CSV)
@@ -54,7 +53,7 @@ def export_cmd(
 @eval_app.command("clusters")
 def eval_clusters_cmd(
     labels: Path = typer.Option(..., "--labels", "-l", help="CSV or JSONL with `text` and `label`."),
-    config: Optional[Path] = ConfigOption,
+    config: Path | None = ConfigOption,
     json_out: bool = typer.Option(False, "--json", help="Print nmi, ari, n_clusters, noise_share as JSON."),
 ) -> None:
     """Cluster labelled texts with the product's clustering and score it against the labels."""

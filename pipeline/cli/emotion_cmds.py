@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -28,7 +28,7 @@ def _records(path: Path) -> list[dict[str, Any]]:
 @app.command("emotion")
 def emotion_cmd(
     file: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSONL: {\"text\": ...} lines or transcripts with `turns`."),
-    config: Optional[Path] = ConfigOption,
+    config: Path | None = ConfigOption,
     json_out: bool = typer.Option(False, "--json", help="One JSON line per input on stdout."),
 ) -> None:
     """Customer emotion per text, or per conversation with its emotion curve."""
@@ -43,8 +43,8 @@ def emotion_cmd(
     results: list[dict[str, Any]] = []
     texts = [r for r in recs if "turns" not in r]
     if texts:
-        for r, e in zip(texts, analyze_texts([str(r.get("text") or "") for r in texts], cfg, analyzer)):
-            results.append({**({"id": r["id"]} if "id" in r else {}), **e.as_dict()})
+        for r, em in zip(texts, analyze_texts([str(r.get("text") or "") for r in texts], cfg, analyzer)):
+            results.append({**({"id": r["id"]} if "id" in r else {}), **em.as_dict()})
     if len(texts) < len(recs):
         from pipeline.ingest import read_file
         from pipeline.orchestrate.steps import Components, run_batch, through
@@ -84,7 +84,7 @@ def emotion_cmd(
 def train_emotion_cmd(
     labels: Path = typer.Option(..., "--labels", "-l", help="CSV/JSONL/Parquet (or folder): a text column "
                                 "(text/review/content) and a 1/0 polarity or emotion label."),
-    config: Optional[Path] = ConfigOption,
+    config: Path | None = ConfigOption,
     json_out: bool = typer.Option(False, "--json", help="Print the model card as JSON."),
 ) -> None:
     """Train the emotion model (scikit-learn) that joins or replaces the default rules."""
@@ -118,7 +118,7 @@ def eval_emotion_cmd(
                                       "regression in the same run."),
     per_domain: int = typer.Option(1500, "--per-domain", help="With --domain-shift: texts sampled per domain "
                                    "(the food-delivery corpus and each shopping category; 0 = all)."),
-    config: Optional[Path] = ConfigOption,
+    config: Path | None = ConfigOption,
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Cross-validated AUC/accuracy: default rules, trained model, cnsenti and snownlp on the same folds."""

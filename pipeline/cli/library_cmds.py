@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -18,7 +17,7 @@ app.add_typer(library_app, name="library")
 OutOption = typer.Option(None, "--out", "-o", help="Output root (default: paths.out from the config).")
 
 
-def _setup(config: Optional[Path], out: Optional[Path]) -> tuple[Config, Path]:
+def _setup(config: Path | None, out: Path | None) -> tuple[Config, Path]:
     cfg = get_config(config)
     return cfg, Path(out) if out else cfg.resolve(cfg.paths.out)
 
@@ -35,7 +34,7 @@ def _run(fn, *args, **kwargs):
 
 
 @library_app.command("build")
-def build_cmd(out: Optional[Path] = OutOption, config: Optional[Path] = ConfigOption,
+def build_cmd(out: Path | None = OutOption, config: Path | None = ConfigOption,
               json_out: bool = typer.Option(False, "--json")) -> None:
     """Pick candidates per issue type and root-cause cluster; decisions already made are kept."""
     cfg, out = _setup(config, out)
@@ -51,9 +50,9 @@ def build_cmd(out: Optional[Path] = OutOption, config: Optional[Path] = ConfigOp
 
 
 @library_app.command("list")
-def list_cmd(status: Optional[str] = typer.Option(None, "--status", help="candidate | approved | rejected | published"),
-             issue_type: Optional[str] = typer.Option(None, "--type", help="Only this issue type."),
-             out: Optional[Path] = OutOption, config: Optional[Path] = ConfigOption,
+def list_cmd(status: str | None = typer.Option(None, "--status", help="candidate | approved | rejected | published"),
+             issue_type: str | None = typer.Option(None, "--type", help="Only this issue type."),
+             out: Path | None = OutOption, config: Path | None = ConfigOption,
              json_out: bool = typer.Option(False, "--json", help="One JSON line per entry.")) -> None:
     """Library entries with their status, score and why they were picked."""
     cfg, out = _setup(config, out)
@@ -82,9 +81,9 @@ def _decided(d, json_out: bool) -> None:
 
 @library_app.command("approve")
 def approve_cmd(case_id: str = typer.Argument(...), by: str = typer.Option(..., "--by", help="Who approves."),
-                note: Optional[str] = typer.Option(None, "--note"),
+                note: str | None = typer.Option(None, "--note"),
                 force: bool = typer.Option(False, "--force", help="Approve a case that was rejected."),
-                out: Optional[Path] = OutOption, config: Optional[Path] = ConfigOption,
+                out: Path | None = OutOption, config: Path | None = ConfigOption,
                 json_out: bool = typer.Option(False, "--json")) -> None:
     """Approve a candidate for the library (a rejected one needs --force)."""
     cfg, out = _setup(config, out)
@@ -96,7 +95,7 @@ def approve_cmd(case_id: str = typer.Argument(...), by: str = typer.Option(..., 
 @library_app.command("reject")
 def reject_cmd(case_id: str = typer.Argument(...), by: str = typer.Option(..., "--by"),
                note: str = typer.Option(..., "--note", help="Why (required)."),
-               out: Optional[Path] = OutOption, config: Optional[Path] = ConfigOption,
+               out: Path | None = OutOption, config: Path | None = ConfigOption,
                json_out: bool = typer.Option(False, "--json")) -> None:
     """Reject a candidate, approved or published case (it leaves the next publish)."""
     cfg, out = _setup(config, out)
@@ -106,8 +105,8 @@ def reject_cmd(case_id: str = typer.Argument(...), by: str = typer.Option(..., "
 
 
 @library_app.command("publish")
-def publish_cmd(by: str = typer.Option("publish", "--by"), out: Optional[Path] = OutOption,
-                config: Optional[Path] = ConfigOption, json_out: bool = typer.Option(False, "--json")) -> None:
+def publish_cmd(by: str = typer.Option("publish", "--by"), out: Path | None = OutOption,
+                config: Path | None = ConfigOption, json_out: bool = typer.Option(False, "--json")) -> None:
     """Publish approved cases: Parquet + one HTML page per issue type under <out>/library/published/."""
     cfg, out = _setup(config, out)
     from pipeline.library.typical_cases import publish
@@ -120,8 +119,8 @@ def publish_cmd(by: str = typer.Option("publish", "--by"), out: Optional[Path] =
 
 
 @library_app.command("coverage")
-def coverage_cmd(since: Optional[str] = typer.Option(None, "--since", help="YYYY-MM-DD: only cases from this date."),
-                 out: Optional[Path] = OutOption, config: Optional[Path] = ConfigOption,
+def coverage_cmd(since: str | None = typer.Option(None, "--since", help="YYYY-MM-DD: only cases from this date."),
+                 out: Path | None = OutOption, config: Path | None = ConfigOption,
                  json_out: bool = typer.Option(False, "--json")) -> None:
     """Share of cases whose nearest published case is similar enough, per issue type, and the gaps."""
     cfg, out = _setup(config, out)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -17,7 +16,7 @@ def eval_pii_cmd(
     seed: int = typer.Option(12, "--seed", help="Seed of the generated set (same seed, same set)."),
     show: int = typer.Option(8, "--show", min=0, help="Missed / over-masked examples to print per set."),
     check: bool = typer.Option(False, "--check", help="Exit 1 when the generated set is below the targets."),
-    config: Optional[Path] = ConfigOption,
+    config: Path | None = ConfigOption,
     json_out: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
 ) -> None:
     """Recall per PII kind and must-keep precision (order and tracking numbers, amounts, dates,

@@ -6,7 +6,7 @@ import contextlib
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import Any
 
 import typer
 
@@ -16,11 +16,11 @@ from pipeline.cli.common import ConfigOption, console, emit_json, fail, get_conf
 
 @app.command()
 def run(
-    input: Optional[Path] = typer.Option(None, "--input", "-i", help="Folder of transcripts (default: paths.input)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output root; everything the run writes goes here (default: paths.out)."),
-    config: Optional[Path] = ConfigOption,
+    input: Path | None = typer.Option(None, "--input", "-i", help="Folder of transcripts (default: paths.input)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output root; everything the run writes goes here (default: paths.out)."),
+    config: Path | None = ConfigOption,
     prefect: bool = typer.Option(True, "--prefect/--no-prefect", help="Run as a Prefect flow (default) or as plain functions."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Conversations per batch (default: flow.batch_size)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Conversations per batch (default: flow.batch_size)."),
     allow_empty: bool = typer.Option(False, "--allow-empty", help="Exit 0 when the input holds no transcripts (default: exit 1, an empty delivery is an error)."),
     wait: float = typer.Option(0.0, "--wait", min=0, help="Seconds to wait when another run holds --out (default: refuse at once)."),
     json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout."),
@@ -108,8 +108,8 @@ def _run_steps(cfg, input_dir: Path, out_dir: Path, config: Path | None, overrid
 
 @app.command()
 def ingest(
-    input: Optional[Path] = typer.Option(None, "--input", "-i", help="Folder or file of transcripts (default: paths.input)."),
-    config: Optional[Path] = ConfigOption,
+    input: Path | None = typer.Option(None, "--input", "-i", help="Folder or file of transcripts (default: paths.input)."),
+    config: Path | None = ConfigOption,
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Validate transcripts without processing them: formats, encodings, counts, quarantine reasons.
@@ -125,8 +125,10 @@ def ingest(
     paths = discover(input_dir)
     if not paths:
         fail(f"no *.jsonl, *.json or *.csv files under {input_dir}")
-    files, reasons, formats = [], Counter(), Counter()
-    totals = Counter()
+    files: list[dict[str, Any]] = []
+    reasons: Counter[str] = Counter()
+    formats: Counter[str] = Counter()
+    totals: Counter[str] = Counter()
     root = input_dir if input_dir.is_dir() else input_dir.parent
     for p in paths:
         r = read_file(p, cfg.ingest, root=root)
@@ -141,7 +143,8 @@ def ingest(
         emit_json(report)
         return
     for f in files:
-        console.print(f"{f['file']:<40} {f['encoding']:<10} read {f['read']:>6}  ok {f['accepted']:>6}  quarantined {f['quarantined']:>4}", highlight=False)
+        console.print(f"{f['file']:<40} {f['encoding']:<10} read {f['read']:>6}  ok {f['accepted']:>6}  "
+                      f"quarantined {f['quarantined']:>4}", highlight=False)
     console.print(f"total: read {totals['read']}, valid {totals['accepted']}, quarantined {totals['quarantined']}"
                   + (f" ({', '.join(f'{k} {v}' for k, v in reasons.items())})" if reasons else ""), highlight=False)
 
@@ -151,7 +154,7 @@ def sample(
     out: Path = typer.Option(Path("data/sample"), "--out", "-o", help="Folder to write the sample transcripts into."),
     n: int = typer.Option(150, "--n", "-n", min=1, help="Number of well-formed conversations."),
     seed: int = typer.Option(7, help="Random seed; the same seed writes the same bytes."),
-    labels_out: Optional[Path] = typer.Option(None, "--labels-out", help="Where to write the ground-truth labels (outside --out)."),
+    labels_out: Path | None = typer.Option(None, "--labels-out", help="Where to write the ground-truth labels (outside --out)."),
     malformed: bool = typer.Option(True, "--malformed/--no-malformed", help="Include deliberately broken records."),
     json_out: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
 ) -> None:
@@ -174,9 +177,9 @@ def sample(
 
 @app.command()
 def repair(
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output root (default: paths.out)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output root (default: paths.out)."),
     check: bool = typer.Option(False, "--check", help="Only report problems (exit 1 if any); change nothing."),
-    config: Optional[Path] = ConfigOption,
+    config: Path | None = ConfigOption,
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Make an output root consistent again without dropping history it can keep.
@@ -216,7 +219,7 @@ def repair(
 
 
 @app.command()
-def schedule(config: Optional[Path] = ConfigOption) -> None:
+def schedule(config: Path | None = ConfigOption) -> None:
     """Serve the nightly flow on its cron schedule (flow.schedule_cron); blocks until stopped.
 
     Needs a running Prefect server, which keeps the schedule: `prefect server start`, then

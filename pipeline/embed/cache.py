@@ -22,7 +22,7 @@ _MAX_SHARDS = 16
 
 
 def text_key(namespace: str, text: str) -> bytes:
-    return hashlib.sha256(f"{namespace}\x00{text}".encode("utf-8")).digest()
+    return hashlib.sha256(f"{namespace}\x00{text}".encode()).digest()
 
 
 class EmbeddingCache:

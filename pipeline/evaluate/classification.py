@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timezone
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
@@ -43,7 +44,8 @@ def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str], order: 
     }
 
 
-def abstention(y_true: Sequence[str], y_pred: Sequence[str], conf: Sequence[float], threshold: float) -> dict[str, Any]:
+def abstention(y_true: Sequence[str], y_pred: Sequence[str], conf: Sequence[float] | np.ndarray,
+               threshold: float) -> dict[str, Any]:
     """What the review threshold does: share sent to review, accuracy of what is kept vs sent."""
     yt, yp, c = np.asarray(y_true, dtype=object), np.asarray(y_pred, dtype=object), np.asarray(conf)
     keep = c >= threshold
@@ -69,7 +71,7 @@ def evaluate_classification(cfg: Config, labels_path: Path, *, nested: bool = Fa
     rule_res = [rules.predict_one(t) for t in texts]
     rule_pred = [r[0] for r in rule_res]
     report: dict[str, Any] = {
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "data": {"path": str(labels_path), "sha256": data.sha256, "rows": len(y), "skipped_rows": data.skipped,
                  "label_counts": {k: int(v) for k, v in data.frame["label"].value_counts().items()},
                  "labels_absent": [c for c in order if c not in set(y)]},

@@ -9,15 +9,16 @@ cluster in both, so leaving many cases unclustered is not free; `noise_share` is
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from pipeline.insights.cluster import NOISE, ClusterParams, cluster_vectors
 from pipeline.config import Config
+from pipeline.insights.cluster import NOISE, ClusterParams, cluster_vectors
 
 
 def load_labelled_texts(path: Path) -> pd.DataFrame:
@@ -38,7 +39,7 @@ def load_labelled_texts(path: Path) -> pd.DataFrame:
     return df.assign(text=df["text"].astype(str), label=df["label"].astype(str)).reset_index(drop=True)
 
 
-def cluster_metrics(y_true: Sequence[str], labels: Sequence[int]) -> dict[str, Any]:
+def cluster_metrics(y_true: Sequence[str], labels: Sequence[int] | np.ndarray) -> dict[str, Any]:
     """NMI, ARI, number of clusters and noise share of one clustering."""
     lab = np.asarray(labels, dtype=int)
     return {"nmi": round(float(normalized_mutual_info_score(y_true, lab)), 4),

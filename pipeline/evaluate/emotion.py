@@ -9,8 +9,9 @@ across them first: a text in a training fold must not reappear in a test fold fr
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -31,13 +32,13 @@ def load_reviews(reviews_dir: Path, per_corpus: int | None = 3000, seed: int = 0
     allrows = pd.concat(frames, ignore_index=True)
     allrows = allrows[allrows["text"].str.len() > 0]
     n_raw = len(allrows)
-    conflicting = allrows.groupby("text")["label"].nunique()
-    conflicting = set(conflicting[conflicting > 1].index)
+    n_labels = allrows.groupby("text")["label"].nunique()
+    conflicting = set(n_labels[n_labels > 1].index)
     cross = allrows.groupby("text")["corpus"].nunique()
     n_cross = int((cross > 1).sum())
     dedup = allrows[~allrows["text"].isin(conflicting)].drop_duplicates("text", keep="first")
     parts = []
-    for name, g in dedup.groupby("corpus"):
+    for _, g in dedup.groupby("corpus"):
         if per_corpus and len(g) > per_corpus:
             g = pd.concat([x.sample(n=max(1, round(per_corpus * len(x) / len(g))), random_state=seed)
                            for _, x in g.groupby("label")])

@@ -8,11 +8,12 @@ Span precision is the share of mask spans that overlap some labelled PII item.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from pipeline.config import Config
-from pipeline.text.mask import Masker, Span
 from pipeline.evaluate.pii_corpus import KEEP_KINDS, PII_KINDS, Example, Mark, generate, handwritten
+from pipeline.text.mask import Masker, Span
 
 # The bar the issue sets for the generated set (names are harder, so lower).
 TARGET_RECALL = 0.95
@@ -34,8 +35,10 @@ def _touched(mark: Mark, spans: Sequence[Span]) -> bool:
 
 
 def score(masker: Masker, examples: Iterable[Example], max_misses: int = 20) -> dict[str, Any]:
-    found, total = Counter(), Counter()
-    kept, keep_total = Counter(), Counter()
+    found: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    kept: Counter[str] = Counter()
+    keep_total: Counter[str] = Counter()
     spans_total = spans_on_pii = 0
     misses: list[dict[str, str]] = []
     overmasked: list[dict[str, str]] = []

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 PII_KINDS: tuple[str, ...] = ("name", "phone", "landline", "id", "card", "account", "email", "address")
 KEEP_KINDS: tuple[str, ...] = ("order", "tracking", "amount", "date", "model", "brand", "word")

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from pipeline.config import Config
-from pipeline.retrieval.index import CaseIndex, META_COLUMNS
+from pipeline.retrieval.index import META_COLUMNS, CaseIndex
 from pipeline.retrieval.search import MODES, Searcher
 from pipeline.text.segment import tokenize
 
@@ -28,8 +29,8 @@ KS = (1, 5, 10)
 
 def pair_metrics(ranked: list[list[int]], relevant: list[set[int]]) -> dict[str, float]:
     """recall@1/5/10 (share of each query's relevant items in its top k) and MRR@10."""
-    rec = {k: [] for k in KS}
-    rr = []
+    rec: dict[int, list[float]] = {k: [] for k in KS}
+    rr: list[float] = []
     for r, rel in zip(ranked, relevant):
         for k in KS:
             rec[k].append(len(rel.intersection(r[:k])) / len(rel))
@@ -65,10 +66,10 @@ def _read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
 def read_corpus(path: Path) -> list[str]:
     """Extra texts to search among: JSONL (`text` or `positive`), CSV (`text`) or one per line."""
     if path.suffix == ".jsonl":
-        return [r.get("text") or r.get("positive") for r in _read_jsonl(path) if r.get("text") or r.get("positive")]
+        return [t for r in _read_jsonl(path) if (t := r.get("text") or r.get("positive"))]
     if path.suffix == ".csv":
         return pd.read_csv(path, encoding="utf-8-sig")["text"].dropna().astype(str).tolist()
-    return [l.strip() for l in path.read_text("utf-8-sig").splitlines() if l.strip()]
+    return [line.strip() for line in path.read_text("utf-8-sig").splitlines() if line.strip()]
 
 
 def read_labelled(path: Path) -> tuple[list[str], list[str]]:

@@ -18,11 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import IngestConfig
-from pipeline.ingest.common import EXCERPT_CHARS, FileResult, quarantine as _quarantine, unexpected
+from pipeline.ingest.common import EXCERPT_CHARS, FileResult, unexpected
+from pipeline.ingest.common import quarantine as _quarantine
 from pipeline.ingest.csvrows import read_csv_lines
 from pipeline.ingest.decode import BOM, Line, decode_lines
-from pipeline.ingest.parse import (Parser, RecordError, find_long_int, has_escaped_surrogate, locate_long_int,
-                                   scrub_surrogates)
+from pipeline.ingest.parse import (
+    Parser,
+    RecordError,
+    find_long_int,
+    has_escaped_surrogate,
+    locate_long_int,
+    scrub_surrogates,
+)
 from pipeline.schema import Conversation
 
 __all__ = ["FileResult", "discover", "read_file"]

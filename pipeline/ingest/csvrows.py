@@ -91,13 +91,14 @@ def _rows(lines: list[Line], header: list[str], max_bytes: int) -> tuple[list[Ro
             continue
         end = i + 1
         if '"' in text and _ends_open(text, False):
-            end = _closing(lines, i, ncols, max_bytes)
-            if end is None:
+            closing = _closing(lines, i, ncols, max_bytes)
+            if closing is None:
                 broken.append(Broken(line, RecordError(
                     "malformed_csv", f"line {line.number} opens a quoted field that is not closed before the next row; "
                     "fix the quote or re-export the file"), _cid_of_text(text)))
                 i += 1
                 continue
+            end = closing
         try:
             fields = text.split(",") if end == i + 1 and '"' not in text else _parse([ln.text or "" for ln in lines[i:end]])
         except csv.Error as e:

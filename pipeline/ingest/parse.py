@@ -12,8 +12,9 @@ import json
 import math
 import re
 import sys
-from datetime import datetime, timezone
-from typing import Any, Iterable
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
 
 from pipeline.config import IngestConfig
 from pipeline.schema import SPEAKERS, Conversation, Turn
@@ -42,7 +43,7 @@ def unexpected(err: BaseException, where: str) -> RecordError:
 # Timestamps outside these years are typos, unit mix-ups or sentinels (-1e18); they would also
 # overflow the platform's time_t and the local-date arithmetic downstream.
 MIN_YEAR, MAX_YEAR = 1970, 2100
-_MAX_EPOCH_S = datetime(MAX_YEAR, 1, 1, tzinfo=timezone.utc).timestamp()
+_MAX_EPOCH_S = datetime(MAX_YEAR, 1, 1, tzinfo=UTC).timestamp()
 _MS_ABOVE = 1e11  # epoch values above this are milliseconds (1e11 s is the year 5138)
 # Call offsets beyond ten days are not a call; values this large come from unit mix-ups.
 MAX_OFFSET_MS = 10 * 86_400_000
@@ -81,7 +82,7 @@ def _epoch(value: int | float, field: str) -> datetime:
         shown = str(value) if isinstance(value, float) or value.bit_length() < 128 else f"a {len(str(value))}-digit number"
         raise RecordError("bad_timestamp", f"{field} is {shown[:40]}, outside {MIN_YEAR}-{MAX_YEAR} as epoch "
                                            "seconds or milliseconds; send ISO 8601 with a zone")
-    return datetime.fromtimestamp(secs, tz=timezone.utc)
+    return datetime.fromtimestamp(secs, tz=UTC)
 
 
 def check_numbers(obj: dict[str, Any] | list[Any], field: str) -> None:

@@ -17,8 +17,9 @@ import json
 import math
 import re
 from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -50,7 +51,7 @@ class ClusterParams:
     min_scope_cases: int = 10
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "ClusterParams":
+    def from_config(cls, cfg: Config) -> ClusterParams:
         c = cfg.cluster
         return cls(c.pca_components, c.min_cluster_size, c.min_samples, c.min_scope_cases)
 
@@ -156,7 +157,7 @@ def representatives(X: np.ndarray, k: int) -> list[int]:
     return [int(i) for i in np.argsort(-sims, kind="stable")[:k]]
 
 
-def class_tfidf(token_lists: Sequence[Sequence[str]], labels: Sequence[int], top_k: int,
+def class_tfidf(token_lists: Sequence[Sequence[str]], labels: Sequence[int] | np.ndarray, top_k: int,
                 stopwords: frozenset[str] = frozenset()) -> dict[int, list[tuple[str, float]]]:
     """Top terms per cluster by class-based TF-IDF (BERTopic's c-TF-IDF): a term's frequency in
     the cluster times log(1 + mean tokens per class / its frequency over all classes). Noise is a
@@ -166,7 +167,7 @@ def class_tfidf(token_lists: Sequence[Sequence[str]], labels: Sequence[int], top
         per_class.setdefault(int(lab), Counter()).update(t for t in toks if is_term(t, stopwords))
     if not per_class:
         return {}
-    total = Counter()
+    total: Counter[str] = Counter()
     for c in per_class.values():
         total.update(c)
     avg = sum(total.values()) / max(len(per_class), 1)
@@ -213,7 +214,7 @@ class CauseLexicon:
     label_stopwords: frozenset[str] = frozenset()  # never shown as cluster terms
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "CauseLexicon":
+    def from_dict(cls, data: dict[str, Any]) -> CauseLexicon:
         names = dict(data.get("categories") or {})
         causes = []
         for i, c in enumerate(data.get("causes") or []):
@@ -225,7 +226,7 @@ class CauseLexicon:
         return cls(causes, names, frozenset(str(w) for w in data.get("label_stopwords") or []))
 
     @classmethod
-    def load(cls, cfg: Config) -> "CauseLexicon":
+    def load(cls, cfg: Config) -> CauseLexicon:
         return cls.from_dict(load_yaml_resource(cfg, cfg.cluster.cause_lexicon) or {})
 
     def find(self, text: str) -> list[Cause]:
@@ -379,7 +380,7 @@ class ClusterState:
     COLUMNS = ("cluster_id", "scope", "centroid", "first_seen", "last_seen", "label_history", "size_history")
 
     @classmethod
-    def empty(cls) -> "ClusterState":
+    def empty(cls) -> ClusterState:
         return cls(pd.DataFrame({c: pd.Series(dtype=object) for c in cls.COLUMNS}))
 
     def next_number(self) -> int:
@@ -422,7 +423,7 @@ def assign_stable_ids(results: list[ScopeResult], state: ClusterState, day: str,
         prev = state.in_scope(res.scope, new_c.shape[1])
         prev_c = np.stack([np.asarray(_as_list(v), dtype=np.float32) for v in prev["centroid"]]) if len(prev) else np.zeros((0, new_c.shape[1]))
         matches = {n: (p, s) for p, n, s in match_centroids(prev_c, new_c, threshold)}
-        for j, row in enumerate(res.clusters.to_dict("records")):
+        for j, row in enumerate(cast(list[dict[str, Any]], res.clusters.to_dict("records"))):
             if j in matches:
                 p, sim = matches[j]
                 old = prev.iloc[p]

@@ -82,7 +82,7 @@ def relations(cases: pd.DataFrame, min_n: int = 20) -> pd.DataFrame:
     cols = ["measure", "outcome_measure", "method", "n", "r", "ci_low", "ci_high", "note"]
     if not len(cases) or "emotion_start" not in cases:
         return pd.DataFrame(columns=cols)
-    rows = []
+    rows: list[dict[str, Any]] = []
     known = cases[cases["outcome"].isin(["resolved", "unresolved", "escalated"])]
     targets = [("resolved", "pearson", known, (known["outcome"] == "resolved").astype(float))]
     if "csat" in cases:

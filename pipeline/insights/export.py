@@ -24,14 +24,23 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipeline.insights.cluster import (ALL_SCOPE, CauseLexicon, ClusterState, ScopeResult, assign_stable_ids, cluster_cases,
-                              fill_classification, members_table, select_cases)
 from pipeline.config import Config
-from pipeline.io import atomic_write_bytes, atomic_write_parquet, atomic_write_text
+from pipeline.insights.cluster import (
+    ALL_SCOPE,
+    CauseLexicon,
+    ClusterState,
+    ScopeResult,
+    assign_stable_ids,
+    cluster_cases,
+    fill_classification,
+    members_table,
+    select_cases,
+)
 from pipeline.insights.emotion_stats import relations, trajectory_table, worsened_by_team
 from pipeline.insights.kpis import compute_kpis, timing_coverage
 from pipeline.insights.report import ReportData, map_coordinates, render_report
 from pipeline.insights.trends import count_table, default_as_of, root_cause_matrix, trend_summary, week_over_week
+from pipeline.io import atomic_write_bytes, atomic_write_parquet, atomic_write_text
 
 CASE_COLUMNS = ["case_id", "conversation_id", "channel", "date", "date_source", "problem", "customer_text", "outcome",
                 "emotion", "emotion_score", "first_response_s", "duration_s", "tokens", "region", "product",
@@ -140,8 +149,8 @@ def map_points(frame: pd.DataFrame, X: np.ndarray, all_scope: ScopeResult | None
     ids = {int(r["local_label"]): (r["cluster_id"], r["label"])
            for r in clusters[clusters["scope"] == ALL_SCOPE].to_dict("records")} if len(clusters) else {}
     pts = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1],
-                        "cluster_id": [ids.get(int(l), (None, ""))[0] for l in all_scope.labels],
-                        "label": [ids.get(int(l), (None, "噪声"))[1] for l in all_scope.labels],
+                        "cluster_id": [ids.get(int(lab), (None, ""))[0] for lab in all_scope.labels],
+                        "label": [ids.get(int(lab), (None, "噪声"))[1] for lab in all_scope.labels],
                         "text": frame["cluster_text"].tolist()})
     if len(pts) > max_points:
         pts = pts.sample(n=max_points, random_state=0).sort_index()

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.insights.cluster import ALL_SCOPE, NOISE
+from pipeline.insights.cluster import ALL_SCOPE
 
 _PLOT_CONFIG = {"displaylogo": False, "responsive": True}
 _FONT = "PingFang SC, Microsoft YaHei, Noto Sans CJK SC, WenQuanYi Micro Hei, sans-serif"
@@ -125,7 +125,7 @@ def case_map(points: pd.DataFrame, top: int = 12) -> Any:
         groups = points.assign(group=[c if c in shown else ("噪声" if c is None or pd.isna(c) else "其他簇")
                                       for c in points["cluster_id"]])
         for g, sub in groups.groupby("group", sort=False):
-            name = f"{g} {sub['label'].iloc[0]}" if g in shown else g
+            name = f"{g} {sub['label'].iloc[0]}" if g in shown else str(g)
             grey = g in ("噪声", "其他簇")
             fig.add_trace(go.Scatter(x=sub["x"].round(4).tolist(), y=sub["y"].round(4).tolist(), mode="markers",
                                      name=name[:30], text=sub["text"].str.slice(0, 60).tolist(),
@@ -189,6 +189,12 @@ def _alerts_html(alerts: pd.DataFrame) -> str:
                                "last_week": "上周", "change": "变化", "p_value": "p 值", "alert": "预警",
                                "is_new": "新簇", "emerging": "新兴"}, row_class="alert")
 
+_NOTE_EMOTION_CURVE = ("每个客户回合的情绪得分连成曲线；终点减起点超过阈值为改善或恶化。"
+                       "相关系数附 95% 自助法置信区间：区间跨过 0 即看不出关系。")
+_NOTE_FOOTER = ("由 casemine 生成；无需网络即可打开。数据表：clusters、members、trends、alerts、matrix、kpis、"
+                "emotion、emotion_relations、emotion_teams（CSV 与 Parquet）。")
+
+
 def render_report(data: ReportData) -> str:
     """The whole report as one HTML document."""
     figs = [cluster_bar(data.clusters), issue_bar(data.members),
@@ -237,7 +243,7 @@ def render_report(data: ReportData) -> str:
                        "representative_texts": "代表案例", "is_new": "新簇"}, max_rows=60)}
 
 <h2>客户情绪走向</h2>
-<p class="note">每个客户回合的情绪得分连成曲线；终点减起点超过阈值为改善或恶化。相关系数附 95% 自助法置信区间：区间跨过 0 即看不出关系。</p>
+<p class="note">{_NOTE_EMOTION_CURVE}</p>
 {charts[5]}
 {table_html(data.emotion_relations, {"measure": "情绪指标", "outcome_measure": "结果", "method": "方法", "n": "案例数",
                                      "r": "相关系数", "ci_low": "下限", "ci_high": "上限", "note": "解读"})}
@@ -249,7 +255,7 @@ def render_report(data: ReportData) -> str:
                         "n_with_first_response": "有首响时间", "first_response_median_s": "首响中位数(秒)",
                         "n_with_duration": "有处理时长", "duration_median_s": "处理时长中位数(秒)",
                         "resolution_rate": "解决率", "escalation_rate": "升级率", "n_outcome_unknown": "结果未知"}, max_rows=80)}
-<p class="note">由 casemine 生成；无需网络即可打开。数据表：clusters、members、trends、alerts、matrix、kpis、emotion、emotion_relations、emotion_teams（CSV 与 Parquet）。</p>
+<p class="note">{_NOTE_FOOTER}</p>
 </body></html>
 """
 

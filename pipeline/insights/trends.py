@@ -8,8 +8,9 @@ the one-sided p-value says how surprising a rise that large is. Pure functions o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import date, timedelta
-from typing import Any, Sequence
+from typing import Any, cast
 
 import pandas as pd
 from scipy.stats import binomtest
@@ -122,7 +123,7 @@ def root_cause_matrix(members: pd.DataFrame, clusters: pd.DataFrame, issue_count
         total = int(issue_counts.get(it, len(per_type[per_type["issue_type"] == it])))
         regions = format_shares(share_dict(g["region"]) if "region" in g else {}, top)
         products = format_shares(share_dict(g["product"]) if "product" in g else {}, top)
-        c = info.loc[cid] if cid and cid in info.index else None
+        c = info.loc[cast(str, cid)] if cid and cid in info.index else None
         label = c["label"] if c is not None else "未归类（零散个案）"
         phrases = list(c["cause_phrases"]) if c is not None and c["cause_phrases"] is not None else []
         rows.append({

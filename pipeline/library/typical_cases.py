@@ -16,11 +16,12 @@ import html
 import json
 import re
 import sqlite3
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -45,7 +46,7 @@ def db_path(out: Path) -> Path:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 # -- candidates (pure) --------------------------------------------------------------------------
@@ -68,7 +69,8 @@ def _text(v: Any) -> str:
 def case_parts(row: dict[str, Any]) -> dict[str, str]:
     """The four parts a trainer reads, from a (masked) case row: who and what context, the
     problem, what the agent did, how it ended, plus the agent turn at the biggest emotional rise."""
-    turns = [dict(t) for t in (row.get("turns") if row.get("turns") is not None else [])]
+    raw_turns = row.get("turns")
+    turns = [dict(t) for t in (raw_turns if raw_turns is not None else [])]
     first = next((_text(t.get("text")) for t in turns if t.get("speaker") == "customer"), "")
     ctx = [f"渠道:{_text(row.get('channel'))}"] + [f"{k}:{_text(row.get(c))}" for c, k in
                                                  (("product", "商品"), ("region", "地区"), ("issue_type", "类型")) if _text(row.get(c))]
@@ -106,7 +108,7 @@ class CandidateScorer:
         self.actions = [a for a in actions if a and a not in set(lib.generic_actions)]
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "CandidateScorer":
+    def from_config(cls, cfg: Config) -> CandidateScorer:
         from pipeline.cases.extract import load_lexicon
 
         return cls(cfg.library, load_lexicon(cfg).agent_actions)
@@ -133,17 +135,17 @@ class CandidateScorer:
         delta = row.get("emotion_delta")
         delta = float(delta) if delta is not None and not pd.isna(delta) else 0.0
         if delta > 0:
-            reasons.append(f"情绪改善 {float(row.get('emotion_start')):+.2f}→{float(row.get('emotion_end')):+.2f}")
+            reasons.append(f"情绪改善 {float(row['emotion_start']):+.2f}→{float(row['emotion_end']):+.2f}")
         elif lib.require_emotion_improved:
             fails.append("情绪未改善")
         if fails:
             return False, 0.0, fails
         low = row.get("emotion_min")
-        recovery = float(row.get("emotion_end")) - float(low) if low is not None and not pd.isna(low) else 0.0
+        recovery = float(row["emotion_end"]) - float(low) if low is not None and not pd.isna(low) else 0.0
         length_fit = 1.0 - min(1.0, abs(n_chars - 300) / 600)
         score = (0.4 + 0.25 * min(delta, 1.0) + 0.15 * min(max(recovery, 0.0), 1.0) + 0.1 * min(len(acts), 2) / 2
                  + 0.1 * length_fit)
-        if recovery > delta + 0.1:
+        if recovery > delta + 0.1 and low is not None:
             reasons.append(f"从低点 {float(low):+.2f} 回升")
         return True, round(score, 4), reasons
 
@@ -166,7 +168,7 @@ def select_candidates(cases: pd.DataFrame, vectors: np.ndarray, scorer: Candidat
     """Candidates per issue type and per root-cause cluster (case_id -> cluster_id), diverse within
     each group. Returns the union (a case picked by two groups is listed once) and counts."""
     clusters = clusters or {}
-    rows = cases.to_dict("records")
+    rows = cast(list[dict[str, Any]], cases.to_dict("records"))
     assessed = [scorer.assess(r) for r in rows]
     ok = [i for i, (e, _, _) in enumerate(assessed) if e]
     groups: dict[str, list[int]] = {}
@@ -480,7 +482,7 @@ def publish(cfg: Config, out: Path, by: str = "publish") -> dict[str, Any]:
     pages = {}
     for t, g in df.groupby("issue_type", sort=True):
         path = dest / "html" / f"{_slug(str(t))}.html"
-        atomic_write_text(path, render_page(str(t), g.to_dict("records")))
+        atomic_write_text(path, render_page(str(t), cast(list[dict[str, Any]], g.to_dict("records"))))
         pages[str(t)] = str(path)
     atomic_write_text(dest / "html" / "index.html", render_index(pages, df))
     return {"newly_published": len(new), "published": len(df), "parquet": str(dest / "library.parquet"), "pages": pages}
@@ -500,17 +502,19 @@ def render_page(issue_type: str, recs: Sequence[dict[str, Any]]) -> str:
         dl = "".join(f"<dt>{e(PART_NAMES[p])}</dt><dd>{e(str(r.get(p) or ''))}</dd>" for p in PARTS)
         if r.get("turning_point"):
             dl += f"<dt>转折点</dt><dd>{e(str(r['turning_point']))}</dd>"
-        arts.append(f"<article><h2>案例 {e(str(r['case_id']))}</h2><dl>{dl}</dl><p class='meta'>入选理由：{e(str(r.get('reasons') or ''))}"
+        arts.append(f"<article><h2>案例 {e(str(r['case_id']))}</h2><dl>{dl}</dl>"
+                    f"<p class='meta'>入选理由：{e(str(r.get('reasons') or ''))}"
                     f" · 审核：{e(str(r.get('approved_by') or ''))} · 发布：{e(str(r.get('published_at') or ''))}</p></article>")
     return (f"<!doctype html><html lang='zh'><head><meta charset='utf-8'><title>典型案例库 · {e(issue_type)}</title>"
-            f"<style>{_CSS}</style></head><body><h1>典型案例库 · {e(issue_type)}</h1><p>{len(recs)} 个案例</p>{''.join(arts)}</body></html>")
+            f"<style>{_CSS}</style></head><body><h1>典型案例库 · {e(issue_type)}</h1>"
+            f"<p>{len(recs)} 个案例</p>{''.join(arts)}</body></html>")
 
 
 def render_index(pages: dict[str, str], df: pd.DataFrame) -> str:
     e = html.escape
     items = "".join(f"<li><a href='{e(Path(p).name)}'>{e(t)}</a>（{int((df['issue_type'] == t).sum())}）</li>" for t, p in pages.items())
-    return (f"<!doctype html><html lang='zh'><head><meta charset='utf-8'><title>典型案例库</title><style>{_CSS}</style></head>"
-            f"<body><h1>典型案例库</h1><ul>{items}</ul></body></html>")
+    return (f"<!doctype html><html lang='zh'><head><meta charset='utf-8'><title>典型案例库</title>"
+            f"<style>{_CSS}</style></head><body><h1>典型案例库</h1><ul>{items}</ul></body></html>")
 
 
 @dataclass
@@ -544,7 +548,7 @@ def compute_coverage(case_ids: Sequence[str], issue_types: Sequence[str], cluste
     for t, g in df.groupby("type", sort=True):
         by_type[str(t)] = {"cases": int(len(g)), "covered": int(g["covered"].sum()),
                            "coverage": round(float(g["covered"].mean()), 4), "published": int(sum(pt == t for pt in pub_types))}
-    gaps = [{"kind": "issue_type", "id": t, "cases": v["cases"], "uncovered": v["cases"] - v["covered"]}
+    gaps: list[dict[str, Any]] = [{"kind": "issue_type", "id": t, "cases": v["cases"], "uncovered": v["cases"] - v["covered"]}
             for t, v in by_type.items() if v["published"] == 0]
     pub_cl = {c for c in pub_clusters if c}
     for c, g in df[df["cluster"].notna()].groupby("cluster", sort=True):

@@ -8,16 +8,17 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Protocol, Sequence, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pandas as pd
 import pyarrow as pa
 
 from pipeline.ingest.parse import scrub_surrogates
+from pipeline.schema import CASE_COLUMNS, CASE_SCHEMA, Conversation, QuarantineRecord, Turn
 from pipeline.text.mask import Masker
 from pipeline.text.normalize import Normalizer
-from pipeline.schema import CASE_COLUMNS, CASE_SCHEMA, Conversation, QuarantineRecord, Turn
 from pipeline.text.segment import Segmenter
 
 ASR_FORMATS = ("asr_json", "asr_csv")
@@ -106,10 +107,10 @@ class HasRecords(Protocol):
     records: list[dict[str, Any]]
 
 
-I = TypeVar("I", bound=HasRecords)
+ItemT = TypeVar("ItemT", bound=HasRecords)
 
 
-def segment_records(items: list[I], seg: Segmenter, failures: list[Failure]) -> list[I]:
+def segment_records(items: list[ItemT], seg: Segmenter, failures: list[Failure]) -> list[ItemT]:
     """Tokens and keywords for every record: the whole batch at once (parallel when large), and
     only if that raises, conversation by conversation in this process to find the culprits."""
     try:
@@ -135,7 +136,7 @@ def _tokenize(records: list[dict[str, Any]], seg: Segmenter, cut: Callable[[Sequ
     return True
 
 
-def case_table(items: list[I], failures: list[Failure]) -> tuple[list[I], pd.DataFrame]:
+def case_table(items: list[ItemT], failures: list[Failure]) -> tuple[list[ItemT], pd.DataFrame]:
     """The batch's case table, holding only records the Parquet writer will accept: a value it
     cannot encode (a lone surrogate that got this far, a number out of range) would otherwise fail
     the whole batch's write, past the point where one conversation can still be set aside. One

@@ -15,10 +15,10 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterator
 
 
 class LockHeld(RuntimeError):
@@ -73,7 +73,7 @@ def run_lock(out: Path, wait_s: float = 0.0, command: str = "casemine run") -> I
                                "(or pass --wait SECONDS)") from None
             time.sleep(0.5)
     info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-            "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "since": datetime.now(UTC).isoformat(timespec="seconds")}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(info).encode(), 0)
     with _guard:

@@ -14,27 +14,44 @@ import secrets
 import signal
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 
 from pipeline.config import Config
 from pipeline.ingest import FileResult, discover, input_name, read_file
-from pipeline.orchestrate.lock import run_lock
 from pipeline.io import atomic_write_text, sha256_file
 from pipeline.orchestrate.batch import BatchResult
+from pipeline.orchestrate.lock import run_lock
+from pipeline.orchestrate.steps import Components, run_batch, through
 from pipeline.progress import progress
 from pipeline.schema import Conversation, QuarantineRecord
-from pipeline.text.segment import Segmenter
-from pipeline.orchestrate.steps import Components, run_batch, through
-from pipeline.storage.state import (CommitRecord, FileStamp, State, StateError, manifests_on_disk, read_manifest,
-                            write_manifest)
-from pipeline.storage.store import (CorruptOutputError, remove_orphans, run_of, run_parts, stored_parts, verify_parts, write_cases,
-                            write_quarantine, write_summary)
+from pipeline.storage.state import (
+    CommitRecord,
+    FileStamp,
+    State,
+    StateError,
+    manifests_on_disk,
+    read_manifest,
+    write_manifest,
+)
+from pipeline.storage.store import (
+    CorruptOutputError,
+    remove_orphans,
+    run_of,
+    run_parts,
+    stored_parts,
+    verify_parts,
+    write_cases,
+    write_quarantine,
+    write_summary,
+)
 from pipeline.text.prepare import get_masker
+from pipeline.text.segment import Segmenter
 
 EMPTY_CASE_COLUMNS = ["outcome", "channel", "order_id", "timings_missing"]
 
@@ -71,7 +88,7 @@ def checkpoint(stage: str) -> None:
 
 
 def new_run_id() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
 def start_run(cfg: Config, input_dir: Path, out: Path, runner: str = "plain") -> RunContext:
@@ -366,7 +383,8 @@ def summary_text(s: dict[str, Any]) -> str:
         f"  input   {s['input']}",
         f"  files   {s['files']['read']} read, {s['files']['skipped_unchanged']} unchanged since an earlier run "
         f"(encodings: {', '.join(f'{k} {v}' for k, v in s['files']['encodings'].items()) or '-'})",
-        f"  records {r['read']} read = {r['accepted']} accepted + {r['duplicates']} duplicates + {r['quarantined']} quarantined"
+        f"  records {r['read']} read = {r['accepted']} accepted + {r['duplicates']} duplicates"
+        f" + {r['quarantined']} quarantined"
         f"  [{'reconciles' if r['reconciles'] else 'DOES NOT RECONCILE'}]",
     ]
     if s["reasons"]:
@@ -453,7 +471,7 @@ def repair(out: Path, check_only: bool = False) -> dict[str, Any]:
 
 
 def _move_aside(path: Path) -> Path:
-    aside = path.with_name(f"{path.name}.damaged-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}")
+    aside = path.with_name(f"{path.name}.damaged-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
     for suffix in ("", "-wal", "-shm"):
         p = path.with_name(path.name + suffix)
         if p.exists():

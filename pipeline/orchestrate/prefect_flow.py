@@ -13,23 +13,25 @@ from pathlib import Path
 from typing import Any
 
 import pipeline.orchestrate.prefect_api  # noqa: F401  (Prefect's environment defaults, before Prefect loads)
+
+# isort: split
 from prefect import flow, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from pipeline.orchestrate import nightly as steps  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
-from pipeline.orchestrate.lock import run_lock  # noqa: E402
+from pipeline.orchestrate import nightly as steps  # noqa: E402
 from pipeline.orchestrate.batch import BatchResult  # noqa: E402
+from pipeline.orchestrate.lock import run_lock  # noqa: E402
+from pipeline.orchestrate.steps import Components  # noqa: E402
 from pipeline.progress import progress  # noqa: E402
 from pipeline.schema import Conversation  # noqa: E402
 from pipeline.text.segment import shared_segmenter  # noqa: E402
-from pipeline.orchestrate.steps import Components  # noqa: E402
 
 
 def _task(step: steps.RunStep):
     # No cache (inputs are large and every run is new data) and no stored results: the state
     # database, not Prefect, is what makes runs resumable.
-    return task(step.run, name=step.name, cache_policy=NO_CACHE, persist_result=False)
+    return task(name=step.name, cache_policy=NO_CACHE, persist_result=False)(step.run)
 
 
 _COMPONENTS: dict[str, Components] = {}
@@ -58,7 +60,7 @@ def run_declared(ctx: steps.RunContext) -> dict[str, Any]:
         if step.per_batch:
             assert night.ingest is not None
             parts = steps.batches(night.ingest.accepted, ctx.cfg.flow.batch_size)
-            run_part = task(_process_part, name=f"{step.name}-batch", cache_policy=NO_CACHE, persist_result=False)
+            run_part = task(name=f"{step.name}-batch", cache_policy=NO_CACHE, persist_result=False)(_process_part)
             futures = [run_part.submit(ctx, batch, n) for n, batch in enumerate(parts)]
             for n, f in enumerate(futures):
                 res = f.result()

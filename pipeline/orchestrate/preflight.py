@@ -7,6 +7,7 @@ one line that says what to do, with the exit code the CLI documents (1 input, 2 
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +79,8 @@ def count_new_files(out: Path, input_dir: Path, files: list[Path]) -> int:
         new = 0
         for p in files:
             st = p.stat()
-            if not state.file_unchanged(input_name(input_dir, p), st.st_size, st.st_mtime_ns, lambda p=p: sha256_file(p)):
+            if not state.file_unchanged(input_name(input_dir, p), st.st_size, st.st_mtime_ns,
+                                        functools.partial(sha256_file, p)):
                 new += 1
         return new
     finally:

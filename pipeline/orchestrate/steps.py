@@ -1,10 +1,10 @@
 """The per-batch steps of a run, declared once, in order: what each reads and what it adds.
 
 Every way of turning conversations into cases takes its order from `BATCH_STEPS`: the nightly
-runners (`pipeline.orchestrate.nightly` as a plain loop, `pipeline.orchestrate.prefect_flow` as Prefect tasks), `casemine classify`
-and `casemine emotion` on transcripts, and training from labelled conversations (`through`
-gives a prefix of the list). Steps are pure: no I/O, no timing, no progress; the runner times
-each one (`run_batch`) and does the rest.
+runners (`pipeline.orchestrate.nightly` as a plain loop, `pipeline.orchestrate.prefect_flow` as
+Prefect tasks), `casemine classify` and `casemine emotion` on transcripts, and training from
+labelled conversations (`through` gives a prefix of the list). Steps are pure: no I/O, no
+timing, no progress; the runner times each one (`run_batch`) and does the rest.
 
 A step never lets one conversation cost the batch: whatever raises on a conversation sets that
 conversation aside as `bad_value` (with the step's name) and the batch goes on without it.
@@ -25,11 +25,21 @@ import pandas as pd
 
 from pipeline.cases.extract import CaseExtractor
 from pipeline.config import Config
+from pipeline.orchestrate.batch import (
+    BatchResult,
+    Failure,
+    case_table,
+    empty_record,
+    failure_record,
+    guard_case_step,
+    guarded,
+    mask_conversation,
+    normalize_conversation,
+    segment_records,
+)
+from pipeline.schema import Conversation, QuarantineRecord
 from pipeline.text.mask import Masker
 from pipeline.text.normalize import Normalizer
-from pipeline.orchestrate.batch import (BatchResult, Failure, case_table, empty_record, failure_record, guard_case_step,
-                              guarded, mask_conversation, normalize_conversation, segment_records)
-from pipeline.schema import Conversation, QuarantineRecord
 from pipeline.text.segment import Segmenter
 
 if TYPE_CHECKING:
@@ -50,7 +60,7 @@ class Components:
 
     @classmethod
     def from_config(cls, cfg: Config, segmenter: Segmenter | None = None,
-                    analyzer: "EmotionAnalyzer | None" = None) -> "Components":
+                    analyzer: EmotionAnalyzer | None = None) -> Components:
         from pipeline.analysis.classify import classify_cases
         from pipeline.analysis.emotion import EmotionAnalyzer, add_emotion
         from pipeline.text.prepare import get_masker, get_normalizer
@@ -69,7 +79,7 @@ class Components:
         if self.owns_segmenter:
             self.segmenter.close()
 
-    def __enter__(self) -> "Components":
+    def __enter__(self) -> Components:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -196,6 +206,7 @@ def run_batch(convs: Sequence[Conversation], comp: Components, steps: Sequence[S
         seconds[step.name] = time.perf_counter() - t
     if batch.cases is None:  # a slice that stops before `table`
         _table(batch, comp)
+    assert batch.cases is not None  # set by the table step or by _table just above
     pii: Counter = Counter()
     for it in batch.items:
         pii.update(it.conv.pii_counts)

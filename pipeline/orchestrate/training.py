@@ -12,8 +12,13 @@ from typing import Any
 import pandas as pd
 
 from pipeline.analysis.classify.coldstart import Encode
-from pipeline.analysis.classify.conversations import (LabelledConversations, TaskFit, evaluate_on, labelled_conversations,
-                                                      train_on)
+from pipeline.analysis.classify.conversations import (
+    LabelledConversations,
+    TaskFit,
+    evaluate_on,
+    labelled_conversations,
+    train_on,
+)
 from pipeline.analysis.classify.data import LabeledDataError
 from pipeline.config import Config
 

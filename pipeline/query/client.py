@@ -22,12 +22,23 @@ import socket
 import sys
 import time
 import unicodedata
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, TextIO
 
 # The server's files, re-exported: callers (and tests) know them as the client's.
-from pipeline.query.files import (HOST, SERVER_FILE, TOKEN_FILE, current_version, read_token,  # noqa: F401
-                                  remove_server_info, remove_token, server_port, write_server_info, write_token)
+from pipeline.query.files import (  # noqa: F401
+    HOST,
+    SERVER_FILE,
+    TOKEN_FILE,
+    current_version,
+    read_token,
+    remove_server_info,
+    remove_token,
+    server_port,
+    write_server_info,
+    write_token,
+)
 
 MODES = ("dense", "bm25", "hybrid")
 # At most this many queries per request (the server's limit): stdin batches go in chunks.
@@ -71,7 +82,7 @@ def http_request(port: int, method: str, path: str, token: str | None, body: byt
 
 
 def _read_all(s: socket.socket) -> bytes:
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         b = s.recv(65536)
         if not b:
@@ -80,7 +91,8 @@ def _read_all(s: socket.socket) -> bytes:
 
 
 def _dechunk(data: bytes) -> bytes:
-    out, pos = [], 0
+    out: list[bytes] = []
+    pos = 0
     while True:
         line_end = data.index(b"\r\n", pos)
         size = int(data[pos:line_end].split(b";")[0], 16)
@@ -393,8 +405,8 @@ def run_query(cfg: Any, root: Path, queries: list[str], *, k: int, filters: dict
         if res is not None:
             return _print(queries, res, served_by="server", k=k, filters=filters, mode=mode, library=library,
                           json_out=json_out, t0=t0)
-    from pipeline.retrieval.search import IndexUnavailable, QueryError
     from pipeline.query.service import QueryService
+    from pipeline.retrieval.search import IndexUnavailable, QueryError
 
     service = QueryService(cfg, root, one_shot=True)
     try:

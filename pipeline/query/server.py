@@ -32,14 +32,18 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import Config
 from pipeline.query.client import query_remote as _query_remote
 from pipeline.query.client import wait_until_up  # noqa: F401  (re-exported for callers of the server)
 from pipeline.query.files import HOST, remove_server_info, remove_token, write_server_info, write_token
 from pipeline.query.service import QueryService
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +66,7 @@ class ApiError(Exception):
 
 # -- the HTTP API ----------------------------------------------------------------------------
 
-def _request_models() -> tuple[type, type]:
+def _request_models() -> "tuple[type[BaseModel], type[BaseModel]]":
     from typing import Annotated, Literal
 
     from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -101,7 +105,7 @@ def _request_models() -> tuple[type, type]:
     return QueryRequest, QueryFilters
 
 
-def parse_query_request(body: bytes, model: type) -> Any:
+def parse_query_request(body: bytes, model: "type[BaseModel]") -> Any:
     """The validated request, or ApiError 422 naming each problem (the input is never echoed: it
     may be huge, and 1e309 is not even JSON-serialisable)."""
     from pydantic import ValidationError
@@ -239,7 +243,7 @@ class _Runner:
         fut.add_done_callback(lambda _: self.slots.release())
         try:
             return await asyncio.wait_for(asyncio.wrap_future(fut), self.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ApiError(504, f"the query took longer than {self.timeout:.0f} s") from None
 
 
@@ -307,7 +311,7 @@ def create_app(service: QueryService, token: str, runner: _Runner | None = None)
     return app
 
 
-def _add_schemas(app: Any, model: type) -> None:
+def _add_schemas(app: Any, model: "type[BaseModel]") -> None:
     """Put the request model's nested schemas where the hand-declared body refers to them."""
     base = app.openapi
 

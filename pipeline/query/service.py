@@ -6,8 +6,9 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pipeline.config import Config
 from pipeline.query.files import current_version
@@ -93,8 +94,14 @@ class QueryService:
     def answer(self, queries: list[str], k: int = 5, filters: Any = None, mode: str | None = None,
                library: bool = False) -> dict[str, Any]:
         """Hits per query. QueryError for the caller's mistakes; IndexUnavailable without an index."""
-        from pipeline.retrieval.search import (FILTER_FIELDS, MAX_K, MAX_QUERY_CHARS, QueryError, check_filter_values,
-                                     normalize_filters)
+        from pipeline.retrieval.search import (
+            FILTER_FIELDS,
+            MAX_K,
+            MAX_QUERY_CHARS,
+            QueryError,
+            check_filter_values,
+            normalize_filters,
+        )
 
         mode = mode or self.cfg.search.mode
         if not 1 <= k <= MAX_K:

@@ -23,10 +23,11 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -107,7 +108,7 @@ def meta_from_cases(cases: pd.DataFrame, include_handling: bool, cut=None) -> pd
     return out[list(META_COLUMNS)]
 
 
-def filter_mask(meta: pd.DataFrame, filters: "Filters | None") -> np.ndarray | None:
+def filter_mask(meta: pd.DataFrame, filters: Filters | None) -> np.ndarray | None:
     """Boolean mask of metadata rows passing the filters (None when there are no filters)."""
     if filters is None or filters.empty():
         return None
@@ -148,7 +149,7 @@ class Filters:
         return {k: v for k, v in self.__dict__.items() if v}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "Filters":
+    def from_dict(cls, d: dict[str, Any] | None) -> Filters:
         d = d or {}
         kw: dict[str, Any] = {f: list(d.get(f) or []) if not isinstance(d.get(f), str) else [d[f]]
                               for f in FILTER_FIELDS}
@@ -184,7 +185,7 @@ class Bm25:
         self._r.save(str(d))
 
     @classmethod
-    def load(cls, d: Path, n: int) -> "Bm25":
+    def load(cls, d: Path, n: int) -> Bm25:
         bm25s = _bm25s()
         self = cls.__new__(cls)
         self.n = n
@@ -414,7 +415,7 @@ class CaseIndex:
 
     @classmethod
     def read_dir(cls, d: Path, icfg: IndexConfig, expect_model: str | None = None,
-                 verify: bool = True) -> "CaseIndex":
+                 verify: bool = True) -> CaseIndex:
         """Load a version directory, checking checksums and the model it was built with."""
         import faiss
 

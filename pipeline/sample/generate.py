@@ -126,7 +126,7 @@ _OUTCOME_CHOICE = {k: _Choice(v) for k, v in T.OUTCOME_BY_EMOTION.items()}
 _SLOT_RE = re.compile(r"\{(\w+)\}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _parse(template: str) -> tuple[str, ...]:
     """Even items are literal text, odd items slot names."""
     return tuple(_SLOT_RE.split(template))
@@ -146,7 +146,7 @@ def _fill(template: str, slots: Mapping[str, Seg]) -> list[Seg]:
 _Phrasing = tuple[str, tuple[str, ...]]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _problem_pool(issue_type: str, category: str) -> tuple[tuple[_Phrasing, ...], tuple[_Phrasing, ...]]:
     """(phrasings without money at stake, phrasings with it) for an issue and product category."""
     pool = [(p, s.handlings) for s in T.ISSUES[issue_type].scenarios
@@ -154,7 +154,7 @@ def _problem_pool(issue_type: str, category: str) -> tuple[tuple[_Phrasing, ...]
     return (tuple(x for x in pool if "{amount}" not in x[0]), tuple(x for x in pool if "{amount}" in x[0]))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _products_for(issue_type: str) -> tuple[str, ...]:
     cats = T.ISSUES[issue_type].categories
     return tuple(p for p, c in T.PRODUCTS.items() if cats is None or c in cats)
@@ -230,11 +230,13 @@ def _fake_address(rng: random.Random, region: str) -> str:
     head = f"{prov}{city}{district}"
     shape = rng.randrange(3)
     if shape == 0:
-        return f"{head}{rng.choice(T.ROADS)}{rng.randint(1, 299)}号{rng.randint(1, 12)}栋{rng.randint(1, 32)}{rng.randint(1, 4):02d}室"
+        return (f"{head}{rng.choice(T.ROADS)}{rng.randint(1, 299)}号{rng.randint(1, 12)}栋"
+                f"{rng.randint(1, 32)}{rng.randint(1, 4):02d}室")
     if shape == 1:
         return (f"{head}{rng.choice(T.ROADS)}{rng.randint(1, 299)}号院{rng.randint(1, 9)}号楼"
                 f"{rng.randint(1, 4)}单元{rng.randint(1, 25)}{rng.randint(1, 4):02d}")
-    return f"{head}{rng.choice(T.COMMUNITIES)}小区{rng.randint(1, 30)}栋{rng.randint(1, 4)}单元{rng.randint(1, 30)}{rng.randint(1, 4):02d}"
+    return (f"{head}{rng.choice(T.COMMUNITIES)}小区{rng.randint(1, 30)}栋{rng.randint(1, 4)}单元"
+            f"{rng.randint(1, 30)}{rng.randint(1, 4):02d}")
 
 
 def _fake_email(rng: random.Random) -> str:

@@ -21,11 +21,11 @@ import gzip
 import hashlib
 import json
 import sqlite3
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from pipeline.io import atomic_write_bytes
 
@@ -81,7 +81,7 @@ class CommitRecord:
 
     @classmethod
     def of(cls, run_id: str, conversations: Iterable[tuple[str, str]], quarantined: Iterable[tuple[str, str]],
-           files: Iterable[FileStamp], orders: Iterable[str], parts: Iterable[tuple[str, str]]) -> "CommitRecord":
+           files: Iterable[FileStamp], orders: Iterable[str], parts: Iterable[tuple[str, str]]) -> CommitRecord:
         """From raw ids and file names (keyed here, so nothing raw is ever written)."""
         return cls(run_id, [(key(c), h) for c, h in conversations], [(h, r) for h, r in quarantined],
                    [(key(f.path), f.size, f.mtime_ns, f.sha256) for f in files], [key(str(o)) for o in orders if o],
@@ -186,7 +186,8 @@ class State:
         out: dict[str, str] = {}
         for i in range(0, len(keys), 900):  # SQLite's bound-parameter limit
             chunk = keys[i:i + 900]
-            q = f"SELECT conversation_id, content_hash FROM conversations WHERE conversation_id IN ({','.join('?' * len(chunk))})"
+            q = ("SELECT conversation_id, content_hash FROM conversations "
+                 f"WHERE conversation_id IN ({','.join('?' * len(chunk))})")
             out.update((by_key[k], h) for k, h in self.db.execute(q, chunk))
         return out
 
@@ -199,7 +200,7 @@ class State:
             found.update(r[0] for r in self.db.execute(q, chunk))
         return found
 
-    def file_unchanged(self, path: str, size: int, mtime_ns: int, sha256: "Callable[[], str]") -> bool:
+    def file_unchanged(self, path: str, size: int, mtime_ns: int, sha256: Callable[[], str]) -> bool:
         """Whether a committed run already read this file as it is now. Size and mtime decide
         without reading the file; only a file whose mtime moved is hashed (a `touch` is not new
         data). `sha256` is called lazily for that reason."""
@@ -263,4 +264,4 @@ class State:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")

@@ -18,10 +18,10 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterable
 
 PLACEHOLDERS = {
     "phone": "<PHONE>", "landline": "<PHONE>", "id": "<ID>", "card": "<CARD>", "email": "<EMAIL>",
@@ -91,7 +91,7 @@ _NOT_ESTATE = _NOT_NAME + "去住放往就也还找说要想能让被从跟写�
 _HE = rf"(?:(?![{_NOT_ESTATE}])[\u4e00-\u9fff])"
 # A building with a unit or room after it is an address with or without a cue, whatever the
 # estate is called: 龙湖春森彼岸19栋6单元302室, 万科城四期12栋2单元1801, 金融大厦A座1608.
-_BUILDING = rf"(?:[0-9A-Za-z]{{1,4}}|[一二三四五六七八九十]{{1,3}})(?:号楼|栋|幢|座|号院)"
+_BUILDING = r"(?:[0-9A-Za-z]{1,4}|[一二三四五六七八九十]{1,3})(?:号楼|栋|幢|座|号院)"
 _ROOM_TAIL = r"(?:[-]?\d[0-9A-Za-z]{0,4}(?:单元|室|层|楼|号|户)?)+"
 _BUILDING_RE = re.compile(
     rf"((?:{_HE}{{2,20}}?(?:{_NUM}+期)?|[A-Za-z]{{2,10}})?{_BUILDING}{_ROOM_TAIL})")

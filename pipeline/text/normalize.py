@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from pipeline.config import NormalizeConfig
@@ -59,6 +59,10 @@ class Normalizer:
 
     cfg: NormalizeConfig
     asr_corrections: tuple[tuple[str, str], ...] = ()
+    # Compiled from cfg in __post_init__: not arguments, and not part of equality or repr.
+    _filler_re: re.Pattern[str] = field(init=False, repr=False, compare=False)
+    _lead_phrase_re: re.Pattern[str] = field(init=False, repr=False, compare=False)
+    _stammer_re: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         anywhere = "|".join(sorted(map(re.escape, self.cfg.fillers), key=len, reverse=True)) or "(?!)"

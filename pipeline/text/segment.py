@@ -13,9 +13,10 @@ import math
 import multiprocessing as mp
 import re
 from collections import Counter
+from collections.abc import Sequence
 from functools import lru_cache
+from multiprocessing.pool import Pool
 from pathlib import Path
-from typing import Sequence
 
 import jieba
 
@@ -51,7 +52,7 @@ class Segmenter:
         self.cfg = cfg
         self.user_dict = str(cfg.resolve(cfg.segment.user_dict))
         self.stopwords = read_wordlist(cfg.resolve(cfg.segment.stopwords))
-        self._pool = None
+        self._pool: Pool | None = None
 
     def warm(self) -> None:
         """Load the dictionary and IDF table now (a one-off per process, about 2 s), so the time
@@ -65,7 +66,7 @@ class Segmenter:
             self._pool.terminate()
             self._pool = None
 
-    def __enter__(self) -> "Segmenter":
+    def __enter__(self) -> Segmenter:
         return self
 
     def __exit__(self, *exc) -> None:

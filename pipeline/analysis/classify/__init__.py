@@ -9,8 +9,14 @@ Public API:
 - `load_model(cfg)`, `load_taxonomy(cfg)`, `ModelMismatchError`, `LabeledDataError`.
 """
 
-from pipeline.analysis.classify.api import (OUTPUT_COLUMNS, REVIEW_LABEL, case_texts, classify_cases, classify_texts,
-                                   get_model_status)
+from pipeline.analysis.classify.api import (
+                                   OUTPUT_COLUMNS,
+                                   REVIEW_LABEL,
+                                   case_texts,
+                                   classify_cases,
+                                   classify_texts,
+                                   get_model_status,
+)
 from pipeline.analysis.classify.data import LabeledDataError, load_labeled
 from pipeline.analysis.classify.store import ModelMismatchError, load_model, read_card, train
 from pipeline.analysis.classify.taxonomy import Taxonomy, load_taxonomy

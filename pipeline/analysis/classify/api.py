@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -21,8 +21,8 @@ import pandas as pd
 from pipeline.analysis.classify.coldstart import ColdStartIssueClassifier, default_encoder
 from pipeline.analysis.classify.rules import KeywordRules, RequestKindRules, UrgencyScorer
 from pipeline.analysis.classify.store import CARD_FILE, ModelMismatchError, load_task_model
-from pipeline.analysis.classify.taxonomy import Taxonomy, load_taxonomy
 from pipeline.analysis.classify.tasks import TASKS, build_inputs, lowest_sentiment, to_float, to_list, to_str
+from pipeline.analysis.classify.taxonomy import Taxonomy, load_taxonomy
 from pipeline.analysis.classify.text import get_backend
 from pipeline.config import Config
 
@@ -119,18 +119,18 @@ def _issue_from_model(cases: pd.DataFrame, cfg: Config, taxonomy: Taxonomy, mode
         X: Any = build_inputs("issue_type", cases, taxonomy, default_encoder(cfg) if card.get("uses_prototypes") else None,
                               with_prototypes=bool(card.get("uses_prototypes")))
         kw_texts = customer_texts(cases)
-        explain = lambda labels: model.explain(X, labels, top_k=cfg.classify.evidence_terms,  # noqa: E731
-                                               signal_names=card.get("signals", ()))
+        # Only the case model names its signal features.
+        explain_kw: dict[str, Any] = {"signal_names": card.get("signals", ())}
     else:
         X = kw_texts = case_texts(cases, cfg.classify.text_source)
-        explain = lambda labels: model.explain(X, labels, top_k=cfg.classify.evidence_terms)  # noqa: E731
+        explain_kw = {}
     proba = model.predict_proba(X)
     best = proba.argmax(axis=1)
     labels = [str(model.classes_[i]) for i in best]
     conf = proba.max(axis=1).astype(float).tolist()
     # Second best: a reviewer deciding between two types wants to see the runner-up.
     second = np.argsort(-proba, axis=1)[:, 1] if proba.shape[1] > 1 else best
-    terms = explain(labels)
+    terms = model.explain(X, labels, top_k=cfg.classify.evidence_terms, **explain_kw)
     # Taxonomy keywords of the predicted type found in the text: a reviewer reads "发票" more
     # easily than a feature name like "客户:票".
     rules = KeywordRules(taxonomy)
@@ -150,7 +150,7 @@ def _issue_cold_start(cases: pd.DataFrame, cfg: Config, taxonomy: Taxonomy) -> I
 
 def _request_kinds(cases: pd.DataFrame, cfg: Config, taxonomy: Taxonomy) -> tuple[list[str], list[dict[str, Any]]]:
     loaded = get_task_model(cfg, "request_kind")
-    rows = cases.to_dict("records")
+    rows = cast(list[dict[str, Any]], cases.to_dict("records"))
     if loaded is not None:
         model, card = loaded
         proba = model.predict_proba(build_inputs("request_kind", cases, taxonomy))
@@ -175,7 +175,7 @@ def _model_outcomes(cases: pd.DataFrame, cfg: Config, taxonomy: Taxonomy) -> lis
     rule = cases["outcome"].map(to_str).tolist()
     rule_ev = cases["outcome_evidence"].map(to_str).tolist() if "outcome_evidence" in cases else [""] * len(cases)
     evidence = []
-    for lab, p, r, rev in zip(labels, proba, rule, rule_ev):
+    for p, r, rev in zip(proba, rule, rule_ev):
         evidence.append({"method": "model", "model_id": card["model_id"], "confidence": round(float(p.max()), 4),
                          "rules_said": r, "rules_evidence": rev})
     cases["outcome"] = labels
@@ -215,7 +215,9 @@ def classify_cases(cases: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     evid_outcome = _model_outcomes(out, cfg, taxonomy)
 
     scorer = UrgencyScorer(taxonomy, cfg.classify.urgency_weights)
-    col = lambda name, conv, default: out[name].map(conv).tolist() if name in out else [default] * n  # noqa: E731
+    def col(name: str, conv: Callable[[Any], Any], default: Any) -> list[Any]:
+        return out[name].map(conv).tolist() if name in out else [default] * n
+
     emo = col("emotion_score", to_float, None)
     cues = col("emotion_cues", _strings, [])
     threats = col("escalation_threats", _strings, [])
@@ -232,7 +234,7 @@ def classify_cases(cases: pd.DataFrame, cfg: Config) -> pd.DataFrame:
         uconf.append(u.confidence)
         due.append(u.due_hours)
         review.append(needs)
-        ev = {"issue_type": evid_issue[i],
+        ev: dict[str, Any] = {"issue_type": evid_issue[i],
               "urgency": {"score": u.score, "signals": u.signals},
               "request_kind": evid_kind[i]}
         if evid_outcome is not None:

@@ -34,7 +34,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
-from pipeline.analysis.classify.model import apply_temperature
+from pipeline.analysis.classify.model import Labels, apply_temperature
 
 CaseInput = dict[str, Any]  # {"customer": str, "agent": str, "signals": list[float]}
 
@@ -100,7 +100,7 @@ class CaseClassifier(BaseEstimator, ClassifierMixin):
             blocks.append(sp.csr_matrix(emb * self.emb_scale))
         return sp.hstack(blocks, format="csr")
 
-    def fit(self, X: Sequence[CaseInput], y: Sequence[str]) -> "CaseClassifier":
+    def fit(self, X: Sequence[CaseInput], y: Labels) -> CaseClassifier:
         y = np.asarray(y, dtype=object)
         labels, counts = np.unique(y, return_counts=True)
         # A label seen fewer than min_class_count times is not learnt (see the module docstring).

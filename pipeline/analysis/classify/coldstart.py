@@ -92,7 +92,8 @@ class PrototypeScorer:
         self._taxonomy = taxonomy
 
     def _build(self) -> None:
-        cents, has = [], []
+        cents: list[np.ndarray | None] = []
+        has: list[bool] = []
         for t in self._taxonomy.issue_types:
             texts = [x for x in ([t.definition] if t.definition else []) + list(t.examples) if x.strip()]
             if not texts:
@@ -163,7 +164,9 @@ class ColdStartIssueClassifier:
         share, sim = self.features(texts)
         scores = share * self.settings.keyword_weight + (sim if sim is not None else 0.0)
         labels = self.taxonomy.labels
-        out_labels, conf, evidence = [], [], []
+        out_labels: list[str] = []
+        conf: list[float] = []
+        evidence: list[dict[str, Any]] = []
         for i, text in enumerate(texts):
             if not share[i].any() and (sim is None or not sim[i].any()):
                 # No keyword and nothing but courtesies to read (or no embedder): too vague to tell.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import platform
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,8 @@ from pipeline.analysis.classify.case_model import CaseClassifier, CaseInput
 from pipeline.analysis.classify.coldstart import Encode, default_encoder
 from pipeline.analysis.classify.data import LabeledDataError, read_table
 from pipeline.analysis.classify.model import apply_temperature, cv_splits, fit_temperature, macro_f1
-from pipeline.analysis.classify.taxonomy import Taxonomy, load_taxonomy
 from pipeline.analysis.classify.tasks import TASKS, build_inputs, conversation_rows, signal_names, task_labels
+from pipeline.analysis.classify.taxonomy import Taxonomy, load_taxonomy
 from pipeline.config import Config
 from pipeline.io import sha256_file
 
@@ -167,7 +167,7 @@ def cross_validate(X: list[CaseInput], y: list[str], C: float, folds: int, seed:
     col = {c: i for i, c in enumerate(classes)}
     proba = np.zeros((len(ya), len(classes)))
     for te, cl, p in parts:
-        proba[np.ix_(te, [col[c] for c in cl])] = p
+        proba[np.ix_(te, np.array([col[c] for c in cl], dtype=np.intp))] = p
     return pred, proba, splits, classes
 
 
@@ -238,7 +238,7 @@ def _card(cfg: Config, taxonomy: Taxonomy, task: str, model: CaseClassifier, par
 
     from pipeline.analysis.classify.store import config_hash
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     digest = hashlib.sha256("|".join(f["sha256"] for f in data.files).encode()).hexdigest()
     tax_path = cfg.resolve(cfg.classify.taxonomy)
     return {
@@ -314,11 +314,11 @@ def evaluate_on(cfg: Config, data: LabelledConversations, *, seed: int = 2026,
         report["trained_cv"] = {}
         taxonomy = load_taxonomy(cfg)
         for task in TASKS:
-            rows, y = data.task(task)
-            if not y:
+            rows, task_labels = data.task(task)
+            if not task_labels:
                 continue
             enc = default_encoder(cfg) if task == "issue_type" and taxonomy.cold_start.embeddings else None
             X = build_inputs(task, rows, taxonomy, enc, with_prototypes=enc is not None)
-            _, parts = train_task(task, X, y, cfg.classify.cv_folds, signals=signal_names(task, taxonomy, enc is not None))
+            _, parts = train_task(task, X, task_labels, cfg.classify.cv_folds, signals=signal_names(task, taxonomy, enc is not None))
             report["trained_cv"][task] = parts["cv"]
     return report

@@ -32,6 +32,9 @@ from sklearn.svm import LinearSVC
 from pipeline.analysis.classify.rules import KeywordRules
 from pipeline.analysis.classify.taxonomy import Taxonomy
 
+# Labels as callers hold them: a list, or an object array (a DataFrame column's values).
+Labels = Sequence[str] | np.ndarray
+
 
 def _token_ngrams(tokens: Sequence[str], n_max: int = 2) -> list[str]:
     """Word 1..n_max-grams of an already segmented text (module level so models pickle)."""
@@ -124,7 +127,7 @@ class TextClassifier(BaseEstimator, ClassifierMixin):
         return np.asarray(names, dtype=object)
 
     # -- estimator API --------------------------------------------------------------------
-    def fit(self, X: Sequence[str], y: Sequence[str]) -> "TextClassifier":
+    def fit(self, X: Sequence[str], y: Labels) -> TextClassifier:
         y = np.asarray(y, dtype=object)
         Xm = self._blocks(X, fit=True)
         self.n_features_in_ = Xm.shape[1]
@@ -227,7 +230,7 @@ class CVResult:
     proba: np.ndarray | None = None  # out-of-fold probabilities, columns = sorted labels
 
 
-def cv_splits(y: Sequence[str], folds: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+def cv_splits(y: Labels, folds: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """Stratified folds; fewer folds when the data cannot fill them (tiny sets)."""
     y = np.asarray(y, dtype=object)
     n_splits = max(2, min(folds, len(y) // 2))
@@ -248,7 +251,7 @@ def apply_temperature(proba: np.ndarray, t: float) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def fit_temperature(proba: np.ndarray, y: Sequence[str], classes: np.ndarray) -> float:
+def fit_temperature(proba: np.ndarray, y: Labels, classes: np.ndarray) -> float:
     """The temperature minimising log-loss of out-of-fold probabilities.
 
     Why: an L2-regularised, class-balanced logistic model over 10+ types spreads its probability
@@ -269,7 +272,7 @@ def fit_temperature(proba: np.ndarray, y: Sequence[str], classes: np.ndarray) ->
     return round(float(np.exp(res.x)), 4)
 
 
-def cross_val_predict_texts(make: Callable[[], TextClassifier], texts: Sequence[str], y: Sequence[str],
+def cross_val_predict_texts(make: Callable[[], TextClassifier], texts: Sequence[str], y: Labels,
                             splits: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Out-of-fold labels, confidences (max probability) and probabilities (columns: the sorted
     labels of y; a label missing from a fold's training part gets 0) for every row."""
@@ -285,18 +288,18 @@ def cross_val_predict_texts(make: Callable[[], TextClassifier], texts: Sequence[
         proba = m.predict_proba([texts[i] for i in test])
         pred[test] = m.classes_[proba.argmax(axis=1)]
         conf[test] = proba.max(axis=1)
-        full[np.ix_(test, [col[c] for c in m.classes_])] = proba
+        full[np.ix_(test, np.array([col[c] for c in m.classes_], dtype=np.intp))] = proba
     return pred, conf, full
 
 
-def macro_f1(y_true: Sequence[str], y_pred: Sequence[str]) -> float:
+def macro_f1(y_true: Labels, y_pred: Labels) -> float:
     """Macro-F1 over the labels present in y_true: a taxonomy type with no examples in the data
     cannot be scored, and must not drag the mean to zero."""
     labels = sorted(set(y_true))
     return float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0))
 
 
-def select_model(texts: Sequence[str], y: Sequence[str], *, tokenizer: Callable[[str], list[str]],
+def select_model(texts: Sequence[str], y: Labels, *, tokenizer: Callable[[str], list[str]],
                  taxonomy: Taxonomy, folds: int = 5, candidates: Sequence[Candidate] = DEFAULT_CANDIDATES,
                  embed: Callable[[list[str]], np.ndarray] | None = None, seed: int = 0,
                  ) -> tuple[TextClassifier, list[CVResult], list[tuple[np.ndarray, np.ndarray]], list[dict[str, str]]]:
@@ -323,6 +326,7 @@ def select_model(texts: Sequence[str], y: Sequence[str], *, tokenizer: Callable[
     best = max(results, key=lambda r: (round(r.macro_f1, 4), -results.index(r)))
     model = TextClassifier(**best.params, tokenizer=tokenizer, taxonomy=taxonomy, embed=embed,
                            random_state=seed).fit(list(texts), list(y))
+    assert best.proba is not None  # cross_val_predict_texts gave every result its probabilities
     model.temperature_ = fit_temperature(best.proba, list(y), np.unique(np.asarray(y, dtype=object)))
     best.confidence = apply_temperature(best.proba, model.temperature_).max(axis=1).tolist()
     return model, results, splits, skipped

@@ -14,7 +14,7 @@ import io
 import json
 import platform
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,7 @@ def build_card(cfg: Config, taxonomy: Taxonomy, data: LabeledData, path: Path, m
                results: list, n_folds: int, skipped: list[dict[str, str]], tok_name: str) -> dict[str, Any]:
     best = max(results, key=lambda r: (round(r.macro_f1, 4), -results.index(r)))
     y = data.frame["label"].tolist()
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     tax_path = cfg.resolve(cfg.classify.taxonomy)
     model_id = f"tfidf-{best.name.replace('/', '-')}-{now:%Y%m%dT%H%M%S}-{data.sha256[:8]}"
     per_class = classification_report(y, best.y_pred, labels=sorted(set(y)), output_dict=True, zero_division=0)

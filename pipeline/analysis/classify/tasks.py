@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -118,7 +118,7 @@ def rule_prior(share: np.ndarray, sim: np.ndarray | None, taxonomy: Taxonomy) ->
 def build_inputs(task: str, cases: pd.DataFrame, taxonomy: Taxonomy, encode: Encode | None = None,
                  with_prototypes: bool = False) -> list[CaseInput]:
     """One input per case row for `task` (see the module docstring of case_model)."""
-    rows = cases.to_dict("records")
+    rows = cast(list[dict[str, Any]], cases.to_dict("records"))
     if task == "issue_type":
         customer = [to_str(r.get("customer_text")) or to_str(r.get("problem")) for r in rows]
         enc = _Memo(encode) if with_prototypes and encode is not None else None

@@ -68,7 +68,7 @@ class RequestKinds(_Strict):
     complaint_emotion_below: float | None = Field(-0.6, ge=-1, le=1)
 
     @model_validator(mode="after")
-    def _default_known(self) -> "RequestKinds":
+    def _default_known(self) -> RequestKinds:
         names = [k.name for k in self.kinds]
         if self.default not in names:
             raise ValueError(f"request_kinds.default {self.default!r} is not one of the kinds {names}")
@@ -134,7 +134,7 @@ class Urgency(_Strict):
     cues: UrgencyCues = UrgencyCues()
 
     @model_validator(mode="after")
-    def _one_catch_all(self) -> "Urgency":
+    def _one_catch_all(self) -> Urgency:
         catch_all = [lv.name for lv in self.levels if lv.min_score is None or math.isnan(lv.min_score)]
         if len(catch_all) != 1:
             raise ValueError("urgency.levels needs exactly one level with min_score: null (the lowest, "
@@ -160,7 +160,7 @@ class Taxonomy(_Strict):
     cold_start: ColdStart = ColdStart()
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Taxonomy":
+    def _consistent(self) -> Taxonomy:
         names = [t.name for t in self.issue_types]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -179,7 +179,7 @@ class Taxonomy(_Strict):
         request-kind settings are left out: editing them must not force a retrain."""
         payload = [{"name": t.name, "keywords": [[k.term, k.weight] for k in t.keywords],
                     "exclude": list(t.exclude)} for t in self.issue_types]
-        payload.append({"fallback": self.fallback})  # type: ignore[dict-item]
+        payload.append({"fallback": self.fallback})
         blob = json.dumps(payload, ensure_ascii=False, sort_keys=True).encode("utf-8")
         return hashlib.sha256(blob).hexdigest()
 

@@ -14,8 +14,8 @@ from pipeline.config import Config
 
 def text_backend(cfg: Config) -> tuple[Callable[[str], str], Callable[[str], list[str]], str]:
     """(prepare, cut, name): the pipeline's normaliser+masker and segmenter."""
-    from pipeline.text.segment import Segmenter
     from pipeline.text.prepare import prepare_text
+    from pipeline.text.segment import Segmenter
 
     seg = Segmenter(cfg)
     return (lambda t: prepare_text(t or "", cfg)), seg.cut, "pipeline.text.segment"
