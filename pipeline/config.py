@@ -170,6 +170,7 @@ class ClusterConfig(_Section):
 
     Read by pipeline.insights.cluster, pipeline.insights.trends and pipeline.insights.export.
     """
+
     # Which cases are clustered: problems of at least this many characters; request kinds to keep
     # (empty = all: consultations reveal root causes too, e.g. "怎么还没发货").
     min_problem_chars: int = Field(4, ge=1)
@@ -202,6 +203,7 @@ class ClusterConfig(_Section):
 
 class EmotionConfig(_Section):
     """Per-turn customer emotion and conversation curves (pipeline.analysis.emotion)."""
+
     lexicon: Path = Path("configs/emotion.yaml")
     model_dir: Path = Path("models/emotion")
     # A trained model (casemine train emotion) "joins" the rules (weighted mean where the rules
@@ -216,6 +218,7 @@ class EmotionConfig(_Section):
 
 class LibraryConfig(_Section):
     """The typical-case library (pipeline.library.typical_cases): candidate rules, diversity and coverage."""
+
     per_group: int = Field(5, ge=1, description="candidates per issue type and per root-cause cluster")
     # "Emotion that ended better than it started" (end > start of the curve) is required by default.
     require_emotion_improved: bool = True
@@ -223,7 +226,9 @@ class LibraryConfig(_Section):
     max_chars: int = Field(1500, ge=20, description="longest customer+agent text a trainer reads")
     max_turns: int = Field(40, ge=2)
     # Action words too generic to show a concrete action alone (给您添麻烦了 is not handling).
-    generic_actions: list[str] = Field(default_factory=lambda: ["给您", "为您", "帮您", "您可以", "建议您", "操作", "查看"])
+    generic_actions: list[str] = Field(
+        default_factory=lambda: ["给您", "为您", "帮您", "您可以", "建议您", "操作", "查看"]
+    )
     # Diversity: a candidate more similar than this to one already picked in its group is skipped.
     max_similarity: float = Field(0.92, ge=-1, le=1)
     # A case is covered when its nearest published case is at least this similar (cosine of the
@@ -300,8 +305,12 @@ class Config(_Section):
 
 def find_config(path: str | Path | None = None) -> Path:
     """The config file to use: explicit path, $CASEMINE_CONFIG, ./configs, then the package's."""
-    candidates = [path, os.environ.get("CASEMINE_CONFIG"), Path.cwd() / "configs" / DEFAULT_CONFIG_NAME,
-                  PACKAGE_ROOT / "configs" / DEFAULT_CONFIG_NAME]
+    candidates = [
+        path,
+        os.environ.get("CASEMINE_CONFIG"),
+        Path.cwd() / "configs" / DEFAULT_CONFIG_NAME,
+        PACKAGE_ROOT / "configs" / DEFAULT_CONFIG_NAME,
+    ]
     for c in candidates:
         if c and Path(c).is_file():
             return Path(c).resolve()
@@ -346,4 +355,3 @@ def load_yaml_resource(cfg: Config, path: Path | str) -> Any:
         raise ConfigError(f"{p} is missing; it is named in the config, restore it from git or fix the path") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{p} is not valid YAML: {e}") from None
-

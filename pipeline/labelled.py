@@ -20,8 +20,9 @@ def labeled_files(path: Path) -> list[Path]:
         return sorted(p for p in path.iterdir() if p.suffix.lower() in LABELED_SUFFIXES and not p.name.startswith("."))
     if path.is_file():
         return [path]
-    raise LabeledDataError(f"labelled data {path} does not exist; pass a CSV/JSONL/Parquet file or a folder "
-                           "of them (columns text, label)")
+    raise LabeledDataError(
+        f"labelled data {path} does not exist; pass a CSV/JSONL/Parquet file or a folder of them (columns text, label)"
+    )
 
 
 def read_table(path: Path) -> pd.DataFrame:

@@ -56,8 +56,14 @@ def rich_display(console) -> Iterator[Reporter]:
     """One labelled bar per stage on `console` (a rich Console), as a reporter."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-    bar = Progress(TextColumn("{task.description:<16}"), BarColumn(bar_width=30), MofNCompleteColumn(),
-                   TimeElapsedColumn(), console=console, transient=False)
+    bar = Progress(
+        TextColumn("{task.description:<16}"),
+        BarColumn(bar_width=30),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
     tasks: dict[str, TaskID] = {}
     lock = threading.Lock()
 

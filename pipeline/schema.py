@@ -55,55 +55,59 @@ class QuarantineRecord:
     raw_hash: str = ""
 
 
-TURN_TYPE = pa.struct([
-    ("speaker", pa.string()),
-    ("text", pa.string()),
-    ("original", pa.string()),
-    ("t", pa.float64()),
-])
+TURN_TYPE = pa.struct(
+    [
+        ("speaker", pa.string()),
+        ("text", pa.string()),
+        ("original", pa.string()),
+        ("t", pa.float64()),
+    ]
+)
 
 # The stored case table. Columns added by later steps (classification, emotion) are appended
 # by those steps; readers must tolerate their absence in partitions written before them.
-CASE_SCHEMA = pa.schema([
-    ("case_id", pa.string()),
-    ("conversation_id", pa.string()),
-    ("segment", pa.int32()),  # 0 for the first issue in a conversation, 1.. for later ones
-    ("channel", pa.string()),
-    ("source_file", pa.string()),
-    ("started_at", pa.timestamp("us", tz="UTC")),
-    ("date", pa.string()),  # YYYY-MM-DD partition key (local date of started_at, else ingest date)
-    ("date_source", pa.string()),  # "started_at" | "ingested"
-    ("problem", pa.string()),
-    ("handling", pa.string()),
-    ("outcome", pa.string()),  # resolved | unresolved | escalated | unknown
-    ("outcome_evidence", pa.string()),
-    ("customer_text", pa.string()),
-    ("agent_text", pa.string()),
-    # Set by the emotion step (pipeline.analysis.emotion), null before it runs:
-    ("emotion", pa.string()),  # configs/emotion.yaml labels: 愤怒 不满 失望 焦虑 满意 平静
-    ("emotion_score", pa.float64()),  # the customer's lowest turn sentiment, -1 .. 1
-    ("emotion_cues", pa.list_(pa.string())),  # cues of the customer's negative turns
-    ("escalation_threats", pa.list_(pa.string())),  # 投诉, 12315, 曝光 ...
-    ("first_response_s", pa.float64()),
-    ("duration_s", pa.float64()),
-    ("n_turns", pa.int32()),
-    ("n_customer_turns", pa.int32()),
-    ("n_agent_turns", pa.int32()),
-    ("timings_missing", pa.list_(pa.string())),
-    ("tokens", pa.list_(pa.string())),  # jieba tokens of `problem`, stop words out
-    ("keywords", pa.list_(pa.string())),
-    ("region", pa.string()),
-    ("product", pa.string()),
-    ("order_id", pa.string()),
-    ("agent_id", pa.string()),
-    ("csat", pa.float64()),
-    ("repeat_contact", pa.bool_()),
-    ("metadata_json", pa.string()),
-    ("turns", pa.list_(TURN_TYPE)),
-    ("pii_masked", pa.int32()),
-    ("content_hash", pa.string()),
-    ("run_id", pa.string()),
-])
+CASE_SCHEMA = pa.schema(
+    [
+        ("case_id", pa.string()),
+        ("conversation_id", pa.string()),
+        ("segment", pa.int32()),  # 0 for the first issue in a conversation, 1.. for later ones
+        ("channel", pa.string()),
+        ("source_file", pa.string()),
+        ("started_at", pa.timestamp("us", tz="UTC")),
+        ("date", pa.string()),  # YYYY-MM-DD partition key (local date of started_at, else ingest date)
+        ("date_source", pa.string()),  # "started_at" | "ingested"
+        ("problem", pa.string()),
+        ("handling", pa.string()),
+        ("outcome", pa.string()),  # resolved | unresolved | escalated | unknown
+        ("outcome_evidence", pa.string()),
+        ("customer_text", pa.string()),
+        ("agent_text", pa.string()),
+        # Set by the emotion step (pipeline.analysis.emotion), null before it runs:
+        ("emotion", pa.string()),  # configs/emotion.yaml labels: 愤怒 不满 失望 焦虑 满意 平静
+        ("emotion_score", pa.float64()),  # the customer's lowest turn sentiment, -1 .. 1
+        ("emotion_cues", pa.list_(pa.string())),  # cues of the customer's negative turns
+        ("escalation_threats", pa.list_(pa.string())),  # 投诉, 12315, 曝光 ...
+        ("first_response_s", pa.float64()),
+        ("duration_s", pa.float64()),
+        ("n_turns", pa.int32()),
+        ("n_customer_turns", pa.int32()),
+        ("n_agent_turns", pa.int32()),
+        ("timings_missing", pa.list_(pa.string())),
+        ("tokens", pa.list_(pa.string())),  # jieba tokens of `problem`, stop words out
+        ("keywords", pa.list_(pa.string())),
+        ("region", pa.string()),
+        ("product", pa.string()),
+        ("order_id", pa.string()),
+        ("agent_id", pa.string()),
+        ("csat", pa.float64()),
+        ("repeat_contact", pa.bool_()),
+        ("metadata_json", pa.string()),
+        ("turns", pa.list_(TURN_TYPE)),
+        ("pii_masked", pa.int32()),
+        ("content_hash", pa.string()),
+        ("run_id", pa.string()),
+    ]
+)
 
 CASE_COLUMNS: tuple[str, ...] = tuple(CASE_SCHEMA.names)
 OUTCOMES: tuple[str, ...] = ("resolved", "unresolved", "escalated", "unknown")

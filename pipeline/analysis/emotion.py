@@ -46,6 +46,7 @@ CARD_FILE = "model_card.json"
 
 # -- configuration ----------------------------------------------------------------------------
 
+
 class _Strict(BaseModel):
     # YAML reads 12315 as a number; cue lists are strings whatever YAML thinks.
     model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
@@ -64,6 +65,7 @@ class CueWeights(_Strict):
 
 class EmotionLexicon(_Strict):
     """configs/emotion.yaml, validated: a typo stops the run with the key named."""
+
     labels: list[str]
     neutral_label: str
     positive_label: str
@@ -97,11 +99,22 @@ def load_emotion_lexicon(cfg: Config) -> EmotionLexicon:
     except ValidationError as e:
         keys = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
         raise ConfigError(f"{cfg.resolve(cfg.emotion.lexicon)}: {keys}") from None
-    unknown = {lab for lab in [*lex.phrases, lex.threat_label, lex.neutral_label, lex.positive_label,
-                               lex.cues.repeated_message_label, *(v for v in lex.dutir_map.values() if v)]
-               if lab not in lex.labels}
+    unknown = {
+        lab
+        for lab in [
+            *lex.phrases,
+            lex.threat_label,
+            lex.neutral_label,
+            lex.positive_label,
+            lex.cues.repeated_message_label,
+            *(v for v in lex.dutir_map.values() if v),
+        ]
+        if lab not in lex.labels
+    }
     if unknown:
-        raise ConfigError(f"{cfg.resolve(cfg.emotion.lexicon)}: labels {sorted(unknown)} are not in `labels` {lex.labels}")
+        raise ConfigError(
+            f"{cfg.resolve(cfg.emotion.lexicon)}: labels {sorted(unknown)} are not in `labels` {lex.labels}"
+        )
     return lex
 
 
@@ -130,6 +143,7 @@ def general_lexicons() -> tuple[dict[str, str], frozenset[str], frozenset[str], 
 
 
 # -- one turn ---------------------------------------------------------------------------------
+
 
 @dataclass
 class TurnEmotion:
@@ -168,8 +182,10 @@ class RuleScorer:
         self.negators = frozenset(lex.negators)
         self.intensifiers = frozenset(lex.intensifiers)
         # Longest first, so 非常满意 is matched before 满意 inside it.
-        self.phrases = sorted(((p, float(w), lab) for lab, by_w in lex.phrases.items() for w, ps in by_w.items() for p in ps),
-                              key=lambda x: -len(x[0]))
+        self.phrases = sorted(
+            ((p, float(w), lab) for lab, by_w in lex.phrases.items() for w, ps in by_w.items() for p in ps),
+            key=lambda x: -len(x[0]),
+        )
         self.caps_allow = frozenset(lex.cues.caps_allow)
         # Threats and profanity are scored once, as cues, never again as lexicon tokens.
         self.cue_words = frozenset(lex.threats) | frozenset(lex.profanity)
@@ -183,7 +199,7 @@ class RuleScorer:
 
     def _modifier(self, text: str, start: int) -> tuple[bool, bool]:
         """(negated, intensified) from the few characters before a phrase."""
-        before = text[max(0, start - 3):start]
+        before = text[max(0, start - 3) : start]
         negated = any(before.endswith(n) for n in self.negators)
         intens = any(before.endswith(w) for w in self.intensifiers)
         return negated, intens
@@ -214,9 +230,16 @@ class RuleScorer:
         for tok in self.tokenize(text):
             start, end = pos, pos + len(tok)
             pos = end
-            window = history[-lex.negation_window:]
+            window = history[-lex.negation_window :]
             history.append(tok)
-            if tok in self.neutral or tok in self.negators or tok in self.cue_words or len(tok) < 2 and tok not in self.dutir or any(s < end and start < e for s, e in covered):
+            if (
+                tok in self.neutral
+                or tok in self.negators
+                or tok in self.cue_words
+                or len(tok) < 2
+                and tok not in self.dutir
+                or any(s < end and start < e for s, e in covered)
+            ):
                 continue
             cat = self.dutir.get(tok)
             label = lex.dutir_map.get(cat) if cat else None
@@ -246,7 +269,7 @@ class RuleScorer:
                 t.arousal += 1
         low = original.lower()
         for w in lex.profanity:
-            if (re.search(rf"(?<![a-z]){re.escape(w.lower())}(?![a-z])", low) if w.isascii() else w in original):
+            if re.search(rf"(?<![a-z]){re.escape(w.lower())}(?![a-z])", low) if w.isascii() else w in original:
                 t.add(lex.profanity_weight, "愤怒", f"粗口:{w}")
                 t.arousal += 1
                 break
@@ -254,7 +277,7 @@ class RuleScorer:
             if e in original:
                 t.add(lex.angry_emoji_weight, "愤怒", f"表情:{e}")
         runs = _REPEAT_PUNCT_RE.findall(original)
-        for r in runs[:c.repeated_punct_max]:
+        for r in runs[: c.repeated_punct_max]:
             t.add(c.repeated_punct_weight, None, f"重复标点:{r}")
             t.arousal += 1
         for w in _CAPS_RE.findall(PLACEHOLDER_RE.sub(" ", original)):
@@ -269,7 +292,9 @@ class RuleScorer:
         if t.raw < 0 and any(q in text for q in c.question_pressure):
             t.add(c.question_pressure_weight, "不满", "质问")
 
-    def score(self, text: str, *, original: str | None = None, previous: Sequence[str] = (), asr: bool = False) -> TurnEmotion:
+    def score(
+        self, text: str, *, original: str | None = None, previous: Sequence[str] = (), asr: bool = False
+    ) -> TurnEmotion:
         """Score one customer turn. `previous`: the customer's earlier turns (repeated messages);
         `asr`: call text, where missing punctuation says nothing about calm."""
         lex = self.lex
@@ -304,10 +329,12 @@ class RuleScorer:
 
 # -- trained model ----------------------------------------------------------------------------
 
+
 @dataclass
 class EmotionModel:
     """A scikit-learn text model: `polarity` (p(positive) -> sentiment 2p-1) or `label` (service
     emotion labels, each mapped to a sentiment by the label's sign)."""
+
     pipeline: Any
     kind: Literal["polarity", "label"]
     card: dict[str, Any]
@@ -336,8 +363,10 @@ def make_text_model(seed: int = 0):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
 
-    return make_pipeline(TfidfVectorizer(analyzer="char", ngram_range=(1, 3), min_df=2, sublinear_tf=True, max_features=300_000),
-                         LogisticRegression(C=4.0, max_iter=2000, random_state=seed))
+    return make_pipeline(
+        TfidfVectorizer(analyzer="char", ngram_range=(1, 3), min_df=2, sublinear_tf=True, max_features=300_000),
+        LogisticRegression(C=4.0, max_iter=2000, random_state=seed),
+    )
 
 
 def make_baseline_model(seed: int = 0):
@@ -347,12 +376,19 @@ def make_baseline_model(seed: int = 0):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
 
-    return make_pipeline(TfidfVectorizer(analyzer="char", ngram_range=(1, 3)),
-                         LogisticRegression(max_iter=2000, random_state=seed))
+    return make_pipeline(
+        TfidfVectorizer(analyzer="char", ngram_range=(1, 3)), LogisticRegression(max_iter=2000, random_state=seed)
+    )
 
 
-def _shift_auc(make, train_texts: list[str], train_y: np.ndarray, test_texts: list[str], test_y: np.ndarray,
-               analyzer: EmotionAnalyzer | None = None) -> float:
+def _shift_auc(
+    make,
+    train_texts: list[str],
+    train_y: np.ndarray,
+    test_texts: list[str],
+    test_y: np.ndarray,
+    analyzer: EmotionAnalyzer | None = None,
+) -> float:
     """AUC of a recipe trained on one domain and scored on another; with `analyzer`, of what the
     product reports (the model joined with the rules as configured)."""
     from sklearn.metrics import roc_auc_score
@@ -372,22 +408,37 @@ def _reviews_by_domain(reviews_dir: Path, per_domain: int, seed: int) -> pd.Data
     frames = [pd.read_csv(reviews_dir / "waimai_10k.csv", encoding="utf-8-sig", dtype=str).assign(cat="外卖")]
     frames.append(pd.read_csv(reviews_dir / "online_shopping_10_cats.csv", encoding="utf-8-sig", dtype=str))
     df = pd.concat(frames, ignore_index=True)
-    df = pd.DataFrame({"text": df["review"].fillna("").str.lstrip("\ufeff").str.strip(),
-                       "label": df["label"].astype(int), "domain": df["cat"].fillna("")})
+    df = pd.DataFrame(
+        {
+            "text": df["review"].fillna("").str.lstrip("\ufeff").str.strip(),
+            "label": df["label"].astype(int),
+            "domain": df["cat"].fillna(""),
+        }
+    )
     df = df[df["text"].str.len() > 0]
     both = df.groupby("text")["label"].nunique()
     df = df[~df["text"].isin(set(both[both > 1].index))].drop_duplicates("text")
     parts = []
     for _, g in df.groupby("domain"):
         if per_domain and len(g) > per_domain:
-            g = pd.concat([x.sample(n=max(1, round(per_domain * len(x) / len(g))), random_state=seed)
-                           for _, x in g.groupby("label")])
+            g = pd.concat(
+                [
+                    x.sample(n=max(1, round(per_domain * len(x) / len(g))), random_state=seed)
+                    for _, x in g.groupby("label")
+                ]
+            )
         parts.append(g)
     return pd.concat(parts, ignore_index=True)
 
 
-def evaluate_domain_shift(cfg: Config, reviews_dir: Path, per_domain: int = 1500, seed: int = 0,
-                          methods: dict[str, Any] | None = None, with_rules: bool = True) -> dict[str, Any]:
+def evaluate_domain_shift(
+    cfg: Config,
+    reviews_dir: Path,
+    per_domain: int = 1500,
+    seed: int = 0,
+    methods: dict[str, Any] | None = None,
+    with_rules: bool = True,
+) -> dict[str, Any]:
     """AUC on reviews from a domain the model never saw, for the trained model's recipe and the
     plain baseline in the same run: train on food delivery, test on shopping and the reverse; and
     within shopping, leave one category out (酒店 = hotel reviews, ...). Texts are prepared as turns
@@ -395,14 +446,18 @@ def evaluate_domain_shift(cfg: Config, reviews_dir: Path, per_domain: int = 1500
     from pipeline.text.prepare import prepare_text
 
     methods = methods or {"trained": make_text_model, "baseline": make_baseline_model}
-    analyzer = EmotionAnalyzer(RuleScorer.from_config(cfg), None, cfg.emotion.model_mode, cfg.emotion.model_weight) \
-        if with_rules else None
+    analyzer = (
+        EmotionAnalyzer(RuleScorer.from_config(cfg), None, cfg.emotion.model_mode, cfg.emotion.model_weight)
+        if with_rules
+        else None
+    )
     data = _reviews_by_domain(Path(reviews_dir), per_domain, seed)
     data["text"] = [prepare_text(t, cfg) for t in data["text"]]
     shop = data["domain"] != "外卖"
     splits: list[tuple[str, np.ndarray, np.ndarray]] = [
         ("外卖 -> online_shopping", (~shop).to_numpy(), shop.to_numpy()),
-        ("online_shopping -> 外卖", shop.to_numpy(), (~shop).to_numpy())]
+        ("online_shopping -> 外卖", shop.to_numpy(), (~shop).to_numpy()),
+    ]
     for cat in sorted(set(data.loc[shop, "domain"])):
         test = (data["domain"] == cat).to_numpy()
         splits.append((f"online_shopping without {cat} -> {cat}", shop.to_numpy() & ~test, test))
@@ -412,16 +467,21 @@ def evaluate_domain_shift(cfg: Config, reviews_dir: Path, per_domain: int = 1500
         tr_t, te_t = [texts[i] for i in np.flatnonzero(tr)], [texts[i] for i in np.flatnonzero(te)]
         aucs = {m: round(_shift_auc(make, tr_t, y[tr], te_t, y[te]), 4) for m, make in methods.items()}
         if analyzer is not None:
-            aucs[f"trained+rules ({analyzer.mode})"] = round(_shift_auc(make_text_model, tr_t, y[tr], te_t, y[te], analyzer), 4)
+            aucs[f"trained+rules ({analyzer.mode})"] = round(
+                _shift_auc(make_text_model, tr_t, y[tr], te_t, y[te], analyzer), 4
+            )
         rows.append({"split": name, "train": int(tr.sum()), "test": int(te.sum()), "auc": aucs})
     summary: dict[str, dict[str, Any]] = {}
     for group, sel in (("cross_corpus", rows[:2]), ("leave_one_category_out", rows[2:])):
         summary[group] = {m: round(float(np.mean([r["auc"][m] for r in sel])), 4) for m in sel[0]["auc"]}
         if {"trained", "baseline"} <= set(methods):
             diffs = [r["auc"]["trained"] - r["auc"]["baseline"] for r in sel]
-            summary[group]["trained_minus_baseline"] = {"mean": round(float(np.mean(diffs)), 4),
-                                                        "min": round(float(np.min(diffs)), 4),
-                                                        "wins": int(sum(d >= 0 for d in diffs)), "of": len(diffs)}
+            summary[group]["trained_minus_baseline"] = {
+                "mean": round(float(np.mean(diffs)), 4),
+                "min": round(float(np.min(diffs)), 4),
+                "wins": int(sum(d >= 0 for d in diffs)),
+                "of": len(diffs),
+            }
     return {"per_domain": per_domain, "seed": seed, "splits": rows, "summary": summary}
 
 
@@ -451,10 +511,16 @@ def read_labelled(path: Path, cfg: Config) -> tuple[pd.DataFrame, Literal["polar
         tcol = next((c for c in _TEXT_COLUMNS if c in df.columns), None)
         lcol = next((c for c in _LABEL_COLUMNS if c in df.columns), None)
         if tcol is None or lcol is None:
-            raise EmotionDataError(f"{f} needs a text column ({', '.join(_TEXT_COLUMNS)}) and a label column "
-                                   f"({', '.join(_LABEL_COLUMNS)}); found {list(df.columns)}")
-        sub = pd.DataFrame({"text": df[tcol].fillna("").astype(str).str.lstrip("\ufeff").str.strip(),
-                            "label": df[lcol].fillna("").astype(str).str.strip()})
+            raise EmotionDataError(
+                f"{f} needs a text column ({', '.join(_TEXT_COLUMNS)}) and a label column "
+                f"({', '.join(_LABEL_COLUMNS)}); found {list(df.columns)}"
+            )
+        sub = pd.DataFrame(
+            {
+                "text": df[tcol].fillna("").astype(str).str.lstrip("\ufeff").str.strip(),
+                "label": df[lcol].fillna("").astype(str).str.strip(),
+            }
+        )
         sub["label"] = sub["label"].str.replace(r"\.0$", "", regex=True)
         frames.append(sub[(sub["text"] != "") & (sub["label"] != "")])
         meta.append({"path": str(f), "sha256": sha256_file(f), "rows": len(df), "used": len(frames[-1])})
@@ -465,13 +531,22 @@ def read_labelled(path: Path, cfg: Config) -> tuple[pd.DataFrame, Literal["polar
     else:
         allowed = set(load_emotion_lexicon(cfg).labels)
         if unknown := labels - allowed:
-            raise EmotionDataError(f"labels {sorted(unknown)} are neither 1/0 polarity nor service emotions {sorted(allowed)}")
+            raise EmotionDataError(
+                f"labels {sorted(unknown)} are neither 1/0 polarity nor service emotions {sorted(allowed)}"
+            )
         kind = "label"
     if len(labels) < 2:
         raise EmotionDataError(f"{path}: only one label ({', '.join(labels) or 'none'}); a model needs two or more")
     frame["text"] = [prepare_text(t, cfg) for t in frame["text"]]
-    return frame.reset_index(drop=True), kind, {"files": meta, "rows": int(len(frame)),
-                                                "label_counts": {k: int(v) for k, v in frame["label"].value_counts().items()}}
+    return (
+        frame.reset_index(drop=True),
+        kind,
+        {
+            "files": meta,
+            "rows": int(len(frame)),
+            "label_counts": {k: int(v) for k, v in frame["label"].value_counts().items()},
+        },
+    )
 
 
 def train_emotion(cfg: Config, labels: Path, model_dir: Path | None = None) -> tuple[EmotionModel, dict[str, Any]]:
@@ -487,8 +562,9 @@ def train_emotion(cfg: Config, labels: Path, model_dir: Path | None = None) -> t
     folds = min(cfg.emotion.cv_folds, int(pd.Series(y).value_counts().min()))
     cv: dict[str, Any] = {"folds": folds}
     if folds >= 2:
-        proba = cross_val_predict(make_text_model(), X, y, cv=StratifiedKFold(folds, shuffle=True, random_state=0),
-                                  method="predict_proba")
+        proba = cross_val_predict(
+            make_text_model(), X, y, cv=StratifiedKFold(folds, shuffle=True, random_state=0), method="predict_proba"
+        )
         classes = sorted(set(y))
         pred = np.array(classes)[proba.argmax(axis=1)]
         cv["accuracy"] = round(float(accuracy_score(y, pred)), 4)
@@ -510,7 +586,7 @@ def train_emotion(cfg: Config, labels: Path, model_dir: Path | None = None) -> t
         "use": f"emotion.model_mode={cfg.emotion.model_mode}, model_weight={cfg.emotion.model_weight}",
         "sklearn": sklearn.__version__,
         "limits": "trained on the given texts only; review-style text differs from chat turns (short, "
-                  "conversational), so check it on your own turns before replacing the rules",
+        "conversational), so check it on your own turns before replacing the rules",
     }
     target = model_dir or cfg.resolve(cfg.emotion.model_dir)
     import io
@@ -538,12 +614,18 @@ def load_emotion_model(cfg: Config, model_dir: Path | None = None) -> EmotionMod
 
 # -- analyzer: rules (+ model) ----------------------------------------------------------------
 
+
 class EmotionAnalyzer:
     """`analyze(texts)` and `analyze_turns(turns)`: the rules, joined with or replaced by a
     trained model when one exists and the config says so."""
 
-    def __init__(self, rules: RuleScorer, model: EmotionModel | None = None,
-                 mode: Literal["join", "replace", "ignore"] = "join", weight: float = 0.6):
+    def __init__(
+        self,
+        rules: RuleScorer,
+        model: EmotionModel | None = None,
+        mode: Literal["join", "replace", "ignore"] = "join",
+        weight: float = 0.6,
+    ):
         self.rules = rules
         self.model = model if mode != "ignore" else None
         self.mode = mode
@@ -551,10 +633,16 @@ class EmotionAnalyzer:
 
     @classmethod
     def from_config(cls, cfg: Config, model_dir: Path | None = None) -> EmotionAnalyzer:
-        return cls(RuleScorer.from_config(cfg), load_emotion_model(cfg, model_dir), cfg.emotion.model_mode,
-                   cfg.emotion.model_weight)
+        return cls(
+            RuleScorer.from_config(cfg),
+            load_emotion_model(cfg, model_dir),
+            cfg.emotion.model_mode,
+            cfg.emotion.model_weight,
+        )
 
-    def _combine(self, rule: TurnEmotion, text: str, model_s: float | None, model_label: tuple[str, float] | None) -> TurnEmotion:
+    def _combine(
+        self, rule: TurnEmotion, text: str, model_s: float | None, model_label: tuple[str, float] | None
+    ) -> TurnEmotion:
         if model_s is None:
             return rule
         lex = self.rules.lex
@@ -564,7 +652,11 @@ class EmotionAnalyzer:
         else:
             s, src = self.weight * model_s + (1 - self.weight) * rule.sentiment, "rules+model"
         evidence = rule.evidence + [f"模型:{model_s:+.2f}"]
-        if model_label is not None and model_label[1] >= 0.5 and (self.mode == "replace" or rule.emotion == lex.neutral_label):
+        if (
+            model_label is not None
+            and model_label[1] >= 0.5
+            and (self.mode == "replace" or rule.emotion == lex.neutral_label)
+        ):
             label = model_label[0]
         elif abs(s) < lex.neutral_band:
             label = lex.neutral_label
@@ -575,8 +667,14 @@ class EmotionAnalyzer:
         intensity = round(min(1.0, max(abs(s), rule.intensity if s * rule.sentiment > 0 else 0.0)), 4)
         return TurnEmotion(round(float(s), 4), label, intensity, evidence, src)
 
-    def analyze(self, texts: Sequence[str], *, originals: Sequence[str | None] | None = None,
-                previous: Sequence[Sequence[str]] | None = None, asr: bool = False) -> list[TurnEmotion]:
+    def analyze(
+        self,
+        texts: Sequence[str],
+        *,
+        originals: Sequence[str | None] | None = None,
+        previous: Sequence[Sequence[str]] | None = None,
+        asr: bool = False,
+    ) -> list[TurnEmotion]:
         texts = [t or "" for t in texts]
         originals = originals or [None] * len(texts)
         previous = previous or [()] * len(texts)
@@ -593,11 +691,12 @@ class EmotionAnalyzer:
         idx = [i for i, t in enumerate(turns) if t.get("speaker") == "customer"]
         texts = [str(turns[i].get("text") or "") for i in idx]
         originals = [turns[i].get("original") for i in idx]
-        previous = [texts[max(0, k - 3):k] for k in range(len(idx))]
+        previous = [texts[max(0, k - 3) : k] for k in range(len(idx))]
         return list(zip(idx, self.analyze(texts, originals=originals, previous=previous, asr=asr)))
 
 
 # -- the curve --------------------------------------------------------------------------------
+
 
 def trajectory(delta: float, improve: float, worsen: float) -> str:
     """改善 / 恶化 / 平稳 from end - start, thresholds from config."""
@@ -617,17 +716,26 @@ def _agent_near(turns: Sequence[dict[str, Any]], i: int, step: int) -> dict[str,
     return None
 
 
-def summarize_curve(points: Sequence[tuple[int, float]], turns: Sequence[dict[str, Any]],
-                    improve: float = 0.3, worsen: float = 0.3) -> dict[str, Any]:
+def summarize_curve(
+    points: Sequence[tuple[int, float]], turns: Sequence[dict[str, Any]], improve: float = 0.3, worsen: float = 0.3
+) -> dict[str, Any]:
     """Curve statistics from (turn index, sentiment) of the customer's turns, in order.
 
     Turning points keep the agent turn just before and just after the lowest point and the
     biggest rise (the customer turn that rose most over the previous one): what the agent said
     there is what trainers study. Texts come from `turns`, which are masked already."""
     if not points:
-        return {"emotion_curve": [], "emotion_curve_turns": [], "emotion_start": float("nan"),
-                "emotion_end": float("nan"), "emotion_min": float("nan"), "emotion_min_turn": -1,
-                "emotion_delta": float("nan"), "emotion_trajectory": "平稳", "turning_points": {}}
+        return {
+            "emotion_curve": [],
+            "emotion_curve_turns": [],
+            "emotion_start": float("nan"),
+            "emotion_end": float("nan"),
+            "emotion_min": float("nan"),
+            "emotion_min_turn": -1,
+            "emotion_delta": float("nan"),
+            "emotion_trajectory": "平稳",
+            "turning_points": {},
+        }
     idx = [i for i, _ in points]
     curve = [round(float(s), 4) for _, s in points]
     k_min = int(np.argmin(curve))  # the first lowest point
@@ -637,23 +745,50 @@ def summarize_curve(points: Sequence[tuple[int, float]], turns: Sequence[dict[st
     rises = [curve[k] - curve[k - 1] for k in range(1, len(curve))]
     if rises and max(rises) > 0:
         k = int(np.argmax(rises)) + 1
-        tp["biggest_rise"] = {**_point(turns, idx[k], curve[k]), "from_turn": idx[k - 1], "rise": round(rises[k - 1], 4)}
-    return {"emotion_curve": curve, "emotion_curve_turns": idx, "emotion_start": start, "emotion_end": end,
-            "emotion_min": curve[k_min], "emotion_min_turn": idx[k_min], "emotion_delta": delta,
-            "emotion_trajectory": trajectory(delta, improve, worsen), "turning_points": tp}
+        tp["biggest_rise"] = {
+            **_point(turns, idx[k], curve[k]),
+            "from_turn": idx[k - 1],
+            "rise": round(rises[k - 1], 4),
+        }
+    return {
+        "emotion_curve": curve,
+        "emotion_curve_turns": idx,
+        "emotion_start": start,
+        "emotion_end": end,
+        "emotion_min": curve[k_min],
+        "emotion_min_turn": idx[k_min],
+        "emotion_delta": delta,
+        "emotion_trajectory": trajectory(delta, improve, worsen),
+        "turning_points": tp,
+    }
 
 
 def _point(turns: Sequence[dict[str, Any]], i: int, s: float) -> dict[str, Any]:
-    return {"turn": i, "sentiment": s, "customer": str(turns[i].get("text") or ""),
-            "agent_before": _agent_near(turns, i, -1), "agent_after": _agent_near(turns, i, +1)}
+    return {
+        "turn": i,
+        "sentiment": s,
+        "customer": str(turns[i].get("text") or ""),
+        "agent_before": _agent_near(turns, i, -1),
+        "agent_after": _agent_near(turns, i, +1),
+    }
 
 
 # The conversation's emotion in the case table's first columns (what urgency, clusters and reports
 # read), then the curve. One label set: configs/emotion.yaml `labels`.
 CASE_EMOTION_COLUMNS = ("emotion", "emotion_score", "emotion_cues", "escalation_threats")
-EMOTION_COLUMNS = ("emotion_curve", "emotion_curve_turns", "emotion_labels", "emotion_start", "emotion_end",
-                   "emotion_min", "emotion_min_turn", "emotion_delta", "emotion_trajectory", "turning_points",
-                   "emotion_turn_detail")
+EMOTION_COLUMNS = (
+    "emotion_curve",
+    "emotion_curve_turns",
+    "emotion_labels",
+    "emotion_start",
+    "emotion_end",
+    "emotion_min",
+    "emotion_min_turn",
+    "emotion_delta",
+    "emotion_trajectory",
+    "turning_points",
+    "emotion_turn_detail",
+)
 
 
 def _as_turns(value: Any) -> list[dict[str, Any]]:
@@ -662,10 +797,13 @@ def _as_turns(value: Any) -> list[dict[str, Any]]:
     return [dict(t) for t in list(value)]
 
 
-def conversation_emotion(turns: Sequence[dict[str, Any]], analyzer: EmotionAnalyzer, cfg: Config,
-                         asr: bool = False) -> tuple[dict[str, Any], list[tuple[int, TurnEmotion]]]:
+def conversation_emotion(
+    turns: Sequence[dict[str, Any]], analyzer: EmotionAnalyzer, cfg: Config, asr: bool = False
+) -> tuple[dict[str, Any], list[tuple[int, TurnEmotion]]]:
     scored = analyzer.analyze_turns(turns, asr=asr)
-    summary = summarize_curve([(i, e.sentiment) for i, e in scored], turns, cfg.emotion.improve_delta, cfg.emotion.worsen_delta)
+    summary = summarize_curve(
+        [(i, e.sentiment) for i, e in scored], turns, cfg.emotion.improve_delta, cfg.emotion.worsen_delta
+    )
     return summary, scored
 
 
@@ -692,12 +830,16 @@ def case_emotion(scored: Sequence[tuple[int, TurnEmotion]], neutral: str) -> dic
         for ev in e.evidence:
             cue = _WEIGHT_RE.sub("", ev)
             if cue.startswith(THREAT_PREFIX):
-                threats.append(cue[len(THREAT_PREFIX):])
+                threats.append(cue[len(THREAT_PREFIX) :])
             elif e.sentiment < 0 and "(-" in ev:
                 cues.append(cue)
     low = min((e.sentiment for _, e in scored), default=float("nan"))
-    return {"emotion": conversation_label(scored, neutral), "emotion_score": float(low),
-            "emotion_cues": list(dict.fromkeys(cues)), "escalation_threats": list(dict.fromkeys(threats))}
+    return {
+        "emotion": conversation_label(scored, neutral),
+        "emotion_score": float(low),
+        "emotion_cues": list(dict.fromkeys(cues)),
+        "escalation_threats": list(dict.fromkeys(threats)),
+    }
 
 
 def add_emotion(cases: pd.DataFrame, cfg: Config, analyzer: EmotionAnalyzer | None = None) -> pd.DataFrame:
@@ -710,19 +852,25 @@ def add_emotion(cases: pd.DataFrame, cfg: Config, analyzer: EmotionAnalyzer | No
     analyzer = analyzer or EmotionAnalyzer.from_config(cfg)
     neutral = analyzer.rules.lex.neutral_label
     rows = []
-    for turns_value, channel in zip(cases["turns"] if "turns" in cases else [None] * len(cases),
-                                    cases["channel"] if "channel" in cases else [""] * len(cases)):
+    for turns_value, channel in zip(
+        cases["turns"] if "turns" in cases else [None] * len(cases),
+        cases["channel"] if "channel" in cases else [""] * len(cases),
+    ):
         turns = _as_turns(turns_value)
-        summary, scored = conversation_emotion(turns, analyzer, cfg, asr=str(channel) in ("call", "asr", "voice", "phone"))
-        rows.append({
-            **case_emotion(scored, neutral),
-            **summary,
-            "emotion_curve": json.dumps(summary["emotion_curve"]),
-            "emotion_curve_turns": json.dumps(summary["emotion_curve_turns"]),
-            "emotion_labels": json.dumps([e.emotion for _, e in scored], ensure_ascii=False),
-            "turning_points": json.dumps(summary["turning_points"], ensure_ascii=False),
-            "emotion_turn_detail": json.dumps([{"turn": i, **e.as_dict()} for i, e in scored], ensure_ascii=False),
-        })
+        summary, scored = conversation_emotion(
+            turns, analyzer, cfg, asr=str(channel) in ("call", "asr", "voice", "phone")
+        )
+        rows.append(
+            {
+                **case_emotion(scored, neutral),
+                **summary,
+                "emotion_curve": json.dumps(summary["emotion_curve"]),
+                "emotion_curve_turns": json.dumps(summary["emotion_curve_turns"]),
+                "emotion_labels": json.dumps([e.emotion for _, e in scored], ensure_ascii=False),
+                "turning_points": json.dumps(summary["turning_points"], ensure_ascii=False),
+                "emotion_turn_detail": json.dumps([{"turn": i, **e.as_dict()} for i, e in scored], ensure_ascii=False),
+            }
+        )
     out = cases.copy()
     columns = CASE_EMOTION_COLUMNS + EMOTION_COLUMNS
     extra = pd.DataFrame(rows, columns=list(columns), index=cases.index)

@@ -50,8 +50,10 @@ _NOT_INITIAL = "的了么们样着过吗呢吧"
 # almost never keep them). Dropped wherever they stand, with the 的 that makes a pronoun possessive
 # and the 为 of the service formula 为您 ("已为您申请" -> "已申请", not 因为, 认为...); 你好 / 您好
 # are left to the greeting rules, 自我 is not a pronoun, and 这个月 is a date.
-_DEIXIS_RE = re.compile(r"(?<!自)(?:(?<![因认作成以行])为)?(?:[我你您]们?|咱们)(?!好)的?"
-                        r"|[这那](?:个(?![月周星礼年天时])|边)")
+_DEIXIS_RE = re.compile(
+    r"(?<!自)(?:(?<![因认作成以行])为)?(?:[我你您]们?|咱们)(?!好)的?"
+    r"|[这那](?:个(?![月周星礼年天时])|边)"
+)
 _QUESTION_MARK = "？"
 # Endings that make a clause a question ("明天到对吧"); a bare 吧 may only soften a request. A
 # customer clause with a question word asks too (`_is_question`); an agent's 呢 only softens.
@@ -110,8 +112,10 @@ def load_lexicon(cfg: Config) -> CaseLexicon:
 
     raw = load_yaml_resource(cfg, cfg.cases.lexicon)
     if isinstance(raw, dict) and "emotion" in raw:
-        raise ConfigError(f"{cfg.resolve(cfg.cases.lexicon)}: the `emotion` block is no longer read; emotion cues, "
-                          f"threats included, live in {cfg.emotion.lexicon} (the emotion step). Delete the block")
+        raise ConfigError(
+            f"{cfg.resolve(cfg.cases.lexicon)}: the `emotion` block is no longer read; emotion cues, "
+            f"threats included, live in {cfg.emotion.lexicon} (the emotion step). Delete the block"
+        )
     try:
         return CaseLexicon.model_validate(raw)
     except ValidationError as e:
@@ -238,7 +242,7 @@ class CaseExtractor:
             m = opener.match(clause)
             # "我说的是" must not become "的是": only cut before a word that can start a clause.
             if m and len(clause) > m.end() + 1 and clause[m.end()] not in _NOT_INITIAL:
-                clause = clause[m.end():].lstrip(_CLAUSE_STRIP)
+                clause = clause[m.end() :].lstrip(_CLAUSE_STRIP)
             for n in range(min(longest, len(clause) - 2), 0, -1):
                 if clause[-n:] in particles:
                     clause = clause[:-n].rstrip(_CLAUSE_STRIP)
@@ -263,8 +267,12 @@ class CaseExtractor:
         out: list[tuple[str, bool]] = []
         for t in turns:
             if t.speaker == "customer":
-                out += [(told, asks or _is_question(c)) for c in turn_clauses(t) if not self._is_noise(c)
-                        for told, asks in [self._told(c)]]
+                out += [
+                    (told, asks or _is_question(c))
+                    for c in turn_clauses(t)
+                    if not self._is_noise(c)
+                    for told, asks in [self._told(c)]
+                ]
         return _marked(_dedup([c for c, _ in out if c], near=NEAR_REPEAT), out)
 
     def problem(self, turns: list[Turn]) -> str:
@@ -319,14 +327,24 @@ class CaseExtractor:
         question left unanswered is unresolved; otherwise what the agent did or said stands."""
         if _truthy(metadata.get("transferred")):
             return "escalated", "metadata.transferred"
-        agent = [(i, c) for i, t in enumerate(turns) if t.speaker == "agent" for c in turn_clauses(t)
-                 if self._is_reply(c)]
+        agent = [
+            (i, c) for i, t in enumerate(turns) if t.speaker == "agent" for c in turn_clauses(t) if self._is_reply(c)
+        ]
         customer = [(i, c) for i, t in enumerate(turns) if t.speaker == "customer" for c in turn_clauses(t)]
         if not agent:
-            return ("unknown", "") if not any(not self._is_noise(c) for _, c in customer) else \
-                ("unresolved", "no answer from the agent")
-        for decide in (self._objection_after, self._final_handover, self._objection, self._unanswered,
-                       self._escalation, self._refusal):
+            return (
+                ("unknown", "")
+                if not any(not self._is_noise(c) for _, c in customer)
+                else ("unresolved", "no answer from the agent")
+            )
+        for decide in (
+            self._objection_after,
+            self._final_handover,
+            self._objection,
+            self._unanswered,
+            self._escalation,
+            self._refusal,
+        ):
             if (found := decide(agent, customer)) is not None:
                 return found
         last_i, last = agent[-1]
@@ -356,7 +374,7 @@ class CaseExtractor:
         # let go of themselves ("...呢 好谢谢", thanks to the closing question).
         later = [c for i, c in customer if i > agent[-1][0]]
         asks = [n for n, c in enumerate(later) if _is_question(c) and not self._is_noise(c)]
-        if asks and not _hits(" ".join(later[asks[-1] + 1:]), self.lex.outcome.resolved_customer):
+        if asks and not _hits(" ".join(later[asks[-1] + 1 :]), self.lex.outcome.resolved_customer):
             return "unresolved", f"customer asked last: {later[asks[-1]][:40]}"
         return None
 
@@ -375,7 +393,9 @@ class CaseExtractor:
         if any(i > at and _hits(c, self.lex.outcome.resolved_agent) for i, c in agent):
             return None  # the agent went on to settle something in the chat
         later = [c for i, c in customer if i > at]
-        if any(_is_question(c) and not self._is_noise(c) for c in later) or _hits(" ".join(later), self.lex.outcome.settled):
+        if any(_is_question(c) and not self._is_noise(c) for c in later) or _hits(
+            " ".join(later), self.lex.outcome.settled
+        ):
             return None
         return "escalated", f"agent: {cue}"
 
@@ -407,7 +427,11 @@ class CaseExtractor:
         agent_acted = False
         for t in turns:
             head = t.text[:12]
-            if t.speaker == "customer" and agent_acted and any(head.startswith(c) or c in head for c in self.lex.separate_issue_cues):
+            if (
+                t.speaker == "customer"
+                and agent_acted
+                and any(head.startswith(c) or c in head for c in self.lex.separate_issue_cues)
+            ):
                 rest = self._substance(t.text)
                 if rest and len(rest) >= 6:
                     segments.append([])
@@ -423,7 +447,7 @@ class CaseExtractor:
         first_cust_idx = next((i for i, t in enumerate(turns) if t.speaker == "customer"), None)
         agent_t = None
         if first_cust_idx is not None:
-            agent_t = next((t.t for t in turns[first_cust_idx + 1:] if t.speaker == "agent" and t.t is not None), None)
+            agent_t = next((t.t for t in turns[first_cust_idx + 1 :] if t.speaker == "agent" and t.t is not None), None)
         first_response = agent_t - cust_t if cust_t is not None and agent_t is not None and agent_t >= cust_t else None
         times = [x for t in turns for x in (t.t, t.t_end) if x is not None]
         duration = max(times) - min(times) if len(times) >= 2 else None
@@ -433,53 +457,67 @@ class CaseExtractor:
             missing.append("duration_s")
         return {"first_response_s": first_response, "duration_s": duration, "timings_missing": missing}
 
-    def extract(self, conv: Conversation, run_id: str = "", ingest_date: date | None = None,
-                prior_orders: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    def extract(
+        self,
+        conv: Conversation,
+        run_id: str = "",
+        ingest_date: date | None = None,
+        prior_orders: frozenset[str] = frozenset(),
+    ) -> list[dict[str, Any]]:
         md = conv.metadata or {}
         started = datetime.fromisoformat(conv.started_at) if conv.started_at else None
         if started is not None and started.tzinfo is None:
             started = started.replace(tzinfo=ZoneInfo(self.timezone))
-        day = started.astimezone(ZoneInfo(self.timezone)).date().isoformat() if started else (ingest_date or date.today()).isoformat()
+        day = (
+            started.astimezone(ZoneInfo(self.timezone)).date().isoformat()
+            if started
+            else (ingest_date or date.today()).isoformat()
+        )
         order_id = _str_or_none(md.get("order_id"))
-        repeat = _truthy(md.get("repeat_contact")) or _truthy(md.get("repeat_consultation")) or (
-            order_id is not None and order_id in prior_orders)
+        repeat = (
+            _truthy(md.get("repeat_contact"))
+            or _truthy(md.get("repeat_consultation"))
+            or (order_id is not None and order_id in prior_orders)
+        )
         records = []
         for seg_no, seg in enumerate(self.split(conv.turns)):
             outcome, evidence = self.outcome(seg, md)
             timing = self.timings(seg)
             if started is None:
                 timing["timings_missing"] = ["started_at"] + timing["timings_missing"]
-            records.append({
-                "case_id": case_id(conv.conversation_id, seg_no),
-                "conversation_id": conv.conversation_id,
-                "segment": seg_no,
-                "channel": conv.channel,
-                "source_file": conv.source_file,
-                "started_at": started,
-                "date": day,
-                "date_source": "started_at" if started else "ingested",
-                "problem": self.problem(seg),
-                "handling": self.handling(seg),
-                "outcome": outcome,
-                "outcome_evidence": evidence,
-                "customer_text": " ".join(t.text for t in seg if t.speaker == "customer"),
-                "agent_text": " ".join(t.text for t in seg if t.speaker == "agent"),
-                **timing,
-                "n_turns": len(seg),
-                "n_customer_turns": sum(t.speaker == "customer" for t in seg),
-                "n_agent_turns": sum(t.speaker == "agent" for t in seg),
-                "region": _str_or_none(md.get("region")),
-                "product": _str_or_none(md.get("product")),
-                "order_id": order_id,
-                "agent_id": _str_or_none(md.get("agent_id")),
-                "csat": _float_or_none(md.get("csat")),
-                "repeat_contact": bool(repeat),
-                "metadata_json": json.dumps(md, ensure_ascii=False, sort_keys=True, default=str),
-                "turns": [{"speaker": t.speaker, "text": t.text, "original": t.original, "t": t.t} for t in seg],
-                "pii_masked": sum(conv.pii_counts.values()) if seg_no == 0 else 0,
-                "content_hash": conv.content_hash,
-                "run_id": run_id,
-            })
+            records.append(
+                {
+                    "case_id": case_id(conv.conversation_id, seg_no),
+                    "conversation_id": conv.conversation_id,
+                    "segment": seg_no,
+                    "channel": conv.channel,
+                    "source_file": conv.source_file,
+                    "started_at": started,
+                    "date": day,
+                    "date_source": "started_at" if started else "ingested",
+                    "problem": self.problem(seg),
+                    "handling": self.handling(seg),
+                    "outcome": outcome,
+                    "outcome_evidence": evidence,
+                    "customer_text": " ".join(t.text for t in seg if t.speaker == "customer"),
+                    "agent_text": " ".join(t.text for t in seg if t.speaker == "agent"),
+                    **timing,
+                    "n_turns": len(seg),
+                    "n_customer_turns": sum(t.speaker == "customer" for t in seg),
+                    "n_agent_turns": sum(t.speaker == "agent" for t in seg),
+                    "region": _str_or_none(md.get("region")),
+                    "product": _str_or_none(md.get("product")),
+                    "order_id": order_id,
+                    "agent_id": _str_or_none(md.get("agent_id")),
+                    "csat": _float_or_none(md.get("csat")),
+                    "repeat_contact": bool(repeat),
+                    "metadata_json": json.dumps(md, ensure_ascii=False, sort_keys=True, default=str),
+                    "turns": [{"speaker": t.speaker, "text": t.text, "original": t.original, "t": t.t} for t in seg],
+                    "pii_masked": sum(conv.pii_counts.values()) if seg_no == 0 else 0,
+                    "content_hash": conv.content_hash,
+                    "run_id": run_id,
+                }
+            )
         return records
 
 
@@ -493,8 +531,19 @@ def _is_question(clause: str) -> bool:
     return clause.endswith(("吗", "么", "呢")) or any(w in clause for w in _QUESTION_WORDS)
 
 
-_QUESTION_WORDS = ("怎么", "为什么", "什么时候", "多久", "几天", "哪里", "能不能", "可不可以", "是不是", "有没有",
-                   "如何")
+_QUESTION_WORDS = (
+    "怎么",
+    "为什么",
+    "什么时候",
+    "多久",
+    "几天",
+    "哪里",
+    "能不能",
+    "可不可以",
+    "是不是",
+    "有没有",
+    "如何",
+)
 
 
 @lru_cache(maxsize=32)

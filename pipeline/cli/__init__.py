@@ -87,8 +87,9 @@ def main() -> None:
         if debug:
             raise
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        sys.stderr.write(f"error: {type(e).__name__}: {first}\n(unexpected: rerun with --debug for the traceback "
-                         "and report it)\n")
+        sys.stderr.write(
+            f"error: {type(e).__name__}: {first}\n(unexpected: rerun with --debug for the traceback and report it)\n"
+        )
         sys.exit(1)
 
 

@@ -13,13 +13,21 @@ from pipeline.config import ConfigError
 
 @eval_app.command("cases")
 def eval_cases_cmd(
-    transcripts: Path = typer.Option(..., "--transcripts", "-t", help="Folder (or file) of transcripts, any input format."),
-    labels: Path | None = typer.Option(None, "--labels", "-l",
-                                          help="JSONL or CSV: conversation_id plus any of issue_type, request_kind, outcome."),
-    summaries: Path | None = typer.Option(None, "--summaries", "-s",
-                                             help="JSONL or CSV: conversation_id, user_summary, summary (CSDS style)."),
-    half: str | None = typer.Option(None, "--half", help="Only half of the labelled conversations, a or b (split by a "
-                                                            "hash of the id): check rules chosen on one half on the other."),
+    transcripts: Path = typer.Option(
+        ..., "--transcripts", "-t", help="Folder (or file) of transcripts, any input format."
+    ),
+    labels: Path | None = typer.Option(
+        None, "--labels", "-l", help="JSONL or CSV: conversation_id plus any of issue_type, request_kind, outcome."
+    ),
+    summaries: Path | None = typer.Option(
+        None, "--summaries", "-s", help="JSONL or CSV: conversation_id, user_summary, summary (CSDS style)."
+    ),
+    half: str | None = typer.Option(
+        None,
+        "--half",
+        help="Only half of the labelled conversations, a or b (split by a "
+        "hash of the id): check rules chosen on one half on the other.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     config: Path | None = ConfigOption,
 ) -> None:

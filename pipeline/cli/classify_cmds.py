@@ -19,8 +19,17 @@ if TYPE_CHECKING:
 from pipeline.cli.common import ConfigOption, console, emit_json, fail, get_config, read_jsonl_objects
 from pipeline.config import Config, ConfigError
 
-RESULT_FIELDS = ("issue_type", "issue_type_confidence", "urgency", "urgency_confidence", "urgency_due_hours",
-                 "request_kind", "needs_review", "evidence", "classifier")
+RESULT_FIELDS = (
+    "issue_type",
+    "issue_type_confidence",
+    "urgency",
+    "urgency_confidence",
+    "urgency_due_hours",
+    "request_kind",
+    "needs_review",
+    "evidence",
+    "classifier",
+)
 
 
 def _errors():
@@ -33,13 +42,21 @@ def _errors():
 @train_app.callback(invoke_without_command=True)
 def train_cmd(
     ctx: typer.Context,
-    labels: Path | None = typer.Option(None, "--labels", "-l",
-                                          help="Labelled CSV/JSONL/Parquet (text, label) or a folder of them "
-                                               "(default: classify.labeled_dir); with --transcripts, a JSONL/CSV "
-                                               "of conversation_id + any of issue_type, request_kind, outcome."),
-    transcripts: Path | None = typer.Option(None, "--transcripts", "-t",
-                                               help="Folder (or file) of the labelled conversations' transcripts: "
-                                                    "trains one model per label column from them."),
+    labels: Path | None = typer.Option(
+        None,
+        "--labels",
+        "-l",
+        help="Labelled CSV/JSONL/Parquet (text, label) or a folder of them "
+        "(default: classify.labeled_dir); with --transcripts, a JSONL/CSV "
+        "of conversation_id + any of issue_type, request_kind, outcome.",
+    ),
+    transcripts: Path | None = typer.Option(
+        None,
+        "--transcripts",
+        "-t",
+        help="Folder (or file) of the labelled conversations' transcripts: "
+        "trains one model per label column from them.",
+    ),
     config: Path | None = ConfigOption,
     json_out: bool = typer.Option(False, "--json", help="Print the model card(s) as JSON."),
 ) -> None:
@@ -73,8 +90,10 @@ def train_cmd(
         mark = " *" if c["name"] == card["chosen_variant"]["name"] else ""
         t.add_row(c["name"] + mark, f"{c['macro_f1']:.3f}", f"{c['accuracy']:.3f}")
     console.print(t)
-    console.print(f"trained {card['model_id']} on {card['training_data']['rows']} rows; saved to "
-                  f"{cfg.resolve(cfg.classify.model_dir)}")
+    console.print(
+        f"trained {card['model_id']} on {card['training_data']['rows']} rows; saved to "
+        f"{cfg.resolve(cfg.classify.model_dir)}"
+    )
 
 
 def _train_conversations(cfg: Config, labels: Path | None, transcripts: Path, json_out: bool) -> None:
@@ -97,15 +116,20 @@ def _train_conversations(cfg: Config, labels: Path | None, transcripts: Path, js
         t.add_column(col)
     for f in fits:
         cv = f.card["cv"]
-        t.add_row(f.task, str(f.card["training_data"]["conversations"]),
-                  f"{cv['macro_f1']['mean']:.3f} ± {cv['macro_f1']['sd']:.3f}",
-                  f"{cv['accuracy']['mean']:.3f} ± {cv['accuracy']['sd']:.3f}", f.card["model_id"])
+        t.add_row(
+            f.task,
+            str(f.card["training_data"]["conversations"]),
+            f"{cv['macro_f1']['mean']:.3f} ± {cv['macro_f1']['sd']:.3f}",
+            f"{cv['accuracy']['mean']:.3f} ± {cv['accuracy']['sd']:.3f}",
+            f.card["model_id"],
+        )
     console.print(t)
     for f in fits:
         console.print(f"saved {f.task} to {task_dir(cfg, f.task)}")
 
 
 # -- classify ----------------------------------------------------------------------------------
+
 
 def _is_transcript_jsonl(path: Path) -> bool:
     with open(path, encoding="utf-8-sig") as f:
@@ -139,8 +163,10 @@ def read_text_input(path: Path) -> pd.DataFrame:
         if len(df.columns) and "text" not in df.columns:
             raise ValueError(f"{path} has no 'text' column (found: {list(df.columns)})")
     else:
-        raise ValueError(f"{path}: unsupported input {suffix or '(no suffix)'}; use JSONL with a 'text' field "
-                         "per line, a CSV with a 'text' column, or transcripts (JSONL with 'turns', ASR JSON)")
+        raise ValueError(
+            f"{path}: unsupported input {suffix or '(no suffix)'}; use JSONL with a 'text' field "
+            "per line, a CSV with a 'text' column, or transcripts (JSONL with 'turns', ASR JSON)"
+        )
     if df.empty:
         raise ValueError(f"{path} holds no texts to classify")
     return df.reset_index(drop=True)
@@ -180,7 +206,7 @@ def _result_records(df: pd.DataFrame, id_col: str | None, text_col: str) -> list
 
 @app.command("classify")
 def classify_cmd(
-    file: Path = typer.Argument(..., help="JSONL ({\"text\": ...} per line), CSV with a text column, or transcripts."),
+    file: Path = typer.Argument(..., help='JSONL ({"text": ...} per line), CSV with a text column, or transcripts.'),
     json_out: bool = typer.Option(False, "--json", help="One JSON line per input on stdout."),
     config: Path | None = ConfigOption,
 ) -> None:
@@ -219,18 +245,27 @@ def classify_cmd(
         t.add_column(col)
     for i, rec in enumerate(records, 1):
         text = str(rec["text"])
-        t.add_row(str(rec.get(id_col) if id_col else i), text[:40] + ("…" if len(text) > 40 else ""), rec["issue_type"],
-                  f"{rec['issue_type_confidence']:.2f}", rec["urgency"], rec["request_kind"],
-                  "待人工" if rec["needs_review"] else "")
+        t.add_row(
+            str(rec.get(id_col) if id_col else i),
+            text[:40] + ("…" if len(text) > 40 else ""),
+            rec["issue_type"],
+            f"{rec['issue_type_confidence']:.2f}",
+            rec["urgency"],
+            rec["request_kind"],
+            "待人工" if rec["needs_review"] else "",
+        )
     Console().print(t)  # without --json the table is the output: stdout
 
 
 # -- review queue ------------------------------------------------------------------------------
 
+
 @app.command("review-queue")
 def review_queue_cmd(
     n: int = typer.Option(50, "--n", "-n", min=1, help="How many of the least certain cases."),
-    out_file: Path | None = typer.Option(None, "--out", help="CSV to write (default: <paths.out>/review/review_queue.csv)."),
+    out_file: Path | None = typer.Option(
+        None, "--out", help="CSV to write (default: <paths.out>/review/review_queue.csv)."
+    ),
     data: Path | None = typer.Option(None, "--data", help="Output root holding processed/cases/ (default: paths.out)."),
     config: Path | None = ConfigOption,
 ) -> None:
@@ -246,23 +281,33 @@ def review_queue_cmd(
         fail(str(e), code=2)
     except (*_errors(), ValueError) as e:
         fail(str(e))
-    console.print(f"wrote {len(queue)} cases to {path}; fill any of the issue_type, request_kind and outcome "
-                  "columns (empty cells are skipped), then run `casemine train --labels FILE --transcripts DIR` "
-                  "with the transcripts of that run (or `casemine train --labels FILE` for issue types from the text)")
+    console.print(
+        f"wrote {len(queue)} cases to {path}; fill any of the issue_type, request_kind and outcome "
+        "columns (empty cells are skipped), then run `casemine train --labels FILE --transcripts DIR` "
+        "with the transcripts of that run (or `casemine train --labels FILE` for issue types from the text)"
+    )
 
 
 # -- eval --------------------------------------------------------------------------------------
+
 
 @eval_app.command("classify")
 def eval_classify_cmd(
     labels: Path = typer.Option(..., "--labels", "-l", help="Labelled CSV/JSONL/Parquet (text, label)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Report folder (default: <paths.out>/reports)."),
     nested: bool = typer.Option(False, "--nested", help="Also nested CV (unbiased, ~6x slower)."),
-    transcripts: Path | None = typer.Option(None, "--transcripts", "-t",
-                                               help="Labels are conversation_id + issue_type/request_kind/outcome "
-                                                    "for these transcripts: report the cold start (all, two halves)."),
-    trained: bool = typer.Option(False, "--trained", help="With --transcripts: also cross-validate the models "
-                                                          "`casemine train --transcripts` would train."),
+    transcripts: Path | None = typer.Option(
+        None,
+        "--transcripts",
+        "-t",
+        help="Labels are conversation_id + issue_type/request_kind/outcome "
+        "for these transcripts: report the cold start (all, two halves).",
+    ),
+    trained: bool = typer.Option(
+        False,
+        "--trained",
+        help="With --transcripts: also cross-validate the models `casemine train --transcripts` would train.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     config: Path | None = ConfigOption,
 ) -> None:
@@ -303,12 +348,18 @@ def _eval_conversations(cfg: Config, labels: Path, transcripts: Path, trained: b
         emit_json(report)
         return
     for task, res in report["cold_start"].items():
-        parts = [f"{k} macro-F1 {res[k]['macro_f1']:.3f} acc {res[k]['accuracy']:.3f} (n={res[k]['n']})"
-                 for k in ("all", "half_a", "half_b")]
+        parts = [
+            f"{k} macro-F1 {res[k]['macro_f1']:.3f} acc {res[k]['accuracy']:.3f} (n={res[k]['n']})"
+            for k in ("all", "half_a", "half_b")
+        ]
         g = res["majority_guess"]
-        console.print(f"cold start {task}: " + "; ".join(parts) + f"; always {g['label']}: acc {g['accuracy']:.3f}",
-                      highlight=False)
+        console.print(
+            f"cold start {task}: " + "; ".join(parts) + f"; always {g['label']}: acc {g['accuracy']:.3f}",
+            highlight=False,
+        )
     for task, cv in report.get("trained_cv", {}).items():
-        console.print(f"trained {task}: macro-F1 {cv['macro_f1']['mean']:.3f} ± {cv['macro_f1']['sd']:.3f}, "
-                      f"accuracy {cv['accuracy']['mean']:.3f} ± {cv['accuracy']['sd']:.3f} ({cv['folds']} folds)",
-                      highlight=False)
+        console.print(
+            f"trained {task}: macro-F1 {cv['macro_f1']['mean']:.3f} ± {cv['macro_f1']['sd']:.3f}, "
+            f"accuracy {cv['accuracy']['mean']:.3f} ± {cv['accuracy']['sd']:.3f} ({cv['folds']} folds)",
+            highlight=False,
+        )

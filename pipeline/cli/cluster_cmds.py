@@ -45,8 +45,10 @@ def export_cmd(
     if json_out:
         emit_json(summary)
         return
-    console.print(f"exported {summary['n_cases']} cases, {summary['n_clusters']} clusters "
-                  f"({summary['n_new_clusters']} new), {summary['alerts']} alerts -> {summary['export_dir']}")
+    console.print(
+        f"exported {summary['n_cases']} cases, {summary['n_clusters']} clusters "
+        f"({summary['n_new_clusters']} new), {summary['alerts']} alerts -> {summary['export_dir']}"
+    )
     console.print(f"report: {summary['report']}")
 
 
@@ -67,5 +69,7 @@ def eval_clusters_cmd(
     if json_out:
         emit_json({k: res[k] for k in ("nmi", "ari", "n_clusters", "noise_share")})
         return
-    console.print(f"{res['rows']} texts, {res['n_labels']} labels: NMI {res['nmi']:.3f}  ARI {res['ari']:.3f}  "
-                  f"clusters {res['n_clusters']}  noise {res['noise_share']:.1%}")
+    console.print(
+        f"{res['rows']} texts, {res['n_labels']} labels: NMI {res['nmi']:.3f}  ARI {res['ari']:.3f}  "
+        f"clusters {res['n_clusters']}  noise {res['noise_share']:.1%}"
+    )

@@ -21,13 +21,16 @@ def _emotion_errors():
 
 # -- casemine emotion ---------------------------------------------------------------------------
 
+
 def _records(path: Path) -> list[dict[str, Any]]:
     return read_jsonl_objects(path, ("text", "turns"))
 
 
 @app.command("emotion")
 def emotion_cmd(
-    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSONL: {\"text\": ...} lines or transcripts with `turns`."),
+    file: Path = typer.Argument(
+        ..., exists=True, dir_okay=False, help='JSONL: {"text": ...} lines or transcripts with `turns`.'
+    ),
     config: Path | None = ConfigOption,
     json_out: bool = typer.Option(False, "--json", help="One JSON line per input on stdout."),
 ) -> None:
@@ -57,33 +60,51 @@ def emotion_cmd(
             cases = run_batch(convs, comp, through("emotion")).cases
         for row in cases.to_dict("records"):
             detail = json.loads(row["emotion_turn_detail"])
-            results.append({
-                "conversation_id": row["conversation_id"], "case_id": row["case_id"],
-                "sentiment": row["emotion_end"], "emotion": row["emotion"],
-                "intensity": max((d["intensity"] for d in detail), default=0.0),
-                "evidence": sorted({e for d in detail for e in d["evidence"]}),
-                "curve": json.loads(row["emotion_curve"]), "curve_turns": json.loads(row["emotion_curve_turns"]),
-                "start": row["emotion_start"], "end": row["emotion_end"], "min": row["emotion_min"],
-                "min_turn": row["emotion_min_turn"], "delta": row["emotion_delta"],
-                "trajectory": row["emotion_trajectory"], "turning_points": json.loads(row["turning_points"]),
-                "turns": detail,
-            })
+            results.append(
+                {
+                    "conversation_id": row["conversation_id"],
+                    "case_id": row["case_id"],
+                    "sentiment": row["emotion_end"],
+                    "emotion": row["emotion"],
+                    "intensity": max((d["intensity"] for d in detail), default=0.0),
+                    "evidence": sorted({e for d in detail for e in d["evidence"]}),
+                    "curve": json.loads(row["emotion_curve"]),
+                    "curve_turns": json.loads(row["emotion_curve_turns"]),
+                    "start": row["emotion_start"],
+                    "end": row["emotion_end"],
+                    "min": row["emotion_min"],
+                    "min_turn": row["emotion_min_turn"],
+                    "delta": row["emotion_delta"],
+                    "trajectory": row["emotion_trajectory"],
+                    "turning_points": json.loads(row["turning_points"]),
+                    "turns": detail,
+                }
+            )
     for r in results:
         if json_out:
             emit_json(r)
         else:
             head = r.get("conversation_id") or r.get("id") or ""
             curve = f" curve={r['curve']} {r['trajectory']}" if "curve" in r else ""
-            console.print(f"{head} {r['emotion']} sentiment={r['sentiment']:+.2f} intensity={r['intensity']:.2f}{curve} "
-                          f"evidence={'、'.join(r['evidence'][:6])}", highlight=False, markup=False)
+            console.print(
+                f"{head} {r['emotion']} sentiment={r['sentiment']:+.2f} intensity={r['intensity']:.2f}{curve} "
+                f"evidence={'、'.join(r['evidence'][:6])}",
+                highlight=False,
+                markup=False,
+            )
 
 
 # -- casemine train emotion ---------------------------------------------------------------------
 
+
 @train_app.command("emotion")
 def train_emotion_cmd(
-    labels: Path = typer.Option(..., "--labels", "-l", help="CSV/JSONL/Parquet (or folder): a text column "
-                                "(text/review/content) and a 1/0 polarity or emotion label."),
+    labels: Path = typer.Option(
+        ...,
+        "--labels",
+        "-l",
+        help="CSV/JSONL/Parquet (or folder): a text column (text/review/content) and a 1/0 polarity or emotion label.",
+    ),
     config: Path | None = ConfigOption,
     json_out: bool = typer.Option(False, "--json", help="Print the model card as JSON."),
 ) -> None:
@@ -98,26 +119,37 @@ def train_emotion_cmd(
     if json_out:
         emit_json(card)
         return
-    console.print(f"trained {card['model_id']} ({card['kind']}) on {card['training_data']['rows']} texts; "
-                  f"cv {card['cv']}; saved to {cfg.resolve(cfg.emotion.model_dir)}", highlight=False)
-
-
+    console.print(
+        f"trained {card['model_id']} ({card['kind']}) on {card['training_data']['rows']} texts; "
+        f"cv {card['cv']}; saved to {cfg.resolve(cfg.emotion.model_dir)}",
+        highlight=False,
+    )
 
 
 # -- casemine eval emotion ----------------------------------------------------------------------
 
+
 @eval_app.command("emotion")
 def eval_emotion_cmd(
-    reviews: Path = typer.Option(Path("../shared/data/reviews"), "--reviews", help="Folder with waimai_10k.csv and "
-                                 "online_shopping_10_cats.csv."),
+    reviews: Path = typer.Option(
+        Path("../shared/data/reviews"), "--reviews", help="Folder with waimai_10k.csv and online_shopping_10_cats.csv."
+    ),
     per_corpus: int = typer.Option(4000, "--per-corpus", help="Texts sampled per corpus (0 = all)."),
     folds: int = typer.Option(5, "--folds"),
-    domain_shift: bool = typer.Option(False, "--domain-shift", help="Instead: AUC on domains the model never saw "
-                                      "(train on one corpus, test on the other; leave one shopping category out), "
-                                      "the trained model's recipe against a plain char n-gram TF-IDF logistic "
-                                      "regression in the same run."),
-    per_domain: int = typer.Option(1500, "--per-domain", help="With --domain-shift: texts sampled per domain "
-                                   "(the food-delivery corpus and each shopping category; 0 = all)."),
+    domain_shift: bool = typer.Option(
+        False,
+        "--domain-shift",
+        help="Instead: AUC on domains the model never saw "
+        "(train on one corpus, test on the other; leave one shopping category out), "
+        "the trained model's recipe against a plain char n-gram TF-IDF logistic "
+        "regression in the same run.",
+    ),
+    per_domain: int = typer.Option(
+        1500,
+        "--per-domain",
+        help="With --domain-shift: texts sampled per domain "
+        "(the food-delivery corpus and each shopping category; 0 = all).",
+    ),
     config: Path | None = ConfigOption,
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -137,8 +169,10 @@ def eval_emotion_cmd(
         return
     console.print(res["data"], highlight=False)
     for m, r in res["results"].items():
-        console.print(f"{m:16s} AUC {r['auc']:.3f}±{r['auc_sd']:.3f}  acc {r['accuracy']:.3f}±{r['accuracy_sd']:.3f}",
-                      highlight=False)
+        console.print(
+            f"{m:16s} AUC {r['auc']:.3f}±{r['auc_sd']:.3f}  acc {r['accuracy']:.3f}±{r['accuracy_sd']:.3f}",
+            highlight=False,
+        )
 
 
 def _eval_domain_shift(cfg, reviews: Path, per_domain: int, json_out: bool) -> None:
@@ -153,6 +187,8 @@ def _eval_domain_shift(cfg, reviews: Path, per_domain: int, json_out: bool) -> N
         console.print(f"{r['split']:40s} {aucs}", highlight=False)
     for group, s in res["summary"].items():
         d = s.get("trained_minus_baseline", {})
-        console.print(f"{group}: trained {s['trained']:.3f} vs baseline {s['baseline']:.3f} (mean difference "
-                      f"{d.get('mean', 0):+.3f}, trained >= baseline in {d.get('wins')} of {d.get('of')})",
-                      highlight=False)
+        console.print(
+            f"{group}: trained {s['trained']:.3f} vs baseline {s['baseline']:.3f} (mean difference "
+            f"{d.get('mean', 0):+.3f}, trained >= baseline in {d.get('wins')} of {d.get('of')})",
+            highlight=False,
+        )

@@ -10,8 +10,9 @@ from pipeline.cli import app
 from pipeline.cli.common import ConfigOption, console, emit_json, fail, get_config
 from pipeline.config import Config, ConfigError
 
-library_app = typer.Typer(help="Typical-case library (典型案例库): candidates, review, publish, coverage.",
-                          no_args_is_help=True)
+library_app = typer.Typer(
+    help="Typical-case library (典型案例库): candidates, review, publish, coverage.", no_args_is_help=True
+)
 app.add_typer(library_app, name="library")
 
 OutOption = typer.Option(None, "--out", "-o", help="Output root (default: paths.out from the config).")
@@ -34,8 +35,9 @@ def _run(fn, *args, **kwargs):
 
 
 @library_app.command("build")
-def build_cmd(out: Path | None = OutOption, config: Path | None = ConfigOption,
-              json_out: bool = typer.Option(False, "--json")) -> None:
+def build_cmd(
+    out: Path | None = OutOption, config: Path | None = ConfigOption, json_out: bool = typer.Option(False, "--json")
+) -> None:
     """Pick candidates per issue type and root-cause cluster; decisions already made are kept."""
     cfg, out = _setup(config, out)
     from pipeline.library.typical_cases import build
@@ -44,16 +46,22 @@ def build_cmd(out: Path | None = OutOption, config: Path | None = ConfigOption,
     if json_out:
         emit_json(res)
     else:
-        console.print(f"{res['eligible']} of {res['cases']} cases eligible; {res['candidates']} candidates in "
-                      f"{res['groups']} groups: {res['new']} new, {res['decisions_kept']} decisions kept, "
-                      f"{res['retired']} retired", highlight=False)
+        console.print(
+            f"{res['eligible']} of {res['cases']} cases eligible; {res['candidates']} candidates in "
+            f"{res['groups']} groups: {res['new']} new, {res['decisions_kept']} decisions kept, "
+            f"{res['retired']} retired",
+            highlight=False,
+        )
 
 
 @library_app.command("list")
-def list_cmd(status: str | None = typer.Option(None, "--status", help="candidate | approved | rejected | published"),
-             issue_type: str | None = typer.Option(None, "--type", help="Only this issue type."),
-             out: Path | None = OutOption, config: Path | None = ConfigOption,
-             json_out: bool = typer.Option(False, "--json", help="One JSON line per entry.")) -> None:
+def list_cmd(
+    status: str | None = typer.Option(None, "--status", help="candidate | approved | rejected | published"),
+    issue_type: str | None = typer.Option(None, "--type", help="Only this issue type."),
+    out: Path | None = OutOption,
+    config: Path | None = ConfigOption,
+    json_out: bool = typer.Option(False, "--json", help="One JSON line per entry."),
+) -> None:
     """Library entries with their status, score and why they were picked."""
     cfg, out = _setup(config, out)
     from pipeline.library.typical_cases import LibraryStore
@@ -64,8 +72,12 @@ def list_cmd(status: str | None = typer.Option(None, "--status", help="candidate
             emit_json(r)
         else:
             who = f" {r['decided_by']} {r['decided_at']}" if r.get("decided_by") else ""
-            console.print(f"{r['case_id']}  {r['status']:9s} {r['issue_type']:10s} {r['score']:.2f}{who}  "
-                          f"{(r['parts'] or {}).get('problem', '')[:50]}", highlight=False, markup=False)
+            console.print(
+                f"{r['case_id']}  {r['status']:9s} {r['issue_type']:10s} {r['score']:.2f}{who}  "
+                f"{(r['parts'] or {}).get('problem', '')[:50]}",
+                highlight=False,
+                markup=False,
+            )
     if not json_out:
         console.print(f"{len(rows)} entries", highlight=False)
 
@@ -80,11 +92,15 @@ def _decided(d, json_out: bool) -> None:
 
 
 @library_app.command("approve")
-def approve_cmd(case_id: str = typer.Argument(...), by: str = typer.Option(..., "--by", help="Who approves."),
-                note: str | None = typer.Option(None, "--note"),
-                force: bool = typer.Option(False, "--force", help="Approve a case that was rejected."),
-                out: Path | None = OutOption, config: Path | None = ConfigOption,
-                json_out: bool = typer.Option(False, "--json")) -> None:
+def approve_cmd(
+    case_id: str = typer.Argument(...),
+    by: str = typer.Option(..., "--by", help="Who approves."),
+    note: str | None = typer.Option(None, "--note"),
+    force: bool = typer.Option(False, "--force", help="Approve a case that was rejected."),
+    out: Path | None = OutOption,
+    config: Path | None = ConfigOption,
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
     """Approve a candidate for the library (a rejected one needs --force)."""
     cfg, out = _setup(config, out)
     from pipeline.library.typical_cases import LibraryStore
@@ -93,10 +109,14 @@ def approve_cmd(case_id: str = typer.Argument(...), by: str = typer.Option(..., 
 
 
 @library_app.command("reject")
-def reject_cmd(case_id: str = typer.Argument(...), by: str = typer.Option(..., "--by"),
-               note: str = typer.Option(..., "--note", help="Why (required)."),
-               out: Path | None = OutOption, config: Path | None = ConfigOption,
-               json_out: bool = typer.Option(False, "--json")) -> None:
+def reject_cmd(
+    case_id: str = typer.Argument(...),
+    by: str = typer.Option(..., "--by"),
+    note: str = typer.Option(..., "--note", help="Why (required)."),
+    out: Path | None = OutOption,
+    config: Path | None = ConfigOption,
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
     """Reject a candidate, approved or published case (it leaves the next publish)."""
     cfg, out = _setup(config, out)
     from pipeline.library.typical_cases import LibraryStore
@@ -105,8 +125,12 @@ def reject_cmd(case_id: str = typer.Argument(...), by: str = typer.Option(..., "
 
 
 @library_app.command("publish")
-def publish_cmd(by: str = typer.Option("publish", "--by"), out: Path | None = OutOption,
-                config: Path | None = ConfigOption, json_out: bool = typer.Option(False, "--json")) -> None:
+def publish_cmd(
+    by: str = typer.Option("publish", "--by"),
+    out: Path | None = OutOption,
+    config: Path | None = ConfigOption,
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
     """Publish approved cases: Parquet + one HTML page per issue type under <out>/library/published/."""
     cfg, out = _setup(config, out)
     from pipeline.library.typical_cases import publish
@@ -115,13 +139,18 @@ def publish_cmd(by: str = typer.Option("publish", "--by"), out: Path | None = Ou
     if json_out:
         emit_json(res)
     else:
-        console.print(f"published {res['published']} cases ({res['newly_published']} new) -> {res['parquet']}", highlight=False)
+        console.print(
+            f"published {res['published']} cases ({res['newly_published']} new) -> {res['parquet']}", highlight=False
+        )
 
 
 @library_app.command("coverage")
-def coverage_cmd(since: str | None = typer.Option(None, "--since", help="YYYY-MM-DD: only cases from this date."),
-                 out: Path | None = OutOption, config: Path | None = ConfigOption,
-                 json_out: bool = typer.Option(False, "--json")) -> None:
+def coverage_cmd(
+    since: str | None = typer.Option(None, "--since", help="YYYY-MM-DD: only cases from this date."),
+    out: Path | None = OutOption,
+    config: Path | None = ConfigOption,
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
     """Share of cases whose nearest published case is similar enough, per issue type, and the gaps."""
     cfg, out = _setup(config, out)
     if since:
@@ -137,7 +166,9 @@ def coverage_cmd(since: str | None = typer.Option(None, "--since", help="YYYY-MM
     if json_out:
         emit_json(res.as_dict())
         return
-    console.print(f"coverage {res.coverage:.1%} ({res.n_covered}/{res.n_cases}, cosine >= {res.threshold})", highlight=False)
+    console.print(
+        f"coverage {res.coverage:.1%} ({res.n_covered}/{res.n_cases}, cosine >= {res.threshold})", highlight=False
+    )
     for t, v in sorted(res.by_type.items(), key=lambda kv: -kv[1]["cases"]):
         console.print(f"  {t:12s} {v['coverage']:.1%} of {v['cases']} (published {v['published']})", highlight=False)
     for g in res.gaps[:15]:

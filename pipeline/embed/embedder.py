@@ -65,8 +65,15 @@ class Embedder:
     The model loads lazily on first use, so constructing an `Embedder` is free.
     """
 
-    def __init__(self, cfg: Config, *, backend: str | None = None, out_root: Path | None = None,
-                 use_cache: bool = True, show_progress: bool | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        backend: str | None = None,
+        out_root: Path | None = None,
+        use_cache: bool = True,
+        show_progress: bool | None = None,
+    ):
         self.cfg = cfg
         self.backend = backend or cfg.embed.backend
         self.model_name = model_identity(cfg)
@@ -81,8 +88,9 @@ class Embedder:
         self.show_progress = show_progress
         self.cache: EmbeddingCache | None = None
         if use_cache and out_root is not None:
-            self.cache = EmbeddingCache(cache_dir(out_root, self.model_name, self.backend),
-                                        f"{self.model_name}|{self.backend}|passage")
+            self.cache = EmbeddingCache(
+                cache_dir(out_root, self.model_name, self.backend), f"{self.model_name}|{self.backend}|passage"
+            )
         # Counters of the last encode_passages call, for the nightly summary.
         self.last_stats = {"embedded_new": 0, "embedded_cached": 0}
 
@@ -95,8 +103,10 @@ class Embedder:
             from pipeline.embed.onnx_backend import OnnxEncoder, ensure_onnx_int8
 
             if not isinstance(where, Path):
-                raise ValueError(f"embed.backend=onnx needs a local model folder; {where!r} is a hub name. "
-                                 "Download it to a folder and set embed.model to that path, or use backend torch.")
+                raise ValueError(
+                    f"embed.backend=onnx needs a local model folder; {where!r} is a hub name. "
+                    "Download it to a folder and set embed.model to that path, or use backend torch."
+                )
             onnx_path = ensure_onnx_int8(where, log=_log)
             self._onnx = OnnxEncoder(where, onnx_path)
             cfg_st = where / "config_sentence_transformers.json"
@@ -110,8 +120,11 @@ class Embedder:
 
             # transformers 4.57.6 warns about a Mistral regex for every local tokenizer: noise.
             transformers.logging.set_verbosity_error()
-            self._st = SentenceTransformer(str(where), device=self.cfg.embed.device,
-                                           local_files_only=isinstance(where, Path) or os.environ.get("HF_HUB_OFFLINE") == "1")
+            self._st = SentenceTransformer(
+                str(where),
+                device=self.cfg.embed.device,
+                local_files_only=isinstance(where, Path) or os.environ.get("HF_HUB_OFFLINE") == "1",
+            )
             self._prompts = {k: v for k, v in (self._st.prompts or {}).items() if v}
             self._dim = int(self._st.get_embedding_dimension())
         if self.cfg.embed.model == "default":
@@ -141,13 +154,16 @@ class Embedder:
         n_proc = self.cfg.embed.processes
         # Independent worker processes, each with its own copy of the model: pays off on machines
         # with many cores; on 2 cores torch's own threads already use both.
-        pool = (self._st.start_multi_process_pool(["cpu"] * n_proc) if self._st is not None and n_proc > 1
-                and len(texts) >= self.cfg.embed.multi_process_min_texts else None)
+        pool = (
+            self._st.start_multi_process_pool(["cpu"] * n_proc)
+            if self._st is not None and n_proc > 1 and len(texts) >= self.cfg.embed.multi_process_min_texts
+            else None
+        )
         try:
             with own_display_unless_reporting(show):
                 parts = []
                 for i in range(0, len(texts), block):
-                    parts.append(self._encode_block(texts[i:i + block], kind, pool))
+                    parts.append(self._encode_block(texts[i : i + block], kind, pool))
                     progress("embed", min(i + block, len(texts)), len(texts))
         finally:
             if pool is not None:
@@ -158,9 +174,15 @@ class Embedder:
         prompt = self._prompt(kind)
         if self._onnx is not None:
             return self._onnx.encode([prompt + t for t in texts], self.cfg.embed.batch_size, None)
-        return self._st.encode(texts, prompt=prompt or None, batch_size=self.cfg.embed.batch_size,
-                               convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False,
-                               pool=pool).astype(np.float32)
+        return self._st.encode(
+            texts,
+            prompt=prompt or None,
+            batch_size=self.cfg.embed.batch_size,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+            pool=pool,
+        ).astype(np.float32)
 
     def encode_queries(self, texts: list[str]) -> np.ndarray:
         """Vectors for search questions (query prompt); never cached."""

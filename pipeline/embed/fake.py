@@ -22,7 +22,7 @@ class HashingEmbedder:
 
     def _vec(self, text: str) -> np.ndarray:
         v = np.zeros(self.dim, dtype=np.float32)
-        grams = [text[i:i + 2] for i in range(max(1, len(text) - 1))] + list(text)
+        grams = [text[i : i + 2] for i in range(max(1, len(text) - 1))] + list(text)
         for g in grams:
             h = int.from_bytes(hashlib.md5(g.encode("utf-8")).digest()[:4], "little")
             v[h % self.dim] += 1.0 if (h >> 31) & 1 else -1.0

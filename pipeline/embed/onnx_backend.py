@@ -55,15 +55,29 @@ def _export(model_dir: Path, out_dir: Path, log=print) -> None:
     axes["last_hidden_state"] = {0: "batch", 1: "seq"}
     log("exporting to ONNX (opset 17)")
     with torch.no_grad():
-        torch.onnx.export(model, (dummy,), str(fp32), input_names=list(dummy), output_names=["last_hidden_state"],
-                          dynamic_axes=axes, opset_version=17, dynamo=False)
+        torch.onnx.export(
+            model,
+            (dummy,),
+            str(fp32),
+            input_names=list(dummy),
+            output_names=["last_hidden_state"],
+            dynamic_axes=axes,
+            opset_version=17,
+            dynamo=False,
+        )
     src = fp32
     try:
         from onnxruntime.transformers.optimizer import optimize_model
 
         log("fusing attention/layer-norm (onnxruntime BERT optimiser)")
-        opt = optimize_model(str(fp32), "bert", num_heads=config.num_attention_heads,
-                             hidden_size=config.hidden_size, opt_level=2, use_gpu=False)
+        opt = optimize_model(
+            str(fp32),
+            "bert",
+            num_heads=config.num_attention_heads,
+            hidden_size=config.hidden_size,
+            opt_level=2,
+            use_gpu=False,
+        )
         fused = out_dir / "model_fused.onnx"
         opt.save_model_to_file(str(fused))
         src = fused
@@ -72,8 +86,13 @@ def _export(model_dir: Path, out_dir: Path, log=print) -> None:
     log("dynamic int8 quantisation")
     # Per-channel uint8 weights (optimum's "avx2" recipe): per-tensor int8 measured 0.989 mean
     # cosine to fp32 on the shared complaints, per-channel 0.997.
-    quantize_dynamic(str(src), str(out_dir / INT8_NAME), weight_type=QuantType.QUInt8, per_channel=True,
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    quantize_dynamic(
+        str(src),
+        str(out_dir / INT8_NAME),
+        weight_type=QuantType.QUInt8,
+        per_channel=True,
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
     for f in out_dir.glob("model_f*.onnx*"):
         f.unlink()
 
@@ -84,8 +103,10 @@ def ensure_onnx_int8(model_dir: Path, log=print) -> Path:
     if final.is_file():
         return final
     if not (model_dir / "config.json").is_file():
-        raise ValueError(f"the ONNX backend needs a local model folder with config.json; {model_dir} has none "
-                         "(use embed.backend: torch for hub models)")
+        raise ValueError(
+            f"the ONNX backend needs a local model folder with config.json; {model_dir} has none "
+            "(use embed.backend: torch for hub models)"
+        )
     lock_path = model_dir / f".{ONNX_SUBDIR}.lock"
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -121,8 +142,11 @@ class OnnxEncoder:
         self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.pooling = _pooling_mode(model_dir)
-        self.dim = int(self.session.get_outputs()[0].shape[-1]) if isinstance(
-            self.session.get_outputs()[0].shape[-1], int) else None
+        self.dim = (
+            int(self.session.get_outputs()[0].shape[-1])
+            if isinstance(self.session.get_outputs()[0].shape[-1], int)
+            else None
+        )
 
     def _batch(self, texts: list[str]) -> np.ndarray:
         enc = self.tokenizer.encode_batch(texts)

@@ -34,6 +34,7 @@ class LabelFileError(ValueError):
 
 # -- ROUGE-L ---------------------------------------------------------------------------------------
 
+
 def rouge_chars(text: str) -> str:
     """The characters ROUGE compares: punctuation, symbols and spaces carry no content here, and
     summaries punctuate differently from chats."""
@@ -54,8 +55,9 @@ def problem_reference(user_summary: str) -> str:
     """The customer-problem summary without the 用户 that opens its sentences: the summary's
     narrator, never something the customer said. (This is how the tracker's figures were
     measured; the handling reference keeps its 客服, as they were.)"""
-    return "".join(s.strip()[2:] if s.strip().startswith("用户") else s
-                   for s in _SUMMARY_SENT_RE.findall(user_summary or ""))
+    return "".join(
+        s.strip()[2:] if s.strip().startswith("用户") else s for s in _SUMMARY_SENT_RE.findall(user_summary or "")
+    )
 
 
 def handling_reference(summary: str) -> str:
@@ -68,11 +70,15 @@ def naive_cuts(turns: Sequence[dict[str, Any]]) -> dict[str, str]:
     everything the agent said."""
     cust = [t["text"] for t in turns if t["speaker"] == "customer"]
     agent = [t["text"] for t in turns if t["speaker"] == "agent"]
-    return {"all_customer_turns": " ".join(cust), "first_three_customer_turns": " ".join(cust[:3]),
-            "all_agent_turns": " ".join(agent)}
+    return {
+        "all_customer_turns": " ".join(cust),
+        "first_three_customer_turns": " ".join(cust[:3]),
+        "all_agent_turns": " ".join(agent),
+    }
 
 
 # -- inputs ----------------------------------------------------------------------------------------
+
 
 def _read_rows(path: Path, kind: str) -> list[dict[str, Any]]:
     if not path.is_file():
@@ -158,6 +164,7 @@ def mine_cases(cfg: Config, transcripts: Path) -> tuple[Any, dict[str, int]]:
 
 # -- scoring ---------------------------------------------------------------------------------------
 
+
 def _majority(values: Iterable[str]) -> str:
     # Ties go to the alphabetically first class, so the baseline does not depend on row order.
     c = Counter(values)
@@ -178,9 +185,11 @@ def score_labels(pred: dict[str, dict[str, str]], gold: dict[str, dict[str, str]
         y_pred = [pred[c][field] for c in ids]
         order = sorted(set(y_true) | set(y_pred))
         majority = _majority(y_true)
-        out[field] = {"n": len(ids), "pipeline": classification_metrics(y_true, y_pred, order),
-                      "baseline": {"name": f"always {majority}",
-                                   **classification_metrics(y_true, [majority] * len(ids), order)}}
+        out[field] = {
+            "n": len(ids),
+            "pipeline": classification_metrics(y_true, y_pred, order),
+            "baseline": {"name": f"always {majority}", **classification_metrics(y_true, [majority] * len(ids), order)},
+        }
     return out
 
 
@@ -194,22 +203,27 @@ def score_summaries(mined: dict[str, dict[str, Any]], refs: dict[str, dict[str, 
             continue
         cuts = naive_cuts(m["turns"])
         if ref.get("user_summary"):
-            for name, text in (("mined", m["problem"]), ("all_customer_turns", cuts["all_customer_turns"]),
-                               ("first_three_customer_turns", cuts["first_three_customer_turns"])):
+            for name, text in (
+                ("mined", m["problem"]),
+                ("all_customer_turns", cuts["all_customer_turns"]),
+                ("first_three_customer_turns", cuts["first_three_customer_turns"]),
+            ):
                 scores["problem"].setdefault(name, []).append(rouge_l_f(text, problem_reference(ref["user_summary"])))
         hand = handling_reference(ref.get("summary", ""))
         if hand:
             for name, text in (("mined", m["handling"]), ("all_agent_turns", cuts["all_agent_turns"])):
                 scores["handling"].setdefault(name, []).append(rouge_l_f(text, hand))
-    return {field: {"n": len(v.get("mined", [])), "rouge_l_f": {k: round(sum(x) / len(x), 4) for k, x in v.items()}}
-            for field, v in scores.items() if v}
+    return {
+        field: {"n": len(v.get("mined", [])), "rouge_l_f": {k: round(sum(x) / len(x), 4) for k, x in v.items()}}
+        for field, v in scores.items()
+        if v
+    }
 
 
 def first_segment_labels(cases: Any) -> dict[str, dict[str, str]]:
     """conversation_id -> the labels of its first case (segment 0)."""
     first = cases.sort_values("segment").drop_duplicates("conversation_id")
-    return {str(r["conversation_id"]): {f: str(r[f]) for f in LABEL_FIELDS if f in r}
-            for r in first.to_dict("records")}
+    return {str(r["conversation_id"]): {f: str(r[f]) for f in LABEL_FIELDS if f in r} for r in first.to_dict("records")}
 
 
 def whole_conversation_text(cases: Any) -> dict[str, dict[str, Any]]:
@@ -221,18 +235,25 @@ def whole_conversation_text(cases: Any) -> dict[str, dict[str, Any]]:
         m["problem"].append(str(r["problem"] or ""))
         m["handling"].append(str(r["handling"] or ""))
         m["turns"].extend({"speaker": t["speaker"], "text": t["text"]} for t in r["turns"])
-    return {cid: {"problem": "，".join(p for p in m["problem"] if p), "handling": "，".join(h for h in m["handling"] if h),
-                  "turns": m["turns"]} for cid, m in out.items()}
+    return {
+        cid: {
+            "problem": "，".join(p for p in m["problem"] if p),
+            "handling": "，".join(h for h in m["handling"] if h),
+            "turns": m["turns"],
+        }
+        for cid, m in out.items()
+    }
 
 
 def half_of(conversation_id: str) -> str:
-    """"a" or "b": a fixed split by a hash of the id, so a rule chosen on one half can be checked
+    """ "a" or "b": a fixed split by a hash of the id, so a rule chosen on one half can be checked
     on the other by anyone, with no seed to pass around."""
     return "a" if hashlib.sha1(conversation_id.encode("utf-8")).digest()[0] % 2 == 0 else "b"
 
 
-def evaluate_cases(cfg: Config, transcripts: Path, labels: Path | None = None,
-                   summaries: Path | None = None, half: str | None = None) -> dict[str, Any]:
+def evaluate_cases(
+    cfg: Config, transcripts: Path, labels: Path | None = None, summaries: Path | None = None, half: str | None = None
+) -> dict[str, Any]:
     """The report `casemine eval cases` prints. Label files are checked before any mining."""
     gold = load_labels(labels) if labels else None
     refs = load_summaries(summaries) if summaries else None
@@ -240,28 +261,44 @@ def evaluate_cases(cfg: Config, transcripts: Path, labels: Path | None = None,
         gold = {k: v for k, v in gold.items() if half_of(k) == half} if gold is not None else None
         refs = {k: v for k, v in refs.items() if half_of(k) == half} if refs is not None else None
     cases, counts = mine_cases(cfg, transcripts)
-    report: dict[str, Any] = {"transcripts": str(transcripts), "half": half, "counts": counts, "cases": int(len(cases)),
-                              "split_conversations": int((cases["segment"] > 0).groupby(cases["conversation_id"]).any().sum()),
-                              "note": "labels are compared with each conversation's first case (segment 0); "
-                                      "summaries with all its cases' problem/handling joined in order"}
+    report: dict[str, Any] = {
+        "transcripts": str(transcripts),
+        "half": half,
+        "counts": counts,
+        "cases": int(len(cases)),
+        "split_conversations": int((cases["segment"] > 0).groupby(cases["conversation_id"]).any().sum()),
+        "note": "labels are compared with each conversation's first case (segment 0); "
+        "summaries with all its cases' problem/handling joined in order",
+    }
     if gold is not None:
         pred = first_segment_labels(cases)
-        report["labels"] = {"file": str(labels), "rows": len(gold), "matched": sum(c in pred for c in gold),
-                            "fields": score_labels(pred, gold)}
+        report["labels"] = {
+            "file": str(labels),
+            "rows": len(gold),
+            "matched": sum(c in pred for c in gold),
+            "fields": score_labels(pred, gold),
+        }
     if refs is not None:
         mined = whole_conversation_text(cases)
-        report["summaries"] = {"file": str(summaries), "rows": len(refs), "matched": sum(c in mined for c in refs),
-                               "fields": score_summaries(mined, refs)}
+        report["summaries"] = {
+            "file": str(summaries),
+            "rows": len(refs),
+            "matched": sum(c in mined for c in refs),
+            "fields": score_summaries(mined, refs),
+        }
     return report
 
 
 # -- presentation ----------------------------------------------------------------------------------
 
+
 def _label_lines(field: str, r: dict[str, Any]) -> list[str]:
     p, b = r["pipeline"], r["baseline"]
-    lines = [f"{field} (n={r['n']}): pipeline accuracy {p['accuracy']:.3f} macro-F1 {p['macro_f1']:.3f} | "
-             f"baseline {b['name']}: accuracy {b['accuracy']:.3f} macro-F1 {b['macro_f1']:.3f}",
-             f"  {'class':<16}{'precision':>10}{'recall':>8}{'F1':>8}{'support':>9}"]
+    lines = [
+        f"{field} (n={r['n']}): pipeline accuracy {p['accuracy']:.3f} macro-F1 {p['macro_f1']:.3f} | "
+        f"baseline {b['name']}: accuracy {b['accuracy']:.3f} macro-F1 {b['macro_f1']:.3f}",
+        f"  {'class':<16}{'precision':>10}{'recall':>8}{'F1':>8}{'support':>9}",
+    ]
     for c, m in p["per_class"].items():
         lines.append(f"  {c:<16}{m['precision']:>10.3f}{m['recall']:>8.3f}{m['f1']:>8.3f}{m['support']:>9}")
     labs = p["confusion"]["labels"]
@@ -274,10 +311,13 @@ def _label_lines(field: str, r: dict[str, Any]) -> list[str]:
 def to_text(report: dict[str, Any]) -> str:
     """The human-readable report."""
     c = report["counts"]
-    lines = [f"{c['conversations']} conversations -> {report['cases']} cases "
-             f"({report['split_conversations']} conversations split into several; {c.get('quarantined', 0)} quarantined, "
-             f"{c.get('duplicates', 0)} duplicates)" + (f"; half {report['half']} of the labelled ones" if report.get("half") else ""),
-             report["note"]]
+    lines = [
+        f"{c['conversations']} conversations -> {report['cases']} cases "
+        f"({report['split_conversations']} conversations split into several; {c.get('quarantined', 0)} quarantined, "
+        f"{c.get('duplicates', 0)} duplicates)"
+        + (f"; half {report['half']} of the labelled ones" if report.get("half") else ""),
+        report["note"],
+    ]
     if "labels" in report:
         lab = report["labels"]
         lines.append(f"labels: {lab['matched']} of {lab['rows']} labelled conversations mined")
@@ -285,7 +325,9 @@ def to_text(report: dict[str, Any]) -> str:
             lines += _label_lines(field, r)
     if "summaries" in report:
         s = report["summaries"]
-        lines.append(f"summaries: {s['matched']} of {s['rows']} conversations mined; char ROUGE-L F, punctuation ignored")
+        lines.append(
+            f"summaries: {s['matched']} of {s['rows']} conversations mined; char ROUGE-L F, punctuation ignored"
+        )
         for field, r in s["fields"].items():
             base = ", ".join(f"{k} {v:.3f}" for k, v in r["rouge_l_f"].items() if k != "mined")
             lines.append(f"  {field:<9} mined {r['rouge_l_f'].get('mined', 0):.3f} (n={r['n']}) | baselines: {base}")

@@ -38,24 +38,37 @@ def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str], order: 
     return {
         "macro_f1": round(float(np.mean(f)), 4),
         "accuracy": round(float(accuracy_score(y_true, y_pred)), 4),
-        "per_class": {c: {"precision": round(float(p[i]), 4), "recall": round(float(r[i]), 4),
-                          "f1": round(float(f[i]), 4), "support": int(s[i])} for i, c in enumerate(present)},
+        "per_class": {
+            c: {
+                "precision": round(float(p[i]), 4),
+                "recall": round(float(r[i]), 4),
+                "f1": round(float(f[i]), 4),
+                "support": int(s[i]),
+            }
+            for i, c in enumerate(present)
+        },
         "confusion": {"labels": cm_labels, "matrix": cm.tolist()},
     }
 
 
-def abstention(y_true: Sequence[str], y_pred: Sequence[str], conf: Sequence[float] | np.ndarray,
-               threshold: float) -> dict[str, Any]:
+def abstention(
+    y_true: Sequence[str], y_pred: Sequence[str], conf: Sequence[float] | np.ndarray, threshold: float
+) -> dict[str, Any]:
     """What the review threshold does: share sent to review, accuracy of what is kept vs sent."""
     yt, yp, c = np.asarray(y_true, dtype=object), np.asarray(y_pred, dtype=object), np.asarray(conf)
     keep = c >= threshold
     acc = lambda m: round(float((yt[m] == yp[m]).mean()), 4) if m.any() else None  # noqa: E731
-    return {"threshold": threshold, "needs_review_share": round(float((~keep).mean()), 4),
-            "accuracy_kept": acc(keep), "accuracy_sent_to_review": acc(~keep)}
+    return {
+        "threshold": threshold,
+        "needs_review_share": round(float((~keep).mean()), 4),
+        "accuracy_kept": acc(keep),
+        "accuracy_sent_to_review": acc(~keep),
+    }
 
 
-def evaluate_classification(cfg: Config, labels_path: Path, *, nested: bool = False,
-                            folds: int | None = None, seed: int = 0) -> dict[str, Any]:
+def evaluate_classification(
+    cfg: Config, labels_path: Path, *, nested: bool = False, folds: int | None = None, seed: int = 0
+) -> dict[str, Any]:
     """Rules vs trained model on one labelled file/folder, cross-validated."""
     t0 = time.perf_counter()
     taxonomy: Taxonomy = load_taxonomy(cfg)
@@ -72,26 +85,33 @@ def evaluate_classification(cfg: Config, labels_path: Path, *, nested: bool = Fa
     rule_pred = [r[0] for r in rule_res]
     report: dict[str, Any] = {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "data": {"path": str(labels_path), "sha256": data.sha256, "rows": len(y), "skipped_rows": data.skipped,
-                 "label_counts": {k: int(v) for k, v in data.frame["label"].value_counts().items()},
-                 "labels_absent": [c for c in order if c not in set(y)]},
+        "data": {
+            "path": str(labels_path),
+            "sha256": data.sha256,
+            "rows": len(y),
+            "skipped_rows": data.skipped,
+            "label_counts": {k: int(v) for k, v in data.frame["label"].value_counts().items()},
+            "labels_absent": [c for c in order if c not in set(y)],
+        },
         "tokenizer": tok_name,
         "metric_note": "macro-F1 averages the labels present in the data (types with no examples cannot be scored)",
-        "rules": {**classification_metrics(y, rule_pred, order),
-                  **{"abstention": abstention(y, rule_pred, [r[1] for r in rule_res], thr)}},
+        "rules": {
+            **classification_metrics(y, rule_pred, order),
+            **{"abstention": abstention(y, rule_pred, [r[1] for r in rule_res], thr)},
+        },
     }
     if len(set(y)) < 2:
         report["model"] = {"error": "only one label in the data: nothing to train"}
         return report
 
     tokenizer = CachedTokenizer(cut, tok_name)
-    _, results, splits, skipped = select_model(texts, y, tokenizer=tokenizer, taxonomy=taxonomy, folds=folds,
-                                               seed=seed)
+    _, results, splits, skipped = select_model(texts, y, tokenizer=tokenizer, taxonomy=taxonomy, folds=folds, seed=seed)
     best = max(results, key=lambda r: (round(r.macro_f1, 4), -results.index(r)))
     report["model"] = {
         "cv": {"folds": len(splits), "stratified": True, "seed": seed},
-        "candidates": [{"name": r.name, "macro_f1": round(r.macro_f1, 4), "accuracy": round(r.accuracy, 4)}
-                       for r in results],
+        "candidates": [
+            {"name": r.name, "macro_f1": round(r.macro_f1, 4), "accuracy": round(r.accuracy, 4)} for r in results
+        ],
         "skipped_candidates": skipped,
         "chosen": best.name,
         **classification_metrics(y, best.y_pred, order),
@@ -105,15 +125,25 @@ def evaluate_classification(cfg: Config, labels_path: Path, *, nested: bool = Fa
         chosen: list[str] = []
         for train, test in outer:
             tr_texts, tr_y = [texts[i] for i in train], [y[i] for i in train]
-            m, inner, _, _ = select_model(tr_texts, tr_y, tokenizer=tokenizer, taxonomy=taxonomy,
-                                          folds=folds, candidates=DEFAULT_CANDIDATES, seed=seed)
+            m, inner, _, _ = select_model(
+                tr_texts,
+                tr_y,
+                tokenizer=tokenizer,
+                taxonomy=taxonomy,
+                folds=folds,
+                candidates=DEFAULT_CANDIDATES,
+                seed=seed,
+            )
             proba = m.predict_proba([texts[i] for i in test])
             pred[test] = m.classes_[proba.argmax(axis=1)]
             conf[test] = proba.max(axis=1)
             chosen.append(max(inner, key=lambda r: (round(r.macro_f1, 4), -inner.index(r))).name)
-        report["model_nested"] = {"outer_folds": len(outer), "chosen_per_fold": chosen,
-                                  **classification_metrics(y, list(pred), order),
-                                  "abstention": abstention(y, list(pred), conf, thr)}
+        report["model_nested"] = {
+            "outer_folds": len(outer),
+            "chosen_per_fold": chosen,
+            **classification_metrics(y, list(pred), order),
+            "abstention": abstention(y, list(pred), conf, thr),
+        }
     report["seconds"] = round(time.perf_counter() - t0, 1)
     return report
 
@@ -135,23 +165,41 @@ def _md_confusion(m: dict[str, Any]) -> list[str]:
 
 def to_markdown(report: dict[str, Any]) -> str:
     d = report["data"]
-    out = [f"# Issue-type classification: {d['path']}", "",
-           f"{d['rows']} rows (sha256 {d['sha256'][:12]}); labels absent from the data: "
-           f"{', '.join(d['labels_absent']) or 'none'}. {report['metric_note']}.", ""]
+    out = [
+        f"# Issue-type classification: {d['path']}",
+        "",
+        f"{d['rows']} rows (sha256 {d['sha256'][:12]}); labels absent from the data: "
+        f"{', '.join(d['labels_absent']) or 'none'}. {report['metric_note']}.",
+        "",
+    ]
     sections = [("Rules only (cold start, no training)", report["rules"])]
     if "candidates" in report.get("model", {}):
         m = report["model"]
-        out += ["## Model selection (cross-validated macro-F1)", "", "| variant | macro-F1 | accuracy |",
-                "|---|---:|---:|"] + [f"| {c['name']} | {c['macro_f1']:.3f} | {c['accuracy']:.3f} |"
-                                     for c in m["candidates"]] + [""]
-        sections.append((f"Trained model: {m['chosen']} ({m['cv']['folds']}-fold CV; optimistic, it won the selection)", m))
+        out += (
+            [
+                "## Model selection (cross-validated macro-F1)",
+                "",
+                "| variant | macro-F1 | accuracy |",
+                "|---|---:|---:|",
+            ]
+            + [f"| {c['name']} | {c['macro_f1']:.3f} | {c['accuracy']:.3f} |" for c in m["candidates"]]
+            + [""]
+        )
+        sections.append(
+            (f"Trained model: {m['chosen']} ({m['cv']['folds']}-fold CV; optimistic, it won the selection)", m)
+        )
     if "model_nested" in report:
         sections.append(("Trained model, nested CV (unbiased)", report["model_nested"]))
     for title, m in sections:
         a = m["abstention"]
-        out += [f"## {title}", "", f"macro-F1 **{m['macro_f1']:.3f}**, accuracy {m['accuracy']:.3f}. "
-                f"At review_threshold {a['threshold']}: {a['needs_review_share']:.0%} to review; accuracy kept "
-                f"{a['accuracy_kept']}, sent to review {a['accuracy_sent_to_review']}.", ""]
+        out += [
+            f"## {title}",
+            "",
+            f"macro-F1 **{m['macro_f1']:.3f}**, accuracy {m['accuracy']:.3f}. "
+            f"At review_threshold {a['threshold']}: {a['needs_review_share']:.0%} to review; accuracy kept "
+            f"{a['accuracy_kept']}, sent to review {a['accuracy_sent_to_review']}.",
+            "",
+        ]
         out += _md_table(m) + ["", "Confusion matrix:", ""] + _md_confusion(m) + [""]
     return "\n".join(out) + "\n"
 

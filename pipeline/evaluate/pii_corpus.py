@@ -49,7 +49,7 @@ def parse_marked(marked: str, source: str = "") -> Example:
     pos = 0
     length = 0
     for m in _MARK_RE.finditer(marked):
-        out.append(marked[pos:m.start()])
+        out.append(marked[pos : m.start()])
         length += m.start() - pos
         kind, value = m.group(1), m.group(2)
         if kind not in PII_KINDS and kind not in KEEP_KINDS:
@@ -67,18 +67,40 @@ def parse_marked(marked: str, source: str = "") -> Example:
 # Surnames weighted roughly by population share (the top 20 cover about half of all people);
 # the generator has its own list so the masker's configs/surnames.txt is not graded by itself.
 _SURNAMES_TOP = "王李张刘陈杨黄赵吴周徐孙马朱胡郭何林高罗"
-_SURNAMES_MID = ("郑梁谢宋唐许邓冯韩曹曾彭萧蔡潘田董袁于余叶蒋杜苏魏程吕丁沈任姚卢傅钟姜崔谭廖范汪陆金石戴贾韦"
-                 "夏邱方侯邹熊孟秦白江阎薛尹段雷黎史龙陶贺顾毛郝龚邵万钱严赖覃洪武莫孔汤向常温康施文牛樊葛邢"
-                 "安齐易乔伍庞颜倪庄聂章鲁岳翟殷詹申欧耿关兰焦俞左柳甘祝包宁尚符舒阮柯纪梅童凌毕单季裴霍涂成"
-                 "苗谷盛曲翁冉骆蓝路游辛靳管柴蒙鲍华喻祁蒲房滕屈饶解牟艾尤阳时穆农司卓古吉缪简车项连芦麦褚娄"
-                 "窦戚岑景党宫费卜冷晏席卫米柏宗瞿桂全佟应臧闵苟邬边卞姬师和仇栾隋商刁沙荣巫寇桑郎甄丛仲虞敖巩"
-                 "明佘池乜花郁谈")
-_SURNAMES_COMPOUND = ("欧阳", "司马", "诸葛", "上官", "东方", "皇甫", "慕容", "令狐", "尉迟", "公孙", "司徒", "夏侯",
-                      "端木", "南宫", "长孙", "宇文", "独孤", "西门")
-_GIVEN = ("伟芳娜敏静丽强磊军洋勇艳杰娟涛明超秀霞平刚桂英华玉兰萍红鹏飞建文辉宇浩凯俊帆峰亮晨阳婷雪琳颖倩"
-          "慧琪欣怡佳思雨涵梓轩睿博文泽昊然一可心嘉悦彤萱诗瑶璐丹宁斌波林松柏海东晓志永春秋冬梅菊莲凤燕"
-          "荣福贵德成光新国庆宏伦龙虎豪振威德奇文武清源远航舟翔鸣鑫淼森林晶莹琴瑞祥云霖露蕾薇蓉茜婧媛"
-          "妍雯岚琦晗昕宸逸铭哲楠柯沛茂坤钰铮锋瑾瑜璇玲珊娅娴淑贤雅静君")
+_SURNAMES_MID = (
+    "郑梁谢宋唐许邓冯韩曹曾彭萧蔡潘田董袁于余叶蒋杜苏魏程吕丁沈任姚卢傅钟姜崔谭廖范汪陆金石戴贾韦"
+    "夏邱方侯邹熊孟秦白江阎薛尹段雷黎史龙陶贺顾毛郝龚邵万钱严赖覃洪武莫孔汤向常温康施文牛樊葛邢"
+    "安齐易乔伍庞颜倪庄聂章鲁岳翟殷詹申欧耿关兰焦俞左柳甘祝包宁尚符舒阮柯纪梅童凌毕单季裴霍涂成"
+    "苗谷盛曲翁冉骆蓝路游辛靳管柴蒙鲍华喻祁蒲房滕屈饶解牟艾尤阳时穆农司卓古吉缪简车项连芦麦褚娄"
+    "窦戚岑景党宫费卜冷晏席卫米柏宗瞿桂全佟应臧闵苟邬边卞姬师和仇栾隋商刁沙荣巫寇桑郎甄丛仲虞敖巩"
+    "明佘池乜花郁谈"
+)
+_SURNAMES_COMPOUND = (
+    "欧阳",
+    "司马",
+    "诸葛",
+    "上官",
+    "东方",
+    "皇甫",
+    "慕容",
+    "令狐",
+    "尉迟",
+    "公孙",
+    "司徒",
+    "夏侯",
+    "端木",
+    "南宫",
+    "长孙",
+    "宇文",
+    "独孤",
+    "西门",
+)
+_GIVEN = (
+    "伟芳娜敏静丽强磊军洋勇艳杰娟涛明超秀霞平刚桂英华玉兰萍红鹏飞建文辉宇浩凯俊帆峰亮晨阳婷雪琳颖倩"
+    "慧琪欣怡佳思雨涵梓轩睿博文泽昊然一可心嘉悦彤萱诗瑶璐丹宁斌波林松柏海东晓志永春秋冬梅菊莲凤燕"
+    "荣福贵德成光新国庆宏伦龙虎豪振威德奇文武清源远航舟翔鸣鑫淼森林晶莹琴瑞祥云霖露蕾薇蓉茜婧媛"
+    "妍雯岚琦晗昕宸逸铭哲楠柯沛茂坤钰铮锋瑾瑜璇玲珊娅娴淑贤雅静君"
+)
 _GIVEN_DOUBLE_SHARE = 0.7
 
 
@@ -94,9 +116,50 @@ def _name(rng: random.Random) -> str:
     return surname + given
 
 
-_MOBILE_PREFIXES = ("130", "131", "132", "133", "134", "135", "136", "137", "138", "139", "145", "147", "150", "151",
-                    "152", "153", "155", "156", "157", "158", "159", "166", "171", "173", "175", "176", "177", "178",
-                    "180", "181", "182", "183", "185", "186", "187", "188", "189", "191", "193", "195", "198", "199")
+_MOBILE_PREFIXES = (
+    "130",
+    "131",
+    "132",
+    "133",
+    "134",
+    "135",
+    "136",
+    "137",
+    "138",
+    "139",
+    "145",
+    "147",
+    "150",
+    "151",
+    "152",
+    "153",
+    "155",
+    "156",
+    "157",
+    "158",
+    "159",
+    "166",
+    "171",
+    "173",
+    "175",
+    "176",
+    "177",
+    "178",
+    "180",
+    "181",
+    "182",
+    "183",
+    "185",
+    "186",
+    "187",
+    "188",
+    "189",
+    "191",
+    "193",
+    "195",
+    "198",
+    "199",
+)
 
 
 def _digits(rng: random.Random, k: int) -> str:
@@ -109,8 +172,23 @@ def _mobile_digits(rng: random.Random) -> str:
 
 def _phone(rng: random.Random) -> str:
     d = _mobile_digits(rng)
-    style = rng.choice(("plain", "plain", "plain", "space344", "dash344", "+86", "+86 ", "0086", "0086 ", "+86-",
-                        "86-", "glued", "space434"))
+    style = rng.choice(
+        (
+            "plain",
+            "plain",
+            "plain",
+            "space344",
+            "dash344",
+            "+86",
+            "+86 ",
+            "0086",
+            "0086 ",
+            "+86-",
+            "86-",
+            "glued",
+            "space434",
+        )
+    )
     if style == "space344":
         return f"{d[:3]} {d[3:7]} {d[7:]}"
     if style == "dash344":
@@ -124,8 +202,22 @@ def _phone(rng: random.Random) -> str:
     return d
 
 
-_LANDLINE_AREAS = (("010", 8), ("021", 8), ("020", 8), ("022", 8), ("023", 8), ("0755", 8), ("0571", 8), ("028", 8),
-                   ("027", 8), ("029", 8), ("0731", 7), ("0871", 7), ("0512", 8), ("0532", 8))
+_LANDLINE_AREAS = (
+    ("010", 8),
+    ("021", 8),
+    ("020", 8),
+    ("022", 8),
+    ("023", 8),
+    ("0755", 8),
+    ("0571", 8),
+    ("028", 8),
+    ("027", 8),
+    ("029", 8),
+    ("0731", 7),
+    ("0871", 7),
+    ("0512", 8),
+    ("0532", 8),
+)
 
 
 def _landline(rng: random.Random) -> str:
@@ -143,9 +235,32 @@ def _landline(rng: random.Random) -> str:
     return area + local
 
 
-_ID_AREAS = ("110101", "110105", "310104", "310115", "440305", "440106", "330106", "320106", "510107", "500112",
-             "420111", "430104", "610113", "210102", "230103", "370202", "350203", "410105", "120104", "130102",
-             "522601", "452122", "640104", "150102")
+_ID_AREAS = (
+    "110101",
+    "110105",
+    "310104",
+    "310115",
+    "440305",
+    "440106",
+    "330106",
+    "320106",
+    "510107",
+    "500112",
+    "420111",
+    "430104",
+    "610113",
+    "210102",
+    "230103",
+    "370202",
+    "350203",
+    "410105",
+    "120104",
+    "130102",
+    "522601",
+    "452122",
+    "640104",
+    "150102",
+)
 
 
 def id_check_char(body17: str) -> str:
@@ -154,8 +269,13 @@ def id_check_char(body17: str) -> str:
 
 
 def _id_number(rng: random.Random) -> str:
-    body = (rng.choice(_ID_AREAS) + str(rng.randint(1950, 2006)) + f"{rng.randint(1, 12):02d}"
-            + f"{rng.randint(1, 28):02d}" + _digits(rng, 3))
+    body = (
+        rng.choice(_ID_AREAS)
+        + str(rng.randint(1950, 2006))
+        + f"{rng.randint(1, 12):02d}"
+        + f"{rng.randint(1, 28):02d}"
+        + _digits(rng, 3)
+    )
     pid = body + id_check_char(body)
     if pid.endswith("X") and rng.random() < 0.4:
         pid = pid[:-1] + "x"
@@ -179,8 +299,20 @@ def luhn_check_digit(payload: str) -> str:
     return str((10 - total % 10) % 10)
 
 
-_CARD_PREFIXES = (("622202", 19), ("622848", 19), ("621700", 19), ("622588", 16), ("436742", 16), ("625911", 16),
-                  ("622609", 16), ("621226", 19), ("623058", 19), ("518710", 16), ("603367", 19), ("622760", 19))
+_CARD_PREFIXES = (
+    ("622202", 19),
+    ("622848", 19),
+    ("621700", 19),
+    ("622588", 16),
+    ("436742", 16),
+    ("625911", 16),
+    ("622609", 16),
+    ("621226", 19),
+    ("623058", 19),
+    ("518710", 16),
+    ("603367", 19),
+    ("622760", 19),
+)
 
 
 def _card(rng: random.Random) -> str:
@@ -190,14 +322,30 @@ def _card(rng: random.Random) -> str:
     style = rng.choice(("plain", "space4", "dash4", "space4", "dash4", "space6"))
     if style in ("space4", "dash4"):
         sep = " " if style == "space4" else "-"
-        return sep.join(num[i:i + 4] for i in range(0, len(num), 4))
+        return sep.join(num[i : i + 4] for i in range(0, len(num), 4))
     if style == "space6":
         return f"{num[:6]} {num[6:]}"
     return num
 
 
-_WX_WORDS = ("zhangwei", "lily", "xiaoyu", "sunny", "wang_fang", "tom", "amy", "kevin", "liuyang", "happy", "chen",
-             "summer", "mia", "jack", "huahua", "dabao")
+_WX_WORDS = (
+    "zhangwei",
+    "lily",
+    "xiaoyu",
+    "sunny",
+    "wang_fang",
+    "tom",
+    "amy",
+    "kevin",
+    "liuyang",
+    "happy",
+    "chen",
+    "summer",
+    "mia",
+    "jack",
+    "huahua",
+    "dabao",
+)
 
 
 def _qq(rng: random.Random) -> str:
@@ -219,27 +367,75 @@ def _email(rng: random.Random) -> str:
     user = rng.choice(_WX_WORDS).replace("_", ".") + str(rng.randint(1, 999))
     if rng.random() < 0.3:
         user = str(rng.randint(10000, 999999999))
-    return f"{user}@{rng.choice(('qq.com', '163.com', '126.com', 'sina.com', 'foxmail.com', 'gmail.com', 'outlook.com'))}"
+    return (
+        f"{user}@{rng.choice(('qq.com', '163.com', '126.com', 'sina.com', 'foxmail.com', 'gmail.com', 'outlook.com'))}"
+    )
 
 
-_PLACES = (("北京市", "", ("朝阳区", "海淀区", "丰台区", "通州区", "昌平区")),
-           ("上海市", "", ("浦东新区", "闵行区", "徐汇区", "宝山区")),
-           ("广东省", "深圳市", ("南山区", "宝安区", "龙岗区", "福田区")),
-           ("广东省", "广州市", ("天河区", "白云区", "番禺区")),
-           ("浙江省", "杭州市", ("西湖区", "余杭区", "萧山区")),
-           ("江苏省", "南京市", ("鼓楼区", "江宁区", "玄武区")),
-           ("四川省", "成都市", ("武侯区", "高新区", "双流区")),
-           ("重庆市", "", ("渝北区", "江北区", "九龙坡区")),
-           ("湖北省", "武汉市", ("洪山区", "江汉区", "武昌区")),
-           ("陕西省", "西安市", ("雁塔区", "未央区", "长安区")),
-           ("山东省", "青岛市", ("市南区", "黄岛区", "崂山区")),
-           ("河南省", "郑州市", ("金水区", "二七区", "中原区")))
-_STREETS = ("建国路", "人民路", "解放大道", "中山东路", "科技园路", "长江路", "文化街", "学府路", "新华路", "滨江大道",
-            "和平街", "光明路", "金沙江路", "天府大道", "幸福路", "东三环北路")
-_ESTATES = ("龙湖春森彼岸", "万科城", "碧桂园凤凰城", "保利香槟国际", "恒大绿洲", "融创玖玺台", "中海国际社区",
-            "绿地世纪城", "金地格林小镇", "华润二十四城", "世茂滨江花园", "远洋天地", "翠湖天地", "幸福里小区",
-            "阳光花园", "望京西园", "天通苑北一区", "金色家园", "锦绣江南", "紫荆公寓", "东方明珠大厦", "梧桐苑",
-            "和谐家园", "新城国际", "御景湾", "蓝湾半岛", "春江花月", "枫林绿洲", "丽都花园", "书香门第")
+_PLACES = (
+    ("北京市", "", ("朝阳区", "海淀区", "丰台区", "通州区", "昌平区")),
+    ("上海市", "", ("浦东新区", "闵行区", "徐汇区", "宝山区")),
+    ("广东省", "深圳市", ("南山区", "宝安区", "龙岗区", "福田区")),
+    ("广东省", "广州市", ("天河区", "白云区", "番禺区")),
+    ("浙江省", "杭州市", ("西湖区", "余杭区", "萧山区")),
+    ("江苏省", "南京市", ("鼓楼区", "江宁区", "玄武区")),
+    ("四川省", "成都市", ("武侯区", "高新区", "双流区")),
+    ("重庆市", "", ("渝北区", "江北区", "九龙坡区")),
+    ("湖北省", "武汉市", ("洪山区", "江汉区", "武昌区")),
+    ("陕西省", "西安市", ("雁塔区", "未央区", "长安区")),
+    ("山东省", "青岛市", ("市南区", "黄岛区", "崂山区")),
+    ("河南省", "郑州市", ("金水区", "二七区", "中原区")),
+)
+_STREETS = (
+    "建国路",
+    "人民路",
+    "解放大道",
+    "中山东路",
+    "科技园路",
+    "长江路",
+    "文化街",
+    "学府路",
+    "新华路",
+    "滨江大道",
+    "和平街",
+    "光明路",
+    "金沙江路",
+    "天府大道",
+    "幸福路",
+    "东三环北路",
+)
+_ESTATES = (
+    "龙湖春森彼岸",
+    "万科城",
+    "碧桂园凤凰城",
+    "保利香槟国际",
+    "恒大绿洲",
+    "融创玖玺台",
+    "中海国际社区",
+    "绿地世纪城",
+    "金地格林小镇",
+    "华润二十四城",
+    "世茂滨江花园",
+    "远洋天地",
+    "翠湖天地",
+    "幸福里小区",
+    "阳光花园",
+    "望京西园",
+    "天通苑北一区",
+    "金色家园",
+    "锦绣江南",
+    "紫荆公寓",
+    "东方明珠大厦",
+    "梧桐苑",
+    "和谐家园",
+    "新城国际",
+    "御景湾",
+    "蓝湾半岛",
+    "春江花月",
+    "枫林绿洲",
+    "丽都花园",
+    "书香门第",
+)
 _NUMS_CN = "一二三四五六七八九十"
 _VILLAGES = ("李家", "王庄", "大河", "石桥", "柳树", "张湾", "新河", "东坡", "马集", "杨柳", "西关", "黄泥")
 _TOWNS = ("城关", "太平", "新集", "长乐", "白马", "清河", "永安", "龙泉")
@@ -269,8 +465,19 @@ def _address(rng: random.Random) -> str:
     district = rng.choice(districts)
     street = f"{rng.choice(_STREETS)}{rng.randint(1, 999)}号"
     estate, tail = rng.choice(_ESTATES), _building_tail(rng)
-    style = rng.choice(("full", "full", "no_prov", "district_estate", "estate_only", "street_only", "rural",
-                        "rural_short", "district_street_estate"))
+    style = rng.choice(
+        (
+            "full",
+            "full",
+            "no_prov",
+            "district_estate",
+            "estate_only",
+            "street_only",
+            "rural",
+            "rural_short",
+            "district_street_estate",
+        )
+    )
     if style == "full":
         return prov + city + district + street + estate + tail
     if style == "no_prov":
@@ -291,6 +498,7 @@ def _address(rng: random.Random) -> str:
 
 
 # -- must-keep makers ------------------------------------------------------------------------
+
 
 def _order(rng: random.Random) -> str:
     style = rng.choice(("jd", "digits12", "phone_like", "taobao19", "digits18", "digits16"))
@@ -350,31 +558,143 @@ def _date(rng: random.Random) -> str:
     return f"{y}-{m:02d}-{d:02d} {rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}"
 
 
-_MODELS = ("iPhone 15 Pro Max", "Mate 60 Pro", "小米14", "Redmi K70", "EG100MATE35S", "KFR-35GW/N8XHC1", "RTX 4060",
-           "AirPods Pro 2", "ThinkPad X1 Carbon", "BCD-470WDPG", "P50", "nova 12", "iPad Air 5", "MX Master 3S",
-           "XQ-86X85J", "JSQ30-16WH5D", "G7 Plus", "荣耀90", "OPPO Reno11", "vivo X100", "Z9 Turbo", "S7-5000")
-_BRANDS = ("华为", "小米", "海尔", "美的", "格力", "李宁", "王老吉", "周大福", "江小白", "方太", "安踏", "百雀羚",
-           "周黑鸭", "马应龙", "金龙鱼", "白象", "老板电器", "苏泊尔", "九阳", "飞利浦", "戴森", "雷蛇", "罗技",
-           "周生生", "康师傅", "娃哈哈", "陈克明", "童年时光", "黄天鹅")
-_WORDS = ("小妹", "亲", "客服", "京东", "马上", "方便", "周末", "高兴", "黄金会员", "白条", "京豆", "白色", "金额",
-          "万一", "于是", "常温", "师傅", "快递小哥", "高铁", "石头", "毛巾", "严重", "程序", "何时", "龙虾", "包邮",
-          "安装师傅", "宋体", "林子", "钱包", "孙子", "朱红色", "陆续", "江湖", "雷同", "谢谢", "黄色", "陈列",
-          "高端", "张贴", "许可", "杨梅", "胡萝卜", "余额", "叶子", "汪汪", "田园", "董事长", "袁大头", "潘多拉")
+_MODELS = (
+    "iPhone 15 Pro Max",
+    "Mate 60 Pro",
+    "小米14",
+    "Redmi K70",
+    "EG100MATE35S",
+    "KFR-35GW/N8XHC1",
+    "RTX 4060",
+    "AirPods Pro 2",
+    "ThinkPad X1 Carbon",
+    "BCD-470WDPG",
+    "P50",
+    "nova 12",
+    "iPad Air 5",
+    "MX Master 3S",
+    "XQ-86X85J",
+    "JSQ30-16WH5D",
+    "G7 Plus",
+    "荣耀90",
+    "OPPO Reno11",
+    "vivo X100",
+    "Z9 Turbo",
+    "S7-5000",
+)
+_BRANDS = (
+    "华为",
+    "小米",
+    "海尔",
+    "美的",
+    "格力",
+    "李宁",
+    "王老吉",
+    "周大福",
+    "江小白",
+    "方太",
+    "安踏",
+    "百雀羚",
+    "周黑鸭",
+    "马应龙",
+    "金龙鱼",
+    "白象",
+    "老板电器",
+    "苏泊尔",
+    "九阳",
+    "飞利浦",
+    "戴森",
+    "雷蛇",
+    "罗技",
+    "周生生",
+    "康师傅",
+    "娃哈哈",
+    "陈克明",
+    "童年时光",
+    "黄天鹅",
+)
+_WORDS = (
+    "小妹",
+    "亲",
+    "客服",
+    "京东",
+    "马上",
+    "方便",
+    "周末",
+    "高兴",
+    "黄金会员",
+    "白条",
+    "京豆",
+    "白色",
+    "金额",
+    "万一",
+    "于是",
+    "常温",
+    "师傅",
+    "快递小哥",
+    "高铁",
+    "石头",
+    "毛巾",
+    "严重",
+    "程序",
+    "何时",
+    "龙虾",
+    "包邮",
+    "安装师傅",
+    "宋体",
+    "林子",
+    "钱包",
+    "孙子",
+    "朱红色",
+    "陆续",
+    "江湖",
+    "雷同",
+    "谢谢",
+    "黄色",
+    "陈列",
+    "高端",
+    "张贴",
+    "许可",
+    "杨梅",
+    "胡萝卜",
+    "余额",
+    "叶子",
+    "汪汪",
+    "田园",
+    "董事长",
+    "袁大头",
+    "潘多拉",
+)
 
 _QQ_CUES = ("QQ", "qq", "QQ号", "扣扣", "扣扣号", "企鹅号", "Q号", "qq号码是")
 _WX_CUES = ("微信", "微信号", "vx", "VX", "wx", "V信", "威信", "薇信", "微信号是", "v", "加v")
 
 MAKERS: dict[str, Callable[[random.Random], str]] = {
-    "name": _name, "phone": _phone, "landline": _landline, "id": _id_number, "card": _card, "qq": _qq,
-    "wechat": _wechat, "email": _email, "address": _address, "order": _order, "tracking": _tracking,
-    "amount": _amount, "date": _date, "model": lambda r: r.choice(_MODELS), "brand": lambda r: r.choice(_BRANDS),
+    "name": _name,
+    "phone": _phone,
+    "landline": _landline,
+    "id": _id_number,
+    "card": _card,
+    "qq": _qq,
+    "wechat": _wechat,
+    "email": _email,
+    "address": _address,
+    "order": _order,
+    "tracking": _tracking,
+    "amount": _amount,
+    "date": _date,
+    "model": lambda r: r.choice(_MODELS),
+    "brand": lambda r: r.choice(_BRANDS),
     "word": lambda r: r.choice(_WORDS),
 }
 # Slot -> labelled kind; cue slots are plain text drawn at random.
 _SLOT_KIND = {"qq": "account", "wechat": "account"}
-_CUES = {"qqcue": _QQ_CUES, "wxcue": _WX_CUES,
-         "ordercue": ("订单号", "订单号是", "单号：", "订单编号", "订单号:", "订单", "售后单号", "服务单号"),
-         "trackcue": ("运单号", "快递单号", "物流单号", "运单号是", "快递单号:", "单号")}
+_CUES = {
+    "qqcue": _QQ_CUES,
+    "wxcue": _WX_CUES,
+    "ordercue": ("订单号", "订单号是", "单号：", "订单编号", "订单号:", "订单", "售后单号", "服务单号"),
+    "trackcue": ("运单号", "快递单号", "物流单号", "运单号是", "快递单号:", "单号"),
+}
 
 # Realistic turns; {slot} is a value, [[word:...]] marks a fixed must-keep word.
 TEMPLATES: tuple[str, ...] = (

@@ -27,6 +27,7 @@ KS = (1, 5, 10)
 
 # -- pure metrics ----------------------------------------------------------------------------
 
+
 def pair_metrics(ranked: list[list[int]], relevant: list[set[int]]) -> dict[str, float]:
     """recall@1/5/10 (share of each query's relevant items in its top k) and MRR@10."""
     rec: dict[int, list[float]] = {k: [] for k in KS}
@@ -56,6 +57,7 @@ def label_precision(ranked: list[list[int]], labels: list[str]) -> dict[str, flo
 
 # -- readers ---------------------------------------------------------------------------------
 
+
 def _read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
     with open(path, encoding="utf-8-sig") as f:
         for line in f:
@@ -82,6 +84,7 @@ def read_labelled(path: Path) -> tuple[list[str], list[str]]:
 
 # -- running the searcher --------------------------------------------------------------------
 
+
 def build_memory_index(cfg: Config, texts: list[str], embedder) -> CaseIndex:
     """An in-memory CaseIndex over plain texts (case_id = position)."""
     vecs = embedder.encode_passages(texts)
@@ -102,8 +105,9 @@ def _query_vectors(embedder, texts: list[str], cache_root: Path | None) -> np.nd
     from pipeline.embed.embedder import cache_dir
 
     engine = _engine(embedder.cfg)
-    cache = EmbeddingCache(cache_dir(cache_root, embedder.model_name, engine) / "queries",
-                           f"{embedder.model_name}|{engine}|query")
+    cache = EmbeddingCache(
+        cache_dir(cache_root, embedder.model_name, engine) / "queries", f"{embedder.model_name}|{engine}|query"
+    )
     found, cached, keys = cache.lookup(texts)
     out = np.empty((len(texts), embedder.dim), dtype=np.float32)
     if found.any():
@@ -116,8 +120,9 @@ def _query_vectors(embedder, texts: list[str], cache_root: Path | None) -> np.nd
     return out
 
 
-def _rank_all(cfg: Config, searcher: Searcher, qvecs: np.ndarray, qtexts: list[str], k: int,
-              mode: str) -> list[list[int]]:
+def _rank_all(
+    cfg: Config, searcher: Searcher, qvecs: np.ndarray, qtexts: list[str], k: int, mode: str
+) -> list[list[int]]:
     out = []
     for i, q in enumerate(qtexts):
         toks = tokenize(cfg, q) if mode != "dense" else None
@@ -130,8 +135,9 @@ def _mode_order(cfg: Config, modes: list[str] | None) -> list[str]:
     return sorted(modes, key=lambda m: (m != cfg.search.mode, MODES.index(m)))
 
 
-def evaluate_pairs(cfg: Config, pairs: Path, corpus: Path | None = None, modes: list[str] | None = None,
-                   cache_root: Path | None = None) -> dict[str, Any]:
+def evaluate_pairs(
+    cfg: Config, pairs: Path, corpus: Path | None = None, modes: list[str] | None = None, cache_root: Path | None = None
+) -> dict[str, Any]:
     """recall@1/5/10 and MRR per mode on `{query, positive[, label]}` JSONL (label 0 rows skipped)."""
     from pipeline.embed import Embedder
 
@@ -150,12 +156,20 @@ def evaluate_pairs(cfg: Config, pairs: Path, corpus: Path | None = None, modes: 
     res: dict[str, Any] = {}
     for mode in _mode_order(cfg, modes):
         res[mode] = pair_metrics(_rank_all(cfg, searcher, qv, queries, 10, mode), [rel[q] for q in queries])
-    return {"task": "pairs", "queries": len(queries), "collection": len(collection),
-            "model": emb.model_name, "backend": emb.backend, "query_engine": _engine(cfg), "modes": res}
+    return {
+        "task": "pairs",
+        "queries": len(queries),
+        "collection": len(collection),
+        "model": emb.model_name,
+        "backend": emb.backend,
+        "query_engine": _engine(cfg),
+        "modes": res,
+    }
 
 
-def evaluate_labels(cfg: Config, labels_path: Path, modes: list[str] | None = None,
-                    cache_root: Path | None = None) -> dict[str, Any]:
+def evaluate_labels(
+    cfg: Config, labels_path: Path, modes: list[str] | None = None, cache_root: Path | None = None
+) -> dict[str, Any]:
     """Label precision@1/5/10 per mode: every text queries all the others (itself left out)."""
     from pipeline.embed import Embedder
 
@@ -169,8 +183,15 @@ def evaluate_labels(cfg: Config, labels_path: Path, modes: list[str] | None = No
         ranked = _rank_all(cfg, searcher, qv, texts, 11, mode)
         ranked = [[j for j in r if j != i][:10] for i, r in enumerate(ranked)]
         res[mode] = label_precision(ranked, labels)
-    return {"task": "labels", "texts": len(texts), "labels": len(set(labels)), "model": emb.model_name,
-            "backend": emb.backend, "query_engine": _engine(cfg), "modes": res}
+    return {
+        "task": "labels",
+        "texts": len(texts),
+        "labels": len(set(labels)),
+        "model": emb.model_name,
+        "backend": emb.backend,
+        "query_engine": _engine(cfg),
+        "modes": res,
+    }
 
 
 def _engine(cfg: Config) -> str:

@@ -42,8 +42,13 @@ def discover(input_dir: Path) -> list[Path]:
     files and folders (editor swap files, .ipynb_checkpoints) are not input."""
     if input_dir.is_file():
         return [input_dir]
-    found = [p for p in input_dir.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
-             and not any(part.startswith(".") for part in p.relative_to(input_dir).parts)]
+    found = [
+        p
+        for p in input_dir.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(input_dir).parts)
+    ]
     return sorted(found)
 
 
@@ -67,7 +72,9 @@ def read_file(path: Path, cfg: IngestConfig, root: Path | None = None) -> FileRe
         data = path.read_bytes()
     except OSError as e:
         res = FileResult(name, "unknown")
-        res.quarantined.append(_quarantine(name, RecordError("unreadable_file", f"cannot read the file: {e.strerror}"), b""))
+        res.quarantined.append(
+            _quarantine(name, RecordError("unreadable_file", f"cannot read the file: {e.strerror}"), b"")
+        )
         return res
     res = FileResult(name, "unknown")
     suffix = path.suffix.lower()
@@ -97,8 +104,10 @@ def load_json(text: str) -> Any:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise RecordError("malformed_json", f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
-                                            "fix or re-export the record") from None
+        raise RecordError(
+            "malformed_json",
+            f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); fix or re-export the record",
+        ) from None
     except ValueError:
         # Python refuses to convert integers over 4,300 digits; say where the number is.
         where, digits, record = locate_long_int(text) or ("a number", 0, None)
@@ -126,7 +135,9 @@ def _one_record(line: Line, parser: Parser, res: FileResult, cfg: IngestConfig) 
         if line.text is None:
             raise RecordError("undecodable_bytes", f"{line.error}; re-export the file in UTF-8")
         if len(line.raw) > cfg.max_record_bytes:
-            raise RecordError("oversized_record", f"{len(line.raw)} bytes exceed ingest.max_record_bytes={cfg.max_record_bytes}")
+            raise RecordError(
+                "oversized_record", f"{len(line.raw)} bytes exceed ingest.max_record_bytes={cfg.max_record_bytes}"
+            )
         # A BOM inside the file is where another export was pasted on; JSON does not allow it.
         obj = load_json(line.text[1:] if line.text.startswith("\ufeff") else line.text)
         conv = parser.chat(obj)
@@ -136,8 +147,9 @@ def _one_record(line: Line, parser: Parser, res: FileResult, cfg: IngestConfig) 
         cid = _cid(obj if obj is not None else e.record)
         res.quarantined.append(_quarantine(res.path, e, line.raw, line.number, line.offset, cid, excerpt))
     except Exception as e:  # noqa: BLE001 - see the module docstring
-        res.quarantined.append(_quarantine(res.path, unexpected(e, "the record"), line.raw, line.number, line.offset,
-                                           _cid(obj), excerpt))
+        res.quarantined.append(
+            _quarantine(res.path, unexpected(e, "the record"), line.raw, line.number, line.offset, _cid(obj), excerpt)
+        )
 
 
 def _cid(obj: Any) -> Any:
@@ -167,13 +179,19 @@ def _json_text(data: bytes) -> tuple[str, str | None, str, int | None]:
 
 def _read_json(path: Path, data: bytes, parser: Parser, res: FileResult, cfg: IngestConfig) -> None:
     if len(data) > cfg.max_record_bytes * 50:
-        res.quarantined.append(_quarantine(res.path, RecordError(
-            "oversized_record", f"{len(data)} bytes: split the file or raise ingest.max_record_bytes"), data))
+        res.quarantined.append(
+            _quarantine(
+                res.path,
+                RecordError("oversized_record", f"{len(data)} bytes: split the file or raise ingest.max_record_bytes"),
+                data,
+            )
+        )
         return
     res.encoding, text, error, offset = _json_text(data)
     if text is None:
-        res.quarantined.append(_quarantine(res.path, RecordError("undecodable_bytes", f"{error}; re-export in UTF-8"),
-                                           data, None, offset))
+        res.quarantined.append(
+            _quarantine(res.path, RecordError("undecodable_bytes", f"{error}; re-export in UTF-8"), data, None, offset)
+        )
         return
     long_ints = False
     try:
@@ -200,8 +218,17 @@ def _read_json(path: Path, data: bytes, parser: Parser, res: FileResult, cfg: In
             res.conversations.append(conv)
         except Exception as e:  # noqa: BLE001 - see the module docstring
             err = e if isinstance(e, RecordError) else unexpected(e, "the record")
-            res.quarantined.append(_quarantine(res.path, err, raw, None if index is None else i + 1, None, _cid(item),
-                                               raw.decode("utf-8", errors="replace")))
+            res.quarantined.append(
+                _quarantine(
+                    res.path,
+                    err,
+                    raw,
+                    None if index is None else i + 1,
+                    None,
+                    _cid(item),
+                    raw.decode("utf-8", errors="replace"),
+                )
+            )
 
 
 _ID_TYPES = (str, int)
@@ -219,8 +246,14 @@ def _json_item(item: Any, path: Path, parser: Parser, index: int | None) -> Conv
     if given is not None and (not isinstance(given, _ID_TYPES) or isinstance(given, bool)):
         raise RecordError("missing_id", f"conversation_id is {type(given).__name__}; it must be a string or a number")
     cid = given or item.get("TaskId") or item.get("task_id") or (path.stem if index is None else f"{path.stem}-{index}")
-    conv = parser.asr(sentences, str(cid), item.get("started_at"), item.get("metadata") if isinstance(item.get("metadata"), dict) else None,
-                      item.get("agent_channel"), str(item.get("channel") or "call"))
+    conv = parser.asr(
+        sentences,
+        str(cid),
+        item.get("started_at"),
+        item.get("metadata") if isinstance(item.get("metadata"), dict) else None,
+        item.get("agent_channel"),
+        str(item.get("channel") or "call"),
+    )
     conv.source_format = "asr_json"
     return conv
 

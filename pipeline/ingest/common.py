@@ -30,9 +30,23 @@ def raw_hash(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-def quarantine(path: str, err: RecordError, raw: bytes, line: int | None = None, offset: int | None = None,
-               cid: Any = None, excerpt: str = "") -> QuarantineRecord:
+def quarantine(
+    path: str,
+    err: RecordError,
+    raw: bytes,
+    line: int | None = None,
+    offset: int | None = None,
+    cid: Any = None,
+    excerpt: str = "",
+) -> QuarantineRecord:
     # The excerpt is cut here and masked by the caller before it is written anywhere.
-    return QuarantineRecord(source_file=path, reason=err.reason, detail=err.detail, line=line, byte_offset=offset,
-                            conversation_id=None if cid is None else scrub_surrogates(str(cid)[:100]),
-                            excerpt=scrub_surrogates(excerpt[:EXCERPT_CHARS]), raw_hash=raw_hash(raw))
+    return QuarantineRecord(
+        source_file=path,
+        reason=err.reason,
+        detail=err.detail,
+        line=line,
+        byte_offset=offset,
+        conversation_id=None if cid is None else scrub_surrogates(str(cid)[:100]),
+        excerpt=scrub_surrogates(excerpt[:EXCERPT_CHARS]),
+        raw_hash=raw_hash(raw),
+    )

@@ -50,11 +50,20 @@ def read_csv_lines(lines: list[Line], parser: Parser, res: FileResult, cfg: Inge
     header_text = (first.text or "").lstrip("\ufeff")
     header = [h.strip().lower() for h in _parse([header_text])]
     if "conversation_id" not in header or "text" not in header:
-        res.quarantined.append(quarantine(res.path, RecordError("bad_header", "the CSV needs conversation_id and text columns "
-                                          f"(found: {', '.join(header)[:200]})"), first.raw, first.number, first.offset))
+        res.quarantined.append(
+            quarantine(
+                res.path,
+                RecordError(
+                    "bad_header", f"the CSV needs conversation_id and text columns (found: {', '.join(header)[:200]})"
+                ),
+                first.raw,
+                first.number,
+                first.offset,
+            )
+        )
         return
     # Files pasted together repeat their header (often behind their own BOM): not a record.
-    rest = [ln for ln in lines[start + 1:] if ln.text is None or ln.text.lstrip("\ufeff") != header_text]
+    rest = [ln for ln in lines[start + 1 :] if ln.text is None or ln.text.lstrip("\ufeff") != header_text]
     rows, broken = _rows(rest, header, cfg.max_record_bytes)
     _conversations(rows, broken, header, parser, res)
 
@@ -63,8 +72,17 @@ def _header_index(lines: list[Line], res: FileResult) -> int | None:
     """The first readable, non-blank line; undecodable lines before it are quarantined alone."""
     for i, line in enumerate(lines):
         if line.text is None:
-            res.quarantined.append(quarantine(res.path, _undecodable(line), line.raw, line.number, line.offset, None,
-                                              line.raw.decode("utf-8", errors="replace")))
+            res.quarantined.append(
+                quarantine(
+                    res.path,
+                    _undecodable(line),
+                    line.raw,
+                    line.number,
+                    line.offset,
+                    None,
+                    line.raw.decode("utf-8", errors="replace"),
+                )
+            )
         elif line.text.strip():
             return i
     return None
@@ -93,23 +111,41 @@ def _rows(lines: list[Line], header: list[str], max_bytes: int) -> tuple[list[Ro
         if '"' in text and _ends_open(text, False):
             closing = _closing(lines, i, ncols, max_bytes)
             if closing is None:
-                broken.append(Broken(line, RecordError(
-                    "malformed_csv", f"line {line.number} opens a quoted field that is not closed before the next row; "
-                    "fix the quote or re-export the file"), _cid_of_text(text)))
+                broken.append(
+                    Broken(
+                        line,
+                        RecordError(
+                            "malformed_csv",
+                            f"line {line.number} opens a quoted field that is not closed before the next row; "
+                            "fix the quote or re-export the file",
+                        ),
+                        _cid_of_text(text),
+                    )
+                )
                 i += 1
                 continue
             end = closing
         try:
-            fields = text.split(",") if end == i + 1 and '"' not in text else _parse([ln.text or "" for ln in lines[i:end]])
+            fields = (
+                text.split(",") if end == i + 1 and '"' not in text else _parse([ln.text or "" for ln in lines[i:end]])
+            )
         except csv.Error as e:
             err = RecordError("malformed_csv", f"line {line.number}: CSV parse error ({e})")
             broken.append(Broken(line, err, _cid_of_text(text)))
             i = end
             continue
         if any(f.strip() for f in fields[ncols:]):
-            broken.append(Broken(line, RecordError(
-                "malformed_csv", f"line {line.number} has {len(fields)} fields, the header {ncols}; quote text that "
-                "holds commas"), fields[0].strip() or None))
+            broken.append(
+                Broken(
+                    line,
+                    RecordError(
+                        "malformed_csv",
+                        f"line {line.number} has {len(fields)} fields, the header {ncols}; quote text that "
+                        "holds commas",
+                    ),
+                    fields[0].strip() or None,
+                )
+            )
         else:
             rows.append(Row(lines[i:end], dict(zip(header, fields))))
         i = end
@@ -156,7 +192,7 @@ def _closing(lines: list[Line], i: int, ncols: int, max_bytes: int) -> int | Non
             return None
         if not _ends_open(line.text, True):
             try:
-                fields = _parse([ln.text or "" for ln in lines[i:k + 1]])
+                fields = _parse([ln.text or "" for ln in lines[i : k + 1]])
             except csv.Error:
                 return None
             return k + 1 if len(fields) == ncols else None
@@ -196,8 +232,17 @@ def _conversations(rows: list[Row], broken: list[Broken], header: list[str], par
         line = row.lines[0]
         if not cid:
             text = ",".join(row.fields.values())
-            res.quarantined.append(quarantine(res.path, RecordError("missing_id", "row has no conversation_id"),
-                                              b"\n".join(ln.raw for ln in row.lines), line.number, line.offset, None, text))
+            res.quarantined.append(
+                quarantine(
+                    res.path,
+                    RecordError("missing_id", "row has no conversation_id"),
+                    b"\n".join(ln.raw for ln in row.lines),
+                    line.number,
+                    line.offset,
+                    None,
+                    text,
+                )
+            )
             continue
         groups.setdefault(cid, []).append(row)
         first_line.setdefault(cid, line.number)
@@ -205,7 +250,9 @@ def _conversations(rows: list[Row], broken: list[Broken], header: list[str], par
     for b in broken:
         if b.cid is None:
             excerpt = b.line.text if b.line.text is not None else b.line.raw.decode("utf-8", errors="replace")
-            res.quarantined.append(quarantine(res.path, b.error, b.line.raw, b.line.number, b.line.offset, None, excerpt))
+            res.quarantined.append(
+                quarantine(res.path, b.error, b.line.raw, b.line.number, b.line.offset, None, excerpt)
+            )
             continue
         breaks.setdefault(b.cid, b)
         first_line[b.cid] = min(first_line.get(b.cid, b.line.number), b.line.number)
@@ -233,22 +280,45 @@ def _one_conversation(cid: str, rows: list[Row], header: list[str], parser: Pars
     except Exception as e:  # noqa: BLE001 - one conversation's surprise must not stop the file
         err = e if isinstance(e, RecordError) else unexpected(e, "the record")
         raw = json.dumps([r.fields for r in rows], ensure_ascii=False).encode()
-        res.quarantined.append(quarantine(res.path, err, raw, first.lines[0].number, None, cid, first.fields.get("text", "")))
+        res.quarantined.append(
+            quarantine(res.path, err, raw, first.lines[0].number, None, cid, first.fields.get("text", ""))
+        )
 
 
 def _build(cid: str, recs: list[dict[str, str]], header: list[str], parser: Parser) -> Conversation:
     first = recs[0]
     meta: dict[str, Any] = {k: first[k] for k in META_COLUMNS if first.get(k) not in (None, "")}
     if "speaker" in header and "channel_id" not in header:
-        conv = parser.chat({"conversation_id": cid, "channel": first.get("channel") or "chat",
-                            "started_at": first.get("started_at") or None, "metadata": meta,
-                            "turns": [{"speaker": r.get("speaker"), "text": r.get("text"), "ts": r.get("ts") or None} for r in recs]})
+        conv = parser.chat(
+            {
+                "conversation_id": cid,
+                "channel": first.get("channel") or "chat",
+                "started_at": first.get("started_at") or None,
+                "metadata": meta,
+                "turns": [
+                    {"speaker": r.get("speaker"), "text": r.get("text"), "ts": r.get("ts") or None} for r in recs
+                ],
+            }
+        )
         conv.source_format = "chat_csv"
         return conv
-    sentences = [{"ChannelId": r.get("channel_id"), "BeginTime": r.get("begin_ms", r.get("begin_time")),
-                  "EndTime": r.get("end_ms", r.get("end_time")), "Text": r.get("text"),
-                  **({"speaker": r["speaker"]} if r.get("speaker") else {})} for r in recs]
-    conv = parser.asr(sentences, cid, first.get("started_at") or None, meta, first.get("agent_channel") or None,
-                      first.get("channel") or "call")
+    sentences = [
+        {
+            "ChannelId": r.get("channel_id"),
+            "BeginTime": r.get("begin_ms", r.get("begin_time")),
+            "EndTime": r.get("end_ms", r.get("end_time")),
+            "Text": r.get("text"),
+            **({"speaker": r["speaker"]} if r.get("speaker") else {}),
+        }
+        for r in recs
+    ]
+    conv = parser.asr(
+        sentences,
+        cid,
+        first.get("started_at") or None,
+        meta,
+        first.get("agent_channel") or None,
+        first.get("channel") or "call",
+    )
     conv.source_format = "asr_csv"
     return conv

@@ -181,13 +181,15 @@ def _line_choices(raw: bytes) -> list[Choice]:
 
 def _prevailing(choices: list[list[Choice]], raws: list[bytes]) -> str:
     """The encoding most clearly decided lines use; with none, the least broken whole-file reading."""
-    decided: Counter = Counter(c[0][0] for c in choices
-                               if c and c[0][0] != "ascii" and (len(c) == 1 or c[0][2] > c[1][2]))
+    decided: Counter = Counter(
+        c[0][0] for c in choices if c and c[0][0] != "ascii" and (len(c) == 1 or c[0][2] > c[1][2])
+    )
     if decided:
         return decided.most_common(1)[0][0]
     data = b"\n".join(raws)
-    return max((-data.decode(e, errors="replace").count("\ufffd"), -k, e)
-               for k, e in enumerate(CANDIDATES + ("utf-8",)))[2]
+    return max(
+        (-data.decode(e, errors="replace").count("\ufffd"), -k, e) for k, e in enumerate(CANDIDATES + ("utf-8",))
+    )[2]
 
 
 def _pick(choice: list[Choice], prevailing: str) -> tuple[str, str] | None:
@@ -212,8 +214,10 @@ def _cjk_count(text: str) -> int:
 def _why_undecodable(raw: bytes, choice: list[Choice], prevailing: str) -> str:
     if choice:
         enc, _, score = choice[0]
-        return (f"the line decodes only as {enc}, and then reads as rare characters ({score:.0%} common), "
-                "which is garbled text, not Chinese")
+        return (
+            f"the line decodes only as {enc}, and then reads as rare characters ({score:.0%} common), "
+            "which is garbled text, not Chinese"
+        )
     try:
         raw.decode(prevailing)
     except UnicodeDecodeError as e:

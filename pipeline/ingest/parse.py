@@ -19,10 +19,33 @@ from typing import Any
 from pipeline.config import IngestConfig
 from pipeline.schema import SPEAKERS, Conversation, Turn
 
-BUILTIN_SPEAKERS = {"customer": "customer", "agent": "agent", "system": "system", "bot": "bot",
-                    "client": "customer", "cs": "agent", "robot": "bot"}
-AGENT_CUES = ("您好", "请问", "为您", "帮您", "给您", "稍等", "工号", "很高兴", "感谢您", "抱歉", "您的", "客服",
-              "请您", "亲", "核实", "处理")
+BUILTIN_SPEAKERS = {
+    "customer": "customer",
+    "agent": "agent",
+    "system": "system",
+    "bot": "bot",
+    "client": "customer",
+    "cs": "agent",
+    "robot": "bot",
+}
+AGENT_CUES = (
+    "您好",
+    "请问",
+    "为您",
+    "帮您",
+    "给您",
+    "稍等",
+    "工号",
+    "很高兴",
+    "感谢您",
+    "抱歉",
+    "您的",
+    "客服",
+    "请您",
+    "亲",
+    "核实",
+    "处理",
+)
 CUSTOMER_CUES = ("我的", "我想", "我要", "我买", "你们", "怎么还", "为什么", "能不能")
 
 
@@ -36,8 +59,10 @@ class RecordError(ValueError):
 def unexpected(err: BaseException, where: str) -> RecordError:
     """A `bad_value` for an exception no check anticipated. Only the exception's kind is named:
     its message may quote the record, and the detail is written unmasked in places."""
-    return RecordError("bad_value", f"{where or 'the record'}: unexpected {type(err).__name__} while reading it; "
-                                    "check that field's value and type")
+    return RecordError(
+        "bad_value",
+        f"{where or 'the record'}: unexpected {type(err).__name__} while reading it; check that field's value and type",
+    )
 
 
 # Timestamps outside these years are typos, unit mix-ups or sentinels (-1e18); they would also
@@ -60,7 +85,9 @@ def parse_time(value: Any, field: str) -> datetime | None:
         try:
             parsed = datetime.fromisoformat(value.strip() if "T" in value else value.strip().replace(" ", "T", 1))
         except ValueError:
-            raise RecordError("bad_timestamp", f"{field} {value[:40]!r} is not ISO 8601 (e.g. 2025-09-01T10:02:03+08:00)") from None
+            raise RecordError(
+                "bad_timestamp", f"{field} {value[:40]!r} is not ISO 8601 (e.g. 2025-09-01T10:02:03+08:00)"
+            ) from None
         if MIN_YEAR <= parsed.year < MAX_YEAR:
             return parsed
         raise RecordError("bad_timestamp", f"{field} is in the year {parsed.year}, outside {MIN_YEAR}-{MAX_YEAR}")
@@ -79,9 +106,14 @@ def _epoch(value: int | float, field: str) -> datetime:
         raise RecordError("bad_timestamp", f"{field} is {value!r}")
     secs = value / 1000 if _MS_ABOVE < value <= _MAX_EPOCH_S * 1000 else value
     if not 0 <= secs < _MAX_EPOCH_S:
-        shown = str(value) if isinstance(value, float) or value.bit_length() < 128 else f"a {len(str(value))}-digit number"
-        raise RecordError("bad_timestamp", f"{field} is {shown[:40]}, outside {MIN_YEAR}-{MAX_YEAR} as epoch "
-                                           "seconds or milliseconds; send ISO 8601 with a zone")
+        shown = (
+            str(value) if isinstance(value, float) or value.bit_length() < 128 else f"a {len(str(value))}-digit number"
+        )
+        raise RecordError(
+            "bad_timestamp",
+            f"{field} is {shown[:40]}, outside {MIN_YEAR}-{MAX_YEAR} as epoch "
+            "seconds or milliseconds; send ISO 8601 with a zone",
+        )
     return datetime.fromtimestamp(secs, tz=UTC)
 
 
@@ -92,8 +124,11 @@ def check_numbers(obj: dict[str, Any] | list[Any], field: str) -> None:
         kind = type(value)
         if kind is int:
             if not -_MAX_INT - 1 <= value <= _MAX_INT:
-                raise RecordError("bad_value", f"{_path(field, key)} is a {len(str(abs(value)))}-digit integer, "
-                                               "beyond 64 bits; send it as a string if it is an identifier")
+                raise RecordError(
+                    "bad_value",
+                    f"{_path(field, key)} is a {len(str(abs(value)))}-digit integer, "
+                    "beyond 64 bits; send it as a string if it is an identifier",
+                )
         elif kind is dict or kind is list:
             check_numbers(value, _path(field, key))
 
@@ -147,16 +182,24 @@ class Parser:
         name = str(raw).strip().lower() if raw is not None else ""
         if name in self.aliases:
             return self.aliases[name]
-        raise RecordError("unknown_speaker", f"speaker {str(raw)[:30]!r} is not one of {', '.join(SPEAKERS)}; "
-                                             "map it under ingest.speaker_aliases in configs/casemine.yaml")
+        raise RecordError(
+            "unknown_speaker",
+            f"speaker {str(raw)[:30]!r} is not one of {', '.join(SPEAKERS)}; "
+            "map it under ingest.speaker_aliases in configs/casemine.yaml",
+        )
 
     def _check_sizes(self, conv: Conversation) -> None:
         if len(conv.turns) > self.cfg.max_turns:
-            raise RecordError("oversized_record", f"{len(conv.turns)} turns exceed ingest.max_turns={self.cfg.max_turns}")
+            raise RecordError(
+                "oversized_record", f"{len(conv.turns)} turns exceed ingest.max_turns={self.cfg.max_turns}"
+            )
         for i, t in enumerate(conv.turns):
             if len(t.text) > self.cfg.max_message_chars:
-                raise RecordError("oversized_message", f"turn {i} has {len(t.text)} characters, over "
-                                  f"ingest.max_message_chars={self.cfg.max_message_chars}; split or truncate it upstream")
+                raise RecordError(
+                    "oversized_message",
+                    f"turn {i} has {len(t.text)} characters, over "
+                    f"ingest.max_message_chars={self.cfg.max_message_chars}; split or truncate it upstream",
+                )
 
     def _finish(self, conv: Conversation) -> Conversation:
         if not conv.turns:
@@ -175,7 +218,9 @@ class Parser:
         try:
             cid = obj.get("conversation_id")
             if cid is None or (isinstance(cid, str) and not cid.strip()) or isinstance(cid, (dict, list, bool)):
-                raise RecordError("missing_id", "conversation_id is missing or empty; every conversation needs a stable id")
+                raise RecordError(
+                    "missing_id", "conversation_id is missing or empty; every conversation needs a stable id"
+                )
             turns_raw = obj.get("turns")
             if not isinstance(turns_raw, list) or not turns_raw:
                 raise RecordError("no_turns", "`turns` is missing, empty or not a list")
@@ -191,7 +236,9 @@ class Parser:
             for i, t in enumerate(turns_raw):
                 at = i
                 if not isinstance(t, dict):
-                    raise RecordError("bad_turn", f"turn {i} is {type(t).__name__}, expected an object with speaker and text")
+                    raise RecordError(
+                        "bad_turn", f"turn {i} is {type(t).__name__}, expected an object with speaker and text"
+                    )
                 speaker = self.speaker(t.get("speaker"))
                 text = t.get("text")
                 if text is None:
@@ -208,8 +255,13 @@ class Parser:
                 if ts is not None and origin is not None:
                     turn.t = _seconds_between(origin, ts)
             at = "channel"
-            conv = Conversation(conversation_id=str(cid).strip(), channel=str(obj.get("channel") or "chat").strip().lower(),
-                                turns=turns, started_at=started.isoformat() if started else None, metadata=metadata)
+            conv = Conversation(
+                conversation_id=str(cid).strip(),
+                channel=str(obj.get("channel") or "chat").strip().lower(),
+                turns=turns,
+                started_at=started.isoformat() if started else None,
+                metadata=metadata,
+            )
             return self._finish(conv)
         except RecordError:
             raise
@@ -217,8 +269,15 @@ class Parser:
             raise unexpected(e, f"turns[{at}]" if isinstance(at, int) else at) from None
 
     # -- ASR ----------------------------------------------------------------------------------
-    def asr(self, sentences: list[dict[str, Any]], conversation_id: str, started_at: Any = None,
-            metadata: dict[str, Any] | None = None, agent_channel: Any = None, channel: str = "call") -> Conversation:
+    def asr(
+        self,
+        sentences: list[dict[str, Any]],
+        conversation_id: str,
+        started_at: Any = None,
+        metadata: dict[str, Any] | None = None,
+        agent_channel: Any = None,
+        channel: str = "call",
+    ) -> Conversation:
         """Sentences with ChannelId/BeginTime/EndTime/Text (any key case) -> a call Conversation."""
         if not sentences:
             raise RecordError("no_turns", "the ASR result has no sentences")
@@ -238,15 +297,24 @@ class Parser:
             for _, _, ch, speaker, text, begin, end in rows:
                 if not text.strip():
                     continue
-                who = self.speaker(speaker) if speaker is not None else ("agent" if str(ch) == str(agent) else "customer")
-                turns.append(Turn(who, text, None if begin is None else begin / 1000, None if end is None else end / 1000))
+                who = (
+                    self.speaker(speaker) if speaker is not None else ("agent" if str(ch) == str(agent) else "customer")
+                )
+                turns.append(
+                    Turn(who, text, None if begin is None else begin / 1000, None if end is None else end / 1000)
+                )
             at = "metadata"
             meta = dict(metadata or {})
             check_numbers(meta, "metadata")
             if agent is not None:
                 meta.setdefault("agent_channel", agent)
-            conv = Conversation(conversation_id=str(conversation_id), channel=channel or "call", turns=turns,
-                                started_at=started.isoformat() if started else None, metadata=meta)
+            conv = Conversation(
+                conversation_id=str(conversation_id),
+                channel=channel or "call",
+                turns=turns,
+                started_at=started.isoformat() if started else None,
+                metadata=meta,
+            )
             return self._finish(conv)
         except RecordError:
             raise
@@ -303,14 +371,21 @@ def _ms(value: Any, i: int, name: str) -> float | None:
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise RecordError("bad_turn", f"sentence {i} time {str(value)[:20]!r} is not a number of milliseconds") from None
+        raise RecordError(
+            "bad_turn", f"sentence {i} time {str(value)[:20]!r} is not a number of milliseconds"
+        ) from None
     except OverflowError:  # an int too large for a float
         v = math.inf
     if not math.isfinite(v) or v < 0:
-        raise RecordError("bad_turn", f"sentence {i} time {str(value)[:20]!r} is not a non-negative number of milliseconds")
+        raise RecordError(
+            "bad_turn", f"sentence {i} time {str(value)[:20]!r} is not a non-negative number of milliseconds"
+        )
     if v > MAX_OFFSET_MS:
-        raise RecordError("bad_timestamp", f"Sentences[{i}].{name} is {v:.0f} ms, over {MAX_OFFSET_MS} (ten days) "
-                                           "from the start of the call; check the time unit")
+        raise RecordError(
+            "bad_timestamp",
+            f"Sentences[{i}].{name} is {v:.0f} ms, over {MAX_OFFSET_MS} (ten days) "
+            "from the start of the call; check the time unit",
+        )
     return v
 
 

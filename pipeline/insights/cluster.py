@@ -41,6 +41,7 @@ Cutter = Callable[[str], list[str]]
 
 # -- parameters -------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class ClusterParams:
     """The knobs of one clustering run (taken from `cfg.cluster`, overridable in tests/bench)."""
@@ -57,6 +58,7 @@ class ClusterParams:
 
 
 # -- selecting and preparing cases --------------------------------------------------------------
+
 
 def _text(v: Any) -> str:
     return v if isinstance(v, str) else ""
@@ -79,8 +81,12 @@ def fill_classification(cases: pd.DataFrame) -> pd.DataFrame:
     if "issue_type" not in out:
         out["issue_type"] = UNCLASSIFIED
     out["issue_type"] = out["issue_type"].map(lambda v: v if isinstance(v, str) and v else UNCLASSIFIED)
-    for col, default in (("request_kind", None), ("urgency", None), ("issue_type_confidence", None),
-                         ("needs_review", None)):
+    for col, default in (
+        ("request_kind", None),
+        ("urgency", None),
+        ("issue_type_confidence", None),
+        ("needs_review", None),
+    ):
         if col not in out:
             out[col] = default
     return out
@@ -109,11 +115,17 @@ def case_tokens(frame: pd.DataFrame, cut: Cutter | None) -> list[list[str]]:
 def is_term(token: str, stopwords: frozenset[str] = frozenset()) -> bool:
     """A token that can name a cause: has a letter or CJK, 2+ characters, not a placeholder or
     stop word."""
-    return (len(token) >= 2 and bool(_TERM_OK.search(token)) and not PLACEHOLDER_RE.search(token)
-            and not _MASK_PIECE.match(token) and token not in stopwords)
+    return (
+        len(token) >= 2
+        and bool(_TERM_OK.search(token))
+        and not PLACEHOLDER_RE.search(token)
+        and not _MASK_PIECE.match(token)
+        and token not in stopwords
+    )
 
 
 # -- clustering ---------------------------------------------------------------------------------
+
 
 def reduce_vectors(X: np.ndarray, n_components: int, seed: int = 0) -> np.ndarray:
     """PCA to a few dimensions, re-normalised so Euclidean distance tracks cosine. HDBSCAN's
@@ -157,8 +169,12 @@ def representatives(X: np.ndarray, k: int) -> list[int]:
     return [int(i) for i in np.argsort(-sims, kind="stable")[:k]]
 
 
-def class_tfidf(token_lists: Sequence[Sequence[str]], labels: Sequence[int] | np.ndarray, top_k: int,
-                stopwords: frozenset[str] = frozenset()) -> dict[int, list[tuple[str, float]]]:
+def class_tfidf(
+    token_lists: Sequence[Sequence[str]],
+    labels: Sequence[int] | np.ndarray,
+    top_k: int,
+    stopwords: frozenset[str] = frozenset(),
+) -> dict[int, list[tuple[str, float]]]:
     """Top terms per cluster by class-based TF-IDF (BERTopic's c-TF-IDF): a term's frequency in
     the cluster times log(1 + mean tokens per class / its frequency over all classes). Noise is a
     class too, so words common everywhere rank low in every cluster."""
@@ -193,6 +209,7 @@ def label_from_terms(terms: Sequence[str], example: str, n: int) -> str:
 
 
 # -- cause attribution --------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Cause:
@@ -263,6 +280,7 @@ def _ranked(counts: Counter) -> list[tuple[str, int]]:
 
 # -- describing clusters ------------------------------------------------------------------------
 
+
 def share_dict(values: Iterable[Any], top: int | None = None) -> dict[str, float]:
     vals = [v if isinstance(v, str) and v else "未知" for v in values]
     n = max(len(vals), 1)
@@ -270,7 +288,7 @@ def share_dict(values: Iterable[Any], top: int | None = None) -> dict[str, float
 
 
 def format_shares(shares: dict[str, float], top: int) -> str:
-    """"华东 43%, 华北 20%": how analysts quote impact."""
+    """ "华东 43%, 华北 20%": how analysts quote impact."""
     known = [(k, v) for k, v in shares.items() if k != "未知"]  # sources without region say nothing
     return ", ".join(f"{k} {round(v * 100)}%" for k, v in known[:top])
 
@@ -291,9 +309,16 @@ class ScopeResult:
     row_index: np.ndarray | None = None  # positions of the scope's rows in the selected frame
 
 
-def describe_scope(scope: str, frame: pd.DataFrame, X: np.ndarray, labels: np.ndarray,
-                   tokens: Sequence[Sequence[str]], lexicon: CauseLexicon, cfg: Config,
-                   stopwords: frozenset[str] = frozenset()) -> ScopeResult:
+def describe_scope(
+    scope: str,
+    frame: pd.DataFrame,
+    X: np.ndarray,
+    labels: np.ndarray,
+    tokens: Sequence[Sequence[str]],
+    lexicon: CauseLexicon,
+    cfg: Config,
+    stopwords: frozenset[str] = frozenset(),
+) -> ScopeResult:
     """One row per cluster of a scope: label, terms, representatives, size, shares, mix, causes."""
     c = cfg.cluster
     terms = class_tfidf(tokens, labels, c.top_terms, stopwords)
@@ -309,32 +334,42 @@ def describe_scope(scope: str, frame: pd.DataFrame, X: np.ndarray, labels: np.nd
         regions = share_dict(sub["region"] if "region" in sub else [])
         products = share_dict(sub["product"] if "product" in sub else [])
         cents[lab] = centroid_of(X[idx])
-        rows.append({
-            "scope": scope,
-            "local_label": lab,
-            "label": label_from_terms(top, rep_texts[0] if rep_texts else "", c.label_terms),
-            "top_terms": top,
-            "size": int(len(idx)),
-            "scope_size": scope_size,
-            "share_of_scope": round(len(idx) / max(scope_size, 1), 4),
-            **{f"share_{k}": outcome.get(k, 0.0) for k in OUTCOME_KEYS},
-            "mean_emotion": _mean(sub["emotion_score"]) if "emotion_score" in sub else None,
-            "top_emotion": next(iter(share_dict(sub["emotion"]).keys()), None) if "emotion" in sub else None,
-            "channels": json.dumps(share_dict(sub["channel"] if "channel" in sub else []), ensure_ascii=False),
-            "issue_types": json.dumps(share_dict(sub["issue_type"], top=3), ensure_ascii=False),
-            "top_regions": format_shares(regions, c.top_breakdown),
-            "top_products": format_shares(products, c.top_breakdown),
-            "representative_case_ids": frame["case_id"].iloc[reps].astype(str).tolist() if "case_id" in frame else [],
-            "representative_texts": rep_texts,
-            **lexicon.attribute(sub["cluster_text"].tolist(), c.cause_min_share),
-            "cause_suggested": True,
-        })
+        rows.append(
+            {
+                "scope": scope,
+                "local_label": lab,
+                "label": label_from_terms(top, rep_texts[0] if rep_texts else "", c.label_terms),
+                "top_terms": top,
+                "size": int(len(idx)),
+                "scope_size": scope_size,
+                "share_of_scope": round(len(idx) / max(scope_size, 1), 4),
+                **{f"share_{k}": outcome.get(k, 0.0) for k in OUTCOME_KEYS},
+                "mean_emotion": _mean(sub["emotion_score"]) if "emotion_score" in sub else None,
+                "top_emotion": next(iter(share_dict(sub["emotion"]).keys()), None) if "emotion" in sub else None,
+                "channels": json.dumps(share_dict(sub["channel"] if "channel" in sub else []), ensure_ascii=False),
+                "issue_types": json.dumps(share_dict(sub["issue_type"], top=3), ensure_ascii=False),
+                "top_regions": format_shares(regions, c.top_breakdown),
+                "top_products": format_shares(products, c.top_breakdown),
+                "representative_case_ids": frame["case_id"].iloc[reps].astype(str).tolist()
+                if "case_id" in frame
+                else [],
+                "representative_texts": rep_texts,
+                **lexicon.attribute(sub["cluster_text"].tolist(), c.cause_min_share),
+                "cause_suggested": True,
+            }
+        )
     return ScopeResult(scope, pd.DataFrame(rows), np.asarray(labels, dtype=int), cents)
 
 
-def cluster_cases(frame: pd.DataFrame, X: np.ndarray, cfg: Config, lexicon: CauseLexicon,
-                  cut: Cutter | None = None, stopwords: frozenset[str] = frozenset(),
-                  params: ClusterParams | None = None) -> list[ScopeResult]:
+def cluster_cases(
+    frame: pd.DataFrame,
+    X: np.ndarray,
+    cfg: Config,
+    lexicon: CauseLexicon,
+    cut: Cutter | None = None,
+    stopwords: frozenset[str] = frozenset(),
+    params: ClusterParams | None = None,
+) -> list[ScopeResult]:
     """Cluster the selected cases within each issue type and across all of them. Returns one
     ScopeResult per scope; `labels` are aligned with the scope's rows of `frame` (in order)."""
     params = params or ClusterParams.from_config(cfg)
@@ -357,6 +392,7 @@ def cluster_cases(frame: pd.DataFrame, X: np.ndarray, cfg: Config, lexicon: Caus
 
 
 # -- stable ids ---------------------------------------------------------------------------------
+
 
 def match_centroids(prev: np.ndarray, new: np.ndarray, threshold: float) -> list[tuple[int, int, float]]:
     """(prev_row, new_row, cosine) pairs from a Hungarian assignment maximising total cosine,
@@ -408,8 +444,9 @@ def _with_entry(history: list[dict[str, Any]], day: str, key: str, value: Any, d
     return h + [{"date": day, key: value}]
 
 
-def assign_stable_ids(results: list[ScopeResult], state: ClusterState, day: str,
-                      threshold: float) -> tuple[pd.DataFrame, ClusterState]:
+def assign_stable_ids(
+    results: list[ScopeResult], state: ClusterState, day: str, threshold: float
+) -> tuple[pd.DataFrame, ClusterState]:
     """Give every cluster of today an id: the stored id it matches (cosine >= threshold), else
     a new one (flagged `is_new`). Returns today's cluster table and the updated state."""
     rows: list[dict[str, Any]] = []
@@ -421,7 +458,11 @@ def assign_stable_ids(results: list[ScopeResult], state: ClusterState, day: str,
         labs = res.clusters["local_label"].tolist()
         new_c = np.stack([res.centroids[int(lab)] for lab in labs])
         prev = state.in_scope(res.scope, new_c.shape[1])
-        prev_c = np.stack([np.asarray(_as_list(v), dtype=np.float32) for v in prev["centroid"]]) if len(prev) else np.zeros((0, new_c.shape[1]))
+        prev_c = (
+            np.stack([np.asarray(_as_list(v), dtype=np.float32) for v in prev["centroid"]])
+            if len(prev)
+            else np.zeros((0, new_c.shape[1]))
+        )
         matches = {n: (p, s) for p, n, s in match_centroids(prev_c, new_c, threshold)}
         for j, row in enumerate(cast(list[dict[str, Any]], res.clusters.to_dict("records"))):
             if j in matches:
@@ -437,36 +478,78 @@ def assign_stable_ids(results: list[ScopeResult], state: ClusterState, day: str,
             prev_size = int(before[-1]["size"]) if before else None
             labels_h = _with_entry(labels_h, day, "label", row["label"], dedupe=True)
             sizes_h = _with_entry(sizes_h, day, "size", int(row["size"]), dedupe=False)
-            rows.append({"cluster_id": cid, **row, "is_new": is_new, "match_similarity": sim,
-                         "first_seen": first_seen, "previous_size": prev_size,
-                         "growth": (int(row["size"]) - prev_size) if prev_size is not None else None,
-                         "label_history": json.dumps(labels_h, ensure_ascii=False)})
-            updated.append({
-                "cluster_id": cid, "scope": res.scope, "centroid": new_c[j].astype(float).tolist(),
-                "first_seen": first_seen, "last_seen": day,
-                "label_history": json.dumps(labels_h, ensure_ascii=False),
-                "size_history": json.dumps(sizes_h, ensure_ascii=False)})
+            rows.append(
+                {
+                    "cluster_id": cid,
+                    **row,
+                    "is_new": is_new,
+                    "match_similarity": sim,
+                    "first_seen": first_seen,
+                    "previous_size": prev_size,
+                    "growth": (int(row["size"]) - prev_size) if prev_size is not None else None,
+                    "label_history": json.dumps(labels_h, ensure_ascii=False),
+                }
+            )
+            updated.append(
+                {
+                    "cluster_id": cid,
+                    "scope": res.scope,
+                    "centroid": new_c[j].astype(float).tolist(),
+                    "first_seen": first_seen,
+                    "last_seen": day,
+                    "label_history": json.dumps(labels_h, ensure_ascii=False),
+                    "size_history": json.dumps(sizes_h, ensure_ascii=False),
+                }
+            )
     clusters = pd.DataFrame(rows)
     if not clusters.empty:
         # Cross-type clusters first, then each issue type's, largest first.
-        clusters = clusters.assign(_all=clusters["scope"] != ALL_SCOPE).sort_values(
-            ["_all", "scope", "size"], ascending=[True, True, False], kind="stable").drop(columns="_all").reset_index(drop=True)
+        clusters = (
+            clusters.assign(_all=clusters["scope"] != ALL_SCOPE)
+            .sort_values(["_all", "scope", "size"], ascending=[True, True, False], kind="stable")
+            .drop(columns="_all")
+            .reset_index(drop=True)
+        )
     seen = {u["cluster_id"] for u in updated}
     # Clusters not seen today stay in the state (a cause can come back after a quiet week).
     kept = state.table[~state.table["cluster_id"].isin(seen)]
-    new_table = pd.concat([kept, pd.DataFrame(updated, columns=list(ClusterState.COLUMNS))], ignore_index=True) \
-        if len(kept) else pd.DataFrame(updated, columns=list(ClusterState.COLUMNS))
+    new_table = (
+        pd.concat([kept, pd.DataFrame(updated, columns=list(ClusterState.COLUMNS))], ignore_index=True)
+        if len(kept)
+        else pd.DataFrame(updated, columns=list(ClusterState.COLUMNS))
+    )
     return clusters, ClusterState(new_table)
 
 
-def members_table(frame: pd.DataFrame, results: list[ScopeResult], clusters: pd.DataFrame,
-                  X: np.ndarray) -> pd.DataFrame:
+def members_table(
+    frame: pd.DataFrame, results: list[ScopeResult], clusters: pd.DataFrame, X: np.ndarray
+) -> pd.DataFrame:
     """One row per (case, scope): its stable cluster id (None for noise) and cosine to the
     cluster's centroid, with the case fields an analyst filters on."""
-    ids = {(r["scope"], int(r["local_label"])): r["cluster_id"] for r in clusters.to_dict("records")} if len(clusters) else {}
-    keep = [c for c in ("case_id", "conversation_id", "date", "channel", "region", "product", "issue_type",
-                        "request_kind", "urgency", "outcome", "emotion", "emotion_score", "cluster_text")
-            if c in frame]
+    ids = (
+        {(r["scope"], int(r["local_label"])): r["cluster_id"] for r in clusters.to_dict("records")}
+        if len(clusters)
+        else {}
+    )
+    keep = [
+        c
+        for c in (
+            "case_id",
+            "conversation_id",
+            "date",
+            "channel",
+            "region",
+            "product",
+            "issue_type",
+            "request_kind",
+            "urgency",
+            "outcome",
+            "emotion",
+            "emotion_score",
+            "cluster_text",
+        )
+        if c in frame
+    ]
     parts = []
     for res in results:
         idx = res.row_index if res.row_index is not None else np.arange(len(res.labels))

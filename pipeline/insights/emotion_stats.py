@@ -32,10 +32,21 @@ def _team(meta_json: Any, agent_id: Any) -> str | None:
 def trajectory_table(cases: pd.DataFrame, members: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per dimension value: cases, shares of 改善/平稳/恶化, mean start, end and delta."""
     if not len(cases) or "emotion_trajectory" not in cases:
-        return pd.DataFrame(columns=["dimension", "key", "n", *[f"share_{t}" for t in TRAJECTORIES],
-                                     "mean_start", "mean_end", "mean_delta"])
+        return pd.DataFrame(
+            columns=[
+                "dimension",
+                "key",
+                "n",
+                *[f"share_{t}" for t in TRAJECTORIES],
+                "mean_start",
+                "mean_end",
+                "mean_delta",
+            ]
+        )
     df = cases.copy()
-    df["team"] = [_team(m, a) for m, a in zip(df.get("metadata_json", [None] * len(df)), df.get("agent_id", [None] * len(df)))]
+    df["team"] = [
+        _team(m, a) for m, a in zip(df.get("metadata_json", [None] * len(df)), df.get("agent_id", [None] * len(df)))
+    ]
     if members is not None and len(members) and "scope" in members:
         from pipeline.insights.cluster import ALL_SCOPE
 
@@ -47,20 +58,32 @@ def trajectory_table(cases: pd.DataFrame, members: pd.DataFrame | None = None) -
             continue
         for key, g in df[df["emotion_trajectory"].notna()].groupby(dim):
             shares = g["emotion_trajectory"].value_counts(normalize=True)
-            rows.append({"dimension": dim, "key": str(key), "n": int(len(g)),
-                         **{f"share_{t}": round(float(shares.get(t, 0.0)), 4) for t in TRAJECTORIES},
-                         "mean_start": _r(g["emotion_start"].mean()), "mean_end": _r(g["emotion_end"].mean()),
-                         "mean_delta": _r(g["emotion_delta"].mean())})
+            rows.append(
+                {
+                    "dimension": dim,
+                    "key": str(key),
+                    "n": int(len(g)),
+                    **{f"share_{t}": round(float(shares.get(t, 0.0)), 4) for t in TRAJECTORIES},
+                    "mean_start": _r(g["emotion_start"].mean()),
+                    "mean_end": _r(g["emotion_end"].mean()),
+                    "mean_delta": _r(g["emotion_delta"].mean()),
+                }
+            )
     out = pd.DataFrame(rows)
-    return out.sort_values(["dimension", "n"], ascending=[True, False], kind="stable").reset_index(drop=True) if len(out) else out
+    return (
+        out.sort_values(["dimension", "n"], ascending=[True, False], kind="stable").reset_index(drop=True)
+        if len(out)
+        else out
+    )
 
 
 def _r(x: float) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), 4)
 
 
-def bootstrap_corr(x: np.ndarray, y: np.ndarray, method: str = "pearson", n_boot: int = 1000,
-                   seed: int = 0) -> tuple[float, float, float]:
+def bootstrap_corr(
+    x: np.ndarray, y: np.ndarray, method: str = "pearson", n_boot: int = 1000, seed: int = 0
+) -> tuple[float, float, float]:
     """(r, 95% CI low, high) by resampling cases; Spearman works on ranks."""
     if method == "spearman":
         x, y = pd.Series(x).rank().to_numpy(), pd.Series(y).rank().to_numpy()
@@ -70,7 +93,7 @@ def bootstrap_corr(x: np.ndarray, y: np.ndarray, method: str = "pearson", n_boot
     xs, ys = x[idx], y[idx]
     xs = xs - xs.mean(axis=1, keepdims=True)
     ys = ys - ys.mean(axis=1, keepdims=True)
-    denom = np.sqrt((xs ** 2).sum(axis=1) * (ys ** 2).sum(axis=1))
+    denom = np.sqrt((xs**2).sum(axis=1) * (ys**2).sum(axis=1))
     rs = np.divide((xs * ys).sum(axis=1), denom, out=np.full(n_boot, np.nan), where=denom > 0)
     lo, hi = np.nanpercentile(rs, [2.5, 97.5])
     return r, float(lo), float(hi)
@@ -94,13 +117,37 @@ def relations(cases: pd.DataFrame, min_n: int = 20) -> pd.DataFrame:
             ok = x.notna() & target.notna()
             n = int(ok.sum())
             if n < min_n or x[ok].nunique() < 2 or target[ok].nunique() < 2:
-                rows.append({"measure": measure, "outcome_measure": name, "method": method, "n": n, "r": None,
-                             "ci_low": None, "ci_high": None, "note": f"too few cases with both values (need {min_n})"})
+                rows.append(
+                    {
+                        "measure": measure,
+                        "outcome_measure": name,
+                        "method": method,
+                        "n": n,
+                        "r": None,
+                        "ci_low": None,
+                        "ci_high": None,
+                        "note": f"too few cases with both values (need {min_n})",
+                    }
+                )
                 continue
             r, lo, hi = bootstrap_corr(x[ok].to_numpy(float), target[ok].to_numpy(float), method)
-            strength = "no clear relation" if lo <= 0 <= hi else ("weak" if abs(r) < 0.3 else "moderate" if abs(r) < 0.5 else "strong")
-            rows.append({"measure": measure, "outcome_measure": name, "method": method, "n": n, "r": round(r, 3),
-                         "ci_low": round(lo, 3), "ci_high": round(hi, 3), "note": strength})
+            strength = (
+                "no clear relation"
+                if lo <= 0 <= hi
+                else ("weak" if abs(r) < 0.3 else "moderate" if abs(r) < 0.5 else "strong")
+            )
+            rows.append(
+                {
+                    "measure": measure,
+                    "outcome_measure": name,
+                    "method": method,
+                    "n": n,
+                    "r": round(r, 3),
+                    "ci_low": round(lo, 3),
+                    "ci_high": round(hi, 3),
+                    "note": strength,
+                }
+            )
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -119,14 +166,27 @@ def worsened_by_team(cases: pd.DataFrame) -> pd.DataFrame:
     cols = ["team", "n", "worsened", "share_worsened", "ci_low", "ci_high"]
     if not len(cases) or "emotion_trajectory" not in cases:
         return pd.DataFrame(columns=cols)
-    teams = pd.Series([_team(m, a) for m, a in zip(cases.get("metadata_json", [None] * len(cases)),
-                                                    cases.get("agent_id", [None] * len(cases)))], index=cases.index)
+    teams = pd.Series(
+        [
+            _team(m, a)
+            for m, a in zip(cases.get("metadata_json", [None] * len(cases)), cases.get("agent_id", [None] * len(cases)))
+        ],
+        index=cases.index,
+    )
     rows = []
     for team, g in cases[teams.notna()].groupby(teams[teams.notna()]):
         k = int((g["emotion_trajectory"] == "恶化").sum())
         lo, hi = wilson(k, len(g))
-        rows.append({"team": team, "n": int(len(g)), "worsened": k, "share_worsened": round(k / len(g), 4),
-                     "ci_low": round(lo, 4), "ci_high": round(hi, 4)})
+        rows.append(
+            {
+                "team": team,
+                "n": int(len(g)),
+                "worsened": k,
+                "share_worsened": round(k / len(g), 4),
+                "ci_low": round(lo, 4),
+                "ci_high": round(hi, 4),
+            }
+        )
     out = pd.DataFrame(rows, columns=cols)
     # By the lower bound: a team with 2 of 2 worsened is not ranked above one with 40 of 100.
     return out.sort_values(["ci_low", "n"], ascending=[False, False]).reset_index(drop=True)

@@ -42,10 +42,36 @@ from pipeline.insights.report import ReportData, map_coordinates, render_report
 from pipeline.insights.trends import count_table, default_as_of, root_cause_matrix, trend_summary, week_over_week
 from pipeline.io import atomic_write_bytes, atomic_write_parquet, atomic_write_text
 
-CASE_COLUMNS = ["case_id", "conversation_id", "channel", "date", "date_source", "problem", "customer_text", "outcome",
-                "emotion", "emotion_score", "first_response_s", "duration_s", "tokens", "region", "product",
-                "repeat_contact", "issue_type", "issue_type_confidence", "request_kind", "urgency", "needs_review",
-                "emotion_start", "emotion_end", "emotion_delta", "emotion_trajectory", "csat", "agent_id", "metadata_json"]
+CASE_COLUMNS = [
+    "case_id",
+    "conversation_id",
+    "channel",
+    "date",
+    "date_source",
+    "problem",
+    "customer_text",
+    "outcome",
+    "emotion",
+    "emotion_score",
+    "first_response_s",
+    "duration_s",
+    "tokens",
+    "region",
+    "product",
+    "repeat_contact",
+    "issue_type",
+    "issue_type_confidence",
+    "request_kind",
+    "urgency",
+    "needs_review",
+    "emotion_start",
+    "emotion_end",
+    "emotion_delta",
+    "emotion_trajectory",
+    "csat",
+    "agent_id",
+    "metadata_json",
+]
 TABLES = ("clusters", "members", "trends", "alerts", "matrix", "kpis", "emotion", "emotion_relations", "emotion_teams")
 
 
@@ -67,6 +93,7 @@ class ExportBundle:
 
 # -- paths --------------------------------------------------------------------------------------
 
+
 def exports_root(out: Path) -> Path:
     return Path(out) / "exports"
 
@@ -85,6 +112,7 @@ def latest_export(out: Path) -> Path | None:
 
 
 # -- reading ------------------------------------------------------------------------------------
+
 
 def load_cases(out: Path, since: date | None = None) -> pd.DataFrame:
     """The stored cases (one row per case id: the latest run's wins), optionally from a date on."""
@@ -126,6 +154,7 @@ def load_state(out: Path) -> ClusterState:
 
 # -- building (no writes) -----------------------------------------------------------------------
 
+
 def _stopwords(cfg: Config) -> frozenset[str]:
     from pipeline.text.segment import read_wordlist
 
@@ -139,27 +168,48 @@ def _cutter(cfg: Config):
     return seg.cut
 
 
-def map_points(frame: pd.DataFrame, X: np.ndarray, all_scope: ScopeResult | None, clusters: pd.DataFrame,
-               max_points: int) -> pd.DataFrame:
+def map_points(
+    frame: pd.DataFrame, X: np.ndarray, all_scope: ScopeResult | None, clusters: pd.DataFrame, max_points: int
+) -> pd.DataFrame:
     """x/y, cluster id, label and masked text of (a deterministic sample of) the cases."""
     if all_scope is None or len(frame) == 0:
         return pd.DataFrame(columns=["x", "y", "cluster_id", "label", "text"])
     # float64 rounded: float32 values print as long digit runs (0.005200000014156103) in the HTML.
     xy = np.round(map_coordinates(X).astype(np.float64), 4)
-    ids = {int(r["local_label"]): (r["cluster_id"], r["label"])
-           for r in clusters[clusters["scope"] == ALL_SCOPE].to_dict("records")} if len(clusters) else {}
-    pts = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1],
-                        "cluster_id": [ids.get(int(lab), (None, ""))[0] for lab in all_scope.labels],
-                        "label": [ids.get(int(lab), (None, "噪声"))[1] for lab in all_scope.labels],
-                        "text": frame["cluster_text"].tolist()})
+    ids = (
+        {
+            int(r["local_label"]): (r["cluster_id"], r["label"])
+            for r in clusters[clusters["scope"] == ALL_SCOPE].to_dict("records")
+        }
+        if len(clusters)
+        else {}
+    )
+    pts = pd.DataFrame(
+        {
+            "x": xy[:, 0],
+            "y": xy[:, 1],
+            "cluster_id": [ids.get(int(lab), (None, ""))[0] for lab in all_scope.labels],
+            "label": [ids.get(int(lab), (None, "噪声"))[1] for lab in all_scope.labels],
+            "text": frame["cluster_text"].tolist(),
+        }
+    )
     if len(pts) > max_points:
         pts = pts.sample(n=max_points, random_state=0).sort_index()
     return pts
 
 
-def build_export(cases: pd.DataFrame, X: np.ndarray, frame: pd.DataFrame, cfg: Config, state: ClusterState,
-                 day: str, lexicon: CauseLexicon, cut=None, stopwords: frozenset[str] = frozenset(),
-                 notes: list[str] | None = None) -> ExportBundle:
+def build_export(
+    cases: pd.DataFrame,
+    X: np.ndarray,
+    frame: pd.DataFrame,
+    cfg: Config,
+    state: ClusterState,
+    day: str,
+    lexicon: CauseLexicon,
+    cut=None,
+    stopwords: frozenset[str] = frozenset(),
+    notes: list[str] | None = None,
+) -> ExportBundle:
     """All tables, the report and the new cluster state from cases and the selected cases'
     vectors (`X` aligned with `frame = select_cases(cases)`). Pure apart from CPU."""
     c = cfg.cluster
@@ -171,17 +221,30 @@ def build_export(cases: pd.DataFrame, X: np.ndarray, frame: pd.DataFrame, cfg: C
     labels = dict(zip(clusters["cluster_id"], clusters["label"])) if len(clusters) else {}
     new_ids = clusters.loc[clusters["is_new"], "cluster_id"].tolist() if len(clusters) and len(state.table) else []
     clustered = members[members["cluster_id"].notna()] if len(members) else members
-    counts = pd.concat([count_table(cases, "issue_type", "issue_type"),
-                        count_table(clustered, "cluster", "cluster_id")], ignore_index=True)
-    alerts = pd.concat([week_over_week(clustered, "cluster", "cluster_id", as_of, c.alert_alpha, c.alert_min_count,
-                                       labels, new_ids),
-                        week_over_week(cases, "issue_type", "issue_type", as_of, c.alert_alpha, c.alert_min_count)],
-                       ignore_index=True) if as_of else week_over_week(pd.DataFrame(), "", "", date.today(), 0.5, 1)
+    counts = pd.concat(
+        [count_table(cases, "issue_type", "issue_type"), count_table(clustered, "cluster", "cluster_id")],
+        ignore_index=True,
+    )
+    alerts = (
+        pd.concat(
+            [
+                week_over_week(
+                    clustered, "cluster", "cluster_id", as_of, c.alert_alpha, c.alert_min_count, labels, new_ids
+                ),
+                week_over_week(cases, "issue_type", "issue_type", as_of, c.alert_alpha, c.alert_min_count),
+            ],
+            ignore_index=True,
+        )
+        if as_of
+        else week_over_week(pd.DataFrame(), "", "", date.today(), 0.5, 1)
+    )
     if len(alerts):
-        alerts = alerts.sort_values(["emerging", "alert", "p_value"], ascending=[False, False, True],
-                                    kind="stable").reset_index(drop=True)
-    matrix = root_cause_matrix(members, clusters, frame["issue_type"].value_counts() if len(frame) else pd.Series(dtype=int),
-                               c.top_breakdown)
+        alerts = alerts.sort_values(
+            ["emerging", "alert", "p_value"], ascending=[False, False, True], kind="stable"
+        ).reset_index(drop=True)
+    matrix = root_cause_matrix(
+        members, clusters, frame["issue_type"].value_counts() if len(frame) else pd.Series(dtype=int), c.top_breakdown
+    )
     kpis = compute_kpis(cases)
     notes.append(timing_coverage(kpis))
     if "date_source" in cases and (cases["date_source"] == "ingested").any():
@@ -191,25 +254,55 @@ def build_export(cases: pd.DataFrame, X: np.ndarray, frame: pd.DataFrame, cfg: C
     emotion = trajectory_table(cases, members)
     emotion_rel = relations(cases)
     emotion_teams = worsened_by_team(cases)
-    tables = {"clusters": clusters, "members": members, "trends": counts, "alerts": alerts, "matrix": matrix,
-              "kpis": kpis, "emotion": emotion, "emotion_relations": emotion_rel, "emotion_teams": emotion_teams}
-    report = render_report(ReportData(day, as_of.isoformat() if as_of else None, len(cases), len(frame), clusters,
-                                      members, alerts, counts, matrix, kpis, points, notes,
-                                      emotion, emotion_rel, emotion_teams))
+    tables = {
+        "clusters": clusters,
+        "members": members,
+        "trends": counts,
+        "alerts": alerts,
+        "matrix": matrix,
+        "kpis": kpis,
+        "emotion": emotion,
+        "emotion_relations": emotion_rel,
+        "emotion_teams": emotion_teams,
+    }
+    report = render_report(
+        ReportData(
+            day,
+            as_of.isoformat() if as_of else None,
+            len(cases),
+            len(frame),
+            clusters,
+            members,
+            alerts,
+            counts,
+            matrix,
+            kpis,
+            points,
+            notes,
+            emotion,
+            emotion_rel,
+            emotion_teams,
+        )
+    )
     all_members = members[members["scope"] == ALL_SCOPE] if len(members) else members
     summary = {
-        "date": day, "as_of": as_of.isoformat() if as_of else None, "n_cases": int(len(cases)),
+        "date": day,
+        "as_of": as_of.isoformat() if as_of else None,
+        "n_cases": int(len(cases)),
         "n_clustered_cases": int(len(frame)),
         "n_clusters": int(len(clusters)),
         "n_clusters_all_scope": int((clusters["scope"] == ALL_SCOPE).sum()) if len(clusters) else 0,
         "n_new_clusters": int(clusters["is_new"].sum()) if len(clusters) else 0,
         "noise_share_all_scope": round(float(all_members["is_noise"].mean()), 4) if len(all_members) else None,
-        **trend_summary(alerts), "rows": {k: int(len(v)) for k, v in tables.items()}, "notes": notes,
+        **trend_summary(alerts),
+        "rows": {k: int(len(v)) for k, v in tables.items()},
+        "notes": notes,
     }
     return ExportBundle(day, tables, report, summary, new_state, notes)
 
 
 # -- writing ------------------------------------------------------------------------------------
+
 
 def _jsonable(v: Any) -> Any:
     if isinstance(v, np.ndarray):
@@ -222,8 +315,13 @@ def to_csv_frame(df: pd.DataFrame) -> pd.DataFrame:
     out = df.copy()
     for col in out.columns:
         if out[col].map(lambda v: isinstance(v, (list, tuple, np.ndarray, dict))).any():
-            out[col] = out[col].map(lambda v: json.dumps(_jsonable(v), ensure_ascii=False)
-                                    if isinstance(v, (list, tuple, np.ndarray, dict)) else v)
+            out[col] = out[col].map(
+                lambda v: (
+                    json.dumps(_jsonable(v), ensure_ascii=False)
+                    if isinstance(v, (list, tuple, np.ndarray, dict))
+                    else v
+                )
+            )
     return out
 
 
@@ -244,8 +342,9 @@ def write_export(out: Path, bundle: ExportBundle, csv_encoding: str = "utf-8-sig
         for name in TABLES:
             write_table(tmp, name, bundle.tables[name], csv_encoding)
         atomic_write_text(tmp / "report.html", bundle.report_html)
-        atomic_write_text(tmp / "summary.json",
-                          json.dumps(bundle.summary, ensure_ascii=False, indent=2, default=str) + "\n")
+        atomic_write_text(
+            tmp / "summary.json", json.dumps(bundle.summary, ensure_ascii=False, indent=2, default=str) + "\n"
+        )
         final = root / bundle.day
         old = root / f".{bundle.day}.old-{secrets.token_hex(4)}"
         if final.exists():
@@ -269,8 +368,15 @@ def save_state(out: Path, state: ClusterState) -> Path:
 
 # -- the entry point ----------------------------------------------------------------------------
 
-def export_all(cfg: Config, out: Path, since: date | None = None, *, embedder: PassageEncoder | None = None,
-               today: date | None = None) -> dict[str, Any]:
+
+def export_all(
+    cfg: Config,
+    out: Path,
+    since: date | None = None,
+    *,
+    embedder: PassageEncoder | None = None,
+    today: date | None = None,
+) -> dict[str, Any]:
     """Cluster, trend and report the stored cases; write `<out>/exports/<today>/` and LATEST.
 
     Returns a JSON-able summary: export_dir, report, date, as_of, case and cluster counts, new
@@ -286,13 +392,30 @@ def export_all(cfg: Config, out: Path, since: date | None = None, *, embedder: P
         from pipeline.embed import Embedder
 
         embedder = Embedder(cfg, out_root=out)
-    X = np.asarray(embedder.encode_passages(frame["cluster_text"].tolist()), dtype=np.float32) if len(frame) \
+    X = (
+        np.asarray(embedder.encode_passages(frame["cluster_text"].tolist()), dtype=np.float32)
+        if len(frame)
         else np.zeros((0, 384), np.float32)
+    )
     t_embed = time.perf_counter() - t0
-    bundle = build_export(cases, X, frame, cfg, load_state(out), day, CauseLexicon.load(cfg),
-                          cut=_cutter(cfg), stopwords=_stopwords(cfg), notes=[note] if note else [])
+    bundle = build_export(
+        cases,
+        X,
+        frame,
+        cfg,
+        load_state(out),
+        day,
+        CauseLexicon.load(cfg),
+        cut=_cutter(cfg),
+        stopwords=_stopwords(cfg),
+        notes=[note] if note else [],
+    )
     folder = write_export(out, bundle, cfg.cluster.csv_encoding)
     save_state(out, bundle.state)
-    return {"export_dir": str(folder), "report": str(folder / "report.html"), **bundle.summary,
-            "since": since.isoformat() if since else None,
-            "seconds": {"load_and_embed": round(t_embed, 2), "total": round(time.perf_counter() - t0, 2)}}
+    return {
+        "export_dir": str(folder),
+        "report": str(folder / "report.html"),
+        **bundle.summary,
+        "since": since.isoformat() if since else None,
+        "seconds": {"load_and_embed": round(t_embed, 2), "total": round(time.perf_counter() - t0, 2)},
+    }

@@ -12,9 +12,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-KPI_COLUMNS = ["group_by", "group", "n_cases", "n_with_first_response", "first_response_median_s",
-               "first_response_p90_s", "n_with_duration", "duration_median_s", "duration_mean_s",
-               "resolution_rate", "escalation_rate", "unresolved_rate", "n_outcome_unknown"]
+KPI_COLUMNS = [
+    "group_by",
+    "group",
+    "n_cases",
+    "n_with_first_response",
+    "first_response_median_s",
+    "first_response_p90_s",
+    "n_with_duration",
+    "duration_median_s",
+    "duration_mean_s",
+    "resolution_rate",
+    "escalation_rate",
+    "unresolved_rate",
+    "n_outcome_unknown",
+]
 
 
 def _num(s: pd.Series | None) -> pd.Series:
@@ -35,10 +47,15 @@ def group_kpis(g: pd.DataFrame) -> dict[str, Any]:
     rate = lambda k: round(float((oc == k).mean()), 4) if n else None  # noqa: E731
     return {
         "n_cases": n,
-        "n_with_first_response": int(len(fr)), "first_response_median_s": _q(fr, 0.5), "first_response_p90_s": _q(fr, 0.9),
-        "n_with_duration": int(len(du)), "duration_median_s": _q(du, 0.5),
+        "n_with_first_response": int(len(fr)),
+        "first_response_median_s": _q(fr, 0.5),
+        "first_response_p90_s": _q(fr, 0.9),
+        "n_with_duration": int(len(du)),
+        "duration_median_s": _q(du, 0.5),
         "duration_mean_s": round(float(du.mean()), 1) if len(du) else None,
-        "resolution_rate": rate("resolved"), "escalation_rate": rate("escalated"), "unresolved_rate": rate("unresolved"),
+        "resolution_rate": rate("resolved"),
+        "escalation_rate": rate("escalated"),
+        "unresolved_rate": rate("unresolved"),
         "n_outcome_unknown": int((oc == "unknown").sum()),
     }
 
@@ -60,5 +77,7 @@ def timing_coverage(kpis: pd.DataFrame) -> str:
     if kpis.empty:
         return "no cases"
     a = kpis.iloc[0]
-    return (f"首次响应时间可计算 {a['n_with_first_response']}/{a['n_cases']} 个案例，"
-            f"处理时长可计算 {a['n_with_duration']}/{a['n_cases']} 个案例（其余来源无时间戳）。")
+    return (
+        f"首次响应时间可计算 {a['n_with_first_response']}/{a['n_cases']} 个案例，"
+        f"处理时长可计算 {a['n_with_duration']}/{a['n_cases']} 个案例（其余来源无时间戳）。"
+    )

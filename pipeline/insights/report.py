@@ -20,7 +20,8 @@ from pipeline.insights.cluster import ALL_SCOPE
 
 _PLOT_CONFIG = {"displaylogo": False, "responsive": True}
 _FONT = "PingFang SC, Microsoft YaHei, Noto Sans CJK SC, WenQuanYi Micro Hei, sans-serif"
-_STYLE = """
+_STYLE = (
+    """
 body{font-family:%s;margin:24px auto;max-width:1200px;color:#222;padding:0 16px}
 h1{font-size:24px} h2{font-size:19px;margin-top:32px;border-bottom:1px solid #ddd;padding-bottom:4px}
 table{border-collapse:collapse;font-size:13px;width:100%%;margin:8px 0}
@@ -28,7 +29,9 @@ th,td{border:1px solid #e2e2e2;padding:4px 6px;text-align:left;vertical-align:to
 th{background:#f5f5f5} tr.alert td{background:#fff1f0} .note{color:#666;font-size:13px}
 .tag{display:inline-block;padding:0 6px;border-radius:8px;background:#eef;font-size:12px}
 .new{background:#e6f7e6} .suggest{color:#a15c00;font-size:12px}
-""" % _FONT
+"""
+    % _FONT
+)
 
 
 @dataclass
@@ -67,8 +70,13 @@ def _fig_html(fig: Any, first: bool) -> str:
 
 
 def _layout(fig: Any, title: str, height: int = 420) -> Any:
-    fig.update_layout(title=title, height=height, font={"family": _FONT, "size": 12},
-                      margin={"l": 40, "r": 20, "t": 50, "b": 40}, template="plotly_white")
+    fig.update_layout(
+        title=title,
+        height=height,
+        font={"family": _FONT, "size": 12},
+        margin={"l": 40, "r": 20, "t": 50, "b": 40},
+        template="plotly_white",
+    )
     return fig
 
 
@@ -79,8 +87,7 @@ def cluster_bar(clusters: pd.DataFrame, top: int = 15) -> Any:
     c = clusters[clusters["scope"] == ALL_SCOPE] if len(clusters) else clusters
     c = c.nlargest(top, "size") if len(c) else c
     names = [f"{r.cluster_id} {r.label}" for r in c.itertuples()] if len(c) else []
-    fig = go.Figure(go.Bar(x=c["size"].tolist() if len(c) else [], y=names, orientation="h",
-                           marker_color="#4c78a8"))
+    fig = go.Figure(go.Bar(x=c["size"].tolist() if len(c) else [], y=names, orientation="h", marker_color="#4c78a8"))
     fig.update_yaxes(autorange="reversed")
     return _layout(fig, "最大的问题簇（全部案例）", height=max(320, 28 * len(names) + 100))
 
@@ -108,7 +115,7 @@ def trend_lines(counts: pd.DataFrame, dimension: str, title: str, top: int = 8) 
 
     w = weekly_series(counts, dimension, top) if len(counts) else counts
     fig = go.Figure()
-    for key, g in (w.groupby("key") if len(w) else []):
+    for key, g in w.groupby("key") if len(w) else []:
         fig.add_trace(go.Scatter(x=g["period"].tolist(), y=g["count"].tolist(), mode="lines+markers", name=str(key)))
     fig.update_xaxes(title="周（周一）", type="category")  # weeks are labels, not instants
     return _layout(fig, title)
@@ -122,16 +129,27 @@ def case_map(points: pd.DataFrame, top: int = 12) -> Any:
     if len(points):
         sizes = points[points["cluster_id"].notna()]["cluster_id"].value_counts()
         shown = set(sizes.index[:top])
-        groups = points.assign(group=[c if c in shown else ("噪声" if c is None or pd.isna(c) else "其他簇")
-                                      for c in points["cluster_id"]])
+        groups = points.assign(
+            group=[c if c in shown else ("噪声" if c is None or pd.isna(c) else "其他簇") for c in points["cluster_id"]]
+        )
         for g, sub in groups.groupby("group", sort=False):
             name = f"{g} {sub['label'].iloc[0]}" if g in shown else str(g)
             grey = g in ("噪声", "其他簇")
-            fig.add_trace(go.Scatter(x=sub["x"].round(4).tolist(), y=sub["y"].round(4).tolist(), mode="markers",
-                                     name=name[:30], text=sub["text"].str.slice(0, 60).tolist(),
-                                     hovertemplate="%{text}<extra>" + html.escape(name[:30]) + "</extra>",
-                                     marker={"size": 6, "opacity": 0.35 if grey else 0.8,
-                                             **({"color": "#bbbbbb"} if g == "噪声" else {})}))
+            fig.add_trace(
+                go.Scatter(
+                    x=sub["x"].round(4).tolist(),
+                    y=sub["y"].round(4).tolist(),
+                    mode="markers",
+                    name=name[:30],
+                    text=sub["text"].str.slice(0, 60).tolist(),
+                    hovertemplate="%{text}<extra>" + html.escape(name[:30]) + "</extra>",
+                    marker={
+                        "size": 6,
+                        "opacity": 0.35 if grey else 0.8,
+                        **({"color": "#bbbbbb"} if g == "噪声" else {}),
+                    },
+                )
+            )
     fig.update_xaxes(showticklabels=False)
     fig.update_yaxes(showticklabels=False)
     return _layout(fig, "案例语义地图（按问题簇着色）", height=560)
@@ -145,14 +163,17 @@ def trajectory_bar(emotion: pd.DataFrame, dimension: str = "issue_type") -> Any:
     fig = go.Figure()
     colors = {"改善": "#2e7d32", "平稳": "#9e9e9e", "恶化": "#c62828"}
     for t in ("改善", "平稳", "恶化"):
-        fig.add_bar(name=t, x=d["key"].tolist() if len(d) else [], y=d[f"share_{t}"].tolist() if len(d) else [],
-                    marker_color=colors[t])
+        fig.add_bar(
+            name=t,
+            x=d["key"].tolist() if len(d) else [],
+            y=d[f"share_{t}"].tolist() if len(d) else [],
+            marker_color=colors[t],
+        )
     fig.update_layout(barmode="stack", yaxis_tickformat=".0%")
     return _layout(fig, "情绪走向（按问题类型）")
 
 
-def table_html(df: pd.DataFrame, columns: dict[str, str], max_rows: int = 50,
-               row_class: str | None = None) -> str:
+def table_html(df: pd.DataFrame, columns: dict[str, str], max_rows: int = 50, row_class: str | None = None) -> str:
     """A plain escaped HTML table of selected columns with Chinese headers."""
     if df is None or df.empty:
         return '<p class="note">（无数据）</p>'
@@ -163,7 +184,11 @@ def table_html(df: pd.DataFrame, columns: dict[str, str], max_rows: int = 50,
         cls = f' class="{row_class}"' if row_class and r.get(row_class) else ""
         cells = "".join(f"<td>{html.escape(_cell(r[c]))}</td>" for c in cols)
         body.append(f"<tr{cls}>{cells}</tr>")
-    more = f'<p class="note">仅显示前 {max_rows} 行，共 {len(df)} 行；完整数据见同目录的 CSV/Parquet。</p>' if len(df) > max_rows else ""
+    more = (
+        f'<p class="note">仅显示前 {max_rows} 行，共 {len(df)} 行；完整数据见同目录的 CSV/Parquet。</p>'
+        if len(df) > max_rows
+        else ""
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{more}"
 
 
@@ -179,28 +204,49 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
-
 def _alerts_html(alerts: pd.DataFrame) -> str:
     """The alerts table, or why there is none: with no previous week in the data nothing can be
     compared, and a table of "0 last week" rows would only look alarming."""
     if not len(alerts) or alerts["last_week"].sum() == 0:
         return '<p class="note">数据中还没有上周的案例：本周的数量已计入趋势，预警从有上周数据起开始计算。</p>'
-    return table_html(alerts, {"dimension": "维度", "key": "编号/类型", "label": "标签", "this_week": "本周",
-                               "last_week": "上周", "change": "变化", "p_value": "p 值", "alert": "预警",
-                               "is_new": "新簇", "emerging": "新兴"}, row_class="alert")
+    return table_html(
+        alerts,
+        {
+            "dimension": "维度",
+            "key": "编号/类型",
+            "label": "标签",
+            "this_week": "本周",
+            "last_week": "上周",
+            "change": "变化",
+            "p_value": "p 值",
+            "alert": "预警",
+            "is_new": "新簇",
+            "emerging": "新兴",
+        },
+        row_class="alert",
+    )
 
-_NOTE_EMOTION_CURVE = ("每个客户回合的情绪得分连成曲线；终点减起点超过阈值为改善或恶化。"
-                       "相关系数附 95% 自助法置信区间：区间跨过 0 即看不出关系。")
-_NOTE_FOOTER = ("由 casemine 生成；无需网络即可打开。数据表：clusters、members、trends、alerts、matrix、kpis、"
-                "emotion、emotion_relations、emotion_teams（CSV 与 Parquet）。")
+
+_NOTE_EMOTION_CURVE = (
+    "每个客户回合的情绪得分连成曲线；终点减起点超过阈值为改善或恶化。"
+    "相关系数附 95% 自助法置信区间：区间跨过 0 即看不出关系。"
+)
+_NOTE_FOOTER = (
+    "由 casemine 生成；无需网络即可打开。数据表：clusters、members、trends、alerts、matrix、kpis、"
+    "emotion、emotion_relations、emotion_teams（CSV 与 Parquet）。"
+)
 
 
 def render_report(data: ReportData) -> str:
     """The whole report as one HTML document."""
-    figs = [cluster_bar(data.clusters), issue_bar(data.members),
-            trend_lines(data.counts, "issue_type", "每周案例数（问题类型）"),
-            trend_lines(data.counts, "cluster", "每周案例数（问题簇）"),
-            case_map(data.map_points), trajectory_bar(data.emotion)]
+    figs = [
+        cluster_bar(data.clusters),
+        issue_bar(data.members),
+        trend_lines(data.counts, "issue_type", "每周案例数（问题类型）"),
+        trend_lines(data.counts, "cluster", "每周案例数（问题簇）"),
+        case_map(data.map_points),
+        trajectory_bar(data.emotion),
+    ]
     charts = [_fig_html(f, i == 0) for i, f in enumerate(figs)]
     per_type = data.clusters[data.clusters["scope"] != ALL_SCOPE] if len(data.clusters) else data.clusters
     # Emerging and alerting rows sort first; the next largest movers follow for context.
@@ -232,29 +278,98 @@ def render_report(data: ReportData) -> str:
 {charts[4]}
 
 <h2>根因矩阵：问题类型 → 问题簇（直接原因）→ 原因类别 → 影响</h2>
-{table_html(data.matrix, {"issue_type": "问题类型", "cluster_id": "簇", "label": "标签", "cause_phrases": "直接原因（建议）",
-                          "cause_category_zh": "原因类别（建议）", "count": "案例数", "share_of_issue_type": "占该类型",
-                          "top_regions": "主要地区", "top_products": "主要产品"}, max_rows=60)}
+{
+        table_html(
+            data.matrix,
+            {
+                "issue_type": "问题类型",
+                "cluster_id": "簇",
+                "label": "标签",
+                "cause_phrases": "直接原因（建议）",
+                "cause_category_zh": "原因类别（建议）",
+                "count": "案例数",
+                "share_of_issue_type": "占该类型",
+                "top_regions": "主要地区",
+                "top_products": "主要产品",
+            },
+            max_rows=60,
+        )
+    }
 
 <h2>各问题类型内的簇</h2>
-{table_html(per_type, {"cluster_id": "簇", "scope": "问题类型", "label": "标签", "size": "案例数",
-                       "share_of_scope": "占该类型", "share_unresolved": "未解决", "share_escalated": "升级",
-                       "mean_emotion": "平均情绪", "cause_phrases": "直接原因（建议）", "cause_category_zh": "原因类别（建议）",
-                       "representative_texts": "代表案例", "is_new": "新簇"}, max_rows=60)}
+{
+        table_html(
+            per_type,
+            {
+                "cluster_id": "簇",
+                "scope": "问题类型",
+                "label": "标签",
+                "size": "案例数",
+                "share_of_scope": "占该类型",
+                "share_unresolved": "未解决",
+                "share_escalated": "升级",
+                "mean_emotion": "平均情绪",
+                "cause_phrases": "直接原因（建议）",
+                "cause_category_zh": "原因类别（建议）",
+                "representative_texts": "代表案例",
+                "is_new": "新簇",
+            },
+            max_rows=60,
+        )
+    }
 
 <h2>客户情绪走向</h2>
 <p class="note">{_NOTE_EMOTION_CURVE}</p>
 {charts[5]}
-{table_html(data.emotion_relations, {"measure": "情绪指标", "outcome_measure": "结果", "method": "方法", "n": "案例数",
-                                     "r": "相关系数", "ci_low": "下限", "ci_high": "上限", "note": "解读"})}
-{table_html(data.emotion_teams, {"team": "班组/坐席", "n": "会话数", "worsened": "恶化", "share_worsened": "恶化占比",
-                                 "ci_low": "下限", "ci_high": "上限"}, max_rows=30)}
+{
+        table_html(
+            data.emotion_relations,
+            {
+                "measure": "情绪指标",
+                "outcome_measure": "结果",
+                "method": "方法",
+                "n": "案例数",
+                "r": "相关系数",
+                "ci_low": "下限",
+                "ci_high": "上限",
+                "note": "解读",
+            },
+        )
+    }
+{
+        table_html(
+            data.emotion_teams,
+            {
+                "team": "班组/坐席",
+                "n": "会话数",
+                "worsened": "恶化",
+                "share_worsened": "恶化占比",
+                "ci_low": "下限",
+                "ci_high": "上限",
+            },
+            max_rows=30,
+        )
+    }
 
 <h2>服务指标（KPI）</h2>
-{table_html(data.kpis, {"group_by": "维度", "group": "分组", "n_cases": "案例数",
-                        "n_with_first_response": "有首响时间", "first_response_median_s": "首响中位数(秒)",
-                        "n_with_duration": "有处理时长", "duration_median_s": "处理时长中位数(秒)",
-                        "resolution_rate": "解决率", "escalation_rate": "升级率", "n_outcome_unknown": "结果未知"}, max_rows=80)}
+{
+        table_html(
+            data.kpis,
+            {
+                "group_by": "维度",
+                "group": "分组",
+                "n_cases": "案例数",
+                "n_with_first_response": "有首响时间",
+                "first_response_median_s": "首响中位数(秒)",
+                "n_with_duration": "有处理时长",
+                "duration_median_s": "处理时长中位数(秒)",
+                "resolution_rate": "解决率",
+                "escalation_rate": "升级率",
+                "n_outcome_unknown": "结果未知",
+            },
+            max_rows=80,
+        )
+    }
 <p class="note">{_NOTE_FOOTER}</p>
 </body></html>
 """

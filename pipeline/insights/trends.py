@@ -34,7 +34,9 @@ def count_table(df: pd.DataFrame, dimension: str, key_col: str) -> pd.DataFrame:
     """Daily and weekly counts of `key_col`, overall and by channel, region and product, in one
     long table: dimension, key, granularity, period, breakdown, breakdown_value, count."""
     if df.empty or key_col not in df:
-        return pd.DataFrame(columns=["dimension", "key", "granularity", "period", "breakdown", "breakdown_value", "count"])
+        return pd.DataFrame(
+            columns=["dimension", "key", "granularity", "period", "breakdown", "breakdown_value", "count"]
+        )
     base = df[[key_col, "date", *[b for b in BREAKDOWNS if b in df]]].copy()
     base = base[base[key_col].notna()]
     base["day"] = _dates(base).dt.strftime("%Y-%m-%d")
@@ -72,13 +74,31 @@ def week_windows(as_of: date) -> tuple[tuple[date, date], tuple[date, date]]:
     return this, last
 
 
-def week_over_week(df: pd.DataFrame, dimension: str, key_col: str, as_of: date, alpha: float,
-                   min_count: int, labels: dict[str, str] | None = None,
-                   new_keys: Sequence[str] = ()) -> pd.DataFrame:
+def week_over_week(
+    df: pd.DataFrame,
+    dimension: str,
+    key_col: str,
+    as_of: date,
+    alpha: float,
+    min_count: int,
+    labels: dict[str, str] | None = None,
+    new_keys: Sequence[str] = (),
+) -> pd.DataFrame:
     """This week vs last week per key, with the test, an alert flag and an emerging flag (new
     clusters, or a significant rise). Emerging rows come first, then by p-value."""
-    cols = ["dimension", "key", "label", "this_week", "last_week", "change", "pct_change", "p_value",
-            "alert", "is_new", "emerging"]
+    cols = [
+        "dimension",
+        "key",
+        "label",
+        "this_week",
+        "last_week",
+        "change",
+        "pct_change",
+        "p_value",
+        "alert",
+        "is_new",
+        "emerging",
+    ]
     if df.empty or key_col not in df:
         return pd.DataFrame(columns=cols)
     d = _dates(df).dt.date
@@ -97,23 +117,45 @@ def week_over_week(df: pd.DataFrame, dimension: str, key_col: str, as_of: date, 
         a, b = int(this.get(k, 0)), int(last.get(k, 0))
         p = rise_p_value(a, b) if has_baseline and b > 0 else None
         alert = bool(p is not None and a >= min_count and p < alpha)
-        rows.append({"dimension": dimension, "key": k, "label": (labels or {}).get(k, k), "this_week": a,
-                     "last_week": b, "change": a - b, "pct_change": round((a - b) / b, 3) if b else None,
-                     "p_value": None if p is None else round(p, 6), "alert": alert,
-                     "is_new": has_baseline and k in new,
-                     "emerging": alert or (has_baseline and k in new and a > 0)})
+        rows.append(
+            {
+                "dimension": dimension,
+                "key": k,
+                "label": (labels or {}).get(k, k),
+                "this_week": a,
+                "last_week": b,
+                "change": a - b,
+                "pct_change": round((a - b) / b, 3) if b else None,
+                "p_value": None if p is None else round(p, 6),
+                "alert": alert,
+                "is_new": has_baseline and k in new,
+                "emerging": alert or (has_baseline and k in new and a > 0),
+            }
+        )
     out = pd.DataFrame(rows, columns=cols)
-    return out.sort_values(["emerging", "alert", "p_value", "this_week"], ascending=[False, False, True, False],
-                           kind="stable").reset_index(drop=True)
+    return out.sort_values(
+        ["emerging", "alert", "p_value", "this_week"], ascending=[False, False, True, False], kind="stable"
+    ).reset_index(drop=True)
 
 
-def root_cause_matrix(members: pd.DataFrame, clusters: pd.DataFrame, issue_counts: pd.Series,
-                      top: int) -> pd.DataFrame:
+def root_cause_matrix(members: pd.DataFrame, clusters: pd.DataFrame, issue_counts: pd.Series, top: int) -> pd.DataFrame:
     """Issue type -> cluster (direct cause) -> cause category -> impact. One row per per-type
     cluster plus one "未归类" row per type for its noise, so each type's shares add up."""
-    cols = ["issue_type", "cluster_id", "label", "cause_phrases", "cause_category", "cause_category_zh",
-            "cause_suggested", "count", "share_of_issue_type", "issue_type_total", "top_regions", "top_products",
-            "impact"]
+    cols = [
+        "issue_type",
+        "cluster_id",
+        "label",
+        "cause_phrases",
+        "cause_category",
+        "cause_category_zh",
+        "cause_suggested",
+        "count",
+        "share_of_issue_type",
+        "issue_type_total",
+        "top_regions",
+        "top_products",
+        "impact",
+    ]
     if members.empty:
         return pd.DataFrame(columns=cols)
     per_type = members[members["scope"] != ALL_SCOPE]
@@ -126,20 +168,30 @@ def root_cause_matrix(members: pd.DataFrame, clusters: pd.DataFrame, issue_count
         c = info.loc[cast(str, cid)] if cid and cid in info.index else None
         label = c["label"] if c is not None else "未归类（零散个案）"
         phrases = list(c["cause_phrases"]) if c is not None and c["cause_phrases"] is not None else []
-        rows.append({
-            "issue_type": it, "cluster_id": cid or None, "label": label,
-            "cause_phrases": "、".join(phrases),
-            "cause_category": c["cause_category"] if c is not None else None,
-            "cause_category_zh": c["cause_category_zh"] if c is not None else None,
-            "cause_suggested": True, "count": int(len(g)),
-            "share_of_issue_type": round(len(g) / max(total, 1), 4), "issue_type_total": total,
-            "top_regions": regions, "top_products": products,
-            "impact": f"{(phrases[0] if phrases else label)}: {regions.split(', ')[0] if regions else ''}".strip(": "),
-        })
+        rows.append(
+            {
+                "issue_type": it,
+                "cluster_id": cid or None,
+                "label": label,
+                "cause_phrases": "、".join(phrases),
+                "cause_category": c["cause_category"] if c is not None else None,
+                "cause_category_zh": c["cause_category_zh"] if c is not None else None,
+                "cause_suggested": True,
+                "count": int(len(g)),
+                "share_of_issue_type": round(len(g) / max(total, 1), 4),
+                "issue_type_total": total,
+                "top_regions": regions,
+                "top_products": products,
+                "impact": f"{(phrases[0] if phrases else label)}: {regions.split(', ')[0] if regions else ''}".strip(
+                    ": "
+                ),
+            }
+        )
     out = pd.DataFrame(rows, columns=cols)
     out["_noise"] = out["cluster_id"].isna()
-    out = out.sort_values(["issue_type_total", "issue_type", "_noise", "count"], ascending=[False, True, True, False],
-                          kind="stable").drop(columns="_noise")
+    out = out.sort_values(
+        ["issue_type_total", "issue_type", "_noise", "count"], ascending=[False, True, True, False], kind="stable"
+    ).drop(columns="_noise")
     return out.reset_index(drop=True)
 
 
@@ -153,8 +205,10 @@ def trend_summary(alerts: pd.DataFrame) -> dict[str, Any]:
     """Counts for the run summary: alerts and emerging clusters."""
     if alerts.empty:
         return {"alerts": 0, "emerging_clusters": 0}
-    return {"alerts": int(alerts["alert"].sum()),
-            "emerging_clusters": int((alerts["emerging"] & (alerts["dimension"] == "cluster")).sum())}
+    return {
+        "alerts": int(alerts["alert"].sum()),
+        "emerging_clusters": int((alerts["emerging"] & (alerts["dimension"] == "cluster")).sum()),
+    }
 
 
 def weekly_series(counts: pd.DataFrame, dimension: str, top: int) -> pd.DataFrame:
@@ -171,4 +225,3 @@ def weekly_series(counts: pd.DataFrame, dimension: str, top: int) -> pd.DataFram
     grid = pd.MultiIndex.from_product([list(keep), weeks], names=["key", "period"])
     full = w.groupby(["key", "period"])["count"].sum().reindex(grid, fill_value=0).reset_index()
     return full.assign(dimension=dimension).sort_values(["period", "key"]).reset_index(drop=True)
-

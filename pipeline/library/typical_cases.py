@@ -51,6 +51,7 @@ def _now() -> str:
 
 # -- candidates (pure) --------------------------------------------------------------------------
 
+
 @dataclass
 class Candidate:
     case_id: str
@@ -72,8 +73,11 @@ def case_parts(row: dict[str, Any]) -> dict[str, str]:
     raw_turns = row.get("turns")
     turns = [dict(t) for t in (raw_turns if raw_turns is not None else [])]
     first = next((_text(t.get("text")) for t in turns if t.get("speaker") == "customer"), "")
-    ctx = [f"渠道:{_text(row.get('channel'))}"] + [f"{k}:{_text(row.get(c))}" for c, k in
-                                                 (("product", "商品"), ("region", "地区"), ("issue_type", "类型")) if _text(row.get(c))]
+    ctx = [f"渠道:{_text(row.get('channel'))}"] + [
+        f"{k}:{_text(row.get(c))}"
+        for c, k in (("product", "商品"), ("region", "地区"), ("issue_type", "类型"))
+        if _text(row.get(c))
+    ]
     context = " ".join(ctx) + (f"；客户开场:{first[:120]}" if first else "")
     outcome = _text(row.get("outcome"))
     ev = _text(row.get("outcome_evidence"))
@@ -81,8 +85,12 @@ def case_parts(row: dict[str, Any]) -> dict[str, str]:
     out_text = outcome + (f"（{ev}）" if ev else "")
     if traj:
         out_text += f"；情绪{traj} {row.get('emotion_start', 0):+.2f}→{row.get('emotion_end', 0):+.2f}"
-    parts = {"context": context if first else "", "problem": _text(row.get("problem")),
-             "handling": _text(row.get("handling")), "outcome": out_text if outcome else ""}
+    parts = {
+        "context": context if first else "",
+        "problem": _text(row.get("problem")),
+        "handling": _text(row.get("handling")),
+        "outcome": out_text if outcome else "",
+    }
     tp = _json(row.get("turning_points"))
     rise = (tp or {}).get("biggest_rise") or {}
     if rise.get("agent_before"):
@@ -143,8 +151,13 @@ class CandidateScorer:
         low = row.get("emotion_min")
         recovery = float(row["emotion_end"]) - float(low) if low is not None and not pd.isna(low) else 0.0
         length_fit = 1.0 - min(1.0, abs(n_chars - 300) / 600)
-        score = (0.4 + 0.25 * min(delta, 1.0) + 0.15 * min(max(recovery, 0.0), 1.0) + 0.1 * min(len(acts), 2) / 2
-                 + 0.1 * length_fit)
+        score = (
+            0.4
+            + 0.25 * min(delta, 1.0)
+            + 0.15 * min(max(recovery, 0.0), 1.0)
+            + 0.1 * min(len(acts), 2) / 2
+            + 0.1 * length_fit
+        )
         if recovery > delta + 0.1 and low is not None:
             reasons.append(f"从低点 {float(low):+.2f} 回升")
         return True, round(score, 4), reasons
@@ -163,8 +176,9 @@ def select_diverse(order: Sequence[int], vectors: np.ndarray, k: int, max_simila
     return picked
 
 
-def select_candidates(cases: pd.DataFrame, vectors: np.ndarray, scorer: CandidateScorer,
-                      clusters: dict[str, str] | None = None) -> tuple[list[Candidate], dict[str, int]]:
+def select_candidates(
+    cases: pd.DataFrame, vectors: np.ndarray, scorer: CandidateScorer, clusters: dict[str, str] | None = None
+) -> tuple[list[Candidate], dict[str, int]]:
     """Candidates per issue type and per root-cause cluster (case_id -> cluster_id), diverse within
     each group. Returns the union (a case picked by two groups is listed once) and counts."""
     clusters = clusters or {}
@@ -185,8 +199,17 @@ def select_candidates(cases: pd.DataFrame, vectors: np.ndarray, scorer: Candidat
     out = []
     for i, gs in sorted(chosen.items(), key=lambda kv: -assessed[kv[0]][1]):
         r = rows[i]
-        out.append(Candidate(str(r["case_id"]), _text(r.get("issue_type")) or "未分类", clusters.get(str(r["case_id"])),
-                             assessed[i][1], assessed[i][2], case_parts(r), gs))
+        out.append(
+            Candidate(
+                str(r["case_id"]),
+                _text(r.get("issue_type")) or "未分类",
+                clusters.get(str(r["case_id"])),
+                assessed[i][1],
+                assessed[i][2],
+                case_parts(r),
+                gs,
+            )
+        )
     return out, {"cases": len(rows), "eligible": len(ok), "groups": len(groups), "candidates": len(out)}
 
 
@@ -282,18 +305,31 @@ class LibraryStore:
         with self._tx() as con:
             known = {r["case_id"]: r["status"] for r in con.execute("SELECT case_id, status FROM entries")}
             for c in cands:
-                vals = (c.issue_type, c.cluster_id, json.dumps(c.groups, ensure_ascii=False), c.score,
-                        json.dumps(c.reasons, ensure_ascii=False), json.dumps(c.parts, ensure_ascii=False))
+                vals = (
+                    c.issue_type,
+                    c.cluster_id,
+                    json.dumps(c.groups, ensure_ascii=False),
+                    c.score,
+                    json.dumps(c.reasons, ensure_ascii=False),
+                    json.dumps(c.parts, ensure_ascii=False),
+                )
                 if c.case_id in known:
-                    con.execute("UPDATE entries SET issue_type=?, cluster_id=?, groups=?, score=?, reasons=?, parts=?, "
-                                "active=1, last_built=? WHERE case_id=?", (*vals, now, c.case_id))
+                    con.execute(
+                        "UPDATE entries SET issue_type=?, cluster_id=?, groups=?, score=?, reasons=?, parts=?, "
+                        "active=1, last_built=? WHERE case_id=?",
+                        (*vals, now, c.case_id),
+                    )
                     counts["decisions_kept" if known[c.case_id] != "candidate" else "refreshed"] += 1
                 else:
-                    con.execute("INSERT INTO entries (case_id, issue_type, cluster_id, groups, score, reasons, parts, status, "
-                                "active, first_built, last_built) VALUES (?,?,?,?,?,?,?, 'candidate', 1, ?, ?)",
-                                (c.case_id, *vals, now, now))
-                    con.execute("INSERT INTO events (case_id, from_status, to_status, by, at, note) VALUES (?,?,?,?,?,?)",
-                                (c.case_id, None, "candidate", "build", now, None))
+                    con.execute(
+                        "INSERT INTO entries (case_id, issue_type, cluster_id, groups, score, reasons, parts, status, "
+                        "active, first_built, last_built) VALUES (?,?,?,?,?,?,?, 'candidate', 1, ?, ?)",
+                        (c.case_id, *vals, now, now),
+                    )
+                    con.execute(
+                        "INSERT INTO events (case_id, from_status, to_status, by, at, note) VALUES (?,?,?,?,?,?)",
+                        (c.case_id, None, "candidate", "build", now, None),
+                    )
                     counts["new"] += 1
             for cid, status in known.items():
                 if cid not in ids and status == "candidate":
@@ -310,29 +346,42 @@ class LibraryStore:
         if not by or not by.strip():
             raise LibraryError("say who decides: --by NAME")
         with self._tx() as con:
-            row = con.execute("SELECT status, decided_by, decided_at FROM entries WHERE case_id=?", (case_id,)).fetchone()
+            row = con.execute(
+                "SELECT status, decided_by, decided_at FROM entries WHERE case_id=?", (case_id,)
+            ).fetchone()
             if row is None:
-                raise LibraryError(f"unknown case id {case_id!r}: not in the library (run `casemine library build`, "
-                                   "then `casemine library list` for the ids)")
+                raise LibraryError(
+                    f"unknown case id {case_id!r}: not in the library (run `casemine library build`, "
+                    "then `casemine library list` for the ids)"
+                )
             cur = row["status"]
             if cur == to:
-                return Decision(case_id, cur, cur, False, f"already {cur} by {row['decided_by']} at {row['decided_at']}")
+                return Decision(
+                    case_id, cur, cur, False, f"already {cur} by {row['decided_by']} at {row['decided_at']}"
+                )
             if cur not in allowed:
                 raise LibraryError(f"{case_id} is {cur}; it cannot become {to}")
             if allowed[cur] is not None:
                 raise LibraryError(allowed[cur])
             now = _now()
-            con.execute("UPDATE entries SET status=?, decided_by=?, decided_at=?, note=?, "
-                        "published_at=CASE WHEN ?='published' THEN ? ELSE published_at END WHERE case_id=?",
-                        (to, by, now, note, to, now, case_id))
-            con.execute("INSERT INTO events (case_id, from_status, to_status, by, at, note) VALUES (?,?,?,?,?,?)",
-                        (case_id, cur, to, by, now, note))
+            con.execute(
+                "UPDATE entries SET status=?, decided_by=?, decided_at=?, note=?, "
+                "published_at=CASE WHEN ?='published' THEN ? ELSE published_at END WHERE case_id=?",
+                (to, by, now, note, to, now, case_id),
+            )
+            con.execute(
+                "INSERT INTO events (case_id, from_status, to_status, by, at, note) VALUES (?,?,?,?,?,?)",
+                (case_id, cur, to, by, now, note),
+            )
             return Decision(case_id, cur, to, True, f"{cur} -> {to}")
 
     def approve(self, case_id: str, by: str, note: str | None = None, force: bool = False) -> Decision:
-        allowed: dict[str, str | None] = {"candidate": None, "rejected": None if force else
-                                          f"{case_id} was rejected; approving it reverses that decision: pass --force "
-                                          "(and a --note saying why)"}
+        allowed: dict[str, str | None] = {
+            "candidate": None,
+            "rejected": None
+            if force
+            else f"{case_id} was rejected; approving it reverses that decision: pass --force (and a --note saying why)",
+        }
         if "published" == self.status(case_id):
             return Decision(case_id, "published", "published", False, "already published")
         return self._transition(case_id, "approved", by, note, allowed)
@@ -354,19 +403,31 @@ class LibraryStore:
             new = [r["case_id"] for r in con.execute("SELECT case_id FROM entries WHERE status='approved'")]
             for cid in new:
                 con.execute("UPDATE entries SET status='published', published_at=? WHERE case_id=?", (now, cid))
-                con.execute("INSERT INTO events (case_id, from_status, to_status, by, at, note) VALUES (?,?,?,?,?,?)",
-                            (cid, "approved", "published", by, now, None))
-            rows = [dict(r) for r in con.execute("SELECT * FROM entries WHERE status='published' ORDER BY issue_type, score DESC")]
+                con.execute(
+                    "INSERT INTO events (case_id, from_status, to_status, by, at, note) VALUES (?,?,?,?,?,?)",
+                    (cid, "approved", "published", by, now, None),
+                )
+            rows = [
+                dict(r)
+                for r in con.execute("SELECT * FROM entries WHERE status='published' ORDER BY issue_type, score DESC")
+            ]
         if not rows:
-            raise LibraryError("nothing to publish: no case is approved (approve some with "
-                               "`casemine library approve CASE_ID --by NAME`)")
+            raise LibraryError(
+                "nothing to publish: no case is approved (approve some with "
+                "`casemine library approve CASE_ID --by NAME`)"
+            )
         return new, [_decode(r) for r in rows]
 
     # -- reads ----------------------------------------------------------------------------------
-    def entries(self, status: str | None = None, issue_type: str | None = None, include_retired: bool = False) -> list[dict[str, Any]]:
+    def entries(
+        self, status: str | None = None, issue_type: str | None = None, include_retired: bool = False
+    ) -> list[dict[str, Any]]:
         if status is not None and status not in STATUSES:
             raise LibraryError(f"unknown status {status!r}; one of {', '.join(STATUSES)}")
-        q, args = "SELECT e.*, COALESCE(u.count, 0) AS used FROM entries e LEFT JOIN usage u USING (case_id) WHERE 1=1", []
+        q, args = (
+            "SELECT e.*, COALESCE(u.count, 0) AS used FROM entries e LEFT JOIN usage u USING (case_id) WHERE 1=1",
+            [],
+        )
         if status:
             q += " AND status=?"
             args.append(status)
@@ -391,8 +452,11 @@ class LibraryStore:
         now = _now()
         with self._tx() as con:
             for cid in case_ids:
-                con.execute("INSERT INTO usage (case_id, count, last_used_at) VALUES (?, 1, ?) ON CONFLICT(case_id) "
-                            "DO UPDATE SET count=count+1, last_used_at=excluded.last_used_at", (cid, now))
+                con.execute(
+                    "INSERT INTO usage (case_id, count, last_used_at) VALUES (?, 1, ?) ON CONFLICT(case_id) "
+                    "DO UPDATE SET count=count+1, last_used_at=excluded.last_used_at",
+                    (cid, now),
+                )
 
 
 def _decode(r: dict[str, Any]) -> dict[str, Any]:
@@ -403,6 +467,7 @@ def _decode(r: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- API for search (pipeline/cli/search_cmds.py wires `casemine query --library`) --------------
+
 
 def published_case_ids(out: Path) -> set[str]:
     """Ids of the published library cases (empty when no library exists yet)."""
@@ -416,6 +481,7 @@ def record_usage(out: Path, case_ids: Sequence[str]) -> None:
 
 
 # -- build / publish / coverage (I/O at the edges) ----------------------------------------------
+
 
 def load_library_cases(cfg: Config, out: Path, since: str | None = None) -> pd.DataFrame:
     """Stored cases, one per id, with issue types and emotion curves (added in memory when the
@@ -470,10 +536,19 @@ def publish(cfg: Config, out: Path, by: str = "publish") -> dict[str, Any]:
     recs = []
     for r in rows:
         parts = {k: mask(v)[0] for k, v in (r.get("parts") or {}).items()}
-        recs.append({"case_id": r["case_id"], "issue_type": r["issue_type"], "cluster_id": r["cluster_id"],
-                     "score": r["score"], "reasons": "；".join(mask(x)[0] for x in r.get("reasons") or []),
-                     **{p: parts.get(p, "") for p in (*PARTS, "turning_point")},
-                     "approved_by": r["decided_by"], "note": mask(r["note"] or "")[0], "published_at": r["published_at"]})
+        recs.append(
+            {
+                "case_id": r["case_id"],
+                "issue_type": r["issue_type"],
+                "cluster_id": r["cluster_id"],
+                "score": r["score"],
+                "reasons": "；".join(mask(x)[0] for x in r.get("reasons") or []),
+                **{p: parts.get(p, "") for p in (*PARTS, "turning_point")},
+                "approved_by": r["decided_by"],
+                "note": mask(r["note"] or "")[0],
+                "published_at": r["published_at"],
+            }
+        )
     df = pd.DataFrame(recs)
     dest = library_dir(out) / "published"
     import pyarrow as pa
@@ -488,9 +563,11 @@ def publish(cfg: Config, out: Path, by: str = "publish") -> dict[str, Any]:
     return {"newly_published": len(new), "published": len(df), "parquet": str(dest / "library.parquet"), "pages": pages}
 
 
-_CSS = ("body{font-family:system-ui,'PingFang SC','Microsoft YaHei',sans-serif;max-width:960px;margin:2em auto;"
-        "padding:0 1em;color:#222}article{border:1px solid #ddd;border-radius:8px;padding:1em;margin:1em 0}"
-        "dt{font-weight:bold;color:#555;margin-top:.5em}dd{margin-left:1em}.meta{color:#888;font-size:.85em}")
+_CSS = (
+    "body{font-family:system-ui,'PingFang SC','Microsoft YaHei',sans-serif;max-width:960px;margin:2em auto;"
+    "padding:0 1em;color:#222}article{border:1px solid #ddd;border-radius:8px;padding:1em;margin:1em 0}"
+    "dt{font-weight:bold;color:#555;margin-top:.5em}dd{margin-left:1em}.meta{color:#888;font-size:.85em}"
+)
 
 
 def render_page(issue_type: str, recs: Sequence[dict[str, Any]]) -> str:
@@ -502,19 +579,28 @@ def render_page(issue_type: str, recs: Sequence[dict[str, Any]]) -> str:
         dl = "".join(f"<dt>{e(PART_NAMES[p])}</dt><dd>{e(str(r.get(p) or ''))}</dd>" for p in PARTS)
         if r.get("turning_point"):
             dl += f"<dt>转折点</dt><dd>{e(str(r['turning_point']))}</dd>"
-        arts.append(f"<article><h2>案例 {e(str(r['case_id']))}</h2><dl>{dl}</dl>"
-                    f"<p class='meta'>入选理由：{e(str(r.get('reasons') or ''))}"
-                    f" · 审核：{e(str(r.get('approved_by') or ''))} · 发布：{e(str(r.get('published_at') or ''))}</p></article>")
-    return (f"<!doctype html><html lang='zh'><head><meta charset='utf-8'><title>典型案例库 · {e(issue_type)}</title>"
-            f"<style>{_CSS}</style></head><body><h1>典型案例库 · {e(issue_type)}</h1>"
-            f"<p>{len(recs)} 个案例</p>{''.join(arts)}</body></html>")
+        arts.append(
+            f"<article><h2>案例 {e(str(r['case_id']))}</h2><dl>{dl}</dl>"
+            f"<p class='meta'>入选理由：{e(str(r.get('reasons') or ''))}"
+            f" · 审核：{e(str(r.get('approved_by') or ''))} · 发布：{e(str(r.get('published_at') or ''))}</p></article>"
+        )
+    return (
+        f"<!doctype html><html lang='zh'><head><meta charset='utf-8'><title>典型案例库 · {e(issue_type)}</title>"
+        f"<style>{_CSS}</style></head><body><h1>典型案例库 · {e(issue_type)}</h1>"
+        f"<p>{len(recs)} 个案例</p>{''.join(arts)}</body></html>"
+    )
 
 
 def render_index(pages: dict[str, str], df: pd.DataFrame) -> str:
     e = html.escape
-    items = "".join(f"<li><a href='{e(Path(p).name)}'>{e(t)}</a>（{int((df['issue_type'] == t).sum())}）</li>" for t, p in pages.items())
-    return (f"<!doctype html><html lang='zh'><head><meta charset='utf-8'><title>典型案例库</title>"
-            f"<style>{_CSS}</style></head><body><h1>典型案例库</h1><ul>{items}</ul></body></html>")
+    items = "".join(
+        f"<li><a href='{e(Path(p).name)}'>{e(t)}</a>（{int((df['issue_type'] == t).sum())}）</li>"
+        for t, p in pages.items()
+    )
+    return (
+        f"<!doctype html><html lang='zh'><head><meta charset='utf-8'><title>典型案例库</title>"
+        f"<style>{_CSS}</style></head><body><h1>典型案例库</h1><ul>{items}</ul></body></html>"
+    )
 
 
 @dataclass
@@ -530,9 +616,17 @@ class CoverageResult:
         return asdict(self)
 
 
-def compute_coverage(case_ids: Sequence[str], issue_types: Sequence[str], clusters: Sequence[str | None],
-                     vectors: np.ndarray, published: Sequence[str], pub_vectors: np.ndarray, pub_types: Sequence[str],
-                     pub_clusters: Sequence[str | None], threshold: float) -> CoverageResult:
+def compute_coverage(
+    case_ids: Sequence[str],
+    issue_types: Sequence[str],
+    clusters: Sequence[str | None],
+    vectors: np.ndarray,
+    published: Sequence[str],
+    pub_vectors: np.ndarray,
+    pub_types: Sequence[str],
+    pub_clusters: Sequence[str | None],
+    threshold: float,
+) -> CoverageResult:
     """Pure: a case is covered when its nearest published case has cosine >= threshold (vectors
     are L2-normalised). Gaps: issue types and clusters with cases but no published case, the most
     demanded first."""
@@ -546,17 +640,33 @@ def compute_coverage(case_ids: Sequence[str], issue_types: Sequence[str], cluste
     df = pd.DataFrame({"type": list(issue_types), "cluster": list(clusters), "covered": covered})
     by_type = {}
     for t, g in df.groupby("type", sort=True):
-        by_type[str(t)] = {"cases": int(len(g)), "covered": int(g["covered"].sum()),
-                           "coverage": round(float(g["covered"].mean()), 4), "published": int(sum(pt == t for pt in pub_types))}
-    gaps: list[dict[str, Any]] = [{"kind": "issue_type", "id": t, "cases": v["cases"], "uncovered": v["cases"] - v["covered"]}
-            for t, v in by_type.items() if v["published"] == 0]
+        by_type[str(t)] = {
+            "cases": int(len(g)),
+            "covered": int(g["covered"].sum()),
+            "coverage": round(float(g["covered"].mean()), 4),
+            "published": int(sum(pt == t for pt in pub_types)),
+        }
+    gaps: list[dict[str, Any]] = [
+        {"kind": "issue_type", "id": t, "cases": v["cases"], "uncovered": v["cases"] - v["covered"]}
+        for t, v in by_type.items()
+        if v["published"] == 0
+    ]
     pub_cl = {c for c in pub_clusters if c}
     for c, g in df[df["cluster"].notna()].groupby("cluster", sort=True):
         if c not in pub_cl:
-            gaps.append({"kind": "cluster", "id": str(c), "issue_type": str(g["type"].mode().iloc[0]),
-                         "cases": int(len(g)), "uncovered": int((~g["covered"]).sum())})
+            gaps.append(
+                {
+                    "kind": "cluster",
+                    "id": str(c),
+                    "issue_type": str(g["type"].mode().iloc[0]),
+                    "cases": int(len(g)),
+                    "uncovered": int((~g["covered"]).sum()),
+                }
+            )
     gaps.sort(key=lambda x: (-x["cases"], -x["uncovered"], x["kind"], x["id"]))
-    return CoverageResult(round(float(covered.mean()), 4) if n else 0.0, n, int(covered.sum()), threshold, by_type, gaps)
+    return CoverageResult(
+        round(float(covered.mean()), 4) if n else 0.0, n, int(covered.sum()), threshold, by_type, gaps
+    )
 
 
 def coverage(cfg: Config, out: Path, since: str | None = None, embedder=None) -> CoverageResult:
@@ -573,7 +683,22 @@ def coverage(cfg: Config, out: Path, since: str | None = None, embedder=None) ->
     ids = cases["case_id"].astype(str).tolist()
     vecs = np.asarray(embedder.encode_passages(case_texts(cases)), dtype=np.float32)
     pub_texts = [(p.get("parts") or {}).get("problem") or "" for p in pubs]
-    pub_vecs = np.asarray(embedder.encode_passages(pub_texts), dtype=np.float32) if pubs else np.zeros((0, vecs.shape[1]), np.float32)
-    types = cases["issue_type"].fillna("未分类").astype(str).tolist() if "issue_type" in cases else ["未分类"] * len(cases)
-    return compute_coverage(ids, types, [cmap.get(i) for i in ids], vecs, [p["case_id"] for p in pubs], pub_vecs,
-                            [p["issue_type"] for p in pubs], [p["cluster_id"] for p in pubs], cfg.library.coverage_threshold)
+    pub_vecs = (
+        np.asarray(embedder.encode_passages(pub_texts), dtype=np.float32)
+        if pubs
+        else np.zeros((0, vecs.shape[1]), np.float32)
+    )
+    types = (
+        cases["issue_type"].fillna("未分类").astype(str).tolist() if "issue_type" in cases else ["未分类"] * len(cases)
+    )
+    return compute_coverage(
+        ids,
+        types,
+        [cmap.get(i) for i in ids],
+        vecs,
+        [p["case_id"] for p in pubs],
+        pub_vecs,
+        [p["issue_type"] for p in pubs],
+        [p["cluster_id"] for p in pubs],
+        cfg.library.coverage_threshold,
+    )

@@ -51,8 +51,14 @@ def mask_conversation(conv: Conversation, masker: Masker) -> Conversation:
     masked_cid, _ = masker.mask(cid)
     if masked_cid != cid:
         cid = "masked-" + hashlib.sha1(cid.encode("utf-8")).hexdigest()[:16]
-    return replace(conv, turns=turns, metadata=metadata, conversation_id=cid,
-                   source_file=masker.mask(conv.source_file)[0], pii_counts=dict(counts))
+    return replace(
+        conv,
+        turns=turns,
+        metadata=metadata,
+        conversation_id=cid,
+        source_file=masker.mask(conv.source_file)[0],
+        pii_counts=dict(counts),
+    )
 
 
 def _mask_values(obj: Any, masker: Masker) -> tuple[Any, Counter]:
@@ -119,8 +125,11 @@ def segment_records(items: list[ItemT], seg: Segmenter, failures: list[Failure])
     except Exception:  # noqa: BLE001 - retried one by one below, where the failure is attributed
         pass
     one_by_one = functools.partial(_cut_here, seg)  # in this process: the pool may be what broke
-    return [it for it in items if guarded(failures, it.received, "segment", _tokenize, it.records, seg, one_by_one)
-            is not None]
+    return [
+        it
+        for it in items
+        if guarded(failures, it.received, "segment", _tokenize, it.records, seg, one_by_one) is not None
+    ]
 
 
 def _cut_here(seg: Segmenter, texts: Sequence[str]) -> list[list[str]]:
@@ -130,7 +139,7 @@ def _cut_here(seg: Segmenter, texts: Sequence[str]) -> list[list[str]]:
 def _tokenize(records: list[dict[str, Any]], seg: Segmenter, cut: Callable[[Sequence[str]], list[list[str]]]) -> bool:
     """Tokens of each record's problem, keywords of its customer text (set on the records)."""
     toks = cut([r["problem"] for r in records] + [r["customer_text"] for r in records])
-    for r, p_tok, c_tok in zip(records, toks[:len(records)], toks[len(records):]):
+    for r, p_tok, c_tok in zip(records, toks[: len(records)], toks[len(records) :]):
         r["tokens"] = p_tok
         r["keywords"] = seg.keywords(c_tok)
     return True
@@ -159,9 +168,16 @@ def _checked_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def empty_record(c: Conversation) -> QuarantineRecord:
-    return QuarantineRecord(c.source_file, "empty_text", "no text left after normalisation (only emoji, marks or "
-                            "control characters)", c.source_line, None, scrub_surrogates(c.conversation_id),
-                            scrub_surrogates(" ".join(t.text for t in c.turns)[:EXCERPT_CHARS]), c.content_hash)
+    return QuarantineRecord(
+        c.source_file,
+        "empty_text",
+        "no text left after normalisation (only emoji, marks or control characters)",
+        c.source_line,
+        None,
+        scrub_surrogates(c.conversation_id),
+        scrub_surrogates(" ".join(t.text for t in c.turns)[:EXCERPT_CHARS]),
+        c.content_hash,
+    )
 
 
 def failure_record(f: Failure, masker: Masker) -> QuarantineRecord:
@@ -169,25 +185,32 @@ def failure_record(f: Failure, masker: Masker) -> QuarantineRecord:
     # everywhere they are shown.
     # Lone surrogates are replaced: the culprit may carry them, and the quarantine file is UTF-8.
     c, step, e = f
-    return QuarantineRecord(scrub_surrogates(c.source_file), "bad_value",
-                            f"the {step} step raised {type(e).__name__} on this conversation; "
-                            "the rest of its batch was processed. Report it with the conversation id",
-                            c.source_line, None, scrub_surrogates(c.conversation_id), _masked_excerpt(c, masker),
-                            c.content_hash)
+    return QuarantineRecord(
+        scrub_surrogates(c.source_file),
+        "bad_value",
+        f"the {step} step raised {type(e).__name__} on this conversation; "
+        "the rest of its batch was processed. Report it with the conversation id",
+        c.source_line,
+        None,
+        scrub_surrogates(c.conversation_id),
+        _masked_excerpt(c, masker),
+        c.content_hash,
+    )
 
 
 def _masked_excerpt(c: Conversation, masker: Masker) -> str:
     """The start of the conversation, masked here already: the masker may be the step that
     failed on this text, and the quarantine writer masks excerpts again without a guard."""
-    text = scrub_surrogates(" ".join(t.text for t in c.turns)[:EXCERPT_CHARS * 2])
+    text = scrub_surrogates(" ".join(t.text for t in c.turns)[: EXCERPT_CHARS * 2])
     try:
         return masker.mask(text)[0][:EXCERPT_CHARS]
     except Exception:  # noqa: BLE001 - better no excerpt than an unmasked one
         return ""
 
 
-def guard_case_step(cases: pd.DataFrame, fn: Callable[[pd.DataFrame], pd.DataFrame],
-                    step: str) -> tuple[pd.DataFrame, list[QuarantineRecord]]:
+def guard_case_step(
+    cases: pd.DataFrame, fn: Callable[[pd.DataFrame], pd.DataFrame], step: str
+) -> tuple[pd.DataFrame, list[QuarantineRecord]]:
     """fn over a batch's case table (emotion, classification), isolated like the steps above: if
     it raises, it runs conversation by conversation and the ones it raises on are returned as
     `bad_value` records (their cases dropped) for the caller to add to `BatchResult.rejected`."""
@@ -207,8 +230,14 @@ def guard_case_step(cases: pd.DataFrame, fn: Callable[[pd.DataFrame], pd.DataFra
 
 def _case_failure(row: pd.Series, step: str, e: BaseException) -> QuarantineRecord:
     # The row's texts, ids and file name are masked already (cases are built after masking).
-    return QuarantineRecord(str(row["source_file"]), "bad_value",
-                            f"the {step} step raised {type(e).__name__} on this conversation; "
-                            "the rest of its batch was processed. Report it with the conversation id",
-                            None, None, str(row["conversation_id"]), str(row["customer_text"])[:EXCERPT_CHARS],
-                            str(row["content_hash"]))
+    return QuarantineRecord(
+        str(row["source_file"]),
+        "bad_value",
+        f"the {step} step raised {type(e).__name__} on this conversation; "
+        "the rest of its batch was processed. Report it with the conversation id",
+        None,
+        None,
+        str(row["conversation_id"]),
+        str(row["customer_text"])[:EXCERPT_CHARS],
+        str(row["content_hash"]),
+    )

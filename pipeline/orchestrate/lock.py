@@ -69,11 +69,16 @@ def run_lock(out: Path, wait_s: float = 0.0, command: str = "casemine run") -> I
         except BlockingIOError:
             if time.monotonic() >= deadline:
                 os.close(fd)
-                raise LockHeld(f"{out} is in use by {_holder(path)}; wait for it to finish "
-                               "(or pass --wait SECONDS)") from None
+                raise LockHeld(
+                    f"{out} is in use by {_holder(path)}; wait for it to finish (or pass --wait SECONDS)"
+                ) from None
             time.sleep(0.5)
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-            "since": datetime.now(UTC).isoformat(timespec="seconds")}
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": command,
+        "since": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(info).encode(), 0)
     with _guard:

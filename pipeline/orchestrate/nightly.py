@@ -97,8 +97,10 @@ def start_run(cfg: Config, input_dir: Path, out: Path, runner: str = "plain") ->
     Never deletes what it cannot account for: a lost state database, a missing index `CURRENT`
     or case files of an unknown run stop the run with what to do, instead of shrinking history."""
     if not input_dir.exists():
-        raise FileNotFoundError(f"input {input_dir} does not exist; pass --input DIR with *.jsonl, *.json or *.csv files "
-                                "(or run `casemine sample` to make some)")
+        raise FileNotFoundError(
+            f"input {input_dir} does not exist; pass --input DIR with *.jsonl, *.json or *.csv files "
+            "(or run `casemine sample` to make some)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     from pipeline.retrieval.index import IndexStore, index_root
 
@@ -112,12 +114,14 @@ def start_run(cfg: Config, input_dir: Path, out: Path, runner: str = "plain") ->
             raise CorruptOutputError(
                 f"{len(problems)} stored case file(s) are damaged, e.g. {first['path']}: {first['problem']}. "
                 f"Run `casemine repair --out {out}` to drop the affected runs' cases; the next `casemine run` "
-                "reprocesses their transcripts (keep the input files in place).")
+                "reprocesses their transcripts (keep the input files in place)."
+            )
         abandoned = state.abandoned_runs()
         removed = remove_orphans(out, state.known_runs())
         state.mark_abandoned(abandoned)
-        ctx = RunContext(cfg, out, input_dir, new_run_id(), datetime.now().date(), orphans_removed=len(removed),
-                         runner=runner)
+        ctx = RunContext(
+            cfg, out, input_dir, new_run_id(), datetime.now().date(), orphans_removed=len(removed), runner=runner
+        )
         state.begin_run(ctx.run_id)
     finally:
         state.close()
@@ -137,9 +141,11 @@ def reconcile_manifests(out: Path, state: State) -> None:
     on_disk = manifests_on_disk(out)
     unknown = sorted(r for r in on_disk if r not in known)
     if unknown:
-        raise StateError(f"the state database does not know {len(unknown)} committed run(s) (e.g. {unknown[0]}): it "
-                         f"was lost, emptied or replaced. Nothing was deleted; run `casemine repair --out {out}` "
-                         "to rebuild it from the runs' manifests, then run again")
+        raise StateError(
+            f"the state database does not know {len(unknown)} committed run(s) (e.g. {unknown[0]}): it "
+            f"was lost, emptied or replaced. Nothing was deleted; run `casemine repair --out {out}` "
+            "to rebuild it from the runs' manifests, then run again"
+        )
     for run_id, status in known.items():
         if status == "running" and run_id in on_disk:
             state.commit_run(read_manifest(on_disk[run_id]))
@@ -190,11 +196,17 @@ def ingest(ctx: RunContext) -> IngestResult:
                     counts["duplicates"] += 1
                     reasons["duplicate:same_content"] += 1
                 elif prev is not None:
-                    q = QuarantineRecord(c.source_file, "conflicting_id",
-                                         f"conversation_id {c.conversation_id[:40]} was already accepted with different content; "
-                                         "give corrected re-deliveries a new id, or remove the earlier one from the output",
-                                         c.source_line, None, c.conversation_id,
-                                         " ".join(t.text for t in c.turns)[:120], "conflict:" + c.content_hash)
+                    q = QuarantineRecord(
+                        c.source_file,
+                        "conflicting_id",
+                        f"conversation_id {c.conversation_id[:40]} was already accepted with different content; "
+                        "give corrected re-deliveries a new id, or remove the earlier one from the output",
+                        c.source_line,
+                        None,
+                        c.conversation_id,
+                        " ".join(t.text for t in c.turns)[:120],
+                        "conflict:" + c.content_hash,
+                    )
                     if q.raw_hash in seen_bad or q.raw_hash in batch_bad:
                         counts["duplicates"] += 1
                         reasons["duplicate:already_quarantined"] += 1
@@ -213,7 +225,7 @@ def ingest(ctx: RunContext) -> IngestResult:
 
 
 def batches(items: list[Any], size: int) -> list[list[Any]]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def prior_orders(ctx: RunContext, convs: list[Conversation]) -> frozenset[str]:
@@ -225,16 +237,23 @@ def prior_orders(ctx: RunContext, convs: list[Conversation]) -> frozenset[str]:
         state.close()
 
 
-def process(ctx: RunContext, convs: list[Conversation], segmenter: Segmenter | None = None,
-            last: str = "emotion") -> BatchResult:
+def process(
+    ctx: RunContext, convs: list[Conversation], segmenter: Segmenter | None = None, last: str = "emotion"
+) -> BatchResult:
     """The declared batch steps through `last` over one batch (no writes)."""
     with Components.from_config(ctx.cfg, segmenter) as comp:
         return process_with(ctx, comp, convs, last)
 
 
 def process_with(ctx: RunContext, comp: Components, convs: list[Conversation], last: str = "classify") -> BatchResult:
-    return run_batch(convs, comp, through(last), run_id=ctx.run_id, ingest_date=ctx.ingest_date,
-                     prior_orders=prior_orders(ctx, convs))
+    return run_batch(
+        convs,
+        comp,
+        through(last),
+        run_id=ctx.run_id,
+        ingest_date=ctx.ingest_date,
+        prior_orders=prior_orders(ctx, convs),
+    )
 
 
 def process_and_classify(ctx: RunContext, convs: list[Conversation], segmenter: Segmenter | None = None) -> BatchResult:
@@ -293,10 +312,12 @@ def refresh_library(ctx: RunContext) -> dict[str, Any]:
 def classification_summary(cases: pd.DataFrame) -> dict[str, Any]:
     if not len(cases) or "issue_type" not in cases:
         return {}
-    return {"classifier": str(cases["classifier"].iloc[0]),
-            "needs_review": int(cases["needs_review"].sum()),
-            "by_issue_type": {k: int(v) for k, v in cases["issue_type"].value_counts().items()},
-            "by_urgency": {k: int(v) for k, v in cases["urgency"].value_counts().items()}}
+    return {
+        "classifier": str(cases["classifier"].iloc[0]),
+        "needs_review": int(cases["needs_review"].sum()),
+        "by_issue_type": {k: int(v) for k, v in cases["issue_type"].value_counts().items()},
+        "by_urgency": {k: int(v) for k, v in cases["urgency"].value_counts().items()},
+    }
 
 
 def store(ctx: RunContext, cases: pd.DataFrame, part: int) -> list[Path]:
@@ -312,10 +333,14 @@ def commit(ctx: RunContext, ing: IngestResult, rejected: list[QuarantineRecord],
     # A conversation a step failed on (bad_value) is not recorded as seen: once the failure is
     # fixed, its next delivery is processed instead of counted as a duplicate.
     failed = {q.raw_hash for q in rejected if q.reason == "bad_value"}
-    rec = CommitRecord.of(ctx.run_id, conversations=[(c.conversation_id, c.content_hash) for c in ing.accepted
-                                                     if c.content_hash not in failed],
-                          quarantined=[(q.raw_hash, q.reason) for q in quarantined], files=ing.files,
-                          orders=[o for o in cases["order_id"].dropna().unique()] if len(cases) else [], parts=parts)
+    rec = CommitRecord.of(
+        ctx.run_id,
+        conversations=[(c.conversation_id, c.content_hash) for c in ing.accepted if c.content_hash not in failed],
+        quarantined=[(q.raw_hash, q.reason) for q in quarantined],
+        files=ing.files,
+        orders=[o for o in cases["order_id"].dropna().unique()] if len(cases) else [],
+        parts=parts,
+    )
     # The manifest first: if the process dies before the SQLite commit, the next start finishes
     # that commit from it; if the database is ever lost, `casemine repair` rebuilds it from all.
     write_manifest(ctx.out, rec)
@@ -327,9 +352,16 @@ def commit(ctx: RunContext, ing: IngestResult, rejected: list[QuarantineRecord],
     return qpath
 
 
-def summarize(ctx: RunContext, ing: IngestResult, rejected: list[QuarantineRecord], cases: pd.DataFrame,
-              pii: Counter, chars_segmented: int, extra: dict[str, Any] | None = None,
-              qpath: Path | None = None) -> dict[str, Any]:
+def summarize(
+    ctx: RunContext,
+    ing: IngestResult,
+    rejected: list[QuarantineRecord],
+    cases: pd.DataFrame,
+    pii: Counter,
+    chars_segmented: int,
+    extra: dict[str, Any] | None = None,
+    qpath: Path | None = None,
+) -> dict[str, Any]:
     counts = Counter(ing.counts)
     counts["accepted"] -= len(rejected)
     counts["quarantined"] += len(rejected)
@@ -343,24 +375,35 @@ def summarize(ctx: RunContext, ing: IngestResult, rejected: list[QuarantineRecor
         "input": str(ctx.input_dir),
         "out": str(ctx.out),
         "files": {"read": len(ing.files), "skipped_unchanged": ing.files_skipped, "encodings": dict(ing.encodings)},
-        "records": {"read": counts["read"], "accepted": counts["accepted"], "duplicates": counts["duplicates"],
-                    "quarantined": counts["quarantined"],
-                    "reconciles": counts["read"] == counts["accepted"] + counts["duplicates"] + counts["quarantined"]},
+        "records": {
+            "read": counts["read"],
+            "accepted": counts["accepted"],
+            "duplicates": counts["duplicates"],
+            "quarantined": counts["quarantined"],
+            "reconciles": counts["read"] == counts["accepted"] + counts["duplicates"] + counts["quarantined"],
+        },
         "reasons": dict(sorted(reasons.items())),
-        "cases": {"written": int(len(cases)),
-                  "by_outcome": {k: int(v) for k, v in cases["outcome"].value_counts().items()} if len(cases) else {},
-                  "by_channel": {k: int(v) for k, v in cases["channel"].value_counts().items()} if len(cases) else {},
-                  "timings_missing": _timings_missing(cases)},
+        "cases": {
+            "written": int(len(cases)),
+            "by_outcome": {k: int(v) for k, v in cases["outcome"].value_counts().items()} if len(cases) else {},
+            "by_channel": {k: int(v) for k, v in cases["channel"].value_counts().items()} if len(cases) else {},
+            "timings_missing": _timings_missing(cases),
+        },
         "pii_masked": dict(sorted(pii.items())),
         "orphans_removed": ctx.orphans_removed,
         "runner": ctx.runner,
         "seconds": {k: round(v, 3) for k, v in {**ctx.seconds, "total": total}.items()},
         "throughput": {
             "transcripts_per_s": round(n_conv / total, 1) if total else None,
-            "segment_chars_per_s": round(chars_segmented / ctx.seconds["segment"], 0) if ctx.seconds.get("segment") else None,
+            "segment_chars_per_s": round(chars_segmented / ctx.seconds["segment"], 0)
+            if ctx.seconds.get("segment")
+            else None,
         },
-        "outputs": {"cases": str(ctx.out / "processed" / "cases"), "quarantine": str(qpath) if qpath else None,
-                    "summary": str(ctx.out / "runs" / ctx.run_id / "summary.json")},
+        "outputs": {
+            "cases": str(ctx.out / "processed" / "cases"),
+            "quarantine": str(qpath) if qpath else None,
+            "summary": str(ctx.out / "runs" / ctx.run_id / "summary.json"),
+        },
     }
     if extra:
         summary.update(extra)
@@ -390,14 +433,22 @@ def summary_text(s: dict[str, Any]) -> str:
     if s["reasons"]:
         lines.append("  reasons " + ", ".join(f"{k} {v}" for k, v in s["reasons"].items()))
     c = s["cases"]
-    lines.append(f"  cases   {c['written']} written; outcomes: " + (", ".join(f"{k} {v}" for k, v in c["by_outcome"].items()) or "-"))
+    lines.append(
+        f"  cases   {c['written']} written; outcomes: "
+        + (", ".join(f"{k} {v}" for k, v in c["by_outcome"].items()) or "-")
+    )
     if c["timings_missing"]:
-        lines.append("  timings not computable: " + ", ".join(f"{k} in {v} cases" for k, v in c["timings_missing"].items()))
+        lines.append(
+            "  timings not computable: " + ", ".join(f"{k} in {v} cases" for k, v in c["timings_missing"].items())
+        )
     if s["pii_masked"]:
         lines.append("  masked  " + ", ".join(f"{k} {v}" for k, v in s["pii_masked"].items()))
     for key in ("classification", "index", "exports", "library"):
-        items = [f"{k} {v}" for k, v in (s.get(key) or {}).items() if not isinstance(v, (dict, list))] \
-            if isinstance(s.get(key), dict) else []
+        items = (
+            [f"{k} {v}" for k, v in (s.get(key) or {}).items() if not isinstance(v, (dict, list))]
+            if isinstance(s.get(key), dict)
+            else []
+        )
         if items:
             lines.append(f"  {key:<7} " + ", ".join(items))
     lines.append("  seconds " + ", ".join(f"{k} {v}" for k, v in s["seconds"].items()))
@@ -434,8 +485,13 @@ def repair(out: Path, check_only: bool = False) -> dict[str, Any]:
         state = State(out)
     except StateError:
         if check_only:
-            return {**report, "problems": [{"path": "state/state.sqlite", "run_id": "", "problem": "damaged"}],
-                    "runs": [], "repaired": False, "removed": []}
+            return {
+                **report,
+                "problems": [{"path": "state/state.sqlite", "run_id": "", "problem": "damaged"}],
+                "runs": [],
+                "repaired": False,
+                "removed": [],
+            }
         _move_aside(out / "state" / "state.sqlite")
         state = State(out)
         report["state_rebuilt"] = True
@@ -444,17 +500,22 @@ def repair(out: Path, check_only: bool = False) -> dict[str, Any]:
         on_disk = manifests_on_disk(out)
         replay = sorted(r for r in on_disk if known.get(r) not in ("committed", "repaired", "abandoned"))
         adopt = sorted({run_of(p) for p in stored_parts(out)} - set(known) - set(on_disk))
-        problems = [{"path": str(on_disk[r].relative_to(out)), "run_id": r, "problem": "not in the state database"}
-                    for r in replay]
-        problems += [{"path": f"processed/cases/*/part-{r}-*", "run_id": r, "problem": "case files of no known run"}
-                     for r in adopt]
+        problems = [
+            {"path": str(on_disk[r].relative_to(out)), "run_id": r, "problem": "not in the state database"}
+            for r in replay
+        ]
+        problems += [
+            {"path": f"processed/cases/*/part-{r}-*", "run_id": r, "problem": "case files of no known run"}
+            for r in adopt
+        ]
         if not check_only:
             for r in replay:
                 state.commit_run(read_manifest(on_disk[r]))
             for r in adopt:
                 state.begin_run(r)
-                state.commit_run(CommitRecord(r, parts=[(str(p.relative_to(out)), sha256_file(p))
-                                                        for p in run_parts(out, r)]))
+                state.commit_run(
+                    CommitRecord(r, parts=[(str(p.relative_to(out)), sha256_file(p)) for p in run_parts(out, r)])
+                )
                 write_manifest(out, state.record_of(r))
             report.update(replayed_runs=replay, adopted_runs=adopt)
         damaged = verify_parts(out, state.parts())
@@ -466,8 +527,13 @@ def repair(out: Path, check_only: bool = False) -> dict[str, Any]:
             removed = remove_orphans(out, state.known_runs())
     finally:
         state.close()
-    return {**report, "problems": problems, "runs": runs, "repaired": bool(problems) and not check_only,
-            "removed": [str(p) for p in removed]}
+    return {
+        **report,
+        "problems": problems,
+        "runs": runs,
+        "repaired": bool(problems) and not check_only,
+        "removed": [str(p) for p in removed],
+    }
 
 
 def _move_aside(path: Path) -> Path:
@@ -481,9 +547,11 @@ def _move_aside(path: Path) -> Path:
 
 # -- the run, declared once ---------------------------------------------------------------------
 
+
 @dataclass
 class Night:
     """What a run's steps have made so far; each step adds one field (`RunStep.adds`)."""
+
     ctx: RunContext
     ingest: IngestResult | None = None
     batches: list[BatchResult] = field(default_factory=list)
@@ -509,6 +577,7 @@ class RunStep:
     `per_batch` step instead runs `run(ctx, components, batch, part)` on every batch of accepted
     conversations (the declared batch steps of `pipeline.orchestrate.steps`, then the part's case file).
     The runner times every step, reports progress, and offers a crash checkpoint after it."""
+
     name: str
     reads: tuple[str, ...]
     adds: str
@@ -555,10 +624,22 @@ def _summary(night: Night) -> dict[str, Any]:
     for r in night.batches:
         pii.update(r.pii_counts)
     cases = night.cases
-    extra = {"index": night.index, "classification": classification_summary(cases), "exports": night.exports,
-             "library": night.library}
-    return summarize(night.ctx, night.ingest, night.rejected, cases, pii, sum(r.chars_segmented for r in night.batches),
-                     extra, qpath=night.quarantine)
+    extra = {
+        "index": night.index,
+        "classification": classification_summary(cases),
+        "exports": night.exports,
+        "library": night.library,
+    }
+    return summarize(
+        night.ctx,
+        night.ingest,
+        night.rejected,
+        cases,
+        pii,
+        sum(r.chars_segmented for r in night.batches),
+        extra,
+        qpath=night.quarantine,
+    )
 
 
 NIGHTLY: tuple[RunStep, ...] = (
@@ -593,7 +674,7 @@ def run_pipeline(cfg: Config, input_dir: Path, out: Path, runner: str = "plain")
                         night.batches.append(res)
                         for k, v in res.seconds.items():
                             add_seconds(ctx, k, v)
-                        progress(step.name, sum(map(len, parts[:n + 1])), len(night.ingest.accepted))
+                        progress(step.name, sum(map(len, parts[: n + 1])), len(night.ingest.accepted))
                 else:
                     setattr(night, step.adds, step.run(night))
                     if step.adds != "summary":

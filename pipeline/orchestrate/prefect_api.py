@@ -20,8 +20,12 @@ from pipeline.config import FlowConfig
 # PREFECT_LOGGING_LEVEL=INFO brings Prefect's lines back).
 # Prefect's own start-up wait matters only where it starts the server itself (a flow called from
 # Python); `casemine run` starts it first with `flow.prefect_startup_timeout_s`.
-PREFECT_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_LOGGING_LEVEL": "WARNING",
-                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
+PREFECT_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+}
 for _k, _v in PREFECT_DEFAULTS.items():
     os.environ.setdefault(_k, _v)
 
@@ -81,4 +85,3 @@ def _start_temporary(timeout_s: int) -> str:
         first = str(e).split(".")[0] or type(e).__name__
         raise PrefectUnavailable(f"Prefect's temporary server did not start within {timeout_s} s: {first}") from None
     return server.api_url
-

@@ -67,7 +67,7 @@ def run_declared(ctx: steps.RunContext) -> dict[str, Any]:
                 night.batches.append(res)
                 for k, v in res.seconds.items():
                     steps.add_seconds(ctx, k, v)
-                progress(step.name, sum(map(len, parts[:n + 1])), len(night.ingest.accepted))
+                progress(step.name, sum(map(len, parts[: n + 1])), len(night.ingest.accepted))
         else:
             setattr(night, step.adds, _task(step)(night))
             if step.adds != "summary":
@@ -77,8 +77,12 @@ def run_declared(ctx: steps.RunContext) -> dict[str, Any]:
 
 
 @flow(name="casemine-nightly", log_prints=False, validate_parameters=False)
-def nightly(input_dir: str | None = None, out: str | None = None, config_path: str | None = None,
-            overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+def nightly(
+    input_dir: str | None = None,
+    out: str | None = None,
+    config_path: str | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Process the transcripts that arrived since the last run and store their cases.
 
     `overrides` replaces config fields per section, e.g. {"flow": {"batch_size": 500}}. Holds the
@@ -106,8 +110,14 @@ def task_runner(cfg: Config):
 
     if cfg.flow.dask_address:
         return DaskTaskRunner(address=cfg.flow.dask_address)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.flow.dask_workers, "processes": cfg.flow.dask_processes,
-                                          "threads_per_worker": 1, "dashboard_address": ":0"})
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": cfg.flow.dask_workers,
+            "processes": cfg.flow.dask_processes,
+            "threads_per_worker": 1,
+            "dashboard_address": ":0",
+        }
+    )
 
 
 def flow_for(cfg: Config):
@@ -125,5 +135,8 @@ def serve_nightly(config_path: str | None = None) -> None:
     from prefect.schedules import Cron
 
     cfg = load_config(config_path)
-    flow_for(cfg).serve(name="nightly", schedule=Cron(cfg.flow.schedule_cron, timezone=cfg.flow.schedule_timezone),
-                  parameters={"config_path": config_path})
+    flow_for(cfg).serve(
+        name="nightly",
+        schedule=Cron(cfg.flow.schedule_cron, timezone=cfg.flow.schedule_timezone),
+        parameters={"config_path": config_path},
+    )

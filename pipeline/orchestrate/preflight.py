@@ -31,13 +31,17 @@ def check_input(input_dir: Path, allow_empty: bool) -> list[Path]:
     from pipeline.ingest import SUFFIXES, discover
 
     if not input_dir.exists():
-        raise PreflightError(f"input {input_dir} does not exist; pass --input DIR (a folder of *.jsonl, *.json or "
-                             f"*.csv transcripts), or run `casemine sample --out {input_dir}` to make a sample")
+        raise PreflightError(
+            f"input {input_dir} does not exist; pass --input DIR (a folder of *.jsonl, *.json or "
+            f"*.csv transcripts), or run `casemine sample --out {input_dir}` to make a sample"
+        )
     files = discover(input_dir)
     if not files and not allow_empty:
         kinds = ", ".join(f"*{s}" for s in sorted(SUFFIXES))
-        raise PreflightError(f"no transcripts ({kinds}) under {input_dir}: the delivery is empty; check the "
-                             "export job, or pass --allow-empty to accept a night without a delivery")
+        raise PreflightError(
+            f"no transcripts ({kinds}) under {input_dir}: the delivery is empty; check the "
+            "export job, or pass --allow-empty to accept a night without a delivery"
+        )
     return files
 
 
@@ -50,8 +54,9 @@ def check_out(out: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=out, prefix=".casemine-write-check-"):
             pass
     except OSError as e:
-        raise PreflightError(f"cannot write into --out {out} ({e.strerror or type(e).__name__}); pass a folder you "
-                             "can write to", code=2) from None
+        raise PreflightError(
+            f"cannot write into --out {out} ({e.strerror or type(e).__name__}); pass a folder you can write to", code=2
+        ) from None
 
 
 def check_resources(cfg: Config) -> None:
@@ -59,8 +64,11 @@ def check_resources(cfg: Config) -> None:
     if missing:
         key, path = next(iter(missing.items()))
         more = f" (and {len(missing) - 1} more: {', '.join(list(missing)[1:])})" if len(missing) > 1 else ""
-        raise PreflightError(f"{key} names {path}, which does not exist{more}; relative paths resolve against "
-                             f"{cfg.root} (see README, Configuration); fix the path or restore the file", code=2)
+        raise PreflightError(
+            f"{key} names {path}, which does not exist{more}; relative paths resolve against "
+            f"{cfg.root} (see README, Configuration); fix the path or restore the file",
+            code=2,
+        )
 
 
 def count_new_files(out: Path, input_dir: Path, files: list[Path]) -> int:
@@ -79,8 +87,9 @@ def count_new_files(out: Path, input_dir: Path, files: list[Path]) -> int:
         new = 0
         for p in files:
             st = p.stat()
-            if not state.file_unchanged(input_name(input_dir, p), st.st_size, st.st_mtime_ns,
-                                        functools.partial(sha256_file, p)):
+            if not state.file_unchanged(
+                input_name(input_dir, p), st.st_size, st.st_mtime_ns, functools.partial(sha256_file, p)
+            ):
                 new += 1
         return new
     finally:

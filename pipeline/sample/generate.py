@@ -55,8 +55,16 @@ _BASE_TIME = datetime(2025, 9, 1, tzinfo=_TZ)
 Seg = str | tuple[str, str]
 ORDER = "order"
 # Template slot -> PII kind in the labels.
-_PII_SLOTS: dict[str, str] = {"phone": "phone", "landline": "landline", "idcard": "id", "card": "card",
-                              "email": "email", "address": "address", "name": "name", "title": "name"}
+_PII_SLOTS: dict[str, str] = {
+    "phone": "phone",
+    "landline": "landline",
+    "idcard": "id",
+    "card": "card",
+    "email": "email",
+    "address": "address",
+    "name": "name",
+    "title": "name",
+}
 
 
 @dataclass(frozen=True)
@@ -73,18 +81,40 @@ class _FormatSpec:
     emoji: bool = True
 
 
-_FORMATS: dict[str, _FormatSpec] = {s.key: s for s in (
-    _FormatSpec("chat_jsonl", "chat.jsonl", "chat", "utf-8", "chat_jsonl", 0.55),
-    _FormatSpec("chat_gbk", "chat_gb18030.jsonl", "chat", "gb18030", "chat_jsonl", 0.10, codec="gb18030"),
-    # Big5 has no emoji; the text is converted to Traditional.
-    _FormatSpec("chat_big5", "chat_big5.jsonl", "chat", "big5", "chat_jsonl", 0.08, codec="big5",
-                traditional=True, emoji=False),
-    _FormatSpec("chat_bom", "chat_bom.jsonl", "chat", "utf-8-sig", "chat_jsonl", 0.05, bom=True),
-    _FormatSpec("asr_json", CALLS_DIR + "/{id}.json", "call", "utf-8", "asr_json", 0.12),
-    _FormatSpec("asr_csv", "calls_asr.csv", "call", "utf-8", "asr_csv", 0.10),
-)}
-CSV_HEADER: tuple[str, ...] = ("conversation_id", "channel_id", "begin_ms", "end_ms", "text", "started_at",
-                               "region", "product", "order_id", "agent_id")
+_FORMATS: dict[str, _FormatSpec] = {
+    s.key: s
+    for s in (
+        _FormatSpec("chat_jsonl", "chat.jsonl", "chat", "utf-8", "chat_jsonl", 0.55),
+        _FormatSpec("chat_gbk", "chat_gb18030.jsonl", "chat", "gb18030", "chat_jsonl", 0.10, codec="gb18030"),
+        # Big5 has no emoji; the text is converted to Traditional.
+        _FormatSpec(
+            "chat_big5",
+            "chat_big5.jsonl",
+            "chat",
+            "big5",
+            "chat_jsonl",
+            0.08,
+            codec="big5",
+            traditional=True,
+            emoji=False,
+        ),
+        _FormatSpec("chat_bom", "chat_bom.jsonl", "chat", "utf-8-sig", "chat_jsonl", 0.05, bom=True),
+        _FormatSpec("asr_json", CALLS_DIR + "/{id}.json", "call", "utf-8", "asr_json", 0.12),
+        _FormatSpec("asr_csv", "calls_asr.csv", "call", "utf-8", "asr_csv", 0.10),
+    )
+}
+CSV_HEADER: tuple[str, ...] = (
+    "conversation_id",
+    "channel_id",
+    "begin_ms",
+    "end_ms",
+    "text",
+    "started_at",
+    "region",
+    "product",
+    "order_id",
+    "agent_id",
+)
 
 
 @dataclass
@@ -149,8 +179,12 @@ _Phrasing = tuple[str, tuple[str, ...]]
 @functools.cache
 def _problem_pool(issue_type: str, category: str) -> tuple[tuple[_Phrasing, ...], tuple[_Phrasing, ...]]:
     """(phrasings without money at stake, phrasings with it) for an issue and product category."""
-    pool = [(p, s.handlings) for s in T.ISSUES[issue_type].scenarios
-            if s.categories is None or category in s.categories for p in s.problems]
+    pool = [
+        (p, s.handlings)
+        for s in T.ISSUES[issue_type].scenarios
+        if s.categories is None or category in s.categories
+        for p in s.problems
+    ]
     return (tuple(x for x in pool if "{amount}" not in x[0]), tuple(x for x in pool if "{amount}" in x[0]))
 
 
@@ -200,7 +234,7 @@ def _fake_card(rng: random.Random, spaced: bool) -> str:
     prefix, length = rng.choice(T.CARD_SHAPES)
     payload = prefix + _digits(rng, length - len(prefix) - 1)
     number = payload + luhn_check_digit(payload)
-    return " ".join(number[i:i + 4] for i in range(0, len(number), 4)) if spaced else number
+    return " ".join(number[i : i + 4] for i in range(0, len(number), 4)) if spaced else number
 
 
 def _fake_phone(rng: random.Random, style: str) -> str:
@@ -230,19 +264,27 @@ def _fake_address(rng: random.Random, region: str) -> str:
     head = f"{prov}{city}{district}"
     shape = rng.randrange(3)
     if shape == 0:
-        return (f"{head}{rng.choice(T.ROADS)}{rng.randint(1, 299)}号{rng.randint(1, 12)}栋"
-                f"{rng.randint(1, 32)}{rng.randint(1, 4):02d}室")
+        return (
+            f"{head}{rng.choice(T.ROADS)}{rng.randint(1, 299)}号{rng.randint(1, 12)}栋"
+            f"{rng.randint(1, 32)}{rng.randint(1, 4):02d}室"
+        )
     if shape == 1:
-        return (f"{head}{rng.choice(T.ROADS)}{rng.randint(1, 299)}号院{rng.randint(1, 9)}号楼"
-                f"{rng.randint(1, 4)}单元{rng.randint(1, 25)}{rng.randint(1, 4):02d}")
-    return (f"{head}{rng.choice(T.COMMUNITIES)}小区{rng.randint(1, 30)}栋{rng.randint(1, 4)}单元"
-            f"{rng.randint(1, 30)}{rng.randint(1, 4):02d}")
+        return (
+            f"{head}{rng.choice(T.ROADS)}{rng.randint(1, 299)}号院{rng.randint(1, 9)}号楼"
+            f"{rng.randint(1, 4)}单元{rng.randint(1, 25)}{rng.randint(1, 4):02d}"
+        )
+    return (
+        f"{head}{rng.choice(T.COMMUNITIES)}小区{rng.randint(1, 30)}栋{rng.randint(1, 4)}单元"
+        f"{rng.randint(1, 30)}{rng.randint(1, 4):02d}"
+    )
 
 
 def _fake_email(rng: random.Random) -> str:
     if rng.random() < 0.3:
         return f"{rng.randint(10000, 9_999_999_999)}@qq.com"
-    return f"{rng.choice(T.EMAIL_USERS)}{rng.choice(('', '_', '.'))}{rng.randint(1, 2005)}@{rng.choice(T.EMAIL_DOMAINS)}"
+    return (
+        f"{rng.choice(T.EMAIL_USERS)}{rng.choice(('', '_', '.'))}{rng.randint(1, 2005)}@{rng.choice(T.EMAIL_DOMAINS)}"
+    )
 
 
 class _Slots(dict):
@@ -313,8 +355,14 @@ class _Issue:
     urgency_via: str  # safety | threat | money | repeat | ""
 
     def label(self, start_turn: int) -> dict[str, Any]:
-        return {"issue_type": self.issue_type, "urgency": self.urgency, "request_kind": self.request_kind,
-                "emotion": self.emotion, "outcome": self.outcome, "start_turn": start_turn}
+        return {
+            "issue_type": self.issue_type,
+            "urgency": self.urgency,
+            "request_kind": self.request_kind,
+            "emotion": self.emotion,
+            "outcome": self.outcome,
+            "start_turn": start_turn,
+        }
 
 
 @dataclass
@@ -333,8 +381,17 @@ class _Conv:
 class _Builder:
     """Builds one conversation's turns (and its issue plan) from its RNG."""
 
-    def __init__(self, rng: random.Random, style: str, emoji: bool, force_pii: bool, issue_type: str,
-                 product: str, region: str, when: datetime) -> None:
+    def __init__(
+        self,
+        rng: random.Random,
+        style: str,
+        emoji: bool,
+        force_pii: bool,
+        issue_type: str,
+        product: str,
+        region: str,
+        when: datetime,
+    ) -> None:
         self.rng = rng
         self.style = style
         self.first_issue = issue_type
@@ -350,22 +407,41 @@ class _Builder:
         self.order = _order_id(rng, when)
         amount = rng.choice((59, 89, 129, 199, 299, 399, 499, 799, 1299, 1599, 2499, 3999, 5999))
         self.agent_no = f"{rng.randint(1, 120):03d}"
-        self.slots = _Slots({
-            "product": product, "days": rng.choice(T.DAYS), "amount": str(amount),
-            "amount2": str(amount * rng.choice((7, 8, 9)) // 10), "order": (ORDER, self.order),
-            "promise": rng.choice(T.PROMISES), "coupon": rng.choice(T.COUPONS), "courier": rng.choice(T.COURIERS),
-            "agent_no": self.agent_no, "shop": rng.choice(T.SHOPS),
-        }, rng, style, region)
+        self.slots = _Slots(
+            {
+                "product": product,
+                "days": rng.choice(T.DAYS),
+                "amount": str(amount),
+                "amount2": str(amount * rng.choice((7, 8, 9)) // 10),
+                "order": (ORDER, self.order),
+                "promise": rng.choice(T.PROMISES),
+                "coupon": rng.choice(T.COUPONS),
+                "courier": rng.choice(T.COURIERS),
+                "agent_no": self.agent_no,
+                "shop": rng.choice(T.SHOPS),
+            },
+            rng,
+            style,
+            region,
+        )
 
     # -- primitives
 
-    def say(self, speaker: str, template: str | Sequence[str], *, optional: bool = False,
-            starts: bool = False, pause: bool = False) -> _Turn:
+    def say(
+        self,
+        speaker: str,
+        template: str | Sequence[str],
+        *,
+        optional: bool = False,
+        starts: bool = False,
+        pause: bool = False,
+    ) -> _Turn:
         tpl = template if isinstance(template, str) else self.rng.choice(template)
         return self.say_segs(speaker, _fill(tpl, self.slots), optional=optional, starts=starts, pause=pause)
 
-    def say_segs(self, speaker: str, segs: list[Seg], *, optional: bool = False, starts: bool = False,
-                 pause: bool = False) -> _Turn:
+    def say_segs(
+        self, speaker: str, segs: list[Seg], *, optional: bool = False, starts: bool = False, pause: bool = False
+    ) -> _Turn:
         turn = _Turn(speaker, segs, self.issue, starts, self.group if optional else 0, pause)
         self.turns.append(turn)
         return turn
@@ -567,8 +643,7 @@ def _trim(turns: list[_Turn]) -> list[_Turn]:
     return turns
 
 
-def _build_conversation(cid: str, seed: int, spec: _FormatSpec, attempt: int = 0,
-                        force_pii: bool = False) -> _Conv:
+def _build_conversation(cid: str, seed: int, spec: _FormatSpec, attempt: int = 0, force_pii: bool = False) -> _Conv:
     rng = random.Random(f"{seed}:{cid}:{attempt}")
     issue_type = _ISSUE_CHOICE(rng)
     product = rng.choice(_products_for(issue_type))
@@ -590,8 +665,11 @@ def _build_conversation(cid: str, seed: int, spec: _FormatSpec, attempt: int = 0
             flags.append("halfwidth_punct")
     has_times = spec.style == "call" or rng.random() >= 0.10
     metadata: dict[str, Any] = {
-        "region": region, "product": product, "order_id": b.order if b.order_given else None,
-        "agent_id": "A" + b.agent_no, "csat": _csat(rng, issues),
+        "region": region,
+        "product": product,
+        "order_id": b.order if b.order_given else None,
+        "agent_id": "A" + b.agent_no,
+        "csat": _csat(rng, issues),
     }
     if any(i.urgency_via == "repeat" for i in issues):
         metadata["repeat_contact"] = True
@@ -618,8 +696,23 @@ _FULLWIDTH.update({c: c + 0xFEE0 for c in range(ord("A"), ord("Z") + 1)})
 _FULLWIDTH.update({c: c + 0xFEE0 for c in range(ord("a"), ord("z") + 1)})
 _HALFWIDTH_PUNCT = str.maketrans({"，": ",", "！": "!", "？": "?", "：": ":", "；": ";", "（": "(", "）": ")"})
 # OpenCC's s2t prefers some variant forms that Big5 lacks; these are the Big5 spellings.
-_BIG5_VARIANTS = str.maketrans({"爲": "為", "裏": "裡", "着": "著", "牀": "床", "僞": "偽", "啓": "啟", "峯": "峰",
-                                "羣": "群", "綫": "線", "衆": "眾", "麪": "麵", "鷄": "雞", "儁": "俊"})
+_BIG5_VARIANTS = str.maketrans(
+    {
+        "爲": "為",
+        "裏": "裡",
+        "着": "著",
+        "牀": "床",
+        "僞": "偽",
+        "啓": "啟",
+        "峯": "峰",
+        "羣": "群",
+        "綫": "線",
+        "衆": "眾",
+        "麪": "麵",
+        "鷄": "雞",
+        "儁": "俊",
+    }
+)
 _ASR_PUNCT = re.compile(r"[\s，。！？、；：“”‘’（）《》…—·,.!?;:()\"'\-]+")
 
 
@@ -660,8 +753,9 @@ class _Truth:
             if written not in self.order_ids:
                 self.order_ids.append(written)
         else:
-            self.pii.append({"kind": kind, "value": written, "value_normalized": original,
-                             "speaker": speaker, "turn": turn})
+            self.pii.append(
+                {"kind": kind, "value": written, "value_normalized": original, "speaker": speaker, "turn": turn}
+            )
 
 
 def _render_chat_text(turn: _Turn, index: int, conv: _Conv, spec: _FormatSpec, truth: _Truth) -> str:
@@ -706,9 +800,11 @@ def _render_chat(conv: _Conv, spec: _FormatSpec) -> tuple[dict[str, Any], _Truth
             row["ts"] = _iso(started + timedelta(seconds=offsets[i]))
         turns.append(row)
     record = {
-        "conversation_id": conv.conversation_id, "channel": conv.channel,
+        "conversation_id": conv.conversation_id,
+        "channel": conv.channel,
         "started_at": _iso(conv.started_at) if conv.started_at else None,
-        "turns": turns, "metadata": _traditional_values(conv.metadata) if spec.traditional else conv.metadata,
+        "turns": turns,
+        "metadata": _traditional_values(conv.metadata) if spec.traditional else conv.metadata,
     }
     return record, truth
 
@@ -725,8 +821,12 @@ def _add_homophones(conv: _Conv) -> list[dict[str, Any]]:
         return []
     used: list[dict[str, Any]] = []
     for right, wrong in rng.sample(T.HOMOPHONES, len(T.HOMOPHONES)):
-        spots = [(ti, si) for ti, turn in enumerate(conv.turns) for si, seg in enumerate(turn.segs)
-                 if isinstance(seg, str) and right in seg]
+        spots = [
+            (ti, si)
+            for ti, turn in enumerate(conv.turns)
+            for si, seg in enumerate(turn.segs)
+            if isinstance(seg, str) and right in seg
+        ]
         if not spots:
             continue
         ti, si = rng.choice(spots)
@@ -787,8 +887,16 @@ def _render_call(conv: _Conv, agent_channel: int) -> tuple[list[_Sentence], _Tru
         duration = max(600, len(text) * 60000 // rate)
         is_agent = turn.speaker == "agent"
         low, high = (4.8, 6.0) if is_agent else _EMOTION_VALUE[conv.issues[turn.issue].emotion]
-        out.append(_Sentence(t, t + duration, text, agent_channel if is_agent else 1 - agent_channel, rate,
-                             round(rng.uniform(low, high), 1)))
+        out.append(
+            _Sentence(
+                t,
+                t + duration,
+                text,
+                agent_channel if is_agent else 1 - agent_channel,
+                rate,
+                round(rng.uniform(low, high), 1),
+            )
+        )
         t += duration + rng.randint(200, 1500) + (rng.randint(5000, 30000) if turn.pause else 0)
     return out, truth, homophones
 
@@ -813,17 +921,33 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False)
 
 
-def _label(conv: _Conv, spec: _FormatSpec, file: str, line: int | None, truth: _Truth,
-           agent_channel: int | None, homophones: list[dict[str, Any]]) -> dict[str, Any]:
+def _label(
+    conv: _Conv,
+    spec: _FormatSpec,
+    file: str,
+    line: int | None,
+    truth: _Truth,
+    agent_channel: int | None,
+    homophones: list[dict[str, Any]],
+) -> dict[str, Any]:
     starts = [i for i, t in enumerate(conv.turns) if t.starts_issue]
     return {
-        "conversation_id": conv.conversation_id, "file": file, "line": line, "format": spec.source_format,
-        "variant": spec.key, "encoding": spec.encoding, "channel": conv.channel,
+        "conversation_id": conv.conversation_id,
+        "file": file,
+        "line": line,
+        "format": spec.source_format,
+        "variant": spec.key,
+        "encoding": spec.encoding,
+        "channel": conv.channel,
         "started_at": _iso(conv.started_at) if conv.started_at else None,
-        "has_timestamps": conv.started_at is not None, "n_turns": len(conv.turns),
+        "has_timestamps": conv.started_at is not None,
+        "n_turns": len(conv.turns),
         "issues": [issue.label(start) for issue, start in zip(conv.issues, starts)],
-        "pii": truth.pii, "order_ids": truth.order_ids, "agent_channel": agent_channel,
-        "homophones": homophones, "flags": conv.flags,
+        "pii": truth.pii,
+        "order_ids": truth.order_ids,
+        "agent_channel": agent_channel,
+        "homophones": homophones,
+        "flags": conv.flags,
     }
 
 
@@ -893,9 +1017,19 @@ class _Generator:
                 "conversation_id": conv.conversation_id,
                 "started_at": _iso(conv.started_at) if conv.started_at else None,
                 "metadata": conv.metadata,
-                "Result": {"Sentences": [
-                    {"BeginTime": s.begin, "EndTime": s.end, "Text": s.text, "ChannelId": s.channel,
-                     "SpeechRate": s.rate, "EmotionValue": s.emotion} for s in sentences]},
+                "Result": {
+                    "Sentences": [
+                        {
+                            "BeginTime": s.begin,
+                            "EndTime": s.end,
+                            "Text": s.text,
+                            "ChannelId": s.channel,
+                            "SpeechRate": s.rate,
+                            "EmotionValue": s.emotion,
+                        }
+                        for s in sentences
+                    ]
+                },
             }
             self._open(rel).write_text(_dumps(doc) + "\n", encoding="utf-8")
             self._emit_label(_label(conv, spec, rel, None, truth, agent_channel, homophones))
@@ -911,8 +1045,20 @@ class _Generator:
             started = _iso(conv.started_at) if conv.started_at else ""
             first_line = line + 1
             for s in sentences:
-                writer.writerow((conv.conversation_id, s.channel, s.begin, s.end, s.text, started, meta["region"],
-                                 meta["product"], meta["order_id"] or "", meta["agent_id"]))
+                writer.writerow(
+                    (
+                        conv.conversation_id,
+                        s.channel,
+                        s.begin,
+                        s.end,
+                        s.text,
+                        started,
+                        meta["region"],
+                        meta["product"],
+                        meta["order_id"] or "",
+                        meta["agent_id"],
+                    )
+                )
                 line += 1
             self._emit_label(_label(conv, spec, spec.path, first_line, truth, agent_channel, homophones))
 
@@ -929,13 +1075,22 @@ class _Generator:
         with open(path, "wb") as fh:
             for line_no, (data, reason, cid, pii) in enumerate(records, start=1):
                 fh.write(data + b"\n")
-                self._emit_label({"malformed": True, "file": MALFORMED_FILE, "line": line_no,
-                                  "expect_reason": reason, "conversation_id": cid, "pii": pii})
+                self._emit_label(
+                    {
+                        "malformed": True,
+                        "file": MALFORMED_FILE,
+                        "line": line_no,
+                        "expect_reason": reason,
+                        "conversation_id": cid,
+                        "pii": pii,
+                    }
+                )
         return len(records)
 
 
-def _malformed_records(seed: int, good: list[tuple[str, str]]
-                       ) -> Iterator[tuple[bytes, str, str | None, list[dict[str, Any]]]]:
+def _malformed_records(
+    seed: int, good: list[tuple[str, str]]
+) -> Iterator[tuple[bytes, str, str | None, list[dict[str, Any]]]]:
     """(bytes, expect_reason, conversation_id, pii present in the bytes) for each broken record."""
     spec = _FORMATS["chat_jsonl"]
 
@@ -971,10 +1126,14 @@ def _malformed_records(seed: int, good: list[tuple[str, str]]
     rec, truth = conv(6)
     marker = "\u2063BAD\u2063"  # placed in the first turn, which never carries PII
     first = rec["turns"][0]
-    first["text"] = first["text"][: len(first["text"]) // 2] + marker + first["text"][len(first["text"]) // 2:]
+    first["text"] = first["text"][: len(first["text"]) // 2] + marker + first["text"][len(first["text"]) // 2 :]
     text = _dumps(rec)
-    yield (text.encode().replace(marker.encode(), b"\xff\xfe\xc3"), "undecodable_bytes", rec["conversation_id"],
-           pii_in(text, truth))
+    yield (
+        text.encode().replace(marker.encode(), b"\xff\xfe\xc3"),
+        "undecodable_bytes",
+        rec["conversation_id"],
+        pii_in(text, truth),
+    )
 
     rec, truth = conv(7)
     del rec["conversation_id"]
@@ -1001,8 +1160,14 @@ def _owned_outputs(out_dir: Path) -> list[Path]:
     return [p for p in fixed if p.exists()] + calls
 
 
-def generate(out_dir: Path, n: int = 150, seed: int = 7, labels_out: Path | None = None,
-             malformed: bool = True, formats: tuple[str, ...] = ALL_FORMATS) -> SampleReport:
+def generate(
+    out_dir: Path,
+    n: int = 150,
+    seed: int = 7,
+    labels_out: Path | None = None,
+    malformed: bool = True,
+    formats: tuple[str, ...] = ALL_FORMATS,
+) -> SampleReport:
     """Write n well-formed conversations (plus broken ones) under out_dir; labels go to labels_out.
 
     Same arguments give byte-identical files. Files this generator wrote earlier under out_dir are
@@ -1043,5 +1208,6 @@ def generate(out_dir: Path, n: int = 150, seed: int = 7, labels_out: Path | None
             else:
                 gen.asr_csv(spec, count)
         n_bad = gen.malformed() if malformed else 0
-    return SampleReport(files=sorted(gen.files), n_conversations=sum(counts.values()), n_malformed=n_bad,
-                        labels_path=labels_out)
+    return SampleReport(
+        files=sorted(gen.files), n_conversations=sum(counts.values()), n_malformed=n_bad, labels_path=labels_out
+    )

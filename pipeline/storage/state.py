@@ -72,6 +72,7 @@ class FileStamp:
 @dataclass
 class CommitRecord:
     """Everything one run commits, in stored (keyed) form: the SQLite rows and the manifest."""
+
     run_id: str
     conversations: list[tuple[str, str]] = field(default_factory=list)  # (key(conversation_id), content hash)
     quarantined: list[tuple[str, str]] = field(default_factory=list)  # (raw hash, reason)
@@ -80,12 +81,24 @@ class CommitRecord:
     parts: list[tuple[str, str]] = field(default_factory=list)  # (path under --out, sha256)
 
     @classmethod
-    def of(cls, run_id: str, conversations: Iterable[tuple[str, str]], quarantined: Iterable[tuple[str, str]],
-           files: Iterable[FileStamp], orders: Iterable[str], parts: Iterable[tuple[str, str]]) -> CommitRecord:
+    def of(
+        cls,
+        run_id: str,
+        conversations: Iterable[tuple[str, str]],
+        quarantined: Iterable[tuple[str, str]],
+        files: Iterable[FileStamp],
+        orders: Iterable[str],
+        parts: Iterable[tuple[str, str]],
+    ) -> CommitRecord:
         """From raw ids and file names (keyed here, so nothing raw is ever written)."""
-        return cls(run_id, [(key(c), h) for c, h in conversations], [(h, r) for h, r in quarantined],
-                   [(key(f.path), f.size, f.mtime_ns, f.sha256) for f in files], [key(str(o)) for o in orders if o],
-                   [(p, h) for p, h in parts])
+        return cls(
+            run_id,
+            [(key(c), h) for c, h in conversations],
+            [(h, r) for h, r in quarantined],
+            [(key(f.path), f.size, f.mtime_ns, f.sha256) for f in files],
+            [key(str(o)) for o in orders if o],
+            [(p, h) for p, h in parts],
+        )
 
 
 def manifest_path(out: Path, run_id: str) -> Path:
@@ -101,9 +114,14 @@ def write_manifest(out: Path, rec: CommitRecord) -> Path:
 def read_manifest(path: Path) -> CommitRecord:
     try:
         raw = json.loads(gzip.decompress(path.read_bytes()))
-        return CommitRecord(raw["run_id"], [tuple(x) for x in raw["conversations"]],
-                            [tuple(x) for x in raw["quarantined"]], [tuple(x) for x in raw["files"]],
-                            list(raw["orders"]), [tuple(x) for x in raw["parts"]])
+        return CommitRecord(
+            raw["run_id"],
+            [tuple(x) for x in raw["conversations"]],
+            [tuple(x) for x in raw["quarantined"]],
+            [tuple(x) for x in raw["files"]],
+            list(raw["orders"]),
+            [tuple(x) for x in raw["parts"]],
+        )
     except (OSError, EOFError, ValueError, KeyError, TypeError) as e:
         raise StateError(f"the run manifest {path} is damaged ({type(e).__name__})") from None
 
@@ -125,8 +143,10 @@ class State:
             self.db.executescript(SCHEMA)
             self._upgrade()
         except sqlite3.DatabaseError as e:
-            raise StateError(f"the state database {self.path} is damaged ({e}); move it aside and run "
-                             f"`casemine repair --out {out}` to rebuild it from the runs' manifests") from None
+            raise StateError(
+                f"the state database {self.path} is damaged ({e}); move it aside and run "
+                f"`casemine repair --out {out}` to rebuild it from the runs' manifests"
+            ) from None
 
     def close(self) -> None:
         self.db.close()
@@ -175,8 +195,9 @@ class State:
         return [r[0] for r in self.db.execute("SELECT run_id FROM runs WHERE status = 'running'")]
 
     def mark_abandoned(self, run_ids: Iterable[str]) -> None:
-        self.db.executemany("UPDATE runs SET status = 'abandoned', finished_at = ? WHERE run_id = ?",
-                            [(_now(), r) for r in run_ids])
+        self.db.executemany(
+            "UPDATE runs SET status = 'abandoned', finished_at = ? WHERE run_id = ?", [(_now(), r) for r in run_ids]
+        )
 
     # -- lookups ----------------------------------------------------------------------------------
     def seen_hashes(self, conversation_ids: Iterable[str]) -> dict[str, str]:
@@ -185,9 +206,11 @@ class State:
         keys = list(by_key)
         out: dict[str, str] = {}
         for i in range(0, len(keys), 900):  # SQLite's bound-parameter limit
-            chunk = keys[i:i + 900]
-            q = ("SELECT conversation_id, content_hash FROM conversations "
-                 f"WHERE conversation_id IN ({','.join('?' * len(chunk))})")
+            chunk = keys[i : i + 900]
+            q = (
+                "SELECT conversation_id, content_hash FROM conversations "
+                f"WHERE conversation_id IN ({','.join('?' * len(chunk))})"
+            )
             out.update((by_key[k], h) for k, h in self.db.execute(q, chunk))
         return out
 
@@ -195,7 +218,7 @@ class State:
         hs = list(dict.fromkeys(raw_hashes))
         found: set[str] = set()
         for i in range(0, len(hs), 900):
-            chunk = hs[i:i + 900]
+            chunk = hs[i : i + 900]
             q = f"SELECT raw_hash FROM quarantined WHERE raw_hash IN ({','.join('?' * len(chunk))})"
             found.update(r[0] for r in self.db.execute(q, chunk))
         return found
@@ -214,9 +237,13 @@ class State:
         keys = list(by_key)
         found: set[str] = set()
         for i in range(0, len(keys), 900):
-            chunk = keys[i:i + 900]
-            found.update(by_key[r[0]] for r in self.db.execute(
-                f"SELECT order_id FROM orders WHERE order_id IN ({','.join('?' * len(chunk))})", chunk))
+            chunk = keys[i : i + 900]
+            found.update(
+                by_key[r[0]]
+                for r in self.db.execute(
+                    f"SELECT order_id FROM orders WHERE order_id IN ({','.join('?' * len(chunk))})", chunk
+                )
+            )
         return frozenset(found)
 
     # -- the commit -------------------------------------------------------------------------------
@@ -225,14 +252,22 @@ class State:
         with self.transaction() as db:
             db.execute("INSERT OR IGNORE INTO runs VALUES (?, ?, NULL, 'running')", (rec.run_id, _now()))
             db.executemany("INSERT OR REPLACE INTO parts VALUES (?, ?, ?)", [(p, rec.run_id, h) for p, h in rec.parts])
-            db.executemany("INSERT OR REPLACE INTO conversations VALUES (?, ?, ?)",
-                           [(c, h, rec.run_id) for c, h in rec.conversations])
-            db.executemany("INSERT OR IGNORE INTO quarantined VALUES (?, ?, ?)",
-                           [(h, reason, rec.run_id) for h, reason in rec.quarantined])
-            db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)",
-                           [(p, s, m, h, rec.run_id) for p, s, m, h in rec.files])
-            db.executemany("INSERT INTO orders VALUES (?, 1) ON CONFLICT(order_id) DO UPDATE SET contacts = contacts + 1",
-                           [(o,) for o in rec.orders])
+            db.executemany(
+                "INSERT OR REPLACE INTO conversations VALUES (?, ?, ?)",
+                [(c, h, rec.run_id) for c, h in rec.conversations],
+            )
+            db.executemany(
+                "INSERT OR IGNORE INTO quarantined VALUES (?, ?, ?)",
+                [(h, reason, rec.run_id) for h, reason in rec.quarantined],
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)",
+                [(p, s, m, h, rec.run_id) for p, s, m, h in rec.files],
+            )
+            db.executemany(
+                "INSERT INTO orders VALUES (?, 1) ON CONFLICT(order_id) DO UPDATE SET contacts = contacts + 1",
+                [(o,) for o in rec.orders],
+            )
             db.execute("UPDATE runs SET status = 'committed', finished_at = ? WHERE run_id = ?", (_now(), rec.run_id))
 
     def record_of(self, run_id: str) -> CommitRecord:
@@ -241,11 +276,15 @@ class State:
         q = self.db.execute
         return CommitRecord(
             run_id,
-            [tuple(r) for r in q("SELECT conversation_id, content_hash FROM conversations WHERE run_id = ?", (run_id,))],
+            [
+                tuple(r)
+                for r in q("SELECT conversation_id, content_hash FROM conversations WHERE run_id = ?", (run_id,))
+            ],
             [tuple(r) for r in q("SELECT raw_hash, reason FROM quarantined WHERE run_id = ?", (run_id,))],
             [tuple(r) for r in q("SELECT path, size, mtime_ns, sha256 FROM files WHERE run_id = ?", (run_id,))],
             [],
-            [tuple(r) for r in q("SELECT path, sha256 FROM parts WHERE run_id = ?", (run_id,))])
+            [tuple(r) for r in q("SELECT path, sha256 FROM parts WHERE run_id = ?", (run_id,))],
+        )
 
     # -- integrity ------------------------------------------------------------------------------
     def parts(self) -> list[tuple[str, str, str]]:
@@ -260,7 +299,9 @@ class State:
         with self.transaction() as db:
             for table in ("conversations", "quarantined", "files", "parts"):
                 db.executemany(f"DELETE FROM {table} WHERE run_id = ?", [(r,) for r in ids])
-            db.executemany("UPDATE runs SET status = 'repaired', finished_at = ? WHERE run_id = ?", [(_now(), r) for r in ids])
+            db.executemany(
+                "UPDATE runs SET status = 'repaired', finished_at = ? WHERE run_id = ?", [(_now(), r) for r in ids]
+            )
 
 
 def _now() -> str:

@@ -45,8 +45,9 @@ def case_table(df: pd.DataFrame) -> pa.Table:
     extra columns (classification...) are appended after the fixed ones with inferred types."""
     fixed = [c for c in CASE_SCHEMA.names if c != "date"]
     extra = [c for c in df.columns if c not in fixed]
-    base = pa.Table.from_pandas(df[fixed], schema=pa.schema([CASE_SCHEMA.field(c) for c in fixed]),
-                                preserve_index=False)
+    base = pa.Table.from_pandas(
+        df[fixed], schema=pa.schema([CASE_SCHEMA.field(c) for c in fixed]), preserve_index=False
+    )
     for c in extra:
         if c == "date":
             continue
@@ -78,8 +79,17 @@ def read_cases(out: Path, columns: list[str] | None = None, latest: bool = True)
         schema = schema.append(pa.field("date", pa.string()))
     wanted = None if columns is None else [c for c in columns if c in schema.names]
     read = wanted if wanted is None or not latest else list(dict.fromkeys(wanted + ["case_id", "run_id"]))
-    df = ds.dataset([str(f) for f in files], format="parquet", schema=schema, partitioning=PARTITION,
-                    partition_base_dir=str(root)).to_table(columns=read).to_pandas()
+    df = (
+        ds.dataset(
+            [str(f) for f in files],
+            format="parquet",
+            schema=schema,
+            partitioning=PARTITION,
+            partition_base_dir=str(root),
+        )
+        .to_table(columns=read)
+        .to_pandas()
+    )
     if latest and len(df):
         # Run ids start with their UTC start time, so their order is the runs' order.
         df = df.sort_values("run_id", kind="stable").drop_duplicates("case_id", keep="last").reset_index(drop=True)
@@ -110,7 +120,7 @@ def verify_parts(out: Path, recorded: list[tuple[str, str, str]]) -> list[dict[s
 
 def run_of(path: Path) -> str:
     """The run that wrote a case file: part-<run_id>-<n>.parquet (run ids contain dashes)."""
-    return path.stem[len("part-"):].rsplit("-", 1)[0]
+    return path.stem[len("part-") :].rsplit("-", 1)[0]
 
 
 def stored_parts(out: Path) -> list[Path]:
@@ -132,7 +142,8 @@ def remove_orphans(out: Path, known_runs: dict[str, str]) -> list[Path]:
         raise CorruptOutputError(
             f"{n} case file(s) under {cases_dir(out)} belong to {len(unknown)} run(s) this output root's state does "
             f"not know (e.g. {unknown[0]}); nothing was deleted. If the state database was replaced or lost, run "
-            f"`casemine repair --out {out}`; if the files were copied in from elsewhere, move them away")
+            f"`casemine repair --out {out}`; if the files were copied in from elsewhere, move them away"
+        )
     removed: list[Path] = []
     for f in parts:
         if run_of(f) in uncommitted:
@@ -159,11 +170,21 @@ def write_quarantine(out: Path, run_id: str, records: list[QuarantineRecord], ma
     lines = []
     for q in records:
         excerpt = masker.mask(q.excerpt)[0] if q.excerpt else ""
-        lines.append(json.dumps({
-            "file": masker.mask(q.source_file)[0], "line": q.line, "byte_offset": q.byte_offset,
-            "conversation_id": masker.mask(q.conversation_id)[0] if q.conversation_id else None,
-            "reason": q.reason, "detail": masker.mask(q.detail)[0], "excerpt": excerpt, "raw_sha256": q.raw_hash,
-        }, ensure_ascii=False))
+        lines.append(
+            json.dumps(
+                {
+                    "file": masker.mask(q.source_file)[0],
+                    "line": q.line,
+                    "byte_offset": q.byte_offset,
+                    "conversation_id": masker.mask(q.conversation_id)[0] if q.conversation_id else None,
+                    "reason": q.reason,
+                    "detail": masker.mask(q.detail)[0],
+                    "excerpt": excerpt,
+                    "raw_sha256": q.raw_hash,
+                },
+                ensure_ascii=False,
+            )
+        )
     path = out / "quarantine" / f"{run_id}.jsonl"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

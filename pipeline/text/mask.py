@@ -24,18 +24,39 @@ from functools import lru_cache
 from pathlib import Path
 
 PLACEHOLDERS = {
-    "phone": "<PHONE>", "landline": "<PHONE>", "id": "<ID>", "card": "<CARD>", "email": "<EMAIL>",
-    "address": "<ADDRESS>", "name": "<NAME>", "account": "<ACCOUNT>", "order": "<ORDER>",
+    "phone": "<PHONE>",
+    "landline": "<PHONE>",
+    "id": "<ID>",
+    "card": "<CARD>",
+    "email": "<EMAIL>",
+    "address": "<ADDRESS>",
+    "name": "<NAME>",
+    "account": "<ACCOUNT>",
+    "order": "<ORDER>",
 }
 PLACEHOLDER_RE = re.compile(r"<[A-Z][A-Z_]*>")
 
 # Corpora that were masked upstream (JDDC writes [姓名x], [电话x]...) are mapped to our tokens so
 # every later step sees one vocabulary of placeholders.
 FOREIGN_PLACEHOLDERS = {
-    "姓名": "<NAME>", "电话": "<PHONE>", "手机": "<PHONE>", "地址": "<ADDRESS>", "邮箱": "<EMAIL>",
-    "身份证": "<ID>", "身份证号": "<ID>", "银行卡": "<CARD>", "订单": "<ORDER>", "金额": "<AMOUNT>",
-    "数字": "<NUM>", "日期": "<DATE>", "时间": "<TIME>", "站点": "<SITE>", "组织机构": "<ORG>",
-    "链接": "<URL>", "商品": "<PRODUCT>", "账号": "<ACCOUNT>",
+    "姓名": "<NAME>",
+    "电话": "<PHONE>",
+    "手机": "<PHONE>",
+    "地址": "<ADDRESS>",
+    "邮箱": "<EMAIL>",
+    "身份证": "<ID>",
+    "身份证号": "<ID>",
+    "银行卡": "<CARD>",
+    "订单": "<ORDER>",
+    "金额": "<AMOUNT>",
+    "数字": "<NUM>",
+    "日期": "<DATE>",
+    "时间": "<TIME>",
+    "站点": "<SITE>",
+    "组织机构": "<ORG>",
+    "链接": "<URL>",
+    "商品": "<PRODUCT>",
+    "账号": "<ACCOUNT>",
 }
 _FOREIGN_RE = re.compile(r"\[([\u4e00-\u9fff]{1,5})[xX]\]")
 
@@ -67,7 +88,8 @@ _ACCOUNT_RE = re.compile(
     r"|vx|VX|Vx|wx|WX|Wx|weixin|wechat|WeChat|支付宝(?:账号)?"
     # a bare v (加v, 我的v是) only where it cannot be part of a model name such as V2309A
     r"|(?<=加)[vV]|(?:(?<=[\u4e00-\u9fff])|^)[vV](?=\s*[:：是]\s*[A-Za-z0-9]|\s+[A-Za-z0-9]))"
-    r"(?:号码?|账号|id|ID)?\s*(?:也是|是|为)*\s*[:：]?\s*([A-Za-z0-9][A-Za-z0-9_.@-]{4,29})(?![A-Za-z0-9_.@-])")
+    r"(?:号码?|账号|id|ID)?\s*(?:也是|是|为)*\s*[:：]?\s*([A-Za-z0-9][A-Za-z0-9_.@-]{4,29})(?![A-Za-z0-9_.@-])"
+)
 
 _ACCOUNT_HINT = re.compile("[QqVvWw扣抠企微威薇卫支]")
 
@@ -93,53 +115,218 @@ _HE = rf"(?:(?![{_NOT_ESTATE}])[\u4e00-\u9fff])"
 # estate is called: 龙湖春森彼岸19栋6单元302室, 万科城四期12栋2单元1801, 金融大厦A座1608.
 _BUILDING = r"(?:[0-9A-Za-z]{1,4}|[一二三四五六七八九十]{1,3})(?:号楼|栋|幢|座|号院)"
 _ROOM_TAIL = r"(?:[-]?\d[0-9A-Za-z]{0,4}(?:单元|室|层|楼|号|户)?)+"
-_BUILDING_RE = re.compile(
-    rf"((?:{_HE}{{2,20}}?(?:{_NUM}+期)?|[A-Za-z]{{2,10}})?{_BUILDING}{_ROOM_TAIL})")
+_BUILDING_RE = re.compile(rf"((?:{_HE}{{2,20}}?(?:{_NUM}+期)?|[A-Za-z]{{2,10}})?{_BUILDING}{_ROOM_TAIL})")
 # What may follow a found address and still belong to it (estate, building, unit, room).
 _UNITS = rf"(?:-?[0-9A-Za-z]+{_UNIT}|[一二三四五六七八九十]+{_UNIT})"
 _ROOM = r"(?:-?\d+(?:-\d+)?)"
 # A bare number (a room) only after a building or unit: 时代广场80港币 is not a room.
-_TAIL_RE = re.compile(rf"(?:{_HE}{{0,14}}?(?:{_BUILDING}|{_NUM}+期){_UNITS}*{_ROOM}?|{_UNITS}+{_ROOM}?"
-                      rf"|{_HE}{{0,14}}?(?:大厦|广场|中心|大楼|写字楼|公寓|小区|花园){_UNITS}*\d{{3,5}}(?!\d))")
+_TAIL_RE = re.compile(
+    rf"(?:{_HE}{{0,14}}?(?:{_BUILDING}|{_NUM}+期){_UNITS}*{_ROOM}?|{_UNITS}+{_ROOM}?"
+    rf"|{_HE}{{0,14}}?(?:大厦|广场|中心|大楼|写字楼|公寓|小区|花园){_UNITS}*\d{{3,5}}(?!\d))"
+)
 _RURAL_RE = re.compile(
-    rf"((?:{_H}{{1,6}}(?:县|市|区))?(?:{_H}{{1,6}}(?:镇|乡))?{_H}{{1,5}}村(?:{_NUM}+(?:组|队|社))(?:\d+号)?)")
-_ADDRESS_CUE_RE = re.compile(r"(?:收货地址|送货地址|详细地址|家庭住址|地址|住在|住址|送到|寄到|我家在|家住)"
-                             r"(?:是|为|:|：|在|改成|改为|换成)?\s*([^\s,，。.!！?？;；<]{4,40})")
+    rf"((?:{_H}{{1,6}}(?:县|市|区))?(?:{_H}{{1,6}}(?:镇|乡))?{_H}{{1,5}}村(?:{_NUM}+(?:组|队|社))(?:\d+号)?)"
+)
+_ADDRESS_CUE_RE = re.compile(
+    r"(?:收货地址|送货地址|详细地址|家庭住址|地址|住在|住址|送到|寄到|我家在|家住)"
+    r"(?:是|为|:|：|在|改成|改为|换成)?\s*([^\s,，。.!！?？;；<]{4,40})"
+)
 _NOT_ADDRESS_START = "的过了进宿着得地别其另"
 _ADDRESS_CUE_HINT = re.compile("[址住送寄家]")
-_ADDRESS_PREFILTER = re.compile(r"(?:路|街|大道|巷|弄|胡同|村)[0-9一二三四五六七八九十]|小区|花园|公寓|大厦|家园|苑|广场|新村"
-                                r"|[0-9A-Za-z](?:号楼|栋|幢|座)")
+_ADDRESS_PREFILTER = re.compile(
+    r"(?:路|街|大道|巷|弄|胡同|村)[0-9一二三四五六七八九十]|小区|花园|公寓|大厦|家园|苑|广场|新村"
+    r"|[0-9A-Za-z](?:号楼|栋|幢|座)"
+)
 _ADDRESS_END_RE = re.compile(r".*[0-9A-Za-z号室栋幢楼单元层户院座区县市镇村路街道巷弄组]")
 # A cue's value is an address only if it names a place unit: 送到别的小区 / 地址预计48 are not.
 _ADDRESS_HINT = re.compile(r"路|街|号|栋|幢|室|单元|区|县|镇|乡|村|组|小区|大厦|省|市|弄|巷|楼|座|苑|园")
 
 # -- names -----------------------------------------------------------------------------------
 
-_NAME_CUE_RE = re.compile(r"(?:我叫|我的名字(?:是|叫)|本人姓名|姓名(?:是|为|:|：)?|(?:收件|收货|寄件|发件)人(?:是|为|:|：|改成|改为)?"
-                          r"|联系人(?:是|为|:|：)?|(?:开户|持卡|账户)(?:名|人)(?:是|为|:|：)?|户名(?:是|为|:|：)?|我姓)"
-                          r"\s*([\u4e00-\u9fff]{1,4})")
+_NAME_CUE_RE = re.compile(
+    r"(?:我叫|我的名字(?:是|叫)|本人姓名|姓名(?:是|为|:|：)?|(?:收件|收货|寄件|发件)人(?:是|为|:|：|改成|改为)?"
+    r"|联系人(?:是|为|:|：)?|(?:开户|持卡|账户)(?:名|人)(?:是|为|:|：)?|户名(?:是|为|:|：)?|我姓)"
+    r"\s*([\u4e00-\u9fff]{1,4})"
+)
 _NAME_CUE_HINT = re.compile("[叫名人姓]")
 _TITLE_HINT = re.compile("先生|女士|小姐")
 _HONORIFIC_RE = re.compile(r"([\u4e00-\u9fff]{1,4})(?=先生|女士|小姐)")
 _TITLE_AFTER = ("先生", "女士", "小姐")
-_ROLE_AFTER = ("经理", "老师", "师傅", "主管", "总监", "医生", "律师", "工程师", "同学", "阿姨", "叔叔", "大爷", "大姐",
-               "大哥", "老板", "主任", "店长", "专员")
+_ROLE_AFTER = (
+    "经理",
+    "老师",
+    "师傅",
+    "主管",
+    "总监",
+    "医生",
+    "律师",
+    "工程师",
+    "同学",
+    "阿姨",
+    "叔叔",
+    "大爷",
+    "大姐",
+    "大哥",
+    "老板",
+    "主任",
+    "店长",
+    "专员",
+)
 # What comes before a name in a chat: 我是 / 给 / 找 / 老公 / 快递员 ... (longest first).
-_LEFT_CUES = tuple(sorted((
-    "我是", "是", "叫", "给", "找", "帮", "替", "让", "和", "跟", "与", "问", "请", "喊", "催", "告诉", "转告", "联系",
-    "通知", "麻烦", "寄给", "送给", "交给", "转给", "发给", "签收人", "取件人", "下单人", "老公", "老婆", "爱人", "媳妇",
-    "妈妈", "我妈", "爸爸", "我爸", "儿子", "女儿", "朋友", "同事", "家人", "老板", "快递员", "配送员", "骑手", "售后",
-    "客服", "经理", "工程师", "主管", "同学", "邻居", "姐姐", "哥哥", "弟弟", "妹妹", "一下", "查下", "就是", "写的是",
-    "签收的是", "名字", "称呼", "本人", "师傅", "小哥", "老师", "领导", "上次是", "我朋友", "人是", "放到", "改成",
-    "改为", "换成", "写成", "我姐", "我哥", "我弟", "我妹", "我爱人", "我婆婆", "我岳母", "我舅舅", "我姨", "我叔",
-    "我表姐", "我表哥", "我同事", "我领导", "我室友",
-), key=len, reverse=True))
+_LEFT_CUES = tuple(
+    sorted(
+        (
+            "我是",
+            "是",
+            "叫",
+            "给",
+            "找",
+            "帮",
+            "替",
+            "让",
+            "和",
+            "跟",
+            "与",
+            "问",
+            "请",
+            "喊",
+            "催",
+            "告诉",
+            "转告",
+            "联系",
+            "通知",
+            "麻烦",
+            "寄给",
+            "送给",
+            "交给",
+            "转给",
+            "发给",
+            "签收人",
+            "取件人",
+            "下单人",
+            "老公",
+            "老婆",
+            "爱人",
+            "媳妇",
+            "妈妈",
+            "我妈",
+            "爸爸",
+            "我爸",
+            "儿子",
+            "女儿",
+            "朋友",
+            "同事",
+            "家人",
+            "老板",
+            "快递员",
+            "配送员",
+            "骑手",
+            "售后",
+            "客服",
+            "经理",
+            "工程师",
+            "主管",
+            "同学",
+            "邻居",
+            "姐姐",
+            "哥哥",
+            "弟弟",
+            "妹妹",
+            "一下",
+            "查下",
+            "就是",
+            "写的是",
+            "签收的是",
+            "名字",
+            "称呼",
+            "本人",
+            "师傅",
+            "小哥",
+            "老师",
+            "领导",
+            "上次是",
+            "我朋友",
+            "人是",
+            "放到",
+            "改成",
+            "改为",
+            "换成",
+            "写成",
+            "我姐",
+            "我哥",
+            "我弟",
+            "我妹",
+            "我爱人",
+            "我婆婆",
+            "我岳母",
+            "我舅舅",
+            "我姨",
+            "我叔",
+            "我表姐",
+            "我表哥",
+            "我同事",
+            "我领导",
+            "我室友",
+        ),
+        key=len,
+        reverse=True,
+    )
+)
 # What comes after one: 的订单 / 说 / 在家 / 先生 ...
-_RIGHT_CUES = tuple(sorted((
-    "先生", "女士", "小姐", "老师", "经理", "师傅", "同学", "阿姨", "叔叔", "总", "收", "签收", "说", "在家", "不在",
-    "电话", "手机", "的", "吗", "帮", "给", "让", "买", "下的", "答应", "态度", "本人", "也", "和", "跟", "在",
-    "打", "来", "去", "处理", "负责", "同志", "那边", "这边", "家", "签", "代收", "代签", "取件", "你好", "您好",
-), key=len, reverse=True))
+_RIGHT_CUES = tuple(
+    sorted(
+        (
+            "先生",
+            "女士",
+            "小姐",
+            "老师",
+            "经理",
+            "师傅",
+            "同学",
+            "阿姨",
+            "叔叔",
+            "总",
+            "收",
+            "签收",
+            "说",
+            "在家",
+            "不在",
+            "电话",
+            "手机",
+            "的",
+            "吗",
+            "帮",
+            "给",
+            "让",
+            "买",
+            "下的",
+            "答应",
+            "态度",
+            "本人",
+            "也",
+            "和",
+            "跟",
+            "在",
+            "打",
+            "来",
+            "去",
+            "处理",
+            "负责",
+            "同志",
+            "那边",
+            "这边",
+            "家",
+            "签",
+            "代收",
+            "代签",
+            "取件",
+            "你好",
+            "您好",
+        ),
+        key=len,
+        reverse=True,
+    )
+)
 _CONTACT_NUMBER_RE = re.compile(r"[ ,，:：]{0,2}(?:\+|\d[\d -]{6})")
 _CONTACT_PLACEHOLDERS = ("<PHONE>", "<ID>", "<CARD>", "<EMAIL>", "<ACCOUNT>", "<ADDRESS>")
 _BOUNDARY = set(" \t\n,，.。!！?？;；:：、/|()（）[]【】\"'“”‘’<>《》~～-—…")
@@ -247,8 +434,9 @@ class Masker:
         # character); a plain class scans far faster than an alternation of 400 surnames.
         firsts = "".join(sorted({s[0] for s in self.surnames}))
         follows = "".join(sorted(set(self.given_chars) | {s[1] for s in self.surnames if len(s) > 1}))
-        self._candidate_re = (re.compile(f"[{re.escape(firsts)}](?=[{re.escape(follows)}])")
-                              if firsts and follows else None)
+        self._candidate_re = (
+            re.compile(f"[{re.escape(firsts)}](?=[{re.escape(follows)}])") if firsts and follows else None
+        )
         if self.mask_names:
             _jieba_lexicon()  # load once with the masker, not inside the first transcript
         keep = sorted(self.keep_words, key=len, reverse=True)
@@ -271,7 +459,7 @@ class Masker:
     def _is_order(self, text: str, start: int) -> bool:
         if self.mask_order_ids:
             return False
-        before = text[max(0, start - 12):start]
+        before = text[max(0, start - 12) : start]
         order = _ORDER_CUE_RE.search(before)
         if not order:
             return False
@@ -334,7 +522,7 @@ class Masker:
         shape = tuple(len(g) for g in groups)
         if len(digits) == 22 and shape == (22,) and _mobile_digits(digits[:11]) and _mobile_digits(digits[11:]):
             return "phone2"
-        before = t[max(0, start - 12):start]
+        before = t[max(0, start - 12) : start]
         if len(digits) == 18 and (shape in _ID_SHAPES or len(groups) == 1):
             if (id_checksum_ok(digits) and _id_date_ok(digits)) or _ID_CUE_RE.search(before):
                 return "id"
@@ -430,7 +618,7 @@ class Masker:
             # as one when no reading with listed characters exists.
             for i in range(len(cand)):
                 sur = self._surname_len(cand, i)
-                rest = cand[i + sur:]
+                rest = cand[i + sur :]
                 if sur and len(rest) <= 2 and all(self._title_given(c, strict) for c in rest):
                     return Span(start + i, start + len(cand), "name")
         return None
@@ -440,14 +628,18 @@ class Masker:
 
     def _surname_len(self, t: str, i: int) -> int:
         """2 for a compound surname at i, 1 for a single one, 0 for none."""
-        if i + 2 <= len(t) and t[i:i + 2] in self.surnames:
+        if i + 2 <= len(t) and t[i : i + 2] in self.surnames:
             return 2
         return 1 if i < len(t) and t[i] in self.surnames else 0
 
     def _cued_name(self, t: str, start: int, cand: str, cue: str) -> Span | None:
         sur = self._surname_len(cand, 0)
-        if (not sur and not cue.startswith("我姓") and cand[0] not in _NOT_NAME + _FUNCTION_CHARS
-                and self._given_len(t, start + 1)):
+        if (
+            not sur
+            and not cue.startswith("我姓")
+            and cand[0] not in _NOT_NAME + _FUNCTION_CHARS
+            and self._given_len(t, start + 1)
+        ):
             sur = 1  # 我叫连娴英: a surname missing from the list, followed by a given name
         if not sur:
             return None
@@ -456,13 +648,13 @@ class Masker:
         n = self._given_len(t, start + sur)
         # After a cue the customer is telling us a name: a rare given-name character must not
         # leave the name half visible, so take one character even when the list lacks it.
-        nxt = t[start + sur:start + sur + 1]
+        nxt = t[start + sur : start + sur + 1]
         if n == 0 and nxt and "\u4e00" <= nxt <= "\u9fff" and nxt not in _NOT_NAME and nxt not in _FUNCTION_CHARS:
             n = 1
         freq, names = _jieba_lexicon()
-        head = t[start:start + 2]
+        head = t[start : start + 2]
         # 收货人商品一致, 联系人姓名: the cue is followed by a word, not a name.
-        if sur == 1 and freq.get(head, 0) >= _COMMON_FREQ and head not in names and head != t[start:start + n + 2]:
+        if sur == 1 and freq.get(head, 0) >= _COMMON_FREQ and head not in names and head != t[start : start + n + 2]:
             return None
         return Span(start, start + sur + n, "name")
 
@@ -474,7 +666,7 @@ class Masker:
         if n == 2:
             freq, _ = _jieba_lexicon()
             # 张伟明天: 明天 is a word, so the name is 张伟.
-            if freq.get(t[pos + 1:pos + 3], 0) >= _TAIL_FREQ and t[pos:pos + 2] not in freq:
+            if freq.get(t[pos + 1 : pos + 3], 0) >= _TAIL_FREQ and t[pos : pos + 2] not in freq:
                 n = 1
         return n
 
@@ -511,18 +703,18 @@ class Masker:
         if f >= _WORD_FREQ or (f and len(cand) > 2 and cand not in names):
             return "word"
         # The surname character belongs to the word before it (提高, 每周) ...
-        before = t[start - 1:start + 1] if start > 0 else ""
+        before = t[start - 1 : start + 1] if start > 0 else ""
         if glued_ok and freq.get(before, 0) >= _COMMON_FREQ and (before not in names or freq[before] >= _WORD_FREQ):
             return "word"
         # Doubts a strong context may overrule (黎明辉 13510002000 is a contact line): the last
         # character starts the next word (单可以, 包沐浴露), the candidate is the head of a longer
         # word (袁大头, 夏威夷), or its first two characters are a common word (黄金花, 黎明辉).
-        if freq.get(t[end - 1:end + 1], 0) >= _TAIL_FREQ and end < len(t):
+        if freq.get(t[end - 1 : end + 1], 0) >= _TAIL_FREQ and end < len(t):
             return "known"
         for k in (1, 2):
-            if end + k <= len(t) and freq.get(t[start:end + k], 0) >= _LONGER_FREQ:
+            if end + k <= len(t) and freq.get(t[start : end + k], 0) >= _LONGER_FREQ:
                 return "known"
-        if sur + 1 < len(cand) and freq.get(t[start:start + sur + 1], 0) >= 500:
+        if sur + 1 < len(cand) and freq.get(t[start : start + sur + 1], 0) >= 500:
             return "known"
         given = cand[sur:]
         if len(given) == 2 and freq.get(given, 0) >= _SPLIT_FREQ and given not in names:
@@ -534,21 +726,21 @@ class Masker:
     def _left_score(t: str, start: int) -> int:
         if start > 0 and t[start - 1] == ">":
             # After a contact placeholder a name may follow; after <NUM> or <NAME> it is noise.
-            return 1 if t[max(0, start - 10):start].endswith(_CONTACT_PLACEHOLDERS) else 0
+            return 1 if t[max(0, start - 10) : start].endswith(_CONTACT_PLACEHOLDERS) else 0
         if start > 0 and t[start - 1].isdigit():
             return 0  # 9成新, 2包沐浴露: a measure word after a number, not a name
         if start > 1 and t[start - 1] in " ,，:：" and t[start - 2].isdigit():
             return 2  # 138... 张伟: a contact line
         if start == 0 or _is_boundary(t[start - 1]):
             return 1
-        before = t[max(0, start - 4):start]
+        before = t[max(0, start - 4) : start]
         return 2 if before.endswith(_LEFT_CUES) else 0
 
     @staticmethod
     def _right_score(t: str, end: int) -> int:
         if end >= len(t):
             return 1
-        after = t[end:end + 3]
+        after = t[end : end + 3]
         if after.startswith(_TITLE_AFTER):
             return 3
         if after.startswith(_ROLE_AFTER):
@@ -610,7 +802,7 @@ def apply_spans(text: str, spans: list[Span]) -> str:
     for s in sorted(spans, key=lambda s: s.start):
         if s.start < pos:
             continue
-        out.append(text[pos:s.start])
+        out.append(text[pos : s.start])
         out.append(PLACEHOLDERS[s.kind])
         pos = s.end
     out.append(text[pos:])

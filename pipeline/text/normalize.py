@@ -18,8 +18,10 @@ from pipeline.config import NormalizeConfig
 
 _CJK = r"\u3400-\u4dbf\u4e00-\u9fff"
 # Format and control characters are never content: zero-width spaces, bidi marks, BOMs, C0/C1.
-_INVISIBLE_RE = re.compile(r"[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f\u00ad\u200b-\u200f"
-                           r"\u202a-\u202e\u2060-\u206f\ufeff\ufe00-\ufe0f\U000e0000-\U000e007f]")
+_INVISIBLE_RE = re.compile(
+    r"[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f\u00ad\u200b-\u200f"
+    r"\u202a-\u202e\u2060-\u206f\ufeff\ufe00-\ufe0f\U000e0000-\U000e007f]"
+)
 _EMOJI_RE = re.compile("[\U0001f000-\U0001faff\u2600-\u27bf\u2b00-\u2bff\U0001f1e6-\U0001f1ff\u200d\u20e3]+")
 _SPACE_RE = re.compile(r"\s+")
 _CJK_GAP_RE = re.compile(rf"(?<=[{_CJK}])\s+(?=[{_CJK}])")

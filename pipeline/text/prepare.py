@@ -26,9 +26,14 @@ def get_normalizer(cfg: Config) -> Normalizer:
 @lru_cache(maxsize=8)
 def get_masker(cfg: Config) -> Masker:
     m = cfg.mask
-    return Masker(load_surnames(cfg.resolve(m.surnames)), m.mask_order_ids, m.mask_addresses, m.mask_names,
-                  given_chars=load_surnames(cfg.resolve(m.given_name_chars)),
-                  keep_words=load_surnames(cfg.resolve(m.keep_words)))
+    return Masker(
+        load_surnames(cfg.resolve(m.surnames)),
+        m.mask_order_ids,
+        m.mask_addresses,
+        m.mask_names,
+        given_chars=load_surnames(cfg.resolve(m.given_name_chars)),
+        keep_words=load_surnames(cfg.resolve(m.keep_words)),
+    )
 
 
 def prepare_text(text: str, cfg: Config, asr: bool = False) -> str:

@@ -101,7 +101,7 @@ class Segmenter:
         if n_proc <= 1 or len(texts) < self.cfg.segment.parallel_min_texts:
             return [self.cut(t) for t in texts]
         size = math.ceil(len(texts) / (n_proc * 4))
-        chunks = [list(texts[i:i + size]) for i in range(0, len(texts), size)]
+        chunks = [list(texts[i : i + size]) for i in range(0, len(texts), size)]
         if self._pool is None:
             # Started once and reused for every later batch: a worker costs about a second to
             # start (interpreter, jieba dictionary), which only pays off if it stays.

@@ -10,16 +10,30 @@ Public API:
 """
 
 from pipeline.analysis.classify.api import (
-                                   OUTPUT_COLUMNS,
-                                   REVIEW_LABEL,
-                                   case_texts,
-                                   classify_cases,
-                                   classify_texts,
-                                   get_model_status,
+    OUTPUT_COLUMNS,
+    REVIEW_LABEL,
+    case_texts,
+    classify_cases,
+    classify_texts,
+    get_model_status,
 )
 from pipeline.analysis.classify.data import LabeledDataError, load_labeled
 from pipeline.analysis.classify.store import ModelMismatchError, load_model, read_card, train
 from pipeline.analysis.classify.taxonomy import Taxonomy, load_taxonomy
 
-__all__ = ["OUTPUT_COLUMNS", "REVIEW_LABEL", "LabeledDataError", "ModelMismatchError", "Taxonomy", "case_texts",
-           "classify_cases", "classify_texts", "get_model_status", "load_labeled", "load_model", "load_taxonomy", "read_card", "train"]
+__all__ = [
+    "OUTPUT_COLUMNS",
+    "REVIEW_LABEL",
+    "LabeledDataError",
+    "ModelMismatchError",
+    "Taxonomy",
+    "case_texts",
+    "classify_cases",
+    "classify_texts",
+    "get_model_status",
+    "load_labeled",
+    "load_model",
+    "load_taxonomy",
+    "read_card",
+    "train",
+]

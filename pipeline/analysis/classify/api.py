@@ -28,9 +28,17 @@ from pipeline.config import Config
 
 log = logging.getLogger(__name__)
 
-OUTPUT_COLUMNS: tuple[str, ...] = ("issue_type", "issue_type_confidence", "request_kind", "urgency",
-                                   "urgency_confidence", "urgency_due_hours", "needs_review", "evidence",
-                                   "classifier")
+OUTPUT_COLUMNS: tuple[str, ...] = (
+    "issue_type",
+    "issue_type_confidence",
+    "request_kind",
+    "urgency",
+    "urgency_confidence",
+    "urgency_due_hours",
+    "needs_review",
+    "evidence",
+    "classifier",
+)
 REVIEW_LABEL = "待人工"
 
 _MODEL_CACHE: dict[tuple[str, str, float], Any] = {}
@@ -113,11 +121,17 @@ def customer_texts(cases: pd.DataFrame) -> list[str]:
 IssueResult = tuple[list[str], list[float], list[dict[str, Any]], str]
 
 
-def _issue_from_model(cases: pd.DataFrame, cfg: Config, taxonomy: Taxonomy, model: Any,
-                      card: dict[str, Any]) -> IssueResult:
+def _issue_from_model(
+    cases: pd.DataFrame, cfg: Config, taxonomy: Taxonomy, model: Any, card: dict[str, Any]
+) -> IssueResult:
     if card.get("input") == "case":
-        X: Any = build_inputs("issue_type", cases, taxonomy, default_encoder(cfg) if card.get("uses_prototypes") else None,
-                              with_prototypes=bool(card.get("uses_prototypes")))
+        X: Any = build_inputs(
+            "issue_type",
+            cases,
+            taxonomy,
+            default_encoder(cfg) if card.get("uses_prototypes") else None,
+            with_prototypes=bool(card.get("uses_prototypes")),
+        )
         kw_texts = customer_texts(cases)
         # Only the case model names its signal features.
         explain_kw: dict[str, Any] = {"signal_names": card.get("signals", ())}
@@ -135,9 +149,16 @@ def _issue_from_model(cases: pd.DataFrame, cfg: Config, taxonomy: Taxonomy, mode
     # easily than a feature name like "客户:票".
     rules = KeywordRules(taxonomy)
     kw = [{m.label: m.terms for m in rules.match(t)}.get(lab, []) for t, lab in zip(kw_texts, labels)]
-    evidence = [{"method": "model", "top_terms": t, "keywords": kw[i], "runner_up": str(model.classes_[s]),
-                 "runner_up_confidence": round(float(proba[i, s]), 4)}
-                for i, (t, s) in enumerate(zip(terms, second))]
+    evidence = [
+        {
+            "method": "model",
+            "top_terms": t,
+            "keywords": kw[i],
+            "runner_up": str(model.classes_[s]),
+            "runner_up_confidence": round(float(proba[i, s]), 4),
+        }
+        for i, (t, s) in enumerate(zip(terms, second))
+    ]
     return labels, conf, evidence, str(card["model_id"])
 
 
@@ -155,11 +176,14 @@ def _request_kinds(cases: pd.DataFrame, cfg: Config, taxonomy: Taxonomy) -> tupl
         model, card = loaded
         proba = model.predict_proba(build_inputs("request_kind", cases, taxonomy))
         kinds = [str(model.classes_[i]) for i in proba.argmax(axis=1)]
-        return kinds, [{"method": "model", "model_id": card["model_id"], "confidence": round(float(p.max()), 4)}
-                       for p in proba]
+        return kinds, [
+            {"method": "model", "model_id": card["model_id"], "confidence": round(float(p.max()), 4)} for p in proba
+        ]
     rules = RequestKindRules(taxonomy)
     texts = customer_texts(cases)
-    out = [rules.predict_one(t, lowest_sentiment(r), _strings(r.get("escalation_threats"))) for t, r in zip(texts, rows)]
+    out = [
+        rules.predict_one(t, lowest_sentiment(r), _strings(r.get("escalation_threats"))) for t, r in zip(texts, rows)
+    ]
     return [k for k, _ in out], [{"method": "rules", "cues": hits} for _, hits in out]
 
 
@@ -176,11 +200,21 @@ def _model_outcomes(cases: pd.DataFrame, cfg: Config, taxonomy: Taxonomy) -> lis
     rule_ev = cases["outcome_evidence"].map(to_str).tolist() if "outcome_evidence" in cases else [""] * len(cases)
     evidence = []
     for p, r, rev in zip(proba, rule, rule_ev):
-        evidence.append({"method": "model", "model_id": card["model_id"], "confidence": round(float(p.max()), 4),
-                         "rules_said": r, "rules_evidence": rev})
+        evidence.append(
+            {
+                "method": "model",
+                "model_id": card["model_id"],
+                "confidence": round(float(p.max()), 4),
+                "rules_said": r,
+                "rules_evidence": rev,
+            }
+        )
     cases["outcome"] = labels
-    cases["outcome_evidence"] = [f"model {e['model_id']} ({e['confidence']:.2f}); rules: {e['rules_said']}"
-                                 + (f" ({e['rules_evidence']})" if e["rules_evidence"] else "") for e in evidence]
+    cases["outcome_evidence"] = [
+        f"model {e['model_id']} ({e['confidence']:.2f}); rules: {e['rules_said']}"
+        + (f" ({e['rules_evidence']})" if e["rules_evidence"] else "")
+        for e in evidence
+    ]
     return evidence
 
 
@@ -190,8 +224,7 @@ def classify_cases(cases: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     the taxonomy, else the cold start (issue type) or the rules; a trained outcome model replaces
     the rule outcome."""
     if "problem" not in cases.columns and "customer_text" not in cases.columns:
-        raise ValueError("classify_cases needs a 'problem' or 'customer_text' column "
-                         f"(got {list(cases.columns)})")
+        raise ValueError(f"classify_cases needs a 'problem' or 'customer_text' column (got {list(cases.columns)})")
     out = cases.copy()
     taxonomy = load_taxonomy(cfg)
     n = len(out)
@@ -203,8 +236,10 @@ def classify_cases(cases: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     texts = case_texts(out, cfg.classify.text_source)
     # Urgency cues ("三天了", 12315) often sit in turns the condensed problem leaves out, so it
     # reads everything the customer said.
-    full = [t if not c or c == t else f"{t}\n{c}"
-            for t, c in zip(texts, out["customer_text"].map(to_str) if "customer_text" in out else [""] * n)]
+    full = [
+        t if not c or c == t else f"{t}\n{c}"
+        for t, c in zip(texts, out["customer_text"].map(to_str) if "customer_text" in out else [""] * n)
+    ]
 
     loaded = get_model(cfg)
     if loaded is not None:
@@ -215,28 +250,41 @@ def classify_cases(cases: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     evid_outcome = _model_outcomes(out, cfg, taxonomy)
 
     scorer = UrgencyScorer(taxonomy, cfg.classify.urgency_weights)
+
     def col(name: str, conv: Callable[[Any], Any], default: Any) -> list[Any]:
         return out[name].map(conv).tolist() if name in out else [default] * n
 
     emo = col("emotion_score", to_float, None)
     cues = col("emotion_cues", _strings, [])
     threats = col("escalation_threats", _strings, [])
-    repeat = col("repeat_contact", lambda v: bool(v) if v is not None and not (isinstance(v, float) and math.isnan(v)) else False, False)
+    repeat = col(
+        "repeat_contact",
+        lambda v: bool(v) if v is not None and not (isinstance(v, float) and math.isnan(v)) else False,
+        False,
+    )
     duration = col("duration_s", to_float, None)
 
     thr = cfg.classify.review_threshold
     urg, uconf, due, review, evidence = [], [], [], [], []
     for i in range(n):
-        u = scorer.score_one(full[i], repeat_contact=repeat[i], emotion_score=emo[i], emotion_cues=cues[i],
-                             escalation_threats=threats[i], duration_s=duration[i])
+        u = scorer.score_one(
+            full[i],
+            repeat_contact=repeat[i],
+            emotion_score=emo[i],
+            emotion_cues=cues[i],
+            escalation_threats=threats[i],
+            duration_s=duration[i],
+        )
         needs = bool(conf[i] < thr)
         urg.append(u.level)
         uconf.append(u.confidence)
         due.append(u.due_hours)
         review.append(needs)
-        ev: dict[str, Any] = {"issue_type": evid_issue[i],
-              "urgency": {"score": u.score, "signals": u.signals},
-              "request_kind": evid_kind[i]}
+        ev: dict[str, Any] = {
+            "issue_type": evid_issue[i],
+            "urgency": {"score": u.score, "signals": u.signals},
+            "request_kind": evid_kind[i],
+        }
         if evid_outcome is not None:
             ev["outcome"] = evid_outcome[i]
         if needs:

@@ -55,9 +55,17 @@ class CaseClassifier(BaseEstimator, ClassifierMixin):
     model never learnt are added to `classes_`. `min_df` 2 drops n-grams seen in one chat only
     (they cannot generalise, and they made the fit four times slower)."""
 
-    def __init__(self, C: float = 4.0, use_agent: bool = True, signals_scale: float = 1.0,
-                 char_ngram: tuple[int, int] = (1, 3), min_df: int = 1, emb_scale: float = 0.0,
-                 prior_weight: float = 0.0, min_class_count: int = 1) -> None:
+    def __init__(
+        self,
+        C: float = 4.0,
+        use_agent: bool = True,
+        signals_scale: float = 1.0,
+        char_ngram: tuple[int, int] = (1, 3),
+        min_df: int = 1,
+        emb_scale: float = 0.0,
+        prior_weight: float = 0.0,
+        min_class_count: int = 1,
+    ) -> None:
         self.C = C
         self.use_agent = use_agent
         self.signals_scale = signals_scale
@@ -70,15 +78,18 @@ class CaseClassifier(BaseEstimator, ClassifierMixin):
     def _vec(self, n_docs: int) -> TfidfVectorizer:
         # min_df is a count: on a handful of rows (tests, tiny sets) it would leave no vocabulary.
         min_df = self.min_df if n_docs >= 20 * self.min_df else 1
-        return TfidfVectorizer(analyzer="char", ngram_range=tuple(self.char_ngram), sublinear_tf=True,
-                               max_features=200_000, min_df=min_df)
+        return TfidfVectorizer(
+            analyzer="char", ngram_range=tuple(self.char_ngram), sublinear_tf=True, max_features=200_000, min_df=min_df
+        )
 
     def _emb(self, X: Sequence[CaseInput]) -> np.ndarray | None:
         if not getattr(self, "emb_used_", False):
             return None
         if any(x.get("emb") is None for x in X):
-            raise ValueError("this model reads the customer-side sentence embedding, but the inputs have none "
-                             "(is the sentence embedder available?)")
+            raise ValueError(
+                "this model reads the customer-side sentence embedding, but the inputs have none "
+                "(is the sentence embedder available?)"
+            )
         e = np.asarray([x["emb"] for x in X], dtype=np.float64)
         return e / (np.linalg.norm(e, axis=1, keepdims=True) + 1e-12)
 
@@ -91,8 +102,10 @@ class CaseClassifier(BaseEstimator, ClassifierMixin):
         sig = np.asarray([list(x.get("signals") or []) for x in X], dtype=np.float64)
         n_sig = getattr(self, "n_signals_", None)
         if not fit and n_sig is not None and sig.ndim == 2 and sig.shape[1] != n_sig:
-            raise ValueError(f"the inputs carry {sig.shape[1]} signals but the model was trained on {n_sig}: "
-                             "retrain it with `casemine train`")
+            raise ValueError(
+                f"the inputs carry {sig.shape[1]} signals but the model was trained on {n_sig}: "
+                "retrain it with `casemine train`"
+            )
         if sig.ndim == 2 and sig.shape[1]:
             blocks.append(sp.csr_matrix(sig * self.signals_scale))
         emb = self._emb(X)
@@ -124,8 +137,14 @@ class CaseClassifier(BaseEstimator, ClassifierMixin):
         coef = self.clf_.coef_
         self.coef_ = np.vstack([-coef[0], coef[0]]) if coef.shape[0] == 1 else coef
         prior_labels = {str(k) for x in X for k in (x.get("prior") or {})} if self.prior_weight else set()
-        self.classes_ = np.asarray(sorted(set(self.model_classes_) | prior_labels | set(self.unlearnt_)
-                                          if self.prior_weight else self.model_classes_), dtype=object)
+        self.classes_ = np.asarray(
+            sorted(
+                set(self.model_classes_) | prior_labels | set(self.unlearnt_)
+                if self.prior_weight
+                else self.model_classes_
+            ),
+            dtype=object,
+        )
         return self
 
     def _model_proba(self, X: Sequence[CaseInput]) -> np.ndarray:
@@ -167,13 +186,14 @@ class CaseClassifier(BaseEstimator, ClassifierMixin):
         if self.agent_used_:
             names += [f"客服:{n}" for n in self.agent_vec_.get_feature_names_out()]
         sig = list(signal_names) or [f"signal{i}" for i in range(self.n_signals_)]
-        names += [f"信号:{s}" for s in sig[:self.n_signals_]]
+        names += [f"信号:{s}" for s in sig[: self.n_signals_]]
         if getattr(self, "emb_used_", False):
             names += [f"{_EMB_NAME}#{i}" for i in range(self.clf_.coef_.shape[1] - len(names))]
         return np.asarray(names, dtype=object)
 
-    def explain(self, X: Sequence[CaseInput], labels: Sequence[str], top_k: int = 5,
-                signal_names: Sequence[str] = ()) -> list[list[dict[str, Any]]]:
+    def explain(
+        self, X: Sequence[CaseInput], labels: Sequence[str], top_k: int = 5, signal_names: Sequence[str] = ()
+    ) -> list[list[dict[str, Any]]]:
         """Per input, the features pushing hardest toward its given label: coef x value. The
         embedding's dimensions mean nothing one by one, so they are summed into one term; a
         label only the rule vote can give is explained by that vote."""

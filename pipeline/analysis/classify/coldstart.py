@@ -37,14 +37,88 @@ _SPACE_RE = re.compile(r"\s+")
 # Courtesies every chat has ("你好 在吗", "好的 谢谢 没有了" after the agent's closing question):
 # a segment made only of them says nothing about the matter, and left in they pull every short
 # chat towards whichever prototype sounds like small talk.
-_FILLERS = sorted({
-    "你好", "您好", "hello", "hi", "在吗", "在不在", "在么", "在", "有人吗", "有人在吗", "亲", "亲亲", "美女", "客服",
-    "我要转人工", "转人工", "人工客服", "人工", "谢谢", "谢谢你", "谢谢您", "谢谢啦", "谢啦", "多谢", "感谢", "麻烦了",
-    "麻烦你了", "麻烦您了", "辛苦了", "好的", "好滴", "好吧", "好", "行", "可以", "嗯嗯", "嗯", "恩恩", "恩", "哦哦", "哦",
-    "噢", "喔", "额", "呃", "啊", "呀", "了", "的", "吧", "呢", "哈", "对", "对的", "是的", "是", "ok", "OK", "Ok",
-    "没有了", "没有啦", "没了", "没啦", "没有", "暂时没有了", "没有别的问题了", "没有其他问题了", "没问题了", "没事了",
-    "没事", "不用了", "知道了", "明白了", "收到", "拜拜", "再见",
-}, key=len, reverse=True)
+_FILLERS = sorted(
+    {
+        "你好",
+        "您好",
+        "hello",
+        "hi",
+        "在吗",
+        "在不在",
+        "在么",
+        "在",
+        "有人吗",
+        "有人在吗",
+        "亲",
+        "亲亲",
+        "美女",
+        "客服",
+        "我要转人工",
+        "转人工",
+        "人工客服",
+        "人工",
+        "谢谢",
+        "谢谢你",
+        "谢谢您",
+        "谢谢啦",
+        "谢啦",
+        "多谢",
+        "感谢",
+        "麻烦了",
+        "麻烦你了",
+        "麻烦您了",
+        "辛苦了",
+        "好的",
+        "好滴",
+        "好吧",
+        "好",
+        "行",
+        "可以",
+        "嗯嗯",
+        "嗯",
+        "恩恩",
+        "恩",
+        "哦哦",
+        "哦",
+        "噢",
+        "喔",
+        "额",
+        "呃",
+        "啊",
+        "呀",
+        "了",
+        "的",
+        "吧",
+        "呢",
+        "哈",
+        "对",
+        "对的",
+        "是的",
+        "是",
+        "ok",
+        "OK",
+        "Ok",
+        "没有了",
+        "没有啦",
+        "没了",
+        "没啦",
+        "没有",
+        "暂时没有了",
+        "没有别的问题了",
+        "没有其他问题了",
+        "没问题了",
+        "没事了",
+        "没事",
+        "不用了",
+        "知道了",
+        "明白了",
+        "收到",
+        "拜拜",
+        "再见",
+    },
+    key=len,
+    reverse=True,
+)
 _SEGMENT_RE = re.compile(r"[^\s,，。.!！?？;；:：~～、…()（）\[\]【】<>]+")
 _FILLER_RE = re.compile("|".join(re.escape(f) for f in _FILLERS))
 
@@ -172,8 +246,12 @@ class ColdStartIssueClassifier:
                 # No keyword and nothing but courtesies to read (or no embedder): too vague to tell.
                 out_labels.append(self.taxonomy.fallback)
                 conf.append(0.2)
-                evidence.append({"rule": "no keyword matched" if sim is None else "no keyword and no content beyond courtesies",
-                                 "matched": {}})
+                evidence.append(
+                    {
+                        "rule": "no keyword matched" if sim is None else "no keyword and no content beyond courtesies",
+                        "matched": {},
+                    }
+                )
                 continue
             best = int(np.argmax(scores[i]))
             out_labels.append(labels[best])
@@ -183,12 +261,16 @@ class ColdStartIssueClassifier:
 
     def _evidence(self, text: str, i: int, best: int, share: np.ndarray, sim: np.ndarray | None) -> dict[str, Any]:
         matches = self.rules.match(text)
-        ev: dict[str, Any] = {"rule": self.method, "matched": {m.label: m.terms for m in matches[:3]},
-                              "keyword_share": round(float(share[i, best]), 3)}
+        ev: dict[str, Any] = {
+            "rule": self.method,
+            "matched": {m.label: m.terms for m in matches[:3]},
+            "keyword_share": round(float(share[i, best]), 3),
+        }
         if sim is not None:
             order = np.argsort(-sim[i])[:2]
-            ev["nearest_prototypes"] = [{"type": self.taxonomy.labels[j], "similarity": round(float(sim[i, j]), 3)}
-                                        for j in order]
+            ev["nearest_prototypes"] = [
+                {"type": self.taxonomy.labels[j], "similarity": round(float(sim[i, j]), 3)} for j in order
+            ]
         return ev
 
 
@@ -225,8 +307,11 @@ def default_encoder(cfg: Any) -> Encode | None:
 
         enc(["测试"])  # fail here, once, rather than in the middle of a batch
     except Exception as e:  # noqa: BLE001 - any failure to load means: keywords alone, said loudly
-        log.warning("cold-start issue types use keywords only: the sentence embedder could not be loaded (%s: %s)",
-                    type(e).__name__, e)
+        log.warning(
+            "cold-start issue types use keywords only: the sentence embedder could not be loaded (%s: %s)",
+            type(e).__name__,
+            e,
+        )
         enc = None
     _ENCODERS[key] = enc
     return enc

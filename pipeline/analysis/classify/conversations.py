@@ -46,8 +46,13 @@ MIN_CLASS_COUNT = 2
 # - request_kind: unchanged (macro-F1 0.75, well above its target).
 # - outcome: see OUTCOME_PARAMS.
 TASK_PARAMS: dict[str, dict[str, Any]] = {
-    "issue_type": {"min_df": 2, "emb_scale": 2.0, "signals_scale": 0.0, "prior_weight": 0.5,
-                   "min_class_count": MIN_CLASS_COUNT},
+    "issue_type": {
+        "min_df": 2,
+        "emb_scale": 2.0,
+        "signals_scale": 0.0,
+        "prior_weight": 0.5,
+        "min_class_count": MIN_CLASS_COUNT,
+    },
     "request_kind": {"min_class_count": MIN_CLASS_COUNT},
     "outcome": {"min_class_count": MIN_CLASS_COUNT},
 }
@@ -56,8 +61,11 @@ TASK_PARAMS: dict[str, dict[str, Any]] = {
 def variant_name(params: dict[str, Any], C: float) -> str:
     """A readable name of a CaseClassifier setting, for the model card."""
     p = {**CaseClassifier().get_params(), **params}
-    parts = [f"char{p['char_ngram'][0]}-{p['char_ngram'][1]}" + (f"(min_df={p['min_df']})" if p["min_df"] > 1 else "")
-             + ("(customer+agent)" if p["use_agent"] else "(customer)")]
+    parts = [
+        f"char{p['char_ngram'][0]}-{p['char_ngram'][1]}"
+        + (f"(min_df={p['min_df']})" if p["min_df"] > 1 else "")
+        + ("(customer+agent)" if p["use_agent"] else "(customer)")
+    ]
     if p["signals_scale"]:
         parts.append(f"signals x{p['signals_scale']:g}")
     if p["emb_scale"]:
@@ -71,6 +79,7 @@ def variant_name(params: dict[str, Any], C: float) -> str:
 @dataclass
 class LabelledConversations:
     """Per task, the conversations' case rows (one per conversation) and their labels."""
+
     rows: pd.DataFrame  # one row per labelled conversation found in the transcripts
     labels: pd.DataFrame  # conversation_id + label columns, aligned with rows
     files: list[dict[str, Any]] = field(default_factory=list)
@@ -80,23 +89,27 @@ class LabelledConversations:
         if task not in self.labels:
             return self.rows.iloc[:0], []
         keep = self.labels[task].fillna("").astype(str).str.strip() != ""
-        return self.rows[keep.to_numpy()].reset_index(drop=True), self.labels.loc[keep, task].astype(str).str.strip().tolist()
+        return self.rows[keep.to_numpy()].reset_index(drop=True), self.labels.loc[keep, task].astype(
+            str
+        ).str.strip().tolist()
 
 
 def read_conversation_labels(path: Path, taxonomy: Taxonomy) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
     """conversation_id + the label columns present, validated against the taxonomy."""
     path = Path(path)
     if not path.is_file():
-        raise LabeledDataError(f"labels file {path} does not exist; pass a JSONL or CSV with conversation_id and "
-                               f"any of {', '.join(TASKS)}")
+        raise LabeledDataError(
+            f"labels file {path} does not exist; pass a JSONL or CSV with conversation_id and any of {', '.join(TASKS)}"
+        )
     if path.suffix.lower() not in LABEL_SUFFIXES:
         raise LabeledDataError(f"{path}: use a .jsonl or .csv file with conversation_id and any of {', '.join(TASKS)}")
     df = read_table(path)
     df.columns = [str(c).lstrip("\ufeff").strip() for c in df.columns]
     tasks = [t for t in TASKS if t in df.columns]
     if "conversation_id" not in df.columns or not tasks:
-        raise LabeledDataError(f"{path} needs a conversation_id column and at least one of {', '.join(TASKS)} "
-                               f"(found: {list(df.columns)})")
+        raise LabeledDataError(
+            f"{path} needs a conversation_id column and at least one of {', '.join(TASKS)} (found: {list(df.columns)})"
+        )
     df = df[["conversation_id", *tasks]].copy()
     df["conversation_id"] = df["conversation_id"].fillna("").astype(str).str.strip()
     df = df[df["conversation_id"] != ""].drop_duplicates("conversation_id", keep="last").reset_index(drop=True)
@@ -109,8 +122,9 @@ def read_conversation_labels(path: Path, taxonomy: Taxonomy) -> tuple[pd.DataFra
     return df, [{"path": str(path), "sha256": sha256_file(path), "rows": int(len(df))}]
 
 
-def labelled_conversations(cfg: Config, labels_path: Path, transcripts: Path, cases: pd.DataFrame,
-                           ids: dict[str, str]) -> LabelledConversations:
+def labelled_conversations(
+    cfg: Config, labels_path: Path, transcripts: Path, cases: pd.DataFrame, ids: dict[str, str]
+) -> LabelledConversations:
     """The labels joined to the case table made of `transcripts` (pipeline.orchestrate.training
     makes it with the nightly steps); `ids` maps every id a labeller may use to the stored one."""
     taxonomy = load_taxonomy(cfg)
@@ -119,14 +133,17 @@ def labelled_conversations(cfg: Config, labels_path: Path, transcripts: Path, ca
     missing = labels.loc[labels["_stored"].isna(), "conversation_id"].tolist()
     labels = labels[labels["_stored"].notna()].reset_index(drop=True)
     if labels.empty:
-        raise LabeledDataError(f"none of the {len(missing)} labelled conversation ids is in {transcripts} "
-                               f"(e.g. {missing[:3]}); pass the transcripts they were labelled from")
+        raise LabeledDataError(
+            f"none of the {len(missing)} labelled conversation ids is in {transcripts} "
+            f"(e.g. {missing[:3]}); pass the transcripts they were labelled from"
+        )
     rows = conversation_rows(cases[cases["conversation_id"].isin(set(labels["_stored"]))])
     rows = rows.set_index("conversation_id").loc[labels["_stored"]].reset_index()
     return LabelledConversations(rows, labels.drop(columns=["_stored"]), files, missing)
 
 
 # -- cross-validation and training ------------------------------------------------------------
+
 
 @dataclass
 class TaskFit:
@@ -141,17 +158,25 @@ def fold_scores(y: np.ndarray, pred: np.ndarray, splits: list[tuple[np.ndarray, 
     acc = [float(accuracy_score(y[te], pred[te])) for _, te in splits]
 
     def stats(v: list[float]) -> dict[str, float]:
-        return {"mean": round(float(np.mean(v)), 4), "sd": round(float(np.std(v)), 4),
-                "min": round(float(np.min(v)), 4), "max": round(float(np.max(v)), 4)}
+        return {
+            "mean": round(float(np.mean(v)), 4),
+            "sd": round(float(np.std(v)), 4),
+            "min": round(float(np.min(v)), 4),
+            "max": round(float(np.max(v)), 4),
+        }
 
-    return {"macro_f1": stats(f1), "accuracy": stats(acc), "per_fold_macro_f1": [round(x, 4) for x in f1],
-            "pooled_macro_f1": round(macro_f1(list(y), list(pred)), 4),
-            "pooled_accuracy": round(float(accuracy_score(y, pred)), 4)}
+    return {
+        "macro_f1": stats(f1),
+        "accuracy": stats(acc),
+        "per_fold_macro_f1": [round(x, 4) for x in f1],
+        "pooled_macro_f1": round(macro_f1(list(y), list(pred)), 4),
+        "pooled_accuracy": round(float(accuracy_score(y, pred)), 4),
+    }
 
 
-def cross_validate(X: list[CaseInput], y: list[str], C: float, folds: int, seed: int = 0,
-                   params: dict[str, Any] | None = None
-                   ) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+def cross_validate(
+    X: list[CaseInput], y: list[str], C: float, folds: int, seed: int = 0, params: dict[str, Any] | None = None
+) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
     """Out-of-fold predictions, probabilities and their columns (the sorted labels of y and any
     the rule vote may give) for one setting."""
     ya = np.asarray(y, dtype=object)
@@ -171,13 +196,22 @@ def cross_validate(X: list[CaseInput], y: list[str], C: float, folds: int, seed:
     return pred, proba, splits, classes
 
 
-def train_task(task: str, X: list[CaseInput], y: list[str], folds: int, *, signals: list[str],
-               seed: int = 0, params: dict[str, Any] | None = None) -> tuple[CaseClassifier, dict[str, Any]]:
+def train_task(
+    task: str,
+    X: list[CaseInput],
+    y: list[str],
+    folds: int,
+    *,
+    signals: list[str],
+    seed: int = 0,
+    params: dict[str, Any] | None = None,
+) -> tuple[CaseClassifier, dict[str, Any]]:
     """Cross-validate the small C grid, refit the best on all rows, calibrate its confidence."""
     counts = pd.Series(y).value_counts()
     if len(counts) < 2:
-        raise LabeledDataError(f"{task}: only one label ({counts.index[0]!r}) among {len(y)} conversations; "
-                               "a model needs at least two")
+        raise LabeledDataError(
+            f"{task}: only one label ({counts.index[0]!r}) among {len(y)} conversations; a model needs at least two"
+        )
     ya = np.asarray(y, dtype=object)
     results = []
     params = dict(TASK_PARAMS.get(task, {}) if params is None else params)
@@ -188,24 +222,40 @@ def train_task(task: str, X: list[CaseInput], y: list[str], folds: int, *, signa
     model = CaseClassifier(C=C, **params).fit(X, ya)
     model.temperature_ = fit_temperature(proba, y, classes)
     per_class = classification_report(ya, pred, labels=sorted(set(y)), output_dict=True, zero_division=0)
-    cv = {"folds": len(splits), "stratified": True, "seed": seed, **scores,
-          "per_class": {k: {m: round(float(v), 4) for m, v in d.items()} for k, d in per_class.items()
-                        if k in set(y)},
-          "grid": [{"C": r[0], "macro_f1": r[4]["macro_f1"]["mean"], "accuracy": r[4]["accuracy"]["mean"]}
-                   for r in results],
-          "chosen_C": C,
-          "variant": variant_name({**params, "use_agent": bool(model.agent_used_)}, C),
-          "unlearnable_labels": {str(k): int(v) for k, v in counts.items() if v < params.get("min_class_count", 1)},
-          "note": "macro-F1 averages the labels present in each fold, the unlearnable ones included (they score 0 "
-                  "unless the rule vote finds them); the chosen C won a three-point grid, so its mean is slightly "
-                  "optimistic"}
+    cv = {
+        "folds": len(splits),
+        "stratified": True,
+        "seed": seed,
+        **scores,
+        "per_class": {k: {m: round(float(v), 4) for m, v in d.items()} for k, d in per_class.items() if k in set(y)},
+        "grid": [
+            {"C": r[0], "macro_f1": r[4]["macro_f1"]["mean"], "accuracy": r[4]["accuracy"]["mean"]} for r in results
+        ],
+        "chosen_C": C,
+        "variant": variant_name({**params, "use_agent": bool(model.agent_used_)}, C),
+        "unlearnable_labels": {str(k): int(v) for k, v in counts.items() if v < params.get("min_class_count", 1)},
+        "note": "macro-F1 averages the labels present in each fold, the unlearnable ones included (they score 0 "
+        "unless the rule vote finds them); the chosen C won a three-point grid, so its mean is slightly "
+        "optimistic",
+    }
     calib = apply_temperature(proba, model.temperature_).max(axis=1)
-    return model, {"cv": cv, "signals": signals, "oof_confidence_mean": round(float(calib.mean()), 4),
-                   "label_counts": {str(k): int(v) for k, v in counts.items()}}
+    return model, {
+        "cv": cv,
+        "signals": signals,
+        "oof_confidence_mean": round(float(calib.mean()), 4),
+        "label_counts": {str(k): int(v) for k, v in counts.items()},
+    }
 
 
-def train_on(cfg: Config, data: LabelledConversations, labels_path: Path, transcripts: Path, *, save: bool = True,
-             encode: Encode | None = None) -> list[TaskFit]:
+def train_on(
+    cfg: Config,
+    data: LabelledConversations,
+    labels_path: Path,
+    transcripts: Path,
+    *,
+    save: bool = True,
+    encode: Encode | None = None,
+) -> list[TaskFit]:
     """One model per label column present; saved under classify.model_dir (see store.task_dir)."""
     from pipeline.analysis.classify.store import save_task_model
 
@@ -216,24 +266,46 @@ def train_on(cfg: Config, data: LabelledConversations, labels_path: Path, transc
         if task not in data.labels:
             continue
         if len(y) < MIN_PER_TASK:
-            raise LabeledDataError(f"{task}: only {len(y)} labelled conversations matched the transcripts; label at "
-                                   f"least {MIN_PER_TASK} (or leave the column out)")
+            raise LabeledDataError(
+                f"{task}: only {len(y)} labelled conversations matched the transcripts; label at "
+                f"least {MIN_PER_TASK} (or leave the column out)"
+            )
         protos = task == "issue_type" and taxonomy.cold_start.embeddings
         enc = (encode or default_encoder(cfg)) if protos else None
         X = build_inputs(task, rows, taxonomy, enc, with_prototypes=enc is not None)
         sig = signal_names(task, taxonomy, enc is not None)
         model, parts = train_task(task, X, y, cfg.classify.cv_folds, signals=sig)
-        card = _card(cfg, taxonomy, task, model, parts, data, labels_path, transcripts, len(rows),
-                     uses_prototypes=enc is not None)
+        card = _card(
+            cfg,
+            taxonomy,
+            task,
+            model,
+            parts,
+            data,
+            labels_path,
+            transcripts,
+            len(rows),
+            uses_prototypes=enc is not None,
+        )
         if save:
             save_task_model(cfg, task, model, card)
         fits.append(TaskFit(task, model, card))
     return fits
 
 
-def _card(cfg: Config, taxonomy: Taxonomy, task: str, model: CaseClassifier, parts: dict[str, Any],
-          data: LabelledConversations, labels_path: Path, transcripts: Path, n: int, *, uses_prototypes: bool
-          ) -> dict[str, Any]:
+def _card(
+    cfg: Config,
+    taxonomy: Taxonomy,
+    task: str,
+    model: CaseClassifier,
+    parts: dict[str, Any],
+    data: LabelledConversations,
+    labels_path: Path,
+    transcripts: Path,
+    n: int,
+    *,
+    uses_prototypes: bool,
+) -> dict[str, Any]:
     import sklearn
 
     from pipeline.analysis.classify.store import config_hash
@@ -248,40 +320,63 @@ def _card(cfg: Config, taxonomy: Taxonomy, task: str, model: CaseClassifier, par
         "input": "case",
         "classes": [str(c) for c in model.classes_],
         # Named from what the fitted model used: without a sentence embedder there is no embedding block.
-        "chosen_variant": {"name": variant_name({**TASK_PARAMS.get(task, {}),
-                                                 **({} if getattr(model, "emb_used_", False) else {"emb_scale": 0.0}),
-                                                 "use_agent": bool(getattr(model, "agent_used_", model.use_agent))},
-                                                model.C),
-                           "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.get_params().items()},
-                           "unlearnt_labels": list(getattr(model, "unlearnt_", [])),
-                           "calibration": {"method": "temperature scaling on out-of-fold probabilities",
-                                           "temperature": getattr(model, "temperature_", 1.0)}},
+        "chosen_variant": {
+            "name": variant_name(
+                {
+                    **TASK_PARAMS.get(task, {}),
+                    **({} if getattr(model, "emb_used_", False) else {"emb_scale": 0.0}),
+                    "use_agent": bool(getattr(model, "agent_used_", model.use_agent)),
+                },
+                model.C,
+            ),
+            "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.get_params().items()},
+            "unlearnt_labels": list(getattr(model, "unlearnt_", [])),
+            "calibration": {
+                "method": "temperature scaling on out-of-fold probabilities",
+                "temperature": getattr(model, "temperature_", 1.0),
+            },
+        },
         "signals": parts["signals"],
         "uses_prototypes": uses_prototypes,
-        "training_data": {"labels": data.files, "transcripts": str(transcripts), "sha256": digest,
-                          "conversations": n, "labelled_ids_without_transcript": len(data.missing),
-                          "label_counts": parts["label_counts"],
-                          "steps": "ingest, normalise, mask, cases, emotion: as in a nightly run"},
+        "training_data": {
+            "labels": data.files,
+            "transcripts": str(transcripts),
+            "sha256": digest,
+            "conversations": n,
+            "labelled_ids_without_transcript": len(data.missing),
+            "label_counts": parts["label_counts"],
+            "steps": "ingest, normalise, mask, cases, emotion: as in a nightly run",
+        },
         "cv": parts["cv"],
-        "taxonomy": {"path": str(tax_path), "sha256": sha256_file(tax_path), "fingerprint": taxonomy.fingerprint(),
-                     "labels": taxonomy.labels},
+        "taxonomy": {
+            "path": str(tax_path),
+            "sha256": sha256_file(tax_path),
+            "fingerprint": taxonomy.fingerprint(),
+            "labels": taxonomy.labels,
+        },
         "config_sha256": config_hash(cfg),
         "versions": {"sklearn": sklearn.__version__, "python": platform.python_version()},
         "limits": "learnt from the labelled conversations only; re-measure on chats it never saw before "
-                  "relying on its per-class figures for rare classes",
+        "relying on its per-class figures for rare classes",
     }
 
 
 # -- evaluation on labelled conversations -------------------------------------------------------
 
+
 def _metrics(y: list[str], pred: list[str]) -> dict[str, Any]:
     rep = classification_report(y, pred, labels=sorted(set(y)), output_dict=True, zero_division=0)
-    return {"n": len(y), "macro_f1": round(macro_f1(y, pred), 4), "accuracy": round(float(accuracy_score(y, pred)), 4),
-            "per_class": {k: {m: round(float(v), 4) for m, v in d.items()} for k, d in rep.items() if k in set(y)}}
+    return {
+        "n": len(y),
+        "macro_f1": round(macro_f1(y, pred), 4),
+        "accuracy": round(float(accuracy_score(y, pred)), 4),
+        "per_class": {k: {m: round(float(v), 4) for m, v in d.items()} for k, d in rep.items() if k in set(y)},
+    }
 
 
-def evaluate_on(cfg: Config, data: LabelledConversations, *, seed: int = 2026,
-                trained_cv: bool = False) -> dict[str, Any]:
+def evaluate_on(
+    cfg: Config, data: LabelledConversations, *, seed: int = 2026, trained_cv: bool = False
+) -> dict[str, Any]:
     """Cold-start figures (no trained model used) against labelled conversations: on all of them
     and on two random halves (a method chosen on one half is confirmed on the other), per label
     column; the majority-class guess beside each. With `trained_cv`, also the cross-validated
@@ -295,8 +390,12 @@ def evaluate_on(cfg: Config, data: LabelledConversations, *, seed: int = 2026,
         out = classify_cases(data.rows, cold_cfg)
     half = np.zeros(len(out), dtype=bool)
     half[np.random.RandomState(seed).permutation(len(out))[: len(out) // 2]] = True
-    report: dict[str, Any] = {"conversations": len(out), "labelled_ids_without_transcript": len(data.missing),
-                              "split_seed": seed, "cold_start": {}}
+    report: dict[str, Any] = {
+        "conversations": len(out),
+        "labelled_ids_without_transcript": len(data.missing),
+        "split_seed": seed,
+        "cold_start": {},
+    }
     for task in TASKS:
         if task not in data.labels:
             continue
@@ -304,11 +403,15 @@ def evaluate_on(cfg: Config, data: LabelledConversations, *, seed: int = 2026,
         y = data.labels[task].to_numpy()
         pred = out[task].astype(str).to_numpy()
         major = pd.Series(y[keep]).value_counts().index[0]
-        entry = {"all": _metrics(list(y[keep]), list(pred[keep])),
-                 "half_a": _metrics(list(y[keep & half]), list(pred[keep & half])),
-                 "half_b": _metrics(list(y[keep & ~half]), list(pred[keep & ~half])),
-                 "majority_guess": {"label": str(major), **{k: v for k, v in _metrics(list(y[keep]), [major] * int(keep.sum())).items()
-                                                            if k != "per_class"}}}
+        entry = {
+            "all": _metrics(list(y[keep]), list(pred[keep])),
+            "half_a": _metrics(list(y[keep & half]), list(pred[keep & half])),
+            "half_b": _metrics(list(y[keep & ~half]), list(pred[keep & ~half])),
+            "majority_guess": {
+                "label": str(major),
+                **{k: v for k, v in _metrics(list(y[keep]), [major] * int(keep.sum())).items() if k != "per_class"},
+            },
+        }
         report["cold_start"][task] = entry
     if trained_cv:
         report["trained_cv"] = {}
@@ -319,6 +422,8 @@ def evaluate_on(cfg: Config, data: LabelledConversations, *, seed: int = 2026,
                 continue
             enc = default_encoder(cfg) if task == "issue_type" and taxonomy.cold_start.embeddings else None
             X = build_inputs(task, rows, taxonomy, enc, with_prototypes=enc is not None)
-            _, parts = train_task(task, X, task_labels, cfg.classify.cv_folds, signals=signal_names(task, taxonomy, enc is not None))
+            _, parts = train_task(
+                task, X, task_labels, cfg.classify.cv_folds, signals=signal_names(task, taxonomy, enc is not None)
+            )
             report["trained_cv"][task] = parts["cv"]
     return report

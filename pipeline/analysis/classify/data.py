@@ -20,6 +20,7 @@ from pipeline.labelled import LABELED_SUFFIXES, LabeledDataError, labeled_files,
 
 __all__ = ["LABELED_SUFFIXES", "LabeledData", "LabeledDataError", "labeled_files", "load_labeled", "read_table"]
 
+
 @dataclass
 class LabeledData:
     frame: pd.DataFrame  # columns text, label, source_file
@@ -56,8 +57,10 @@ def load_labeled(path: Path, taxonomy: Taxonomy) -> LabeledData:
             df = df.rename(columns={"issue_type": "label"})
         missing = [c for c in ("text", "label") if c not in df.columns]
         if missing:
-            raise LabeledDataError(f"{f} has no column(s) {missing}; labelled data needs columns 'text' and "
-                                   f"'label' (found: {list(df.columns)})")
+            raise LabeledDataError(
+                f"{f} has no column(s) {missing}; labelled data needs columns 'text' and "
+                f"'label' (found: {list(df.columns)})"
+            )
         df = df[["text", "label"]].copy()
         df["text"] = df["text"].fillna("").astype(str).str.strip()
         df["label"] = df["label"].fillna("").astype(str).str.strip()
@@ -70,22 +73,28 @@ def load_labeled(path: Path, taxonomy: Taxonomy) -> LabeledData:
         meta.append({"path": str(f), "sha256": sha256_file(f), "rows": n, "used": len(df)})
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["text", "label", "source_file"])
     if frame.empty:
-        raise LabeledDataError(f"no labelled rows in {path} (files: {[m['path'] for m in meta]}; "
-                               f"skipped: {skipped})")
+        raise LabeledDataError(f"no labelled rows in {path} (files: {[m['path'] for m in meta]}; skipped: {skipped})")
     unknown = sorted(set(frame["label"]) - set(taxonomy.labels))
     if unknown:
         examples = frame[frame["label"].isin(unknown)].head(3)
         where = "; ".join(f"{r.source_file}: {r.label!r}" for r in examples.itertuples())
-        raise LabeledDataError(f"labels not in the taxonomy: {unknown} (e.g. {where}). Valid labels: "
-                               f"{taxonomy.labels}. Fix the data or add the type to the taxonomy file.")
+        raise LabeledDataError(
+            f"labels not in the taxonomy: {unknown} (e.g. {where}). Valid labels: "
+            f"{taxonomy.labels}. Fix the data or add the type to the taxonomy file."
+        )
     # The same text labelled twice: keep the most frequent label (ties: the first seen) so a
     # duplicated row does not count double in cross-validation.
     before = len(frame)
     conflicts = frame.groupby("text")["label"].nunique()
     skipped["conflicting_duplicate"] = int((conflicts > 1).sum())
     frame["_n"] = frame.groupby(["text", "label"])["label"].transform("size")
-    frame = (frame.reset_index().sort_values(["_n", "index"], ascending=[False, True])
-             .drop_duplicates("text", keep="first").sort_values("index")
-             .drop(columns=["_n", "index"]).reset_index(drop=True))
+    frame = (
+        frame.reset_index()
+        .sort_values(["_n", "index"], ascending=[False, True])
+        .drop_duplicates("text", keep="first")
+        .sort_values("index")
+        .drop(columns=["_n", "index"])
+        .reset_index(drop=True)
+    )
     skipped["duplicate"] = before - len(frame)
     return LabeledData(frame, meta, {k: v for k, v in skipped.items() if v})

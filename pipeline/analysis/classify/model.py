@@ -41,7 +41,7 @@ def _token_ngrams(tokens: Sequence[str], n_max: int = 2) -> list[str]:
     toks = list(tokens)
     out = list(toks)
     for n in range(2, n_max + 1):
-        out.extend(" ".join(toks[i:i + n]) for i in range(len(toks) - n + 1))
+        out.extend(" ".join(toks[i : i + n]) for i in range(len(toks) - n + 1))
     return out
 
 
@@ -57,11 +57,19 @@ class TextClassifier(BaseEstimator, ClassifierMixin):
     by `pipeline.analysis.classify.store.load_model`.
     """
 
-    def __init__(self, features: str = "word+char", model: str = "lr", C: float = 4.0,
-                 word_ngram_max: int = 2, char_ngram: tuple[int, int] = (1, 3),
-                 tokenizer: Callable[[str], list[str]] | None = None, taxonomy: Taxonomy | None = None,
-                 embed: Callable[[list[str]], np.ndarray] | None = None, rules_scale: float = 0.5,
-                 random_state: int = 0) -> None:
+    def __init__(
+        self,
+        features: str = "word+char",
+        model: str = "lr",
+        C: float = 4.0,
+        word_ngram_max: int = 2,
+        char_ngram: tuple[int, int] = (1, 3),
+        tokenizer: Callable[[str], list[str]] | None = None,
+        taxonomy: Taxonomy | None = None,
+        embed: Callable[[list[str]], np.ndarray] | None = None,
+        rules_scale: float = 0.5,
+        random_state: int = 0,
+    ) -> None:
         self.features = features
         self.model = model
         self.C = C
@@ -86,16 +94,25 @@ class TextClassifier(BaseEstimator, ClassifierMixin):
                 raise RuntimeError("TextClassifier has no tokenizer bound; load it with load_model(cfg)")
             toks = [self.tokenizer(t) for t in texts]
             if fit:
-                self.word_vec_ = TfidfVectorizer(analyzer=partial(_token_ngrams, n_max=self.word_ngram_max),
-                                                 sublinear_tf=True, min_df=1, max_features=300_000)
+                self.word_vec_ = TfidfVectorizer(
+                    analyzer=partial(_token_ngrams, n_max=self.word_ngram_max),
+                    sublinear_tf=True,
+                    min_df=1,
+                    max_features=300_000,
+                )
                 blocks.append(self.word_vec_.fit_transform(toks))
             else:
                 blocks.append(self.word_vec_.transform(toks))
         if "char" in parts:
             sq = [_squash(t) for t in texts]
             if fit:
-                self.char_vec_ = TfidfVectorizer(analyzer="char", ngram_range=tuple(self.char_ngram),
-                                                 sublinear_tf=True, min_df=1, max_features=300_000)
+                self.char_vec_ = TfidfVectorizer(
+                    analyzer="char",
+                    ngram_range=tuple(self.char_ngram),
+                    sublinear_tf=True,
+                    min_df=1,
+                    max_features=300_000,
+                )
                 blocks.append(self.char_vec_.fit_transform(sq))
             else:
                 blocks.append(self.char_vec_.transform(sq))
@@ -106,8 +123,10 @@ class TextClassifier(BaseEstimator, ClassifierMixin):
             blocks.append(sp.csr_matrix(np.log1p(KeywordRules(self.taxonomy).scores(texts)) * self.rules_scale))
         if "emb" in parts:
             if self.embed is None:
-                raise RuntimeError("this model uses sentence embeddings but no embedder is available "
-                                   "(pipeline.embed); retrain without embeddings: casemine train")
+                raise RuntimeError(
+                    "this model uses sentence embeddings but no embedder is available "
+                    "(pipeline.embed); retrain without embeddings: casemine train"
+                )
             blocks.append(sp.csr_matrix(np.asarray(self.embed(list(texts)), dtype=np.float64)))
         if not blocks:
             raise ValueError(f"unknown feature set {self.features!r}")
@@ -152,8 +171,9 @@ class TextClassifier(BaseEstimator, ClassifierMixin):
                 clf.fit(Xm, y)
                 # The calibrated model averages per-fold SVMs; for evidence one SVM on all the
                 # data gives the same term weights up to noise.
-                self.coef_ = LinearSVC(C=self.C, class_weight="balanced",
-                                       random_state=self.random_state).fit(Xm, y).coef_
+                self.coef_ = (
+                    LinearSVC(C=self.C, class_weight="balanced", random_state=self.random_state).fit(Xm, y).coef_
+                )
             else:
                 raise ValueError(f"unknown model {self.model!r} (use 'lr' or 'svm')")
         if self.coef_.shape[0] == 1:  # binary: sklearn stores one row for the positive class
@@ -179,8 +199,13 @@ class TextClassifier(BaseEstimator, ClassifierMixin):
             coef = self.coef_[idx[label]]
             contrib = row.data * coef[row.indices]
             order = np.argsort(-contrib)[:top_k]
-            out.append([{"term": str(names[row.indices[i]]), "weight": round(float(contrib[i]), 4)}
-                        for i in order if contrib[i] > 0])
+            out.append(
+                [
+                    {"term": str(names[row.indices[i]]), "weight": round(float(contrib[i]), 4)}
+                    for i in order
+                    if contrib[i] > 0
+                ]
+            )
         return out
 
     # The segmenter and embedder are re-bound at load; pickling them would tie the model to one
@@ -272,8 +297,9 @@ def fit_temperature(proba: np.ndarray, y: Labels, classes: np.ndarray) -> float:
     return round(float(np.exp(res.x)), 4)
 
 
-def cross_val_predict_texts(make: Callable[[], TextClassifier], texts: Sequence[str], y: Labels,
-                            splits: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def cross_val_predict_texts(
+    make: Callable[[], TextClassifier], texts: Sequence[str], y: Labels, splits: list[tuple[np.ndarray, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Out-of-fold labels, confidences (max probability) and probabilities (columns: the sorted
     labels of y; a label missing from a fold's training part gets 0) for every row."""
     texts = list(texts)
@@ -299,10 +325,17 @@ def macro_f1(y_true: Labels, y_pred: Labels) -> float:
     return float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0))
 
 
-def select_model(texts: Sequence[str], y: Labels, *, tokenizer: Callable[[str], list[str]],
-                 taxonomy: Taxonomy, folds: int = 5, candidates: Sequence[Candidate] = DEFAULT_CANDIDATES,
-                 embed: Callable[[list[str]], np.ndarray] | None = None, seed: int = 0,
-                 ) -> tuple[TextClassifier, list[CVResult], list[tuple[np.ndarray, np.ndarray]], list[dict[str, str]]]:
+def select_model(
+    texts: Sequence[str],
+    y: Labels,
+    *,
+    tokenizer: Callable[[str], list[str]],
+    taxonomy: Taxonomy,
+    folds: int = 5,
+    candidates: Sequence[Candidate] = DEFAULT_CANDIDATES,
+    embed: Callable[[list[str]], np.ndarray] | None = None,
+    seed: int = 0,
+) -> tuple[TextClassifier, list[CVResult], list[tuple[np.ndarray, np.ndarray]], list[dict[str, str]]]:
     """Cross-validate every candidate, pick the best macro-F1 (ties: the earlier, simpler one),
     refit it on all rows. Returns the fitted model, every candidate's CV result, the folds and
     the candidates that could not be trained (with why)."""
@@ -310,8 +343,10 @@ def select_model(texts: Sequence[str], y: Labels, *, tokenizer: Callable[[str], 
     skipped: list[dict[str, str]] = []
     results: list[CVResult] = []
     for cand in candidates:
+
         def make(p: dict[str, Any] = cand.params) -> TextClassifier:
             return TextClassifier(**p, tokenizer=tokenizer, taxonomy=taxonomy, embed=embed, random_state=seed)
+
         try:
             pred, conf, proba = cross_val_predict_texts(make, texts, y, splits)
         except ValueError as e:
@@ -319,13 +354,23 @@ def select_model(texts: Sequence[str], y: Labels, *, tokenizer: Callable[[str], 
             # a fold) is skipped and recorded, not fatal.
             skipped.append({"name": cand.name, "reason": str(e)})
             continue
-        results.append(CVResult(cand.name, dict(cand.params), macro_f1(y, pred),
-                                float(accuracy_score(y, pred)), [str(p) for p in pred], conf.tolist(), proba))
+        results.append(
+            CVResult(
+                cand.name,
+                dict(cand.params),
+                macro_f1(y, pred),
+                float(accuracy_score(y, pred)),
+                [str(p) for p in pred],
+                conf.tolist(),
+                proba,
+            )
+        )
     if not results:
         raise ValueError(f"no model variant could be trained: {skipped}")
     best = max(results, key=lambda r: (round(r.macro_f1, 4), -results.index(r)))
-    model = TextClassifier(**best.params, tokenizer=tokenizer, taxonomy=taxonomy, embed=embed,
-                           random_state=seed).fit(list(texts), list(y))
+    model = TextClassifier(**best.params, tokenizer=tokenizer, taxonomy=taxonomy, embed=embed, random_state=seed).fit(
+        list(texts), list(y)
+    )
     assert best.proba is not None  # cross_val_predict_texts gave every result its probabilities
     model.temperature_ = fit_temperature(best.proba, list(y), np.unique(np.asarray(y, dtype=object)))
     best.confidence = apply_temperature(best.proba, model.temperature_).max(axis=1).tolist()

@@ -21,11 +21,31 @@ from pipeline.config import Config
 from pipeline.io import atomic_write_text
 
 LABEL_COLUMNS = ("issue_type", "request_kind", "outcome")
-QUEUE_COLUMNS = ("case_id", "conversation_id", "date", "channel", "text", "predicted_issue_type",
-                 "issue_type_confidence", "predicted_request_kind", "predicted_outcome", "urgency", "classifier",
-                 *LABEL_COLUMNS)
-_CLASSIFY_OUTPUTS = ("issue_type", "issue_type_confidence", "needs_review", "evidence", "classifier", "request_kind",
-                     "urgency", "urgency_confidence", "urgency_due_hours")
+QUEUE_COLUMNS = (
+    "case_id",
+    "conversation_id",
+    "date",
+    "channel",
+    "text",
+    "predicted_issue_type",
+    "issue_type_confidence",
+    "predicted_request_kind",
+    "predicted_outcome",
+    "urgency",
+    "classifier",
+    *LABEL_COLUMNS,
+)
+_CLASSIFY_OUTPUTS = (
+    "issue_type",
+    "issue_type_confidence",
+    "needs_review",
+    "evidence",
+    "classifier",
+    "request_kind",
+    "urgency",
+    "urgency_confidence",
+    "urgency_due_hours",
+)
 
 
 def review_queue(cfg: Config, out_root: Path, n: int = 50, out_file: Path | None = None) -> tuple[Path, pd.DataFrame]:
@@ -44,8 +64,13 @@ def review_queue(cfg: Config, out_root: Path, n: int = 50, out_file: Path | None
     # Same text twice (a customer's repeated complaint) would cost two labels for one lesson.
     scored = scored.sort_values(["issue_type_confidence", "case_id"]).drop_duplicates("text")
     queue = scored.head(n).copy()
-    queue = queue.rename(columns={"issue_type": "predicted_issue_type", "request_kind": "predicted_request_kind",
-                                  "outcome": "predicted_outcome"})
+    queue = queue.rename(
+        columns={
+            "issue_type": "predicted_issue_type",
+            "request_kind": "predicted_request_kind",
+            "outcome": "predicted_outcome",
+        }
+    )
     for c in LABEL_COLUMNS:
         queue[c] = ""
     queue = queue[[c for c in QUEUE_COLUMNS if c in queue.columns]]

@@ -95,8 +95,7 @@ class KeywordRules:
         total = sum(m.score for m in matches)
         best = matches[0]
         conf = best.score / (total + _RULE_PRIOR)
-        evidence = {"rule": "taxonomy keywords",
-                    "matched": {m.label: m.terms for m in matches[:3]}}
+        evidence = {"rule": "taxonomy keywords", "matched": {m.label: m.terms for m in matches[:3]}}
         return best.label, float(conf), evidence
 
     def predict(self, texts: Sequence[str]) -> list[str]:
@@ -117,8 +116,9 @@ class RequestKindRules:
         self.kinds = taxonomy.request_kinds
         self._cues = {k.name: list(k.keywords) for k in self.kinds.kinds}
 
-    def predict_one(self, text: str, emotion_score: float | None = None,
-                    threats: Sequence[str] = ()) -> tuple[str, dict[str, Any]]:
+    def predict_one(
+        self, text: str, emotion_score: float | None = None, threats: Sequence[str] = ()
+    ) -> tuple[str, dict[str, Any]]:
         """`emotion_score` is the lowest turn sentiment when the emotion step gave one (else the
         conversation's score)."""
         hits = {name: [w for w in words if w in text] for name, words in self._cues.items()}
@@ -134,8 +134,10 @@ class RequestKindRules:
         evidence: dict[str, Any] = {k: v for k, v in hits.items() if v}
         if why:
             return complaint, {**evidence, "why": why}
-        suggestion = next((k.name for k in self.kinds.kinds if k.name not in (complaint, self.kinds.default)
-                           and hits.get(k.name)), None)
+        suggestion = next(
+            (k.name for k in self.kinds.kinds if k.name not in (complaint, self.kinds.default) and hits.get(k.name)),
+            None,
+        )
         if suggestion is not None:
             return suggestion, {**evidence, "why": ["suggestion cues"]}
         return self.kinds.default, evidence
@@ -149,12 +151,28 @@ class RequestKindRules:
 
 
 # Elapsed time: "三天了", "等了一个星期", "半个月还没", "2周". Units in days.
-_CN_NUM = {"零": 0, "一": 1, "二": 2, "两": 2, "俩": 2, "三": 3, "四": 4, "五": 5, "六": 6, "七": 7,
-           "八": 8, "九": 9, "十": 10, "几": 3, "半": 0.5}
+_CN_NUM = {
+    "零": 0,
+    "一": 1,
+    "二": 2,
+    "两": 2,
+    "俩": 2,
+    "三": 3,
+    "四": 4,
+    "五": 5,
+    "六": 6,
+    "七": 7,
+    "八": 8,
+    "九": 9,
+    "十": 10,
+    "几": 3,
+    "半": 0.5,
+}
 _UNITS = {"小时": 1 / 24, "钟头": 1 / 24, "天": 1, "日": 1, "周": 7, "星期": 7, "礼拜": 7, "个月": 30, "月": 30}
 _ELAPSED_RE = re.compile(
     r"(?P<num>\d+(?:\.\d+)?|[零一二两俩三四五六七八九十几半]+)\s*(?:个)?\s*"
-    r"(?P<unit>小时|钟头|天|日|周|星期|礼拜|个月|月)(?P<tail>了|多|都|还|没|才|之久|以上)?")
+    r"(?P<unit>小时|钟头|天|日|周|星期|礼拜|个月|月)(?P<tail>了|多|都|还|没|才|之久|以上)?"
+)
 # "一天" alone is often a duration of use ("用了一天就坏"), so a match only counts as elapsed
 # waiting when the context says so: a tail (三天了/三天还没) or a waiting verb before it.
 _WAIT_BEFORE_RE = re.compile(r"(等了|已经|过了|拖了|都|快|超过|整整|足足)\s*$")
@@ -181,7 +199,7 @@ def elapsed_days(text: str) -> tuple[float, list[str]]:
     """Longest waiting time mentioned, in days, and the phrases that said so."""
     best, phrases = 0.0, []
     for m in _ELAPSED_RE.finditer(text):
-        waited = bool(m.group("tail")) or bool(_WAIT_BEFORE_RE.search(text[max(0, m.start() - 4):m.start()]))
+        waited = bool(m.group("tail")) or bool(_WAIT_BEFORE_RE.search(text[max(0, m.start() - 4) : m.start()]))
         if not waited:
             continue
         days = _cn_number(m.group("num")) * _UNITS[m.group("unit")]
@@ -203,9 +221,8 @@ def _find_cues(text: str, cues: Sequence[str], negation: Sequence[str]) -> list[
     for cue in cues:
         start = 0
         while (pos := text.find(cue, start)) >= 0:
-            before = text[max(0, pos - 3):pos]
-            if not any(before.endswith(n) or before.endswith(n + "有") or before.endswith(n + "会")
-                       for n in negation):
+            before = text[max(0, pos - 3) : pos]
+            if not any(before.endswith(n) or before.endswith(n + "有") or before.endswith(n + "会") for n in negation):
                 found.append(cue)
                 break
             start = pos + len(cue)
@@ -230,12 +247,20 @@ class UrgencyScorer:
         w.update(weight_overrides or {})
         self.w = UrgencyWeights(**w)  # validates override keys (extra="forbid")
         self.levels = self.u.ordered_levels()
-        self.thresholds = sorted(lv.min_score for lv in self.levels if lv.min_score is not None
-                                 and not math.isnan(lv.min_score))
+        self.thresholds = sorted(
+            lv.min_score for lv in self.levels if lv.min_score is not None and not math.isnan(lv.min_score)
+        )
 
-    def score_one(self, text: str, *, repeat_contact: bool = False, emotion_score: float | None = None,
-                  emotion_cues: Sequence[str] = (), escalation_threats: Sequence[str] = (),
-                  duration_s: float | None = None) -> UrgencyResult:
+    def score_one(
+        self,
+        text: str,
+        *,
+        repeat_contact: bool = False,
+        emotion_score: float | None = None,
+        emotion_cues: Sequence[str] = (),
+        escalation_threats: Sequence[str] = (),
+        duration_s: float | None = None,
+    ) -> UrgencyResult:
         w, cues = self.w, self.u.cues
         signals: list[dict[str, Any]] = []
 

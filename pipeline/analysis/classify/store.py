@@ -67,16 +67,32 @@ def train(cfg: Config, labels_path: Path | None = None, *, save: bool = True) ->
     embed = _embedder(cfg)
     candidates = (*DEFAULT_CANDIDATES, *(EMBEDDING_CANDIDATES if embed is not None else ()))
     tokenizer = CachedTokenizer(cut, tok_name)
-    model, results, splits, skipped = select_model(texts, y, tokenizer=tokenizer, taxonomy=taxonomy,
-                                                   folds=cfg.classify.cv_folds, candidates=candidates, embed=embed)
+    model, results, splits, skipped = select_model(
+        texts,
+        y,
+        tokenizer=tokenizer,
+        taxonomy=taxonomy,
+        folds=cfg.classify.cv_folds,
+        candidates=candidates,
+        embed=embed,
+    )
     card = build_card(cfg, taxonomy, data, Path(path), model, results, len(splits), skipped, tok_name)
     if save:
         save_model(cfg, model, card)
     return model, card
 
 
-def build_card(cfg: Config, taxonomy: Taxonomy, data: LabeledData, path: Path, model: TextClassifier,
-               results: list, n_folds: int, skipped: list[dict[str, str]], tok_name: str) -> dict[str, Any]:
+def build_card(
+    cfg: Config,
+    taxonomy: Taxonomy,
+    data: LabeledData,
+    path: Path,
+    model: TextClassifier,
+    results: list,
+    n_folds: int,
+    skipped: list[dict[str, str]],
+    tok_name: str,
+) -> dict[str, Any]:
     best = max(results, key=lambda r: (round(r.macro_f1, 4), -results.index(r)))
     y = data.frame["label"].tolist()
     now = datetime.now(UTC)
@@ -87,29 +103,52 @@ def build_card(cfg: Config, taxonomy: Taxonomy, data: LabeledData, path: Path, m
         "model_id": model_id,
         "created_at": now.isoformat(timespec="seconds"),
         "task": "issue_type",
-        "chosen_variant": {"name": best.name, "params": best.params,
-                           "calibration": {"method": "temperature scaling on out-of-fold probabilities",
-                                           "temperature": getattr(model, "temperature_", 1.0)}},
+        "chosen_variant": {
+            "name": best.name,
+            "params": best.params,
+            "calibration": {
+                "method": "temperature scaling on out-of-fold probabilities",
+                "temperature": getattr(model, "temperature_", 1.0),
+            },
+        },
         "classes": [str(c) for c in model.classes_],
         "training_data": {
-            "path": str(path), "sha256": data.sha256, "rows": int(len(data.frame)),
-            "files": data.files, "skipped_rows": data.skipped,
+            "path": str(path),
+            "sha256": data.sha256,
+            "rows": int(len(data.frame)),
+            "files": data.files,
+            "skipped_rows": data.skipped,
             "label_counts": {k: int(v) for k, v in data.frame["label"].value_counts().items()},
         },
         "cv": {
-            "folds": n_folds, "stratified": True, "seed": 0,
+            "folds": n_folds,
+            "stratified": True,
+            "seed": 0,
             "metric": "macro-F1 over the labels present in the training data",
-            "candidates": [{"name": r.name, "params": r.params, "macro_f1": round(r.macro_f1, 4),
-                            "accuracy": round(r.accuracy, 4)} for r in results],
+            "candidates": [
+                {"name": r.name, "params": r.params, "macro_f1": round(r.macro_f1, 4), "accuracy": round(r.accuracy, 4)}
+                for r in results
+            ],
             "skipped_candidates": skipped,
-            "chosen": {"name": best.name, "macro_f1": round(best.macro_f1, 4), "accuracy": round(best.accuracy, 4),
-                       "per_class": {k: {m: round(float(v), 4) for m, v in d.items()} for k, d in per_class.items()
-                                     if isinstance(d, dict)}},
+            "chosen": {
+                "name": best.name,
+                "macro_f1": round(best.macro_f1, 4),
+                "accuracy": round(best.accuracy, 4),
+                "per_class": {
+                    k: {m: round(float(v), 4) for m, v in d.items()}
+                    for k, d in per_class.items()
+                    if isinstance(d, dict)
+                },
+            },
             "note": "the chosen variant's CV score is optimistic (it won a selection over the candidates); "
-                    "`casemine eval classify --nested` gives an unbiased estimate",
+            "`casemine eval classify --nested` gives an unbiased estimate",
         },
-        "taxonomy": {"path": str(tax_path), "sha256": sha256_file(tax_path), "fingerprint": taxonomy.fingerprint(),
-                     "labels": taxonomy.labels},
+        "taxonomy": {
+            "path": str(tax_path),
+            "sha256": sha256_file(tax_path),
+            "fingerprint": taxonomy.fingerprint(),
+            "labels": taxonomy.labels,
+        },
         "config_sha256": config_hash(cfg),
         "text_source": cfg.classify.text_source,
         "tokenizer": tok_name,
@@ -152,8 +191,10 @@ def check_taxonomy(card: dict[str, Any], taxonomy: Taxonomy, where: Path) -> Non
         what.append(f"types removed: {removed}")
     if not what:
         what.append("type order, keywords or exclusions changed")
-    raise ModelMismatchError(f"the model in {where} was trained for a different taxonomy ({'; '.join(what)}). "
-                             "Retrain it on the current taxonomy: casemine train")
+    raise ModelMismatchError(
+        f"the model in {where} was trained for a different taxonomy ({'; '.join(what)}). "
+        "Retrain it on the current taxonomy: casemine train"
+    )
 
 
 def load_model(cfg: Config) -> tuple[TextClassifier, dict[str, Any]] | None:
@@ -176,8 +217,10 @@ def load_model(cfg: Config) -> tuple[TextClassifier, dict[str, Any]] | None:
     if card.get("uses_embeddings"):
         model.embed = _embedder(cfg)
         if model.embed is None:
-            raise ModelMismatchError("the saved model uses sentence embeddings but pipeline.embed is unavailable or "
-                                     "classify.use_embeddings is off; retrain: casemine train")
+            raise ModelMismatchError(
+                "the saved model uses sentence embeddings but pipeline.embed is unavailable or "
+                "classify.use_embeddings is off; retrain: casemine train"
+            )
     card = {**card, "_tokenizer_now": tok_name}
     return model, card
 
@@ -187,6 +230,7 @@ def cv_summary(results: list) -> list[dict[str, Any]]:
 
 
 # -- models trained from labelled conversations (one per task) ---------------------------------
+
 
 def task_dir(cfg: Config, task: str) -> Path:
     """Where a task's model lives. The issue-type model keeps the folder it always had, so a
@@ -243,9 +287,11 @@ def load_task_model(cfg: Config, task: str) -> tuple[Any, dict[str, Any]] | None
         raise ModelMismatchError(f"model card {p} is not valid JSON ({e}); retrain: casemine train") from None
     taxonomy = load_taxonomy(cfg)
     if card.get("task_fingerprint") != task_fingerprint(task, taxonomy, bool(card.get("uses_prototypes"))):
-        raise ModelMismatchError(f"the {task} model in {where} was trained for a different taxonomy (its types, "
-                                 "keywords or prototypes changed). Retrain it: casemine train --labels FILE "
-                                 "--transcripts DIR")
+        raise ModelMismatchError(
+            f"the {task} model in {where} was trained for a different taxonomy (its types, "
+            "keywords or prototypes changed). Retrain it: casemine train --labels FILE "
+            "--transcripts DIR"
+        )
     blob = _load_blob(where, card)
     return blob["model"], card
 
@@ -255,8 +301,11 @@ def _load_blob(where: Path, card: dict[str, Any]) -> dict[str, Any]:
     try:
         blob = joblib.load(where / MODEL_FILE)
     except FileNotFoundError:
-        raise ModelMismatchError(f"{where / MODEL_FILE} is missing but its model card exists; retrain: casemine train") from None
+        raise ModelMismatchError(
+            f"{where / MODEL_FILE} is missing but its model card exists; retrain: casemine train"
+        ) from None
     if not isinstance(blob, dict) or blob.get("model_id") != card.get("model_id"):
-        raise ModelMismatchError(f"{where / MODEL_FILE} does not belong to {CARD_FILE} (an interrupted save?); "
-                                 "retrain: casemine train")
+        raise ModelMismatchError(
+            f"{where / MODEL_FILE} does not belong to {CARD_FILE} (an interrupted save?); retrain: casemine train"
+        )
     return blob

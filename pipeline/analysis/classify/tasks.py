@@ -115,8 +115,9 @@ def rule_prior(share: np.ndarray, sim: np.ndarray | None, taxonomy: Taxonomy) ->
     return e / e.sum(axis=1, keepdims=True)
 
 
-def build_inputs(task: str, cases: pd.DataFrame, taxonomy: Taxonomy, encode: Encode | None = None,
-                 with_prototypes: bool = False) -> list[CaseInput]:
+def build_inputs(
+    task: str, cases: pd.DataFrame, taxonomy: Taxonomy, encode: Encode | None = None, with_prototypes: bool = False
+) -> list[CaseInput]:
     """One input per case row for `task` (see the module docstring of case_model)."""
     rows = cast(list[dict[str, Any]], cases.to_dict("records"))
     if task == "issue_type":
@@ -131,25 +132,40 @@ def build_inputs(task: str, cases: pd.DataFrame, taxonomy: Taxonomy, encode: Enc
         # The customer side's sentence embedding, as the prototypes read it (same texts, so the
         # memo encodes each once).
         emb = _embed(enc, issue_embed_texts(customer, taxonomy)) if enc is not None else [None] * len(rows)
-        return [{"customer": c, "agent": to_str(r.get("agent_text")), "signals": s.tolist(),
-                 "prior": dict(zip(taxonomy.labels, (round(float(v), 6) for v in p))),
-                 "emb": None if e is None else [float(v) for v in e]}
-                for c, r, s, p, e in zip(customer, rows, sig, prior, emb)]
+        return [
+            {
+                "customer": c,
+                "agent": to_str(r.get("agent_text")),
+                "signals": s.tolist(),
+                "prior": dict(zip(taxonomy.labels, (round(float(v), 6) for v in p))),
+                "emb": None if e is None else [float(v) for v in e],
+            }
+            for c, r, s, p, e in zip(customer, rows, sig, prior, emb)
+        ]
     if task == "request_kind":
         rules = RequestKindRules(taxonomy)
         out = []
         for r in rows:
             text = to_str(r.get("customer_text")) or to_str(r.get("problem"))
-            out.append({"customer": text, "agent": "",
-                        "signals": rules.signals(text, lowest_sentiment(r), to_list(r.get("escalation_threats")))})
+            out.append(
+                {
+                    "customer": text,
+                    "agent": "",
+                    "signals": rules.signals(text, lowest_sentiment(r), to_list(r.get("escalation_threats"))),
+                }
+            )
         return out
     if task == "outcome":
         out = []
         for r in rows:
             rule = to_str(r.get("outcome"))
-            out.append({"customer": _tail(r.get("turns"), "customer", _TAIL_CUSTOMER),
-                        "agent": _tail(r.get("turns"), "agent", _TAIL_AGENT) or to_str(r.get("agent_text")),
-                        "signals": [float(rule == o) for o in OUTCOMES]})
+            out.append(
+                {
+                    "customer": _tail(r.get("turns"), "customer", _TAIL_CUSTOMER),
+                    "agent": _tail(r.get("turns"), "agent", _TAIL_AGENT) or to_str(r.get("agent_text")),
+                    "signals": [float(rule == o) for o in OUTCOMES],
+                }
+            )
         return out
     raise ValueError(f"unknown task {task!r} (one of {TASKS})")
 
@@ -169,8 +185,9 @@ def conversation_rows(cases: pd.DataFrame) -> pd.DataFrame:
         row["agent_text"] = " ".join(g["agent_text"].map(to_str))
         row["turns"] = [t for ts in g["turns"] for t in to_list(ts)]
         row["outcome"] = last.get("outcome")
-        row["escalation_threats"] = [t for ts in g["escalation_threats"] for t in to_list(ts)] \
-            if "escalation_threats" in g else []
+        row["escalation_threats"] = (
+            [t for ts in g["escalation_threats"] for t in to_list(ts)] if "escalation_threats" in g else []
+        )
         for col in ("emotion_min", "emotion_score"):
             if col in g:
                 vals = [v for v in (to_float(x) for x in g[col]) if v is not None]

@@ -79,6 +79,7 @@ class RequestKinds(_Strict):
 
 class ColdStart(_Strict):
     """How issue types are decided before any model is trained."""
+
     # Sentence-embedding prototypes (each type's definition + examples) next to the keywords.
     # Off: keywords alone (no embedding model is loaded).
     embeddings: bool = True
@@ -137,8 +138,10 @@ class Urgency(_Strict):
     def _one_catch_all(self) -> Urgency:
         catch_all = [lv.name for lv in self.levels if lv.min_score is None or math.isnan(lv.min_score)]
         if len(catch_all) != 1:
-            raise ValueError("urgency.levels needs exactly one level with min_score: null (the lowest, "
-                             f"catch-all level); found {catch_all or 'none'}")
+            raise ValueError(
+                "urgency.levels needs exactly one level with min_score: null (the lowest, "
+                f"catch-all level); found {catch_all or 'none'}"
+            )
         names = [lv.name for lv in self.levels]
         if len(set(names)) != len(names):
             raise ValueError(f"urgency.levels has duplicate names: {names}")
@@ -177,8 +180,10 @@ class Taxonomy(_Strict):
         """Hash of what a trained model depends on: the issue-type names (in order) and their
         keywords/exclusions (used as features by the rule-feature variant). Urgency and
         request-kind settings are left out: editing them must not force a retrain."""
-        payload = [{"name": t.name, "keywords": [[k.term, k.weight] for k in t.keywords],
-                    "exclude": list(t.exclude)} for t in self.issue_types]
+        payload = [
+            {"name": t.name, "keywords": [[k.term, k.weight] for k in t.keywords], "exclude": list(t.exclude)}
+            for t in self.issue_types
+        ]
         payload.append({"fallback": self.fallback})
         blob = json.dumps(payload, ensure_ascii=False, sort_keys=True).encode("utf-8")
         return hashlib.sha256(blob).hexdigest()
@@ -216,8 +221,9 @@ def load_taxonomy(cfg: Config) -> Taxonomy:
     try:
         key = (str(path), path.stat().st_mtime)
     except FileNotFoundError:
-        raise ConfigError(f"taxonomy file {path} is missing; restore configs/taxonomy.yaml or fix "
-                          "classify.taxonomy in the config") from None
+        raise ConfigError(
+            f"taxonomy file {path} is missing; restore configs/taxonomy.yaml or fix classify.taxonomy in the config"
+        ) from None
     if key not in _CACHE:
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8"))
