@@ -35,7 +35,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pipeline.config import Config, ConfigError, load_yaml_resource
 from pipeline.text.mask import PLACEHOLDER_RE
 
-TRAJECTORIES = ("改善", "恶化", "平稳")
+# The trajectory labels, in the order tables show them (improved, flat, worsened).
+TRAJECTORIES = ("改善", "平稳", "恶化")
 _PUNCT_RE = re.compile(r"[,.!?;:，。！？；：、~…]")
 _REPEAT_PUNCT_RE = re.compile(r"[!?！？]{2,}")
 _CAPS_RE = re.compile(r"(?<![A-Za-z])[A-Z]{3,}(?![A-Za-z])")

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-TRAJECTORIES = ("改善", "平稳", "恶化")
+from pipeline.analysis.emotion import TRAJECTORIES
 
 
 def _team(meta_json: Any, agent_id: Any) -> str | None:
