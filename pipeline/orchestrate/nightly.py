@@ -14,7 +14,7 @@ import secrets
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -254,11 +254,6 @@ def process_with(ctx: RunContext, comp: Components, convs: list[Conversation], l
         ingest_date=ctx.ingest_date,
         prior_orders=prior_orders(ctx, convs),
     )
-
-
-def process_and_classify(ctx: RunContext, convs: list[Conversation], segmenter: Segmenter | None = None) -> BatchResult:
-    """Every batch step, a conversation that makes one raise quarantined alone."""
-    return process(ctx, convs, segmenter, last="classify")
 
 
 def process_part(ctx: RunContext, comp: Components, batch: list[Conversation], part: int) -> BatchResult:
@@ -550,21 +545,18 @@ def _move_aside(path: Path) -> Path:
 
 @dataclass
 class Night:
-    """What a run's steps have made so far; each step adds one field (`RunStep.adds`)."""
+    """What a run's steps have made so far; each step adds one field (`RunStep.adds`). After the
+    batch step the runner joins the batches' case tables once, into `cases`."""
 
     ctx: RunContext
     ingest: IngestResult | None = None
     batches: list[BatchResult] = field(default_factory=list)
+    cases: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=EMPTY_CASE_COLUMNS))
     index: dict[str, Any] = field(default_factory=dict)
     quarantine: Path | None = None
     exports: dict[str, Any] = field(default_factory=dict)
     library: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def cases(self) -> pd.DataFrame:
-        frames = [r.cases for r in self.batches]
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=EMPTY_CASE_COLUMNS)
 
     @property
     def rejected(self) -> list[QuarantineRecord]:
@@ -657,30 +649,48 @@ def add_seconds(ctx: RunContext, name: str, seconds: float) -> None:
     ctx.seconds[name] = ctx.seconds.get(name, 0.0) + seconds
 
 
+def run_declared(
+    ctx: RunContext,
+    call: Callable[[RunStep, Night], Any],
+    each_batch: Callable[[RunStep, list[list[Conversation]]], Iterator[BatchResult]],
+) -> dict[str, Any]:
+    """`NIGHTLY` in order, the one loop both runners share: `call(step, night)` runs a step (a
+    plain call, or a Prefect task), `each_batch(step, parts)` yields the batch step's results in
+    part order. Timings, progress and crash checkpoints are kept here, not in the steps."""
+    night = Night(ctx)
+    for step in NIGHTLY:
+        t = time.perf_counter()
+        if step.per_batch:
+            assert night.ingest is not None
+            parts = batches(night.ingest.accepted, ctx.cfg.flow.batch_size)
+            done = 0
+            for batch, res in zip(parts, each_batch(step, parts)):
+                night.batches.append(res)
+                for k, v in res.seconds.items():
+                    add_seconds(ctx, k, v)
+                done += len(batch)
+                progress(step.name, done, len(night.ingest.accepted))
+            if night.batches:
+                night.cases = pd.concat([r.cases for r in night.batches], ignore_index=True)
+        else:
+            setattr(night, step.adds, call(step, night))
+            if step.adds != "summary":
+                add_seconds(ctx, step.name, time.perf_counter() - t)
+        checkpoint(step.name)
+    return night.summary
+
+
 def run_pipeline(cfg: Config, input_dir: Path, out: Path, runner: str = "plain") -> dict[str, Any]:
     """The whole nightly run as a plain loop over `NIGHTLY` (the Prefect flow runs the same list
     as tasks), holding the output root's lock (re-entrant: `casemine run` already holds it)."""
     with run_lock(out):
         ctx = start_run(cfg, input_dir, out, runner)
-        night = Night(ctx)
         with Components.from_config(cfg) as comp:
-            for step in NIGHTLY:
-                t = time.perf_counter()
-                if step.per_batch:
-                    assert night.ingest is not None
-                    parts = batches(night.ingest.accepted, cfg.flow.batch_size)
-                    for n, batch in enumerate(parts):
-                        res = step.run(ctx, comp, batch, n)
-                        night.batches.append(res)
-                        for k, v in res.seconds.items():
-                            add_seconds(ctx, k, v)
-                        progress(step.name, sum(map(len, parts[: n + 1])), len(night.ingest.accepted))
-                else:
-                    setattr(night, step.adds, step.run(night))
-                    if step.adds != "summary":
-                        add_seconds(ctx, step.name, time.perf_counter() - t)
-                checkpoint(step.name)
-        return night.summary
+            return run_declared(
+                ctx,
+                lambda step, night: step.run(night),
+                lambda step, parts: (step.run(ctx, comp, batch, n) for n, batch in enumerate(parts)),
+            )
 
 
 def mark_derived_current(out: Path) -> None:

@@ -8,7 +8,7 @@ Local runs need no server: Prefect starts a temporary one for the duration of th
 
 from __future__ import annotations
 
-import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,6 @@ from pipeline.orchestrate import nightly as steps  # noqa: E402
 from pipeline.orchestrate.batch import BatchResult  # noqa: E402
 from pipeline.orchestrate.lock import run_lock  # noqa: E402
 from pipeline.orchestrate.steps import Components  # noqa: E402
-from pipeline.progress import progress  # noqa: E402
 from pipeline.schema import Conversation  # noqa: E402
 from pipeline.text.segment import shared_segmenter  # noqa: E402
 
@@ -50,30 +49,19 @@ def _process_part(ctx: steps.RunContext, batch: list[Conversation], part: int) -
     return steps.process_part(ctx, _components(ctx), batch, part)
 
 
+def _each_batch(ctx: steps.RunContext, step: steps.RunStep, parts: list[list[Conversation]]) -> Iterator[BatchResult]:
+    """One task per batch, all submitted at once (a parallel task runner runs them side by side),
+    results in part order."""
+    run_part = task(name=f"{step.name}-batch", cache_policy=NO_CACHE, persist_result=False)(_process_part)
+    futures = [run_part.submit(ctx, batch, n) for n, batch in enumerate(parts)]
+    return (f.result() for f in futures)
+
+
 def run_declared(ctx: steps.RunContext) -> dict[str, Any]:
-    """`steps.NIGHTLY` as Prefect tasks, in order: the batch step as one task per batch
-    (submitted together, so a parallel task runner runs them side by side), every other step as
-    one task. Timings and crash checkpoints here, as in the plain runner."""
-    night = steps.Night(ctx)
-    for step in steps.NIGHTLY:
-        t = time.perf_counter()
-        if step.per_batch:
-            assert night.ingest is not None
-            parts = steps.batches(night.ingest.accepted, ctx.cfg.flow.batch_size)
-            run_part = task(name=f"{step.name}-batch", cache_policy=NO_CACHE, persist_result=False)(_process_part)
-            futures = [run_part.submit(ctx, batch, n) for n, batch in enumerate(parts)]
-            for n, f in enumerate(futures):
-                res = f.result()
-                night.batches.append(res)
-                for k, v in res.seconds.items():
-                    steps.add_seconds(ctx, k, v)
-                progress(step.name, sum(map(len, parts[: n + 1])), len(night.ingest.accepted))
-        else:
-            setattr(night, step.adds, _task(step)(night))
-            if step.adds != "summary":
-                steps.add_seconds(ctx, step.name, time.perf_counter() - t)
-        steps.checkpoint(step.name)
-    return night.summary
+    """`steps.NIGHTLY` as Prefect tasks, through the loop the plain runner uses."""
+    return steps.run_declared(
+        ctx, lambda step, night: _task(step)(night), lambda step, parts: _each_batch(ctx, step, parts)
+    )
 
 
 @flow(name="casemine-nightly", log_prints=False, validate_parameters=False)
