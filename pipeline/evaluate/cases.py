@@ -137,23 +137,19 @@ def mine_cases(cfg: Config, transcripts: Path) -> tuple[Any, dict[str, int]]:
     """The case table a nightly run would store for these transcripts (every batch step, through
     classify); nothing is written. Returns (cases, counts of read / quarantined / duplicate
     conversations)."""
-    from pipeline.ingest import discover, read_file
+    from pipeline.ingest import read_all
     from pipeline.orchestrate.steps import process_conversations
 
     transcripts = Path(transcripts)
-    paths = discover(transcripts) if transcripts.is_dir() else [transcripts]
-    root = transcripts if transcripts.is_dir() else transcripts.parent
+    read, quarantined = read_all(transcripts, cfg.ingest)
     convs, seen = [], set()
-    counts: Counter = Counter()
-    for p in paths:
-        res = read_file(p, cfg.ingest, root=root)
-        counts["quarantined"] += len(res.quarantined)
-        for c in res.conversations:
-            if c.conversation_id in seen:  # a re-delivery is a duplicate in a run too
-                counts["duplicates"] += 1
-                continue
-            seen.add(c.conversation_id)
-            convs.append(c)
+    counts: Counter = Counter(quarantined=quarantined)
+    for c in read:
+        if c.conversation_id in seen:  # a re-delivery is a duplicate in a run too
+            counts["duplicates"] += 1
+            continue
+        seen.add(c.conversation_id)
+        convs.append(c)
     counts["conversations"] = len(convs)
     if not convs:
         raise ValueError(f"{transcripts}: no readable conversations ({counts['quarantined']} quarantined)")

@@ -52,6 +52,20 @@ def discover(input_dir: Path) -> list[Path]:
     return sorted(found)
 
 
+def read_all(path: Path, cfg: IngestConfig) -> tuple[list[Conversation], int]:
+    """Every conversation in a file or folder of transcripts, in file order, and how many records
+    were quarantined: for one-off reads (training, evaluation) that do not go through a run."""
+    path = Path(path)
+    root = path if path.is_dir() else path.parent
+    convs: list[Conversation] = []
+    quarantined = 0
+    for p in discover(path):
+        res = read_file(p, cfg, root=root)
+        convs.extend(res.conversations)
+        quarantined += len(res.quarantined)
+    return convs, quarantined
+
+
 def input_name(input_dir: Path, path: Path) -> str:
     """How a discovered file is recorded between runs: relative to the input folder (its own name
     when the input is that file), so moving the whole delivery folder does not make it new."""

@@ -27,7 +27,7 @@ def transcript_cases(cfg: Config, transcripts: Path) -> tuple[pd.DataFrame, dict
     """The case table a nightly run would make of these transcripts (through the emotion step), a
     map from every id a labeller may use (as delivered, or as stored after masking) to the stored
     id, and how many records were quarantined."""
-    from pipeline.ingest import discover, read_file
+    from pipeline.ingest import read_all
     from pipeline.orchestrate.steps import process_conversations
 
     transcripts = Path(transcripts)
@@ -36,12 +36,7 @@ def transcript_cases(cfg: Config, transcripts: Path) -> tuple[pd.DataFrame, dict
             f"transcripts {transcripts} do not exist; pass the folder (or file) the labelled "
             "conversations were delivered in"
         )
-    convs, quarantined = [], 0
-    root = transcripts if transcripts.is_dir() else transcripts.parent
-    for p in discover(transcripts):
-        res = read_file(p, cfg.ingest, root=root)
-        convs.extend(res.conversations)
-        quarantined += len(res.quarantined)
+    convs, quarantined = read_all(transcripts, cfg.ingest)
     if not convs:
         raise LabeledDataError(f"no readable conversations under {transcripts} ({quarantined} records quarantined)")
     cases = process_conversations(convs, cfg, "emotion").cases
