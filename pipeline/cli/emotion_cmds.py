@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +58,7 @@ def emotion_cmd(
         with Components.from_config(cfg, analyzer=analyzer) as comp:
             cases = run_batch(convs, comp, through("emotion")).cases
         for row in cases.to_dict("records"):
-            detail = json.loads(row["emotion_turn_detail"])
+            detail = row["emotion_turn_detail"]
             results.append(
                 {
                     "conversation_id": row["conversation_id"],
@@ -68,15 +67,15 @@ def emotion_cmd(
                     "emotion": row["emotion"],
                     "intensity": max((d["intensity"] for d in detail), default=0.0),
                     "evidence": sorted({e for d in detail for e in d["evidence"]}),
-                    "curve": json.loads(row["emotion_curve"]),
-                    "curve_turns": json.loads(row["emotion_curve_turns"]),
+                    "curve": row["emotion_curve"],
+                    "curve_turns": row["emotion_curve_turns"],
                     "start": row["emotion_start"],
                     "end": row["emotion_end"],
                     "min": row["emotion_min"],
                     "min_turn": row["emotion_min_turn"],
                     "delta": row["emotion_delta"],
                     "trajectory": row["emotion_trajectory"],
-                    "turning_points": json.loads(row["turning_points"]),
+                    "turning_points": row["turning_points"],
                     "turns": detail,
                 }
             )

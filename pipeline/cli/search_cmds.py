@@ -169,28 +169,9 @@ def show_cmd(
 
 def read_case(root: Path, case_id: str) -> dict[str, Any] | None:
     """The newest stored row of a case (a re-run may have written it again), or None."""
-    import pyarrow as pa
-    import pyarrow.dataset as ds
-    import pyarrow.parquet as pq
+    from pipeline.storage.store import read_case as stored_case
 
-    base = Path(root) / "processed" / "cases"
-    files = sorted(base.glob("date=*/part-*.parquet"))
-    if not files:
-        return None
-    # Partitions written before a later step added a column lack it: unify by name. `date` is the
-    # folder's (older files also hold it as a column, with the same value).
-    schema = pa.unify_schemas([pq.read_schema(f) for f in files])
-    if "date" not in schema.names:
-        schema = schema.append(pa.field("date", pa.string()))
-    hive = ds.partitioning(pa.schema([("date", pa.string())]), flavor="hive")
-    rows = (
-        ds.dataset(
-            [str(f) for f in files], format="parquet", schema=schema, partitioning=hive, partition_base_dir=str(base)
-        )
-        .to_table(filter=ds.field("case_id") == case_id)
-        .to_pylist()
-    )
-    return max(rows, key=lambda r: r.get("run_id") or "") if rows else None
+    return stored_case(Path(root), case_id)
 
 
 def render_case(row: dict[str, Any], width: int) -> str:

@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline.ingest.parse import scrub_surrogates
-from pipeline.schema import CASE_COLUMNS, CASE_SCHEMA, Conversation, QuarantineRecord, Turn
+from pipeline.schema import RECORD_COLUMNS, RECORD_SCHEMA, Conversation, QuarantineRecord, Turn
 from pipeline.text.mask import Masker
 from pipeline.text.normalize import Normalizer
 from pipeline.text.segment import Segmenter
@@ -162,8 +162,10 @@ def _checked_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     """The records as a DataFrame, after converting them as the writer will (which raises where
     the writer would)."""
     # Columns a later step fills (emotion) are None until it runs: null in Arrow whatever the type.
-    df = pd.DataFrame.from_records([{c: r.get(c) for c in CASE_COLUMNS} for r in records], columns=list(CASE_COLUMNS))
-    pa.Table.from_pandas(df, schema=CASE_SCHEMA, preserve_index=False)
+    df = pd.DataFrame.from_records(
+        [{c: r.get(c) for c in RECORD_COLUMNS} for r in records], columns=list(RECORD_COLUMNS)
+    )
+    pa.Table.from_pandas(df, schema=RECORD_SCHEMA, preserve_index=False)
     return df
 
 

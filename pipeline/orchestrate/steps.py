@@ -37,7 +37,7 @@ from pipeline.orchestrate.batch import (
     normalize_conversation,
     segment_records,
 )
-from pipeline.schema import Conversation, QuarantineRecord
+from pipeline.schema import CASE_SCHEMA, Conversation, QuarantineRecord
 from pipeline.text.mask import Masker
 from pipeline.text.normalize import Normalizer
 from pipeline.text.segment import Segmenter
@@ -124,6 +124,76 @@ class Step:
     adds: tuple[str, ...]
     run: Callable[[Batch, Components], None]
     doc: str
+    # The case-table columns the step adds, named as in pipeline.schema.CASE_SCHEMA: the steps'
+    # columns together are the schema's, each declared once (checked below, at import).
+    columns: tuple[str, ...] = ()
+
+
+# What each step adds to the case table (see Step.columns). Literal names rather than imports of
+# the steps' own constants: importing the analysers here would load them for every slice.
+CASE_COLUMNS_OF_CASES: tuple[str, ...] = (
+    "case_id",
+    "conversation_id",
+    "segment",
+    "channel",
+    "source_file",
+    "started_at",
+    "date",
+    "date_source",
+    "problem",
+    "handling",
+    "outcome",
+    "outcome_evidence",
+    "customer_text",
+    "agent_text",
+    "first_response_s",
+    "duration_s",
+    "n_turns",
+    "n_customer_turns",
+    "n_agent_turns",
+    "timings_missing",
+    "region",
+    "product",
+    "order_id",
+    "agent_id",
+    "csat",
+    "repeat_contact",
+    "metadata_json",
+    "turns",
+    "pii_masked",
+    "content_hash",
+    "run_id",
+)
+# pipeline.analysis.emotion: CASE_EMOTION_COLUMNS + EMOTION_COLUMNS (tests/test_schema.py checks).
+EMOTION_STEP_COLUMNS: tuple[str, ...] = (
+    "emotion",
+    "emotion_score",
+    "emotion_cues",
+    "escalation_threats",
+    "emotion_curve",
+    "emotion_curve_turns",
+    "emotion_labels",
+    "emotion_start",
+    "emotion_end",
+    "emotion_min",
+    "emotion_min_turn",
+    "emotion_delta",
+    "emotion_trajectory",
+    "turning_points",
+    "emotion_turn_detail",
+)
+# pipeline.analysis.classify: OUTPUT_COLUMNS (tests/test_schema.py checks).
+CLASSIFY_STEP_COLUMNS: tuple[str, ...] = (
+    "issue_type",
+    "issue_type_confidence",
+    "request_kind",
+    "urgency",
+    "urgency_confidence",
+    "urgency_due_hours",
+    "needs_review",
+    "evidence",
+    "classifier",
+)
 
 
 def _per_conversation(step: str, fn: Callable[[Item, Components, Batch], Any]) -> Callable[[Batch, Components], None]:
@@ -203,8 +273,16 @@ BATCH_STEPS: tuple[Step, ...] = (
         ("case records",),
         _per_conversation("cases", _cases),
         "one case per separate issue: problem, handling, outcome, timings",
+        CASE_COLUMNS_OF_CASES,
     ),
-    Step("segment", ("problem", "customer_text"), ("tokens", "keywords"), _segment, "jieba tokens and keywords"),
+    Step(
+        "segment",
+        ("problem", "customer_text"),
+        ("tokens", "keywords"),
+        _segment,
+        "jieba tokens and keywords",
+        ("tokens", "keywords"),
+    ),
     Step("table", ("case records",), ("case table",), _table, "the records as the Parquet writer will accept them"),
     Step(
         "emotion",
@@ -212,6 +290,7 @@ BATCH_STEPS: tuple[Step, ...] = (
         ("emotion columns",),
         _on_cases("emotion", "emotion"),
         "per-turn emotion and the conversation's curve",
+        EMOTION_STEP_COLUMNS,
     ),
     Step(
         "classify",
@@ -219,9 +298,27 @@ BATCH_STEPS: tuple[Step, ...] = (
         ("issue_type", "request_kind", "urgency"),
         _on_cases("classify", "classify"),
         "issue type, request kind, urgency: trained models, else rules",
+        CLASSIFY_STEP_COLUMNS,
     ),
 )
 STEP_NAMES: tuple[str, ...] = tuple(s.name for s in BATCH_STEPS)
+
+
+def check_declared_columns(steps: Sequence[Step] = BATCH_STEPS) -> None:
+    """Raise unless the steps' declared columns are the case schema's, each declared once: a
+    column added to one and not the other is caught on import, not by a reader months later."""
+    declared = [c for s in steps for c in s.columns]
+    twice = sorted({c for c in declared if declared.count(c) > 1})
+    undeclared = [c for c in CASE_SCHEMA.names if c not in declared]
+    unknown = [c for c in declared if c not in CASE_SCHEMA.names]
+    if twice or undeclared or unknown:
+        raise RuntimeError(
+            "BATCH_STEPS' columns do not match pipeline.schema.CASE_SCHEMA: "
+            f"declared twice {twice}, declared by no step {undeclared}, not in the schema {unknown}"
+        )
+
+
+check_declared_columns()
 
 
 def through(last: str) -> tuple[Step, ...]:

@@ -23,7 +23,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipeline.io import atomic_write_parquet, atomic_write_text
-from pipeline.schema import CASE_SCHEMA, QuarantineRecord
+from pipeline.schema import CASE_SCHEMA, PART_SCHEMA, PARTITION_KEY, QuarantineRecord
 
 
 class Masker(Protocol):
@@ -37,63 +37,103 @@ def cases_dir(out: Path) -> Path:
     return out / "processed" / "cases"
 
 
-PARTITION = ds.partitioning(pa.schema([("date", pa.string())]), flavor="hive")
+PARTITION = ds.partitioning(pa.schema([(PARTITION_KEY, pa.string())]), flavor="hive")
+
+
+class UnknownColumnError(ValueError):
+    """A step produced a column the case schema does not declare (pipeline.schema.CASE_SCHEMA)."""
 
 
 def case_table(df: pd.DataFrame) -> pa.Table:
-    """The DataFrame as an Arrow table in the stored schema, without the partition key `date`;
-    extra columns (classification...) are appended after the fixed ones with inferred types."""
-    fixed = [c for c in CASE_SCHEMA.names if c != "date"]
-    extra = [c for c in df.columns if c not in fixed]
-    base = pa.Table.from_pandas(
-        df[fixed], schema=pa.schema([CASE_SCHEMA.field(c) for c in fixed]), preserve_index=False
-    )
-    for c in extra:
-        if c == "date":
-            continue
-        base = base.append_column(c, pa.array(df[c].tolist()))
-    return base
+    """The DataFrame as a stored part: exactly PART_SCHEMA (the case schema without the partition
+    key `date`), in its order and types. A column a step did not fill (a slice of the steps, a
+    step that failed over) is null; a column the schema does not know is an error, so no type is
+    ever guessed from one batch's values."""
+    unknown = [c for c in df.columns if c not in CASE_SCHEMA.names]
+    if unknown:
+        raise UnknownColumnError(
+            f"case table column(s) {', '.join(map(repr, unknown))} not in pipeline.schema.CASE_SCHEMA: "
+            "declare them there (and in the step that adds them, pipeline.orchestrate.steps)"
+        )
+    full = df.reindex(columns=PART_SCHEMA.names)  # missing columns: all null
+    return pa.Table.from_pandas(full, schema=PART_SCHEMA, preserve_index=False)
 
 
 def write_cases(out: Path, df: pd.DataFrame, run_id: str, part: int) -> list[Path]:
     """One Parquet file per date partition for this batch; returns the paths written."""
     written = []
-    for day, group in df.groupby("date", sort=True):
-        path = cases_dir(out) / f"date={day}" / f"part-{run_id}-{part:05d}.parquet"
+    for day, group in df.groupby(PARTITION_KEY, sort=True):
+        path = cases_dir(out) / f"{PARTITION_KEY}={day}" / f"part-{run_id}-{part:05d}.parquet"
         atomic_write_parquet(path, case_table(group.reset_index(drop=True)))
         written.append(path)
     return written
 
 
+def _from_json(values: list[Any]) -> list[Any]:
+    return [json.loads(v) if isinstance(v, str) and v else None for v in values]
+
+
+def upgrade_part(table: pa.Table, schema: pa.Schema = PART_SCHEMA) -> pa.Table:
+    """A part as read, in `schema`'s columns and types. Parts written before the schema typed every
+    column hold the curve, labels, turning points and turn detail as JSON strings, may lack the
+    columns of steps added later, and have types inferred per file (int64, or null where one batch
+    had no value): decoded, null-filled and cast here. Columns the schema no longer has are dropped."""
+    columns = []
+    for f in schema:
+        if f.name not in table.column_names:
+            columns.append(pa.nulls(len(table), f.type))
+            continue
+        col = table.column(f.name)
+        if col.type == f.type:
+            columns.append(col)
+        elif pa.types.is_string(col.type) and (pa.types.is_nested(f.type)):
+            columns.append(pa.array(_from_json(col.to_pylist()), type=f.type))
+        else:
+            columns.append(col.cast(f.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _read_part(path: Path, schema: pa.Schema, filters: list[tuple[str, str, Any]] | None = None) -> pa.Table:
+    """One part in `schema` (a selection of the case schema's columns), `date` from its folder."""
+    stored = pa.schema([f for f in schema if f.name != PARTITION_KEY])
+    present = set(pq.read_schema(path).names)
+    t = upgrade_part(pq.read_table(path, columns=[c for c in stored.names if c in present], filters=filters), stored)
+    if PARTITION_KEY in schema.names:
+        day = path.parent.name.removeprefix(f"{PARTITION_KEY}=")
+        t = t.append_column(PARTITION_KEY, pa.array([day] * len(t), pa.string()))
+    return t.select(schema.names)
+
+
+def read_parts(files: list[Path], columns: list[str] | None = None) -> pa.Table:
+    """Stored parts as one table in the case schema (older parts upgraded, see `upgrade_part`),
+    `date` taken from each part's folder. `columns`: only these (names the schema lacks are left out)."""
+    keep = None if columns is None else set(columns)
+    schema = pa.schema([f for f in CASE_SCHEMA if keep is None or f.name in keep])
+    tables = [_read_part(f, schema) for f in files]
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
 def read_cases(out: Path, columns: list[str] | None = None, latest: bool = True) -> pd.DataFrame:
-    """All stored cases as one DataFrame. With `latest`, one row per case_id, the newest run's:
-    a repaired or re-delivered conversation must not count twice downstream."""
-    root = cases_dir(out)
-    files = sorted(root.glob("date=*/part-*.parquet")) if root.exists() else []
+    """All stored cases as one DataFrame, typed by the case schema (lists are arrays, structs are
+    dicts), whatever version of the store wrote them. With `latest`, one row per case_id, the
+    newest run's: a repaired or re-delivered conversation must not count twice downstream.
+    The one reader of the case table: every other reads through it (or `read_case`)."""
+    files = stored_parts(out)
+    wanted = None if columns is None else [c for c in columns if c in CASE_SCHEMA.names]
     if not files:
         return pd.DataFrame(columns=columns or list(CASE_SCHEMA.names))
-    # Partitions written before a later step added a column lack it: unify by name. `date` comes
-    # from the folder (files written before it moved there also hold it: same values).
-    schema = pa.unify_schemas([pq.read_schema(f) for f in files])
-    if "date" not in schema.names:
-        schema = schema.append(pa.field("date", pa.string()))
-    wanted = None if columns is None else [c for c in columns if c in schema.names]
     read = wanted if wanted is None or not latest else list(dict.fromkeys(wanted + ["case_id", "run_id"]))
-    df = (
-        ds.dataset(
-            [str(f) for f in files],
-            format="parquet",
-            schema=schema,
-            partitioning=PARTITION,
-            partition_base_dir=str(root),
-        )
-        .to_table(columns=read)
-        .to_pandas()
-    )
+    df = read_parts(files, read).to_pandas()
     if latest and len(df):
         # Run ids start with their UTC start time, so their order is the runs' order.
         df = df.sort_values("run_id", kind="stable").drop_duplicates("case_id", keep="last").reset_index(drop=True)
     return df if wanted is None else df[wanted]
+
+
+def read_case(out: Path, case_id: str) -> dict[str, Any] | None:
+    """The newest stored row of one case (a re-run may have written it again), or None."""
+    rows = [r for f in stored_parts(out) for r in _read_part(f, CASE_SCHEMA, [("case_id", "==", case_id)]).to_pylist()]
+    return max(rows, key=lambda r: r.get("run_id") or "") if rows else None
 
 
 def run_parts(out: Path, run_id: str) -> list[Path]:

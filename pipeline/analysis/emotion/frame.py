@@ -7,7 +7,6 @@ string to avoid a list<null> column.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -105,11 +104,8 @@ def add_emotion(cases: pd.DataFrame, cfg: Config, analyzer: EmotionAnalyzer | No
             {
                 **case_emotion(scored, neutral),
                 **summary,
-                "emotion_curve": json.dumps(summary["emotion_curve"]),
-                "emotion_curve_turns": json.dumps(summary["emotion_curve_turns"]),
-                "emotion_labels": json.dumps([e.emotion for _, e in scored], ensure_ascii=False),
-                "turning_points": json.dumps(summary["turning_points"], ensure_ascii=False),
-                "emotion_turn_detail": json.dumps([{"turn": i, **e.as_dict()} for i, e in scored], ensure_ascii=False),
+                "emotion_labels": [e.emotion for _, e in scored],
+                "emotion_turn_detail": [{"turn": i, **e.as_dict()} for i, e in scored],
             }
         )
     out = cases.copy()
