@@ -68,6 +68,26 @@ def test_non_word_cues(rules):
     assert not any(x.startswith("粗口") for x in rules.score("usb接口坏了").evidence)  # 'sb' inside a word
 
 
+def test_cues_and_threats_are_data_and_the_case_reads_them(rules):
+    """The scorer records each cue as a Cue (text, weight, threat); the evidence strings people read
+    are made from them, and case_emotion takes threats and negative cues from them, not from text."""
+    from pipeline.analysis.emotion import Cue, case_emotion
+
+    e = rules.score("我要投诉你们，打12315！！！")
+    assert e.evidence[: len(e.cues)] == [c.evidence for c in e.cues]
+    threats = [c.threat for c in e.cues if c.threat]
+    assert {"投诉", "12315"} <= set(threats)
+    assert Cue("威胁:投诉", -0.7, "投诉").evidence == "威胁:投诉(-0.70)"
+    calm = rules.score("好的谢谢")
+    case = case_emotion([(0, e), (2, calm)], "平静")
+    assert case["escalation_threats"] == list(dict.fromkeys(threats))
+    assert "重复标点:！！！" in case["emotion_cues"] and not any(c.startswith("威胁") for c in case["emotion_cues"])
+    assert not any("(" in c for c in case["emotion_cues"])  # the cue, without its weight
+    # A cue's text that looks like a threat is not one: only the structured field counts.
+    fake = type(e)(-0.5, "不满", 0.5, ["威胁:假(-0.50)"], cues=(Cue("威胁:假", -0.5),))
+    assert case_emotion([(0, fake)], "平静")["escalation_threats"] == []
+
+
 def test_asr_text_without_punctuation_is_flagged_not_penalised(rules):
     e = rules.score("喂你好我那个快递怎么还没到我都等了一个星期了", asr=True)
     assert "无标点(ASR):仅依据词汇" in e.evidence and e.emotion == "不满"
@@ -121,13 +141,14 @@ def test_add_emotion_columns(cfg):
     for c in EMOTION_COLUMNS:
         assert c in out
     a, b = out.iloc[0], out.iloc[1]
-    curve = json.loads(a["emotion_curve"])
-    assert len(curve) == 4 and json.loads(a["emotion_curve_turns"]) == [0, 2, 4, 6]
+    curve = a["emotion_curve"]  # lists and dicts, typed by pipeline.schema when stored (no JSON)
+    assert len(curve) == 4 and a["emotion_curve_turns"] == [0, 2, 4, 6]
     assert curve[-1] > 0 > min(curve) and a["emotion_trajectory"] == "改善"
     assert a["emotion_min_turn"] in (2, 4) and math.isclose(a["emotion_delta"], a["emotion_end"] - a["emotion_start"], abs_tol=1e-4)
-    tp = json.loads(a["turning_points"])
+    tp = a["turning_points"]
     assert tp["lowest"]["agent_before"]["turn"] in (1, 3)
-    assert json.loads(b["emotion_curve"]) == [] and b["emotion_min_turn"] == -1
+    assert [d["turn"] for d in a["emotion_turn_detail"]] == [0, 2, 4, 6] and len(a["emotion_labels"]) == 4
+    assert b["emotion_curve"] == [] and b["emotion_min_turn"] == -1 and b["turning_points"] == {}
     assert out["emotion_start"].dtype == "float64" and out["emotion_min_turn"].dtype == "int64"
 
 

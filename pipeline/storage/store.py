@@ -55,8 +55,10 @@ def case_table(df: pd.DataFrame) -> pa.Table:
             f"case table column(s) {', '.join(map(repr, unknown))} not in pipeline.schema.CASE_SCHEMA: "
             "declare them there (and in the step that adds them, pipeline.orchestrate.steps)"
         )
-    full = df.reindex(columns=PART_SCHEMA.names)  # missing columns: all null
-    return pa.Table.from_pandas(full, schema=PART_SCHEMA, preserve_index=False)
+    present = pa.schema([f for f in PART_SCHEMA if f.name in df.columns])
+    t = pa.Table.from_pandas(df[present.names], schema=present, preserve_index=False)
+    columns = [t.column(f.name) if f.name in df.columns else pa.nulls(len(df), f.type) for f in PART_SCHEMA]
+    return pa.Table.from_arrays(columns, schema=PART_SCHEMA)
 
 
 def write_cases(out: Path, df: pd.DataFrame, run_id: str, part: int) -> list[Path]:
