@@ -216,7 +216,7 @@ def _write_partitions(root: Path, cases: pd.DataFrame) -> None:
         d = root / "processed" / "cases" / f"date={date}"
         d.mkdir(parents=True, exist_ok=True)
         cols = [c for c in CASE_SCHEMA.names if c in part.columns]
-        tbl = pa.Table.from_pandas(part[cols + ["issue_type", "urgency"]].reset_index(drop=True), preserve_index=False)
+        tbl = pa.Table.from_pandas(part[cols].reset_index(drop=True), preserve_index=False)
         pq.write_table(tbl, d / "part-0.parquet")
 
 
