@@ -19,7 +19,6 @@ from typing import Any, Protocol
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipeline.io import atomic_write_parquet, atomic_write_text
@@ -35,9 +34,6 @@ class Masker(Protocol):
 
 def cases_dir(out: Path) -> Path:
     return out / "processed" / "cases"
-
-
-PARTITION = ds.partitioning(pa.schema([(PARTITION_KEY, pa.string())]), flavor="hive")
 
 
 class UnknownColumnError(ValueError):
