@@ -120,6 +120,9 @@ def test_old_parts_read_back_upgraded(run_out, tmp_path):
         a = old_df[c].map(_plain).tolist()
         b = new_df[c].map(_plain).tolist()
         assert a == b, c
+    for df in (old_df, new_df):  # structs read as the dicts written: turn indexes stay ints
+        rises = [tp["biggest_rise"] for tp in df["turning_points"] if tp and tp["biggest_rise"]]
+        assert rises and all(type(r["turn"]) is int and type(r["from_turn"]) is int for r in rises)
     cid = next(iter(upgraded))
     row = read_case(old, cid)
     assert row is not None and isinstance(row["emotion_curve"], list) and isinstance(row["turning_points"], dict)

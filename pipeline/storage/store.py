@@ -121,7 +121,13 @@ def read_cases(out: Path, columns: list[str] | None = None, latest: bool = True)
     if not files:
         return pd.DataFrame(columns=columns or list(CASE_SCHEMA.names))
     read = wanted if wanted is None or not latest else list(dict.fromkeys(wanted + ["case_id", "run_id"]))
-    df = read_parts(files, read).to_pandas()
+    table = read_parts(files, read)
+    df = table.to_pandas()
+    for f in table.schema:
+        if pa.types.is_struct(f.type):
+            # pandas makes a struct's integer fields floats wherever one row is null (turn 3.0):
+            # structs come back as the plain dicts they were written from.
+            df[f.name] = pd.Series(table.column(f.name).to_pylist(), index=df.index, dtype=object)
     if latest and len(df):
         # Run ids start with their UTC start time, so their order is the runs' order.
         df = df.sort_values("run_id", kind="stable").drop_duplicates("case_id", keep="last").reset_index(drop=True)
