@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from pipeline.insights.cluster import (ALL_SCOPE, NOISE, CauseLexicon, ClusterParams, ClusterState, ScopeResult,
-                              assign_stable_ids, class_tfidf, cluster_vectors, label_from_terms, match_centroids,
+                              assign_stable_ids, class_tfidf, cluster_cases, cluster_vectors, label_from_terms, match_centroids,
                               select_cases)
 from pipeline.embed.fake import HashingEmbedder
 from pipeline.insights.kpis import compute_kpis
@@ -32,7 +32,7 @@ def _blobs(n_per: int = 30, k: int = 3, dim: int = 32, seed: int = 0) -> tuple[n
 
 def test_cluster_vectors_recovers_separated_groups():
     X, y = _blobs()
-    labels = cluster_vectors(X, ClusterParams(pca_components=5, min_cluster_size=5, min_samples=2))
+    labels = cluster_vectors(X, ClusterParams(pca_components=5, min_cluster_size=5))
     found = labels[labels != NOISE]
     assert len(set(found)) == 3
     # every cluster is pure
@@ -53,8 +53,51 @@ def test_class_tfidf_prefers_distinctive_terms_and_drops_placeholders():
     assert terms[1][0][0] in ("发票", "抬头")
     flat = [t for ts in terms.values() for t, _ in ts]
     assert "<PHONE>" not in flat
-    # a word in every cluster ranks below the distinctive ones
-    assert [t for t, _ in terms[0]].index("问题") == 2
+    # a word said in every cluster names none of them
+    assert "问题" not in flat
+
+
+def test_class_tfidf_needs_a_term_in_two_cases_and_more_common_than_elsewhere():
+    tokens = [["发票", "抬头", "京东"]] * 4 + [["发票", "结婚", "妹子"]] + [["快递", "没收到", "京东"]] * 5
+    labels = [0] * 5 + [1] * 5
+    got = [t for t, _ in class_tfidf(tokens, labels, top_k=5, min_lift=1.5)[0]]
+    assert got[:2] == ["发票", "抬头"]
+    assert "结婚" not in got and "妹子" not in got  # one chatty case is an anecdote
+    assert "京东" not in got  # as common in the other cluster
+    # a scope that is one cluster has nothing to compare against: only the two-case rule applies
+    assert {t for t, _ in class_tfidf(tokens[:5], [0] * 5, top_k=5)[0]} == {"发票", "抬头", "京东"}
+
+
+def test_filler_laden_invoice_chats_are_labelled_by_the_invoice(cfg):
+    """Hand-written customer problems full of address and courtesy words (亲, 小妹, 妹子, 京东,
+    您好, 客服, 请问, 谢谢) in every cluster: the labels come out of the product's own path
+    (segmenter tokens, stop words, c-TF-IDF with distinctiveness) and name the matter."""
+    from pipeline.insights.export import _stopwords
+    from pipeline.text.segment import Segmenter
+
+    invoice = ["亲，小妹您好，请问发票抬头开错了能重开吗谢谢", "妹子你好，京东客服，我要开增值税发票，发票抬头是公司",
+               "小妹，请问电子发票在哪里下载，谢谢亲", "您好客服妹子，发票还没收到，发票能补开吗",
+               "亲亲，京东的发票抬头写错了，麻烦小妹改一下发票", "请问客服，发票税号填错了要重开发票，谢谢妹子"]
+    parcel = ["亲，小妹您好，请问快递三天了还没送到谢谢", "妹子你好，京东客服，我的快递显示签收但没收到",
+              "小妹，请问快递怎么还不送，物流不更新，谢谢亲", "您好客服妹子，快递员不送货上门，快递放驿站了",
+              "亲亲，京东的快递一直没有物流信息，麻烦小妹催一下", "请问客服，快递地址写错了能改吗，谢谢妹子"]
+    frame = select_cases(pd.DataFrame({"case_id": [f"c{i}" for i in range(12)], "problem": invoice + parcel}))
+    X, _ = _blobs(n_per=6, k=2)
+    lexicon = CauseLexicon.load(cfg)
+    params = ClusterParams(pca_components=0, min_cluster_size=3, min_scope_cases=6)
+    res = cluster_cases(frame, X, cfg, lexicon, cut=Segmenter(cfg).cut, stopwords=_stopwords(cfg), params=params)
+    rows = res[0].clusters.set_index("local_label")
+    by_first = {int(res[0].labels[0]): "invoice", int(res[0].labels[6]): "parcel"}
+    assert len(by_first) == 2
+    filler = {"亲", "亲亲", "小妹", "妹子", "京东", "您好", "你好", "客服", "请问", "谢谢", "麻烦"}
+    for lab, kind in by_first.items():
+        terms = rows.loc[lab, "top_terms"]
+        assert not filler & set(terms), terms
+        assert not any(w in rows.loc[lab, "label"] for w in filler), rows.loc[lab, "label"]
+    invoice_label = rows.loc[[k for k, v in by_first.items() if v == "invoice"][0], "label"]
+    assert "发票" in invoice_label.split("、"), invoice_label
+    parcel_label = rows.loc[[k for k, v in by_first.items() if v == "parcel"][0], "label"]
+    assert "快递" in parcel_label.split("、"), parcel_label
 
 
 def test_label_orders_terms_as_in_the_typical_case():

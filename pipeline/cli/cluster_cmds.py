@@ -54,22 +54,42 @@ def export_cmd(
 
 @eval_app.command("clusters")
 def eval_clusters_cmd(
-    labels: Path = typer.Option(..., "--labels", "-l", help="CSV or JSONL with `text` and `label`."),
+    labels: Path = typer.Option(
+        ...,
+        "--labels",
+        "-l",
+        help="CSV or JSONL with `text` and `label`; with --transcripts, JSONL/CSV of conversation_id + issue_type.",
+    ),
+    transcripts: Path | None = typer.Option(
+        None,
+        "--transcripts",
+        "-t",
+        help="Transcript file or folder: mine its cases with the nightly steps and cluster their problems.",
+    ),
+    halves: bool = typer.Option(True, "--halves/--no-halves", help="Also score two halves of 3 seeded splits."),
     config: Path | None = ConfigOption,
     json_out: bool = typer.Option(False, "--json", help="Print nmi, ari, n_clusters, noise_share as JSON."),
 ) -> None:
-    """Cluster labelled texts with the product's clustering and score it against the labels."""
+    """Cluster labelled texts (or the cases mined from labelled transcripts) with the product's
+    clustering and score it against the labels."""
     cfg = get_config(config)
     from pipeline.evaluate.clusters import evaluate_clusters
 
     try:
-        res = evaluate_clusters(cfg, labels)
+        res = evaluate_clusters(cfg, labels, transcripts=transcripts, halves=halves and not json_out)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     if json_out:
         emit_json({k: res[k] for k in ("nmi", "ari", "n_clusters", "noise_share")})
         return
+    what = f"cases mined from {transcripts}" if transcripts else "texts"
     console.print(
-        f"{res['rows']} texts, {res['n_labels']} labels: NMI {res['nmi']:.3f}  ARI {res['ari']:.3f}  "
-        f"clusters {res['n_clusters']}  noise {res['noise_share']:.1%}"
+        f"{res['rows']} {what}, {res['n_labels']} labels: NMI {res['nmi']:.3f}  ARI {res['ari']:.3f}  "
+        f"clusters {res['n_clusters']}  noise {res['noise_share']:.1%} (noise counted as one cluster)"
     )
+    h = res.get("halves")
+    if h:
+        console.print(
+            f"{h['halves']} halves (seeded splits, each clustered alone): NMI {h['nmi_mean']:.3f} "
+            f"± {h['nmi_std']:.3f} (worst {h['nmi_min']:.3f})  ARI {h['ari_mean']:.3f} ± {h['ari_std']:.3f}"
+        )

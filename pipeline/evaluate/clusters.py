@@ -1,15 +1,17 @@
-"""Clustering quality on labelled texts (`casemine eval clusters`).
+"""Clustering quality on labelled texts or mined cases (`casemine eval clusters`).
 
 Why NMI and ARI against issue-type labels: there are no root-cause labels, but a clustering that
 ignores the issue type entirely is not finding causes either; NMI rewards agreement of the two
-partitions, ARI punishes lumping everything together. Noise (HDBSCAN's -1) counts as one extra
-cluster in both, so leaving many cases unclustered is not free; `noise_share` is reported beside.
+partitions, ARI punishes lumping everything together. Noise (clusters under `min_cluster_size`)
+counts as one extra cluster in both, so leaving cases unclustered is not free; `noise_share` is
+reported beside. Why halves: a method chosen on one sample can win by luck, so each figure is also
+given on the two halves of a few seeded splits (each half clustered on its own), with the spread.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,10 @@ import pandas as pd
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from pipeline.config import Config
-from pipeline.insights.cluster import NOISE, ClusterParams, cluster_vectors
+from pipeline.evaluate.cases import LabelFileError, load_labels, mine_cases
+from pipeline.insights.cluster import NOISE, ClusterParams, cluster_vectors, select_cases
+
+HALF_SEEDS = (0, 1, 2)
 
 
 def load_labelled_texts(path: Path) -> pd.DataFrame:
@@ -39,6 +44,38 @@ def load_labelled_texts(path: Path) -> pd.DataFrame:
     return df.assign(text=df["text"].astype(str), label=df["label"].astype(str)).reset_index(drop=True)
 
 
+def label_mined_cases(cases: pd.DataFrame, gold: dict[str, dict[str, str]], cfg: Config) -> pd.DataFrame:
+    """`text` (what the product clusters: the case's problem, as `select_cases` picks it) and
+    `label` (the labelled issue type of the case's conversation) for every clusterable case of a
+    labelled conversation. A conversation split into two cases lends its label to both."""
+    frame = select_cases(cases, cfg.cluster.min_problem_chars, cfg.cluster.request_kinds)
+    label = frame["conversation_id"].astype(str).map(lambda c: gold.get(c, {}).get("issue_type"))
+    keep = label.notna()
+    return pd.DataFrame(
+        {
+            "conversation_id": frame.loc[keep, "conversation_id"].astype(str),
+            "text": frame.loc[keep, "cluster_text"],
+            "label": label[keep].astype(str),
+        }
+    ).reset_index(drop=True)
+
+
+def load_labelled_cases(cfg: Config, transcripts: Path, labels_path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Mine the transcripts with the nightly steps and label their cases from a JSONL/CSV file of
+    `conversation_id` + `issue_type`. Returns the labelled frame and counts."""
+    try:
+        gold = load_labels(labels_path)
+    except LabelFileError as e:
+        raise ValueError(str(e)) from None
+    if not any("issue_type" in g for g in gold.values()):
+        raise ValueError(f"{labels_path} has no issue_type field to score clusters against")
+    if not Path(transcripts).exists():
+        raise FileNotFoundError(f"{transcripts} does not exist; pass a transcript file or folder")
+    cases, counts = mine_cases(cfg, transcripts)
+    df = label_mined_cases(cases, gold, cfg)
+    return df, {**counts, "cases": int(len(cases)), "labelled_cases": int(len(df))}
+
+
 def cluster_metrics(y_true: Sequence[str], labels: Sequence[int] | np.ndarray) -> dict[str, Any]:
     """NMI, ARI, number of clusters and noise share of one clustering."""
     lab = np.asarray(labels, dtype=int)
@@ -50,22 +87,62 @@ def cluster_metrics(y_true: Sequence[str], labels: Sequence[int] | np.ndarray) -
     }
 
 
-def evaluate_clusters(
-    cfg: Config, labels_path: Path, *, embedder: Any = None, out_root: Path | None = None
+def half_metrics(
+    X: np.ndarray, y: Sequence[str], cluster: Callable[[np.ndarray], np.ndarray], seeds: Sequence[int] = HALF_SEEDS
 ) -> dict[str, Any]:
-    """The product's own clustering (config `cluster`) of the labelled texts, scored."""
-    df = load_labelled_texts(labels_path)
+    """NMI and ARI of `cluster` run on each half of seeded random splits: mean, spread (std) and
+    worst half, so one lucky sample cannot carry a method."""
+    y_arr = np.asarray(y)
+    nmis, aris = [], []
+    for seed in seeds:
+        perm = np.random.default_rng(seed).permutation(len(y_arr))
+        for idx in (perm[: len(perm) // 2], perm[len(perm) // 2 :]):
+            m = cluster_metrics(y_arr[idx].tolist(), cluster(X[idx]))
+            nmis.append(m["nmi"])
+            aris.append(m["ari"])
+    return {
+        "halves": len(nmis),
+        "nmi_mean": round(float(np.mean(nmis)), 4),
+        "nmi_std": round(float(np.std(nmis)), 4),
+        "nmi_min": round(float(np.min(nmis)), 4),
+        "ari_mean": round(float(np.mean(aris)), 4),
+        "ari_std": round(float(np.std(aris)), 4),
+    }
+
+
+def evaluate_clusters(
+    cfg: Config,
+    labels_path: Path,
+    *,
+    transcripts: Path | None = None,
+    embedder: Any = None,
+    out_root: Path | None = None,
+    halves: bool = True,
+) -> dict[str, Any]:
+    """The product's own clustering (config `cluster`) of labelled texts, scored; with
+    `transcripts`, of the cases mined from them, labelled by their conversation's issue type."""
+    counts: dict[str, Any] = {}
+    if transcripts is not None:
+        df, counts = load_labelled_cases(cfg, transcripts, labels_path)
+        if df.empty:
+            raise ValueError(f"no mined case of {transcripts} has a label in {labels_path} (conversation_id)")
+    else:
+        df = load_labelled_texts(labels_path)
     if embedder is None:
         from pipeline.embed import Embedder
 
         embedder = Embedder(cfg, out_root=out_root or cfg.resolve(cfg.paths.out))
     X = np.asarray(embedder.encode_passages(df["text"].tolist()), dtype=np.float32)
     params = ClusterParams.from_config(cfg)
+    y = df["label"].tolist()
     labels = cluster_vectors(X, params)
     return {
-        **cluster_metrics(df["label"].tolist(), labels),
+        **cluster_metrics(y, labels),
         "rows": int(len(df)),
         "n_labels": int(df["label"].nunique()),
+        "halves": half_metrics(X, y, lambda Z: cluster_vectors(Z, params)) if halves else None,
         "params": params.__dict__,
         "data": str(labels_path),
+        "transcripts": str(transcripts) if transcripts is not None else None,
+        "counts": counts,
     }

@@ -6,8 +6,9 @@ its trend and the notes people attach to it survive), and (3) its cause attribut
 suggestion. Everything here is pure (frames and arrays in, frames out); reading cases, embedding
 and writing state happen in `pipeline.insights.export`.
 
-Flow: `select_cases` -> per scope (each issue type, and all cases) `cluster_vectors` (PCA then
-HDBSCAN, noise allowed) -> `describe_scope` (c-TF-IDF terms, representatives, mix, causes)
+Flow: `select_cases` -> per scope (each issue type, and all cases) `cluster_vectors` (PCA, then
+KMeans with k chosen by silhouette; clusters too small to matter are noise)
+-> `describe_scope` (c-TF-IDF terms, representatives, mix, causes)
 -> `assign_stable_ids` (Hungarian matching of centroids against the stored state).
 """
 
@@ -47,14 +48,15 @@ class ClusterParams:
     """The knobs of one clustering run (taken from `cfg.cluster`, overridable in tests/bench)."""
 
     pca_components: int = 10
+    max_clusters: int = 30
     min_cluster_size: int = 5
-    min_samples: int | None = 2
     min_scope_cases: int = 10
+    seed: int = 0
 
     @classmethod
     def from_config(cls, cfg: Config) -> ClusterParams:
         c = cfg.cluster
-        return cls(c.pca_components, c.min_cluster_size, c.min_samples, c.min_scope_cases)
+        return cls(c.pca_components, c.max_clusters, c.min_cluster_size, c.min_scope_cases)
 
 
 # -- selecting and preparing cases --------------------------------------------------------------
@@ -128,9 +130,9 @@ def is_term(token: str, stopwords: frozenset[str] = frozenset()) -> bool:
 
 
 def reduce_vectors(X: np.ndarray, n_components: int, seed: int = 0) -> np.ndarray:
-    """PCA to a few dimensions, re-normalised so Euclidean distance tracks cosine. HDBSCAN's
-    density estimate degrades in 384 dimensions; 10 components clustered the labelled complaints
-    best (bench/bench_clusters.py)."""
+    """PCA to a few dimensions, re-normalised so Euclidean distance tracks cosine. In 384
+    dimensions distances crowd together (silhouette picked 3 to 6 clusters and swung between
+    halves of the data); 10 components gave the steadier, higher NMI (bench/bench_clusters.py)."""
     X = np.asarray(X, dtype=np.float32)
     k = min(n_components, X.shape[0] - 1, X.shape[1])
     if n_components <= 0 or k < 2:
@@ -142,17 +144,63 @@ def reduce_vectors(X: np.ndarray, n_components: int, seed: int = 0) -> np.ndarra
     return Z / np.where(norms == 0, 1, norms)
 
 
-def cluster_vectors(X: np.ndarray, params: ClusterParams) -> np.ndarray:
-    """Cluster labels 0..k-1 per row, NOISE (-1) for cases that belong to no dense group.
-    Fewer rows than `min_scope_cases` are all noise: a "cluster" of three calls is an anecdote."""
-    n = len(X)
-    if n < max(params.min_scope_cases, params.min_cluster_size):
-        return np.full(n, NOISE, dtype=int)
-    from sklearn.cluster import HDBSCAN
+# k is chosen on at most this many rows (silhouette is quadratic in rows); the final partition
+# of all rows uses that k. 5,000 keeps the choice under a few seconds at any history size.
+_K_SELECT_ROWS = 5_000
+_N_INIT = 10  # KMeans restarts: fewer made the chosen k and the NMI wander by a few points
 
-    Z = reduce_vectors(X, params.pca_components)
-    model = HDBSCAN(min_cluster_size=params.min_cluster_size, min_samples=params.min_samples, copy=True)
-    return model.fit_predict(Z).astype(int)
+
+def kmeans_by_silhouette(Z: np.ndarray, k_max: int, seed: int = 0) -> np.ndarray:
+    """KMeans labels with k in 2..k_max chosen by the highest silhouette: the number of groups
+    comes from the geometry of the cases, never from a label count."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    n = len(Z)
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(n, _K_SELECT_ROWS, replace=False)) if n > _K_SELECT_ROWS else np.arange(n)
+    S = Z[sample]
+    best: tuple[float, int, np.ndarray] | None = None
+    for k in range(2, min(k_max, len(S) - 1) + 1):
+        lab = KMeans(k, n_init=_N_INIT, random_state=seed).fit_predict(S)
+        if len(set(lab.tolist())) < 2:
+            continue
+        score = float(silhouette_score(S, lab))
+        if best is None or score > best[0]:
+            best = (score, k, lab)
+    if best is None:
+        return np.zeros(n, dtype=int)
+    if len(sample) == n:
+        return best[2].astype(int)
+    return KMeans(best[1], n_init=_N_INIT, random_state=seed).fit_predict(Z).astype(int)
+
+
+def cluster_vectors(X: np.ndarray, params: ClusterParams) -> np.ndarray:
+    """Cluster labels 0..k-1 per row (largest cluster first), NOISE (-1) for cases whose group is
+    too small to be more than an anecdote.
+
+    Why KMeans with a silhouette-chosen k on PCA'd vectors and not HDBSCAN (bench/bench_clusters.py,
+    both labelled real sets and their halves): HDBSCAN left 13% (complaints) to 41% (JD chats) of
+    the cases as noise and scored below KMeans; re-assigning its noise to the nearest cluster
+    still fell below KMeans on the complaints. Every case therefore belongs to its nearest
+    centroid, except members of clusters under `min_cluster_size`, which are reported as noise
+    (`is_noise`, counted as one extra cluster by `casemine eval clusters`). Fewer rows than
+    `min_scope_cases` are all noise: a "cluster" of three calls is an anecdote."""
+    n = len(X)
+    if n < max(params.min_scope_cases, params.min_cluster_size, 3):
+        return np.full(n, NOISE, dtype=int)
+    Z = reduce_vectors(X, params.pca_components, params.seed)
+    k_max = min(params.max_clusters, math.isqrt(n))
+    raw = kmeans_by_silhouette(Z, k_max, params.seed)
+    sizes = np.bincount(raw)
+    # Renumber by size (ties by first row), so label 0 is the biggest group and runs agree.
+    first = {int(v): i for i, v in reversed(list(enumerate(raw.tolist())))}
+    order = sorted(
+        (k for k in range(len(sizes)) if sizes[k] >= params.min_cluster_size), key=lambda k: (-sizes[k], first[k])
+    )
+    mapping = np.full(len(sizes), NOISE, dtype=int)
+    mapping[order] = np.arange(len(order))
+    return mapping[raw]
 
 
 def centroid_of(X: np.ndarray) -> np.ndarray:
@@ -174,25 +222,48 @@ def class_tfidf(
     labels: Sequence[int] | np.ndarray,
     top_k: int,
     stopwords: frozenset[str] = frozenset(),
+    min_lift: float = 1.5,
+    min_docs: int = 2,
 ) -> dict[int, list[tuple[str, float]]]:
     """Top terms per cluster by class-based TF-IDF (BERTopic's c-TF-IDF): a term's frequency in
-    the cluster times log(1 + mean tokens per class / its frequency over all classes). Noise is a
-    class too, so words common everywhere rank low in every cluster."""
+    the cluster times log(1 + mean tokens per class / its frequency over all classes).
+
+    Only distinctive terms qualify: said in at least `min_docs` of the cluster's cases (one chatty
+    customer's 妹子/结婚 is an anecdote, not the matter) and in a share of them at least `min_lift`
+    times its share among the scope's other cases (京东, 快递 or 客服 said everywhere name no
+    cluster). c-TF-IDF alone let such words through: its idf is computed over a handful of
+    classes, so a word common everywhere is discounted only mildly. A scope with one class has
+    nothing to compare against, so there only `min_docs` applies."""
     per_class: dict[int, Counter] = {}
+    docs_in: dict[int, Counter] = {}
+    n_docs: Counter[int] = Counter()
+    docs_all: Counter[str] = Counter()
     for toks, lab in zip(token_lists, labels):
-        per_class.setdefault(int(lab), Counter()).update(t for t in toks if is_term(t, stopwords))
+        key = int(lab)
+        kept = [t for t in toks if is_term(t, stopwords)]
+        per_class.setdefault(key, Counter()).update(kept)
+        docs_in.setdefault(key, Counter()).update(set(kept))
+        docs_all.update(set(kept))
+        n_docs[key] += 1
     if not per_class:
         return {}
     total: Counter[str] = Counter()
     for c in per_class.values():
         total.update(c)
     avg = sum(total.values()) / max(len(per_class), 1)
+    n_all = sum(n_docs.values())
     out: dict[int, list[tuple[str, float]]] = {}
     for lab, cnt in per_class.items():
         if lab == NOISE:
             continue
+        n_in, n_out, din = n_docs[lab], n_all - n_docs[lab], docs_in[lab]
         size = sum(cnt.values()) or 1
-        scored = [(t, (f / size) * math.log(1 + avg / total[t])) for t, f in cnt.items() if f >= 1]
+        scored = [
+            (t, (f / size) * math.log(1 + avg / total[t]))
+            for t, f in cnt.items()
+            if din[t] >= min(min_docs, n_in)
+            and (n_out == 0 or din[t] / n_in >= min_lift * (docs_all[t] - din[t]) / n_out)
+        ]
         scored.sort(key=lambda kv: (-kv[1], kv[0]))
         out[lab] = [(t, round(s, 5)) for t, s in scored[:top_k]]
     return out
@@ -321,7 +392,7 @@ def describe_scope(
 ) -> ScopeResult:
     """One row per cluster of a scope: label, terms, representatives, size, shares, mix, causes."""
     c = cfg.cluster
-    terms = class_tfidf(tokens, labels, c.top_terms, stopwords)
+    terms = class_tfidf(tokens, labels, c.top_terms, stopwords, c.label_min_lift)
     rows, cents = [], {}
     scope_size = len(frame)
     for lab in sorted(set(int(v) for v in labels) - {NOISE}):
