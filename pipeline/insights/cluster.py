@@ -189,13 +189,14 @@ def cluster_vectors(X: np.ndarray, params: ClusterParams) -> np.ndarray:
     """Cluster labels 0..k-1 per row (largest cluster first), NOISE (-1) for cases whose group is
     too small to be more than an anecdote.
 
-    Why KMeans with a silhouette-chosen k on PCA'd vectors and not HDBSCAN (bench/bench_clusters.py,
-    both labelled real sets and their halves): HDBSCAN left 13% (complaints) to 41% (JD chats) of
-    the cases as noise and scored below KMeans; re-assigning its noise to the nearest cluster
-    still fell below KMeans on the complaints. Every case therefore belongs to its nearest
-    centroid, except members of clusters under `min_cluster_size`, which are reported as noise
-    (`is_noise`, counted as one extra cluster by `casemine eval clusters`). Fewer rows than
-    `min_scope_cases` are all noise: a "cluster" of three calls is an anecdote."""
+    Why KMeans with a silhouette-chosen k on PCA'd vectors (bench/bench_clusters.py, on both
+    real labelled sets and on the halves of 3 seeded splits): PCA + HDBSCAN left 13% (complaints)
+    to 41% (JD chats) of the cases as noise; with that noise re-assigned to the nearest cluster it
+    still fell below KMeans-with-silhouette-k on the raw vectors on the JD chats. Of the label-free
+    methods this one had the best mean and worst half on both sets. Every case therefore belongs
+    to its nearest centroid, except members of clusters under `min_cluster_size`, which are
+    reported as noise (`is_noise`, counted as one extra cluster by `casemine eval clusters`).
+    Fewer rows than `min_scope_cases` are all noise: a "cluster" of three calls is an anecdote."""
     n = len(X)
     if n < max(params.min_scope_cases, params.min_cluster_size, 3):
         return np.full(n, NOISE, dtype=int)
