@@ -312,6 +312,44 @@ def test_eval_clusters_json_has_exactly_the_documented_keys(tmp_path, monkeypatc
     assert got["nmi"] > 0.5
 
 
+def test_mined_cases_take_their_conversations_issue_type(cfg):
+    from pipeline.evaluate.clusters import label_mined_cases
+
+    cases = pd.DataFrame({"conversation_id": ["a", "a", "b", "c"], "segment": [0, 1, 0, 0],
+                          "problem": ["发票抬头开错了要重开", "快递三天还没送到", "退款一直没到账", "怎么办"],
+                          "issue_type": ["其他"] * 4})
+    gold = {"a": {"issue_type": "发票"}, "c": {"issue_type": "物流配送"}, "x": {"issue_type": "发票"}}
+    got = label_mined_cases(cases, gold, cfg)
+    # b has no label; c's problem is too short to cluster; a's two cases both carry a's label
+    assert got["text"].tolist() == ["发票抬头开错了要重开", "快递三天还没送到"]
+    assert got["label"].tolist() == ["发票", "发票"]
+
+
+def test_eval_clusters_scores_cases_mined_from_labelled_transcripts(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import _register, app
+    from pipeline.sample.generate import generate
+
+    _register()
+    _fake_embedder(monkeypatch)
+    generate(tmp_path / "in", n=40, seed=3, labels_out=tmp_path / "truth.jsonl")
+    # the shape of ../shared/data/jddc-labels: conversation_id -> the conversation's issue type
+    truth = [json.loads(line) for line in (tmp_path / "truth.jsonl").read_text(encoding="utf-8").splitlines()]
+    (tmp_path / "labels.jsonl").write_text("\n".join(
+        json.dumps({"conversation_id": t["conversation_id"], "issue_type": t["issues"][0]["issue_type"]},
+                   ensure_ascii=False) for t in truth if t.get("issues")), encoding="utf-8")
+    args = ["eval", "clusters", "--transcripts", str(tmp_path / "in"), "--labels", str(tmp_path / "labels.jsonl")]
+    res = CliRunner().invoke(app, args + ["--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert set(got) == {"nmi", "ari", "n_clusters", "noise_share"} and got["n_clusters"] >= 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "x", "issue_type": "发票"}) + "\n", encoding="utf-8")
+    res = CliRunner().invoke(app, ["eval", "clusters", "--transcripts", str(tmp_path / "in"), "--labels", str(bad)])
+    assert res.exit_code == 1 and "conversation_id" in res.output
+
+
 def test_clusters_export_cli_fails_clearly_without_cases(tmp_path):
     from typer.testing import CliRunner
 
@@ -343,6 +381,23 @@ def test_real_complaints_cluster_better_than_chance(shared_data, cfg, tmp_path):
     res = evaluate_clusters(cfg, shared_data / "complaints" / "dev.csv", out_root=tmp_path)
     assert res["rows"] == 413
     assert res["nmi"] > 0.15 and res["n_clusters"] >= 3 and res["noise_share"] < 0.6
+
+
+def test_real_complaints_cluster_at_least_as_well_as_label_free_kmeans(shared_data, cfg, tmp_path):
+    """The product's clustering reaches KMeans with a silhouette-chosen k on the raw embeddings
+    (the baseline the product must beat; k never comes from the label count)."""
+    from sklearn.metrics import normalized_mutual_info_score as nmi
+
+    from pipeline.embed import Embedder
+    from pipeline.evaluate.clusters import load_labelled_texts
+    from pipeline.insights.cluster import kmeans_by_silhouette
+
+    df = load_labelled_texts(shared_data / "complaints" / "dev.csv")
+    X = np.asarray(Embedder(cfg, out_root=tmp_path).encode_passages(df["text"].tolist()), dtype=np.float32)
+    params = ClusterParams.from_config(cfg)
+    product = nmi(df["label"], cluster_vectors(X, params))
+    baseline = nmi(df["label"], kmeans_by_silhouette(X, min(params.max_clusters, int(np.sqrt(len(X))))))
+    assert product >= baseline, (product, baseline)
 
 
 def test_no_alerts_without_a_baseline_week():
