@@ -195,6 +195,9 @@ class ClusterConfig(_Section):
     # A label term must be this many times as common among the cluster's cases as among the
     # scope's other cases (and said in 2+ of them): words said everywhere (京东, 客服) name nothing.
     label_min_lift: float = Field(1.5, ge=1)
+    # Address, courtesy and framing words never shown as label terms (亲, 小妹, 京东, 客服, 需要):
+    # a list of its own, because the segmenter's stop words also feed BM25 and the classifier.
+    label_stopwords: Path = Path("configs/label_stopwords.txt")
     top_terms: int = Field(8, ge=1)
     representatives: int = Field(3, ge=1)
     cause_lexicon: Path = Path("configs/cause_lexicon.yaml")

@@ -20,6 +20,8 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -290,6 +292,21 @@ def label_from_terms(terms: Sequence[str], example: str, n: int) -> str:
     return "、".join(sorted(chosen, key=lambda t: pos[t]))
 
 
+def label_stopwords(cfg: Config) -> frozenset[str]:
+    """The words `cluster.label_stopwords` keeps out of cluster labels (one per line, # comments).
+    Read here rather than by the caller so every path that labels clusters drops them."""
+    path = cfg.resolve(cfg.cluster.label_stopwords)
+    if not path.is_file():
+        raise FileNotFoundError(f"cluster.label_stopwords: {path} does not exist (one word per line)")
+    return _read_words(str(path))
+
+
+@lru_cache(maxsize=4)
+def _read_words(path: str) -> frozenset[str]:
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return frozenset(w.strip() for w in lines if w.strip() and not w.lstrip().startswith("#"))
+
+
 # -- cause attribution --------------------------------------------------------------------------
 
 
@@ -455,7 +472,7 @@ def cluster_cases(
     """Cluster the selected cases within each issue type and across all of them. Returns one
     ScopeResult per scope; `labels` are aligned with the scope's rows of `frame` (in order)."""
     params = params or ClusterParams.from_config(cfg)
-    stopwords = stopwords | lexicon.label_stopwords
+    stopwords = stopwords | lexicon.label_stopwords | label_stopwords(cfg)
     tokens = case_tokens(frame, cut)
     results = []
     scopes: list[tuple[str, np.ndarray]] = []
