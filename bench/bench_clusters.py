@@ -27,6 +27,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,8 @@ def methods(params: ClusterParams) -> dict[str, Method]:
     return {
         PRODUCT: lambda X, t: cluster_vectors(X, params),
         BASELINE: lambda X, t: kmeans_by_silhouette(X, _k_max(len(X), params)),
+        # Sensitivity: the product with twice the PCA components (is 10 a knife-edge choice?).
+        "PCA-20 + KMeans, silhouette k": lambda X, t: cluster_vectors(X, replace(params, pca_components=20)),
         "KMeans raw 384-d, k = sqrt(n/2) rule": lambda X, t: kmeans_fixed(X, max(2, round(math.sqrt(len(X) / 2)))),
         "Ward on PCA-10, silhouette k": lambda X, t: ward_silhouette(X),
         "former casemine: PCA-10 + HDBSCAN 5/2, noise=1": lambda X, t: hdbscan_pca(X, False),
