@@ -332,14 +332,21 @@ def find_config(path: str | Path | None = None) -> Path:
     raise ConfigError("no configs/casemine.yaml found; run from the project root or set CASEMINE_CONFIG")
 
 
-def _format_errors(err: ValidationError, source: Path) -> str:
-    lines = [f"invalid config {source}:"]
+def format_errors(
+    err: ValidationError, source: Path | str, what: str = "config", reference: str = "configs/casemine.yaml"
+) -> str:
+    """The one message style for every invalid YAML file: the file, then one line per bad key
+    (dotted path) with what to do. `what` names the file's kind, `reference` where valid keys are."""
+    lines = [f"invalid {what} {source}:"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (check its spelling; see configs/casemine.yaml for the valid keys)")
+            lines.append(f"  {key}: unknown key (check its spelling; see {reference} for the valid keys)")
+        elif e["type"] == "missing":
+            lines.append(f"  {key}: required key is missing (add it; see {reference})")
         else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+            got = repr(e.get("input"))
+            lines.append(f"  {key}: {e['msg']} (got {got[:80] + '...' if len(got) > 80 else got})")
     return "\n".join(lines)
 
 
@@ -356,7 +363,7 @@ def load_config(path: str | Path | None = None) -> Config:
     try:
         return Config.model_validate({**raw, "root": root})
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, source)) from None
+        raise ConfigError(format_errors(e, source)) from None
 
 
 def load_yaml_resource(cfg: Config, path: Path | str) -> Any:

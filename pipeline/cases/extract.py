@@ -17,12 +17,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, ClassVar
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import model_validator
 
-from pipeline.config import Config, load_yaml_resource
+from pipeline.config import Config
+from pipeline.resources import CueResource, load_resource
 from pipeline.schema import Conversation, Turn
 from pipeline.text.mask import PLACEHOLDER_RE
 
@@ -68,12 +69,7 @@ _ASKING_RE = re.compile(r"([\u4e00-\u9fff])不\1")
 REFUSAL_TURNS = 2
 
 
-class _Strict(BaseModel):
-    # YAML reads 12315 as a number; cue lists are strings whatever YAML thinks.
-    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
-
-
-class OutcomeLexicon(_Strict):
+class OutcomeLexicon(CueResource):
     # The agent hands the matter on (another team, a specialist, a work order, a call-back).
     escalated: list[str]
     # The customer accepts what was done or said.
@@ -90,7 +86,10 @@ class OutcomeLexicon(_Strict):
     resigned: list[str]
 
 
-class CaseLexicon(_Strict):
+class CaseLexicon(CueResource):
+    resource_kind: ClassVar[str] = "case lexicon"
+    resource_reference: ClassVar[str] = "configs/case_lexicon.yaml in the repo"
+
     greetings: list[str]
     acknowledgements: list[str]
     # No longer read (problem keeps every clause that states something); accepted so that
@@ -104,23 +103,19 @@ class CaseLexicon(_Strict):
     separate_issue_cues: list[str]
     outcome: OutcomeLexicon
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_emotion_block(cls, raw: object) -> object:
+        if isinstance(raw, dict) and "emotion" in raw:
+            raise ValueError(
+                "the `emotion` block is no longer read; emotion cues, threats included, live in the "
+                "emotion lexicon (emotion.lexicon in the config, configs/emotion.yaml). Delete the block"
+            )
+        return raw
+
 
 def load_lexicon(cfg: Config) -> CaseLexicon:
-    from pydantic import ValidationError
-
-    from pipeline.config import ConfigError
-
-    raw = load_yaml_resource(cfg, cfg.cases.lexicon)
-    if isinstance(raw, dict) and "emotion" in raw:
-        raise ConfigError(
-            f"{cfg.resolve(cfg.cases.lexicon)}: the `emotion` block is no longer read; emotion cues, "
-            f"threats included, live in {cfg.emotion.lexicon} (the emotion step). Delete the block"
-        )
-    try:
-        return CaseLexicon.model_validate(raw)
-    except ValidationError as e:
-        keys = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
-        raise ConfigError(f"{cfg.resolve(cfg.cases.lexicon)}: {keys}") from None
+    return load_resource(cfg, cfg.cases.lexicon, CaseLexicon)
 
 
 def _hits(text: str, words: Iterable[str]) -> list[str]:

@@ -27,7 +27,7 @@ from typing import Any, cast
 import numpy as np
 import pandas as pd
 
-from pipeline.config import Config, load_yaml_resource
+from pipeline.config import Config
 from pipeline.text.mask import PLACEHOLDER_RE
 
 NOISE = -1
@@ -343,7 +343,16 @@ class CauseLexicon:
 
     @classmethod
     def load(cls, cfg: Config) -> CauseLexicon:
-        return cls.from_dict(load_yaml_resource(cfg, cfg.cluster.cause_lexicon) or {})
+        """The configured lexicon: its shape checked by the shared resource loader (cached until
+        the file changes), its categories here; either error names the file."""
+        from pipeline.config import ConfigError
+        from pipeline.resources import CauseLexiconFile, load_resource
+
+        checked = load_resource(cfg, cfg.cluster.cause_lexicon, CauseLexiconFile)
+        try:
+            return cls.from_dict(checked.model_dump())
+        except ValueError as e:
+            raise ConfigError(f"invalid cause lexicon {cfg.resolve(cfg.cluster.cause_lexicon)}: {e}") from None
 
     def find(self, text: str) -> list[Cause]:
         low = (text or "").lower()

@@ -6,34 +6,40 @@ stored cases were seen (normalised, then masked), or models trained on one see a
 
 from __future__ import annotations
 
-from functools import lru_cache
-
-from pipeline.config import Config, load_yaml_resource
+from pipeline.config import Config
+from pipeline.resources import AsrCorrections, cached, load_resource
 from pipeline.text.mask import Masker, load_surnames
 from pipeline.text.normalize import Normalizer
 
 
-@lru_cache(maxsize=8)
 def get_normalizer(cfg: Config) -> Normalizer:
-    corrections: tuple[tuple[str, str], ...] = ()
-    if cfg.normalize.asr_corrections:
-        table = load_yaml_resource(cfg, cfg.normalize.asr_corrections) or {}
-        # Longest first, so 优惠卷 is fixed before a shorter entry could touch part of it.
-        corrections = tuple(sorted(((str(k), str(v)) for k, v in table.items()), key=lambda kv: -len(kv[0])))
-    return Normalizer(cfg.normalize, corrections)
+    """The config's normaliser, shared per process until its corrections file changes."""
+    n = cfg.normalize
+    files = [cfg.resolve(n.asr_corrections)] if n.asr_corrections else []
+
+    def build() -> Normalizer:
+        table = load_resource(cfg, n.asr_corrections, AsrCorrections).longest_first() if n.asr_corrections else ()
+        return Normalizer(n, table)
+
+    return cached(files, ("normalizer", cfg), build)
 
 
-@lru_cache(maxsize=8)
 def get_masker(cfg: Config) -> Masker:
+    """The config's masker, shared per process until one of its word lists changes."""
     m = cfg.mask
-    return Masker(
-        load_surnames(cfg.resolve(m.surnames)),
-        m.mask_order_ids,
-        m.mask_addresses,
-        m.mask_names,
-        given_chars=load_surnames(cfg.resolve(m.given_name_chars)),
-        keep_words=load_surnames(cfg.resolve(m.keep_words)),
-    )
+    surnames, given, keep = (cfg.resolve(p) for p in (m.surnames, m.given_name_chars, m.keep_words))
+
+    def build() -> Masker:
+        return Masker(
+            load_surnames(surnames),
+            m.mask_order_ids,
+            m.mask_addresses,
+            m.mask_names,
+            given_chars=load_surnames(given),
+            keep_words=load_surnames(keep),
+        )
+
+    return cached([surnames, given, keep], ("masker", cfg), build)
 
 
 def prepare_text(text: str, cfg: Config, asr: bool = False) -> str:

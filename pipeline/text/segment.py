@@ -21,6 +21,7 @@ from pathlib import Path
 import jieba
 
 from pipeline.config import Config
+from pipeline.resources import cached
 from pipeline.text.mask import PLACEHOLDER_RE
 
 jieba.setLogLevel(logging.WARNING)
@@ -35,11 +36,15 @@ def read_wordlist(path: Path) -> frozenset[str]:
     return frozenset(w.strip() for w in lines if w.strip() and not w.lstrip().startswith("#"))
 
 
-@lru_cache(maxsize=4)
 def _tokenizer(user_dict: str) -> jieba.Tokenizer:
-    tok = jieba.Tokenizer()
-    tok.load_userdict(user_dict)
-    return tok
+    """jieba with the user dictionary loaded (about 2 s), shared per process until the file changes."""
+
+    def build() -> jieba.Tokenizer:
+        tok = jieba.Tokenizer()
+        tok.load_userdict(user_dict)
+        return tok
+
+    return cached([Path(user_dict)], "jieba_tokenizer", build)
 
 
 class Segmenter:
@@ -53,6 +58,7 @@ class Segmenter:
         self.user_dict = str(cfg.resolve(cfg.segment.user_dict))
         self.stopwords = read_wordlist(cfg.resolve(cfg.segment.stopwords))
         self._pool: Pool | None = None
+        self._tokenizer: jieba.Tokenizer | None = None
 
     def warm(self) -> None:
         """Load the dictionary and IDF table now (a one-off per process, about 2 s), so the time
@@ -77,7 +83,10 @@ class Segmenter:
 
     @property
     def tokenizer(self) -> jieba.Tokenizer:
-        return _tokenizer(self.user_dict)
+        # Held once fetched: `cut` asks for it per chunk, and a file check per chunk would cost.
+        if self._tokenizer is None:
+            self._tokenizer = _tokenizer(self.user_dict)
+        return self._tokenizer
 
     def cut(self, text: str, keep_stopwords: bool = False) -> list[str]:
         out: list[str] = []

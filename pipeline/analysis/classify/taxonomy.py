@@ -13,18 +13,15 @@ import hashlib
 import json
 import math
 from pathlib import Path
+from typing import ClassVar
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from pipeline.config import Config, ConfigError
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from pipeline.config import Config
+from pipeline.resources import Resource, load_resource, parse_resource
 
 
-class Keyword(_Strict):
+class Keyword(Resource):
     term: str = Field(min_length=1)
     weight: float = Field(1.0, gt=0)
 
@@ -36,7 +33,7 @@ def _as_keywords(v: object) -> object:
     return v
 
 
-class IssueType(_Strict):
+class IssueType(Resource):
     name: str = Field(min_length=1)
     definition: str = ""
     keywords: list[Keyword] = Field(default_factory=list)
@@ -48,7 +45,7 @@ class IssueType(_Strict):
     _norm_kw = field_validator("keywords", mode="before")(_as_keywords)
 
 
-class RequestKind(_Strict):
+class RequestKind(Resource):
     name: str = Field(min_length=1)
     definition: str = ""
     keywords: list[str] = Field(default_factory=list)
@@ -59,7 +56,7 @@ class RequestKind(_Strict):
         return [str(x) for x in v] if isinstance(v, list) else v
 
 
-class RequestKinds(_Strict):
+class RequestKinds(Resource):
     default: str
     kinds: list[RequestKind] = Field(min_length=1)
     # The kind a dissatisfied customer's contact is, and how low the lowest turn sentiment of the
@@ -77,7 +74,7 @@ class RequestKinds(_Strict):
         return self
 
 
-class ColdStart(_Strict):
+class ColdStart(Resource):
     """How issue types are decided before any model is trained."""
 
     # Sentence-embedding prototypes (each type's definition + examples) next to the keywords.
@@ -91,14 +88,14 @@ class ColdStart(_Strict):
     embed_chars: int = Field(128, ge=16)
 
 
-class UrgencyLevel(_Strict):
+class UrgencyLevel(Resource):
     name: str = Field(min_length=1)
     # None marks the catch-all lowest level.
     min_score: float | None = None
     due_hours: float | None = Field(None, gt=0)
 
 
-class UrgencyWeights(_Strict):
+class UrgencyWeights(Resource):
     safety: float = 4.0
     escalation: float = 4.0
     repeat_contact: float = 1.5
@@ -113,7 +110,7 @@ class UrgencyWeights(_Strict):
     long_contact: float = 0.25
 
 
-class UrgencyCues(_Strict):
+class UrgencyCues(Resource):
     safety: list[str] = Field(default_factory=list)
     escalation: list[str] = Field(default_factory=list)
     refund: list[str] = Field(default_factory=list)
@@ -127,7 +124,7 @@ class UrgencyCues(_Strict):
         return [str(x) for x in v] if isinstance(v, list) else v
 
 
-class Urgency(_Strict):
+class Urgency(Resource):
     levels: list[UrgencyLevel] = Field(min_length=1)
     weights: UrgencyWeights = UrgencyWeights()
     large_amount: float = Field(500, ge=0)
@@ -154,7 +151,10 @@ class Urgency(_Strict):
         return sorted(scored, key=lambda lv: -lv.min_score) + rest  # type: ignore[operator]
 
 
-class Taxonomy(_Strict):
+class Taxonomy(Resource):
+    resource_kind: ClassVar[str] = "taxonomy"
+    resource_reference: ClassVar[str] = "configs/taxonomy.yaml in the repo"
+
     version: int = 1
     fallback: str
     issue_types: list[IssueType] = Field(min_length=2)
@@ -189,45 +189,11 @@ class Taxonomy(_Strict):
         return hashlib.sha256(blob).hexdigest()
 
 
-def _format(err: ValidationError, source: Path) -> str:
-    lines = [f"invalid taxonomy {source}:"]
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (check its spelling; see configs/taxonomy.yaml in the repo)")
-        elif e["type"] == "missing":
-            lines.append(f"  {key}: required key is missing")
-        else:
-            lines.append(f"  {key}: {e['msg']}")
-    return "\n".join(lines)
-
-
 def parse_taxonomy(raw: object, source: Path | str = "<taxonomy>") -> Taxonomy:
     """Validate an already-parsed YAML mapping; ConfigError names every bad key."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source} must hold a mapping (fallback, issue_types, ...), not {type(raw).__name__}")
-    try:
-        return Taxonomy.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(_format(e, Path(str(source)))) from None
-
-
-_CACHE: dict[tuple[str, float], Taxonomy] = {}
+    return parse_resource(raw, Taxonomy, source)
 
 
 def load_taxonomy(cfg: Config) -> Taxonomy:
-    """The configured taxonomy, validated; cached per file and mtime (it is read for every batch)."""
-    path = cfg.resolve(cfg.classify.taxonomy)
-    try:
-        key = (str(path), path.stat().st_mtime)
-    except FileNotFoundError:
-        raise ConfigError(
-            f"taxonomy file {path} is missing; restore configs/taxonomy.yaml or fix classify.taxonomy in the config"
-        ) from None
-    if key not in _CACHE:
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
-        _CACHE[key] = parse_taxonomy(raw, path)
-    return _CACHE[key]
+    """The configured taxonomy, validated; cached until the file changes (it is read for every batch)."""
+    return load_resource(cfg, cfg.classify.taxonomy, Taxonomy)
