@@ -72,3 +72,37 @@ def test_prefect_flow_equals_plain_run(sample, cfg, tmp_path):
     b = read_cases(tmp_path / "plain")[cols].sort_values("case_id").reset_index(drop=True)
     assert a.drop(columns="tokens").equals(b.drop(columns="tokens"))
     assert [list(x) for x in a["tokens"]] == [list(x) for x in b["tokens"]]
+
+
+def test_a_run_opens_the_state_database_once(sample, cfg, tmp_path, monkeypatch, fake_embedder):
+    """The run's steps share the connection start_run opens (ingest, commit, the derived-output
+    marker each opened their own before); a batch sent to another process does not carry it."""
+    import pickle
+
+    from pipeline.orchestrate import nightly as steps
+    from pipeline.storage.state import State
+
+    opened: list[State] = []
+    real_init = State.__init__
+
+    def counting_init(self, out):
+        real_init(self, out)
+        opened.append(self)
+
+    monkeypatch.setattr(State, "__init__", counting_init)
+    input_dir, _ = sample
+    s = steps.run_pipeline(cfg, input_dir, tmp_path / "o")
+    assert s["cases"]["written"] > 0 and s["records"]["reconciles"]
+    assert len(opened) == 1
+    with pytest.raises(Exception, match="closed"):  # closed when the run ended
+        opened[0].db.execute("SELECT 1")
+
+    ctx = steps.start_run(cfg, input_dir, tmp_path / "o2")
+    try:
+        assert ctx.state is not None
+        shipped = pickle.loads(pickle.dumps(ctx))
+        assert shipped.state is None and shipped.run_id == ctx.run_id
+        assert ctx.db.known_runs()[ctx.run_id] == "running"  # the original keeps its connection
+    finally:
+        ctx.close()
+    assert ctx.state is None

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 
@@ -67,6 +67,25 @@ class RunContext:
     seconds: dict[str, float] = field(default_factory=dict)
     orphans_removed: int = 0
     runner: str = "plain"  # how the steps ran, for the summary (Prefect, or why not)
+    # The run's one connection to the state database: opened by `start_run`, used by the steps
+    # that read or write the state (ingest, commit, the derived-output marker), closed by
+    # `close()`. Batch workers never get it (a Dask worker is another process, and a pickled
+    # context leaves it behind): what they need from it, the prior orders, is passed to them.
+    state: State | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def db(self) -> State:
+        if self.state is None:
+            raise StateError(f"run {self.run_id}: the state database is not open in this process")
+        return self.state
+
+    def close(self) -> None:
+        if self.state is not None:
+            self.state.close()
+            self.state = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "state": None}
 
 
 @dataclass
@@ -78,6 +97,9 @@ class IngestResult:
     reasons: Counter
     files_skipped: int = 0
     encodings: Counter = field(default_factory=Counter)
+    # Order ids of accepted conversations that earlier runs committed (repeat contacts): looked up
+    # once here, so batches (possibly in other processes) need no state database.
+    prior_orders: frozenset[str] = frozenset()
 
 
 def checkpoint(stage: str) -> None:
@@ -95,7 +117,8 @@ def start_run(cfg: Config, input_dir: Path, out: Path, runner: str = "plain") ->
     """Check that the stored history is whole, undo what killed runs left behind, open a new run.
 
     Never deletes what it cannot account for: a lost state database, a missing index `CURRENT`
-    or case files of an unknown run stop the run with what to do, instead of shrinking history."""
+    or case files of an unknown run stop the run with what to do, instead of shrinking history.
+    The returned context holds the run's open state database; the caller closes it (`ctx.close()`)."""
     if not input_dir.exists():
         raise FileNotFoundError(
             f"input {input_dir} does not exist; pass --input DIR with *.jsonl, *.json or *.csv files "
@@ -120,11 +143,19 @@ def start_run(cfg: Config, input_dir: Path, out: Path, runner: str = "plain") ->
         removed = remove_orphans(out, state.known_runs())
         state.mark_abandoned(abandoned)
         ctx = RunContext(
-            cfg, out, input_dir, new_run_id(), datetime.now().date(), orphans_removed=len(removed), runner=runner
+            cfg,
+            out,
+            input_dir,
+            new_run_id(),
+            datetime.now().date(),
+            orphans_removed=len(removed),
+            runner=runner,
+            state=state,
         )
         state.begin_run(ctx.run_id)
-    finally:
+    except BaseException:
         state.close()
+        raise
     return ctx
 
 
@@ -156,7 +187,7 @@ def reconcile_manifests(out: Path, state: State) -> None:
 def ingest(ctx: RunContext) -> IngestResult:
     """Read every new or changed file; deduplicate against what earlier runs committed."""
     paths = discover(ctx.input_dir)
-    state = State(ctx.out)
+    state = ctx.db
     counts: Counter = Counter()
     reasons: Counter = Counter()
     encodings: Counter = Counter()
@@ -164,103 +195,114 @@ def ingest(ctx: RunContext) -> IngestResult:
     quarantined: list[QuarantineRecord] = []
     stamps: list[FileStamp] = []
     skipped = 0
-    try:
-        results: list[FileResult] = []
-        for i, p in enumerate(paths):
-            st = p.stat()
-            rel = input_name(ctx.input_dir, p)
-            digest = functools.lru_cache(maxsize=1)(lambda p=p: sha256_file(p))
-            if state.file_unchanged(rel, st.st_size, st.st_mtime_ns, digest):
-                skipped += 1
-            else:
-                stamps.append(FileStamp(rel, st.st_size, st.st_mtime_ns, digest()))
-                results.append(read_file(p, ctx.cfg.ingest, root=ctx.input_dir if ctx.input_dir.is_dir() else p.parent))
-            progress("ingest", i + 1, len(paths))
-        seen_ids: dict[str, str] = state.seen_hashes(c.conversation_id for r in results for c in r.conversations)
-        seen_bad = state.quarantined_hashes(q.raw_hash for r in results for q in r.quarantined)
-        batch_bad: set[str] = set()
-        for r in results:
-            encodings[r.encoding] += 1
-            counts["read"] += r.n_read
-            for q in r.quarantined:
+    results: list[FileResult] = []
+    for i, p in enumerate(paths):
+        st = p.stat()
+        rel = input_name(ctx.input_dir, p)
+        digest = functools.lru_cache(maxsize=1)(lambda p=p: sha256_file(p))
+        if state.file_unchanged(rel, st.st_size, st.st_mtime_ns, digest):
+            skipped += 1
+        else:
+            stamps.append(FileStamp(rel, st.st_size, st.st_mtime_ns, digest()))
+            results.append(read_file(p, ctx.cfg.ingest, root=ctx.input_dir if ctx.input_dir.is_dir() else p.parent))
+        progress("ingest", i + 1, len(paths))
+    seen_ids: dict[str, str] = state.seen_hashes(c.conversation_id for r in results for c in r.conversations)
+    seen_bad = state.quarantined_hashes(q.raw_hash for r in results for q in r.quarantined)
+    batch_bad: set[str] = set()
+    for r in results:
+        encodings[r.encoding] += 1
+        counts["read"] += r.n_read
+        for q in r.quarantined:
+            if q.raw_hash in seen_bad or q.raw_hash in batch_bad:
+                counts["duplicates"] += 1
+                reasons["duplicate:already_quarantined"] += 1
+                continue
+            batch_bad.add(q.raw_hash)
+            quarantined.append(q)
+            reasons[q.reason] += 1
+        for c in r.conversations:
+            prev = seen_ids.get(c.conversation_id)
+            if prev == c.content_hash:
+                counts["duplicates"] += 1
+                reasons["duplicate:same_content"] += 1
+            elif prev is not None:
+                q = QuarantineRecord(
+                    c.source_file,
+                    "conflicting_id",
+                    f"conversation_id {c.conversation_id[:40]} was already accepted with different content; "
+                    "give corrected re-deliveries a new id, or remove the earlier one from the output",
+                    c.source_line,
+                    None,
+                    c.conversation_id,
+                    " ".join(t.text for t in c.turns)[:120],
+                    "conflict:" + c.content_hash,
+                )
                 if q.raw_hash in seen_bad or q.raw_hash in batch_bad:
                     counts["duplicates"] += 1
                     reasons["duplicate:already_quarantined"] += 1
-                    continue
-                batch_bad.add(q.raw_hash)
-                quarantined.append(q)
-                reasons[q.reason] += 1
-            for c in r.conversations:
-                prev = seen_ids.get(c.conversation_id)
-                if prev == c.content_hash:
-                    counts["duplicates"] += 1
-                    reasons["duplicate:same_content"] += 1
-                elif prev is not None:
-                    q = QuarantineRecord(
-                        c.source_file,
-                        "conflicting_id",
-                        f"conversation_id {c.conversation_id[:40]} was already accepted with different content; "
-                        "give corrected re-deliveries a new id, or remove the earlier one from the output",
-                        c.source_line,
-                        None,
-                        c.conversation_id,
-                        " ".join(t.text for t in c.turns)[:120],
-                        "conflict:" + c.content_hash,
-                    )
-                    if q.raw_hash in seen_bad or q.raw_hash in batch_bad:
-                        counts["duplicates"] += 1
-                        reasons["duplicate:already_quarantined"] += 1
-                    else:
-                        batch_bad.add(q.raw_hash)
-                        quarantined.append(q)
-                        reasons["conflicting_id"] += 1
                 else:
-                    seen_ids[c.conversation_id] = c.content_hash
-                    accepted.append(c)
-    finally:
-        state.close()
+                    batch_bad.add(q.raw_hash)
+                    quarantined.append(q)
+                    reasons["conflicting_id"] += 1
+            else:
+                seen_ids[c.conversation_id] = c.content_hash
+                accepted.append(c)
     counts["accepted"] = len(accepted)
     counts["quarantined"] = len(quarantined)
-    return IngestResult(accepted, quarantined, stamps, counts, reasons, skipped, encodings)
+    prior = state.known_orders(_order_ids(accepted))
+    return IngestResult(accepted, quarantined, stamps, counts, reasons, skipped, encodings, prior)
+
+
+def _order_ids(convs: list[Conversation]) -> list[str]:
+    return [str(c.metadata.get("order_id")) for c in convs if c.metadata.get("order_id")]
 
 
 def batches(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def prior_orders(ctx: RunContext, convs: list[Conversation]) -> frozenset[str]:
-    """Order ids earlier runs committed, among this batch's: what makes a case a repeat contact."""
-    state = State(ctx.out)
-    try:
-        return state.known_orders(str(c.metadata.get("order_id")) for c in convs if c.metadata.get("order_id"))
-    finally:
-        state.close()
+class Part(NamedTuple):
+    """One batch of the run's accepted conversations, with the prior orders among them."""
+
+    convs: list[Conversation]
+    prior_orders: frozenset[str]
+
+
+def parts_of(ing: IngestResult, size: int) -> list[Part]:
+    return [Part(b, ing.prior_orders.intersection(_order_ids(b))) for b in batches(ing.accepted, size)]
 
 
 def process(
     ctx: RunContext, convs: list[Conversation], segmenter: Segmenter | None = None, last: str = "emotion"
 ) -> BatchResult:
-    """The declared batch steps through `last` over one batch (no writes)."""
+    """The declared batch steps through `last` over one batch (no writes), prior orders read
+    from the run's state."""
     with Components.from_config(ctx.cfg, segmenter) as comp:
-        return process_with(ctx, comp, convs, last)
+        return process_with(ctx, comp, convs, ctx.db.known_orders(_order_ids(convs)), last)
 
 
-def process_with(ctx: RunContext, comp: Components, convs: list[Conversation], last: str = "classify") -> BatchResult:
+def process_with(
+    ctx: RunContext,
+    comp: Components,
+    convs: list[Conversation],
+    prior_orders: frozenset[str],
+    last: str = "classify",
+) -> BatchResult:
     return run_batch(
         convs,
         comp,
         through(last),
         run_id=ctx.run_id,
         ingest_date=ctx.ingest_date,
-        prior_orders=prior_orders(ctx, convs),
+        prior_orders=prior_orders,
     )
 
 
-def process_part(ctx: RunContext, comp: Components, batch: list[Conversation], part: int) -> BatchResult:
-    """One batch through every step, and its cases written as part `part` of the run."""
-    res = process_with(ctx, comp, batch)
+def process_part(ctx: RunContext, comp: Components, part: Part, n: int) -> BatchResult:
+    """One batch through every step, and its cases written as part `n` of the run."""
+    res = process_with(ctx, comp, part.convs, part.prior_orders)
     t = time.perf_counter()
-    store(ctx, res.cases, part)
+    store(ctx, res.cases, n)
     res.seconds["store"] = time.perf_counter() - t
     checkpoint("store")
     return res
@@ -339,11 +381,7 @@ def commit(ctx: RunContext, ing: IngestResult, rejected: list[QuarantineRecord],
     # The manifest first: if the process dies before the SQLite commit, the next start finishes
     # that commit from it; if the database is ever lost, `casemine repair` rebuilds it from all.
     write_manifest(ctx.out, rec)
-    state = State(ctx.out)
-    try:
-        state.commit_run(rec)
-    finally:
-        state.close()
+    ctx.db.commit_run(rec)
     return qpath
 
 
@@ -566,7 +604,7 @@ class Night:
 @dataclass(frozen=True)
 class RunStep:
     """One step of the nightly run. `run(night)` returns the value of `night.<adds>`; a
-    `per_batch` step instead runs `run(ctx, components, batch, part)` on every batch of accepted
+    `per_batch` step instead runs `run(ctx, components, part, n)` on every `Part` of accepted
     conversations (the declared batch steps of `pipeline.orchestrate.steps`, then the part's case file).
     The runner times every step, reports progress, and offers a crash checkpoint after it."""
 
@@ -595,7 +633,7 @@ def _commit(night: Night) -> Path | None:
 def _derive_needed(night: Night) -> bool:
     """Exports and library are derived from all committed cases: redone when this run added cases
     or an earlier run died before finishing them; a night with nothing new keeps yesterday's."""
-    return bool(len(night.cases)) or not derived_outputs_current(night.ctx.out)
+    return bool(len(night.cases)) or not derived_outputs_current(night.ctx.out, night.ctx.db)
 
 
 def _exports(night: Night) -> dict[str, Any]:
@@ -606,7 +644,7 @@ def _library(night: Night) -> dict[str, Any]:
     if not _derive_needed(night):
         return {"skipped": "no new cases"}
     done = refresh_library(night.ctx)
-    mark_derived_current(night.ctx.out)  # the last derived output: both are now current
+    mark_derived_current(night.ctx.out, night.ctx.db)  # the last derived output: both are now current
     return done
 
 
@@ -652,7 +690,7 @@ def add_seconds(ctx: RunContext, name: str, seconds: float) -> None:
 def run_declared(
     ctx: RunContext,
     call: Callable[[RunStep, Night], Any],
-    each_batch: Callable[[RunStep, list[list[Conversation]]], Iterator[BatchResult]],
+    each_batch: Callable[[RunStep, list[Part]], Iterator[BatchResult]],
 ) -> dict[str, Any]:
     """`NIGHTLY` in order, the one loop both runners share: `call(step, night)` runs a step (a
     plain call, or a Prefect task), `each_batch(step, parts)` yields the batch step's results in
@@ -662,13 +700,13 @@ def run_declared(
         t = time.perf_counter()
         if step.per_batch:
             assert night.ingest is not None
-            parts = batches(night.ingest.accepted, ctx.cfg.flow.batch_size)
+            parts = parts_of(night.ingest, ctx.cfg.flow.batch_size)
             done = 0
-            for batch, res in zip(parts, each_batch(step, parts)):
+            for part, res in zip(parts, each_batch(step, parts)):
                 night.batches.append(res)
                 for k, v in res.seconds.items():
                     add_seconds(ctx, k, v)
-                done += len(batch)
+                done += len(part.convs)
                 progress(step.name, done, len(night.ingest.accepted))
             if night.batches:
                 night.cases = pd.concat([r.cases for r in night.batches], ignore_index=True)
@@ -685,16 +723,19 @@ def run_pipeline(cfg: Config, input_dir: Path, out: Path, runner: str = "plain")
     as tasks), holding the output root's lock (re-entrant: `casemine run` already holds it)."""
     with run_lock(out):
         ctx = start_run(cfg, input_dir, out, runner)
-        with Components.from_config(cfg) as comp:
-            return run_declared(
-                ctx,
-                lambda step, night: step.run(night),
-                lambda step, parts: (step.run(ctx, comp, batch, n) for n, batch in enumerate(parts)),
-            )
+        try:
+            with Components.from_config(cfg) as comp:
+                return run_declared(
+                    ctx,
+                    lambda step, night: step.run(night),
+                    lambda step, parts: (step.run(ctx, comp, part, n) for n, part in enumerate(parts)),
+                )
+        finally:
+            ctx.close()
 
 
-def mark_derived_current(out: Path) -> None:
-    atomic_write_text(_derived_marker(out), _latest_case_run(out) + "\n")
+def mark_derived_current(out: Path, state: State) -> None:
+    atomic_write_text(_derived_marker(out), state.latest_case_run() + "\n")
 
 
 def _derived_marker(out: Path) -> Path:
@@ -711,11 +752,12 @@ def _latest_case_run(out: Path) -> str:
         state.close()
 
 
-def derived_outputs_current(out: Path) -> bool:
+def derived_outputs_current(out: Path, state: State | None = None) -> bool:
     """Whether exports and library reflect every stored case: the marker names the newest run
     that stored case files. A run killed after its commit leaves them behind and the next run,
     even with nothing new, finishes them; a run that stored no cases changes nothing they derive
-    from, so it does not make them stale."""
-    latest = _latest_case_run(out)
+    from, so it does not make them stale. A run passes its open `state`; outside a run (the
+    CLI's check) the database is opened for the question, if it exists."""
+    latest = state.latest_case_run() if state is not None else _latest_case_run(out)
     marker = _derived_marker(out)
     return not latest or (marker.is_file() and marker.read_text(encoding="utf-8").strip() == latest)

@@ -18,12 +18,11 @@ import pipeline.orchestrate.prefect_api  # noqa: F401  (Prefect's environment de
 from prefect import flow, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.config import Config, FlowConfig, load_config  # noqa: E402
 from pipeline.orchestrate import nightly as steps  # noqa: E402
 from pipeline.orchestrate.batch import BatchResult  # noqa: E402
 from pipeline.orchestrate.lock import run_lock  # noqa: E402
 from pipeline.orchestrate.steps import Components  # noqa: E402
-from pipeline.schema import Conversation  # noqa: E402
 from pipeline.text.segment import shared_segmenter  # noqa: E402
 
 
@@ -45,15 +44,15 @@ def _components(ctx: steps.RunContext) -> Components:
     return _COMPONENTS[ctx.run_id]
 
 
-def _process_part(ctx: steps.RunContext, batch: list[Conversation], part: int) -> BatchResult:
-    return steps.process_part(ctx, _components(ctx), batch, part)
+def _process_part(ctx: steps.RunContext, part: steps.Part, n: int) -> BatchResult:
+    return steps.process_part(ctx, _components(ctx), part, n)
 
 
-def _each_batch(ctx: steps.RunContext, step: steps.RunStep, parts: list[list[Conversation]]) -> Iterator[BatchResult]:
+def _each_batch(ctx: steps.RunContext, step: steps.RunStep, parts: list[steps.Part]) -> Iterator[BatchResult]:
     """One task per batch, all submitted at once (a parallel task runner runs them side by side),
     results in part order."""
     run_part = task(name=f"{step.name}-batch", cache_policy=NO_CACHE, persist_result=False)(_process_part)
-    futures = [run_part.submit(ctx, batch, n) for n, batch in enumerate(parts)]
+    futures = [run_part.submit(ctx, part, n) for n, part in enumerate(parts)]
     return (f.result() for f in futures)
 
 
@@ -86,22 +85,25 @@ def nightly(
     out_path = Path(out) if out else cfg.resolve(cfg.paths.out)
     with run_lock(out_path, command="casemine-nightly flow"):
         ctx = steps.start_run(cfg, input_path, out_path, runner=f"Prefect flow ({cfg.flow.task_runner} task runner)")
-        return run_declared(ctx)
+        try:
+            return run_declared(ctx)
+        finally:
+            ctx.close()
 
 
-def task_runner(cfg: Config):
+def task_runner(fc: FlowConfig):
     """The configured task runner: Prefect's default, or Dask (an existing scheduler, or a
     LocalCluster started for the run)."""
-    if cfg.flow.task_runner != "dask":
+    if fc.task_runner != "dask":
         return None
     from prefect_dask import DaskTaskRunner
 
-    if cfg.flow.dask_address:
-        return DaskTaskRunner(address=cfg.flow.dask_address)
+    if fc.dask_address:
+        return DaskTaskRunner(address=fc.dask_address)
     return DaskTaskRunner(
         cluster_kwargs={
-            "n_workers": cfg.flow.dask_workers,
-            "processes": cfg.flow.dask_processes,
+            "n_workers": fc.dask_workers,
+            "processes": fc.dask_processes,
             "threads_per_worker": 1,
             "dashboard_address": ":0",
         }
@@ -110,7 +112,7 @@ def task_runner(cfg: Config):
 
 def flow_for(cfg: Config):
     """`nightly` with the task runner the config asks for."""
-    runner = task_runner(cfg)
+    runner = task_runner(cfg.flow)
     return nightly if runner is None else nightly.with_options(task_runner=runner)
 
 

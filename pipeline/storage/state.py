@@ -138,7 +138,10 @@ class State:
         self.path = out / "state" / "state.sqlite"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            # One connection serves a whole run, whose steps may run on another thread than the
+            # one that opened it (Prefect calls tasks from its own threads); the run loop uses it
+            # from one step at a time, so sharing it across threads is safe.
+            self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.executescript(SCHEMA)
             self._upgrade()

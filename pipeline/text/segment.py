@@ -58,7 +58,7 @@ class Segmenter:
         self.user_dict = str(cfg.resolve(cfg.segment.user_dict))
         self.stopwords = read_wordlist(cfg.resolve(cfg.segment.stopwords))
         self._pool: Pool | None = None
-        self._tokenizer: jieba.Tokenizer | None = None
+        self._tok: jieba.Tokenizer | None = None
 
     def warm(self) -> None:
         """Load the dictionary and IDF table now (a one-off per process, about 2 s), so the time
@@ -84,9 +84,9 @@ class Segmenter:
     @property
     def tokenizer(self) -> jieba.Tokenizer:
         # Held once fetched: `cut` asks for it per chunk, and a file check per chunk would cost.
-        if self._tokenizer is None:
-            self._tokenizer = _tokenizer(self.user_dict)
-        return self._tokenizer
+        if self._tok is None:
+            self._tok = _tokenizer(self.user_dict)
+        return self._tok
 
     def cut(self, text: str, keep_stopwords: bool = False) -> list[str]:
         out: list[str] = []
