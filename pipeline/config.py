@@ -367,7 +367,8 @@ def load_config(path: str | Path | None = None) -> Config:
 
 
 def load_yaml_resource(cfg: Config, path: Path | str) -> Any:
-    """Read a YAML resource named in the config (lexicons, taxonomy), with a clear error."""
+    """Read a YAML resource named in the config, with a clear error: the raw read under
+    `pipeline.resources.load_resource`, which also validates and caches; call that instead."""
     p = cfg.resolve(path)
     try:
         return yaml.safe_load(p.read_text(encoding="utf-8"))

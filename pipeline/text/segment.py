@@ -56,7 +56,8 @@ class Segmenter:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.user_dict = str(cfg.resolve(cfg.segment.user_dict))
-        self.stopwords = read_wordlist(cfg.resolve(cfg.segment.stopwords))
+        stop = cfg.resolve(cfg.segment.stopwords)
+        self.stopwords = cached([stop], "stopwords", lambda: read_wordlist(stop))
         self._pool: Pool | None = None
         self._tok: jieba.Tokenizer | None = None
 
