@@ -106,3 +106,28 @@ def test_a_run_opens_the_state_database_once(sample, cfg, tmp_path, monkeypatch,
     finally:
         ctx.close()
     assert ctx.state is None
+
+
+def test_an_order_an_earlier_run_committed_makes_a_repeat_contact(cfg, tmp_path, fake_embedder):
+    """Prior orders are looked up once at ingest and handed to the batches: a conversation about
+    an order a committed run saw is a repeat contact, one about a new order is not."""
+    from pipeline.orchestrate import nightly as steps
+
+    src = (cfg.resolve(cfg.paths.input) / "chat.jsonl").read_text(encoding="utf-8").splitlines()
+    recs = [json.loads(x) for x in src[:3]]
+    for n, r in enumerate(recs):
+        r["metadata"]["order_id"] = f"JD-TEST-{n}"
+    day1, day2 = tmp_path / "day1", tmp_path / "day2"
+    day1.mkdir()
+    day2.mkdir()
+    (day1 / "a.jsonl").write_text(json.dumps(recs[0], ensure_ascii=False) + "\n", encoding="utf-8")
+    again = {**recs[1], "conversation_id": "AGAIN-1", "metadata": {**recs[1]["metadata"], "order_id": "JD-TEST-0"}}
+    lines = [json.dumps(r, ensure_ascii=False) for r in (again, recs[2])]
+    (day2 / "b.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "o"
+    steps.run_pipeline(cfg, day1, out)
+    steps.run_pipeline(cfg, day2, out)
+    cases = read_cases(out).drop_duplicates("conversation_id").set_index("conversation_id")
+    assert not cases.loc[recs[0]["conversation_id"], "repeat_contact"]
+    assert cases.loc["AGAIN-1", "repeat_contact"]
+    assert not cases.loc[recs[2]["conversation_id"], "repeat_contact"]
