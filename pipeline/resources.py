@@ -15,6 +15,7 @@ so that every file has a validated form even where its consumer is a plain dict 
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
@@ -46,36 +47,38 @@ class CueResource(Resource):
 
 # -- the one cache ------------------------------------------------------------------------------
 
-# (kind, files) -> (the files' stamps when built, the value). One entry per kind and files: an
-# edited file replaces its entry instead of adding one.
-_CACHE: dict[tuple[Hashable, tuple[str, ...]], tuple[tuple[tuple[int, int] | None, ...], Any]] = {}
+# kind -> (the files it was built from, their stamps then, the value).
+_CACHE: dict[Hashable, tuple[tuple[str, ...], tuple[tuple[int, int] | None, ...], Any]] = {}
 _LOCK = threading.Lock()
 
 
 def _stamp(path: str) -> tuple[int, int] | None:
     try:
-        st = Path(path).stat()
+        st = os.stat(path)
     except OSError:
         return None  # a missing file is a state too: it appearing later is a change
     return st.st_mtime_ns, st.st_size
 
 
-def cached(paths: Sequence[Path], kind: Hashable, build: Callable[[], T]) -> T:
-    """`build()`, memoised per process under `kind` until one of `paths` changes (mtime or size).
+def cached(kind: Hashable, files: Sequence[Path] | Callable[[], Sequence[Path]], build: Callable[[], T]) -> T:
+    """`build()`, memoised per process under `kind` until one of the `files` it read changes
+    (mtime or size).
 
     The one memo for everything derived from files: a resource model, a word list, an object
-    built from them (a normaliser, a masker, a jieba dictionary). `kind` must tell apart what is
-    built from the same files (the model class, or a name and the config it was built with).
+    built from them (a normaliser, a masker, a jieba dictionary). `kind` names what is built and
+    from what (the model and its path, or a name and the config). `files` may be a function: it is
+    called only when building, and the files it gave are the ones checked on later calls, so a hit
+    costs a dictionary lookup and a stat per file (the masker is fetched once per prepared text).
     Nothing is cached when `build` raises."""
-    files = tuple(str(p) for p in paths)
-    stamps = tuple(_stamp(p) for p in files)
     with _LOCK:
-        hit = _CACHE.get((kind, files))
-    if hit is not None and hit[0] == stamps:
-        return hit[1]
+        hit = _CACHE.get(kind)
+    if hit is not None and tuple(_stamp(f) for f in hit[0]) == hit[1]:
+        return hit[2]
+    paths = tuple(os.fspath(p) for p in (files() if callable(files) else files))
+    stamps = tuple(_stamp(f) for f in paths)
     value = build()
     with _LOCK:
-        _CACHE[(kind, files)] = (stamps, value)
+        _CACHE[kind] = (paths, stamps, value)
     return value
 
 
@@ -106,7 +109,7 @@ def load_resource(cfg: Config, path: Path | str, model: type[M]) -> M:
     """The resource file `path` (relative paths resolve as the config's do), read, validated
     against `model` and cached until the file changes."""
     p = cfg.resolve(path)
-    return cached([p], model, lambda: parse_resource(load_yaml_resource(cfg, p), model, p))
+    return cached((model, str(p)), [p], lambda: parse_resource(load_yaml_resource(cfg, p), model, p))
 
 
 # -- models of files whose consumers keep no model of their own ---------------------------------

@@ -141,16 +141,28 @@ def test_cached_rebuilds_on_change_and_keeps_failures_out(tmp_path):
         calls.append(1)
         return f.read_text(encoding="utf-8").split()
 
-    assert cached([f], "words", build) == ["a"] and cached([f], "words", build) == ["a"]
+    kind = ("words", str(f))
+    assert cached(kind, [f], build) == ["a"] and cached(kind, [f], build) == ["a"]
     assert len(calls) == 1
-    assert cached([f], "other kind", lambda: "x") == "x"  # same file, another kind: its own entry
+    assert cached(("other kind", str(f)), [f], lambda: "x") == "x"  # same file, another kind
     f.write_text("a\nb\n", encoding="utf-8")  # size changes even if the mtime tick does not
-    assert cached([f], "words", build) == ["a", "b"] and len(calls) == 2
+    assert cached(kind, [f], build) == ["a", "b"] and len(calls) == 2
+
+    asked = []
+
+    def files():  # called only when building: a hit re-checks the files it gave then
+        asked.append(1)
+        return [f]
+
+    assert cached(("lazy", str(f)), files, lambda: 1) == 1 and cached(("lazy", str(f)), files, lambda: 2) == 1
+    assert len(asked) == 1
+    f.write_text("c\n", encoding="utf-8")
+    assert cached(("lazy", str(f)), files, lambda: 3) == 3 and len(asked) == 2
 
     def fail():
         raise ValueError("boom")
 
     with pytest.raises(ValueError):
-        cached([f], "failing", fail)
+        cached(("failing", str(f)), [f], fail)
     with pytest.raises(ValueError):  # not cached: built (and failing) again
-        cached([f], "failing", fail)
+        cached(("failing", str(f)), [f], fail)

@@ -6,6 +6,8 @@ stored cases were seen (normalised, then masked), or models trained on one see a
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pipeline.config import Config
 from pipeline.resources import AsrCorrections, cached, load_resource
 from pipeline.text.mask import Masker, load_surnames
@@ -15,21 +17,23 @@ from pipeline.text.normalize import Normalizer
 def get_normalizer(cfg: Config) -> Normalizer:
     """The config's normaliser, shared per process until its corrections file changes."""
     n = cfg.normalize
-    files = [cfg.resolve(n.asr_corrections)] if n.asr_corrections else []
 
     def build() -> Normalizer:
         table = load_resource(cfg, n.asr_corrections, AsrCorrections).longest_first() if n.asr_corrections else ()
         return Normalizer(n, table)
 
-    return cached(files, ("normalizer", cfg), build)
+    return cached(("normalizer", cfg), lambda: [cfg.resolve(n.asr_corrections)] if n.asr_corrections else [], build)
 
 
 def get_masker(cfg: Config) -> Masker:
     """The config's masker, shared per process until one of its word lists changes."""
     m = cfg.mask
-    surnames, given, keep = (cfg.resolve(p) for p in (m.surnames, m.given_name_chars, m.keep_words))
+
+    def files() -> list[Path]:
+        return [cfg.resolve(p) for p in (m.surnames, m.given_name_chars, m.keep_words)]
 
     def build() -> Masker:
+        surnames, given, keep = files()
         return Masker(
             load_surnames(surnames),
             m.mask_order_ids,
@@ -39,7 +43,7 @@ def get_masker(cfg: Config) -> Masker:
             keep_words=load_surnames(keep),
         )
 
-    return cached([surnames, given, keep], ("masker", cfg), build)
+    return cached(("masker", cfg), files, build)
 
 
 def prepare_text(text: str, cfg: Config, asr: bool = False) -> str:

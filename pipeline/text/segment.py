@@ -44,7 +44,7 @@ def _tokenizer(user_dict: str) -> jieba.Tokenizer:
         tok.load_userdict(user_dict)
         return tok
 
-    return cached([Path(user_dict)], "jieba_tokenizer", build)
+    return cached(("jieba_tokenizer", user_dict), [Path(user_dict)], build)
 
 
 class Segmenter:
@@ -57,7 +57,7 @@ class Segmenter:
         self.cfg = cfg
         self.user_dict = str(cfg.resolve(cfg.segment.user_dict))
         stop = cfg.resolve(cfg.segment.stopwords)
-        self.stopwords = cached([stop], "stopwords", lambda: read_wordlist(stop))
+        self.stopwords = cached(("stopwords", str(stop)), [stop], lambda: read_wordlist(stop))
         self._pool: Pool | None = None
         self._tok: jieba.Tokenizer | None = None
 
