@@ -272,7 +272,7 @@ class Config(_Section):
 
     def __hash__(self) -> int:
         # Sections hold lists and dicts, so pydantic's field hash fails; the JSON form is stable
-        # and lets per-config caches (lru_cache over a Config) work.
+        # and lets per-config caches (pipeline.resources.cached, lru_cache) key on a Config.
         if self._hash is None:
             self._hash = hash((self.model_dump_json(), str(self.root)))
         return self._hash
