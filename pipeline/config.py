@@ -304,6 +304,7 @@ class Config(_Section):
             "cases.lexicon": self.cases.lexicon,
             "classify.taxonomy": self.classify.taxonomy,
             "cluster.cause_lexicon": self.cluster.cause_lexicon,
+            "cluster.label_stopwords": self.cluster.label_stopwords,
             "emotion.lexicon": self.emotion.lexicon,
         }
         return {k: self.resolve(v) for k, v in named.items() if v is not None}

@@ -6,7 +6,6 @@ the same candidates (decisions live in the review store, `pipeline.library.store
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -59,20 +58,12 @@ def case_parts(row: dict[str, Any]) -> dict[str, str]:
         "handling": _text(row.get("handling")),
         "outcome": out_text if outcome else "",
     }
-    tp = _json(row.get("turning_points"))
-    rise = (tp or {}).get("biggest_rise") or {}
+    # The store reads turning_points back as the struct written (storage.store.read_cases).
+    tp = row.get("turning_points")
+    rise = (tp if isinstance(tp, dict) else {}).get("biggest_rise") or {}
     if rise.get("agent_before"):
         parts["turning_point"] = f"客服:{rise['agent_before']['text'][:160]} → 客户:{rise.get('customer', '')[:80]}"
     return parts
-
-
-def _json(v: Any) -> Any:
-    if isinstance(v, str) and v:
-        try:
-            return json.loads(v)
-        except json.JSONDecodeError:
-            return None
-    return v if isinstance(v, (dict, list)) else None
 
 
 class CandidateScorer:

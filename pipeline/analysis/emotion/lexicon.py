@@ -10,80 +10,15 @@ import pickle
 from functools import lru_cache
 from importlib import resources
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pipeline.config import Config
+from pipeline.resources import CueWeights, EmotionLexicon, load_resource
 
-from pipeline.config import Config, ConfigError, load_yaml_resource
-
-
-class _Strict(BaseModel):
-    # YAML reads 12315 as a number; cue lists are strings whatever YAML thinks.
-    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
-
-
-class CueWeights(_Strict):
-    repeated_punct_weight: float
-    repeated_punct_max: int
-    repeated_message_weight: float
-    repeated_message_label: str
-    caps_weight: float
-    caps_allow: list[str]
-    question_pressure: list[str]
-    question_pressure_weight: float
-
-
-class EmotionLexicon(_Strict):
-    """configs/emotion.yaml, validated: a typo stops the run with the key named."""
-
-    labels: list[str]
-    neutral_label: str
-    positive_label: str
-    dutir_map: dict[str, str | None]
-    dutir_weight: dict[str, float]
-    hownet_weight: float
-    neutral_tokens: list[str]
-    phrases: dict[str, dict[float, list[str]]]
-    threats: list[str]
-    threat_weight: float
-    threat_label: str
-    profanity: list[str]
-    profanity_weight: float
-    angry_emoji: list[str]
-    angry_emoji_weight: float
-    negators: list[str]
-    negation_window: int
-    negated_positive_weight: float
-    negated_negative_weight: float
-    intensifiers: list[str]
-    intensifier_factor: float
-    cues: CueWeights
-    scale: float
-    neutral_band: float
+__all__ = ["CueWeights", "EmotionLexicon", "general_lexicons", "load_emotion_lexicon"]
 
 
 def load_emotion_lexicon(cfg: Config) -> EmotionLexicon:
-    raw = load_yaml_resource(cfg, cfg.emotion.lexicon)
-    try:
-        lex = EmotionLexicon.model_validate(raw)
-    except ValidationError as e:
-        keys = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
-        raise ConfigError(f"{cfg.resolve(cfg.emotion.lexicon)}: {keys}") from None
-    unknown = {
-        lab
-        for lab in [
-            *lex.phrases,
-            lex.threat_label,
-            lex.neutral_label,
-            lex.positive_label,
-            lex.cues.repeated_message_label,
-            *(v for v in lex.dutir_map.values() if v),
-        ]
-        if lab not in lex.labels
-    }
-    if unknown:
-        raise ConfigError(
-            f"{cfg.resolve(cfg.emotion.lexicon)}: labels {sorted(unknown)} are not in `labels` {lex.labels}"
-        )
-    return lex
+    """configs/emotion.yaml through the one resource loader (validated, cached until it changes)."""
+    return load_resource(cfg, cfg.emotion.lexicon, EmotionLexicon)
 
 
 @lru_cache(maxsize=1)
