@@ -63,11 +63,18 @@ class Components:
     def from_config(
         cls, cfg: Config, segmenter: Segmenter | None = None, analyzer: EmotionAnalyzer | None = None
     ) -> Components:
-        from pipeline.analysis.classify import classify_cases
+        from pipeline.analysis.classify import CaseClassifiers
         from pipeline.analysis.emotion import EmotionAnalyzer, add_emotion
         from pipeline.text.prepare import get_masker, get_normalizer
 
         built: list[EmotionAnalyzer] = [analyzer] if analyzer else []  # on first use: slices before it skip it
+
+        classifiers: list[CaseClassifiers] = []
+
+        def classify(cases: pd.DataFrame) -> pd.DataFrame:
+            if not classifiers:
+                classifiers.append(CaseClassifiers.from_config(cfg))
+            return classifiers[0].transform(cases)
 
         def emotion(cases: pd.DataFrame) -> pd.DataFrame:
             if not built:
@@ -80,7 +87,7 @@ class Components:
             CaseExtractor.from_config(cfg),
             segmenter or Segmenter(cfg),
             emotion,
-            lambda cases: classify_cases(cases, cfg),
+            classify,
             owns_segmenter=segmenter is None,
         )
 

@@ -1,7 +1,8 @@
 """Issue type, request kind and urgency classification of cases.
 
 Public API:
-- `classify_cases(cases, cfg) -> DataFrame`: what the nightly flow calls.
+- `CaseClassifiers.from_config(cfg)`: built once per process; `.transform(cases)` is what the
+  nightly flow calls (`classify_cases(cases, cfg)` builds and applies it in one call).
 - `classify_texts(texts, cfg)`: the same for raw texts (CLI).
 - `train(cfg, labels_path=None)`: fit on labelled texts, save model + card.
 - training on labelled conversations: `conversations.train_on` (the transcripts are made into
@@ -12,6 +13,7 @@ Public API:
 from pipeline.analysis.classify.api import (
     OUTPUT_COLUMNS,
     REVIEW_LABEL,
+    CaseClassifiers,
     case_texts,
     classify_cases,
     classify_texts,
@@ -22,6 +24,7 @@ from pipeline.analysis.classify.store import ModelMismatchError, load_model, rea
 from pipeline.analysis.classify.taxonomy import Taxonomy, load_taxonomy
 
 __all__ = [
+    "CaseClassifiers",
     "OUTPUT_COLUMNS",
     "REVIEW_LABEL",
     "LabeledDataError",

@@ -12,19 +12,20 @@ import json
 import logging
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import pandas as pd
 
-from pipeline.analysis.classify.coldstart import ColdStartIssueClassifier, default_encoder
+from pipeline.analysis.classify.coldstart import ColdStartIssueClassifier, Encode, default_encoder
 from pipeline.analysis.classify.rules import KeywordRules, RequestKindRules, UrgencyScorer
 from pipeline.analysis.classify.store import CARD_FILE, ModelMismatchError, load_task_model
 from pipeline.analysis.classify.tasks import TASKS, build_inputs, lowest_sentiment, to_float, to_list, to_str
 from pipeline.analysis.classify.taxonomy import Taxonomy, load_taxonomy
 from pipeline.analysis.classify.text import get_backend
-from pipeline.config import Config
+from pipeline.config import ClassifyConfig, Config
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ OUTPUT_COLUMNS: tuple[str, ...] = (
 REVIEW_LABEL = "待人工"
 
 _MODEL_CACHE: dict[tuple[str, str, float], Any] = {}
+# A trained model and its card, or None when the task has none (rules decide).
+Loaded = tuple[Any, dict[str, Any]] | None
 
 
 def _card_path(cfg: Config, task: str) -> Path:
@@ -122,21 +125,26 @@ IssueResult = tuple[list[str], list[float], list[dict[str, Any]], str]
 
 
 def _issue_from_model(
-    cases: pd.DataFrame, cfg: Config, taxonomy: Taxonomy, model: Any, card: dict[str, Any]
+    cases: pd.DataFrame,
+    settings: ClassifyConfig,
+    taxonomy: Taxonomy,
+    encoder: Callable[[], Encode | None],
+    model: Any,
+    card: dict[str, Any],
 ) -> IssueResult:
     if card.get("input") == "case":
         X: Any = build_inputs(
             "issue_type",
             cases,
             taxonomy,
-            default_encoder(cfg) if card.get("uses_prototypes") else None,
+            encoder() if card.get("uses_prototypes") else None,
             with_prototypes=bool(card.get("uses_prototypes")),
         )
         kw_texts = customer_texts(cases)
         # Only the case model names its signal features.
         explain_kw: dict[str, Any] = {"signal_names": card.get("signals", ())}
     else:
-        X = kw_texts = case_texts(cases, cfg.classify.text_source)
+        X = kw_texts = case_texts(cases, settings.text_source)
         explain_kw = {}
     proba = model.predict_proba(X)
     best = proba.argmax(axis=1)
@@ -144,7 +152,7 @@ def _issue_from_model(
     conf = proba.max(axis=1).astype(float).tolist()
     # Second best: a reviewer deciding between two types wants to see the runner-up.
     second = np.argsort(-proba, axis=1)[:, 1] if proba.shape[1] > 1 else best
-    terms = model.explain(X, labels, top_k=cfg.classify.evidence_terms, **explain_kw)
+    terms = model.explain(X, labels, top_k=settings.evidence_terms, **explain_kw)
     # Taxonomy keywords of the predicted type found in the text: a reviewer reads "发票" more
     # easily than a feature name like "客户:票".
     rules = KeywordRules(taxonomy)
@@ -162,15 +170,14 @@ def _issue_from_model(
     return labels, conf, evidence, str(card["model_id"])
 
 
-def _issue_cold_start(cases: pd.DataFrame, cfg: Config, taxonomy: Taxonomy) -> IssueResult:
-    encode = default_encoder(cfg) if taxonomy.cold_start.embeddings else None
+def _issue_cold_start(cases: pd.DataFrame, taxonomy: Taxonomy, encoder: Callable[[], Encode | None]) -> IssueResult:
+    encode = encoder() if taxonomy.cold_start.embeddings else None
     cold = ColdStartIssueClassifier(taxonomy, encode)
     res = cold.predict(customer_texts(cases))
     return res.labels, res.confidence, [{"method": "rules", **e} for e in res.evidence], "rules"
 
 
-def _request_kinds(cases: pd.DataFrame, cfg: Config, taxonomy: Taxonomy) -> tuple[list[str], list[dict[str, Any]]]:
-    loaded = get_task_model(cfg, "request_kind")
+def _request_kinds(cases: pd.DataFrame, taxonomy: Taxonomy, loaded: Loaded) -> tuple[list[str], list[dict[str, Any]]]:
     rows = cast(list[dict[str, Any]], cases.to_dict("records"))
     if loaded is not None:
         model, card = loaded
@@ -187,10 +194,9 @@ def _request_kinds(cases: pd.DataFrame, cfg: Config, taxonomy: Taxonomy) -> tupl
     return [k for k, _ in out], [{"method": "rules", "cues": hits} for _, hits in out]
 
 
-def _model_outcomes(cases: pd.DataFrame, cfg: Config, taxonomy: Taxonomy) -> list[dict[str, Any]] | None:
+def _model_outcomes(cases: pd.DataFrame, taxonomy: Taxonomy, loaded: Loaded) -> list[dict[str, Any]] | None:
     """Outcomes from a trained outcome model, written over the rule outcome (whose verdict stays
     in the evidence); None when no outcome model is trained."""
-    loaded = get_task_model(cfg, "outcome")
     if loaded is None or "outcome" not in cases:
         return None
     model, card = loaded
@@ -218,91 +224,123 @@ def _model_outcomes(cases: pd.DataFrame, cfg: Config, taxonomy: Taxonomy) -> lis
     return evidence
 
 
-def classify_cases(cases: pd.DataFrame, cfg: Config) -> pd.DataFrame:
-    """A copy of `cases` with issue type, request kind, urgency, review flag, evidence and the
-    classifier id added (see OUTPUT_COLUMNS). Each task uses its trained model when one matches
-    the taxonomy, else the cold start (issue type) or the rules; a trained outcome model replaces
-    the rule outcome."""
-    if "problem" not in cases.columns and "customer_text" not in cases.columns:
-        raise ValueError(f"classify_cases needs a 'problem' or 'customer_text' column (got {list(cases.columns)})")
-    out = cases.copy()
-    taxonomy = load_taxonomy(cfg)
-    n = len(out)
-    if n == 0:
-        for c, dtype in zip(OUTPUT_COLUMNS, (object, float, object, object, float, float, bool, object, object)):
-            out[c] = pd.Series(dtype=dtype)
+@dataclass(frozen=True)
+class CaseClassifiers:
+    """Issue type, request kind, urgency (and a trained outcome), built once per process from the
+    config: the taxonomy, the trained models that match it, and the sentence encoder on first use
+    (only the cold start and prototype-reading models need it, and loading it costs seconds)."""
+
+    settings: ClassifyConfig
+    taxonomy: Taxonomy
+    issue_model: Loaded
+    request_model: Loaded
+    outcome_model: Loaded
+    encoder: Callable[[], Encode | None]
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> CaseClassifiers:
+        return cls(
+            cfg.classify,
+            load_taxonomy(cfg),
+            get_model(cfg),
+            get_task_model(cfg, "request_kind"),
+            get_task_model(cfg, "outcome"),
+            lambda: default_encoder(cfg),
+        )
+
+    def transform(self, cases: pd.DataFrame) -> pd.DataFrame:
+        """A copy of `cases` with issue type, request kind, urgency, review flag, evidence and the
+        classifier id added (see OUTPUT_COLUMNS). Each task uses its trained model when one matches
+        the taxonomy, else the cold start (issue type) or the rules; a trained outcome model replaces
+        the rule outcome."""
+        if "problem" not in cases.columns and "customer_text" not in cases.columns:
+            raise ValueError(f"classify_cases needs a 'problem' or 'customer_text' column (got {list(cases.columns)})")
+        out = cases.copy()
+        taxonomy = self.taxonomy
+        n = len(out)
+        if n == 0:
+            for c, dtype in zip(OUTPUT_COLUMNS, (object, float, object, object, float, float, bool, object, object)):
+                out[c] = pd.Series(dtype=dtype)
+            return out
+
+        texts = case_texts(out, self.settings.text_source)
+        # Urgency cues ("三天了", 12315) often sit in turns the condensed problem leaves out, so it
+        # reads everything the customer said.
+        full = [
+            t if not c or c == t else f"{t}\n{c}"
+            for t, c in zip(texts, out["customer_text"].map(to_str) if "customer_text" in out else [""] * n)
+        ]
+
+        if self.issue_model is not None:
+            labels, conf, evid_issue, classifier = _issue_from_model(
+                out, self.settings, taxonomy, self.encoder, *self.issue_model
+            )
+        else:
+            labels, conf, evid_issue, classifier = _issue_cold_start(out, taxonomy, self.encoder)
+        kinds, evid_kind = _request_kinds(out, taxonomy, self.request_model)
+        evid_outcome = _model_outcomes(out, taxonomy, self.outcome_model)
+
+        scorer = UrgencyScorer(taxonomy, self.settings.urgency_weights)
+
+        def col(name: str, conv: Callable[[Any], Any], default: Any) -> list[Any]:
+            return out[name].map(conv).tolist() if name in out else [default] * n
+
+        emo = col("emotion_score", to_float, None)
+        cues = col("emotion_cues", _strings, [])
+        threats = col("escalation_threats", _strings, [])
+        repeat = col(
+            "repeat_contact",
+            lambda v: bool(v) if v is not None and not (isinstance(v, float) and math.isnan(v)) else False,
+            False,
+        )
+        duration = col("duration_s", to_float, None)
+
+        thr = self.settings.review_threshold
+        urg, uconf, due, review, evidence = [], [], [], [], []
+        for i in range(n):
+            u = scorer.score_one(
+                full[i],
+                repeat_contact=repeat[i],
+                emotion_score=emo[i],
+                emotion_cues=cues[i],
+                escalation_threats=threats[i],
+                duration_s=duration[i],
+            )
+            needs = bool(conf[i] < thr)
+            urg.append(u.level)
+            uconf.append(u.confidence)
+            due.append(u.due_hours)
+            review.append(needs)
+            ev: dict[str, Any] = {
+                "issue_type": evid_issue[i],
+                "urgency": {"score": u.score, "signals": u.signals},
+                "request_kind": evid_kind[i],
+            }
+            if evid_outcome is not None:
+                ev["outcome"] = evid_outcome[i]
+            if needs:
+                ev["review"] = f"{REVIEW_LABEL}: confidence {conf[i]:.2f} < review_threshold {thr:.2f}"
+            evidence.append(json.dumps(ev, ensure_ascii=False))
+
+        out["issue_type"] = labels
+        out["issue_type_confidence"] = np.round(np.asarray(conf, dtype=float), 4)
+        out["request_kind"] = kinds
+        out["urgency"] = urg
+        out["urgency_confidence"] = np.asarray(uconf, dtype=float)
+        # float or None (object): the case store converts with pa.array(list), where None becomes a
+        # proper null; pandas' NA or NaN would not.
+        out["urgency_due_hours"] = pd.Series(
+            [None if d is None else float(d) for d in due], index=out.index, dtype=object
+        )
+        out["needs_review"] = np.asarray(review, dtype=bool)
+        out["evidence"] = evidence
+        out["classifier"] = classifier
         return out
 
-    texts = case_texts(out, cfg.classify.text_source)
-    # Urgency cues ("三天了", 12315) often sit in turns the condensed problem leaves out, so it
-    # reads everything the customer said.
-    full = [
-        t if not c or c == t else f"{t}\n{c}"
-        for t, c in zip(texts, out["customer_text"].map(to_str) if "customer_text" in out else [""] * n)
-    ]
 
-    loaded = get_model(cfg)
-    if loaded is not None:
-        labels, conf, evid_issue, classifier = _issue_from_model(out, cfg, taxonomy, *loaded)
-    else:
-        labels, conf, evid_issue, classifier = _issue_cold_start(out, cfg, taxonomy)
-    kinds, evid_kind = _request_kinds(out, cfg, taxonomy)
-    evid_outcome = _model_outcomes(out, cfg, taxonomy)
-
-    scorer = UrgencyScorer(taxonomy, cfg.classify.urgency_weights)
-
-    def col(name: str, conv: Callable[[Any], Any], default: Any) -> list[Any]:
-        return out[name].map(conv).tolist() if name in out else [default] * n
-
-    emo = col("emotion_score", to_float, None)
-    cues = col("emotion_cues", _strings, [])
-    threats = col("escalation_threats", _strings, [])
-    repeat = col(
-        "repeat_contact",
-        lambda v: bool(v) if v is not None and not (isinstance(v, float) and math.isnan(v)) else False,
-        False,
-    )
-    duration = col("duration_s", to_float, None)
-
-    thr = cfg.classify.review_threshold
-    urg, uconf, due, review, evidence = [], [], [], [], []
-    for i in range(n):
-        u = scorer.score_one(
-            full[i],
-            repeat_contact=repeat[i],
-            emotion_score=emo[i],
-            emotion_cues=cues[i],
-            escalation_threats=threats[i],
-            duration_s=duration[i],
-        )
-        needs = bool(conf[i] < thr)
-        urg.append(u.level)
-        uconf.append(u.confidence)
-        due.append(u.due_hours)
-        review.append(needs)
-        ev: dict[str, Any] = {
-            "issue_type": evid_issue[i],
-            "urgency": {"score": u.score, "signals": u.signals},
-            "request_kind": evid_kind[i],
-        }
-        if evid_outcome is not None:
-            ev["outcome"] = evid_outcome[i]
-        if needs:
-            ev["review"] = f"{REVIEW_LABEL}: confidence {conf[i]:.2f} < review_threshold {thr:.2f}"
-        evidence.append(json.dumps(ev, ensure_ascii=False))
-
-    out["issue_type"] = labels
-    out["issue_type_confidence"] = np.round(np.asarray(conf, dtype=float), 4)
-    out["request_kind"] = kinds
-    out["urgency"] = urg
-    out["urgency_confidence"] = np.asarray(uconf, dtype=float)
-    # float or None (object): the case store converts with pa.array(list), where None becomes a
-    # proper null; pandas' NA or NaN would not.
-    out["urgency_due_hours"] = pd.Series([None if d is None else float(d) for d in due], index=out.index, dtype=object)
-    out["needs_review"] = np.asarray(review, dtype=bool)
-    out["evidence"] = evidence
-    out["classifier"] = classifier
-    return out
+def classify_cases(cases: pd.DataFrame, cfg: Config) -> pd.DataFrame:
+    """`CaseClassifiers.from_config(cfg).transform(cases)`, for one-off callers (CLI, evaluation)."""
+    return CaseClassifiers.from_config(cfg).transform(cases)
 
 
 def classify_texts(texts: Sequence[str], cfg: Config, extra: pd.DataFrame | None = None) -> pd.DataFrame:
