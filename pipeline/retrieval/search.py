@@ -536,13 +536,16 @@ class StoredIndex:
         self.model: str = manifest["model"]
         self.dim = int(manifest["dim"])
         self.kind: str = manifest["kind"]
-        self.index = faiss.read_index(str(d / "index.faiss"))
+        # Mapped, not copied: the stored vectors are read-only here, so a cold process at 1M cases
+        # starts searching in milliseconds instead of reading 1.5 GB (and processes share pages).
+        self.index = faiss.read_index(str(d / "index.faiss"), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
         # ParquetFile, not read_table: the latter goes through pyarrow.dataset, which imports pandas.
         meta = pq.ParquetFile(d / "meta.parquet")
         self.meta = meta.read(columns=[c for c in meta.schema_arrow.names if c != "tokens"])
         # Plain lists, row by row scalars: pyarrow's to_numpy and take import pandas.
         self.vids = np.array(self.meta.column("vid").to_pylist(), dtype=np.int64)
         self.tombstones = np.load(d / "tombstones.npy").astype(np.int64)
+        self._vid_order: np.ndarray | None = None
         self._lists: dict[str, list[Any]] = {}
         self._bm25: _StoredBm25 | None = None
 
@@ -687,7 +690,9 @@ class StoredIndex:
         return faiss.SearchParameters(sel=sel) if sel is not None else None
 
     def _rows_of(self, D: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        order = np.argsort(self.vids)
+        if self._vid_order is None:  # once per index: at 1M cases the sort costs more than a search
+            self._vid_order = np.argsort(self.vids, kind="stable")
+        order = self._vid_order
         sorted_vids = self.vids[order]
         pos = np.searchsorted(sorted_vids, I.clip(min=0)).clip(max=len(sorted_vids) - 1)
         ok = (I >= 0) & (sorted_vids[pos] == I)
@@ -747,7 +752,8 @@ class _StoredBm25:
             plain = False
         if plain:
             vocab = json.loads((d / "vocab.index.json").read_text("utf-8"))
-            arrays = tuple(np.load(d / f"{a}.csc.index.npy") for a in ("data", "indices", "indptr"))
+            # Mapped: a query reads only its own tokens' postings, not every posting of the index.
+            arrays = tuple(np.load(d / f"{a}.csc.index.npy", mmap_mode="r") for a in ("data", "indices", "indptr"))
             return cls(n, vocab, arrays, int(params.get("num_docs") or n))
         from pipeline.retrieval.index import Bm25
 
