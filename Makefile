@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: venv run sample test test-fast lint bench notebook lock clean
+.PHONY: venv run sample test test-fast lint bench bench-scale notebook lock clean
 
 venv: $(STAMP)
 
@@ -42,6 +42,11 @@ lint: venv
 
 bench: venv
 	$(PY) -m bench
+
+# The big sizes: query latency and HNSW recall at 100k and 1M cases (the indexes are built once into
+# bench/results/query-index-<N>/, the 1M one taking a quarter of an hour or more, then reused).
+bench-scale: venv
+	$(PY) -m bench.bench_query --sizes 100000,1000000
 
 # JupyterLab on the analysts' notebook (reads exports/LATEST under $$CASEMINE_OUT, default data).
 notebook: venv
