@@ -106,11 +106,13 @@ class Embedder:
         use_cache: bool = True,
         show_progress: bool | None = None,
         query_engine: str | None = None,
+        threads: int | None = None,
     ):
         self.cfg = cfg
         self.backend = backend or cfg.embed.backend
         # `casemine serve` passes embed.serve_engine; everything else uses embed.query_engine.
         self.query_engine = query_engine_for(cfg, query_engine or cfg.embed.query_engine)
+        self.threads = threads  # ONNX Runtime's threads per encode (None: every core)
         self.model_name = model_identity(cfg)
         # A SentenceTransformer: Any, because what its encode() returns (ndarray, Tensor or list)
         # depends on flags its annotations cannot follow.
@@ -143,7 +145,7 @@ class Embedder:
                     "Download it to a folder and set embed.model to that path, or use backend torch."
                 )
             onnx_path = prepare_onnx(where)
-            self._onnx = OnnxEncoder(where, onnx_path)
+            self._onnx = OnnxEncoder(where, onnx_path, threads=self.threads)
             cfg_st = where / "config_sentence_transformers.json"
             prompts = json.loads(cfg_st.read_text("utf-8")).get("prompts", {}) if cfg_st.is_file() else {}
             self._prompts = {k: v for k, v in prompts.items() if v}
@@ -240,7 +242,7 @@ class Embedder:
             # int8 ONNX for single queries: ~4x faster than PyTorch here, cosine ~0.997 to its
             # fp32 passages, and no torch import in a query process.
             if self._query_onnx is None:
-                self._query_onnx = Embedder(self.cfg, backend="onnx", use_cache=False)
+                self._query_onnx = Embedder(self.cfg, backend="onnx", use_cache=False, threads=self.threads)
             return self._query_onnx._encode_raw(texts, "query")
         return self._encode_raw(texts, "query")
 
