@@ -243,17 +243,25 @@ def rrf_fuse(rankings: Sequence[Sequence[int]], weights: Sequence[float], k: int
 
 
 def _top(scores: np.ndarray, k: int, allowed: np.ndarray | None, positive: bool) -> np.ndarray:
-    s = scores.astype(np.float64, copy=True)
-    if allowed is not None:
-        s[~allowed] = -np.inf
     if positive:
-        s[s <= 0] = -np.inf
+        # Only the rows that score at all (BM25: those sharing a token with the query): at 1M cases
+        # selecting among them is several times faster than masking and partitioning every row.
+        rows = np.flatnonzero(scores > 0)
+        if allowed is not None:
+            rows = rows[allowed[rows]]
+        s = scores[rows].astype(np.float64)
+    else:
+        rows = None
+        s = scores.astype(np.float64, copy=True)
+        if allowed is not None:
+            s[~allowed] = -np.inf
     n_ok = int(np.isfinite(s).sum())
     k = min(k, n_ok)
     if k <= 0:
         return np.zeros(0, dtype=np.int64)
     top = np.argpartition(-s, k - 1)[:k]
-    return top[np.argsort(-s[top], kind="stable")]
+    top = top[np.argsort(-s[top], kind="stable")]
+    return top if rows is None else rows[top]
 
 
 # -- filters ---------------------------------------------------------------------------------
