@@ -115,6 +115,26 @@ def test_stored_index_refuses_missing_corrupt_or_foreign(tmp_path, fake_embedder
         StoredIndex.load(tmp_path / "index", cfg.index, None)
 
 
+def test_stored_index_hashes_files_once_and_again_when_they_change(tmp_path, fake_embedder, monkeypatch):
+    """A cold query at 1M cases must not hash 1.5 GB each time, yet a changed file is still caught."""
+    cfg = Config()
+    update_from_cases(cfg, tmp_path, make_cases())
+    StoredIndex.load(tmp_path / "index", cfg.index, None)  # hashes and records every file
+    hashed: list[int] = []
+    real = search.hashlib.sha256
+    monkeypatch.setattr(search.hashlib, "sha256", lambda *a: hashed.append(1) or real(*a))
+    StoredIndex.load(tmp_path / "index", cfg.index, None)
+    assert hashed == []
+    p = tmp_path / "index" / "v1" / "meta.parquet"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 1  # same size, one bit
+    p.write_bytes(bytes(data))
+    os.utime(p, ns=(0, 0))  # surely not the recorded mtime, even on a coarse clock
+    with pytest.raises(search.IndexUnavailable, match="corrupt"):
+        StoredIndex.load(tmp_path / "index", cfg.index, None)
+    assert len(hashed) == 1
+
+
 def test_query_cutter_matches_the_segmenter(tmp_path):
     cfg = Config().with_overrides(paths={"models": str(tmp_path / "models")})
     texts = ["客户说快递三天没到，要投诉", "<PHONE> 订单JD240901338812 的 iPhone15 七天无理由退货", "", "   ",
