@@ -158,9 +158,11 @@ def _free_port() -> int:
 
 
 def _encode_times(questions: list[str]) -> dict:
-    """The query engines' own encode time, one question at a time, in this process."""
+    """The query engines' own encode time, one question at a time, in this process: the serve
+    engine configured as `casemine serve` has it, and the one-shot CLI engine."""
     from pipeline.config import load_config
     from pipeline.embed import Embedder, prepare_query_engine
+    from pipeline.query.service import _serve_embedder
 
     cfg = load_config()
     out = {}
@@ -168,8 +170,9 @@ def _encode_times(questions: list[str]) -> dict:
     serve_engine = prepare_query_engine(cfg)
     out["serve_engine"] = serve_engine
     out["serve_engine_prepare_s"] = round(time.perf_counter() - t0, 1)
-    for engine in dict.fromkeys([serve_engine, cfg.embed.query_engine]):
-        e = Embedder(cfg, use_cache=False, query_engine=engine)
+    engines = {f"encode_{serve_engine} (as serve has it)": _serve_embedder(cfg),
+               f"encode_{cfg.embed.query_engine} (as a CLI query has it)": Embedder(cfg, use_cache=False)}
+    for name, e in engines.items():
         t0 = time.perf_counter()
         e.encode_queries(["预热"])
         load = time.perf_counter() - t0
@@ -178,7 +181,7 @@ def _encode_times(questions: list[str]) -> dict:
             t = time.perf_counter()
             e.encode_queries([q])
             ms.append((time.perf_counter() - t) * 1000)
-        out[f"encode_{engine}"] = {"load_s": round(load, 2), **_pct(ms)}
+        out[name] = {"load_s": round(load, 2), **_pct(ms)}
     return out
 
 
