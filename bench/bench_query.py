@@ -11,7 +11,8 @@ plus structured synthetic unit vectors (a 48-d latent space in 384 dims, see
 bench.bench_embed_index); the synthetic rows copy real problems and tokens so BM25 carries a
 realistic load. Built indexes are kept under bench/results/query-index-<N>/ and reused.
 
-Run: `python -m bench.bench_query [--sizes 10000] [--rounds 20] [--warm 200]`. Timings on a shared
+Run: `python -m bench.bench_query [--sizes 10000] [--rounds 10] [--warm 200]`, or `--out DIR` to
+bench an existing output root's index. Timings on a shared
 2-core machine vary; compare within one run.
 
 `python -m bench.bench_query --calibrate DIR` instead reproduces how the "close match" cosine
@@ -185,10 +186,14 @@ def _encode_times(questions: list[str]) -> dict:
     return out
 
 
-def bench_size(n: int, rounds: int, warm_n: int) -> dict:
-    out = RESULTS / f"query-index-{n}"
+def bench_size(n: int, rounds: int, warm_n: int, out: Path | None = None) -> dict:
+    """Every figure for one index: the bench's own of `n` cases, or an existing output root `out`."""
+    own = out is None
+    out = RESULTS / f"query-index-{n}" if out is None else out
     info_file = out / "bench_info.json"
-    if info_file.is_file() and (out / "index" / "CURRENT").is_file():
+    if not own:
+        info: dict = {"out": str(out)}
+    elif info_file.is_file() and (out / "index" / "CURRENT").is_file():
         info = json.loads(info_file.read_text("utf-8"))
         print(f"reusing the {n}-case index in {out} (built earlier: delete it to rebuild)", flush=True)
     else:
@@ -240,7 +245,7 @@ def bench_size(n: int, rounds: int, warm_n: int) -> dict:
 
 
 def _print(n: int, res: dict) -> None:
-    print(f"\n== query latency at {n:,} cases (k=5, hybrid)")
+    print(f"\n== query latency at {f'{n:,} cases' if n else res['index']['out']} (k=5, hybrid)")
     print("  index: " + json.dumps(res["index"], ensure_ascii=False))
     for name, v in res.items():
         if name == "index":
@@ -289,6 +294,7 @@ def calibrate(out: Path, seed: int = 0) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="10000", help="comma-separated index sizes (default 10000: quick)")
+    ap.add_argument("--out", type=Path, help="bench this output root's index instead of building one")
     ap.add_argument("--rounds", type=int, default=10, help="fresh processes per cold figure")
     ap.add_argument("--warm", type=int, default=200, help="queries through the server for the warm figure")
     ap.add_argument("--calibrate", type=Path, metavar="DIR", help="output root built from ../shared/data/csds")
@@ -296,6 +302,9 @@ def main() -> None:
     if a.calibrate:
         return calibrate(a.calibrate)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if a.out:
+        res = bench_size(0, a.rounds, a.warm, a.out)
+        return _print(0, res)
     for n in (int(s) for s in a.sizes.split(",") if s):
         res = bench_size(n, a.rounds, a.warm)
         _print(n, res)
