@@ -553,7 +553,7 @@ class StoredIndex:
         # Plain lists, row by row scalars: pyarrow's to_numpy and take import pandas.
         self.vids = np.array(self.meta.column("vid").to_pylist(), dtype=np.int64)
         self.tombstones = np.load(d / "tombstones.npy").astype(np.int64)
-        self._vid_order: np.ndarray | None = None
+        self._vid_order: tuple[np.ndarray, np.ndarray] | None = None  # (order, sorted vids)
         self._lists: dict[str, list[Any]] = {}
         self._bm25: _StoredBm25 | None = None
 
@@ -699,9 +699,9 @@ class StoredIndex:
 
     def _rows_of(self, D: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self._vid_order is None:  # once per index: at 1M cases the sort costs more than a search
-            self._vid_order = np.argsort(self.vids, kind="stable")
-        order = self._vid_order
-        sorted_vids = self.vids[order]
+            order = np.argsort(self.vids, kind="stable")
+            self._vid_order = (order, self.vids[order])
+        order, sorted_vids = self._vid_order
         pos = np.searchsorted(sorted_vids, I.clip(min=0)).clip(max=len(sorted_vids) - 1)
         ok = (I >= 0) & (sorted_vids[pos] == I)
         return np.where(ok, D, -np.inf).astype(np.float32), np.where(ok, order[pos], -1).astype(np.int64)
