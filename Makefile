@@ -43,10 +43,11 @@ lint: venv
 bench: venv
 	$(PY) -m bench
 
-# The big sizes: query latency and HNSW recall at 100k and 1M cases (the indexes are built once into
+# The big sizes (hours here): whole runs of 10k and 100k transcripts with peak RSS, index builds at
+# 100k, query latency and HNSW recall at 100k and 1M cases (the query indexes are built once into
 # bench/results/query-index-<N>/, the 1M one taking a quarter of an hour or more, then reused).
 bench-scale: venv
-	$(PY) -m bench.bench_query --sizes 100000,1000000
+	$(PY) -m bench --scale
 
 # JupyterLab on the analysts' notebook (reads exports/LATEST under $$CASEMINE_OUT, default data).
 notebook: venv

@@ -1,20 +1,29 @@
-"""`make bench`: every benchmark, figures printed with the baseline measured in the same run."""
+"""`make bench`: every benchmark at quick sizes, figures printed with the baseline measured in the
+same run. `make bench-scale` (`python -m bench --scale`): the big sizes (whole runs of 10k and
+100k transcripts with their peak RSS, index builds at 100k, queries at 100k and 1M), which take
+hours on a 2-core machine and so are kept out of the quick pass."""
 
 import subprocess
 import sys
 
-BENCHES = [
-    ["bench.bench_pipeline", "--n", "5000"],
+QUICK = [
+    ["bench.bench_pipeline", "--n", "2000"],
     ["bench.bench_mask", "--n", "3000"],
-    ["bench.bench_flow", "--sizes", "2000,10000"],
-    ["bench.bench_embed_index", "--sizes", "10000,100000"],
+    ["bench.bench_flow", "--sizes", "2000"],
+    ["bench.bench_embed_index", "--sizes", "10000"],
     ["bench.bench_clusters"],
     ["bench.bench_query"],
 ]
+SCALE = [
+    ["bench.bench_flow", "--sizes", "10000,100000"],
+    ["bench.bench_embed_index", "--sizes", "100000"],
+    ["bench.bench_query", "--sizes", "100000,1000000"],
+]
 
 if __name__ == "__main__":
+    benches = SCALE if "--scale" in sys.argv[1:] else QUICK
     failed = 0
-    for args in BENCHES:
+    for args in benches:
         print(f"\n=== python -m {' '.join(args)}", flush=True)
         failed |= subprocess.call([sys.executable, "-m", *args]) != 0
     sys.exit(1 if failed else 0)
