@@ -497,13 +497,15 @@ def test_a_step_after_cases_fails_one_conversation_only_and_a_fix_reprocesses_it
                                                 {"speaker": "agent", "text": "已为您催促物流"}]}
             for cid in ("OK-1", "POISON", "OK-2")]
     (inp / "chat.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
-    module, name = (emotion_mod, "add_emotion") if step == "emotion" else (classify_mod, "classify_cases")
+    # The classify step calls its CaseClassifiers component's transform (built once per process).
+    module, name = (emotion_mod, "add_emotion") if step == "emotion" else (classify_mod.CaseClassifiers, "transform")
     real = getattr(module, name)
 
-    def poisoned(cases, *a, **k):
+    def poisoned(*a, **k):
+        cases = a[1] if step == "classify" else a[0]
         if cases["customer_text"].str.contains("POISON").any():
             raise ValueError("boom")
-        return real(cases, *a, **k)
+        return real(*a, **k)
 
     monkeypatch.setattr(module, name, poisoned)
     out = tmp_path / "out"
