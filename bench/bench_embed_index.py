@@ -206,7 +206,7 @@ def bench_query(rounds: int = 3) -> dict:
     import pandas as pd
 
     from pipeline.config import Config
-    from pipeline.retrieval.index import update_from_cases
+    from pipeline.retrieval.update import update_from_cases
     from pipeline.schema import CASE_COLUMNS
 
     tmp = Path(tempfile.mkdtemp(prefix="cm-bench-"))

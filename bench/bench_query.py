@@ -63,7 +63,8 @@ def build_index(out: Path, n: int, seed: int = 0) -> dict:
     from bench.bench_embed_index import _vectors
     from pipeline.config import load_config
     from pipeline.embed import Embedder, model_identity
-    from pipeline.retrieval.index import CaseIndex, IndexStore, index_root, meta_from_cases
+    from pipeline.retrieval.index import CaseIndex, IndexStore, meta_from_cases
+    from pipeline.retrieval.update import index_root
     from pipeline.text.segment import tokenize
 
     cfg = load_config()
@@ -107,7 +108,7 @@ def _recall(cfg, out: Path, vecs: np.ndarray, queries: np.ndarray, k: int = 10) 
     import faiss
 
     from pipeline.embed import model_identity
-    from pipeline.retrieval.index import index_root
+    from pipeline.retrieval.update import index_root
     from pipeline.retrieval.search import StoredIndex
 
     t0 = time.perf_counter()

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from pipeline.retrieval.index import IndexStore, index_root
+from pipeline.retrieval.index import IndexStore
+from pipeline.retrieval.update import index_root
 from pipeline.storage.store import read_cases
 
 STAGES = ["ingest", "store", "index", "commit"]

@@ -14,7 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import _register, app
-from pipeline.retrieval.index import IndexLoadError, IndexStore, index_root
+from pipeline.retrieval.index import IndexLoadError, IndexStore
+from pipeline.retrieval.update import index_root
 from pipeline.orchestrate.nightly import repair, run_pipeline
 from pipeline.storage.state import State, StateError, key
 from pipeline.storage.store import CorruptOutputError, read_cases

@@ -11,8 +11,8 @@ import pytest
 
 from pipeline.config import Config
 from pipeline.embed.fake import HashingEmbedder
-from pipeline.retrieval.index import (CURRENT, INDEX_FILE, META_FILE, CaseIndex, Filters, IndexLoadError, IndexStore,
-                            filter_mask, meta_from_cases, update_from_cases)
+from pipeline.retrieval.index import CURRENT, INDEX_FILE, META_FILE, CaseIndex, Filters, IndexLoadError, IndexStore, filter_mask, meta_from_cases
+from pipeline.retrieval.update import update_from_cases
 from pipeline.schema import CASE_COLUMNS
 
 CASES = [
@@ -221,7 +221,7 @@ def _write_partitions(root: Path, cases: pd.DataFrame) -> None:
 
 
 def test_sync_index_from_partitions(tmp_path, fake_embedder):
-    from pipeline.retrieval.index import sync_index
+    from pipeline.retrieval.update import sync_index
 
     cfg = Config().with_overrides(index={"exact_max": 3})  # also exercises the HNSW file round trip
     cases = make_cases()

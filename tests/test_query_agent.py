@@ -19,7 +19,8 @@ from pipeline.query import client as query_client
 from pipeline.retrieval import search
 from pipeline.config import Config
 from pipeline.embed.fake import HashingEmbedder
-from pipeline.retrieval.index import Filters, IndexStore, update_from_cases
+from pipeline.retrieval.index import Filters, IndexStore
+from pipeline.retrieval.update import update_from_cases
 from pipeline.retrieval.search import (QueryCutter, QueryError, Searcher, StoredIndex, build_word_table, check_filter_values,
                                        normalize_filters, suggest)
 from pipeline.text.segment import tokenize

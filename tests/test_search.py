@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from pipeline.config import Config
 from pipeline.embed.fake import HashingEmbedder
 from pipeline.evaluate.retrieval import evaluate_labels, evaluate_pairs, label_precision, pair_metrics
-from pipeline.retrieval.index import Filters, IndexStore, update_from_cases
+from pipeline.retrieval.index import Filters, IndexStore
+from pipeline.retrieval.update import update_from_cases
 from pipeline.retrieval.index import Bm25
 from pipeline.retrieval.search import Searcher, rrf_fuse
 from pipeline.text.segment import tokenize

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from pipeline.query import client as query_client
 from pipeline.config import Config
 from pipeline.embed import Embedder
-from pipeline.retrieval.index import update_from_cases
+from pipeline.retrieval.update import update_from_cases
 from pipeline.query.server import MAX_BODY_BYTES, QueryService, _Runner, create_app, run_server
 
 from test_index import make_cases  # noqa: E402  (same folder, on sys.path under pytest)

@@ -60,7 +60,8 @@ def index_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Build or update the similar-case index from <out>/processed/cases/."""
-    from pipeline.retrieval.index import IndexLoadError, sync_index
+    from pipeline.retrieval.index import IndexLoadError
+    from pipeline.retrieval.update import sync_index
 
     cfg = get_config(config)
     root = _out_root(cfg, out)

@@ -125,7 +125,8 @@ def start_run(cfg: Config, input_dir: Path, out: Path, runner: str = "plain") ->
             "(or run `casemine sample` to make some)"
         )
     out.mkdir(parents=True, exist_ok=True)
-    from pipeline.retrieval.index import IndexStore, index_root
+    from pipeline.retrieval.index import IndexStore
+    from pipeline.retrieval.update import index_root
 
     IndexStore(index_root(out), cfg.index).check_intact()
     state = State(out)
@@ -313,7 +314,7 @@ def index(ctx: RunContext, cases: pd.DataFrame) -> dict[str, Any]:
 
     Runs before the commit on purpose: if the run dies after it, the re-run replaces the same
     stable case ids, so the index never holds a case twice."""
-    from pipeline.retrieval.index import update_from_cases
+    from pipeline.retrieval.update import update_from_cases
 
     if not len(cases):
         return {"added": 0, "replaced": 0}

@@ -1,4 +1,5 @@
-"""The case index: FAISS vectors + a metadata table, versioned on disk and swapped atomically.
+"""The case index: FAISS vectors + the metadata table (`meta`) + BM25 (`bm25`), versioned on disk
+and swapped atomically; `update` holds the entry points the flow and the CLI call.
 
 Why this shape:
 - FAISS holds only vectors and int64 ids; everything a query shows or filters on lives in a
@@ -17,7 +18,6 @@ Why this shape:
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -25,7 +25,6 @@ import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +33,39 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import Config, IndexConfig
+from pipeline.config import IndexConfig
 from pipeline.io import atomic_write_json, atomic_write_text, sha256_file
+from pipeline.retrieval.bm25 import Bm25
+from pipeline.retrieval.meta import (
+    FILTER_FIELDS,
+    META_COLUMNS,
+    Filters,
+    case_text,
+    filter_mask,
+    meta_from_cases,
+    text_hash,
+)
+
+# Re-exported: callers that predate the split import these from here.
+__all__ = [
+    "BM25_DIR",
+    "CURRENT",
+    "FILTER_FIELDS",
+    "INDEX_FILE",
+    "META_COLUMNS",
+    "META_FILE",
+    "MANIFEST",
+    "TOMB_FILE",
+    "Bm25",
+    "CaseIndex",
+    "Filters",
+    "IndexLoadError",
+    "IndexStore",
+    "case_text",
+    "filter_mask",
+    "meta_from_cases",
+    "text_hash",
+]
 
 FORMAT = 1
 INDEX_FILE = "index.faiss"
@@ -46,174 +76,9 @@ MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
 REBUILD_HINT = "rebuild it with `casemine index --rebuild`"
 
-# Metadata kept per case: what query display and filters need. `vid` is the FAISS id.
-META_COLUMNS: tuple[str, ...] = (
-    "case_id",
-    "vid",
-    "conversation_id",
-    "problem",
-    "handling",
-    "outcome",
-    "outcome_evidence",
-    "issue_type",
-    "urgency",
-    "channel",
-    "date",
-    "product",
-    "region",
-    "emotion",
-    "tokens",
-    "text_hash",
-)
-_STRING_COLS = tuple(c for c in META_COLUMNS if c not in ("vid", "tokens"))
-FILTER_FIELDS = ("issue_type", "urgency", "channel", "product", "region")
-
 
 class IndexLoadError(RuntimeError):
     """The stored index is missing, corrupt or built for another model; the message says what to do."""
-
-
-# -- pure helpers ----------------------------------------------------------------------------
-
-
-def case_text(problem: str | None, handling: str | None, include_handling: bool) -> str:
-    """The text embedded for a case: the condensed problem (plus handling when configured)."""
-    p = (problem or "").strip()
-    if include_handling and handling:
-        return f"{p}\n{handling.strip()}"
-    return p
-
-
-def text_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
-
-
-def _str_or_none(v: Any) -> str | None:
-    if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA or v is pd.NaT:
-        return None
-    return str(v)
-
-
-def meta_from_cases(cases: pd.DataFrame, include_handling: bool, cut=None) -> pd.DataFrame:
-    """Project a case table onto the metadata columns (absent ones become null).
-
-    `tokens` come from the case table (the segmenter's output); missing ones are cut here so BM25
-    always has something to match.
-    """
-    n = len(cases)
-    out = pd.DataFrame(index=range(n))
-    for c in _STRING_COLS:
-        if c == "text_hash":
-            continue
-        if c in cases.columns:
-            out[c] = [_str_or_none(v) for v in cases[c]]
-        else:
-            out[c] = None
-    texts = [case_text(p, h, include_handling) for p, h in zip(out["problem"], out["handling"])]
-    out["text_hash"] = [text_hash(t) for t in texts]
-    toks: list[list[str]] = []
-    src = cases["tokens"].reset_index(drop=True) if "tokens" in cases.columns else [None] * n
-    for t, text in zip(src, texts):
-        if t is not None and not (isinstance(t, float) and np.isnan(t)) and len(t) > 0:
-            toks.append([str(x) for x in t])
-        else:
-            toks.append(list(cut(text)) if cut else [])
-    out["tokens"] = toks
-    out["vid"] = np.zeros(n, dtype=np.int64)
-    return out[list(META_COLUMNS)]
-
-
-def filter_mask(meta: pd.DataFrame, filters: Filters | None) -> np.ndarray | None:
-    """Boolean mask of metadata rows passing the filters (None when there are no filters)."""
-    if filters is None or filters.empty():
-        return None
-    m = np.ones(len(meta), dtype=bool)
-    for f in FILTER_FIELDS:
-        want = getattr(filters, f)
-        if want:
-            m &= meta[f].isin(list(want)).to_numpy()
-    if filters.case_ids:
-        m &= meta["case_id"].isin(list(filters.case_ids)).to_numpy()
-    dates = meta["date"].fillna("")
-    if filters.since:
-        m &= (dates >= filters.since).to_numpy()
-    if filters.until:
-        m &= ((dates <= filters.until) & (dates != "")).to_numpy()
-    return m
-
-
-@dataclass
-class Filters:
-    """Metadata filters; a list field matches any of its values, dates are inclusive YYYY-MM-DD."""
-
-    issue_type: list[str] = field(default_factory=list)
-    urgency: list[str] = field(default_factory=list)
-    channel: list[str] = field(default_factory=list)
-    product: list[str] = field(default_factory=list)
-    region: list[str] = field(default_factory=list)
-    since: str | None = None
-    until: str | None = None
-    # Restrict to these cases (the published typical-case library for `query --library`).
-    case_ids: list[str] = field(default_factory=list)
-
-    def empty(self) -> bool:
-        return (
-            not any(getattr(self, f) for f in FILTER_FIELDS) and not self.since and not self.until and not self.case_ids
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> Filters:
-        d = d or {}
-        kw: dict[str, Any] = {
-            f: list(d.get(f) or []) if not isinstance(d.get(f), str) else [d[f]] for f in FILTER_FIELDS
-        }
-        return cls(**kw, since=d.get("since"), until=d.get("until"), case_ids=list(d.get("case_ids") or []))
-
-
-def _bm25s():
-    import logging
-
-    import bm25s
-
-    # bm25s sets its own logger to DEBUG at import, so its "Building index" lines reach any
-    # handler the process has (a piped run printed them); warnings still pass.
-    logging.getLogger("bm25s").setLevel(logging.WARNING)
-    return bm25s
-
-
-class Bm25:
-    """BM25 (Lucene variant, bm25s) over pre-tokenised documents, one per metadata row.
-
-    Stored with each index version, so a cold query process loads it in milliseconds instead
-    of re-indexing every case (about 4 s per 100k cases on two cores).
-    """
-
-    def __init__(self, docs: Sequence[Sequence[str]], k1: float = 1.2, b: float = 0.75):
-        bm25s = _bm25s()
-        self.n = len(docs)
-        self._r = bm25s.BM25(k1=k1, b=b)
-        # bm25s rejects an empty corpus and empty docs score 0 anyway.
-        self._r.index([list(d) if len(d) else [""] for d in docs] or [[""]], show_progress=False)
-
-    def save(self, d: Path) -> None:
-        self._r.save(str(d))
-
-    @classmethod
-    def load(cls, d: Path, n: int) -> Bm25:
-        bm25s = _bm25s()
-        self = cls.__new__(cls)
-        self.n = n
-        self._r = bm25s.BM25.load(str(d))
-        return self
-
-    def scores(self, query_tokens: Sequence[str]) -> np.ndarray:
-        toks = [t for t in query_tokens if t in self._r.vocab_dict]
-        if not toks or self.n == 0:
-            return np.zeros(self.n, dtype=np.float32)
-        return np.asarray(self._r.get_scores(toks), dtype=np.float32)[: self.n]
 
 
 # -- the in-memory index ---------------------------------------------------------------------
@@ -599,125 +464,3 @@ class IndexStore:
                 if fh is not None:
                     fh.close()
             shutil.rmtree(trash, ignore_errors=True)
-
-
-# -- entry points for the flow and the CLI ---------------------------------------------------
-
-
-def index_root(out_root: Path) -> Path:
-    return Path(out_root) / "index"
-
-
-def _cutter(cfg: Config):
-    from pipeline.text.segment import tokenize
-
-    return lambda text: tokenize(cfg, text)
-
-
-def _embed_meta(cfg: Config, out_root: Path, meta: pd.DataFrame):
-    from pipeline.embed import Embedder
-
-    emb = Embedder(cfg, out_root=out_root)
-    texts = [case_text(p, h, cfg.embed.include_handling) for p, h in zip(meta["problem"], meta["handling"])]
-    vecs = emb.encode_passages(texts)
-    return emb, vecs
-
-
-def update_from_cases(cfg: Config, out_root: Path, cases: pd.DataFrame) -> dict[str, Any]:
-    """Embed `cases` (cache first), add/replace them in the live index and swap in a new version.
-
-    Called by the nightly flow after cases are written. Returns a JSON-able summary.
-    """
-    from pipeline.embed import model_identity
-
-    t0 = time.time()
-    out_root = Path(out_root)
-    store = IndexStore(index_root(out_root), cfg.index)
-    meta = meta_from_cases(cases, cfg.embed.include_handling, _cutter(cfg))
-    # Embedding happens outside the writer lock: it is the slow part and the cache is safe to share.
-    emb, vecs = _embed_meta(cfg, out_root, meta)
-    with store.writer():
-        store.check_intact()
-        if store.exists():
-            idx = store.load(expect_model=model_identity(cfg))
-        else:
-            idx = CaseIndex(
-                vecs.shape[1] if len(vecs) else emb.dim, model_identity(cfg), cfg.index, backend=emb.backend
-            )
-        counts = idx.update(meta, vecs) if len(meta) else {"added": 0, "replaced": 0}
-        version = store.commit(idx)
-    return {
-        **counts,
-        "total": len(idx),
-        **emb.last_stats,
-        "seconds": round(time.time() - t0, 2),
-        "version": version,
-        "kind": idx.kind,
-        "model": idx.model,
-    }
-
-
-def read_processed_cases(out_root: Path) -> pd.DataFrame:
-    """All processed cases (latest row per case_id) with the columns the index keeps; columns a
-    partition predates (issue_type before classification existed) come back empty."""
-    from pipeline.storage.store import read_cases
-
-    df = read_cases(Path(out_root), columns=list(META_COLUMNS))
-    for c in META_COLUMNS:
-        if c not in df.columns:
-            df[c] = None
-    return df
-
-
-def sync_index(cfg: Config, out_root: Path, rebuild: bool = False) -> dict[str, Any]:
-    """Bring the index in line with the processed cases: add new, replace changed, drop gone.
-
-    `rebuild=True` ignores the stored index (use after a model change or a corrupt file);
-    vectors still come from the embedding cache where possible.
-    """
-    from pipeline.embed import model_identity
-
-    t0 = time.time()
-    out_root = Path(out_root)
-    store = IndexStore(index_root(out_root), cfg.index)
-    cases = read_processed_cases(out_root)
-    meta = meta_from_cases(cases, cfg.embed.include_handling, _cutter(cfg))
-    old: CaseIndex | None = None
-    if not rebuild and store.exists():
-        old = store.load(expect_model=model_identity(cfg))
-    if old is not None:
-        cmp = [c for c in META_COLUMNS if c not in ("case_id", "vid", "tokens")]
-        merged = meta[["case_id", *cmp]].merge(
-            old.meta[["case_id", *cmp]], on="case_id", how="left", suffixes=("", "_old"), indicator=True
-        )
-        changed = (merged["_merge"] == "left_only").to_numpy().copy()
-        for c in cmp:
-            changed = (
-                changed | (merged[c].fillna("\0").astype(str) != merged[f"{c}_old"].fillna("\0").astype(str)).to_numpy()
-            )
-        todo = meta[changed].reset_index(drop=True)
-        gone = sorted(set(old.meta["case_id"]) - set(meta["case_id"]))
-    else:
-        todo, gone = meta, []
-    emb, vecs = _embed_meta(cfg, out_root, todo)
-    with store.writer():
-        if old is not None:
-            # Another writer may have committed meanwhile: apply the diff to the newest version.
-            idx = store.load(expect_model=model_identity(cfg))
-        else:
-            idx = CaseIndex(
-                vecs.shape[1] if len(vecs) else emb.dim, model_identity(cfg), cfg.index, backend=emb.backend
-            )
-        counts = idx.update(todo, vecs) if len(todo) else {"added": 0, "replaced": 0}
-        removed = idx.remove(gone) if gone else 0
-        version = store.commit(idx)
-    return {
-        **counts,
-        "removed": removed,
-        "total": len(idx),
-        **emb.last_stats,
-        "seconds": round(time.time() - t0, 2),
-        "version": version,
-        "kind": idx.kind,
-        "model": idx.model,
-    }

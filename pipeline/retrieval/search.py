@@ -501,7 +501,7 @@ class _FrameView:
         return self.idx.bm25().scores(tokens)
 
     def allowed(self, filters: Mapping[str, Any]) -> np.ndarray | None:
-        from pipeline.retrieval.index import Filters, filter_mask
+        from pipeline.retrieval.meta import Filters, filter_mask
 
         return filter_mask(self.idx.meta, Filters.from_dict(dict(filters))) if filters else None
 
@@ -790,7 +790,7 @@ class _StoredBm25:
             # Mapped: a query reads only its own tokens' postings, not every posting of the index.
             arrays = tuple(np.load(d / f"{a}.csc.index.npy", mmap_mode="r") for a in ("data", "indices", "indptr"))
             return cls(n, vocab, arrays, int(params.get("num_docs") or n))
-        from pipeline.retrieval.index import Bm25
+        from pipeline.retrieval.bm25 import Bm25
 
         fb = Bm25.load(d, n) if d.is_dir() else Bm25(tokens())
         return cls(n, fallback=fb)
