@@ -50,6 +50,9 @@ def load_baseline(rev: str) -> ModuleType:
         src = _git_show(rev, "pipeline/text/mask.py")
     except subprocess.CalledProcessError:
         src = _git_show(rev, "pipeline/mask.py")
+    # Modules the old masker imports lazily, under the names they had before the packages by stage.
+    for old, new in (("pipeline.normalize", "pipeline.text.normalize"), ("pipeline.segment", "pipeline.text.segment")):
+        src = src.replace(f"from {old} import", f"from {new} import")
     path = Path(tempfile.mkdtemp()) / "mask_baseline.py"
     path.write_text(src, encoding="utf-8")
     spec = importlib.util.spec_from_file_location("mask_baseline", path)
