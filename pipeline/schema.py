@@ -180,3 +180,31 @@ PARTITION_KEY = "date"
 # A stored part: the case table without its partition key, which lives in the folder name.
 PART_SCHEMA = CASE_SCHEMA.remove(CASE_SCHEMA.get_field_index(PARTITION_KEY))
 OUTCOMES: tuple[str, ...] = ("resolved", "unresolved", "escalated", "unknown")
+
+# The columns the emotion step adds (pipeline.analysis.emotion): the conversation's emotion first
+# (what urgency, clusters and reports read), then the curve. And the classify step's columns.
+CASE_EMOTION_COLUMNS: tuple[str, ...] = ("emotion", "emotion_score", "emotion_cues", "escalation_threats")
+EMOTION_COLUMNS: tuple[str, ...] = (
+    "emotion_curve",
+    "emotion_curve_turns",
+    "emotion_labels",
+    "emotion_start",
+    "emotion_end",
+    "emotion_min",
+    "emotion_min_turn",
+    "emotion_delta",
+    "emotion_trajectory",
+    "turning_points",
+    "emotion_turn_detail",
+)
+CLASSIFY_COLUMNS: tuple[str, ...] = (
+    "issue_type",
+    "issue_type_confidence",
+    "request_kind",
+    "urgency",
+    "urgency_confidence",
+    "urgency_due_hours",
+    "needs_review",
+    "evidence",
+    "classifier",
+)

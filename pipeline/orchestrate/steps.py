@@ -37,7 +37,14 @@ from pipeline.orchestrate.batch import (
     normalize_conversation,
     segment_records,
 )
-from pipeline.schema import CASE_SCHEMA, Conversation, QuarantineRecord
+from pipeline.schema import (
+    CASE_EMOTION_COLUMNS,
+    CASE_SCHEMA,
+    CLASSIFY_COLUMNS,
+    EMOTION_COLUMNS,
+    Conversation,
+    QuarantineRecord,
+)
 from pipeline.text.mask import Masker
 from pipeline.text.normalize import Normalizer
 from pipeline.text.segment import Segmenter
@@ -171,36 +178,8 @@ CASE_COLUMNS_OF_CASES: tuple[str, ...] = (
     "content_hash",
     "run_id",
 )
-# pipeline.analysis.emotion: CASE_EMOTION_COLUMNS + EMOTION_COLUMNS (tests/test_schema.py checks).
-EMOTION_STEP_COLUMNS: tuple[str, ...] = (
-    "emotion",
-    "emotion_score",
-    "emotion_cues",
-    "escalation_threats",
-    "emotion_curve",
-    "emotion_curve_turns",
-    "emotion_labels",
-    "emotion_start",
-    "emotion_end",
-    "emotion_min",
-    "emotion_min_turn",
-    "emotion_delta",
-    "emotion_trajectory",
-    "turning_points",
-    "emotion_turn_detail",
-)
-# pipeline.analysis.classify: OUTPUT_COLUMNS (tests/test_schema.py checks).
-CLASSIFY_STEP_COLUMNS: tuple[str, ...] = (
-    "issue_type",
-    "issue_type_confidence",
-    "request_kind",
-    "urgency",
-    "urgency_confidence",
-    "urgency_due_hours",
-    "needs_review",
-    "evidence",
-    "classifier",
-)
+EMOTION_STEP_COLUMNS: tuple[str, ...] = (*CASE_EMOTION_COLUMNS, *EMOTION_COLUMNS)
+CLASSIFY_STEP_COLUMNS: tuple[str, ...] = CLASSIFY_COLUMNS
 
 
 def _per_conversation(step: str, fn: Callable[[Item, Components, Batch], Any]) -> Callable[[Batch, Components], None]:

@@ -26,20 +26,11 @@ from pipeline.analysis.classify.tasks import TASKS, build_inputs, lowest_sentime
 from pipeline.analysis.classify.taxonomy import Taxonomy, load_taxonomy
 from pipeline.analysis.classify.text import get_backend
 from pipeline.config import ClassifyConfig, Config
+from pipeline.schema import CLASSIFY_COLUMNS
 
 log = logging.getLogger(__name__)
 
-OUTPUT_COLUMNS: tuple[str, ...] = (
-    "issue_type",
-    "issue_type_confidence",
-    "request_kind",
-    "urgency",
-    "urgency_confidence",
-    "urgency_due_hours",
-    "needs_review",
-    "evidence",
-    "classifier",
-)
+OUTPUT_COLUMNS: tuple[str, ...] = CLASSIFY_COLUMNS  # declared once in pipeline.schema
 REVIEW_LABEL = "待人工"
 
 _MODEL_CACHE: dict[tuple[str, str, float], Any] = {}

@@ -17,23 +17,7 @@ from pipeline.analysis.emotion.combine import EmotionAnalyzer
 from pipeline.analysis.emotion.curve import summarize_curve
 from pipeline.analysis.emotion.rules import TurnEmotion
 from pipeline.config import Config
-
-# The conversation's emotion in the case table's first columns (what urgency, clusters and reports
-# read), then the curve. One label set: configs/emotion.yaml `labels`.
-CASE_EMOTION_COLUMNS = ("emotion", "emotion_score", "emotion_cues", "escalation_threats")
-EMOTION_COLUMNS = (
-    "emotion_curve",
-    "emotion_curve_turns",
-    "emotion_labels",
-    "emotion_start",
-    "emotion_end",
-    "emotion_min",
-    "emotion_min_turn",
-    "emotion_delta",
-    "emotion_trajectory",
-    "turning_points",
-    "emotion_turn_detail",
-)
+from pipeline.schema import CASE_EMOTION_COLUMNS, EMOTION_COLUMNS
 
 
 def _as_turns(value: Any) -> list[dict[str, Any]]:
