@@ -6,6 +6,7 @@ nightly job would see them. The 'prefect' row runs the same input through the Pr
 the orchestration overhead measured against the plain run in the same session.
 
     python -m bench.bench_flow [--sizes 10000,100000] [--increment 1000] [--prefect-size 1000]
+                               [--memory-sizes 2000,8000 --chunk-mb 1]
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -27,21 +27,52 @@ STAGES = ["ingest", "normalize", "mask", "cases", "segment", "table", "emotion",
           "index", "commit", "export", "library"]
 
 
-def run(input_dir: Path, out: Path, prefect: bool = False) -> tuple[dict, float, float]:
-    """(summary, wall seconds, peak RSS MiB of the child)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+def run(input_dir: Path, out: Path, prefect: bool = False, chunk_mb: float | None = None) -> tuple[dict, float, float]:
+    """(summary, wall seconds, peak RSS MiB of this child alone)."""
     t = time.perf_counter()
     args = [sys.executable, "-m", "pipeline.cli.__main__", "run", "--input", str(input_dir), "--out", str(out), "--json"]
     if not prefect:
         args.append("--no-prefect")
-    proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"})
-    wall = time.perf_counter() - t
+    if chunk_mb:
+        args += ["--chunk-mb", str(chunk_mb)]
+    with tempfile.TemporaryFile() as so, tempfile.TemporaryFile() as se:
+        proc = subprocess.Popen(args, stdout=so, stderr=se, env={**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"})
+        # wait4, not getrusage(RUSAGE_CHILDREN): the latter is the maximum over every child so
+        # far, which hides whether a later, bigger run needed more memory.
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - t
+        so.seek(0)
+        se.seek(0)
+        out_text, err_text = so.read().decode(), se.read().decode()
     if proc.returncode != 0:
-        raise SystemExit(f"run failed:\n{proc.stderr[-2000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    # ru_maxrss of children is the max over all children so far: report the larger of the two
-    # readings (exact for the first and for any run bigger than those before it).
-    return json.loads(proc.stdout), wall, max(peak, before) / 1024
+        raise SystemExit(f"run failed:\n{err_text[-2000:]}")
+    return json.loads(out_text), wall, usage.ru_maxrss / 1024
+
+
+def input_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
+
+
+def memory_flatness(tmp: Path, sizes: list[int], chunk_mb: float) -> None:
+    """Peak RSS of whole runs of growing size, chunked (`--chunk-mb`) and, as the baseline measured
+    in the same session, the same input read as one chunk."""
+    print(f"\n== peak memory against input size (chunks of {chunk_mb:g} MB vs one chunk)")
+    print(f"  {'transcripts':>11} {'input MB':>9} {'chunks':>6} {'chunked MiB':>12} {'one-chunk MiB':>14} "
+          f"{'chunked s':>10} {'one-chunk s':>12}")
+    rows = []
+    for n in sizes:
+        inp = tmp / f"mem{n}"
+        generate(inp, n=n, seed=n + 1, malformed=False)
+        s, wall, peak = run(inp, tmp / f"mem-out{n}", chunk_mb=chunk_mb)
+        _, wall1, peak1 = run(inp, tmp / f"mem-one{n}", chunk_mb=1e6)
+        rows.append((n, peak, peak1))
+        print(f"  {n:>11,} {input_mb(inp):>9.1f} {len(s['chunks']):>6} {peak:>12,.0f} {peak1:>14,.0f} "
+              f"{wall:>10.1f} {wall1:>12.1f}")
+    if len(rows) > 1:
+        (a, pa, pa1), (b, pb, pb1) = rows[0], rows[-1]
+        print(f"  growth {a:,} -> {b:,} transcripts ({b / a:.0f}x): chunked {pb / pa:.2f}x peak memory, "
+              f"one chunk {pb1 / pa1:.2f}x")
 
 
 def stage_table(label: str, s: dict, wall: float, peak: float) -> None:
@@ -67,6 +98,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="10000")
     ap.add_argument("--increment", type=int, default=1000, help="new transcripts for the incremental night")
     ap.add_argument("--prefect-size", type=int, default=1000)
+    ap.add_argument("--memory-sizes", default="", help="run sizes for the peak-memory check, e.g. 2000,8000")
+    ap.add_argument("--chunk-mb", type=float, default=1.0, help="chunk size of the peak-memory check")
     a = ap.parse_args()
     sizes = [int(x) for x in a.sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,6 +139,8 @@ def main() -> None:
         print(f"\nPrefect overhead, n={a.prefect_size}: plain {plain:.1f} s, flow {flow:.1f} s, "
               f"+{flow - plain:.1f} s per run ({flow / plain:.2f}x), {len(STAGES)} stages in 6 task kinds "
               f"(one process-batch task per {2000} conversations)")
+        if a.memory_sizes:
+            memory_flatness(tmp, [int(x) for x in a.memory_sizes.split(",")], a.chunk_mb)
 
 
 if __name__ == "__main__":

@@ -156,6 +156,10 @@ class SearchConfig(_Section):
 
 class FlowConfig(_Section):
     batch_size: int = Field(2_000, ge=1, description="conversations per Prefect task")
+    # A run reads, processes, indexes and commits its input in chunks of about this many
+    # megabytes of transcript files (big JSONL files are cut between lines), so its memory
+    # follows the chunk, not the input: a back-fill of millions needs no cutting by hand.
+    chunk_mb: float = Field(32, gt=0, description="input megabytes per committed chunk of a run")
     task_runner: Literal["local", "dask"] = "local"
     # A running Dask scheduler ("tcp://host:8786"); None starts a LocalCluster for the run.
     dask_address: str | None = None

@@ -75,3 +75,23 @@ def test_damaged_case_file_is_detected_and_repaired(sample, cfg, tmp_path):
     assert sorted(read_cases(out)["case_id"]) == before
     idx = IndexStore(index_root(out), cfg.index).load()
     assert sorted(idx.meta["case_id"]) == before
+
+
+@pytest.mark.slow
+def test_sigkill_in_a_later_chunk_then_rerun_equals_uninterrupted(sample, cfg, reference, tmp_path):
+    """A run of several chunks killed after its second chunk indexed but before it committed: the
+    first chunk stays committed, the re-run does the rest, and the end equals one uninterrupted run."""
+    input_dir, _ = sample
+    args = ["run", "--no-prefect", "--input", str(input_dir), "--out", str(tmp_path), "--batch-size", "50",
+            "--chunk-mb", "0.05", "--json"]
+    killed = casemine(args, {"CASEMINE_KILL_AT": "index#2"})
+    assert killed.returncode == -signal.SIGKILL
+    assert len(read_cases(tmp_path)) > 0  # the first chunk's cases are committed
+    again = casemine(args)
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(again.stdout)
+    assert summary["records"]["reconciles"] and summary["records"]["duplicates"] > 0
+    assert summary["orphans_removed"] >= 1 and len(summary["chunks"]) > 1
+    cases, index_ids, n_vectors = snapshot(cfg, tmp_path)
+    assert cases == reference[0]
+    assert index_ids == reference[1] and n_vectors == reference[2] == len(set(index_ids))

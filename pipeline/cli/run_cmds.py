@@ -27,6 +27,12 @@ def run(
     batch_size: int | None = typer.Option(
         None, "--batch-size", min=1, help="Conversations per batch (default: flow.batch_size)."
     ),
+    chunk_mb: float | None = typer.Option(
+        None,
+        "--chunk-mb",
+        min=0.001,
+        help="Input megabytes read, processed and committed at a time; bounds memory (default: flow.chunk_mb).",
+    ),
     allow_empty: bool = typer.Option(
         False,
         "--allow-empty",
@@ -45,7 +51,8 @@ def run(
     from pipeline.orchestrate.preflight import PreflightError, check_run
 
     cfg = get_config(config)
-    overrides = {"flow": {"batch_size": batch_size}} if batch_size else {}
+    flow = {k: v for k, v in (("batch_size", batch_size), ("chunk_mb", chunk_mb)) if v}
+    overrides = {"flow": flow} if flow else {}
     cfg = cfg.with_overrides(**overrides) if overrides else cfg
     input_dir = input or cfg.resolve(cfg.paths.input)
     out_dir = out or cfg.resolve(cfg.paths.out)

@@ -14,6 +14,7 @@ quarantine naming the field being read.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from pipeline.ingest.parse import (
     locate_long_int,
     scrub_surrogates,
 )
+from pipeline.ingest.spans import Span, read_span
 from pipeline.schema import Conversation
 
 __all__ = ["FileResult", "discover", "read_file"]
@@ -79,11 +81,12 @@ def _display_name(path: Path, root: Path | None) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def read_file(path: Path, cfg: IngestConfig, root: Path | None = None) -> FileResult:
-    """Read one file of any supported format; `root` makes the recorded path relative."""
+def read_file(path: Path, cfg: IngestConfig, root: Path | None = None, span: Span | None = None) -> FileResult:
+    """Read one file of any supported format; `root` makes the recorded path relative. `span`
+    reads only those lines of a JSONL file (see `pipeline.ingest.spans`), numbered as in the file."""
     name = _display_name(path, root)
     try:
-        data = path.read_bytes()
+        data = path.read_bytes() if span is None else read_span(path, span)
     except OSError as e:
         res = FileResult(name, "unknown")
         res.quarantined.append(
@@ -97,6 +100,8 @@ def read_file(path: Path, cfg: IngestConfig, root: Path | None = None) -> FileRe
             _read_json(path, data, Parser(cfg), res, cfg)
         else:
             res.encoding, lines = decode_lines(data)
+            if span is not None and not span.whole:
+                lines = [replace(x, number=x.number + span.first_line - 1, offset=x.offset + span.start) for x in lines]
             if suffix == ".jsonl":
                 _read_jsonl(lines, Parser(cfg), res, cfg)
             elif suffix == ".csv":

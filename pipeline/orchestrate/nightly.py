@@ -15,7 +15,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -24,6 +24,7 @@ import pandas as pd
 
 from pipeline.config import Config
 from pipeline.ingest import FileResult, discover, input_name, read_file
+from pipeline.ingest.spans import Span, spans
 from pipeline.io import atomic_write_text, sha256_file
 from pipeline.orchestrate.batch import BatchResult
 from pipeline.orchestrate.lock import run_lock
@@ -79,10 +80,27 @@ class RunContext:
             raise StateError(f"run {self.run_id}: the state database is not open in this process")
         return self.state
 
+    # Set on a chunk's context (`for_chunk`): the run it belongs to. A run commits its input in
+    # chunks, each under its own run id, so memory stays flat however much a run reads.
+    chunk_of: str | None = None
+
     def close(self) -> None:
         if self.state is not None:
             self.state.close()
             self.state = None
+
+    @property
+    def run(self) -> str:
+        """The run's id (the same for all its chunks)."""
+        return self.chunk_of or self.run_id
+
+    def for_chunk(self, number: int) -> RunContext:
+        """The context chunk `number` commits under: the run's own id for the first chunk (a run
+        that fits one chunk looks as it always did), `<run_id>-c0001`.. for the next. It shares
+        the run's state connection and timings."""
+        if number == 0:
+            return self
+        return replace(self, run_id=f"{self.run}-c{number:04d}", chunk_of=self.run)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "state": None}
@@ -102,10 +120,19 @@ class IngestResult:
     prior_orders: frozenset[str] = frozenset()
 
 
+_PASSED: Counter = Counter()
+
+
 def checkpoint(stage: str) -> None:
     """Fault injection for the crash tests: with CASEMINE_KILL_AT=<stage> the process dies here by
-    SIGKILL, as a machine losing power would (no cleanup, no finally blocks)."""
-    if os.environ.get("CASEMINE_KILL_AT") == stage:
+    SIGKILL, as a machine losing power would (no cleanup, no finally blocks); `<stage>#<n>` dies
+    the n-th time the run passes it (a later chunk's commit)."""
+    want = os.environ.get("CASEMINE_KILL_AT")
+    if not want:
+        return
+    _PASSED[stage] += 1
+    name, _, nth = want.partition("#")
+    if name == stage and _PASSED[stage] == int(nth or 1):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -185,33 +212,88 @@ def reconcile_manifests(out: Path, state: State) -> None:
             write_manifest(out, state.record_of(run_id))
 
 
-def ingest(ctx: RunContext) -> IngestResult:
-    """Read every new or changed file; deduplicate against what earlier runs committed."""
+@dataclass(frozen=True)
+class InputPiece:
+    """A file, or a line-aligned span of a big JSONL file, to read in a chunk."""
+
+    path: Path
+    span: Span
+    # Set on a file's last piece: the file counts as read once the chunk holding it commits.
+    stamp: FileStamp | None
+    first: bool  # the file's first piece (its encoding is counted once)
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """The input one chunk of a run reads, processes, indexes and commits."""
+
+    number: int
+    pieces: tuple[InputPiece, ...] = ()
+    skipped: int = 0  # unchanged files passed over while planning this chunk
+    files_seen: int = 0  # files planned so far in the run, of `files_total`
+    files_total: int = 0
+
+
+def plan_chunks(ctx: RunContext, chunk_bytes: int | None = None) -> Iterator[ChunkPlan]:
+    """The run's new input cut into chunks of about `flow.chunk_mb` megabytes (whole files; big
+    JSONL files cut between lines). Lazy: a file is checked against the state when its chunk is
+    planned, after the chunks before it committed. Always yields at least one chunk, so a night
+    with nothing new still commits (and reports) its run."""
+    limit = chunk_bytes or max(1, int(ctx.cfg.flow.chunk_mb * 1_000_000))
     paths = discover(ctx.input_dir)
+    pieces: list[InputPiece] = []
+    size_now, skipped, number = 0, 0, 0
+    for i, p in enumerate(paths):
+        st = p.stat()
+        rel = input_name(ctx.input_dir, p)
+        digest = functools.lru_cache(maxsize=1)(lambda p=p: sha256_file(p))
+        if ctx.db.file_unchanged(rel, st.st_size, st.st_mtime_ns, digest):
+            skipped += 1
+            continue
+        stamp = FileStamp(rel, st.st_size, st.st_mtime_ns, digest())
+        cuts = spans(p, st.st_size, limit)
+        for j, span in enumerate(cuts):
+            last = j == len(cuts) - 1
+            pieces.append(InputPiece(p, span, stamp if last else None, j == 0))
+            size_now += span.end - span.start
+            if size_now >= limit:
+                yield ChunkPlan(number, tuple(pieces), skipped, i + int(last), len(paths))
+                pieces, size_now, skipped, number = [], 0, 0, number + 1
+    if pieces or skipped or number == 0:
+        yield ChunkPlan(number, tuple(pieces), skipped, len(paths), len(paths))
+
+
+def whole_input(ctx: RunContext) -> ChunkPlan:
+    """All new input as one chunk (for callers that do not chunk: tests, one-off reads)."""
+    big = 1 << 62
+    plans = list(plan_chunks(ctx, chunk_bytes=big))
+    return plans[0]
+
+
+def ingest(ctx: RunContext, plan: ChunkPlan | None = None) -> IngestResult:
+    """Read a chunk's files (by default all new input); deduplicate against what earlier runs
+    and earlier chunks of this run committed, and within the chunk."""
+    plan = plan if plan is not None else whole_input(ctx)
     state = ctx.db
     counts: Counter = Counter()
     reasons: Counter = Counter()
     encodings: Counter = Counter()
     accepted: list[Conversation] = []
     quarantined: list[QuarantineRecord] = []
-    stamps: list[FileStamp] = []
-    skipped = 0
     results: list[FileResult] = []
-    for i, p in enumerate(paths):
-        st = p.stat()
-        rel = input_name(ctx.input_dir, p)
-        digest = functools.lru_cache(maxsize=1)(lambda p=p: sha256_file(p))
-        if state.file_unchanged(rel, st.st_size, st.st_mtime_ns, digest):
-            skipped += 1
-        else:
-            stamps.append(FileStamp(rel, st.st_size, st.st_mtime_ns, digest()))
-            results.append(read_file(p, ctx.cfg.ingest, root=ctx.input_dir if ctx.input_dir.is_dir() else p.parent))
-        progress("ingest", i + 1, len(paths))
+    root = ctx.input_dir if ctx.input_dir.is_dir() else ctx.input_dir.parent
+    for i, piece in enumerate(plan.pieces):
+        res = read_file(piece.path, ctx.cfg.ingest, root=root, span=piece.span)
+        if piece.first:
+            encodings[res.encoding] += 1
+        results.append(res)
+        progress("ingest", i + 1, len(plan.pieces))
+    stamps = [piece.stamp for piece in plan.pieces if piece.stamp is not None]
+    skipped = plan.skipped
     seen_ids: dict[str, str] = state.seen_hashes(c.conversation_id for r in results for c in r.conversations)
     seen_bad = state.quarantined_hashes(q.raw_hash for r in results for q in r.quarantined)
     batch_bad: set[str] = set()
     for r in results:
-        encodings[r.encoding] += 1
         counts["read"] += r.n_read
         for q in r.quarantined:
             if q.raw_hash in seen_bad or q.raw_hash in batch_bad:
@@ -347,17 +429,6 @@ def refresh_library(ctx: RunContext) -> dict[str, Any]:
     return {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
 
 
-def classification_summary(cases: pd.DataFrame) -> dict[str, Any]:
-    if not len(cases) or "issue_type" not in cases:
-        return {}
-    return {
-        "classifier": str(cases["classifier"].iloc[0]),
-        "needs_review": int(cases["needs_review"].sum()),
-        "by_issue_type": {k: int(v) for k, v in cases["issue_type"].value_counts().items()},
-        "by_urgency": {k: int(v) for k, v in cases["urgency"].value_counts().items()},
-    }
-
-
 def store(ctx: RunContext, cases: pd.DataFrame, part: int) -> list[Path]:
     return write_cases(ctx.out, cases, ctx.run_id, part) if len(cases) else []
 
@@ -386,29 +457,101 @@ def commit(ctx: RunContext, ing: IngestResult, rejected: list[QuarantineRecord],
     return qpath
 
 
-def summarize(
-    ctx: RunContext,
-    ing: IngestResult,
-    rejected: list[QuarantineRecord],
-    cases: pd.DataFrame,
-    pii: Counter,
-    chars_segmented: int,
-    extra: dict[str, Any] | None = None,
-    qpath: Path | None = None,
-) -> dict[str, Any]:
-    counts = Counter(ing.counts)
-    counts["accepted"] -= len(rejected)
-    counts["quarantined"] += len(rejected)
-    reasons = Counter(ing.reasons)
-    for q in rejected:
-        reasons[q.reason] += 1
+@dataclass
+class RunTotals:
+    """What the run's summary needs from each chunk, kept as counts: a run's memory must not
+    grow with how much it reads (cases and conversations are dropped after their chunk)."""
+
+    counts: Counter = field(default_factory=Counter)
+    reasons: Counter = field(default_factory=Counter)
+    encodings: Counter = field(default_factory=Counter)
+    files_read: int = 0
+    files_skipped: int = 0
+    rejected: int = 0  # accepted conversations a step then failed on (quarantined)
+    pii: Counter = field(default_factory=Counter)
+    chars_segmented: int = 0
+    cases_written: int = 0
+    by_outcome: Counter = field(default_factory=Counter)
+    by_channel: Counter = field(default_factory=Counter)
+    timings_missing: Counter = field(default_factory=Counter)
+    classifier: str | None = None
+    needs_review: int = 0
+    by_issue_type: Counter = field(default_factory=Counter)
+    by_urgency: Counter = field(default_factory=Counter)
+    index: dict[str, Any] = field(default_factory=dict)
+    quarantine_files: list[str] = field(default_factory=list)
+    chunks: list[str] = field(default_factory=list)
+
+    # Index figures that add up over chunks; the others (total, version, kind, model) are the last chunk's.
+    _SUMMED = ("added", "replaced", "embedded_new", "embedded_cached", "seconds")
+
+    def add_chunk(
+        self,
+        run_id: str,
+        ing: IngestResult,
+        batches: list[BatchResult],
+        cases: pd.DataFrame,
+        index: dict[str, Any],
+        qpath: Path | None,
+    ) -> None:
+        rejected = [q for r in batches for q in r.rejected]
+        self.chunks.append(run_id)
+        self.counts.update(ing.counts)
+        self.counts["accepted"] -= len(rejected)
+        self.counts["quarantined"] += len(rejected)
+        self.rejected += len(rejected)
+        self.reasons.update(ing.reasons)
+        self.reasons.update(q.reason for q in rejected)
+        self.encodings.update(ing.encodings)
+        self.files_read += len(ing.files)
+        self.files_skipped += ing.files_skipped
+        for r in batches:
+            self.pii.update(r.pii_counts)
+            self.chars_segmented += r.chars_segmented
+        for k, v in index.items():
+            if k in self._SUMMED and isinstance(v, (int, float)):
+                self.index[k] = round(self.index.get(k, 0) + v, 3)
+            else:
+                self.index[k] = v
+        if qpath is not None:
+            self.quarantine_files.append(str(qpath))
+        if not len(cases):
+            return
+        self.cases_written += len(cases)
+        self.by_outcome.update(cases["outcome"].dropna())
+        self.by_channel.update(cases["channel"].dropna())
+        for xs in cases["timings_missing"]:
+            self.timings_missing.update(list(xs))
+        if "issue_type" in cases:
+            self.classifier = str(cases["classifier"].iloc[0])
+            self.needs_review += int(cases["needs_review"].sum())
+            self.by_issue_type.update(cases["issue_type"].dropna())
+            self.by_urgency.update(cases["urgency"].dropna())
+
+    def classification(self) -> dict[str, Any]:
+        if self.classifier is None:
+            return {}
+        return {
+            "classifier": self.classifier,
+            "needs_review": self.needs_review,
+            "by_issue_type": _by_count(self.by_issue_type),
+            "by_urgency": _by_count(self.by_urgency),
+        }
+
+
+def _by_count(c: Counter) -> dict[str, int]:
+    return {str(k): int(v) for k, v in c.most_common()}
+
+
+def summarize(ctx: RunContext, t: RunTotals, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    counts = t.counts
     total = time.perf_counter() - ctx.started
-    n_conv = counts["accepted"] + len(rejected)
+    n_conv = counts["accepted"] + t.rejected
     summary: dict[str, Any] = {
         "run_id": ctx.run_id,
         "input": str(ctx.input_dir),
         "out": str(ctx.out),
-        "files": {"read": len(ing.files), "skipped_unchanged": ing.files_skipped, "encodings": dict(ing.encodings)},
+        "files": {"read": t.files_read, "skipped_unchanged": t.files_skipped, "encodings": dict(t.encodings)},
         "records": {
             "read": counts["read"],
             "accepted": counts["accepted"],
@@ -416,26 +559,29 @@ def summarize(
             "quarantined": counts["quarantined"],
             "reconciles": counts["read"] == counts["accepted"] + counts["duplicates"] + counts["quarantined"],
         },
-        "reasons": dict(sorted(reasons.items())),
+        "reasons": dict(sorted(t.reasons.items())),
         "cases": {
-            "written": int(len(cases)),
-            "by_outcome": {k: int(v) for k, v in cases["outcome"].value_counts().items()} if len(cases) else {},
-            "by_channel": {k: int(v) for k, v in cases["channel"].value_counts().items()} if len(cases) else {},
-            "timings_missing": _timings_missing(cases),
+            "written": t.cases_written,
+            "by_outcome": _by_count(t.by_outcome),
+            "by_channel": _by_count(t.by_channel),
+            "timings_missing": dict(sorted(t.timings_missing.items())),
         },
-        "pii_masked": dict(sorted(pii.items())),
+        "pii_masked": dict(sorted(t.pii.items())),
         "orphans_removed": ctx.orphans_removed,
         "runner": ctx.runner,
+        # The run ids its chunks committed under (one unless the input passed `flow.chunk_mb`).
+        "chunks": list(t.chunks),
         "seconds": {k: round(v, 3) for k, v in {**ctx.seconds, "total": total}.items()},
         "throughput": {
             "transcripts_per_s": round(n_conv / total, 1) if total else None,
-            "segment_chars_per_s": round(chars_segmented / ctx.seconds["segment"], 0)
+            "segment_chars_per_s": round(t.chars_segmented / ctx.seconds["segment"], 0)
             if ctx.seconds.get("segment")
             else None,
         },
         "outputs": {
             "cases": str(ctx.out / "processed" / "cases"),
-            "quarantine": str(qpath) if qpath else None,
+            "quarantine": t.quarantine_files[0] if len(t.quarantine_files) == 1 else None,
+            "quarantine_files": list(t.quarantine_files),
             "summary": str(ctx.out / "runs" / ctx.run_id / "summary.json"),
         },
     }
@@ -443,14 +589,6 @@ def summarize(
         summary.update(extra)
     write_summary(ctx.out, ctx.run_id, summary, summary_text(summary))
     return summary
-
-
-def _timings_missing(cases: pd.DataFrame) -> dict[str, int]:
-    c: Counter = Counter()
-    if len(cases):
-        for xs in cases["timings_missing"]:
-            c.update(list(xs))
-    return dict(sorted(c.items()))
 
 
 def summary_text(s: dict[str, Any]) -> str:
@@ -498,8 +636,8 @@ def summary_text(s: dict[str, Any]) -> str:
     lines.append(f"  outputs cases {o['cases']}")
     if isinstance(s.get("exports"), dict) and s["exports"].get("report"):
         lines.append(f"          report {s['exports']['report']}")
-    if o.get("quarantine"):
-        lines.append(f"          quarantine {o['quarantine']}")
+    for q in o.get("quarantine_files") or ([o["quarantine"]] if o.get("quarantine") else []):
+        lines.append(f"          quarantine {q}")
     lines.append(f"          summary {o['summary']}")
     return "\n".join(lines) + "\n"
 
@@ -584,15 +722,22 @@ def _move_aside(path: Path) -> Path:
 
 @dataclass
 class Night:
-    """What a run's steps have made so far; each step adds one field (`RunStep.adds`). After the
-    batch step the runner joins the batches' case tables once, into `cases`."""
+    """What a run's steps have made so far; each step adds one field (`RunStep.adds`).
+
+    The chunk steps (ingest through commit) fill the chunk fields for one chunk of input at a
+    time (`chunk` is the context that chunk commits under); the runner then folds them into
+    `totals` and drops them, so a run holds one chunk's conversations and cases at most. After
+    the batch step the runner joins that chunk's case tables once, into `cases`."""
 
     ctx: RunContext
+    chunk: RunContext | None = None
+    plan: ChunkPlan | None = None
     ingest: IngestResult | None = None
     batches: list[BatchResult] = field(default_factory=list)
     cases: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=EMPTY_CASE_COLUMNS))
     index: dict[str, Any] = field(default_factory=dict)
     quarantine: Path | None = None
+    totals: RunTotals = field(default_factory=RunTotals)
     exports: dict[str, Any] = field(default_factory=dict)
     library: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
@@ -601,12 +746,25 @@ class Night:
     def rejected(self) -> list[QuarantineRecord]:
         return [q for r in self.batches for q in r.rejected]
 
+    def start_chunk(self, plan: ChunkPlan) -> None:
+        self.plan, self.chunk = plan, self.ctx.for_chunk(plan.number)
+        if self.chunk is not self.ctx:
+            self.ctx.db.begin_run(self.chunk.run_id)
+
+    def end_chunk(self) -> None:
+        assert self.chunk is not None and self.ingest is not None
+        self.totals.add_chunk(self.chunk.run_id, self.ingest, self.batches, self.cases, self.index, self.quarantine)
+        self.chunk = self.plan = self.ingest = self.quarantine = None
+        self.batches, self.index = [], {}
+        self.cases = pd.DataFrame(columns=EMPTY_CASE_COLUMNS)
+
 
 @dataclass(frozen=True)
 class RunStep:
     """One step of the nightly run. `run(night)` returns the value of `night.<adds>`; a
-    `per_batch` step instead runs `run(ctx, components, part, n)` on every `Part` of accepted
-    conversations (the declared batch steps of `pipeline.orchestrate.steps`, then the part's case file).
+    `per_batch` step instead runs `run(ctx, components, part, n)` on every `Part` of the chunk's
+    accepted conversations (the declared batch steps of `pipeline.orchestrate.steps`, then the
+    part's case file). `per_chunk` steps run once per chunk of input, the others once per run.
     The runner times every step, reports progress, and offers a crash checkpoint after it."""
 
     name: str
@@ -614,19 +772,25 @@ class RunStep:
     adds: str
     run: Callable[..., Any]
     per_batch: bool = False
+    per_chunk: bool = False
+
+
+def _chunk(night: Night) -> RunContext:
+    assert night.chunk is not None, "a chunk step ran outside a chunk"
+    return night.chunk
 
 
 def _ingest(night: Night) -> IngestResult:
-    return ingest(night.ctx)
+    return ingest(_chunk(night), night.plan)
 
 
 def _index(night: Night) -> dict[str, Any]:
-    return index(night.ctx, night.cases)
+    return index(_chunk(night), night.cases)
 
 
 def _commit(night: Night) -> Path | None:
     assert night.ingest is not None
-    qpath = commit(night.ctx, night.ingest, night.rejected, night.cases)
+    qpath = commit(_chunk(night), night.ingest, night.rejected, night.cases)
     progress("commit", 1, 1)
     return qpath
 
@@ -634,7 +798,7 @@ def _commit(night: Night) -> Path | None:
 def _derive_needed(night: Night) -> bool:
     """Exports and library are derived from all committed cases: redone when this run added cases
     or an earlier run died before finishing them; a night with nothing new keeps yesterday's."""
-    return bool(len(night.cases)) or not derived_outputs_current(night.ctx.out, night.ctx.db)
+    return bool(night.totals.cases_written) or not derived_outputs_current(night.ctx.out, night.ctx.db)
 
 
 def _exports(night: Night) -> dict[str, Any]:
@@ -650,38 +814,29 @@ def _library(night: Night) -> dict[str, Any]:
 
 
 def _summary(night: Night) -> dict[str, Any]:
-    assert night.ingest is not None
-    pii: Counter = Counter()
-    for r in night.batches:
-        pii.update(r.pii_counts)
-    cases = night.cases
+    t = night.totals
     extra = {
-        "index": night.index,
-        "classification": classification_summary(cases),
+        "index": t.index,
+        "classification": t.classification(),
         "exports": night.exports,
         "library": night.library,
     }
-    return summarize(
-        night.ctx,
-        night.ingest,
-        night.rejected,
-        cases,
-        pii,
-        sum(r.chars_segmented for r in night.batches),
-        extra,
-        qpath=night.quarantine,
-    )
+    return summarize(night.ctx, t, extra)
 
 
 NIGHTLY: tuple[RunStep, ...] = (
-    RunStep("ingest", ("input files", "state"), "ingest", _ingest),
-    RunStep("process", ("ingest",), "batches", process_part, per_batch=True),
-    RunStep("index", ("batches",), "index", _index),
-    RunStep("commit", ("ingest", "batches"), "quarantine", _commit),
+    RunStep("ingest", ("input files", "state"), "ingest", _ingest, per_chunk=True),
+    RunStep("process", ("ingest",), "batches", process_part, per_batch=True, per_chunk=True),
+    RunStep("index", ("batches",), "index", _index, per_chunk=True),
+    RunStep("commit", ("ingest", "batches"), "quarantine", _commit, per_chunk=True),
     RunStep("export", ("committed cases",), "exports", _exports),
     RunStep("library", ("committed cases",), "library", _library),
-    RunStep("summary", ("ingest", "batches", "index", "quarantine", "exports", "library"), "summary", _summary),
+    RunStep("summary", ("totals", "exports", "library"), "summary", _summary),
 )
+# The chunk steps come first: a run reads, processes, indexes and commits chunk by chunk, then
+# derives its outputs from everything committed.
+CHUNK_STEPS = tuple(s for s in NIGHTLY if s.per_chunk)
+assert NIGHTLY[: len(CHUNK_STEPS)] == CHUNK_STEPS
 
 
 def add_seconds(ctx: RunContext, name: str, seconds: float) -> None:
@@ -691,32 +846,52 @@ def add_seconds(ctx: RunContext, name: str, seconds: float) -> None:
 def run_declared(
     ctx: RunContext,
     call: Callable[[RunStep, Night], Any],
-    each_batch: Callable[[RunStep, list[Part]], Iterator[BatchResult]],
+    each_batch: Callable[[RunStep, RunContext, list[Part]], Iterator[BatchResult]],
 ) -> dict[str, Any]:
-    """`NIGHTLY` in order, the one loop both runners share: `call(step, night)` runs a step (a
-    plain call, or a Prefect task), `each_batch(step, parts)` yields the batch step's results in
-    part order. Timings, progress and crash checkpoints are kept here, not in the steps."""
+    """`NIGHTLY` in order, the one loop both runners share: the chunk steps once per chunk of
+    input (`plan_chunks`), then the run's steps. `call(step, night)` runs a step (a plain call, or
+    a Prefect task), `each_batch(step, chunk_ctx, parts)` yields the batch step's results in part
+    order. Timings, progress and crash checkpoints are kept here, not in the steps."""
     night = Night(ctx)
-    for step in NIGHTLY:
-        t = time.perf_counter()
-        if step.per_batch:
-            assert night.ingest is not None
-            parts = parts_of(night.ingest, ctx.cfg.flow.batch_size)
-            done = 0
-            for part, res in zip(parts, each_batch(step, parts)):
-                night.batches.append(res)
-                for k, v in res.seconds.items():
-                    add_seconds(ctx, k, v)
-                done += len(part.convs)
-                progress(step.name, done, len(night.ingest.accepted))
-            if night.batches:
-                night.cases = pd.concat([r.cases for r in night.batches], ignore_index=True)
-        else:
-            setattr(night, step.adds, call(step, night))
-            if step.adds != "summary":
-                add_seconds(ctx, step.name, time.perf_counter() - t)
-        checkpoint(step.name)
+    for plan in plan_chunks(ctx):
+        if plan.number and not plan.pieces:  # only unchanged files after the last chunk
+            night.totals.files_skipped += plan.skipped
+            continue
+        night.start_chunk(plan)
+        for step in CHUNK_STEPS:
+            _run_step(night, step, call, each_batch)
+        night.end_chunk()
+        progress("files", plan.files_seen, plan.files_total)
+    for step in NIGHTLY[len(CHUNK_STEPS) :]:
+        _run_step(night, step, call, each_batch)
     return night.summary
+
+
+def _run_step(
+    night: Night,
+    step: RunStep,
+    call: Callable[[RunStep, Night], Any],
+    each_batch: Callable[[RunStep, RunContext, list[Part]], Iterator[BatchResult]],
+) -> None:
+    ctx = night.ctx
+    t = time.perf_counter()
+    if step.per_batch:
+        assert night.ingest is not None
+        parts = parts_of(night.ingest, ctx.cfg.flow.batch_size)
+        done = 0
+        for part, res in zip(parts, each_batch(step, _chunk(night), parts)):
+            night.batches.append(res)
+            for k, v in res.seconds.items():
+                add_seconds(ctx, k, v)
+            done += len(part.convs)
+            progress(step.name, done, len(night.ingest.accepted))
+        if night.batches:
+            night.cases = pd.concat([r.cases for r in night.batches], ignore_index=True)
+    else:
+        setattr(night, step.adds, call(step, night))
+        if step.adds != "summary":
+            add_seconds(ctx, step.name, time.perf_counter() - t)
+    checkpoint(step.name)
 
 
 def run_pipeline(cfg: Config, input_dir: Path, out: Path, runner: str = "plain") -> dict[str, Any]:
@@ -729,7 +904,7 @@ def run_pipeline(cfg: Config, input_dir: Path, out: Path, runner: str = "plain")
                 return run_declared(
                     ctx,
                     lambda step, night: step.run(night),
-                    lambda step, parts: (step.run(ctx, comp, part, n) for n, part in enumerate(parts)),
+                    lambda step, chunk, parts: (step.run(chunk, comp, part, n) for n, part in enumerate(parts)),
                 )
         finally:
             ctx.close()

@@ -38,10 +38,10 @@ _COMPONENTS: dict[str, Components] = {}
 def _components(ctx: steps.RunContext) -> Components:
     """The run's components, built once per worker process (a Dask worker is another process)
     and reused by every batch task of the run; the segmenter's pool is shared per process."""
-    if ctx.run_id not in _COMPONENTS:
+    if ctx.run not in _COMPONENTS:
         _COMPONENTS.clear()
-        _COMPONENTS[ctx.run_id] = Components.from_config(ctx.cfg, shared_segmenter(ctx.cfg))
-    return _COMPONENTS[ctx.run_id]
+        _COMPONENTS[ctx.run] = Components.from_config(ctx.cfg, shared_segmenter(ctx.cfg))
+    return _COMPONENTS[ctx.run]
 
 
 def _process_part(ctx: steps.RunContext, part: steps.Part, n: int) -> BatchResult:
@@ -59,7 +59,7 @@ def _each_batch(ctx: steps.RunContext, step: steps.RunStep, parts: list[steps.Pa
 def run_declared(ctx: steps.RunContext) -> dict[str, Any]:
     """`steps.NIGHTLY` as Prefect tasks, through the loop the plain runner uses."""
     return steps.run_declared(
-        ctx, lambda step, night: _task(step)(night), lambda step, parts: _each_batch(ctx, step, parts)
+        ctx, lambda step, night: _task(step)(night), lambda step, chunk, parts: _each_batch(chunk, step, parts)
     )
 
 

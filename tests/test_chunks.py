@@ -1,0 +1,103 @@
+"""A run reads its input in chunks (`flow.chunk_mb`): big JSONL files are cut between lines, each
+chunk is processed and committed on its own, and the result equals reading everything at once."""
+
+import json
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.ingest import read_file
+from pipeline.ingest.spans import Span, spans
+from pipeline.orchestrate import nightly as steps
+from tests.conftest import REPO
+
+
+def _chat(i: int) -> str:
+    return json.dumps(
+        {
+            "conversation_id": f"c{i:05d}",
+            "channel": "chat",
+            "turns": [
+                {"speaker": "customer", "text": f"第{i}单的快递三天没到，什么时候能送到？"},
+                {"speaker": "agent", "text": "亲，我帮您催一下物流，今天会有回复。"},
+            ],
+        },
+        ensure_ascii=False,
+    )
+
+
+@pytest.fixture()
+def big_jsonl(tmp_path):
+    lines = [_chat(i) for i in range(300)]
+    lines[217] = '{"conversation_id": "broken", "turns": ['  # line 218 of the file
+    p = tmp_path / "in" / "chats.jsonl"
+    p.parent.mkdir()
+    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return p
+
+
+def test_spans_cut_between_lines_and_cover_the_file(big_jsonl):
+    size = big_jsonl.stat().st_size
+    cuts = spans(big_jsonl, size, 4_000)
+    assert len(cuts) > 5
+    data = big_jsonl.read_bytes()
+    assert cuts[0].start == 0 and cuts[-1].end == size
+    for a, b in zip(cuts, cuts[1:]):
+        assert a.end == b.start and data[a.end - 1 : a.end] == b"\n"
+        assert b.first_line == a.first_line + data[a.start : a.end].count(b"\n")
+    # Files that cannot be cut between records are one span whatever their size.
+    csv = big_jsonl.with_suffix(".csv")
+    csv.write_bytes(data)
+    assert spans(csv, size, 4_000) == [Span(0, size)]
+
+
+def test_a_span_reads_like_the_whole_file(big_jsonl):
+    cfg = load_config(REPO / "configs" / "casemine.yaml").ingest
+    whole = read_file(big_jsonl, cfg, root=big_jsonl.parent)
+    parts = [
+        read_file(big_jsonl, cfg, root=big_jsonl.parent, span=s)
+        for s in spans(big_jsonl, big_jsonl.stat().st_size, 4_000)
+    ]
+    assert [c.conversation_id for p in parts for c in p.conversations] == [
+        c.conversation_id for c in whole.conversations
+    ]
+    assert [c.source_line for p in parts for c in p.conversations] == [c.source_line for c in whole.conversations]
+    bad = [q for p in parts for q in p.quarantined]
+    assert [(q.line, q.byte_offset, q.reason) for q in bad] == [
+        (q.line, q.byte_offset, q.reason) for q in whole.quarantined
+    ]
+    assert bad[0].line == 218
+
+
+def test_plan_stamps_a_file_only_with_its_last_piece(big_jsonl, tmp_path):
+    cfg = load_config(REPO / "configs" / "casemine.yaml")
+    (big_jsonl.parent / "small.jsonl").write_text(_chat(999) + "\n", encoding="utf-8")
+    ctx = steps.start_run(cfg, big_jsonl.parent, tmp_path / "out")
+    try:
+        plans = list(steps.plan_chunks(ctx, chunk_bytes=10_000))
+        pieces = [p for plan in plans for p in plan.pieces]
+        assert len(plans) > 3 and [plan.number for plan in plans] == list(range(len(plans)))
+        big = [p for p in pieces if p.path == big_jsonl]
+        assert [p.stamp is not None for p in big] == [False] * (len(big) - 1) + [True]
+        assert [p.first for p in big] == [True] + [False] * (len(big) - 1)
+        assert {p.path.name for p in pieces} == {"chats.jsonl", "small.jsonl"}
+        assert steps.whole_input(ctx).pieces == tuple(
+            steps.InputPiece(p.path, Span(0, p.path.stat().st_size), p.stamp, True) for p in pieces if p.stamp
+        )
+    finally:
+        ctx.close()
+
+
+def test_chunks_commit_under_their_own_run_ids(big_jsonl, tmp_path):
+    """Each chunk is a commit of its own (a crash loses at most the chunk in flight); the summary
+    adds them up and reconciles."""
+    cfg = load_config(REPO / "configs" / "casemine.yaml").with_overrides(flow={"chunk_mb": 0.01})
+    s = steps.run_pipeline(cfg, big_jsonl.parent, tmp_path / "out")
+    assert len(s["chunks"]) >= 4 and s["chunks"][0] == s["run_id"]
+    assert all(c == f"{s['run_id']}-c{i:04d}" for i, c in enumerate(s["chunks"]) if i)
+    assert s["records"] == {"read": 300, "accepted": 299, "duplicates": 0, "quarantined": 1, "reconciles": True}
+    assert s["cases"]["written"] == 299 and s["index"]["total"] == 299 and s["index"]["added"] == 299
+    assert s["files"]["read"] == 1 and s["files"]["encodings"] == {"utf-8": 1}
+    again = steps.run_pipeline(cfg, big_jsonl.parent, tmp_path / "out")
+    assert again["files"] == {"read": 0, "skipped_unchanged": 1, "encodings": {}}
+    assert again["cases"]["written"] == 0
