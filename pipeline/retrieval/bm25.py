@@ -49,3 +49,162 @@ class Bm25:
         if not toks or self.n == 0:
             return np.zeros(self.n, dtype=np.float32)
         return np.asarray(self._r.get_scores(toks), dtype=np.float32)[: self.n]
+
+
+# -- incremental BM25: term statistics per segment, scored with the whole index's statistics ------
+
+# bm25s's defaults (Lucene variant); the segmented scorer must give the same numbers.
+K1 = 1.2
+B = 0.75
+
+
+class TermStats:
+    """One segment's term frequencies: a term x document matrix in CSC-like parts (per term: the
+    documents holding it and how often), each document's length, and the segment's vocabulary.
+
+    Stored per segment and never rewritten, so adding cases costs only their own statistics; the
+    corpus-wide numbers BM25 needs (N, document frequency, average length) are summed at query time
+    over the live documents, which is what makes the scores equal to a bm25s index rebuilt over them.
+    """
+
+    FILES = ("tf_indptr.npy", "tf_docs.npy", "tf_counts.npy", "doclen.npy", "vocab.json")
+
+    def __init__(self, vocab: list[str], indptr: np.ndarray, docs: np.ndarray, counts: np.ndarray, doclen: np.ndarray):
+        self.vocab = vocab
+        self.indptr, self.docs, self.counts, self.doclen = indptr, docs, counts, doclen
+        self._term_of: dict[str, int] | None = None
+
+    @classmethod
+    def build(cls, token_lists: Sequence[Sequence[str]]) -> TermStats:
+        """Count terms per document (pure). An empty document has length 1, as in bm25s, which
+        indexes it as the single token "" (that keeps the average length, hence every score, equal)."""
+        term_of: dict[str, int] = {}
+        doc_ids: list[int] = []
+        term_ids: list[int] = []
+        tfs: list[int] = []
+        doclen = np.empty(len(token_lists), dtype=np.int32)
+        for d, toks in enumerate(token_lists):
+            counts: dict[int, int] = {}
+            for t in toks:
+                i = term_of.setdefault(str(t), len(term_of))
+                counts[i] = counts.get(i, 0) + 1
+            doclen[d] = max(len(toks), 1)
+            doc_ids.extend([d] * len(counts))
+            term_ids.extend(counts)
+            tfs.extend(counts.values())
+        terms = np.asarray(term_ids, dtype=np.int64)
+        order = np.argsort(terms, kind="stable")  # by term, documents ascending within a term
+        indptr = np.zeros(len(term_of) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(terms, minlength=len(term_of)), out=indptr[1:])
+        docs = np.asarray(doc_ids, dtype=np.int32)[order]
+        tf = np.asarray(tfs, dtype=np.float32)[order]
+        return cls(list(term_of), indptr, docs, tf, doclen)
+
+    @classmethod
+    def concat(cls, parts: Sequence[tuple[TermStats, np.ndarray]]) -> TermStats:
+        """Merge segments' statistics, keeping only the documents (local positions) each part names."""
+        term_of: dict[str, int] = {}
+        all_terms, all_docs, all_tf, lens = [], [], [], []
+        offset = 0
+        for st, keep in parts:
+            new_pos = np.full(len(st.doclen), -1, dtype=np.int64)
+            new_pos[keep] = np.arange(offset, offset + len(keep))
+            remap = np.array([term_of.setdefault(t, len(term_of)) for t in st.vocab], dtype=np.int64)
+            per_term = np.diff(np.asarray(st.indptr))
+            terms = np.repeat(remap, per_term)
+            docs = new_pos[np.asarray(st.docs)]
+            ok = docs >= 0
+            all_terms.append(terms[ok])
+            all_docs.append(docs[ok])
+            all_tf.append(np.asarray(st.counts)[ok])
+            lens.append(np.asarray(st.doclen)[keep])
+            offset += len(keep)
+        terms = np.concatenate(all_terms) if all_terms else np.zeros(0, np.int64)
+        docs = np.concatenate(all_docs) if all_docs else np.zeros(0, np.int64)
+        order = np.lexsort((docs, terms))
+        indptr = np.zeros(len(term_of) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(terms, minlength=len(term_of)), out=indptr[1:])
+        tf = np.concatenate(all_tf)[order] if all_tf else np.zeros(0, np.float32)
+        doclen = np.concatenate(lens).astype(np.int32) if lens else np.zeros(0, np.int32)
+        return cls(list(term_of), indptr, docs[order].astype(np.int32), tf.astype(np.float32), doclen)
+
+    def term(self, token: str) -> int | None:
+        if self._term_of is None:
+            self._term_of = {t: i for i, t in enumerate(self.vocab)}
+        return self._term_of.get(token)
+
+    def save(self, d: Path) -> list[str]:
+        """Write into `d`; returns the file names."""
+        import json
+
+        for name, arr in zip(self.FILES, (self.indptr, self.docs, self.counts, self.doclen)):
+            np.save(d / name, np.asarray(arr))
+        (d / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False), "utf-8")
+        return list(self.FILES)
+
+    @classmethod
+    def load(cls, d: Path) -> TermStats:
+        """Read one segment's statistics; the arrays are mapped, so a query touches only the
+        postings of its own tokens."""
+        import json
+
+        arrs = [np.load(d / name, mmap_mode="r") for name in cls.FILES[:4]]
+        return cls(json.loads((d / "vocab.json").read_text("utf-8")), *arrs)
+
+
+class SegmentedBm25:
+    """BM25 over several segments' `TermStats`, skipping dead documents.
+
+    Statistics are over the LIVE documents (N, df and the average length leave out replaced and
+    removed cases): then a query scores exactly as a bm25s index built over today's cases would,
+    and a case replaced nightly does not inflate its terms' document frequency. The cost is a
+    liveness lookup on the postings of the query's own tokens, which is small.
+
+    `parts`: per segment its statistics and, per local document, its row in the scores (-1 = dead).
+    """
+
+    def __init__(self, parts: Sequence[tuple[TermStats, np.ndarray]], n: int, k1: float = K1, b: float = B):
+        self.parts = list(parts)
+        self.n, self.k1, self.b = n, k1, b
+        total = sum(float(np.asarray(st.doclen)[rows >= 0].sum()) for st, rows in self.parts)
+        self.avgdl = total / n if n else 1.0
+
+    def scores(self, query_tokens: Sequence[str]) -> np.ndarray:
+        out = np.zeros(self.n, dtype=np.float32)
+        if self.n == 0:
+            return out
+        cache: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
+        for tok in query_tokens:  # repeated tokens count again, as in bm25s
+            if tok not in cache:
+                cache[tok] = self._term_scores(tok)
+            got = cache[tok]
+            if got is not None:
+                rows, s = got
+                out[rows] += s  # a row holds a term once: no repeated indices within a token
+        return out
+
+    def _term_scores(self, tok: str) -> tuple[np.ndarray, np.ndarray] | None:
+        rows_l, tf_l, dl_l = [], [], []
+        for st, row_of in self.parts:
+            t = st.term(tok)
+            if t is None:
+                continue
+            s, e = int(st.indptr[t]), int(st.indptr[t + 1])
+            docs = np.asarray(st.docs[s:e])
+            rows = row_of[docs]
+            ok = rows >= 0
+            rows_l.append(rows[ok])
+            tf_l.append(np.asarray(st.counts[s:e])[ok])
+            dl_l.append(np.asarray(st.doclen)[docs[ok]])
+        if not rows_l:
+            return None
+        rows = np.concatenate(rows_l)
+        df = len(rows)
+        if df == 0:
+            return None
+        # Lucene BM25 as bm25s computes it: idf in float32, the term-frequency part in float64.
+        idf = np.float32(np.log(1 + (self.n - df + 0.5) / (df + 0.5)))
+        tf = np.concatenate(tf_l)
+        dl = np.concatenate(dl_l).astype(np.float64)
+        tfc = tf / (self.k1 * ((1 - self.b) + self.b * dl / self.avgdl) + tf)
+        return rows, (idf * tfc).astype(np.float32)

@@ -35,7 +35,8 @@ import pyarrow.parquet as pq
 
 from pipeline.config import IndexConfig
 from pipeline.io import atomic_write_json, atomic_write_text, sha256_file
-from pipeline.retrieval.bm25 import Bm25
+from pipeline.retrieval import segments as sg
+from pipeline.retrieval.bm25 import Bm25, SegmentedBm25, TermStats
 from pipeline.retrieval.meta import (
     FILTER_FIELDS,
     META_COLUMNS,
@@ -67,12 +68,13 @@ __all__ = [
     "text_hash",
 ]
 
-FORMAT = 1
+FORMAT = sg.FORMAT  # 2: segments (see `segments`); 1: one meta.parquet/index.faiss/bm25 per version
+# Format 1's files, still read (an output root keeps its old version until the next update).
 INDEX_FILE = "index.faiss"
 META_FILE = "meta.parquet"
-TOMB_FILE = "tombstones.npy"
+TOMB_FILE = sg.TOMB_FILE
 BM25_DIR = "bm25"
-MANIFEST = "manifest.json"
+MANIFEST = sg.MANIFEST
 CURRENT = "CURRENT"
 REBUILD_HINT = "rebuild it with `casemine index --rebuild`"
 
@@ -99,8 +101,9 @@ class CaseIndex:
         self.next_id = 0
         self.tombstones: set[int] = set()
         self.version: int | None = None
-        self._bm25: Bm25 | None = None
-        self._bm25_dir: Path | None = None
+        self._bm25: Bm25 | SegmentedBm25 | None = None
+        self._bm25_dir: Path | None = None  # format 1: the stored bm25s index
+        self._bm25_parts: list[tuple[TermStats, np.ndarray]] | None = None  # format 2: per segment
         self._row_of: dict[str, int] | None = None
 
     # construction -------------------------------------------------------------------------
@@ -140,13 +143,20 @@ class CaseIndex:
     def _invalidate(self) -> None:
         self._bm25 = None
         self._bm25_dir = None
+        self._bm25_parts = None
         self._row_of = None
 
-    def bm25(self) -> Bm25:
-        """BM25 over the metadata rows' tokens: loaded from the version directory when it has one."""
+    def bm25(self) -> Bm25 | SegmentedBm25:
+        """BM25 over the metadata rows' tokens: from the version's stored statistics when loaded,
+        else counted from the rows' tokens (the same scorer the query path uses)."""
         if self._bm25 is None:
-            d = getattr(self, "_bm25_dir", None)
-            self._bm25 = Bm25.load(d, len(self)) if d is not None else Bm25(self.meta["tokens"].tolist())
+            if self._bm25_parts is not None:
+                self._bm25 = SegmentedBm25(self._bm25_parts, len(self))
+            elif self._bm25_dir is not None:
+                self._bm25 = Bm25.load(self._bm25_dir, len(self))
+            else:
+                stats = TermStats.build(self.meta["tokens"].tolist())
+                self._bm25 = SegmentedBm25([(stats, np.arange(len(self), dtype=np.int64))], len(self))
         return self._bm25
 
     def row_of(self) -> dict[str, int]:
@@ -273,24 +283,11 @@ class CaseIndex:
         pos = pos.clip(max=len(sorted_vids) - 1)
         ok = (I >= 0) & (sorted_vids[pos] == I)
         out_rows = np.where(ok, order[pos], -1)
-        return np.where(ok, D, -np.inf).astype(np.float32), out_rows.astype(np.int64)
+        return sg.order_hits(np.where(ok, D, -np.inf).astype(np.float32), out_rows.astype(np.int64))
 
     # persistence --------------------------------------------------------------------------
-    def write_dir(self, d: Path) -> dict[str, Any]:
-        """Write index, metadata and tombstones into `d` (a fresh directory); return the manifest."""
-        import faiss
-
-        d.mkdir(parents=True, exist_ok=True)
-        faiss.write_index(self.index, str(d / INDEX_FILE))
-        meta = self.meta.copy()
-        meta["vid"] = meta["vid"].astype(np.int64)
-        pq.write_table(pa.Table.from_pandas(meta, preserve_index=False), d / META_FILE, compression="zstd")
-        np.save(d / TOMB_FILE, np.array(sorted(self.tombstones), dtype=np.int64))
-        (d / BM25_DIR).mkdir()
-        self.bm25().save(d / BM25_DIR)
-        files = [INDEX_FILE, META_FILE, TOMB_FILE] + sorted(f"{BM25_DIR}/{p.name}" for p in (d / BM25_DIR).iterdir())
+    def _header(self) -> dict[str, Any]:
         return {
-            "format": FORMAT,
             "model": self.model,
             "backend": self.backend,
             "dim": self.dim,
@@ -300,13 +297,52 @@ class CaseIndex:
             "next_id": self.next_id,
             "params": {"hnsw_m": self.icfg.hnsw_m, "ivf_nlist": self.icfg.ivf_nlist},
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "files": {f: sha256_file(d / f) for f in files},
         }
+
+    def meta_table(self) -> pa.Table:
+        return _table(self.meta)
+
+    def write_dir(self, d: Path) -> dict[str, Any]:
+        """Write the whole index into `d` (a fresh directory) as one segment (format 2); return
+        the manifest. The writer of a rebuild; nightly updates add a segment instead (`IndexStore.append`)."""
+        import faiss
+
+        d.mkdir(parents=True, exist_ok=True)
+        seg = sg.segment_name(0)
+        vids, vecs = self.all_vectors()
+        files = sg.write_segment(d, seg, self.meta_table(), vecs, TermStats.build(self.meta["tokens"].tolist()))
+        if self.kind != "flat":
+            faiss.write_index(self.index, str(d / sg.GRAPH_FILE))
+            files.append(sg.GRAPH_FILE)
+        np.save(d / TOMB_FILE, np.array(sorted(self.tombstones), dtype=np.int64))
+        files.append(TOMB_FILE)
+        digests = {f: sha256_file(d / f) for f in files}
+        sg.carry_verified(None, d, digests, digests)
+        return {
+            "format": FORMAT,
+            **self._header(),
+            "next_segment": 1,
+            "segments": [{"name": seg, "rows": len(self)}],
+            "files": digests,
+        }
+
+    def write_dir_v1(self, d: Path) -> dict[str, Any]:
+        """Write format 1 (one FAISS file, one metadata table, a bm25s index): what every update
+        wrote before segments. Kept for the compatibility test and as the benchmark's baseline."""
+        import faiss
+
+        d.mkdir(parents=True, exist_ok=True)
+        faiss.write_index(self.index, str(d / INDEX_FILE))
+        pq.write_table(self.meta_table(), d / META_FILE, compression="zstd")
+        np.save(d / TOMB_FILE, np.array(sorted(self.tombstones), dtype=np.int64))
+        (d / BM25_DIR).mkdir()
+        Bm25(self.meta["tokens"].tolist()).save(d / BM25_DIR)
+        files = [INDEX_FILE, META_FILE, TOMB_FILE] + sorted(f"{BM25_DIR}/{p.name}" for p in (d / BM25_DIR).iterdir())
+        return {"format": 1, **self._header(), "files": {f: sha256_file(d / f) for f in files}}
 
     @classmethod
     def read_dir(cls, d: Path, icfg: IndexConfig, expect_model: str | None = None, verify: bool = True) -> CaseIndex:
         """Load a version directory, checking checksums and the model it was built with."""
-        import faiss
 
         try:
             man = json.loads((d / MANIFEST).read_text("utf-8"))
@@ -329,17 +365,12 @@ class CaseIndex:
                     raise IndexLoadError(f"index file {p} is corrupt (checksum mismatch); {REBUILD_HINT}")
         try:
             idx = cls(int(man["dim"]), man["model"], icfg, backend=man.get("backend", "torch"))
-            idx.index = faiss.read_index(str(d / INDEX_FILE))
             idx.kind = man["kind"]
-            idx.meta = pq.read_table(d / META_FILE).to_pandas()
-            for c in META_COLUMNS:  # versions written before a column was kept (outcome_evidence)
-                if c not in idx.meta.columns:
-                    idx.meta[c] = None
-            idx.meta["tokens"] = idx.meta["tokens"].map(lambda t: list(t) if t is not None else [])
-            idx.tombstones = set(int(x) for x in np.load(d / TOMB_FILE))
             idx.next_id = int(man["next_id"])
-            if (d / BM25_DIR).is_dir():
-                idx._bm25_dir = d / BM25_DIR  # loaded on first BM25 query
+            if int(man.get("format", 1)) >= 2:
+                idx._read_segments(d, man)
+            else:
+                idx._read_v1(d)
         except IndexLoadError:
             raise
         except Exception as e:  # noqa: BLE001 - any parse failure means the same thing to a user
@@ -347,6 +378,52 @@ class CaseIndex:
         idx.version = man.get("version")
         idx.manifest = man  # type: ignore[attr-defined]
         return idx
+
+    def _read_v1(self, d: Path) -> None:
+        import faiss
+
+        self.index = faiss.read_index(str(d / INDEX_FILE))
+        self.meta = self._frame(pq.read_table(d / META_FILE))
+        self.tombstones = set(int(x) for x in np.load(d / TOMB_FILE))
+        if (d / BM25_DIR).is_dir():
+            self._bm25_dir = d / BM25_DIR  # loaded on first BM25 query
+
+    def _read_segments(self, d: Path, man: dict[str, Any]) -> None:
+        import faiss
+
+        tomb = sg.read_tombstones(d)
+        tables, vecs, parts = [], [], []
+        start = 0
+        for s in man["segments"]:
+            t, v, (stats, keep) = sg.read_segment(d, s["name"], tomb)
+            tables.append(t)
+            vecs.append(v)
+            rows = np.full(len(stats.doclen), -1, dtype=np.int64)
+            rows[keep] = np.arange(start, start + len(keep))
+            start += len(keep)
+            parts.append((stats, rows))
+        self.meta = self._frame(pa.concat_tables(tables, promote_options="default")) if tables else self.meta
+        vids = self.meta["vid"].to_numpy(dtype=np.int64)
+        if self.kind == "flat":
+            self.index = self._new_faiss("flat", None)
+            if len(vids):
+                self.index.add_with_ids(np.ascontiguousarray(np.concatenate(vecs)), vids)
+        else:
+            self.index = faiss.read_index(str(d / sg.GRAPH_FILE))
+            self.tombstones = set(int(x) for x in tomb)
+        self._bm25_parts = parts
+
+    @staticmethod
+    def _frame(t: pa.Table) -> pd.DataFrame:
+        meta = t.to_pandas()
+        for c in META_COLUMNS:  # versions written before a column was kept (outcome_evidence)
+            if c not in meta.columns:
+                meta[c] = None
+        meta["tokens"] = meta["tokens"].map(lambda t: list(t) if t is not None else [])
+        for c in META_COLUMNS:
+            if c not in ("vid", "tokens"):  # plain objects with None, as `meta_from_cases` makes them
+                meta[c] = pd.Series([_none_if_na(v) for v in meta[c]], index=meta.index, dtype=object)
+        return meta[list(META_COLUMNS)]
 
 
 # -- the on-disk store -----------------------------------------------------------------------
@@ -427,20 +504,80 @@ class IndexStore:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def commit(self, idx: CaseIndex) -> int:
-        """Write `idx` as the next version, point CURRENT at it, prune old versions. Hold `writer()`."""
-        v = max(self.versions() + [self.current_version() or 0]) + 1
+    def _next_version(self) -> int:
+        return max(self.versions() + [self.current_version() or 0]) + 1
+
+    def _tmp(self, v: int) -> Path:
         tmp = self.root / f".v{v}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        man = idx.write_dir(tmp)
+        return tmp
+
+    def _publish(self, tmp: Path, v: int, man: dict[str, Any]) -> None:
+        """Name the finished directory `v<N>`, point CURRENT at it, prune old versions."""
         man["version"] = v
         atomic_write_json(tmp / MANIFEST, man)
         os.replace(tmp, self.root / f"v{v}")
         atomic_write_text(self.root / CURRENT, f"v{v}\n")
+        self._prune(v)
+
+    def commit(self, idx: CaseIndex) -> int:
+        """Write all of `idx` as the next version (one segment), point CURRENT at it, prune old
+        versions. Hold `writer()`. For a night's new cases `append` costs less."""
+        v = self._next_version()
+        tmp = self._tmp(v)
+        man = idx.write_dir(tmp)
+        self._publish(tmp, v, man)
         idx.version = v
         idx.manifest = man  # type: ignore[attr-defined]
-        self._prune(v)
         return v
+
+    def append(
+        self, rows: pd.DataFrame, vectors: np.ndarray, *, model: str, backend: str, dim: int
+    ) -> tuple[int, dict[str, Any]]:
+        """Add/replace cases as a new version that writes only their segment and links the rest.
+
+        Hold `writer()`. Reads of the live version: its manifest, tombstones and the case_id/vid
+        table of each segment (to tombstone replaced cases), and the approximate graph if there is
+        one (it grows by `add_with_ids`). A live version in format 1 is loaded whole and
+        rewritten once in format 2. Returns (version, summary with added/replaced/total/kind).
+        """
+        if len(rows) != len(vectors):
+            raise ValueError(f"{len(rows)} rows but {len(vectors)} vectors")
+        v_prev = self.current_version()
+        prev = self.root / f"v{v_prev}" if v_prev is not None else None
+        man = self._manifest(prev, model) if prev is not None else None
+        if man is not None and int(man.get("format", 1)) < 2:
+            idx = self.load(expect_model=model)
+            counts = idx.update(rows, vectors) if len(rows) else {"added": 0, "replaced": 0}
+            v = self.commit(idx)
+            return v, {**counts, "total": len(idx), "kind": idx.kind, "written": "all (format 1 converted)"}
+        rows = rows.reset_index(drop=True)
+        last = ~rows["case_id"].duplicated(keep="last").to_numpy()
+        rows, vectors = rows[last].reset_index(drop=True), np.asarray(vectors, dtype=np.float32)[last]
+        if len(rows) and vectors.shape[1] != dim:
+            raise ValueError(f"vectors have {vectors.shape[1]} dims, index has {dim}")
+        v = self._next_version()
+        tmp = self._tmp(v)
+        tmp.mkdir(parents=True)
+        try:
+            man_new, counts = _grow(prev, man, tmp, rows, vectors, self.icfg, model=model, backend=backend, dim=dim)
+            self._publish(tmp, v, man_new)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return v, counts
+
+    def _manifest(self, d: Path, model: str | None) -> dict[str, Any]:
+        try:
+            man = json.loads((d / MANIFEST).read_text("utf-8"))
+        except (OSError, ValueError) as e:
+            raise IndexLoadError(f"index manifest {d / MANIFEST} is unreadable ({e}); {REBUILD_HINT}") from None
+        if model is not None and man.get("model") != model:
+            raise IndexLoadError(
+                f"the index at {d} was built with model {man.get('model')!r} but the config "
+                f"uses {model!r}; vectors from different models cannot be compared: {REBUILD_HINT}"
+            )
+        return man
 
     def _prune(self, current: int) -> None:
         keep = set(self.versions()[-self.icfg.keep_versions :]) | {current}
@@ -464,3 +601,157 @@ class IndexStore:
                 if fh is not None:
                     fh.close()
             shutil.rmtree(trash, ignore_errors=True)
+
+
+def _none_if_na(v: Any) -> Any:
+    return None if v is None or (isinstance(v, float) and v != v) else v
+
+
+# -- growing a segmented version ----------------------------------------------------------------
+
+_SCHEMA = pa.schema(
+    [(c, pa.int64() if c == "vid" else pa.list_(pa.string()) if c == "tokens" else pa.string()) for c in META_COLUMNS]
+)
+
+
+def _table(meta: pd.DataFrame) -> pa.Table:
+    """Metadata rows as Arrow with one fixed schema, so segments written apart always concatenate."""
+    meta = meta[list(META_COLUMNS)].copy()
+    meta["vid"] = meta["vid"].astype(np.int64)
+    return pa.Table.from_pandas(meta, schema=_SCHEMA, preserve_index=False)
+
+
+def _grow(
+    prev: Path | None,
+    man: dict[str, Any] | None,
+    out: Path,
+    rows: pd.DataFrame,
+    vectors: np.ndarray,
+    icfg: IndexConfig,
+    *,
+    model: str,
+    backend: str,
+    dim: int,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Write into `out` the version after `prev` (None: the first) with `rows` added: the new
+    segment, links to the unchanged ones, tombstones, and the graph if the index is approximate.
+    Merges segments past `segments.MAX_SEGMENTS` or when dead rows pass `max_tombstone_fraction`;
+    rebuilds the graph only when the kind changes or the graph's dead share passes that limit."""
+    import faiss
+
+    man = man or {"kind": "flat", "next_id": 0, "next_segment": 0, "segments": [], "files": {}, "count": 0}
+    segs: list[dict[str, Any]] = [dict(s) for s in man["segments"]]
+    kind = str(man["kind"])
+    old_files: dict[str, str] = man.get("files", {})
+    fail = lambda msg: IndexLoadError(f"{msg}; {REBUILD_HINT}")  # noqa: E731
+    tomb = np.zeros(0, dtype=np.int64)
+    seg_vids: list[np.ndarray] = []
+    live_of: dict[str, int] = {}
+    if prev is not None:
+        small = [TOMB_FILE] + [f"{s['name']}/{sg.IDS_FILE}" for s in segs]
+        sg.verify_files(prev, {f: old_files[f] for f in small}, fail)
+        tomb = sg.read_tombstones(prev)
+        dead = set(tomb.tolist())
+        for s in segs:
+            cids, vids = sg.read_ids(prev, s["name"])
+            seg_vids.append(vids)
+            live_of.update((c, int(vd)) for c, vd in zip(cids, vids.tolist()) if vd not in dead)
+    # Replaced cases: their old rows die; the new rows go into the new segment.
+    replaced = np.array([live_of[c] for c in rows["case_id"] if c in live_of], dtype=np.int64)
+    tomb = np.union1d(tomb, replaced)
+    next_id = int(man["next_id"])
+    n = len(rows)
+    new_vids = np.arange(next_id, next_id + n, dtype=np.int64)
+    count = int(man["count"]) - len(replaced) + n
+    stored = sum(int(s["rows"]) for s in segs) + n
+    want = "flat" if count <= icfg.exact_max else icfg.approximate
+    graph_n = int(man.get("ntotal", 0)) + n if kind != "flat" else stored
+    too_dead = graph_n > 0 and len(tomb) > icfg.max_tombstone_fraction * graph_n
+
+    src: dict[str, Path | None] = {s["name"]: prev for s in segs}
+    next_seg = int(man["next_segment"])
+    seg_new = sg.segment_name(next_seg)
+    fresh: list[str] = []
+    if n:
+        table = _table(rows.assign(vid=new_vids))
+        fresh = sg.write_segment(out, seg_new, table, vectors, TermStats.build(rows["tokens"].tolist()))
+        segs.append({"name": seg_new, "rows": n})
+        seg_vids.append(new_vids)
+        src[seg_new] = out
+        next_seg += 1
+
+    # Compaction: all segments when too much is dead or the kind changes; else the newest tier.
+    start = 0 if (too_dead or want != kind) and stored > n else sg.plan_merge([int(s["rows"]) for s in segs])
+    if start is not None and len(segs) > start and (len(segs) - start >= 2 or too_dead):
+        merged = sg.segment_name(next_seg)
+        next_seg += 1
+        m_files, m_rows = sg.merge_segments([(src[s["name"]], s["name"]) for s in segs[start:]], tomb, out, merged)
+        if any(s["name"] == seg_new for s in segs[start:]):
+            shutil.rmtree(out / seg_new)
+            fresh = []
+        fresh += m_files
+        gone = np.concatenate(seg_vids[start:])
+        segs = segs[:start] + [{"name": merged, "rows": m_rows}]
+        seg_vids = seg_vids[:start] + [np.setdiff1d(gone, tomb)]
+        if kind == "flat" and want == "flat":
+            tomb = np.setdiff1d(tomb, gone)  # those rows exist nowhere any more
+    linked = [s["name"] for s in segs if src.get(s["name"]) is prev and prev is not None]
+    for name in linked:
+        for f in sg.segment_files(name):
+            sg.link_or_copy(prev / f, out / f)  # type: ignore[operator]
+
+    # The vector search structure.
+    if want == "flat":
+        tomb = np.intersect1d(tomb, np.concatenate(seg_vids)) if seg_vids else tomb
+        graph_n = sum(int(s["rows"]) for s in segs)
+    elif kind == want and not too_dead:
+        sg.verify_files(prev, {sg.GRAPH_FILE: old_files[sg.GRAPH_FILE]}, fail)  # type: ignore[arg-type]
+        graph = faiss.read_index(str(prev / sg.GRAPH_FILE))  # type: ignore[operator]
+        if n:
+            graph.add_with_ids(np.ascontiguousarray(vectors), new_vids)
+        faiss.write_index(graph, str(out / sg.GRAPH_FILE))
+        fresh.append(sg.GRAPH_FILE)
+        graph_n = int(graph.ntotal)
+    else:  # first crossing of exact_max, or too many dead vectors in the graph: build it anew
+        live_vecs = [sg.read_segment(out, s["name"], tomb)[1] for s in segs]
+        live_vids = np.concatenate([np.setdiff1d(v, tomb) for v in seg_vids])
+        x = np.ascontiguousarray(np.concatenate(live_vecs))
+        builder = CaseIndex(dim, model, icfg, backend=backend)
+        graph = builder._new_faiss(want, x)
+        graph.add_with_ids(x, live_vids)
+        faiss.write_index(graph, str(out / sg.GRAPH_FILE))
+        fresh.append(sg.GRAPH_FILE)
+        graph_n = int(graph.ntotal)
+        tomb = np.zeros(0, dtype=np.int64)
+    np.save(out / TOMB_FILE, tomb.astype(np.int64))
+    fresh.append(TOMB_FILE)
+
+    # Checksums: hash what was written now; linked files keep the digests they had.
+    digests = {f: sha256_file(out / f) for f in fresh}
+    files = {f: digests.get(f) or old_files[f] for s in segs for f in sg.segment_files(s["name"])}
+    files.update({f: digests[f] for f in fresh if "/" not in f})
+    sg.carry_verified(prev, out, files, digests)
+    new_man = {
+        "format": FORMAT,
+        "model": model,
+        "backend": man.get("backend", backend),
+        "dim": dim,
+        "count": count,
+        "ntotal": graph_n,
+        "kind": want,
+        "next_id": next_id + n,
+        "next_segment": next_seg,
+        "params": {"hnsw_m": icfg.hnsw_m, "ivf_nlist": icfg.ivf_nlist},
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "segments": segs,
+        "files": files,
+    }
+    added = n - len(replaced)
+    return new_man, {
+        "added": added,
+        "replaced": len(replaced),
+        "total": count,
+        "kind": want,
+        "segments": len(segs),
+        "written": sorted({f.split("/")[0] for f in fresh}),
+    }

@@ -598,6 +598,8 @@ class StoredIndex:
         if verify:
             _verify_files(d, man.get("files", {}), hint)
         try:
+            if int(man.get("format", 1)) >= 2:
+                return SegmentedIndex(d, man, icfg)
             return cls(d, man, icfg)
         except Exception as e:  # noqa: BLE001 - any parse failure means the same thing to a user
             raise IndexUnavailable(f"index at {d} cannot be read ({type(e).__name__}: {e}); {hint}") from None
@@ -677,7 +679,9 @@ class StoredIndex:
         # 500 vectors here, the scan itself 0.04 ms single-threaded.
         faiss.omp_set_num_threads(1 if len(self) < PARALLEL_SEARCH_MIN else (os.cpu_count() or 1))
         D, I = self.index.search(q, kk, params=self._params(sel, kk))
-        return self._rows_of(D, I)
+        from pipeline.retrieval.segments import order_hits
+
+        return order_hits(*self._rows_of(D, I))
 
     def _exact_rows(self, q: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # A narrow filter would starve a graph walk: score the allowed rows exactly.
@@ -707,6 +711,156 @@ class StoredIndex:
         return np.where(ok, D, -np.inf).astype(np.float32), np.where(ok, order[pos], -1).astype(np.int64)
 
 
+class SegmentedIndex(StoredIndex):
+    """A format-2 version (`pipeline.retrieval.segments`): rows are the live rows of its segments
+    in order. Up front it reads only ids and filter columns; the shown text of a hit is read from
+    its row group; exact search maps each segment's vectors; BM25 sums per-segment statistics."""
+
+    def __init__(self, d: Path, manifest: dict[str, Any], icfg: Any):
+        import faiss
+        import pyarrow.parquet as pq
+
+        from pipeline.retrieval import segments as sg
+
+        self.dir = d
+        self.manifest = manifest
+        self.icfg = icfg
+        self.version = manifest.get("version")
+        self.model = manifest["model"]
+        self.dim = int(manifest["dim"])
+        self.kind = manifest["kind"]
+        self.segs: list[str] = [s["name"] for s in manifest["segments"]]
+        self.tombstones = sg.read_tombstones(d)
+        self._files = [pq.ParquetFile(d / s / sg.SEG_META_FILE) for s in self.segs]
+        names = self._files[0].schema_arrow.names if self._files else []
+        self._up_cols = [c for c in sg.UP_FRONT_COLUMNS if c in names]
+        self._names = [c for c in names if c != "tokens"]
+        self._up = [f.read(columns=self._up_cols) for f in self._files]
+        seg_vids = [np.array(t.column("vid").to_pylist(), dtype=np.int64) for t in self._up]
+        self._row_of = sg.live_rows(seg_vids, self.tombstones)  # per segment: local -> live row
+        self._local = [np.flatnonzero(r >= 0) for r in self._row_of]
+        self.vids = (
+            np.concatenate([v[loc] for v, loc in zip(seg_vids, self._local)]) if self.segs else np.zeros(0, np.int64)
+        )
+        self._seg_of = np.repeat(np.arange(len(self.segs)), [len(x) for x in self._local])
+        self._local_of = np.concatenate(self._local) if self.segs else np.zeros(0, np.int64)
+        # Row-group starts per segment, for reading one hit's text.
+        self._rg_start = [
+            np.cumsum([0] + [f.metadata.row_group(i).num_rows for i in range(f.num_row_groups)]) for f in self._files
+        ]
+        self._groups: dict[tuple[int, int, str], list[Any]] = {}
+        self._flat: list[Any] = [None] * len(self.segs)
+        self.index = (
+            faiss.read_index(str(d / sg.GRAPH_FILE), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+            if self.kind != "flat"
+            else None
+        )
+        self._vid_order = None
+        self._lists = {}
+        self._bm25 = None
+
+    def _list(self, name: str) -> list[Any]:
+        if name not in self._lists:
+            if name not in self._names:
+                vals: list[Any] = [None] * len(self)
+            else:
+                vals = []
+                for i, f in enumerate(self._files):
+                    col = self._up[i].column(name) if name in self._up_cols else f.read(columns=[name]).column(name)
+                    got = col.to_pylist()
+                    vals.extend(got[j] for j in self._local[i].tolist())
+            self._lists[name] = vals
+        return self._lists[name]
+
+    def column(self, name: str, rows: Sequence[int]) -> list[Any]:
+        if name in self._lists or name in self._up_cols:
+            vals = self._list(name)
+            return [vals[int(r)] for r in rows]
+        if name not in self._names:
+            return [None] * len(rows)
+        out = []
+        for r in rows:
+            seg, local = int(self._seg_of[r]), int(self._local_of[r])
+            g = int(np.searchsorted(self._rg_start[seg], local, side="right")) - 1
+            key = (seg, g, name)
+            if key not in self._groups:
+                if len(self._groups) >= 512:  # a serving process keeps the recent hits' groups only
+                    self._groups.pop(next(iter(self._groups)))
+                self._groups[key] = self._files[seg].read_row_group(g, columns=[name]).column(name).to_pylist()
+            out.append(self._groups[key][local - int(self._rg_start[seg][g])])
+        return out
+
+    def _seg_index(self, i: int) -> Any:
+        import faiss
+
+        from pipeline.retrieval import segments as sg
+
+        if self._flat[i] is None:
+            path = str(self.dir / self.segs[i] / sg.VECTORS_FILE)
+            self._flat[i] = faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+        return self._flat[i]
+
+    def vectors(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        r = np.asarray(list(rows), dtype=np.int64)
+        out = np.zeros((len(r), self.dim), np.float32)
+        for i in np.unique(self._seg_of[r]).tolist() if len(r) else []:
+            at = np.flatnonzero(self._seg_of[r] == i)
+            out[at] = self._seg_index(i).reconstruct_batch(self._local_of[r[at]])
+        return out
+
+    def bm25_scores(self, tokens: Sequence[str]) -> np.ndarray:
+        if self._bm25 is None:
+            from pipeline.retrieval.bm25 import SegmentedBm25, TermStats
+
+            parts = [(TermStats.load(self.dir / s), r) for s, r in zip(self.segs, self._row_of)]
+            self._bm25 = SegmentedBm25(parts, len(self))  # type: ignore[assignment]
+        return self._bm25.scores(tokens)  # type: ignore[union-attr]
+
+    def _exact_rows(self, q: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scores = q @ self.vectors(rows).T
+        kk = min(k, len(rows))
+        top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+        s = np.take_along_axis(scores, top, axis=1)
+        order = np.argsort(-s, axis=1)
+        return np.take_along_axis(s, order, 1), rows[np.take_along_axis(top, order, 1)]
+
+    def search_vectors(
+        self, queries: np.ndarray, k: int, rows: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if self.kind != "flat":
+            return super().search_vectors(queries, k, rows)
+        import faiss
+
+        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        nq = len(q)
+        if len(self) == 0 or k <= 0 or (rows is not None and len(rows) == 0):
+            return np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int64)
+        kk = min(k, len(self) if rows is None else len(rows))
+        faiss.omp_set_num_threads(1 if len(self) < PARALLEL_SEARCH_MIN else (os.cpu_count() or 1))
+        Ds, Rs = [], []
+        for i, row_of in enumerate(self._row_of):
+            if rows is not None:  # the filter's rows in this segment, as local positions
+                mine = rows[self._seg_of[rows] == i]
+                if not len(mine):
+                    continue
+                sel = faiss.IDSelectorBatch(self._local_of[mine])
+                n_ok = len(mine)
+            else:
+                dead = np.flatnonzero(row_of < 0)
+                sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(dead)) if len(dead) else None
+                n_ok = len(self._local[i])
+            if n_ok == 0:
+                continue
+            kseg = min(kk, n_ok)
+            D, I = self._seg_index(i).search(q, kseg, params=faiss.SearchParameters(sel=sel) if sel else None)
+            Ds.append(np.where(I >= 0, D, -np.inf))
+            Rs.append(np.where(I >= 0, row_of[I.clip(min=0)], -1))
+        from pipeline.retrieval.segments import order_hits
+
+        D, R = order_hits(np.concatenate(Ds, axis=1).astype(np.float32), np.concatenate(Rs, axis=1).astype(np.int64))
+        return D[:, :kk], R[:, :kk]
+
+
 def _current_version(index_root: Path) -> int | None:
     try:
         name = (Path(index_root) / "CURRENT").read_text("utf-8").strip()
@@ -715,44 +869,11 @@ def _current_version(index_root: Path) -> int | None:
     return int(name[1:]) if name.startswith("v") and name[1:].isdigit() else None
 
 
-# Per version: the files found intact, with the size, mtime and inode they had then.
-_VERIFIED = ".verified.json"
-
-
 def _verify_files(d: Path, files: Mapping[str, str], hint: str) -> None:
-    """Check the manifest's checksums. A file verified before and unchanged since (same size, mtime
-    and inode, recorded in `<version>/.verified.json`) is not hashed again: at 1M cases the FAISS
-    file alone is 1.5 GB, seconds of sha256 on every cold query. Called under the version's lock."""
-    try:
-        known = json.loads((d / _VERIFIED).read_text("utf-8"))
-    except (OSError, ValueError):
-        known = {}
-    known = known if isinstance(known, dict) else {}
-    seen: dict[str, list[Any]] = {}
-    for name, digest in files.items():
-        try:
-            st = os.stat(d / name)
-        except OSError:
-            raise IndexUnavailable(f"index file {d / name} is missing; {hint}") from None
-        seen[name] = [digest, st.st_size, st.st_mtime_ns, st.st_ino]
-        if known.get(name) == seen[name]:
-            continue
-        h = hashlib.sha256()
-        try:
-            with open(d / name, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-        except OSError:
-            raise IndexUnavailable(f"index file {d / name} is missing; {hint}") from None
-        if h.hexdigest() != digest:
-            raise IndexUnavailable(f"index file {d / name} is corrupt (checksum mismatch); {hint}")
-    if seen != known:
-        tmp = d / f".{_VERIFIED}.{os.getpid()}.tmp"
-        try:
-            tmp.write_text(json.dumps(seen), "utf-8")
-            os.replace(tmp, d / _VERIFIED)
-        except OSError:  # a read-only index: verify again next time
-            tmp.unlink(missing_ok=True)
+    """The manifest's checksums, each file hashed once per inode/size/mtime (see `segments.verify_files`)."""
+    from pipeline.retrieval.segments import verify_files
+
+    verify_files(d, files, lambda msg: IndexUnavailable(f"{msg}; {hint}"))
 
 
 class _StoredBm25:

@@ -34,7 +34,8 @@ def _embed_meta(cfg: Config, out_root: Path, meta: pd.DataFrame):
 
 
 def update_from_cases(cfg: Config, out_root: Path, cases: pd.DataFrame) -> dict[str, Any]:
-    """Embed `cases` (cache first), add/replace them in the live index and swap in a new version.
+    """Embed `cases` (cache first), add/replace them in the live index and swap in a new version
+    that writes only their segment (see `IndexStore.append`).
 
     Called by the nightly flow after cases are written. Returns a JSON-able summary.
     """
@@ -48,22 +49,19 @@ def update_from_cases(cfg: Config, out_root: Path, cases: pd.DataFrame) -> dict[
     emb, vecs = _embed_meta(cfg, out_root, meta)
     with store.writer():
         store.check_intact()
-        if store.exists():
-            idx = store.load(expect_model=model_identity(cfg))
-        else:
-            idx = CaseIndex(
-                vecs.shape[1] if len(vecs) else emb.dim, model_identity(cfg), cfg.index, backend=emb.backend
-            )
-        counts = idx.update(meta, vecs) if len(meta) else {"added": 0, "replaced": 0}
-        version = store.commit(idx)
+        # Only the new cases' segment is written; the history's segments are linked, not loaded.
+        version, got = store.append(
+            meta, vecs, model=model_identity(cfg), backend=emb.backend, dim=vecs.shape[1] if len(vecs) else emb.dim
+        )
     return {
-        **counts,
-        "total": len(idx),
+        "added": got["added"],
+        "replaced": got["replaced"],
+        "total": got["total"],
         **emb.last_stats,
         "seconds": round(time.time() - t0, 2),
         "version": version,
-        "kind": idx.kind,
-        "model": idx.model,
+        "kind": got["kind"],
+        "model": model_identity(cfg),
     }
 
 

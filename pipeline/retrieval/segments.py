@@ -1,0 +1,239 @@
+"""The index's on-disk layout, format 2: a version is a manifest naming segments.
+
+Why segments: a nightly update adds a few thousand cases to a history of hundreds of thousands.
+Each segment holds one batch of cases for good (their ids, metadata, vectors and BM25 term
+statistics); a new version writes only the new segment plus small files (tombstones, manifest,
+and the approximate graph when there is one) and HARD-LINKS the previous version's segment files,
+so every version directory stays self-contained (readers lock one version; pruning removes a
+directory, never a file another version still names) and nothing is rewritten or re-hashed.
+
+Layout of `v<N>/`:
+- `manifest.json`: format, model, kind, counts, `segments` (name, rows), `files` (sha256 each);
+- `tombstones.npy`: vids no longer live (replaced or removed cases; for a graph index also the
+  vectors the graph still holds for them);
+- `graph.faiss`: the HNSW/IVF structure over all vectors (absent for exact search);
+- `s<NNNNNN>/`: per segment `ids.parquet` (case_id, vid: all a writer needs to tombstone a
+  replaced case), `meta.parquet` (the metadata columns incl. tokens, in small row groups so a
+  query reads the shown text of its top hits only), `vectors.faiss` (an exact index over the
+  segment's vectors, mapped by readers), and the BM25 `TermStats` files.
+
+This module reads and writes that layout with pyarrow, numpy and FAISS only: the query path
+(`pipeline.retrieval.search`) imports it and must not import pandas.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.retrieval.bm25 import TermStats
+
+FORMAT = 2
+MANIFEST = "manifest.json"
+TOMB_FILE = "tombstones.npy"
+GRAPH_FILE = "graph.faiss"
+IDS_FILE = "ids.parquet"
+SEG_META_FILE = "meta.parquet"
+VECTORS_FILE = "vectors.faiss"
+# Per version: the files found intact, with the size, mtime and inode they had then.
+VERIFIED = ".verified.json"
+# Rows per Parquet row group in a segment's metadata: a top hit's text costs one group's read.
+ROW_GROUP = 2048
+# Compaction: more segments than this and the newest are merged (see `plan_merge`).
+MAX_SEGMENTS = 16
+# The metadata columns read up front by a query (filters, ids, duplicate test); the rest
+# (problem, handling, ...) are read per hit from their row group.
+UP_FRONT_COLUMNS = ("case_id", "vid", "issue_type", "urgency", "channel", "date", "product", "region", "text_hash")
+
+
+def segment_name(i: int) -> str:
+    return f"s{i:06d}"
+
+
+def segment_files(seg: str) -> list[str]:
+    return [f"{seg}/{f}" for f in (IDS_FILE, SEG_META_FILE, VECTORS_FILE, *TermStats.FILES)]
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+
+def write_segment(d: Path, seg: str, table: Any, vectors: np.ndarray, stats: TermStats) -> list[str]:
+    """Write one segment under `d/seg/`: `table` is a pyarrow Table of the metadata columns with
+    `vid` (tokens included), `vectors` its rows' unit vectors, `stats` its rows' BM25 term counts.
+    Returns the files, relative to `d`."""
+    import faiss
+    import pyarrow.parquet as pq
+
+    sd = d / seg
+    sd.mkdir(parents=True)
+    pq.write_table(table.select(["case_id", "vid"]), sd / IDS_FILE, compression="zstd")
+    pq.write_table(table, sd / SEG_META_FILE, compression="zstd", row_group_size=ROW_GROUP)
+    flat = faiss.IndexFlatIP(int(vectors.shape[1]))
+    if len(vectors):
+        flat.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    faiss.write_index(flat, str(sd / VECTORS_FILE))
+    stats.save(sd)
+    return segment_files(seg)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link `src` to `dst` (same inode: no bytes written); copy across filesystems."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def carry_verified(prev: Path | None, new: Path, files: Mapping[str, str], fresh: Mapping[str, str]) -> None:
+    """Record in `new/.verified.json` the files whose checksum is known good without reading them:
+    ones the writer just hashed (`fresh`) and linked ones the previous version had verified
+    (same inode, size and mtime), so the first cold query after an update does not re-hash history."""
+    try:
+        old = json.loads((prev / VERIFIED).read_text("utf-8")) if prev is not None else {}
+    except (OSError, ValueError):
+        old = {}
+    old = old if isinstance(old, dict) else {}
+    out: dict[str, list[Any]] = {}
+    for name, digest in files.items():
+        st = os.stat(new / name)
+        rec = [digest, st.st_size, st.st_mtime_ns, st.st_ino]
+        if name in fresh or old.get(name) == rec:
+            out[name] = rec
+    (new / VERIFIED).write_text(json.dumps(out), "utf-8")
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+def verify_files(d: Path, files: Mapping[str, str], fail: Callable[[str], Exception]) -> None:
+    """Check the manifest's checksums. A file verified before and unchanged since (same size, mtime
+    and inode, recorded in `<version>/.verified.json`) is not hashed again: at 1M cases the vectors
+    alone are 1.5 GB, seconds of sha256 on every cold query. Call under the version's lock;
+    `fail(message)` makes the exception to raise."""
+    try:
+        known = json.loads((d / VERIFIED).read_text("utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    known = known if isinstance(known, dict) else {}
+    seen: dict[str, list[Any]] = {}
+    for name, digest in files.items():
+        try:
+            st = os.stat(d / name)
+        except OSError:
+            raise fail(f"index file {d / name} is missing") from None
+        seen[name] = [digest, st.st_size, st.st_mtime_ns, st.st_ino]
+        if known.get(name) == seen[name]:
+            continue
+        try:
+            ok = sha256_path(d / name) == digest
+        except OSError:
+            raise fail(f"index file {d / name} is missing") from None
+        if not ok:
+            raise fail(f"index file {d / name} is corrupt (checksum mismatch)")
+    if seen != known:
+        tmp = d / f".{VERIFIED}.{os.getpid()}.tmp"
+        try:
+            tmp.write_text(json.dumps(seen), "utf-8")
+            os.replace(tmp, d / VERIFIED)
+        except OSError:  # a read-only index: verify again next time
+            tmp.unlink(missing_ok=True)
+
+
+def sha256_path(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_tombstones(d: Path) -> np.ndarray:
+    return np.load(d / TOMB_FILE).astype(np.int64)
+
+
+def read_ids(d: Path, seg: str) -> tuple[list[str], np.ndarray]:
+    """(case_ids, vids) of one segment: the only per-case data a writer reads."""
+    import pyarrow.parquet as pq
+
+    t = pq.ParquetFile(d / seg / IDS_FILE).read()
+    return t.column("case_id").to_pylist(), np.asarray(t.column("vid").to_numpy(), dtype=np.int64)
+
+
+def live_rows(seg_vids: Sequence[np.ndarray], tombstones: np.ndarray) -> list[np.ndarray]:
+    """Per segment, local position -> row among all live rows (segments in order), -1 if dead."""
+    out = []
+    start = 0
+    for vids in seg_vids:
+        live = ~np.isin(vids, tombstones) if len(tombstones) else np.ones(len(vids), dtype=bool)
+        rows = np.full(len(vids), -1, dtype=np.int64)
+        rows[live] = np.arange(start, start + int(live.sum()))
+        start += int(live.sum())
+        out.append(rows)
+    return out
+
+
+def plan_merge(rows: Sequence[int], max_segments: int = MAX_SEGMENTS) -> int | None:
+    """Where to start merging so the segment count stays bounded, or None (no merge needed).
+
+    Merges the SHORTEST newest run of at least two segments that together hold no more rows than
+    the segment before them (all of them when there is none): segments grow in tiers like a binary
+    counter, a merge never costs more than its predecessor's size, and the big old segment is
+    rewritten only once the new ones outgrow it."""
+    if len(rows) <= max_segments:
+        return None
+    for i in range(len(rows) - 2, 0, -1):
+        if sum(rows[i:]) <= rows[i - 1]:
+            return i
+    return 0
+
+
+def read_segment(d: Path, seg: str, tombstones: np.ndarray) -> tuple[Any, np.ndarray, tuple[TermStats, np.ndarray]]:
+    """One segment's live rows: (metadata Table, vectors, (term stats, live local positions))."""
+    import faiss
+    import pyarrow.parquet as pq
+
+    t = pq.ParquetFile(d / seg / SEG_META_FILE).read()
+    vids = np.asarray(t.column("vid").to_numpy(), dtype=np.int64)
+    keep = np.flatnonzero(~np.isin(vids, tombstones)) if len(tombstones) else np.arange(len(vids))
+    flat = faiss.read_index(str(d / seg / VECTORS_FILE))
+    vecs = flat.reconstruct_n(0, flat.ntotal) if flat.ntotal else np.zeros((0, flat.d), np.float32)
+    if len(keep) < len(vids):
+        t, vecs = t.take(keep), vecs[keep]
+    return t, vecs, (TermStats.load(d / seg), keep)
+
+
+def merge_segments(
+    parts: Sequence[tuple[Path | None, str]], tombstones: np.ndarray, dst: Path, seg: str
+) -> tuple[list[str], int]:
+    """Write the live rows of several segments (each `(version dir, name)`, in order) as one new
+    segment `dst/seg`; returns its files and row count. Dead rows are dropped here for good."""
+    import pyarrow as pa
+
+    tables, vecs, stats = [], [], []
+    for d, s in parts:
+        assert d is not None
+        t, v, st = read_segment(d, s, tombstones)
+        tables.append(t)
+        vecs.append(v)
+        stats.append(st)
+    table = pa.concat_tables(tables, promote_options="default")
+    files = write_segment(dst, seg, table, np.concatenate(vecs), TermStats.concat(stats))
+    return files, table.num_rows
+
+
+def order_hits(D: np.ndarray, R: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort each query's hits by score, ties by row (padding last). FAISS orders equal scores by
+    its heap, which differs between one index and several segments; rows do not."""
+    if D.size == 0:
+        return D, R
+    key = np.where(R < 0, np.iinfo(np.int64).max, R)
+    order = np.lexsort((key, -D), axis=1)
+    return np.take_along_axis(D, order, 1), np.take_along_axis(R, order, 1)
