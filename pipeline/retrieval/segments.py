@@ -138,6 +138,7 @@ def verify_files(d: Path, files: Mapping[str, str], fail: Callable[[str], Except
             raise fail(f"index file {d / name} is missing") from None
         if not ok:
             raise fail(f"index file {d / name} is corrupt (checksum mismatch)")
+    seen = {**known, **seen}  # a check of some files keeps the record of the others
     if seen != known:
         tmp = d / f".{VERIFIED}.{os.getpid()}.tmp"
         try:
@@ -180,14 +181,14 @@ def live_rows(seg_vids: Sequence[np.ndarray], tombstones: np.ndarray) -> list[np
     return out
 
 
-def plan_merge(rows: Sequence[int], max_segments: int = MAX_SEGMENTS) -> int | None:
+def plan_merge(rows: Sequence[int], max_segments: int | None = None) -> int | None:
     """Where to start merging so the segment count stays bounded, or None (no merge needed).
 
     Merges the SHORTEST newest run of at least two segments that together hold no more rows than
     the segment before them (all of them when there is none): segments grow in tiers like a binary
     counter, a merge never costs more than its predecessor's size, and the big old segment is
     rewritten only once the new ones outgrow it."""
-    if len(rows) <= max_segments:
+    if len(rows) <= (MAX_SEGMENTS if max_segments is None else max_segments):
         return None
     for i in range(len(rows) - 2, 0, -1):
         if sum(rows[i:]) <= rows[i - 1]:
