@@ -11,12 +11,14 @@ QUICK = [
     ["bench.bench_mask", "--n", "3000"],
     ["bench.bench_flow", "--sizes", "2000", "--memory-sizes", "1000,3000", "--chunk-mb", "0.4"],
     ["bench.bench_embed_index", "--sizes", "10000"],
+    ["bench.bench_index_update", "--history", "10000", "--adds", "100,1000"],
     ["bench.bench_clusters"],
     ["bench.bench_query"],
 ]
 SCALE = [
     ["bench.bench_flow", "--sizes", "10000,100000", "--memory-sizes", "10000,50000", "--chunk-mb", "4"],
     ["bench.bench_embed_index", "--sizes", "100000"],
+    ["bench.bench_index_update", "--history", "100000", "--adds", "1000,10000"],
     ["bench.bench_query", "--sizes", "100000,1000000"],
 ]
 

@@ -8,11 +8,14 @@ Why this shape:
   has no recall loss; above `index.exact_max` an HNSW (or IVF) graph takes over.
 - HNSW and IVF (with a direct map) cannot delete, so removed or replaced cases are tombstoned
   (their ids are excluded at search time) and the structure is rebuilt once the tombstones pass
-  `index.max_tombstone_fraction`. The flat index deletes for real.
-- Every update writes a complete new `v<N>/` directory, then names it in `CURRENT` by atomic
-  rename. A reader opens whatever `CURRENT` names, so it sees the old or the new index, never a
-  mixture; old versions are kept (`index.keep_versions`) so a reader that loaded a moment earlier
-  still finds its files.
+  `index.max_tombstone_fraction`. In memory the flat index deletes for real.
+- On disk a version is a manifest of segments (`segments`, format 2): a nightly update
+  (`IndexStore.append`) writes only its cases' segment and hard-links the others, so its cost
+  follows the new cases, not the history; a rebuild (`IndexStore.commit`) writes one segment.
+  The new `v<N>/` is named in `CURRENT` by atomic rename. A reader opens whatever `CURRENT`
+  names, so it sees the old or the new index, never a mixture; old versions are kept
+  (`index.keep_versions`) so a reader that loaded a moment earlier still finds its files.
+  Format 1 (one meta.parquet/index.faiss/bm25 per version) still loads until the next update.
 """
 
 from __future__ import annotations
@@ -646,19 +649,22 @@ def _grow(
     fail = lambda msg: IndexLoadError(f"{msg}; {REBUILD_HINT}")  # noqa: E731
     tomb = np.zeros(0, dtype=np.int64)
     seg_vids: list[np.ndarray] = []
-    live_of: dict[str, int] = {}
+    replaced = np.zeros(0, dtype=np.int64)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
     if prev is not None:
         small = [TOMB_FILE] + [f"{s['name']}/{sg.IDS_FILE}" for s in segs]
         sg.verify_files(prev, {f: old_files[f] for f in small}, fail)
         tomb = sg.read_tombstones(prev)
-        dead = set(tomb.tolist())
+        new_ids = pa.array(rows["case_id"].tolist(), type=pa.string())
         for s in segs:
-            cids, vids = sg.read_ids(prev, s["name"])
+            vids, hit = sg.find_ids(prev, s["name"], new_ids)
             seg_vids.append(vids)
-            live_of.update((c, int(vd)) for c, vd in zip(cids, vids.tolist()) if vd not in dead)
-    # Replaced cases: their old rows die; the new rows go into the new segment.
-    replaced = np.array([live_of[c] for c in rows["case_id"] if c in live_of], dtype=np.int64)
+            replaced = np.concatenate([replaced, hit])
+        # Replaced cases: their old live rows die; the new rows go into the new segment.
+        replaced = np.setdiff1d(replaced, tomb)
     tomb = np.union1d(tomb, replaced)
+    timings["read"] = time.perf_counter() - t0
     next_id = int(man["next_id"])
     n = len(rows)
     new_vids = np.arange(next_id, next_id + n, dtype=np.int64)
@@ -672,6 +678,7 @@ def _grow(
     next_seg = int(man["next_segment"])
     seg_new = sg.segment_name(next_seg)
     fresh: list[str] = []
+    t0 = time.perf_counter()
     if n:
         table = _table(rows.assign(vid=new_vids))
         fresh = sg.write_segment(out, seg_new, table, vectors, TermStats.build(rows["tokens"].tolist()))
@@ -680,6 +687,8 @@ def _grow(
         src[seg_new] = out
         next_seg += 1
 
+    timings["segment"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     # Compaction: all segments when too much is dead or the kind changes; else the newest tier.
     start = 0 if (too_dead or want != kind) and stored > n else sg.plan_merge([int(s["rows"]) for s in segs])
     if start is not None and len(segs) > start and (len(segs) - start >= 2 or too_dead):
@@ -695,11 +704,15 @@ def _grow(
         seg_vids = seg_vids[:start] + [np.setdiff1d(gone, tomb)]
         if kind == "flat" and want == "flat":
             tomb = np.setdiff1d(tomb, gone)  # those rows exist nowhere any more
+    timings["merge"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     linked = [s["name"] for s in segs if src.get(s["name"]) is prev and prev is not None]
     for name in linked:
         for f in sg.segment_files(name):
             sg.link_or_copy(prev / f, out / f)  # type: ignore[operator]
 
+    timings["link"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     # The vector search structure.
     if want == "flat":
         tomb = np.intersect1d(tomb, np.concatenate(seg_vids)) if seg_vids else tomb
@@ -726,11 +739,14 @@ def _grow(
     np.save(out / TOMB_FILE, tomb.astype(np.int64))
     fresh.append(TOMB_FILE)
 
+    timings["graph"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     # Checksums: hash what was written now; linked files keep the digests they had.
     digests = {f: sha256_file(out / f) for f in fresh}
     files = {f: digests.get(f) or old_files[f] for s in segs for f in sg.segment_files(s["name"])}
     files.update({f: digests[f] for f in fresh if "/" not in f})
     sg.carry_verified(prev, out, files, digests)
+    timings["hash"] = time.perf_counter() - t0
     new_man = {
         "format": FORMAT,
         "model": model,
@@ -754,4 +770,5 @@ def _grow(
         "kind": want,
         "segments": len(segs),
         "written": sorted({f.split("/")[0] for f in fresh}),
+        "timings": {k: round(v, 4) for k, v in timings.items()},
     }

@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -527,7 +528,8 @@ def _plain(v: Any) -> Any:
 
 
 class StoredIndex:
-    """One stored index version (`<out>/index/v<N>/`), read without pandas or bm25s.
+    """One stored index version (`<out>/index/v<N>/`), read without pandas or bm25s. This class
+    reads format 1; `load` returns a `SegmentedIndex` for format 2 (segments).
 
     Mirrors `IndexStore.load` + `CaseIndex.read_dir` (same lock, checksums and model check) and
     `CaseIndex.search_vectors`; keep them in step when the on-disk format changes.
@@ -732,13 +734,13 @@ class SegmentedIndex(StoredIndex):
         self.segs: list[str] = [s["name"] for s in manifest["segments"]]
         self.tombstones = sg.read_tombstones(d)
         self._files = [pq.ParquetFile(d / s / sg.SEG_META_FILE) for s in self.segs]
-        names = self._files[0].schema_arrow.names if self._files else []
-        self._up_cols = [c for c in sg.UP_FRONT_COLUMNS if c in names]
-        self._names = [c for c in names if c != "tokens"]
-        self._up = [f.read(columns=self._up_cols) for f in self._files]
-        seg_vids = [np.array(t.column("vid").to_pylist(), dtype=np.int64) for t in self._up]
+        self._names = [c for c in (self._files[0].schema_arrow.names if self._files else []) if c != "tokens"]
+        # Only the vids up front; a filter column is read whole when a filter first needs it, and
+        # a hit's shown text from its row group.
+        seg_vids = [np.array(f.read(columns=["vid"]).column("vid").to_pylist(), dtype=np.int64) for f in self._files]
         self._row_of = sg.live_rows(seg_vids, self.tombstones)  # per segment: local -> live row
         self._local = [np.flatnonzero(r >= 0) for r in self._row_of]
+        self._dead = [np.flatnonzero(r < 0) for r in self._row_of]
         self.vids = (
             np.concatenate([v[loc] for v, loc in zip(seg_vids, self._local)]) if self.segs else np.zeros(0, np.int64)
         )
@@ -749,6 +751,7 @@ class SegmentedIndex(StoredIndex):
             np.cumsum([0] + [f.metadata.row_group(i).num_rows for i in range(f.num_row_groups)]) for f in self._files
         ]
         self._groups: dict[tuple[int, int, str], list[Any]] = {}
+        self._groups_lock = threading.Lock()  # `serve` answers from several threads
         self._flat: list[Any] = [None] * len(self.segs)
         self.index = (
             faiss.read_index(str(d / sg.GRAPH_FILE), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
@@ -761,21 +764,19 @@ class SegmentedIndex(StoredIndex):
 
     def _list(self, name: str) -> list[Any]:
         if name not in self._lists:
+            vals: list[Any] = []
             if name not in self._names:
-                vals: list[Any] = [None] * len(self)
-            else:
-                vals = []
-                for i, f in enumerate(self._files):
-                    col = self._up[i].column(name) if name in self._up_cols else f.read(columns=[name]).column(name)
-                    got = col.to_pylist()
-                    vals.extend(got[j] for j in self._local[i].tolist())
+                vals = [None] * len(self)
+            for i, f in enumerate(self._files if name in self._names else []):
+                got = f.read(columns=[name]).column(name).to_pylist()
+                vals.extend(got[j] for j in self._local[i].tolist())
             self._lists[name] = vals
         return self._lists[name]
 
     def column(self, name: str, rows: Sequence[int]) -> list[Any]:
-        if name in self._lists or name in self._up_cols:
-            vals = self._list(name)
-            return [vals[int(r)] for r in rows]
+        if name in self._lists:
+            whole = self._list(name)
+            return [whole[int(r)] for r in rows]
         if name not in self._names:
             return [None] * len(rows)
         out = []
@@ -783,11 +784,14 @@ class SegmentedIndex(StoredIndex):
             seg, local = int(self._seg_of[r]), int(self._local_of[r])
             g = int(np.searchsorted(self._rg_start[seg], local, side="right")) - 1
             key = (seg, g, name)
-            if key not in self._groups:
-                if len(self._groups) >= 512:  # a serving process keeps the recent hits' groups only
-                    self._groups.pop(next(iter(self._groups)))
-                self._groups[key] = self._files[seg].read_row_group(g, columns=[name]).column(name).to_pylist()
-            out.append(self._groups[key][local - int(self._rg_start[seg][g])])
+            vals = self._groups.get(key)
+            if vals is None:
+                vals = self._files[seg].read_row_group(g, columns=[name]).column(name).to_pylist()
+                with self._groups_lock:
+                    while len(self._groups) >= 512:  # a serving process keeps the recent hits' groups only
+                        self._groups.pop(next(iter(self._groups)))
+                    self._groups[key] = vals
+            out.append(vals[local - int(self._rg_start[seg][g])])
         return out
 
     def _seg_index(self, i: int) -> Any:
@@ -846,7 +850,7 @@ class SegmentedIndex(StoredIndex):
                 sel = faiss.IDSelectorBatch(self._local_of[mine])
                 n_ok = len(mine)
             else:
-                dead = np.flatnonzero(row_of < 0)
+                dead = self._dead[i]
                 sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(dead)) if len(dead) else None
                 n_ok = len(self._local[i])
             if n_ok == 0:
