@@ -126,12 +126,13 @@ def test_old_format_version_loads_and_is_converted_by_the_next_update(tmp_path, 
     assert len(StoredIndex.load(tmp_path / "index", cfg.index, "hashing-test")) == 8
 
 
-def test_compaction_keeps_results_equal(tmp_path, monkeypatch):
+@pytest.mark.parametrize("exact_max", [200_000, 2])  # flat, and an HNSW graph that keeps growing
+def test_compaction_keeps_results_equal(tmp_path, monkeypatch, exact_max):
     """Many small nights past the segment limit merge; what queries see does not change."""
     monkeypatch.setattr(sg, "MAX_SEGMENTS", 4)
-    cfg = Config().with_overrides(index={"max_tombstone_fraction": 0.9})
+    cfg = Config().with_overrides(index={"max_tombstone_fraction": 0.9, "exact_max": exact_max})
     store = IndexStore(tmp_path / "index", cfg.index)
-    ref = CaseIndex(384, "hashing-test", cfg.index)
+    ref = CaseIndex(384, "hashing-test", Config().index)  # exact search: the reference
     nights = [CASES[:2], CASES[2:4], CASES[4:], MORE[:1], MORE[1:2],
               [("c1", "快递三天没到，催了三次", "再次催促", "物流配送", "紧急", "chat", "2025-09-09", "手机", "华东")],
               MORE[2:], [("c7", "耳机右边也没声音了", "退货", "质量问题", "一般", "call", "2025-09-10", "耳机", "华北")]]
