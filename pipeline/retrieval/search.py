@@ -715,8 +715,9 @@ class StoredIndex:
 
 class SegmentedIndex(StoredIndex):
     """A format-2 version (`pipeline.retrieval.segments`): rows are the live rows of its segments
-    in order. Up front it reads only ids and filter columns; the shown text of a hit is read from
-    its row group; exact search maps each segment's vectors; BM25 sums per-segment statistics."""
+    in order. Up front it reads only the vids; a filter column is read when a filter needs it and
+    the shown text of a hit from its row group; exact search maps each segment's vectors; BM25
+    sums per-segment statistics (`pipeline.retrieval.bm25.SegmentedBm25`)."""
 
     def __init__(self, d: Path, manifest: dict[str, Any], icfg: Any):
         import faiss
@@ -737,7 +738,7 @@ class SegmentedIndex(StoredIndex):
         self._names = [c for c in (self._files[0].schema_arrow.names if self._files else []) if c != "tokens"]
         # Only the vids up front; a filter column is read whole when a filter first needs it, and
         # a hit's shown text from its row group.
-        seg_vids = [np.array(f.read(columns=["vid"]).column("vid").to_pylist(), dtype=np.int64) for f in self._files]
+        seg_vids = [sg.int64s(f.read(columns=["vid"]).column("vid")) for f in self._files]
         self._row_of = sg.live_rows(seg_vids, self.tombstones)  # per segment: local -> live row
         self._local = [np.flatnonzero(r >= 0) for r in self._row_of]
         self._dead = [np.flatnonzero(r < 0) for r in self._row_of]
