@@ -136,6 +136,28 @@ def _open_query(root: Path, icfg) -> float:  # noqa: ARG001 - the default index 
     return float(r.stdout.strip().splitlines()[-1])
 
 
+def _query_latency(root: Path, queries: list[list[str]], qvecs: np.ndarray) -> dict:
+    """Warm per-query milliseconds (p50, p95) of BM25 scoring and dense top-50, one thread."""
+    import faiss
+
+    from pipeline.config import Config
+    from pipeline.retrieval.search import StoredIndex
+
+    idx = StoredIndex.load(root, Config().index, None)
+    idx.bm25_scores(queries[0])
+    idx.search_vectors(qvecs[:1], 50)
+    out = {}
+    for name, fn in (("bm25", lambda i: idx.bm25_scores(queries[i])), ("dense", lambda i: idx.search_vectors(qvecs[i : i + 1], 50))):
+        lat = []
+        for i in range(len(queries)):
+            t0 = time.perf_counter()
+            fn(i)
+            lat.append((time.perf_counter() - t0) * 1000)
+        out[name] = (round(float(np.percentile(lat, 50)), 2), round(float(np.percentile(lat, 95)), 2))
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    return out
+
+
 def bench(history: int, adds: list[int], kind: str) -> dict:
     import faiss
 
@@ -199,6 +221,26 @@ def bench(history: int, adds: list[int], kind: str) -> dict:
             print(f"  growth +{a:,} -> +{b:,} ({b / a:.0f}x the cases): old "
                   f"{out['adds'][b]['old']['total'] / out['adds'][a]['old']['total']:.2f}x, segmented "
                   f"{out['adds'][b]['new']['total'] / out['adds'][a]['new']['total']:.2f}x the time")
+        # Warm query cost over the format-1 version vs the segmented one after 10 more nights of
+        # +1% each (11 segments, a tenth of each night replacing old cases): BM25 is now scored
+        # from term statistics at query time and dense search runs per segment.
+        store = IndexStore(new_root, icfg)
+        for night in range(10):
+            m, x = _cases(history + 1_000_000 * (night + 1), max(1, history // 100), rng)
+            k = len(m) // 10
+            m.loc[: k - 1, "case_id"] = [f"case-{j:08d}" for j in rng.choice(history, k, replace=False)]
+            with store.writer():
+                _, got = store.append(m, x, model="bench", backend="torch", dim=DIM)
+        qm, qx = _cases(0, 200, np.random.default_rng(1))
+        queries = [t[:6] for t in qm["tokens"]]
+        lat = {"old": _query_latency(old_root, queries, qx), "new": _query_latency(new_root, queries, qx)}
+        out["query_ms"] = {**lat, "segments": got["segments"]}
+        _table(
+            f"warm query cost, {len(queries)} queries of 6 tokens, one thread (p50 / p95 ms): format 1 vs "
+            f"segmented after 10 more nights ({got['segments']} segments)",
+            ["layout", "BM25 scores", "dense top-50"],
+            [[name, f"{r['bm25'][0]} / {r['bm25'][1]}", f"{r['dense'][0]} / {r['dense'][1]}"] for name, r in lat.items()],
+        )
         q = out["query_open_s"]
         print(f"  a query process opening the {history:,}-case version (checksums, filter columns): first after the "
               f"write old {q['old'][0]:.3f} s / segmented {q['new'][0]:.3f} s; later old {q['old'][1]:.3f} s / "

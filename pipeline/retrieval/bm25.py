@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -152,6 +153,9 @@ class TermStats:
         return cls(json.loads((d / "vocab.json").read_text("utf-8")), *arrs)
 
 
+_MISSING = object()
+
+
 class SegmentedBm25:
     """BM25 over several segments' `TermStats`, skipping dead documents.
 
@@ -168,43 +172,74 @@ class SegmentedBm25:
         self.n, self.k1, self.b = n, k1, b
         total = sum(float(np.asarray(st.doclen)[rows >= 0].sum()) for st, rows in self.parts)
         self.avgdl = total / n if n else 1.0
+        # Per segment, once per version: each document's length norm k1 * (1 - b + b * dl / avgdl)
+        # (float64, as bm25s computes it), and whether its rows are one dead-free run (then a
+        # posting's row is its local position plus an offset: no lookup, no mask).
+        self._norm = [k1 * ((1 - b) + b * np.asarray(st.doclen, dtype=np.float64) / self.avgdl) for st, _ in self.parts]
+        self._cache: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
+        self._used = 0
+        self._lock = threading.Lock()
+        self._offset: list[int | None] = []
+        for _, rows in self.parts:
+            run = len(rows) > 0 and rows[0] >= 0 and bool(np.all(np.diff(rows) == 1))
+            self._offset.append(int(rows[0]) if run else None)
+
+    # Per-token results kept between queries, up to this many postings in all (~8 bytes each):
+    # the costly tokens are the frequent ones, and those recur in agents' questions.
+    CACHE_POSTINGS = 4_000_000
 
     def scores(self, query_tokens: Sequence[str]) -> np.ndarray:
         out = np.zeros(self.n, dtype=np.float32)
         if self.n == 0:
             return out
-        cache: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
         for tok in query_tokens:  # repeated tokens count again, as in bm25s
-            if tok not in cache:
-                cache[tok] = self._term_scores(tok)
-            got = cache[tok]
+            got = self._cached(tok)
             if got is not None:
                 rows, s = got
                 out[rows] += s  # a row holds a term once: no repeated indices within a token
         return out
 
+    def _cached(self, tok: str) -> tuple[np.ndarray, np.ndarray] | None:
+        hit = self._cache.get(tok, _MISSING)
+        if hit is not _MISSING:
+            return hit  # type: ignore[return-value]
+        got = self._term_scores(tok)
+        size = 0 if got is None else len(got[0])
+        with self._lock:  # `serve` scores from several threads
+            while self._cache and self._used + size > self.CACHE_POSTINGS:
+                old = self._cache.pop(next(iter(self._cache)))
+                self._used -= 0 if old is None else len(old[0])
+            if size <= self.CACHE_POSTINGS:
+                self._cache[tok] = got
+                self._used += size
+        return got
+
     def _term_scores(self, tok: str) -> tuple[np.ndarray, np.ndarray] | None:
-        rows_l, tf_l, dl_l = [], [], []
-        for st, row_of in self.parts:
+        rows_l, tf_l, norm_l = [], [], []
+        for (st, row_of), norm, offset in zip(self.parts, self._norm, self._offset):
             t = st.term(tok)
             if t is None:
                 continue
             s, e = int(st.indptr[t]), int(st.indptr[t + 1])
             docs = np.asarray(st.docs[s:e])
-            rows = row_of[docs]
-            ok = rows >= 0
-            rows_l.append(rows[ok])
-            tf_l.append(np.asarray(st.counts[s:e])[ok])
-            dl_l.append(np.asarray(st.doclen)[docs[ok]])
+            tf = np.asarray(st.counts[s:e])
+            if offset is not None:
+                rows = docs + offset
+            else:
+                rows = row_of[docs]
+                ok = rows >= 0
+                rows, docs, tf = rows[ok], docs[ok], tf[ok]
+            rows_l.append(rows.astype(np.int32))
+            tf_l.append(tf)
+            norm_l.append(norm[docs])
         if not rows_l:
             return None
-        rows = np.concatenate(rows_l)
+        rows = rows_l[0] if len(rows_l) == 1 else np.concatenate(rows_l)
         df = len(rows)
         if df == 0:
             return None
         # Lucene BM25 as bm25s computes it: idf in float32, the term-frequency part in float64.
         idf = np.float32(np.log(1 + (self.n - df + 0.5) / (df + 0.5)))
-        tf = np.concatenate(tf_l)
-        dl = np.concatenate(dl_l).astype(np.float64)
-        tfc = tf / (self.k1 * ((1 - self.b) + self.b * dl / self.avgdl) + tf)
-        return rows, (idf * tfc).astype(np.float32)
+        tf = tf_l[0] if len(tf_l) == 1 else np.concatenate(tf_l)
+        norm = norm_l[0] if len(norm_l) == 1 else np.concatenate(norm_l)
+        return rows, (idf * (tf / (norm + tf))).astype(np.float32)
