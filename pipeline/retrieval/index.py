@@ -553,7 +553,7 @@ class IndexStore:
             idx = self.load(expect_model=model)
             counts = idx.update(rows, vectors) if len(rows) else {"added": 0, "replaced": 0}
             v = self.commit(idx)
-            return v, {**counts, "total": len(idx), "kind": idx.kind, "written": "all (format 1 converted)"}
+            return v, {**counts, "total": len(idx), "kind": idx.kind, "written": ["all (format 1 converted)"]}
         rows = rows.reset_index(drop=True)
         last = ~rows["case_id"].duplicated(keep="last").to_numpy()
         rows, vectors = rows[last].reset_index(drop=True), np.asarray(vectors, dtype=np.float32)[last]
