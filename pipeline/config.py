@@ -221,6 +221,22 @@ class ClusterConfig(_Section):
     # Cases without issue_type (older partitions) are classified in memory before clustering.
     classify_if_missing: bool = True
     map_max_points: int = Field(5_000, ge=100, description="cases drawn on the report's 2-D map")
+    # Incremental export: a night assigns only the cases that are not yet members to the stored
+    # clusters. A full re-cluster runs when there is no state, on `casemine clusters export
+    # --recluster`, every `recluster_every_days` days (0 = every export), or when more than
+    # `recluster_drift` of the night's new cases (at least `drift_min_cases` of them) are far from
+    # every centroid: outside the radius that holds all but `noise_quantile` of a cluster's members.
+    recluster_every_days: int = Field(7, ge=0)
+    recluster_drift: float = Field(0.3, gt=0, le=1)
+    drift_min_cases: int = Field(20, ge=1)
+    noise_quantile: float = Field(0.01, ge=0, lt=1)
+    # Where new cases meet the centroids: "pca" (the scope's stored PCA, nearest KMeans centre:
+    # what a re-cluster would do with them) or "full" (cosine to the centroid in embedding space).
+    assign_space: Literal["pca", "full"] = "pca"
+    # A re-cluster starts KMeans from the stored centroids and keeps their k unless another k's
+    # silhouette is higher by more than this: ids survive more nights.
+    seed_from_state: bool = True
+    keep_k_within: float = Field(0.0, ge=0, le=1)
     csv_encoding: str = "utf-8-sig"  # BOM: Excel opens the Chinese CSVs correctly
 
 

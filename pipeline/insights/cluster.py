@@ -54,11 +54,16 @@ class ClusterParams:
     min_cluster_size: int = 5
     min_scope_cases: int = 10
     seed: int = 0
+    # With stored centroids to start from, keep their k unless another k's silhouette is higher
+    # by more than this (see `kmeans_by_silhouette`).
+    keep_k_within: float = 0.0
 
     @classmethod
     def from_config(cls, cfg: Config) -> ClusterParams:
         c = cfg.cluster
-        return cls(c.pca_components, c.max_clusters, c.min_cluster_size, c.min_scope_cases)
+        return cls(
+            c.pca_components, c.max_clusters, c.min_cluster_size, c.min_scope_cases, keep_k_within=c.keep_k_within
+        )
 
 
 # -- selecting and preparing cases --------------------------------------------------------------
@@ -131,19 +136,39 @@ def is_term(token: str, stopwords: frozenset[str] = frozenset()) -> bool:
 # -- clustering ---------------------------------------------------------------------------------
 
 
-def reduce_vectors(X: np.ndarray, n_components: int, seed: int = 0) -> np.ndarray:
-    """PCA to a few dimensions, re-normalised so Euclidean distance tracks cosine. In 384
-    dimensions distances crowd together (silhouette picked 3 to 6 clusters and swung between
-    halves of the data); 10 components gave the steadier, higher NMI (bench/bench_clusters.py)."""
+@dataclass(frozen=True)
+class Projection:
+    """The PCA a scope was clustered in (mean and components), kept so later nights can put new
+    vectors in the same space without refitting. None components = the raw (normalised) vectors."""
+
+    mean: np.ndarray | None = None
+    components: np.ndarray | None = None
+
+    def apply(self, X: np.ndarray) -> np.ndarray:
+        """Rows projected and re-normalised, so Euclidean distance tracks cosine."""
+        X = np.asarray(X, dtype=np.float32)
+        Z = X if self.components is None else (X - self.mean) @ self.components.T
+        norms = np.linalg.norm(Z, axis=1, keepdims=True)
+        return (Z / np.where(norms == 0, 1, norms)).astype(np.float32)
+
+
+def fit_projection(X: np.ndarray, n_components: int, seed: int = 0) -> Projection:
+    """PCA to a few dimensions. In 384 dimensions distances crowd together (silhouette picked 3 to
+    6 clusters and swung between halves of the data); 10 components gave the steadier, higher NMI
+    (bench/bench_clusters.py)."""
     X = np.asarray(X, dtype=np.float32)
     k = min(n_components, X.shape[0] - 1, X.shape[1])
     if n_components <= 0 or k < 2:
-        return X
+        return Projection()
     from sklearn.decomposition import PCA
 
-    Z = PCA(n_components=k, random_state=seed).fit_transform(X)
-    norms = np.linalg.norm(Z, axis=1, keepdims=True)
-    return Z / np.where(norms == 0, 1, norms)
+    pca = PCA(n_components=k, random_state=seed).fit(X)
+    return Projection(pca.mean_.astype(np.float32), pca.components_.astype(np.float32))
+
+
+def reduce_vectors(X: np.ndarray, n_components: int, seed: int = 0) -> np.ndarray:
+    """PCA to a few dimensions, re-normalised (see `fit_projection`)."""
+    return fit_projection(X, n_components, seed).apply(X)
 
 
 # k is chosen on at most this many rows (silhouette is quadratic in rows); the final partition
@@ -152,19 +177,28 @@ _K_SELECT_ROWS = 5_000
 _N_INIT = 10  # KMeans restarts: fewer made the chosen k and the NMI wander by a few points
 
 
-def kmeans_by_silhouette(Z: np.ndarray, k_max: int, seed: int = 0) -> np.ndarray:
+def kmeans_by_silhouette(
+    Z: np.ndarray, k_max: int, seed: int = 0, init: np.ndarray | None = None, keep_k_within: float = 0.0
+) -> np.ndarray:
     """KMeans labels with k in 2..k_max chosen by the highest silhouette: the number of groups
-    comes from the geometry of the cases, never from a label count."""
+    comes from the geometry of the cases, never from a label count.
+
+    `init`: yesterday's centres in this space. The fit with k = len(init) then starts from them
+    (one run, not `_N_INIT` random ones), and that k is kept unless another k beats its
+    silhouette by more than `keep_k_within`: silhouette often moves k by one between two nights,
+    which renumbers every cluster it touches."""
     from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]  # no stubs; sklearn ships it
 
     # One thread: the search is dozens of small fits on 10-d vectors, where OpenMP's threads cost
     # more than they save, and on a busy shared host their spin-waits made the 499 JD cases take
     # 84 s instead of 1.6 s (10k cases: 162 s instead of 11 s).
     with threadpool_limits(limits=1, user_api="openmp"):
-        return _kmeans_by_silhouette(Z, k_max, seed)
+        return _kmeans_by_silhouette(Z, k_max, seed, init, keep_k_within)
 
 
-def _kmeans_by_silhouette(Z: np.ndarray, k_max: int, seed: int) -> np.ndarray:
+def _kmeans_by_silhouette(
+    Z: np.ndarray, k_max: int, seed: int, init: np.ndarray | None, keep_k_within: float
+) -> np.ndarray:
     from sklearn.cluster import KMeans
     from sklearn.metrics import silhouette_score
 
@@ -172,24 +206,43 @@ def _kmeans_by_silhouette(Z: np.ndarray, k_max: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(n, _K_SELECT_ROWS, replace=False)) if n > _K_SELECT_ROWS else np.arange(n)
     S = Z[sample]
-    best: tuple[float, int, np.ndarray] | None = None
+    seeded_k = len(init) if init is not None and 2 <= len(init) <= min(k_max, len(S) - 1) else None
+
+    def fit(k: int, rows: np.ndarray) -> np.ndarray:
+        if k == seeded_k:
+            return KMeans(k, init=init, n_init=1, random_state=seed).fit_predict(rows)
+        return KMeans(k, n_init=_N_INIT, random_state=seed).fit_predict(rows)
+
+    scores: dict[int, tuple[float, np.ndarray]] = {}
     for k in range(2, min(k_max, len(S) - 1) + 1):
-        lab = KMeans(k, n_init=_N_INIT, random_state=seed).fit_predict(S)
+        lab = fit(k, S)
         if len(set(lab.tolist())) < 2:
             continue
-        score = float(silhouette_score(S, lab))
-        if best is None or score > best[0]:
-            best = (score, k, lab)
-    if best is None:
+        scores[k] = (float(silhouette_score(S, lab)), lab)
+    if not scores:
         return np.zeros(n, dtype=int)
+    best_k = max(scores, key=lambda k: (scores[k][0], -k))
+    if seeded_k in scores and scores[seeded_k][0] >= scores[best_k][0] - keep_k_within:
+        best_k = seeded_k
     if len(sample) == n:
-        return best[2].astype(int)
-    return KMeans(best[1], n_init=_N_INIT, random_state=seed).fit_predict(Z).astype(int)
+        return scores[best_k][1].astype(int)
+    return fit(best_k, Z).astype(int)
 
 
-def cluster_vectors(X: np.ndarray, params: ClusterParams) -> np.ndarray:
+@dataclass
+class ClusterFit:
+    """One scope's clustering: labels per row, the space it was made in and each kept cluster's
+    KMeans centre there (what tomorrow's new cases are assigned to)."""
+
+    labels: np.ndarray
+    projection: Projection
+    centers: dict[int, np.ndarray]
+
+
+def fit_clusters(X: np.ndarray, params: ClusterParams, seeds: np.ndarray | None = None) -> ClusterFit:
     """Cluster labels 0..k-1 per row (largest cluster first), NOISE (-1) for cases whose group is
-    too small to be more than an anecdote.
+    too small to be more than an anecdote; `seeds` are stored centroids (full embedding space)
+    the KMeans search starts from (see `kmeans_by_silhouette`).
 
     Why KMeans with a silhouette-chosen k on PCA'd vectors (bench/bench_clusters.py, on both
     real labelled sets and on the halves of 3 seeded splits): PCA + HDBSCAN left 13% (complaints)
@@ -201,10 +254,12 @@ def cluster_vectors(X: np.ndarray, params: ClusterParams) -> np.ndarray:
     Fewer rows than `min_scope_cases` are all noise: a "cluster" of three calls is an anecdote."""
     n = len(X)
     if n < max(params.min_scope_cases, params.min_cluster_size, 3):
-        return np.full(n, NOISE, dtype=int)
-    Z = reduce_vectors(X, params.pca_components, params.seed)
+        return ClusterFit(np.full(n, NOISE, dtype=int), Projection(), {})
+    proj = fit_projection(X, params.pca_components, params.seed)
+    Z = proj.apply(X)
     k_max = min(params.max_clusters, math.isqrt(n))
-    raw = kmeans_by_silhouette(Z, k_max, params.seed)
+    init = proj.apply(seeds) if seeds is not None and len(seeds) else None
+    raw = kmeans_by_silhouette(Z, k_max, params.seed, init, params.keep_k_within if init is not None else 0.0)
     sizes = np.bincount(raw)
     # Renumber by size (ties by first row), so label 0 is the biggest group and runs agree.
     first = {int(v): i for i, v in reversed(list(enumerate(raw.tolist())))}
@@ -213,7 +268,14 @@ def cluster_vectors(X: np.ndarray, params: ClusterParams) -> np.ndarray:
     )
     mapping = np.full(len(sizes), NOISE, dtype=int)
     mapping[order] = np.arange(len(order))
-    return mapping[raw]
+    labels = mapping[raw]
+    centers = {int(lab): Z[labels == lab].mean(axis=0).astype(np.float32) for lab in range(len(order))}
+    return ClusterFit(labels, proj, centers)
+
+
+def cluster_vectors(X: np.ndarray, params: ClusterParams, seeds: np.ndarray | None = None) -> np.ndarray:
+    """The labels of `fit_clusters`: what evaluation and the benches score."""
+    return fit_clusters(X, params, seeds).labels
 
 
 def centroid_of(X: np.ndarray) -> np.ndarray:
@@ -415,6 +477,7 @@ class ScopeResult:
     labels: np.ndarray
     centroids: dict[int, np.ndarray]
     row_index: np.ndarray | None = None  # positions of the scope's rows in the selected frame
+    fit: ClusterFit | None = None  # the space and centres new cases are assigned in until the next re-cluster
 
 
 def describe_scope(
@@ -477,9 +540,11 @@ def cluster_cases(
     cut: Cutter | None = None,
     stopwords: frozenset[str] = frozenset(),
     params: ClusterParams | None = None,
+    seeds: dict[str, np.ndarray] | None = None,
 ) -> list[ScopeResult]:
     """Cluster the selected cases within each issue type and across all of them. Returns one
-    ScopeResult per scope; `labels` are aligned with the scope's rows of `frame` (in order)."""
+    ScopeResult per scope; `labels` are aligned with the scope's rows of `frame` (in order).
+    `seeds`: per scope, the stored centroids its KMeans starts from (stable ids)."""
     params = params or ClusterParams.from_config(cfg)
     stopwords = stopwords | lexicon.label_stopwords | label_stopwords(cfg)
     tokens = case_tokens(frame, cut)
@@ -492,9 +557,10 @@ def cluster_cases(
             scopes.append((str(it), np.asarray(idx)))
     for scope, idx in scopes:
         sub = frame.iloc[idx].reset_index(drop=True)
-        labels = cluster_vectors(X[idx], params)
-        res = describe_scope(scope, sub, X[idx], labels, [tokens[i] for i in idx], lexicon, cfg, stopwords)
+        fit = fit_clusters(X[idx], params, (seeds or {}).get(scope))
+        res = describe_scope(scope, sub, X[idx], fit.labels, [tokens[i] for i in idx], lexicon, cfg, stopwords)
         res.row_index = idx
+        res.fit = fit
         results.append(res)
     return results
 

@@ -1,0 +1,241 @@
+"""Incremental export: new cases meet yesterday's clusters, counts are redone without vectors.
+
+Why: re-embedding and re-clustering all history every night costs time that grows faster than
+the history; a night's new cases are a few percent of it. Between full re-clusters the clusters'
+space (each scope's PCA), centres and ids stay fixed, a new case goes to the cluster a re-cluster
+would most likely give it (nearest KMeans centre in the stored PCA space), and a case outside
+every cluster's radius is noise. The share of such cases among the night's new ones is the drift
+that asks for a re-cluster. Pure: frames and arrays in, frames out (I/O in
+`pipeline.insights.membership` and `pipeline.insights.export`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.insights.cluster import (
+    ALL_SCOPE,
+    NOISE,
+    OUTCOME_KEYS,
+    ClusterState,
+    Projection,
+    ScopeResult,
+    _as_list,
+    _history,
+    _mean,
+    _with_entry,
+    format_shares,
+    share_dict,
+)
+
+MEMBER_COLUMNS = ["case_id", "run_id", "scope", "cluster_id", "is_noise", "similarity", "x", "y"]
+MODEL_COLUMNS = ("center", "radius_pca", "radius_full", "model_day")
+MAP_SCOPE = "__map__"  # the report map's 2-D PCA, stored beside the scopes' projections
+
+
+@dataclass
+class ScopeModel:
+    """One scope's assignable clusters: ids, centres in the scope's PCA space, centroids in the
+    embedding space, and the radius in each that holds all but `noise_quantile` of the members."""
+
+    projection: Projection
+    cluster_ids: list[str]
+    centers: np.ndarray  # (k, d) in the projected space
+    centroids: np.ndarray  # (k, dim) normalised, embedding space
+    radius_pca: np.ndarray  # largest distance to the centre still a member
+    radius_full: np.ndarray  # smallest cosine to the centroid still a member
+
+
+def fit_models(
+    results: list[ScopeResult], clusters: pd.DataFrame, X: np.ndarray, noise_quantile: float
+) -> tuple[dict[str, Projection], pd.DataFrame]:
+    """Per scope its projection, and per cluster id its centre and radii (MODEL_COLUMNS without
+    model_day), from a full re-cluster's results and today's id table."""
+    ids = (
+        {(r["scope"], int(r["local_label"])): r["cluster_id"] for r in clusters.to_dict("records")}
+        if len(clusters)
+        else {}
+    )
+    projections: dict[str, Projection] = {}
+    rows: list[dict[str, Any]] = []
+    for res in results:
+        if res.fit is None:
+            continue
+        idx = res.row_index if res.row_index is not None else np.arange(len(res.labels))
+        projections[res.scope] = res.fit.projection
+        if not res.fit.centers:
+            continue
+        Z = res.fit.projection.apply(X[idx])
+        for lab, center in res.fit.centers.items():
+            cid = ids.get((res.scope, lab))
+            if cid is None:
+                continue
+            mine = res.labels == lab
+            dist = np.linalg.norm(Z[mine] - center, axis=1)
+            sims = X[idx][mine] @ res.centroids[lab]
+            rows.append(
+                {
+                    "cluster_id": cid,
+                    "center": center.astype(float).tolist(),
+                    "radius_pca": float(np.quantile(dist, 1 - noise_quantile)),
+                    "radius_full": float(np.quantile(sims, noise_quantile)),
+                }
+            )
+    return projections, pd.DataFrame(rows, columns=["cluster_id", "center", "radius_pca", "radius_full"])
+
+
+def scope_models(state: ClusterState, projections: dict[str, Projection], model_day: str) -> dict[str, ScopeModel]:
+    """The assignable clusters of each scope: those fitted by the last full re-cluster."""
+    t = state.table
+    if t.empty or "model_day" not in t:
+        return {}
+    t = t[(t["model_day"] == model_day) & t["center"].map(lambda v: len(_as_list(v)) > 0)]
+    out = {}
+    for scope, g in t.groupby("scope", sort=True):
+        if scope not in projections:
+            continue
+        out[str(scope)] = ScopeModel(
+            projections[str(scope)],
+            g["cluster_id"].astype(str).tolist(),
+            np.stack([np.asarray(_as_list(v), dtype=np.float32) for v in g["center"]]),
+            np.stack([np.asarray(_as_list(v), dtype=np.float32) for v in g["centroid"]]),
+            g["radius_pca"].to_numpy(dtype=np.float64),
+            g["radius_full"].to_numpy(dtype=np.float64),
+        )
+    return out
+
+
+def assign_to(model: ScopeModel, X: np.ndarray, space: str) -> tuple[np.ndarray, np.ndarray]:
+    """Row -> cluster position in `model` (NOISE when outside every cluster's radius), and each
+    row's cosine to that cluster's centroid (embedding space, as the members table reports).
+
+    The nearest cluster whose radius holds the case wins: in "pca" space the nearest KMeans
+    centre (what a re-cluster would most likely do), in "full" the highest cosine."""
+    n = len(X)
+    if n == 0 or not len(model.cluster_ids):
+        return np.full(n, NOISE, dtype=int), np.full(n, np.nan)
+    if space == "pca":
+        Z = model.projection.apply(X)
+        d = np.linalg.norm(Z[:, None, :] - model.centers[None, :, :], axis=2)
+        inside = d <= model.radius_pca[None, :]
+        score = -d
+    else:
+        s = np.asarray(X, dtype=np.float32) @ model.centroids.T
+        inside = s >= model.radius_full[None, :]
+        score = s
+    score = np.where(inside, score, -np.inf)
+    pos = np.argmax(score, axis=1)
+    pos = np.where(inside.any(axis=1), pos, NOISE)
+    sims = np.array([float(X[i] @ model.centroids[p]) if p != NOISE else np.nan for i, p in enumerate(pos)])
+    return pos.astype(int), sims
+
+
+def assign_cases(
+    frame: pd.DataFrame,
+    X: np.ndarray,
+    models: dict[str, ScopeModel],
+    space: str,
+    scopes: list[str],
+    map_projection: Projection | None,
+) -> tuple[pd.DataFrame, float | None]:
+    """Membership rows (MEMBER_COLUMNS) of `frame`'s cases in `scopes` (ALL_SCOPE and/or
+    "issue_type" for each case's own type) and the drift: the share of them outside every
+    cluster's radius (in the cross-type scope when there is one)."""
+    parts, far = [], []
+    for scope in scopes:
+        if scope == ALL_SCOPE:
+            groups = [(ALL_SCOPE, np.arange(len(frame)))]
+        else:
+            groups = [(str(it), np.asarray(ix)) for it, ix in frame.groupby("issue_type", sort=True).indices.items()]
+        for name, idx in groups:
+            model = models.get(name)
+            if model is None:
+                pos, sims = np.full(len(idx), NOISE, dtype=int), np.full(len(idx), np.nan)
+            else:
+                pos, sims = assign_to(model, X[idx], space)
+            cid = [model.cluster_ids[p] if model is not None and p != NOISE else None for p in pos]
+            part = pd.DataFrame(
+                {
+                    "case_id": frame["case_id"].iloc[idx].astype(str).to_numpy(),
+                    "run_id": frame["run_id"].iloc[idx].astype(str).to_numpy() if "run_id" in frame else "",
+                    "scope": name,
+                    "cluster_id": cid,
+                    "is_noise": pos == NOISE,
+                    "similarity": [None if np.isnan(s) else round(float(s), 4) for s in sims],
+                    "x": np.nan,
+                    "y": np.nan,
+                }
+            )
+            mp = map_projection
+            if name == ALL_SCOPE and mp is not None and mp.components is not None and mp.mean is not None:
+                xy = (np.asarray(X[idx], dtype=np.float32) - mp.mean) @ mp.components.T
+                part["x"], part["y"] = np.round(xy[:, 0].astype(np.float64), 4), np.round(xy[:, 1], 4)
+            parts.append(part)
+            if scope == scopes[0]:
+                far.extend((pos == NOISE).tolist())
+    rows = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=MEMBER_COLUMNS)
+    return rows[MEMBER_COLUMNS], (round(float(np.mean(far)), 4) if far else None)
+
+
+# -- the clusters table from counts ---------------------------------------------------------------
+
+_COUNT_COLUMNS = ("size", "scope_size", "share_of_scope", "previous_size", "growth", "label_history")
+
+
+def recount_clusters(
+    described: pd.DataFrame, members: pd.DataFrame, state: ClusterState, day: str, top: int
+) -> tuple[pd.DataFrame, ClusterState]:
+    """Today's clusters table from the last re-cluster's descriptions (label, terms,
+    representatives, causes: they need vectors and tokens) and today's members (sizes, shares,
+    mix: counts). Clusters without a member today are left out; the state's size history and
+    last_seen take today's figures."""
+    if described.empty or members.empty:
+        return described.iloc[0:0].copy(), state
+    scope_sizes = members.groupby("scope").size()
+    clustered = members[members["cluster_id"].notna()]
+    groups = {(str(s), str(c)): g for (s, c), g in clustered.groupby(["scope", "cluster_id"], sort=False)}
+    hist = state.table.set_index("cluster_id") if len(state.table) else pd.DataFrame()
+    rows, seen = [], {}
+    for r in described.to_dict("records"):
+        g = groups.get((str(r["scope"]), str(r["cluster_id"])))
+        if g is None:
+            continue
+        sizes_h = _history(hist.loc[r["cluster_id"], "size_history"]) if r["cluster_id"] in hist.index else []
+        before = [e for e in sizes_h if e.get("date") != day]
+        prev = int(before[-1]["size"]) if before else None
+        scope_size = int(scope_sizes.get(r["scope"], len(g)))
+        outcome = share_dict(g["outcome"] if "outcome" in g else [])
+        r.update(
+            {
+                "size": int(len(g)),
+                "scope_size": scope_size,
+                "share_of_scope": round(len(g) / max(scope_size, 1), 4),
+                **{f"share_{k}": outcome.get(k, 0.0) for k in OUTCOME_KEYS},
+                "mean_emotion": _mean(g["emotion_score"]) if "emotion_score" in g else None,
+                "top_emotion": next(iter(share_dict(g["emotion"]).keys()), None) if "emotion" in g else None,
+                "channels": json.dumps(share_dict(g["channel"] if "channel" in g else []), ensure_ascii=False),
+                "issue_types": json.dumps(share_dict(g["issue_type"], top=3), ensure_ascii=False),
+                "top_regions": format_shares(share_dict(g["region"] if "region" in g else []), top),
+                "top_products": format_shares(share_dict(g["product"] if "product" in g else []), top),
+                "is_new": False,
+                "previous_size": prev,
+                "growth": (int(len(g)) - prev) if prev is not None else None,
+                "label_history": (
+                    hist.loc[r["cluster_id"], "label_history"] if r["cluster_id"] in hist.index else r["label_history"]
+                ),
+            }
+        )
+        rows.append(r)
+        seen[r["cluster_id"]] = json.dumps(_with_entry(sizes_h, day, "size", int(len(g)), dedupe=False))
+    clusters = pd.DataFrame(rows, columns=described.columns)
+    t = state.table.copy()
+    if len(t) and seen:
+        hit = t["cluster_id"].isin(list(seen))
+        t.loc[hit, "size_history"] = t.loc[hit, "cluster_id"].map(seen)
+        t.loc[hit, "last_seen"] = day
+    return clusters.reset_index(drop=True), ClusterState(t)

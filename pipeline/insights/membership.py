@@ -1,0 +1,128 @@
+"""The stored case -> cluster membership and the clustering model between exports.
+
+Layout under `<out>/state/clusters/`:
+- `members/part-<seq>.parquet`: membership rows (MEMBER_COLUMNS + seq). A night appends one part
+  with its new and re-processed cases only, so appending is cheap; a case's rows in the newest
+  part that holds it replace its older ones (re-processed cases are re-assigned, not doubled).
+  A full re-cluster writes one part with every case and moves `members_from` past the older
+  parts, which are then deleted.
+- `projections.parquet`: each scope's PCA (and the report map's), `described.parquet`: the last
+  re-cluster's cluster descriptions, `meta.json`: last full re-cluster day and `members_from`.
+`meta.json` is written last, so an export killed midway leaves the previous generation in force.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from pipeline.insights.cluster import Projection
+from pipeline.insights.incremental import MEMBER_COLUMNS
+from pipeline.io import atomic_write_parquet, atomic_write_text
+
+_PART = re.compile(r"part-(\d+)\.parquet$")
+COMPACT_PARTS = 60  # more parts than this and the membership is rewritten as one
+
+
+def state_dir(out: Path) -> Path:
+    return Path(out) / "state" / "clusters"
+
+
+def members_dir(out: Path) -> Path:
+    return state_dir(out) / "members"
+
+
+def load_meta(out: Path) -> dict[str, Any]:
+    p = state_dir(out) / "meta.json"
+    try:
+        return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def save_meta(out: Path, meta: dict[str, Any]) -> None:
+    atomic_write_text(state_dir(out) / "meta.json", json.dumps(meta, ensure_ascii=False, indent=2) + "\n")
+
+
+def _parts(out: Path) -> list[tuple[int, Path]]:
+    d = members_dir(out)
+    found = (
+        [(int(m.group(1)), p) for p in d.glob("part-*.parquet") if (m := _PART.search(p.name))] if d.is_dir() else []
+    )
+    return sorted(found)
+
+
+def load_members(out: Path, meta: dict[str, Any]) -> tuple[pd.DataFrame, int]:
+    """The current membership (one set of rows per case: its newest part's) and the number of
+    parts it was read from."""
+    start = int(meta.get("members_from", 0))
+    parts = [(s, p) for s, p in _parts(out) if s >= start]
+    if not parts:
+        return pd.DataFrame(columns=[*MEMBER_COLUMNS, "seq"]), 0
+    df = pd.concat([pd.read_parquet(p).assign(seq=s) for s, p in parts], ignore_index=True)
+    newest = df.groupby("case_id")["seq"].transform("max")
+    return df[df["seq"] == newest].reset_index(drop=True), len(parts)
+
+
+def append_members(out: Path, rows: pd.DataFrame) -> int:
+    """Write `rows` as the next part; returns its sequence number."""
+    seq = max((s for s, _ in _parts(out)), default=0) + 1
+    t = rows[MEMBER_COLUMNS].reset_index(drop=True).copy()
+    for c in ("case_id", "run_id", "scope", "cluster_id"):
+        t[c] = t[c].astype(object).where(t[c].notna(), None)
+    for c in ("similarity", "x", "y"):
+        t[c] = pd.to_numeric(t[c], errors="coerce").astype(np.float64)
+    t["is_noise"] = t["is_noise"].astype(bool)
+    atomic_write_parquet(members_dir(out) / f"part-{seq:06d}.parquet", pa.Table.from_pandas(t, preserve_index=False))
+    return seq
+
+
+def drop_parts_before(out: Path, seq: int) -> None:
+    for s, p in _parts(out):
+        if s < seq:
+            p.unlink(missing_ok=True)
+
+
+def save_projections(out: Path, projections: dict[str, Projection]) -> None:
+    rows = [
+        {
+            "scope": scope,
+            "mean": None if p.mean is None else p.mean.astype(float).tolist(),
+            "components": None if p.components is None else p.components.astype(float).ravel().tolist(),
+            "n_components": 0 if p.components is None else int(p.components.shape[0]),
+        }
+        for scope, p in projections.items()
+    ]
+    df = pd.DataFrame(rows, columns=["scope", "mean", "components", "n_components"])
+    atomic_write_parquet(state_dir(out) / "projections.parquet", pa.Table.from_pandas(df, preserve_index=False))
+
+
+def load_projections(out: Path) -> dict[str, Projection]:
+    p = state_dir(out) / "projections.parquet"
+    if not p.is_file():
+        return {}
+    out_: dict[str, Projection] = {}
+    for r in pd.read_parquet(p).to_dict("records"):
+        k = int(r["n_components"])
+        if k == 0:
+            out_[str(r["scope"])] = Projection()
+            continue
+        mean = np.asarray(r["mean"], dtype=np.float32)
+        out_[str(r["scope"])] = Projection(mean, np.asarray(r["components"], dtype=np.float32).reshape(k, len(mean)))
+    return out_
+
+
+def save_described(out: Path, clusters: pd.DataFrame) -> None:
+    t = clusters.reset_index(drop=True).copy()
+    atomic_write_parquet(state_dir(out) / "described.parquet", pa.Table.from_pandas(t, preserve_index=False))
+
+
+def load_described(out: Path) -> pd.DataFrame:
+    p = state_dir(out) / "described.parquet"
+    return pd.read_parquet(p) if p.is_file() else pd.DataFrame()
