@@ -29,8 +29,12 @@ def export_cmd(
     since: str | None = typer.Option(None, "--since", help="Only cases dated on or after YYYY-MM-DD."),
     config: Path | None = ConfigOption,
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    recluster: bool = typer.Option(
+        False, "--recluster", help="Re-cluster all cases now instead of assigning only the new ones."
+    ),
 ) -> None:
-    """Cluster the stored cases; write clusters, members, trends, alerts, matrix, KPIs (Parquet + CSV)
+    """Cluster the stored cases (new ones assigned to the stored clusters; all re-clustered on
+    schedule, on drift or with --recluster); write clusters, members, trends, alerts, matrix, KPIs (Parquet + CSV)
     and report.html under <out>/exports/<today>/, and point exports/LATEST at it."""
     cfg = get_config(config)
     root = Path(out) if out else cfg.resolve(cfg.paths.out)
@@ -39,7 +43,7 @@ def export_cmd(
         fail(f"no case table under {root}/processed/cases; run `casemine run --out {root}` first")
     from pipeline.insights.export import export_all
 
-    summary = export_all(cfg, root, start)
+    summary = export_all(cfg, root, start, recluster=recluster)
     if summary["n_cases"] == 0:
         fail(f"no cases{' since ' + since if since else ''} under {root}; nothing to export")
     if json_out:
@@ -48,6 +52,11 @@ def export_cmd(
     console.print(
         f"exported {summary['n_cases']} cases, {summary['n_clusters']} clusters "
         f"({summary['n_new_clusters']} new), {summary['alerts']} alerts -> {summary['export_dir']}"
+    )
+    drift = summary.get("drift")
+    console.print(
+        f"mode: {summary['mode']} ({summary['mode_reason']}), {summary['n_new_cases']} new cases"
+        + (f", drift {drift:.1%}" if drift is not None else "")
     )
     console.print(f"report: {summary['report']}")
 

@@ -498,7 +498,7 @@ def save_state(out: Path, state: ClusterState) -> Path:
     for col in ("centroid", "center"):
         if col in t:
             t[col] = t[col].map(lambda v: [float(x) for x in v] if len(_as_list(v)) else None)
-    for col in ("radius_pca", "radius_full"):
+    for col in ("radius_full",):
         if col in t:
             t[col] = pd.to_numeric(t[col], errors="coerce").astype(np.float64)
     if "model_day" in t:

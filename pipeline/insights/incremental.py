@@ -34,21 +34,20 @@ from pipeline.insights.cluster import (
 )
 
 MEMBER_COLUMNS = ["case_id", "run_id", "scope", "cluster_id", "is_noise", "similarity", "x", "y"]
-MODEL_COLUMNS = ("center", "radius_pca", "radius_full", "model_day")
+MODEL_COLUMNS = ("center", "radius_full", "model_day")
 MAP_SCOPE = "__map__"  # the report map's 2-D PCA, stored beside the scopes' projections
 
 
 @dataclass
 class ScopeModel:
     """One scope's assignable clusters: ids, centres in the scope's PCA space, centroids in the
-    embedding space, and the radius in each that holds all but `noise_quantile` of the members."""
+    embedding space, and the cosine radius that holds all but `noise_quantile` of the members."""
 
     projection: Projection
     cluster_ids: list[str]
     centers: np.ndarray  # (k, d) in the projected space
     centroids: np.ndarray  # (k, dim) normalised, embedding space
-    radius_pca: np.ndarray  # largest distance to the centre still a member
-    radius_full: np.ndarray  # smallest cosine to the centroid still a member
+    radius_full: np.ndarray  # smallest cosine to the centroid still a member (all but noise_quantile)
 
 
 def fit_models(
@@ -70,23 +69,20 @@ def fit_models(
         projections[res.scope] = res.fit.projection
         if not res.fit.centers:
             continue
-        Z = res.fit.projection.apply(X[idx])
         for lab, center in res.fit.centers.items():
             cid = ids.get((res.scope, lab))
             if cid is None:
                 continue
             mine = res.labels == lab
-            dist = np.linalg.norm(Z[mine] - center, axis=1)
             sims = X[idx][mine] @ res.centroids[lab]
             rows.append(
                 {
                     "cluster_id": cid,
                     "center": center.astype(float).tolist(),
-                    "radius_pca": float(np.quantile(dist, 1 - noise_quantile)),
                     "radius_full": float(np.quantile(sims, noise_quantile)),
                 }
             )
-    return projections, pd.DataFrame(rows, columns=["cluster_id", "center", "radius_pca", "radius_full"])
+    return projections, pd.DataFrame(rows, columns=["cluster_id", "center", "radius_full"])
 
 
 def scope_models(state: ClusterState, projections: dict[str, Projection], model_day: str) -> dict[str, ScopeModel]:
@@ -104,35 +100,33 @@ def scope_models(state: ClusterState, projections: dict[str, Projection], model_
             g["cluster_id"].astype(str).tolist(),
             np.stack([np.asarray(_as_list(v), dtype=np.float32) for v in g["center"]]),
             np.stack([np.asarray(_as_list(v), dtype=np.float32) for v in g["centroid"]]),
-            g["radius_pca"].to_numpy(dtype=np.float64),
             g["radius_full"].to_numpy(dtype=np.float64),
         )
     return out
 
 
 def assign_to(model: ScopeModel, X: np.ndarray, space: str) -> tuple[np.ndarray, np.ndarray]:
-    """Row -> cluster position in `model` (NOISE when outside every cluster's radius), and each
-    row's cosine to that cluster's centroid (embedding space, as the members table reports).
+    """Row -> cluster position in `model` (NOISE when far from every centroid), and each row's
+    cosine to that cluster's centroid (embedding space, as the members table reports).
 
-    The nearest cluster whose radius holds the case wins: in "pca" space the nearest KMeans
-    centre (what a re-cluster would most likely do), in "full" the highest cosine."""
+    The cluster: in "pca" space the nearest KMeans centre in the scope's stored PCA (what a
+    re-cluster would most likely do), in "full" the highest cosine. Far is judged in the
+    embedding space in both: a new kind of problem can be orthogonal to the stored PCA's few
+    components and land anywhere once projected, but not close to a centroid in 384 dimensions."""
     n = len(X)
     if n == 0 or not len(model.cluster_ids):
         return np.full(n, NOISE, dtype=int), np.full(n, np.nan)
+    s = np.asarray(X, dtype=np.float32) @ model.centroids.T
+    far = ~(s >= model.radius_full[None, :]).any(axis=1)
     if space == "pca":
         Z = model.projection.apply(X)
-        d = np.linalg.norm(Z[:, None, :] - model.centers[None, :, :], axis=2)
-        inside = d <= model.radius_pca[None, :]
-        score = -d
+        d = ((Z[:, None, :] - model.centers[None, :, :]) ** 2).sum(axis=2)
+        pos = np.argmin(d, axis=1)
     else:
-        s = np.asarray(X, dtype=np.float32) @ model.centroids.T
-        inside = s >= model.radius_full[None, :]
-        score = s
-    score = np.where(inside, score, -np.inf)
-    pos = np.argmax(score, axis=1)
-    pos = np.where(inside.any(axis=1), pos, NOISE)
-    sims = np.array([float(X[i] @ model.centroids[p]) if p != NOISE else np.nan for i, p in enumerate(pos)])
-    return pos.astype(int), sims
+        pos = np.argmax(s, axis=1)
+    sims = s[np.arange(n), pos].astype(np.float64)
+    pos = np.where(far, NOISE, pos)
+    return pos.astype(int), np.where(far, np.nan, sims)
 
 
 def assign_cases(

@@ -1,0 +1,231 @@
+"""The incremental export (pipeline.insights.incremental/membership/export): new cases go to the
+stored clusters, membership is kept per case, a full re-cluster runs on schedule, on drift or on
+request, and re-runs, re-processed and repaired cases leave exactly one membership per case.
+
+Cases are written straight into the store (no pipeline run) with texts of a few distinct
+problems, and embedded with the hashing fake the other export tests use."""
+
+from __future__ import annotations
+
+import random
+from datetime import date, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from pipeline.embed.fake import HashingEmbedder
+from pipeline.insights.cluster import ALL_SCOPE, ClusterParams, fit_clusters
+from pipeline.insights.export import export_all, latest_export
+from pipeline.insights.membership import load_members, load_meta
+from pipeline.storage.store import stored_parts, write_cases
+
+TOPICS = {
+    "物流": ("快递三天了还没收到包裹物流信息一直不更新", ["配送站", "快递员", "派送", "物流单号", "签收"]),
+    "发票": ("发票抬头开错了需要重新开具增值税发票", ["公司抬头", "税号", "电子发票", "开票", "纸质发票"]),
+    "退款": ("申请退款好几天了钱一直没有退回到账", ["退款进度", "原路退回", "银行卡", "余额", "审核"]),
+    "蓝牙": ("蓝牙耳机和手机配对连接不上声音断断续续", ["配对", "固件", "重启", "左耳", "充电仓"]),
+}
+NEW_TOPIC = ("会员积分兑换优惠券失败积分被清零了", ["积分商城", "兑换码", "会员等级", "过期", "优惠券"])
+DAY0 = date(2025, 11, 3)
+
+
+def _text(rng: random.Random, topic: tuple[str, list[str]]) -> str:
+    base, extra = topic
+    return base + "，" + "、".join(rng.sample(extra, 2))
+
+
+def _cases(n_per: dict[str, int], start: int, run_id: str, seed: int, topics=None) -> pd.DataFrame:
+    rng = random.Random(seed)
+    rows = []
+    i = start
+    topics = topics or TOPICS
+    for name, n in n_per.items():
+        for _ in range(n):
+            rows.append(
+                {
+                    "case_id": f"c{i:05d}",
+                    "conversation_id": f"v{i:05d}",
+                    "channel": "chat",
+                    "date": (DAY0 - timedelta(days=i % 14)).isoformat(),
+                    "date_source": "started_at",
+                    "problem": _text(rng, topics[name]),
+                    "outcome": rng.choice(["resolved", "unresolved"]),
+                    "issue_type": "售后" if name in ("退款", "蓝牙") else "物流与票据",
+                    "region": rng.choice(["华东", "华北"]),
+                    "emotion": "平静",
+                    "emotion_score": 0.0,
+                    "run_id": run_id,
+                }
+            )
+            i += 1
+    return pd.DataFrame(rows)
+
+
+def _store(out: Path, df: pd.DataFrame, run_id: str) -> None:
+    write_cases(out, df.drop(columns=["run_id"]).assign(run_id=run_id), run_id, 0)
+
+
+def _cfg(cfg, **cluster):
+    return cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update=cluster)})
+
+
+def _export(cfg, out: Path, day: date, **kw):
+    return export_all(cfg, out, embedder=HashingEmbedder(), today=day, **kw)
+
+
+def _members(summary) -> pd.DataFrame:
+    return pd.read_parquet(Path(summary["export_dir"]) / "members.parquet")
+
+
+def _all_scope_ids(m: pd.DataFrame) -> dict[str, str | None]:
+    a = m[m["scope"] == ALL_SCOPE]
+    return dict(zip(a["case_id"], a["cluster_id"]))
+
+
+@pytest.fixture()
+def history(tmp_path, cfg):
+    """120 cases of four problems, exported once (a full re-cluster: no state yet)."""
+    out = tmp_path / "out"
+    _store(out, _cases({k: 30 for k in TOPICS}, 0, "20251103T000000-aaaa", seed=1), "20251103T000000-aaaa")
+    first = _export(cfg, out, DAY0)
+    return out, first
+
+
+def test_first_export_is_full_and_stores_membership(history):
+    out, first = history
+    assert first["mode"] == "full" and first["mode_reason"] == "no_state" and first["drift"] is None
+    members, _ = load_members(out, load_meta(out))
+    assert len(members[members["scope"] == ALL_SCOPE]) == 120
+    assert load_meta(out)["last_full"] == DAY0.isoformat()
+
+
+def test_incremental_after_full_on_same_cases_gives_same_members(history, cfg):
+    out, first = history
+    again = _export(cfg, out, DAY0 + timedelta(days=1))
+    assert again["mode"] == "incremental" and again["n_new_cases"] == 0
+    cols = ["scope", "case_id", "cluster_id", "is_noise"]
+    a = _members(first)[cols].sort_values(cols[:2]).reset_index(drop=True)
+    b = _members(again)[cols].sort_values(cols[:2]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b)
+    c1 = pd.read_parquet(Path(first["export_dir"]) / "clusters.parquet")
+    c2 = pd.read_parquet(Path(again["export_dir"]) / "clusters.parquet")
+    assert list(c1["cluster_id"]) == list(c2["cluster_id"]) and list(c1["size"]) == list(c2["size"])
+    assert list(c1["label"]) == list(c2["label"]) and not c2["is_new"].any()
+
+
+def test_new_cases_join_their_problems_cluster_and_only_they_are_embedded(history, cfg):
+    out, first = history
+    before = _all_scope_ids(_members(first))
+    topic_of = {f"c{i:05d}": list(TOPICS)[i // 30] for i in range(120)}
+    usual = {t: pd.Series([before[c] for c in before if topic_of[c] == t]).mode()[0] for t in TOPICS}
+    _store(out, _cases({k: 5 for k in TOPICS}, 1000, "20251104T000000-bbbb", seed=2), "20251104T000000-bbbb")
+    emb = HashingEmbedder()
+    night = export_all(cfg, out, embedder=emb, today=DAY0 + timedelta(days=1))
+    assert night["mode"] == "incremental" and night["n_new_cases"] == 20
+    assert sum(emb.calls) == 20  # history is not embedded again
+    assert night["drift"] is not None and night["drift"] <= cfg.cluster.recluster_drift
+    after = _all_scope_ids(_members(night))
+    new = {c: after[c] for c in after if c.startswith("c01")}
+    expected = {f"c{1000 + i:05d}": usual[list(TOPICS)[i // 5]] for i in range(20)}
+    agree = np.mean([new[c] == expected[c] for c in expected])
+    assert agree >= 0.9, (new, expected)
+    assert all(after[c] == before[c] for c in before)  # yesterday's members keep their cluster
+    clusters = pd.read_parquet(Path(night["export_dir"]) / "clusters.parquet")
+    sizes = _members(night).dropna(subset=["cluster_id"]).groupby("cluster_id").size()
+    assert (sizes.reindex(clusters["cluster_id"]).to_numpy() == clusters["size"].to_numpy()).all()
+
+
+def test_rerun_of_the_same_night_adds_nothing(history, cfg):
+    out, _ = history
+    _store(out, _cases({"物流": 6}, 2000, "20251104T000000-cccc", seed=3), "20251104T000000-cccc")
+    day = DAY0 + timedelta(days=1)
+    one = _export(cfg, out, day)
+    parts = sorted((out / "state" / "clusters" / "members").glob("part-*.parquet"))
+    two = _export(cfg, out, day)
+    assert one["n_new_cases"] == 6 and two["n_new_cases"] == 0 and two["mode"] == "incremental"
+    assert sorted((out / "state" / "clusters" / "members").glob("part-*.parquet")) == parts
+    m = _members(two)
+    assert not m.duplicated(["case_id", "scope"]).any() and len(m[m["scope"] == ALL_SCOPE]) == 126
+    pd.testing.assert_frame_equal(_members(one), m)
+
+
+def test_reprocessed_case_is_reassigned_not_duplicated(history, cfg):
+    out, first = history
+    moved = _cases({"蓝牙": 1}, 0, "20251105T000000-dddd", seed=4)  # c00000 was a 物流 case
+    _store(out, moved, "20251105T000000-dddd")
+    night = _export(cfg, out, DAY0 + timedelta(days=1))
+    assert night["n_new_cases"] == 1
+    m = _members(night)
+    rows = m[m["case_id"] == "c00000"]
+    assert sorted(rows["scope"]) == sorted([ALL_SCOPE, "售后"])  # its new issue type's scope, once each
+    blue = _all_scope_ids(_members(first))["c00100"]  # a 蓝牙 case of the history
+    assert rows.loc[rows["scope"] == ALL_SCOPE, "cluster_id"].item() == blue
+    assert not m.duplicated(["case_id", "scope"]).any()
+
+
+def test_cases_removed_by_repair_leave_the_membership(history, cfg):
+    out, _ = history
+    part = stored_parts(out)[0]
+    gone = set(pd.read_parquet(part, columns=["case_id"])["case_id"])
+    part.unlink()  # what `casemine repair` does to a part it cannot trust
+    night = _export(cfg, out, DAY0 + timedelta(days=1))
+    assert night["n_members_dropped"] > 0
+    assert not gone & set(_members(night)["case_id"])
+    members, _ = load_members(out, load_meta(out))
+    assert not gone & set(members["case_id"])
+
+
+def test_drift_triggers_a_full_recluster(history, cfg):
+    out, _ = history
+    newcomers = _cases({"积分": 30}, 3000, "20251104T000000-eeee", seed=5, topics={"积分": NEW_TOPIC})
+    _store(out, newcomers, "20251104T000000-eeee")
+    night = _export(cfg, out, DAY0 + timedelta(days=1))
+    assert night["mode"] == "full" and night["mode_reason"] == "drift" and night["drift"] > 0.3
+    assert night["n_new_clusters"] >= 1  # the new problem is a cluster of its own now
+    assert load_meta(out)["last_full"] == (DAY0 + timedelta(days=1)).isoformat()
+
+
+def test_schedule_and_request_trigger_a_full_recluster(history, cfg):
+    out, first = history
+    assert _export(cfg, out, DAY0 + timedelta(days=6))["mode"] == "incremental"
+    weekly = _export(cfg, out, DAY0 + timedelta(days=7))
+    assert weekly["mode"] == "full" and weekly["mode_reason"] == "schedule"
+    # The re-cluster starts from the stored centroids: same cases, same ids.
+    assert _all_scope_ids(_members(weekly)) == _all_scope_ids(_members(first))
+    asked = _export(cfg, out, DAY0 + timedelta(days=8), recluster=True)
+    assert asked["mode"] == "full" and asked["mode_reason"] == "requested"
+    daily = _export(_cfg(cfg, recluster_every_days=0), out, DAY0 + timedelta(days=9))
+    assert daily["mode"] == "full" and daily["mode_reason"] == "schedule"
+
+
+def test_clusters_export_cli_recluster_flag(history, cfg, monkeypatch):
+    from typer.testing import CliRunner
+
+    import pipeline.embed
+    from pipeline.cli import _register, app
+
+    monkeypatch.setattr(pipeline.embed, "Embedder", lambda cfg, **kw: HashingEmbedder())
+    _register()
+    out, _ = history
+    res = CliRunner().invoke(app, ["clusters", "export", "--out", str(out), "--recluster"])
+    assert res.exit_code == 0, res.output
+    assert "mode: full (requested)" in res.output
+    assert latest_export(out) is not None
+
+
+def test_seeded_kmeans_keeps_the_stored_partition():
+    rng = np.random.default_rng(0)
+    centers = np.eye(16)[:4]
+    X = np.concatenate([c + rng.normal(0, 0.25, (40, 16)) for c in centers]).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    params = ClusterParams(pca_components=5, min_cluster_size=5)
+    first = fit_clusters(X, params)
+    seeds = np.stack([X[first.labels == k].mean(axis=0) for k in sorted(first.centers)])
+    more = np.concatenate([X, X[:20] + rng.normal(0, 0.01, (20, 16)).astype(np.float32)])
+    again = fit_clusters(more, params, seeds=seeds)
+    assert len(again.centers) == len(first.centers)
+    # Labels are renumbered by size (ids come from centroid matching): compare the partitions.
+    assert adjusted_rand_score(first.labels, again.labels[: len(X)]) == 1.0
