@@ -13,6 +13,7 @@ QUICK = [
     ["bench.bench_embed_index", "--sizes", "10000"],
     ["bench.bench_index_update", "--history", "10000", "--adds", "100,1000"],
     ["bench.bench_clusters"],
+    ["bench.bench_export", "--history", "10000", "--increments", "1000,10000"],
     ["bench.bench_query"],
 ]
 SCALE = [
@@ -20,6 +21,7 @@ SCALE = [
     ["bench.bench_embed_index", "--sizes", "100000"],
     ["bench.bench_index_update", "--history", "100000", "--adds", "1000,10000"],
     ["bench.bench_query", "--sizes", "100000,1000000"],
+    ["bench.bench_export", "--history", "100000", "--increments", "1000,10000"],
 ]
 
 if __name__ == "__main__":

@@ -102,3 +102,12 @@ def eval_clusters_cmd(
             f"{h['halves']} halves (seeded splits, each clustered alone): NMI {h['nmi_mean']:.3f} "
             f"± {h['nmi_std']:.3f} (worst {h['nmi_min']:.3f})  ARI {h['ari_mean']:.3f} ± {h['ari_std']:.3f}"
         )
+    st = res.get("stability")
+    if st:
+        u, s = st["unseeded"], st["seeded"]
+        console.print(
+            f"id stability with {u['grow']:.0%} more cases ({u['splits']} seeded splits): "
+            f"re-cluster {u['stability']:.3f} (worst {u['stability_min']:.3f}), started from the stored "
+            f"centroids {s['stability']:.3f} (worst {s['stability_min']:.3f}); new cases assigned "
+            f"incrementally agree with the re-cluster: PCA space {s['agree_pca']:.3f}, cosine {s['agree_full']:.3f}"
+        )

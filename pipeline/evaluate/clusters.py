@@ -21,7 +21,16 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from pipeline.config import Config
 from pipeline.evaluate.cases import LabelFileError, load_labels, mine_cases
-from pipeline.insights.cluster import NOISE, ClusterParams, cluster_vectors, select_cases
+from pipeline.insights.cluster import (
+    NOISE,
+    ClusterParams,
+    centroid_of,
+    cluster_vectors,
+    fit_clusters,
+    match_centroids,
+    select_cases,
+)
+from pipeline.insights.incremental import ScopeModel, assign_to
 
 HALF_SEEDS = (0, 1, 2)
 
@@ -110,6 +119,76 @@ def half_metrics(
     }
 
 
+def _centroids(X: np.ndarray, labels: np.ndarray) -> tuple[list[int], np.ndarray]:
+    ks = sorted(set(labels.tolist()) - {NOISE})
+    return ks, (np.stack([centroid_of(X[labels == k]) for k in ks]) if ks else np.zeros((0, X.shape[1])))
+
+
+def _carried(X_old: np.ndarray, old: np.ndarray, X_new: np.ndarray, new: np.ndarray, threshold: float) -> np.ndarray:
+    """`new`'s labels renamed to the `old` label whose centroid they match (as stable ids do);
+    unmatched clusters get labels no old cluster has."""
+    ko, co = _centroids(X_old, old)
+    kn, cn = _centroids(X_new, new)
+    mapping = {kn[n]: ko[p] for p, n, _ in match_centroids(co, cn, threshold)}
+    fresh = iter(range(10_000, 20_000))
+    for k in kn:
+        mapping.setdefault(k, next(fresh))
+    mapping[NOISE] = NOISE
+    return np.array([mapping[int(v)] for v in new])
+
+
+def id_stability(
+    X: np.ndarray,
+    params: ClusterParams,
+    threshold: float,
+    grow: float = 0.11,
+    seeds: Sequence[int] = HALF_SEEDS,
+    seeded: bool = True,
+    noise_quantile: float = 0.01,
+) -> dict[str, Any]:
+    """What happens to cluster ids when `grow` more cases arrive, on seeded random splits:
+    cluster a base of n / (1 + grow) cases, then
+    - `stability`: re-cluster all n (KMeans started from the base's centroids when `seeded`) and
+      count the base cases whose stable id (centroid matching, as `assign_stable_ids`) is kept;
+    - `agree_pca` / `agree_full`: assign only the new cases to the base clusters (the
+      incremental export, in the stored PCA space or by cosine in the embedding space) and count
+      the new cases given the id the seeded re-cluster gives them (noise counts as one id).
+    Means over the splits."""
+    stab: list[float] = []
+    agree: dict[str, list[float]] = {"pca": [], "full": []}
+    for seed in seeds:
+        perm = np.random.default_rng(seed).permutation(len(X))
+        n_base = int(round(len(X) / (1 + grow)))
+        base, extra = perm[:n_base], perm[n_base:]
+        fit = fit_clusters(X[base], params)
+        ko, co = _centroids(X[base], fit.labels)
+        again = fit_clusters(X[np.concatenate([base, extra])], params, seeds=co if seeded and len(ko) else None)
+        carried = _carried(X[base], fit.labels, X[np.concatenate([base, extra])], again.labels, threshold)
+        stab.append(float(np.mean(carried[:n_base] == fit.labels)))
+        if not len(ko) or not len(extra):
+            continue
+        sims = [X[base][fit.labels == k] @ c for k, c in zip(ko, co)]
+        model = ScopeModel(
+            fit.projection,
+            [str(k) for k in ko],
+            np.stack([fit.centers[k] for k in ko]),
+            co.astype(np.float32),
+            np.array([float(np.quantile(s, noise_quantile)) for s in sims]),
+        )
+        for space in agree:
+            pos, _ = assign_to(model, X[extra], space)
+            got = np.array([ko[p] if p != NOISE else NOISE for p in pos])
+            agree[space].append(float(np.mean(got == carried[n_base:])))
+    return {
+        "grow": grow,
+        "splits": len(stab),
+        "seeded": seeded,
+        "stability": round(float(np.mean(stab)), 4),
+        "stability_min": round(float(np.min(stab)), 4),
+        **{f"agree_{k}": round(float(np.mean(v)), 4) if v else None for k, v in agree.items()},
+    }
+
+
 def evaluate_clusters(
     cfg: Config,
     labels_path: Path,
@@ -141,6 +220,12 @@ def evaluate_clusters(
         "rows": int(len(df)),
         "n_labels": int(df["label"].nunique()),
         "halves": half_metrics(X, y, lambda Z: cluster_vectors(Z, params)) if halves else None,
+        "stability": {
+            "unseeded": id_stability(X, params, cfg.cluster.match_threshold, seeded=False),
+            "seeded": id_stability(X, params, cfg.cluster.match_threshold, noise_quantile=cfg.cluster.noise_quantile),
+        }
+        if halves
+        else None,
         "params": params.__dict__,
         "data": str(labels_path),
         "transcripts": str(transcripts) if transcripts is not None else None,

@@ -56,7 +56,7 @@ class ClusterParams:
     seed: int = 0
     # With stored centroids to start from, keep their k unless another k's silhouette is higher
     # by more than this (see `kmeans_by_silhouette`).
-    keep_k_within: float = 0.0
+    keep_k_within: float = 0.01
 
     @classmethod
     def from_config(cls, cfg: Config) -> ClusterParams:

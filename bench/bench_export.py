@@ -1,0 +1,142 @@
+"""The nightly export on a stored history: incremental (new cases assigned to the stored clusters)
+against a full re-cluster of everything (the former nightly path, measured in the same run), and
+both against the embedding-only time of the same new cases.
+
+Cases: a pool of real-shaped cases mined from generated transcripts by the nightly steps
+(`casemine run`), replicated into a history of --history cases over eight weeks and nights of
++N new cases dated the day after. Each replica's problem gets two of forty customer phrases
+appended, so every text is distinct and each new case costs a real embedding (an identical text
+would come from the cache). The configured embedder is used throughout, with its on-disk cache:
+the history is embedded once before timing (as the nightly index step leaves it), the new cases
+once by the embedding-only measurement, so both export paths then read every vector from the
+cache and their times are the export's own work. A night's cost is that plus the embedding:
+incremental + embed vs full + embed.
+
+    python -m bench.bench_export [--history 10000] [--increments 1000,10000] [--pool 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from datetime import date, timedelta
+from pathlib import Path
+
+# Sklearn's small fits on one OpenMP thread, as the product's k search runs them.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pandas as pd  # noqa: E402
+
+from pipeline.config import load_config  # noqa: E402
+
+PHRASES = [
+    "麻烦尽快处理", "等了好久了", "已经联系过两次", "能不能加急", "页面显示异常", "客服一直没回复",
+    "订单号我发你了", "昨天就该到了", "要给老人用的", "买来送人的", "着急用", "第一次在这买",
+    "朋友推荐来的", "上次也是这样", "说好的今天", "换了地址", "没有短信通知", "电话打不通",
+    "App里看不到", "能退运费吗", "想换个颜色", "包装破了", "少了个配件", "说明书看不懂",
+    "价格比别家贵", "活动时候买的", "用券下的单", "发票要公司的", "周末在家", "工作日不在家",
+    "放快递柜了吗", "驿站说没有", "显示已签收", "不是本人签的", "商家不理人", "评价写不了",
+    "想取消订单", "要补差价吗", "保修怎么算", "给个说法",
+]
+DAY = date(2025, 11, 30)
+
+
+def mined_pool(tmp: Path, n: int) -> pd.DataFrame:
+    """Cases mined from `n` generated transcripts by the nightly steps (no export timing here)."""
+    import subprocess
+
+    from pipeline.sample.generate import generate
+    from pipeline.storage.store import read_cases
+
+    generate(tmp / "pool-in", n=n, seed=11, malformed=False)
+    args = [sys.executable, "-m", "pipeline.cli.__main__", "run", "--input", str(tmp / "pool-in"),
+            "--out", str(tmp / "pool-out"), "--no-prefect", "--json"]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"pool run failed:\n{proc.stderr[-2000:]}")
+    df = read_cases(tmp / "pool-out")
+    return df[df["problem"].fillna("").str.len() >= 4].reset_index(drop=True)
+
+
+def replicate(pool: pd.DataFrame, n: int, start: int, run_id: str, days: list[str], seed: int) -> pd.DataFrame:
+    """`n` cases drawn from the pool with fresh ids, dates from `days` and distinct texts."""
+    rng = random.Random(seed)
+    rows = pool.sample(n=n, replace=True, random_state=seed).reset_index(drop=True).copy()
+    rows["case_id"] = [f"B{start + i:08d}" for i in range(n)]
+    rows["conversation_id"] = [f"BC{start + i:08d}" for i in range(n)]
+    rows["problem"] = [f"{p}，{'，'.join(rng.sample(PHRASES, 2))}" for p in rows["problem"]]
+    rows["tokens"] = None  # re-cut from the new text by a re-cluster
+    rows["date"] = [days[i % len(days)] for i in range(n)]
+    rows["run_id"] = run_id
+    return rows
+
+
+def store(out: Path, df: pd.DataFrame, run_id: str) -> None:
+    from pipeline.storage.store import write_cases
+
+    write_cases(out, df, run_id, 0)
+
+
+def export(cfg, out: Path, embedder, day: date, recluster: bool = False) -> tuple[float, dict]:
+    from pipeline.insights.export import export_all
+
+    t = time.perf_counter()
+    s = export_all(cfg, out, embedder=embedder, today=day, recluster=recluster)
+    return time.perf_counter() - t, s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--history", type=int, default=10_000)
+    ap.add_argument("--increments", default="1000,10000")
+    ap.add_argument("--pool", type=int, default=600, help="generated transcripts mined for case shapes")
+    a = ap.parse_args()
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "casemine.yaml")
+    from pipeline.embed import Embedder
+
+    t_all = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        pool = mined_pool(tmp, a.pool)
+        hist_days = [(DAY - timedelta(days=d)).isoformat() for d in range(56)]
+        base = tmp / "base"
+        history = replicate(pool, a.history, 0, "20251130T000000-hist", hist_days, seed=1)
+        store(base, history, "20251130T000000-hist")
+        emb = Embedder(cfg, out_root=base)
+        t = time.perf_counter()
+        emb.encode_passages(history["problem"].tolist())
+        t_hist = time.perf_counter() - t
+        secs, s0 = export(cfg, base, emb, DAY)
+        print(f"history: {a.history:,} cases from a pool of {len(pool):,} mined cases; embedding it once "
+              f"{t_hist:.1f} s ({a.history / t_hist:.0f} texts/s, untimed below); first export (full) {secs:.1f} s, "
+              f"{s0['n_clusters']} clusters")
+        print(f"\n{'new cases':>10} {'embed only':>11} {'incremental':>12} {'full':>8} {'incr+embed':>11} "
+              f"{'full+embed':>11} {'(incr+embed)/embed':>19} {'full/incr':>10} {'drift':>6}")
+        for k, n in enumerate(int(x) for x in a.increments.split(",")):
+            out = tmp / f"night{n}"
+            shutil.copytree(base, out)
+            run_id = f"20251201T0{k}0000-new"
+            new = replicate(pool, n, 10_000_000 * (k + 1), run_id, [(DAY + timedelta(days=1)).isoformat()], seed=100 + k)
+            store(out, new, run_id)
+            e = Embedder(cfg, out_root=out)
+            e.encode_passages(["预热"])  # model load is not the new cases' cost
+            t = time.perf_counter()
+            e.encode_passages(new["problem"].tolist())
+            t_embed = time.perf_counter() - t
+            t_inc, si = export(cfg, out, e, DAY + timedelta(days=1))
+            assert si["mode"] == "incremental", si["mode_reason"]
+            t_full, sf = export(cfg, out, e, DAY + timedelta(days=1), recluster=True)
+            print(f"{n:>10,} {t_embed:>10.1f}s {t_inc:>11.1f}s {t_full:>7.1f}s {t_inc + t_embed:>10.1f}s "
+                  f"{t_full + t_embed:>10.1f}s {(t_inc + t_embed) / t_embed:>18.2f}x {t_full / t_inc:>9.1f}x "
+                  f"{si['drift']:>6.3f}")
+            print(f"{'':>10} incremental seconds {si['seconds']}; full {sf['seconds']}")
+    print(f"\nbench wall {time.perf_counter() - t_all:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
