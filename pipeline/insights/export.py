@@ -1,10 +1,16 @@
 """The nightly export: clusters, members, trends, alerts, matrix, KPIs and report.html.
 
-This is the I/O edge of the analysis steps: it reads the (already masked) case table, embeds,
-calls the pure functions of `pipeline.insights.cluster`, `pipeline.insights.trends`, `pipeline.insights.kpis` and
-`pipeline.insights.report`, and writes everything under `<out>/exports/<YYYY-MM-DD>/` in one atomic step
-(a temporary folder renamed into place), then points `exports/LATEST` at it. Cluster state
-(centroids, ids, label history) lives in `<out>/state/clusters/` so tomorrow's ids match today's.
+This is the I/O edge of the analysis steps. Two paths, both ending in the same tables:
+- incremental (most nights): only the cases that are not yet members are embedded and assigned
+  to the stored clusters (`pipeline.insights.incremental`); every table is counted from the
+  stored membership (`pipeline.insights.membership`) and the cases' columns, so a night's cost
+  follows its new cases, not the history;
+- full re-cluster (no state, `recluster_every_days`, drift, another embedder, `--recluster`):
+  embeds all selected cases (through the embedding cache) and calls the pure functions of
+  `pipeline.insights.cluster`, with KMeans started from the stored centroids so ids stay.
+Everything is written under `<out>/exports/<YYYY-MM-DD>/` in one atomic step (a temporary folder
+renamed into place), then `exports/LATEST` points at it. Cluster state (centroids, ids, label
+history, the projections and membership) lives in `<out>/state/clusters/`.
 
 The nightly flow calls `export_all(cfg, out, since)`; the CLI calls the same function.
 """
@@ -594,26 +600,26 @@ def export_all(
     reason = full_reason(cfg, meta, state, today_d, recluster, embedder_id)
     scopes = ([ALL_SCOPE] if c.cluster_across_all else []) + (["issue_type"] if c.cluster_within_issue_types else [])
     drift: float | None = None
-    n_new = 0
-    dropped = 0
     t_embed = 0.0
-    membership = pd.DataFrame()
     new_rows = pd.DataFrame()
     compact = False
+    # Which cases are not yet members (new, or re-processed: same id, newer run): counted on every
+    # night, embedded and assigned on an incremental one.
+    membership, n_parts = mb.load_members(out, meta)
+    key = frame["case_id"].astype(str) + "\x1f" + frame["run_id"].astype(str)
+    todo = ~key.isin(set(membership["case_id"].astype(str) + "\x1f" + membership["run_id"].astype(str)))
+    alive = membership["case_id"].astype(str).isin(set(frame["case_id"].astype(str)))
+    dropped = int((~alive).sum())  # cases removed by `casemine repair` (or no longer selected)
+    todo_frame = frame[todo].reset_index(drop=True)
+    n_new = len(todo_frame)
+    projections = mb.load_projections(out)
+    models = scope_models(state, projections, str(meta.get("last_full")))
+    if reason is None and not models and len(frame):
+        reason = "no_state"  # an export killed between its state files: nothing to assign to
     if reason is None:
-        membership, n_parts = mb.load_members(out, meta)
-        key = frame["case_id"].astype(str) + "\x1f" + frame["run_id"].astype(str)
-        stored_key = membership["case_id"].astype(str) + "\x1f" + membership["run_id"].astype(str)
-        todo = ~key.isin(set(stored_key))
-        alive = membership["case_id"].astype(str).isin(set(frame["case_id"].astype(str)))
-        dropped = int((~alive).sum())  # cases removed by `casemine repair` (or no longer selected)
-        todo_frame = frame[todo].reset_index(drop=True)
-        n_new = len(todo_frame)
         t1 = time.perf_counter()
         X_new = _embed(embedder, todo_frame["cluster_text"].tolist())
         t_embed = time.perf_counter() - t1
-        projections = mb.load_projections(out)
-        models = scope_models(state, projections, str(meta.get("last_full")))
         new_rows, drift = assign_cases(todo_frame, X_new, models, c.assign_space, scopes, projections.get(MAP_SCOPE))
         if drift is not None and n_new >= c.drift_min_cases and drift > c.recluster_drift:
             reason = "drift"
@@ -668,7 +674,7 @@ def export_all(
         "mode": "full" if reason is not None else "incremental",
         "mode_reason": reason or "new_cases_assigned",
         "drift": drift,
-        "n_new_cases": int(n_new) if reason is None else int(len(frame)),
+        "n_new_cases": int(n_new),
         "n_members_dropped": dropped,
     }
     bundle = finish_export(view_cases, view_frame, view, cfg, day, notes=[note] if note else [], extra=extra)
