@@ -4,13 +4,15 @@ both against the embedding-only time of the same new cases.
 
 Cases: a pool of real-shaped cases mined from generated transcripts by the nightly steps
 (`casemine run`), replicated into a history of --history cases over eight weeks and nights of
-+N new cases dated the day after. Each replica's problem gets two of forty customer phrases
-appended, so every text is distinct and each new case costs a real embedding (an identical text
-would come from the cache). The configured embedder is used throughout, with its on-disk cache:
-the history is embedded once before timing (as the nightly index step leaves it), the new cases
-once by the embedding-only measurement, so both export paths then read every vector from the
-cache and their times are the export's own work. A night's cost is that plus the embedding:
-incremental + embed vs full + embed.
++N new cases dated the day after. Each new case's problem gets two of forty customer phrases
+appended, so every new text is distinct and costs a real embedding (an identical text would come
+from the cache); history replicas get one of --history-variants suffixes, so preparing the
+history embeds pool x variants texts, not --history (history texts repeat, as real problems do;
+clustering time does not depend on it). The configured embedder is used throughout, with its
+on-disk cache: the history is embedded before timing (as the nightly index step leaves it), the
+new cases once by the embedding-only measurement, so both export paths then read every vector
+from the cache and their times are the export's own work. A night's cost is that plus the
+embedding: incremental + embed vs full + embed.
 
     python -m bench.bench_export [--history 10000] [--increments 1000,10000] [--pool 600]
 """
@@ -63,13 +65,19 @@ def mined_pool(tmp: Path, n: int) -> pd.DataFrame:
     return df[df["problem"].fillna("").str.len() >= 4].reset_index(drop=True)
 
 
-def replicate(pool: pd.DataFrame, n: int, start: int, run_id: str, days: list[str], seed: int) -> pd.DataFrame:
-    """`n` cases drawn from the pool with fresh ids, dates from `days` and distinct texts."""
+def replicate(
+    pool: pd.DataFrame, n: int, start: int, run_id: str, days: list[str], seed: int, variants: int = 0
+) -> pd.DataFrame:
+    """`n` cases drawn from the pool with fresh ids and dates from `days`; texts distinct
+    (variants=0) or each pool problem with one of `variants` suffixes."""
     rng = random.Random(seed)
     rows = pool.sample(n=n, replace=True, random_state=seed).reset_index(drop=True).copy()
     rows["case_id"] = [f"B{start + i:08d}" for i in range(n)]
     rows["conversation_id"] = [f"BC{start + i:08d}" for i in range(n)]
-    rows["problem"] = [f"{p}，{'，'.join(rng.sample(PHRASES, 2))}" for p in rows["problem"]]
+    if variants:
+        rows["problem"] = [f"{p}，{PHRASES[rng.randrange(variants)]}" for p in rows["problem"]]
+    else:
+        rows["problem"] = [f"{p}，{'，'.join(rng.sample(PHRASES, 2))}" for p in rows["problem"]]
     rows["tokens"] = None  # re-cut from the new text by a re-cluster
     rows["date"] = [days[i % len(days)] for i in range(n)]
     rows["run_id"] = run_id
@@ -95,6 +103,7 @@ def main() -> None:
     ap.add_argument("--history", type=int, default=10_000)
     ap.add_argument("--increments", default="1000,10000")
     ap.add_argument("--pool", type=int, default=600, help="generated transcripts mined for case shapes")
+    ap.add_argument("--history-variants", type=int, default=3, help="suffixes per pool problem in the history")
     a = ap.parse_args()
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "casemine.yaml")
     from pipeline.embed import Embedder
@@ -105,15 +114,16 @@ def main() -> None:
         pool = mined_pool(tmp, a.pool)
         hist_days = [(DAY - timedelta(days=d)).isoformat() for d in range(56)]
         base = tmp / "base"
-        history = replicate(pool, a.history, 0, "20251130T000000-hist", hist_days, seed=1)
+        history = replicate(pool, a.history, 0, "20251130T000000-hist", hist_days, seed=1, variants=a.history_variants)
         store(base, history, "20251130T000000-hist")
         emb = Embedder(cfg, out_root=base)
         t = time.perf_counter()
         emb.encode_passages(history["problem"].tolist())
         t_hist = time.perf_counter() - t
         secs, s0 = export(cfg, base, emb, DAY)
-        print(f"history: {a.history:,} cases from a pool of {len(pool):,} mined cases; embedding it once "
-              f"{t_hist:.1f} s ({a.history / t_hist:.0f} texts/s, untimed below); first export (full) {secs:.1f} s, "
+        n_texts = history["problem"].nunique()
+        print(f"history: {a.history:,} cases ({n_texts:,} distinct texts) from a pool of {len(pool):,} mined cases; "
+              f"embedding it once {t_hist:.1f} s (untimed below); first export (full) {secs:.1f} s, "
               f"{s0['n_clusters']} clusters")
         print(f"\n{'new cases':>10} {'embed only':>11} {'incremental':>12} {'full':>8} {'incr+embed':>11} "
               f"{'full+embed':>11} {'(incr+embed)/embed':>19} {'full/incr':>10} {'drift':>6}")
