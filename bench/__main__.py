@@ -13,7 +13,7 @@ QUICK = [
     ["bench.bench_embed_index", "--sizes", "10000"],
     ["bench.bench_index_update", "--history", "10000", "--adds", "100,1000"],
     ["bench.bench_clusters"],
-    ["bench.bench_export", "--history", "10000", "--increments", "1000,10000"],
+    ["bench.bench_export", "--history", "3000", "--increments", "300,1000"],
     ["bench.bench_query"],
 ]
 SCALE = [
