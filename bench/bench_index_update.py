@@ -24,16 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.bench_embed_index import _table
+
 REPO = Path(__file__).resolve().parents[1]
 DIM = 384
-
-
-def _table(title: str, header: list[str], rows: list[list]) -> None:
-    widths = [max(len(str(x)) for x in [h] + [r[i] for r in rows]) for i, h in enumerate(header)]
-    print(f"\n{title}")
-    print("  ".join(str(h).ljust(w) for h, w in zip(header, widths)))
-    for r in rows:
-        print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)))
 
 
 def _cases(start: int, n: int, rng: np.random.Generator):

@@ -695,6 +695,25 @@ def assign_stable_ids(
     return clusters, ClusterState(new_table)
 
 
+# The case fields a members row carries (cluster_text is shown as `problem`); the incremental
+# export builds the same rows from stored membership.
+MEMBER_FIELDS = (
+    "case_id",
+    "conversation_id",
+    "date",
+    "channel",
+    "region",
+    "product",
+    "issue_type",
+    "request_kind",
+    "urgency",
+    "outcome",
+    "emotion",
+    "emotion_score",
+    "cluster_text",
+)
+
+
 def members_table(
     frame: pd.DataFrame, results: list[ScopeResult], clusters: pd.DataFrame, X: np.ndarray
 ) -> pd.DataFrame:
@@ -705,25 +724,7 @@ def members_table(
         if len(clusters)
         else {}
     )
-    keep = [
-        c
-        for c in (
-            "case_id",
-            "conversation_id",
-            "date",
-            "channel",
-            "region",
-            "product",
-            "issue_type",
-            "request_kind",
-            "urgency",
-            "outcome",
-            "emotion",
-            "emotion_score",
-            "cluster_text",
-        )
-        if c in frame
-    ]
+    keep = [c for c in MEMBER_FIELDS if c in frame]
     parts = []
     for res in results:
         idx = res.row_index if res.row_index is not None else np.arange(len(res.labels))

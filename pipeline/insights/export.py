@@ -34,6 +34,7 @@ from pipeline.config import Config
 from pipeline.insights import membership as mb
 from pipeline.insights.cluster import (
     ALL_SCOPE,
+    MEMBER_FIELDS,
     CauseLexicon,
     ClusterState,
     Projection,
@@ -289,27 +290,10 @@ def full_clustering(
     return Clustering(clusters, members, ClusterState(t)), projections, stored
 
 
-_MEMBER_FIELDS = [
-    "case_id",
-    "conversation_id",
-    "date",
-    "channel",
-    "region",
-    "product",
-    "issue_type",
-    "request_kind",
-    "urgency",
-    "outcome",
-    "emotion",
-    "emotion_score",
-    "cluster_text",
-]
-
-
 def members_view(frame: pd.DataFrame, membership: pd.DataFrame) -> pd.DataFrame:
     """The export's members table (as `members_table` lays it out) from stored membership rows
     and the cases' current fields: no vectors needed."""
-    keep = [c for c in _MEMBER_FIELDS if c in frame]
+    keep = [c for c in MEMBER_FIELDS if c in frame]
     fields = frame[keep].assign(case_id=frame["case_id"].astype(str)).rename(columns={"cluster_text": "problem"})
     m = membership[["scope", "cluster_id", "is_noise", "similarity", "case_id", "x", "y"]].copy()
     m["case_id"] = m["case_id"].astype(str)

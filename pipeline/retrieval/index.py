@@ -86,6 +86,20 @@ class IndexLoadError(RuntimeError):
     """The stored index is missing, corrupt or built for another model; the message says what to do."""
 
 
+def read_manifest(d: Path, model: str | None) -> dict[str, Any]:
+    """A version directory's manifest, refused when unreadable or built with another model."""
+    try:
+        man = json.loads((d / MANIFEST).read_text("utf-8"))
+    except (OSError, ValueError) as e:
+        raise IndexLoadError(f"index manifest {d / MANIFEST} is unreadable ({e}); {REBUILD_HINT}") from None
+    if model is not None and man.get("model") != model:
+        raise IndexLoadError(
+            f"the index at {d} was built with model {man.get('model')!r} but the config "
+            f"uses {model!r}; vectors from different models cannot be compared: {REBUILD_HINT}"
+        )
+    return man
+
+
 # -- the in-memory index ---------------------------------------------------------------------
 
 
@@ -347,16 +361,7 @@ class CaseIndex:
     def read_dir(cls, d: Path, icfg: IndexConfig, expect_model: str | None = None, verify: bool = True) -> CaseIndex:
         """Load a version directory, checking checksums and the model it was built with."""
 
-        try:
-            man = json.loads((d / MANIFEST).read_text("utf-8"))
-        except (OSError, ValueError) as e:
-            raise IndexLoadError(f"index manifest {d / MANIFEST} is unreadable ({e}); {REBUILD_HINT}") from None
-        if expect_model is not None and man.get("model") != expect_model:
-            raise IndexLoadError(
-                f"the index at {d} was built with model {man.get('model')!r} but the config "
-                f"uses {expect_model!r}; vectors from different models cannot be compared: "
-                f"{REBUILD_HINT}"
-            )
+        man = read_manifest(d, expect_model)
         if verify:
             for f, digest in man.get("files", {}).items():
                 p = d / f
@@ -571,16 +576,7 @@ class IndexStore:
         return v, counts
 
     def _manifest(self, d: Path, model: str | None) -> dict[str, Any]:
-        try:
-            man = json.loads((d / MANIFEST).read_text("utf-8"))
-        except (OSError, ValueError) as e:
-            raise IndexLoadError(f"index manifest {d / MANIFEST} is unreadable ({e}); {REBUILD_HINT}") from None
-        if model is not None and man.get("model") != model:
-            raise IndexLoadError(
-                f"the index at {d} was built with model {man.get('model')!r} but the config "
-                f"uses {model!r}; vectors from different models cannot be compared: {REBUILD_HINT}"
-            )
-        return man
+        return read_manifest(d, model)
 
     def _prune(self, current: int) -> None:
         keep = set(self.versions()[-self.icfg.keep_versions :]) | {current}
