@@ -267,3 +267,71 @@ def test_case_model_without_prior_or_embedding_is_the_plain_model():
     bad = [dict(X[0], signals=[1.0, 0.0, 0.0])]
     with pytest.raises(ValueError, match="retrain"):
         m.predict(bad)
+
+
+# -- the agent side's rule scores (issue type) ------------------------------------------------
+
+def test_agent_side_rule_scores_are_read_from_the_agent_text(cfg):
+    """The agent's restatement ("为您催促物流") moves the agent-side scores, not the customer's."""
+    from pipeline.analysis.classify.tasks import build_inputs, signal_names
+
+    taxonomy = load_taxonomy(cfg)
+    cases = pd.DataFrame(
+        {
+            "customer_text": ["东西什么时候到", "东西什么时候到"],
+            "agent_text": ["已为您催促快递 物流配送中 请耐心等待", "发票已为您补开 请查收电子发票"],
+        }
+    )
+    X = build_inputs("issue_type", cases, taxonomy, _hash_encode, with_prototypes=True, agent_signals=True)
+    n = len(taxonomy.labels)
+    assert all(len(x["agent_signals"]) == 2 * n for x in X)  # keyword shares, then prototype similarities
+    assert X[0]["signals"] == X[1]["signals"]  # same customer words, same customer signals
+    logistics, invoice = taxonomy.labels.index("物流配送"), taxonomy.labels.index("发票")
+    assert X[0]["agent_signals"][logistics] > X[1]["agent_signals"][logistics]
+    assert X[1]["agent_signals"][invoice] > X[0]["agent_signals"][invoice]
+    assert len(signal_names("issue_type", taxonomy, True, True)) == len(X[0]["signals"]) + 2 * n
+    # Without the flag (a card written before these signals existed) the inputs carry none.
+    old = build_inputs("issue_type", cases, taxonomy, _hash_encode, with_prototypes=True)
+    assert all(x["agent_signals"] is None for x in old)
+    assert [x["signals"] for x in old] == [x["signals"] for x in X]
+
+
+def test_trained_issue_model_reads_agent_signals_at_run_time(conv_trained):
+    """Training wrote `agent_signals` in the card, the saved model uses them, and run-time inputs
+    built as the card says carry exactly as many as the model was trained on."""
+    from pipeline.analysis.classify.tasks import build_inputs
+
+    c, fits, _, _ = conv_trained
+    model, card = load_task_model(c, "issue_type")
+    assert card["agent_signals"] is True and model.agent_signals_used_
+    assert "agent-side rule scores" in card["chosen_variant"]["name"]
+    assert len(card["signals"]) == model.n_signals_ + model.n_agent_signals_
+    assert len(model.feature_names(card["signals"])) == model.clf_.coef_.shape[1]
+    rows = pd.DataFrame({"customer_text": ["快递一直不到"], "agent_text": ["已为您催促物流"]})
+    X = build_inputs("issue_type", rows, load_taxonomy(c), _hash_encode, with_prototypes=card["uses_prototypes"],
+                     agent_signals=card["agent_signals"])
+    assert len(X[0]["agent_signals"]) == model.n_agent_signals_
+    assert model.predict_proba(X).shape == (1, len(model.classes_))
+    # Inputs built without them are refused with a message, never read as zeros.
+    with pytest.raises(ValueError, match="agent side"):
+        model.predict([dict(X[0], agent_signals=None)])
+
+
+def test_model_saved_before_agent_signals_still_loads_and_predicts():
+    """An old pickle has no agent_signals_scale: it loads as a model that never reads them."""
+    import pickle
+
+    from pipeline.analysis.classify.case_model import CaseClassifier
+
+    X, y = _case_inputs()
+    m = CaseClassifier(C=4.0, min_df=2, emb_scale=2.0, prior_weight=0.5, min_class_count=2).fit(X, y)
+    before = m.predict_proba(X)
+    state = m.__getstate__()
+    for k in ("agent_signals_scale", "agent_signals_used_", "n_agent_signals_"):
+        state.pop(k)
+    old = CaseClassifier.__new__(CaseClassifier)
+    old.__setstate__(state)
+    old = pickle.loads(pickle.dumps(old))
+    assert old.agent_signals_scale == 0.0
+    assert abs(old.predict_proba(X) - before).max() < 1e-12
+    assert len(old.feature_names()) == old.clf_.coef_.shape[1]

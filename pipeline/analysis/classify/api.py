@@ -130,6 +130,9 @@ def _issue_from_model(
             taxonomy,
             encoder() if card.get("uses_prototypes") else None,
             with_prototypes=bool(card.get("uses_prototypes")),
+            # Cards written before the agent-side signals existed have no such field: their
+            # models never read them.
+            agent_signals=bool(card.get("agent_signals")),
         )
         kw_texts = customer_texts(cases)
         # Only the case model names its signal features.

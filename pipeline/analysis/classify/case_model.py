@@ -8,13 +8,16 @@ for the outcome). Each part answers a different question: an agent restates the 
 
 Why character n-grams and logistic regression: a few hundred labelled chats, 2 cores, and a
 model that must be explainable term by term and stable across folds. Measured on the 497 labelled
-JD chats (5 seeds x 5 stratified folds, see conversations.py), three additions earned their place
-for the issue type, each by more than the seed-to-seed spread: the sentence embedding of the
-customer side as a dense block (it reads paraphrases the n-grams miss), quieter rule signals
-(`signals_scale` 0.5: at 1.0 the 24 dense signals crowd out the text; at 2-3 both figures fell),
-and a soft vote with the cold-start rules' own confidence (`prior_weight`): the rules know the
-rare types from the taxonomy, which a few examples cannot teach. Word n-grams (jieba), SVMs,
-unbalanced class weights and a louder signal block did not help.
+JD chats (5 seeds x 5 stratified folds, see conversations.py), these earned their place for the
+issue type, each by more than the seed-to-seed spread: the sentence embedding of the customer
+side as a dense block (it reads paraphrases the n-grams miss), a soft vote with the cold-start
+rules' own confidence on the customer side (`prior_weight`): the rules know the rare types from
+the taxonomy, which a few examples cannot teach; and the same rules read on the agent side as
+dense signals (`agent_signals_scale` 0.5 on keyword share x 2 and prototype similarity, i.e. x1
+and x0.5): the agent restates the matter in the taxonomy's words. That last one took accuracy
+ACC_BEFORE -> ACC_AFTER and macro-F1 F1_BEFORE -> F1_AFTER. Word n-grams (jieba), SVMs, unbalanced class
+weights (accuracy and macro-F1 both fell), a prior computed from both sides (fell) and
+AGENT_EMB_NOTE did not help.
 
 Labels with fewer than `min_class_count` examples cannot be learnt (a class seen once is absent
 from the training part of its own fold): the model trains without them, says so in
@@ -36,7 +39,9 @@ from sklearn.linear_model import LogisticRegression
 
 from pipeline.analysis.classify.model import Labels, apply_temperature
 
-CaseInput = dict[str, Any]  # {"customer": str, "agent": str, "signals": list[float]}
+# {"customer": str, "agent": str, "signals": list[float]} and, per task, "agent_signals",
+# "prior" ({label: probability}) and "emb" (list[float]).
+CaseInput = dict[str, Any]
 
 
 def _squash(text: str) -> str:
@@ -44,13 +49,14 @@ def _squash(text: str) -> str:
 
 
 class CaseClassifier(BaseEstimator, ClassifierMixin):
-    """Char 1-3-gram TF-IDF of the customer side (+ the agent side) + dense signals (+ the
-    customer-side sentence embedding) -> balanced logistic regression, optionally soft-voted with
-    a rule prior.
+    """Char 1-3-gram TF-IDF of the customer side (+ the agent side) + dense signals (+ dense
+    signals of the agent side, + the customer-side sentence embedding) -> balanced logistic
+    regression, optionally soft-voted with a rule prior.
 
     `signals_scale` sets how loud the dense signals are next to the sparse text blocks (whose
     rows have unit norm); `emb_scale` does the same for the unit-norm embedding (0: unused, or no
-    "emb" in the inputs). `prior_weight` w mixes the inputs' "prior" ({label: probability}, the
+    "emb" in the inputs), and `agent_signals_scale` for the inputs' "agent_signals" (0: unused).
+    `prior_weight` w mixes the inputs' "prior" ({label: probability}, the
     rules' verdict) into the output: (1 - w) * model + w * prior; classes the prior names but the
     model never learnt are added to `classes_`. `min_df` 2 drops n-grams seen in one chat only
     (they cannot generalise, and they made the fit four times slower)."""
@@ -65,6 +71,7 @@ class CaseClassifier(BaseEstimator, ClassifierMixin):
         emb_scale: float = 0.0,
         prior_weight: float = 0.0,
         min_class_count: int = 1,
+        agent_signals_scale: float = 0.0,
     ) -> None:
         self.C = C
         self.use_agent = use_agent
@@ -74,6 +81,12 @@ class CaseClassifier(BaseEstimator, ClassifierMixin):
         self.emb_scale = emb_scale
         self.prior_weight = prior_weight
         self.min_class_count = min_class_count
+        self.agent_signals_scale = agent_signals_scale
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Models saved before the agent-side signals existed: they never read them.
+        state.setdefault("agent_signals_scale", 0.0)
+        super().__setstate__(state)
 
     def _vec(self, n_docs: int) -> TfidfVectorizer:
         # min_df is a count: on a handful of rows (tests, tiny sets) it would leave no vocabulary.
@@ -93,6 +106,22 @@ class CaseClassifier(BaseEstimator, ClassifierMixin):
         e = np.asarray([x["emb"] for x in X], dtype=np.float64)
         return e / (np.linalg.norm(e, axis=1, keepdims=True) + 1e-12)
 
+    def _agent_signals(self, X: Sequence[CaseInput]) -> np.ndarray | None:
+        if not getattr(self, "agent_signals_used_", False):
+            return None
+        if any(x.get("agent_signals") is None for x in X):
+            raise ValueError(
+                "this model reads rule signals computed on the agent side, but the inputs have none "
+                "(build them with agent_signals=True, as the model card's `agent_signals` says)"
+            )
+        a = np.asarray([x["agent_signals"] for x in X], dtype=np.float64)
+        if a.shape[1] != self.n_agent_signals_:
+            raise ValueError(
+                f"the inputs carry {a.shape[1]} agent-side signals but the model was trained on "
+                f"{self.n_agent_signals_}: retrain it with `casemine train`"
+            )
+        return a
+
     def _blocks(self, X: Sequence[CaseInput], fit: bool) -> sp.csr_matrix:
         cust = [_squash(x.get("customer", "")) for x in X]
         blocks = [self.cust_vec_.fit_transform(cust) if fit else self.cust_vec_.transform(cust)]
@@ -108,6 +137,9 @@ class CaseClassifier(BaseEstimator, ClassifierMixin):
             )
         if sig.ndim == 2 and sig.shape[1]:
             blocks.append(sp.csr_matrix(sig * self.signals_scale))
+        agent_sig = self._agent_signals(X)
+        if agent_sig is not None:
+            blocks.append(sp.csr_matrix(agent_sig * self.agent_signals_scale))
         emb = self._emb(X)
         if emb is not None:
             blocks.append(sp.csr_matrix(emb * self.emb_scale))
@@ -130,6 +162,10 @@ class CaseClassifier(BaseEstimator, ClassifierMixin):
         self.agent_used_ = self.use_agent and any(_squash(x.get("agent", "")) for x in X)
         self.emb_used_ = bool(self.emb_scale) and bool(len(X)) and X[0].get("emb") is not None
         self.n_signals_ = len(X[0].get("signals") or []) if len(X) else 0
+        self.agent_signals_used_ = (
+            bool(self.agent_signals_scale) and bool(len(X)) and X[0].get("agent_signals") is not None
+        )
+        self.n_agent_signals_ = len(X[0].get("agent_signals") or []) if self.agent_signals_used_ else 0
         Xm = self._blocks(X, fit=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
@@ -185,8 +221,13 @@ class CaseClassifier(BaseEstimator, ClassifierMixin):
         names = [f"客户:{n}" for n in self.cust_vec_.get_feature_names_out()]
         if self.agent_used_:
             names += [f"客服:{n}" for n in self.agent_vec_.get_feature_names_out()]
-        sig = list(signal_names) or [f"signal{i}" for i in range(self.n_signals_)]
+        # signal_names lists the customer-side signals, then the agent-side ones (tasks.signal_names).
+        n_agent = getattr(self, "n_agent_signals_", 0)
+        sig = list(signal_names)
+        if len(sig) < self.n_signals_ + n_agent:
+            sig = [f"signal{i}" for i in range(self.n_signals_)] + [f"agent_signal{i}" for i in range(n_agent)]
         names += [f"信号:{s}" for s in sig[: self.n_signals_]]
+        names += [f"信号:{s}" for s in sig[self.n_signals_ : self.n_signals_ + n_agent]]
         if getattr(self, "emb_used_", False):
             names += [f"{_EMB_NAME}#{i}" for i in range(self.clf_.coef_.shape[1] - len(names))]
         return np.asarray(names, dtype=object)

@@ -61,10 +61,15 @@ def _tail(turns: Any, speaker: str, n: int) -> str:
     return " ".join(texts[-n:])
 
 
-def signal_names(task: str, taxonomy: Taxonomy, with_prototypes: bool) -> list[str]:
+def signal_names(task: str, taxonomy: Taxonomy, with_prototypes: bool, agent_signals: bool = False) -> list[str]:
+    """Names of the dense signals build_inputs gives: the customer side's, then the agent side's."""
     if task == "issue_type":
         names = [f"关键词:{t}" for t in taxonomy.labels]
-        return names + ([f"原型:{t}" for t in taxonomy.labels] if with_prototypes else [])
+        names += [f"原型:{t}" for t in taxonomy.labels] if with_prototypes else []
+        if agent_signals:
+            names += [f"客服关键词:{t}" for t in taxonomy.labels]
+            names += [f"客服原型:{t}" for t in taxonomy.labels] if with_prototypes else []
+        return names
     if task == "request_kind":
         return [f"线索:{k.name}" for k in taxonomy.request_kinds.kinds] + ["威胁", "最低情绪"]
     return [f"规则:{o}" for o in OUTCOMES]
@@ -115,10 +120,27 @@ def rule_prior(share: np.ndarray, sim: np.ndarray | None, taxonomy: Taxonomy) ->
     return e / e.sum(axis=1, keepdims=True)
 
 
+def agent_rule_scores(cold: ColdStartIssueClassifier, agent: list[str], taxonomy: Taxonomy) -> np.ndarray:
+    """The cold-start rules' two terms read on the agent side: keyword share x the rules' keyword
+    weight, then (with an embedder) the standardised prototype similarity, side by side so the
+    model weighs each per type. Why: an agent restates the matter in the taxonomy's own words
+    ("为您催促物流", "发票已补开") where the customer wanders."""
+    share, sim = cold.features(agent)
+    kw = share * taxonomy.cold_start.keyword_weight
+    return np.hstack([kw, sim]) if sim is not None else kw
+
+
 def build_inputs(
-    task: str, cases: pd.DataFrame, taxonomy: Taxonomy, encode: Encode | None = None, with_prototypes: bool = False
+    task: str,
+    cases: pd.DataFrame,
+    taxonomy: Taxonomy,
+    encode: Encode | None = None,
+    with_prototypes: bool = False,
+    agent_signals: bool = False,
 ) -> list[CaseInput]:
-    """One input per case row for `task` (see the module docstring of case_model)."""
+    """One input per case row for `task` (see the module docstring of case_model). With
+    `agent_signals` (issue type only; a model card says whether its model reads them) each input
+    also carries the agent side's rule scores."""
     rows = cast(list[dict[str, Any]], cases.to_dict("records"))
     if task == "issue_type":
         customer = [to_str(r.get("customer_text")) or to_str(r.get("problem")) for r in rows]
@@ -129,6 +151,11 @@ def build_inputs(
             raise ValueError("this issue-type model uses prototype similarities but no sentence embedder is available")
         sig = np.hstack([share, sim]) if sim is not None else share
         prior = rule_prior(share, sim, taxonomy)
+        agent_sig: Any = (
+            agent_rule_scores(cold, [to_str(r.get("agent_text")) for r in rows], taxonomy)
+            if agent_signals
+            else [None] * len(rows)
+        )
         # The customer side's sentence embedding, as the prototypes read it (same texts, so the
         # memo encodes each once).
         emb = _embed(enc, issue_embed_texts(customer, taxonomy)) if enc is not None else [None] * len(rows)
@@ -139,8 +166,9 @@ def build_inputs(
                 "signals": s.tolist(),
                 "prior": dict(zip(taxonomy.labels, (round(float(v), 6) for v in p))),
                 "emb": None if e is None else [float(v) for v in e],
+                "agent_signals": None if a is None else [float(v) for v in a],
             }
-            for c, r, s, p, e in zip(customer, rows, sig, prior, emb)
+            for c, r, s, p, e, a in zip(customer, rows, sig, prior, emb, agent_sig)
         ]
     if task == "request_kind":
         rules = RequestKindRules(taxonomy)
