@@ -27,16 +27,22 @@ STAGES = ["ingest", "normalize", "mask", "cases", "segment", "table", "emotion",
           "index", "commit", "export", "library"]
 
 
-def run(input_dir: Path, out: Path, prefect: bool = False, chunk_mb: float | None = None) -> tuple[dict, float, float]:
-    """(summary, wall seconds, peak RSS MiB of this child alone)."""
+def run(
+    input_dir: Path, out: Path, prefect: bool = False, chunk_mb: float | None = None, memlog: Path | None = None
+) -> tuple[dict, float, float]:
+    """(summary, wall seconds, peak RSS MiB of this child alone). With `memlog`, the run appends
+    each step's peak RSS there (`pipeline.orchestrate.memtrace`)."""
     t = time.perf_counter()
     args = [sys.executable, "-m", "pipeline.cli.__main__", "run", "--input", str(input_dir), "--out", str(out), "--json"]
     if not prefect:
         args.append("--no-prefect")
     if chunk_mb:
         args += ["--chunk-mb", str(chunk_mb)]
+    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
+    if memlog is not None:
+        env["CASEMINE_MEMLOG"] = str(memlog)
     with tempfile.TemporaryFile() as so, tempfile.TemporaryFile() as se:
-        proc = subprocess.Popen(args, stdout=so, stderr=se, env={**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"})
+        proc = subprocess.Popen(args, stdout=so, stderr=se, env=env)
         # wait4, not getrusage(RUSAGE_CHILDREN): the latter is the maximum over every child so
         # far, which hides whether a later, bigger run needed more memory.
         _, status, usage = os.wait4(proc.pid, 0)
@@ -54,25 +60,59 @@ def input_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
 
 
-def memory_flatness(tmp: Path, sizes: list[int], chunk_mb: float) -> None:
-    """Peak RSS of whole runs of growing size, chunked (`--chunk-mb`) and, as the baseline measured
-    in the same session, the same input read as one chunk."""
-    print(f"\n== peak memory against input size (chunks of {chunk_mb:g} MB vs one chunk)")
+# Rows of the per-step memory table: what ran before the first step (imports, models), the
+# chunk steps (max over chunks), the run's final steps.
+MEM_STEPS = ["start", "ingest", "process", "index", "commit", "export", "library", "summary"]
+
+
+def step_peaks(memlog: Path) -> dict[str, float]:
+    """Peak RSS MiB per step over the whole run (chunk steps: the largest chunk), and `rss_end`:
+    the RSS left after the last chunk's commit (what chunks keep; it should not grow)."""
+    peaks: dict[str, float] = {}
+    rss_end = 0.0
+    for line in memlog.read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        peaks[r["step"]] = max(peaks.get(r["step"], 0.0), r["peak_mib"])
+        if r["step"] == "commit":
+            rss_end = r["rss_mib"]
+    peaks["rss_after_chunks"] = rss_end
+    return peaks
+
+
+def memory_flatness(tmp: Path, sizes: list[int], chunk_mb: float, one_chunk: bool = True) -> None:
+    """Peak RSS of whole runs of growing size, chunked (`--chunk-mb`), per step (the kernel's
+    high-water mark reset at each step start) and in total; and, as the baseline measured in the
+    same session, the same input read as one chunk."""
+    print(f"\n== peak memory against input size (chunks of {chunk_mb:g} MB{' vs one chunk' if one_chunk else ''})")
     print(f"  {'transcripts':>11} {'input MB':>9} {'chunks':>6} {'chunked MiB':>12} {'one-chunk MiB':>14} "
           f"{'chunked s':>10} {'one-chunk s':>12}")
     rows = []
     for n in sizes:
         inp = tmp / f"mem{n}"
         generate(inp, n=n, seed=n + 1, malformed=False)
-        s, wall, peak = run(inp, tmp / f"mem-out{n}", chunk_mb=chunk_mb)
-        _, wall1, peak1 = run(inp, tmp / f"mem-one{n}", chunk_mb=1e6)
-        rows.append((n, peak, peak1))
+        log = tmp / f"mem-log{n}.jsonl"
+        s, wall, peak = run(inp, tmp / f"mem-out{n}", chunk_mb=chunk_mb, memlog=log)
+        wall1 = peak1 = float("nan")
+        if one_chunk:
+            _, wall1, peak1 = run(inp, tmp / f"mem-one{n}", chunk_mb=1e6)
+        rows.append((n, peak, peak1, step_peaks(log)))
         print(f"  {n:>11,} {input_mb(inp):>9.1f} {len(s['chunks']):>6} {peak:>12,.0f} {peak1:>14,.0f} "
-              f"{wall:>10.1f} {wall1:>12.1f}")
-    if len(rows) > 1:
-        (a, pa, pa1), (b, pb, pb1) = rows[0], rows[-1]
-        print(f"  growth {a:,} -> {b:,} transcripts ({b / a:.0f}x): chunked {pb / pa:.2f}x peak memory, "
-              f"one chunk {pb1 / pa1:.2f}x")
+              f"{wall:>10.1f} {wall1:>12.1f}", flush=True)
+    print(f"\n  peak RSS MiB per step of the chunked runs (chunk steps: the largest chunk; 'start' is "
+          f"imports and models), growth {sizes[0]:,} -> {sizes[-1]:,}:")
+    print(f"  {'step':<17}" + "".join(f"{n:>10,}" for n in sizes) + f"{'growth':>9}")
+    for step in [*MEM_STEPS, "rss_after_chunks"]:
+        vals = [r[3].get(step) for r in rows]
+        if all(v is None for v in vals):
+            continue
+        cells = "".join(f"{v:>10,.0f}" if v is not None else f"{'-':>10}" for v in vals)
+        growth = f"{vals[-1] / vals[0]:>8.2f}x" if vals[0] and vals[-1] else ""
+        print(f"  {step:<17}{cells}{growth}")
+    print(f"  {'total (wait4)':<17}" + "".join(f"{r[1]:>10,.0f}" for r in rows)
+          + (f"{rows[-1][1] / rows[0][1]:>8.2f}x" if len(rows) > 1 else ""))
+    if len(rows) > 1 and one_chunk:
+        (a, _, pa1, _), (b, _, pb1, _) = rows[0], rows[-1]
+        print(f"  one chunk {a:,} -> {b:,} transcripts: {pb1 / pa1:.2f}x peak memory")
 
 
 def stage_table(label: str, s: dict, wall: float, peak: float) -> None:
@@ -100,10 +140,15 @@ def main() -> None:
     ap.add_argument("--prefect-size", type=int, default=1000)
     ap.add_argument("--memory-sizes", default="", help="run sizes for the peak-memory check, e.g. 2000,8000")
     ap.add_argument("--chunk-mb", type=float, default=1.0, help="chunk size of the peak-memory check")
+    ap.add_argument("--memory-only", action="store_true", help="only the peak-memory check (no throughput runs)")
+    ap.add_argument("--no-one-chunk", action="store_true", help="peak-memory check without the one-chunk baseline")
     a = ap.parse_args()
     sizes = [int(x) for x in a.sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        if a.memory_only:
+            memory_flatness(tmp, [int(x) for x in a.memory_sizes.split(",")], a.chunk_mb, not a.no_one_chunk)
+            return
         results = {}
         for n in sizes:
             inp = tmp / f"in{n}"
@@ -140,7 +185,7 @@ def main() -> None:
               f"+{flow - plain:.1f} s per run ({flow / plain:.2f}x), {len(STAGES)} stages in 6 task kinds "
               f"(one process-batch task per {2000} conversations)")
         if a.memory_sizes:
-            memory_flatness(tmp, [int(x) for x in a.memory_sizes.split(",")], a.chunk_mb)
+            memory_flatness(tmp, [int(x) for x in a.memory_sizes.split(",")], a.chunk_mb, not a.no_one_chunk)
 
 
 if __name__ == "__main__":

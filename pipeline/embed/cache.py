@@ -5,24 +5,73 @@ no new vector, and two cases with the same text share one. The key covers the mo
 the prompt, so switching models never serves stale vectors.
 
 Layout: `<dir>/shard-*.npz`, each with sorted `keys` (32-byte sha256 digests) and `vecs`
-(float32). New vectors go to a new shard written atomically; many small shards are merged.
+(float32), stored uncompressed. New vectors go to a new shard written atomically; many small
+shards are merged. Only the keys are held in memory (32 bytes a text); vectors are read from the
+shards by row and merged block by block, so memory follows the texts asked for, not the size of
+the cache (at a million cached texts the vectors alone are 1.5 GB).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import time
 import uuid
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 _MAX_SHARDS = 16
+_BLOCK_ROWS = 16_384  # rows read or written at a time: 24 MiB of 384-d vectors
 
 
 def text_key(namespace: str, text: str) -> bytes:
     return hashlib.sha256(f"{namespace}\x00{text}".encode()).digest()
+
+
+def _read_keys(shard: Path) -> np.ndarray | None:
+    try:
+        with np.load(shard) as z:
+            return np.asarray(z["keys"])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None  # a damaged shard only costs re-embedding, never a failed run
+
+
+def _header(f) -> tuple[tuple[int, ...], np.dtype]:
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(f)
+    return shape, dtype
+
+
+def read_rows(shard: Path, rows: np.ndarray) -> np.ndarray:
+    """Vectors at `rows` (ascending) of a shard, read block by block from its `vecs` member,
+    never the whole array: the member is stored uncompressed, so its rows sit at fixed offsets."""
+    with zipfile.ZipFile(shard) as zf:
+        info = zf.getinfo("vecs.npy")
+    if info.compress_type != zipfile.ZIP_STORED:  # not written by this class: read it whole
+        with np.load(shard) as z:
+            return np.asarray(z["vecs"][rows], dtype=np.float32)
+    with open(shard, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)  # the local file header; its name and extra field lengths end it
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        shape, dtype = _header(f)
+        dim = int(shape[1])
+        width = dim * dtype.itemsize
+        start = f.tell()
+        out = np.empty((len(rows), dim), dtype=np.float32)
+        blocks = rows // _BLOCK_ROWS
+        for b in np.unique(blocks):
+            mine = np.flatnonzero(blocks == b)
+            lo, last = int(b) * _BLOCK_ROWS, int(rows[mine[-1]])
+            f.seek(start + lo * width)
+            buf = np.frombuffer(f.read((last + 1 - lo) * width), dtype=dtype).reshape(-1, dim)
+            out[mine] = buf[rows[mine] - lo]
+        return out
 
 
 class EmbeddingCache:
@@ -32,40 +81,53 @@ class EmbeddingCache:
         self.dir = Path(directory)
         self.namespace = namespace
         self.dim = dim
-        self._keys = np.empty(0, dtype="S32")
-        self._vecs: np.ndarray | None = None
+        self._shards: dict[Path, np.ndarray] = {}  # readable shard -> its sorted keys
         self._loaded = False
 
     def _load(self) -> None:
+        """The shards' keys (not their vectors); a shard already read keeps its keys."""
         if self._loaded:
             return
-        keys, vecs = [], []
+        shards: dict[Path, np.ndarray] = {}
         for shard in sorted(self.dir.glob("shard-*.npz")):
-            try:
-                with np.load(shard) as z:
-                    keys.append(z["keys"])
-                    vecs.append(z["vecs"])
-            except (OSError, ValueError, KeyError):
-                continue  # a damaged shard only costs re-embedding, never a failed run
-        if keys:
-            k = np.concatenate(keys)
-            v = np.concatenate(vecs)
-            k, first = np.unique(k, return_index=True)  # sorted, duplicates dropped
-            self._keys, self._vecs = k, v[first]
-            self.dim = self._vecs.shape[1]
+            keys = self._shards.get(shard)
+            if keys is None:
+                keys = _read_keys(shard)
+            if keys is not None and len(keys):
+                shards[shard] = keys
+        self._shards = shards
         self._loaded = True
 
     def lookup(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray | None, list[bytes]]:
-        """(found mask, vectors for found rows in order, keys) for the given texts."""
+        """(found mask, vectors for found rows in order, keys) for the given texts. A key in
+        several shards (two runs embedded the same text) is served from the first that has it."""
         self._load()
         keys = [text_key(self.namespace, t) for t in texts]
-        if self._vecs is None or not keys:
-            return np.zeros(len(keys), dtype=bool), None, keys
+        found = np.zeros(len(keys), dtype=bool)
+        if not self._shards or not keys:
+            return found, None, keys
         arr = np.array(keys, dtype="S32")
-        pos = np.searchsorted(self._keys, arr)
-        pos_c = np.minimum(pos, len(self._keys) - 1)
-        found = self._keys[pos_c] == arr
-        return found, self._vecs[pos_c[found]], keys
+        vecs: np.ndarray | None = None
+        for shard, skeys in self._shards.items():
+            todo = np.flatnonzero(~found)
+            if not len(todo):
+                break
+            pos = np.minimum(np.searchsorted(skeys, arr[todo]), len(skeys) - 1)
+            hit = skeys[pos] == arr[todo]
+            if not hit.any():
+                continue
+            rows, at = pos[hit], todo[hit]
+            order = np.argsort(rows, kind="stable")
+            try:
+                got = read_rows(shard, rows[order])
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+                continue
+            if vecs is None:
+                vecs = np.empty((len(keys), got.shape[1]), dtype=np.float32)
+                self.dim = got.shape[1]
+            vecs[at[order]] = got
+            found[at[order]] = True
+        return found, (vecs[found] if vecs is not None else None), keys
 
     def add(self, keys: list[bytes], vecs: np.ndarray) -> None:
         if not keys:
@@ -78,25 +140,48 @@ class EmbeddingCache:
         with open(tmp, "wb") as f:
             np.savez(f, keys=k[order], vecs=np.asarray(vecs, dtype=np.float32)[order])
         os.replace(tmp, self.dir / name)
-        self._loaded = False  # re-read lazily (cheap) so lookups see the new shard
+        self._loaded = False  # re-read lazily (only the new shard's keys) so lookups see it
         if len(list(self.dir.glob("shard-*.npz"))) > _MAX_SHARDS:
             self.compact()
 
     def compact(self) -> None:
-        """Merge all shards into one; the old ones are removed only after the merged one exists."""
-        shards = sorted(self.dir.glob("shard-*.npz"))
+        """Merge all shards into one, written block by block (the vectors never all in memory);
+        the old ones are removed only after the merged one exists."""
         self._loaded = False
         self._load()
-        if self._vecs is None:
+        shards = list(self._shards)
+        if not shards:
             return
+        src = np.concatenate([np.full(len(k), i, dtype=np.int32) for i, k in enumerate(self._shards.values())])
+        row = np.concatenate([np.arange(len(k), dtype=np.int64) for k in self._shards.values()])
+        allk = np.concatenate(list(self._shards.values()))
+        merged, first = np.unique(allk, return_index=True)  # sorted; a duplicate key keeps its first shard
+        src, row = src[first], row[first]
+        dim = read_rows(shards[0], np.zeros(1, dtype=np.int64)).shape[1]
         name = f"shard-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}-merged.npz"
         tmp = self.dir / f".{name}.tmp"
-        with open(tmp, "wb") as f:
-            np.savez(f, keys=self._keys, vecs=self._vecs)
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("keys.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, merged)
+            with zf.open("vecs.npy", "w", force_zip64=True) as f:
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False}
+                np.lib.format.write_array_header_2_0(f, {**header, "shape": (len(merged), dim)})
+                for lo in range(0, len(merged), _BLOCK_ROWS):
+                    s, r = src[lo : lo + _BLOCK_ROWS], row[lo : lo + _BLOCK_ROWS]
+                    block = np.empty((len(s), dim), dtype=np.float32)
+                    for i in np.unique(s):
+                        mine = np.flatnonzero(s == i)
+                        block[mine] = read_rows(shards[int(i)], r[mine])  # rows ascend: keys are sorted in a shard
+                    f.write(block.tobytes())
         os.replace(tmp, self.dir / name)
-        for s in shards:
-            s.unlink(missing_ok=True)
+        for s_ in sorted(self.dir.glob("shard-*.npz")):
+            if s_ in self._shards:
+                s_.unlink(missing_ok=True)
+        self._shards = {self.dir / name: merged}
+        self._loaded = False  # another process may have added a shard meanwhile
 
     def __len__(self) -> int:
         self._load()
-        return len(self._keys)
+        if not self._shards:
+            return 0
+        return len(np.unique(np.concatenate(list(self._shards.values()))))

@@ -28,6 +28,7 @@ from pipeline.ingest.spans import Span, spans
 from pipeline.io import atomic_write_text, sha256_file
 from pipeline.orchestrate.batch import BatchResult
 from pipeline.orchestrate.lock import run_lock
+from pipeline.orchestrate.memtrace import step_ended, step_started
 from pipeline.orchestrate.steps import Components, run_batch, through
 from pipeline.progress import progress
 from pipeline.schema import Conversation, QuarantineRecord
@@ -874,6 +875,8 @@ def _run_step(
     each_batch: Callable[[RunStep, RunContext, list[Part]], Iterator[BatchResult]],
 ) -> None:
     ctx = night.ctx
+    chunk = night.chunk.run_id if night.chunk is not None else None
+    step_started(step.name, chunk)
     t = time.perf_counter()
     if step.per_batch:
         assert night.ingest is not None
@@ -891,6 +894,7 @@ def _run_step(
         setattr(night, step.adds, call(step, night))
         if step.adds != "summary":
             add_seconds(ctx, step.name, time.perf_counter() - t)
+    step_ended(step.name, chunk)
     checkpoint(step.name)
 
 
