@@ -244,6 +244,10 @@ class ClusterConfig(_Section):
     # 0.300 seeded vs 0.298.
     seed_from_state: bool = True
     keep_k_within: float = Field(0.01, ge=0, le=1)
+    # A full re-cluster fits each scope's PCA and KMeans on at most this many of its cases (a
+    # seeded sample) and assigns the others to the nearest centre, in blocks: the fit's copies of
+    # the vectors stay bounded however much history a back-fill stores. Below it nothing changes.
+    fit_max_cases: int = Field(50_000, ge=100)
     csv_encoding: str = "utf-8-sig"  # BOM: Excel opens the Chinese CSVs correctly
 
 

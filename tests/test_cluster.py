@@ -405,3 +405,26 @@ def test_no_alerts_without_a_baseline_week():
     df = _weekly_cases({"a": (0, 80), "b": (0, 40)}, as_of)
     wow = week_over_week(df, "issue_type", "issue_type", as_of, alpha=0.01, min_count=10)
     assert not wow["alert"].any()
+
+
+def test_fit_cap_fits_on_a_sample_and_still_assigns_every_case():
+    X, y = _blobs(n_per=200, k=3)
+    full = ClusterParams(pca_components=5, min_cluster_size=5)
+    capped = ClusterParams(pca_components=5, min_cluster_size=5, fit_max_cases=100)
+    labels = cluster_vectors(X, capped)
+    assert len(labels) == len(X) and (labels != NOISE).all()  # rows outside the sample are assigned too
+    assert len(set(labels)) == 3 and all(len(set(y[labels == lab])) == 1 for lab in set(labels))
+    # at or under the cap nothing changes
+    at_cap = ClusterParams(pca_components=5, min_cluster_size=5, fit_max_cases=len(X))
+    np.testing.assert_array_equal(cluster_vectors(X, at_cap), cluster_vectors(X, full))
+
+
+def test_fit_cap_projection_is_fitted_on_the_sample_only(monkeypatch):
+    import pipeline.insights.cluster as cl
+
+    seen = []
+    real = cl.fit_projection
+    monkeypatch.setattr(cl, "fit_projection", lambda X, *a, **k: seen.append(len(X)) or real(X, *a, **k))
+    X, _ = _blobs(n_per=200, k=3)
+    fit = cl.fit_clusters(X, ClusterParams(pca_components=5, min_cluster_size=5, fit_max_cases=150))
+    assert seen == [150] and len(fit.labels) == len(X) and len(fit.centers) == 3

@@ -229,3 +229,19 @@ def test_seeded_kmeans_keeps_the_stored_partition():
     assert len(again.centers) == len(first.centers)
     # Labels are renumbered by size (ids come from centroid matching): compare the partitions.
     assert adjusted_rand_score(first.labels, again.labels[: len(X)]) == 1.0
+
+
+def test_full_recluster_past_the_fit_cap_still_assigns_every_case(history, cfg):
+    """History over `fit_max_cases`: the fit sees a sample, yet every stored case is a member and
+    each problem still forms its own cluster."""
+    out, first = history
+    capped = _export(_cfg(cfg, fit_max_cases=100), out, DAY0 + timedelta(days=1), recluster=True)
+    assert capped["mode"] == "full" and capped["n_clustered_cases"] == 120
+    m = _members(capped)
+    ids = _all_scope_ids(m)
+    assert len(ids) == 120 and all(v is not None for v in ids.values())
+    topic = {f"c{i:05d}": i // 30 for i in range(120)}
+    by_cluster: dict[str, set[int]] = {}
+    for cid, cl in ids.items():
+        by_cluster.setdefault(cl, set()).add(topic[cid])
+    assert all(len(t) == 1 for t in by_cluster.values()) and len(by_cluster) == len(TOPICS)

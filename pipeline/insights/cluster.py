@@ -57,12 +57,19 @@ class ClusterParams:
     # With stored centroids to start from, keep their k unless another k's silhouette is higher
     # by more than this (see `kmeans_by_silhouette`).
     keep_k_within: float = 0.01
+    # Rows the projection and KMeans are fitted on; the rest are assigned to the nearest centre.
+    fit_max_cases: int = 50_000
 
     @classmethod
     def from_config(cls, cfg: Config) -> ClusterParams:
         c = cfg.cluster
         return cls(
-            c.pca_components, c.max_clusters, c.min_cluster_size, c.min_scope_cases, keep_k_within=c.keep_k_within
+            c.pca_components,
+            c.max_clusters,
+            c.min_cluster_size,
+            c.min_scope_cases,
+            keep_k_within=c.keep_k_within,
+            fit_max_cases=c.fit_max_cases,
         )
 
 
@@ -255,14 +262,25 @@ def fit_clusters(X: np.ndarray, params: ClusterParams, seeds: np.ndarray | None 
     n = len(X)
     if n < max(params.min_scope_cases, params.min_cluster_size, 3):
         return ClusterFit(np.full(n, NOISE, dtype=int), Projection(), {})
-    proj = fit_projection(X, params.pca_components, params.seed)
-    Z = proj.apply(X)
+    # Past `fit_max_cases`, fit on a seeded sample and give every row its nearest KMeans centre
+    # (what KMeans itself does with a row): fewer rows in the fit, same kind of partition.
+    capped = n > params.fit_max_cases
+    fit_rows = (
+        np.sort(np.random.default_rng(params.seed).choice(n, params.fit_max_cases, replace=False)) if capped else None
+    )
+    proj = fit_projection(X[fit_rows] if capped else X, params.pca_components, params.seed)
+    Z = project_blocks(proj, X)
     k_max = min(params.max_clusters, math.isqrt(n))
     init = proj.apply(seeds) if seeds is not None and len(seeds) else None
-    raw = kmeans_by_silhouette(Z, k_max, params.seed, init, params.keep_k_within if init is not None else 0.0)
+    keep = params.keep_k_within if init is not None else 0.0
+    if capped:
+        sample_labels = kmeans_by_silhouette(Z[fit_rows], k_max, params.seed, init, keep)
+        raw = nearest_center(Z, label_means(Z[fit_rows], sample_labels))
+    else:
+        raw = kmeans_by_silhouette(Z, k_max, params.seed, init, keep)
     sizes = np.bincount(raw)
     # Renumber by size (ties by first row), so label 0 is the biggest group and runs agree.
-    first = {int(v): i for i, v in reversed(list(enumerate(raw.tolist())))}
+    first = {int(v): int(i) for v, i in zip(*np.unique(raw, return_index=True))}
     order = sorted(
         (k for k in range(len(sizes)) if sizes[k] >= params.min_cluster_size), key=lambda k: (-sizes[k], first[k])
     )
@@ -271,6 +289,34 @@ def fit_clusters(X: np.ndarray, params: ClusterParams, seeds: np.ndarray | None 
     labels = mapping[raw]
     centers = {int(lab): Z[labels == lab].mean(axis=0).astype(np.float32) for lab in range(len(order))}
     return ClusterFit(labels, proj, centers)
+
+
+_BLOCK = 65_536  # rows projected or assigned at a time
+
+
+def project_blocks(proj: Projection, X: np.ndarray) -> np.ndarray:
+    """`proj.apply(X)` a block at a time: the centred copy of the vectors stays one block."""
+    if len(X) <= _BLOCK:
+        return proj.apply(X)
+    return np.concatenate([proj.apply(X[i : i + _BLOCK]) for i in range(0, len(X), _BLOCK)])
+
+
+def label_means(Z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Mean row per label 0..max (KMeans centres from its labels)."""
+    k = int(labels.max()) + 1
+    sums = np.zeros((k, Z.shape[1]), dtype=np.float64)
+    np.add.at(sums, labels, Z)
+    return (sums / np.maximum(np.bincount(labels, minlength=k), 1)[:, None]).astype(np.float32)
+
+
+def nearest_center(Z: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Position of each row's nearest centre (Euclidean), a block of rows at a time."""
+    out = np.empty(len(Z), dtype=int)
+    c2 = (centers.astype(np.float64) ** 2).sum(axis=1)
+    for i in range(0, len(Z), _BLOCK):
+        z = Z[i : i + _BLOCK].astype(np.float64)
+        out[i : i + _BLOCK] = np.argmin(c2[None, :] - 2 * z @ centers.T.astype(np.float64), axis=1)
+    return out
 
 
 def cluster_vectors(X: np.ndarray, params: ClusterParams, seeds: np.ndarray | None = None) -> np.ndarray:
