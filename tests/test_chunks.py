@@ -88,11 +88,21 @@ def test_plan_stamps_a_file_only_with_its_last_piece(big_jsonl, tmp_path):
         ctx.close()
 
 
-def test_chunks_commit_under_their_own_run_ids(big_jsonl, tmp_path):
+def test_chunks_commit_under_their_own_run_ids(big_jsonl, tmp_path, monkeypatch):
     """Each chunk is a commit of its own (a crash loses at most the chunk in flight); the summary
-    adds them up and reconciles."""
+    adds them up and reconciles. With CASEMINE_MEMLOG the runner logs each step's peak memory
+    once per chunk for the chunk steps, once per run for the others."""
     cfg = load_config(REPO / "configs" / "casemine.yaml").with_overrides(flow={"chunk_mb": 0.01})
+    memlog = tmp_path / "mem.jsonl"
+    monkeypatch.setenv("CASEMINE_MEMLOG", str(memlog))
     s = steps.run_pipeline(cfg, big_jsonl.parent, tmp_path / "out")
+    monkeypatch.delenv("CASEMINE_MEMLOG")
+    logged = [json.loads(x) for x in memlog.read_text(encoding="utf-8").splitlines()]
+    done = [(r["step"], r["chunk"]) for r in logged if r["step"] not in ("start", "between", "no-reset")]
+    assert logged[0]["step"] == "start" and all(r["peak_mib"] > 0 for r in logged)
+    assert done == [(st, c) for c in s["chunks"] for st in ("ingest", "process", "index", "commit")] + [
+        (st, None) for st in ("export", "library", "summary")
+    ]
     assert len(s["chunks"]) >= 4 and s["chunks"][0] == s["run_id"]
     assert all(c == f"{s['run_id']}-c{i:04d}" for i, c in enumerate(s["chunks"]) if i)
     assert s["records"] == {"read": 300, "accepted": 299, "duplicates": 0, "quarantined": 1, "reconciles": True}

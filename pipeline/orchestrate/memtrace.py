@@ -3,7 +3,9 @@ one JSON line per step it finishes (step, the chunk's run id, the step's peak an
 
 Why inside the run and why the kernel's high-water mark: a sampler outside the process misses
 peaks shorter than its period and has to guess which step was running; VmHWM, reset when a step
-starts (`/proc/self/clear_refs` 5, Linux >= 4.0), is the exact peak of that step. Off (one
+starts (`/proc/self/clear_refs` 5, Linux >= 4.0), is the exact peak of that step. The reset also
+clears the peak `wait4` would report for the process: with the log on, the run's peak is the
+largest value logged. Off (one
 environment lookup) unless the variable is set; on a system without `/proc` nothing is logged.
 """
 
@@ -36,13 +38,14 @@ def _reset_peak() -> bool:
 
 
 def step_started(step: str, chunk: str | None) -> None:
-    """Log what came before this step (model loading, the previous step's leftovers) as `before`
-    the first time, then start a fresh peak for `step`."""
+    """Log the peak since the last step ended (`start` the first time: imports and what ran
+    before the first step; then `between`: the runner's own work between steps), then start a
+    fresh peak for `step`. Resetting also resets what `getrusage`/`wait4` report as the
+    process's peak, so the run's peak is the largest of these lines."""
     path = os.environ.get(_ENV)
     if not path:
         return
-    if not Path(path).exists():
-        _write(path, "start", chunk)
+    _write(path, "between" if Path(path).exists() else "start", chunk)
     if not _reset_peak():
         _write(path, "no-reset", chunk)  # peaks below are then the process's, not the step's
 
