@@ -9,7 +9,7 @@ import sys
 QUICK = [
     ["bench.bench_pipeline", "--n", "2000"],
     ["bench.bench_mask", "--n", "3000"],
-    ["bench.bench_flow", "--sizes", "2000", "--memory-sizes", "1000,3000", "--chunk-mb", "0.4"],
+    ["bench.bench_flow", "--sizes", "2000", "--memory-sizes", "500,1000,2000", "--chunk-mb", "0.25", "--no-one-chunk"],
     ["bench.bench_embed_index", "--sizes", "10000"],
     ["bench.bench_index_update", "--history", "10000", "--adds", "100,1000"],
     ["bench.bench_clusters"],

@@ -6,7 +6,13 @@ nightly job would see them. The 'prefect' row runs the same input through the Pr
 the orchestration overhead measured against the plain run in the same session.
 
     python -m bench.bench_flow [--sizes 10000,100000] [--increment 1000] [--prefect-size 1000]
-                               [--memory-sizes 2000,8000 --chunk-mb 1]
+                               [--memory-sizes 2000,8000 --chunk-mb 1] [--memory-only] [--no-one-chunk]
+
+Peak memory per step, flat in the number of transcripts (issue 15): the same chunk size, more
+chunks; each step's peak is the kernel's high-water mark reset when the step starts
+(`CASEMINE_MEMLOG`, `pipeline.orchestrate.memtrace`):
+
+    python -m bench.bench_flow --memory-only --memory-sizes 500,1000,2000 --chunk-mb 0.25 --no-one-chunk
 """
 
 from __future__ import annotations
