@@ -27,6 +27,7 @@ from pipeline.ingest import FileResult, discover, input_name, read_file
 from pipeline.ingest.spans import Span, spans
 from pipeline.io import atomic_write_text, sha256_file
 from pipeline.orchestrate.batch import BatchResult
+from pipeline.orchestrate.heap import release_free_heap
 from pipeline.orchestrate.lock import run_lock
 from pipeline.orchestrate.memtrace import step_ended, step_started
 from pipeline.orchestrate.steps import Components, run_batch, through
@@ -862,9 +863,11 @@ def run_declared(
         for step in CHUNK_STEPS:
             _run_step(night, step, call, each_batch)
         night.end_chunk()
+        release_free_heap()  # what the chunk freed, returned: otherwise RSS creeps up chunk by chunk
         progress("files", plan.files_seen, plan.files_total)
     for step in NIGHTLY[len(CHUNK_STEPS) :]:
         _run_step(night, step, call, each_batch)
+        release_free_heap()
     return night.summary
 
 
