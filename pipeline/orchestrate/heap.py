@@ -1,4 +1,4 @@
-"""Give the heap's freed memory back to the operating system between a run's chunks.
+"""Give the heap's freed memory back to the operating system after each step of a run.
 
 Why: glibc keeps what the encoder frees (buffers for each batch's padded shape) in its arenas
 instead of returning it, so a chunked run's RSS rose by about 20 MiB per chunk of 150

@@ -863,11 +863,9 @@ def run_declared(
         for step in CHUNK_STEPS:
             _run_step(night, step, call, each_batch)
         night.end_chunk()
-        release_free_heap()  # what the chunk freed, returned: otherwise RSS creeps up chunk by chunk
         progress("files", plan.files_seen, plan.files_total)
     for step in NIGHTLY[len(CHUNK_STEPS) :]:
         _run_step(night, step, call, each_batch)
-        release_free_heap()
     return night.summary
 
 
@@ -897,6 +895,7 @@ def _run_step(
         setattr(night, step.adds, call(step, night))
         if step.adds != "summary":
             add_seconds(ctx, step.name, time.perf_counter() - t)
+    release_free_heap()  # what the step freed goes back to the OS: otherwise RSS creeps up chunk by chunk
     step_ended(step.name, chunk)
     checkpoint(step.name)
 
