@@ -255,6 +255,30 @@ def test_emotion_stats_relations_and_team_ranking():
     assert rel.loc[("emotion_end", "csat"), "r"] is None or pd.isna(rel.loc[("emotion_end", "csat"), "r"])
 
 
+@pytest.mark.parametrize("method", ["pearson", "spearman"])
+def test_large_samples_take_fishers_interval_which_matches_the_bootstrap(method):
+    """Past BOOTSTRAP_MAX_N the export's relations use Fisher's interval (the bootstrap's cost grows
+    with all history); at sizes where both run they must agree, for a binary outcome
+    (point-biserial) and a 1-5 rating (Spearman) alike."""
+    import numpy as np
+
+    from pipeline.insights.emotion_stats import bootstrap_corr
+
+    rng = np.random.default_rng(3)
+    n = 3000
+    x = rng.normal(size=n)
+    if method == "pearson":
+        y = (x + rng.normal(scale=2, size=n) > 0.5).astype(float)
+    else:
+        y = np.clip(np.round(3 + x + rng.normal(scale=1.5, size=n)), 1, 5)
+    r_b, lo_b, hi_b = bootstrap_corr(x, y, method)
+    r_f, lo_f, hi_f = bootstrap_corr(x, y, method, max_n=n - 1)
+    assert r_b == r_f and lo_f < r_f < hi_f
+    assert abs(lo_b - lo_f) < 0.01 and abs(hi_b - hi_f) < 0.01
+    _, lo0, hi0 = bootstrap_corr(x, rng.normal(size=n), method, max_n=100)
+    assert lo0 < 0 < hi0  # independent: Fisher's interval spans 0 as the bootstrap's does
+
+
 @pytest.mark.slow
 def test_trained_sentiment_holds_up_on_unseen_domains(cfg, shared_data):
     """Train on one review domain, score another: the trained recipe must at least match a plain

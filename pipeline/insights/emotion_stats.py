@@ -81,13 +81,36 @@ def _r(x: float) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), 4)
 
 
+# Above this many cases the interval is Fisher's, not the bootstrap's: a bootstrap resamples an
+# (n_boot x n) matrix, 35 s and GBs at 100k stored cases on every night's export, while the two
+# intervals agree within 0.003 from 2,000 cases on (point-biserial and Spearman, tests/test_emotion.py).
+BOOTSTRAP_MAX_N = 5_000
+
+
+def fisher_ci(r: float, n: int, method: str = "pearson", z: float = 1.96) -> tuple[float, float]:
+    """95% interval of a correlation on Fisher's z scale; Spearman with Bonett and Wright's
+    standard error sqrt((1 + r^2 / 2) / (n - 3))."""
+    rr = min(max(r, -0.999999), 0.999999)
+    se = math.sqrt((1 + rr * rr / 2) / (n - 3)) if method == "spearman" else 1 / math.sqrt(n - 3)
+    return math.tanh(math.atanh(rr) - z * se), math.tanh(math.atanh(rr) + z * se)
+
+
 def bootstrap_corr(
-    x: np.ndarray, y: np.ndarray, method: str = "pearson", n_boot: int = 1000, seed: int = 0
+    x: np.ndarray,
+    y: np.ndarray,
+    method: str = "pearson",
+    n_boot: int = 1000,
+    seed: int = 0,
+    max_n: int = BOOTSTRAP_MAX_N,
 ) -> tuple[float, float, float]:
-    """(r, 95% CI low, high) by resampling cases; Spearman works on ranks."""
+    """(r, 95% CI low, high) by resampling cases (Fisher's interval past `max_n` cases, where the
+    two agree and the bootstrap's cost grows with the history); Spearman works on ranks."""
     if method == "spearman":
         x, y = pd.Series(x).rank().to_numpy(), pd.Series(y).rank().to_numpy()
     r = float(np.corrcoef(x, y)[0, 1])
+    if len(x) > max_n:
+        lo, hi = fisher_ci(r, len(x), method)
+        return r, lo, hi
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(x), size=(n_boot, len(x)))
     xs, ys = x[idx], y[idx]
@@ -101,7 +124,7 @@ def bootstrap_corr(
 
 def relations(cases: pd.DataFrame, min_n: int = 20) -> pd.DataFrame:
     """Correlation of emotion start/end with resolution (point-biserial) and with csat (Spearman),
-    with bootstrap 95% intervals; rows with fewer than `min_n` usable cases say so instead."""
+    with bootstrap 95% intervals (Fisher's past BOOTSTRAP_MAX_N cases); rows with fewer than `min_n` usable cases say so instead."""
     cols = ["measure", "outcome_measure", "method", "n", "r", "ci_low", "ci_high", "note"]
     if not len(cases) or "emotion_start" not in cases:
         return pd.DataFrame(columns=cols)
