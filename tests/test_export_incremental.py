@@ -245,3 +245,25 @@ def test_full_recluster_past_the_fit_cap_still_assigns_every_case(history, cfg):
     for cid, cl in ids.items():
         by_cluster.setdefault(cl, set()).add(topic[cid])
     assert all(len(t) == 1 for t in by_cluster.values()) and len(by_cluster) == len(TOPICS)
+
+
+def test_csv_frame_writes_list_cells_as_json_and_leaves_other_columns():
+    import numpy as np
+
+    from pipeline.insights.export import to_csv_frame
+
+    df = pd.DataFrame(
+        {
+            "label": pd.Series(["物流", None], dtype="string"),
+            "terms": [["快递", "三天"], None],
+            "mix": [{"a": 0.5}, np.array([1, 2])],
+            "size": [3, 4],
+            "plain": ["x", None],
+        }
+    )
+    out = to_csv_frame(df)
+    assert out["terms"].tolist() == ['["快递", "三天"]', None]
+    assert out["mix"].tolist() == ['{"a": 0.5}', "[1, 2]"]
+    assert out["label"].dtype == df["label"].dtype and out["size"].tolist() == [3, 4]
+    pd.testing.assert_series_equal(out["plain"], df["plain"])
+    assert df["terms"].iloc[0] == ["快递", "三天"]  # the input frame is not changed

@@ -435,17 +435,18 @@ def _jsonable(v: Any) -> Any:
 
 
 def to_csv_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """List cells as JSON text (CSV has no lists); everything else as is."""
+    """List cells as JSON text (CSV has no lists); everything else as is. Only object columns can
+    hold lists: string, number and bool columns are left alone without visiting their cells (at
+    100k cases the visit cost seconds per export)."""
     out = df.copy()
+    listy = (list, tuple, np.ndarray, dict)
     for col in out.columns:
-        if out[col].map(lambda v: isinstance(v, (list, tuple, np.ndarray, dict))).any():
-            out[col] = out[col].map(
-                lambda v: (
-                    json.dumps(_jsonable(v), ensure_ascii=False)
-                    if isinstance(v, (list, tuple, np.ndarray, dict))
-                    else v
-                )
-            )
+        if out[col].dtype != object:
+            continue
+        vals = out[col].tolist()
+        if any(isinstance(v, listy) for v in vals):
+            text = [json.dumps(_jsonable(v), ensure_ascii=False) if isinstance(v, listy) else v for v in vals]
+            out[col] = pd.Series(text, index=out.index, dtype=object)
     return out
 
 
