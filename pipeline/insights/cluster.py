@@ -498,6 +498,8 @@ def _ranked(counts: Counter) -> list[tuple[str, int]]:
 
 
 def share_dict(values: Iterable[Any], top: int | None = None) -> dict[str, float]:
+    if isinstance(values, pd.Series):
+        values = values.tolist()  # one C conversion: iterating Arrow-backed strings is per-cell slow
     vals = [v if isinstance(v, str) and v else "未知" for v in values]
     n = max(len(vals), 1)
     return {k: round(c / n, 3) for k, c in Counter(vals).most_common(top)}

@@ -18,12 +18,17 @@ import pandas as pd
 from pipeline.analysis.emotion import TRAJECTORIES
 
 
+_TEAM_KEYS = ("team", "agent_team", "group", "skill_group")
+
+
 def _team(meta_json: Any, agent_id: Any) -> str | None:
     try:
-        meta = json.loads(meta_json) if isinstance(meta_json, str) else {}
+        # Parse only metadata that can name a team: most has none, and this runs per stored case.
+        has_key = isinstance(meta_json, str) and any(k in meta_json for k in _TEAM_KEYS)
+        meta = json.loads(meta_json) if has_key else {}
     except ValueError:
         meta = {}
-    for key in ("team", "agent_team", "group", "skill_group"):
+    for key in _TEAM_KEYS:
         if meta.get(key):
             return str(meta[key])
     return str(agent_id) if agent_id is not None and agent_id == agent_id else None
@@ -43,9 +48,11 @@ def trajectory_table(cases: pd.DataFrame, members: pd.DataFrame | None = None) -
                 "mean_delta",
             ]
         )
-    df = cases.copy()
+    used = ["case_id", "issue_type", "channel", "outcome", "emotion_trajectory", "emotion_start", "emotion_end"]
+    df = cases[[c for c in [*used, "emotion_delta"] if c in cases]].copy()  # groups copy only these
     df["team"] = [
-        _team(m, a) for m, a in zip(df.get("metadata_json", [None] * len(df)), df.get("agent_id", [None] * len(df)))
+        _team(m, a)
+        for m, a in zip(cases.get("metadata_json", [None] * len(cases)), cases.get("agent_id", [None] * len(cases)))
     ]
     if members is not None and len(members) and "scope" in members:
         from pipeline.insights.cluster import ALL_SCOPE

@@ -191,7 +191,10 @@ def recount_clusters(
     if described.empty or members.empty:
         return described.iloc[0:0].copy(), state
     scope_sizes = members.groupby("scope").size()
-    clustered = members[members["cluster_id"].notna()]
+    # Only the columns counted below: a group is a copy of its rows, and copying every text column
+    # of 100k members cost seconds.
+    used = ["scope", "cluster_id", "outcome", "emotion_score", "emotion", "channel", "issue_type", "region", "product"]
+    clustered = members.loc[members["cluster_id"].notna(), [c for c in used if c in members]]
     groups = {(str(s), str(c)): g for (s, c), g in clustered.groupby(["scope", "cluster_id"], sort=False)}
     hist = state.table.set_index("cluster_id") if len(state.table) else pd.DataFrame()
     rows, seen = [], {}

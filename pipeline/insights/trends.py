@@ -158,7 +158,8 @@ def root_cause_matrix(members: pd.DataFrame, clusters: pd.DataFrame, issue_count
     ]
     if members.empty:
         return pd.DataFrame(columns=cols)
-    per_type = members[members["scope"] != ALL_SCOPE]
+    used = ["scope", "issue_type", "cluster_id", "region", "product"]
+    per_type = members.loc[members["scope"] != ALL_SCOPE, [c for c in used if c in members]]
     info = clusters.set_index("cluster_id") if len(clusters) else pd.DataFrame()
     rows = []
     for (it, cid), g in per_type.groupby(["issue_type", per_type["cluster_id"].fillna("")], sort=True):
