@@ -224,3 +224,33 @@ def test_library_cli_json(stored):
     assert res.exit_code == 2
     res = runner.invoke(app, ["library", "list", "--status", "bogus", *out])
     assert res.exit_code == 1 and "unknown status" in res.output
+
+
+def test_build_reads_in_blocks_keeps_newest_rows_and_embeds_only_eligible(stored, cfg):
+    """The nightly build reads the stored cases block by block: the same cases as reading them at
+    once (a case re-processed by a later run counts once, with its newer row), and only cases that
+    can become candidates reach the encoder."""
+    from pipeline.library.sources import iter_library_cases, load_library_cases
+    from pipeline.library.typical_cases import build
+    from pipeline.storage.store import read_cases, write_cases
+
+    first = read_cases(stored)
+    again = first.head(5).copy()
+    again["problem"] = "重新处理后的问题：快递三天没到"
+    write_cases(stored, again, "run2", 0)  # run ids order runs: run2 is newer than run1
+
+    whole = load_library_cases(cfg, stored).sort_values("case_id").reset_index(drop=True)
+    blocks = list(iter_library_cases(cfg, stored, block_rows=1))
+    assert len(blocks) > 1
+    streamed = pd.concat(blocks, ignore_index=True).sort_values("case_id").reset_index(drop=True)
+    assert streamed["case_id"].tolist() == whole["case_id"].tolist()
+    assert streamed["case_id"].is_unique and len(streamed) == len(first)
+    redone = streamed.set_index("case_id").loc[again["case_id"], "problem"]
+    assert (redone == "重新处理后的问题：快递三天没到").all()
+
+    enc = HashingEmbedder()
+    built = build(cfg, stored, embedder=enc)
+    scorer = CandidateScorer.from_config(cfg)
+    eligible = sum(scorer.assess(r)[0] for r in whole.to_dict("records"))
+    assert built["cases"] == len(whole) and built["eligible"] == eligible > 0
+    assert sum(enc.calls) == eligible < len(whole)

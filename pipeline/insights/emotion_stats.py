@@ -17,7 +17,6 @@ import pandas as pd
 
 from pipeline.analysis.emotion import TRAJECTORIES
 
-
 _TEAM_KEYS = ("team", "agent_team", "group", "skill_group")
 
 
@@ -131,7 +130,8 @@ def bootstrap_corr(
 
 def relations(cases: pd.DataFrame, min_n: int = 20) -> pd.DataFrame:
     """Correlation of emotion start/end with resolution (point-biserial) and with csat (Spearman),
-    with bootstrap 95% intervals (Fisher's past BOOTSTRAP_MAX_N cases); rows with fewer than `min_n` usable cases say so instead."""
+    with bootstrap 95% intervals (Fisher's past BOOTSTRAP_MAX_N cases); rows with fewer than
+    `min_n` usable cases say so instead."""
     cols = ["measure", "outcome_measure", "method", "n", "r", "ci_low", "ci_high", "note"]
     if not len(cases) or "emotion_start" not in cases:
         return pd.DataFrame(columns=cols)

@@ -33,7 +33,7 @@ from pipeline.library.candidates import (
 )
 from pipeline.library.coverage import CoverageResult, compute_coverage, coverage
 from pipeline.library.render import render_index, render_page, slug
-from pipeline.library.sources import load_library_cases, load_members
+from pipeline.library.sources import iter_library_cases, load_library_cases, load_members
 from pipeline.library.store import (
     STATUSES,
     Decision,
@@ -77,17 +77,30 @@ __all__ = [
 
 def build(cfg: Config, out: Path, embedder=None) -> dict[str, Any]:
     """Select candidates from the processed cases and merge them into the review store."""
-    cases = load_library_cases(cfg, out)
-    if not len(cases):
+    # Only eligible cases can become candidates, and eligibility reads one row at a time: the
+    # stored cases are read in blocks and only the eligible ones (a small share) are kept and
+    # embedded, so the build's memory and encoder time follow them, not all history.
+    scorer = CandidateScorer.from_config(cfg)
+    n_cases, kept = 0, []
+    for block in iter_library_cases(cfg, out):
+        n_cases += len(block)
+        ok = [scorer.assess(cast(dict[str, Any], r))[0] for r in block.to_dict("records")]
+        kept.append(block[ok])
+    if not n_cases:
         raise LibraryError(f"no processed cases under {out}; run `casemine run` first")
-    if embedder is None:
+    cases = pd.concat(kept, ignore_index=True)
+    if embedder is None and len(cases):
         from pipeline.embed import Embedder
 
         embedder = Embedder(cfg, out_root=Path(out))
-    vectors = np.asarray(embedder.encode_passages(case_texts(cases)), dtype=np.float32)
-    cands, counts = select_candidates(cases, vectors, CandidateScorer.from_config(cfg), cluster_map(load_members(out)))
+    vectors = (
+        np.asarray(embedder.encode_passages(case_texts(cases)), dtype=np.float32)
+        if len(cases)
+        else np.zeros((0, 0), dtype=np.float32)
+    )
+    cands, counts = select_candidates(cases, vectors, scorer, cluster_map(load_members(out)))
     synced = LibraryStore(out).sync_candidates(cands)
-    return {**counts, **synced, "db": str(db_path(out))}
+    return {**counts, "cases": n_cases, **synced, "db": str(db_path(out))}
 
 
 def publish(cfg: Config, out: Path, by: str = "publish") -> dict[str, Any]:
