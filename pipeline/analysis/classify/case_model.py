@@ -48,6 +48,16 @@ def _squash(text: str) -> str:
     return "".join((text or "").split())
 
 
+def _dense(X: Sequence[CaseInput], key: str, used: bool, missing: str) -> np.ndarray | None:
+    """The inputs' `key` values as a float matrix when the model reads them (None when it does
+    not); a model that reads them refuses inputs without them rather than guessing zeros."""
+    if not used:
+        return None
+    if any(x.get(key) is None for x in X):
+        raise ValueError(missing)
+    return np.asarray([x[key] for x in X], dtype=np.float64)
+
+
 class CaseClassifier(BaseEstimator, ClassifierMixin):
     """Char 1-3-gram TF-IDF of the customer side (+ the agent side) + dense signals (+ dense
     signals of the agent side, + the customer-side sentence embedding) -> balanced logistic
@@ -96,26 +106,24 @@ class CaseClassifier(BaseEstimator, ClassifierMixin):
         )
 
     def _emb(self, X: Sequence[CaseInput]) -> np.ndarray | None:
-        if not getattr(self, "emb_used_", False):
-            return None
-        if any(x.get("emb") is None for x in X):
-            raise ValueError(
-                "this model reads the customer-side sentence embedding, but the inputs have none "
-                "(is the sentence embedder available?)"
-            )
-        e = np.asarray([x["emb"] for x in X], dtype=np.float64)
-        return e / (np.linalg.norm(e, axis=1, keepdims=True) + 1e-12)
+        e = _dense(
+            X,
+            "emb",
+            getattr(self, "emb_used_", False),
+            "this model reads the customer-side sentence embedding, but the inputs have none "
+            "(is the sentence embedder available?)",
+        )
+        return None if e is None else e / (np.linalg.norm(e, axis=1, keepdims=True) + 1e-12)
 
     def _agent_signals(self, X: Sequence[CaseInput]) -> np.ndarray | None:
-        if not getattr(self, "agent_signals_used_", False):
-            return None
-        if any(x.get("agent_signals") is None for x in X):
-            raise ValueError(
-                "this model reads rule signals computed on the agent side, but the inputs have none "
-                "(build them with agent_signals=True, as the model card's `agent_signals` says)"
-            )
-        a = np.asarray([x["agent_signals"] for x in X], dtype=np.float64)
-        if a.shape[1] != self.n_agent_signals_:
+        a = _dense(
+            X,
+            "agent_signals",
+            getattr(self, "agent_signals_used_", False),
+            "this model reads rule signals computed on the agent side, but the inputs have none "
+            "(build them with agent_signals=True, as the model card's `agent_signals` says)",
+        )
+        if a is not None and a.shape[1] != self.n_agent_signals_:
             raise ValueError(
                 f"the inputs carry {a.shape[1]} agent-side signals but the model was trained on "
                 f"{self.n_agent_signals_}: retrain it with `casemine train`"
