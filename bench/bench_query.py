@@ -12,7 +12,9 @@ bench.bench_embed_index); the synthetic rows copy real problems and tokens so BM
 realistic load. Built indexes are kept under bench/results/query-index-<N>/ and reused.
 
 Run: `python -m bench.bench_query [--sizes 10000] [--rounds 10] [--warm 200]`, or `--out DIR` to
-bench an existing output root's index. Timings on a shared
+bench an existing output root's index (a bench-built one, e.g. bench/results/query-index-1000000,
+reports its build figures and recall too); `--no-encode` skips the encoders' own timings to
+re-measure query latency only. Timings on a shared
 2-core machine vary; compare within one run.
 
 `python -m bench.bench_query --calibrate DIR` instead reproduces how the "close match" cosine
@@ -188,13 +190,17 @@ def _encode_times(questions: list[str]) -> dict:
     return out
 
 
-def bench_size(n: int, rounds: int, warm_n: int, out: Path | None = None) -> dict:
-    """Every figure for one index: the bench's own of `n` cases, or an existing output root `out`."""
+def bench_size(n: int, rounds: int, warm_n: int, out: Path | None = None, encode: bool = True) -> dict:
+    """Every figure for one index: the bench's own of `n` cases, or an existing output root `out`
+    (with its build figures and recall when the bench built it). `encode=False` leaves out the
+    encoders' own timings (about two minutes here) to re-measure query latency only."""
     own = out is None
     out = RESULTS / f"query-index-{n}" if out is None else out
     info_file = out / "bench_info.json"
     if not own:
         info: dict = {"out": str(out)}
+        if info_file.is_file():
+            info.update(json.loads(info_file.read_text("utf-8")))
     elif info_file.is_file() and (out / "index" / "CURRENT").is_file():
         info = json.loads(info_file.read_text("utf-8"))
         print(f"reusing the {n}-case index in {out} (built earlier: delete it to rebuild)", flush=True)
@@ -213,7 +219,8 @@ def bench_size(n: int, rounds: int, warm_n: int, out: Path | None = None) -> dic
     _run(_casemine("query", "预热", "--out", str(out), "--local", "--json"))  # word table, OS caches
     res["cold: casemine query --local (no server)"] = _pct(
         [_run(_casemine("query", q, "--out", str(out), "--local", "--json"))[0] * 1000 for q in cold_qs])
-    res.update(_encode_times(questions[:warm_n]))
+    if encode:
+        res.update(_encode_times(questions[:warm_n]))
     port = _free_port()
     t0 = time.perf_counter()
     srv = subprocess.Popen(_casemine("serve", "--out", str(out), "--port", str(port)), cwd=REPO,
@@ -303,15 +310,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10, help="fresh processes per cold figure")
     ap.add_argument("--warm", type=int, default=200, help="queries through the server for the warm figure")
     ap.add_argument("--calibrate", type=Path, metavar="DIR", help="output root built from ../shared/data/csds")
+    ap.add_argument("--no-encode", action="store_true", help="skip the encoders' own timings (query latency only)")
     a = ap.parse_args()
     if a.calibrate:
         return calibrate(a.calibrate)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if a.out:
-        res = bench_size(0, a.rounds, a.warm, a.out)
+        res = bench_size(0, a.rounds, a.warm, a.out, encode=not a.no_encode)
         return _print(0, res)
     for n in (int(s) for s in a.sizes.split(",") if s):
-        res = bench_size(n, a.rounds, a.warm)
+        res = bench_size(n, a.rounds, a.warm, encode=not a.no_encode)
         _print(n, res)
         (RESULTS / f"bench_query_{n}.json").write_text(json.dumps(res, indent=1, ensure_ascii=False), "utf-8")
 

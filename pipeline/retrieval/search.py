@@ -439,6 +439,26 @@ def _same_case(
     return difflib.SequenceMatcher(None, a, b).ratio() >= DUPLICATE_CHAR_RATIO
 
 
+class _LazyColumn(Sequence[Any]):
+    """One metadata column of some rows, read from the view on first use of each item: collapsing
+    near-duplicates needs the problem text only for pairs of near-identical vectors and a case id
+    only for a collapsed hit, and each read of a stored index decodes a Parquet row group."""
+
+    def __init__(self, view: Any, name: str, rows: Sequence[int]):
+        self.view, self.name, self.rows = view, name, list(rows)
+        self._got: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i not in self._got:
+            self._got[i] = self.view.column(self.name, [self.rows[i]])[0]
+        return self._got[i]
+
+
 class EvidenceReader:
     """`outcome_evidence` of hits, read from their date partition of the stored case table.
 
@@ -511,6 +531,9 @@ class _FrameView:
         if name not in m.columns:
             return [None] * len(rows)
         return [_plain(m.at[r, name]) for r in rows]
+
+    def columns(self, names: Sequence[str], rows: Sequence[int]) -> dict[str, list[Any]]:
+        return {n: self.column(n, rows) for n in names}
 
     def vectors(self, rows: Sequence[int]) -> np.ndarray:
         vids = self.idx.meta["vid"].to_numpy(dtype=np.int64)[list(rows)]
@@ -622,6 +645,10 @@ class StoredIndex:
         col = self.meta.column(name)
         return [col[int(r)].as_py() for r in rows]
 
+    def columns(self, names: Sequence[str], rows: Sequence[int]) -> dict[str, list[Any]]:
+        """Several metadata columns of some rows (a format-2 index reads each row group once)."""
+        return {n: self.column(n, rows) for n in names}
+
     def known_values(self, name: str) -> list[str]:
         return sorted({str(v) for v in self._list(name) if v is not None})
 
@@ -705,12 +732,21 @@ class StoredIndex:
 
     def _rows_of(self, D: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self._vid_order is None:  # once per index: at 1M cases the sort costs more than a search
-            order = np.argsort(self.vids, kind="stable")
-            self._vid_order = (order, self.vids[order])
+            self._vid_order = _vid_order(self.vids)
         order, sorted_vids = self._vid_order
         pos = np.searchsorted(sorted_vids, I.clip(min=0)).clip(max=len(sorted_vids) - 1)
         ok = (I >= 0) & (sorted_vids[pos] == I)
         return np.where(ok, D, -np.inf).astype(np.float32), np.where(ok, order[pos], -1).astype(np.int64)
+
+
+def _vid_order(vids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row order, vids in that order) for mapping FAISS ids back to rows. Vids are handed out in
+    ascending order and rows keep it, so usually no sort is needed: checking costs a pass over the
+    ids, the argsort it avoids about 0.1 s of a cold query at 1M cases."""
+    if len(vids) < 2 or bool(np.all(vids[1:] > vids[:-1])):
+        return np.arange(len(vids)), vids
+    order = np.argsort(vids, kind="stable")
+    return order, vids[order]
 
 
 class SegmentedIndex(StoredIndex):
@@ -751,7 +787,8 @@ class SegmentedIndex(StoredIndex):
         self._rg_start = [
             np.cumsum([0] + [f.metadata.row_group(i).num_rows for i in range(f.num_row_groups)]) for f in self._files
         ]
-        self._groups: dict[tuple[int, int, str], list[Any]] = {}
+        self._groups: dict[tuple[int, int], dict[str, Any]] = {}  # (segment, group) -> name -> column
+        self._group_bytes = 0
         self._groups_lock = threading.Lock()  # `serve` answers from several threads
         self._flat: list[Any] = [None] * len(self.segs)
         self.index = (
@@ -774,26 +811,61 @@ class SegmentedIndex(StoredIndex):
             self._lists[name] = vals
         return self._lists[name]
 
+    # Decoded row groups a process keeps (Arrow data, not Python objects), for the recent hits.
+    GROUP_CACHE_BYTES = 128 << 20
+
     def column(self, name: str, rows: Sequence[int]) -> list[Any]:
-        if name in self._lists:
-            whole = self._list(name)
-            return [whole[int(r)] for r in rows]
-        if name not in self._names:
-            return [None] * len(rows)
-        out = []
-        for r in rows:
+        return self.columns((name,), rows)[name]
+
+    def columns(self, names: Sequence[str], rows: Sequence[int]) -> dict[str, list[Any]]:
+        """Several metadata columns of some rows with ONE Parquet read per row group for all of
+        them (a hit's fields used to cost a read each), only the hits' rows turned into Python."""
+        rows = [int(r) for r in rows]
+        out: dict[str, list[Any]] = {}
+        stored: list[str] = []
+        for n in names:
+            if n in self._lists:
+                whole = self._lists[n]
+                out[n] = [whole[r] for r in rows]
+            else:
+                out[n] = [None] * len(rows)
+                if n in self._names:
+                    stored.append(n)
+        if not stored:
+            return out
+        where: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for i, r in enumerate(rows):
             seg, local = int(self._seg_of[r]), int(self._local_of[r])
             g = int(np.searchsorted(self._rg_start[seg], local, side="right")) - 1
-            key = (seg, g, name)
-            vals = self._groups.get(key)
-            if vals is None:
-                vals = self._files[seg].read_row_group(g, columns=[name]).column(name).to_pylist()
-                with self._groups_lock:
-                    while len(self._groups) >= 512:  # a serving process keeps the recent hits' groups only
-                        self._groups.pop(next(iter(self._groups)))
-                    self._groups[key] = vals
-            out.append(vals[local - int(self._rg_start[seg][g])])
+            where.setdefault((seg, g), []).append((i, local - int(self._rg_start[seg][g])))
+        for key, items in where.items():
+            cols = self._group_columns(key, stored)
+            for n in stored:
+                col = cols[n]
+                for i, at in items:
+                    out[n][i] = col[at].as_py()
         return out
+
+    def _group_columns(self, key: tuple[int, int], names: Sequence[str]) -> dict[str, Any]:
+        """Columns `names` of row group key = (segment, group), read once and kept while the
+        cache's bytes allow (`serve` answers from several threads)."""
+        with self._groups_lock:
+            have = dict(self._groups.get(key, {}))
+        missing = [n for n in names if n not in have]
+        if missing:
+            t = self._files[key[0]].read_row_group(key[1], columns=missing)
+            got = {n: t.column(n) for n in missing}
+            have.update(got)
+            with self._groups_lock:
+                entry = self._groups.pop(key, {})  # re-inserted last: the most recent group
+                self._group_bytes -= sum(c.nbytes for c in entry.values())
+                entry.update(got)
+                self._groups[key] = entry
+                self._group_bytes += sum(c.nbytes for c in entry.values())
+                while self._group_bytes > self.GROUP_CACHE_BYTES and len(self._groups) > 1:
+                    old = self._groups.pop(next(iter(self._groups)))
+                    self._group_bytes -= sum(c.nbytes for c in old.values())
+        return have
 
     def _seg_index(self, i: int) -> Any:
         import faiss
@@ -1070,16 +1142,16 @@ class Searcher:
             kept = collapse_duplicates(
                 hits,
                 vectors,
-                self.view.column("problem", rows),
-                self.view.column("text_hash", rows),
-                self.view.column("case_id", rows),
+                _LazyColumn(self.view, "problem", rows),
+                self.view.column("text_hash", rows),  # every pair compares hashes first
+                _LazyColumn(self.view, "case_id", rows),
             )
             if len(kept) >= k or len(hits) < depth or depth >= len(self.view):
                 return kept[:k], best
             depth *= 4
 
     def _with_fields(self, hits: list[Hit]) -> list[Hit]:
-        fields = {f: self.view.column(f, [h.row for h in hits]) for f in (*DISPLAY_FIELDS, "outcome_evidence")}
+        fields = self.view.columns((*DISPLAY_FIELDS, "outcome_evidence"), [h.row for h in hits])
         for i, h in enumerate(hits):
             h.fields = {f: _plain(vals[i]) for f, vals in fields.items()}
         return hits

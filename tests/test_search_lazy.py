@@ -1,0 +1,116 @@
+"""What a stored index reads per query: each row group once for all the fields a query shows (and
+kept while the cache allows), problem texts and case ids only for near-duplicate pairs, no sort of
+every vid when the vids are already in order; and the answers equal the in-memory index's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import Config
+from pipeline.embed.fake import HashingEmbedder
+from pipeline.retrieval import search
+from pipeline.retrieval import segments as sg
+from pipeline.retrieval.index import IndexStore, meta_from_cases
+from pipeline.retrieval.search import DISPLAY_FIELDS, Hit, Searcher, StoredIndex
+from test_index import CASES, make_cases, vecs_for  # noqa: E402  (same folder, on sys.path under pytest)
+from test_index_segments import MORE, _append, _hits  # noqa: E402
+
+
+@pytest.fixture
+def two_segments(tmp_path, monkeypatch):
+    """A stored index of two segments whose metadata is cut into row groups of 2 rows."""
+    monkeypatch.setattr(sg, "ROW_GROUP", 2)
+    cfg = Config()
+    store = IndexStore(tmp_path / "index", cfg.index)
+    _append(store, CASES)
+    _append(store, MORE)
+    return cfg, store, tmp_path / "index"
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Every Parquet row-group read as (file, group, columns)."""
+    got: list[tuple[str, int, tuple[str, ...]]] = []
+    real = pq.ParquetFile.read_row_group
+
+    def counting(self, i, columns=None, **kw):
+        got.append((str(self.metadata), i, tuple(columns or ())))
+        return real(self, i, columns=columns, **kw)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", counting)
+    return got
+
+
+def test_columns_read_each_row_group_once_for_all_fields(two_segments, reads):
+    cfg, store, root = two_segments
+    light = StoredIndex.load(root, cfg.index, None)
+    heavy = store.load()
+    rows = list(range(len(light)))[::-1]  # every row, out of order: 3 + 2 groups of 2 rows or fewer
+    names = (*DISPLAY_FIELDS, "outcome_evidence", "text_hash")
+    got = light.columns(names, rows)
+    assert len(reads) == sum(f.num_row_groups for f in light._files) == 5
+    assert all(set(cols) == set(names) - {"outcome_evidence"} or set(cols) == set(names) for _, _, cols in reads)
+    by_id = {rec["case_id"]: rec for rec in heavy.meta.to_dict("records")}
+    for i, r in enumerate(rows):
+        cid = got["case_id"][i]
+        for n in names:
+            want = by_id[cid].get(n)
+            assert got[n][i] == (None if want is None or want != want else want), (cid, n)
+        assert light.column("problem", [r]) == [got["problem"][i]]
+    reads.clear()
+    assert light.columns(("problem", "case_id"), rows) == {n: got[n] for n in ("problem", "case_id")}
+    assert reads == []  # kept from the first read
+
+
+def test_group_cache_stays_under_its_byte_budget(two_segments, reads, monkeypatch):
+    cfg, _, root = two_segments
+    light = StoredIndex.load(root, cfg.index, None)
+    monkeypatch.setattr(type(light), "GROUP_CACHE_BYTES", 1)
+    rows = list(range(len(light)))
+    first = light.columns(("problem", "case_id"), rows)
+    assert len(light._groups) == 1  # only the newest group is kept
+    assert light.columns(("problem", "case_id"), rows) == first
+    assert len(reads) == 10  # 5 groups, read again each time: answers stay right, memory bounded
+
+
+def test_collapse_reads_texts_and_ids_only_for_near_pairs():
+    asked: list[str] = []
+
+    class View:
+        def column(self, name, rows):
+            asked.append(name)
+            return [f"{name}-{r}" for r in rows]
+
+    hits = [Hit(r, 1.0 / (r + 1)) for r in range(4)]
+    vecs = np.eye(4, dtype=np.float32)
+    vecs[1] = vecs[0]  # hits 0 and 1: the same vector; their texts decide
+    lazy = [search._LazyColumn(View(), n, range(4)) for n in ("problem", "case_id")]
+    kept = search.collapse_duplicates(hits, vecs, lazy[0], [None] * 4, lazy[1])
+    assert [h.row for h in kept] == [0, 2, 3]  # "problem-0" vs "problem-1": 8 of 9 characters alike
+    assert kept[0].duplicates == ["case_id-1"]
+    assert asked == ["problem", "problem", "case_id"]  # rows 1 and 0 only, then the collapsed id
+
+
+def test_vid_order_skips_the_sort_for_ordered_vids():
+    ordered = np.array([3, 5, 9, 12], dtype=np.int64)
+    order, sorted_vids = search._vid_order(ordered)
+    assert order.tolist() == [0, 1, 2, 3] and sorted_vids.tolist() == ordered.tolist()
+    mixed = np.array([9, 3, 12, 5], dtype=np.int64)
+    order, sorted_vids = search._vid_order(mixed)
+    assert sorted_vids.tolist() == [3, 5, 9, 12] and mixed[order].tolist() == [3, 5, 9, 12]
+
+
+def test_answers_equal_the_in_memory_index(two_segments):
+    cfg, store, root = two_segments
+    light = StoredIndex.load(root, cfg.index, None)
+    assert _hits(cfg, light) == _hits(cfg, store.load())
+    # near-duplicates (same text twice) collapse the same way through the lazy columns
+    twin = [("c9", CASES[0][1], *CASES[0][2:])]
+    meta = meta_from_cases(make_cases(twin), False, cut=list)
+    with store.writer():
+        store.append(meta, vecs_for(meta), model="hashing-test", backend="torch", dim=384)
+    light = StoredIndex.load(root, cfg.index, None)
+    got = Searcher(cfg, light, HashingEmbedder(), cut=list).query([CASES[0][1]], 3, None, "dense")[0].hits
+    assert got[0].duplicates in (["c9"], ["c1"]) and _hits(cfg, light) == _hits(cfg, store.load())
