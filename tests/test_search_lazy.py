@@ -1,6 +1,8 @@
 """What a stored index reads per query: each row group once for all the fields a query shows (and
 kept while the cache allows), problem texts and case ids only for near-duplicate pairs, no sort of
-every vid when the vids are already in order; and the answers equal the in-memory index's."""
+every vid when the vids are already in order, BM25 scores of the matching rows only (the same
+numbers and the same selection as an array of every row); and the answers equal the in-memory
+index's."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pipeline.config import Config
 from pipeline.embed.fake import HashingEmbedder
 from pipeline.retrieval import search
 from pipeline.retrieval import segments as sg
+from pipeline.retrieval.bm25 import SegmentedBm25, TermStats, _union
 from pipeline.retrieval.index import IndexStore, meta_from_cases
 from pipeline.retrieval.search import DISPLAY_FIELDS, Hit, Searcher, StoredIndex
 from test_index import CASES, make_cases, vecs_for  # noqa: E402  (same folder, on sys.path under pytest)
@@ -114,3 +117,45 @@ def test_answers_equal_the_in_memory_index(two_segments):
     light = StoredIndex.load(root, cfg.index, None)
     got = Searcher(cfg, light, HashingEmbedder(), cut=list).query([CASES[0][1]], 3, None, "dense")[0].hits
     assert got[0].duplicates in (["c9"], ["c1"]) and _hits(cfg, light) == _hits(cfg, store.load())
+
+
+def _dense_reference(seg: SegmentedBm25, tokens: list[str]) -> np.ndarray:
+    """The scores as they were summed before sparse scoring: an array of every row, token by token."""
+    out = np.zeros(seg.n, dtype=np.float32)
+    for tok in tokens:
+        got = seg._cached(tok)
+        if got is not None:
+            out[got[0]] += got[1]
+    return out
+
+
+# (61, 40): postings cover much of the rows, their union is marked; (5000, 4000): it is sorted
+@pytest.mark.parametrize(("n_docs", "n_words"), [(61, 40), (5000, 4000)])
+def test_sparse_bm25_equals_the_dense_scores_and_selection(n_docs, n_words):
+    rng = np.random.default_rng(1)
+    words = [f"w{i}" for i in range(n_words)]
+    docs = [list(rng.choice(words, size=int(rng.integers(1, 12)))) for _ in range(n_docs)]
+    docs[7].append("rare")
+    rows_a = np.arange(30)
+    rows_b = np.arange(30, n_docs)
+    rows_b[3] = -1  # a dead row: rows after it shift down
+    rows_b[4:] -= 1
+    seg = SegmentedBm25([(TermStats.build(docs[:30]), rows_a), (TermStats.build(docs[30:]), rows_b)], n_docs - 1)
+    allowed = rng.random(n_docs - 1) < 0.5
+    for q in (["w1", "w2"], ["w3", "w3", "w39"], ["w5", "nope"], ["rare", "w0", "w7"], ["nope"], []):
+        sp = seg.sparse(q)
+        want = _dense_reference(seg, q)
+        assert np.array_equal(sp.dense(), want), q  # bit for bit, not approximately
+        assert np.array_equal(sp.rows, np.flatnonzero(want > 0))
+        assert all(sp[r] == want[r] for r in range(seg.n))
+        for mask in (None, allowed):
+            assert np.array_equal(search._top(sp, 10, mask, True), search._top(want, 10, mask, True)), q
+    assert not seg._scratch.buf.any()  # the scratch array is left zeroed for the next query
+
+
+def test_union_marks_or_sorts_to_the_same_rows():
+    parts = [np.array([1, 5, 9]), np.array([0, 5, 6, 9, 10]), np.array([2])]
+    want = [0, 1, 2, 5, 6, 9, 10]
+    assert _union(parts, 11).tolist() == want  # 9 rows of 11: marked
+    assert _union(parts, 10_000).tolist() == want  # sorted
+    assert _union(parts[:1], 11).tolist() == [1, 5, 9]

@@ -172,13 +172,13 @@ class SegmentedBm25:
         self.n, self.k1, self.b = n, k1, b
         total = sum(float(np.asarray(st.doclen)[rows >= 0].sum()) for st, rows in self.parts)
         self.avgdl = total / n if n else 1.0
-        # Per segment, once per version: each document's length norm k1 * (1 - b + b * dl / avgdl)
-        # (float64, as bm25s computes it), and whether its rows are one dead-free run (then a
-        # posting's row is its local position plus an offset: no lookup, no mask).
-        self._norm = [k1 * ((1 - b) + b * np.asarray(st.doclen, dtype=np.float64) / self.avgdl) for st, _ in self.parts]
+        # Per segment: whether its rows are one dead-free run (then a posting's row is its local
+        # position plus an offset: no lookup, no mask). Length norms are computed per posting
+        # (`_norm`), not for every document up front: a cold query reads a few tokens' postings.
         self._cache: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
         self._used = 0
         self._lock = threading.Lock()
+        self._scratch = threading.local()  # per thread: a zeroed float32 array of n (`sparse`)
         self._offset: list[int | None] = []
         for _, rows in self.parts:
             run = len(rows) > 0 and rows[0] >= 0 and bool(np.all(np.diff(rows) == 1))
@@ -189,15 +189,27 @@ class SegmentedBm25:
     CACHE_POSTINGS = 4_000_000
 
     def scores(self, query_tokens: Sequence[str]) -> np.ndarray:
-        out = np.zeros(self.n, dtype=np.float32)
-        if self.n == 0:
-            return out
-        for tok in query_tokens:  # repeated tokens count again, as in bm25s
-            got = self._cached(tok)
-            if got is not None:
-                rows, s = got
-                out[rows] += s  # a row holds a term once: no repeated indices within a token
-        return out
+        return self.sparse(query_tokens).dense()
+
+    def sparse(self, query_tokens: Sequence[str]) -> SparseScores:
+        """The scores of the rows sharing a token with the query (all others score 0), without a
+        pass over every row: at 1M cases zeroing, scanning and selecting over the whole score
+        array cost more than a light query's own postings. Summed token by token in float32 in a
+        zeroed per-thread scratch array, exactly as the dense scores are, then put back to zero."""
+        got = [g for g in (self._cached(t) for t in query_tokens) if g is not None]  # repeats count again
+        if not got or self.n == 0:
+            return SparseScores(self.n, np.zeros(0, np.int64), np.zeros(0, np.float32))
+        buf = getattr(self._scratch, "buf", None)
+        if buf is None or len(buf) != self.n:
+            buf = self._scratch.buf = np.zeros(self.n, dtype=np.float32)
+        self._scratch.buf = None  # taken: an exception below must not leave a dirty array behind
+        for rows, s in got:
+            buf[rows] += s  # a row holds a term once: no repeated indices within a token
+        cand = _union([rows for rows, _ in got], self.n)
+        vals = buf[cand]
+        buf[cand] = 0
+        self._scratch.buf = buf
+        return SparseScores(self.n, cand, vals)
 
     def _cached(self, tok: str) -> tuple[np.ndarray, np.ndarray] | None:
         hit = self._cache.get(tok, _MISSING)
@@ -214,9 +226,15 @@ class SegmentedBm25:
                 self._used += size
         return got
 
+    def _norm(self, st: TermStats, docs: np.ndarray) -> np.ndarray:
+        """Length norms k1 * (1 - b + b * dl / avgdl) of some documents, in float64 as bm25s
+        computes them (element by element, so the same numbers as a whole-segment array)."""
+        dl = np.asarray(st.doclen[docs], dtype=np.float64)
+        return self.k1 * ((1 - self.b) + self.b * dl / self.avgdl)
+
     def _term_scores(self, tok: str) -> tuple[np.ndarray, np.ndarray] | None:
         rows_l, tf_l, norm_l = [], [], []
-        for (st, row_of), norm, offset in zip(self.parts, self._norm, self._offset):
+        for (st, row_of), offset in zip(self.parts, self._offset):
             t = st.term(tok)
             if t is None:
                 continue
@@ -231,7 +249,7 @@ class SegmentedBm25:
                 rows, docs, tf = rows[ok], docs[ok], tf[ok]
             rows_l.append(rows.astype(np.int32))
             tf_l.append(tf)
-            norm_l.append(norm[docs])
+            norm_l.append(self._norm(st, docs))
         if not rows_l:
             return None
         rows = rows_l[0] if len(rows_l) == 1 else np.concatenate(rows_l)
@@ -243,3 +261,39 @@ class SegmentedBm25:
         tf = tf_l[0] if len(tf_l) == 1 else np.concatenate(tf_l)
         norm = norm_l[0] if len(norm_l) == 1 else np.concatenate(norm_l)
         return rows, (idf * (tf / (norm + tf))).astype(np.float32)
+
+
+def _union(parts: Sequence[np.ndarray], n: int) -> np.ndarray:
+    """Sorted distinct rows of several ascending row arrays: sorted when they are short, marked
+    in a bitmap of n when they cover a good part of it (then the sort costs more than the scan)."""
+    if len(parts) == 1:
+        return np.asarray(parts[0], dtype=np.int64)
+    total = sum(len(p) for p in parts)
+    if total * 16 > n:
+        mark = np.zeros(n, dtype=np.bool_)
+        for p in parts:
+            mark[p] = True
+        return np.flatnonzero(mark)
+    c = np.concatenate(parts).astype(np.int64)
+    c.sort()
+    return c[np.concatenate(([True], c[1:] != c[:-1]))] if len(c) else c
+
+
+class SparseScores:
+    """BM25 scores as the rows that score (ascending) and their scores; every other row of the n
+    scores 0. Indexes by row like the dense array (`dense()` gives that array)."""
+
+    def __init__(self, n: int, rows: np.ndarray, scores: np.ndarray):
+        self.n, self.rows, self.scores = n, rows, scores
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, row: int) -> np.float32:
+        i = int(np.searchsorted(self.rows, row))
+        return self.scores[i] if i < len(self.rows) and self.rows[i] == row else np.float32(0)
+
+    def dense(self) -> np.ndarray:
+        out = np.zeros(self.n, dtype=np.float32)
+        out[self.rows] = self.scores
+        return out

@@ -243,14 +243,22 @@ def rrf_fuse(rankings: Sequence[Sequence[int]], weights: Sequence[float], k: int
     return sorted(scores.items(), key=lambda kv: -kv[1])
 
 
-def _top(scores: np.ndarray, k: int, allowed: np.ndarray | None, positive: bool) -> np.ndarray:
+def _top(scores: Any, k: int, allowed: np.ndarray | None, positive: bool) -> np.ndarray:
+    """The k best rows of `scores` (a dense array, or BM25's `SparseScores`), best first."""
     if positive:
         # Only the rows that score at all (BM25: those sharing a token with the query): at 1M cases
         # selecting among them is several times faster than masking and partitioning every row.
-        rows = np.flatnonzero(scores > 0)
+        # Sparse scores give the same rows, ascending, without a pass over every row.
+        if isinstance(scores, np.ndarray):
+            rows = np.flatnonzero(scores > 0)
+            vals = scores[rows]
+        else:
+            ok = scores.scores > 0
+            rows, vals = scores.rows[ok], scores.scores[ok]
         if allowed is not None:
-            rows = rows[allowed[rows]]
-        s = scores[rows].astype(np.float64)
+            keep = allowed[rows]
+            rows, vals = rows[keep], vals[keep]
+        s = vals.astype(np.float64)
     else:
         rows = None
         s = scores.astype(np.float64, copy=True)
@@ -886,12 +894,19 @@ class SegmentedIndex(StoredIndex):
         return out
 
     def bm25_scores(self, tokens: Sequence[str]) -> np.ndarray:
+        return self._segmented_bm25().scores(tokens)
+
+    def bm25_sparse(self, tokens: Sequence[str]) -> Any:
+        """BM25 scores of the rows sharing a token with the query (`bm25.SparseScores`)."""
+        return self._segmented_bm25().sparse(tokens)
+
+    def _segmented_bm25(self) -> Any:
         if self._bm25 is None:
             from pipeline.retrieval.bm25 import SegmentedBm25, TermStats
 
             parts = [(TermStats.load(self.dir / s), r) for s, r in zip(self.segs, self._row_of)]
             self._bm25 = SegmentedBm25(parts, len(self))  # type: ignore[assignment]
-        return self._bm25.scores(tokens)  # type: ignore[union-attr]
+        return self._bm25
 
     def _exact_rows(self, q: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         scores = q @ self.vectors(rows).T
@@ -1066,14 +1081,15 @@ class Searcher:
         depth = k if mode != "hybrid" else max(k, sc.fusion_depth)
         dense_rank, dense_score = self._dense(query_vec, depth, allowed) if mode != "bm25" else ([], {})
         bm_rank: list[int] = []
-        bm_scores: np.ndarray | None = None
+        bm_scores: Any = None
         if mode in ("bm25", "hybrid"):
-            bm_scores = self.view.bm25_scores(query_tokens or [])
+            sparse = getattr(self.view, "bm25_sparse", None)  # a stored index's: no array of every row
+            bm_scores = (sparse or self.view.bm25_scores)(query_tokens or [])
             bm_rank = [int(r) for r in _top(bm_scores, depth, allowed, positive=True)]
         if mode == "dense":
             ranked = [(r, dense_score[r]) for r in dense_rank]
         elif mode == "bm25":
-            ranked = [(r, float(bm_scores[r])) for r in bm_rank]  # type: ignore[index]
+            ranked = [(r, float(bm_scores[r])) for r in bm_rank]
         else:
             ranked = rrf_fuse([dense_rank, bm_rank], [sc.dense_weight, sc.bm25_weight], sc.rrf_k)
         hits = [
