@@ -14,7 +14,8 @@ realistic load. Built indexes are kept under bench/results/query-index-<N>/ and 
 Run: `python -m bench.bench_query [--sizes 10000] [--rounds 10] [--warm 200]`, or `--out DIR` to
 bench an existing output root's index (a bench-built one, e.g. bench/results/query-index-1000000,
 reports its build figures and recall too); `--no-encode` skips the encoders' own timings to
-re-measure query latency only. Timings on a shared
+re-measure query latency only; `--ef-sweep --sizes 1000000` measures, on an index it built, HNSW's
+recall@10 against exact search and its search time for several efSearch values. Timings on a shared
 2-core machine vary; compare within one run.
 
 `python -m bench.bench_query --calibrate DIR` instead reproduces how the "close match" cosine
@@ -134,6 +135,51 @@ def _recall(cfg, out: Path, vecs: np.ndarray, queries: np.ndarray, k: int = 10) 
             "exact_search_ms_p95": round(float(np.percentile(ex_ms, 95)), 2),
             "index_search_ms_p50": round(float(np.percentile(st_ms, 50)), 2),
             "index_search_ms_p95": round(float(np.percentile(st_ms, 95)), 2)}
+
+
+def ef_sweep(out: Path, n: int, efs: tuple[int, ...] = (64, 128, 192, 256), k: int = 10, seed: int = 0) -> dict:
+    """HNSW's recall@10 against exact search and its search time per efSearch, on the index the
+    bench built in `out` for `n` cases: what a lower default would trade. The held-out query
+    vectors are drawn again from the build's seed (they come first in its first draw of 100k) and
+    the exact answers are searched in the stored segments' vectors (the build's matrix is gone)."""
+    import faiss
+
+    from bench.bench_embed_index import _vectors
+    from pipeline.config import load_config
+    from pipeline.embed import model_identity
+    from pipeline.retrieval.search import StoredIndex
+    from pipeline.retrieval.update import index_root
+
+    cfg = load_config()
+    stored = StoredIndex.load(index_root(out), cfg.index, model_identity(cfg))
+    if stored.kind != "hnsw":
+        return {"index_kind": stored.kind}
+    m = n - len(_real_texts())
+    assert m + N_RECALL >= 100_000, "the held-out vectors are drawn again from a first draw of 100k"
+    queries = _vectors(100_000, stored.dim, np.random.default_rng(seed), structured=True)[:N_RECALL]
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    Ds, Vs = [], []
+    for i, row_of in enumerate(stored._row_of):  # exact: every segment's vectors, batched
+        D, I = stored._seg_index(i).search(queries, k)
+        Ds.append(D)
+        Vs.append(stored.vids[row_of[I]])
+    order = np.argsort(-np.concatenate(Ds, axis=1), axis=1)[:, :k]
+    want = np.take_along_axis(np.concatenate(Vs, axis=1), order, axis=1)
+    faiss.omp_set_num_threads(1)
+    res: dict = {"cases": len(stored), "queries": N_RECALL}
+    warm = faiss.SearchParametersHNSW(efSearch=max(efs))
+    for q in queries:  # untimed: the first pass faults the mapped graph in, whichever ef runs first
+        stored.index.search(q[None, :], k, params=warm)
+    for ef in efs:
+        ms, hits = [], []
+        params = faiss.SearchParametersHNSW(efSearch=ef)
+        for q, w in zip(queries, want):
+            t = time.perf_counter()
+            _, got = stored.index.search(q[None, :], k, params=params)
+            ms.append((time.perf_counter() - t) * 1000)
+            hits.append(len(set(w.tolist()) & set(got[0].tolist())) / k)
+        res[f"ef {ef}"] = {f"recall@{k}_vs_exact": round(float(np.mean(hits)), 4), **_pct(ms)}
+    return res
 
 
 def _run(args: list[str]) -> tuple[float, str]:
@@ -311,10 +357,16 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=200, help="queries through the server for the warm figure")
     ap.add_argument("--calibrate", type=Path, metavar="DIR", help="output root built from ../shared/data/csds")
     ap.add_argument("--no-encode", action="store_true", help="skip the encoders' own timings (query latency only)")
+    ap.add_argument("--ef-sweep", action="store_true",
+                    help="instead: HNSW recall@10 vs exact and search time per efSearch on the built --sizes indexes")
     a = ap.parse_args()
     if a.calibrate:
         return calibrate(a.calibrate)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if a.ef_sweep:
+        for n in (int(s) for s in a.sizes.split(",") if s):
+            print(f"== efSearch at {n:,} cases: " + json.dumps(ef_sweep(RESULTS / f"query-index-{n}", n)), flush=True)
+        return None
     if a.out:
         res = bench_size(0, a.rounds, a.warm, a.out, encode=not a.no_encode)
         return _print(0, res)
