@@ -159,3 +159,31 @@ def test_union_marks_or_sorts_to_the_same_rows():
     assert _union(parts, 11).tolist() == want  # 9 rows of 11: marked
     assert _union(parts, 10_000).tolist() == want  # sorted
     assert _union(parts[:1], 11).tolist() == [1, 5, 9]
+
+
+def test_mapped_graph_gives_the_hits_of_a_fully_read_one(tmp_path):
+    """The graph read zero-copy as an IndexIDMap (no id hash map) answers exactly like FAISS's own
+    full read of the stored IndexIDMap2, with and without a selector, and the file is unchanged."""
+    import faiss
+
+    cfg = Config().with_overrides(index={"exact_max": 2, "max_tombstone_fraction": 0.9})
+    store = IndexStore(tmp_path / "index", cfg.index)
+    _append(store, CASES)
+    _append(store, MORE)
+    light = StoredIndex.load(tmp_path / "index", cfg.index, None)
+    assert light.kind == "hnsw"
+    path = light.dir / sg.GRAPH_FILE
+    before = path.read_bytes()
+    assert before[:4] == b"IxM2"
+    full = faiss.read_index(str(path))  # read into memory, with IndexIDMap2's reverse map
+    mapped = search.read_graph(path)
+    assert type(mapped).__name__ == "IndexIDMap" and mapped.ntotal == full.ntotal == 8
+    q = HashingEmbedder().encode(["快递没到", "退款金额不对", "耳机没声音"])
+    sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.array([0, 3], dtype=np.int64)))
+    for params in (faiss.SearchParametersHNSW(efSearch=16), faiss.SearchParametersHNSW(efSearch=16, sel=sel)):
+        d1, i1 = full.search(q, 5, params=params)
+        d2, i2 = mapped.search(q, 5, params=params)
+        assert np.array_equal(i1, i2) and np.array_equal(d1, d2)
+    assert path.read_bytes() == before  # the tag was changed in a private copy only
+    assert any(isinstance(o, np.memmap) for o in light.index.referenced_objects)  # the index keeps its map
+    assert _hits(cfg, light) == _hits(cfg, store.load())
