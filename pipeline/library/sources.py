@@ -44,7 +44,7 @@ def load_library_cases(cfg: Config, out: Path, since: str | None = None) -> pd.D
     return _completed(base, cfg)
 
 
-def iter_library_cases(cfg: Config, out: Path, block_rows: int = 20_000) -> Iterator[pd.DataFrame]:
+def iter_library_cases(cfg: Config, out: Path, block_rows: int = 5_000) -> Iterator[pd.DataFrame]:
     """The stored cases of `load_library_cases` (one row per id: the newest run's), in blocks of
     whole part files of about `block_rows` rows: what a nightly build reads without holding every
     stored case and its texts at once. Which run's row is current is decided over all parts first,
