@@ -51,15 +51,15 @@ def iter_library_cases(cfg: Config, out: Path, block_rows: int = 5_000) -> Itera
     from the ids alone."""
     import pyarrow.parquet as pq
 
-    from pipeline.storage.store import read_parts, stored_parts
+    from pipeline.storage.store import newest_rows, read_parts, stored_parts
 
     files = stored_parts(Path(out))
     if not files:
         return
-    # The row read_cases keeps per id: the newest run's, and within it the last in file order.
+    # The row read_cases keeps per id, decided over all parts from the ids alone.
     keys = read_parts(files, ["case_id", "run_id"]).to_pandas()
     keys["_row"] = np.arange(len(keys))
-    kept = keys.sort_values("run_id", kind="stable").drop_duplicates("case_id", keep="last")["_row"]
+    kept = newest_rows(keys)["_row"]
     wanted = np.zeros(len(keys), dtype=bool)
     wanted[kept.to_numpy()] = True
     block: list[Path] = []

@@ -129,9 +129,14 @@ def read_cases(out: Path, columns: list[str] | None = None, latest: bool = True)
             # structs come back as the plain dicts they were written from.
             df[f.name] = pd.Series(table.column(f.name).to_pylist(), index=df.index, dtype=object)
     if latest and len(df):
-        # Run ids start with their UTC start time, so their order is the runs' order.
-        df = df.sort_values("run_id", kind="stable").drop_duplicates("case_id", keep="last").reset_index(drop=True)
+        df = newest_rows(df).reset_index(drop=True)
     return df if wanted is None else df[wanted]
+
+
+def newest_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per case_id: the newest run's, and within a run the last in file order. Run ids
+    start with their UTC start time, so their order is the runs' order."""
+    return df.sort_values("run_id", kind="stable").drop_duplicates("case_id", keep="last")
 
 
 def read_case(out: Path, case_id: str) -> dict[str, Any] | None:
