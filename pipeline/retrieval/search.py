@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Config
+from pipeline.retrieval.bm25 import best_rows
 
 MODES = ("dense", "bm25", "hybrid")
 # Fields returned with every hit (what a person needs to judge a similar case).
@@ -243,6 +244,13 @@ def rrf_fuse(rankings: Sequence[Sequence[int]], weights: Sequence[float], k: int
     return sorted(scores.items(), key=lambda kv: -kv[1])
 
 
+def _scores_of(scores: Any, rows: list[int]) -> list[float | None]:
+    """BM25 scores of a few rows: in one pass over the postings when they are kept per token."""
+    many = getattr(scores, "score_rows", None)
+    vals = many(np.asarray(rows, dtype=np.int64)) if many is not None else [scores[r] for r in rows]
+    return [float(v) for v in vals]
+
+
 def _top(scores: Any, k: int, allowed: np.ndarray | None, positive: bool) -> np.ndarray:
     """The k best rows of `scores` (a dense array, or BM25's `SparseScores`), best first."""
     if positive:
@@ -258,19 +266,15 @@ def _top(scores: Any, k: int, allowed: np.ndarray | None, positive: bool) -> np.
         if allowed is not None:
             keep = allowed[rows]
             rows, vals = rows[keep], vals[keep]
-        s = vals.astype(np.float64)
-    else:
-        rows = None
-        s = scores.astype(np.float64, copy=True)
-        if allowed is not None:
-            s[~allowed] = -np.inf
-    n_ok = int(np.isfinite(s).sum())
-    k = min(k, n_ok)
+        return best_rows(rows, vals, k)
+    s = scores.astype(np.float64, copy=True)
+    if allowed is not None:
+        s[~allowed] = -np.inf
+    k = min(k, int(np.isfinite(s).sum()))
     if k <= 0:
         return np.zeros(0, dtype=np.int64)
     top = np.argpartition(-s, k - 1)[:k]
-    top = top[np.argsort(-s[top], kind="stable")]
-    return top if rows is None else rows[top]
+    return top[np.argsort(-s[top], kind="stable")]
 
 
 # -- filters ---------------------------------------------------------------------------------
@@ -915,8 +919,8 @@ class SegmentedIndex(StoredIndex):
         return self._segmented_bm25().scores(tokens)
 
     def bm25_sparse(self, tokens: Sequence[str]) -> Any:
-        """BM25 scores of the rows sharing a token with the query (`bm25.SparseScores`)."""
-        return self._segmented_bm25().sparse(tokens)
+        """BM25 scores of the rows sharing a token with the query, per token (`bm25.TermScores`)."""
+        return self._segmented_bm25().lazy(tokens)
 
     def _segmented_bm25(self) -> Any:
         if self._bm25 is None:
@@ -1040,6 +1044,21 @@ class _StoredBm25:
 # -- searching -------------------------------------------------------------------------------
 
 
+_SIDE_POOL: Any = None
+_SIDE_LOCK = threading.Lock()
+
+
+def _side_pool() -> Any:
+    """Threads that encode queries beside the lexical scoring (two: `serve` answers two at once)."""
+    global _SIDE_POOL
+    with _SIDE_LOCK:
+        if _SIDE_POOL is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _SIDE_POOL = ThreadPoolExecutor(2, thread_name_prefix="casemine-encode")
+        return _SIDE_POOL
+
+
 class Searcher:
     """Search one index (a `StoredIndex` or an in-memory `CaseIndex`) by text."""
 
@@ -1082,44 +1101,45 @@ class Searcher:
         allowed: np.ndarray | None = None,
     ) -> list[Hit]:
         """Core ranking for one query over metadata rows (pure given the index)."""
-        return self._rank(query_vec, query_tokens, k, mode, allowed)[0]
+        lexical = self.lexical(query_tokens) if mode in ("bm25", "hybrid") else None
+        return self._rank(query_vec, lexical, k, mode, allowed)[0]
+
+    def lexical(self, query_tokens: Sequence[str] | None) -> Any:
+        """BM25 scores of every row (0 where no token is shared), sparse where the index can."""
+        sparse = getattr(self.view, "bm25_sparse", None)  # a stored index's: no array of every row
+        return (sparse or self.view.bm25_scores)(list(query_tokens or []))
 
     def _rank(
         self,
         query_vec: np.ndarray | None,
-        query_tokens: list[str] | None,
+        bm_scores: Any,
         k: int,
         mode: str,
         allowed: np.ndarray | None,
     ) -> tuple[list[Hit], float | None]:
-        """Hits, and the best cosine of any allowed case (the dense list's top: fusion may drop it)."""
+        """Hits, and the best cosine of any allowed case (the dense list's top: fusion may drop it).
+        `bm_scores`: `lexical()` of the query's tokens (None in dense mode)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         sc = self.cfg.search
         depth = k if mode != "hybrid" else max(k, sc.fusion_depth)
         dense_rank, dense_score = self._dense(query_vec, depth, allowed) if mode != "bm25" else ([], {})
         bm_rank: list[int] = []
-        bm_scores: Any = None
         if mode in ("bm25", "hybrid"):
-            sparse = getattr(self.view, "bm25_sparse", None)  # a stored index's: no array of every row
-            bm_scores = (sparse or self.view.bm25_scores)(query_tokens or [])
-            bm_rank = [int(r) for r in _top(bm_scores, depth, allowed, positive=True)]
+            top = getattr(bm_scores, "top", None)  # a stored index's `TermScores`
+            best = top(depth, allowed) if top is not None else _top(bm_scores, depth, allowed, positive=True)
+            bm_rank = [int(r) for r in best]
+        else:
+            bm_scores = None
         if mode == "dense":
             ranked = [(r, dense_score[r]) for r in dense_rank]
         elif mode == "bm25":
             ranked = [(r, float(bm_scores[r])) for r in bm_rank]
         else:
             ranked = rrf_fuse([dense_rank, bm_rank], [sc.dense_weight, sc.bm25_weight], sc.rrf_k)
-        hits = [
-            Hit(
-                r,
-                s,
-                dense_score.get(r),
-                float(bm_scores[r]) if bm_scores is not None else None,
-                similarity=dense_score.get(r),
-            )
-            for r, s in ranked[:k]
-        ]
+        ranked = ranked[:k]
+        bm_of = _scores_of(bm_scores, [r for r, _ in ranked]) if bm_scores is not None else [None] * len(ranked)
+        hits = [Hit(r, s, dense_score.get(r), b, similarity=dense_score.get(r)) for (r, s), b in zip(ranked, bm_of)]
         return hits, (dense_score[dense_rank[0]] if dense_rank else None)
 
     def _dense(
@@ -1137,22 +1157,41 @@ class Searcher:
         near-duplicates collapsed; `filters` is a dict (see `normalize_filters`) or a `Filters`."""
         mode = mode or self.cfg.search.mode
         queries = [q[:MAX_QUERY_CHARS] for q in queries]
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         if not len(self.view):
             return [QueryResult([]) for _ in queries]
-        vecs = self.embedder.encode_queries(queries) if mode != "bm25" else None
         allowed = self.view.allowed(normalize_filters(filters))
+        vecs, lexical = self._encode_and_score(queries, mode)
         out = []
-        for i, q in enumerate(queries):
+        for i in range(len(queries)):
             vec = vecs[i] if vecs is not None else None
-            toks = self.cut(q) if mode != "dense" else None
-            hits, best = self._distinct(vec, toks, k, mode, allowed, collapse)
+            hits, best = self._distinct(vec, lexical[i], k, mode, allowed, collapse)
             out.append(QueryResult(self._with_fields(hits), best))
         return out
+
+    def _encode_and_score(self, queries: Sequence[str], mode: str) -> tuple[np.ndarray | None, list[Any]]:
+        """The queries' vectors and BM25 scores. In hybrid mode the lexical side (jieba, postings)
+        runs on this thread while the encoder runs on another: the encoder releases the GIL, so on
+        two cores a warm query waits for the slower of the two instead of their sum (at 1M cases a
+        common token's postings cost about as much as encoding a short question)."""
+        if mode == "dense":
+            return self.embedder.encode_queries(list(queries)), [None] * len(queries)
+        if mode == "bm25":
+            return None, [self.lexical(self.cut(q)) for q in queries]
+        from concurrent.futures import wait
+
+        fut = _side_pool().submit(self.embedder.encode_queries, list(queries))
+        try:
+            lexical = [self.lexical(self.cut(q)) for q in queries]
+        finally:
+            wait([fut])  # also on an error: no encode left running behind the caller
+        return fut.result(), lexical
 
     def _distinct(
         self,
         vec: np.ndarray | None,
-        toks: list[str] | None,
+        lexical: Any,
         k: int,
         mode: str,
         allowed: np.ndarray | None,
@@ -1162,7 +1201,7 @@ class Searcher:
         duplicates leave fewer than k (templated cases can fill a whole overfetch)."""
         depth = k * max(1, self.cfg.search.overfetch) if collapse else k
         while True:
-            hits, best = self._rank(vec, toks, depth, mode, allowed)
+            hits, best = self._rank(vec, lexical, depth, mode, allowed)
             if not hits:
                 return hits, best
             rows = [h.row for h in hits]
