@@ -96,7 +96,10 @@ def fill_classification(cases: pd.DataFrame) -> pd.DataFrame:
     out = cases.copy()
     if "issue_type" not in out:
         out["issue_type"] = UNCLASSIFIED
-    out["issue_type"] = out["issue_type"].map(lambda v: v if isinstance(v, str) and v else UNCLASSIFIED)
+    # A list, not Series.map: mapping an Arrow-backed column visits it cell by cell (slow at 100k).
+    out["issue_type"] = pd.Series(
+        [v if isinstance(v, str) and v else UNCLASSIFIED for v in out["issue_type"].tolist()], index=out.index
+    )
     for col, default in (
         ("request_kind", None),
         ("urgency", None),
@@ -112,10 +115,14 @@ def select_cases(cases: pd.DataFrame, min_chars: int = 4, request_kinds: Sequenc
     """The cases worth clustering: a problem statement long enough to carry a cause ("怎么办" does
     not), optionally only some request kinds. Adds `cluster_text` (problem, else customer text)."""
     df = fill_classification(cases)
-    problem = df["problem"].map(_text) if "problem" in df else pd.Series("", index=df.index)
-    customer = df["customer_text"].map(_text) if "customer_text" in df else pd.Series("", index=df.index)
-    df["cluster_text"] = [p.strip() or c.strip()[:200] for p, c in zip(problem, customer)]
-    keep = df["cluster_text"].map(lambda t: len(PLACEHOLDER_RE.sub("", t)) >= min_chars)
+    # Lists, not Series.map: this runs over every stored case each night, and mapping an
+    # Arrow-backed column visits it cell by cell.
+    n = len(df)
+    problem = df["problem"].tolist() if "problem" in df else [""] * n
+    customer = df["customer_text"].tolist() if "customer_text" in df else [""] * n
+    texts = [_text(p).strip() or _text(c).strip()[:200] for p, c in zip(problem, customer)]
+    df["cluster_text"] = texts
+    keep = pd.Series([len(PLACEHOLDER_RE.sub("", t)) >= min_chars for t in texts], index=df.index, dtype=bool)
     if request_kinds:
         keep &= df["request_kind"].isin(list(request_kinds))
     return df[keep].reset_index(drop=True)

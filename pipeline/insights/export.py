@@ -45,7 +45,7 @@ from pipeline.insights.cluster import (
     members_table,
     select_cases,
 )
-from pipeline.insights.emotion_stats import relations, trajectory_table, worsened_by_team
+from pipeline.insights.emotion_stats import case_teams, relations, trajectory_table, worsened_by_team
 from pipeline.insights.incremental import (
     MAP_SCOPE,
     MEMBER_COLUMNS,
@@ -356,9 +356,10 @@ def finish_export(
     notes.append(timing_coverage(kpis))
     if "date_source" in cases and (cases["date_source"] == "ingested").any():
         notes.append(f"{int((cases['date_source'] == 'ingested').sum())} 个案例无会话时间，按导入日期计入趋势。")
-    emotion = trajectory_table(cases, members)
+    teams = case_teams(cases)  # both emotion tables group by team: parse the metadata once
+    emotion = trajectory_table(cases, members, teams)
     emotion_rel = relations(cases)
-    emotion_teams = worsened_by_team(cases)
+    emotion_teams = worsened_by_team(cases, teams)
     tables = {
         "clusters": clusters,
         "members": members,
@@ -529,6 +530,17 @@ def full_reason(
     return None
 
 
+def _strings(col: pd.Series) -> list[Any]:
+    """A column's values as Python strings, for set look-ups."""
+    return col.astype(str).tolist()
+
+
+def _member_of(values: list[Any], among: set[Any]) -> np.ndarray:
+    """Which `values` are in `among`, as a bool array. Not Series.isin: on Arrow-backed strings it
+    makes one Arrow scalar per element of `among`, a second per 100k stored cases each night."""
+    return np.fromiter((v in among for v in values), dtype=bool, count=len(values))
+
+
 def _embed(embedder: PassageEncoder, texts: list[str]) -> np.ndarray:
     if not texts:
         return np.zeros((0, 384), np.float32)
@@ -591,9 +603,10 @@ def export_all(
     # Which cases are not yet members (new, or re-processed: same id, newer run): counted on every
     # night, embedded and assigned on an incremental one.
     membership, n_parts = mb.load_members(out, meta)
-    key = frame["case_id"].astype(str) + "\x1f" + frame["run_id"].astype(str)
-    todo = ~key.isin(set(membership["case_id"].astype(str) + "\x1f" + membership["run_id"].astype(str)))
-    alive = membership["case_id"].astype(str).isin(set(frame["case_id"].astype(str)))
+    member_ids = _strings(membership["case_id"])
+    known = set(zip(member_ids, _strings(membership["run_id"])))
+    todo = ~_member_of(list(zip(_strings(frame["case_id"]), _strings(frame["run_id"]))), known)
+    alive = _member_of(member_ids, set(_strings(frame["case_id"])))
     dropped = int((~alive).sum())  # cases removed by `casemine repair` (or no longer selected)
     todo_frame = frame[todo].reset_index(drop=True)
     n_new = len(todo_frame)
@@ -609,9 +622,9 @@ def export_all(
         if drift is not None and n_new >= c.drift_min_cases and drift > c.recluster_drift:
             reason = "drift"
         else:
-            redone = set(todo_frame["case_id"].astype(str))
+            redone = set(_strings(todo_frame["case_id"]))
             membership = pd.concat(
-                [membership[alive & ~membership["case_id"].astype(str).isin(redone)], new_rows], ignore_index=True
+                [membership[alive & ~_member_of(member_ids, redone)], new_rows], ignore_index=True
             )
             compact = dropped > 0 or n_parts + 1 > mb.COMPACT_PARTS
     if reason is not None:
@@ -644,7 +657,9 @@ def export_all(
         keep = since.isoformat()
         view_cases = cases[cases["date"].astype(str) >= keep].reset_index(drop=True)
         view_frame = frame[frame["date"].astype(str) >= keep].reset_index(drop=True)
-        vm = clustering.members[clustering.members["case_id"].astype(str).isin(set(view_frame["case_id"].astype(str)))]
+        vm = clustering.members[
+            _member_of(_strings(clustering.members["case_id"]), set(_strings(view_frame["case_id"])))
+        ]
         view_clusters, _ = recount_clusters(
             described, vm.reset_index(drop=True), clustering.state, day, c.top_breakdown
         )

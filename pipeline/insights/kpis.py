@@ -63,11 +63,14 @@ def group_kpis(g: pd.DataFrame) -> dict[str, Any]:
 def compute_kpis(cases: pd.DataFrame) -> pd.DataFrame:
     """KPI rows overall, per channel and per issue type (missing issue type = 未分类)."""
     rows = [{"group_by": "all", "group": "全部", **group_kpis(cases)}]
+    # Only the columns a KPI reads: a group is a copy of its rows, and the cases' text columns
+    # made the groups of 100k stored cases cost most of a second.
+    used = cases[[c for c in ("first_response_s", "duration_s", "outcome") if c in cases]]
     for col in ("channel", "issue_type"):
         if col not in cases:
             continue
         keys = cases[col].fillna("未分类" if col == "issue_type" else "未知")
-        for k, g in cases.groupby(keys, sort=True):
+        for k, g in used.groupby(keys, sort=True):
             rows.append({"group_by": col, "group": str(k), **group_kpis(g)})
     return pd.DataFrame(rows, columns=KPI_COLUMNS)
 
