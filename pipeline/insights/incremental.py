@@ -29,6 +29,7 @@ from pipeline.insights.cluster import (
     _history,
     _mean,
     _with_entry,
+    column_arrays,
     format_shares,
     share_dict,
 )
@@ -191,27 +192,33 @@ def recount_clusters(
     if described.empty or members.empty:
         return described.iloc[0:0].copy(), state
     scope_sizes = members.groupby("scope").size()
-    # Only the columns counted below: a group is a copy of its rows, and copying every text column
-    # of 100k members cost seconds.
-    used = ["scope", "cluster_id", "outcome", "emotion_score", "emotion", "channel", "issue_type", "region", "product"]
-    clustered = members.loc[members["cluster_id"].notna(), [c for c in used if c in members]]
-    groups = {(str(s), str(c)): g for (s, c), g in clustered.groupby(["scope", "cluster_id"], sort=False)}
+    # Each group's rows as positions into the counted columns, taken once as object arrays: a
+    # groupby's groups are DataFrame copies, one Arrow take per column and group, which cost
+    # seconds over the ~700 (scope, cluster) groups of 100k members.
+    used = ["outcome", "emotion_score", "emotion", "channel", "issue_type", "region", "product"]
+    clustered = members.loc[members["cluster_id"].notna(), ["scope", "cluster_id", *[c for c in used if c in members]]]
+    groups = {
+        (str(s), str(c)): idx for (s, c), idx in clustered.groupby(["scope", "cluster_id"], sort=False).indices.items()
+    }
+    columns = column_arrays(clustered, used)
     hist = state.table.set_index("cluster_id") if len(state.table) else pd.DataFrame()
     rows, seen = [], {}
     for r in described.to_dict("records"):
-        g = groups.get((str(r["scope"]), str(r["cluster_id"])))
-        if g is None:
+        idx = groups.get((str(r["scope"]), str(r["cluster_id"])))
+        if idx is None:
             continue
+        g = {c: v[idx] for c, v in columns.items()}
+        n = len(idx)
         sizes_h = _history(hist.loc[r["cluster_id"], "size_history"]) if r["cluster_id"] in hist.index else []
         before = [e for e in sizes_h if e.get("date") != day]
         prev = int(before[-1]["size"]) if before else None
-        scope_size = int(scope_sizes.get(r["scope"], len(g)))
+        scope_size = int(scope_sizes.get(r["scope"], n))
         outcome = share_dict(g["outcome"] if "outcome" in g else [])
         r.update(
             {
-                "size": int(len(g)),
+                "size": n,
                 "scope_size": scope_size,
-                "share_of_scope": round(len(g) / max(scope_size, 1), 4),
+                "share_of_scope": round(n / max(scope_size, 1), 4),
                 **{f"share_{k}": outcome.get(k, 0.0) for k in OUTCOME_KEYS},
                 "mean_emotion": _mean(g["emotion_score"]) if "emotion_score" in g else None,
                 "top_emotion": next(iter(share_dict(g["emotion"]).keys()), None) if "emotion" in g else None,
@@ -221,14 +228,14 @@ def recount_clusters(
                 "top_products": format_shares(share_dict(g["product"] if "product" in g else []), top),
                 "is_new": False,
                 "previous_size": prev,
-                "growth": (int(len(g)) - prev) if prev is not None else None,
+                "growth": (n - prev) if prev is not None else None,
                 "label_history": (
                     hist.loc[r["cluster_id"], "label_history"] if r["cluster_id"] in hist.index else r["label_history"]
                 ),
             }
         )
         rows.append(r)
-        seen[r["cluster_id"]] = json.dumps(_with_entry(sizes_h, day, "size", int(len(g)), dedupe=False))
+        seen[r["cluster_id"]] = json.dumps(_with_entry(sizes_h, day, "size", n, dedupe=False))
     clusters = pd.DataFrame(rows, columns=described.columns)
     t = state.table.copy()
     if len(t) and seen:

@@ -15,7 +15,7 @@ from typing import Any, cast
 import pandas as pd
 from scipy.stats import binomtest
 
-from pipeline.insights.cluster import ALL_SCOPE, format_shares, share_dict
+from pipeline.insights.cluster import ALL_SCOPE, column_arrays, format_shares, share_dict
 
 BREAKDOWNS = ("channel", "region", "product")
 
@@ -162,8 +162,15 @@ def root_cause_matrix(members: pd.DataFrame, clusters: pd.DataFrame, issue_count
     per_type = members.loc[members["scope"] != ALL_SCOPE, [c for c in used if c in members]]
     info = clusters.set_index("cluster_id") if len(clusters) else pd.DataFrame()
     rows = []
-    for (it, cid), g in per_type.groupby(["issue_type", per_type["cluster_id"].fillna("")], sort=True):
-        total = int(issue_counts.get(it, len(per_type[per_type["issue_type"] == it])))
+    # Groups as row positions into object arrays taken once (`column_arrays`): iterating the
+    # groupby copied each of its ~700 groups with one Arrow take per column.
+    positions = per_type.groupby(["issue_type", per_type["cluster_id"].fillna("")], sort=True).indices
+    columns = column_arrays(per_type, ["region", "product"])
+    type_sizes = per_type["issue_type"].value_counts()
+    for it, cid in sorted(positions):
+        idx = positions[(it, cid)]
+        g = {c: v[idx] for c, v in columns.items()}
+        total = int(issue_counts.get(it, type_sizes.get(it, 0)))
         regions = format_shares(share_dict(g["region"]) if "region" in g else {}, top)
         products = format_shares(share_dict(g["product"]) if "product" in g else {}, top)
         c = info.loc[cast(str, cid)] if cid and cid in info.index else None
@@ -178,8 +185,8 @@ def root_cause_matrix(members: pd.DataFrame, clusters: pd.DataFrame, issue_count
                 "cause_category": c["cause_category"] if c is not None else None,
                 "cause_category_zh": c["cause_category_zh"] if c is not None else None,
                 "cause_suggested": True,
-                "count": int(len(g)),
-                "share_of_issue_type": round(len(g) / max(total, 1), 4),
+                "count": int(len(idx)),
+                "share_of_issue_type": round(len(idx) / max(total, 1), 4),
                 "issue_type_total": total,
                 "top_regions": regions,
                 "top_products": products,

@@ -94,8 +94,16 @@ def upgrade_part(table: pa.Table, schema: pa.Schema = PART_SCHEMA) -> pa.Table:
 def _read_part(path: Path, schema: pa.Schema, filters: list[tuple[str, str, Any]] | None = None) -> pa.Table:
     """One part in `schema` (a selection of the case schema's columns), `date` from its folder."""
     stored = pa.schema([f for f in schema if f.name != PARTITION_KEY])
-    present = set(pq.read_schema(path).names)
-    t = upgrade_part(pq.read_table(path, columns=[c for c in stored.names if c in present], filters=filters), stored)
+    if filters is None:
+        # One open of the file for schema and columns, without the dataset layer read_table goes
+        # through: the nightly export reads every stored part, and that per-file cost adds up.
+        with pq.ParquetFile(path) as pf:
+            present = set(pf.schema_arrow.names)
+            raw = pf.read(columns=[c for c in stored.names if c in present])
+    else:
+        present = set(pq.read_schema(path).names)
+        raw = pq.read_table(path, columns=[c for c in stored.names if c in present], filters=filters)
+    t = upgrade_part(raw, stored)
     if PARTITION_KEY in schema.names:
         day = path.parent.name.removeprefix(f"{PARTITION_KEY}=")
         t = t.append_column(PARTITION_KEY, pa.array([day] * len(t), pa.string()))
