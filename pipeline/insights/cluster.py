@@ -122,7 +122,10 @@ def select_cases(cases: pd.DataFrame, min_chars: int = 4, request_kinds: Sequenc
     customer = df["customer_text"].tolist() if "customer_text" in df else [""] * n
     texts = [_text(p).strip() or _text(c).strip()[:200] for p, c in zip(problem, customer)]
     df["cluster_text"] = texts
-    keep = pd.Series([len(PLACEHOLDER_RE.sub("", t)) >= min_chars for t in texts], index=df.index, dtype=bool)
+    # Placeholders (<PHONE>) do not count as characters; only a text with a "<" can hold one.
+    keep = pd.Series(
+        [len(PLACEHOLDER_RE.sub("", t) if "<" in t else t) >= min_chars for t in texts], index=df.index, dtype=bool
+    )
     if request_kinds:
         keep &= df["request_kind"].isin(list(request_kinds))
     return df[keep].reset_index(drop=True)
@@ -510,6 +513,37 @@ def share_dict(values: Iterable[Any], top: int | None = None) -> dict[str, float
     vals = [v if isinstance(v, str) and v else "未知" for v in values]
     n = max(len(vals), 1)
     return {k: round(c / n, 3) for k, c in Counter(vals).most_common(top)}
+
+
+def group_shares(codes: np.ndarray, values: pd.Series, top: int | None = None) -> dict[int, dict[str, float]]:
+    """`share_dict` of each group's values (row i is in group `codes[i]`), for all groups in one
+    pass: the same shares in the same order (most common first, ties in order of first
+    appearance, as Counter.most_common). Why: one Counter per group and column visited every
+    stored member in Python, most of a second a night at 100k cases."""
+    if not len(values):
+        return {}
+    vcodes, uniques = pd.factorize(values, use_na_sentinel=True)
+    # share_dict counts missing and empty values as one "未知" (with any literal "未知").
+    names, merged = _unique_names([u if isinstance(u, str) and u else "未知" for u in uniques] + ["未知"])
+    vcodes = merged[vcodes]  # -1 (missing) takes the last entry: "未知"
+    key = np.asarray(codes, dtype=np.int64) * len(names) + vcodes
+    ukey, first, counts = np.unique(key, return_index=True, return_counts=True)
+    group, value = ukey // len(names), ukey % len(names)
+    sizes = np.bincount(np.asarray(codes, dtype=np.int64))
+    out: dict[int, dict[str, float]] = {}
+    for i in np.lexsort((first, -counts, group)):
+        g = int(group[i])
+        shares = out.setdefault(g, {})
+        if top is None or len(shares) < top:
+            shares[names[value[i]]] = round(int(counts[i]) / max(int(sizes[g]), 1), 3)
+    return out
+
+
+def _unique_names(names: list[str]) -> tuple[list[str], np.ndarray]:
+    """Distinct names in first-seen order, and each input's position among them."""
+    pos: dict[str, int] = {}
+    merged = np.array([pos.setdefault(n, len(pos)) for n in names], dtype=np.int64)
+    return list(pos), merged
 
 
 def column_arrays(df: pd.DataFrame, columns: Sequence[str]) -> dict[str, np.ndarray]:

@@ -31,6 +31,7 @@ from pipeline.insights.cluster import (
     _with_entry,
     column_arrays,
     format_shares,
+    group_shares,
     share_dict,
 )
 
@@ -197,23 +198,34 @@ def recount_clusters(
     # seconds over the ~700 (scope, cluster) groups of 100k members.
     used = ["outcome", "emotion_score", "emotion", "channel", "issue_type", "region", "product"]
     clustered = members.loc[members["cluster_id"].notna(), ["scope", "cluster_id", *[c for c in used if c in members]]]
-    groups = {
-        (str(s), str(c)): idx for (s, c), idx in clustered.groupby(["scope", "cluster_id"], sort=False).indices.items()
-    }
-    columns = column_arrays(clustered, used)
+    positions = clustered.groupby(["scope", "cluster_id"], sort=False).indices
+    groups = {(str(s), str(c)): (code, idx) for code, ((s, c), idx) in enumerate(positions.items())}
+    codes = np.zeros(len(clustered), dtype=np.int64)
+    for code, idx in groups.values():
+        codes[idx] = code
+    columns = column_arrays(clustered, ["emotion_score"])
+    # Per column, every group's share_dict at once (issue types: the top 3); a column the members
+    # lack has no shares, as share_dict([]) had none.
+    tops = {"outcome": None, "emotion": None, "channel": None, "issue_type": 3, "region": None, "product": None}
+    shares = {col: group_shares(codes, clustered[col], n) for col, n in tops.items() if col in clustered}
+
+    def mix(col: str, code: int) -> dict[str, float]:
+        return shares[col].get(code, {}) if col in shares else {}
+
     hist = state.table.set_index("cluster_id") if len(state.table) else pd.DataFrame()
     rows, seen = [], {}
     for r in described.to_dict("records"):
-        idx = groups.get((str(r["scope"]), str(r["cluster_id"])))
-        if idx is None:
+        found = groups.get((str(r["scope"]), str(r["cluster_id"])))
+        if found is None:
             continue
+        code, idx = found
         g = {c: v[idx] for c, v in columns.items()}
         n = len(idx)
         sizes_h = _history(hist.loc[r["cluster_id"], "size_history"]) if r["cluster_id"] in hist.index else []
         before = [e for e in sizes_h if e.get("date") != day]
         prev = int(before[-1]["size"]) if before else None
         scope_size = int(scope_sizes.get(r["scope"], n))
-        outcome = share_dict(g["outcome"] if "outcome" in g else [])
+        outcome = mix("outcome", code)
         r.update(
             {
                 "size": n,
@@ -221,11 +233,11 @@ def recount_clusters(
                 "share_of_scope": round(n / max(scope_size, 1), 4),
                 **{f"share_{k}": outcome.get(k, 0.0) for k in OUTCOME_KEYS},
                 "mean_emotion": _mean(g["emotion_score"]) if "emotion_score" in g else None,
-                "top_emotion": next(iter(share_dict(g["emotion"]).keys()), None) if "emotion" in g else None,
-                "channels": json.dumps(share_dict(g["channel"] if "channel" in g else []), ensure_ascii=False),
-                "issue_types": json.dumps(share_dict(g["issue_type"], top=3), ensure_ascii=False),
-                "top_regions": format_shares(share_dict(g["region"] if "region" in g else []), top),
-                "top_products": format_shares(share_dict(g["product"] if "product" in g else []), top),
+                "top_emotion": next(iter(mix("emotion", code).keys()), None) if "emotion" in shares else None,
+                "channels": json.dumps(mix("channel", code), ensure_ascii=False),
+                "issue_types": json.dumps(shares["issue_type"].get(code, {}), ensure_ascii=False),
+                "top_regions": format_shares(mix("region", code), top),
+                "top_products": format_shares(mix("product", code), top),
                 "is_new": False,
                 "previous_size": prev,
                 "growth": (n - prev) if prev is not None else None,

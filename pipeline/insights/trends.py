@@ -101,8 +101,12 @@ def week_over_week(
     ]
     if df.empty or key_col not in df:
         return pd.DataFrame(columns=cols)
-    d = _dates(df).dt.date
-    (t0, t1), (l0, l1) = week_windows(as_of)
+    # Whole days compared as timestamps (not Python dates, one object per case), keys as a list:
+    # both ran per stored case each night.
+    d = _dates(df)
+    d = (d.dt.tz_localize(None) if d.dt.tz is not None else d).dt.normalize()  # local day, as .dt.date
+    (a0, a1), (b0, b1) = week_windows(as_of)
+    t0, t1, l0, l1 = pd.Timestamp(a0), pd.Timestamp(a1), pd.Timestamp(b0), pd.Timestamp(b1)
     keys = df[key_col]
     this = keys[(d >= t0) & (d <= t1)].value_counts()
     last = keys[(d >= l0) & (d <= l1)].value_counts()
@@ -113,7 +117,7 @@ def week_over_week(
     # absent last week has no previous week to rise from either: it has no p-value and cannot
     # alert (a new cluster shows as emerging instead).
     has_baseline = int(last.sum()) > 0
-    for k in sorted(set(keys.dropna())):
+    for k in sorted(set(keys.dropna().tolist())):
         a, b = int(this.get(k, 0)), int(last.get(k, 0))
         p = rise_p_value(a, b) if has_baseline and b > 0 else None
         alert = bool(p is not None and a >= min_count and p < alpha)
