@@ -57,7 +57,14 @@ from pipeline.insights.incremental import (
 )
 from pipeline.insights.kpis import compute_kpis, timing_coverage
 from pipeline.insights.report import ReportData, render_report
-from pipeline.insights.trends import BREAKDOWNS, count_table, default_as_of, root_cause_matrix, trend_summary, week_over_week
+from pipeline.insights.trends import (
+    BREAKDOWNS,
+    count_table,
+    default_as_of,
+    root_cause_matrix,
+    trend_summary,
+    week_over_week,
+)
 from pipeline.io import atomic_write_bytes, atomic_write_parquet, atomic_write_text
 
 CASE_COLUMNS = [
@@ -642,9 +649,7 @@ def export_all(
             reason = "drift"
         else:
             redone = set(_strings(todo_frame["case_id"]))
-            membership = pd.concat(
-                [membership[alive & ~_member_of(member_ids, redone)], new_rows], ignore_index=True
-            )
+            membership = pd.concat([membership[alive & ~_member_of(member_ids, redone)], new_rows], ignore_index=True)
             compact = dropped > 0 or n_parts + 1 > mb.COMPACT_PARTS
     if reason is not None:
         t1 = time.perf_counter()

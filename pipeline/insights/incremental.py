@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -32,7 +32,6 @@ from pipeline.insights.cluster import (
     column_arrays,
     format_shares,
     group_shares,
-    share_dict,
 )
 
 MEMBER_COLUMNS = ["case_id", "run_id", "scope", "cluster_id", "is_noise", "similarity", "x", "y"]
@@ -198,7 +197,7 @@ def recount_clusters(
     # seconds over the ~700 (scope, cluster) groups of 100k members.
     used = ["outcome", "emotion_score", "emotion", "channel", "issue_type", "region", "product"]
     clustered = members.loc[members["cluster_id"].notna(), ["scope", "cluster_id", *[c for c in used if c in members]]]
-    positions = clustered.groupby(["scope", "cluster_id"], sort=False).indices
+    positions = cast(dict[tuple[Any, Any], np.ndarray], clustered.groupby(["scope", "cluster_id"], sort=False).indices)
     groups = {(str(s), str(c)): (code, idx) for code, ((s, c), idx) in enumerate(positions.items())}
     codes = np.zeros(len(clustered), dtype=np.int64)
     for code, idx in groups.values():

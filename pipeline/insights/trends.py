@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from datetime import date, timedelta
 from typing import Any, cast
 
+import numpy as np
 import pandas as pd
 from scipy.stats import binomtest
 
@@ -168,7 +169,8 @@ def root_cause_matrix(members: pd.DataFrame, clusters: pd.DataFrame, issue_count
     rows = []
     # Groups as row positions into object arrays taken once (`column_arrays`): iterating the
     # groupby copied each of its ~700 groups with one Arrow take per column.
-    positions = per_type.groupby(["issue_type", per_type["cluster_id"].fillna("")], sort=True).indices
+    found = per_type.groupby(["issue_type", per_type["cluster_id"].fillna("")], sort=True).indices
+    positions = cast(dict[tuple[str, str], np.ndarray], found)
     columns = column_arrays(per_type, ["region", "product"])
     type_sizes = per_type["issue_type"].value_counts()
     for it, cid in sorted(positions):
@@ -177,7 +179,7 @@ def root_cause_matrix(members: pd.DataFrame, clusters: pd.DataFrame, issue_count
         total = int(issue_counts.get(it, type_sizes.get(it, 0)))
         regions = format_shares(share_dict(g["region"]) if "region" in g else {}, top)
         products = format_shares(share_dict(g["product"]) if "product" in g else {}, top)
-        c = info.loc[cast(str, cid)] if cid and cid in info.index else None
+        c = info.loc[cid] if cid and cid in info.index else None
         label = c["label"] if c is not None else "未归类（零散个案）"
         phrases = list(c["cause_phrases"]) if c is not None and c["cause_phrases"] is not None else []
         rows.append(

@@ -1,0 +1,153 @@
+"""The export's counting shortcuts give what the plain pandas code they replaced gave.
+
+The nightly export counts every stored case; at 100k cases the plain forms (a groupby iterated
+group by group, a Counter per group, a merge on string keys, a sample of a fully built frame)
+cost seconds, so pipeline.insights does the same counts by position. Each test here runs the
+replaced form beside the new one on data with the awkward values (missing, empty, "未知",
+Arrow-backed strings, a case no longer selected) and wants the same result, order included."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from datetime import date
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.insights.cluster import ALL_SCOPE, group_shares, share_dict
+from pipeline.insights.emotion_stats import _TEAM_KEYS, case_teams
+from pipeline.insights.export import map_points, members_view
+from pipeline.insights.trends import week_over_week
+
+
+@pytest.mark.parametrize("dtype", [object, "str"])
+@pytest.mark.parametrize("top", [None, 1, 3])
+def test_group_shares_are_each_groups_share_dict(dtype, top):
+    rng = random.Random(7)
+    pool = ["华东", "华北", "未知", "", None, "华南", np.nan]
+    for _ in range(60):
+        n = rng.randint(0, 120)
+        values = pd.Series([rng.choice(pool) for _ in range(n)], dtype=dtype)
+        codes = np.array([rng.randrange(4) for _ in range(n)], dtype=np.int64)
+        got = group_shares(codes, values, top)
+        listed = values.tolist()
+        want = {
+            g: share_dict([v for v, c in zip(listed, codes.tolist()) if c == g], top)
+            for g in sorted(set(codes.tolist()))
+        }
+        # Order matters: the first share is a cluster's top emotion, the first few its regions.
+        assert {g: list(s.items()) for g, s in got.items()} == {g: list(s.items()) for g, s in want.items()}
+
+
+def test_group_shares_break_ties_by_first_appearance_like_counter():
+    values = pd.Series(["b", "a", "a", "b", "c"], dtype="str")
+    got = group_shares(np.zeros(5, dtype=np.int64), values)
+    assert list(got[0]) == [k for k, _ in Counter(values.tolist()).most_common()] == ["b", "a", "c"]
+
+
+def _members(n: int, seed: int = 3) -> pd.DataFrame:
+    rng = random.Random(seed)
+    return pd.DataFrame(
+        {
+            "scope": [ALL_SCOPE if i % 3 else "售后" for i in range(n)],
+            "cluster_id": [rng.choice(["C1", "C2", None]) for _ in range(n)],
+            "x": [rng.random() if i % 7 else np.nan for i in range(n)],
+            "y": [rng.random() for _ in range(n)],
+            "problem": [f"问题{i}" for i in range(n)],
+        }
+    )
+
+
+def _map_points_before(members: pd.DataFrame, clusters: pd.DataFrame, max_points: int) -> pd.DataFrame:
+    """map_points as it was: every point built, then a sample of them kept."""
+    m = members[(members["scope"] == ALL_SCOPE) & members["x"].notna()].reset_index(drop=True)
+    labels = dict(zip(clusters["cluster_id"], clusters["label"]))
+    pts = pd.DataFrame(
+        {
+            "x": np.round(m["x"].astype(np.float64), 4),
+            "y": np.round(m["y"].astype(np.float64), 4),
+            "cluster_id": m["cluster_id"].where(m["cluster_id"].notna(), None),
+            "label": [labels.get(c, "噪声") if isinstance(c, str) else "噪声" for c in m["cluster_id"]],
+            "text": m["problem"].tolist(),
+        }
+    )
+    if len(pts) > max_points:
+        pts = pts.sample(n=max_points, random_state=0).sort_index()
+    return pts
+
+
+@pytest.mark.parametrize("max_points", [10, 5000])
+def test_map_points_keep_the_points_a_sample_of_all_would(max_points):
+    members = _members(400)
+    clusters = pd.DataFrame({"cluster_id": ["C1", "C2"], "label": ["物流慢", "退款"]})
+    got = map_points(members, clusters, max_points)
+    pd.testing.assert_frame_equal(got, _map_points_before(members, clusters, max_points))
+    assert len(got) == min(max_points, len(_map_points_before(members, clusters, 10**9)))
+
+
+def _members_view_before(frame: pd.DataFrame, membership: pd.DataFrame) -> pd.DataFrame:
+    """members_view as it was: positions by a map through a Series, fields by a merge."""
+    keep = [c for c in ("case_id", "date", "region", "cluster_text") if c in frame]
+    fields = frame[keep].assign(case_id=frame["case_id"].astype(str)).rename(columns={"cluster_text": "problem"})
+    m = membership[["scope", "cluster_id", "is_noise", "similarity", "case_id", "x", "y"]].copy()
+    m["case_id"] = m["case_id"].astype(str)
+    m["_all"] = m["scope"] != ALL_SCOPE
+    m["_pos"] = m["case_id"].map(pd.Series(np.arange(len(fields)), index=fields["case_id"]))
+    m = m.sort_values(["_all", "scope", "_pos"], kind="stable").drop(columns=["_all", "_pos"])
+    out = m.merge(fields, on="case_id", how="inner", sort=False)
+    out["cluster_id"] = out["cluster_id"].where(out["cluster_id"].notna(), None)
+    out["is_noise"] = out["is_noise"].astype(bool)
+    out["similarity"] = out["similarity"].astype(object).where(out["similarity"].notna(), None)
+    order = ["scope", "cluster_id", "is_noise", "similarity", *[c if c != "cluster_text" else "problem" for c in keep]]
+    return out[[*order, "x", "y"]].reset_index(drop=True)
+
+
+def test_members_view_is_the_membership_joined_to_the_cases_in_order():
+    frame = pd.DataFrame(
+        {
+            "case_id": pd.Series([f"k{i}" for i in (3, 1, 4, 0, 2)], dtype="str"),
+            "date": ["2025-11-01"] * 5,
+            "region": ["华东", None, "华北", "华东", ""],
+            "cluster_text": [f"文本{i}" for i in range(5)],
+        }
+    )
+    rows = []
+    for scope in ("售后", ALL_SCOPE, "物流"):
+        for cid in ("k2", "k9", "k0", "k3", "k4", "k1"):  # k9: a case no longer selected
+            rows.append(
+                {
+                    "case_id": cid,
+                    "run_id": "r1",
+                    "scope": scope,
+                    "cluster_id": None if cid == "k4" else "C1",
+                    "is_noise": cid == "k4",
+                    "similarity": None if cid == "k4" else 0.81,
+                    "x": 0.5 if scope == ALL_SCOPE else np.nan,
+                    "y": 0.25 if scope == ALL_SCOPE else np.nan,
+                }
+            )
+    membership = pd.DataFrame(rows)
+    got = members_view(frame, membership)
+    pd.testing.assert_frame_equal(got, _members_view_before(frame, membership))
+    assert "k9" not in set(got["case_id"]) and got["scope"].iloc[0] == ALL_SCOPE
+
+
+def test_week_over_week_counts_whole_days_whatever_the_times():
+    # Times and a zone in the dates: a case late on the window's last day still counts.
+    stamps = ["2025-11-30 23:30", "2025-11-24 00:10", "2025-11-23 12:00", "2025-11-17 08:00", "2025-11-16 23:59"]
+    keys = ["A", "A", "A", "B", "A"]
+    for dates in (stamps, [s + "+08:00" for s in stamps]):
+        df = pd.DataFrame({"date": dates, "k": keys})
+        out = week_over_week(df, "d", "k", date(2025, 11, 30), 0.5, 1).set_index("key")
+        assert out.loc["A", "this_week"] == 2 and out.loc["A", "last_week"] == 1
+        assert out.loc["B", "this_week"] == 0 and out.loc["B", "last_week"] == 1
+
+
+def test_case_teams_read_the_team_keys_else_the_agent():
+    metas = [json.dumps({k: f"T-{k}"}) for k in _TEAM_KEYS] + ['{"teamwork": ""}', "not json team", None, "{}"]
+    agents = ["a1"] * len(_TEAM_KEYS) + ["a2", "a3", None, "a4"]
+    got = case_teams(pd.DataFrame({"metadata_json": pd.Series(metas, dtype="str"), "agent_id": agents}))
+    assert got == [f"T-{k}" for k in _TEAM_KEYS] + ["a2", "a3", None, "a4"]
