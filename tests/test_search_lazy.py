@@ -14,7 +14,7 @@ from pipeline.config import Config
 from pipeline.embed.fake import HashingEmbedder
 from pipeline.retrieval import search
 from pipeline.retrieval import segments as sg
-from pipeline.retrieval.bm25 import SegmentedBm25, TermScores, TermStats, _union, best_rows
+from pipeline.retrieval.bm25 import SegmentedBm25, TermStats, _union, best_rows
 from pipeline.retrieval.index import IndexStore, meta_from_cases
 from pipeline.retrieval.search import DISPLAY_FIELDS, Hit, Searcher, StoredIndex
 from test_index import CASES, make_cases, vecs_for  # noqa: E402  (same folder, on sys.path under pytest)
@@ -151,54 +151,6 @@ def test_sparse_bm25_equals_the_dense_scores_and_selection(n_docs, n_words):
         for mask in (None, allowed):
             assert np.array_equal(search._top(sp, 10, mask, True), search._top(want, 10, mask, True)), q
     assert not seg._scratch.buf.any()  # the scratch array is left zeroed for the next query
-
-
-def _zipf_segments(n_docs: int = 3000, seed: int = 2) -> SegmentedBm25:
-    """Documents where a few words are everywhere (as 快递 is in JD chats) and most are rare."""
-    rng = np.random.default_rng(seed)
-    words = np.array([f"w{i}" for i in range(400)])
-    p = 1.0 / np.arange(1, 401) ** 1.1
-    docs = [list(rng.choice(words, size=int(rng.integers(2, 15)), p=p / p.sum())) for _ in range(n_docs)]
-    half = n_docs // 2
-    rows_b = np.arange(half, n_docs)
-    rows_b[5] = -1  # a dead row
-    rows_b[6:] -= 1
-    parts = [(TermStats.build(docs[:half]), np.arange(half)), (TermStats.build(docs[half:]), rows_b)]
-    return SegmentedBm25(parts, n_docs - 1)
-
-
-@pytest.mark.parametrize("max_candidates", [20_000, 50])
-def test_maxscore_top_equals_the_top_of_every_row(monkeypatch, max_candidates):
-    """TermScores.top (MaxScore over the rarer tokens' rows) picks exactly the rows, in exactly the
-    order, that selecting among every row's summed score does; with filters, repeated tokens, and
-    when too many candidates send it to the summed postings."""
-    monkeypatch.setattr(TermScores, "MAX_CANDIDATES", max_candidates)
-    seg = _zipf_segments()
-    rng = np.random.default_rng(3)
-    allowed = rng.random(seg.n) < 0.3
-    queries = [["w0", "w1", "w250"], ["w0", "w0", "w120"], ["w2", "w3"], ["w399", "w0"], ["w0"], ["nope"], []]
-    for q in queries:
-        want_scores = _dense_reference(seg, q)
-        lazy = seg.lazy(q)
-        for k in (1, 5, 50):
-            for mask in (None, allowed):
-                want = search._top(want_scores, k, mask, True)
-                assert lazy.top(k, mask).tolist() == want.tolist(), (q, k, mask is None)
-        assert all(lazy[r] == want_scores[r] for r in range(0, seg.n, 7))  # bit for bit
-
-
-def test_maxscore_top_skips_the_common_tokens_postings():
-    """With a rare token in the query, the top rows come without summing the common token's
-    postings (the summed-postings path is never asked), and equal that path's."""
-    seg = _zipf_segments()
-    q = ["w0", "w300"]
-    full_asked = []
-    lazy = seg.lazy(q)
-    lazy._full = lambda: full_asked.append(1)  # type: ignore[assignment,method-assign,return-value]
-    got = lazy.top(3)
-    assert not full_asked
-    assert got.tolist() == search._top(seg.sparse(q), 3, None, True).tolist()
-    assert len(seg._cached("w0")[0]) > 10 * len(seg._cached("w300")[0])  # really common vs rare
 
 
 def test_best_rows_breaks_ties_by_row():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -157,9 +157,6 @@ class TermStats:
 
 _MISSING = object()
 
-# One query token's postings: the rows holding it (ascending), their scores for it, the largest.
-_Postings = tuple[np.ndarray, np.ndarray, float]
-
 
 class SegmentedBm25:
     """BM25 over several segments' `TermStats`, skipping dead documents.
@@ -181,7 +178,7 @@ class SegmentedBm25:
         # (float64, as bm25s computes it), and whether its rows are one dead-free run (then a
         # posting's row is its local position plus an offset: no lookup, no mask).
         self._norm = [k1 * ((1 - b) + b * np.asarray(st.doclen, dtype=np.float64) / self.avgdl) for st, _ in self.parts]
-        self._cache: dict[str, _Postings | None] = {}
+        self._cache: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
         self._used = 0
         self._lock = threading.Lock()
         self._scratch = threading.local()  # per thread: a zeroed float32 array of n (`sparse`)
@@ -202,38 +199,22 @@ class SegmentedBm25:
         pass over every row: at 1M cases zeroing, scanning and selecting over the whole score
         array cost more than a light query's own postings. Summed token by token in float32 in a
         zeroed per-thread scratch array, exactly as the dense scores are, then put back to zero."""
-        got = [g[:2] for g in (self._cached(t) for t in query_tokens) if g is not None]  # repeats count again
+        got = [g for g in (self._cached(t) for t in query_tokens) if g is not None]  # repeats count again
         if not got or self.n == 0:
             return SparseScores(self.n, np.zeros(0, np.int64), np.zeros(0, np.float32))
-        buf = self.take_scratch()
+        buf = getattr(self._scratch, "buf", None)
+        if buf is None or len(buf) != self.n:
+            buf = self._scratch.buf = np.zeros(self.n, dtype=np.float32)
+        self._scratch.buf = None  # taken: an exception below must not leave a dirty array behind
         for rows, s in got:
             buf[rows] += s  # a row holds a term once: no repeated indices within a token
         cand = _union([rows for rows, _ in got], self.n)
         vals = buf[cand]
         buf[cand] = 0
-        self.give_scratch(buf)
+        self._scratch.buf = buf
         return SparseScores(self.n, cand, vals)
 
-    def take_scratch(self) -> np.ndarray:
-        """This thread's zeroed float32 array of n; until given back, an exception in between
-        leaves no dirty array behind (the next taker makes a new one)."""
-        buf = getattr(self._scratch, "buf", None)
-        if buf is None or len(buf) != self.n:
-            buf = np.zeros(self.n, dtype=np.float32)
-        self._scratch.buf = None
-        return buf
-
-    def give_scratch(self, buf: np.ndarray) -> None:
-        """Hand back an array taken by `take_scratch`, zeroed again by the caller."""
-        self._scratch.buf = buf
-
-    def lazy(self, query_tokens: Sequence[str]) -> TermScores:
-        """The query's scores kept per token: `TermScores.top` finds the best rows without adding
-        up the postings of the common tokens for every row that holds them."""
-        got = [g for g in (self._cached(t) for t in query_tokens) if g is not None]  # repeats count again
-        return TermScores(self, got, lambda: self.sparse(query_tokens))
-
-    def _cached(self, tok: str) -> _Postings | None:
+    def _cached(self, tok: str) -> tuple[np.ndarray, np.ndarray] | None:
         hit = self._cache.get(tok, _MISSING)
         if hit is not _MISSING:
             return hit  # type: ignore[return-value]
@@ -248,7 +229,7 @@ class SegmentedBm25:
                 self._used += size
         return got
 
-    def _term_scores(self, tok: str) -> _Postings | None:
+    def _term_scores(self, tok: str) -> tuple[np.ndarray, np.ndarray] | None:
         rows_l, tf_l, norm_l = [], [], []
         for (st, row_of), norm, offset in zip(self.parts, self._norm, self._offset):
             t = st.term(tok)
@@ -276,8 +257,7 @@ class SegmentedBm25:
         idf = np.float32(np.log(1 + (self.n - df + 0.5) / (df + 0.5)))
         tf = tf_l[0] if len(tf_l) == 1 else np.concatenate(tf_l)
         norm = norm_l[0] if len(norm_l) == 1 else np.concatenate(norm_l)
-        scores = (idf * (tf / (norm + tf))).astype(np.float32)
-        return rows, scores, float(scores.max())
+        return rows, (idf * (tf / (norm + tf))).astype(np.float32)
 
 
 def _union(parts: Sequence[np.ndarray], n: int) -> np.ndarray:
@@ -331,98 +311,3 @@ def best_rows(rows: np.ndarray, vals: np.ndarray, k: int) -> np.ndarray:
         idx = np.arange(len(vals))
     order = np.lexsort((rows[idx], -vals[idx].astype(np.float64)))
     return np.asarray(rows[idx[order]], dtype=np.int64)
-
-
-class TermScores:
-    """One query's BM25 scores, kept as each token's postings: the best rows come from MaxScore
-    (Turtle and Flood, 1995) instead of summing every posting of every token.
-
-    At 1M cases a common token (快递) holds hundreds of thousands of rows; summing them and
-    selecting among them cost most of a warm query. A row holding none of the rarer tokens scores
-    at most the sum of the common tokens' largest scores, so once the rows holding the rarer
-    tokens already give `k` rows above that bound, no other row can enter the top `k`: only those
-    rows are scored, each exactly (the same float32 sums, in the same token order, as the dense
-    scores), the common tokens by looking the rows up in their postings."""
-
-    # Past this many candidate rows the lookups cost more than summing every posting
-    # (`SegmentedBm25.sparse`), which then answers instead.
-    MAX_CANDIDATES = 100_000
-
-    def __init__(self, seg: SegmentedBm25, parts: Sequence[_Postings], full: Callable[[], SparseScores]):
-        self.seg = seg
-        self.n = seg.n
-        self.parts = list(parts)
-        self._full = full
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, row: int) -> np.float32:
-        return self.score_rows(np.asarray([row], dtype=np.int64))[0]
-
-    def score_rows(self, cand: np.ndarray, summed: frozenset[int] = frozenset()) -> np.ndarray:
-        """Exact scores of the rows `cand` (ascending, distinct), summed token by token in the
-        query's order as the dense scores are. The tokens `summed` (whose postings all lie within
-        `cand`) are added posting by posting, the others looked up row by row."""
-        cand = np.asarray(cand, dtype=np.int64)
-        if not summed:
-            acc = np.zeros(len(cand), dtype=np.float32)
-            for rows, s, _ in self.parts:
-                hit, at = _lookup(rows, cand)
-                acc[hit] += s[at]
-            return acc
-        buf = self.seg.take_scratch()
-        for j, (rows, s, _) in enumerate(self.parts):
-            if j in summed:
-                buf[rows] += s
-            else:
-                hit, at = _lookup(rows, cand)
-                buf[cand[hit]] += s[at]
-        vals = buf[cand]
-        buf[cand] = 0  # every row written is a candidate
-        self.seg.give_scratch(buf)
-        return vals
-
-    def dense(self) -> np.ndarray:
-        return self._full().dense()
-
-    def top(self, k: int, allowed: np.ndarray | None = None) -> np.ndarray:
-        """The k best-scoring rows (positive scores only, `allowed` rows only), best first.
-
-        The rows of the token with the highest possible score give a first k-th best score; the
-        rarer tokens whose rows must be added until the remaining tokens' bound falls below it
-        give the candidates (the k-th best only rises as candidates are added). When they are
-        not clearly fewer than all the postings, summing every posting is cheaper."""
-        if not self.parts or k <= 0:
-            return np.zeros(0, dtype=np.int64)
-        order = sorted(range(len(self.parts)), key=lambda j: -self.parts[j][2])
-        sizes = np.cumsum([len(self.parts[j][0]) for j in order]).tolist()
-        bound_rest = np.cumsum([self.parts[j][2] for j in order][::-1])[::-1].tolist() + [0.0]
-        m = 1
-        kth = 0.0
-        while sizes[m - 1] <= min(self.MAX_CANDIDATES, sizes[-1] // 2) or m == len(order):
-            cand = _union([self.parts[j][0] for j in order[:m]], self.n)
-            vals = self.score_rows(cand, frozenset(order[:m]))
-            if allowed is not None:
-                keep = allowed[cand]
-                cand, vals = cand[keep], vals[keep]
-            if len(cand) >= k:
-                kth = float(np.partition(vals, len(vals) - k)[len(vals) - k])
-            # Float32 sums may round up past the float64 bound by an ulp or two: keep a margin.
-            if m == len(order) or (len(cand) >= k and bound_rest[m] * (1 + 1e-5) < kth):
-                return best_rows(cand, vals, k)
-            m = next((i for i in range(m + 1, len(order)) if bound_rest[i] * (1 + 1e-5) < kth), len(order))
-        sp = self._full()
-        rows, vals = sp.rows, sp.scores
-        if allowed is not None:
-            keep = allowed[rows]
-            rows, vals = rows[keep], vals[keep]
-        return best_rows(rows, vals, k)
-
-
-def _lookup(rows: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Which of `cand` are in the ascending `rows`, and where."""
-    i = np.searchsorted(rows, cand)
-    i[i == len(rows)] = 0
-    hit = rows[i] == cand
-    return hit, i[hit]
