@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.insights.cluster import ALL_SCOPE, group_shares, share_dict
+from pipeline.insights.cluster import ALL_SCOPE, group_codes, group_shares, share_dict
 from pipeline.insights.emotion_stats import _TEAM_KEYS, case_teams
 from pipeline.insights.export import map_points, members_view
 from pipeline.insights.trends import week_over_week
@@ -40,6 +40,15 @@ def test_group_shares_are_each_groups_share_dict(dtype, top):
         }
         # Order matters: the first share is a cluster's top emotion, the first few its regions.
         assert {g: list(s.items()) for g, s in got.items()} == {g: list(s.items()) for g, s in want.items()}
+
+
+def test_rows_in_no_group_are_left_out_of_every_groups_shares():
+    """A groupby leaves rows with a missing key out of `.indices`: `group_codes` gives them -1 and
+    `group_shares` counts them nowhere."""
+    values = pd.Series(["x", "y", "y", "z", "x"], index=[10, 11, 12, 13, 14])
+    codes = group_codes([np.array([0, 2]), np.array([4])], len(values))
+    assert codes.tolist() == [0, -1, 0, -1, 1]
+    assert group_shares(codes, values) == {0: share_dict(["x", "y"]), 1: share_dict(["x"])}
 
 
 def test_group_shares_break_ties_by_first_appearance_like_counter():

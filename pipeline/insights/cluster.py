@@ -520,16 +520,20 @@ def group_shares(codes: np.ndarray, values: pd.Series, top: int | None = None) -
     pass: the same shares in the same order (most common first, ties in order of first
     appearance, as Counter.most_common). Why: one Counter per group and column visited every
     stored member in Python, most of a second a night at 100k cases."""
+    codes = np.asarray(codes, dtype=np.int64)
+    grouped = codes >= 0  # -1: a row in no group (a groupby leaves out missing keys)
+    if not grouped.all():
+        codes, values = codes[grouped], values[grouped]
     if not len(values):
         return {}
     vcodes, uniques = pd.factorize(values, use_na_sentinel=True)
     # share_dict counts missing and empty values as one "未知" (with any literal "未知").
     names, merged = _unique_names([u if isinstance(u, str) and u else "未知" for u in uniques] + ["未知"])
     vcodes = merged[vcodes]  # -1 (missing) takes the last entry: "未知"
-    key = np.asarray(codes, dtype=np.int64) * len(names) + vcodes
+    key = codes * len(names) + vcodes
     ukey, first, counts = np.unique(key, return_index=True, return_counts=True)
     group, value = ukey // len(names), ukey % len(names)
-    sizes = np.bincount(np.asarray(codes, dtype=np.int64))
+    sizes = np.bincount(codes)
     out: dict[int, dict[str, float]] = {}
     for i in np.lexsort((first, -counts, group)):
         g = int(group[i])
@@ -546,11 +550,13 @@ def _unique_names(names: list[str]) -> tuple[list[str], np.ndarray]:
     return list(pos), merged
 
 
-def column_arrays(df: pd.DataFrame, columns: Sequence[str]) -> dict[str, np.ndarray]:
-    """`columns` of `df` (those it has) as object arrays, for counting many groups by position
-    (`groupby(...).indices`) instead of iterating a groupby, whose every group is a DataFrame
-    copy made by one Arrow take per column."""
-    return {c: df[c].to_numpy(dtype=object) for c in columns if c in df}
+def group_codes(positions: Sequence[np.ndarray], n: int) -> np.ndarray:
+    """Each of `n` rows' group number (its place in `positions`, e.g. a groupby's `.indices`
+    values), -1 for a row in no group: the codes `group_shares` counts by."""
+    codes = np.full(n, -1, dtype=np.int64)
+    for code, idx in enumerate(positions):
+        codes[idx] = code
+    return codes
 
 
 def format_shares(shares: dict[str, float], top: int) -> str:

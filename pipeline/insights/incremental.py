@@ -29,8 +29,8 @@ from pipeline.insights.cluster import (
     _history,
     _mean,
     _with_entry,
-    column_arrays,
     format_shares,
+    group_codes,
     group_shares,
 )
 
@@ -192,17 +192,15 @@ def recount_clusters(
     if described.empty or members.empty:
         return described.iloc[0:0].copy(), state
     scope_sizes = members.groupby("scope").size()
-    # Each group's rows as positions into the counted columns, taken once as object arrays: a
+    # Each group's rows as positions, counted for every group at once (`group_shares`): a
     # groupby's groups are DataFrame copies, one Arrow take per column and group, which cost
     # seconds over the ~700 (scope, cluster) groups of 100k members.
     used = ["outcome", "emotion_score", "emotion", "channel", "issue_type", "region", "product"]
     clustered = members.loc[members["cluster_id"].notna(), ["scope", "cluster_id", *[c for c in used if c in members]]]
     positions = cast(dict[tuple[Any, Any], np.ndarray], clustered.groupby(["scope", "cluster_id"], sort=False).indices)
+    codes = group_codes(list(positions.values()), len(clustered))
     groups = {(str(s), str(c)): (code, idx) for code, ((s, c), idx) in enumerate(positions.items())}
-    codes = np.zeros(len(clustered), dtype=np.int64)
-    for code, idx in groups.values():
-        codes[idx] = code
-    columns = column_arrays(clustered, ["emotion_score"])
+    scores = clustered["emotion_score"].to_numpy(dtype=object) if "emotion_score" in clustered else None
     # Per column, every group's share_dict at once (issue types: the top 3); a column the members
     # lack has no shares, as share_dict([]) had none.
     tops = {"outcome": None, "emotion": None, "channel": None, "issue_type": 3, "region": None, "product": None}
@@ -218,7 +216,6 @@ def recount_clusters(
         if found is None:
             continue
         code, idx = found
-        g = {c: v[idx] for c, v in columns.items()}
         n = len(idx)
         sizes_h = _history(hist.loc[r["cluster_id"], "size_history"]) if r["cluster_id"] in hist.index else []
         before = [e for e in sizes_h if e.get("date") != day]
@@ -231,7 +228,7 @@ def recount_clusters(
                 "scope_size": scope_size,
                 "share_of_scope": round(n / max(scope_size, 1), 4),
                 **{f"share_{k}": outcome.get(k, 0.0) for k in OUTCOME_KEYS},
-                "mean_emotion": _mean(g["emotion_score"]) if "emotion_score" in g else None,
+                "mean_emotion": _mean(scores[idx]) if scores is not None else None,
                 "top_emotion": next(iter(mix("emotion", code).keys()), None) if "emotion" in shares else None,
                 "channels": json.dumps(mix("channel", code), ensure_ascii=False),
                 "issue_types": json.dumps(shares["issue_type"].get(code, {}), ensure_ascii=False),

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import binomtest
 
-from pipeline.insights.cluster import ALL_SCOPE, column_arrays, format_shares, share_dict
+from pipeline.insights.cluster import ALL_SCOPE, format_shares, group_codes, group_shares
 
 BREAKDOWNS = ("channel", "region", "product")
 
@@ -167,18 +167,19 @@ def root_cause_matrix(members: pd.DataFrame, clusters: pd.DataFrame, issue_count
     per_type = members.loc[members["scope"] != ALL_SCOPE, [c for c in used if c in members]]
     info = clusters.set_index("cluster_id") if len(clusters) else pd.DataFrame()
     rows = []
-    # Groups as row positions into object arrays taken once (`column_arrays`): iterating the
-    # groupby copied each of its ~700 groups with one Arrow take per column.
+    # Groups as row positions, their region and product shares counted for all groups at once
+    # (`group_shares`): iterating the groupby copied each of its ~700 groups.
     found = per_type.groupby(["issue_type", per_type["cluster_id"].fillna("")], sort=True).indices
     positions = cast(dict[tuple[str, str], np.ndarray], found)
-    columns = column_arrays(per_type, ["region", "product"])
+    keys = sorted(positions)
+    codes = group_codes([positions[key] for key in keys], len(per_type))
+    shares = {col: group_shares(codes, per_type[col]) for col in ("region", "product") if col in per_type}
     type_sizes = per_type["issue_type"].value_counts()
-    for it, cid in sorted(positions):
+    for code, (it, cid) in enumerate(keys):
         idx = positions[(it, cid)]
-        g = {c: v[idx] for c, v in columns.items()}
         total = int(issue_counts.get(it, type_sizes.get(it, 0)))
-        regions = format_shares(share_dict(g["region"]) if "region" in g else {}, top)
-        products = format_shares(share_dict(g["product"]) if "product" in g else {}, top)
+        regions = format_shares(shares["region"].get(code, {}) if "region" in shares else {}, top)
+        products = format_shares(shares["product"].get(code, {}) if "product" in shares else {}, top)
         c = info.loc[cid] if cid and cid in info.index else None
         label = c["label"] if c is not None else "未归类（零散个案）"
         phrases = list(c["cause_phrases"]) if c is not None and c["cause_phrases"] is not None else []

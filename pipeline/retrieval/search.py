@@ -1105,8 +1105,6 @@ class Searcher:
         bm_rank: list[int] = []
         if mode in ("bm25", "hybrid"):
             bm_rank = [int(r) for r in _top(bm_scores, depth, allowed, positive=True)]
-        else:
-            bm_scores = None
         if mode == "dense":
             ranked = [(r, dense_score[r]) for r in dense_rank]
         elif mode == "bm25":
