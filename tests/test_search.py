@@ -200,3 +200,55 @@ def test_pairs_reader_skips_negatives(tmp_path, fake_embedder):
     rep = evaluate_pairs(Config(), small, None, ["bm25"], cache_root=tmp_path)
     assert rep["queries"] <= n_pos and rep["collection"] <= n_pos
     assert 0 <= rep["modes"]["bm25"]["recall@10"] <= 1
+
+
+class _HandshakeEmbedder(HashingEmbedder):
+    """Encodes only once the BM25 side has started: run one after the other, the query would
+    wait out the timeout and fail; run side by side, it answers at once."""
+
+    def __init__(self, started: threading.Event):
+        super().__init__()
+        self.started = started
+        self.threads: list[str] = []
+
+    def encode_queries(self, texts):
+        self.threads.append(threading.current_thread().name)
+        assert self.started.wait(10), "the BM25 side never started while the query was encoding"
+        return super().encode_queries(texts)
+
+
+def test_hybrid_encodes_beside_the_bm25_side_with_the_same_answer():
+    cfg = Config()
+    idx = small_index(cfg, cut=lambda t: tokenize(cfg, t))
+    started = threading.Event()
+
+    def cut(text):
+        started.set()
+        return tokenize(cfg, text)
+
+    emb = _HandshakeEmbedder(started)
+    side_by_side = Searcher(cfg, idx, emb, cut=cut).search("快递三天没到，要投诉", k=5, mode="hybrid")
+    in_turn = Searcher(cfg, idx, HashingEmbedder()).search("快递三天没到，要投诉", k=5, mode="hybrid")
+    assert emb.threads and all(t != threading.current_thread().name for t in emb.threads)
+    assert [(h.row, h.score, h.dense, h.bm25) for h in side_by_side] == [
+        (h.row, h.score, h.dense, h.bm25) for h in in_turn
+    ]
+
+
+def test_a_failing_bm25_side_still_waits_for_the_encode():
+    cfg = Config()
+    idx = small_index(cfg, cut=lambda t: tokenize(cfg, t))
+    done = threading.Event()
+
+    class Slow(HashingEmbedder):
+        def encode_queries(self, texts):
+            out = super().encode_queries(texts)
+            done.set()
+            return out
+
+    def broken(text):
+        raise RuntimeError("cut failed")
+
+    with pytest.raises(RuntimeError, match="cut failed"):
+        Searcher(cfg, idx, Slow(), cut=broken).search("快递", k=3, mode="hybrid")
+    assert done.is_set()  # no encode left running behind the error

