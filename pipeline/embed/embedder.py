@@ -87,6 +87,17 @@ def prepare_onnx(model_dir: Path) -> Path:
     return ensure_onnx_int8(model_dir, log=_log)
 
 
+def batch_backend(cfg: Config) -> str:
+    """The engine that embeds stored cases: `embed.backend`, or for "auto" the int8 ONNX export
+    where it is the fastest (a local model folder and a CPU with VNNI; see `int8_recipe`), else
+    torch. Decided per machine, so one machine's runs always embed alike."""
+    if cfg.embed.backend != "auto":
+        return cfg.embed.backend
+    from pipeline.embed.onnx_backend import int8_recipe
+
+    return "onnx" if query_engine_for(cfg, "onnx") == "onnx" and int8_recipe()[1] else "torch"
+
+
 def cache_dir(out_root: Path, namespace_model: str, backend: str) -> Path:
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", namespace_model).strip("_")
     return Path(out_root) / "state" / "embeddings" / f"{safe}-{backend}"
@@ -140,7 +151,7 @@ class Embedder:
         threads: int | None = None,
     ):
         self.cfg = cfg
-        self.backend = backend or cfg.embed.backend
+        self.backend = backend or batch_backend(cfg)
         # `casemine serve` passes embed.serve_engine; everything else uses embed.query_engine.
         self.query_engine = query_engine_for(cfg, query_engine or cfg.embed.query_engine)
         self.threads = threads  # ONNX Runtime's threads per encode (None: every core)

