@@ -253,4 +253,121 @@ def test_build_reads_in_blocks_keeps_newest_rows_and_embeds_only_eligible(stored
     scorer = CandidateScorer.from_config(cfg)
     eligible = sum(scorer.assess(r)[0] for r in whole.to_dict("records"))
     assert built["cases"] == len(whole) and built["eligible"] == eligible > 0
-    assert sum(enc.calls) == eligible < len(whole)
+    # Only the cases a group's pick may reach are encoded (each group's best, see
+    # select_candidates_in_blocks), never more than the eligible ones.
+    assert 0 < sum(enc.calls) <= eligible < len(whole)
+
+
+def _legacy_selection(cfg, out):
+    """The build's selection before the per-group pools: every eligible row kept, all embedded at
+    once, `select_candidates` over the whole frame with the members' cluster map."""
+    from pipeline.library.candidates import case_texts, cluster_map
+    from pipeline.library.sources import iter_library_cases, load_members
+
+    scorer = CandidateScorer.from_config(cfg)
+    rows = pd.concat([b[[scorer.assess(r)[0] for r in b.to_dict("records")]] for b in iter_library_cases(cfg, out)],
+                     ignore_index=True)
+    vec = HashingEmbedder().encode_passages(case_texts(rows))
+    return select_candidates(rows, vec, scorer, cluster_map(load_members(out)))
+
+
+def test_build_selection_equals_the_whole_table_selection(stored, cfg):
+    """The bounded build picks exactly what selecting over every eligible row at once picks: the
+    same candidates (ids, scores, reasons, parts, groups) in the same order, with clusters read
+    from the members' four columns as cluster_map reads them."""
+    from dataclasses import asdict
+
+    from pipeline.insights.export import export_all
+    from pipeline.library.candidates import cluster_map
+    from pipeline.library.sources import load_cluster_lookup, load_members
+    from pipeline.library.typical_cases import select_from_store
+
+    export_all(cfg, stored, embedder=HashingEmbedder())
+    members = load_members(stored)
+    assert members is not None and members["cluster_id"].notna().any()
+    cmap = cluster_map(members)
+    ids = sorted(set(members["case_id"].astype(str))) + ["no-such-case"]
+    assert load_cluster_lookup(stored)(ids) == [cmap.get(i) for i in ids]
+
+    small = cfg.model_copy(update={"library": cfg.library.model_copy(update={"per_group": 2})})
+    for c in (cfg, small):
+        want, want_counts = _legacy_selection(c, stored)
+        got, got_counts = select_from_store(c, stored, HashingEmbedder())
+        assert [asdict(x) for x in got] == [asdict(x) for x in want] and len(got) > 0
+        assert {k: got_counts[k] for k in ("eligible", "groups", "candidates")} == {
+            k: want_counts[k] for k in ("eligible", "groups", "candidates")}
+        assert any(g.startswith("cluster:") for x in got for g in x.groups)
+
+
+def test_blocked_selection_with_tiny_pools_reads_again_until_exact(scorer):
+    """Copies and near-copies make the greedy pick skip cases; a group whose pool runs out before
+    its pick fills is read again with a bigger pool, so even a pool of one case per group gives
+    exactly the whole-table pick. Copies of a text are pooled once only while a text's vector is
+    similar enough to itself to be skipped (not with short vectors, whose copies can all be picked)."""
+    from dataclasses import asdict
+
+    from pipeline.library.candidates import case_texts, select_candidates_in_blocks
+
+    rows = []
+    for i in range(60):
+        # Copies and near-copies (similarity about 0.97) with high scores, distinct texts lower down.
+        problem = f"快递三天还没到，今天能不能送到，着急用，麻烦加急处理{'啊呀哦'[i // 12 % 3]}"
+        delta = 0.9 - (i // 12) / 10 if i % 4 else 0.2 + (i % 7) / 10
+        problem = problem if i % 4 else f"发票抬头第{i}次开错了要重开"
+        rows.append(_case(f"c{i:03d}", problem, delta=delta, itype=("物流配送", "发票")[i % 2]))
+    rows.append(_case("x", "太长", n_chars=5000))
+    cases = pd.DataFrame(rows)
+    clusters = {f"c{i:03d}": f"C{i % 3}" for i in range(0, 60, 2)}
+    ok = [scorer.assess(r)[0] for r in cases.to_dict("records")]
+    reads = []
+
+    def blocks():
+        reads.append(1)
+        return (cases.iloc[i : i + 7].reset_index(drop=True) for i in range(0, len(cases), 7))
+
+    def unit(texts):
+        return HashingEmbedder().encode(texts)
+
+    def short(texts):  # v.v = 0.25 < max_similarity: even copies are not skipped
+        return 0.5 * HashingEmbedder().encode(texts)
+
+    for encode in (unit, short):
+        want, want_counts = select_candidates(
+            cases[ok].reset_index(drop=True), encode(case_texts(cases[ok])), scorer, clusters)
+        by_group: dict[str, list[str]] = {}
+        for c in want:
+            for g in c.groups:
+                by_group.setdefault(g, []).append(c.parts["problem"])
+        copies = any(len(set(t)) < len(t) for t in by_group.values())
+        assert len(want) > 2 and copies == (encode is short)
+        for pool in (1, 3, 100):
+            reads.clear()
+            got, counts = select_candidates_in_blocks(blocks, encode, scorer,
+                                                      lambda ids: [clusters.get(i) for i in ids], pool=pool)
+            assert [asdict(c) for c in got] == [asdict(c) for c in want]
+            assert counts == {**want_counts, "cases": len(cases)}
+            if pool == 1:
+                assert len(reads) > 1
+            if pool == 100 and encode is unit:
+                assert len(reads) == 1  # whole groups fit: one read
+
+
+def test_newest_row_mask_keeps_the_rows_newest_rows_keeps():
+    """The build picks each id's current row from Arrow columns; it must be the row the case
+    store's reader keeps (newest run, the last within a run, a missing run id sorting last)."""
+    import pyarrow as pa
+
+    from pipeline.library.sources import newest_row_mask
+    from pipeline.storage.store import newest_rows
+
+    rng = np.random.default_rng(3)
+    n = 400
+    ids = [None if rng.random() < 0.03 else f"c{rng.integers(0, 90)}" for _ in range(n)]
+    runs = [None if rng.random() < 0.05 else f"2025{rng.integers(1, 4):02d}-r" for _ in range(n)]
+    keys = pd.DataFrame({"case_id": ids, "run_id": runs, "_row": np.arange(n)})
+    want = np.zeros(n, dtype=bool)
+    want[newest_rows(keys)["_row"].to_numpy()] = True
+    got = newest_row_mask(pa.table({"case_id": pa.array(ids, pa.string()), "run_id": pa.array(runs, pa.string())}))
+    assert want.sum() < n and (got == want).all()
+    empty = pa.table({"case_id": pa.array([], pa.string()), "run_id": pa.array([], pa.string())})
+    assert not newest_row_mask(empty).any()

@@ -6,7 +6,7 @@ the same candidates (decisions live in the review store, `pipeline.library.store
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -170,6 +170,158 @@ def select_candidates(
             )
         )
     return out, {"cases": len(rows), "eligible": len(ok), "groups": len(groups), "candidates": len(out)}
+
+
+@dataclass
+class _Pooled:
+    """What selection keeps of one eligible case: its place in a group's order, and what a
+    Candidate and the encoder need (not the row, whose turns and texts dominate its size)."""
+
+    key: tuple[float, str]  # (-score, case_id): the order select_candidates reads a group in
+    case_id: str
+    issue_type: str
+    cluster_id: str | None
+    score: float
+    reasons: list[str]
+    parts: dict[str, str]
+    text: str
+    stands_for_copies: bool = False  # a later case of one of its groups had the same text
+
+
+@dataclass
+class _Pools:
+    """Per group, in the order select_candidates first meets it: its best cases (at most its cap
+    of distinct texts), its size, whether a case was ever cut for the cap."""
+
+    pools: dict[str, list[_Pooled]] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+    cut: set[str] = field(default_factory=set)
+    n_cases: int = 0
+
+
+def _trim(pool: list[_Pooled], cap: int, drop_copies: bool) -> tuple[list[_Pooled], bool]:
+    """The pool in order, without later copies of a text (when `drop_copies`), cut to `cap`;
+    and whether the cap cut anything."""
+    pool.sort(key=lambda e: e.key)
+    if drop_copies:
+        first: dict[str, _Pooled] = {}
+        kept = []
+        for e in pool:
+            if e.text in first:
+                first[e.text].stands_for_copies = True
+            else:
+                first[e.text] = e
+                kept.append(e)
+        pool = kept
+    return pool[:cap], len(pool) > cap
+
+
+def _pool_blocks(
+    blocks: Iterable[pd.DataFrame],
+    scorer: CandidateScorer,
+    clusters: Callable[[list[str]], list[str | None]],
+    caps: dict[str, int],
+    default_cap: int,
+    drop_copies: bool,
+) -> _Pools:
+    """One read of the blocks into per-group pools (see `select_candidates_in_blocks`)."""
+    got = _Pools()
+    for block in blocks:
+        got.n_cases += len(block)
+        rows = cast(list[dict[str, Any]], block.to_dict("records"))
+        assessed = [scorer.assess(r) for r in rows]
+        eligible = [a[0] for a in assessed]
+        ok = [(r, a) for r, a in zip(rows, assessed) if a[0]]
+        if not ok:
+            continue
+        texts = case_texts(block[eligible])
+        cids = clusters([str(r["case_id"]) for r, _ in ok])
+        touched = set()
+        for (r, (_, score, reasons)), text, cid in zip(ok, texts, cids):
+            e = _Pooled(
+                (-score, str(r["case_id"])),
+                str(r["case_id"]),
+                _text(r.get("issue_type")) or "未分类",
+                cid,
+                score,
+                reasons,
+                case_parts(r),
+                text,
+            )
+            for g in (f"type:{e.issue_type}", *([f"cluster:{cid}"] if cid else [])):
+                got.pools.setdefault(g, []).append(e)
+                got.sizes[g] = got.sizes.get(g, 0) + 1
+                touched.add(g)
+        for g in touched:
+            got.pools[g], cut = _trim(got.pools[g], caps.get(g, default_cap), drop_copies)
+            if cut:
+                got.cut.add(g)
+    return got
+
+
+def select_candidates_in_blocks(
+    blocks: Callable[[], Iterable[pd.DataFrame]],
+    encode: Callable[[list[str]], np.ndarray],
+    scorer: CandidateScorer,
+    clusters: Callable[[list[str]], list[str | None]] | None = None,
+    pool: int | None = None,
+) -> tuple[list[Candidate], dict[str, int]]:
+    """`select_candidates` over the concatenated `blocks()`, with the eligible cases' texts
+    `encode`d, in memory that does not grow with the number of cases read.
+
+    Why it gives the same pick: `select_diverse` reads a group in (-score, case_id) order and
+    stops at `per_group` picks, so it only looks at a prefix of that order, and it never takes a
+    later case whose text (so vector) equals an earlier one's: that case is as similar to every
+    pick as its twin (which was taken or skipped), and its similarity to the twin, v.v, is above
+    max_similarity (checked; else the copies are kept). So each group keeps only its best `pool`
+    distinct texts (default 8 x per_group). When the greedy pick fills up inside them it is the
+    pick over the whole group; when near-copies make it run out first while cases were cut, the
+    blocks are read again with that group's pool four times larger, until it fills or nothing
+    is cut. Only pooled cases are encoded, so a text's vector must not depend on what else is
+    encoded with it (true of the encoders here, which embed texts one by one or cache them).
+
+    `clusters(ids)` gives each case's root-cause cluster or None; `blocks` is a factory because a
+    deeper pass reads them again. Counts: cases read, eligible, groups, candidates."""
+    lib = scorer.lib
+    default_cap = pool or 8 * lib.per_group
+    lookup = clusters or (lambda ids: [None] * len(ids))
+    caps: dict[str, int] = {}
+    drop_copies = True
+    vectors: dict[str, np.ndarray] = {}
+    while True:
+        got = _pool_blocks(blocks(), scorer, lookup, caps, default_cap, drop_copies)
+        pooled = {e.case_id: e for p in got.pools.values() for e in p}
+        vectors = {i: v for i, v in vectors.items() if i in pooled}
+        fresh = [e for i, e in pooled.items() if i not in vectors]
+        if fresh:
+            vecs = np.asarray(encode([e.text for e in fresh]), dtype=np.float32)
+            vectors.update((e.case_id, v) for e, v in zip(fresh, vecs))
+        # A margin over max_similarity: the greedy computes v.v inside a matrix product.
+        if drop_copies and any(
+            e.stands_for_copies and float(vectors[i] @ vectors[i]) <= lib.max_similarity + 1e-3
+            for i, e in pooled.items()
+        ):
+            drop_copies = False
+            continue
+        chosen: dict[str, tuple[_Pooled, list[str]]] = {}
+        short = []
+        for g, members in got.pools.items():
+            mat = np.stack([vectors[e.case_id] for e in members])
+            picks = select_diverse(range(len(members)), mat, lib.per_group, lib.max_similarity)
+            if len(picks) < lib.per_group and g in got.cut:
+                short.append(g)
+            for i in picks:
+                chosen.setdefault(members[i].case_id, (members[i], []))[1].append(g)
+        if not short:
+            break
+        for g in short:
+            caps[g] = 4 * caps.get(g, default_cap)
+    out = [
+        Candidate(e.case_id, e.issue_type, e.cluster_id, e.score, e.reasons, e.parts, gs)
+        for e, gs in sorted(chosen.values(), key=lambda eg: -eg[0].score)
+    ]
+    eligible = sum(n for g, n in got.sizes.items() if g.startswith("type:"))
+    return out, {"cases": got.n_cases, "eligible": eligible, "groups": len(got.pools), "candidates": len(out)}
 
 
 def cluster_map(members: pd.DataFrame | None) -> dict[str, str]:

@@ -3,11 +3,13 @@ curves added in memory when older partitions lack them) and the latest clusters'
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from pipeline.config import Config
 
@@ -19,15 +21,60 @@ def load_members(out: Path) -> pd.DataFrame | None:
     return pd.read_parquet(d / "members.parquet") if d is not None and (d / "members.parquet").is_file() else None
 
 
-def _completed(base: pd.DataFrame, cfg: Config) -> pd.DataFrame:
-    """Issue types and emotion curves added in memory where the stored partitions predate them."""
+def load_cluster_lookup(out: Path) -> Callable[[list[str]], list[str | None]]:
+    """`ids -> [cluster_id or None]`, the lookup `candidates.cluster_map(load_members(out))` gives,
+    from only the four member columns it reads, kept as Arrow arrays (one row per case).
+
+    Why: members.parquet holds a row per case and scope with its texts; the library build needs
+    a cluster id per case, and a dict of every case would grow with the history."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pipeline.insights.export import latest_export
+
+    d = latest_export(Path(out))
+    path = d / "members.parquet" if d is not None else None
+    names = set(pq.read_schema(path).names) if path is not None and path.is_file() else set()
+    if path is None or not {"case_id", "cluster_id"} <= names:
+        return lambda ids: [None] * len(ids)
+    own_cols = ["scope", "issue_type"] if {"scope", "issue_type"} <= names else []
+    t = pq.read_table(path, columns=["case_id", "cluster_id", *own_cols])
+    t = t.filter(pc.is_valid(t["cluster_id"]))
+    # cluster_map's pick per case: the first row of its own issue type's scope, else its first row.
+    own = pc.fill_null(pc.equal(t["scope"], t["issue_type"]), False) if own_cols else pa.nulls(len(t), pa.bool_())
+    keyed = pa.table(
+        {
+            "case_id": pc.cast(t["case_id"], pa.large_string()),
+            "cluster_id": pc.cast(t["cluster_id"], pa.large_string()),
+            "own": pc.cast(pc.fill_null(own, False), pa.int8()),
+            "row": pa.array(np.arange(len(t), dtype=np.int64)),
+        }
+    ).sort_by([("case_id", "ascending"), ("own", "descending"), ("row", "ascending")])
+    ids = keyed["case_id"].combine_chunks()
+    first = np.ones(len(ids), dtype=bool)
+    if len(ids) > 1:
+        first[1:] = pc.not_equal(ids[1:], ids[:-1]).to_numpy(zero_copy_only=False)
+    pick = pa.array(first)
+    case_ids, cluster_ids = ids.filter(pick), keyed["cluster_id"].combine_chunks().filter(pick)
+
+    def lookup(wanted: list[str]) -> list[str | None]:
+        at = pc.index_in(pa.array(wanted, pa.large_string()), value_set=case_ids)
+        return cast(list[str | None], cluster_ids.take(at).to_pylist())
+
+    return lookup
+
+
+def _completed(base: pd.DataFrame, cfg: Config, analyzer: Callable[[], Any] | None = None) -> pd.DataFrame:
+    """Issue types and emotion curves added in memory where the stored partitions predate them.
+    `analyzer()`: the EmotionAnalyzer to use (a block reader loads it once, not per block)."""
     from pipeline.insights.export import ensure_classified
 
     base, _ = ensure_classified(base.reset_index(drop=True), cfg)
     if "emotion_delta" not in base or base["emotion_delta"].isna().all():
         from pipeline.analysis.emotion import add_emotion
 
-        base = add_emotion(base, cfg)
+        base = add_emotion(base, cfg, analyzer() if analyzer is not None else None)
     return base
 
 
@@ -44,6 +91,35 @@ def load_library_cases(cfg: Config, out: Path, since: str | None = None) -> pd.D
     return _completed(base, cfg)
 
 
+def newest_row_mask(keys: pa.Table) -> np.ndarray:
+    """Which rows of `keys` (case_id, run_id) `storage.store.newest_rows` keeps: per case_id the
+    newest run's row (a missing run id sorts last, as pandas sorts it), within a run the last.
+    Computed on the Arrow columns: a pandas frame of every stored id costs several times more,
+    and this is the part of the build that follows the history's length."""
+    import pyarrow.compute as pc
+
+    n = len(keys)
+    wanted = np.zeros(n, dtype=bool)
+    if not n:
+        return wanted
+    t = pa.table({"case_id": keys["case_id"], "run_id": keys["run_id"], "row": pa.array(np.arange(n))})
+    order = pc.sort_indices(
+        t, sort_keys=[("case_id", "ascending", "at_end"), ("run_id", "ascending", "at_end"), ("row", "ascending")]
+    )
+    ids = t["case_id"].combine_chunks().take(order)
+    later, earlier = ids[1:], ids[:-1]
+    # A null id is one more id (pandas' drop_duplicates groups missing values together).
+    differs = pc.if_else(
+        pc.is_null(pc.not_equal(later, earlier)),
+        pc.not_equal(pc.is_valid(later), pc.is_valid(earlier)),
+        pc.not_equal(later, earlier),
+    )
+    last = np.ones(n, dtype=bool)
+    last[:-1] = differs.to_numpy(zero_copy_only=False)
+    wanted[order.to_numpy()[last]] = True
+    return wanted
+
+
 def iter_library_cases(cfg: Config, out: Path, block_rows: int = 5_000) -> Iterator[pd.DataFrame]:
     """The stored cases of `load_library_cases` (one row per id: the newest run's), in blocks of
     whole part files of about `block_rows` rows: what a nightly build reads without holding every
@@ -51,17 +127,23 @@ def iter_library_cases(cfg: Config, out: Path, block_rows: int = 5_000) -> Itera
     from the ids alone."""
     import pyarrow.parquet as pq
 
-    from pipeline.storage.store import newest_rows, read_parts, stored_parts
+    from pipeline.storage.store import read_parts, stored_parts
 
     files = stored_parts(Path(out))
     if not files:
         return
     # The row read_cases keeps per id, decided over all parts from the ids alone.
-    keys = read_parts(files, ["case_id", "run_id"]).to_pandas()
-    keys["_row"] = np.arange(len(keys))
-    kept = newest_rows(keys)["_row"]
-    wanted = np.zeros(len(keys), dtype=bool)
-    wanted[kept.to_numpy()] = True
+    wanted = newest_row_mask(read_parts(files, ["case_id", "run_id"]))
+    analyzer: list[Any] = []
+
+    def emotion_analyzer() -> Any:
+        # Loaded on first need and kept: the emotion model is read from disk by each from_config.
+        if not analyzer:
+            from pipeline.analysis.emotion import EmotionAnalyzer
+
+            analyzer.append(EmotionAnalyzer.from_config(cfg))
+        return analyzer[0]
+
     block: list[Path] = []
     start = rows = 0
     for i, f in enumerate(files):
@@ -74,4 +156,4 @@ def iter_library_cases(cfg: Config, out: Path, block_rows: int = 5_000) -> Itera
         df = df[wanted[start : start + n]]
         start += n
         if len(df):
-            yield _completed(df, cfg)
+            yield _completed(df, cfg, emotion_analyzer)

@@ -29,11 +29,12 @@ from pipeline.library.candidates import (
     case_texts,
     cluster_map,
     select_candidates,
+    select_candidates_in_blocks,
     select_diverse,
 )
 from pipeline.library.coverage import CoverageResult, compute_coverage, coverage
 from pipeline.library.render import render_index, render_page, slug
-from pipeline.library.sources import iter_library_cases, load_library_cases, load_members
+from pipeline.library.sources import iter_library_cases, load_cluster_lookup, load_library_cases, load_members
 from pipeline.library.store import (
     STATUSES,
     Decision,
@@ -71,36 +72,37 @@ __all__ = [
     "render_index",
     "render_page",
     "select_candidates",
+    "select_candidates_in_blocks",
+    "select_from_store",
     "select_diverse",
 ]
 
 
+def select_from_store(cfg: Config, out: Path, embedder=None) -> tuple[list[Candidate], dict[str, int]]:
+    """The candidates of the stored cases (`select_candidates` over all of them), read block by
+    block in memory that does not follow the history's length: per block only what selection
+    needs of each eligible case is kept, and per group only its best cases (see
+    `select_candidates_in_blocks`); only those reach the encoder, loaded when one does."""
+    scorer = CandidateScorer.from_config(cfg)
+    encoder = [embedder] if embedder is not None else []
+
+    def encode(texts: list[str]) -> np.ndarray:
+        if not encoder:
+            from pipeline.embed import Embedder
+
+            encoder.append(Embedder(cfg, out_root=Path(out)))
+        return np.asarray(encoder[0].encode_passages(texts), dtype=np.float32)
+
+    return select_candidates_in_blocks(lambda: iter_library_cases(cfg, out), encode, scorer, load_cluster_lookup(out))
+
+
 def build(cfg: Config, out: Path, embedder=None) -> dict[str, Any]:
     """Select candidates from the processed cases and merge them into the review store."""
-    # Only eligible cases can become candidates, and eligibility reads one row at a time: the
-    # stored cases are read in blocks and only the eligible ones (a small share) are kept and
-    # embedded, so the build's memory and encoder time follow them, not all history.
-    scorer = CandidateScorer.from_config(cfg)
-    n_cases, kept = 0, []
-    for block in iter_library_cases(cfg, out):
-        n_cases += len(block)
-        ok = [scorer.assess(cast(dict[str, Any], r))[0] for r in block.to_dict("records")]
-        kept.append(block[ok])
-    if not n_cases:
+    cands, counts = select_from_store(cfg, out, embedder)
+    if not counts["cases"]:
         raise LibraryError(f"no processed cases under {out}; run `casemine run` first")
-    cases = pd.concat(kept, ignore_index=True)
-    if embedder is None and len(cases):
-        from pipeline.embed import Embedder
-
-        embedder = Embedder(cfg, out_root=Path(out))
-    vectors = (
-        np.asarray(embedder.encode_passages(case_texts(cases)), dtype=np.float32)
-        if len(cases)
-        else np.zeros((0, 0), dtype=np.float32)
-    )
-    cands, counts = select_candidates(cases, vectors, scorer, cluster_map(load_members(out)))
     synced = LibraryStore(out).sync_candidates(cands)
-    return {**counts, "cases": n_cases, **synced, "db": str(db_path(out))}
+    return {**counts, **synced, "db": str(db_path(out))}
 
 
 def publish(cfg: Config, out: Path, by: str = "publish") -> dict[str, Any]:
