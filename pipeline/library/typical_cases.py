@@ -78,6 +78,12 @@ __all__ = [
 ]
 
 
+# Stored cases read per block: whole part files, at least this many rows. A block of full rows
+# (turns, texts, per-turn emotion) costs about 25 MiB per 1,000 rows while it is assessed, and
+# smaller blocks cost little time (each part file is read once either way).
+BLOCK_ROWS = 1_000
+
+
 def select_from_store(cfg: Config, out: Path, embedder=None) -> tuple[list[Candidate], dict[str, int]]:
     """The candidates of the stored cases (`select_candidates` over all of them), read block by
     block in memory that does not follow the history's length: per block only what selection
@@ -93,7 +99,9 @@ def select_from_store(cfg: Config, out: Path, embedder=None) -> tuple[list[Candi
             encoder.append(Embedder(cfg, out_root=Path(out)))
         return np.asarray(encoder[0].encode_passages(texts), dtype=np.float32)
 
-    return select_candidates_in_blocks(lambda: iter_library_cases(cfg, out), encode, scorer, load_cluster_lookup(out))
+    return select_candidates_in_blocks(
+        lambda: iter_library_cases(cfg, out, block_rows=BLOCK_ROWS), encode, scorer, load_cluster_lookup(out)
+    )
 
 
 def build(cfg: Config, out: Path, embedder=None) -> dict[str, Any]:
