@@ -4,8 +4,8 @@ Why: a 50,000-transcript run peaked in its library step (issue 15, point 1); the
 a history of any length in bounded memory. Histories of each --sizes are replicated from a pool of
 real-shaped cases mined by the nightly steps (bench.bench_export), stored, and exported once with
 the hashing embedder (pipeline.embed.fake) so the clusters' members exist. Each build then runs in
-a FRESH child process: its peak RSS (ru_maxrss from wait4) minus its RSS after imports and the
-scorer's load is the build's own memory. `--impl legacy` runs the former build (every eligible
+a FRESH child process: its peak RSS (its own VmHWM, read at its end) minus its RSS after imports
+and the scorer's load is the build's own memory. `--impl legacy` runs the former build (every eligible
 row kept and embedded at once, then `select_candidates`), `--impl current` the product's build;
 both print a digest of their candidates, which must be equal.
 
@@ -36,10 +36,10 @@ REPO = Path(__file__).resolve().parents[1]
 MIB = 1024 * 1024
 
 
-def _rss_mib() -> float:
-    """This process's resident set now (VmRSS), in MiB."""
+def _rss_mib(field: str = "VmRSS") -> float:
+    """This process's resident set now (VmRSS) or its high-water mark (VmHWM), in MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -91,6 +91,7 @@ def child(impl: str, out: Path) -> None:
         json.dumps(
             {
                 "base_mib": base,
+                "hwm_mib": _rss_mib("VmHWM"),
                 "secs": secs,
                 "counts": counts,
                 "digest": digest,
@@ -102,7 +103,9 @@ def child(impl: str, out: Path) -> None:
 
 
 def run_child(impl: str, out: Path) -> dict:
-    """The child's JSON plus its peak RSS (ru_maxrss of exactly that child, from wait4)."""
+    """The child's JSON plus its peak RSS: its own VmHWM (the memory it mapped after exec).
+    wait4's ru_maxrss is kept for reference only: Linux carries the parent's peak into a spawned
+    child's ru_maxrss, so after the parent built a history (an export) it reports that peak."""
     with tempfile.TemporaryFile("w+") as so:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         p = subprocess.Popen(
@@ -118,7 +121,8 @@ def run_child(impl: str, out: Path) -> dict:
     if p.returncode != 0:
         raise SystemExit(f"{impl} build failed ({p.returncode}):\n{text[-2000:]}")
     res = json.loads(text.strip().splitlines()[-1])
-    res["peak_mib"] = ru.ru_maxrss / 1024  # KiB on Linux
+    res["peak_mib"] = res["hwm_mib"]
+    res["ru_maxrss_mib"] = ru.ru_maxrss / 1024  # KiB on Linux
     return res
 
 
@@ -165,7 +169,7 @@ def main() -> None:
         pool = None
         print(
             f"{'cases':>7} {'impl':>8} {'eligible':>9} {'embedded':>9} {'cands':>6} {'base MiB':>9} "
-            f"{'peak MiB':>9} {'build MiB':>10} {'secs':>6}  digest",
+            f"{'peak MiB':>9} {'build MiB':>10} {'secs':>6} {'ru_maxrss':>9}  digest",
             flush=True,
         )
         for n in (int(x) for x in a.sizes.split(",")):
@@ -189,7 +193,7 @@ def main() -> None:
                     print(
                         f"{n:>7,} {impl:>8} {c['eligible']:>9,} {r['embedded']:>9,} {c['candidates']:>6} "
                         f"{r['base_mib']:>9.0f} {r['peak_mib']:>9.0f} {r['peak_mib'] - r['base_mib']:>10.0f} "
-                        f"{r['secs']:>6.1f}  {r['digest']}/{r['order']}",
+                        f"{r['secs']:>6.1f} {r['ru_maxrss_mib']:>9.0f}  {r['digest']}/{r['order']}",
                         flush=True,
                     )
     print(f"\nbench wall {time.perf_counter() - t_all:.0f} s; uptime: {os.getloadavg()}")

@@ -27,7 +27,6 @@ def load_cluster_lookup(out: Path) -> Callable[[list[str]], list[str | None]]:
 
     Why: members.parquet holds a row per case and scope with its texts; the library build needs
     a cluster id per case, and a dict of every case would grow with the history."""
-    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -42,12 +41,12 @@ def load_cluster_lookup(out: Path) -> Callable[[list[str]], list[str | None]]:
     t = pq.read_table(path, columns=["case_id", "cluster_id", *own_cols])
     t = t.filter(pc.is_valid(t["cluster_id"]))
     # cluster_map's pick per case: the first row of its own issue type's scope, else its first row.
-    own = pc.fill_null(pc.equal(t["scope"], t["issue_type"]), False) if own_cols else pa.nulls(len(t), pa.bool_())
+    own = pc.equal(t["scope"], t["issue_type"]) if own_cols else pa.nulls(len(t), pa.bool_())
     keyed = pa.table(
         {
             "case_id": pc.cast(t["case_id"], pa.large_string()),
             "cluster_id": pc.cast(t["cluster_id"], pa.large_string()),
-            "own": pc.cast(pc.fill_null(own, False), pa.int8()),
+            "own": pc.cast(pc.fill_null(own, False), pa.int8()),  # a missing type is not its own
             "row": pa.array(np.arange(len(t), dtype=np.int64)),
         }
     ).sort_by([("case_id", "ascending"), ("own", "descending"), ("row", "ascending")])
