@@ -7,7 +7,7 @@ the same candidates (decisions live in the review store, `pipeline.library.store
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import numpy as np
@@ -178,14 +178,13 @@ class _Pooled:
     Candidate and the encoder need (not the row, whose turns and texts dominate its size)."""
 
     key: tuple[float, str]  # (-score, case_id): the order select_candidates reads a group in
-    case_id: str
-    issue_type: str
-    cluster_id: str | None
-    score: float
-    reasons: list[str]
-    parts: dict[str, str]
+    cand: Candidate  # its groups are filled in once it is picked
     text: str
     stands_for_copies: bool = False  # a later case of one of its groups had the same text
+
+    @property
+    def case_id(self) -> str:
+        return self.cand.case_id
 
 
 @dataclass
@@ -238,17 +237,10 @@ def _pool_blocks(
         cids = clusters([str(r["case_id"]) for r, _ in ok])
         touched = set()
         for (r, (_, score, reasons)), text, cid in zip(ok, texts, cids):
-            e = _Pooled(
-                (-score, str(r["case_id"])),
-                str(r["case_id"]),
-                _text(r.get("issue_type")) or "未分类",
-                cid,
-                score,
-                reasons,
-                case_parts(r),
-                text,
-            )
-            for g in (f"type:{e.issue_type}", *([f"cluster:{cid}"] if cid else [])):
+            issue = _text(r.get("issue_type")) or "未分类"
+            cand = Candidate(str(r["case_id"]), issue, cid, score, reasons, case_parts(r))
+            e = _Pooled((-score, cand.case_id), cand, text)
+            for g in (f"type:{cand.issue_type}", *([f"cluster:{cid}"] if cid else [])):
                 got.pools.setdefault(g, []).append(e)
                 got.sizes[g] = got.sizes.get(g, 0) + 1
                 touched.add(g)
@@ -316,10 +308,7 @@ def select_candidates_in_blocks(
             break
         for g in short:
             caps[g] = 4 * caps.get(g, default_cap)
-    out = [
-        Candidate(e.case_id, e.issue_type, e.cluster_id, e.score, e.reasons, e.parts, gs)
-        for e, gs in sorted(chosen.values(), key=lambda eg: -eg[0].score)
-    ]
+    out = [replace(e.cand, groups=gs) for e, gs in sorted(chosen.values(), key=lambda eg: -eg[0].cand.score)]
     eligible = sum(n for g, n in got.sizes.items() if g.startswith("type:"))
     return out, {"cases": got.n_cases, "eligible": eligible, "groups": len(got.pools), "candidates": len(out)}
 
