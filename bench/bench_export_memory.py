@@ -1,0 +1,345 @@
+"""Peak memory of the nightly (incremental) export against the size of the stored history.
+
+Why: issue 15 asks for a nightly cost that follows the new cases; the export reads every stored
+case and the whole membership each night, so its memory can grow with the history even when its
+work does not. For each history size this builds a store (cases mined by the nightly steps,
+replicated as `bench.bench_export` does), runs one full export to create the cluster state, adds
+--new cases dated the next day, then runs the INCREMENTAL export in a fresh child process with
+the hashing embedder (no model: the export's own memory). Reported per size: the child's RSS
+after its imports, its peak RSS (VmHWM; not ru_maxrss, which a forked child inherits from its
+parent), the peak above the imports per 1,000 stored cases, and the export's seconds. With
+--breakdown a second child samples its RSS every few milliseconds and reports, per export
+stage, the RSS on entry, the peak sampled inside and VmHWM on exit (a sample can miss a peak
+inside one long C call; VmHWM does not), plus the MiB of each column of the frames it holds.
+
+    python -m bench.bench_export_memory [--sizes 10000,30000,60000] [--new 1000] [--keep DIR]
+
+--keep DIR keeps the prepared stores (and reuses them on the next call, so two versions of the
+code measure the same stores) and every child's exports folder, for comparing outputs:
+    python -m bench.bench_export_memory --compare DIR/run-a-60000 DIR/run-b-60000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+MIB = 1024 * 1024
+DAY = date(2025, 11, 30)
+
+
+def rss_mib() -> float:
+    """Resident set size now, from /proc (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
+
+
+def peak_mib() -> float:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: on Linux a child started by fork+exec
+    inherits in ru_maxrss the RSS its parent had at the fork (the parent here holds a store)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+# -- the child: one incremental export, measured --------------------------------------------------
+
+
+class Sampler:
+    """RSS sampled on a thread; nested stages record their entry RSS and the peak seen inside."""
+
+    def __init__(self, every_s: float = 0.003):
+        self.every_s = every_s
+        self.active: list[dict[str, Any]] = []
+        self.done: list[dict[str, Any]] = []
+        self.seq = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            r = rss_mib()
+            for rec in list(self.active):
+                rec["peak"] = max(rec["peak"], r)
+            time.sleep(self.every_s)
+
+    def start(self) -> None:
+        self._t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._t.join()
+
+    def wrap(self, module: Any, name: str, frames: bool = False) -> None:
+        fn = getattr(module, name)
+
+        def wrapped(*a, **k):
+            r0 = rss_mib()
+            self.seq += 1
+            rec = {"stage": name, "seq": self.seq, "depth": len(self.active), "enter": r0, "peak": r0}
+            rec["t"] = time.perf_counter()
+            self.active.append(rec)
+            try:
+                res = fn(*a, **k)
+            finally:
+                rec["exit"] = rss_mib()
+                rec["hwm"] = peak_mib()  # exact: the stage where it jumps holds the peak
+                rec["peak"] = max(rec["peak"], rec["exit"])
+                rec["t"] = time.perf_counter() - rec["t"]
+                self.active.remove(rec)
+                self.done.append(rec)
+            if frames:
+                for i, f in enumerate(res if isinstance(res, tuple) else (res,)):
+                    if hasattr(f, "memory_usage") and hasattr(f, "columns"):
+                        cols = f.memory_usage(deep=True, index=False)
+                        rec.setdefault("frames", []).append(
+                            {
+                                "part": i,
+                                "rows": len(f),
+                                "mib": round(float(cols.sum()) / MIB, 1),
+                                "columns": {c: round(float(v) / MIB, 1) for c, v in cols.sort_values().items()},
+                            }
+                        )
+            return res
+
+        setattr(module, name, wrapped)
+
+
+def child(store: Path, day: str, breakdown: bool) -> None:
+    import pipeline.insights.export as ex
+    import pipeline.insights.membership as mb
+    import pipeline.insights.report  # noqa: F401
+    import pipeline.storage.store  # noqa: F401
+    from pipeline.config import load_config
+    from pipeline.embed.fake import HashingEmbedder
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "casemine.yaml")
+    emb = HashingEmbedder()
+    emb.encode_passages(["预热"])
+    base = rss_mib()
+    sampler = None
+    if breakdown:
+        sampler = Sampler()
+        for name in ("load_cases", "ensure_classified", "select_cases", "members_view"):
+            sampler.wrap(ex, name, frames=True)
+        for name in (
+            "_embed",
+            "assign_cases",
+            "recount_clusters",
+            "finish_export",
+            "write_export",
+            "map_points",
+            "count_table",
+            "week_over_week",
+            "root_cause_matrix",
+            "compute_kpis",
+            "case_teams",
+            "trajectory_table",
+            "relations",
+            "worsened_by_team",
+            "render_report",
+            "save_state",
+        ):
+            sampler.wrap(ex, name)
+        sampler.wrap(mb, "load_members", frames=True)
+        sampler.wrap(mb, "append_members")
+        sampler.start()
+    t = time.perf_counter()
+    s = ex.export_all(cfg, store, embedder=emb, today=date.fromisoformat(day))
+    secs = time.perf_counter() - t
+    if sampler is not None:
+        sampler.stop()
+    print(
+        json.dumps(
+            {
+                "mode": s["mode"],
+                "n_cases": s["n_cases"],
+                "after_imports_mib": round(base, 1),
+                "peak_mib": round(peak_mib(), 1),
+                "seconds": round(secs, 2),
+                "stages": sampler.done if sampler else [],
+            },
+            ensure_ascii=False,
+        )
+    )
+
+
+def run_child(store: Path, day: str, breakdown: bool) -> dict[str, Any]:
+    """The child's own report (its peak is its own VmHWM, see `peak_mib`)."""
+    args = [sys.executable, "-m", "bench.bench_export_memory", "--child", str(store), "--day", day]
+    if breakdown:
+        args.append("--breakdown")
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"child failed:\n{err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# -- the parent: stores of several sizes -----------------------------------------------------------
+
+
+def prepare(root: Path, n: int, n_new: int, pool) -> Path:
+    """`root/store-<n>`: n history cases, a full export on DAY, n_new cases of DAY+1 (reused if there)."""
+    from bench.bench_export import replicate, store
+    from pipeline.config import load_config
+    from pipeline.embed.fake import HashingEmbedder
+    from pipeline.insights.export import export_all
+
+    d = root / f"store-{n}"
+    if (d / ".ready").is_file():
+        return d
+    shutil.rmtree(d, ignore_errors=True)
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "casemine.yaml")
+    hist_days = [(DAY - timedelta(days=k)).isoformat() for k in range(56)]
+    run_h = "20251130T000000-hist"
+    store(d, replicate(pool, n, 0, run_h, hist_days, seed=1, variants=3), run_h)
+    t = time.perf_counter()
+    s = export_all(cfg, d, embedder=HashingEmbedder(), today=DAY)
+    print(f"  store {n:,}: full export {time.perf_counter() - t:.1f} s, {s['n_clusters']} clusters", flush=True)
+    run_n = "20251201T000000-new"
+    store(d, replicate(pool, n_new, 10_000_000, run_n, [(DAY + timedelta(days=1)).isoformat()], seed=100), run_n)
+    (d / ".ready").write_text("ok\n")
+    return d
+
+
+def load_pool(root: Path, n: int):
+    import pandas as pd
+
+    from bench.bench_export import mined_pool
+
+    p = root / f"pool-{n}.pkl"
+    if p.is_file():
+        return pd.read_pickle(p)
+    with tempfile.TemporaryDirectory() as tmp:
+        pool = mined_pool(Path(tmp), n)
+    pool.to_pickle(p)
+    return pool
+
+
+def _mib_per_k(r: dict[str, Any], n: int) -> float:
+    return (r["peak_mib"] - r["after_imports_mib"]) / (n / 1000)
+
+
+def print_breakdown(r: dict[str, Any]) -> None:
+    print(f"    {'stage':<22} {'s':>6} {'enter':>7} {'peak':>7} {'exit':>7} {'VmHWM':>7}   (MiB)")
+    for rec in sorted(r["stages"], key=lambda x: x["seq"]):
+        pad = "  " * rec["depth"]
+        print(
+            f"    {pad + rec['stage']:<22} {rec['t']:>6.2f} {rec['enter']:>7.0f} {rec['peak']:>7.0f} "
+            f"{rec['exit']:>7.0f} {rec['hwm']:>7.0f}"
+        )
+        for f in rec.get("frames", []):
+            big = sorted(f["columns"].items(), key=lambda kv: -kv[1])[:8]
+            print(
+                f"    {pad}  frame {f['part']}: {f['rows']:,} rows {f['mib']:.0f} MiB; "
+                + ", ".join(f"{c} {v:.1f}" for c, v in big)
+            )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="10000,30000,60000")
+    ap.add_argument("--new", type=int, default=1000)
+    ap.add_argument("--pool", type=int, default=600)
+    ap.add_argument("--keep", type=Path, default=None, help="keep (and reuse) stores and exports here")
+    ap.add_argument("--label", default="run", help="name of this code version in --keep")
+    ap.add_argument("--breakdown", action="store_true", help="also a sampled child per size, by stage")
+    ap.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--day", default=(DAY + timedelta(days=1)).isoformat(), help=argparse.SUPPRESS)
+    ap.add_argument("--compare", nargs=2, type=Path, default=None, help="compare two kept exports folders")
+    a = ap.parse_args()
+    if a.child is not None:
+        child(a.child, a.day, a.breakdown)
+        return
+    if a.compare is not None:
+        sys.exit(compare(*a.compare))
+    root = a.keep or Path(tempfile.mkdtemp(prefix="bench-export-mem-"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        pool = load_pool(root, a.pool)
+        print(f"pool: {len(pool):,} mined cases; --new {a.new:,} cases on the day after", flush=True)
+        rows = []
+        for n in (int(x) for x in a.sizes.split(",")):
+            store = prepare(root, n, a.new, pool)
+            work = root / f"{a.label}-{n}"
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.copytree(store, work)
+            r = run_child(work, a.day, False)
+            assert r["mode"] == "incremental", r
+            rows.append((n, r))
+            print(
+                f"  {n:>7,} stored: after imports {r['after_imports_mib']:.0f} MiB, peak {r['peak_mib']:.0f} MiB, "
+                f"{_mib_per_k(r, n):.1f} MiB per 1,000 stored cases, {r['seconds']:.2f} s",
+                flush=True,
+            )
+            if a.breakdown:
+                shutil.rmtree(work, ignore_errors=True)
+                shutil.copytree(store, work)
+                print_breakdown(run_child(work, a.day, True))
+            if a.keep is None:
+                shutil.rmtree(work, ignore_errors=True)
+        print(f"\n{'stored':>8} {'imports MiB':>12} {'peak MiB':>9} {'MiB/1k':>7} {'seconds':>8}")
+        for n, r in rows:
+            print(
+                f"{n:>8,} {r['after_imports_mib']:>12.0f} {r['peak_mib']:>9.0f} {_mib_per_k(r, n):>7.1f} "
+                f"{r['seconds']:>8.2f}"
+            )
+        if len(rows) > 1:
+            (n0, r0), (n1, r1) = rows[0], rows[-1]
+            slope = (r1["peak_mib"] - r0["peak_mib"]) / ((n1 - n0) / 1000)
+            print(f"peak growth {n0:,} -> {n1:,}: {slope:.1f} MiB per 1,000 stored cases")
+    finally:
+        if a.keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+# -- comparing two exports --------------------------------------------------------------------------
+
+_PLOTLY_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def compare(a: Path, b: Path) -> int:
+    """0 when every exported file of the two stores' latest exports is the same (the report's
+    plotly div ids aside), else 1; prints what differs."""
+    from pipeline.insights.export import latest_export
+
+    da, db = latest_export(a), latest_export(b)
+    if da is None or db is None:
+        print("no export in", a if da is None else b)
+        return 1
+    names = sorted({p.name for p in da.iterdir()} | {p.name for p in db.iterdir()})
+    bad = 0
+    for name in names:
+        pa_, pb_ = da / name, db / name
+        if not (pa_.is_file() and pb_.is_file()):
+            print(f"{name}: only in one")
+            bad += 1
+            continue
+        x, y = pa_.read_bytes(), pb_.read_bytes()
+        if name == "report.html":
+            x, y = _PLOTLY_ID.sub("ID", x.decode()).encode(), _PLOTLY_ID.sub("ID", y.decode()).encode()
+        if x != y:
+            print(f"{name}: differs ({len(x)} vs {len(y)} bytes)")
+            bad += 1
+    print(f"{len(names) - bad} of {len(names)} files identical")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    main()
