@@ -21,7 +21,9 @@ from pipeline.analysis.emotion import TRAJECTORIES
 _TEAM_KEYS = ("team", "agent_team", "group", "skill_group")
 
 
-_TEAM_KEY_RE = re.compile("|".join(map(re.escape, _TEAM_KEYS)))
+# Metadata without one of these substrings names no team (the export drops it unread).
+TEAM_KEY_PATTERN = "|".join(map(re.escape, _TEAM_KEYS))
+_TEAM_KEY_RE = re.compile(TEAM_KEY_PATTERN)
 
 
 def _team(meta_json: Any, agent_id: Any) -> str | None:

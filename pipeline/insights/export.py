@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.config import Config
 from pipeline.insights import membership as mb
@@ -45,7 +46,13 @@ from pipeline.insights.cluster import (
     members_table,
     select_cases,
 )
-from pipeline.insights.emotion_stats import case_teams, relations, trajectory_table, worsened_by_team
+from pipeline.insights.emotion_stats import (
+    TEAM_KEY_PATTERN,
+    case_teams,
+    relations,
+    trajectory_table,
+    worsened_by_team,
+)
 from pipeline.insights.incremental import (
     MAP_SCOPE,
     MEMBER_COLUMNS,
@@ -65,7 +72,7 @@ from pipeline.insights.trends import (
     trend_summary,
     week_over_week,
 )
-from pipeline.io import atomic_write_bytes, atomic_write_parquet, atomic_write_text
+from pipeline.io import atomic_write_parquet, atomic_write_stream, atomic_write_text
 
 CASE_COLUMNS = [
     "case_id",
@@ -139,13 +146,53 @@ def latest_export(out: Path) -> Path | None:
 # -- reading ------------------------------------------------------------------------------------
 
 
+# A character Python's str.strip() never removes: every character it strips is an ASCII control
+# in \t-\r or \x1c-\x1f, U+0085, or in Unicode's Z categories. A problem with one is not blank.
+_NOT_SPACE = r"[^\t-\r\x{1c}-\x{1f}\x{85}\p{Z}]"
+
+
+def shrink_case_part(t: pa.Table) -> pa.Table:
+    """A stored part with its two big free-text columns nulled where the export cannot read them,
+    so that all-history memory holds them only for the cases that need them.
+
+    customer_text: read by `select_cases` only when the problem is blank (it becomes the cluster
+    text) and by `ensure_classified` for cases without an issue type. metadata_json: read by
+    `case_teams` only when it can name a team (the same test `_team` makes before parsing), and
+    by the classifier for cases without an issue type. Every other value is dropped: the tables
+    come out the same. The tests are made in Arrow (a Python pass over every stored problem cost
+    more than the read)."""
+    n = t.num_rows
+    names = t.column_names
+    if not n or not {"customer_text", "metadata_json"} & set(names):
+        return t
+    unclassified = pc.is_null(t["issue_type"]) if "issue_type" in names else pa.array(np.ones(n, dtype=bool))
+    if "customer_text" in names:
+        # Kept for every problem without a non-space character: a superset of the blank ones.
+        worded = pc.match_substring_regex(t["problem"], _NOT_SPACE) if "problem" in names else None
+        blank = pa.array(np.ones(n, dtype=bool)) if worded is None else pc.invert(pc.fill_null(worded, False))
+        t = _null_unless(t, "customer_text", pc.or_(blank, unclassified))
+    if "metadata_json" in names:
+        teams = pc.fill_null(pc.match_substring_regex(t["metadata_json"], TEAM_KEY_PATTERN), False)
+        t = _null_unless(t, "metadata_json", pc.or_(teams, unclassified))
+    return t
+
+
+def _null_unless(t: pa.Table, name: str, keep: Any) -> pa.Table:
+    """Column `name` null where `keep` is false, its text buffer holding the kept values only (a
+    take with null indices; `pc.if_else` keeps the whole buffer)."""
+    mask = ~np.asarray(pc.fill_null(keep, False).to_numpy(zero_copy_only=False), dtype=bool)
+    col = t[name].take(pa.array(np.arange(len(mask)), mask=mask))
+    return t.set_column(t.column_names.index(name), name, col)
+
+
 def load_cases(out: Path, since: date | None = None) -> pd.DataFrame:
-    """The stored cases (one row per case id: the latest run's wins), optionally from a date on."""
+    """The stored cases (one row per case id: the latest run's wins), optionally from a date on;
+    customer_text and metadata_json only where the export reads them (`shrink_case_part`)."""
     from pipeline.storage.store import read_cases
 
     # run_id tells a re-processed case (same id, newer row) from a member; tokens are read only
     # by a re-cluster (`_with_tokens`).
-    df = read_cases(Path(out), columns=[c for c in CASE_COLUMNS if c != "tokens"] + ["run_id"])
+    df = read_cases(Path(out), columns=[c for c in CASE_COLUMNS if c != "tokens"] + ["run_id"], shrink=shrink_case_part)
     if since is not None and len(df):
         df = df[df["date"].astype(str) >= since.isoformat()]
     return df.reset_index(drop=True)
@@ -463,7 +510,9 @@ def to_csv_frame(df: pd.DataFrame) -> pd.DataFrame:
     """List cells as JSON text (CSV has no lists); everything else as is. Only object columns can
     hold lists: string, number and bool columns are left alone without visiting their cells (at
     100k cases the visit cost seconds per export)."""
-    out = df.copy()
+    # Shallow: columns are replaced below, never written into, and a deep copy of the members
+    # table (its problem text) was the write's peak.
+    out = df.copy(deep=False)
     listy = (list, tuple, np.ndarray, dict)
     for col in out.columns:
         # infer_dtype scans in C: an object column of one scalar kind with None (the members'
@@ -480,7 +529,8 @@ def to_csv_frame(df: pd.DataFrame) -> pd.DataFrame:
 def write_table(folder: Path, name: str, df: pd.DataFrame, csv_encoding: str) -> None:
     df = df.reset_index(drop=True)
     atomic_write_parquet(folder / f"{name}.parquet", pa.Table.from_pandas(df, preserve_index=False))
-    atomic_write_bytes(folder / f"{name}.csv", to_csv_frame(df).to_csv(index=False).encode(csv_encoding))
+    csv = to_csv_frame(df)
+    atomic_write_stream(folder / f"{name}.csv", lambda f: csv.to_csv(f, index=False, encoding=csv_encoding))
 
 
 def write_export(out: Path, bundle: ExportBundle, csv_encoding: str = "utf-8-sig") -> Path:
@@ -573,6 +623,20 @@ def _embed(embedder: PassageEncoder, texts: list[str]) -> np.ndarray:
     return np.asarray(embedder.encode_passages(texts), dtype=np.float32)
 
 
+# Free text the tables never read once `frame` has its cluster_text: all-history copies of them
+# were most of the export's memory (the cases keep metadata_json, which `case_teams` reads).
+_CASE_TEXTS = ("problem", "customer_text")
+_FRAME_TEXTS = ("problem", "customer_text", "metadata_json")
+
+
+def drop_texts(cases: pd.DataFrame, frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`cases` and the selected `frame` without the free-text columns no later step reads."""
+    return (
+        cases.drop(columns=[col for col in _CASE_TEXTS if col in cases]),
+        frame.drop(columns=[col for col in _FRAME_TEXTS if col in frame]),
+    )
+
+
 def _with_tokens(out: Path, frame: pd.DataFrame) -> pd.DataFrame:
     """The stored jieba tokens beside the selected cases (only a re-cluster labels clusters)."""
     from pipeline.storage.store import read_cases
@@ -613,6 +677,7 @@ def export_all(
     c = cfg.cluster
     cases, note = ensure_classified(load_cases(out), cfg)
     frame = select_cases(cases, c.min_problem_chars, c.request_kinds)
+    cases, frame = drop_texts(cases, frame)
     if embedder is None:
         from pipeline.embed import Embedder
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -110,19 +111,31 @@ def _read_part(path: Path, schema: pa.Schema, filters: list[tuple[str, str, Any]
     return t.select(schema.names)
 
 
-def read_parts(files: list[Path], columns: list[str] | None = None) -> pa.Table:
+def read_parts(
+    files: list[Path], columns: list[str] | None = None, shrink: Callable[[pa.Table], pa.Table] | None = None
+) -> pa.Table:
     """Stored parts as one table in the case schema (older parts upgraded, see `upgrade_part`),
-    `date` taken from each part's folder. `columns`: only these (names the schema lacks are left out)."""
+    `date` taken from each part's folder. `columns`: only these (names the schema lacks are left out).
+    `shrink`: applied to each part as it is read (same columns and types, values it does not
+    need nulled), so a column needed for a few rows only never sits in memory for all of them."""
     keep = None if columns is None else set(columns)
     schema = pa.schema([f for f in CASE_SCHEMA if keep is None or f.name in keep])
     tables = [_read_part(f, schema) for f in files]
+    if shrink is not None:
+        tables = [shrink(t) for t in tables]
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
-def read_cases(out: Path, columns: list[str] | None = None, latest: bool = True) -> pd.DataFrame:
+def read_cases(
+    out: Path,
+    columns: list[str] | None = None,
+    latest: bool = True,
+    shrink: Callable[[pa.Table], pa.Table] | None = None,
+) -> pd.DataFrame:
     """All stored cases as one DataFrame, typed by the case schema (lists are arrays, structs are
     dicts), whatever version of the store wrote them. With `latest`, one row per case_id, the
     newest run's: a repaired or re-delivered conversation must not count twice downstream.
+    `shrink` is applied to each stored part as read (see `read_parts`).
     The one reader of the case table: every other reads through it (or `read_case`)."""
     files = stored_parts(out)
     wanted = None if columns is None else [c for c in columns if c in CASE_SCHEMA.names]
@@ -132,15 +145,18 @@ def read_cases(out: Path, columns: list[str] | None = None, latest: bool = True)
     # One chunk per column, not one per stored part: pandas keeps Arrow strings as they come, and
     # every later take (a filter, a sort, each group of a groupby) on a column of ~60 chunks cost
     # ~30x a take on one; at 100k stored cases that was seconds per export.
-    table = read_parts(files, read).combine_chunks()
+    table = read_parts(files, read, shrink).combine_chunks()
+    if latest and table.num_rows:
+        # The newest rows chosen on the two key columns, then taken once in Arrow: sorting and
+        # de-duplicating the whole frame in pandas copied every column twice (the export's peak).
+        keys = table.select(["case_id", "run_id"]).to_pandas()
+        table = table.take(pa.array(newest_rows(keys).index.to_numpy()))
     df = table.to_pandas()
     for f in table.schema:
         if pa.types.is_struct(f.type):
             # pandas makes a struct's integer fields floats wherever one row is null (turn 3.0):
             # structs come back as the plain dicts they were written from.
             df[f.name] = pd.Series(table.column(f.name).to_pylist(), index=df.index, dtype=object)
-    if latest and len(df):
-        df = newest_rows(df).reset_index(drop=True)
     return df if wanted is None else df[wanted]
 
 
