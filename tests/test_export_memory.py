@@ -2,8 +2,8 @@
 
 The nightly export reads every stored case; to keep its memory from growing with big free text it
 nulls customer_text and metadata_json where no step reads them (`shrink_case_part`), drops the
-free text once the cluster text is built (`drop_texts`), picks the newest row per case on the key
-columns only (`read_cases`) and streams its CSVs to disk (`write_table`). Each test compares with
+free text once the cluster text is built (`drop_texts`), shrinks each stored part as it is read
+(`read_cases`) and streams its CSVs to disk (`write_table`). Each test compares with
 the plain form on awkward values: blank problems made of the whitespace Python strips (ideographic
 space, U+001C, U+0085), missing issue types, metadata with and without a team key."""
 
@@ -110,29 +110,29 @@ def test_drop_texts_leaves_the_columns_later_steps_read():
     assert slim["cluster_text"].tolist() == frame["cluster_text"].tolist()
 
 
-def test_read_cases_newest_row_per_case(tmp_path):
+def test_read_cases_shrinks_each_part_and_keeps_the_newest_row(tmp_path):
     base = pd.DataFrame(
         {
             "case_id": ["a", "b", "c"],
             "conversation_id": ["ca", "cb", "cc"],
             "date": ["2025-11-01", "2025-11-02", "2025-11-01"],
-            "problem": ["一", "二", "三"],
+            "problem": ["", "二", "三"],
+            "customer_text": ["原话一", "原话二", "原话三"],
+            "issue_type": ["物流", "物流", "退款"],
         }
     )
     write_cases(tmp_path, base, "20251101T000000-r1", 0)
-    again = base.iloc[[1, 2]].assign(problem=["二改", "三改"], date=["2025-11-03", "2025-11-01"])
+    again = base.iloc[[1, 2]].assign(problem=["二改", " "], date=["2025-11-03", "2025-11-01"])
     write_cases(tmp_path, again, "20251102T000000-r2", 0)
-    got = read_cases(tmp_path, columns=["case_id", "problem", "run_id", "date"])
-    assert sorted(zip(got["case_id"], got["problem"], got["date"])) == [
-        ("a", "一", "2025-11-01"),
-        ("b", "二改", "2025-11-03"),
-        ("c", "三改", "2025-11-01"),
-    ]
-    assert got.index.tolist() == list(range(3))
-    # The same rows, in the same order, as de-duplicating the whole frame in pandas.
-    every = read_cases(tmp_path, columns=["case_id", "problem", "run_id", "date"], latest=False)
-    want = every.sort_values("run_id", kind="stable").drop_duplicates("case_id", keep="last")
-    pd.testing.assert_frame_equal(got, want.reset_index(drop=True))
+    cols = ["case_id", "problem", "customer_text", "issue_type", "run_id", "date"]
+    got = read_cases(tmp_path, columns=cols, shrink=shrink_case_part)
+    plain = read_cases(tmp_path, columns=cols)
+    assert got["case_id"].tolist() == plain["case_id"].tolist() == ["a", "c", "b"]
+    assert got["problem"].tolist() == plain["problem"].tolist() == ["", " ", "二改"]
+    # Blank problems keep the customer's words (the cluster text falls back on them), others not.
+    assert got["customer_text"].tolist()[:2] == ["原话一", "原话三"]
+    assert pd.isna(got["customer_text"].iloc[2])
+    assert select_cases(got, 1)["cluster_text"].tolist() == select_cases(plain, 1)["cluster_text"].tolist()
 
 
 @pytest.mark.parametrize("encoding", ["utf-8-sig", "gb18030"])

@@ -120,9 +120,8 @@ def read_parts(
     need nulled), so a column needed for a few rows only never sits in memory for all of them."""
     keep = None if columns is None else set(columns)
     schema = pa.schema([f for f in CASE_SCHEMA if keep is None or f.name in keep])
-    tables = [_read_part(f, schema) for f in files]
-    if shrink is not None:
-        tables = [shrink(t) for t in tables]
+    # Each part shrunk as soon as it is read: all parts read first would hold every value again.
+    tables = [_read_part(f, schema) if shrink is None else shrink(_read_part(f, schema)) for f in files]
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
@@ -146,17 +145,14 @@ def read_cases(
     # every later take (a filter, a sort, each group of a groupby) on a column of ~60 chunks cost
     # ~30x a take on one; at 100k stored cases that was seconds per export.
     table = read_parts(files, read, shrink).combine_chunks()
-    if latest and table.num_rows:
-        # The newest rows chosen on the two key columns, then taken once in Arrow: sorting and
-        # de-duplicating the whole frame in pandas copied every column twice (the export's peak).
-        keys = table.select(["case_id", "run_id"]).to_pandas()
-        table = table.take(pa.array(newest_rows(keys).index.to_numpy()))
     df = table.to_pandas()
     for f in table.schema:
         if pa.types.is_struct(f.type):
             # pandas makes a struct's integer fields floats wherever one row is null (turn 3.0):
             # structs come back as the plain dicts they were written from.
             df[f.name] = pd.Series(table.column(f.name).to_pylist(), index=df.index, dtype=object)
+    if latest and len(df):
+        df = newest_rows(df).reset_index(drop=True)
     return df if wanted is None else df[wanted]
 
 
