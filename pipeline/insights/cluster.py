@@ -93,7 +93,9 @@ def _as_list(v: Any) -> list:
 def fill_classification(cases: pd.DataFrame) -> pd.DataFrame:
     """Older partitions lack the classifier's columns: add them as "未分类"/null so every later
     step can group by issue type without special cases."""
-    out = cases.copy()
+    # Shallow (copy-on-write): columns are replaced, never written into, and a deep copy of every
+    # stored case's columns cost the export a frame's worth of memory, twice a night.
+    out = cases.copy(deep=False)
     if "issue_type" not in out:
         out["issue_type"] = UNCLASSIFIED
     # A list, not Series.map: mapping an Arrow-backed column visits it cell by cell (slow at 100k).

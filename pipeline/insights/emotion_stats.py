@@ -66,7 +66,8 @@ def trajectory_table(
             ]
         )
     used = ["case_id", "issue_type", "channel", "outcome", "emotion_trajectory", "emotion_start", "emotion_end"]
-    df = cases[[c for c in [*used, "emotion_delta"] if c in cases]].copy()  # groups copy only these
+    # Groups copy only these; shallow (copy-on-write), as `team` is added, not written into a column.
+    df = cases[[c for c in [*used, "emotion_delta"] if c in cases]].copy(deep=False)
     df["team"] = case_teams(cases) if teams is None else teams
     if members is not None and len(members) and "scope" in members:
         from pipeline.insights.cluster import ALL_SCOPE

@@ -258,7 +258,10 @@ def map_points(members: pd.DataFrame, clusters: pd.DataFrame, max_points: int) -
     cols = ["x", "y", "cluster_id", "label", "text"]
     if members.empty or "x" not in members:
         return pd.DataFrame(columns=cols)
-    m = members[(members["scope"] == ALL_SCOPE) & members["x"].notna()]
+    # Only the columns a point shows: filtering copies every column kept, and the members' other
+    # fields are most of an all-history frame.
+    keep_rows = (members["scope"] == ALL_SCOPE) & members["x"].notna()
+    m = members.loc[keep_rows, ["x", "y", "cluster_id", "problem"]]
     if m.empty:
         return pd.DataFrame(columns=cols)
     # The rows a sample of all points keeps (DataFrame.sample draws positions from the length

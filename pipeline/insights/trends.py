@@ -38,7 +38,7 @@ def count_table(df: pd.DataFrame, dimension: str, key_col: str) -> pd.DataFrame:
         return pd.DataFrame(
             columns=["dimension", "key", "granularity", "period", "breakdown", "breakdown_value", "count"]
         )
-    base = df[[key_col, "date", *[b for b in BREAKDOWNS if b in df]]].copy()
+    base = df[[key_col, "date", *[b for b in BREAKDOWNS if b in df]]].copy(deep=False)  # columns are added only
     base = base[base[key_col].notna()]
     base["day"] = _dates(base).dt.strftime("%Y-%m-%d")
     base["week"] = week_start(base["date"])
