@@ -72,7 +72,8 @@ def trajectory_table(
     if members is not None and len(members) and "scope" in members:
         from pipeline.insights.cluster import ALL_SCOPE
 
-        m = members[(members["scope"] == ALL_SCOPE) & members["cluster_id"].notna()][["case_id", "cluster_id"]]
+        # Columns chosen in the filter: filtering first copied every members column.
+        m = members.loc[(members["scope"] == ALL_SCOPE) & members["cluster_id"].notna(), ["case_id", "cluster_id"]]
         df = df.merge(m, on="case_id", how="left")
     rows = []
     for dim in ("issue_type", "cluster_id", "channel", "outcome", "team"):

@@ -461,7 +461,7 @@ def finish_export(
             emotion_teams,
         )
     )
-    all_members = members[members["scope"] == ALL_SCOPE] if len(members) else members
+    all_noise = members.loc[members["scope"] == ALL_SCOPE, "is_noise"] if len(members) else pd.Series(dtype=bool)
     summary = {
         "date": day,
         "as_of": as_of.isoformat() if as_of else None,
@@ -470,7 +470,7 @@ def finish_export(
         "n_clusters": int(len(clusters)),
         "n_clusters_all_scope": int((clusters["scope"] == ALL_SCOPE).sum()) if len(clusters) else 0,
         "n_new_clusters": int(clusters["is_new"].sum()) if len(clusters) else 0,
-        "noise_share_all_scope": round(float(all_members["is_noise"].mean()), 4) if len(all_members) else None,
+        "noise_share_all_scope": round(float(all_noise.mean()), 4) if len(all_noise) else None,
         **trend_summary(alerts),
         **(extra or {}),
         "rows": {k: int(len(v)) for k, v in tables.items()},

@@ -96,7 +96,13 @@ def issue_bar(members: pd.DataFrame) -> Any:
     """Cases per issue type, stacked by outcome (how much of each type is left unresolved)."""
     import plotly.graph_objects as go
 
-    m = members[members["scope"] == ALL_SCOPE] if len(members) else members
+    # The two columns counted, filtered: a filter copies every column it keeps (the members'
+    # problem text is most of an all-history frame).
+    m = (
+        members.loc[members["scope"] == ALL_SCOPE, [c for c in ("issue_type", "outcome") if c in members]]
+        if len(members)
+        else members
+    )
     fig = go.Figure()
     if len(m):
         tab = pd.crosstab(m["issue_type"], m["outcome"].fillna("unknown"))
