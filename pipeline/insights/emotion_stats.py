@@ -156,6 +156,9 @@ def relations(cases: pd.DataFrame, min_n: int = 20) -> pd.DataFrame:
     if not len(cases) or "emotion_start" not in cases:
         return pd.DataFrame(columns=cols)
     rows: list[dict[str, Any]] = []
+    # Only the columns read: each filter below copies every column it keeps, for all stored cases.
+    used = ("outcome", "csat", "emotion_start", "emotion_end", "emotion_delta")
+    cases = cases[[c for c in used if c in cases]]
     known = cases[cases["outcome"].isin(["resolved", "unresolved", "escalated"])]
     targets = [("resolved", "pearson", known, (known["outcome"] == "resolved").astype(float))]
     if "csat" in cases:
