@@ -111,6 +111,13 @@ def test_onnx_int8_backend_agrees_with_torch():
     assert (onnx_v * torch_v).sum(1).min() >= 0.98
     q = e.encode_queries(texts)
     assert (q * onnx_v).sum(1).min() < 0.9999  # the query prompt is applied: not the passage vector
+    # Every Embedder of a process (classify, index, export, library) shares one session per file
+    # and thread count: each session holds its own prepacked weights.
+    again = Embedder(Config().with_overrides(embed={"backend": "onnx", "query_engine": "model"}))
+    assert np.array_equal(again.encode_passages(texts), onnx_v) and again._onnx is e._onnx
+    one_thread = Embedder(Config().with_overrides(embed={"backend": "onnx"}), threads=1)
+    one_thread.encode_passages(texts[:1])
+    assert one_thread._onnx is not e._onnx
 
 
 @pytest.mark.slow
