@@ -102,7 +102,7 @@ class EmbedConfig(_Section):
     # sentence-transformers model name or local path.
     model: str = "default"
     # Batch encoder of stored cases (classify, index, export, library). "auto": the int8 ONNX
-    # export where the CPU has VNNI and the model is a local folder (about 2.1x torch's texts/s on
+    # export where the CPU has VNNI and the model is a local folder (about 2.7x torch's texts/s on
     # two free cores and 3x with both busy, cosine 0.997, retrieval and cold-start issue types
     # within 0.01), else torch (unsigned int8 without VNNI measured 0.96x torch).
     backend: Literal["torch", "onnx", "auto"] = "auto"
