@@ -38,20 +38,13 @@ def _tmp_path(path: Path) -> Path:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_stream(path, lambda f: f.write(data))
 
 
 def atomic_write_stream(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-    """`atomic_write_bytes` of what `write` writes to the open file: a big text (an export's CSV)
-    goes to disk in pieces instead of whole in memory, once as text and once encoded."""
+    """Write `path` whole or not at all with what `write` writes to the open file (a temporary
+    beside it, synced, then renamed): a big text (an export's CSV) goes to disk in pieces instead
+    of whole in memory, once as text and once encoded."""
     tmp = _tmp_path(path)
     try:
         with open(tmp, "wb") as f:

@@ -12,6 +12,7 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline.config import Config
+from pipeline.storage.store import newest_row_mask
 
 
 def load_members(out: Path) -> pd.DataFrame | None:
@@ -88,35 +89,6 @@ def load_library_cases(cfg: Config, out: Path, since: str | None = None) -> pd.D
     if not len(base):
         return base
     return _completed(base, cfg)
-
-
-def newest_row_mask(keys: pa.Table) -> np.ndarray:
-    """Which rows of `keys` (case_id, run_id) `storage.store.newest_rows` keeps: per case_id the
-    newest run's row (a missing run id sorts last, as pandas sorts it), within a run the last.
-    Computed on the Arrow columns: a pandas frame of every stored id costs several times more,
-    and this is the part of the build that follows the history's length."""
-    import pyarrow.compute as pc
-
-    n = len(keys)
-    wanted = np.zeros(n, dtype=bool)
-    if not n:
-        return wanted
-    t = pa.table({"case_id": keys["case_id"], "run_id": keys["run_id"], "row": pa.array(np.arange(n))})
-    order = pc.sort_indices(
-        t, sort_keys=[("case_id", "ascending", "at_end"), ("run_id", "ascending", "at_end"), ("row", "ascending")]
-    )
-    ids = t["case_id"].combine_chunks().take(order)
-    later, earlier = ids[1:], ids[:-1]
-    # A null id is one more id (pandas' drop_duplicates groups missing values together).
-    differs = pc.if_else(
-        pc.is_null(pc.not_equal(later, earlier)),
-        pc.not_equal(pc.is_valid(later), pc.is_valid(earlier)),
-        pc.not_equal(later, earlier),
-    )
-    last = np.ones(n, dtype=bool)
-    last[:-1] = differs.to_numpy(zero_copy_only=False)
-    wanted[order.to_numpy()[last]] = True
-    return wanted
 
 
 def iter_library_cases(cfg: Config, out: Path, block_rows: int = 5_000) -> Iterator[pd.DataFrame]:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -160,6 +161,36 @@ def newest_rows(df: pd.DataFrame) -> pd.DataFrame:
     """One row per case_id: the newest run's, and within a run the last in file order. Run ids
     start with their UTC start time, so their order is the runs' order."""
     return df.sort_values("run_id", kind="stable").drop_duplicates("case_id", keep="last")
+
+
+def newest_row_mask(keys: pa.Table) -> np.ndarray:
+    """Which rows of `keys` (case_id, run_id) `newest_rows` keeps: per case_id the
+    newest run's row (a missing run id sorts last, as pandas sorts it), within a run the last.
+    Computed on the Arrow columns, for readers that pick rows before reading them (the library
+    build): a pandas frame of every stored id costs several times more. Kept beside
+    `newest_rows` so the rule lives in one module."""
+    import pyarrow.compute as pc
+
+    n = len(keys)
+    wanted = np.zeros(n, dtype=bool)
+    if not n:
+        return wanted
+    t = pa.table({"case_id": keys["case_id"], "run_id": keys["run_id"], "row": pa.array(np.arange(n))})
+    order = pc.sort_indices(
+        t, sort_keys=[("case_id", "ascending", "at_end"), ("run_id", "ascending", "at_end"), ("row", "ascending")]
+    )
+    ids = t["case_id"].combine_chunks().take(order)
+    later, earlier = ids[1:], ids[:-1]
+    # A null id is one more id (pandas' drop_duplicates groups missing values together).
+    differs = pc.if_else(
+        pc.is_null(pc.not_equal(later, earlier)),
+        pc.not_equal(pc.is_valid(later), pc.is_valid(earlier)),
+        pc.not_equal(later, earlier),
+    )
+    last = np.ones(n, dtype=bool)
+    last[:-1] = differs.to_numpy(zero_copy_only=False)
+    wanted[order.to_numpy()[last]] = True
+    return wanted
 
 
 def read_case(out: Path, case_id: str) -> dict[str, Any] | None:
