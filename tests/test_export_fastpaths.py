@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from collections import Counter
 from datetime import date
 
@@ -20,7 +21,7 @@ import pytest
 from pipeline.insights.cluster import ALL_SCOPE, group_codes, group_shares, share_dict
 from pipeline.insights.emotion_stats import _TEAM_KEYS, case_teams
 from pipeline.insights.export import map_points, members_view
-from pipeline.insights.trends import week_over_week
+from pipeline.insights.trends import BREAKDOWNS, count_table, week_over_week, week_start
 
 
 @pytest.mark.parametrize("dtype", [object, "str"])
@@ -160,3 +161,46 @@ def test_case_teams_read_the_team_keys_else_the_agent():
     agents = ["a1"] * len(_TEAM_KEYS) + ["a2", "a3", None, "a4"]
     got = case_teams(pd.DataFrame({"metadata_json": pd.Series(metas, dtype="str"), "agent_id": agents}))
     assert got == [f"T-{k}" for k in _TEAM_KEYS] + ["a2", "a3", None, "a4"]
+
+
+def _count_table_by_groupby(df: pd.DataFrame, dimension: str, key_col: str) -> pd.DataFrame:
+    """The groupby form `count_table` replaced."""
+    base = df[df[key_col].notna()].copy()
+    dates = pd.to_datetime(base["date"], errors="coerce")
+    base["day"], base["week"] = dates.dt.strftime("%Y-%m-%d"), week_start(base["date"])
+    parts = []
+    for gran in ("day", "week"):
+        g = base.groupby([key_col, gran]).size().reset_index(name="count")
+        g.columns = ["key", "period", "count"]
+        parts.append(g.assign(breakdown="all", breakdown_value="全部", granularity=gran))
+        for b in (b for b in BREAKDOWNS if b in base):
+            gb = base.assign(**{b: base[b].fillna("未知")}).groupby([key_col, gran, b]).size().reset_index(name="count")
+            gb.columns = ["key", "period", "breakdown_value", "count"]
+            parts.append(gb.assign(breakdown=b, granularity=gran))
+    out = pd.concat(parts, ignore_index=True)
+    out.insert(0, "dimension", dimension)
+    return out[["dimension", "key", "granularity", "period", "breakdown", "breakdown_value", "count"]]
+
+
+@pytest.mark.parametrize("dtype", [object, "str"])
+def test_count_table_counts_what_a_groupby_counts(dtype):
+    rng = random.Random(5)
+    keys = ["C1", "C2", "C10", "物流配送", "", None, "未知", np.nan]
+    days = ["2025-11-01", "2025-11-03", "2025-11-09", "2025-12-31", "2024-01-01", None, "", "not a date"]
+    values = ["华东", "华北", "未知", "", None, np.nan]
+    for _ in range(120):
+        n = rng.randint(0, 80)
+        df = pd.DataFrame(
+            {
+                "k": pd.Series([rng.choice(keys) for _ in range(n)], dtype=dtype),
+                "date": pd.Series([rng.choice(days) for _ in range(n)], dtype=dtype),
+                "channel": pd.Series([rng.choice(values) for _ in range(n)], dtype=dtype),
+                "region": pd.Series([rng.choice(values) for _ in range(n)], dtype=object),
+            }
+        )
+        if rng.random() < 0.3:
+            df = df.drop(columns=["region"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "not a date" is parsed one by one
+            got, want = count_table(df, "d", "k"), _count_table_by_groupby(df, "d", "k")
+        pd.testing.assert_frame_equal(got, want, check_dtype=False)

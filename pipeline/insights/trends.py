@@ -31,33 +31,69 @@ def week_start(d: pd.Series) -> pd.Series:
     return (dt - pd.to_timedelta(dt.dt.day_of_week, unit="D")).dt.strftime("%Y-%m-%d")
 
 
+_COUNT_COLUMNS = ["dimension", "key", "granularity", "period", "breakdown", "breakdown_value", "count"]
+
+
+def _sorted_codes(values: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Each value's rank among the distinct values in sorted order (-1 for missing), and those
+    values: codes that sort as the values do, as a groupby orders its groups."""
+    codes, uniques = pd.factorize(values, sort=True)
+    return codes.astype(np.int64, copy=False), np.asarray(uniques, dtype=object)
+
+
+def _period_codes(dates: pd.Series) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per granularity (day, week), each row's period code and the period labels (YYYY-MM-DD).
+    Dates are parsed and formatted once per distinct stored date, not once per case: an
+    all-history count has ~100k cases on a few hundred dates."""
+    raw, seen = pd.factorize(dates)  # unsorted: stored dates may mix strings and date objects
+    parsed = pd.Series(pd.to_datetime(pd.Series(seen, dtype=object), errors="coerce"))
+    out = {}
+    for gran, labels in (("day", parsed.dt.strftime("%Y-%m-%d")), ("week", week_start(parsed))):
+        of_seen, periods = _sorted_codes(labels)
+        out[gran] = (np.where(raw >= 0, of_seen[np.maximum(raw, 0)] if len(of_seen) else -1, -1), periods)
+    return out
+
+
+def _count_by(codes: list[np.ndarray], uniques: list[np.ndarray]) -> list[np.ndarray]:
+    """Rows counted per distinct combination of codes (rows with a -1 left out, as a groupby
+    drops missing keys), in sorted order: each column's values, then the counts."""
+    keep = np.logical_and.reduce([c >= 0 for c in codes])
+    combined = np.zeros(int(keep.sum()), dtype=np.int64)
+    for c, u in zip(codes, uniques):
+        combined = combined * max(len(u), 1) + c[keep]
+    found, counts = np.unique(combined, return_counts=True)
+    cols = []
+    for u in reversed(uniques):
+        width = max(len(u), 1)
+        cols.append(u[found % width] if len(u) else np.array([], dtype=object))
+        found = found // width
+    return [*reversed(cols), counts.astype(np.int64)]
+
+
 def count_table(df: pd.DataFrame, dimension: str, key_col: str) -> pd.DataFrame:
     """Daily and weekly counts of `key_col`, overall and by channel, region and product, in one
-    long table: dimension, key, granularity, period, breakdown, breakdown_value, count."""
+    long table: dimension, key, granularity, period, breakdown, breakdown_value, count.
+
+    Counted by integer codes that sort as the values do, so the rows come out in a groupby's
+    order: a groupby per (granularity, breakdown) on the string columns cost 0.4 s of a
+    night's export at 100k stored cases."""
     if df.empty or key_col not in df:
-        return pd.DataFrame(
-            columns=["dimension", "key", "granularity", "period", "breakdown", "breakdown_value", "count"]
-        )
-    base = df[[key_col, "date", *[b for b in BREAKDOWNS if b in df]]].copy(deep=False)  # columns are added only
-    base = base[base[key_col].notna()]
-    base["day"] = _dates(base).dt.strftime("%Y-%m-%d")
-    base["week"] = week_start(base["date"])
+        return pd.DataFrame(columns=_COUNT_COLUMNS)
+    keys, key_values = _sorted_codes(df[key_col])
+    periods = _period_codes(df["date"])
+    breakdowns = {b: _sorted_codes(df[b].fillna("未知")) for b in BREAKDOWNS if b in df}
     parts = []
-    for gran, col in (("day", "day"), ("week", "week")):
-        g = base.groupby([key_col, col], dropna=True).size().reset_index(name="count")
-        g.columns = ["key", "period", "count"]
-        g["breakdown"], g["breakdown_value"] = "all", "全部"
-        parts.append(g.assign(granularity=gran))
-        for b in BREAKDOWNS:
-            if b not in base:
-                continue
-            gb = base.assign(**{b: base[b].fillna("未知")}).groupby([key_col, col, b]).size().reset_index(name="count")
-            gb.columns = ["key", "period", "breakdown_value", "count"]
-            gb["breakdown"] = b
-            parts.append(gb.assign(granularity=gran))
+    for gran in ("day", "week"):
+        pcodes, pvalues = periods[gran]
+        k, p, n = _count_by([keys, pcodes], [key_values, pvalues])
+        parts.append(pd.DataFrame({"key": k, "period": p, "breakdown": "all", "breakdown_value": "全部", "count": n}))
+        for b, (bcodes, bvalues) in breakdowns.items():
+            k, p, v, n = _count_by([keys, pcodes, bcodes], [key_values, pvalues, bvalues])
+            parts.append(pd.DataFrame({"key": k, "period": p, "breakdown": b, "breakdown_value": v, "count": n}))
+        parts[-1 - len(breakdowns) :] = [x.assign(granularity=gran) for x in parts[-1 - len(breakdowns) :]]
     out = pd.concat(parts, ignore_index=True)
     out.insert(0, "dimension", dimension)
-    return out[["dimension", "key", "granularity", "period", "breakdown", "breakdown_value", "count"]]
+    return out[_COUNT_COLUMNS]
 
 
 def rise_p_value(this_week: int, last_week: int) -> float:
