@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 
 from pipeline.insights.cluster import ALL_SCOPE, group_codes, group_shares, share_dict
-from pipeline.insights.emotion_stats import _TEAM_KEYS, case_teams
+from pipeline.insights.emotion_stats import _TEAM_KEYS, _r, case_teams, trajectory_table
 from pipeline.insights.export import map_points, members_view
 from pipeline.insights.trends import BREAKDOWNS, count_table, week_over_week, week_start
 
@@ -203,4 +203,59 @@ def test_count_table_counts_what_a_groupby_counts(dtype):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "not a date" is parsed one by one
             got, want = count_table(df, "d", "k"), _count_table_by_groupby(df, "d", "k")
+        pd.testing.assert_frame_equal(got, want, check_dtype=False)
+
+
+def _trajectory_by_groups(df: pd.DataFrame) -> pd.DataFrame:
+    """The group-by-group form `trajectory_table` replaced (teams and clusters already columns)."""
+    rows = []
+    df = df[df["emotion_trajectory"].notna()]
+    for dim in ("issue_type", "cluster_id", "channel", "outcome", "team"):
+        for key, g in df.groupby(dim):
+            shares = g["emotion_trajectory"].value_counts(normalize=True)
+            rows.append(
+                {
+                    "dimension": dim,
+                    "key": str(key),
+                    "n": int(len(g)),
+                    **{f"share_{t}": round(float(shares.get(t, 0.0)), 4) for t in ("改善", "平稳", "恶化")},
+                    **{f"mean_{c}": _r(g[f"emotion_{c}"].mean()) for c in ("start", "end", "delta")},
+                }
+            )
+    out = pd.DataFrame(rows)
+    return out.sort_values(["dimension", "n"], ascending=[True, False], kind="stable").reset_index(drop=True)
+
+
+def test_trajectory_table_counts_what_each_group_counted():
+    rng = random.Random(11)
+    for _ in range(40):
+        n = rng.randint(1, 120)
+        cases = pd.DataFrame(
+            {
+                "case_id": [f"c{i}" for i in range(n)],
+                "issue_type": [rng.choice(["物流配送", "发票", "其他", None]) for _ in range(n)],
+                "channel": pd.Series([rng.choice(["chat", "phone", None]) for _ in range(n)], dtype="str"),
+                "outcome": [rng.choice(["resolved", "unknown"]) for _ in range(n)],
+                "emotion_trajectory": [rng.choice(["改善", "平稳", "恶化", None]) for _ in range(n)],
+                "emotion_start": [rng.choice([rng.uniform(-1, 1), np.nan]) for _ in range(n)],
+                "emotion_end": [rng.uniform(-1, 1) for _ in range(n)],
+                "emotion_delta": [rng.choice([rng.uniform(-2, 2), np.nan]) for _ in range(n)],
+                "agent_id": [rng.choice(["a1", "a2", None]) for _ in range(n)],
+            }
+        )
+        members = pd.DataFrame(
+            {
+                "scope": ALL_SCOPE,
+                "case_id": cases["case_id"],
+                "cluster_id": [rng.choice(["C1", "C2", None]) for _ in range(n)],
+            }
+        )
+        got = trajectory_table(cases, members)
+        want_in = cases.assign(team=case_teams(cases)).merge(
+            members.loc[members["cluster_id"].notna(), ["case_id", "cluster_id"]], on="case_id", how="left"
+        )
+        want = _trajectory_by_groups(want_in)
+        if not len(want):
+            assert not len(got)
+            continue
         pd.testing.assert_frame_equal(got, want, check_dtype=False)

@@ -75,24 +75,38 @@ def trajectory_table(
         # Columns chosen in the filter: filtering first copied every members column.
         m = members.loc[(members["scope"] == ALL_SCOPE) & members["cluster_id"].notna(), ["case_id", "cluster_id"]]
         df = df.merge(m, on="case_id", how="left")
-    rows = []
+    # Every group of a dimension counted at once: a groupby iterated group by group (a value_counts
+    # and three means per group, ~170 groups) cost 0.2 s of a night's export at 100k cases.
+    df = df[df["emotion_trajectory"].notna()]
+    means = ["emotion_start", "emotion_end", "emotion_delta"]
+    parts = []
     for dim in ("issue_type", "cluster_id", "channel", "outcome", "team"):
         if dim not in df:
             continue
-        for key, g in df[df["emotion_trajectory"].notna()].groupby(dim):
-            shares = g["emotion_trajectory"].value_counts(normalize=True)
-            rows.append(
-                {
-                    "dimension": dim,
-                    "key": str(key),
-                    "n": int(len(g)),
-                    **{f"share_{t}": round(float(shares.get(t, 0.0)), 4) for t in TRAJECTORIES},
-                    "mean_start": _r(g["emotion_start"].mean()),
-                    "mean_end": _r(g["emotion_end"].mean()),
-                    "mean_delta": _r(g["emotion_delta"].mean()),
-                }
-            )
-    out = pd.DataFrame(rows)
+        keyed = df[df[dim].notna()]
+        if not len(keyed):
+            continue
+        by = keyed.groupby(dim, sort=True)
+        n = by.size()
+        counts = pd.crosstab(keyed[dim], keyed["emotion_trajectory"]).reindex(index=n.index, fill_value=0)
+        avg = by[means].mean()
+        part = pd.DataFrame(
+            {
+                "dimension": dim,
+                "key": [str(k) for k in n.index],
+                "n": n.to_numpy(dtype=np.int64),
+                **{
+                    f"share_{t}": [
+                        round(float(c / m), 4)
+                        for c, m in zip(counts[t] if t in counts else np.zeros(len(n)), n.to_numpy())
+                    ]
+                    for t in TRAJECTORIES
+                },
+                **{f"mean_{c.split('_')[1]}": np.array([_r(v) for v in avg[c].tolist()], dtype=float) for c in means},
+            }
+        )
+        parts.append(part)
+    out = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     return (
         out.sort_values(["dimension", "n"], ascending=[True, False], kind="stable").reset_index(drop=True)
         if len(out)
