@@ -642,15 +642,27 @@ def full_reason(
     return None
 
 
-def _strings(col: pd.Series) -> list[Any]:
-    """A column's values as Python strings, for set look-ups."""
-    return col.astype(str).tolist()
+def _key(*cols: pd.Series) -> pa.Array:
+    """Each row's key as one Arrow string (several columns joined by U+001F, which ids never
+    hold), for `_is_in`."""
+    arrays = [_arrow_strings(c) for c in cols]
+    return arrays[0] if len(arrays) == 1 else pc.binary_join_element_wise(*arrays, pa.scalar("\x1f", pa.large_string()))
 
 
-def _member_of(values: list[Any], among: set[Any]) -> np.ndarray:
-    """Which `values` are in `among`, as a bool array. Not Series.isin: on Arrow-backed strings it
-    makes one Arrow scalar per element of `among`, a second per 100k stored cases each night."""
-    return np.fromiter((v in among for v in values), dtype=bool, count=len(values))
+def _arrow_strings(col: pd.Series) -> pa.Array:
+    """A column as one Arrow large_string array; no copy for the Arrow-backed strings read from
+    the store."""
+    arr = pa.array(col.astype(str), from_pandas=True)
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    return arr.cast(pa.large_string())
+
+
+def _is_in(values: pa.Array, among: pa.Array) -> np.ndarray:
+    """Which `values` are in `among`, as a bool array; a missing value is in nothing. Arrow's
+    hash look-up: Python sets of 200k (case, run) tuples built and probed each night cost 0.3 s
+    at 100k stored cases, and Series.isin on Arrow strings makes one Arrow scalar per value."""
+    return np.asarray(pc.is_in(values, value_set=among, skip_nulls=True).to_numpy(zero_copy_only=False), dtype=bool)
 
 
 def _embed(embedder: PassageEncoder, texts: list[str]) -> np.ndarray:
@@ -730,10 +742,9 @@ def export_all(
     # Which cases are not yet members (new, or re-processed: same id, newer run): counted on every
     # night, embedded and assigned on an incremental one.
     membership, n_parts = mb.load_members(out, meta)
-    member_ids = _strings(membership["case_id"])
-    known = set(zip(member_ids, _strings(membership["run_id"])))
-    todo = ~_member_of(list(zip(_strings(frame["case_id"]), _strings(frame["run_id"]))), known)
-    alive = _member_of(member_ids, set(_strings(frame["case_id"])))
+    member_ids = _key(membership["case_id"])
+    todo = ~_is_in(_key(frame["case_id"], frame["run_id"]), _key(membership["case_id"], membership["run_id"]))
+    alive = _is_in(member_ids, _key(frame["case_id"]))
     dropped = int((~alive).sum())  # cases removed by `casemine repair` (or no longer selected)
     todo_frame = frame[todo].reset_index(drop=True)
     n_new = len(todo_frame)
@@ -749,8 +760,8 @@ def export_all(
         if drift is not None and n_new >= c.drift_min_cases and drift > c.recluster_drift:
             reason = "drift"
         else:
-            redone = set(_strings(todo_frame["case_id"]))
-            membership = pd.concat([membership[alive & ~_member_of(member_ids, redone)], new_rows], ignore_index=True)
+            redone = _is_in(member_ids, _key(todo_frame["case_id"]))
+            membership = pd.concat([membership[alive & ~redone], new_rows], ignore_index=True)
             compact = dropped > 0 or n_parts + 1 > mb.COMPACT_PARTS
     if reason is not None:
         t1 = time.perf_counter()
@@ -782,9 +793,7 @@ def export_all(
         keep = since.isoformat()
         view_cases = cases[cases["date"].astype(str) >= keep].reset_index(drop=True)
         view_frame = frame[frame["date"].astype(str) >= keep].reset_index(drop=True)
-        vm = clustering.members[
-            _member_of(_strings(clustering.members["case_id"]), set(_strings(view_frame["case_id"])))
-        ]
+        vm = clustering.members[_is_in(_key(clustering.members["case_id"]), _key(view_frame["case_id"]))]
         view_clusters, _ = recount_clusters(
             described, vm.reset_index(drop=True), clustering.state, day, c.top_breakdown
         )
