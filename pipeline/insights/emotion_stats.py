@@ -88,7 +88,7 @@ def trajectory_table(
             continue
         by = keyed.groupby(dim, sort=True)
         n = by.size()
-        counts = pd.crosstab(keyed[dim], keyed["emotion_trajectory"]).reindex(index=n.index, fill_value=0)
+        counts = keyed.groupby([dim, "emotion_trajectory"]).size().unstack(fill_value=0).reindex(n.index, fill_value=0)
         avg = by[means].mean()
         part = pd.DataFrame(
             {
