@@ -534,8 +534,9 @@ def to_csv_frame(df: pd.DataFrame) -> pd.DataFrame:
 _UTF8 = {"utf-8": b"", "utf8": b"", "utf-8-sig": codecs.BOM_UTF8, "utf_8_sig": codecs.BOM_UTF8}
 
 
-def write_csv(path: Path, df: pd.DataFrame, encoding: str) -> None:
-    """`df` as CSV (lists as JSON text), whole or not at all.
+def write_csv(path: Path, df: pd.DataFrame, encoding: str, table: pa.Table | None = None) -> None:
+    """`df` as CSV (lists as JSON text), whole or not at all. `table`: `df` as Arrow already (the
+    Parquet file's), reused when no column is nested, so the members table is converted once.
 
     Why Arrow's writer: pandas' took 1.1 s for the members table of a 100k history (202k rows),
     most of a night's incremental export; Arrow's takes 0.1 s. Its text differs in form, not in
@@ -545,9 +546,12 @@ def write_csv(path: Path, df: pd.DataFrame, encoding: str) -> None:
     tables (Arrow writes a null as an empty line, which readers skip)."""
     csv = to_csv_frame(df)
     bom = _UTF8.get(encoding.lower().replace("_", "-"))
-    table = None
+    if table is not None and any(pa.types.is_nested(f.type) for f in table.schema):
+        table = None  # lists and dicts are written as JSON text: converted again from `csv`
     timed = any(pd.api.types.is_datetime64_any_dtype(t) for t in csv.dtypes)
-    if bom is not None and len(csv.columns) > 1 and not timed:
+    if bom is None or len(csv.columns) < 2 or timed:
+        table = None
+    elif table is None:
         try:
             table = pa.Table.from_pandas(csv, preserve_index=False)
         except (pa.ArrowInvalid, pa.ArrowTypeError):
@@ -565,8 +569,9 @@ def write_csv(path: Path, df: pd.DataFrame, encoding: str) -> None:
 
 def write_table(folder: Path, name: str, df: pd.DataFrame, csv_encoding: str) -> None:
     df = df.reset_index(drop=True)
-    atomic_write_parquet(folder / f"{name}.parquet", pa.Table.from_pandas(df, preserve_index=False))
-    write_csv(folder / f"{name}.csv", df, csv_encoding)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    atomic_write_parquet(folder / f"{name}.parquet", table)
+    write_csv(folder / f"{name}.csv", df, csv_encoding, table)
 
 
 def write_export(out: Path, bundle: ExportBundle, csv_encoding: str = "utf-8-sig") -> Path:
