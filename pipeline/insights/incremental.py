@@ -27,7 +27,6 @@ from pipeline.insights.cluster import (
     ScopeResult,
     _as_list,
     _history,
-    _mean,
     _with_entry,
     format_shares,
     group_codes,
@@ -182,6 +181,12 @@ def assign_cases(
 _COUNT_COLUMNS = ("size", "scope_size", "share_of_scope", "previous_size", "growth", "label_history")
 
 
+def _float_mean(values: np.ndarray) -> float | None:
+    """`_mean` of float values (NaN for missing), without a Python pass over them."""
+    kept = values[~np.isnan(values)]
+    return round(float(np.mean(kept)), 3) if len(kept) else None
+
+
 def recount_clusters(
     described: pd.DataFrame, members: pd.DataFrame, state: ClusterState, day: str, top: int
 ) -> tuple[pd.DataFrame, ClusterState]:
@@ -200,7 +205,12 @@ def recount_clusters(
     positions = cast(dict[tuple[Any, Any], np.ndarray], clustered.groupby(["scope", "cluster_id"], sort=False).indices)
     codes = group_codes(list(positions.values()), len(clustered))
     groups = {(str(s), str(c)): (code, idx) for code, ((s, c), idx) in enumerate(positions.items())}
-    scores = clustered["emotion_score"].to_numpy(dtype=object) if "emotion_score" in clustered else None
+    # Scores as floats once (missing: NaN): `_mean` per group converted every value in Python.
+    scores = (
+        pd.to_numeric(clustered["emotion_score"], errors="coerce").to_numpy(dtype=float)
+        if "emotion_score" in clustered
+        else None
+    )
     # Per column, every group's share_dict at once (issue types: the top 3); a column the members
     # lack has no shares, as share_dict([]) had none.
     tops = {"outcome": None, "emotion": None, "channel": None, "issue_type": 3, "region": None, "product": None}
@@ -209,7 +219,9 @@ def recount_clusters(
     def mix(col: str, code: int) -> dict[str, float]:
         return shares[col].get(code, {}) if col in shares else {}
 
-    hist = state.table.set_index("cluster_id") if len(state.table) else pd.DataFrame()
+    # The state's histories as dicts: a .loc per cluster and column cost 0.2 s a night (~700 clusters).
+    size_hist = dict(zip(state.table["cluster_id"], state.table["size_history"])) if len(state.table) else {}
+    label_hist = dict(zip(state.table["cluster_id"], state.table["label_history"])) if len(state.table) else {}
     rows, seen = [], {}
     for r in described.to_dict("records"):
         found = groups.get((str(r["scope"]), str(r["cluster_id"])))
@@ -217,7 +229,7 @@ def recount_clusters(
             continue
         code, idx = found
         n = len(idx)
-        sizes_h = _history(hist.loc[r["cluster_id"], "size_history"]) if r["cluster_id"] in hist.index else []
+        sizes_h = _history(size_hist[r["cluster_id"]]) if r["cluster_id"] in size_hist else []
         before = [e for e in sizes_h if e.get("date") != day]
         prev = int(before[-1]["size"]) if before else None
         scope_size = int(scope_sizes.get(r["scope"], n))
@@ -228,7 +240,7 @@ def recount_clusters(
                 "scope_size": scope_size,
                 "share_of_scope": round(n / max(scope_size, 1), 4),
                 **{f"share_{k}": outcome.get(k, 0.0) for k in OUTCOME_KEYS},
-                "mean_emotion": _mean(scores[idx]) if scores is not None else None,
+                "mean_emotion": _float_mean(scores[idx]) if scores is not None else None,
                 "top_emotion": next(iter(mix("emotion", code).keys()), None) if "emotion" in shares else None,
                 "channels": json.dumps(mix("channel", code), ensure_ascii=False),
                 "issue_types": json.dumps(shares["issue_type"].get(code, {}), ensure_ascii=False),
@@ -237,9 +249,7 @@ def recount_clusters(
                 "is_new": False,
                 "previous_size": prev,
                 "growth": (n - prev) if prev is not None else None,
-                "label_history": (
-                    hist.loc[r["cluster_id"], "label_history"] if r["cluster_id"] in hist.index else r["label_history"]
-                ),
+                "label_history": label_hist.get(r["cluster_id"], r["label_history"]),
             }
         )
         rows.append(r)
