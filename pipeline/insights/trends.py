@@ -201,7 +201,8 @@ def root_cause_matrix(members: pd.DataFrame, clusters: pd.DataFrame, issue_count
         return pd.DataFrame(columns=cols)
     used = ["scope", "issue_type", "cluster_id", "region", "product"]
     per_type = members.loc[members["scope"] != ALL_SCOPE, [c for c in used if c in members]]
-    info = clusters.set_index("cluster_id") if len(clusters) else pd.DataFrame()
+    # Clusters as dicts by id: a .loc per matrix row cost 0.07 s a night (~350 rows).
+    info = {c["cluster_id"]: c for c in clusters.to_dict("records")} if len(clusters) else {}
     rows = []
     # Groups as row positions, their region and product shares counted for all groups at once
     # (`group_shares`): iterating the groupby copied each of its ~700 groups.
@@ -216,7 +217,7 @@ def root_cause_matrix(members: pd.DataFrame, clusters: pd.DataFrame, issue_count
         total = int(issue_counts.get(it, type_sizes.get(it, 0)))
         regions = format_shares(shares["region"].get(code, {}) if "region" in shares else {}, top)
         products = format_shares(shares["product"].get(code, {}) if "product" in shares else {}, top)
-        c = info.loc[cid] if cid and cid in info.index else None
+        c = info.get(cid) if cid else None
         label = c["label"] if c is not None else "未归类（零散个案）"
         phrases = list(c["cause_phrases"]) if c is not None and c["cause_phrases"] is not None else []
         rows.append(
