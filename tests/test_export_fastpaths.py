@@ -21,7 +21,7 @@ import pytest
 from pipeline.insights.cluster import ALL_SCOPE, group_codes, group_shares, share_dict
 from pipeline.insights.emotion_stats import _TEAM_KEYS, _r, case_teams, trajectory_table
 from pipeline.insights.export import map_points, members_view
-from pipeline.insights.trends import BREAKDOWNS, count_table, week_over_week, week_start
+from pipeline.insights.trends import BREAKDOWNS, _dates, count_table, week_over_week, week_start
 
 
 @pytest.mark.parametrize("dtype", [object, "str"])
@@ -259,3 +259,24 @@ def test_trajectory_table_counts_what_each_group_counted():
             assert not len(got)
             continue
         pd.testing.assert_frame_equal(got, want, check_dtype=False)
+
+
+@pytest.mark.parametrize("dtype", [object, "str"])
+@pytest.mark.parametrize(
+    "values",
+    [
+        ["2025-01-01", None, "2025-01-03", "2025-01-01"],
+        [None, None],
+        [],
+        ["2025-01-01T10:00:00+08:00", "2025-01-02T01:00:00+08:00", None],
+        [date(2025, 1, 1), "2025-01-02", None],
+        ["2025-01-01", "not a date", ""],
+    ],
+)
+def test_dates_are_parsed_once_per_value_as_to_datetime_parses_them(values, dtype):
+    df = pd.DataFrame({"date": pd.Series(values, dtype=dtype, index=np.arange(len(values)) + 5)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        want = pd.to_datetime(df["date"], errors="coerce")
+        got = _dates(df)
+    pd.testing.assert_series_equal(got, want, check_names=False)
