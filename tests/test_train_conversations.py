@@ -327,11 +327,103 @@ def test_model_saved_before_agent_signals_still_loads_and_predicts():
     m = CaseClassifier(C=4.0, min_df=2, emb_scale=2.0, prior_weight=0.5, min_class_count=2).fit(X, y)
     before = m.predict_proba(X)
     state = m.__getstate__()
-    for k in ("agent_signals_scale", "agent_signals_used_", "n_agent_signals_"):
+    for k in ("agent_signals_scale", "agent_signals_used_", "n_agent_signals_", "extra_model_scale", "extra_model_"):
         state.pop(k)
     old = CaseClassifier.__new__(CaseClassifier)
     old.__setstate__(state)
     old = pickle.loads(pickle.dumps(old))
-    assert old.agent_signals_scale == 0.0
+    assert old.agent_signals_scale == 0.0 and old.extra_model_scale == 0.0 and old.extra_model_ is None
     assert abs(old.predict_proba(X) - before).max() < 1e-12
     assert len(old.feature_names()) == old.clf_.coef_.shape[1]
+
+
+# -- extra labelled texts (`--extra-labels`) ---------------------------------------------------
+
+
+def _words_case(text: str) -> dict:
+    return {"customer": text, "agent": "", "signals": [0.0]}
+
+
+def test_extra_texts_teach_wording_the_conversations_never_used():
+    """The chats say 快递没到 / 发票开错 only; the extra texts also say 包裹迟迟未送达 / 税号抬头不对.
+    Chats worded the second way share no character with any training chat: alone, the model can
+    only guess one class for both; reading the extra text model, it gets both right."""
+    from pipeline.analysis.classify.case_model import CaseClassifier
+
+    chats = {"物流配送": "快递没到", "发票": "发票开错"}
+    X = [_words_case(chats[k] + "了" * (i % 3)) for i in range(12) for k in chats]
+    y = [k for _ in range(12) for k in chats]
+    extra_texts = {
+        "物流配送": ["快递没到", "包裹迟迟未送达", "快递没到 包裹迟迟未送达"],
+        "发票": ["发票开错", "税号抬头不对", "发票开错 税号抬头不对"],
+    }
+    XE = [_words_case(t) for k in extra_texts for t in extra_texts[k]]
+    yE = [k for k in extra_texts for _ in extra_texts[k]]
+    new = [_words_case("包裹迟迟未送达"), _words_case("税号抬头不对")]
+
+    alone = CaseClassifier(C=4.0, extra_model_scale=2.0).fit(X, y)
+    assert alone.extra_model_ is None and alone.predict(new).tolist() != ["物流配送", "发票"]
+    m = CaseClassifier(C=4.0, extra_model_scale=2.0).fit(X, y, extra=(XE, yE))
+    assert m.predict(new).tolist() == ["物流配送", "发票"]
+    assert m.extra_model_.n_rows_ == len(XE)
+    names = m.feature_names(["s"])
+    assert len(names) == m.clf_.coef_.shape[1] and "外部标注文本模型:物流配送" in set(names)
+    assert m.explain(new[:1], ["物流配送"])[0][0]["term"] == "外部标注文本模型:物流配送"
+    # Scale 0 (the default): extra texts are ignored, the model is the one trained without them.
+    off = CaseClassifier(C=4.0).fit(X, y, extra=(XE, yE))
+    assert off.extra_model_ is None
+    assert abs(off.predict_proba(new) - CaseClassifier(C=4.0).fit(X, y).predict_proba(new)).max() < 1e-12
+
+
+def test_extra_labels_train_the_issue_model_and_the_card_lists_them(conv_trained, tmp_path):
+    from pipeline.analysis.classify.tasks import build_inputs
+
+    c, fits, lab, transcripts = conv_trained
+    extra = tmp_path / "complaints.csv"
+    pd.DataFrame(
+        {
+            "text": [
+                "快递三天了还没到",
+                "物流一直不更新",
+                "发票抬头开错了",
+                "电子发票怎么还没开",
+                "我要退货退款",
+                "退款什么时候到账",
+            ],
+            "label": ["物流配送", "物流配送", "发票", "发票", "退换货/退款", "退换货/退款"],
+        }
+    ).to_csv(extra, index=False)
+    c2 = c.with_overrides(classify={"model_dir": str(tmp_path / "model")})
+    new = train_from_conversations(c2, lab, transcripts, encode=_hash_encode, extra_labels=extra)
+    card = next(f.card for f in new if f.task == "issue_type")
+    seen = card["training_data"]["extra_labels"]
+    assert seen["rows"] == 6 and seen["label_counts"]["发票"] == 2
+    assert seen["files"][0]["path"] == str(extra) and len(seen["files"][0]["sha256"]) == 64
+    assert "6 extra texts" in card["chosen_variant"]["name"] and "6 extra texts" in card["cv"]["variant"]
+    # The other tasks never read them; the card written without them says none.
+    assert all(
+        "extra_labels" not in f.card["training_data"] or f.card["training_data"]["extra_labels"] is None
+        for f in new
+        if f.task != "issue_type"
+    )
+    assert next(f.card for f in fits if f.task == "issue_type")["training_data"]["extra_labels"] is None
+    # Saved, loaded and used on run-time inputs like any issue model.
+    model, _ = load_task_model(c2, "issue_type")
+    assert model.extra_model_ is not None and model.extra_model_.n_rows_ == 6
+    rows = pd.DataFrame({"customer_text": ["物流一直不更新"], "agent_text": ["帮您催促"]})
+    X = build_inputs(
+        "issue_type",
+        rows,
+        load_taxonomy(c2),
+        _hash_encode,
+        with_prototypes=card["uses_prototypes"],
+        agent_signals=card["agent_signals"],
+    )
+    assert model.predict_proba(X).shape == (1, len(model.classes_))
+
+
+def test_extra_labels_need_transcripts_and_a_file(cli, tmp_path):
+    res = cli("train", "--extra-labels", str(tmp_path / "x.csv"))
+    assert res.exit_code == 2 and "--transcripts" in res.output
+    with pytest.raises(LabeledDataError, match="extra labels"):
+        train_from_conversations(Config(), tmp_path / "l.jsonl", tmp_path, extra_labels=tmp_path / "none.csv")

@@ -57,6 +57,12 @@ def train_cmd(
         help="Folder (or file) of the labelled conversations' transcripts: "
         "trains one model per label column from them.",
     ),
+    extra_labels: Path | None = typer.Option(
+        None,
+        "--extra-labels",
+        help="With --transcripts: CSV/JSONL (or folder) of text,label issue types from another source "
+        "(e.g. complaints): a text model trained on them informs the issue-type model.",
+    ),
     config: Path | None = ConfigOption,
     json_out: bool = typer.Option(False, "--json", help="Print the model card(s) as JSON."),
 ) -> None:
@@ -66,8 +72,10 @@ def train_cmd(
         return  # `casemine train emotion ...`: the subcommand does the work
     cfg = get_config(config)
     if transcripts is not None:
-        _train_conversations(cfg, labels, transcripts, json_out)
+        _train_conversations(cfg, labels, transcripts, json_out, extra_labels)
         return
+    if extra_labels is not None:
+        fail("--extra-labels needs --transcripts DIR (it informs the models trained on labelled conversations)", code=2)
     from pipeline.analysis.classify import train
 
     try:
@@ -96,14 +104,16 @@ def train_cmd(
     )
 
 
-def _train_conversations(cfg: Config, labels: Path | None, transcripts: Path, json_out: bool) -> None:
+def _train_conversations(
+    cfg: Config, labels: Path | None, transcripts: Path, json_out: bool, extra_labels: Path | None = None
+) -> None:
     from pipeline.analysis.classify.store import task_dir
     from pipeline.orchestrate.training import train_from_conversations
 
     if labels is None:
         fail("--transcripts needs --labels FILE (conversation_id + any of issue_type, request_kind, outcome)", code=2)
     try:
-        fits = train_from_conversations(cfg, labels, transcripts)
+        fits = train_from_conversations(cfg, labels, transcripts, extra_labels=extra_labels)
     except ConfigError as e:
         fail(str(e), code=2)
     except (*_errors(), ValueError) as e:
@@ -308,6 +318,11 @@ def eval_classify_cmd(
         "--trained",
         help="With --transcripts: also cross-validate the models `casemine train --transcripts` would train.",
     ),
+    extra_labels: Path | None = typer.Option(
+        None,
+        "--extra-labels",
+        help="With --trained: the text,label issue types `casemine train --extra-labels` would read.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     config: Path | None = ConfigOption,
 ) -> None:
@@ -316,8 +331,10 @@ def eval_classify_cmd(
     labelled conversations."""
     cfg = get_config(config)
     if transcripts is not None:
-        _eval_conversations(cfg, labels, transcripts, trained, json_out)
+        _eval_conversations(cfg, labels, transcripts, trained, json_out, extra_labels)
         return
+    if extra_labels is not None:
+        fail("--extra-labels needs --transcripts DIR --trained", code=2)
     from pipeline.evaluate.classification import evaluate_classification, summary_line, write_reports
 
     try:
@@ -335,11 +352,13 @@ def eval_classify_cmd(
         console.print(f"reports: {j} {md}")
 
 
-def _eval_conversations(cfg: Config, labels: Path, transcripts: Path, trained: bool, json_out: bool) -> None:
+def _eval_conversations(
+    cfg: Config, labels: Path, transcripts: Path, trained: bool, json_out: bool, extra_labels: Path | None = None
+) -> None:
     from pipeline.orchestrate.training import evaluate_conversations
 
     try:
-        report = evaluate_conversations(cfg, labels, transcripts, trained_cv=trained)
+        report = evaluate_conversations(cfg, labels, transcripts, trained_cv=trained, extra_labels=extra_labels)
     except ConfigError as e:
         fail(str(e), code=2)
     except (*_errors(), ValueError) as e:

@@ -54,15 +54,41 @@ def labelled(cfg: Config, labels_path: Path, transcripts: Path) -> LabelledConve
 
 
 def train_from_conversations(
-    cfg: Config, labels_path: Path, transcripts: Path, *, save: bool = True, encode: Encode | None = None
+    cfg: Config,
+    labels_path: Path,
+    transcripts: Path,
+    *,
+    save: bool = True,
+    encode: Encode | None = None,
+    extra_labels: Path | None = None,
 ) -> list[TaskFit]:
-    """`casemine train --labels FILE --transcripts DIR`: one model per label column, with its card."""
-    return train_on(cfg, labelled(cfg, labels_path, transcripts), labels_path, transcripts, save=save, encode=encode)
+    """`casemine train --labels FILE --transcripts DIR [--extra-labels TEXTS]`: one model per
+    label column, with its card."""
+    _check_extra(extra_labels)
+    data = labelled(cfg, labels_path, transcripts)
+    return train_on(cfg, data, labels_path, transcripts, save=save, encode=encode, extra_labels=extra_labels)
 
 
 def evaluate_conversations(
-    cfg: Config, labels_path: Path, transcripts: Path, *, seed: int = 2026, trained_cv: bool = False
+    cfg: Config,
+    labels_path: Path,
+    transcripts: Path,
+    *,
+    seed: int = 2026,
+    trained_cv: bool = False,
+    extra_labels: Path | None = None,
 ) -> dict[str, Any]:
     """Cold-start figures against labelled conversations (and, with `trained_cv`, the
-    cross-validated figures of the models training would make); nothing is saved."""
-    return evaluate_on(cfg, labelled(cfg, labels_path, transcripts), seed=seed, trained_cv=trained_cv)
+    cross-validated figures of the models training would make, reading `extra_labels` as
+    training would); nothing is saved."""
+    _check_extra(extra_labels)
+    data = labelled(cfg, labels_path, transcripts)
+    return evaluate_on(cfg, data, seed=seed, trained_cv=trained_cv, extra_labels=extra_labels)
+
+
+def _check_extra(extra_labels: Path | None) -> None:
+    """Fail before the slow case mining when the extra texts' path is wrong."""
+    if extra_labels is not None and not Path(extra_labels).exists():
+        raise LabeledDataError(
+            f"extra labels {extra_labels} do not exist; pass a CSV/JSONL (or folder) of text,label issue types"
+        )
