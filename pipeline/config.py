@@ -93,6 +93,10 @@ class ClassifyConfig(_Section):
     # Sentence-embedding features (pipeline.embed) as an extra model candidate; off by default.
     use_embeddings: bool = False
     evidence_terms: int = Field(5, ge=1)
+    # Labelled texts (text,label issue types, e.g. complaints from another channel) that
+    # `casemine train --transcripts` and `eval classify --trained` read as `--extra-labels` does
+    # when that option is not given; null: none.
+    extra_labels: Path | None = None
     # Overrides of the taxonomy's urgency.weights, e.g. {repeat_contact: 2.0}.
     urgency_weights: dict[str, float] = Field(default_factory=dict)
 

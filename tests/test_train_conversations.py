@@ -427,3 +427,7 @@ def test_extra_labels_need_transcripts_and_a_file(cli, tmp_path):
     assert res.exit_code == 2 and "--transcripts" in res.output
     with pytest.raises(LabeledDataError, match="extra labels"):
         train_from_conversations(Config(), tmp_path / "l.jsonl", tmp_path, extra_labels=tmp_path / "none.csv")
+    # Named once in the config instead: read (and checked) the same way.
+    c = Config().with_overrides(classify={"extra_labels": str(tmp_path / "none.csv")})
+    with pytest.raises(LabeledDataError, match="none.csv"):
+        train_from_conversations(c, tmp_path / "l.jsonl", tmp_path)

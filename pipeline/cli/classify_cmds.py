@@ -61,7 +61,8 @@ def train_cmd(
         None,
         "--extra-labels",
         help="With --transcripts: CSV/JSONL (or folder) of text,label issue types from another source "
-        "(e.g. complaints): a text model trained on them informs the issue-type model.",
+        "(e.g. complaints): a text model trained on them informs the issue-type model "
+        "(default: classify.extra_labels).",
     ),
     config: Path | None = ConfigOption,
     json_out: bool = typer.Option(False, "--json", help="Print the model card(s) as JSON."),
@@ -321,7 +322,8 @@ def eval_classify_cmd(
     extra_labels: Path | None = typer.Option(
         None,
         "--extra-labels",
-        help="With --trained: the text,label issue types `casemine train --extra-labels` would read.",
+        help="With --trained: the text,label issue types `casemine train --extra-labels` would read "
+        "(default: classify.extra_labels).",
     ),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     config: Path | None = ConfigOption,

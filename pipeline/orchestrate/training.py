@@ -64,7 +64,7 @@ def train_from_conversations(
 ) -> list[TaskFit]:
     """`casemine train --labels FILE --transcripts DIR [--extra-labels TEXTS]`: one model per
     label column, with its card."""
-    _check_extra(extra_labels)
+    extra_labels = _extra_path(cfg, extra_labels)
     data = labelled(cfg, labels_path, transcripts)
     return train_on(cfg, data, labels_path, transcripts, save=save, encode=encode, extra_labels=extra_labels)
 
@@ -81,14 +81,18 @@ def evaluate_conversations(
     """Cold-start figures against labelled conversations (and, with `trained_cv`, the
     cross-validated figures of the models training would make, reading `extra_labels` as
     training would); nothing is saved."""
-    _check_extra(extra_labels)
+    extra_labels = _extra_path(cfg, extra_labels)
     data = labelled(cfg, labels_path, transcripts)
     return evaluate_on(cfg, data, seed=seed, trained_cv=trained_cv, extra_labels=extra_labels)
 
 
-def _check_extra(extra_labels: Path | None) -> None:
-    """Fail before the slow case mining when the extra texts' path is wrong."""
+def _extra_path(cfg: Config, extra_labels: Path | None) -> Path | None:
+    """The extra labelled texts: the option's, else classify.extra_labels; checked before the slow
+    case mining."""
+    if extra_labels is None and cfg.classify.extra_labels is not None:
+        extra_labels = cfg.resolve(cfg.classify.extra_labels)
     if extra_labels is not None and not Path(extra_labels).exists():
         raise LabeledDataError(
             f"extra labels {extra_labels} do not exist; pass a CSV/JSONL (or folder) of text,label issue types"
         )
+    return extra_labels
