@@ -111,3 +111,36 @@ def test_chunks_commit_under_their_own_run_ids(big_jsonl, tmp_path, monkeypatch)
     again = steps.run_pipeline(cfg, big_jsonl.parent, tmp_path / "out")
     assert again["files"] == {"read": 0, "skipped_unchanged": 1, "encodings": {}}
     assert again["cases"]["written"] == 0
+
+
+def test_a_chunk_leaves_nothing_behind_for_the_next(big_jsonl, tmp_path, monkeypatch):
+    """Memory must follow the chunk, not the run: at each chunk's commit the process holds that
+    chunk's conversations and batch results at most, never those of the chunks before it (a list
+    of per-chunk results kept for the summary, or a cache of conversations, would show here)."""
+    import gc
+
+    from pipeline.orchestrate.batch import BatchResult
+    from pipeline.schema import Conversation
+
+    cfg = load_config(REPO / "configs" / "casemine.yaml").with_overrides(flow={"chunk_mb": 0.01})
+    live: list[tuple[int, int]] = []
+    ended = steps.step_ended
+
+    def count_at_commit(step: str, chunk: str | None) -> None:
+        ended(step, chunk)
+        if step == "commit":
+            gc.collect()
+            objs = gc.get_objects()
+            live.append(
+                (sum(isinstance(o, Conversation) for o in objs), sum(isinstance(o, BatchResult) for o in objs))
+            )
+
+    monkeypatch.setattr(steps, "step_ended", count_at_commit)
+    s = steps.run_pipeline(cfg, big_jsonl.parent, tmp_path / "out")
+    n_chunks, accepted = len(s["chunks"]), s["records"]["accepted"]
+    assert n_chunks >= 4 and len(live) == n_chunks
+    # One chunk's worth (its conversations as received and as processed, its batches), whatever
+    # the chunk's number: the last commit holds no more than the second.
+    per_chunk = 2 * accepted / n_chunks + 30
+    assert all(convs <= per_chunk for convs, _ in live), (live, per_chunk)
+    assert all(results <= 2 for _, results in live), live

