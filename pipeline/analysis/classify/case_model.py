@@ -185,10 +185,15 @@ class CaseClassifier(BaseEstimator, ClassifierMixin):
         return sp.hstack(blocks, format="csr")
 
     def fit(
-        self, X: Sequence[CaseInput], y: Labels, extra: tuple[Sequence[CaseInput], Labels] | None = None
+        self,
+        X: Sequence[CaseInput],
+        y: Labels,
+        extra: tuple[Sequence[CaseInput], Labels] | None = None,
+        extra_model: CaseClassifier | None = None,
     ) -> CaseClassifier:
         """`extra`: labelled inputs of another source (texts, no agent side) for the extra text model;
-        they are never training rows of this model."""
+        they are never training rows of this model. `extra_model`: that model already fitted
+        (`fit_extra_model`), for callers fitting many models beside the same extra texts."""
         y = np.asarray(y, dtype=object)
         self.n_rows_ = len(y)
         labels, counts = np.unique(y, return_counts=True)
@@ -210,11 +215,10 @@ class CaseClassifier(BaseEstimator, ClassifierMixin):
             bool(self.agent_signals_scale) and bool(len(X)) and X[0].get("agent_signals") is not None
         )
         self.n_agent_signals_ = len(X[0].get("agent_signals") or []) if self.agent_signals_used_ else 0
-        self.extra_model_ = (
-            CaseClassifier(**EXTRA_MODEL_PARAMS).fit(*extra)
-            if self.extra_model_scale and extra is not None and len(extra[0])
-            else None
-        )
+        if not self.extra_model_scale:
+            self.extra_model_ = None
+        else:
+            self.extra_model_ = extra_model if extra_model is not None else fit_extra_model(*extra) if extra else None
         Xm = self._blocks(X, fit=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
@@ -312,6 +316,12 @@ class CaseClassifier(BaseEstimator, ClassifierMixin):
             terms.sort(key=lambda t: -t[1])
             out.append([{"term": t, "weight": round(w, 4)} for t, w in terms[:top_k] if w > 0])
         return out
+
+
+def fit_extra_model(inputs: Sequence[CaseInput], labels: Labels) -> CaseClassifier | None:
+    """The text-only model of extra labelled texts (None without texts). It depends on the texts
+    alone, not on the conversations' folds or C: cross-validation fits it once."""
+    return CaseClassifier(**EXTRA_MODEL_PARAMS).fit(inputs, labels) if len(inputs) else None
 
 
 _EMB_NAME = "嵌入:客户原话整体语义"

@@ -12,6 +12,7 @@ spread across folds, per class, and the data it saw.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import platform
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, classification_report
 
-from pipeline.analysis.classify.case_model import CaseClassifier, CaseInput
+from pipeline.analysis.classify.case_model import CaseClassifier, CaseInput, fit_extra_model
 from pipeline.analysis.classify.coldstart import Encode, default_encoder
 from pipeline.analysis.classify.data import LabeledDataError, load_labeled, read_table
 from pipeline.analysis.classify.model import apply_temperature, cv_splits, fit_temperature, macro_f1
@@ -130,8 +131,10 @@ class ExtraTexts:
     files: list[dict[str, Any]]
     label_counts: dict[str, int]
 
-    def pair(self) -> tuple[list[CaseInput], list[str]]:
-        return self.inputs, self.labels
+    @functools.cached_property
+    def model(self) -> CaseClassifier | None:
+        """The extra text model, fitted once for every fold and C of a training."""
+        return fit_extra_model(self.inputs, self.labels)
 
 
 def read_extra_texts(cfg: Config, path: Path, taxonomy: Taxonomy, encode: Encode | None) -> ExtraTexts:
@@ -149,7 +152,7 @@ def read_extra_texts(cfg: Config, path: Path, taxonomy: Taxonomy, encode: Encode
     return ExtraTexts(
         inputs,
         frame["label"].tolist(),
-        [{k: v for k, v in f.items()} for f in data.files],
+        [dict(f) for f in data.files],
         {str(k): int(v) for k, v in counts.items()},
     )
 
@@ -269,7 +272,9 @@ def cross_validate(
     pred = np.empty(len(ya), dtype=object)
     parts = []
     for tr, te in splits:
-        m = CaseClassifier(C=C, **(params or {})).fit([X[i] for i in tr], ya[tr], extra.pair() if extra else None)
+        m = CaseClassifier(C=C, **(params or {})).fit(
+            [X[i] for i in tr], ya[tr], extra_model=extra.model if extra else None
+        )
         p = m.predict_proba([X[i] for i in te])
         pred[te] = m.classes_[p.argmax(axis=1)]
         parts.append((te, m.classes_, p))
@@ -305,7 +310,7 @@ def train_task(
         pred, proba, splits, classes = cross_validate(X, y, C, folds, seed, params, extra)
         results.append((C, pred, proba, splits, fold_scores(ya, pred, splits), classes))
     C, pred, proba, splits, scores, classes = max(results, key=lambda r: (r[4]["macro_f1"]["mean"], -r[0]))
-    model = CaseClassifier(C=C, **params).fit(X, ya, extra.pair() if extra else None)
+    model = CaseClassifier(C=C, **params).fit(X, ya, extra_model=extra.model if extra else None)
     model.temperature_ = fit_temperature(proba, y, classes)
     per_class = classification_report(ya, pred, labels=sorted(set(y)), output_dict=True, zero_division=0)
     cv = {
