@@ -21,15 +21,20 @@ from pipeline.insights.cluster import ALL_SCOPE, format_shares, group_codes, gro
 BREAKDOWNS = ("channel", "region", "product")
 
 
+def _distinct_dates(dates: pd.Series) -> tuple[np.ndarray, pd.Series]:
+    """Each row's code among the distinct dates (-1: missing) and those dates parsed (NaT where
+    they cannot be): all-history frames hold ~100k cases on a few hundred dates, so each is
+    parsed once. Unsorted: stored dates may mix strings and date objects."""
+    codes, seen = pd.factorize(dates)
+    return codes, pd.Series(pd.to_datetime(pd.Series(seen, dtype=object), errors="coerce"))
+
+
 def _dates(df: pd.DataFrame) -> pd.Series:
-    """The `date` column parsed (NaT where it cannot be), once per distinct value: all-history
-    frames hold ~100k cases on a few hundred dates."""
-    codes, seen = pd.factorize(df["date"])
-    if not len(seen):
+    """The `date` column parsed (NaT where it cannot be), as pd.to_datetime parses it."""
+    codes, parsed = _distinct_dates(df["date"])
+    if not len(parsed):
         return pd.to_datetime(df["date"], errors="coerce")  # nothing to parse
-    parsed = pd.Series(pd.to_datetime(pd.Series(seen, dtype=object), errors="coerce"))
-    out = parsed.iloc[np.maximum(codes, 0)].set_axis(df.index)
-    return out.where(codes >= 0)
+    return parsed.iloc[np.maximum(codes, 0)].set_axis(df.index).where(codes >= 0)
 
 
 def week_start(d: pd.Series) -> pd.Series:
@@ -49,11 +54,9 @@ def _sorted_codes(values: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _period_codes(dates: pd.Series) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per granularity (day, week), each row's period code and the period labels (YYYY-MM-DD).
-    Dates are parsed and formatted once per distinct stored date, not once per case: an
-    all-history count has ~100k cases on a few hundred dates."""
-    raw, seen = pd.factorize(dates)  # unsorted: stored dates may mix strings and date objects
-    parsed = pd.Series(pd.to_datetime(pd.Series(seen, dtype=object), errors="coerce"))
+    """Per granularity (day, week), each row's period code and the period labels (YYYY-MM-DD),
+    formatted once per distinct stored date."""
+    raw, parsed = _distinct_dates(dates)
     out = {}
     for gran, labels in (("day", parsed.dt.strftime("%Y-%m-%d")), ("week", week_start(parsed))):
         of_seen, periods = _sorted_codes(labels)
@@ -93,11 +96,18 @@ def count_table(df: pd.DataFrame, dimension: str, key_col: str) -> pd.DataFrame:
     for gran in ("day", "week"):
         pcodes, pvalues = periods[gran]
         k, p, n = _count_by([keys, pcodes], [key_values, pvalues])
-        parts.append(pd.DataFrame({"key": k, "period": p, "breakdown": "all", "breakdown_value": "全部", "count": n}))
+        parts.append(
+            pd.DataFrame(
+                {"key": k, "granularity": gran, "period": p, "breakdown": "all", "breakdown_value": "全部", "count": n}
+            )
+        )
         for b, (bcodes, bvalues) in breakdowns.items():
             k, p, v, n = _count_by([keys, pcodes, bcodes], [key_values, pvalues, bvalues])
-            parts.append(pd.DataFrame({"key": k, "period": p, "breakdown": b, "breakdown_value": v, "count": n}))
-        parts[-1 - len(breakdowns) :] = [x.assign(granularity=gran) for x in parts[-1 - len(breakdowns) :]]
+            parts.append(
+                pd.DataFrame(
+                    {"key": k, "granularity": gran, "period": p, "breakdown": b, "breakdown_value": v, "count": n}
+                )
+            )
     out = pd.concat(parts, ignore_index=True)
     out.insert(0, "dimension", dimension)
     return out[_COUNT_COLUMNS]
