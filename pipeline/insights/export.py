@@ -544,10 +544,11 @@ def write_csv(path: Path, df: pd.DataFrame, encoding: str, table: pa.Table | Non
     Pandas writes what Arrow would write differently or not at all: other encodings than UTF-8,
     columns Arrow cannot type (mixed objects), date-times (Arrow adds nanoseconds), and one-column
     tables (Arrow writes a null as an empty line, which readers skip)."""
-    csv = to_csv_frame(df)
     bom = _UTF8.get(encoding.lower().replace("_", "-"))
     if table is not None and any(pa.types.is_nested(f.type) for f in table.schema):
         table = None  # lists and dicts are written as JSON text: converted again from `csv`
+    # Without nested columns `to_csv_frame` has nothing to change: the reused table is the text.
+    csv = df if table is not None else to_csv_frame(df)
     timed = any(pd.api.types.is_datetime64_any_dtype(t) for t in csv.dtypes)
     if bom is None or len(csv.columns) < 2 or timed:
         table = None
