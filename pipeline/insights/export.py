@@ -132,6 +132,14 @@ def exports_root(out: Path) -> Path:
     return Path(out) / "exports"
 
 
+def case_cache_path(out: Path) -> Path:
+    return Path(out) / "state" / "cache" / "export-cases.arrow"
+
+
+# What the case copy's rows hold beyond their columns: bump when `shrink_case_part` changes.
+CASE_CACHE_KEY = "export:shrink_case_part:1"
+
+
 def state_path(out: Path) -> Path:
     return Path(out) / "state" / "clusters" / "clusters.parquet"
 
@@ -189,12 +197,15 @@ def _null_unless(t: pa.Table, name: str, keep: Any) -> pa.Table:
 
 def load_cases(out: Path, since: date | None = None) -> pd.DataFrame:
     """The stored cases (one row per case id: the latest run's wins), optionally from a date on;
-    customer_text and metadata_json only where the export reads them (`shrink_case_part`)."""
-    from pipeline.storage.store import read_cases
+    customer_text and metadata_json only where the export reads them (`shrink_case_part`).
+    Read through a copy kept between nights (`case_cache_path`), so a night decodes only the
+    parts written since the last export."""
+    from pipeline.storage.case_cache import read_cases_cached
 
     # run_id tells a re-processed case (same id, newer row) from a member; tokens are read only
     # by a re-cluster (`_with_tokens`).
-    df = read_cases(Path(out), columns=[c for c in CASE_COLUMNS if c != "tokens"] + ["run_id"], shrink=shrink_case_part)
+    columns = [c for c in CASE_COLUMNS if c != "tokens"] + ["run_id"]
+    df = read_cases_cached(Path(out), case_cache_path(out), columns, CASE_CACHE_KEY, shrink=shrink_case_part)
     if since is not None and len(df):
         df = df[df["date"].astype(str) >= since.isoformat()]
     return df.reset_index(drop=True)

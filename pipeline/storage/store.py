@@ -141,11 +141,20 @@ def read_cases(
     wanted = None if columns is None else [c for c in columns if c in CASE_SCHEMA.names]
     if not files:
         return pd.DataFrame(columns=columns or list(CASE_SCHEMA.names))
-    read = wanted if wanted is None or not latest else list(dict.fromkeys(wanted + ["case_id", "run_id"]))
+    return cases_frame(read_parts(files, read_columns(wanted, latest), shrink), wanted, latest)
+
+
+def read_columns(wanted: list[str] | None, latest: bool) -> list[str] | None:
+    """The columns to read for `wanted`: the newest-row rule also needs case_id and run_id."""
+    return wanted if wanted is None or not latest else list(dict.fromkeys(wanted + ["case_id", "run_id"]))
+
+
+def cases_frame(table: pa.Table, wanted: list[str] | None, latest: bool) -> pd.DataFrame:
+    """Stored parts read as one table (`read_parts`) as the DataFrame `read_cases` returns."""
     # One chunk per column, not one per stored part: pandas keeps Arrow strings as they come, and
     # every later take (a filter, a sort, each group of a groupby) on a column of ~60 chunks cost
     # ~30x a take on one; at 100k stored cases that was seconds per export.
-    table = read_parts(files, read, shrink).combine_chunks()
+    table = table.combine_chunks()
     df = table.to_pandas()
     for f in table.schema:
         if pa.types.is_struct(f.type):

@@ -1,0 +1,130 @@
+"""The export's copy of the stored cases: the same frame as reading every part, and only the
+parts it has not seen are read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import pipeline.storage.case_cache as cc
+from pipeline.insights.export import CASE_CACHE_KEY, case_cache_path, load_cases, shrink_case_part
+from pipeline.storage.store import read_cases, stored_parts, write_cases
+
+COLUMNS = ["case_id", "conversation_id", "date", "problem", "customer_text", "metadata_json", "issue_type", "run_id"]
+
+
+def _cases(ids: range, run_id: str, problem: str = "快递三天没到") -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "case_id": [f"c{i:04d}" for i in ids],
+            "conversation_id": [f"v{i:04d}" for i in ids],
+            "date": [f"2026-11-{1 + i % 5:02d}" for i in ids],
+            "problem": [f"{problem}{i}" if i % 7 else "  " for i in ids],
+            "customer_text": [f"客户原话{i}" for i in ids],
+            "metadata_json": ['{"team": "A"}' if i % 3 else None for i in ids],
+            "issue_type": ["物流配送" if i % 4 else None for i in ids],
+            "run_id": run_id,
+        }
+    )
+
+
+def _plain(out: Path) -> pd.DataFrame:
+    return read_cases(out, columns=COLUMNS, shrink=shrink_case_part).reset_index(drop=True)
+
+
+def _cached(out: Path) -> pd.DataFrame:
+    return cc.read_cases_cached(out, case_cache_path(out), COLUMNS, CASE_CACHE_KEY, shrink=shrink_case_part)
+
+
+@pytest.fixture
+def out(tmp_path):
+    write_cases(tmp_path, _cases(range(0, 40), "20261101T000000-r1"), "20261101T000000-r1", 0)
+    write_cases(tmp_path, _cases(range(40, 60), "20261101T000000-r1"), "20261101T000000-r1", 1)
+    return tmp_path
+
+
+def _spy(monkeypatch) -> list[list[Path]]:
+    calls: list[list[Path]] = []
+    real = cc.read_parts
+
+    def spy(files, *a, **k):
+        calls.append(list(files))
+        return real(files, *a, **k)
+
+    monkeypatch.setattr(cc, "read_parts", spy)
+    return calls
+
+
+def test_cold_warm_and_after_new_runs_equal_reading_every_part(out, monkeypatch):
+    calls = _spy(monkeypatch)
+    pd.testing.assert_frame_equal(_cached(out), _plain(out))  # cold: every part, copy written
+    assert case_cache_path(out).is_file()
+    assert len(calls[-1]) == len(stored_parts(out))
+    pd.testing.assert_frame_equal(_cached(out), _plain(out))  # warm: no part decoded
+    assert len(calls) == 1
+    # A newer run re-processes ten cases (their rows must replace the old) and adds ten.
+    again = _cases(range(50, 70), "20261102T000000-r2", problem="退款还没到账")
+    write_cases(out, again, "20261102T000000-r2", 0)
+    before = {str(p) for p in calls[0]}
+    got = _cached(out)
+    assert calls[-1] and not {str(p) for p in calls[-1]} & before  # only the new run's parts
+    pd.testing.assert_frame_equal(got, _plain(out))
+    assert got["case_id"].is_unique and len(got) == 70
+    assert got.loc[got["case_id"] == "c0055", "problem"].item().startswith("退款还没到账")
+    # An older run committing late (run ids order runs) loses to the newer rows the copy holds.
+    late = _cases(range(55, 75), "20261101T120000-r3", problem="发票")
+    write_cases(out, late, "20261101T120000-r3", 0)
+    pd.testing.assert_frame_equal(_cached(out), _plain(out))
+    pd.testing.assert_frame_equal(_cached(out), _plain(out))
+
+
+def test_a_removed_or_rewritten_part_makes_it_read_every_part(out, monkeypatch):
+    _cached(out)
+    parts = stored_parts(out)
+    parts[0].unlink()  # what `casemine repair` does to a part it cannot trust
+    calls = _spy(monkeypatch)
+    got = _cached(out)
+    pd.testing.assert_frame_equal(got, _plain(out))
+    assert len(calls[-1]) == len(stored_parts(out))
+    # The same file written again with other content (same path): the copy is not trusted.
+    target = stored_parts(out)[0]
+    rows = pd.read_parquet(target)
+    rows["problem"] = "改过的问题"
+    rows.to_parquet(target, index=False)
+    got = _cached(out)
+    pd.testing.assert_frame_equal(got, _plain(out))
+    assert (got["problem"] == "改过的问题").any()
+
+
+def test_a_foreign_or_broken_copy_is_ignored_and_rewritten(out):
+    path = case_cache_path(out)
+    cc.read_cases_cached(out, path, COLUMNS, "another-rule", shrink=None)  # kept without shrinking
+    pd.testing.assert_frame_equal(_cached(out), _plain(out))
+    path.write_bytes(b"not an arrow file")
+    pd.testing.assert_frame_equal(_cached(out), _plain(out))
+    assert path.read_bytes()[:6] == b"ARROW1"
+    # Other columns asked: the copy does not hold them, every part is read.
+    fewer = cc.read_cases_cached(out, path, ["case_id", "date", "run_id"], CASE_CACHE_KEY, shrink=shrink_case_part)
+    pd.testing.assert_frame_equal(fewer, read_cases(out, columns=["case_id", "date", "run_id"]).reset_index(drop=True))
+
+
+def test_an_unwritable_copy_costs_speed_not_the_cases(out, caplog):
+    (out / "state").mkdir()
+    (out / "state" / "cache").write_text("a file where the cache folder would be")
+    got = _cached(out)
+    pd.testing.assert_frame_equal(got, _plain(out))
+    assert "could not write the case cache" in caplog.text
+
+
+def test_the_export_reads_through_the_copy(out):
+    frame = load_cases(out)
+    assert case_cache_path(out).is_file()
+    pd.testing.assert_frame_equal(load_cases(out), frame)
+    assert len(frame) == 60
+
+
+def test_no_parts_no_copy(tmp_path):
+    got = _cached(tmp_path)
+    assert got.empty and not case_cache_path(tmp_path).exists()
