@@ -234,10 +234,17 @@ def test_export_writes_every_table_as_parquet_and_csv(exported):
     folder = Path(second["export_dir"])
     assert folder == out / "exports" / "2025-11-02"
     assert (out / "exports" / "LATEST").read_text().strip() == "2025-11-02"
-    for name in ("clusters", "members", "trends", "alerts", "matrix", "kpis"):
+    for name in ("clusters", "trends", "alerts", "matrix", "kpis"):
         pq_df = pd.read_parquet(folder / f"{name}.parquet")
         csv_df = pd.read_csv(folder / f"{name}.csv", encoding="utf-8-sig")
         assert len(pq_df) == len(csv_df) > 0, name
+    # Members as parts, each a Parquet and a CSV of the same rows; the folder reads as one table.
+    parts = sorted((folder / "members.parquet").glob("part-*.parquet"))
+    assert parts and second["members_parts"] == len(parts)
+    csvs = sorted((folder / "members.csv").glob("part-*.csv"))
+    assert [p.stem for p in csvs] == [p.stem for p in parts]
+    csv_rows = sum(len(pd.read_csv(p, encoding="utf-8-sig")) for p in csvs)
+    assert len(pd.read_parquet(folder / "members.parquet")) == csv_rows == second["rows"]["members"] > 0
     assert (out / "state" / "clusters" / "clusters.parquet").is_file()
     assert not list((out / "exports").glob(".*tmp*"))
     json.dumps(second)  # JSON-able

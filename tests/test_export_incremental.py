@@ -7,6 +7,7 @@ problems, and embedded with the hashing fake the other export tests use."""
 
 from __future__ import annotations
 
+import json
 import random
 from datetime import date, timedelta
 from pathlib import Path
@@ -19,6 +20,7 @@ from sklearn.metrics import adjusted_rand_score
 from pipeline.embed.fake import HashingEmbedder
 from pipeline.insights.cluster import ALL_SCOPE, ClusterParams, fit_clusters
 from pipeline.insights.export import export_all, latest_export
+from pipeline.insights.member_parts import read_members
 from pipeline.insights.membership import load_members, load_meta
 from pipeline.storage.store import stored_parts, write_cases
 
@@ -77,7 +79,7 @@ def _export(cfg, out: Path, day: date, **kw):
 
 
 def _members(summary) -> pd.DataFrame:
-    return pd.read_parquet(Path(summary["export_dir"]) / "members.parquet")
+    return read_members(Path(summary["export_dir"]))
 
 
 def _all_scope_ids(m: pd.DataFrame) -> dict[str, str | None]:
@@ -164,6 +166,7 @@ def test_reprocessed_case_is_reassigned_not_duplicated(history, cfg):
     blue = _all_scope_ids(_members(first))["c00100"]  # a 蓝牙 case of the history
     assert rows.loc[rows["scope"] == ALL_SCOPE, "cluster_id"].item() == blue
     assert not m.duplicated(["case_id", "scope"]).any()
+    assert night["members_parts"] == 1  # a re-processed case's old rows are in the parts: all written again
 
 
 def test_cases_removed_by_repair_leave_the_membership(history, cfg):
@@ -267,3 +270,50 @@ def test_csv_frame_writes_list_cells_as_json_and_leaves_other_columns():
     assert out["label"].dtype == df["label"].dtype and out["size"].tolist() == [3, 4]
     pd.testing.assert_series_equal(out["plain"], df["plain"])
     assert df["terms"].iloc[0] == ["快递", "三天"]  # the input frame is not changed
+
+
+def _parts(summary) -> list[Path]:
+    return sorted((Path(summary["export_dir"]) / "members.parquet").glob("part-*.parquet"))
+
+
+def test_a_night_links_yesterdays_member_parts_and_writes_only_its_new_cases(history, cfg, monkeypatch):
+    import os
+
+    import pipeline.insights.member_parts as mp
+
+    out, first = history
+    _store(out, _cases({k: 5 for k in TOPICS}, 1000, "20251104T000000-bbbb", seed=2), "20251104T000000-bbbb")
+    night = _export(cfg, out, DAY0 + timedelta(days=1))
+    old, parts = _parts(first), _parts(night)
+    assert night["members_parts"] == len(parts) == 2 and len(old) == 1
+    for a, b in ((parts[0], old[0]), (mp.csv_part(parts[0]), mp.csv_part(old[0]))):
+        assert os.stat(a).st_ino == os.stat(b).st_ino  # yesterday's rows: the same file, not a copy
+    new_part = pd.read_parquet(parts[1])
+    assert set(new_part["case_id"]) == {f"c{1000 + i:05d}" for i in range(20)}
+    assert len(pd.read_csv(mp.csv_part(parts[1]), encoding="utf-8-sig")) == len(new_part)
+    linked = _members(night)
+    # The same rows as the table written whole (no part reused).
+    monkeypatch.setattr(mp, "reusable_parts", lambda *a, **k: [])
+    whole = _export(cfg, out, DAY0 + timedelta(days=2))
+    assert whole["members_parts"] == 1
+    key = ["scope", "case_id"]
+    pd.testing.assert_frame_equal(
+        linked.sort_values(key).reset_index(drop=True), _members(whole).sort_values(key).reset_index(drop=True)
+    )
+    monkeypatch.undo()
+    # A night without new cases links every part and writes none.
+    quiet = _export(cfg, out, DAY0 + timedelta(days=3))
+    assert quiet["members_parts"] == 1 and len(_members(quiet)) == len(linked)
+
+
+def test_member_parts_are_written_whole_when_the_previous_folder_does_not_match(history, cfg):
+    out, first = history
+    summary = Path(first["export_dir"]) / "summary.json"
+    s = json.loads(summary.read_text(encoding="utf-8"))
+    s["rows"]["members"] -= 1  # a folder that does not hold what the state says
+    summary.write_text(json.dumps(s), encoding="utf-8")
+    _store(out, _cases({"物流": 3}, 3000, "20251104T000000-eeee", seed=5), "20251104T000000-eeee")
+    night = _export(cfg, out, DAY0 + timedelta(days=1))
+    assert night["mode"] == "incremental" and night["members_parts"] == 1
+    m = _members(night)
+    assert not m.duplicated(["case_id", "scope"]).any() and len(m[m["scope"] == ALL_SCOPE]) == 123

@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from pipeline.config import Config
+from pipeline.insights import member_parts as mp
 from pipeline.insights import membership as mb
 from pipeline.insights.cluster import (
     ALL_SCOPE,
@@ -580,22 +581,45 @@ def write_csv(path: Path, df: pd.DataFrame, encoding: str, table: pa.Table | Non
 
 
 def write_table(folder: Path, name: str, df: pd.DataFrame, csv_encoding: str) -> None:
+    """`df` as `<name>.parquet` and `<name>.csv` in `folder`."""
+    write_pair(folder / f"{name}.parquet", folder / f"{name}.csv", df, csv_encoding)
+
+
+def write_pair(parquet: Path, csv: Path, df: pd.DataFrame, csv_encoding: str) -> None:
+    """`df` as a Parquet and a CSV file, converted to Arrow once for both."""
     df = df.reset_index(drop=True)
     table = pa.Table.from_pandas(df, preserve_index=False)
-    atomic_write_parquet(folder / f"{name}.parquet", table)
-    write_csv(folder / f"{name}.csv", df, csv_encoding, table)
+    atomic_write_parquet(parquet, table)
+    write_csv(csv, df, csv_encoding, table)
 
 
-def write_export(out: Path, bundle: ExportBundle, csv_encoding: str = "utf-8-sig") -> Path:
+def write_export(
+    out: Path,
+    bundle: ExportBundle,
+    csv_encoding: str = "utf-8-sig",
+    members_reuse: list[Path] | None = None,
+    members_new: pd.Series | None = None,
+) -> Path:
     """Write every file into a temporary folder, swap it in as exports/<day>, update LATEST.
-    A killed export leaves the previous folder (and LATEST) untouched."""
+    A killed export leaves the previous folder (and LATEST) untouched. The members table is
+    written as parts (`member_parts`): `members_reuse`, the previous folder's parts to link,
+    and `members_new`, which rows of it are new (the next part); without them, one part."""
     root = exports_root(out)
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{bundle.day}.tmp-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
         for name in TABLES:
-            write_table(tmp, name, bundle.tables[name], csv_encoding)
+            if name == mp.MEMBERS:
+                bundle.summary["members_parts"] = mp.write_members(
+                    tmp,
+                    bundle.tables[name],
+                    members_new,
+                    members_reuse or [],
+                    lambda parquet, csv, df: write_pair(parquet, csv, df, csv_encoding),
+                )
+            else:
+                write_table(tmp, name, bundle.tables[name], csv_encoding)
         atomic_write_text(tmp / "report.html", bundle.report_html)
         atomic_write_text(
             tmp / "summary.json", json.dumps(bundle.summary, ensure_ascii=False, indent=2, default=str) + "\n"
@@ -756,6 +780,7 @@ def export_all(
     t_embed = 0.0
     new_rows = pd.DataFrame()
     compact = False
+    n_redone = 0
     # Which cases are not yet members (new, or re-processed: same id, newer run): counted on every
     # night, embedded and assigned on an incremental one.
     membership, n_parts = mb.load_members(out, meta)
@@ -778,6 +803,7 @@ def export_all(
             reason = "drift"
         else:
             redone = _is_in(member_ids, _key(todo_frame["case_id"]))
+            n_redone = int(redone.sum())
             membership = pd.concat([membership[alive & ~redone], new_rows], ignore_index=True)
             compact = dropped > 0 or n_parts + 1 > mb.COMPACT_PARTS
     if reason is not None:
@@ -821,15 +847,26 @@ def export_all(
         view = Clustering(view_clusters, vm.reset_index(drop=True), clustering.state)
     else:
         view = clustering
+    # The members table as parts: on a night that only adds cases, last night's parts are linked
+    # and the new cases' rows written (`member_parts`); the state's membership part it was
+    # written from tells the next night whether they still match.
+    state_part = mb.last_part(out)
+    appends = reason is not None or compact or len(new_rows) > 0
+    members_new = pd.Series(_is_in(_key(view.members["case_id"]), _key(todo_frame["case_id"])))
+    reuse: list[Path] = []
+    if reason is None and since is None and not compact and not dropped and not n_redone:
+        reuse = mp.reusable_parts(latest_export(out), state_part, len(view.members) - int(members_new.sum()))
     extra = {
         "mode": "full" if reason is not None else "incremental",
         "mode_reason": reason or "new_cases_assigned",
         "drift": drift,
         "n_new_cases": int(n_new),
         "n_members_dropped": dropped,
+        "since": since.isoformat() if since else None,
+        "members_state_part": state_part + 1 if appends else state_part,
     }
     bundle = finish_export(view_cases, view_frame, view, cfg, day, notes=[note] if note else [], extra=extra)
-    folder = write_export(out, bundle, c.csv_encoding)
+    folder = write_export(out, bundle, c.csv_encoding, reuse, members_new)
     if reason is not None:
         seq = mb.append_members(out, stored)
         mb.save_projections(out, projections)
@@ -849,7 +886,6 @@ def export_all(
         "export_dir": str(folder),
         "report": str(folder / "report.html"),
         **bundle.summary,
-        "since": since.isoformat() if since else None,
         "seconds": {
             "embed": round(t_embed, 2),
             "load_and_embed": round(t_embed, 2),

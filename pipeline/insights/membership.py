@@ -58,6 +58,11 @@ def _parts(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def last_part(out: Path) -> int:
+    """The newest membership part's sequence number (0: none)."""
+    return max((s for s, _ in _parts(out)), default=0)
+
+
 def load_members(out: Path, meta: dict[str, Any]) -> tuple[pd.DataFrame, int]:
     """The current membership (one set of rows per case: its newest part's) and the number of
     parts it was read from."""
@@ -72,7 +77,7 @@ def load_members(out: Path, meta: dict[str, Any]) -> tuple[pd.DataFrame, int]:
 
 def append_members(out: Path, rows: pd.DataFrame) -> int:
     """Write `rows` as the next part; returns its sequence number."""
-    seq = max((s for s, _ in _parts(out)), default=0) + 1
+    seq = last_part(out) + 1
     t = rows[MEMBER_COLUMNS].reset_index(drop=True).copy()
     for c in ("case_id", "run_id", "scope", "cluster_id"):
         t[c] = t[c].astype(object).where(t[c].notna(), None)

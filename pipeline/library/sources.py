@@ -17,29 +17,31 @@ from pipeline.storage.store import newest_row_mask
 
 def load_members(out: Path) -> pd.DataFrame | None:
     from pipeline.insights.export import latest_export
+    from pipeline.insights.member_parts import read_members
 
     d = latest_export(Path(out))
-    return pd.read_parquet(d / "members.parquet") if d is not None and (d / "members.parquet").is_file() else None
+    return read_members(d) if d is not None else None
 
 
 def load_cluster_lookup(out: Path) -> Callable[[list[str]], list[str | None]]:
     """`ids -> [cluster_id or None]`, the lookup `candidates.cluster_map(load_members(out))` gives,
     from only the four member columns it reads, kept as Arrow arrays (one row per case).
 
-    Why: members.parquet holds a row per case and scope with its texts; the library build needs
+    Why: the members table holds a row per case and scope with its texts; the library build needs
     a cluster id per case, and a dict of every case would grow with the history."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from pipeline.insights.export import latest_export
+    from pipeline.insights.member_parts import members_files
 
     d = latest_export(Path(out))
-    path = d / "members.parquet" if d is not None else None
-    names = set(pq.read_schema(path).names) if path is not None and path.is_file() else set()
-    if path is None or not {"case_id", "cluster_id"} <= names:
+    files = members_files(d) if d is not None else []
+    names = set(pq.read_schema(files[0]).names) if files else set()
+    if not {"case_id", "cluster_id"} <= names:
         return lambda ids: [None] * len(ids)
     own_cols = ["scope", "issue_type"] if {"scope", "issue_type"} <= names else []
-    t = pq.read_table(path, columns=["case_id", "cluster_id", *own_cols])
+    t = pa.concat_tables([pq.read_table(f, columns=["case_id", "cluster_id", *own_cols]) for f in files])
     t = t.filter(pc.is_valid(t["cluster_id"]))
     # cluster_map's pick per case: the first row of its own issue type's scope, else its first row.
     own = pc.equal(t["scope"], t["issue_type"]) if own_cols else pa.nulls(len(t), pa.bool_())
