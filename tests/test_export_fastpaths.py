@@ -10,18 +10,30 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import warnings
 from collections import Counter
 from datetime import date
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
-from pipeline.insights.cluster import ALL_SCOPE, group_codes, group_shares, share_dict
+from pipeline.insights.cluster import (
+    ALL_SCOPE,
+    _counted_chars,
+    _plain_problems,
+    fill_classification,
+    group_codes,
+    group_shares,
+    select_cases,
+    share_dict,
+)
 from pipeline.insights.emotion_stats import _TEAM_KEYS, _r, case_teams, trajectory_table
 from pipeline.insights.export import map_points, members_view
 from pipeline.insights.trends import BREAKDOWNS, _dates, count_table, week_over_week, week_start
+from pipeline.text.mask import PLACEHOLDER_RE
 
 
 @pytest.mark.parametrize("dtype", [object, "str"])
@@ -280,3 +292,125 @@ def test_dates_are_parsed_once_per_value_as_to_datetime_parses_them(values, dtyp
         want = pd.to_datetime(df["date"], errors="coerce")
         got = _dates(df)
     pd.testing.assert_series_equal(got, want, check_names=False)
+
+
+def _select_cases_before(cases: pd.DataFrame, min_chars: int, request_kinds: tuple[str, ...]) -> pd.DataFrame:
+    """select_cases as it was: the Python rule run over every case (fill_classification's too)."""
+    df = cases.copy(deep=False)
+    if "issue_type" not in df:
+        df["issue_type"] = "未分类"
+    df["issue_type"] = pd.Series(
+        [v if isinstance(v, str) and v else "未分类" for v in df["issue_type"].tolist()], index=df.index
+    )
+    for col in ("request_kind", "urgency", "issue_type_confidence", "needs_review"):
+        if col not in df:
+            df[col] = None
+    n = len(df)
+    problem = df["problem"].tolist() if "problem" in df else [""] * n
+    customer = df["customer_text"].tolist() if "customer_text" in df else [""] * n
+    texts = [
+        (p if isinstance(p, str) else "").strip() or (c if isinstance(c, str) else "").strip()[:200]
+        for p, c in zip(problem, customer)
+    ]
+    df["cluster_text"] = texts
+    keep = pd.Series(
+        [len(PLACEHOLDER_RE.sub("", t) if "<" in t else t) >= min_chars for t in texts], index=df.index, dtype=bool
+    )
+    if request_kinds:
+        keep &= df["request_kind"].isin(list(request_kinds))
+    return df[keep].reset_index(drop=True)
+
+
+_LONG_CUSTOMER = "  " + "我的快递三天没到，" * 30 + " \u3000"
+# Missing, blank, spaces str.strip() removes (or not: U+200B), placeholders, a non-string.
+_PROBLEMS = [None, np.nan, "", "   ", "\u3000问题", "问题\u3000", "a\x85", "\x85abcd", "问\n", "\t退款十五天没到账\r"]
+_PROBLEMS += ["<PHONE>", "<PHONE>12", "<PHONE>1234", "<<A>>好的好的", "<a>好", "电话<PHONE>地址<ADDRESS>", "ÄÖÜ<ÄB>"]
+_PROBLEMS += ["快递三天没到", "怎么办", "怎么办呀", 5, " 快递三天没到 ", "发票\u2028", "\u200b发票"]
+_CUSTOMERS = [None, np.nan, "", "  ", _LONG_CUSTOMER, "我的发票一直没有开出来", " <NAME> 你好 ", 7, "好"]
+
+
+def _text_column(values: list, dtype: object, index: pd.Index, chunks: int) -> pd.Series:
+    """`values` as a column of `dtype`; Arrow-backed text columns can only hold strings and
+    missing values, and a column made by concatenating parts has one Arrow chunk per part."""
+    if dtype is not object:
+        values = [v if v is None or isinstance(v, (str, float)) else str(v) for v in values]
+    cut = len(values) // 2 if chunks == 2 else len(values)
+    parts = [values[:cut], values[cut:]] if chunks == 2 else [values]
+    col = pd.concat([pd.Series(p, dtype=object).astype(dtype) for p in parts], ignore_index=True)
+    return col.set_axis(index)
+
+
+@pytest.mark.parametrize("dtype", [object, "str", pd.ArrowDtype(pa.string())])
+@pytest.mark.parametrize("request_kinds", [(), ("投诉",)])
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_select_cases_gives_what_the_python_rule_gave(dtype, request_kinds, chunks):
+    """Arrow-backed problems are decided in Arrow where str.strip() leaves them as they are; the
+    frame must be the one the Python rule made, rows, order, values and dtypes included."""
+    rng = random.Random(5)
+    for it in range(80):
+        n = len(_PROBLEMS) if it == 0 else rng.randint(0, 40)
+        problems = list(_PROBLEMS) if it == 0 else [rng.choice(_PROBLEMS) for _ in range(n)]
+        index = pd.RangeIndex(n) + 3 if it % 2 else pd.RangeIndex(n)
+        cases = pd.DataFrame(
+            {
+                "case_id": [f"c{i}" for i in range(n)],
+                "problem": _text_column(problems, dtype, index, chunks),
+                "customer_text": _text_column([rng.choice(_CUSTOMERS) for _ in range(n)], dtype, index, chunks),
+                "issue_type": _text_column([rng.choice(["物流", "", None, "发票"]) for _ in range(n)], dtype, index, 1),
+                "request_kind": [rng.choice(["投诉", "咨询", None]) for _ in range(n)],
+            },
+            index=index,
+        )
+        if it % 7 == 3:
+            cases = cases.drop(columns=["customer_text", "issue_type"])
+        for min_chars in (1, 4):
+            got = select_cases(cases, min_chars, request_kinds)
+            pd.testing.assert_frame_equal(got, _select_cases_before(cases, min_chars, request_kinds))
+
+
+def test_select_cases_strips_unmasks_and_falls_back_to_the_customer_text():
+    problems = ["\u3000问题", "问题呀\u3000", "<PHONE>12", "<PHONE>1234", " 快递三天没到 ", "a\x85", None]
+    problems.append("快递三天没到")
+    frame = pd.DataFrame({"case_id": range(len(problems)), "problem": pd.Series(problems, dtype="str")})
+    frame["customer_text"] = "  好的好的 "
+    got = dict(zip(*select_cases(frame, 3)[["case_id", "cluster_text"]].T.values.tolist()))
+    assert got == {1: "问题呀", 3: "<PHONE>1234", 4: "快递三天没到", 6: "好的好的", 7: "快递三天没到"}
+
+
+def test_the_strip_class_is_what_str_strip_removes_at_every_code_point():
+    """`_plain_problems` vouches for a text whose two ends str.strip() keeps; its RE2 class must
+    name exactly the characters Python strips, in this Python's Unicode and Arrow's."""
+    chars = [chr(i) for i in range(sys.maxunicode + 1) if not 0xD800 <= i <= 0xDFFF]
+    plain = _plain_problems(pa.chunked_array([pa.array(chars)]))
+    assert [c for c, p in zip(chars, plain.tolist()) if p != (c.strip() == c)] == []
+    assert _plain_problems(pa.chunked_array([pa.array(["a b", "a ", " b", "", None, "\u3000a\u3000"])])).tolist() == [
+        True,
+        False,
+        False,
+        False,
+        False,
+        False,
+    ]
+
+
+def test_placeholders_are_counted_out_as_python_counts_them():
+    """`_counted_chars` removes PLACEHOLDER_RE's matches with RE2: next to each code point, and on
+    random mixes of what placeholders are made of, it must count what `len(PLACEHOLDER_RE.sub())` counts."""
+    cps = [chr(i) for i in range(sys.maxunicode + 1) if not 0xD800 <= i <= 0xDFFF]
+    texts = [f"<A{c}>" for c in cps] + [f"<{c}B>" for c in cps]
+    rng = random.Random(3)
+    pieces = ["<", ">", "A", "Z", "_", "a", "中", " ", "\u3000", "<PHONE>", "Ä", "1", "<ORDER_ID>", "\n"]
+    texts += ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 12))) for _ in range(20_000)]
+    got = _counted_chars(pa.chunked_array([pa.array(texts[:1000]), pa.array(texts[1000:])]))
+    want = [len(PLACEHOLDER_RE.sub("", t)) for t in texts]
+    assert [t for t, g, w in zip(texts, got.tolist(), want) if g != w] == []
+
+
+@pytest.mark.parametrize("dtype", [object, "str"])
+def test_fill_classification_names_missing_issue_types_as_before(dtype):
+    values = ["物流", "", None, np.nan, "未分类", " ", 3] if dtype is object else ["物流", "", None, np.nan, " "]
+    cases = pd.DataFrame({"issue_type": pd.Series(values, dtype=dtype, index=np.arange(len(values)) + 2)})
+    want = pd.Series(
+        [v if isinstance(v, str) and v else "未分类" for v in cases["issue_type"].tolist()], index=cases.index
+    )
+    pd.testing.assert_series_equal(fill_classification(cases)["issue_type"], want, check_names=False)

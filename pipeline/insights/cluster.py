@@ -26,6 +26,8 @@ from typing import Any, cast
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.config import Config
 from pipeline.text.mask import PLACEHOLDER_RE
@@ -38,6 +40,10 @@ CAUSE_CATEGORIES = ("system", "process", "people", "product", "logistics_partner
 _TERM_OK = re.compile(r"[\u4e00-\u9fffA-Za-z]")
 # JDDC-style bracket tokens ([订单x]) survive some segmentations as pieces; never show them as terms.
 _MASK_PIECE = re.compile(r"^(订单|金额|数字|地址|姓名|日期|时间|电话|站点|链接|组织机构|邮箱|身份证号|x)$")
+# An RE2 class for a character Python's str.strip() never removes: every character it strips is
+# an ASCII control in \t-\r or \x1c-\x1f, U+0085, or in Unicode's Z categories (the test checks
+# every code point). Lets Arrow compute tell which texts str.strip() would leave as they are.
+NOT_SPACE = r"[^\t-\r\x{1c}-\x{1f}\x{85}\p{Z}]"
 
 Cutter = Callable[[str], list[str]]
 
@@ -98,10 +104,7 @@ def fill_classification(cases: pd.DataFrame) -> pd.DataFrame:
     out = cases.copy(deep=False)
     if "issue_type" not in out:
         out["issue_type"] = UNCLASSIFIED
-    # A list, not Series.map: mapping an Arrow-backed column visits it cell by cell (slow at 100k).
-    out["issue_type"] = pd.Series(
-        [v if isinstance(v, str) and v else UNCLASSIFIED for v in out["issue_type"].tolist()], index=out.index
-    )
+    out["issue_type"] = pd.Series(_issue_types(out["issue_type"]), index=out.index)
     for col, default in (
         ("request_kind", None),
         ("urgency", None),
@@ -113,24 +116,101 @@ def fill_classification(cases: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _issue_types(col: pd.Series) -> Any:
+    """Each case's issue type, "未分类" where it is missing or empty. Decided in Arrow when the
+    column is Arrow-backed text (each night's stored cases): a Python pass cost more than the rest."""
+    arr = _arrow_strings(col) if len(col) else None
+    dtype = _list_str_dtype()
+    if arr is None or dtype is None:
+        # A list, not Series.map: mapping an Arrow-backed column visits it cell by cell.
+        return [v if isinstance(v, str) and v else UNCLASSIFIED for v in col.tolist()]
+    named = pc.fill_null(pc.greater(pc.binary_length(arr), 0), False)
+    return pd.array(pc.if_else(named, arr, pa.scalar(UNCLASSIFIED, type=arr.type)), dtype=dtype)
+
+
 def select_cases(cases: pd.DataFrame, min_chars: int = 4, request_kinds: Sequence[str] = ()) -> pd.DataFrame:
     """The cases worth clustering: a problem statement long enough to carry a cause ("怎么办" does
     not), optionally only some request kinds. Adds `cluster_text` (problem, else customer text)."""
     df = fill_classification(cases)
-    # Lists, not Series.map: this runs over every stored case each night, and mapping an
-    # Arrow-backed column visits it cell by cell.
-    n = len(df)
-    problem = df["problem"].tolist() if "problem" in df else [""] * n
-    customer = df["customer_text"].tolist() if "customer_text" in df else [""] * n
-    texts = [_text(p).strip() or _text(c).strip()[:200] for p, c in zip(problem, customer)]
+    texts, long_enough = _cluster_texts(df, min_chars)
     df["cluster_text"] = texts
-    # Placeholders (<PHONE>) do not count as characters; only a text with a "<" can hold one.
-    keep = pd.Series(
-        [len(PLACEHOLDER_RE.sub("", t) if "<" in t else t) >= min_chars for t in texts], index=df.index, dtype=bool
-    )
+    keep = pd.Series(long_enough, index=df.index, dtype=bool)
     if request_kinds:
         keep &= df["request_kind"].isin(list(request_kinds))
     return df[keep].reset_index(drop=True)
+
+
+def _texts_in_python(problem: list, customer: list, min_chars: int) -> tuple[list[str], list[bool]]:
+    """Each case's cluster text (problem stripped, else customer text stripped and cut to 200) and
+    whether it is long enough. The rule itself; `_cluster_texts` applies it in Arrow where it can."""
+    texts = [_text(p).strip() or _text(c).strip()[:200] for p, c in zip(problem, customer)]
+    # Placeholders (<PHONE>) do not count as characters; only a text with a "<" can hold one.
+    return texts, [len(PLACEHOLDER_RE.sub("", t) if "<" in t else t) >= min_chars for t in texts]
+
+
+def _list_str_dtype() -> Any:
+    """The dtype pandas gives a column made from a list of str if it is Arrow-backed (pandas 3's
+    `str`), else None: only then can an Arrow array stand for that list, dtype included."""
+    dtype = pd.Series(["-"]).dtype
+    return dtype if isinstance(dtype, pd.StringDtype) and dtype.storage == "pyarrow" else None
+
+
+def _arrow_strings(col: pd.Series) -> Any:
+    """The Arrow strings behind an Arrow-backed text column (no copy), else None: object columns
+    (frames built in tests) may hold any value and take the Python path."""
+    dtype = col.dtype
+    arrow_str = isinstance(dtype, pd.StringDtype) and dtype.storage == "pyarrow"
+    if isinstance(dtype, pd.ArrowDtype):
+        arrow_str = pa.types.is_string(dtype.pyarrow_dtype) or pa.types.is_large_string(dtype.pyarrow_dtype)
+    if not arrow_str:
+        return None
+    arr = pa.array(col.array)
+    return arr if isinstance(arr, pa.ChunkedArray) else pa.chunked_array([arr])
+
+
+def _plain_problems(problem: Any) -> np.ndarray:
+    """Where a problem is its own cluster text: a string with no character str.strip() removes at
+    either end (so not blank either). Nearly every stored case."""
+    plain = pc.and_(
+        pc.match_substring_regex(problem, "^" + NOT_SPACE), pc.match_substring_regex(problem, NOT_SPACE + "$")
+    )
+    return np.asarray(pc.fill_null(plain, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _counted_chars(texts: Any) -> np.ndarray:
+    """`len` of each text without its placeholders, as `_texts_in_python` counts (nulls: 0).
+    `pc.utf8_length` counts code points, as `len` does; PLACEHOLDER_RE's pattern matches the same
+    in RE2 (the tests check), and is removed only from the texts with a "<" (a third of them)."""
+    lengths = np.array(pc.fill_null(pc.utf8_length(texts), 0).to_numpy(zero_copy_only=False), dtype=np.int64)
+    marked = np.flatnonzero(pc.fill_null(pc.match_substring_regex(texts, "<"), False).to_numpy(zero_copy_only=False))
+    if len(marked):
+        unmasked = pc.replace_substring_regex(texts.take(pa.array(marked)), PLACEHOLDER_RE.pattern, "")
+        lengths[marked] = pc.utf8_length(unmasked).to_numpy(zero_copy_only=False)
+    return lengths
+
+
+def _cluster_texts(df: pd.DataFrame, min_chars: int) -> tuple[Any, Any]:
+    """`cluster_text` for every case and whether it is long enough, by `_texts_in_python`'s rule.
+    On an Arrow-backed problem column, Python sees only the cases whose problem is not plainly
+    their cluster text (missing, blank, spaces at an end): a Python pass over every stored case
+    each night cost more than the rest of the selection. Same values and dtype either way."""
+    n = len(df)
+    problem = _arrow_strings(df["problem"]) if n and "problem" in df else None
+    dtype = _list_str_dtype()
+    if problem is None or dtype is None:
+        # Lists, not Series.map: mapping an Arrow-backed column visits it cell by cell.
+        problems = df["problem"].tolist() if "problem" in df else [""] * n
+        customer = df["customer_text"].tolist() if "customer_text" in df else [""] * n
+        return _texts_in_python(problems, customer, min_chars)
+    plain = _plain_problems(problem)
+    long_enough = plain & (_counted_chars(problem) >= min_chars)
+    rest = np.flatnonzero(~plain)
+    if not len(rest):
+        return pd.array(problem, dtype=dtype), long_enough
+    customer = df["customer_text"].iloc[rest].tolist() if "customer_text" in df else [""] * len(rest)
+    rest_texts, long_enough[rest] = _texts_in_python(df["problem"].iloc[rest].tolist(), customer, min_chars)
+    texts = pc.replace_with_mask(problem, pa.array(~plain), pa.array(rest_texts, type=problem.type))
+    return pd.array(texts, dtype=dtype), long_enough
 
 
 def case_tokens(frame: pd.DataFrame, cut: Cutter | None) -> list[list[str]]:

@@ -39,6 +39,7 @@ from pipeline.insights import membership as mb
 from pipeline.insights.cluster import (
     ALL_SCOPE,
     MEMBER_FIELDS,
+    NOT_SPACE,
     CauseLexicon,
     ClusterState,
     Projection,
@@ -157,11 +158,6 @@ def latest_export(out: Path) -> Path | None:
 # -- reading ------------------------------------------------------------------------------------
 
 
-# A character Python's str.strip() never removes: every character it strips is an ASCII control
-# in \t-\r or \x1c-\x1f, U+0085, or in Unicode's Z categories. A problem with one is not blank.
-_NOT_SPACE = r"[^\t-\r\x{1c}-\x{1f}\x{85}\p{Z}]"
-
-
 def shrink_case_part(t: pa.Table) -> pa.Table:
     """A stored part with its two big free-text columns nulled where the export cannot read them,
     so that all-history memory holds them only for the cases that need them.
@@ -179,7 +175,8 @@ def shrink_case_part(t: pa.Table) -> pa.Table:
     unclassified = pc.is_null(t["issue_type"]) if "issue_type" in names else pa.array(np.ones(n, dtype=bool))
     if "customer_text" in names:
         # Kept for every problem without a non-space character: a superset of the blank ones.
-        worded = pc.match_substring_regex(t["problem"], _NOT_SPACE) if "problem" in names else None
+        # NOT_SPACE: a character str.strip() keeps; a problem with one is not blank.
+        worded = pc.match_substring_regex(t["problem"], NOT_SPACE) if "problem" in names else None
         blank = pa.array(np.ones(n, dtype=bool)) if worded is None else pc.invert(pc.fill_null(worded, False))
         t = _null_unless(t, "customer_text", pc.or_(blank, unclassified))
     if "metadata_json" in names:
