@@ -175,6 +175,26 @@ def test_case_teams_read_the_team_keys_else_the_agent():
     assert got == [f"T-{k}" for k in _TEAM_KEYS] + ["a2", "a3", None, "a4"]
 
 
+@pytest.mark.parametrize("dtype", ["str", object])
+def test_case_teams_from_arrow_columns_equal_the_row_by_row_rule(dtype):
+    """The Arrow path (text columns of stored cases) calls `_team` only where there is metadata;
+    the result is the row-by-row rule's, on Arrow and object columns alike."""
+    from pipeline.insights.emotion_stats import _team
+
+    rng = np.random.default_rng(3)
+    pool_m = [None, "{}", '{"team": "T1"}', '{"group": ""}', '{"skill_group": "S"}', "team but not json", '{"x": 1}']
+    pool_a = [None, "a1", "a2", "", "坐席7"]
+    metas = [pool_m[i] for i in rng.integers(0, len(pool_m), 500)]
+    agents = [pool_a[i] for i in rng.integers(0, len(pool_a), 500)]
+    df = pd.DataFrame({"metadata_json": pd.Series(metas, dtype=dtype), "agent_id": pd.Series(agents, dtype=dtype)})
+    want = [_team(m, a) for m, a in zip(metas, agents)]
+    assert case_teams(df) == want
+    assert case_teams(df.iloc[::-1].reset_index(drop=True)) == want[::-1]
+    only_agents = case_teams(df[["agent_id"]])
+    assert only_agents == [a if a is not None else None for a in agents]
+    assert case_teams(df.iloc[0:0]) == []
+
+
 def _count_table_by_groupby(df: pd.DataFrame, dimension: str, key_col: str) -> pd.DataFrame:
     """The groupby form `count_table` replaced."""
     base = df[df[key_col].notna()].copy()

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from pipeline.analysis.emotion import TRAJECTORIES
 
@@ -43,9 +44,34 @@ def case_teams(cases: pd.DataFrame) -> list[str | None]:
     """Each case's team (metadata's team keys, else its agent). Columns are read as lists: iterating
     an Arrow-backed column cell by cell costs ~1 us a cell, seconds a night at 100k cases."""
     n = len(cases)
+    fast = _arrow_text(cases, "metadata_json"), _arrow_text(cases, "agent_id")
+    if fast[0] is not None and fast[1] is not None:
+        return _teams_from_arrow(*fast)
     metas = cases["metadata_json"].tolist() if "metadata_json" in cases else [None] * n
     agents = cases["agent_id"].tolist() if "agent_id" in cases else [None] * n
     return [_team(m, a) for m, a in zip(metas, agents)]
+
+
+def _arrow_text(cases: pd.DataFrame, col: str) -> pa.Array | None:
+    """An Arrow-backed text column as one Arrow array (nulls as nulls, not NaN); a missing column
+    as nulls; None for other columns (object columns may hold any value)."""
+    if col not in cases:
+        return pa.nulls(len(cases), pa.string())
+    dtype = cases[col].dtype
+    if not (isinstance(dtype, pd.StringDtype) and dtype.storage == "pyarrow"):
+        return None
+    arr = pa.array(cases[col].array)
+    return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+
+
+def _teams_from_arrow(metas: pa.Array, agents: pa.Array) -> list[str | None]:
+    """`_team` of each row, calling it only where there is metadata: the stored metadata is
+    null wherever it names no team (the export's shrink), so most rows are their agent."""
+    teams = agents.to_pylist()
+    rows = np.flatnonzero(metas.is_valid().to_numpy(zero_copy_only=False))
+    for i, m in zip(rows.tolist(), metas.take(pa.array(rows)).to_pylist()):
+        teams[i] = _team(m, teams[i])
+    return teams
 
 
 def trajectory_table(
