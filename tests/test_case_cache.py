@@ -128,3 +128,26 @@ def test_the_export_reads_through_the_copy(out):
 def test_no_parts_no_copy(tmp_path):
     got = _cached(tmp_path)
     assert got.empty and not case_cache_path(tmp_path).exists()
+
+
+def test_a_few_new_cases_are_read_beside_the_copy_until_they_are_many(out, monkeypatch):
+    _cached(out)  # 60 cases in the copy
+    path = case_cache_path(out)
+    before = path.read_bytes()
+    monkeypatch.setattr(cc, "REWRITE_PARTS", 3)
+    calls = _spy(monkeypatch)
+    write_cases(out, _cases(range(100, 102), "20261102T000000-r2"), "20261102T000000-r2", 0)  # 2 parts, 3% of rows
+    pd.testing.assert_frame_equal(_cached(out), _plain(out))
+    assert path.read_bytes() == before  # not rewritten for 2 cases
+    pd.testing.assert_frame_equal(_cached(out), _plain(out))
+    assert len(calls) == 2 and len(calls[-1]) == 2  # the unseen parts are read again, only they
+    write_cases(out, _cases(range(103, 104), "20261103T000000-r3"), "20261103T000000-r3", 0)
+    pd.testing.assert_frame_equal(_cached(out), _plain(out))  # 3 unseen parts: taken in
+    assert path.read_bytes() != before
+    pd.testing.assert_frame_equal(_cached(out), _plain(out))
+    assert len(calls) == 3  # nothing left to decode
+    # Many new rows at once are taken in at once.
+    write_cases(out, _cases(range(200, 220), "20261104T000000-r4"), "20261104T000000-r4", 0)
+    _cached(out)
+    pd.testing.assert_frame_equal(_cached(out), _plain(out))
+    assert len(calls) == 4

@@ -38,6 +38,12 @@ from pipeline.storage.store import (
 
 log = logging.getLogger(__name__)
 
+# The copy is rewritten once the parts it has not seen hold this share of its rows, or number
+# this many: a rewrite costs the whole history (0.05 s at 100k), the unseen parts only their own
+# rows, so a night of 1% new cases rewrites it about every fifth night.
+REWRITE_SHARE = 0.05
+REWRITE_PARTS = 16
+
 _META = b"casemine_case_cache"
 Stat = tuple[int, int]
 
@@ -92,7 +98,8 @@ def read_cases_cached(
     shrink: Callable[[pa.Table], pa.Table] | None = None,
 ) -> pd.DataFrame:
     """`read_cases(out, columns, shrink=shrink)` (newest row per case), reading only the parts
-    the copy at `cache` has not seen, then updating the copy. `key` names what the copy holds
+    the copy at `cache` has not seen; the copy takes them in once they are many
+    (`REWRITE_SHARE`, `REWRITE_PARTS`). `key` names what the copy holds
     beyond its columns (the shrink rule and its version): a copy with another key is not used."""
     out = Path(out)
     files = stored_parts(out)
@@ -113,7 +120,8 @@ def read_cases_cached(
     if new:
         tables.append(read_parts(new, read, shrink))
     table = pa.concat_tables(tables).combine_chunks()
-    if new:
+    n_seen = len(tables[0]) if seen else 0
+    if new and (not seen or len(new) >= REWRITE_PARTS or len(table) - n_seen >= REWRITE_SHARE * n_seen):
         keep = newest_row_mask(table.select(["case_id", "run_id"]))
         _save(cache, table.filter(pa.array(keep)), key, stats)
     return cases_frame(table, wanted, latest=True)
