@@ -317,3 +317,16 @@ def test_member_parts_are_written_whole_when_the_previous_folder_does_not_match(
     assert night["mode"] == "incremental" and night["members_parts"] == 1
     m = _members(night)
     assert not m.duplicated(["case_id", "scope"]).any() and len(m[m["scope"] == ALL_SCOPE]) == 123
+
+
+def test_member_parts_are_written_whole_when_cases_are_classified_at_export(history, cfg):
+    """Cases stored without an issue type are classified in memory by today's model: rows of
+    them linked from yesterday could hold another type, so nothing is linked that night."""
+    out, first = history
+    plain = _cases({"物流": 3}, 4000, "20251104T000000-ffff", seed=6).assign(issue_type=None)
+    _store(out, plain, "20251104T000000-ffff")
+    night = _export(cfg, out, DAY0 + timedelta(days=1))
+    assert night["mode"] == "incremental" and any("补充分类" in n for n in night["notes"])
+    assert night["members_parts"] == 1
+    m = _members(night)
+    assert not m.duplicated(["case_id", "scope"]).any() and len(m[m["scope"] == ALL_SCOPE]) == 123

@@ -851,7 +851,9 @@ def export_all(
     appends = reason is not None or compact or len(new_rows) > 0
     members_new = pd.Series(_is_in(_key(view.members["case_id"]), _key(todo_frame["case_id"])))
     reuse: list[Path] = []
-    if reason is None and since is None and not compact and not dropped and not n_redone:
+    # Not when cases were classified in memory (`note`): their issue types follow today's model,
+    # so yesterday's rows of them may differ.
+    if reason is None and since is None and not compact and not dropped and not n_redone and note is None:
         reuse = mp.reusable_parts(latest_export(out), state_part, len(view.members) - int(members_new.sum()))
     extra = {
         "mode": "full" if reason is not None else "incremental",

@@ -11,9 +11,10 @@ Why: the members table has a row per case and scope, with its problem text. Writ
 folders would hold the history 365 times). On an incremental night the rows of the cases
 already exported do not change: the previous folder's parts are hard-linked (no bytes copied,
 no disk used) and one part with the night's new cases is written. Everything is written again
-as one part when that does not hold: a full re-cluster, cases re-processed or removed, a
-`since` view, the state's membership compacted, or a previous folder that does not match the
-state (checked by the membership part it was written from and its row count).
+as one part when that does not hold: a full re-cluster, cases re-processed or removed, cases
+classified in memory at export (stored without an issue type), a `since` view, the state's
+membership compacted, or a previous folder that does not match the state (checked by the
+membership part it was written from and its row count).
 """
 
 from __future__ import annotations
