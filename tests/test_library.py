@@ -371,3 +371,109 @@ def test_newest_row_mask_keeps_the_rows_newest_rows_keeps():
     assert want.sum() < n and (got == want).all()
     empty = pa.table({"case_id": pa.array([], pa.string()), "run_id": pa.array([], pa.string())})
     assert not newest_row_mask(empty).any()
+
+
+# -- the nightly build's prefilter (CandidateScorer.may_pass) -------------------------------------
+
+def _variants(cfg, prefix, day, run="run1", emotion=True):
+    """Cases around every hard rule's bound: outcome, part lengths, actions, length in characters
+    and turns, emotion improved or not (null, NaN). Without `emotion`: an old partition."""
+    lib = cfg.library
+    rows = []
+    chars = (lib.min_chars - 1, lib.min_chars, 300, lib.max_chars, lib.max_chars + 1)
+    turns = (3, lib.max_turns, lib.max_turns + 1)
+    outcomes = ("resolved", "resolved", "resolved", "unresolved", None)
+    deltas = (0.5, 0.3, 0.0, None, float("nan"), 0.8)
+    handlings = ("已为您催促站点加急派送", "已为您催促站点加急派送", "您好亲", None, "催")
+    problems = ("快递三天还没到", "发票抬头开错了要重开", "快", None, "退货运费谁出")
+    for i in range(90):
+        r = _case(f"{prefix}{i:03d}", problems[i % 5], outcome=outcomes[i % 5], handling=handlings[i % 7 % 5],
+                  itype=("物流配送", "发票", None)[i % 3])
+        n = chars[i % 5 if i % 10 < 5 else (i // 3) % 5]
+        r.update(customer_text="客" * (n // 3), agent_text="服" * (n - n // 3), n_turns=turns[i % 11 % 3],
+                 emotion_delta=deltas[i % 6], date=day, run_id=run)
+        r["turns"] = [dict(t) for t in TURNS]
+        del r["turning_points"]
+        if not emotion:
+            for c in ("emotion_start", "emotion_end", "emotion_min", "emotion_delta", "emotion_trajectory"):
+                del r[c]
+        rows.append(r)
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture()
+def varied(cfg, tmp_path):
+    """A store of `_variants`: new partitions, an old one without emotion curves, a part whose only
+    rows without an emotion_delta are the resolved ones (a filter that kept only those and let the
+    in-memory completion decide would compute curves the unfiltered block never had), and a later
+    run re-writing some cases with their outcome flipped."""
+    from pipeline.storage.store import write_cases
+
+    write_cases(tmp_path, _variants(cfg, "a", "2025-01-01"), "run1", 0)
+    write_cases(tmp_path, _variants(cfg, "b", "2025-01-02", emotion=False), "run1", 1)
+    mixed = _variants(cfg, "c", "2025-01-03")
+    resolved = mixed["outcome"] == "resolved"
+    mixed.loc[resolved, "emotion_delta"] = None
+    mixed.loc[~resolved, "emotion_delta"] = 0.5
+    write_cases(tmp_path, mixed, "run1", 2)
+    again = _variants(cfg, "a", "2025-01-01", run="run2").iloc[::4].copy()
+    again["outcome"] = again["outcome"].map({"resolved": "unresolved"}).fillna("resolved")
+    write_cases(tmp_path, again, "run2", 0)
+    return tmp_path
+
+
+def test_may_pass_keeps_every_row_assess_accepts(cfg, varied):
+    """The prefilter is a superset of the eligible rows (each of its rules a necessary condition
+    of `assess`), on rows exactly at each bound, and it does drop rows."""
+    from pipeline.storage.store import read_parts, stored_parts
+
+    table = read_parts(stored_parts(varied))
+    scorer = CandidateScorer.from_config(cfg)
+    keep = scorer.may_pass(table)
+    ok = np.array([scorer.assess(r)[0] for r in table.to_pandas().to_dict("records")])
+    assert ok.sum() > 0 and not (ok & ~keep).any()
+    assert keep.sum() < len(table) / 2  # most rows never reach assess
+    # Each bound is met by some eligible row: a filter off by one on any of them drops it.
+    rows = table.to_pandas()[ok]
+    n_chars = rows["customer_text"].str.len() + rows["agent_text"].str.len()
+    assert {cfg.library.min_chars, cfg.library.max_chars} <= set(n_chars)
+    assert cfg.library.max_turns in set(rows["n_turns"])
+    assert not scorer.may_pass(table, emotion_known=True)[np.isnan(table["emotion_delta"].to_numpy(
+        zero_copy_only=False).astype(float))].any()
+    assert scorer.may_pass(table.slice(0, 0)).shape == (0,)
+
+
+@pytest.mark.parametrize("block_rows", [1, 100_000])
+def test_prefiltered_build_equals_the_unfiltered_one(cfg, varied, monkeypatch, block_rows):
+    """The nightly build with rows dropped in Arrow picks the same candidates with the same counts
+    as without (old partitions completed in memory, newest rows, per-block emotion decision), and
+    only the rows that pass the prefilter become Python rows and are assessed."""
+    from dataclasses import asdict
+
+    from pipeline.library.candidates import select_candidates_in_blocks
+    from pipeline.library.sources import iter_library_blocks
+
+    small = cfg.model_copy(update={"library": cfg.library.model_copy(update={"per_group": 2})})
+    for c in (cfg, small):
+        scorer = CandidateScorer.from_config(c)
+        clusters = lambda ids: [f"C{len(i) % 2}" if i.endswith("1") else None for i in ids]  # noqa: E731
+
+        def run(keep):
+            calls = []
+            real = CandidateScorer.assess
+            monkeypatch.setattr(CandidateScorer, "assess", lambda self, r: calls.append(1) or real(self, r))
+            try:
+                got = select_candidates_in_blocks(lambda: iter_library_blocks(c, varied, block_rows, keep),
+                                                  lambda t: HashingEmbedder().encode_passages(t), scorer, clusters)
+            finally:
+                monkeypatch.setattr(CandidateScorer, "assess", real)
+            return got, len(calls)
+
+        (want, want_counts), all_calls = run(None)
+        (got, counts), few_calls = run(scorer.may_pass)
+        assert [asdict(x) for x in got] == [asdict(x) for x in want] and len(got) > 2
+        assert counts == want_counts and counts["cases"] == 90 * 3 and counts["eligible"] > 0
+        assert any(g.startswith("cluster:") for x in got for g in x.groups)
+        assert counts["eligible"] <= few_calls < all_calls / 2
+    # Read alone, the old partition's cases are eligible through the curves computed in memory.
+    assert any(x.case_id.startswith("b") for x in want) == (block_rows == 1)

@@ -12,6 +12,8 @@ from typing import Any, cast
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.config import Config, LibraryConfig
 
@@ -121,6 +123,55 @@ class CandidateScorer:
             reasons.append(f"从低点 {float(low):+.2f} 回升")
         return True, round(score, 4), reasons
 
+    def may_pass(self, table: pa.Table, emotion_known: bool = True) -> np.ndarray:
+        """Which rows of `table` (stored cases, Arrow, as `iter_library_blocks` reads them) `assess`
+        may find eligible: a superset of the eligible rows, decided on the plain columns so a
+        nightly build turns only those rows into Python dicts and assesses only them.
+
+        Why a superset, rule by rule of `assess` (each one a failure there, so a necessary condition;
+        `_text` of a null is "", and pc.utf8_length counts code points as `len` does):
+        - outcome: `_text(outcome) == "resolved"`;
+        - parts: the problem and handling parts are `_text` of their columns, at least 2 characters;
+        - actions: some action of `self.actions` is a substring of `_text(handling)`;
+        - length: min_chars <= len(customer_text) + len(agent_text) <= max_chars, and
+          n_turns <= max_turns (a null n_turns is kept: `assess` decides it, as it always did);
+        - emotion, with require_emotion_improved: emotion_delta > 0 (null or NaN count as 0.0).
+          Only when `emotion_known`: a block whose emotion curves are computed in memory
+          (`sources._completed`) has its stored emotion_delta replaced after this filter.
+        The context part (a customer turn) and the score are left to `assess`."""
+        lib = self.lib
+
+        def column(name: str, kind: pa.DataType) -> Any:
+            return table.column(name) if name in table.column_names else pa.nulls(len(table), kind)
+
+        def text(name: str) -> Any:
+            return pc.fill_null(column(name, pa.string()), "")
+
+        handling = text("handling")
+        n_chars = pc.add(pc.utf8_length(text("customer_text")), pc.utf8_length(text("agent_text")))
+        checks = [
+            pc.equal(text("outcome"), "resolved"),
+            pc.greater_equal(pc.utf8_length(text("problem")), 2),
+            pc.greater_equal(pc.utf8_length(handling), 2),
+            pc.greater_equal(n_chars, lib.min_chars),
+            pc.less_equal(n_chars, lib.max_chars),
+            pc.fill_null(pc.less_equal(column("n_turns", pa.int32()), lib.max_turns), True),
+        ]
+        if lib.require_emotion_improved and emotion_known:
+            checks.append(pc.fill_null(pc.greater(column("emotion_delta", pa.float64()), 0.0), False))
+        keep = np.ones(len(table), dtype=bool)
+        for c in checks:
+            keep &= np.asarray(c.to_numpy(zero_copy_only=False), dtype=bool)
+        if keep.any():
+            # Actions are looked for only in the rows still kept: most rows fail a cheaper rule.
+            rows = np.flatnonzero(keep)
+            kept = pc.take(handling, pa.array(rows))
+            acted = np.zeros(len(rows), dtype=bool)
+            for act in self.actions:
+                acted |= np.asarray(pc.match_substring(kept, act).to_numpy(zero_copy_only=False), dtype=bool)
+            keep[rows] = acted
+        return keep
+
 
 def select_diverse(order: Sequence[int], vectors: np.ndarray, k: int, max_similarity: float) -> list[int]:
     """Greedy: take rows in score order, skipping any too similar to one already taken, so a type's
@@ -215,8 +266,13 @@ def _trim(pool: list[_Pooled], cap: int, drop_copies: bool) -> tuple[list[_Poole
     return pool[:cap], len(pool) > cap
 
 
+# A block of stored cases: a frame (every row of it read), or (the rows kept, how many were read)
+# when the reader already dropped rows `CandidateScorer.may_pass` rules out.
+Block = pd.DataFrame | tuple[pd.DataFrame, int]
+
+
 def _pool_blocks(
-    blocks: Iterable[pd.DataFrame],
+    blocks: Iterable[Block],
     scorer: CandidateScorer,
     clusters: Callable[[list[str]], list[str | None]],
     caps: dict[str, int],
@@ -225,8 +281,9 @@ def _pool_blocks(
 ) -> _Pools:
     """One read of the blocks into per-group pools (see `select_candidates_in_blocks`)."""
     got = _Pools()
-    for block in blocks:
-        got.n_cases += len(block)
+    for item in blocks:
+        block, n_read = item if isinstance(item, tuple) else (item, len(item))
+        got.n_cases += n_read
         rows = cast(list[dict[str, Any]], block.to_dict("records"))
         assessed = [scorer.assess(r) for r in rows]
         eligible = [a[0] for a in assessed]
@@ -252,7 +309,7 @@ def _pool_blocks(
 
 
 def select_candidates_in_blocks(
-    blocks: Callable[[], Iterable[pd.DataFrame]],
+    blocks: Callable[[], Iterable[Block]],
     encode: Callable[[list[str]], np.ndarray],
     scorer: CandidateScorer,
     clusters: Callable[[list[str]], list[str | None]] | None = None,
@@ -273,7 +330,9 @@ def select_candidates_in_blocks(
     encoded with it (true of the encoders here, which embed texts one by one or cache them).
 
     `clusters(ids)` gives each case's root-cause cluster or None; `blocks` is a factory because a
-    deeper pass reads them again. Counts: cases read, eligible, groups, candidates."""
+    deeper pass reads them again. A block may come as (kept rows, rows read) when its reader left
+    out rows no rule of `scorer.assess` could pass (`CandidateScorer.may_pass`): those rows are
+    counted as read and never reach Python. Counts: cases read, eligible, groups, candidates."""
     lib = scorer.lib
     default_cap = pool or 8 * lib.per_group
     lookup = clusters or (lambda ids: [None] * len(ids))

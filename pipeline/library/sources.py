@@ -67,17 +67,32 @@ def load_cluster_lookup(out: Path) -> Callable[[list[str]], list[str | None]]:
     return lookup
 
 
-def _completed(base: pd.DataFrame, cfg: Config, analyzer: Callable[[], Any] | None = None) -> pd.DataFrame:
+def _completed(
+    base: pd.DataFrame, cfg: Config, analyzer: Callable[[], Any] | None = None, emotion: bool | None = None
+) -> pd.DataFrame:
     """Issue types and emotion curves added in memory where the stored partitions predate them.
-    `analyzer()`: the EmotionAnalyzer to use (a block reader loads it once, not per block)."""
+    `analyzer()`: the EmotionAnalyzer to use (a block reader loads it once, not per block).
+    `emotion`: whether to compute the curves; None decides from `base` (no emotion_delta at all).
+    A reader that drops rows first decides on the rows it read (`_lacks_emotion`): the rows it
+    kept may all lack a delta where the block did not."""
     from pipeline.insights.export import ensure_classified
 
     base, _ = ensure_classified(base.reset_index(drop=True), cfg)
-    if "emotion_delta" not in base or base["emotion_delta"].isna().all():
+    if emotion is None:
+        emotion = bool("emotion_delta" not in base or base["emotion_delta"].isna().all())
+    if emotion:
         from pipeline.analysis.emotion import add_emotion
 
         base = add_emotion(base, cfg, analyzer() if analyzer is not None else None)
     return base
+
+
+def _lacks_emotion(table: pa.Table) -> bool:
+    """`_completed`'s test on a block read as Arrow: no row has an emotion_delta (null or NaN)."""
+    if "emotion_delta" not in table.column_names:
+        return True
+    delta = table.column("emotion_delta").to_numpy(zero_copy_only=False).astype(np.float64)
+    return bool(np.isnan(delta).all())
 
 
 def load_library_cases(cfg: Config, out: Path, since: str | None = None) -> pd.DataFrame:
@@ -98,6 +113,23 @@ def iter_library_cases(cfg: Config, out: Path, block_rows: int = 5_000) -> Itera
     whole part files of about `block_rows` rows: what a nightly build reads without holding every
     stored case and its texts at once. Which run's row is current is decided over all parts first,
     from the ids alone."""
+    for cases, _ in iter_library_blocks(cfg, out, block_rows):
+        yield cases
+
+
+def iter_library_blocks(
+    cfg: Config,
+    out: Path,
+    block_rows: int = 5_000,
+    keep: Callable[[pa.Table, bool], np.ndarray] | None = None,
+) -> Iterator[tuple[pd.DataFrame, int]]:
+    """`iter_library_cases` as (cases, how many were read), where `keep(table, emotion_known)`
+    (e.g. `CandidateScorer.may_pass`) picks the rows of each block, still in Arrow, that become
+    pandas rows and are completed; `emotion_known` is False where the block's emotion curves are
+    computed in memory (its stored emotion_delta is not the one its rows will carry).
+
+    Why: converting every stored case (nested turns included) to pandas and then to Python rows
+    cost the nightly build most of its time, for the majority of cases no rule could pass."""
     import pyarrow.parquet as pq
 
     from pipeline.storage.store import read_parts, stored_parts
@@ -124,9 +156,18 @@ def iter_library_cases(cfg: Config, out: Path, block_rows: int = 5_000) -> Itera
         rows += pq.ParquetFile(f).metadata.num_rows
         if rows < block_rows and i < len(files) - 1:
             continue
-        df = read_parts(block).to_pandas()
-        n, block, rows = len(df), [], 0
-        df = df[wanted[start : start + n]]
+        table = read_parts(block)
+        n, block, rows = len(table), [], 0
+        table = table.filter(pa.array(wanted[start : start + n]))
         start += n
-        if len(df):
-            yield _completed(df, cfg, emotion_analyzer)
+        n_read = len(table)
+        if not n_read:
+            continue
+        # Decided on every row read, before any is dropped, as `_completed` decides on a whole block.
+        emotion = _lacks_emotion(table)
+        if keep is not None:
+            table = table.filter(pa.array(keep(table, not emotion)))
+        if len(table):
+            yield _completed(table.to_pandas(), cfg, emotion_analyzer, emotion), n_read
+        else:
+            yield pd.DataFrame(columns=table.column_names), n_read

@@ -34,7 +34,12 @@ from pipeline.library.candidates import (
 )
 from pipeline.library.coverage import CoverageResult, compute_coverage, coverage
 from pipeline.library.render import render_index, render_page, slug
-from pipeline.library.sources import iter_library_cases, load_cluster_lookup, load_library_cases, load_members
+from pipeline.library.sources import (
+    iter_library_blocks,
+    load_cluster_lookup,
+    load_library_cases,
+    load_members,
+)
 from pipeline.library.store import (
     STATUSES,
     Decision,
@@ -99,8 +104,10 @@ def select_from_store(cfg: Config, out: Path, embedder=None) -> tuple[list[Candi
             encoder.append(Embedder(cfg, out_root=Path(out)))
         return np.asarray(encoder[0].encode_passages(texts), dtype=np.float32)
 
+    # Rows no rule of `scorer.assess` can pass are dropped while still Arrow (see may_pass): most
+    # stored cases, which would otherwise each become a pandas row and a dict to be rejected.
     return select_candidates_in_blocks(
-        lambda: iter_library_cases(cfg, out, block_rows=BLOCK_ROWS), encode, scorer, load_cluster_lookup(out)
+        lambda: iter_library_blocks(cfg, out, BLOCK_ROWS, scorer.may_pass), encode, scorer, load_cluster_lookup(out)
     )
 
 
