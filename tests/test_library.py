@@ -375,23 +375,27 @@ def test_newest_row_mask_keeps_the_rows_newest_rows_keeps():
 
 # -- the nightly build's prefilter (CandidateScorer.may_pass) -------------------------------------
 
-def _variants(cfg, prefix, day, run="run1", emotion=True):
-    """Cases around every hard rule's bound: outcome, part lengths, actions, length in characters
-    and turns, emotion improved or not (null, NaN). Without `emotion`: an old partition."""
+def _variants(cfg, prefix, day, run="run1", emotion=True, n=160):
+    """Cases around every hard rule's bound, each attribute drawn on its own: outcome, part
+    lengths (2 characters is enough), actions, length in characters and turns, emotion improved
+    or not (null, NaN). Without `emotion`: an old partition, whose curves are computed in memory."""
     lib = cfg.library
-    rows = []
+    rng = np.random.default_rng(len(prefix) * 7 + ord(prefix[0]))
     chars = (lib.min_chars - 1, lib.min_chars, 300, lib.max_chars, lib.max_chars + 1)
-    turns = (3, lib.max_turns, lib.max_turns + 1)
-    outcomes = ("resolved", "resolved", "resolved", "unresolved", None)
-    deltas = (0.5, 0.3, 0.0, None, float("nan"), 0.8)
-    handlings = ("已为您催促站点加急派送", "已为您催促站点加急派送", "您好亲", None, "催")
-    problems = ("快递三天还没到", "发票抬头开错了要重开", "快", None, "退货运费谁出")
-    for i in range(90):
-        r = _case(f"{prefix}{i:03d}", problems[i % 5], outcome=outcomes[i % 5], handling=handlings[i % 7 % 5],
-                  itype=("物流配送", "发票", None)[i % 3])
-        n = chars[i % 5 if i % 10 < 5 else (i // 3) % 5]
-        r.update(customer_text="客" * (n // 3), agent_text="服" * (n - n // 3), n_turns=turns[i % 11 % 3],
-                 emotion_delta=deltas[i % 6], date=day, run_id=run)
+    pick = {
+        "outcome": ("resolved", "resolved", "unresolved", None),
+        "problem": ("快递三天还没到", "发票抬头开错了要重开", "退款", "快", None),
+        "handling": ("已为您催促站点加急派送", "申请补发", "催促", "您好亲", "催", None),
+        "n_turns": (3, lib.max_turns, lib.max_turns + 1),
+        "emotion_delta": (0.5, 0.3, 0.8, 0.0, None, float("nan")),
+        "issue_type": ("物流配送", "发票", None),
+    }
+    rows = []
+    for i in range(n):
+        r = _case(f"{prefix}{i:03d}", "")
+        r.update({k: v[rng.integers(len(v))] for k, v in pick.items()})
+        m = chars[rng.integers(len(chars))]
+        r.update(customer_text="客" * (m // 3), agent_text="服" * (m - m // 3), date=day, run_id=run)
         r["turns"] = [dict(t) for t in TURNS]
         del r["turning_points"]
         if not emotion:
@@ -438,6 +442,7 @@ def test_may_pass_keeps_every_row_assess_accepts(cfg, varied):
     n_chars = rows["customer_text"].str.len() + rows["agent_text"].str.len()
     assert {cfg.library.min_chars, cfg.library.max_chars} <= set(n_chars)
     assert cfg.library.max_turns in set(rows["n_turns"])
+    assert {2} <= set(rows["problem"].str.len()) & set(rows["handling"].str.len())
     assert not scorer.may_pass(table, emotion_known=True)[np.isnan(table["emotion_delta"].to_numpy(
         zero_copy_only=False).astype(float))].any()
     assert scorer.may_pass(table.slice(0, 0)).shape == (0,)
@@ -454,9 +459,12 @@ def test_prefiltered_build_equals_the_unfiltered_one(cfg, varied, monkeypatch, b
     from pipeline.library.sources import iter_library_blocks
 
     small = cfg.model_copy(update={"library": cfg.library.model_copy(update={"per_group": 2})})
-    for c in (cfg, small):
+    # Without the emotion rule rows with no emotion_delta pass the filter: a block whose kept rows
+    # all lack one must still not have curves computed unless the whole block lacked them.
+    loose = cfg.model_copy(update={"library": cfg.library.model_copy(update={"require_emotion_improved": False})})
+    for c in (cfg, small, loose):
         scorer = CandidateScorer.from_config(c)
-        clusters = lambda ids: [f"C{len(i) % 2}" if i.endswith("1") else None for i in ids]  # noqa: E731
+        clusters = lambda ids: [None if int(i[1:]) % 3 == 0 else f"C{int(i[1:]) % 2}" for i in ids]  # noqa: E731
 
         def run(keep):
             calls = []
@@ -472,7 +480,7 @@ def test_prefiltered_build_equals_the_unfiltered_one(cfg, varied, monkeypatch, b
         (want, want_counts), all_calls = run(None)
         (got, counts), few_calls = run(scorer.may_pass)
         assert [asdict(x) for x in got] == [asdict(x) for x in want] and len(got) > 2
-        assert counts == want_counts and counts["cases"] == 90 * 3 and counts["eligible"] > 0
+        assert counts == want_counts and counts["cases"] == 160 * 3 and counts["eligible"] > 0
         assert any(g.startswith("cluster:") for x in got for g in x.groups)
         assert counts["eligible"] <= few_calls < all_calls / 2
     # Read alone, the old partition's cases are eligible through the curves computed in memory.
