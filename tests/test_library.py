@@ -468,13 +468,13 @@ def test_prefiltered_build_equals_the_unfiltered_one(cfg, varied, monkeypatch, b
 
         def run(keep):
             calls = []
-            real = CandidateScorer.assess
-            monkeypatch.setattr(CandidateScorer, "assess", lambda self, r: calls.append(1) or real(self, r))
+            real = CandidateScorer.judge  # assess, as the block build calls it
+            monkeypatch.setattr(CandidateScorer, "judge", lambda self, r: calls.append(1) or real(self, r))
             try:
                 got = select_candidates_in_blocks(lambda: iter_library_blocks(c, varied, block_rows, keep),
                                                   lambda t: HashingEmbedder().encode_passages(t), scorer, clusters)
             finally:
-                monkeypatch.setattr(CandidateScorer, "assess", real)
+                monkeypatch.setattr(CandidateScorer, "judge", real)
             return got, len(calls)
 
         (want, want_counts), all_calls = run(None)

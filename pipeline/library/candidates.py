@@ -83,6 +83,12 @@ class CandidateScorer:
         return cls(cfg.library, load_lexicon(cfg).agent_actions)
 
     def assess(self, row: dict[str, Any]) -> tuple[bool, float, list[str]]:
+        ok, score, reasons, _ = self.judge(row)
+        return ok, score, reasons
+
+    def judge(self, row: dict[str, Any]) -> tuple[bool, float, list[str], dict[str, str]]:
+        """`assess` and the case's parts (`case_parts(row)`), which it reads anyway: a caller
+        that makes a Candidate of an eligible row need not compute them twice."""
         lib = self.lib
         reasons: list[str] = []
         fails: list[str] = []
@@ -108,7 +114,7 @@ class CandidateScorer:
         elif lib.require_emotion_improved:
             fails.append("情绪未改善")
         if fails:
-            return False, 0.0, fails
+            return False, 0.0, fails, parts
         low = row.get("emotion_min")
         recovery = float(row["emotion_end"]) - float(low) if low is not None and not pd.isna(low) else 0.0
         length_fit = 1.0 - min(1.0, abs(n_chars - 300) / 600)
@@ -121,7 +127,7 @@ class CandidateScorer:
         )
         if recovery > delta + 0.1 and low is not None:
             reasons.append(f"从低点 {float(low):+.2f} 回升")
-        return True, round(score, 4), reasons
+        return True, round(score, 4), reasons, parts
 
     def may_pass(self, table: pa.Table, emotion_known: bool = True) -> np.ndarray:
         """Which rows of `table` (stored cases, Arrow, as `iter_library_blocks` reads them) `assess`
@@ -285,7 +291,7 @@ def _pool_blocks(
         block, n_read = item if isinstance(item, tuple) else (item, len(item))
         got.n_cases += n_read
         rows = cast(list[dict[str, Any]], block.to_dict("records"))
-        assessed = [scorer.assess(r) for r in rows]
+        assessed = [scorer.judge(r) for r in rows]
         eligible = [a[0] for a in assessed]
         ok = [(r, a) for r, a in zip(rows, assessed) if a[0]]
         if not ok:
@@ -293,9 +299,9 @@ def _pool_blocks(
         texts = case_texts(block[eligible])
         cids = clusters([str(r["case_id"]) for r, _ in ok])
         touched = set()
-        for (r, (_, score, reasons)), text, cid in zip(ok, texts, cids):
+        for (r, (_, score, reasons, parts)), text, cid in zip(ok, texts, cids):
             issue = _text(r.get("issue_type")) or "未分类"
-            cand = Candidate(str(r["case_id"]), issue, cid, score, reasons, case_parts(r))
+            cand = Candidate(str(r["case_id"]), issue, cid, score, reasons, parts)
             e = _Pooled((-score, cand.case_id), cand, text)
             for g in (f"type:{cand.issue_type}", *([f"cluster:{cid}"] if cid else [])):
                 got.pools.setdefault(g, []).append(e)
