@@ -99,7 +99,8 @@ class CandidateScorer:
             fails.append(f"outcome={_text(row.get('outcome')) or '?'}")
         missing = [PART_NAMES[p] for p in PARTS if len(parts.get(p, "")) < 2]
         (fails.append("缺少:" + "、".join(missing)) if missing else reasons.append("四部分齐全"))
-        acts = [a for a in self.actions if a in _text(row.get("handling"))]
+        handling = _text(row.get("handling"))  # once, not once per action
+        acts = [a for a in self.actions if a in handling]
         (reasons.append("具体处理:" + "、".join(acts[:3])) if acts else fails.append("处理无具体动作"))
         n_chars = len(_text(row.get("customer_text"))) + len(_text(row.get("agent_text")))
         n_turns = int(row.get("n_turns") or 0)
@@ -130,7 +131,7 @@ class CandidateScorer:
         return True, round(score, 4), reasons, parts
 
     def may_pass(self, table: pa.Table, emotion_known: bool = True) -> np.ndarray:
-        """Which rows of `table` (stored cases, Arrow, as `iter_library_blocks` reads them) `assess`
+        """Which rows of `table` (stored cases in Arrow, at least their plain columns) `assess`
         may find eligible: a superset of the eligible rows, decided on the plain columns so a
         nightly build turns only those rows into Python dicts and assesses only them.
 
