@@ -119,7 +119,7 @@ def fill_classification(cases: pd.DataFrame) -> pd.DataFrame:
 def _issue_types(col: pd.Series) -> Any:
     """Each case's issue type, "未分类" where it is missing or empty. Decided in Arrow when the
     column is Arrow-backed text (each night's stored cases): a Python pass cost more than the rest."""
-    arr = _arrow_strings(col) if len(col) else None
+    arr = arrow_text(col) if len(col) else None
     dtype = _list_str_dtype()
     if arr is None or dtype is None:
         # A list, not Series.map: mapping an Arrow-backed column visits it cell by cell.
@@ -155,7 +155,7 @@ def _list_str_dtype() -> Any:
     return dtype if isinstance(dtype, pd.StringDtype) and dtype.storage == "pyarrow" else None
 
 
-def _arrow_strings(col: pd.Series) -> Any:
+def arrow_text(col: pd.Series) -> Any:
     """The Arrow strings behind an Arrow-backed text column (no copy), else None: object columns
     (frames built in tests) may hold any value and take the Python path."""
     dtype = col.dtype
@@ -195,7 +195,7 @@ def _cluster_texts(df: pd.DataFrame, min_chars: int) -> tuple[Any, Any]:
     their cluster text (missing, blank, spaces at an end): a Python pass over every stored case
     each night cost more than the rest of the selection. Same values and dtype either way."""
     n = len(df)
-    problem = _arrow_strings(df["problem"]) if n and "problem" in df else None
+    problem = arrow_text(df["problem"]) if n and "problem" in df else None
     dtype = _list_str_dtype()
     if problem is None or dtype is None:
         # Lists, not Series.map: mapping an Arrow-backed column visits it cell by cell.

@@ -18,6 +18,7 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline.analysis.emotion import TRAJECTORIES
+from pipeline.insights.cluster import arrow_text
 
 _TEAM_KEYS = ("team", "agent_team", "group", "skill_group")
 
@@ -53,15 +54,11 @@ def case_teams(cases: pd.DataFrame) -> list[str | None]:
 
 
 def _arrow_text(cases: pd.DataFrame, col: str) -> pa.Array | None:
-    """An Arrow-backed text column as one Arrow array (nulls as nulls, not NaN); a missing column
-    as nulls; None for other columns (object columns may hold any value)."""
+    """`arrow_text` of a column as one Arrow array; a missing column as nulls."""
     if col not in cases:
         return pa.nulls(len(cases), pa.string())
-    dtype = cases[col].dtype
-    if not (isinstance(dtype, pd.StringDtype) and dtype.storage == "pyarrow"):
-        return None
-    arr = pa.array(cases[col].array)
-    return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    arr = arrow_text(cases[col])
+    return None if arr is None else arr.combine_chunks()
 
 
 def _teams_from_arrow(metas: pa.Array, agents: pa.Array) -> list[str | None]:
