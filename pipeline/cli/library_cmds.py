@@ -36,20 +36,30 @@ def _run(fn, *args, **kwargs):
 
 @library_app.command("build")
 def build_cmd(
-    out: Path | None = OutOption, config: Path | None = ConfigOption, json_out: bool = typer.Option(False, "--json")
+    out: Path | None = OutOption,
+    config: Path | None = ConfigOption,
+    json_out: bool = typer.Option(False, "--json"),
+    full: bool = typer.Option(
+        False, "--full", help="Read every stored case, not only those added since the last build's saved pools."
+    ),
 ) -> None:
-    """Pick candidates per issue type and root-cause cluster; decisions already made are kept."""
+    """Pick candidates per issue type and root-cause cluster; decisions already made are kept.
+
+    A build continues from the pools the last one saved and reads only the cases added since,
+    when nothing it read has changed; otherwise it reads every stored case (the JSON says which,
+    in `build` and `full_because`)."""
     cfg, out = _setup(config, out)
     from pipeline.library.typical_cases import build
 
-    res = _run(build, cfg, out)
+    res = _run(build, cfg, out, full=full)
     if json_out:
         emit_json(res)
     else:
         console.print(
             f"{res['eligible']} of {res['cases']} cases eligible; {res['candidates']} candidates in "
             f"{res['groups']} groups: {res['new']} new, {res['decisions_kept']} decisions kept, "
-            f"{res['retired']} retired",
+            f"{res['retired']} retired ({res['build']} build"
+            + (f": {res['full_because']})" if res.get("full_because") else ")"),
             highlight=False,
         )
 

@@ -214,7 +214,7 @@ def select_candidates(
         for i in select_diverse(order, vectors, scorer.lib.per_group, scorer.lib.max_similarity):
             chosen.setdefault(i, []).append(g)
     out = []
-    for i, gs in sorted(chosen.items(), key=lambda kv: -assessed[kv[0]][1]):
+    for i, gs in sorted(chosen.items(), key=lambda kv: (-assessed[kv[0]][1], str(rows[kv[0]]["case_id"]))):
         r = rows[i]
         out.append(
             Candidate(
@@ -224,7 +224,7 @@ def select_candidates(
                 assessed[i][1],
                 assessed[i][2],
                 case_parts(r),
-                gs,
+                group_order(gs),
             )
         )
     return out, {"cases": len(rows), "eligible": len(ok), "groups": len(groups), "candidates": len(out)}
@@ -285,9 +285,11 @@ def _pool_blocks(
     caps: dict[str, int],
     default_cap: int,
     drop_copies: bool,
+    got: _Pools | None = None,
 ) -> _Pools:
-    """One read of the blocks into per-group pools (see `select_candidates_in_blocks`)."""
-    got = _Pools()
+    """One read of the blocks into per-group pools (see `select_candidates_in_blocks`), added to
+    `got` when given (a previous night's pools: `extend_selection`)."""
+    got = got if got is not None else _Pools()
     for item in blocks:
         block, n_read = item if isinstance(item, tuple) else (item, len(item))
         got.n_cases += n_read
@@ -304,7 +306,7 @@ def _pool_blocks(
             issue = _text(r.get("issue_type")) or "未分类"
             cand = Candidate(str(r["case_id"]), issue, cid, score, reasons, parts)
             e = _Pooled((-score, cand.case_id), cand, text)
-            for g in (f"type:{cand.issue_type}", *([f"cluster:{cid}"] if cid else [])):
+            for g in case_groups(cand):
                 got.pools.setdefault(g, []).append(e)
                 got.sizes[g] = got.sizes.get(g, 0) + 1
                 touched.add(g)
@@ -313,6 +315,78 @@ def _pool_blocks(
             if cut:
                 got.cut.add(g)
     return got
+
+
+def group_order(groups: list[str]) -> list[str]:
+    """A candidate's groups as listed: its issue type first, then clusters by id (not the order
+    the groups were met in, which depends on the order cases are read)."""
+    return sorted(groups, key=lambda g: (not g.startswith("type:"), g))
+
+
+def case_groups(cand: Candidate) -> list[str]:
+    """The groups a case competes in: its issue type, and its root-cause cluster if it has one."""
+    return [f"type:{cand.issue_type}", *([f"cluster:{cand.cluster_id}"] if cand.cluster_id else [])]
+
+
+@dataclass
+class Selection:
+    """What a block-wise selection ends with: the candidates and counts, and what a later night
+    continues from (`extend_selection`): the pools, the caps they were cut to, and the pooled
+    cases' vectors (so a night encodes only its own new pooled cases)."""
+
+    candidates: list[Candidate]
+    counts: dict[str, int]
+    pools: _Pools
+    caps: dict[str, int]
+    default_cap: int
+    vectors: dict[str, np.ndarray]
+    copies_dropped: bool
+
+
+def _encode_pooled(
+    got: _Pools, vectors: dict[str, np.ndarray], encode: Callable[[list[str]], np.ndarray]
+) -> dict[str, _Pooled]:
+    """Vectors for every pooled case (the ones not in `vectors` encoded, the unpooled dropped);
+    returns the pooled cases by id."""
+    pooled = {e.case_id: e for p in got.pools.values() for e in p}
+    for i in [i for i in vectors if i not in pooled]:
+        del vectors[i]
+    fresh = [e for i, e in pooled.items() if i not in vectors]
+    if fresh:
+        vecs = np.asarray(encode([e.text for e in fresh]), dtype=np.float32)
+        vectors.update((e.case_id, v) for e, v in zip(fresh, vecs))
+    return pooled
+
+
+def _copy_margin_holds(entries: Iterable[_Pooled], vectors: dict[str, np.ndarray], lib: LibraryConfig) -> bool:
+    """Whether a text's later copies may be left out of these entries' groups: each copy's
+    similarity to its twin (v.v) is above max_similarity, with a margin because the greedy
+    computes v.v inside a matrix product."""
+    return all(float(vectors[e.case_id] @ vectors[e.case_id]) > lib.max_similarity + 1e-3 for e in entries)
+
+
+def _pick(got: _Pools, vectors: dict[str, np.ndarray], lib: LibraryConfig) -> tuple[list[Candidate], list[str]]:
+    """The greedy diverse pick of every pool, as candidates (a case picked by two groups listed
+    once, best score first), and the groups that ran short of picks while cases were cut."""
+    chosen: dict[str, tuple[_Pooled, list[str]]] = {}
+    short = []
+    for g, members in got.pools.items():
+        mat = np.stack([vectors[e.case_id] for e in members])
+        picks = select_diverse(range(len(members)), mat, lib.per_group, lib.max_similarity)
+        if len(picks) < lib.per_group and g in got.cut:
+            short.append(g)
+        for i in picks:
+            chosen.setdefault(members[i].case_id, (members[i], []))[1].append(g)
+    # Ordered by what the cases are, not by the order groups were met in: a night that adds
+    # cases to yesterday's pools lists the same candidates as a build over everything.
+    ordered = sorted(chosen.values(), key=lambda eg: (-eg[0].cand.score, eg[0].case_id))
+    out = [replace(e.cand, groups=group_order(gs)) for e, gs in ordered]
+    return out, short
+
+
+def _counts(got: _Pools, out: list[Candidate]) -> dict[str, int]:
+    eligible = sum(n for g, n in got.sizes.items() if g.startswith("type:"))
+    return {"cases": got.n_cases, "eligible": eligible, "groups": len(got.pools), "candidates": len(out)}
 
 
 def select_candidates_in_blocks(
@@ -340,6 +414,18 @@ def select_candidates_in_blocks(
     deeper pass reads them again. A block may come as (kept rows, rows read) when its reader left
     out rows no rule of `scorer.assess` could pass (`CandidateScorer.may_pass`): those rows are
     counted as read and never reach Python. Counts: cases read, eligible, groups, candidates."""
+    s = pool_selection(blocks, encode, scorer, clusters, pool)
+    return s.candidates, s.counts
+
+
+def pool_selection(
+    blocks: Callable[[], Iterable[Block]],
+    encode: Callable[[list[str]], np.ndarray],
+    scorer: CandidateScorer,
+    clusters: Callable[[list[str]], list[str | None]] | None = None,
+    pool: int | None = None,
+) -> Selection:
+    """`select_candidates_in_blocks`, returning also what a later night continues from."""
     lib = scorer.lib
     default_cap = pool or 8 * lib.per_group
     lookup = clusters or (lambda ids: [None] * len(ids))
@@ -348,35 +434,50 @@ def select_candidates_in_blocks(
     vectors: dict[str, np.ndarray] = {}
     while True:
         got = _pool_blocks(blocks(), scorer, lookup, caps, default_cap, drop_copies)
-        pooled = {e.case_id: e for p in got.pools.values() for e in p}
-        vectors = {i: v for i, v in vectors.items() if i in pooled}
-        fresh = [e for i, e in pooled.items() if i not in vectors]
-        if fresh:
-            vecs = np.asarray(encode([e.text for e in fresh]), dtype=np.float32)
-            vectors.update((e.case_id, v) for e, v in zip(fresh, vecs))
-        # A margin over max_similarity: the greedy computes v.v inside a matrix product.
-        if drop_copies and any(
-            e.stands_for_copies and float(vectors[i] @ vectors[i]) <= lib.max_similarity + 1e-3
-            for i, e in pooled.items()
-        ):
+        pooled = _encode_pooled(got, vectors, encode)
+        if drop_copies and not _copy_margin_holds((e for e in pooled.values() if e.stands_for_copies), vectors, lib):
             drop_copies = False
             continue
-        chosen: dict[str, tuple[_Pooled, list[str]]] = {}
-        short = []
-        for g, members in got.pools.items():
-            mat = np.stack([vectors[e.case_id] for e in members])
-            picks = select_diverse(range(len(members)), mat, lib.per_group, lib.max_similarity)
-            if len(picks) < lib.per_group and g in got.cut:
-                short.append(g)
-            for i in picks:
-                chosen.setdefault(members[i].case_id, (members[i], []))[1].append(g)
+        out, short = _pick(got, vectors, lib)
         if not short:
             break
         for g in short:
             caps[g] = 4 * caps.get(g, default_cap)
-    out = [replace(e.cand, groups=gs) for e, gs in sorted(chosen.values(), key=lambda eg: -eg[0].cand.score)]
-    eligible = sum(n for g, n in got.sizes.items() if g.startswith("type:"))
-    return out, {"cases": got.n_cases, "eligible": eligible, "groups": len(got.pools), "candidates": len(out)}
+    return Selection(out, _counts(got, out), got, caps, default_cap, vectors, drop_copies)
+
+
+def extend_selection(
+    previous: Selection,
+    blocks: Iterable[Block],
+    encode: Callable[[list[str]], np.ndarray],
+    scorer: CandidateScorer,
+    clusters: Callable[[list[str]], list[str | None]] | None = None,
+) -> Selection | str:
+    """`previous` (a selection over some cases) with the cases of `blocks` added: the selection
+    `pool_selection` makes over both, or why it cannot be had this way (a string: then select
+    over everything again).
+
+    Why it is the same selection: a pool holds its group's best distinct texts up to its cap,
+    which does not depend on the order cases are read in, so the new cases are pooled as if read
+    after the old ones, and only they are encoded. It needs what the caller checks: no case of
+    `blocks` is an old case again, and no old case changed (its row, issue type or cluster). Two
+    things only a whole read can settle give the string instead: a group running short of picks
+    while cases were cut from it (the deeper pass reads everything), and a pooled vector whose
+    self-similarity is too low for copies to be left out (checked on every pooled case: which
+    pooled case stood for left-out copies depends on the read order)."""
+    lib = scorer.lib
+    if not previous.copies_dropped:
+        return "copies kept"
+    lookup = clusters or (lambda ids: [None] * len(ids))
+    got = _pool_blocks(blocks, scorer, lookup, previous.caps, previous.default_cap, True, previous.pools)
+    vectors = previous.vectors
+    pooled = _encode_pooled(got, vectors, encode)
+    if not _copy_margin_holds(pooled.values(), vectors, lib):
+        return "copy margin"
+    out, short = _pick(got, vectors, lib)
+    if short:
+        return "short group"
+    return Selection(out, _counts(got, out), got, previous.caps, previous.default_cap, vectors, True)
 
 
 def cluster_map(members: pd.DataFrame | None) -> dict[str, str]:

@@ -23,9 +23,11 @@ def load_members(out: Path) -> pd.DataFrame | None:
     return read_members(d) if d is not None else None
 
 
-def load_cluster_lookup(out: Path) -> Callable[[list[str]], list[str | None]]:
+def load_cluster_lookup(out: Path, members: list[Path] | None = None) -> Callable[[list[str]], list[str | None]]:
     """`ids -> [cluster_id or None]`, the lookup `candidates.cluster_map(load_members(out))` gives,
     from only the four member columns it reads, kept as Arrow arrays (one row per case).
+    `members`: read only these files of the latest export's members table (a night's new parts,
+    which hold every row of their cases).
 
     Why: the members table holds a row per case and scope with its texts; the library build needs
     a cluster id per case, and a dict of every case would grow with the history."""
@@ -35,13 +37,19 @@ def load_cluster_lookup(out: Path) -> Callable[[list[str]], list[str | None]]:
     from pipeline.insights.export import latest_export
     from pipeline.insights.member_parts import members_files
 
-    d = latest_export(Path(out))
-    files = members_files(d) if d is not None else []
+    if members is None:
+        d = latest_export(Path(out))
+        files = members_files(d) if d is not None else []
+    else:
+        files = members
     names = set(pq.read_schema(files[0]).names) if files else set()
     if not {"case_id", "cluster_id"} <= names:
         return lambda ids: [None] * len(ids)
     own_cols = ["scope", "issue_type"] if {"scope", "issue_type"} <= names else []
-    t = pa.concat_tables([pq.read_table(f, columns=["case_id", "cluster_id", *own_cols]) for f in files])
+    # Parts written on different nights may type a text column string or large_string.
+    t = pa.concat_tables(
+        [pq.read_table(f, columns=["case_id", "cluster_id", *own_cols]) for f in files], promote_options="permissive"
+    )
     t = t.filter(pc.is_valid(t["cluster_id"]))
     # cluster_map's pick per case: the first row of its own issue type's scope, else its first row.
     own = pc.equal(t["scope"], t["issue_type"]) if own_cols else pa.nulls(len(t), pa.bool_())
@@ -122,6 +130,7 @@ def iter_library_blocks(
     out: Path,
     block_rows: int = 5_000,
     keep: Callable[[pa.Table, bool], np.ndarray] | None = None,
+    parts: list[Path] | None = None,
 ) -> Iterator[tuple[pd.DataFrame, int]]:
     """`iter_library_cases` as (cases, how many were read), where `keep(table, emotion_known)`
     (e.g. `CandidateScorer.may_pass`) picks, from the plain (not nested) columns of each block's
@@ -130,12 +139,14 @@ def iter_library_blocks(
     not the one its rows will carry).
 
     Why: converting every stored case (nested turns included) to pandas and then to Python rows
-    cost the nightly build most of its time, for the majority of cases no rule could pass."""
+    cost the nightly build most of its time, for the majority of cases no rule could pass.
+    `parts`: read only these stored parts, and decide the newest row per id among them (a night's
+    new parts, when none of their cases is in the other parts)."""
     import pyarrow.parquet as pq
 
     from pipeline.storage.store import read_parts, stored_parts
 
-    files = stored_parts(Path(out))
+    files = stored_parts(Path(out)) if parts is None else list(parts)
     if not files:
         return
     # The row read_cases keeps per id, decided over all parts from the ids alone.

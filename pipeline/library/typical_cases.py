@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import Config
+from pipeline.library import pool_state
 from pipeline.library.candidates import (
     PART_NAMES,
     PARTS,
@@ -28,6 +29,8 @@ from pipeline.library.candidates import (
     case_parts,
     case_texts,
     cluster_map,
+    extend_selection,
+    pool_selection,
     select_candidates,
     select_candidates_in_blocks,
     select_diverse,
@@ -50,6 +53,7 @@ from pipeline.library.store import (
     published_case_ids,
     record_usage,
 )
+from pipeline.storage.store import cases_dir, read_parts, stored_parts
 
 __all__ = [
     "PARTS",
@@ -89,11 +93,21 @@ __all__ = [
 BLOCK_ROWS = 1_000
 
 
-def select_from_store(cfg: Config, out: Path, embedder=None) -> tuple[list[Candidate], dict[str, int]]:
+def select_from_store(
+    cfg: Config, out: Path, embedder=None, full: bool = False
+) -> tuple[list[Candidate], dict[str, Any]]:
     """The candidates of the stored cases (`select_candidates` over all of them), read block by
     block in memory that does not follow the history's length: per block only what selection
     needs of each eligible case is kept, and per group only its best cases (see
-    `select_candidates_in_blocks`); only those reach the encoder, loaded when one does."""
+    `select_candidates_in_blocks`); only those reach the encoder, loaded when one does.
+
+    A night continues from the pools the last build kept (`pool_state`): it reads only the parts
+    added since, when the checks there hold, and otherwise (or with `full`) every part. The
+    counts say which (`build`: "incremental" or "full", and why a full one was needed)."""
+    from pipeline.insights.export import latest_export
+    from pipeline.insights.member_parts import members_files
+
+    out = Path(out)
     scorer = CandidateScorer.from_config(cfg)
     encoder = [embedder] if embedder is not None else []
 
@@ -101,19 +115,86 @@ def select_from_store(cfg: Config, out: Path, embedder=None) -> tuple[list[Candi
         if not encoder:
             from pipeline.embed import Embedder
 
-            encoder.append(Embedder(cfg, out_root=Path(out)))
+            encoder.append(Embedder(cfg, out_root=out))
         return np.asarray(encoder[0].encode_passages(texts), dtype=np.float32)
 
+    key = pool_state.build_key(cfg, scorer.actions)
+    path = pool_state.state_file(out)
+    root = cases_dir(out)
+    files = stored_parts(out)
+    stats = pool_state.part_stats(root, files)  # before reading: a part changed later is seen next time
+    members = members_files(latest) if (latest := latest_export(out)) is not None else []
+    member_ids = pool_state.file_ids(members)
+    previous = "asked" if full else pool_state.load(path, key)
+    if isinstance(previous, str):
+        why = previous
+    else:
+        step = _continue(cfg, out, previous, files, stats, members, member_ids, encode, scorer)
+        if isinstance(step, tuple):
+            return step
+        why = step
     # Rows no rule of `scorer.assess` can pass are dropped while still Arrow (see may_pass): most
     # stored cases, which would otherwise each become a pandas row and a dict to be rejected.
-    return select_candidates_in_blocks(
-        lambda: iter_library_blocks(cfg, out, BLOCK_ROWS, scorer.may_pass), encode, scorer, load_cluster_lookup(out)
+    sel = pool_selection(
+        lambda: iter_library_blocks(cfg, out, BLOCK_ROWS, scorer.may_pass, parts=files),
+        encode,
+        scorer,
+        load_cluster_lookup(out, members),
+    )
+    if files and sel.copies_dropped:
+        seen = pool_state.id_hashes(read_parts(files, ["case_id"])["case_id"].to_numpy(zero_copy_only=False))
+        pool_state.save(path, pool_state.PoolState(key, stats, member_ids, seen, sel))
+    return sel.candidates, {**sel.counts, "build": "full", "full_because": why}
+
+
+def _continue(
+    cfg: Config,
+    out: Path,
+    previous: pool_state.PoolState,
+    files: list[Path],
+    stats: dict[str, tuple[int, int]],
+    members: list[Path],
+    member_ids: list[pool_state.FileId],
+    encode,
+    scorer: CandidateScorer,
+) -> tuple[list[Candidate], dict[str, Any]] | str:
+    """The selection of `previous` with the parts added since, or why it needs every part read
+    (the checks of `pool_state`)."""
+    if any(stats.get(rel) != st for rel, st in previous.parts.items()):
+        return "stored parts changed"
+    n_old = len(previous.members)
+    if member_ids[:n_old] != previous.members:
+        return "clusters changed"
+    new_members = members[n_old:]
+    if new_members and pool_state.any_seen(previous.seen, read_parts_ids(new_members)):
+        return "clusters changed"
+    root = cases_dir(out)
+    new = [f for f in files if f.relative_to(root).as_posix() not in previous.parts]
+    new_ids = read_parts(new, ["case_id"])["case_id"].to_numpy(zero_copy_only=False) if new else np.array([], object)
+    if pool_state.any_seen(previous.seen, new_ids):
+        return "cases re-processed"
+    blocks = iter_library_blocks(cfg, out, BLOCK_ROWS, scorer.may_pass, parts=new) if new else iter(())
+    sel = extend_selection(previous.selection, blocks, encode, scorer, load_cluster_lookup(out, members=new_members))
+    if isinstance(sel, str):
+        return sel
+    seen = np.sort(np.concatenate([previous.seen, pool_state.id_hashes(new_ids)])) if new else previous.seen
+    if new or member_ids != previous.members:
+        pool_state.save(pool_state.state_file(out), pool_state.PoolState(previous.key, stats, member_ids, seen, sel))
+    return sel.candidates, {**sel.counts, "build": "incremental", "new_parts": len(new)}
+
+
+def read_parts_ids(files: list[Path]) -> np.ndarray:
+    """The case ids of members files (Parquet with a case_id column)."""
+    import pyarrow.parquet as pq
+
+    return np.concatenate(
+        [pq.read_table(f, columns=["case_id"])["case_id"].to_numpy(zero_copy_only=False) for f in files]
     )
 
 
-def build(cfg: Config, out: Path, embedder=None) -> dict[str, Any]:
+def build(cfg: Config, out: Path, embedder=None, full: bool = False) -> dict[str, Any]:
     """Select candidates from the processed cases and merge them into the review store."""
-    cands, counts = select_from_store(cfg, out, embedder)
+    cands, counts = select_from_store(cfg, out, embedder, full)
     if not counts["cases"]:
         raise LibraryError(f"no processed cases under {out}; run `casemine run` first")
     synced = LibraryStore(out).sync_candidates(cands)

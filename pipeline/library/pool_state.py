@@ -1,0 +1,196 @@
+"""The library build's pools, kept between nights so a night selects over its new cases only.
+
+Why: the typical-case library is a diverse pick of the best cases per issue type and root-cause
+cluster, and picking it from scratch reads and assesses every stored case (about 10 s a night at
+100k, linear in the history). What the pick needs of the old cases is small: each group's best
+distinct texts (`candidates._Pools`) and their vectors. Kept here with what they were made from,
+a night adds its new cases to them (`candidates.extend_selection`) and gets the pick a build over
+everything would make.
+
+That holds only while the old cases are as they were, so a night checks, and builds over
+everything when any check fails (the reason is reported):
+- the same key: configuration, the scorer's action words, the trained models' files;
+- every stored part the pools have read is there unchanged (size and mtime, as the export's case
+  copy checks; `casemine repair`, a rewrite or a removed run changes them);
+- no case of the new parts was read before (a re-processed conversation replaces an old row);
+- the latest export's members table starts with the files the old cases' clusters were read
+  from, the same files (hard links of them: name, size, inode), and its further files hold no old
+  case: a full re-cluster, or an export that wrote the members whole, changes old cases' clusters.
+
+The file is a cache (`state/cache/library-pools.npz`): written after a build, never fsynced;
+a missing, foreign or unreadable file only costs a build over everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import Config
+from pipeline.library.candidates import Candidate, Selection, _Pooled, _Pools
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+Stat = tuple[int, int]
+FileId = tuple[str, int, int]  # name, size, inode: a hard link is the same file
+
+
+def state_file(out: Path) -> Path:
+    return Path(out) / "state" / "cache" / "library-pools.npz"
+
+
+def build_key(cfg: Config, actions: list[str]) -> str:
+    """What the pools' scores, issue types, emotion and vectors depend on beyond the cases: the
+    configuration, the scorer's action words, and the trained models' files (a model trained
+    since classifies old unclassified partitions anew)."""
+    models = cfg.resolve(cfg.paths.models)
+    files = []
+    if models.is_dir():
+        for p in sorted(models.rglob("*")):
+            rel = p.relative_to(models).as_posix()
+            # The offline embedder's build folder: its identity is the embed section's model.
+            if rel.split("/")[0] != "embedder" and p.is_file():
+                st = p.stat()
+                files.append((rel, st.st_size, st.st_mtime_ns))
+    blob = json.dumps([VERSION, cfg.model_dump_json(), actions, files], ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def part_stats(root: Path, files: list[Path]) -> dict[str, Stat]:
+    out = {}
+    for f in files:
+        s = f.stat()
+        out[f.relative_to(root).as_posix()] = (s.st_size, s.st_mtime_ns)
+    return out
+
+
+def file_ids(files: list[Path]) -> list[FileId]:
+    out = []
+    for f in files:
+        s = f.stat()
+        out.append((f.name, s.st_size, s.st_ino))
+    return out
+
+
+def id_hashes(ids: Any) -> np.ndarray:
+    """Stable 64-bit hashes of case ids, sorted (pandas' SipHash with a fixed key: the same in
+    every process, unlike Python's `hash`). A collision only makes a night build over everything."""
+    values = pd.Series(ids, dtype=object).astype(str).to_numpy(dtype=object)
+    return np.sort(pd.util.hash_array(values, categorize=False))
+
+
+def any_seen(seen: np.ndarray, ids: Any) -> bool:
+    """Whether any of `ids` hashes into the sorted `seen`."""
+    h = id_hashes(ids)
+    if not len(h) or not len(seen):
+        return False
+    at = np.minimum(np.searchsorted(seen, h), len(seen) - 1)
+    return bool((seen[at] == h).any())
+
+
+@dataclass
+class PoolState:
+    key: str
+    parts: dict[str, Stat]  # stored parts read, relative to the cases folder
+    members: list[FileId]  # the members files the clusters were read from
+    seen: np.ndarray  # id_hashes of every case read
+    selection: Selection
+
+
+def save(path: Path, state: PoolState) -> None:
+    sel = state.selection
+    entries: dict[str, _Pooled] = {e.case_id: e for p in sel.pools.pools.values() for e in p}
+    order = list(entries)
+    meta = {
+        "version": VERSION,
+        "key": state.key,
+        "parts": state.parts,
+        "members": state.members,
+        "n_cases": sel.pools.n_cases,
+        "sizes": sel.pools.sizes,
+        "cut": sorted(sel.pools.cut),
+        "caps": sel.caps,
+        "default_cap": sel.default_cap,
+        "pools": {g: [e.case_id for e in p] for g, p in sel.pools.pools.items()},
+        "entries": [
+            {
+                "case_id": i,
+                "issue_type": e.cand.issue_type,
+                "cluster_id": e.cand.cluster_id,
+                "score": e.cand.score,
+                "reasons": e.cand.reasons,
+                "parts": e.cand.parts,
+                "text": e.text,
+                "copies": e.stands_for_copies,
+            }
+            for i, e in entries.items()
+        ],
+    }
+    dim = next(iter(sel.vectors.values())).shape[0] if sel.vectors else 0
+    vectors = np.stack([sel.vectors[i] for i in order]) if order else np.zeros((0, dim), np.float32)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez(
+                f,
+                meta=np.array(json.dumps(meta, ensure_ascii=False)),
+                vectors=vectors.astype(np.float32),
+                seen=state.seen.astype(np.uint64),
+            )
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("could not write the library pools %s (%s): the next build reads every case", path, e)
+    finally:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def load(path: Path, key: str) -> PoolState | str:
+    """The saved state, or why there is none to continue from: missing or unreadable, or made
+    under another configuration, other models or another version of this file."""
+    if not path.is_file():
+        return "no saved pools"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            if meta.get("version") != VERSION or meta.get("key") != key:
+                return "configuration or models changed"
+            vectors, seen = z["vectors"], z["seen"]
+        entries = {}
+        if len(meta["entries"]) != len(vectors):
+            raise ValueError("entries and vectors differ in length")
+        for row in meta["entries"]:
+            cand = Candidate(
+                row["case_id"], row["issue_type"], row["cluster_id"], row["score"], row["reasons"], row["parts"]
+            )
+            entries[row["case_id"]] = _Pooled((-cand.score, cand.case_id), cand, row["text"], bool(row["copies"]))
+        pools = _Pools(
+            pools={g: [entries[i] for i in ids] for g, ids in meta["pools"].items()},
+            sizes={g: int(n) for g, n in meta["sizes"].items()},
+            cut=set(meta["cut"]),
+            n_cases=int(meta["n_cases"]),
+        )
+        vecs = {i: v for i, v in zip(entries, vectors)}
+        selection = Selection([], {}, pools, dict(meta["caps"]), int(meta["default_cap"]), vecs, True)
+        return PoolState(
+            key,
+            {k: (int(v[0]), int(v[1])) for k, v in meta["parts"].items()},
+            [(str(n), int(s), int(i)) for n, s, i in meta["members"]],
+            np.asarray(seen, dtype=np.uint64),
+            selection,
+        )
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        log.warning("library pools %s not readable (%s): building over every case", path, e)
+        return "saved pools unreadable"

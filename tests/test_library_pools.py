@@ -1,0 +1,276 @@
+"""The library build continues from yesterday's pools: a night that only adds cases reads only its
+new parts and picks exactly what a build over every case picks; anything else that changed makes
+it read everything (and say why)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict
+from datetime import date
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.embed.fake import HashingEmbedder
+from pipeline.library.candidates import CandidateScorer, case_texts, extend_selection, pool_selection
+from test_library import _case
+
+SAME = ("cases", "eligible", "groups", "candidates")
+
+
+def _tiny_cases(n=60, prefix="c"):
+    rows = []
+    for i in range(n):
+        problem = f"快递三天还没到，今天能不能送到，着急用，麻烦加急处理{'啊呀哦'[i // 12 % 3]}"
+        delta = 0.9 - (i // 12) / 10 if i % 4 else 0.2 + (i % 7) / 10
+        problem = problem if i % 4 else f"发票抬头第{i}次开错了要重开"
+        rows.append(_case(f"{prefix}{i:03d}", problem, delta=delta, itype=("物流配送", "发票")[i % 2]))
+    return pd.DataFrame(rows)
+
+
+def _blocks(cases, size=7):
+    return [cases.iloc[i : i + size].reset_index(drop=True) for i in range(0, len(cases), size)]
+
+
+@pytest.mark.parametrize("pool", [1, 3, 100])
+def test_extending_equals_selecting_over_everything(cfg, pool):
+    """Old cases pooled first and new ones added later give the pick of one selection over all of
+    them (candidates, order, groups, counts), in whatever order the new cases come, and only the
+    new pooled cases are encoded; where only a whole read can be exact (a group short of picks
+    with cases cut), the extension says so instead of guessing."""
+    scorer = CandidateScorer(cfg.library.model_copy(update={"per_group": 2}), ["催促", "加急", "补发"])
+    cases = _tiny_cases()
+    clusters = {f"c{i:03d}": f"C{i % 3}" for i in range(0, 60, 2)}
+    lookup = lambda ids: [clusters.get(i) for i in ids]  # noqa: E731
+    encoded: list[str] = []
+
+    def encode(texts):
+        encoded.extend(texts)
+        return HashingEmbedder().encode(texts)
+
+    rng = np.random.default_rng(pool)
+    outcomes = set()
+    for _ in range(6):
+        order = rng.permutation(len(cases))
+        cut = int(rng.integers(5, 55))
+        old, new = cases.iloc[order[:cut]], cases.iloc[order[cut:]]
+        whole = pool_selection(lambda: _blocks(cases), encode, scorer, lookup, pool=pool)
+        first = pool_selection(lambda: _blocks(old), encode, scorer, lookup, pool=pool)
+        encoded.clear()
+        more = extend_selection(first, _blocks(new.sample(frac=1, random_state=1)), encode, scorer, lookup)
+        if isinstance(more, str):
+            assert more == "short group" and pool < 100
+            outcomes.add("whole read")
+            continue
+        outcomes.add("extended")
+        assert [asdict(c) for c in more.candidates] == [asdict(c) for c in whole.candidates]
+        assert more.counts == whole.counts
+        assert set(encoded) <= set(case_texts(new))  # old pooled cases are not encoded again
+    if pool == 100:
+        assert outcomes == {"extended"}
+
+
+def test_copies_kept_or_short_vectors_need_a_whole_read(cfg):
+    """Vectors too short for a copy to count as similar to itself: copies were kept in the pools,
+    and which pooled case stood for left-out copies depends on the read order, so no extension."""
+    scorer = CandidateScorer(cfg.library.model_copy(update={"per_group": 2}), ["催促", "加急", "补发"])
+    cases = _tiny_cases()
+
+    def short(texts):
+        return 0.5 * HashingEmbedder().encode(texts)
+
+    first = pool_selection(lambda: _blocks(cases.iloc[:30]), short, scorer, pool=100)
+    assert not first.copies_dropped
+    assert extend_selection(first, _blocks(cases.iloc[30:]), short, scorer) == "copies kept"
+    unit = pool_selection(lambda: _blocks(cases.iloc[:30]), HashingEmbedder().encode, scorer, pool=100)
+    assert extend_selection(unit, _blocks(cases.iloc[30:]), short, scorer) == "copy margin"
+
+
+# -- through the store and the export -------------------------------------------------------------
+
+
+def _typed(cfg, prefix, day, **kw):
+    """`_variants` as a night stores them: every case has an issue type (an untyped one is
+    classified in memory at export, and the export then writes its members whole)."""
+    from test_library import _variants
+
+    cases = _variants(cfg, prefix, day, **kw)
+    return cases.assign(issue_type=cases["issue_type"].fillna("其他"))
+
+
+@pytest.fixture()
+def night(cfg, tmp_path, monkeypatch):
+    """A store with an export, as after a first night; `add(run, day, cases)` is a later night:
+    its cases stored, then an incremental export."""
+    import pipeline.embed
+    from pipeline.insights.export import export_all
+    from pipeline.storage.store import write_cases
+
+    monkeypatch.setattr(pipeline.embed, "Embedder", lambda *a, **k: HashingEmbedder())
+    write_cases(tmp_path, _typed(cfg, "a", "2025-01-01", n=240), "run1", 0)
+    write_cases(tmp_path, _typed(cfg, "b", "2025-01-02", emotion=False, n=120), "run1", 1)
+    export_all(cfg, tmp_path, embedder=HashingEmbedder(), today=date(2025, 1, 2))
+
+    def add(run, day, cases, recluster=False):
+        write_cases(tmp_path, cases, run, 0)
+        return export_all(cfg, tmp_path, embedder=HashingEmbedder(), today=date.fromisoformat(day), recluster=recluster)
+
+    return tmp_path, add
+
+
+def _same(cfg, out, got):
+    """`got` (a build's candidates and counts) equals a build that reads every case."""
+    from pipeline.library.typical_cases import select_from_store
+
+    cands, counts = got
+    want, want_counts = select_from_store(cfg, out, HashingEmbedder(), full=True)
+    assert want_counts["build"] == "full" and want_counts["full_because"] == "asked"
+    assert [asdict(c) for c in cands] == [asdict(c) for c in want] and len(want) > 0
+    assert {k: counts[k] for k in SAME} == {k: want_counts[k] for k in SAME}
+
+
+def test_a_night_that_adds_cases_reads_only_its_parts(cfg, night, monkeypatch):
+    import pipeline.library.typical_cases as typical
+    import pipeline.storage.store as store
+    from pipeline.library.typical_cases import build, select_from_store
+
+    out, add = night
+    first = build(cfg, out, embedder=HashingEmbedder())
+    assert (first["build"], first["full_because"]) == ("full", "no saved pools")
+    summary = add("run2", "2025-01-03", _typed(cfg, "n", "2025-01-03", run="run2", n=200))
+    assert summary["mode"] == "incremental"
+
+    read: list[int] = []
+    real = store.read_parts
+
+    def counting(files, *a, **k):
+        read.append(len(files))
+        return real(files, *a, **k)
+
+    for module in (store, typical):
+        monkeypatch.setattr(module, "read_parts", counting)
+    got = select_from_store(cfg, out, HashingEmbedder())
+    assert got[1]["build"] == "incremental" and got[1]["new_parts"] == 1, got[1]
+    assert read and max(read) == 1  # the new part only, not the three stored before
+    for module in (store, typical):
+        monkeypatch.setattr(module, "read_parts", real)
+    _same(cfg, out, got)
+
+    # Another night on top of the saved extension, and one with no new case at all.
+    add("run3", "2025-01-04", _typed(cfg, "m", "2025-01-04", run="run3", n=200))
+    got = select_from_store(cfg, out, HashingEmbedder())
+    assert got[1]["build"] == "incremental"
+    _same(cfg, out, got)
+    again = select_from_store(cfg, out, HashingEmbedder())
+    assert again[1]["build"] == "incremental" and again[1]["new_parts"] == 0
+    _same(cfg, out, again)
+
+
+def _change_config(cfg, out):
+    return cfg.model_copy(update={"library": cfg.library.model_copy(update={"max_turns": cfg.library.max_turns + 1})})
+
+
+def _reprocess(cfg, out):
+    from pipeline.storage.store import read_cases, write_cases
+
+    again = read_cases(out).head(20).copy()
+    again["outcome"] = "resolved"
+    write_cases(out, again.assign(run_id="run9"), "run9", 0)
+    return cfg
+
+
+def _rewrite_part(cfg, out):
+    from pipeline.storage.store import stored_parts
+
+    p = stored_parts(out)[0]
+    st = p.stat()
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    return cfg
+
+
+def _recluster(cfg, out):
+    from pipeline.insights.export import export_all
+
+    export_all(cfg, out, embedder=HashingEmbedder(), today=date(2025, 1, 9), recluster=True)
+    return cfg
+
+
+def _new_model(cfg, out):
+    models = cfg.resolve(cfg.paths.models)
+    (models / "issue_type.joblib").write_bytes(b"a model trained since")
+    return cfg
+
+
+def _broken(cfg, out):
+    from pipeline.library.pool_state import state_file
+
+    state_file(out).write_bytes(b"not a numpy archive")
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "change, because",
+    [
+        (_change_config, "configuration or models changed"),
+        (_new_model, "configuration or models changed"),
+        (_reprocess, "cases re-processed"),
+        (_rewrite_part, "stored parts changed"),
+        (_recluster, "clusters changed"),
+        (_broken, "saved pools unreadable"),
+    ],
+)
+def test_anything_else_changed_reads_every_case(cfg, night, tmp_path_factory, change, because):
+    from pipeline.library.typical_cases import select_from_store
+
+    out, _ = night
+    models = tmp_path_factory.mktemp("models")
+    cfg = cfg.model_copy(update={"paths": cfg.paths.model_copy(update={"models": models})})
+    select_from_store(cfg, out, HashingEmbedder())
+    cfg = change(cfg, out)
+    got = select_from_store(cfg, out, HashingEmbedder())
+    assert (got[1]["build"], got[1]["full_because"]) == ("full", because)
+    _same(cfg, out, got)
+    # The full build saved its pools again: the next night continues from them.
+    assert select_from_store(cfg, out, HashingEmbedder())[1]["build"] == "incremental"
+
+
+def test_the_nightly_build_and_the_cli_report_the_mode(cfg, night):
+    import json
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import _register, app
+    from pipeline.library.pool_state import state_file
+
+    _register()
+    out, _ = night
+    runner = CliRunner()
+    res = runner.invoke(app, ["library", "build", "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["build"] == "full" and state_file(out).is_file()
+    res = runner.invoke(app, ["library", "build", "--out", str(out)])
+    assert res.exit_code == 0 and "(incremental build)" in res.output
+    res = runner.invoke(app, ["library", "build", "--out", str(out), "--full", "--json"])
+    assert json.loads(res.stdout)["full_because"] == "asked"
+    shutil.rmtree(state_file(out).parent)
+    res = runner.invoke(app, ["library", "build", "--out", str(out), "--json"])
+    assert json.loads(res.stdout)["full_because"] == "no saved pools"
+
+
+def test_cluster_lookup_reads_parts_typed_differently(tmp_path):
+    """Members parts written on different nights may type a text column `string` or
+    `large_string` (a full night's frame against an incremental one's): the lookup reads both."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.library.sources import load_cluster_lookup
+
+    d = tmp_path / "exports" / "2025-01-02" / "members.parquet"
+    d.mkdir(parents=True)
+    for i, kind in enumerate((pa.large_string(), pa.string()), start=1):
+        cols = {"case_id": [f"c{i}"], "cluster_id": [f"C{i}"], "scope": ["物流配送"], "issue_type": ["物流配送"]}
+        pq.write_table(pa.table({k: pa.array(v, kind) for k, v in cols.items()}), d / f"part-{i:06d}.parquet")
+    (tmp_path / "exports" / "LATEST").write_text("2025-01-02")
+    assert load_cluster_lookup(tmp_path)(["c1", "c2", "c3"]) == ["C1", "C2", None]
