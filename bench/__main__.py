@@ -17,6 +17,7 @@ QUICK = [
     ["bench.bench_index_update", "--history", "10000", "--adds", "100,1000"],
     ["bench.bench_clusters"],
     ["bench.bench_export", "--history", "3000", "--increments", "300,1000"],
+    ["bench.bench_library_night", "--history", "10000", "--increments", "300,1000", "--repeat", "1"],
     ["bench.bench_query"],
 ]
 SCALE = [
@@ -25,6 +26,7 @@ SCALE = [
     ["bench.bench_index_update", "--history", "100000", "--adds", "1000,10000"],
     ["bench.bench_query", "--sizes", "100000,1000000"],
     ["bench.bench_export", "--history", "100000", "--increments", "1000,10000"],
+    ["bench.bench_library_night", "--history", "100000", "--increments", "1000,10000"],
 ]
 
 if __name__ == "__main__":

@@ -81,7 +81,8 @@ def child(impl: str, out: Path) -> None:
     if impl == "legacy":
         cands, counts = legacy_candidates(cfg, out, emb)
     else:
-        cands, counts = typical_cases.select_from_store(cfg, out, emb)
+        # full: a build over every case (a saved pools file would make it a night of no new cases).
+        cands, counts = typical_cases.select_from_store(cfg, out, emb, full=True)
     secs = time.perf_counter() - t
     digest = hashlib.sha256(
         json.dumps([asdict(c) for c in cands], ensure_ascii=False, sort_keys=True).encode()

@@ -4,14 +4,17 @@ new parts only) against a build over every stored case, on the same night, in th
 Why: the library step ran after every night's export and read every stored case (about 10 s at
 100k, linear in the history); issue 15 wants a night's cost to follow its new cases. A history of
 --history cases (bench.bench_library_memory's: real-shaped cases mined from generated transcripts,
-replicated over eight weeks, exported once with the hashing embedder) gets, per --increments, a
-night of +N new cases dated the day after: yesterday's build (which saves the pools), the new
-cases stored and exported incrementally, then tonight's build both ways, alternating which runs
-first. Both print a digest of their candidates, which must be equal. The hashing embedder stands
-in for the encoder: "encoded" is how many texts the product's encoder would embed (the new cases'
-pooled texts only, against every pooled text for a build from scratch without its cache).
+replicated over eight weeks, exported once with the hashing embedder) gets, per --increments,
+--nights consecutive nights of +N new cases: a build before them (which saves the pools), then
+each night the new cases stored and exported incrementally, and tonight's build as the product
+runs it (from the pools: incremental, or full with the reason) against a build over every case
+(`--full`), alternating which runs first, each from the pools saved the night before. "same":
+every build of the night gave the same candidates (a digest). The hashing embedder stands in
+for the encoder: "encoded" is how many texts tonight's build asked it for (the product's encoder
+finds most in its cache: the export embedded the same problem texts).
 
-    python -m bench.bench_library_night [--history 100000] [--increments 1000,10000] [--keep DIR] [--repeat 3]
+    python -m bench.bench_library_night [--history 100000] [--increments 1000,10000] [--nights 3]
+        [--repeat 3] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--history", type=int, default=100_000)
     ap.add_argument("--increments", default="1000,10000")
+    ap.add_argument("--nights", type=int, default=3, help="consecutive nights per increment")
     ap.add_argument("--repeat", type=int, default=3, help="builds of each kind per night (alternating)")
     ap.add_argument("--pool", type=int, default=400, help="generated transcripts mined for case shapes")
     ap.add_argument("--keep", type=Path, help="keep the history here and reuse it (building one costs an export)")
@@ -78,38 +82,43 @@ def main() -> None:
         base = make_history(root, a.history, pool)
         print(f"history: {a.history:,} stored cases ({base})\n", flush=True)
         print(
-            f"{'new cases':>10} {'build':>12} {'secs (median, range)':>24} {'encoded':>8} {'cases':>8} "
-            f"{'eligible':>9} {'cands':>6}  digest"
+            f"{'new cases':>10} {'night':>5} {'tonight':>24} {'secs (median, range)':>22} {'full build':>22} "
+            f"{'encoded':>8} {'cases':>8} {'eligible':>9} {'cands':>6}  same"
         )
         for k, n in enumerate(int(x) for x in a.increments.split(",")):
             out = tmp / f"night{n}"
             shutil.rmtree(out, ignore_errors=True)
             shutil.copytree(base, out)
-            build(cfg, out, full=True)  # yesterday's build: saves the pools
-            saved = tmp / f"pools-{n}.npz"
-            shutil.copy2(state_file(out), saved)
-            run_id = f"20251201T0{k}0000-new"
-            day = DAY + timedelta(days=1)
-            store(out, replicate(pool, n, 10_000_000 * (k + 1), run_id, [day.isoformat()], seed=100 + k), run_id)
-            s = export_all(cfg, out, embedder=HashingEmbedder(), today=day)
-            assert s["mode"] == "incremental", s.get("mode_reason")
-            got: dict[str, list] = {"incremental": [], "full": []}
-            for r in range(a.repeat):
-                for kind in ("incremental", "full") if r % 2 == 0 else ("full", "incremental"):
-                    if kind == "incremental":  # each from yesterday's pools (every build saves its own)
-                        shutil.copy2(saved, state_file(out))
-                    got[kind].append(build(cfg, out, full=kind == "full"))
-            for kind, runs in got.items():
-                secs = [x[0] for x in runs]
-                c = runs[0][1]
-                assert c["build"] == kind, c
+            build(cfg, out, full=False)  # the build before these nights: saves the pools
+            for night in range(1, a.nights + 1):
+                run_id = f"2025120{night}T0{k}0000-new"
+                day = DAY + timedelta(days=night)
+                first_id = 10_000_000 * (k + 1) + 100_000 * night
+                store(out, replicate(pool, n, first_id, run_id, [day.isoformat()], seed=100 * night + k), run_id)
+                s = export_all(cfg, out, embedder=HashingEmbedder(), today=day)
+                assert s["mode"] == "incremental", s.get("mode_reason")
+                before, after = tmp / "before.npz", tmp / "after.npz"
+                shutil.copy2(state_file(out), before)
+                got: dict[str, list] = {"night": [], "full": []}
+                for r in range(a.repeat):
+                    for kind in ("night", "full") if r % 2 == 0 else ("full", "night"):
+                        shutil.copy2(before, state_file(out))  # each from the pools before tonight
+                        got[kind].append(build(cfg, out, full=kind == "full"))
+                        if kind == "night":
+                            shutil.copy2(state_file(out), after)
+                shutil.copy2(after, state_file(out))  # the next night continues from tonight's build
+                c = got["night"][0][1]
+                mode = c["build"] + (f" ({c['full_because']})" if c["build"] == "full" else "")
+                same = len({x[2] for runs in got.values() for x in runs}) == 1
+                med = {}
+                for kind, runs in got.items():
+                    v = [x[0] for x in runs]
+                    med[kind] = f"{statistics.median(v):.2f} s ({min(v):.2f}-{max(v):.2f})"
                 print(
-                    f"{n:>10,} {kind:>12} {statistics.median(secs):>8.2f} s ({min(secs):.2f}-{max(secs):.2f})"
-                    f"{'':>4} {runs[0][3]:>8,} {c['cases']:>8,} {c['eligible']:>9,} {c['candidates']:>6}  "
-                    f"{runs[0][2]}"
+                    f"{n:>10,} {night:>5} {mode:>24} {med['night']:>22} {med['full']:>22} {got['night'][0][3]:>8,} "
+                    f"{c['cases']:>8,} {c['eligible']:>9,} {c['candidates']:>6}  {same}",
+                    flush=True,
                 )
-            same = {x[2] for runs in got.values() for x in runs}
-            print(f"{'':>10} same candidates both ways: {len(same) == 1}", flush=True)
     print(f"\nbench wall {time.perf_counter() - t_all:.0f} s; load {os.getloadavg()}")
 
 

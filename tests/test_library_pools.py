@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from pipeline.embed.fake import HashingEmbedder
-from pipeline.library.candidates import CandidateScorer, case_texts, extend_selection, pool_selection
+from pipeline.library.candidates import CandidateScorer, Fallback, case_texts, extend_selection, pool_selection
 from test_library import _case
 
 SAME = ("cases", "eligible", "groups", "candidates")
@@ -60,9 +60,13 @@ def test_extending_equals_selecting_over_everything(cfg, pool):
         first = pool_selection(lambda: _blocks(old), encode, scorer, lookup, pool=pool)
         encoded.clear()
         more = extend_selection(first, _blocks(new.sample(frac=1, random_state=1)), encode, scorer, lookup)
-        if isinstance(more, str):
-            assert more == "short group" and pool < 100
+        if isinstance(more, Fallback):
+            assert more.reason == "short group" and pool < 100
             outcomes.add("whole read")
+            # The read of everything starts from deeper pools for the short groups: same pick.
+            assert any(more.caps.get(g, pool) > first.caps.get(g, pool) for g in more.caps)
+            again = pool_selection(lambda: _blocks(cases), encode, scorer, lookup, pool=pool, caps=more.caps)
+            assert [asdict(c) for c in again.candidates] == [asdict(c) for c in whole.candidates]
             continue
         outcomes.add("extended")
         assert [asdict(c) for c in more.candidates] == [asdict(c) for c in whole.candidates]
@@ -70,6 +74,8 @@ def test_extending_equals_selecting_over_everything(cfg, pool):
         assert set(encoded) <= set(case_texts(new))  # old pooled cases are not encoded again
     if pool == 100:
         assert outcomes == {"extended"}
+    if pool == 1:
+        assert "whole read" in outcomes
 
 
 def test_copies_kept_or_short_vectors_need_a_whole_read(cfg):
@@ -83,9 +89,9 @@ def test_copies_kept_or_short_vectors_need_a_whole_read(cfg):
 
     first = pool_selection(lambda: _blocks(cases.iloc[:30]), short, scorer, pool=100)
     assert not first.copies_dropped
-    assert extend_selection(first, _blocks(cases.iloc[30:]), short, scorer) == "copies kept"
+    assert extend_selection(first, _blocks(cases.iloc[30:]), short, scorer).reason == "copies kept"
     unit = pool_selection(lambda: _blocks(cases.iloc[:30]), HashingEmbedder().encode, scorer, pool=100)
-    assert extend_selection(unit, _blocks(cases.iloc[30:]), short, scorer) == "copy margin"
+    assert extend_selection(unit, _blocks(cases.iloc[30:]), short, scorer).reason == "copy margin"
 
 
 # -- through the store and the export -------------------------------------------------------------

@@ -424,12 +424,15 @@ def pool_selection(
     scorer: CandidateScorer,
     clusters: Callable[[list[str]], list[str | None]] | None = None,
     pool: int | None = None,
+    caps: dict[str, int] | None = None,
 ) -> Selection:
-    """`select_candidates_in_blocks`, returning also what a later night continues from."""
+    """`select_candidates_in_blocks`, returning also what a later night continues from.
+    `caps`: pool sizes to start from for some groups (a group that ran short before keeps its
+    deeper pool, so the nights after can extend it); any cap gives the same pick."""
     lib = scorer.lib
     default_cap = pool or 8 * lib.per_group
     lookup = clusters or (lambda ids: [None] * len(ids))
-    caps: dict[str, int] = {}
+    caps = dict(caps or {})
     drop_copies = True
     vectors: dict[str, np.ndarray] = {}
     while True:
@@ -446,16 +449,25 @@ def pool_selection(
     return Selection(out, _counts(got, out), got, caps, default_cap, vectors, drop_copies)
 
 
+@dataclass
+class Fallback:
+    """Why an extension cannot give the exact pick, and the pool caps a read of everything
+    should start from (deeper for the groups that ran short)."""
+
+    reason: str
+    caps: dict[str, int]
+
+
 def extend_selection(
     previous: Selection,
     blocks: Iterable[Block],
     encode: Callable[[list[str]], np.ndarray],
     scorer: CandidateScorer,
     clusters: Callable[[list[str]], list[str | None]] | None = None,
-) -> Selection | str:
+) -> Selection | Fallback:
     """`previous` (a selection over some cases) with the cases of `blocks` added: the selection
-    `pool_selection` makes over both, or why it cannot be had this way (a string: then select
-    over everything again).
+    `pool_selection` makes over both, or why it cannot be had this way (then select over
+    everything again, from the caps given).
 
     Why it is the same selection: a pool holds its group's best distinct texts up to its cap,
     which does not depend on the order cases are read in, so the new cases are pooled as if read
@@ -467,16 +479,17 @@ def extend_selection(
     pooled case stood for left-out copies depends on the read order)."""
     lib = scorer.lib
     if not previous.copies_dropped:
-        return "copies kept"
+        return Fallback("copies kept", previous.caps)
     lookup = clusters or (lambda ids: [None] * len(ids))
     got = _pool_blocks(blocks, scorer, lookup, previous.caps, previous.default_cap, True, previous.pools)
     vectors = previous.vectors
     pooled = _encode_pooled(got, vectors, encode)
     if not _copy_margin_holds(pooled.values(), vectors, lib):
-        return "copy margin"
+        return Fallback("copy margin", previous.caps)
     out, short = _pick(got, vectors, lib)
     if short:
-        return "short group"
+        deeper = {g: 4 * previous.caps.get(g, previous.default_cap) for g in short}
+        return Fallback("short group", {**previous.caps, **deeper})
     return Selection(out, _counts(got, out), got, previous.caps, previous.default_cap, vectors, True)
 
 

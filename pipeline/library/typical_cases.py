@@ -26,6 +26,7 @@ from pipeline.library.candidates import (
     PARTS,
     Candidate,
     CandidateScorer,
+    Fallback,
     case_parts,
     case_texts,
     cluster_map,
@@ -125,14 +126,17 @@ def select_from_store(
     stats = pool_state.part_stats(root, files)  # before reading: a part changed later is seen next time
     members = members_files(latest) if (latest := latest_export(out)) is not None else []
     member_ids = pool_state.file_ids(members)
-    previous = "asked" if full else pool_state.load(path, key)
+    previous = pool_state.load(path, key)
+    caps: dict[str, int] = {}
     if isinstance(previous, str):
-        why = previous
+        why = "asked" if full else previous
     else:
-        step = _continue(cfg, out, previous, files, stats, members, member_ids, encode, scorer)
+        # Groups that ran short before keep their deeper pools in a read of everything too.
+        caps = previous.selection.caps
+        step = "asked" if full else _continue(cfg, out, previous, files, stats, members, member_ids, encode, scorer)
         if isinstance(step, tuple):
             return step
-        why = step
+        why, caps = (step.reason, step.caps) if isinstance(step, Fallback) else (step, caps)
     # Rows no rule of `scorer.assess` can pass are dropped while still Arrow (see may_pass): most
     # stored cases, which would otherwise each become a pandas row and a dict to be rejected.
     sel = pool_selection(
@@ -140,6 +144,7 @@ def select_from_store(
         encode,
         scorer,
         load_cluster_lookup(out, members),
+        caps=caps,
     )
     if files and sel.copies_dropped:
         seen = pool_state.id_hashes(read_parts(files, ["case_id"])["case_id"].to_numpy(zero_copy_only=False))
@@ -157,7 +162,7 @@ def _continue(
     member_ids: list[pool_state.FileId],
     encode,
     scorer: CandidateScorer,
-) -> tuple[list[Candidate], dict[str, Any]] | str:
+) -> tuple[list[Candidate], dict[str, Any]] | Fallback | str:
     """The selection of `previous` with the parts added since, or why it needs every part read
     (the checks of `pool_state`)."""
     if any(stats.get(rel) != st for rel, st in previous.parts.items()):
@@ -175,7 +180,7 @@ def _continue(
         return "cases re-processed"
     blocks = iter_library_blocks(cfg, out, BLOCK_ROWS, scorer.may_pass, parts=new) if new else iter(())
     sel = extend_selection(previous.selection, blocks, encode, scorer, load_cluster_lookup(out, members=new_members))
-    if isinstance(sel, str):
+    if isinstance(sel, Fallback):
         return sel
     seen = np.sort(np.concatenate([previous.seen, pool_state.id_hashes(new_ids)])) if new else previous.seen
     if new or member_ids != previous.members:
