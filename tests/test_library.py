@@ -299,6 +299,78 @@ def test_build_selection_equals_the_whole_table_selection(stored, cfg):
         assert any(g.startswith("cluster:") for x in got for g in x.groups)
 
 
+
+@pytest.fixture(scope="module")
+def processed(cfg, sample):
+    """The sample's cases through every nightly step (curves and issue types stored)."""
+    from pipeline.ingest import discover, read_file
+    from pipeline.orchestrate.steps import process_conversations
+
+    convs = [c for f in discover(sample[0]) for c in read_file(f, cfg.ingest).conversations]
+    return process_conversations(convs, cfg).cases
+
+
+@pytest.fixture(params=["fresh", "aged"])
+def history(request, processed, tmp_path):
+    """A store of real-shaped cases. fresh: as the nightly steps store them (every block is read
+    narrowed). aged: partitions written before the emotion step ran (no curves at all: computed
+    in memory from the narrowed read), half of them, in their own part files, also before the
+    classify step (no issue types: classified in memory, those blocks read whole)."""
+    from pipeline.schema import CASE_EMOTION_COLUMNS, CLASSIFY_COLUMNS, EMOTION_COLUMNS
+    from pipeline.storage.store import write_cases
+
+    if request.param == "fresh":
+        # Deltas as an older emotion model left them: stored curves are read, never recomputed.
+        write_cases(tmp_path, processed.assign(emotion_delta=processed["emotion_delta"] - 0.05), "run0", 0)
+        return request.param, tmp_path
+    old = processed.drop(columns=[*CASE_EMOTION_COLUMNS, *EMOTION_COLUMNS])
+    write_cases(tmp_path, old.iloc[::2], "run0", 0)
+    write_cases(tmp_path, old.iloc[1::2].drop(columns=list(CLASSIFY_COLUMNS)), "run0", 1)
+    return request.param, tmp_path
+
+
+def test_narrowed_build_equals_selection_over_every_column(history, cfg):
+    """The build reads only the columns selection reads (sources.SELECTION_COLUMNS), yet picks
+    what `select_candidates` picks over `load_library_cases` (every column), on stored curves and
+    types as on blocks whose curves are computed or types classified in memory: a column missing
+    from the list (a part, a reason, a score, a curve or a type computed without it) differs."""
+    from dataclasses import asdict
+
+    from pipeline.library.candidates import case_texts, select_candidates_in_blocks
+    from pipeline.library.sources import SELECTION_COLUMNS, iter_library_blocks, load_library_cases
+    from pipeline.schema import CASE_COLUMNS
+
+    kind, out = history
+    assert set(SELECTION_COLUMNS) < set(CASE_COLUMNS)
+    whole = load_library_cases(cfg, out)
+    assert whole["emotion_delta"].notna().any() and whole["issue_type"].notna().all()
+    small = cfg.model_copy(update={"library": cfg.library.model_copy(update={"per_group": 2})})
+    for c in (cfg, small):
+        scorer = CandidateScorer.from_config(c)
+        want, want_counts = select_candidates(whole, HashingEmbedder().encode_passages(case_texts(whole)), scorer)
+        # What the stored columns feed: turning points, the recovery from the lowest point, context.
+        assert len(want) > 2 and any("turning_point" in x.parts for x in want)
+        assert any("从低点" in r for x in want for r in x.reasons)
+        assert any("地区:" in x.parts["context"] and "商品:" in x.parts["context"] for x in want)
+        for block_rows in (1, 100_000):  # blocks of one part file, one block
+            read: list[set[str]] = []
+
+            def blocks(c=c, n=block_rows, s=scorer, read=read):
+                for block, n_read in iter_library_blocks(c, out, n, s.may_pass):
+                    read.append(set(block.columns))
+                    yield block, n_read
+
+            got, counts = select_candidates_in_blocks(blocks, lambda t: HashingEmbedder().encode_passages(t), scorer)
+            assert [asdict(x) for x in got] == [asdict(x) for x in want]
+            assert counts == want_counts
+            # Which blocks were read narrowed (a whole read brings the classifier's evidence).
+            narrowed = sum("evidence" not in cols for cols in read)
+            if kind == "fresh":
+                assert narrowed == len(read) > 0
+            else:
+                assert (0 < narrowed < len(read)) if block_rows == 1 else narrowed == 0
+
+
 def test_blocked_selection_with_tiny_pools_reads_again_until_exact(scorer):
     """Copies and near-copies make the greedy pick skip cases; a group whose pool runs out before
     its pick fills is read again with a bigger pool, so even a pool of one case per group gives

@@ -14,6 +14,38 @@ import pyarrow as pa
 from pipeline.config import Config
 from pipeline.storage.store import newest_row_mask
 
+# What selection reads of a stored case: `CandidateScorer.may_pass` (outcome, problem, handling,
+# customer_text, agent_text, n_turns, emotion_delta), `judge` and `case_parts` (also
+# outcome_evidence, the emotion start/end/min/trajectory, channel, product, region, issue_type,
+# turns, turning_points), `case_texts` and the pools (case_id), and what `_completed` needs to
+# compute a block's curves in memory (`add_emotion`: turns, channel). The newest-row rule reads
+# its own keys (case_id, run_id) once, before the blocks.
+# Why: a stored row is mostly columns selection never looks at (per-turn emotion detail, evidence,
+# tokens, metadata ...), and reading and converting them cost the nightly build half its time.
+# A block some of whose kept rows must be classified in memory is read whole instead: the
+# classifier reads most of a case (see `_needs_classifying`).
+SELECTION_COLUMNS: tuple[str, ...] = (
+    "case_id",
+    "issue_type",
+    "channel",
+    "product",
+    "region",
+    "problem",
+    "handling",
+    "outcome",
+    "outcome_evidence",
+    "customer_text",
+    "agent_text",
+    "n_turns",
+    "turns",
+    "emotion_start",
+    "emotion_end",
+    "emotion_min",
+    "emotion_delta",
+    "emotion_trajectory",
+    "turning_points",
+)
+
 
 def load_members(out: Path) -> pd.DataFrame | None:
     from pipeline.insights.export import latest_export
@@ -121,7 +153,7 @@ def iter_library_cases(cfg: Config, out: Path, block_rows: int = 5_000) -> Itera
     whole part files of about `block_rows` rows: what a nightly build reads without holding every
     stored case and its texts at once. Which run's row is current is decided over all parts first,
     from the ids alone."""
-    for cases, _ in iter_library_blocks(cfg, out, block_rows):
+    for cases, _ in _blocks(cfg, out, block_rows, None, None):
         yield cases
 
 
@@ -132,25 +164,47 @@ def iter_library_blocks(
     keep: Callable[[pa.Table, bool], np.ndarray] | None = None,
     parts: list[Path] | None = None,
 ) -> Iterator[tuple[pd.DataFrame, int]]:
-    """`iter_library_cases` as (cases, how many were read), where `keep(table, emotion_known)`
-    (e.g. `CandidateScorer.may_pass`) picks, from the plain (not nested) columns of each block's
-    rows still in Arrow, the rows that become pandas rows and are completed; `emotion_known` is
-    False where the block's emotion curves are computed in memory (its stored emotion_delta is
-    not the one its rows will carry).
+    """`iter_library_cases` as (cases, how many were read), with only the columns selection reads
+    (`SELECTION_COLUMNS`, all of them for a block classified in memory), where
+    `keep(table, emotion_known)` (e.g. `CandidateScorer.may_pass`) picks, from the plain (not
+    nested) columns of each block's rows still in Arrow, the rows that become pandas rows and are
+    completed; `emotion_known` is False where the block's emotion curves are computed in memory
+    (its stored emotion_delta is not the one its rows will carry).
 
     Why: converting every stored case (nested turns included) to pandas and then to Python rows
     cost the nightly build most of its time, for the majority of cases no rule could pass.
     `parts`: read only these stored parts, and decide the newest row per id among them (a night's
     new parts, when none of their cases is in the other parts)."""
-    import pyarrow.parquet as pq
+    return _blocks(cfg, out, block_rows, keep, SELECTION_COLUMNS, parts)
 
+
+def _needs_classifying(plain: pa.Table, cfg: Config) -> bool:
+    """Whether `_completed` classifies some of these rows in memory (`ensure_classified`'s test):
+    then the classifier reads columns selection does not, and the block is read whole."""
+    return bool(cfg.cluster.classify_if_missing and len(plain) and plain.column("issue_type").null_count)
+
+
+def _blocks(
+    cfg: Config,
+    out: Path,
+    block_rows: int,
+    keep: Callable[[pa.Table, bool], np.ndarray] | None,
+    columns: tuple[str, ...] | None,
+    parts: list[Path] | None = None,
+) -> Iterator[tuple[pd.DataFrame, int]]:
+    """`iter_library_blocks` reading `columns` (None: every column) of each block, from `parts`
+    (None: every stored part)."""
     from pipeline.storage.store import read_parts, stored_parts
 
     files = stored_parts(Path(out)) if parts is None else list(parts)
     if not files:
         return
-    # The row read_cases keeps per id, decided over all parts from the ids alone.
-    wanted = newest_row_mask(read_parts(files, ["case_id", "run_id"]))
+    # The row read_cases keeps per id, decided over all parts from the ids alone; each part's
+    # row count comes with its ids (no second open of each file for its metadata).
+    keys = [read_parts([f], ["case_id", "run_id"]) for f in files]
+    wanted = newest_row_mask(pa.concat_tables(keys))
+    sizes = [len(k) for k in keys]
+    del keys
     analyzer: list[Any] = []
 
     def emotion_analyzer() -> Any:
@@ -165,15 +219,16 @@ def iter_library_blocks(
     start = rows = 0
     for i, f in enumerate(files):
         block.append(f)
-        rows += pq.ParquetFile(f).metadata.num_rows
+        rows += sizes[i]
         if rows < block_rows and i < len(files) - 1:
             continue
-        table = read_parts(block)
-        n, block, rows = len(table), [], 0
+        table = read_parts(block, None if columns is None else list(columns))
+        n = len(table)
         take = wanted[start : start + n].copy()
         start += n
         n_read = int(take.sum())
         if not n_read:
+            block, rows = [], 0
             continue
         # The tests run on the plain columns of the rows read: the nested ones (turns, per-turn
         # emotion), which most of a row's bytes are, are filtered once, by the final mask.
@@ -181,7 +236,12 @@ def iter_library_blocks(
         # Decided on every row read, before any is dropped, as `_completed` decides on a whole block.
         emotion = _lacks_emotion(plain)
         if keep is not None:
-            take[take] = keep(plain, not emotion)
+            kept = keep(plain, not emotion)
+            plain = plain.filter(pa.array(kept))
+            take[take] = kept
+        if columns is not None and _needs_classifying(plain, cfg):
+            table = read_parts(block)  # rare: a block stored before classification ran
+        block, rows = [], 0
         table = table.filter(pa.array(take))
         if len(table):
             yield _completed(table.to_pandas(), cfg, emotion_analyzer, emotion), n_read
