@@ -371,6 +371,32 @@ def test_narrowed_build_equals_selection_over_every_column(history, cfg):
                 assert (0 < narrowed < len(read)) if block_rows == 1 else narrowed == 0
 
 
+def test_cluster_lookup_answers_as_cluster_map(tmp_path):
+    """The sorted-id lookup answers every id as `cluster_map` does: the own-scope row first, ids
+    before, between and after the stored ones, prefixes of them, non-ASCII ids, null ids and
+    clusters left out, and no members at all."""
+    from pipeline.library.candidates import cluster_map
+    from pipeline.library.sources import load_cluster_lookup
+
+    assert load_cluster_lookup(tmp_path)(["a"]) == [None]
+    folder = tmp_path / "exports" / "d1"
+    folder.mkdir(parents=True)
+    (tmp_path / "exports" / "LATEST").write_text("d1", encoding="utf-8")
+    members = pd.DataFrame(
+        [("b2", "all", "物流", "A1"), ("b2", "物流", "物流", "T1"), ("案例7", "all", "发票", "A2"),
+         ("b", "all", None, "A3"), ("c", "all", "物流", None), ("c", "物流", "物流", "T2"),
+         (None, "all", "物流", "A9"), ("d", "all", "物流", None), ("b10", "发票", "发票", "T3"),
+         ("b10", "all", "发票", "A4")],
+        columns=["case_id", "scope", "issue_type", "cluster_id"])
+    members.to_parquet(folder / "members.parquet")
+    want = cluster_map(members)
+    asked = ["b2", "案例7", "b", "c", "d", "b10", "a", "b1", "b20", "zz", "案例", "案例70", "", "b2"]
+    assert load_cluster_lookup(tmp_path)(asked) == [want.get(i) for i in asked]
+    assert [want.get(i) for i in ("b2", "c", "d", "b10")] == ["T1", "T2", None, "T3"]
+    assert load_cluster_lookup(tmp_path)([]) == []
+    members[members["case_id"] == "nobody"].to_parquet(folder / "members.parquet")
+    assert load_cluster_lookup(tmp_path)(["b2"]) == [None]
+
 def test_blocked_selection_with_tiny_pools_reads_again_until_exact(scorer):
     """Copies and near-copies make the greedy pick skip cases; a group whose pool runs out before
     its pick fills is read again with a bigger pool, so even a pool of one case per group gives

@@ -57,12 +57,14 @@ def load_members(out: Path) -> pd.DataFrame | None:
 
 def load_cluster_lookup(out: Path, members: list[Path] | None = None) -> Callable[[list[str]], list[str | None]]:
     """`ids -> [cluster_id or None]`, the lookup `candidates.cluster_map(load_members(out))` gives,
-    from only the four member columns it reads, kept as Arrow arrays (one row per case).
+    from only the four member columns it reads: one row per clustered case, its ids sorted once.
     `members`: read only these files of the latest export's members table (a night's new parts,
     which hold every row of their cases).
 
     Why: the members table holds a row per case and scope with its texts; the library build needs
-    a cluster id per case, and a dict of every case would grow with the history."""
+    a cluster id per case, and a dict of every case would grow with the history. Sorted ids are
+    answered by binary search: a per-call `pc.index_in` hashed every clustered id again for each
+    block's lookup, a cost that grew with the history times the number of blocks."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -82,7 +84,8 @@ def load_cluster_lookup(out: Path, members: list[Path] | None = None) -> Callabl
     t = pa.concat_tables(
         [pq.read_table(f, columns=["case_id", "cluster_id", *own_cols]) for f in files], promote_options="permissive"
     )
-    t = t.filter(pc.is_valid(t["cluster_id"]))
+    # A null id is never asked for (ids are str): left out, as searchsorted cannot order it.
+    t = t.filter(pc.and_(pc.is_valid(t["cluster_id"]), pc.is_valid(t["case_id"])))
     # cluster_map's pick per case: the first row of its own issue type's scope, else its first row.
     own = pc.equal(t["scope"], t["issue_type"]) if own_cols else pa.nulls(len(t), pa.bool_())
     keyed = pa.table(
@@ -98,11 +101,18 @@ def load_cluster_lookup(out: Path, members: list[Path] | None = None) -> Callabl
     if len(ids) > 1:
         first[1:] = pc.not_equal(ids[1:], ids[:-1]).to_numpy(zero_copy_only=False)
     pick = pa.array(first)
-    case_ids, cluster_ids = ids.filter(pick), keyed["cluster_id"].combine_chunks().filter(pick)
+    # Arrow sorts text by its UTF-8 bytes, which is code-point order, the order Python's str
+    # comparisons (so searchsorted over str objects) use; the ids are distinct after the pick.
+    case_ids = ids.filter(pick).to_numpy(zero_copy_only=False)
+    cluster_ids = keyed["cluster_id"].combine_chunks().filter(pick)
 
     def lookup(wanted: list[str]) -> list[str | None]:
-        at = pc.index_in(pa.array(wanted, pa.large_string()), value_set=case_ids)
-        return cast(list[str | None], cluster_ids.take(at).to_pylist())
+        if not len(case_ids):
+            return [None] * len(wanted)
+        asked = np.asarray(wanted, dtype=object)
+        at = np.minimum(np.searchsorted(case_ids, asked), len(case_ids) - 1)
+        found = case_ids[at] == asked
+        return cast(list[str | None], cluster_ids.take(pa.array(at, mask=~found)).to_pylist())
 
     return lookup
 
