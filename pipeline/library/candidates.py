@@ -286,13 +286,19 @@ def _pool_blocks(
     default_cap: int,
     drop_copies: bool,
     got: _Pools | None = None,
+    only: set[str] | None = None,
 ) -> _Pools:
     """One read of the blocks into per-group pools (see `select_candidates_in_blocks`), added to
-    `got` when given (a previous night's pools: `extend_selection`)."""
+    `got` when given (a previous night's pools: `extend_selection`). With `only`, the pools of
+    those groups alone, from the rows of those groups alone (a deeper pass: `_deepen`); sizes and
+    the count of cases read are then left to the pass that read everything."""
     got = got if got is not None else _Pools()
     for item in blocks:
         block, n_read = item if isinstance(item, tuple) else (item, len(item))
-        got.n_cases += n_read
+        if only is not None:
+            block = _rows_in(block, only, clusters)
+        else:
+            got.n_cases += n_read
         rows = cast(list[dict[str, Any]], block.to_dict("records"))
         assessed = [scorer.judge(r) for r in rows]
         eligible = [a[0] for a in assessed]
@@ -307,14 +313,54 @@ def _pool_blocks(
             cand = Candidate(str(r["case_id"]), issue, cid, score, reasons, parts)
             e = _Pooled((-score, cand.case_id), cand, text)
             for g in case_groups(cand):
+                if only is not None and g not in only:
+                    continue
                 got.pools.setdefault(g, []).append(e)
-                got.sizes[g] = got.sizes.get(g, 0) + 1
+                if only is None:
+                    got.sizes[g] = got.sizes.get(g, 0) + 1
                 touched.add(g)
         for g in touched:
             got.pools[g], cut = _trim(got.pools[g], caps.get(g, default_cap), drop_copies)
             if cut:
                 got.cut.add(g)
     return got
+
+
+def _rows_in(block: pd.DataFrame, groups: set[str], clusters: Callable[[list[str]], list[str | None]]) -> pd.DataFrame:
+    """The rows of `block` in any of `groups` (by issue type or cluster, as `case_groups` names
+    them), before they are judged: a deeper pass for a few groups judges only their cases."""
+    if not len(block):
+        return block
+    n = len(block)
+    types = block["issue_type"].tolist() if "issue_type" in block else [None] * n
+    cids = clusters([str(i) for i in block["case_id"]])
+    keep = [
+        f"type:{_text(t) or '未分类'}" in groups or (c is not None and f"cluster:{c}" in groups)
+        for t, c in zip(types, cids)
+    ]
+    return block[keep].reset_index(drop=True)
+
+
+def _deepen(
+    got: _Pools,
+    short: list[str],
+    blocks: Iterable[Block],
+    scorer: CandidateScorer,
+    clusters: Callable[[list[str]], list[str | None]],
+    caps: dict[str, int],
+    default_cap: int,
+    drop_copies: bool,
+) -> None:
+    """The pools of the `short` groups read again from `blocks` (every case) with caps four times
+    larger, in place of theirs in `got`; the other groups' pools stay as they are."""
+    for g in short:
+        caps[g] = 4 * caps.get(g, default_cap)
+    deeper = _pool_blocks(blocks, scorer, clusters, caps, default_cap, drop_copies, only=set(short))
+    for g in short:
+        got.pools[g] = deeper.pools.get(g, [])
+        got.cut.discard(g)
+        if g in deeper.cut:
+            got.cut.add(g)
 
 
 def group_order(groups: list[str]) -> list[str]:
@@ -435,17 +481,17 @@ def pool_selection(
     caps = dict(caps or {})
     drop_copies = True
     vectors: dict[str, np.ndarray] = {}
+    got = _pool_blocks(blocks(), scorer, lookup, caps, default_cap, drop_copies)
     while True:
-        got = _pool_blocks(blocks(), scorer, lookup, caps, default_cap, drop_copies)
         pooled = _encode_pooled(got, vectors, encode)
         if drop_copies and not _copy_margin_holds((e for e in pooled.values() if e.stands_for_copies), vectors, lib):
             drop_copies = False
+            got = _pool_blocks(blocks(), scorer, lookup, caps, default_cap, drop_copies)
             continue
         out, short = _pick(got, vectors, lib)
         if not short:
             break
-        for g in short:
-            caps[g] = 4 * caps.get(g, default_cap)
+        _deepen(got, short, blocks(), scorer, lookup, caps, default_cap, drop_copies)
     return Selection(out, _counts(got, out), got, caps, default_cap, vectors, drop_copies)
 
 
@@ -464,6 +510,7 @@ def extend_selection(
     encode: Callable[[list[str]], np.ndarray],
     scorer: CandidateScorer,
     clusters: Callable[[list[str]], list[str | None]] | None = None,
+    reread: Callable[[], tuple[Iterable[Block], Callable[[list[str]], list[str | None]]]] | None = None,
 ) -> Selection | Fallback:
     """`previous` (a selection over some cases) with the cases of `blocks` added: the selection
     `pool_selection` makes over both, or why it cannot be had this way (then select over
@@ -472,25 +519,36 @@ def extend_selection(
     Why it is the same selection: a pool holds its group's best distinct texts up to its cap,
     which does not depend on the order cases are read in, so the new cases are pooled as if read
     after the old ones, and only they are encoded. It needs what the caller checks: no case of
-    `blocks` is an old case again, and no old case changed (its row, issue type or cluster). Two
-    things only a whole read can settle give the string instead: a group running short of picks
-    while cases were cut from it (the deeper pass reads everything), and a pooled vector whose
-    self-similarity is too low for copies to be left out (checked on every pooled case: which
-    pooled case stood for left-out copies depends on the read order)."""
+    `blocks` is an old case again, and no old case changed (its row, issue type or cluster).
+
+    A group that runs short of picks while cases were cut from it needs its cases read again
+    with a deeper pool: `reread()` gives every case's blocks and their cluster lookup, and only
+    the rows of the short groups are judged (counted in `groups_read_again`); without `reread`
+    the Fallback says "short group". A pooled vector whose self-similarity is too low for copies
+    to be left out gives "copy margin" (checked on every pooled case: which pooled case stood for
+    left-out copies depends on the read order)."""
     lib = scorer.lib
     if not previous.copies_dropped:
         return Fallback("copies kept", previous.caps)
     lookup = clusters or (lambda ids: [None] * len(ids))
-    got = _pool_blocks(blocks, scorer, lookup, previous.caps, previous.default_cap, True, previous.pools)
+    caps = dict(previous.caps)
+    got = _pool_blocks(blocks, scorer, lookup, caps, previous.default_cap, True, previous.pools)
     vectors = previous.vectors
-    pooled = _encode_pooled(got, vectors, encode)
-    if not _copy_margin_holds(pooled.values(), vectors, lib):
-        return Fallback("copy margin", previous.caps)
-    out, short = _pick(got, vectors, lib)
-    if short:
-        deeper = {g: 4 * previous.caps.get(g, previous.default_cap) for g in short}
-        return Fallback("short group", {**previous.caps, **deeper})
-    return Selection(out, _counts(got, out), got, previous.caps, previous.default_cap, vectors, True)
+    deepened = 0
+    while True:
+        pooled = _encode_pooled(got, vectors, encode)
+        if not _copy_margin_holds(pooled.values(), vectors, lib):
+            return Fallback("copy margin", caps)
+        out, short = _pick(got, vectors, lib)
+        if not short:
+            break
+        if reread is None:
+            return Fallback("short group", {**caps, **{g: 4 * caps.get(g, previous.default_cap) for g in short}})
+        every, every_lookup = reread()
+        _deepen(got, short, every, scorer, every_lookup, caps, previous.default_cap, True)
+        deepened += len(short)
+    counts = {**_counts(got, out), "groups_read_again": deepened}
+    return Selection(out, counts, got, caps, previous.default_cap, vectors, True)
 
 
 def cluster_map(members: pd.DataFrame | None) -> dict[str, str]:

@@ -179,7 +179,15 @@ def _continue(
     if pool_state.any_seen(previous.seen, new_ids):
         return "cases re-processed"
     blocks = iter_library_blocks(cfg, out, BLOCK_ROWS, scorer.may_pass, parts=new) if new else iter(())
-    sel = extend_selection(previous.selection, blocks, encode, scorer, load_cluster_lookup(out, members=new_members))
+
+    def everything():
+        # A group short of picks is read again from every stored case (its rows only).
+        return iter_library_blocks(cfg, out, BLOCK_ROWS, scorer.may_pass, parts=files), load_cluster_lookup(
+            out, members
+        )
+
+    lookup = load_cluster_lookup(out, members=new_members)
+    sel = extend_selection(previous.selection, blocks, encode, scorer, lookup, reread=everything)
     if isinstance(sel, Fallback):
         return sel
     seen = np.sort(np.concatenate([previous.seen, pool_state.id_hashes(new_ids)])) if new else previous.seen
