@@ -71,7 +71,7 @@ def test_extending_equals_selecting_over_everything(cfg, pool):
             # Given every case to read again, only the short groups' rows are judged again.
             first = pool_selection(lambda: _blocks(old), encode, scorer, lookup, pool=pool)
             more = extend_selection(first, _blocks(new), encode, scorer, lookup,
-                                    reread=lambda: (_blocks(cases), lookup))
+                                    reread=lambda groups: (_blocks(cases), lookup))
             assert not isinstance(more, Fallback) and more.counts["groups_read_again"] > 0
         else:
             outcomes.add("extended")
@@ -284,3 +284,29 @@ def test_cluster_lookup_reads_parts_typed_differently(tmp_path):
         pq.write_table(pa.table({k: pa.array(v, kind) for k, v in cols.items()}), d / f"part-{i:06d}.parquet")
     (tmp_path / "exports" / "LATEST").write_text("2025-01-02")
     assert load_cluster_lookup(tmp_path)(["c1", "c2", "c3"]) == ["C1", "C2", None]
+
+
+def _crowded(prefix, day, run, n_copies, diverse):
+    """One issue type whose best cases are near-copies of one text (high scores) and whose
+    diverse cases score lower: its pool fills with the copies, its pick runs short."""
+    base = "快递三天还没到，今天能不能送到，着急用，麻烦加急处理，已经联系过两次了，页面显示异常，客服一直没回复"
+    rows = [_case(f"{prefix}{i:03d}", base + chr(0x4E00 + 7 * i + ord(prefix[0])), delta=0.9) for i in range(n_copies)]
+    rows += [_case(f"{prefix}d{i}", text, delta=0.3 + i / 100) for i, text in enumerate(diverse)]
+    return pd.DataFrame(rows).drop(columns="turning_points").assign(date=day, run_id=run)
+
+
+def test_a_short_group_is_read_again_alone_from_the_store(cfg, tmp_path):
+    """Near-copies make a group run short of diverse picks while cases were cut from its pool:
+    the night reads every stored part again for that group only (rows of other groups dropped
+    while still Arrow) and still picks what a build over everything picks."""
+    from pipeline.library.typical_cases import select_from_store
+    from pipeline.storage.store import write_cases
+
+    small = cfg.model_copy(update={"library": cfg.library.model_copy(update={"per_group": 3})})
+    write_cases(tmp_path, _crowded("a", "2025-01-01", "run1", 60, ["发票抬头开错了", "退款一直没到账"]), "run1", 0)
+    first = select_from_store(small, tmp_path, HashingEmbedder())[1]
+    assert first["build"] == "full"
+    write_cases(tmp_path, _crowded("b", "2025-01-02", "run2", 60, ["商品有划痕想换货"]), "run2", 0)
+    got = select_from_store(small, tmp_path, HashingEmbedder())
+    assert got[1]["build"] == "incremental" and got[1]["groups_read_again"] > 0, got[1]
+    _same(small, tmp_path, got)

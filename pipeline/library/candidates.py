@@ -341,6 +341,29 @@ def _rows_in(block: pd.DataFrame, groups: set[str], clusters: Callable[[list[str
     return block[keep].reset_index(drop=True)
 
 
+def rows_in_groups(
+    table: pa.Table, groups: set[str], clusters: Callable[[list[str]], list[str | None]], among: np.ndarray
+) -> np.ndarray:
+    """Which rows of `among` (a bool mask over `table`, stored cases in Arrow) may be in one of
+    `groups`: a superset of `_rows_in`'s rows, decided before rows become pandas rows (a case
+    with no stored issue type is kept: it is classified in memory later)."""
+    keep = np.zeros(len(table), dtype=bool)
+    rows = np.flatnonzero(among)
+    if not len(rows):
+        return keep
+    at = pa.array(rows)
+    ids = [str(i) for i in table.column("case_id").take(at).to_pylist()]
+    types = (
+        table.column("issue_type").take(at).to_pylist() if "issue_type" in table.column_names else [None] * len(rows)
+    )
+    cids = clusters(ids)
+    keep[rows] = [
+        t is None or f"type:{_text(t) or '未分类'}" in groups or (c is not None and f"cluster:{c}" in groups)
+        for t, c in zip(types, cids)
+    ]
+    return keep
+
+
 def _deepen(
     got: _Pools,
     short: list[str],
@@ -471,10 +494,13 @@ def pool_selection(
     clusters: Callable[[list[str]], list[str | None]] | None = None,
     pool: int | None = None,
     caps: dict[str, int] | None = None,
+    blocks_of: Callable[[set[str]], Iterable[Block]] | None = None,
 ) -> Selection:
     """`select_candidates_in_blocks`, returning also what a later night continues from.
     `caps`: pool sizes to start from for some groups (a group that ran short before keeps its
-    deeper pool, so the nights after can extend it); any cap gives the same pick."""
+    deeper pool, so the nights after can extend it); any cap gives the same pick.
+    `blocks_of(groups)`: the blocks a deeper pass reads for those groups, when the reader can
+    leave out rows of other groups before they become pandas rows (`rows_in_groups`)."""
     lib = scorer.lib
     default_cap = pool or 8 * lib.per_group
     lookup = clusters or (lambda ids: [None] * len(ids))
@@ -491,7 +517,8 @@ def pool_selection(
         out, short = _pick(got, vectors, lib)
         if not short:
             break
-        _deepen(got, short, blocks(), scorer, lookup, caps, default_cap, drop_copies)
+        every = blocks_of(set(short)) if blocks_of is not None else blocks()
+        _deepen(got, short, every, scorer, lookup, caps, default_cap, drop_copies)
     return Selection(out, _counts(got, out), got, caps, default_cap, vectors, drop_copies)
 
 
@@ -510,7 +537,7 @@ def extend_selection(
     encode: Callable[[list[str]], np.ndarray],
     scorer: CandidateScorer,
     clusters: Callable[[list[str]], list[str | None]] | None = None,
-    reread: Callable[[], tuple[Iterable[Block], Callable[[list[str]], list[str | None]]]] | None = None,
+    reread: Callable[[set[str]], tuple[Iterable[Block], Callable[[list[str]], list[str | None]]]] | None = None,
 ) -> Selection | Fallback:
     """`previous` (a selection over some cases) with the cases of `blocks` added: the selection
     `pool_selection` makes over both, or why it cannot be had this way (then select over
@@ -522,7 +549,8 @@ def extend_selection(
     `blocks` is an old case again, and no old case changed (its row, issue type or cluster).
 
     A group that runs short of picks while cases were cut from it needs its cases read again
-    with a deeper pool: `reread()` gives every case's blocks and their cluster lookup, and only
+    with a deeper pool: `reread(groups)` gives every case's blocks (those groups' rows at least)
+    and their cluster lookup, and only
     the rows of the short groups are judged (counted in `groups_read_again`); without `reread`
     the Fallback says "short group". A pooled vector whose self-similarity is too low for copies
     to be left out gives "copy margin" (checked on every pooled case: which pooled case stood for
@@ -544,7 +572,7 @@ def extend_selection(
             break
         if reread is None:
             return Fallback("short group", {**caps, **{g: 4 * caps.get(g, previous.default_cap) for g in short}})
-        every, every_lookup = reread()
+        every, every_lookup = reread(set(short))
         _deepen(got, short, every, scorer, every_lookup, caps, previous.default_cap, True)
         deepened += len(short)
     counts = {**_counts(got, out), "groups_read_again": deepened}

@@ -32,6 +32,7 @@ from pipeline.library.candidates import (
     cluster_map,
     extend_selection,
     pool_selection,
+    rows_in_groups,
     select_candidates,
     select_candidates_in_blocks,
     select_diverse,
@@ -145,6 +146,7 @@ def select_from_store(
         scorer,
         load_cluster_lookup(out, members),
         caps=caps,
+        blocks_of=lambda groups: blocks_of(cfg, out, scorer, files, members, groups),
     )
     if files and sel.copies_dropped:
         seen = pool_state.id_hashes(read_parts(files, ["case_id"])["case_id"].to_numpy(zero_copy_only=False))
@@ -180,11 +182,9 @@ def _continue(
         return "cases re-processed"
     blocks = iter_library_blocks(cfg, out, BLOCK_ROWS, scorer.may_pass, parts=new) if new else iter(())
 
-    def everything():
+    def everything(groups: set[str]):
         # A group short of picks is read again from every stored case (its rows only).
-        return iter_library_blocks(cfg, out, BLOCK_ROWS, scorer.may_pass, parts=files), load_cluster_lookup(
-            out, members
-        )
+        return blocks_of(cfg, out, scorer, files, members, groups), load_cluster_lookup(out, members)
 
     lookup = load_cluster_lookup(out, members=new_members)
     sel = extend_selection(previous.selection, blocks, encode, scorer, lookup, reread=everything)
@@ -194,6 +194,19 @@ def _continue(
     if new or member_ids != previous.members:
         pool_state.save(pool_state.state_file(out), pool_state.PoolState(previous.key, stats, member_ids, seen, sel))
     return sel.candidates, {**sel.counts, "build": "incremental", "new_parts": len(new)}
+
+
+def blocks_of(
+    cfg: Config, out: Path, scorer: CandidateScorer, files: list[Path], members: list[Path], groups: set[str]
+):
+    """The stored blocks a deeper pass over `groups` reads: rows `scorer.may_pass` keeps and that
+    may be in those groups, dropped while still Arrow (`rows_in_groups`)."""
+    lookup = load_cluster_lookup(out, members)
+
+    def keep(table, emotion_known: bool) -> np.ndarray:
+        return rows_in_groups(table, groups, lookup, scorer.may_pass(table, emotion_known))
+
+    return iter_library_blocks(cfg, out, BLOCK_ROWS, keep, parts=files)
 
 
 def read_parts_ids(files: list[Path]) -> np.ndarray:
