@@ -56,6 +56,30 @@ def atomic_write_stream(path: Path, write: Callable[[BinaryIO], Any]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def write_cache(path: Path, write: Callable[[BinaryIO], Any], name: str, without: str) -> bool:
+    """Write a cache file whole or not at all, as `atomic_write_stream` but best effort: not
+    synced (a cache lost in a crash is rebuilt), and a folder that cannot be written only logs a
+    warning naming the cache and what its next reader does `without` it. Returns whether it
+    was written."""
+    import logging
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+        return True
+    except OSError as e:
+        logging.getLogger(__name__).warning("could not write %s %s (%s): %s", name, path, e, without)
+        return False
+    finally:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # its folder could not be made: there is nothing to remove
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

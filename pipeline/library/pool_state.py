@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import Config
+from pipeline.io import write_cache
 from pipeline.library.candidates import Candidate, Selection, _Pooled, _Pools
 
 log = logging.getLogger(__name__)
@@ -137,24 +137,14 @@ def save(path: Path, state: PoolState) -> None:
     }
     dim = next(iter(sel.vectors.values())).shape[0] if sel.vectors else 0
     vectors = np.stack([sel.vectors[i] for i in order]) if order else np.zeros((0, dim), np.float32)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            np.savez(
-                f,
-                meta=np.array(json.dumps(meta, ensure_ascii=False)),
-                vectors=vectors.astype(np.float32),
-                seen=state.seen.astype(np.uint64),
-            )
-        os.replace(tmp, path)
-    except OSError as e:
-        log.warning("could not write the library pools %s (%s): the next build reads every case", path, e)
-    finally:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
+    text = np.array(json.dumps(meta, ensure_ascii=False))
+    vecs, seen = vectors.astype(np.float32), state.seen.astype(np.uint64)
+    write_cache(
+        path,
+        lambda f: np.savez(f, meta=text, vectors=vecs, seen=seen),
+        "the library pools",
+        "the next build reads every case",
+    )
 
 
 def load(path: Path, key: str) -> PoolState | str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from pipeline.io import write_cache
 from pipeline.storage.store import (
     CASE_SCHEMA,
     cases_dir,
@@ -73,21 +73,13 @@ def _load(cache: Path, key: str, columns: list[str]) -> tuple[pa.Table, dict[str
 
 def _save(cache: Path, table: pa.Table, key: str, files: dict[str, Stat]) -> None:
     meta = json.dumps({"key": key, "files": files}, separators=(",", ":")).encode()
-    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        table = table.replace_schema_metadata({_META: meta})
-        with pa.OSFile(str(tmp), "wb") as f:
-            with ipc.new_file(f, table.schema, options=ipc.IpcWriteOptions(compression="zstd")) as w:
-                w.write_table(table)
-        os.replace(tmp, cache)
-    except OSError as e:
-        log.warning("could not write the case cache %s (%s): the next read decodes every part", cache, e)
-    finally:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass  # its folder could not be made: there is nothing to remove
+    table = table.replace_schema_metadata({_META: meta})
+
+    def write(f) -> None:
+        with ipc.new_file(f, table.schema, options=ipc.IpcWriteOptions(compression="zstd")) as w:
+            w.write_table(table)
+
+    write_cache(cache, write, "the case cache", "the next read decodes every part")
 
 
 def read_cases_cached(
