@@ -51,7 +51,7 @@ def state_file(out: Path) -> Path:
 def build_key(cfg: Config, actions: list[str]) -> str:
     """What the pools' scores, issue types, emotion and vectors depend on beyond the cases: the
     configuration, the scorer's action words, and the trained models' files (a model trained
-    since classifies old unclassified partitions anew)."""
+    since classifies old unclassified partitions anew); and what the id hashes depend on."""
     models = cfg.resolve(cfg.paths.models)
     files = []
     if models.is_dir():
@@ -61,7 +61,8 @@ def build_key(cfg: Config, actions: list[str]) -> str:
             if rel.split("/")[0] != "embedder" and p.is_file():
                 st = p.stat()
                 files.append((rel, st.st_size, st.st_mtime_ns))
-    blob = json.dumps([VERSION, cfg.model_dump_json(), actions, files], ensure_ascii=False)
+    # pandas' version too: the id hashes are its hash_array's, which a release may change.
+    blob = json.dumps([VERSION, pd.__version__, cfg.model_dump_json(), actions, files], ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
