@@ -13,6 +13,7 @@ decision already made is never overwritten by a build.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -140,13 +141,14 @@ def select_from_store(
         why, caps = (step.reason, step.caps) if isinstance(step, Fallback) else (step, caps)
     # Rows no rule of `scorer.assess` can pass are dropped while still Arrow (see may_pass): most
     # stored cases, which would otherwise each become a pandas row and a dict to be rejected.
+    lookup = load_cluster_lookup(out, members)
     sel = pool_selection(
         lambda: iter_library_blocks(cfg, out, BLOCK_ROWS, scorer.may_pass, parts=files),
         encode,
         scorer,
-        load_cluster_lookup(out, members),
+        lookup,
         caps=caps,
-        blocks_of=lambda groups: blocks_of(cfg, out, scorer, files, members, groups),
+        blocks_of=lambda groups: blocks_of(cfg, out, scorer, files, lookup, groups),
     )
     if files and sel.copies_dropped:
         seen = pool_state.id_hashes(read_parts(files, ["case_id"])["case_id"].to_numpy(zero_copy_only=False))
@@ -173,7 +175,7 @@ def _continue(
     if member_ids[:n_old] != previous.members:
         return "clusters changed"
     new_members = members[n_old:]
-    if new_members and pool_state.any_seen(previous.seen, read_parts_ids(new_members)):
+    if new_members and pool_state.any_seen(previous.seen, member_case_ids(new_members)):
         return "clusters changed"
     root = cases_dir(out)
     new = [f for f in files if f.relative_to(root).as_posix() not in previous.parts]
@@ -184,7 +186,8 @@ def _continue(
 
     def everything(groups: set[str]):
         # A group short of picks is read again from every stored case (its rows only).
-        return blocks_of(cfg, out, scorer, files, members, groups), load_cluster_lookup(out, members)
+        lookup = load_cluster_lookup(out, members)
+        return blocks_of(cfg, out, scorer, files, lookup, groups), lookup
 
     lookup = load_cluster_lookup(out, members=new_members)
     sel = extend_selection(previous.selection, blocks, encode, scorer, lookup, reread=everything)
@@ -197,11 +200,15 @@ def _continue(
 
 
 def blocks_of(
-    cfg: Config, out: Path, scorer: CandidateScorer, files: list[Path], members: list[Path], groups: set[str]
+    cfg: Config,
+    out: Path,
+    scorer: CandidateScorer,
+    files: list[Path],
+    lookup: Callable[[list[str]], list[str | None]],
+    groups: set[str],
 ):
     """The stored blocks a deeper pass over `groups` reads: rows `scorer.may_pass` keeps and that
-    may be in those groups, dropped while still Arrow (`rows_in_groups`)."""
-    lookup = load_cluster_lookup(out, members)
+    may be in those groups (clusters by `lookup`), dropped while still Arrow (`rows_in_groups`)."""
 
     def keep(table, emotion_known: bool) -> np.ndarray:
         return rows_in_groups(table, groups, lookup, scorer.may_pass(table, emotion_known))
@@ -209,7 +216,7 @@ def blocks_of(
     return iter_library_blocks(cfg, out, BLOCK_ROWS, keep, parts=files)
 
 
-def read_parts_ids(files: list[Path]) -> np.ndarray:
+def member_case_ids(files: list[Path]) -> np.ndarray:
     """The case ids of members files (Parquet with a case_id column)."""
     import pyarrow.parquet as pq
 
