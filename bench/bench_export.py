@@ -14,12 +14,18 @@ new cases once by the embedding-only measurement, so both export paths then read
 from the cache and their times are the export's own work. A night's cost is that plus the
 embedding: incremental + embed vs full + embed.
 
-    python -m bench.bench_export [--history 10000] [--increments 1000,10000] [--pool 600]
+    python -m bench.bench_export [--history 10000] [--increments 1000,10000] [--pool 600] [--keep DIR]
+
+--keep DIR keeps, under DIR, the history store after its first export (`base`) and each night's
+store before its exports (`night<N>`, the new cases stored and embedded), and reuses them on the
+next call: two versions of the code then export the very same nights, and a night can be copied
+and exported again for profiling or comparing outputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import shutil
@@ -104,6 +110,7 @@ def main() -> None:
     ap.add_argument("--increments", default="1000,10000")
     ap.add_argument("--pool", type=int, default=600, help="generated transcripts mined for case shapes")
     ap.add_argument("--history-variants", type=int, default=3, help="suffixes per pool problem in the history")
+    ap.add_argument("--keep", type=Path, default=None, help="keep (and reuse) the prepared stores under this folder")
     a = ap.parse_args()
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "casemine.yaml")
     from pipeline.embed import Embedder
@@ -111,33 +118,70 @@ def main() -> None:
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
-        pool = mined_pool(tmp, a.pool)
-        hist_days = [(DAY - timedelta(days=d)).isoformat() for d in range(56)]
-        base = tmp / "base"
-        history = replicate(pool, a.history, 0, "20251130T000000-hist", hist_days, seed=1, variants=a.history_variants)
-        store(base, history, "20251130T000000-hist")
-        emb = Embedder(cfg, out_root=base)
-        t = time.perf_counter()
-        emb.encode_passages(history["problem"].tolist())
-        t_hist = time.perf_counter() - t
-        secs, s0 = export(cfg, base, emb, DAY)
-        n_texts = history["problem"].nunique()
-        print(f"history: {a.history:,} cases ({n_texts:,} distinct texts) from a pool of {len(pool):,} mined cases; "
-              f"embedding it once {t_hist:.1f} s (untimed below); first export (full) {secs:.1f} s, "
-              f"{s0['n_clusters']} clusters")
+        keep = a.keep.resolve() if a.keep else None
+        info_path = keep / "bench.json" if keep else None
+        info = json.loads(info_path.read_text()) if info_path and info_path.is_file() else {}
+        nights = [int(x) for x in a.increments.split(",")]
+        # A kept history is reused only when it was made with these options.
+        wanted = {"history": a.history, "pool": a.pool, "history_variants": a.history_variants}
+        reuse = keep is not None and info.get("options") == wanted and (keep / "base").is_dir()
+        if not reuse:
+            info = {"options": wanted, "nights": {}}
+            if keep is not None:
+                shutil.rmtree(keep, ignore_errors=True)
+                keep.mkdir(parents=True)
+            pool = mined_pool(tmp, a.pool)
+            hist_days = [(DAY - timedelta(days=d)).isoformat() for d in range(56)]
+            base = (keep or tmp) / "base"
+            history = replicate(
+                pool, a.history, 0, "20251130T000000-hist", hist_days, seed=1, variants=a.history_variants
+            )
+            store(base, history, "20251130T000000-hist")
+            emb = Embedder(cfg, out_root=base)
+            t = time.perf_counter()
+            emb.encode_passages(history["problem"].tolist())
+            t_hist = time.perf_counter() - t
+            secs, s0 = export(cfg, base, emb, DAY)
+            info.update(
+                pool_rows=len(pool), n_texts=int(history["problem"].nunique()), t_hist=t_hist, t_first=secs,
+                n_clusters=s0["n_clusters"],
+            )
+        else:
+            base = keep / "base"
+            pool = None
+        print(f"history: {a.history:,} cases ({info['n_texts']:,} distinct texts) from a pool of "
+              f"{info['pool_rows']:,} mined cases; embedding it once {info['t_hist']:.1f} s (untimed below); "
+              f"first export (full) {info['t_first']:.1f} s, {info['n_clusters']} clusters"
+              + (f" [reused from {keep}]" if reuse else ""))
         print(f"\n{'new cases':>10} {'embed only':>11} {'incremental':>12} {'full':>8} {'incr+embed':>11} "
               f"{'full+embed':>11} {'(incr+embed)/embed':>19} {'full/incr':>10} {'drift':>6}")
-        for k, n in enumerate(int(x) for x in a.increments.split(",")):
+        for k, n in enumerate(nights):
+            kept = keep / f"night{n}" if keep else None
             out = tmp / f"night{n}"
-            shutil.copytree(base, out)
-            run_id = f"20251201T0{k}0000-new"
-            new = replicate(pool, n, 10_000_000 * (k + 1), run_id, [(DAY + timedelta(days=1)).isoformat()], seed=100 + k)
-            store(out, new, run_id)
-            e = Embedder(cfg, out_root=out)
-            e.encode_passages(["预热"])  # model load is not the new cases' cost
-            t = time.perf_counter()
-            e.encode_passages(new["problem"].tolist())
-            t_embed = time.perf_counter() - t
+            if kept is not None and kept.is_dir() and str(n) in info["nights"]:
+                shutil.copytree(kept, out)  # copy2: times kept, so the case copy stays valid
+                e = Embedder(cfg, out_root=out)
+                e.encode_passages(["预热"])
+                t_embed = info["nights"][str(n)]  # the new cases are in the kept embedding cache
+            else:
+                if pool is None:
+                    pool = mined_pool(tmp, a.pool)
+                shutil.copytree(base, out)
+                run_id = f"20251201T0{k}0000-new"
+                new = replicate(
+                    pool, n, 10_000_000 * (k + 1), run_id, [(DAY + timedelta(days=1)).isoformat()], seed=100 + k
+                )
+                store(out, new, run_id)
+                e = Embedder(cfg, out_root=out)
+                e.encode_passages(["预热"])  # model load is not the new cases' cost
+                t = time.perf_counter()
+                e.encode_passages(new["problem"].tolist())
+                t_embed = time.perf_counter() - t
+                if kept is not None:
+                    shutil.copytree(out, kept)
+                    info["nights"][str(n)] = t_embed
+            if info_path is not None:
+                info_path.write_text(json.dumps(info, indent=2) + "\n")
             t_inc, si = export(cfg, out, e, DAY + timedelta(days=1))
             assert si["mode"] == "incremental", si["mode_reason"]
             t_full, sf = export(cfg, out, e, DAY + timedelta(days=1), recluster=True)
