@@ -127,10 +127,11 @@ def _members_view_before(frame: pd.DataFrame, membership: pd.DataFrame) -> pd.Da
     return out[[*order, "x", "y"]].reset_index(drop=True)
 
 
-def test_members_view_is_the_membership_joined_to_the_cases_in_order():
+@pytest.mark.parametrize("ids", ["str", object])
+def test_members_view_is_the_membership_joined_to_the_cases_in_order(ids):
     frame = pd.DataFrame(
         {
-            "case_id": pd.Series([f"k{i}" for i in (3, 1, 4, 0, 2)], dtype="str"),
+            "case_id": pd.Series([f"k{i}" for i in (3, 1, 4, 0, 2)], dtype=ids),
             "date": ["2025-11-01"] * 5,
             "region": ["华东", None, "华北", "华东", ""],
             "cluster_text": [f"文本{i}" for i in range(5)],
@@ -151,7 +152,7 @@ def test_members_view_is_the_membership_joined_to_the_cases_in_order():
                     "y": 0.25 if scope == ALL_SCOPE else np.nan,
                 }
             )
-    membership = pd.DataFrame(rows)
+    membership = pd.DataFrame(rows).astype({"case_id": ids})
     got = members_view(frame, membership)
     pd.testing.assert_frame_equal(got, _members_view_before(frame, membership))
     assert "k9" not in set(got["case_id"]) and got["scope"].iloc[0] == ALL_SCOPE
