@@ -613,7 +613,13 @@ def group_shares(codes: np.ndarray, values: pd.Series, top: int | None = None) -
     names, merged = _unique_names([u if isinstance(u, str) and u else "未知" for u in uniques] + ["未知"])
     vcodes = merged[vcodes]  # -1 (missing) takes the last entry: "未知"
     key = codes * len(names) + vcodes
-    ukey, first, counts = np.unique(key, return_index=True, return_counts=True)
+    # Distinct (group, value) pairs by hashing, numbered in order of first appearance, so each
+    # pair's first row is where its number first shows: np.unique's stable sort of every key
+    # cost 5-8 ms a column at 200k members.
+    kcodes, ukey = pd.factorize(key)
+    seen = np.maximum.accumulate(kcodes)
+    first = np.flatnonzero(np.concatenate(([True], seen[1:] > seen[:-1])))
+    counts = np.bincount(kcodes, minlength=len(ukey))
     group, value = ukey // len(names), ukey % len(names)
     sizes = np.bincount(codes)
     out: dict[int, dict[str, float]] = {}
