@@ -18,8 +18,10 @@ from datetime import date
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from pipeline.insights import membership as mb
 from pipeline.insights.cluster import (
     ALL_SCOPE,
     _counted_chars,
@@ -435,3 +437,41 @@ def test_fill_classification_names_missing_issue_types_as_before(dtype):
         [v if isinstance(v, str) and v else "未分类" for v in cases["issue_type"].tolist()], index=cases.index
     )
     pd.testing.assert_series_equal(fill_classification(cases)["issue_type"], want, check_names=False)
+
+
+def _load_members_before(out, meta) -> pd.DataFrame:
+    """load_members as it was: each case's rows from its newest part, by a groupby."""
+    parts = [(s, p) for s, p in mb._parts(out) if s >= int(meta.get("members_from", 0))]
+    df = pd.concat([pd.read_parquet(p).assign(seq=s) for s, p in parts], ignore_index=True)
+    newest = df.groupby("case_id")["seq"].transform("max")
+    return df[df["seq"] == newest].reset_index(drop=True)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_membership_keeps_each_cases_rows_from_its_newest_part(tmp_path, seed):
+    rng = random.Random(seed)
+    for n in (40, 0, 7, 12, 3, 9):  # an empty part too; parts re-assign earlier parts' cases
+        rows = []
+        for cid in rng.sample([f"c{i}" for i in range(50)], n):
+            for scope in (ALL_SCOPE, "售后"):
+                c = rng.choice(["C1", "C2", None])
+                rows.append(
+                    {
+                        "case_id": cid,
+                        "run_id": f"r{rng.randrange(3)}",
+                        "scope": scope,
+                        "cluster_id": c,
+                        "is_noise": c is None,
+                        "similarity": None if c is None else 0.5,
+                        "x": 0.1,
+                        "y": 0.2,
+                    }
+                )
+        mb.append_members(tmp_path, pd.DataFrame(rows, columns=mb.MEMBER_COLUMNS))
+    # The first part in row groups of 7: read back, its columns are Arrow arrays in chunks.
+    first = mb._parts(tmp_path)[0][1]
+    pq.write_table(pq.read_table(first), first, row_group_size=7)
+    for meta in ({}, {"members_from": 3}):
+        got, n_parts = mb.load_members(tmp_path, meta)
+        pd.testing.assert_frame_equal(got, _load_members_before(tmp_path, meta))
+        assert n_parts == (6 if not meta else 4) and not got.duplicated(["case_id", "scope"]).any()
