@@ -239,6 +239,10 @@ def test_count_table_counts_what_a_groupby_counts(dtype):
             warnings.simplefilter("ignore", UserWarning)  # "not a date" is parsed one by one
             got, want = count_table(df, "d", "k"), _count_table_by_groupby(df, "d", "k")
         pd.testing.assert_frame_equal(got, want, check_dtype=False)
+        # Text columns typed as pandas types their values (`str` where all are text): as the
+        # frame built from object arrays was, so the written tables keep their column types.
+        for col in ("dimension", "key", "granularity", "period", "breakdown", "breakdown_value"):
+            assert got[col].dtype == pd.Series(got[col].tolist(), dtype=object).infer_objects().dtype or not len(got)
 
 
 def _trajectory_by_groups(df: pd.DataFrame) -> pd.DataFrame:

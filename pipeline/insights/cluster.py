@@ -120,7 +120,7 @@ def _issue_types(col: pd.Series) -> Any:
     """Each case's issue type, "未分类" where it is missing or empty. Decided in Arrow when the
     column is Arrow-backed text (each night's stored cases): a Python pass cost more than the rest."""
     arr = arrow_text(col) if len(col) else None
-    dtype = _list_str_dtype()
+    dtype = list_str_dtype()
     if arr is None or dtype is None:
         # A list, not Series.map: mapping an Arrow-backed column visits it cell by cell.
         return [v if isinstance(v, str) and v else UNCLASSIFIED for v in col.tolist()]
@@ -148,7 +148,7 @@ def _texts_in_python(problem: list, customer: list, min_chars: int) -> tuple[lis
     return texts, [len(PLACEHOLDER_RE.sub("", t) if "<" in t else t) >= min_chars for t in texts]
 
 
-def _list_str_dtype() -> Any:
+def list_str_dtype() -> Any:
     """The dtype pandas gives a column made from a list of str if it is Arrow-backed (pandas 3's
     `str`), else None: only then can an Arrow array stand for that list, dtype included."""
     dtype = pd.Series(["-"]).dtype
@@ -196,7 +196,7 @@ def _cluster_texts(df: pd.DataFrame, min_chars: int) -> tuple[Any, Any]:
     each night cost more than the rest of the selection. Same values and dtype either way."""
     n = len(df)
     problem = arrow_text(df["problem"]) if n and "problem" in df else None
-    dtype = _list_str_dtype()
+    dtype = list_str_dtype()
     if problem is None or dtype is None:
         # Lists, not Series.map: mapping an Arrow-backed column visits it cell by cell.
         problems = df["problem"].tolist() if "problem" in df else [""] * n

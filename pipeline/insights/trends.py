@@ -14,9 +14,10 @@ from typing import Any, cast
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from scipy.stats import binomtest
 
-from pipeline.insights.cluster import ALL_SCOPE, format_shares, group_codes, group_shares
+from pipeline.insights.cluster import ALL_SCOPE, format_shares, group_codes, group_shares, list_str_dtype
 
 BREAKDOWNS = ("channel", "region", "product")
 
@@ -64,20 +65,44 @@ def _period_codes(dates: pd.Series) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def _count_by(codes: list[np.ndarray], uniques: list[np.ndarray]) -> list[np.ndarray]:
+def _count_by(codes: list[np.ndarray], uniques: list[np.ndarray]) -> list[Any]:
     """Rows counted per distinct combination of codes (rows with a -1 left out, as a groupby
     drops missing keys), in sorted order: each column's values, then the counts."""
     keep = np.logical_and.reduce([c >= 0 for c in codes])
     combined = np.zeros(int(keep.sum()), dtype=np.int64)
+    span = 1
     for c, u in zip(codes, uniques):
         combined = combined * max(len(u), 1) + c[keep]
-    found, counts = np.unique(combined, return_counts=True)
+        span *= max(len(u), 1)
+    if span <= 4 * len(combined):
+        # Few combinations for the rows: counted into one bin each, found in sorted order, as
+        # np.unique would give them without its sort of every row.
+        binned = np.bincount(combined, minlength=span)
+        found = np.flatnonzero(binned)
+        counts = binned[found]
+    else:
+        found, counts = np.unique(combined, return_counts=True)
     cols = []
     for u in reversed(uniques):
         width = max(len(u), 1)
-        cols.append(u[found % width] if len(u) else np.array([], dtype=object))
+        cols.append(_take(u, found % width) if len(u) else np.array([], dtype=object))
         found = found // width
     return [*reversed(cols), counts.astype(np.int64)]
+
+
+def _take(values: np.ndarray, idx: np.ndarray) -> Any:
+    """`values[idx]` as the table column pandas makes of it. When every value is a str and
+    pandas keeps text in Arrow (the `str` dtype), taken in Arrow: converting the object array of
+    a trends part (40k cells at 100k stored cases) cost more than counting it."""
+    dtype = list_str_dtype()
+    if dtype is None or not all(isinstance(v, str) for v in values):  # few: the distinct values
+        return values[idx]
+    return pd.array(pa.array(values.tolist(), pa.large_string()).take(pa.array(idx)), dtype=dtype)
+
+
+def _constant(value: str, n: int) -> Any:
+    """A column of `n` times `value`, as `_take` makes it."""
+    return _take(np.array([value], dtype=object), np.zeros(n, dtype=np.int64))
 
 
 def count_table(df: pd.DataFrame, dimension: str, key_col: str) -> pd.DataFrame:
@@ -98,18 +123,32 @@ def count_table(df: pd.DataFrame, dimension: str, key_col: str) -> pd.DataFrame:
         k, p, n = _count_by([keys, pcodes], [key_values, pvalues])
         parts.append(
             pd.DataFrame(
-                {"key": k, "granularity": gran, "period": p, "breakdown": "all", "breakdown_value": "全部", "count": n}
+                {
+                    "key": k,
+                    "granularity": _constant(gran, len(n)),
+                    "period": p,
+                    "breakdown": _constant("all", len(n)),
+                    "breakdown_value": _constant("全部", len(n)),
+                    "count": n,
+                }
             )
         )
         for b, (bcodes, bvalues) in breakdowns.items():
             k, p, v, n = _count_by([keys, pcodes, bcodes], [key_values, pvalues, bvalues])
             parts.append(
                 pd.DataFrame(
-                    {"key": k, "granularity": gran, "period": p, "breakdown": b, "breakdown_value": v, "count": n}
+                    {
+                        "key": k,
+                        "granularity": _constant(gran, len(n)),
+                        "period": p,
+                        "breakdown": _constant(b, len(n)),
+                        "breakdown_value": v,
+                        "count": n,
+                    }
                 )
             )
     out = pd.concat(parts, ignore_index=True)
-    out.insert(0, "dimension", dimension)
+    out.insert(0, "dimension", _constant(dimension, len(out)))
     return out[_COUNT_COLUMNS]
 
 
