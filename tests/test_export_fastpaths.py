@@ -32,7 +32,7 @@ from pipeline.insights.cluster import (
     select_cases,
     share_dict,
 )
-from pipeline.insights.emotion_stats import _TEAM_KEYS, _r, case_teams, trajectory_table
+from pipeline.insights.emotion_stats import _TEAM_KEYS, _r, case_teams, trajectory_table, wilson, worsened_by_team
 from pipeline.insights.export import map_points, members_view
 from pipeline.insights.trends import BREAKDOWNS, _dates, count_table, week_over_week, week_start
 from pipeline.text.mask import PLACEHOLDER_RE
@@ -519,3 +519,42 @@ def test_membership_keeps_each_cases_rows_from_its_newest_part(tmp_path, seed):
         got, n_parts = mb.load_members(tmp_path, meta)
         pd.testing.assert_frame_equal(got, _load_members_before(tmp_path, meta))
         assert n_parts == (6 if not meta else 4) and not got.duplicated(["case_id", "scope"]).any()
+
+
+def _worsened_by_team_before(cases: pd.DataFrame, teams: list) -> pd.DataFrame:
+    """worsened_by_team as it was: a groupby iterated team by team."""
+    by = pd.Series(teams, index=cases.index)
+    rows = []
+    for team, g in cases[["emotion_trajectory"]][by.notna()].groupby(by[by.notna()]):
+        k = int((g["emotion_trajectory"] == "恶化").sum())
+        lo, hi = wilson(k, len(g))
+        rows.append(
+            {
+                "team": team,
+                "n": int(len(g)),
+                "worsened": k,
+                "share_worsened": round(k / len(g), 4),
+                "ci_low": round(lo, 4),
+                "ci_high": round(hi, 4),
+            }
+        )
+    out = pd.DataFrame(rows, columns=["team", "n", "worsened", "share_worsened", "ci_low", "ci_high"])
+    return out.sort_values(["ci_low", "n"], ascending=[False, False]).reset_index(drop=True)
+
+
+@pytest.mark.parametrize("dtype", [object, "str"])
+def test_worsened_by_team_counts_what_each_team_group_counted(dtype):
+    rng = random.Random(13)
+    for _ in range(60):
+        n = rng.randint(1, 150)
+        cases = pd.DataFrame(
+            {
+                "emotion_trajectory": pd.Series(
+                    [rng.choice(["改善", "平稳", "恶化", None]) for _ in range(n)], dtype=dtype
+                )
+            },
+            index=np.arange(n) + 3,
+        )
+        teams = [rng.choice(["售后一组", "售后二组", "a7", "b", None]) for _ in range(n)]
+        got = worsened_by_team(cases, teams)
+        pd.testing.assert_frame_equal(got, _worsened_by_team_before(cases, teams), check_exact=True)

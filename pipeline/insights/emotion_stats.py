@@ -266,18 +266,22 @@ def worsened_by_team(cases: pd.DataFrame, teams: list[str | None] | None = None)
     if not len(cases) or "emotion_trajectory" not in cases:
         return pd.DataFrame(columns=cols)
     by = pd.Series(case_teams(cases) if teams is None else teams, index=cases.index)
-    # Only the column counted: a group is a copy of its rows, and the cases' text columns are large.
-    traj = cases[["emotion_trajectory"]]
+    # Teams as sorted codes (a groupby's order), their cases and worsened ones counted by
+    # bincount: a groupby iterated team by team copied ~120 groups a night.
+    codes, names = pd.factorize(by, sort=True)  # -1: no team, counted nowhere
+    kept = codes >= 0
+    worse = np.asarray((cases["emotion_trajectory"] == "恶化").fillna(False), dtype=bool)
+    sizes = np.bincount(codes[kept], minlength=len(names))
+    worsened = np.bincount(codes[kept & worse], minlength=len(names))
     rows = []
-    for team, g in traj[by.notna()].groupby(by[by.notna()]):
-        k = int((g["emotion_trajectory"] == "恶化").sum())
-        lo, hi = wilson(k, len(g))
+    for team, n, k in zip(names, sizes.tolist(), worsened.tolist()):
+        lo, hi = wilson(k, n)
         rows.append(
             {
                 "team": team,
-                "n": int(len(g)),
+                "n": n,
                 "worsened": k,
-                "share_worsened": round(k / len(g), 4),
+                "share_worsened": round(k / n, 4),
                 "ci_low": round(lo, 4),
                 "ci_high": round(hi, 4),
             }
