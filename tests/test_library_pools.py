@@ -142,7 +142,6 @@ def _same(cfg, out, got):
 
 
 def test_a_night_that_adds_cases_reads_only_its_parts(cfg, night, monkeypatch):
-    import pipeline.library.typical_cases as typical
     import pipeline.storage.store as store
     from pipeline.library.typical_cases import build, select_from_store
 
@@ -159,13 +158,11 @@ def test_a_night_that_adds_cases_reads_only_its_parts(cfg, night, monkeypatch):
         read.append(len(files))
         return real(files, *a, **k)
 
-    for module in (store, typical):
-        monkeypatch.setattr(module, "read_parts", counting)
+    monkeypatch.setattr(store, "read_parts", counting)
     got = select_from_store(cfg, out, HashingEmbedder())
     assert got[1]["build"] == "incremental" and got[1]["new_parts"] == 1, got[1]
     assert read and max(read) == 1  # the new part only, not the three stored before
-    for module in (store, typical):
-        monkeypatch.setattr(module, "read_parts", real)
+    monkeypatch.setattr(store, "read_parts", real)
     _same(cfg, out, got)
 
     # Another night on top of the saved extension, and one with no new case at all.

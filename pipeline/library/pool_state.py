@@ -89,9 +89,8 @@ def id_hashes(ids: Any) -> np.ndarray:
     return np.sort(pd.util.hash_array(values, categorize=False))
 
 
-def any_seen(seen: np.ndarray, ids: Any) -> bool:
-    """Whether any of `ids` hashes into the sorted `seen`."""
-    h = id_hashes(ids)
+def any_seen(seen: np.ndarray, h: np.ndarray) -> bool:
+    """Whether any of the hashes `h` (`id_hashes`) is in the sorted `seen`."""
     if not len(h) or not len(seen):
         return False
     at = np.minimum(np.searchsorted(seen, h), len(seen) - 1)

@@ -173,6 +173,7 @@ def iter_library_blocks(
     block_rows: int = 5_000,
     keep: Callable[[pa.Table, bool], np.ndarray] | None = None,
     parts: list[Path] | None = None,
+    keys: list[pa.Table] | None = None,
 ) -> Iterator[tuple[pd.DataFrame, int]]:
     """`iter_library_cases` as (cases, how many were read), with only the columns selection reads
     (`SELECTION_COLUMNS`, all of them for a block classified in memory), where
@@ -184,8 +185,16 @@ def iter_library_blocks(
     Why: converting every stored case (nested turns included) to pandas and then to Python rows
     cost the nightly build most of its time, for the majority of cases no rule could pass.
     `parts`: read only these stored parts, and decide the newest row per id among them (a night's
-    new parts, when none of their cases is in the other parts)."""
-    return _blocks(cfg, out, block_rows, keep, SELECTION_COLUMNS, parts)
+    new parts, when none of their cases is in the other parts). `keys`: `part_keys(parts)`, when
+    the caller read them already (a build reads the stored parts more than once)."""
+    return _blocks(cfg, out, block_rows, keep, SELECTION_COLUMNS, parts, keys)
+
+
+def part_keys(files: list[Path]) -> list[pa.Table]:
+    """Each stored part's (case_id, run_id): what the newest-row rule reads, and its row count."""
+    from pipeline.storage.store import read_parts
+
+    return [read_parts([f], ["case_id", "run_id"]) for f in files]
 
 
 def _needs_classifying(plain: pa.Table, cfg: Config) -> bool:
@@ -201,17 +210,19 @@ def _blocks(
     keep: Callable[[pa.Table, bool], np.ndarray] | None,
     columns: tuple[str, ...] | None,
     parts: list[Path] | None = None,
+    keys: list[pa.Table] | None = None,
 ) -> Iterator[tuple[pd.DataFrame, int]]:
     """`iter_library_blocks` reading `columns` (None: every column) of each block, from `parts`
-    (None: every stored part)."""
+    (None: every stored part), whose `part_keys` are `keys` when given."""
     from pipeline.storage.store import read_parts, stored_parts
 
     files = stored_parts(Path(out)) if parts is None else list(parts)
+    assert keys is None or len(keys) == len(files), "keys must be part_keys(parts)"
     if not files:
         return
     # The row read_cases keeps per id, decided over all parts from the ids alone; each part's
     # row count comes with its ids (no second open of each file for its metadata).
-    keys = [read_parts([f], ["case_id", "run_id"]) for f in files]
+    keys = part_keys(files) if keys is None else keys
     wanted = newest_row_mask(pa.concat_tables(keys))
     sizes = [len(k) for k in keys]
     del keys

@@ -19,6 +19,7 @@ from typing import Any, cast
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from pipeline.config import Config
 from pipeline.library import pool_state
@@ -45,6 +46,7 @@ from pipeline.library.sources import (
     load_cluster_lookup,
     load_library_cases,
     load_members,
+    part_keys,
 )
 from pipeline.library.store import (
     STATUSES,
@@ -56,7 +58,7 @@ from pipeline.library.store import (
     published_case_ids,
     record_usage,
 )
-from pipeline.storage.store import cases_dir, read_parts, stored_parts
+from pipeline.storage.store import cases_dir, stored_parts
 
 __all__ = [
     "PARTS",
@@ -142,17 +144,17 @@ def select_from_store(
     # Rows no rule of `scorer.assess` can pass are dropped while still Arrow (see may_pass): most
     # stored cases, which would otherwise each become a pandas row and a dict to be rejected.
     lookup = load_cluster_lookup(out, members)
+    keys = part_keys(files)  # read once: every pass of the build and the saved ids use them
     sel = pool_selection(
-        lambda: iter_library_blocks(cfg, out, BLOCK_ROWS, scorer.may_pass, parts=files),
+        lambda: iter_library_blocks(cfg, out, BLOCK_ROWS, scorer.may_pass, parts=files, keys=keys),
         encode,
         scorer,
         lookup,
         caps=caps,
-        blocks_of=lambda groups: blocks_of(cfg, out, scorer, files, lookup, groups),
+        blocks_of=lambda groups: blocks_of(cfg, out, scorer, files, keys, lookup, groups),
     )
     if files and sel.copies_dropped:
-        seen = pool_state.id_hashes(read_parts(files, ["case_id"])["case_id"].to_numpy(zero_copy_only=False))
-        pool_state.save(path, pool_state.PoolState(key, stats, member_ids, seen, sel))
+        pool_state.save(path, pool_state.PoolState(key, stats, member_ids, pool_state.id_hashes(_ids(keys)), sel))
     return sel.candidates, {**sel.counts, "build": "full", "full_because": why}
 
 
@@ -175,25 +177,29 @@ def _continue(
     if member_ids[:n_old] != previous.members:
         return "clusters changed"
     new_members = members[n_old:]
-    if new_members and pool_state.any_seen(previous.seen, member_case_ids(new_members)):
+    if new_members and pool_state.any_seen(previous.seen, pool_state.id_hashes(member_case_ids(new_members))):
         return "clusters changed"
     root = cases_dir(out)
     new = [f for f in files if f.relative_to(root).as_posix() not in previous.parts]
-    new_ids = read_parts(new, ["case_id"])["case_id"].to_numpy(zero_copy_only=False) if new else np.array([], object)
-    if pool_state.any_seen(previous.seen, new_ids):
+    new_keys = part_keys(new)
+    new_hashes = pool_state.id_hashes(_ids(new_keys))
+    if pool_state.any_seen(previous.seen, new_hashes):
         return "cases re-processed"
-    blocks = iter_library_blocks(cfg, out, BLOCK_ROWS, scorer.may_pass, parts=new) if new else iter(())
+    blocks = iter_library_blocks(cfg, out, BLOCK_ROWS, scorer.may_pass, parts=new, keys=new_keys) if new else iter(())
+    every_keys: list[list[pa.Table]] = []
 
     def everything(groups: set[str]):
         # A group short of picks is read again from every stored case (its rows only).
+        if not every_keys:
+            every_keys.append(part_keys(files))
         lookup = load_cluster_lookup(out, members)
-        return blocks_of(cfg, out, scorer, files, lookup, groups), lookup
+        return blocks_of(cfg, out, scorer, files, every_keys[0], lookup, groups), lookup
 
     lookup = load_cluster_lookup(out, members=new_members)
     sel = extend_selection(previous.selection, blocks, encode, scorer, lookup, reread=everything)
     if isinstance(sel, Fallback):
         return sel
-    seen = np.sort(np.concatenate([previous.seen, pool_state.id_hashes(new_ids)])) if new else previous.seen
+    seen = np.sort(np.concatenate([previous.seen, new_hashes])) if new else previous.seen
     if new or member_ids != previous.members:
         pool_state.save(pool_state.state_file(out), pool_state.PoolState(previous.key, stats, member_ids, seen, sel))
     return sel.candidates, {**sel.counts, "build": "incremental", "new_parts": len(new)}
@@ -204,6 +210,7 @@ def blocks_of(
     out: Path,
     scorer: CandidateScorer,
     files: list[Path],
+    keys: list[pa.Table],
     lookup: Callable[[list[str]], list[str | None]],
     groups: set[str],
 ):
@@ -213,7 +220,12 @@ def blocks_of(
     def keep(table, emotion_known: bool) -> np.ndarray:
         return rows_in_groups(table, groups, lookup, scorer.may_pass(table, emotion_known))
 
-    return iter_library_blocks(cfg, out, BLOCK_ROWS, keep, parts=files)
+    return iter_library_blocks(cfg, out, BLOCK_ROWS, keep, parts=files, keys=keys)
+
+
+def _ids(keys: list[pa.Table]) -> np.ndarray:
+    """Every case id of `part_keys` tables."""
+    return np.concatenate([k["case_id"].to_numpy(zero_copy_only=False) for k in keys]) if keys else np.array([], object)
 
 
 def member_case_ids(files: list[Path]) -> np.ndarray:
