@@ -204,10 +204,8 @@ def select_candidates(
     ok = [i for i, (e, _, _) in enumerate(assessed) if e]
     groups: dict[str, list[int]] = {}
     for i in ok:
-        groups.setdefault(f"type:{_text(rows[i].get('issue_type')) or '未分类'}", []).append(i)
-        cid = clusters.get(str(rows[i]["case_id"]))
-        if cid:
-            groups.setdefault(f"cluster:{cid}", []).append(i)
+        for g in groups_of(rows[i].get("issue_type"), clusters.get(str(rows[i]["case_id"]))):
+            groups.setdefault(g, []).append(i)
     chosen: dict[int, list[str]] = {}
     for g, members in groups.items():
         order = sorted(members, key=lambda i: (-assessed[i][1], str(rows[i]["case_id"])))
@@ -312,7 +310,7 @@ def _pool_blocks(
             issue = _text(r.get("issue_type")) or "未分类"
             cand = Candidate(str(r["case_id"]), issue, cid, score, reasons, parts)
             e = _Pooled((-score, cand.case_id), cand, text)
-            for g in case_groups(cand):
+            for g in groups_of(cand.issue_type, cand.cluster_id):
                 if only is not None and g not in only:
                     continue
                 got.pools.setdefault(g, []).append(e)
@@ -327,17 +325,14 @@ def _pool_blocks(
 
 
 def _rows_in(block: pd.DataFrame, groups: set[str], clusters: Callable[[list[str]], list[str | None]]) -> pd.DataFrame:
-    """The rows of `block` in any of `groups` (by issue type or cluster, as `case_groups` names
+    """The rows of `block` in any of `groups` (by issue type or cluster, as `groups_of` names
     them), before they are judged: a deeper pass for a few groups judges only their cases."""
     if not len(block):
         return block
     n = len(block)
     types = block["issue_type"].tolist() if "issue_type" in block else [None] * n
     cids = clusters([str(i) for i in block["case_id"]])
-    keep = [
-        f"type:{_text(t) or '未分类'}" in groups or (c is not None and f"cluster:{c}" in groups)
-        for t, c in zip(types, cids)
-    ]
+    keep = [not groups.isdisjoint(groups_of(t, c)) for t, c in zip(types, cids)]
     return block[keep].reset_index(drop=True)
 
 
@@ -357,10 +352,7 @@ def rows_in_groups(
         table.column("issue_type").take(at).to_pylist() if "issue_type" in table.column_names else [None] * len(rows)
     )
     cids = clusters(ids)
-    keep[rows] = [
-        t is None or f"type:{_text(t) or '未分类'}" in groups or (c is not None and f"cluster:{c}" in groups)
-        for t, c in zip(types, cids)
-    ]
+    keep[rows] = [t is None or not groups.isdisjoint(groups_of(t, c)) for t, c in zip(types, cids)]
     return keep
 
 
@@ -392,9 +384,10 @@ def group_order(groups: list[str]) -> list[str]:
     return sorted(groups, key=lambda g: (not g.startswith("type:"), g))
 
 
-def case_groups(cand: Candidate) -> list[str]:
-    """The groups a case competes in: its issue type, and its root-cause cluster if it has one."""
-    return [f"type:{cand.issue_type}", *([f"cluster:{cand.cluster_id}"] if cand.cluster_id else [])]
+def groups_of(issue_type: Any, cluster_id: str | None) -> list[str]:
+    """The groups a case competes in: its issue type ("未分类" when it has none), and its
+    root-cause cluster if it has one."""
+    return [f"type:{_text(issue_type) or '未分类'}", *([f"cluster:{cluster_id}"] if cluster_id else [])]
 
 
 @dataclass
