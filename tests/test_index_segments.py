@@ -151,6 +151,55 @@ def test_compaction_keeps_results_equal(tmp_path, monkeypatch, exact_max):
     assert store.load().manifest["count"] == len(ref)
 
 
+def _merge_by_concatenation(parts, tombstones, dst, seg):
+    """The merge as it was before it streamed: every part read, concatenated, written once."""
+    import pyarrow as pa
+
+    read = [sg.read_segment(d, s, tombstones) for d, s in parts]
+    table = pa.concat_tables([t for t, _, _ in read], promote_options="default")
+    return sg.write_segment(dst, seg, table, np.concatenate([v for _, v, _ in read]),
+                            TermStats.concat([st for _, _, st in read])), table.num_rows
+
+
+def test_streamed_merge_writes_what_the_concatenation_wrote(tmp_path):
+    """Rows, column types (a part whose column was all null), vectors and term statistics of the
+    streamed merge equal those of the concatenated one, dead rows dropped in both."""
+    import faiss
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src"
+    parts, vid = [], 0
+    for i, n in enumerate((5, 3, 4)):
+        rows = pa.table({
+            "case_id": [f"c{i}-{j}" for j in range(n)],
+            "vid": np.arange(vid, vid + n, dtype=np.int64),
+            "problem": [f"问题{i}{j}" for j in range(n)],
+            # the middle part's region is all null: Parquet types it null
+            "region": pa.nulls(n) if i == 1 else pa.array([f"区{j}" for j in range(n)]),
+        })
+        vecs = rng.normal(size=(n, 8)).astype(np.float32)
+        stats = TermStats.build([[f"t{j % 3}", f"u{i}"] for j in range(n)])
+        sg.write_segment(src, sg.segment_name(i), rows, vecs, stats)
+        parts.append((src, sg.segment_name(i)))
+        vid += n
+    tomb = np.array([1, 5, 6, 7, 11], dtype=np.int64)  # the whole middle part and two others
+    got_files, got_rows = sg.merge_segments(parts, tomb, tmp_path / "new", "s000009")
+    ref_files, ref_rows = _merge_by_concatenation(parts, tomb, tmp_path / "ref", "s000009")
+    assert got_files == ref_files and got_rows == ref_rows == 12 - len(tomb)
+    new, ref = tmp_path / "new" / "s000009", tmp_path / "ref" / "s000009"
+    for name in (sg.IDS_FILE, sg.SEG_META_FILE):
+        a, b = pq.read_table(new / name), pq.read_table(ref / name)
+        assert a.schema.equals(b.schema) and a.equals(b), name
+    va, vb = (faiss.read_index(str(d / sg.VECTORS_FILE)) for d in (new, ref))
+    assert np.array_equal(va.reconstruct_n(0, va.ntotal), vb.reconstruct_n(0, vb.ntotal))
+    sa, sb = TermStats.load(new), TermStats.load(ref)
+    assert sa.vocab == sb.vocab
+    for x, y in zip((sa.indptr, sa.docs, sa.counts, sa.doclen), (sb.indptr, sb.docs, sb.counts, sb.doclen)):
+        assert np.array_equal(x, y)
+
+
 def test_dead_rows_past_the_limit_compact_everything(tmp_path):
     cfg = Config().with_overrides(index={"max_tombstone_fraction": 0.2})
     store = IndexStore(tmp_path / "index", cfg.index)

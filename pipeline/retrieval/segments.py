@@ -227,19 +227,63 @@ def merge_segments(
     parts: Sequence[tuple[Path | None, str]], tombstones: np.ndarray, dst: Path, seg: str
 ) -> tuple[list[str], int]:
     """Write the live rows of several segments (each `(version dir, name)`, in order) as one new
-    segment `dst/seg`; returns its files and row count. Dead rows are dropped here for good."""
+    segment `dst/seg`; returns its files and row count. Dead rows are dropped here for good.
+
+    Streamed a segment at a time: the metadata goes straight into the Parquet writers and the
+    vectors into the new exact index, so the merge holds one input segment plus the new index,
+    not every input's metadata and vectors twice over (a concatenation, then FAISS's own copy).
+    The tier that merges the whole history of a back-fill was the run's largest peak."""
+    import faiss
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for d, _ in parts:
+        assert d is not None
+    # One schema for every part, as a concatenation would promote them: a part written when a
+    # column was all null types it null.
+    schema = pa.unify_schemas(
+        [pq.read_schema(d / s / SEG_META_FILE) for d, s in parts],  # type: ignore[operator]
+        promote_options="default",
+    )
+    sd = dst / seg
+    sd.mkdir(parents=True)
+    flat: Any = None
+    stats = []
+    rows = 0
+    with (
+        pq.ParquetWriter(sd / IDS_FILE, _ids_schema(schema), compression="zstd") as ids_w,
+        pq.ParquetWriter(sd / SEG_META_FILE, schema, compression="zstd") as meta_w,
+    ):
+        for d, s in parts:
+            t, v, st = read_segment(d, s, tombstones)  # type: ignore[arg-type]
+            t = _conform(t, schema)
+            if t.num_rows:
+                ids_w.write_table(t.select(["case_id", "vid"]))
+                meta_w.write_table(t, row_group_size=ROW_GROUP)
+            if flat is None:
+                flat = faiss.IndexFlatIP(int(v.shape[1]))
+            if len(v):
+                flat.add(np.ascontiguousarray(v, dtype=np.float32))
+            stats.append(st)
+            rows += t.num_rows
+            del t, v
+    faiss.write_index(flat, str(sd / VECTORS_FILE))
+    TermStats.concat(stats).save(sd)
+    return segment_files(seg), rows
+
+
+def _ids_schema(schema: Any) -> Any:
     import pyarrow as pa
 
-    tables, vecs, stats = [], [], []
-    for d, s in parts:
-        assert d is not None
-        t, v, st = read_segment(d, s, tombstones)
-        tables.append(t)
-        vecs.append(v)
-        stats.append(st)
-    table = pa.concat_tables(tables, promote_options="default")
-    files = write_segment(dst, seg, table, np.concatenate(vecs), TermStats.concat(stats))
-    return files, table.num_rows
+    return pa.schema([schema.field("case_id"), schema.field("vid")])
+
+
+def _conform(t: Any, schema: Any) -> Any:
+    """`t` with `schema`'s columns, in its order and types (nulls for a column it lacks)."""
+    import pyarrow as pa
+
+    cols = [t.column(f.name).cast(f.type) if f.name in t.column_names else pa.nulls(t.num_rows, f.type) for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
 def order_hits(D: np.ndarray, R: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
