@@ -65,6 +65,14 @@ def map_coordinates(X: np.ndarray, seed: int = 0) -> np.ndarray:
     return PCA(n_components=2, random_state=seed).fit_transform(np.asarray(X, dtype=np.float32))
 
 
+# Figures are plain plotly.js specs, {"data": [traces], "layout": {...}}, not graph objects: building
+# a go.Figure validated every element of every array (the map's 5k points, one Python call each),
+# then deep-copied it all again in to_plotly_json -- over half the report's time, to check values
+# this module writes itself. Keys go in the order the graph objects wrote them (trace properties
+# alphabetical, then "type"), so the report's bytes stay as they were.
+Figure = dict[str, Any]
+
+
 @functools.cache
 def _template() -> dict[str, Any]:
     """plotly_white as JSON, made once: naming it in each figure's layout deep-copied the whole
@@ -74,43 +82,62 @@ def _template() -> dict[str, Any]:
     return pio.templates["plotly_white"].to_plotly_json()
 
 
-def _fig_html(fig: Any, first: bool) -> str:
+def _fig_html(fig: Figure, first: bool) -> str:
     import plotly.io as pio
 
-    spec = fig.to_plotly_json()
-    spec["layout"]["template"] = _template()
     # plotly.js goes inline once, with the first chart; later charts reuse it.
     return pio.to_html(
-        spec, full_html=False, include_plotlyjs=True if first else False, config=_PLOT_CONFIG, validate=False
+        fig, full_html=False, include_plotlyjs=True if first else False, config=_PLOT_CONFIG, validate=False
     )
 
 
-def _layout(fig: Any, title: str, height: int = 420) -> Any:
-    fig.update_layout(
-        title=title,
-        height=height,
-        font={"family": _FONT, "size": 12},
-        margin={"l": 40, "r": 20, "t": 50, "b": 40},
-    )
-    return fig
+def _figure(traces: list[dict[str, Any]], axes: dict[str, Any], title: str, height: int = 420) -> Figure:
+    """A figure in the shared look: `axes` are the chart's own layout keys (axes, barmode)."""
+    return {
+        "data": traces,
+        "layout": {
+            "template": _template(),
+            **axes,
+            "font": {"family": _FONT, "size": 12},
+            "margin": {"l": 40, "r": 20, "t": 50, "b": 40},
+            "title": {"text": title},
+            "height": height,
+        },
+    }
 
 
-def cluster_bar(clusters: pd.DataFrame, top: int = 15) -> Any:
+def _values(s: pd.Series | pd.Index) -> list[Any]:
+    """A column as a list of Python scalars, as plotly's validation made it (an object column
+    may hold numpy scalars, which the JSON writer would print in their own precision)."""
+    v = s.tolist()
+    return [x.item() if isinstance(x, np.generic) else x for x in v] if s.dtype == object else v
+
+
+def _texts(s: pd.Series) -> list[str | None]:
+    """Hover texts as strings, None kept: plotly's string validation wrote a missing text (NaN,
+    pd.NA) as its str()."""
+    return [t if t is None or isinstance(t, str) else str(t) for t in s.tolist()]
+
+
+def cluster_bar(clusters: pd.DataFrame, top: int = 15) -> Figure:
     """Largest cross-type clusters, labelled by their root-cause label."""
-    import plotly.graph_objects as go
-
     c = clusters[clusters["scope"] == ALL_SCOPE] if len(clusters) else clusters
     c = c.nlargest(top, "size") if len(c) else c
     names = [f"{r.cluster_id} {r.label}" for r in c.itertuples()] if len(c) else []
-    fig = go.Figure(go.Bar(x=c["size"].tolist() if len(c) else [], y=names, orientation="h", marker_color="#4c78a8"))
-    fig.update_yaxes(autorange="reversed")
-    return _layout(fig, "最大的问题簇（全部案例）", height=max(320, 28 * len(names) + 100))
+    bar = {
+        "marker": {"color": "#4c78a8"},
+        "orientation": "h",
+        "x": _values(c["size"]) if len(c) else [],
+        "y": names,
+        "type": "bar",
+    }
+    return _figure(
+        [bar], {"yaxis": {"autorange": "reversed"}}, "最大的问题簇（全部案例）", height=max(320, 28 * len(names) + 100)
+    )
 
 
-def issue_bar(members: pd.DataFrame) -> Any:
+def issue_bar(members: pd.DataFrame) -> Figure:
     """Cases per issue type, stacked by outcome (how much of each type is left unresolved)."""
-    import plotly.graph_objects as go
-
     # The two columns counted, filtered: a filter copies every column it keeps (the members'
     # problem text is most of an all-history frame).
     m = (
@@ -118,35 +145,37 @@ def issue_bar(members: pd.DataFrame) -> Any:
         if len(members)
         else members
     )
-    fig = go.Figure()
+    bars = []
     if len(m):
         tab = pd.crosstab(m["issue_type"], m["outcome"].fillna("unknown"))
         tab = tab.loc[tab.sum(axis=1).sort_values(ascending=False).index]
-        for oc in tab.columns:
-            fig.add_trace(go.Bar(name=str(oc), x=tab.index.tolist(), y=tab[oc].tolist()))
-    fig.update_layout(barmode="stack")
-    return _layout(fig, "各问题类型案例数（按处理结果）")
+        x = _values(tab.index)
+        bars = [{"name": str(oc), "x": x, "y": _values(tab[oc]), "type": "bar"} for oc in tab.columns]
+    return _figure(bars, {"barmode": "stack"}, "各问题类型案例数（按处理结果）")
 
 
-def trend_lines(counts: pd.DataFrame, dimension: str, title: str, top: int = 8) -> Any:
+def trend_lines(counts: pd.DataFrame, dimension: str, title: str, top: int = 8) -> Figure:
     """Weekly counts of the largest keys of one dimension."""
-    import plotly.graph_objects as go
-
     from pipeline.insights.trends import weekly_series
 
     w = weekly_series(counts, dimension, top) if len(counts) else counts
-    fig = go.Figure()
-    for key, g in w.groupby("key") if len(w) else []:
-        fig.add_trace(go.Scatter(x=g["period"].tolist(), y=g["count"].tolist(), mode="lines+markers", name=str(key)))
-    fig.update_xaxes(title="周（周一）", type="category")  # weeks are labels, not instants
-    return _layout(fig, title)
+    lines = [
+        {
+            "mode": "lines+markers",
+            "name": str(key),
+            "x": _values(g["period"]),
+            "y": _values(g["count"]),
+            "type": "scatter",
+        }
+        for key, g in (w.groupby("key") if len(w) else [])
+    ]
+    # weeks are labels, not instants
+    return _figure(lines, {"xaxis": {"title": {"text": "周（周一）"}, "type": "category"}}, title)
 
 
-def case_map(points: pd.DataFrame, top: int = 12) -> Any:
+def case_map(points: pd.DataFrame, top: int = 12) -> Figure:
     """Cases in 2-D coloured by cluster; noise grey. Hover shows the masked problem."""
-    import plotly.graph_objects as go
-
-    fig = go.Figure()
+    traces = []
     if len(points):
         sizes = points[points["cluster_id"].notna()]["cluster_id"].value_counts()
         shown = set(sizes.index[:top])
@@ -156,42 +185,45 @@ def case_map(points: pd.DataFrame, top: int = 12) -> Any:
         for g, sub in groups.groupby("group", sort=False):
             name = f"{g} {sub['label'].iloc[0]}" if g in shown else str(g)
             grey = g in ("噪声", "其他簇")
-            fig.add_trace(
-                go.Scatter(
-                    x=sub["x"].round(4).tolist(),
-                    y=sub["y"].round(4).tolist(),
-                    mode="markers",
-                    name=name[:30],
-                    text=sub["text"].str.slice(0, 60).tolist(),
-                    hovertemplate="%{text}<extra>" + html.escape(name[:30]) + "</extra>",
-                    marker={
-                        "size": 6,
-                        "opacity": 0.35 if grey else 0.8,
+            traces.append(
+                {
+                    "hovertemplate": "%{text}<extra>" + html.escape(name[:30]) + "</extra>",
+                    "marker": {
                         **({"color": "#bbbbbb"} if g == "噪声" else {}),
+                        "opacity": 0.35 if grey else 0.8,
+                        "size": 6,
                     },
-                )
+                    "mode": "markers",
+                    "name": name[:30],
+                    "text": _texts(sub["text"].str.slice(0, 60)),
+                    "x": _values(sub["x"].round(4)),
+                    "y": _values(sub["y"].round(4)),
+                    "type": "scatter",
+                }
             )
-    fig.update_xaxes(showticklabels=False)
-    fig.update_yaxes(showticklabels=False)
-    return _layout(fig, "案例语义地图（按问题簇着色）", height=560)
+    return _figure(
+        traces,
+        {"xaxis": {"showticklabels": False}, "yaxis": {"showticklabels": False}},
+        "案例语义地图（按问题簇着色）",
+        height=560,
+    )
 
 
-def trajectory_bar(emotion: pd.DataFrame, dimension: str = "issue_type") -> Any:
+def trajectory_bar(emotion: pd.DataFrame, dimension: str = "issue_type") -> Figure:
     """Stacked shares of 改善 / 平稳 / 恶化 per issue type."""
-    import plotly.graph_objects as go
-
     d = emotion[emotion["dimension"] == dimension] if len(emotion) else emotion
-    fig = go.Figure()
     colors = {"改善": "#2e7d32", "平稳": "#9e9e9e", "恶化": "#c62828"}
-    for t in ("改善", "平稳", "恶化"):
-        fig.add_bar(
-            name=t,
-            x=d["key"].tolist() if len(d) else [],
-            y=d[f"share_{t}"].tolist() if len(d) else [],
-            marker_color=colors[t],
-        )
-    fig.update_layout(barmode="stack", yaxis_tickformat=".0%")
-    return _layout(fig, "情绪走向（按问题类型）")
+    bars = [
+        {
+            "marker": {"color": colors[t]},
+            "name": t,
+            "x": _values(d["key"]) if len(d) else [],
+            "y": _values(d[f"share_{t}"]) if len(d) else [],
+            "type": "bar",
+        }
+        for t in ("改善", "平稳", "恶化")
+    ]
+    return _figure(bars, {"yaxis": {"tickformat": ".0%"}, "barmode": "stack"}, "情绪走向（按问题类型）")
 
 
 def table_html(df: pd.DataFrame, columns: dict[str, str], max_rows: int = 50, row_class: str | None = None) -> str:
