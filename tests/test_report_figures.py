@@ -148,8 +148,9 @@ def _awkward() -> rp.ReportData:
     members = pd.DataFrame(
         {
             "scope": [ALL_SCOPE] * 60 + ["物流配送"] * 5,
-            "issue_type": [types[i % 5] for i in range(65)],
-            "outcome": pd.Series([outcomes[(i * 3) % 5] for i in range(65)], dtype="str"),
+            # a type and an outcome seen only in a per-type scope: no row or column of the chart
+            "issue_type": [types[i % 5] for i in range(64)] + ["仅在分类内"],
+            "outcome": pd.Series([outcomes[(i * 3) % 5] for i in range(64)] + ["transferred"], dtype="str"),
             "problem": ["x"] * 65,
         }
     )

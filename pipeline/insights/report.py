@@ -106,7 +106,7 @@ def _figure(traces: list[dict[str, Any]], axes: dict[str, Any], title: str, heig
     }
 
 
-def _values(s: pd.Series | pd.Index) -> list[Any]:
+def _values(s: pd.Series | pd.Index | np.ndarray) -> list[Any]:
     """A column as a list of Python scalars, as plotly's validation made it (an object column
     may hold numpy scalars, which the JSON writer would print in their own precision)."""
     v = s.tolist()
@@ -121,7 +121,9 @@ def _texts(s: pd.Series) -> list[str | None]:
 
 def cluster_bar(clusters: pd.DataFrame, top: int = 15) -> Figure:
     """Largest cross-type clusters, labelled by their root-cause label."""
-    c = clusters[clusters["scope"] == ALL_SCOPE] if len(clusters) else clusters
+    # The three columns shown, filtered: a filter copies every column it keeps (the clusters'
+    # list columns too).
+    c = clusters.loc[clusters["scope"] == ALL_SCOPE, ["cluster_id", "label", "size"]] if len(clusters) else clusters
     c = c.nlargest(top, "size") if len(c) else c
     names = [f"{r.cluster_id} {r.label}" for r in c.itertuples()] if len(c) else []
     bar = {
@@ -138,20 +140,29 @@ def cluster_bar(clusters: pd.DataFrame, top: int = 15) -> Figure:
 
 def issue_bar(members: pd.DataFrame) -> Figure:
     """Cases per issue type, stacked by outcome (how much of each type is left unresolved)."""
-    # The two columns counted, filtered: a filter copies every column it keeps (the members'
-    # problem text is most of an all-history frame).
-    m = (
-        members.loc[members["scope"] == ALL_SCOPE, [c for c in ("issue_type", "outcome") if c in members]]
-        if len(members)
-        else members
-    )
     bars = []
-    if len(m):
-        tab = pd.crosstab(m["issue_type"], m["outcome"].fillna("unknown"))
+    if len(members):
+        tab = _outcome_table(members)
         tab = tab.loc[tab.sum(axis=1).sort_values(ascending=False).index]
         x = _values(tab.index)
         bars = [{"name": str(oc), "x": x, "y": _values(tab[oc]), "type": "bar"} for oc in tab.columns]
     return _figure(bars, {"barmode": "stack"}, "各问题类型案例数（按处理结果）")
+
+
+def _outcome_table(members: pd.DataFrame) -> pd.DataFrame:
+    """The cross-type members counted by issue type (rows) and outcome (columns, a missing one
+    "unknown"), both sorted, as `pd.crosstab` counted them: counted here on integer codes, as the
+    crosstab of an all-history members frame was most of this chart's time."""
+    keep = (members["scope"] == ALL_SCOPE).to_numpy()
+    types, type_names = pd.factorize(members["issue_type"], sort=True)  # missing: -1, left out as crosstab did
+    outcomes, outcome_names = pd.factorize(members["outcome"].fillna("unknown"), sort=True)
+    types, outcomes = types[keep], outcomes[keep]
+    ok = (types >= 0) & (outcomes >= 0)
+    n = np.bincount(types[ok] * len(outcome_names) + outcomes[ok], minlength=len(type_names) * len(outcome_names))
+    n = n.reshape(len(type_names), len(outcome_names))
+    # Values seen only outside the cross-type scope are no row or column of the crosstab.
+    rows, cols = np.flatnonzero(n.any(axis=1)), np.flatnonzero(n.any(axis=0))
+    return pd.DataFrame(n[np.ix_(rows, cols)], index=type_names[rows], columns=outcome_names[cols])
 
 
 def trend_lines(counts: pd.DataFrame, dimension: str, title: str, top: int = 8) -> Figure:
@@ -177,13 +188,18 @@ def case_map(points: pd.DataFrame, top: int = 12) -> Figure:
     """Cases in 2-D coloured by cluster; noise grey. Hover shows the masked problem."""
     traces = []
     if len(points):
-        sizes = points[points["cluster_id"].notna()]["cluster_id"].value_counts()
-        shown = set(sizes.index[:top])
-        groups = points.assign(
-            group=[c if c in shown else ("噪声" if c is None or pd.isna(c) else "其他簇") for c in points["cluster_id"]]
-        )
-        for g, sub in groups.groupby("group", sort=False):
-            name = f"{g} {sub['label'].iloc[0]}" if g in shown else str(g)
+        ids = points["cluster_id"]
+        shown = set(ids[ids.notna()].value_counts().index[:top])
+        group = [c if c in shown else ("噪声" if c is None or pd.isna(c) else "其他簇") for c in ids]
+        # Each group's points taken by position from columns converted once: a groupby built a
+        # frame per group and rounded, sliced and converted each group's columns apart. Groups
+        # in order of first appearance, as groupby(sort=False) gave them.
+        codes, groups = pd.factorize(np.array(group, dtype=object))
+        x, y = points["x"].round(4).to_numpy(), points["y"].round(4).to_numpy()
+        texts = np.array(_texts(points["text"].str.slice(0, 60)), dtype=object)
+        for k, g in enumerate(groups):
+            rows = np.flatnonzero(codes == k)
+            name = f"{g} {points['label'].iloc[rows[0]]}" if g in shown else str(g)
             grey = g in ("噪声", "其他簇")
             traces.append(
                 {
@@ -195,9 +211,9 @@ def case_map(points: pd.DataFrame, top: int = 12) -> Figure:
                     },
                     "mode": "markers",
                     "name": name[:30],
-                    "text": _texts(sub["text"].str.slice(0, 60)),
-                    "x": _values(sub["x"].round(4)),
-                    "y": _values(sub["y"].round(4)),
+                    "text": texts[rows].tolist(),
+                    "x": _values(x[rows]),
+                    "y": _values(y[rows]),
                     "type": "scatter",
                 }
             )
