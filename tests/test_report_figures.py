@@ -6,7 +6,8 @@ it. The charts are now written as plain dicts. Validation also *changed* some va
 scalar became a Python one, a missing hover text its str()), and the report's bytes depend on
 the key order, so each test renders the replaced graph-object form beside the new one on data
 with the awkward values (missing, empty, numpy scalars in object columns, NaN) and wants the
-same JSON, byte for byte, and the same report."""
+same JSON, byte for byte, and the same report. The tables, now made from only the rows and
+columns they show, are checked against the form that converted whole frames."""
 
 from __future__ import annotations
 
@@ -119,6 +120,24 @@ def ref_trajectory_bar(emotion: pd.DataFrame, dimension: str = "issue_type") -> 
     return _ref_layout(fig, "情绪走向（按问题类型）")
 
 
+def ref_table_html(df: pd.DataFrame, columns: dict[str, str], max_rows: int = 50, row_class: str | None = None) -> str:
+    if df is None or df.empty:
+        return '<p class="note">（无数据）</p>'
+    cols = [c for c in columns if c in df]
+    head = "".join(f"<th>{html.escape(columns[c])}</th>" for c in cols)
+    body = []
+    for r in df.head(max_rows).to_dict("records"):
+        cls = f' class="{row_class}"' if row_class and r.get(row_class) else ""
+        cells = "".join(f"<td>{html.escape(rp._cell(r[c]))}</td>" for c in cols)
+        body.append(f"<tr{cls}>{cells}</tr>")
+    more = (
+        f'<p class="note">仅显示前 {max_rows} 行，共 {len(df)} 行；完整数据见同目录的 CSV/Parquet。</p>'
+        if len(df) > max_rows
+        else ""
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{more}"
+
+
 def ref_fig_html(fig: Any, first: bool) -> str:
     import plotly.io as pio
 
@@ -191,21 +210,40 @@ def _awkward() -> rp.ReportData:
             "share_恶化": [0.2, 0.9, 0.8, 0.25],
         }
     )
-    alerts = pd.DataFrame({"key": ["C0001"], "this_week": [3], "last_week": [1], "emerging": [True], "alert": [False]})
+    alerts = pd.DataFrame(
+        {
+            "key": ["C0001", "C0002", "C0003"],
+            "this_week": [3, 9, 0],
+            "last_week": [1, 0, 2],
+            "emerging": [True, False, False],
+            "alert": [False, True, np.nan],
+            "p_value": [0.5, 0.001, np.nan],
+        }
+    )
+    # a list column, a missing value, more rows than shown and a column no table shows
+    matrix = pd.DataFrame(
+        {
+            "issue_type": ["物流配送", None] * 31,
+            "cause_phrases": [["慢", "丢件"], []] * 31,
+            "count": np.arange(62),
+            "share_of_issue_type": np.linspace(0, 2, 62),
+            "unshown": [{"a": 1}] * 62,
+        }
+    )
     return rp.ReportData(
-        "2025-11-01",
-        "2025-10-31",
-        100,
-        80,
-        clusters,
-        members,
-        alerts,
-        counts,
-        pd.DataFrame(),
-        pd.DataFrame(),
-        points,
-        ["注释 <b>"],
-        emotion,
+        export_date="2025-11-01",
+        as_of="2025-10-31",
+        n_cases=100,
+        n_clustered=80,
+        clusters=clusters,
+        members=members,
+        alerts=alerts,
+        counts=counts,
+        matrix=matrix,
+        kpis=pd.DataFrame(),
+        map_points=points,
+        notes=["注释 <b>"],
+        emotion=emotion,
     )
 
 
@@ -266,8 +304,19 @@ def test_report_is_byte_identical_to_the_graph_object_rendering(name, monkeypatc
             ("case_map", ref_case_map),
             ("trajectory_bar", ref_trajectory_bar),
             ("_fig_html", ref_fig_html),
+            ("table_html", ref_table_html),
         ):
             m.setattr(rp, attr, ref)
         want = rp.render_report(data)
     assert got.count("Plotly.newPlot") == 6
     assert got == want
+
+
+@pytest.mark.parametrize("name", DATA)
+def test_each_table_is_the_table_it_replaced(name):
+    d = DATA[name]()
+    shown = {"key": "编号", "alert": "预警", "p_value": "p", "issue_type": "类型", "cause_phrases": "原因"}
+    for df in (d.alerts, d.matrix, d.clusters, d.members):
+        for columns, row_class, max_rows in ((shown, None, 50), (shown, "alert", 2), ({"key": "编号"}, "alert", 50)):
+            # a row class from a column the table does not show still marks its rows
+            assert rp.table_html(df, columns, max_rows, row_class) == ref_table_html(df, columns, max_rows, row_class)

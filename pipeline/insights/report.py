@@ -248,8 +248,11 @@ def table_html(df: pd.DataFrame, columns: dict[str, str], max_rows: int = 50, ro
         return '<p class="note">（无数据）</p>'
     cols = [c for c in columns if c in df]
     head = "".join(f"<th>{html.escape(columns[c])}</th>" for c in cols)
+    # Only the shown rows and columns made into dicts: the clusters' list columns are most of the
+    # conversion and none is shown whole.
+    keep = cols + [row_class] if row_class and row_class in df and row_class not in cols else cols
     body = []
-    for r in df.head(max_rows).to_dict("records"):
+    for r in df.head(max_rows)[keep].to_dict("records"):
         cls = f' class="{row_class}"' if row_class and r.get(row_class) else ""
         cells = "".join(f"<td>{html.escape(_cell(r[c]))}</td>" for c in cols)
         body.append(f"<tr{cls}>{cells}</tr>")
