@@ -558,3 +558,62 @@ def test_worsened_by_team_counts_what_each_team_group_counted(dtype):
         teams = [rng.choice(["售后一组", "售后二组", "a7", "b", None]) for _ in range(n)]
         got = worsened_by_team(cases, teams)
         pd.testing.assert_frame_equal(got, _worsened_by_team_before(cases, teams), check_exact=True)
+
+
+@pytest.mark.parametrize("dtype", [object, "str"])
+def test_cluster_groups_are_a_groupbys_groups_with_noise_in_none(dtype):
+    """recount_clusters numbers (scope, cluster) groups by codes: the same groups, the same rows
+    (in row order) as groupby(sort=False).indices, noise and missing scopes in none."""
+    from pipeline.insights.incremental import cluster_groups
+
+    rng = random.Random(5)
+    for n in (0, 1, 50, 300):
+        members = pd.DataFrame(
+            {
+                "scope": pd.Series([rng.choice([ALL_SCOPE, "售后", "物流", None]) for _ in range(n)], dtype=dtype),
+                "cluster_id": [rng.choice(["C1", "C2", "C10", None, np.nan]) for _ in range(n)],
+            }
+        )
+        scope_codes, scope_names = pd.factorize(members["scope"])
+        codes, keys = cluster_groups(scope_codes, scope_names, members["cluster_id"])
+        want = members.groupby(["scope", "cluster_id"], sort=False).indices if n else {}
+        got = {key: np.flatnonzero(codes == code) for code, key in enumerate(keys)}
+        assert list(got) == [(str(s), str(c)) for s, c in want]
+        assert all(np.array_equal(got[(str(s), str(c))], idx) for (s, c), idx in want.items())
+        assert ((codes < 0) == (members["cluster_id"].isna() | members["scope"].isna()).to_numpy()).all()
+
+
+def test_recount_counts_each_cluster_apart_from_the_noise():
+    """Noise rows are counted as one more group by recount_clusters; no cluster's size, mix or
+    mean may take any of them."""
+    from pipeline.insights.cluster import ClusterState
+    from pipeline.insights.incremental import recount_clusters
+
+    members = pd.DataFrame(
+        {
+            "scope": [ALL_SCOPE] * 5 + ["售后"] * 3,
+            "cluster_id": ["C1", None, "C1", "C2", None, "C3", None, "C3"],
+            "outcome": ["resolved", "escalated", "unresolved", None, "escalated", "resolved", "escalated", ""],
+            "emotion_score": [0.5, -9.0, np.nan, 0.25, -9.0, 1.0, -9.0, 0.0],
+            "region": ["华东", "华北", "华东", "华南", "华北", None, "华北", "华东"],
+            "issue_type": ["售后"] * 8,
+        }
+    )
+    described = pd.DataFrame(
+        {
+            "cluster_id": ["C1", "C2", "C3", "C9"],
+            "scope": [ALL_SCOPE, ALL_SCOPE, "售后", ALL_SCOPE],
+            "label": ["a", "b", "c", "gone"],
+            "label_history": ["[]"] * 4,
+            **{c: [None] * 4 for c in ("size", "scope_size", "share_escalated", "share_resolved")},
+            **{c: [None] * 4 for c in ("mean_emotion", "top_regions")},
+        }
+    )
+    clusters, _ = recount_clusters(described, members, ClusterState.empty(), "2025-12-01", 3)
+    got = clusters.set_index("cluster_id")
+    assert list(got.index) == ["C1", "C2", "C3"]
+    assert got["size"].tolist() == [2, 1, 2] and got["scope_size"].tolist() == [5, 5, 3]
+    assert got["share_escalated"].tolist() == [0.0, 0.0, 0.0]
+    assert got["share_resolved"].tolist() == [0.5, 0.0, 0.5]
+    assert got["mean_emotion"].tolist() == [0.5, 0.25, 0.5]
+    assert got["top_regions"].tolist() == ["华东 100%", "华南 100%", "华东 50%"]
