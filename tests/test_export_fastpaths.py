@@ -617,3 +617,66 @@ def test_recount_counts_each_cluster_apart_from_the_noise():
     assert got["share_resolved"].tolist() == [0.5, 0.0, 0.5]
     assert got["mean_emotion"].tolist() == [0.5, 0.25, 0.5]
     assert got["top_regions"].tolist() == ["华东 100%", "华南 100%", "华东 50%"]
+
+
+def _group_kpis_before(g: pd.DataFrame) -> dict:
+    """One group's KPI row as compute_kpis made it from each groupby group."""
+    from pipeline.insights.kpis import _num, _q
+
+    n = len(g)
+    fr = _num(g["first_response_s"] if "first_response_s" in g else None).dropna()
+    du = _num(g["duration_s"] if "duration_s" in g else None).dropna()
+    oc = g["outcome"].fillna("unknown") if "outcome" in g else pd.Series(["unknown"] * n)
+    rate = lambda k: round(float((oc == k).mean()), 4) if n else None  # noqa: E731
+    return {
+        "n_cases": n,
+        "n_with_first_response": int(len(fr)),
+        "first_response_median_s": _q(fr, 0.5),
+        "first_response_p90_s": _q(fr, 0.9),
+        "n_with_duration": int(len(du)),
+        "duration_median_s": _q(du, 0.5),
+        "duration_mean_s": round(float(du.mean()), 1) if len(du) else None,
+        "resolution_rate": rate("resolved"),
+        "escalation_rate": rate("escalated"),
+        "unresolved_rate": rate("unresolved"),
+        "n_outcome_unknown": int((oc == "unknown").sum()),
+    }
+
+
+def _compute_kpis_before(cases: pd.DataFrame) -> pd.DataFrame:
+    from pipeline.insights.kpis import KPI_COLUMNS
+
+    rows = [{"group_by": "all", "group": "全部", **_group_kpis_before(cases)}]
+    used = cases[[c for c in ("first_response_s", "duration_s", "outcome") if c in cases]]
+    for col in ("channel", "issue_type"):
+        if col not in cases:
+            continue
+        keys = cases[col].fillna("未分类" if col == "issue_type" else "未知")
+        for k, g in used.groupby(keys, sort=True):
+            rows.append({"group_by": col, "group": str(k), **_group_kpis_before(g)})
+    return pd.DataFrame(rows, columns=KPI_COLUMNS)
+
+
+@pytest.mark.parametrize("dtype", [object, "str"])
+@pytest.mark.parametrize("drop", [(), ("outcome",), ("first_response_s", "duration_s"), ("channel",)])
+def test_compute_kpis_give_what_each_groupby_group_gave(dtype, drop):
+    from pipeline.insights.kpis import compute_kpis
+
+    rng = random.Random(11)
+    for n in (0, 1, 7, 400):
+        rows = range(n)
+        cases = pd.DataFrame(
+            {
+                "channel": pd.Series([rng.choice(["chat", "call", "", None]) for _ in range(n)], dtype=dtype),
+                "issue_type": pd.Series([rng.choice(["物流", "发票", "未分类", None]) for _ in range(n)], dtype=dtype),
+                "outcome": pd.Series(
+                    [rng.choice(["resolved", "escalated", "unresolved", "unknown", "", None]) for _ in range(n)],
+                    dtype=dtype,
+                ),
+                # Long decimals over a wide range, missing as None and NaN.
+                "first_response_s": [rng.choice([None, np.nan, rng.random() * 10 ** rng.randint(0, 6)]) for _ in rows],
+                "duration_s": [rng.choice([np.nan, rng.random() * 10 ** rng.randint(0, 6), 0.1]) for _ in rows],
+            }
+        ).drop(columns=list(drop))
+        got, want = compute_kpis(cases), _compute_kpis_before(cases)
+        pd.testing.assert_frame_equal(got, want, check_exact=True)
