@@ -680,3 +680,52 @@ def test_compute_kpis_give_what_each_groupby_group_gave(dtype, drop):
         ).drop(columns=list(drop))
         got, want = compute_kpis(cases), _compute_kpis_before(cases)
         pd.testing.assert_frame_equal(got, want, check_exact=True)
+
+
+def _save_state_before(out, state) -> None:
+    """save_state as it was: each vector a list of Python floats."""
+    from pipeline.insights.cluster import _as_list
+    from pipeline.insights.export import state_path
+    from pipeline.io import atomic_write_parquet
+
+    t = state.table.copy()
+    for col in ("centroid", "center"):
+        if col in t:
+            t[col] = t[col].map(lambda v: [float(x) for x in v] if len(_as_list(v)) else None)
+    t["radius_full"] = pd.to_numeric(t["radius_full"], errors="coerce").astype(np.float64)
+    t["model_day"] = t["model_day"].astype(object).where(t["model_day"].notna(), None)
+    atomic_write_parquet(state_path(out), pa.Table.from_pandas(t.reset_index(drop=True), preserve_index=False))
+
+
+def test_save_state_writes_the_bytes_the_float_lists_wrote(tmp_path):
+    """Vectors held as lists, float32 or float64 arrays, empty or missing: the same file."""
+    from pipeline.insights.cluster import ClusterState
+    from pipeline.insights.export import save_state, state_path
+
+    rng = np.random.default_rng(2)
+    vectors = [
+        rng.standard_normal(6).astype(np.float32),
+        rng.standard_normal(6),
+        [float(x) for x in rng.standard_normal(6)],
+        (0.1, 0.2, 1 / 3, 2, 0, -0.5),
+        np.zeros(0),
+        [],
+        None,
+    ]
+    t = pd.DataFrame(
+        {
+            "cluster_id": [f"C{i}" for i in range(len(vectors))],
+            "centroid": pd.Series(vectors, dtype=object),
+            "center": pd.Series(vectors[::-1], dtype=object),
+            "radius_full": [0.5, None, "0.25", np.nan, 1, 0.0, 0.75],
+            "model_day": ["2025-12-01", None, np.nan, "2025-11-30", None, "x", None],
+        },
+        index=[7, 3, 5, 1, 0, 2, 4],
+    )
+    for i, table in enumerate((t, t.iloc[0:0])):
+        a, b = tmp_path / f"a{i}", tmp_path / f"b{i}"
+        for d in (a, b):
+            state_path(d).parent.mkdir(parents=True)
+        save_state(a, ClusterState(table))
+        _save_state_before(b, ClusterState(table))
+        assert state_path(a).read_bytes() == state_path(b).read_bytes()
