@@ -114,7 +114,9 @@ def test_map_points_keep_the_points_a_sample_of_all_would(max_points):
 
 def _members_view_before(frame: pd.DataFrame, membership: pd.DataFrame) -> pd.DataFrame:
     """members_view as it was: positions by a map through a Series, fields by a merge."""
-    keep = [c for c in ("case_id", "date", "region", "cluster_text") if c in frame]
+    from pipeline.insights.cluster import MEMBER_FIELDS
+
+    keep = [c for c in MEMBER_FIELDS if c in frame]
     fields = frame[keep].assign(case_id=frame["case_id"].astype(str)).rename(columns={"cluster_text": "problem"})
     m = membership[["scope", "cluster_id", "is_noise", "similarity", "case_id", "x", "y"]].copy()
     m["case_id"] = m["case_id"].astype(str)
@@ -729,3 +731,33 @@ def test_save_state_writes_the_bytes_the_float_lists_wrote(tmp_path):
         save_state(a, ClusterState(table))
         _save_state_before(b, ClusterState(table))
         assert state_path(a).read_bytes() == state_path(b).read_bytes()
+
+
+@pytest.mark.parametrize("dtype", ["str", object])
+@pytest.mark.parametrize("missing", [(), ("k0",), ("k3",), ("k2", "k4")])
+def test_members_view_slices_the_leading_cases_and_takes_the_rest(dtype, missing):
+    """The cross-type scope's rows are the frame's own columns when they lead in frame order; a
+    case without such a row (here `missing`) ends the slice there, and the rest are taken."""
+    ids = ["k3", "k1", "k4", "k0", "k2"]
+    frame = pd.DataFrame(
+        {
+            "case_id": pd.Series(ids, dtype=dtype),
+            "date": pd.Series(["2025-11-01", None, "2025-11-02", "", "2025-11-03"], dtype=dtype),
+            "region": pd.Series(["华东", None, "华北", "华东", ""], dtype=dtype),
+            "emotion_score": [0.5, np.nan, -1.0, 0.0, 0.25],
+            "cluster_text": pd.Series([f"文本{i}" for i in range(5)], dtype=dtype),
+        },
+        index=[4, 0, 3, 1, 2],
+    )
+    rows = [
+        {"case_id": cid, "run_id": "r", "scope": scope, "cluster_id": "C1", "is_noise": False,
+         "similarity": 0.5, "x": np.nan, "y": np.nan}
+        for scope in ("物流", ALL_SCOPE)
+        for cid in ("k0", "k1", "k2", "k3", "k4", "k5")
+        if not (scope == ALL_SCOPE and cid in missing)
+    ]
+    membership = pd.DataFrame(rows).astype({"case_id": dtype})
+    got = members_view(frame, membership)
+    want = _members_view_before(frame, membership)
+    pd.testing.assert_frame_equal(got, want)
+    assert list(got["problem"]) == list(want["problem"])

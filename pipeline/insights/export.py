@@ -380,7 +380,16 @@ def members_view(frame: pd.DataFrame, membership: pd.DataFrame) -> pd.DataFrame:
     per_type = np.asarray(scopes != ALL_SCOPE, dtype=np.int8)[scope_codes]
     rows = np.flatnonzero(pos >= 0)
     rows = rows[np.lexsort((pos[rows], scope_codes[rows], per_type[rows]))]
-    picked = fields.iloc[pos[rows]].reset_index(drop=True)
+    taken = pos[rows]
+    # The cross-type scope's rows lead, and are usually every selected case in frame order:
+    # those are the frame's own columns, a slice, and only the per-type rows are copied. Taking
+    # all rows copied the cases' text twice (40 MB at 100k cases), 0.1 s of a night's export.
+    off = np.flatnonzero(taken != np.arange(len(taken)))
+    lead = int(off[0]) if len(off) else len(taken)
+    if 0 < lead:
+        picked = pd.concat([fields.iloc[:lead], fields.iloc[taken[lead:]]], ignore_index=True)
+    else:
+        picked = fields.iloc[taken].reset_index(drop=True)
     head = m.iloc[rows].reset_index(drop=True)
     head["case_id"] = head["case_id"].astype(str)  # as matched (no copy when they are text already)
     out = pd.concat([head, picked], axis=1)
