@@ -761,3 +761,44 @@ def test_members_view_slices_the_leading_cases_and_takes_the_rest(dtype, missing
     want = _members_view_before(frame, membership)
     pd.testing.assert_frame_equal(got, want)
     assert list(got["problem"]) == list(want["problem"])
+
+
+@pytest.mark.parametrize("ids", [object, "str"])
+@pytest.mark.parametrize("repeat", [False, True])
+def test_trajectory_table_finds_each_cases_cluster_as_the_merge_did(ids, repeat):
+    """Clusters found by position (the cross-type scope's clustered rows, other scopes and noise
+    left out, cases without a member kept); an id repeated among them goes to the merge, which
+    repeats its case."""
+    rng = random.Random(4)
+    n = 300
+    cases = pd.DataFrame(
+        {
+            "case_id": pd.Series([f"c{i}" for i in range(n)], dtype=ids),
+            "issue_type": [rng.choice(["物流配送", "发票", None]) for _ in range(n)],
+            "channel": [rng.choice(["chat", "phone"]) for _ in range(n)],
+            "outcome": [rng.choice(["resolved", "unknown"]) for _ in range(n)],
+            "emotion_trajectory": [rng.choice(["改善", "平稳", "恶化", None]) for _ in range(n)],
+            "emotion_start": [rng.uniform(-1, 1) for _ in range(n)],
+            "emotion_end": [rng.uniform(-1, 1) for _ in range(n)],
+            "emotion_delta": [rng.choice([rng.uniform(-2, 2), np.nan]) for _ in range(n)],
+            "agent_id": [rng.choice(["a1", "a2", None]) for _ in range(n)],
+        }
+    ).set_axis(rng.sample(range(1000), n))
+    picked = [f"c{i}" for i in rng.sample(range(2, n + 20), n)]  # some cases no member, some no case
+    picked[:2] = ["c0", "c0" if repeat else "c1"]
+    cases.loc[cases["case_id"] == "c0", "emotion_trajectory"] = "恶化"  # counted, not left out
+    members = pd.DataFrame(
+        {
+            "scope": [rng.choice([ALL_SCOPE, ALL_SCOPE, "发票"]) for _ in picked],
+            "case_id": pd.Series(picked, dtype=ids),
+            "cluster_id": [rng.choice(["C1", "C2", "C3", None]) for _ in picked],
+        }
+    )
+    members.loc[0:1, ["scope", "cluster_id"]] = [ALL_SCOPE, "C2"]
+    want_in = cases.assign(team=case_teams(cases)).merge(
+        members.loc[(members["scope"] == ALL_SCOPE) & members["cluster_id"].notna(), ["case_id", "cluster_id"]],
+        on="case_id",
+        how="left",
+    )
+    got = trajectory_table(cases, members)
+    pd.testing.assert_frame_equal(got, _trajectory_by_groupbys(want_in), check_exact=True)
