@@ -65,23 +65,22 @@ def _period_codes(dates: pd.Series) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def _count_by(codes: list[np.ndarray], uniques: list[np.ndarray]) -> list[Any]:
-    """Rows counted per distinct combination of codes (rows with a -1 left out, as a groupby
-    drops missing keys), in sorted order: each column's values, then the counts."""
-    keep = np.logical_and.reduce([c >= 0 for c in codes])
-    combined = np.zeros(int(keep.sum()), dtype=np.int64)
-    span = 1
-    for c, u in zip(codes, uniques):
-        combined = combined * max(len(u), 1) + c[keep]
-        span *= max(len(u), 1)
+def _count_combined(combined: np.ndarray, span: int) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values of `combined` (codes of several columns, each below `span`) in sorted
+    order, and their counts: rows counted per combination, in a groupby's order (rows with a
+    missing value are left out by the caller, as a groupby drops missing keys)."""
     if span <= 4 * len(combined):
         # Few combinations for the rows: counted into one bin each, found in sorted order, as
         # np.unique would give them without its sort of every row.
         binned = np.bincount(combined, minlength=span)
         found = np.flatnonzero(binned)
-        counts = binned[found]
-    else:
-        found, counts = np.unique(combined, return_counts=True)
+        return found, binned[found]
+    return np.unique(combined, return_counts=True)
+
+
+def _decode(found: np.ndarray, counts: np.ndarray, uniques: list[np.ndarray]) -> list[Any]:
+    """Combined codes back to each column's values (`uniques`, first column most significant),
+    then the counts."""
     cols = []
     for u in reversed(uniques):
         width = max(len(u), 1)
@@ -120,7 +119,13 @@ def count_table(df: pd.DataFrame, dimension: str, key_col: str) -> pd.DataFrame:
     parts = []
     for gran in ("day", "week"):
         pcodes, pvalues = periods[gran]
-        k, p, n = _count_by([keys, pcodes], [key_values, pvalues])
+        # (key, period) combined once per granularity, and each breakdown's code appended to it:
+        # combining all three columns again for every breakdown cost most of the counting.
+        dated = (keys >= 0) & (pcodes >= 0)
+        width = max(len(pvalues), 1)
+        pair = keys * width + pcodes
+        span = max(len(key_values), 1) * width
+        k, p, n = _decode(*_count_combined(pair[dated], span), [key_values, pvalues])
         parts.append(
             pd.DataFrame(
                 {
@@ -134,7 +139,10 @@ def count_table(df: pd.DataFrame, dimension: str, key_col: str) -> pd.DataFrame:
             )
         )
         for b, (bcodes, bvalues) in breakdowns.items():
-            k, p, v, n = _count_by([keys, pcodes, bcodes], [key_values, pvalues, bvalues])
+            kept = dated & (bcodes >= 0)
+            bwidth = max(len(bvalues), 1)
+            found, counts = _count_combined(pair[kept] * bwidth + bcodes[kept], span * bwidth)
+            k, p, v, n = _decode(found, counts, [key_values, pvalues, bvalues])
             parts.append(
                 pd.DataFrame(
                     {
