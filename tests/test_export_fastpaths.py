@@ -802,3 +802,42 @@ def test_trajectory_table_finds_each_cases_cluster_as_the_merge_did(ids, repeat)
     )
     got = trajectory_table(cases, members)
     pd.testing.assert_frame_equal(got, _trajectory_by_groupbys(want_in), check_exact=True)
+
+
+def _week_counts_before(df: pd.DataFrame, key_col: str, as_of: date) -> list[tuple]:
+    """(key, this week, last week, baseline) as week_over_week counted them: filtered
+    value_counts, keys as the sorted set of every row's."""
+    from pipeline.insights.trends import week_windows
+
+    d = _dates(df)
+    d = (d.dt.tz_localize(None) if d.dt.tz is not None else d).dt.normalize()
+    (a0, a1), (b0, b1) = week_windows(as_of)
+    keys = df[key_col]
+    this = keys[(d >= pd.Timestamp(a0)) & (d <= pd.Timestamp(a1))].value_counts()
+    last = keys[(d >= pd.Timestamp(b0)) & (d <= pd.Timestamp(b1))].value_counts()
+    base = int(last.sum()) > 0
+    return [(k, int(this.get(k, 0)), int(last.get(k, 0)), base) for k in sorted(set(keys.dropna().tolist()))]
+
+
+@pytest.mark.parametrize("dtype", [object, "str"])
+def test_week_over_week_counts_each_key_as_the_value_counts_did(dtype):
+    rng = random.Random(9)
+    days = ["2025-11-30", "2025-11-26", "2025-11-24", "2025-11-23", "2025-11-17", "2025-11-10", None, "x"]
+    for _ in range(60):
+        n = rng.randint(0, 200)
+        df = pd.DataFrame(
+            {
+                "date": pd.Series([rng.choice(days) for _ in range(n)], dtype=dtype),
+                "k": pd.Series([rng.choice(["C1", "C2", "C10", "", None, "未知"]) for _ in range(n)], dtype=dtype),
+            }
+        )
+        if rng.random() < 0.2:  # no case last week: nothing has a baseline
+            df = df[~df["date"].isin(["2025-11-23", "2025-11-17"])].reset_index(drop=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "x" is parsed one by one
+            got = week_over_week(df, "d", "k", date(2025, 11, 30), 0.5, 1, new_keys=["C2"])
+            want = _week_counts_before(df, "k", date(2025, 11, 30))
+        got_rows = sorted(zip(got["key"], got["this_week"], got["last_week"], got["is_new"]))
+        assert got_rows == [(k, a, b, base and k == "C2") for k, a, b, base in want]
+        pvals = dict(zip(got["key"], got["p_value"].isna()))
+        assert pvals == {k: not (base and b > 0) for k, _, b, base in want}

@@ -208,18 +208,22 @@ def week_over_week(
     d = (d.dt.tz_localize(None) if d.dt.tz is not None else d).dt.normalize()  # local day, as .dt.date
     (a0, a1), (b0, b1) = week_windows(as_of)
     t0, t1, l0, l1 = pd.Timestamp(a0), pd.Timestamp(a1), pd.Timestamp(b0), pd.Timestamp(b1)
-    keys = df[key_col]
-    this = keys[(d >= t0) & (d <= t1)].value_counts()
-    last = keys[(d >= l0) & (d <= l1)].value_counts()
+    # Keys as codes, each week's cases counted by bincount: two filtered value_counts and a set
+    # of every row's key cost half of this at 100k cases.
+    codes, uniques = pd.factorize(df[key_col])  # -1: missing, counted nowhere
+    keyed = codes >= 0
+    this_week = np.asarray((d >= t0) & (d <= t1), dtype=bool) & keyed
+    last_week = np.asarray((d >= l0) & (d <= l1), dtype=bool) & keyed
+    this = np.bincount(codes[this_week], minlength=len(uniques)).tolist()
+    last = np.bincount(codes[last_week], minlength=len(uniques)).tolist()
     rows = []
     new = set(new_keys)
     # No case at all last week means the data does not reach back that far (first load, one
     # backfilled day): every key would "rise from zero", so nothing can alert or be "new". A key
     # absent last week has no previous week to rise from either: it has no p-value and cannot
     # alert (a new cluster shows as emerging instead).
-    has_baseline = int(last.sum()) > 0
-    for k in sorted(set(keys.dropna().tolist())):
-        a, b = int(this.get(k, 0)), int(last.get(k, 0))
+    has_baseline = sum(last) > 0
+    for k, a, b in sorted(zip(uniques.tolist(), this, last)):  # keys are distinct: sorted by key
         p = rise_p_value(a, b) if has_baseline and b > 0 else None
         alert = bool(p is not None and a >= min_count and p < alpha)
         rows.append(
