@@ -841,3 +841,86 @@ def test_week_over_week_counts_each_key_as_the_value_counts_did(dtype):
         assert got_rows == [(k, a, b, base and k == "C2") for k, a, b, base in want]
         pvals = dict(zip(got["key"], got["p_value"].isna()))
         assert pvals == {k: not (base and b > 0) for k, _, b, base in want}
+
+
+def _root_cause_matrix_before(members: pd.DataFrame, clusters: pd.DataFrame, issue_counts: pd.Series, top: int):
+    """root_cause_matrix as it was: the per-type rows copied, groups from a sorted groupby."""
+    from pipeline.insights.cluster import format_shares
+
+    used = ["scope", "issue_type", "cluster_id", "region", "product"]
+    per_type = members.loc[members["scope"] != ALL_SCOPE, [c for c in used if c in members]]
+    info = {c["cluster_id"]: c for c in clusters.to_dict("records")} if len(clusters) else {}
+    positions = per_type.groupby(["issue_type", per_type["cluster_id"].fillna("")], sort=True).indices
+    keys = sorted(positions)
+    codes = group_codes([positions[key] for key in keys], len(per_type))
+    shares = {col: group_shares(codes, per_type[col]) for col in ("region", "product") if col in per_type}
+    type_sizes = per_type["issue_type"].value_counts()
+    rows = []
+    for code, (it, cid) in enumerate(keys):
+        idx = positions[(it, cid)]
+        total = int(issue_counts.get(it, type_sizes.get(it, 0)))
+        regions = format_shares(shares["region"].get(code, {}) if "region" in shares else {}, top)
+        products = format_shares(shares["product"].get(code, {}) if "product" in shares else {}, top)
+        c = info.get(cid) if cid else None
+        label = c["label"] if c is not None else "未归类（零散个案）"
+        phrases = list(c["cause_phrases"]) if c is not None and c["cause_phrases"] is not None else []
+        rows.append(
+            {
+                "issue_type": it,
+                "cluster_id": cid or None,
+                "label": label,
+                "cause_phrases": "、".join(phrases),
+                "cause_category": c["cause_category"] if c is not None else None,
+                "cause_category_zh": c["cause_category_zh"] if c is not None else None,
+                "cause_suggested": True,
+                "count": int(len(idx)),
+                "share_of_issue_type": round(len(idx) / max(total, 1), 4),
+                "issue_type_total": total,
+                "top_regions": regions,
+                "top_products": products,
+                "impact": f"{(phrases[0] if phrases else label)}: {regions.split(', ')[0] if regions else ''}".strip(
+                    ": "
+                ),
+            }
+        )
+    out = pd.DataFrame(rows)
+    out["_noise"] = out["cluster_id"].isna()
+    out = out.sort_values(
+        ["issue_type_total", "issue_type", "_noise", "count"], ascending=[False, True, True, False], kind="stable"
+    ).drop(columns="_noise")
+    return out.reset_index(drop=True)
+
+
+@pytest.mark.parametrize("dtype", [object, "str"])
+def test_root_cause_matrix_groups_as_the_sorted_groupby_did(dtype):
+    from pipeline.insights.trends import root_cause_matrix
+
+    rng = random.Random(13)
+    clusters = pd.DataFrame(
+        {
+            "cluster_id": ["C1", "C2", "C10"],
+            "label": ["物流慢", "退款慢", "发票错"],
+            "cause_phrases": [["没发货", "慢"], None, []],
+            "cause_category": ["logistics_partner", None, "process"],
+            "cause_category_zh": ["物流", None, "流程"],
+            "size": [1, 2, 3],  # a column the matrix does not read
+        }
+    )
+    for _ in range(30):
+        n = rng.randint(1, 300)
+        members = pd.DataFrame(
+            {
+                "scope": pd.Series([rng.choice([ALL_SCOPE, "物流", "发票"]) for _ in range(n)], dtype=dtype),
+                "issue_type": pd.Series([rng.choice(["物流", "发票", "", None]) for _ in range(n)], dtype=dtype),
+                "cluster_id": [rng.choice(["C1", "C2", "C10", "C9", None]) for _ in range(n)],
+                "region": pd.Series([rng.choice(["华东", "华北", "", "未知", None]) for _ in range(n)], dtype=dtype),
+                "product": pd.Series([rng.choice(["手表", "耳机", None]) for _ in range(n)], dtype=dtype),
+            }
+        )
+        counts = pd.Series({"物流": 500, "其他": 3})
+        got = root_cause_matrix(members, clusters, counts, 2)
+        want = _root_cause_matrix_before(members, clusters, counts, 2)
+        if not len(want):
+            assert not len(got)
+            continue
+        pd.testing.assert_frame_equal(got, want, check_dtype=False)

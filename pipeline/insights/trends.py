@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import date, timedelta
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 from scipy.stats import binomtest
 
-from pipeline.insights.cluster import ALL_SCOPE, format_shares, group_codes, group_shares, list_str_dtype
+from pipeline.insights.cluster import ALL_SCOPE, format_shares, group_shares, list_str_dtype
 
 BREAKDOWNS = ("channel", "region", "product")
 
@@ -247,6 +247,26 @@ def week_over_week(
     ).reset_index(drop=True)
 
 
+def _type_cluster_groups(members: pd.DataFrame) -> tuple[np.ndarray, list[tuple[Any, Any]], list[int], np.ndarray]:
+    """The per-type scopes' rows (positions), their (issue type, cluster id or "") groups in
+    sorted order, as a sorted groupby's keys (rows without an issue type in none), the groups'
+    sizes, and each per-type row's group (len(keys) for none). By integer codes: a copy of the
+    per-type rows and a groupby on two text columns cost 30 ms a night at 100k cases."""
+    per_type = np.flatnonzero(np.asarray(members["scope"] != ALL_SCOPE, dtype=bool))
+    it_c, types = _sorted_codes(members["issue_type"].take(per_type))
+    cid_c, cids = _sorted_codes(members["cluster_id"].take(per_type).fillna(""))
+    typed = it_c >= 0
+    width = max(len(cids), 1)
+    combined = it_c[typed] * width + cid_c[typed]
+    found, counts = _count_combined(combined, max(len(types), 1) * width)
+    group_of = np.full(max(len(types), 1) * width, -1, dtype=np.int64)
+    group_of[found] = np.arange(len(found))
+    codes = np.full(len(per_type), len(found), dtype=np.int64)
+    codes[typed] = group_of[combined]
+    keys = [(types[f // width], cids[f % width]) for f in found.tolist()]
+    return per_type, keys, counts.astype(np.int64).tolist(), codes
+
+
 def root_cause_matrix(members: pd.DataFrame, clusters: pd.DataFrame, issue_counts: pd.Series, top: int) -> pd.DataFrame:
     """Issue type -> cluster (direct cause) -> cause category -> impact. One row per per-type
     cluster plus one "未归类" row per type for its noise, so each type's shares add up."""
@@ -267,21 +287,23 @@ def root_cause_matrix(members: pd.DataFrame, clusters: pd.DataFrame, issue_count
     ]
     if members.empty:
         return pd.DataFrame(columns=cols)
-    used = ["scope", "issue_type", "cluster_id", "region", "product"]
-    per_type = members.loc[members["scope"] != ALL_SCOPE, [c for c in used if c in members]]
-    # Clusters as dicts by id: a .loc per matrix row cost 0.07 s a night (~350 rows).
-    info = {c["cluster_id"]: c for c in clusters.to_dict("records")} if len(clusters) else {}
+    # Clusters as dicts by id, of the columns read: a .loc per matrix row cost 0.07 s a night
+    # (~350 rows), and the dicts of every column 10 ms.
+    read = ["cluster_id", "label", "cause_phrases", "cause_category", "cause_category_zh"]
+    info = (
+        {c["cluster_id"]: c for c in clusters[[r for r in read if r in clusters]].to_dict("records")}
+        if len(clusters)
+        else {}
+    )
     rows = []
-    # Groups as row positions, their region and product shares counted for all groups at once
-    # (`group_shares`): iterating the groupby copied each of its ~700 groups.
-    found = per_type.groupby(["issue_type", per_type["cluster_id"].fillna("")], sort=True).indices
-    positions = cast(dict[tuple[str, str], np.ndarray], found)
-    keys = sorted(positions)
-    codes = group_codes([positions[key] for key in keys], len(per_type))
-    shares = {col: group_shares(codes, per_type[col]) for col in ("region", "product") if col in per_type}
-    type_sizes = per_type["issue_type"].value_counts()
-    for code, (it, cid) in enumerate(keys):
-        idx = positions[(it, cid)]
+    per_type, keys, sizes, codes = _type_cluster_groups(members)
+    # Region and product shares of the per-type rows counted for all groups at once
+    # (`group_shares`); rows without an issue type counted as one more group, never read.
+    shares = {col: group_shares(codes, members[col].take(per_type)) for col in ("region", "product") if col in members}
+    type_sizes: dict[Any, int] = {}
+    for (it, _), size in zip(keys, sizes):
+        type_sizes[it] = type_sizes.get(it, 0) + size
+    for code, ((it, cid), size) in enumerate(zip(keys, sizes)):
         total = int(issue_counts.get(it, type_sizes.get(it, 0)))
         regions = format_shares(shares["region"].get(code, {}) if "region" in shares else {}, top)
         products = format_shares(shares["product"].get(code, {}) if "product" in shares else {}, top)
@@ -297,8 +319,8 @@ def root_cause_matrix(members: pd.DataFrame, clusters: pd.DataFrame, issue_count
                 "cause_category": c["cause_category"] if c is not None else None,
                 "cause_category_zh": c["cause_category_zh"] if c is not None else None,
                 "cause_suggested": True,
-                "count": int(len(idx)),
-                "share_of_issue_type": round(len(idx) / max(total, 1), 4),
+                "count": size,
+                "share_of_issue_type": round(size / max(total, 1), 4),
                 "issue_type_total": total,
                 "top_regions": regions,
                 "top_products": products,
