@@ -924,3 +924,27 @@ def test_root_cause_matrix_groups_as_the_sorted_groupby_did(dtype):
             assert not len(got)
             continue
         pd.testing.assert_frame_equal(got, want, check_dtype=False)
+
+
+def test_varies_is_nunique_of_two_or_more():
+    """relations skips a measure or target without two distinct known values: `_varies` tells it
+    as nunique() did, signed zeros and infinities included."""
+    from pipeline.insights.emotion_stats import _varies, relations
+
+    rng = random.Random(3)
+    pool = [0.0, -0.0, 1.0, np.inf, -np.inf, 1e-300, 2.5]
+    for n in range(0, 6):
+        for _ in range(40):
+            v = np.array([rng.choice(pool) for _ in range(n)], dtype=float)
+            assert _varies(v) == (pd.Series(v).nunique() >= 2)
+    cases = pd.DataFrame(
+        {
+            "outcome": ["resolved", "unresolved"] * 20,
+            "csat": [4.0] * 40,  # one rating: no relation can be measured
+            "emotion_start": [0.0, -0.0] * 20,  # one value, two signs
+            "emotion_end": [rng.uniform(-1, 1) for _ in range(40)],
+            "emotion_delta": [rng.uniform(-1, 1) for _ in range(40)],
+        }
+    )
+    rel = relations(cases).set_index(["measure", "outcome_measure"])
+    assert rel["r"].isna().tolist() == [True, True, False, True, False, True]

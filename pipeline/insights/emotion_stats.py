@@ -220,6 +220,12 @@ def bootstrap_corr(
     return r, float(lo), float(hi)
 
 
+def _varies(values: np.ndarray) -> bool:
+    """Whether known values (no NaN) hold two distinct ones, as nunique() >= 2 tells (0.0 and
+    -0.0 are one value to both), without hashing 100k of them."""
+    return bool(len(values)) and bool((values != values[0]).any())
+
+
 def relations(cases: pd.DataFrame, min_n: int = 20) -> pd.DataFrame:
     """Correlation of emotion start/end with resolution (point-biserial) and with csat (Spearman),
     with bootstrap 95% intervals (Fisher's past BOOTSTRAP_MAX_N cases); rows with fewer than
@@ -241,7 +247,7 @@ def relations(cases: pd.DataFrame, min_n: int = 20) -> pd.DataFrame:
             x = pd.to_numeric(frame[measure], errors="coerce")
             ok = x.notna() & target.notna()
             n = int(ok.sum())
-            if n < min_n or x[ok].nunique() < 2 or target[ok].nunique() < 2:
+            if n < min_n or not _varies(x[ok].to_numpy(float)) or not _varies(target[ok].to_numpy(float)):
                 rows.append(
                     {
                         "measure": measure,
