@@ -948,3 +948,32 @@ def test_varies_is_nunique_of_two_or_more():
     )
     rel = relations(cases).set_index(["measure", "outcome_measure"])
     assert rel["r"].isna().tolist() == [True, True, False, True, False, True]
+
+
+@pytest.mark.parametrize("dtype", [object, "str"])
+def test_cluster_counts_leave_out_the_noise_as_the_filter_did(dtype):
+    """finish_export hands the members with their noise rows to count_table and week_over_week:
+    both must count exactly what they counted from the clustered rows alone, noise-only dates
+    and breakdown values included."""
+    rng = random.Random(21)
+    days = ["2025-11-30", "2025-11-25", "2025-11-20", "2025-11-12", None]
+    for _ in range(30):
+        n = rng.randint(1, 150)
+        members = pd.DataFrame(
+            {
+                "cluster_id": [rng.choice(["C1", "C2", "C10", None]) for _ in range(n)],
+                "date": pd.Series([rng.choice(days) for _ in range(n)], dtype=dtype),
+                "channel": pd.Series([rng.choice(["chat", "call", None]) for _ in range(n)], dtype=dtype),
+                "region": pd.Series([rng.choice(["华东", "", None]) for _ in range(n)], dtype=dtype),
+            }
+        )
+        noise = members["cluster_id"].isna() & (np.arange(n) % 2 == 0)  # half the noise rows
+        members.loc[noise, "date"] = "2025-10-01"  # dates and values no clustered row has
+        members.loc[noise, "region"] = "西北"
+        clustered = members[members["cluster_id"].notna()]
+        if not len(clustered):
+            continue
+        counts = count_table(members, "c", "cluster_id")
+        pd.testing.assert_frame_equal(counts, count_table(clustered, "c", "cluster_id"))
+        args = ("c", "cluster_id", date(2025, 11, 30), 0.5, 1)
+        pd.testing.assert_frame_equal(week_over_week(members, *args), week_over_week(clustered, *args))
