@@ -977,3 +977,51 @@ def test_cluster_counts_leave_out_the_noise_as_the_filter_did(dtype):
         pd.testing.assert_frame_equal(counts, count_table(clustered, "c", "cluster_id"))
         args = ("c", "cluster_id", date(2025, 11, 30), 0.5, 1)
         pd.testing.assert_frame_equal(week_over_week(members, *args), week_over_week(clustered, *args))
+
+
+def _bundle(day: str, n: int):
+    from pipeline.insights.cluster import ClusterState
+    from pipeline.insights.export import TABLES, ExportBundle
+
+    tables = {
+        name: pd.DataFrame({"k": [f"{name}{i}" for i in range(n)], "v": np.arange(n, dtype=np.int64)})
+        for name in TABLES
+    }
+    return ExportBundle(day, tables, "<html></html>", {"date": day}, ClusterState.empty())
+
+
+def test_write_export_writes_on_threads_what_one_by_one_wrote(tmp_path, monkeypatch):
+    """The tables written on threads: the same files, bytes included, as written one after
+    another; a table that fails to write fails the export, and the previous folder stays."""
+    from pipeline.insights import export as ex
+
+    ex.write_export(tmp_path / "a", _bundle("2025-12-01", 50))
+    one_by_one = tmp_path / "b" / "exports" / "2025-12-01"
+    one_by_one.mkdir(parents=True)
+    bundle = _bundle("2025-12-01", 50)
+    def pair(parquet, csv, df):
+        ex.write_pair(parquet, csv, df, "utf-8-sig")
+
+    for name in ex.TABLES:
+        if name == "members":
+            ex.mp.write_members(one_by_one, bundle.tables[name], None, [], pair)
+        else:
+            ex.write_table(one_by_one, name, bundle.tables[name], "utf-8-sig")
+    threaded = tmp_path / "a" / "exports" / "2025-12-01"
+    files = sorted(p.relative_to(one_by_one) for p in one_by_one.rglob("*") if p.is_file())
+    written = [p for p in threaded.rglob("*") if p.is_file() and p.name not in ("report.html", "summary.json")]
+    assert files and files == sorted(p.relative_to(threaded) for p in written)
+    assert all((one_by_one / f).read_bytes() == (threaded / f).read_bytes() for f in files)
+
+    real = ex.write_table
+
+    def failing(folder, name, df, enc):
+        if name == "trends":
+            raise OSError("disk full")
+        real(folder, name, df, enc)
+
+    monkeypatch.setattr(ex, "write_table", failing)
+    with pytest.raises(OSError, match="disk full"):
+        ex.write_export(tmp_path / "a", _bundle("2025-12-01", 7))
+    assert pd.read_parquet(threaded / "kpis.parquet")["k"].tolist()[-1] == "kpis49"  # yesterday's folder
+    assert sorted(p.name for p in (tmp_path / "a" / "exports").iterdir()) == ["2025-12-01", "LATEST"]

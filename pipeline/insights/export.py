@@ -22,6 +22,7 @@ import json
 import secrets
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -623,18 +624,27 @@ def write_export(
     tmp = root / f".{bundle.day}.tmp-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        for name in TABLES:
-            if name == mp.MEMBERS:
-                bundle.summary["members_parts"] = mp.write_members(
-                    tmp,
-                    bundle.tables[name],
-                    members_new,
-                    members_reuse or [],
-                    lambda parquet, csv, df: write_pair(parquet, csv, df, csv_encoding),
-                )
-            else:
-                write_table(tmp, name, bundle.tables[name], csv_encoding)
-        atomic_write_text(tmp / "report.html", bundle.report_html)
+        # The other tables written on two threads while this one writes the members: Parquet's
+        # compression, Arrow's CSV writer and the syncs release the GIL, and one after another
+        # the nine tables were 0.15 s of a night's wall time at 100k cases (the trends, a row
+        # per key, day and breakdown, most of it). Each file is its own; the folder is swapped
+        # in only once every write has returned.
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            pending = [
+                pool.submit(write_table, tmp, name, bundle.tables[name], csv_encoding)
+                for name in TABLES
+                if name != mp.MEMBERS
+            ]
+            bundle.summary["members_parts"] = mp.write_members(
+                tmp,
+                bundle.tables[mp.MEMBERS],
+                members_new,
+                members_reuse or [],
+                lambda parquet, csv, df: write_pair(parquet, csv, df, csv_encoding),
+            )
+            atomic_write_text(tmp / "report.html", bundle.report_html)
+            for done in pending:
+                done.result()  # a failed write raises here, before anything is swapped in
         atomic_write_text(
             tmp / "summary.json", json.dumps(bundle.summary, ensure_ascii=False, indent=2, default=str) + "\n"
         )
