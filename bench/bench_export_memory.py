@@ -1,4 +1,5 @@
-"""Peak memory of the nightly (incremental) export against the size of the stored history.
+"""Peak memory of the nightly (incremental) export, or of a full re-cluster export, against the
+size of the stored history.
 
 Why: issue 15 asks for a nightly cost that follows the new cases; the export reads every stored
 case and the whole membership each night, so its memory can grow with the history even when its
@@ -13,10 +14,16 @@ stage, the RSS on entry, the peak sampled inside and VmHWM on exit (a sample can
 inside one long C call; VmHWM does not), plus the MiB of each column of the frames it holds.
 
     python -m bench.bench_export_memory [--sizes 10000,30000,60000] [--new 1000] [--repeat 3] [--keep DIR]
+                                        [--mode incremental|full]
+
+--mode full measures the export a back-fill ends with instead: the child's copy of the store has
+no cluster state (its state/clusters folder is removed), so the export re-clusters every stored
+case (mode "full", reason "no_state"); its --breakdown adds the re-cluster's stages.
 
 --keep DIR keeps the prepared stores (and reuses them on the next call, so two versions of the
 code measure the same stores) and every child's exports folder, for comparing outputs:
     python -m bench.bench_export_memory --compare DIR/run-a-60000 DIR/run-b-60000
+(the latest export's files, and every file of the cluster state and membership.)
 """
 
 from __future__ import annotations
@@ -86,6 +93,8 @@ class Sampler:
         self._t.join()
 
     def wrap(self, module: Any, name: str, frames: bool = False) -> None:
+        if not hasattr(module, name):
+            return  # a stage another version of the code does not have
         fn = getattr(module, name)
 
         def wrapped(*a, **k):
@@ -120,7 +129,23 @@ class Sampler:
         setattr(module, name, wrapped)
 
 
+# The full re-cluster's stages (export.py's names unless the module is given), wrapped by --breakdown.
+FULL_STAGES = (
+    ("_with_tokens", True),
+    ("full_clustering", False),
+    ("seeds_from_state", False),
+    ("cluster_cases", False),
+    ("assign_stable_ids", False),
+    ("members_table", True),
+    ("fit_models", False),
+    ("fit_map", False),
+)
+# case_tokens: the lists token_codes replaced (so an older tree's breakdown shows them).
+CLUSTER_STAGES = ("case_tokens", "token_codes", "fit_clusters", "describe_scope", "class_tfidf")
+
+
 def child(store: Path, day: str, breakdown: bool) -> None:
+    import pipeline.insights.cluster as cl
     import pipeline.insights.export as ex
     import pipeline.insights.membership as mb
     import pipeline.insights.report  # noqa: F401
@@ -158,6 +183,10 @@ def child(store: Path, day: str, breakdown: bool) -> None:
             sampler.wrap(ex, name)
         sampler.wrap(mb, "load_members", frames=True)
         sampler.wrap(mb, "append_members")
+        for name, frames in FULL_STAGES:
+            sampler.wrap(ex, name, frames=frames)
+        for name in CLUSTER_STAGES:
+            sampler.wrap(cl, name)
         sampler.start()
     t = time.perf_counter()
     s = ex.export_all(cfg, store, embedder=emb, today=date.fromisoformat(day))
@@ -177,6 +206,15 @@ def child(store: Path, day: str, breakdown: bool) -> None:
             ensure_ascii=False,
         )
     )
+
+
+def work_copy(store: Path, work: Path, mode: str) -> None:
+    """A fresh copy of a prepared store for one child; for --mode full without its cluster state
+    (a back-fill's export: nothing to assign to, every stored case re-clustered)."""
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(store, work)
+    if mode == "full":
+        shutil.rmtree(work / "state" / "clusters")
 
 
 def run_child(store: Path, day: str, breakdown: bool) -> dict[str, Any]:
@@ -261,6 +299,7 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, default=None, help="keep (and reuse) stores and exports here")
     ap.add_argument("--label", default="run", help="name of this code version in --keep")
     ap.add_argument("--breakdown", action="store_true", help="also a sampled child per size, by stage")
+    ap.add_argument("--mode", choices=("incremental", "full"), default="incremental", help="which export to measure")
     ap.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--day", default=(DAY + timedelta(days=1)).isoformat(), help=argparse.SUPPRESS)
     ap.add_argument("--compare", nargs=2, type=Path, default=None, help="compare two kept exports folders")
@@ -281,10 +320,9 @@ def main() -> None:
             work = root / f"{a.label}-{n}"
             runs = []
             for _ in range(a.repeat):
-                shutil.rmtree(work, ignore_errors=True)
-                shutil.copytree(store, work)
+                work_copy(store, work, a.mode)
                 r = run_child(work, a.day, False)
-                assert r["mode"] == "incremental", r
+                assert r["mode"] == a.mode, r
                 runs.append(r)
                 print(
                     f"  {n:>7,} stored: after imports {r['after_imports_mib']:.0f} MiB, peak {r['peak_mib']:.0f} MiB, "
@@ -298,12 +336,11 @@ def main() -> None:
             r["range"] = (min(x["peak_mib"] for x in runs), max(x["peak_mib"] for x in runs))
             rows.append((n, r))
             if a.breakdown:
-                shutil.rmtree(work, ignore_errors=True)
-                shutil.copytree(store, work)
+                work_copy(store, work, a.mode)
                 print_breakdown(run_child(work, a.day, True))
             if a.keep is None:
                 shutil.rmtree(work, ignore_errors=True)
-        print(f"\n(median of {a.repeat} runs per size)")
+        print(f"\n({a.mode} export, median of {a.repeat} runs per size)")
         print(f"{'stored':>8} {'imports MiB':>12} {'peak MiB':>9} {'range':>11} {'MiB/1k':>7} {'seconds':>8}")
         for n, r in rows:
             lo, hi = r["range"]
@@ -326,24 +363,34 @@ _PLOTLY_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-
 
 
 def compare(a: Path, b: Path) -> int:
-    """0 when every exported file of the two stores' latest exports is the same (the report's
-    plotly div ids aside), else 1; prints what differs."""
+    """0 when every exported file of the two stores' latest exports and every file of their
+    cluster state and membership (`state/clusters/`) is the same (the report's plotly div ids
+    aside), else 1; prints what differs."""
     from pipeline.insights.export import latest_export
+    from pipeline.insights.membership import state_dir
 
     da, db = latest_export(a), latest_export(b)
     if da is None or db is None:
         print("no export in", a if da is None else b)
         return 1
-    names = sorted({p.name for p in da.iterdir()} | {p.name for p in db.iterdir()})
+    # Every file under both roots, by its path below them (the members table is a folder of parts).
+    pairs: dict[str, tuple[Path, Path]] = {}
+    for tag, ra, rb in (("", da, db), ("state/", state_dir(a), state_dir(b))):
+        for root, other, first in ((ra, rb, True), (rb, ra, False)):
+            for p in root.rglob("*") if root.is_dir() else []:
+                if p.is_file():
+                    rel = p.relative_to(root)
+                    pairs[f"{tag}{rel}"] = (p, other / rel) if first else (other / rel, p)
+    names = sorted(pairs)
     bad = 0
     for name in names:
-        pa_, pb_ = da / name, db / name
+        pa_, pb_ = pairs[name]
         if not (pa_.is_file() and pb_.is_file()):
             print(f"{name}: only in one")
             bad += 1
             continue
         x, y = pa_.read_bytes(), pb_.read_bytes()
-        if name == "report.html":
+        if name.endswith("report.html"):
             x, y = _PLOTLY_ID.sub("ID", x.decode()).encode(), _PLOTLY_ID.sub("ID", y.decode()).encode()
         if x != y:
             print(f"{name}: differs ({len(x)} vs {len(y)} bytes)")

@@ -213,11 +213,119 @@ def _cluster_texts(df: pd.DataFrame, min_chars: int) -> tuple[Any, Any]:
     return pd.array(texts, dtype=dtype), long_enough
 
 
-def case_tokens(frame: pd.DataFrame, cut: Cutter | None) -> list[list[str]]:
-    """Stored jieba tokens of each case's problem; cut the cluster text when they are missing."""
-    stored = frame["tokens"].map(_as_list).tolist() if "tokens" in frame else [[] for _ in range(len(frame))]
-    texts = frame["cluster_text"].tolist()
-    return [toks if toks or cut is None else cut(t) for toks, t in zip(stored, texts)]
+@dataclass
+class TokenCodes:
+    """Each case's tokens as int32 codes into one vocabulary (case i: `codes[offsets[i]:offsets[i + 1]]`).
+
+    Why: a re-cluster labels clusters from every selected case's tokens, and as Python lists of
+    str they were the largest thing it held (~3.6 KB a case at 30k cases, kept through every
+    scope); codes are 4 bytes a token, and a term's tests (`is_term`) run once per distinct word."""
+
+    vocab: list[str]
+    codes: np.ndarray
+    offsets: np.ndarray
+    # `is_term` of each vocabulary entry per stop-word set, shared by the cases `take` picks.
+    _terms: dict[frozenset[str], np.ndarray] = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @classmethod
+    def from_lists(cls, token_lists: Iterable[Sequence[str]]) -> TokenCodes:
+        vocab: dict[str, int] = {}
+        lens, codes = _encode(token_lists, vocab)
+        return cls(list(vocab), codes, _offsets(lens))
+
+    def take(self, idx: np.ndarray) -> TokenCodes:
+        """The cases at positions `idx`, in that order (same vocabulary)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        starts, lens = self.offsets[idx], self.offsets[idx + 1] - self.offsets[idx]
+        offsets = _offsets(lens)
+        # Token j of the new layout comes from old position starts[case] + (j - offsets[case]).
+        pos = np.repeat(starts - offsets[:-1], lens) + np.arange(int(offsets[-1]), dtype=np.int64)
+        return TokenCodes(self.vocab, self.codes[pos], offsets, self._terms)
+
+    def lists(self) -> list[list[str]]:
+        """Back to one list of str per case (tests and small callers)."""
+        words = self.vocab
+        return [[words[c] for c in self.codes[a:b]] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
+
+    def term_mask(self, stopwords: frozenset[str]) -> np.ndarray:
+        """`is_term` of each vocabulary entry (computed once per stop-word set)."""
+        mask = self._terms.get(stopwords)
+        if mask is None or len(mask) != len(self.vocab):
+            mask = np.fromiter((is_term(w, stopwords) for w in self.vocab), dtype=bool, count=len(self.vocab))
+            self._terms[stopwords] = mask
+        return mask
+
+
+def _offsets(lens: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(lens) + 1, dtype=np.int64)
+    np.cumsum(lens, out=out[1:])
+    return out
+
+
+def _encode(token_lists: Iterable[Sequence[str]], vocab: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Each list's length and all their tokens as codes, new words added to `vocab`; no list is
+    kept (cut tokens are encoded as they come)."""
+    lens: list[int] = []
+    chunk: list[int] = []
+    parts = []
+    for toks in token_lists:
+        lens.append(len(toks))
+        chunk.extend(vocab.setdefault(t, len(vocab)) for t in toks)
+        if len(chunk) >= 1 << 20:  # a Python int list is 36 bytes a token: flushed to int32 often
+            parts.append(np.asarray(chunk, dtype=np.int32))
+            chunk = []
+    parts.append(np.asarray(chunk, dtype=np.int32))
+    codes = np.concatenate(parts)
+    return np.asarray(lens, dtype=np.int64), codes
+
+
+def _arrow_lists(col: pd.Series) -> pa.ChunkedArray | None:
+    """The Arrow list<string> behind an Arrow-backed tokens column (`_with_tokens`), else None."""
+    dtype = col.dtype
+    if not (isinstance(dtype, pd.ArrowDtype) and pa.types.is_list(dtype.pyarrow_dtype)):
+        return None
+    arr = pa.array(col.array)
+    return arr if isinstance(arr, pa.ChunkedArray) else pa.chunked_array([arr])
+
+
+def token_codes(frame: pd.DataFrame, cut: Cutter | None) -> TokenCodes:
+    """Stored jieba tokens of each case's problem as codes; the cluster text cut where they are
+    missing or empty (when `cut` is given). An Arrow-backed tokens column is encoded in Arrow."""
+    n = len(frame)
+    vocab: dict[str, int] = {}
+    col = frame["tokens"] if "tokens" in frame else None
+    arr = _arrow_lists(col) if col is not None and n else None
+    if arr is not None:
+        lists = arr.combine_chunks()
+        lens = np.asarray(pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False), dtype=np.int64)
+        enc = pc.dictionary_encode(pc.fill_null(pc.list_flatten(lists), ""))
+        enc = enc.combine_chunks() if isinstance(enc, pa.ChunkedArray) else enc
+        vocab = {w: i for i, w in enumerate(enc.dictionary.to_pylist())}
+        codes = np.asarray(enc.indices.to_numpy(zero_copy_only=False), dtype=np.int32)
+    elif col is not None:
+        lens, codes = _encode((_as_list(v) for v in col.tolist()), vocab)
+    else:
+        lens, codes = np.zeros(n, dtype=np.int64), np.zeros(0, dtype=np.int32)
+    need = np.flatnonzero(lens == 0)
+    if cut is None or not len(need):
+        return TokenCodes(list(vocab), codes, _offsets(lens))
+    texts, cutter = frame["cluster_text"].iloc[need].tolist(), cut
+    cut_lens, cut_codes = _encode((cutter(t) for t in texts), vocab)
+    # Each case has stored tokens or cut ones: both sets placed at the case's new offset.
+    all_lens = lens.copy()
+    all_lens[need] = cut_lens
+    offsets = _offsets(all_lens)
+    out = np.empty(int(offsets[-1]), dtype=np.int32)
+    stored_at = np.repeat(offsets[:-1] - _offsets(lens)[:-1], lens) + np.arange(len(codes), dtype=np.int64)
+    out[stored_at] = codes
+    cut_starts = offsets[need]
+    out[np.repeat(cut_starts - _offsets(cut_lens)[:-1], cut_lens) + np.arange(len(cut_codes), dtype=np.int64)] = (
+        cut_codes
+    )
+    return TokenCodes(list(vocab), out, offsets)
 
 
 def is_term(token: str, stopwords: frozenset[str] = frozenset()) -> bool:
@@ -431,7 +539,7 @@ def representatives(X: np.ndarray, k: int) -> list[int]:
 
 
 def class_tfidf(
-    token_lists: Sequence[Sequence[str]],
+    token_lists: Sequence[Sequence[str]] | TokenCodes,
     labels: Sequence[int] | np.ndarray,
     top_k: int,
     stopwords: frozenset[str] = frozenset(),
@@ -446,39 +554,52 @@ def class_tfidf(
     times its share among the scope's other cases (京东, 快递 or 客服 said everywhere name no
     cluster). c-TF-IDF alone let such words through: its idf is computed over a handful of
     classes, so a word common everywhere is discounted only mildly. A scope with one class has
-    nothing to compare against, so there only `min_docs` applies."""
-    per_class: dict[int, Counter] = {}
-    docs_in: dict[int, Counter] = {}
-    n_docs: Counter[int] = Counter()
-    docs_all: Counter[str] = Counter()
-    for toks, lab in zip(token_lists, labels):
-        key = int(lab)
-        kept = [t for t in toks if is_term(t, stopwords)]
-        per_class.setdefault(key, Counter()).update(kept)
-        docs_in.setdefault(key, Counter()).update(set(kept))
-        docs_all.update(set(kept))
-        n_docs[key] += 1
-    if not per_class:
+    nothing to compare against, so there only `min_docs` applies.
+
+    Counted on integer codes (`TokenCodes`), not with a Counter per class and per case: the same
+    counts, thresholds and float arithmetic, so the same terms and scores."""
+    tokens = token_lists if isinstance(token_lists, TokenCodes) else TokenCodes.from_lists(token_lists)
+    labs = np.asarray(labels, dtype=np.int64).reshape(-1)
+    n = min(len(tokens), len(labs))  # as zip() pairs them
+    if not n:
         return {}
-    total: Counter[str] = Counter()
-    for c in per_class.values():
-        total.update(c)
-    avg = sum(total.values()) / max(len(per_class), 1)
-    n_all = sum(n_docs.values())
+    lens = np.diff(tokens.offsets[: n + 1])
+    codes = tokens.codes[: int(tokens.offsets[n])]
+    kcode, classes = pd.factorize(labs[:n])  # classes in order of first appearance
+    k = len(classes)
+    n_docs = np.bincount(kcode, minlength=k)
+    doc = np.repeat(np.arange(n, dtype=np.int64), lens)
+    kept = tokens.term_mask(stopwords)[codes]
+    codes, doc = codes[kept], doc[kept]
+    # The scope's own words, numbered 0..w-1, so the per-class tables are classes x words used.
+    used = np.zeros(len(tokens.vocab), dtype=bool)
+    used[codes] = True
+    words = np.flatnonzero(used)
+    w = len(words)
+    local = (np.cumsum(used) - 1)[codes]
+    cnt = np.bincount(kcode[doc] * w + local, minlength=k * w).reshape(k, w)  # tokens per class and word
+    pairs = np.unique(doc * w + local)  # each word once per case
+    din = np.bincount(kcode[pairs // w] * w + pairs % w, minlength=k * w).reshape(k, w)  # cases per class and word
+    docs_all, total = din.sum(axis=0), cnt.sum(axis=0)
+    avg = int(total.sum()) / max(k, 1)
+    vocab = tokens.vocab
     out: dict[int, list[tuple[str, float]]] = {}
-    for lab, cnt in per_class.items():
+    for ki, lab in enumerate(classes.tolist()):
         if lab == NOISE:
             continue
-        n_in, n_out, din = n_docs[lab], n_all - n_docs[lab], docs_in[lab]
-        size = sum(cnt.values()) or 1
+        n_in = int(n_docs[ki])
+        n_out = n - n_in
+        size = int(cnt[ki].sum()) or 1
+        cand = np.flatnonzero(cnt[ki] > 0)
+        d_in = din[ki, cand]
+        ok = d_in >= min(min_docs, n_in)
+        if n_out:
+            ok &= d_in / n_in >= min_lift * (docs_all[cand] - d_in) / n_out
         scored = [
-            (t, (f / size) * math.log(1 + avg / total[t]))
-            for t, f in cnt.items()
-            if din[t] >= min(min_docs, n_in)
-            and (n_out == 0 or din[t] / n_in >= min_lift * (docs_all[t] - din[t]) / n_out)
+            (vocab[words[j]], (int(cnt[ki, j]) / size) * math.log(1 + avg / int(total[j]))) for j in cand[ok].tolist()
         ]
         scored.sort(key=lambda kv: (-kv[1], kv[0]))
-        out[lab] = [(t, round(s, 5)) for t, s in scored[:top_k]]
+        out[int(lab)] = [(t, round(sc, 5)) for t, sc in scored[:top_k]]
     return out
 
 
@@ -675,7 +796,7 @@ def describe_scope(
     frame: pd.DataFrame,
     X: np.ndarray,
     labels: np.ndarray,
-    tokens: Sequence[Sequence[str]],
+    tokens: Sequence[Sequence[str]] | TokenCodes,
     lexicon: CauseLexicon,
     cfg: Config,
     stopwords: frozenset[str] = frozenset(),
@@ -737,7 +858,10 @@ def cluster_cases(
     `seeds`: per scope, the stored centroids its KMeans starts from (stable ids)."""
     params = params or ClusterParams.from_config(cfg)
     stopwords = stopwords | lexicon.label_stopwords | label_stopwords(cfg)
-    tokens = case_tokens(frame, cut)
+    tokens = token_codes(frame, cut)
+    # The tokens are read from `tokens` only; the scopes' frames leave them out.
+    cases = frame.drop(columns=["tokens"]) if "tokens" in frame else frame
+    X = np.ascontiguousarray(X)  # what X[idx] gave each scope: a C-ordered array
     results = []
     scopes: list[tuple[str, np.ndarray]] = []
     if cfg.cluster.cluster_across_all:
@@ -746,12 +870,17 @@ def cluster_cases(
         for it, idx in frame.groupby("issue_type", sort=True).indices.items():
             scopes.append((str(it), np.asarray(idx)))
     for scope, idx in scopes:
-        sub = frame.iloc[idx].reset_index(drop=True)
-        fit = fit_clusters(X[idx], params, (seeds or {}).get(scope))
-        res = describe_scope(scope, sub, X[idx], fit.labels, [tokens[i] for i in idx], lexicon, cfg, stopwords)
+        # The cross-type scope is every row in order: its frame, vectors and tokens are the
+        # whole ones, not copies (each was another all-history copy held through the scope).
+        whole = len(idx) == len(frame) and bool((idx == np.arange(len(frame))).all())
+        sub = cases.reset_index(drop=True) if whole else cases.iloc[idx].reset_index(drop=True)
+        Xs = X if whole else X[idx]
+        fit = fit_clusters(Xs, params, (seeds or {}).get(scope))
+        res = describe_scope(scope, sub, Xs, fit.labels, tokens if whole else tokens.take(idx), lexicon, cfg, stopwords)
         res.row_index = idx
         res.fit = fit
         results.append(res)
+        del sub, Xs  # before the next scope's copies
     return results
 
 

@@ -766,13 +766,20 @@ def drop_texts(cases: pd.DataFrame, frame: pd.DataFrame) -> tuple[pd.DataFrame, 
 
 
 def _with_tokens(out: Path, frame: pd.DataFrame) -> pd.DataFrame:
-    """The stored jieba tokens beside the selected cases (only a re-cluster labels clusters)."""
-    from pipeline.storage.store import read_cases
+    """The stored jieba tokens beside the selected cases (only a re-cluster labels clusters): each
+    case's newest stored row's (as `read_cases` picks it), null where there is none. Kept as
+    Arrow list<string> (`cluster.token_codes` encodes them in Arrow): read into pandas, every
+    token of every stored case was a Python str, the largest holder of a re-cluster's memory."""
+    from pipeline.storage.store import newest_row_mask, read_parts, stored_parts
 
     if frame.empty:
         return frame.assign(tokens=pd.Series(dtype=object))
-    toks = read_cases(Path(out), columns=["case_id", "tokens"])
-    return frame.merge(toks, on="case_id", how="left", sort=False)
+    t = read_parts(stored_parts(Path(out)), ["case_id", "run_id", "tokens"])
+    t = t.filter(pa.array(newest_row_mask(t.select(["case_id", "run_id"]))))
+    ids = t["case_id"].combine_chunks().cast(pa.large_string())
+    pos = _index_in(_key(frame["case_id"]), ids)
+    tokens = t["tokens"].combine_chunks().take(pa.array(pos, mask=pos < 0))
+    return frame.assign(tokens=pd.Series(pd.arrays.ArrowExtensionArray(tokens), index=frame.index))
 
 
 def export_all(
