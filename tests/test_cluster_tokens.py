@@ -1,0 +1,191 @@
+"""A re-cluster's tokens as integer codes change nothing it computes.
+
+The full re-cluster labels clusters from every selected case's jieba tokens. They are kept as
+codes into one vocabulary (`TokenCodes`), read from the store as Arrow (`_with_tokens`) and
+counted on the codes (`class_tfidf`), where they were Python lists per case, a merge of
+`read_cases` and a Counter per class. Each test compares with that replaced form, kept here
+verbatim, on awkward values: empty and missing token lists, placeholders, stop words, single
+characters, ties, noise, labels in any order, re-processed cases."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from pipeline.insights.cluster import NOISE, TokenCodes, _as_list, class_tfidf, is_term, token_codes
+from pipeline.insights.export import _with_tokens
+from pipeline.storage.store import read_cases, write_cases
+
+WORDS = ["快递", "没收到", "发票", "抬头", "京东", "问题", "<PHONE>", "订单", "x", "好", "a1", "退款", "客服", "签收"]
+
+
+# -- the replaced forms ---------------------------------------------------------------------------
+
+
+def _case_tokens(frame: pd.DataFrame, cut) -> list[list[str]]:
+    stored = frame["tokens"].map(_as_list).tolist() if "tokens" in frame else [[] for _ in range(len(frame))]
+    texts = frame["cluster_text"].tolist()
+    return [toks if toks or cut is None else cut(t) for toks, t in zip(stored, texts)]
+
+
+def _class_tfidf_lists(
+    token_lists: Sequence[Sequence[str]],
+    labels,
+    top_k: int,
+    stopwords: frozenset[str] = frozenset(),
+    min_lift: float = 1.5,
+    min_docs: int = 2,
+) -> dict[int, list[tuple[str, float]]]:
+    per_class: dict[int, Counter] = {}
+    docs_in: dict[int, Counter] = {}
+    n_docs: Counter[int] = Counter()
+    docs_all: Counter[str] = Counter()
+    for toks, lab in zip(token_lists, labels):
+        key = int(lab)
+        kept = [t for t in toks if is_term(t, stopwords)]
+        per_class.setdefault(key, Counter()).update(kept)
+        docs_in.setdefault(key, Counter()).update(set(kept))
+        docs_all.update(set(kept))
+        n_docs[key] += 1
+    if not per_class:
+        return {}
+    total: Counter[str] = Counter()
+    for c in per_class.values():
+        total.update(c)
+    avg = sum(total.values()) / max(len(per_class), 1)
+    n_all = sum(n_docs.values())
+    out: dict[int, list[tuple[str, float]]] = {}
+    for lab, cnt in per_class.items():
+        if lab == NOISE:
+            continue
+        n_in, n_out, din = n_docs[lab], n_all - n_docs[lab], docs_in[lab]
+        size = sum(cnt.values()) or 1
+        scored = [
+            (t, (f / size) * math.log(1 + avg / total[t]))
+            for t, f in cnt.items()
+            if din[t] >= min(min_docs, n_in)
+            and (n_out == 0 or din[t] / n_in >= min_lift * (docs_all[t] - din[t]) / n_out)
+        ]
+        scored.sort(key=lambda kv: (-kv[1], kv[0]))
+        out[lab] = [(t, round(s, 5)) for t, s in scored[:top_k]]
+    return out
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def _random_docs(rng: np.random.Generator, n: int, words: list[str]) -> list[list[str]]:
+    # Skewed word choice: frequent words in many cases, rare ones in few (ties of counts too).
+    p = 1 / np.arange(1, len(words) + 1)
+    p /= p.sum()
+    return [[words[int(i)] for i in rng.choice(len(words), int(rng.integers(0, 9)), p=p)] for _ in range(n)]
+
+
+def _cut(text: str) -> list[str]:
+    return text.split()
+
+
+# -- class_tfidf ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_class_tfidf_on_codes_matches_the_counter_form(seed):
+    rng = np.random.default_rng(seed)
+    words = WORDS + [f"词{i}" for i in range(int(rng.integers(0, 40)))]
+    n = int(rng.integers(0, 120))
+    docs = _random_docs(rng, n, words)
+    labels = [int(v) for v in rng.integers(-1, int(rng.integers(1, 7)), n)]
+    stop = frozenset(rng.choice(words, 3, replace=False).tolist())
+    for top_k, min_lift, min_docs in ((3, 1.5, 2), (10, 0.0, 1), (5, 3.0, 3), (1, 1.0, 2)):
+        want = _class_tfidf_lists(docs, labels, top_k, stop, min_lift, min_docs)
+        for form in (docs, TokenCodes.from_lists(docs)):
+            got = class_tfidf(form, labels, top_k, stop, min_lift, min_docs)
+            assert list(got.items()) == list(want.items())  # same classes in the same order, same terms
+
+
+def test_class_tfidf_pairs_tokens_and_labels_as_zip_does():
+    docs = [["快递", "没收到"]] * 4 + [["发票", "抬头"]] * 4
+    assert class_tfidf(docs, [0] * 4 + [1] * 2, 3) == _class_tfidf_lists(docs, [0] * 4 + [1] * 2, 3)
+    assert class_tfidf(docs[:5], [0] * 4 + [1] * 4, 3) == _class_tfidf_lists(docs[:5], [0] * 4 + [1] * 4, 3)
+    assert class_tfidf([], [], 3) == {} == class_tfidf(docs, np.zeros(0, dtype=int), 3)
+    assert class_tfidf([["x", "<PHONE>"]] * 3, [NOISE, 0, 0], 3) == {0: []}
+
+
+# -- token_codes and TokenCodes -------------------------------------------------------------------
+
+
+def _token_frame(seed: int, n: int = 60) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    docs = _random_docs(rng, n, WORDS)
+    stored: list = []
+    for i, d in enumerate(docs):
+        kind = i % 5
+        stored.append(None if kind == 0 else [] if kind == 1 else np.array(d, dtype=object) if kind == 2 else d)
+    texts = [" ".join(reversed(d)) + (" 切出来" if i % 3 else "") for i, d in enumerate(docs)]
+    return pd.DataFrame({"case_id": [f"c{i}" for i in range(n)], "cluster_text": texts, "tokens": stored})
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("cut", [_cut, None])
+def test_token_codes_match_the_lists_they_replaced(seed, cut):
+    frame = _token_frame(seed)
+    want = _case_tokens(frame, cut)
+    assert token_codes(frame, cut).lists() == want
+    # The Arrow-backed column `_with_tokens` makes: encoded in Arrow, the same tokens.
+    lists = pa.array([None if v is None else list(v) for v in frame["tokens"]], type=pa.list_(pa.string()))
+    arrow = frame.assign(tokens=pd.Series(pd.arrays.ArrowExtensionArray(lists)))
+    assert token_codes(arrow, cut).lists() == want
+    assert token_codes(frame.drop(columns="tokens"), cut).lists() == _case_tokens(frame.drop(columns="tokens"), cut)
+
+
+def test_token_codes_vocabulary_names_each_word_once():
+    frame = _token_frame(1)
+    for form in (frame, frame.assign(tokens=None)):
+        tc = token_codes(form, _cut)
+        assert len(set(tc.vocab)) == len(tc.vocab)
+        assert tc.codes.dtype == np.int32 and len(tc) == len(frame)
+
+
+def test_token_codes_take_picks_cases_in_order():
+    docs = _random_docs(np.random.default_rng(5), 50, WORDS)
+    tc = TokenCodes.from_lists(docs)
+    for idx in (np.arange(50), np.array([49, 0, 7, 7, 3]), np.array([], dtype=int), np.flatnonzero(np.arange(50) % 3)):
+        assert tc.take(idx).lists() == [docs[i] for i in idx]
+    stop = frozenset({"快递"})
+    assert (tc.take(np.array([1, 2])).term_mask(stop) == [is_term(w, stop) for w in tc.vocab]).all()
+
+
+# -- _with_tokens ---------------------------------------------------------------------------------
+
+
+def _old_with_tokens(out, frame: pd.DataFrame) -> pd.DataFrame:
+    toks = read_cases(out, columns=["case_id", "tokens"])
+    return frame.merge(toks, on="case_id", how="left", sort=False)
+
+
+def test_with_tokens_reads_the_newest_row_of_each_case(tmp_path):
+    base = pd.DataFrame(
+        {
+            "case_id": ["a", "b", "c", "d"],
+            "conversation_id": ["ca", "cb", "cc", "cd"],
+            "date": ["2025-11-01", "2025-11-02", "2025-11-01", "2025-11-03"],
+            "problem": ["一", "二", "三", "四"],
+            "tokens": [["快递", "没收到"], ["发票"], None, []],
+        }
+    )
+    write_cases(tmp_path, base, "20251101T000000-r1", 0)
+    # b and c re-processed (newer tokens win), d re-delivered without tokens.
+    again = base.iloc[[1, 2, 3]].assign(tokens=[["发票", "抬头"], ["退款"], None])
+    write_cases(tmp_path, again, "20251102T000000-r2", 0)
+    frame = pd.DataFrame({"case_id": ["d", "b", "zz", "a", "c"], "cluster_text": ["四", "二", "无", "一", "三"]})
+    got, old = _with_tokens(tmp_path, frame), _old_with_tokens(tmp_path, frame)
+    assert got.drop(columns="tokens").equals(frame)
+    assert [_as_list(v) for v in got["tokens"].tolist()] == [_as_list(v) for v in old["tokens"]]
+    assert [_as_list(v) for v in got["tokens"].tolist()] == [[], ["发票", "抬头"], [], ["快递", "没收到"], ["退款"]]
+    assert token_codes(got, _cut).lists() == _case_tokens(old, _cut)
