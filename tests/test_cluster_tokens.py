@@ -189,3 +189,80 @@ def test_with_tokens_reads_the_newest_row_of_each_case(tmp_path):
     assert [_as_list(v) for v in got["tokens"].tolist()] == [_as_list(v) for v in old["tokens"]]
     assert [_as_list(v) for v in got["tokens"].tolist()] == [[], ["发票", "抬头"], [], ["快递", "没收到"], ["退款"]]
     assert token_codes(got, _cut).lists() == _case_tokens(old, _cut)
+
+
+# -- cluster_cases and members_table --------------------------------------------------------------
+
+
+def _old_cluster_cases(frame, X, cfg, lexicon, cut, stopwords, params):
+    """cluster_cases as it was: token lists, and copies of the frame and X for every scope."""
+    from pipeline.insights.cluster import ALL_SCOPE, describe_scope, fit_clusters, label_stopwords
+
+    stopwords = stopwords | lexicon.label_stopwords | label_stopwords(cfg)
+    tokens = _case_tokens(frame, cut)
+    scopes = [(ALL_SCOPE, np.arange(len(frame)))]
+    scopes += [(str(it), np.asarray(idx)) for it, idx in frame.groupby("issue_type", sort=True).indices.items()]
+    results = []
+    for scope, idx in scopes:
+        sub = frame.iloc[idx].reset_index(drop=True)
+        fit = fit_clusters(X[idx], params)
+        res = describe_scope(scope, sub, X[idx], fit.labels, [tokens[i] for i in idx], lexicon, cfg, stopwords)
+        res.row_index, res.fit = idx, fit
+        results.append(res)
+    return results
+
+
+def _old_members_table(frame, results, clusters, X):
+    from pipeline.insights.cluster import MEMBER_FIELDS
+
+    ids = {(r["scope"], int(r["local_label"])): r["cluster_id"] for r in clusters.to_dict("records")}
+    keep = [c for c in MEMBER_FIELDS if c in frame]
+    parts = []
+    for res in results:
+        idx = res.row_index
+        sub = frame.iloc[idx][keep].reset_index(drop=True).rename(columns={"cluster_text": "problem"})
+        sub.insert(0, "scope", res.scope)
+        cid = [ids.get((res.scope, int(lab))) if lab != NOISE else None for lab in res.labels]
+        sims = [float(X[i] @ res.centroids[int(lab)]) if lab != NOISE else None for i, lab in zip(idx, res.labels)]
+        sub.insert(1, "cluster_id", cid)
+        sub.insert(2, "is_noise", [lab == NOISE for lab in res.labels])
+        sub.insert(3, "similarity", [round(s, 4) if s is not None else None for s in sims])
+        parts.append(sub)
+    return pd.concat(parts, ignore_index=True)
+
+
+def test_cluster_cases_and_members_match_the_copying_form(cfg):
+    from pipeline.embed.fake import HashingEmbedder
+    from pipeline.insights.cluster import (CauseLexicon, ClusterParams, ClusterState, assign_stable_ids,
+                                           cluster_cases, members_table, select_cases)
+    from pipeline.text.segment import Segmenter
+
+    rng = np.random.default_rng(7)
+    topics = {"物流": ["快递三天没到", "物流不更新", "快递员不送货上门"], "票据": ["发票抬头开错", "电子发票下载不了"],
+              "售后": ["退款一直没到账", "蓝牙耳机连不上", "耳机左边没声音"]}
+    rows = []
+    for i in range(150):
+        it = list(topics)[i % 3]
+        rows.append({"case_id": f"c{i:03d}", "run_id": "r1", "issue_type": it, "region": ["华东", "华北"][i % 2],
+                     "problem": f"{topics[it][int(rng.integers(len(topics[it])))]}，第{i}次，{'很急' if i % 4 else '谢谢'}",
+                     "outcome": "resolved", "date": "2025-11-01", "emotion_score": float(i % 5) / 5})
+    frame = select_cases(pd.DataFrame(rows))
+    # Some cases with stored tokens (Arrow, as `_with_tokens` gives them), the rest cut.
+    stored = [["快递", "没到"] if i % 3 == 0 else None for i in range(len(frame))]
+    frame = frame.assign(tokens=pd.Series(pd.arrays.ArrowExtensionArray(pa.array(stored, pa.list_(pa.string())))))
+    X = HashingEmbedder().encode_passages(frame["cluster_text"].tolist()).astype(np.float32)
+    lexicon, cut = CauseLexicon.load(cfg), Segmenter(cfg).cut
+    params = ClusterParams(pca_components=5, max_clusters=6, min_cluster_size=3, min_scope_cases=10)
+    old_frame = frame.assign(tokens=pd.Series([s for s in stored], dtype=object))
+    want = _old_cluster_cases(old_frame, X, cfg, lexicon, cut, frozenset(), params)
+    got = cluster_cases(frame, X, cfg, lexicon, cut=cut, params=params)
+    assert [r.scope for r in got] == [r.scope for r in want] and len(got) == 4
+    assert any(len(r.clusters) > 1 for r in got)
+    for g, w in zip(got, want):
+        pd.testing.assert_frame_equal(g.clusters, w.clusters)
+        assert np.array_equal(g.labels, w.labels) and np.array_equal(g.row_index, w.row_index)
+        assert g.centroids.keys() == w.centroids.keys()
+        assert all(np.array_equal(g.centroids[k], w.centroids[k]) for k in w.centroids)
+        assert all(np.array_equal(g.fit.centers[k], w.fit.centers[k]) for k in w.fit.centers)
+    clusters, _ = assign_stable_ids(got, ClusterState.empty(), "2025-11-02", 0.8)
+    pd.testing.assert_frame_equal(members_table(frame, got, clusters, X), _old_members_table(old_frame, want, clusters, X))

@@ -1043,11 +1043,13 @@ def members_table(
         if len(clusters)
         else {}
     )
-    keep = [c for c in MEMBER_FIELDS if c in frame]
+    # The member fields first, then the scope's rows: rows first copied every column of the
+    # frame (its tokens too) for each scope.
+    fields = frame[[c for c in MEMBER_FIELDS if c in frame]]
     parts = []
     for res in results:
         idx = res.row_index if res.row_index is not None else np.arange(len(res.labels))
-        sub = frame.iloc[idx][keep].reset_index(drop=True).rename(columns={"cluster_text": "problem"})
+        sub = fields.iloc[idx].reset_index(drop=True).rename(columns={"cluster_text": "problem"})
         sub.insert(0, "scope", res.scope)
         cid = [ids.get((res.scope, int(lab))) if lab != NOISE else None for lab in res.labels]
         sims = [float(X[i] @ res.centroids[int(lab)]) if lab != NOISE else None for i, lab in zip(idx, res.labels)]
