@@ -233,19 +233,38 @@ def _old_members_table(frame, results, clusters, X):
 
 def test_cluster_cases_and_members_match_the_copying_form(cfg):
     from pipeline.embed.fake import HashingEmbedder
-    from pipeline.insights.cluster import (CauseLexicon, ClusterParams, ClusterState, assign_stable_ids,
-                                           cluster_cases, members_table, select_cases)
+    from pipeline.insights.cluster import (
+        CauseLexicon,
+        ClusterParams,
+        ClusterState,
+        assign_stable_ids,
+        cluster_cases,
+        members_table,
+        select_cases,
+    )
     from pipeline.text.segment import Segmenter
 
     rng = np.random.default_rng(7)
-    topics = {"物流": ["快递三天没到", "物流不更新", "快递员不送货上门"], "票据": ["发票抬头开错", "电子发票下载不了"],
-              "售后": ["退款一直没到账", "蓝牙耳机连不上", "耳机左边没声音"]}
+    topics = {
+        "物流": ["快递三天没到", "物流不更新", "快递员不送货上门"],
+        "票据": ["发票抬头开错", "电子发票下载不了"],
+        "售后": ["退款一直没到账", "蓝牙耳机连不上", "耳机左边没声音"],
+    }
     rows = []
     for i in range(150):
         it = list(topics)[i % 3]
-        rows.append({"case_id": f"c{i:03d}", "run_id": "r1", "issue_type": it, "region": ["华东", "华北"][i % 2],
-                     "problem": f"{topics[it][int(rng.integers(len(topics[it])))]}，第{i}次，{'很急' if i % 4 else '谢谢'}",
-                     "outcome": "resolved", "date": "2025-11-01", "emotion_score": float(i % 5) / 5})
+        rows.append(
+            {
+                "case_id": f"c{i:03d}",
+                "run_id": "r1",
+                "issue_type": it,
+                "region": ["华东", "华北"][i % 2],
+                "problem": f"{topics[it][int(rng.integers(len(topics[it])))]}，第{i}次，{'很急' if i % 4 else '谢谢'}",
+                "outcome": "resolved",
+                "date": "2025-11-01",
+                "emotion_score": float(i % 5) / 5,
+            }
+        )
     frame = select_cases(pd.DataFrame(rows))
     # Some cases with stored tokens (Arrow, as `_with_tokens` gives them), the rest cut.
     stored = [["快递", "没到"] if i % 3 == 0 else None for i in range(len(frame))]
@@ -265,4 +284,6 @@ def test_cluster_cases_and_members_match_the_copying_form(cfg):
         assert all(np.array_equal(g.centroids[k], w.centroids[k]) for k in w.centroids)
         assert all(np.array_equal(g.fit.centers[k], w.fit.centers[k]) for k in w.fit.centers)
     clusters, _ = assign_stable_ids(got, ClusterState.empty(), "2025-11-02", 0.8)
-    pd.testing.assert_frame_equal(members_table(frame, got, clusters, X), _old_members_table(old_frame, want, clusters, X))
+    pd.testing.assert_frame_equal(
+        members_table(frame, got, clusters, X), _old_members_table(old_frame, want, clusters, X)
+    )
