@@ -287,3 +287,21 @@ def test_cluster_cases_and_members_match_the_copying_form(cfg):
     pd.testing.assert_frame_equal(
         members_table(frame, got, clusters, X), _old_members_table(old_frame, want, clusters, X)
     )
+
+
+def test_run_ids_of_members_match_the_dict_form():
+    from pipeline.insights.export import _run_ids
+
+    frame = pd.DataFrame({"case_id": ["a", "b", "a", "c", "d"], "run_id": ["r1", "r1", "r2", None, "r3"]}).astype(
+        {"case_id": "str"}
+    )
+    members = pd.DataFrame({"case_id": ["b", "a", "zz", "c", "a", "d"]}, index=[5, 4, 3, 2, 1, 0])
+
+    def old(members, frame):
+        run_ids = dict(zip(frame["case_id"].astype(str), frame["run_id"].astype(str))) if "run_id" in frame else {}
+        return members["case_id"].astype(str).map(run_ids).fillna("")
+
+    for f in (frame, frame.drop(columns="run_id"), frame.iloc[:0], frame.assign(run_id=["r1", "r1", "r2", "r0", "r3"])):
+        got, want = _run_ids(members, f), old(members, f)
+        assert got.tolist() == want.tolist() and got.index.equals(want.index)
+    assert _run_ids(members, frame).tolist() == ["r1", "r2", "", "", "r2", "r3"]

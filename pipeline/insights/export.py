@@ -360,10 +360,23 @@ def full_clustering(
         xy = (X - mp.mean) @ mp.components.T  # the ALL scope's rows are the frame's, in order
         members.loc[all_rows, "x"] = np.round(xy[:, 0].astype(np.float64), 4)
         members.loc[all_rows, "y"] = np.round(xy[:, 1].astype(np.float64), 4)
-    run_ids = dict(zip(frame["case_id"].astype(str), frame["run_id"].astype(str))) if "run_id" in frame else {}
-    stored = members.assign(run_id=members["case_id"].astype(str).map(run_ids).fillna("")) if len(members) else members
+    stored = members.assign(run_id=_run_ids(members, frame)) if len(members) else members
     stored = stored.reindex(columns=MEMBER_COLUMNS)
     return Clustering(clusters, members, ClusterState(t)), projections, stored
+
+
+def _run_ids(members: pd.DataFrame, frame: pd.DataFrame) -> pd.Series:
+    """Each member row's case's run id from `frame` (its last row of that id), "" where there is
+    none: the membership's key. Found by Arrow's hash look-up, not a dict of every case built and
+    mapped in Python (two Python strings a case, held at the re-cluster's fullest)."""
+    n = len(members)
+    if "run_id" not in frame or not len(frame):
+        return pd.Series([""] * n, index=members.index, dtype=object)
+    # The last row of an id, as a dict built from the rows in order keeps it.
+    last = _index_in(_key(members["case_id"]), _key(frame["case_id"].iloc[::-1]))
+    pos = np.where(last >= 0, len(frame) - 1 - last, -1)
+    runs = _arrow_strings(frame["run_id"]).take(pa.array(pos, mask=pos < 0))
+    return pd.Series(pc.fill_null(runs, "").to_pandas().array, index=members.index)
 
 
 def members_view(frame: pd.DataFrame, membership: pd.DataFrame) -> pd.DataFrame:
@@ -869,6 +882,7 @@ def export_all(
             stopwords=_stopwords(cfg),
             seeds=seeds,
         )
+        del X  # the vectors are not read again: not held through the tables and the writing
         described = clustering.clusters
     else:
         described = mb.load_described(out)
