@@ -270,20 +270,20 @@ def map_points(members: pd.DataFrame, clusters: pd.DataFrame, max_points: int) -
     cols = ["x", "y", "cluster_id", "label", "text"]
     if members.empty or "x" not in members:
         return pd.DataFrame(columns=cols)
-    # Only the columns a point shows: filtering copies every column kept, and the members' other
-    # fields are most of an all-history frame.
-    keep_rows = (members["scope"] == ALL_SCOPE) & members["x"].notna()
-    m = members.loc[keep_rows, ["x", "y", "cluster_id", "problem"]]
-    if m.empty:
+    # Only the columns a point shows, of the rows it keeps: filtering copies every column kept,
+    # and a copy of every point's text (before sampling) was an all-history column.
+    shown = members[["x", "y", "cluster_id", "problem"]]
+    rows = np.flatnonzero(((members["scope"] == ALL_SCOPE) & members["x"].notna()).to_numpy())
+    if not len(rows):
         return pd.DataFrame(columns=cols)
     # The rows a sample of all points keeps (DataFrame.sample draws positions from the length
     # alone), chosen before the columns are built: building them for 100k points to keep a few
     # thousand cost half a second a night. The index is the sampled positions, as before.
-    if len(m) > max_points:
-        keep = np.sort(pd.Series(np.arange(len(m))).sample(n=max_points, random_state=0).to_numpy())
-        m = m.iloc[keep].set_axis(pd.Index(keep))
+    if len(rows) > max_points:
+        keep = np.sort(pd.Series(np.arange(len(rows))).sample(n=max_points, random_state=0).to_numpy())
+        m = shown.iloc[rows[keep]].set_axis(pd.Index(keep))
     else:
-        m = m.reset_index(drop=True)
+        m = shown.iloc[rows].reset_index(drop=True)
     labels = dict(zip(clusters["cluster_id"], clusters["label"])) if len(clusters) else {}
     pts = pd.DataFrame(
         {
