@@ -14,11 +14,13 @@ stage, the RSS on entry, the peak sampled inside and VmHWM on exit (a sample can
 inside one long C call; VmHWM does not), plus the MiB of each column of the frames it holds.
 
     python -m bench.bench_export_memory [--sizes 10000,30000,60000] [--new 1000] [--repeat 3] [--keep DIR]
-                                        [--mode incremental|full]
+                                        [--mode incremental|full] [--stored-tokens]
 
 --mode full measures the export a back-fill ends with instead: the child's copy of the store has
 no cluster state (its state/clusters folder is removed), so the export re-clusters every stored
 case (mode "full", reason "no_state"); its --breakdown adds the re-cluster's stages.
+--stored-tokens: the cases carry their problem's jieba tokens, as a back-fill's cases do (the
+default stores have none, so a re-cluster cuts every case's text).
 
 --keep DIR keeps the prepared stores (and reuses them on the next call, so two versions of the
 code measure the same stores) and every child's exports folder, for comparing outputs:
@@ -232,26 +234,41 @@ def run_child(store: Path, day: str, breakdown: bool) -> dict[str, Any]:
 # -- the parent: stores of several sizes -----------------------------------------------------------
 
 
-def prepare(root: Path, n: int, n_new: int, pool) -> Path:
-    """`root/store-<n>`: n history cases, a full export on DAY, n_new cases of DAY+1 (reused if there)."""
+def prepare(root: Path, n: int, n_new: int, pool, stored_tokens: bool = False) -> Path:
+    """`root/store-<n>`: n history cases, a full export on DAY, n_new cases of DAY+1 (reused if
+    there). With `stored_tokens` (`root/store-tok-<n>`) every case carries its problem's jieba
+    tokens, as the nightly segment step stores them; otherwise none (a re-cluster cuts them)."""
     from bench.bench_export import replicate, store
     from pipeline.config import load_config
     from pipeline.embed.fake import HashingEmbedder
     from pipeline.insights.export import export_all
 
-    d = root / f"store-{n}"
+    d = root / (f"store-tok-{n}" if stored_tokens else f"store-{n}")
     if (d / ".ready").is_file():
         return d
     shutil.rmtree(d, ignore_errors=True)
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "casemine.yaml")
+
+    def cases(*args: Any, **kw: Any):
+        rows = replicate(*args, **kw)
+        if stored_tokens:
+            from pipeline.text.segment import Segmenter
+
+            cut, seen = Segmenter(cfg).cut, {}
+            for p in rows["problem"]:  # the replicated problems repeat: each cut once
+                if p not in seen:
+                    seen[p] = cut(p)
+            rows["tokens"] = [seen[p] for p in rows["problem"]]
+        return rows
+
     hist_days = [(DAY - timedelta(days=k)).isoformat() for k in range(56)]
     run_h = "20251130T000000-hist"
-    store(d, replicate(pool, n, 0, run_h, hist_days, seed=1, variants=3), run_h)
+    store(d, cases(pool, n, 0, run_h, hist_days, seed=1, variants=3), run_h)
     t = time.perf_counter()
     s = export_all(cfg, d, embedder=HashingEmbedder(), today=DAY)
     print(f"  store {n:,}: full export {time.perf_counter() - t:.1f} s, {s['n_clusters']} clusters", flush=True)
     run_n = "20251201T000000-new"
-    store(d, replicate(pool, n_new, 10_000_000, run_n, [(DAY + timedelta(days=1)).isoformat()], seed=100), run_n)
+    store(d, cases(pool, n_new, 10_000_000, run_n, [(DAY + timedelta(days=1)).isoformat()], seed=100), run_n)
     (d / ".ready").write_text("ok\n")
     return d
 
@@ -300,6 +317,9 @@ def main() -> None:
     ap.add_argument("--label", default="run", help="name of this code version in --keep")
     ap.add_argument("--breakdown", action="store_true", help="also a sampled child per size, by stage")
     ap.add_argument("--mode", choices=("incremental", "full"), default="incremental", help="which export to measure")
+    ap.add_argument(
+        "--stored-tokens", action="store_true", help="stores whose cases carry jieba tokens (store-tok-<n>)"
+    )
     ap.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--day", default=(DAY + timedelta(days=1)).isoformat(), help=argparse.SUPPRESS)
     ap.add_argument("--compare", nargs=2, type=Path, default=None, help="compare two kept exports folders")
@@ -316,8 +336,8 @@ def main() -> None:
         print(f"pool: {len(pool):,} mined cases; --new {a.new:,} cases on the day after", flush=True)
         rows = []
         for n in (int(x) for x in a.sizes.split(",")):
-            store = prepare(root, n, a.new, pool)
-            work = root / f"{a.label}-{n}"
+            store = prepare(root, n, a.new, pool, a.stored_tokens)
+            work = root / f"{a.label}-{'tok-' if a.stored_tokens else ''}{n}"
             runs = []
             for _ in range(a.repeat):
                 work_copy(store, work, a.mode)
