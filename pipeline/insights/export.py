@@ -338,10 +338,12 @@ def full_clustering(
     cut=None,
     stopwords: frozenset[str] = frozenset(),
     seeds: dict[str, np.ndarray] | None = None,
+    consume_vectors: bool = False,
 ) -> tuple[Clustering, dict[str, Projection], pd.DataFrame]:
     """Re-cluster every selected case (KMeans started from `seeds`), keep ids stable, and fit
     what later nights assign new cases with. Returns the clustering, the projections per scope
-    (and the map's) and the membership rows to store."""
+    (and the map's) and the membership rows to store. `consume_vectors`: the caller reads `X`
+    no more, so it is centred in place for the map (overwritten) instead of copied."""
     c = cfg.cluster
     results = cluster_cases(frame, X, cfg, lexicon, cut=cut, stopwords=stopwords, seeds=seeds) if len(frame) else []
     clusters, new_state = assign_stable_ids(results, state, day, c.match_threshold)
@@ -357,7 +359,13 @@ def full_clustering(
     all_rows = np.flatnonzero((members["scope"] == ALL_SCOPE).to_numpy()) if len(members) else np.zeros(0, int)
     mp = projections[MAP_SCOPE]
     if len(all_rows) == len(X) > 0 and mp.components is not None and mp.mean is not None:
-        xy = (X - mp.mean) @ mp.components.T  # the ALL scope's rows are the frame's, in order
+        # The ALL scope's rows are the frame's, in order. Centred in place when the caller is done
+        # with X: the centred copy was a second all-history matrix. The same float32 values
+        # either way, and the same product of a C-ordered matrix.
+        if consume_vectors and X.flags.c_contiguous and X.flags.writeable and X.dtype == np.result_type(X, mp.mean):
+            xy = np.subtract(X, mp.mean, out=X) @ mp.components.T
+        else:
+            xy = (X - mp.mean) @ mp.components.T
         members.loc[all_rows, "x"] = np.round(xy[:, 0].astype(np.float64), 4)
         members.loc[all_rows, "y"] = np.round(xy[:, 1].astype(np.float64), 4)
     stored = members.assign(run_id=_run_ids(members, frame)) if len(members) else members
@@ -881,8 +889,9 @@ def export_all(
             cut=_cutter(cfg),
             stopwords=_stopwords(cfg),
             seeds=seeds,
+            consume_vectors=True,
         )
-        del X  # the vectors are not read again: not held through the tables and the writing
+        del X  # overwritten by the map's centring and not read again: not held through the tables
         described = clustering.clusters
     else:
         described = mb.load_described(out)

@@ -1,11 +1,13 @@
-"""A re-cluster's tokens as integer codes change nothing it computes.
+"""A full re-cluster's memory savings change nothing it computes.
 
-The full re-cluster labels clusters from every selected case's jieba tokens. They are kept as
-codes into one vocabulary (`TokenCodes`), read from the store as Arrow (`_with_tokens`) and
-counted on the codes (`class_tfidf`), where they were Python lists per case, a merge of
-`read_cases` and a Counter per class. Each test compares with that replaced form, kept here
-verbatim, on awkward values: empty and missing token lists, placeholders, stop words, single
-characters, ties, noise, labels in any order, re-processed cases."""
+The full re-cluster (a back-fill's export) labels clusters from every selected case's jieba
+tokens. They are kept as codes into one vocabulary (`TokenCodes`), read from the store as Arrow
+(`_with_tokens`) and counted on the codes (`class_tfidf`), where they were Python lists per case,
+a merge of `read_cases` and a Counter per class; the cross-type scope uses the whole frame and
+vectors, not copies; the members' run ids come from an Arrow look-up; the map's centring may
+overwrite the vectors. Each test compares with the replaced form, kept here verbatim, on awkward
+values: empty and missing token lists, placeholders, stop words, ties, noise, labels in any
+order, re-processed cases."""
 
 from __future__ import annotations
 
@@ -305,3 +307,30 @@ def test_run_ids_of_members_match_the_dict_form():
         got, want = _run_ids(members, f), old(members, f)
         assert got.tolist() == want.tolist() and got.index.equals(want.index)
     assert _run_ids(members, frame).tolist() == ["r1", "r2", "", "", "r2", "r3"]
+
+
+def test_full_clustering_consuming_the_vectors_gives_the_same_export(cfg):
+    from pipeline.embed.fake import HashingEmbedder
+    from pipeline.insights.cluster import CauseLexicon, ClusterState, select_cases
+    from pipeline.insights.export import full_clustering
+
+    texts = ["快递三天没到", "物流不更新", "发票抬头开错", "退款一直没到账", "耳机左边没声音", "快递员不送货上门"]
+    rows = [
+        {"case_id": f"c{i:03d}", "run_id": f"r{i % 2}", "issue_type": ["物流", "售后"][i % 2], "region": "华东",
+         "problem": f"{texts[i % len(texts)]}，第{i}次", "outcome": "resolved", "date": "2025-11-01"}
+        for i in range(90)
+    ]  # fmt: skip
+    frame = select_cases(pd.DataFrame(rows))
+    X = HashingEmbedder().encode_passages(frame["cluster_text"].tolist()).astype(np.float32)
+    args = (cfg, ClusterState.empty(), "2025-11-02", CauseLexicon.load(cfg))
+    kept = X.copy()
+    a, proj_a, stored_a = full_clustering(frame, X, *args, cut=_cut)
+    assert np.array_equal(X, kept)  # not consumed: untouched
+    b, proj_b, stored_b = full_clustering(frame, X, *args, cut=_cut, consume_vectors=True)
+    assert not np.array_equal(X, kept)  # consumed: centred in place
+    assert a.members["x"].notna().sum() == len(frame)
+    pd.testing.assert_frame_equal(a.members, b.members)
+    pd.testing.assert_frame_equal(a.clusters, b.clusters)
+    pd.testing.assert_frame_equal(stored_a, stored_b)
+    assert proj_a.keys() == proj_b.keys()
+    assert all(np.array_equal(proj_a[k].components, proj_b[k].components) for k in proj_a)
