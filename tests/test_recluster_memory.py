@@ -334,3 +334,37 @@ def test_full_clustering_consuming_the_vectors_gives_the_same_export(cfg):
     pd.testing.assert_frame_equal(stored_a, stored_b)
     assert proj_a.keys() == proj_b.keys()
     assert all(np.array_equal(proj_a[k].components, proj_b[k].components) for k in proj_a)
+
+
+def test_members_table_in_one_take_matches_the_concatenated_copies():
+    from pipeline.insights.cluster import ScopeResult, members_table
+
+    rng = np.random.default_rng(3)
+    n = 40
+    frame = pd.DataFrame(
+        {
+            "case_id": pd.array([f"c{i}" for i in range(n)], dtype="str"),
+            "date": [f"2025-11-{1 + i % 9:02d}" for i in range(n)],
+            "region": [None if i % 4 == 0 else "华东" for i in range(n)],  # object with None
+            "emotion_score": [float(i) / n for i in range(n)],
+            "cluster_text": pd.array([f"问题{i}" for i in range(n)], dtype="str"),
+            "issue_type": ["物流" if i % 3 else "售后" for i in range(n)],
+        }
+    )
+    X = rng.normal(size=(n, 8)).astype(np.float32)
+    idx_all, idx_a, idx_b = np.arange(n), np.flatnonzero(np.arange(n) % 3), np.flatnonzero(np.arange(n) % 3 == 0)
+    lab_all = rng.integers(-1, 3, n)
+    results = [
+        ScopeResult(
+            "全部", pd.DataFrame(), lab_all, {k: rng.normal(size=8).astype(np.float32) for k in range(3)}, idx_all
+        ),
+        ScopeResult("物流", pd.DataFrame(), np.zeros(len(idx_a), int), {0: np.ones(8, np.float32)}, idx_a),
+        ScopeResult("售后", pd.DataFrame(), np.full(len(idx_b), NOISE), {}, idx_b),  # all noise
+    ]
+    clusters = pd.DataFrame(
+        {"scope": ["全部", "全部", "全部", "物流"], "local_label": [0, 1, 2, 0], "cluster_id": ["C1", "C2", "C3", "C4"]}
+    )
+    got = members_table(frame, results, clusters, X)
+    pd.testing.assert_frame_equal(got, _old_members_table(frame, results, clusters, X))
+    assert len(got) == n + len(idx_a) + len(idx_b) and got["cluster_id"].iloc[-1] is None
+    assert members_table(frame, [], clusters, X).columns.tolist() == ["scope", "cluster_id", "is_noise"]

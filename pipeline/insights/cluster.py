@@ -1043,18 +1043,23 @@ def members_table(
         if len(clusters)
         else {}
     )
-    # The member fields first, then the scope's rows: rows first copied every column of the
-    # frame (its tokens too) for each scope.
-    fields = frame[[c for c in MEMBER_FIELDS if c in frame]]
-    parts = []
+    if not results:
+        return pd.DataFrame(columns=["scope", "cluster_id", "is_noise"])
+    # Per scope only its four own columns, built as before (each part's inferred dtype, then
+    # concatenated); the case fields of every scope's rows picked in one take. Copying the
+    # fields per scope and concatenating the copies held every member's fields twice.
+    heads, rows = [], []
     for res in results:
         idx = res.row_index if res.row_index is not None else np.arange(len(res.labels))
-        sub = fields.iloc[idx].reset_index(drop=True).rename(columns={"cluster_text": "problem"})
-        sub.insert(0, "scope", res.scope)
+        head = pd.DataFrame(index=pd.RangeIndex(len(idx)))
+        head.insert(0, "scope", res.scope)
         cid = [ids.get((res.scope, int(lab))) if lab != NOISE else None for lab in res.labels]
         sims = [float(X[i] @ res.centroids[int(lab)]) if lab != NOISE else None for i, lab in zip(idx, res.labels)]
-        sub.insert(1, "cluster_id", cid)
-        sub.insert(2, "is_noise", [lab == NOISE for lab in res.labels])
-        sub.insert(3, "similarity", [round(s, 4) if s is not None else None for s in sims])
-        parts.append(sub)
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["scope", "cluster_id", "is_noise"])
+        head.insert(1, "cluster_id", cid)
+        head.insert(2, "is_noise", [lab == NOISE for lab in res.labels])
+        head.insert(3, "similarity", [round(s, 4) if s is not None else None for s in sims])
+        heads.append(head)
+        rows.append(np.asarray(idx, dtype=np.int64))
+    fields = frame[[c for c in MEMBER_FIELDS if c in frame]]
+    body = fields.iloc[np.concatenate(rows)].reset_index(drop=True).rename(columns={"cluster_text": "problem"})
+    return pd.concat([pd.concat(heads, ignore_index=True), body], axis=1)
