@@ -73,7 +73,7 @@ def fit_models(
             if cid is None:
                 continue
             mine = res.labels == lab
-            sims = X[idx][mine] @ res.centroids[lab]
+            sims = X[idx[mine]] @ res.centroids[lab]  # only the cluster's rows copied, not the scope's per cluster
             rows.append(
                 {
                     "cluster_id": cid,
