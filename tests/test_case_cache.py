@@ -151,3 +151,24 @@ def test_a_few_new_cases_are_read_beside_the_copy_until_they_are_many(out, monke
     _cached(out)
     pd.testing.assert_frame_equal(_cached(out), _plain(out))
     assert len(calls) == 4
+
+
+def test_parts_joined_in_blocks_read_as_one_by_one(tmp_path, monkeypatch):
+    """A back-fill stores a part per chunk and day; read_parts joins them a block at a time. The
+    rows, their order and their values are those of reading every part on its own and
+    concatenating, whether the last block is full or not."""
+    import pyarrow as pa
+
+    import pipeline.storage.store as store
+
+    for k, run in enumerate(("20261101T000000-r1", "20261102T000000-r2", "20261103T000000-r3")):
+        write_cases(tmp_path, _cases(range(k * 30, k * 30 + 30), run), run, 0)  # five dates: five parts
+    files = stored_parts(tmp_path)
+    assert len(files) == 15
+    schema = pa.schema([f for f in store.CASE_SCHEMA if f.name in COLUMNS])
+    one_by_one = pa.concat_tables([shrink_case_part(store._read_part(f, schema)) for f in files])
+    for per_block in (2, 4, 15, 32):
+        monkeypatch.setattr(store, "_PARTS_PER_BLOCK", per_block)
+        got = store.read_parts(files, COLUMNS, shrink_case_part)
+        assert got.schema.equals(one_by_one.schema) and got.equals(one_by_one), per_block
+    assert _cached(tmp_path).equals(_plain(tmp_path))

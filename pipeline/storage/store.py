@@ -112,6 +112,13 @@ def _read_part(path: Path, schema: pa.Schema, filters: list[tuple[str, str, Any]
     return t.select(schema.names)
 
 
+# Parts read are joined into one table this many at a time. A back-fill stores a part per chunk
+# and day (2,224 parts of about ten cases for 20,000 transcripts), and every small table kept
+# on its own holds its own buffers per column: reading them one by one raised the RSS by 106 MiB
+# for 9 MiB of data there, 48 MiB when joined by 32 (a block is copied once, when it is joined).
+_PARTS_PER_BLOCK = 32
+
+
 def read_parts(
     files: list[Path], columns: list[str] | None = None, shrink: Callable[[pa.Table], pa.Table] | None = None
 ) -> pa.Table:
@@ -121,9 +128,17 @@ def read_parts(
     need nulled), so a column needed for a few rows only never sits in memory for all of them."""
     keep = None if columns is None else set(columns)
     schema = pa.schema([f for f in CASE_SCHEMA if keep is None or f.name in keep])
-    # Each part shrunk as soon as it is read: all parts read first would hold every value again.
-    tables = [_read_part(f, schema) if shrink is None else shrink(_read_part(f, schema)) for f in files]
-    return pa.concat_tables(tables) if tables else schema.empty_table()
+    blocks: list[pa.Table] = []
+    pending: list[pa.Table] = []
+    for f in files:
+        # Each part shrunk as soon as it is read: all parts read first would hold every value again.
+        pending.append(_read_part(f, schema) if shrink is None else shrink(_read_part(f, schema)))
+        if len(pending) == _PARTS_PER_BLOCK:
+            blocks.append(pa.concat_tables(pending).combine_chunks())
+            pending = []
+    if pending:
+        blocks.append(pa.concat_tables(pending).combine_chunks() if blocks else pa.concat_tables(pending))
+    return pa.concat_tables(blocks) if blocks else schema.empty_table()
 
 
 def read_cases(
