@@ -768,6 +768,17 @@ def group_codes(positions: Sequence[np.ndarray], n: int) -> np.ndarray:
     return codes
 
 
+def group_rows(codes: np.ndarray, n_groups: int) -> list[np.ndarray]:
+    """Each group's row positions in row order (what a groupby's `.indices` holds), from the
+    rows' group numbers (-1: in no group); the inverse of `group_codes`. One stable sort of the
+    codes, not a groupby whose groups are copies."""
+    codes = np.asarray(codes, dtype=np.int64)
+    order = np.argsort(codes, kind="stable")
+    start = int(np.count_nonzero(codes < 0))  # the rows in no group sort first
+    ends = start + np.cumsum(np.bincount(codes[codes >= 0], minlength=n_groups))
+    return np.split(order, [start, *ends[:-1].tolist()])[1:] if n_groups else []
+
+
 def format_shares(shares: dict[str, float], top: int) -> str:
     """ "华东 43%, 华北 20%": how analysts quote impact."""
     known = [(k, v) for k, v in shares.items() if k != "未知"]  # sources without region say nothing

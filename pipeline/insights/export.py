@@ -447,8 +447,7 @@ def finish_export(
     counted = [col for col in ("cluster_id", "date", *BREAKDOWNS) if col in members]
     clustered = members
     if len(members):
-        any_cluster = bool(members["cluster_id"].notna().any())
-        clustered = members[counted] if any_cluster else members.loc[members["cluster_id"].notna(), counted]
+        clustered = members[counted] if members["cluster_id"].notna().any() else members.iloc[0:0][counted]
     counts = pd.concat(
         [count_table(cases, "issue_type", "issue_type"), count_table(clustered, "cluster", "cluster_id")],
         ignore_index=True,

@@ -29,6 +29,7 @@ from pipeline.insights.cluster import (
     _history,
     _with_entry,
     format_shares,
+    group_rows,
     group_shares,
 )
 
@@ -218,10 +219,7 @@ def recount_clusters(
     scope_codes, scope_names = pd.factorize(members["scope"])
     scope_sizes = dict(zip(scope_names.tolist(), np.bincount(scope_codes[scope_codes >= 0]).tolist()))
     codes, keys = cluster_groups(scope_codes, scope_names, members["cluster_id"])
-    order = np.argsort(codes, kind="stable")  # each group's rows in row order, as `.indices`
-    bounds = np.concatenate(([0], np.cumsum(np.bincount(codes[codes >= 0], minlength=len(keys)))))
-    start = int(np.count_nonzero(codes < 0))
-    groups = {key: (code, order[start + bounds[code] : start + bounds[code + 1]]) for code, key in enumerate(keys)}
+    groups = {key: (code, idx) for code, (key, idx) in enumerate(zip(keys, group_rows(codes, len(keys))))}
     # Scores as floats once (missing: NaN): `_mean` per group converted every value in Python.
     scores = (
         pd.to_numeric(members["emotion_score"], errors="coerce").to_numpy(dtype=float)

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.insights.cluster import group_rows
+
 KPI_COLUMNS = [
     "group_by",
     "group",
@@ -93,11 +95,9 @@ def compute_kpis(cases: pd.DataFrame) -> pd.DataFrame:
         if col not in cases:
             continue
         codes, keys = pd.factorize(cases[col].fillna("未分类" if col == "issue_type" else "未知"), sort=True)
-        order = np.argsort(codes, kind="stable")  # each group's rows in row order, as a groupby's
-        bounds = np.concatenate(([0], np.cumsum(np.bincount(codes[codes >= 0], minlength=len(keys)))))
-        start = int(np.count_nonzero(codes < 0))  # a key fillna leaves missing: in no group
-        for i, k in enumerate(keys):
-            rows.append({"group_by": col, "group": str(k), **kpis(order[start + bounds[i] : start + bounds[i + 1]])})
+        # Each group's rows in row order, as a groupby's (a key fillna leaves missing: in no group).
+        for k, idx in zip(keys, group_rows(codes, len(keys))):
+            rows.append({"group_by": col, "group": str(k), **kpis(idx)})
     return pd.DataFrame(rows, columns=KPI_COLUMNS)
 
 
