@@ -91,7 +91,8 @@ def _old_update(root: Path, icfg, meta, vecs) -> dict:
 
 
 def _new_update(root: Path, icfg, meta, vecs) -> dict:
-    """Format 2: `IndexStore.append`, the nightly path."""
+    """Format 2: `IndexStore.append`, the nightly path (for a graph index with `icfg`'s
+    `graph_pending_max`: 0 grows the graph every night, as before that setting)."""
     from pipeline.retrieval.index import IndexStore
 
     store = IndexStore(root, icfg)
@@ -161,6 +162,7 @@ def bench(history: int, adds: list[int], kind: str) -> dict:
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     exact_max = history * 10 if kind == "flat" else 1
     icfg = Config().index.model_copy(update={"exact_max": exact_max, "keep_versions": 2})
+    grow_cfg = icfg.model_copy(update={"graph_pending_max": 0})
     rng = np.random.default_rng(0)
     meta, vecs = _cases(0, history, rng)
     base = Path(tempfile.mkdtemp(prefix="bench-index-update-"))
@@ -191,14 +193,21 @@ def bench(history: int, adds: list[int], kind: str) -> dict:
             k = n // 10
             add_meta.loc[: k - 1, "case_id"] = [f"case-{j:08d}" for j in rng.choice(history, k, replace=False)]
             runs = {}
-            for name, fn, src in (("old", _old_update, old_root), ("new", _new_update, new_root)):
+            plans = [("old", _old_update, old_root, icfg), ("new", _new_update, new_root, icfg)]
+            if kind != "flat":  # the same append with the graph taking the night's vectors in at once
+                plans.append(("grow", _new_update, new_root, grow_cfg))
+            for name, fn, src, cfg_i in plans:
                 work = base / f"{name}-{n}"
                 shutil.copytree(src, work)
-                runs[name] = fn(work, icfg, add_meta, add_vecs)
+                runs[name] = fn(work, cfg_i, add_meta, add_vecs)
                 shutil.rmtree(work)
             o, w = runs["old"], runs["new"]
             out["adds"][n] = runs
-            for name, r in (("old layout (rewrite all)", o), ("segmented (append)", w)):
+            named = [("old layout (rewrite all)", o)]
+            if "grow" in runs:
+                named.append(("segmented, graph grown nightly", runs["grow"]))
+            named.append(("segmented (append)" if kind == "flat" else "segmented, new vectors wait", w))
+            for name, r in named:
                 rows.append([f"+{n:,}", name, f"{r['load']:.2f}", f"{r['add']:.2f}", f"{r['write']:.2f}",
                              f"{r['total']:.2f}", f"{r['mb']:.0f}"])
             rows.append([f"+{n:,}", "speed-up", f"{o['load'] / max(w['load'], 1e-4):.0f}x", "",
@@ -218,22 +227,44 @@ def bench(history: int, adds: list[int], kind: str) -> dict:
         # Warm query cost over the format-1 version vs the segmented one after 10 more nights of
         # +1% each (11 segments, a tenth of each night replacing old cases): BM25 is now scored
         # from term statistics at query time and dense search runs per segment.
-        store = IndexStore(new_root, icfg)
+        # For a graph index the same ten nights also run with the graph grown every night, on a copy:
+        # the nights' total time (a wait's cost includes the night the graph takes them in) and
+        # the query cost of the rows still waiting.
+        series = {"new": (new_root, icfg)}
+        if kind != "flat":
+            shutil.copytree(new_root, base / "grow")
+            series["grow"] = (base / "grow", grow_cfg)
+        nights: dict[str, list[float]] = {name: [] for name in series}
         for night in range(10):
             m, x = _cases(history + 1_000_000 * (night + 1), max(1, history // 100), rng)
             k = len(m) // 10
             m.loc[: k - 1, "case_id"] = [f"case-{j:08d}" for j in rng.choice(history, k, replace=False)]
-            with store.writer():
-                _, got = store.append(m, x, model="bench", backend="torch", dim=DIM)
+            for name, (root_i, cfg_i) in series.items():
+                store = IndexStore(root_i, cfg_i)
+                t0 = time.perf_counter()
+                with store.writer():
+                    _, got = store.append(m, x, model="bench", backend="torch", dim=DIM)
+                nights[name].append(time.perf_counter() - t0)
         qm, qx = _cases(0, 200, np.random.default_rng(1))
         queries = [t[:6] for t in qm["tokens"]]
-        lat = {"old": _query_latency(old_root, queries, qx), "new": _query_latency(new_root, queries, qx)}
+        lat = {"old": _query_latency(old_root, queries, qx)}
+        lat.update({name: _query_latency(root_i, queries, qx) for name, (root_i, _) in series.items()})
         out["query_ms"] = {**lat, "segments": got["segments"]}
+        out["ten_nights_s"] = {name: [round(t, 3) for t in ts] for name, ts in nights.items()}
+        if kind != "flat":
+            waiting = json.loads((new_root / f"v{IndexStore(new_root, icfg).current_version()}" / MANIFEST).read_text())
+            left = waiting["next_id"] - waiting["graph_upto"]
+            for name, ts in nights.items():
+                how = "graph grown nightly" if name == "grow" else "new vectors wait"
+                print(f"  ten nights of +{max(1, history // 100):,} ({how}): "
+                      f"total {sum(ts):.2f} s, median night {float(np.median(ts)):.2f} s, slowest {max(ts):.2f} s")
+            print(f"  after them {left:,} vectors wait beside the graph (limit {icfg.graph_pending_max:,})")
         _table(
             f"warm query cost, {len(queries)} queries of 6 tokens, one thread (p50 / p95 ms): format 1 vs "
             f"segmented after 10 more nights ({got['segments']} segments)",
             ["layout", "BM25 scores", "dense top-50"],
-            [[name, f"{r['bm25'][0]} / {r['bm25'][1]}", f"{r['dense'][0]} / {r['dense'][1]}"] for name, r in lat.items()],
+            [[{"old": "format 1", "new": "segmented", "grow": "segmented, graph grown nightly"}[name],
+              f"{r['bm25'][0]} / {r['bm25'][1]}", f"{r['dense'][0]} / {r['dense'][1]}"] for name, r in lat.items()],
         )
         q = out["query_open_s"]
         print(f"  a query process opening the {history:,}-case version (checksums, filter columns): first after the "

@@ -210,26 +210,102 @@ def test_dead_rows_past_the_limit_compact_everything(tmp_path):
     assert len(sg.read_tombstones(tmp_path / "index" / f"v{man['version']}")) == 0
 
 
-def test_hnsw_grows_without_rebuilding_the_graph(tmp_path, monkeypatch):
-    cfg = Config().with_overrides(index={"exact_max": 2, "max_tombstone_fraction": 0.9})
+C2_AGAIN = ("c2", "退款到账了但金额不对", "核对金额", "退换货/退款", "一般", "call", "2025-09-06", "耳机", "华南")
+
+
+def _reference(rows):
+    """An exact in-memory index of the live rows: what a graph index with every vector must answer."""
+    ref = small_index(Config())
+    meta = meta_from_cases(make_cases(rows), False, cut=list)
+    ref.update(meta, vecs_for(meta))
+    return ref
+
+
+def _graph_inode(store: IndexStore, version: int) -> int:
+    return os.stat(store.root / f"v{version}" / sg.GRAPH_FILE).st_ino
+
+
+@pytest.mark.parametrize("pending_max", [0, 20_000])
+def test_hnsw_grows_without_rebuilding_the_graph(tmp_path, monkeypatch, pending_max):
+    cfg = Config().with_overrides(index={"exact_max": 2, "max_tombstone_fraction": 0.9, "graph_pending_max": pending_max})
     store = IndexStore(tmp_path / "index", cfg.index)
-    _append(store, CASES)  # past exact_max: the graph is built once
+    v1, _ = _append(store, CASES)  # past exact_max: the graph is built once
     built = []
     real = CaseIndex._new_faiss
     monkeypatch.setattr(CaseIndex, "_new_faiss", lambda self, *a: built.append(a[0]) or real(self, *a))
-    _append(store, MORE + [("c2", "退款到账了但金额不对", "核对金额", "退换货/退款", "一般", "call", "2025-09-06", "耳机",
-                            "华南")])
+    v2, _ = _append(store, MORE + [C2_AGAIN])
     assert built == []
     man = store.load().manifest
-    assert man["kind"] == "hnsw" and man["count"] == 8 and man["ntotal"] == 9  # c2's old vector is tombstoned
-    ref = small_index(Config())
-    meta = meta_from_cases(make_cases(MORE + [("c2", "退款到账了但金额不对", "核对金额", "退换货/退款", "一般", "call",
-                                                "2025-09-06", "耳机", "华南")]), False, cut=list)
-    ref.update(meta, vecs_for(meta))
+    if pending_max == 0:  # the graph takes the night's vectors in at once
+        assert man["kind"] == "hnsw" and man["count"] == 8 and man["ntotal"] == 9  # c2's old vector is tombstoned
+        assert man["graph_upto"] == 9 and _graph_inode(store, v2) != _graph_inode(store, v1)
+    else:  # they wait beside it, searched exactly; the graph file is the last version's, linked
+        assert man["kind"] == "hnsw" and man["count"] == 8 and man["ntotal"] == 5
+        assert man["graph_upto"] == 5 and _graph_inode(store, v2) == _graph_inode(store, v1)
+    ref = _reference(MORE + [C2_AGAIN])
     light = StoredIndex.load(tmp_path / "index", cfg.index, None)
     assert light.kind == "hnsw"
-    # 9 vectors: HNSW's walk finds them all, so results equal exact search over the live rows
+    # 9 vectors: HNSW's walk finds them all, so results equal exact search over the live rows,
+    # whether read by a query process or loaded whole by a writer.
     assert _hits(cfg, light) == _hits(cfg, ref)
+    assert _hits(cfg, store.load()) == _hits(cfg, ref)
+
+
+def test_waiting_vectors_join_the_graph_past_the_limit(tmp_path):
+    cfg = Config().with_overrides(index={"exact_max": 2, "max_tombstone_fraction": 0.9, "graph_pending_max": 3})
+    store = IndexStore(tmp_path / "index", cfg.index)
+    v1, _ = _append(store, CASES)
+    v2, _ = _append(store, MORE[:2])  # 2 waiting: under the limit
+    man = store.load().manifest
+    assert (man["ntotal"], man["graph_upto"]) == (5, 5) and _graph_inode(store, v2) == _graph_inode(store, v1)
+    v3, _ = _append(store, [MORE[2], C2_AGAIN])  # 4 live waiting (c2's first vector is in the graph, dead)
+    man = store.load().manifest
+    assert (man["ntotal"], man["graph_upto"], man["count"]) == (9, 9, 8)
+    assert _graph_inode(store, v3) != _graph_inode(store, v2)
+    ref = _reference(MORE + [C2_AGAIN])
+    assert _hits(cfg, StoredIndex.load(tmp_path / "index", cfg.index, None)) == _hits(cfg, ref)
+    # Only live vectors were added: a fresh walk over the file finds no vid twice.
+    import faiss
+
+    graph = faiss.read_index(str(store.root / f"v{v3}" / sg.GRAPH_FILE))
+    vids = faiss.vector_to_array(graph.id_map)
+    assert len(vids) == len(set(vids.tolist())) == 9
+
+
+def test_a_wide_filter_searches_the_graph_and_the_waiting_rows(tmp_path, monkeypatch):
+    from pipeline.retrieval import search
+
+    cfg = Config().with_overrides(index={"exact_max": 2, "max_tombstone_fraction": 0.9})
+    store = IndexStore(tmp_path / "index", cfg.index)
+    _append(store, CASES)
+    _append(store, MORE + [C2_AGAIN])
+    ref = _reference(MORE + [C2_AGAIN])
+    light = StoredIndex.load(tmp_path / "index", cfg.index, None)
+    assert light._waiting  # the night's rows wait beside the graph
+    # A filter wider than EXACT_FILTER_MAX goes through the graph walk, plus the waiting rows.
+    monkeypatch.setattr(search, "EXACT_FILTER_MAX", 0)
+    for filters in ({"channel": ["call"]}, {"region": ["华南", "华北"]}):
+        assert _hits(cfg, light, filters=filters) == _hits(cfg, ref, filters=filters)
+
+
+def test_merging_segments_keeps_waiting_rows_searchable(tmp_path):
+    cfg = Config().with_overrides(index={"exact_max": 2, "max_tombstone_fraction": 0.9})
+    store = IndexStore(tmp_path / "index", cfg.index)
+    _append(store, CASES)
+    rows = list(MORE)
+    for i in range(sg.MAX_SEGMENTS + 2):  # enough nights of one case for the newest tier to merge
+        row = (f"n{i}", f"第{i}次投诉快递没到", "催件", "物流配送", "一般", "chat", "2025-09-09", "手机", "华东")
+        rows.append(row)
+        _append(store, [row])
+    _append(store, MORE + [C2_AGAIN])
+    man = store.load().manifest
+    assert len(man["segments"]) <= sg.MAX_SEGMENTS and man["ntotal"] == 5
+    ref = _reference(rows + [C2_AGAIN])
+
+    def scored(hits):  # rows that tie at 0 (nothing in common with the query) come in any order
+        return [[h for h in q if h["score"] > 0] for q in hits]
+
+    assert scored(_hits(cfg, StoredIndex.load(tmp_path / "index", cfg.index, None))) == scored(_hits(cfg, ref))
 
 
 def test_plan_merge_tiers():

@@ -174,7 +174,8 @@ def test_mapped_graph_gives_the_hits_of_a_fully_read_one(tmp_path):
     full read of the stored IndexIDMap2, with and without a selector, and the file is unchanged."""
     import faiss
 
-    cfg = Config().with_overrides(index={"exact_max": 2, "max_tombstone_fraction": 0.9})
+    # The graph takes every vector in at once (no rows waiting beside it): 8 in the file.
+    cfg = Config().with_overrides(index={"exact_max": 2, "max_tombstone_fraction": 0.9, "graph_pending_max": 0})
     store = IndexStore(tmp_path / "index", cfg.index)
     _append(store, CASES)
     _append(store, MORE)

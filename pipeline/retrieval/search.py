@@ -84,6 +84,9 @@ MAX_QUERY_CHARS = 2000
 MAX_K = 100
 # Below this many vectors one thread scans faster than several can be woken up.
 PARALLEL_SEARCH_MIN = 50_000
+# A filter allowing up to this many rows of a graph index is scored exactly: a graph walk that
+# may only stop at a few allowed rows runs out of candidates.
+EXACT_FILTER_MAX = 50_000
 
 log = logging.getLogger(__name__)
 
@@ -700,7 +703,7 @@ class StoredIndex:
         empty = (np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int64))
         if len(self) == 0 or k <= 0 or (rows is not None and len(rows) == 0):
             return empty
-        if rows is not None and self.kind != "flat" and len(rows) <= 50_000:
+        if rows is not None and self.kind != "flat" and len(rows) <= EXACT_FILTER_MAX:
             return self._exact_rows(q, k, rows)
         if rows is not None:
             sel = faiss.IDSelectorBatch(self.vids[rows])
@@ -819,6 +822,15 @@ class SegmentedIndex(StoredIndex):
         self._groups_lock = threading.Lock()  # `serve` answers from several threads
         self._flat: list[Any] = [None] * len(self.segs)
         self.index = read_graph(d / sg.GRAPH_FILE) if self.kind != "flat" else None
+        # Live rows the graph has not taken in yet (`IndexConfig.graph_pending_max`), per segment
+        # as local positions: they are searched exactly beside it.
+        upto = int(manifest.get("graph_upto", manifest.get("next_id", 0)))
+        self._waiting: list[tuple[int, np.ndarray]] = []
+        if self.kind != "flat":
+            for i, (v, loc) in enumerate(zip(seg_vids, self._local)):
+                mine = loc[v[loc] >= upto]
+                if len(mine):
+                    self._waiting.append((i, mine))
         self._vid_order = None
         self._lists = {}
         self._bm25 = None
@@ -935,7 +947,11 @@ class SegmentedIndex(StoredIndex):
         self, queries: np.ndarray, k: int, rows: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         if self.kind != "flat":
-            return super().search_vectors(queries, k, rows)
+            D, R = super().search_vectors(queries, k, rows)
+            # A narrow filter was scored exactly over all its rows, waiting ones included.
+            if not self._waiting or len(self) == 0 or k <= 0 or (rows is not None and len(rows) <= EXACT_FILTER_MAX):
+                return D, R
+            return self._with_waiting(np.atleast_2d(queries), k, rows, D, R)
         import faiss
 
         q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
@@ -964,6 +980,32 @@ class SegmentedIndex(StoredIndex):
             Rs.append(np.where(I >= 0, row_of[I.clip(min=0)], -1))
         from pipeline.retrieval.segments import order_hits
 
+        D, R = order_hits(np.concatenate(Ds, axis=1).astype(np.float32), np.concatenate(Rs, axis=1).astype(np.int64))
+        return D[:, :kk], R[:, :kk]
+
+    def _with_waiting(
+        self, queries: np.ndarray, k: int, rows: np.ndarray | None, D: np.ndarray, R: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The graph's hits (D, R) merged with an exact search of the rows it has not taken in."""
+        import faiss
+
+        from pipeline.retrieval.segments import order_hits
+
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        kk = min(k, len(self) if rows is None else len(rows))
+        Ds, Rs = [D], [R]
+        for i, local in self._waiting:
+            if rows is not None:
+                local = np.intersect1d(local, self._local_of[rows[self._seg_of[rows] == i]], assume_unique=True)
+            if not len(local):
+                continue
+            # Usually the segment's newest rows, one range: FAISS then scans only that range.
+            lo, hi = int(local[0]), int(local[-1]) + 1
+            contiguous = hi - lo == len(local)
+            sel = faiss.IDSelectorRange(lo, hi) if contiguous else faiss.IDSelectorBatch(local)
+            d, ix = self._seg_index(i).search(q, min(kk, len(local)), params=faiss.SearchParameters(sel=sel))
+            Ds.append(np.where(ix >= 0, d, -np.inf))
+            Rs.append(np.where(ix >= 0, self._row_of[i][ix.clip(min=0)], -1))
         D, R = order_hits(np.concatenate(Ds, axis=1).astype(np.float32), np.concatenate(Rs, axis=1).astype(np.int64))
         return D[:, :kk], R[:, :kk]
 

@@ -169,6 +169,13 @@ def find_ids(d: Path, seg: str, case_ids: Any) -> tuple[np.ndarray, np.ndarray]:
     return vids, vids[mask]
 
 
+def segment_vids(d: Path, seg: str) -> np.ndarray:
+    """A segment's vids in row order."""
+    import pyarrow.parquet as pq
+
+    return int64s(pq.ParquetFile(d / seg / IDS_FILE).read(columns=["vid"]).column("vid"))
+
+
 def int64s(col: Any) -> np.ndarray:
     """An Arrow int64 column as numpy without copying per value. Not `to_numpy`: pyarrow imports
     pandas for it (~0.3 s of a cold query), and not `to_pylist`: a million Python ints."""
@@ -221,6 +228,16 @@ def read_segment(d: Path, seg: str, tombstones: np.ndarray) -> tuple[Any, np.nda
     if len(keep) < len(vids):
         t, vecs = t.take(keep), vecs[keep]
     return t, vecs, (TermStats.load(d / seg), keep)
+
+
+def read_vectors(d: Path, seg: str, local: np.ndarray) -> np.ndarray:
+    """Some rows' vectors (local positions) of one segment, read from its mapped exact index."""
+    import faiss
+
+    flat = faiss.read_index(str(d / seg / VECTORS_FILE), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+    if not len(local):
+        return np.zeros((0, flat.d), np.float32)
+    return flat.reconstruct_batch(np.asarray(local, dtype=np.int64))
 
 
 def merge_segments(
