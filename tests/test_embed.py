@@ -83,6 +83,41 @@ def test_cache_second_call_embeds_nothing(tmp_path, monkeypatch):
     assert any((tmp_path / "state" / "embeddings").rglob("shard-*.npz"))
 
 
+@pytest.mark.parametrize("block_rows", [16_384, 3])
+def test_cached_and_new_vectors_land_in_their_rows(tmp_path, monkeypatch, block_rows):
+    """Texts found in several shards, repeated, and new, in mixed order: every row is its own
+    text's vector, read straight into the result (`lookup_rows`), as the fake model gives it.
+    With 3-row blocks the reads cross blocks and a block's repeated rows come in slices."""
+    from pipeline.embed import cache
+
+    monkeypatch.setattr(cache, "_BLOCK_ROWS", block_rows)
+    e, fake = _stub_embedder(monkeypatch, Config(), tmp_path)
+    first = [f"第{i}个问题" for i in range(0, 40, 2)]
+    e.encode_passages(first)
+    e.encode_passages([f"第{i}个问题" for i in range(1, 40, 4)])  # a second shard
+    texts = [f"第{i}个问题" for i in (37, 0, 5, 5, 2, 77, 1, 38, 77, 9, 0, 0, 0, 2, 0)]
+    got = e.encode_passages(texts)
+    assert e.last_stats == {"embedded_new": 1, "embedded_cached": 13}  # 77 twice, embedded once
+    np.testing.assert_array_equal(got, fake.encode(texts))
+    found, rows, _ = e.cache.lookup_rows(texts)
+    found_c, compact, _ = e.cache.lookup(texts)
+    assert found.all() and found_c.all()
+    np.testing.assert_array_equal(rows, got)
+    np.testing.assert_array_equal(compact, got)
+    found, compact, _ = e.cache.lookup(["第0个问题", "没见过", "第1个问题"])
+    assert found.tolist() == [True, False, True]
+    np.testing.assert_array_equal(compact, fake.encode(["第0个问题", "第1个问题"]))
+    # read_rows into a filled array: rows asked many times over, across blocks, land where `at` says.
+    shard = sorted((tmp_path / "state" / "embeddings").rglob("shard-*.npz"))[0]
+    with np.load(shard) as z:
+        n = len(z["keys"])
+    whole = cache.read_rows(shard, np.arange(n))
+    rows = np.sort(np.array([0, 0, 0, 0, 0, 1, 4, 4, 7, n - 1, n - 1]))
+    at = np.arange(len(rows))[::-1].copy()
+    out = cache.read_rows(shard, rows, into=(np.full((len(rows), whole.shape[1]), np.nan, np.float32), at))
+    np.testing.assert_array_equal(out[at], whole[rows])
+
+
 def test_cache_is_keyed_by_model(tmp_path):
     c1 = EmbeddingCache(tmp_path, "model-a|torch|passage")
     c1.add(c1.lookup(["x"])[2], np.ones((1, 4), np.float32))

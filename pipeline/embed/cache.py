@@ -46,14 +46,22 @@ def _header(f) -> tuple[tuple[int, ...], np.dtype]:
     return shape, dtype
 
 
-def read_rows(shard: Path, rows: np.ndarray) -> np.ndarray:
+def read_rows(shard: Path, rows: np.ndarray, into: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Vectors at `rows` (ascending) of a shard, read block by block from its `vecs` member,
-    never the whole array: the member is stored uncompressed, so its rows sit at fixed offsets."""
+    never the whole array: the member is stored uncompressed, so its rows sit at fixed offsets.
+
+    `into=(out, at)` writes row `rows[i]` to `out[at[i]]` and returns `out`: a lookup of every
+    stored case (a re-cluster at 1M: 1.5 GB of vectors) then holds them once, not also as a
+    per-shard copy."""
     with zipfile.ZipFile(shard) as zf:
         info = zf.getinfo("vecs.npy")
     if info.compress_type != zipfile.ZIP_STORED:  # not written by this class: read it whole
         with np.load(shard) as z:
-            return np.asarray(z["vecs"][rows], dtype=np.float32)
+            got = np.asarray(z["vecs"][rows], dtype=np.float32)
+        if into is None:
+            return got
+        into[0][into[1]] = got
+        return into[0]
     with open(shard, "rb") as f:
         f.seek(info.header_offset)
         local = f.read(30)  # the local file header; its name and extra field lengths end it
@@ -63,14 +71,18 @@ def read_rows(shard: Path, rows: np.ndarray) -> np.ndarray:
         dim = int(shape[1])
         width = dim * dtype.itemsize
         start = f.tell()
-        out = np.empty((len(rows), dim), dtype=np.float32)
+        out, at = into if into is not None else (np.empty((len(rows), dim), dtype=np.float32), np.arange(len(rows)))
         blocks = rows // _BLOCK_ROWS
         for b in np.unique(blocks):
             mine = np.flatnonzero(blocks == b)
             lo, last = int(b) * _BLOCK_ROWS, int(rows[mine[-1]])
             f.seek(start + lo * width)
             buf = np.frombuffer(f.read((last + 1 - lo) * width), dtype=dtype).reshape(-1, dim)
-            out[mine] = buf[rows[mine] - lo]
+            # In slices: a block's rows can be asked for many times over (a repeated problem
+            # text), and one fancy-indexed copy of them all was as big as the result.
+            for s in range(0, len(mine), _BLOCK_ROWS):
+                part = mine[s : s + _BLOCK_ROWS]
+                out[at[part]] = buf[rows[part] - lo]
         return out
 
 
@@ -101,6 +113,14 @@ class EmbeddingCache:
     def lookup(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray | None, list[bytes]]:
         """(found mask, vectors for found rows in order, keys) for the given texts. A key in
         several shards (two runs embedded the same text) is served from the first that has it."""
+        found, vecs, keys = self.lookup_rows(texts)
+        if vecs is None or found.all():
+            return found, vecs, keys
+        return found, vecs[found], keys
+
+    def lookup_rows(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray | None, list[bytes]]:
+        """`lookup`, with the vectors as one array of a row per text (the found ones filled, the
+        others uninitialised): the caller fills the rest in place instead of copying the found."""
         self._load()
         keys = [text_key(self.namespace, t) for t in texts]
         found = np.zeros(len(keys), dtype=bool)
@@ -119,15 +139,16 @@ class EmbeddingCache:
             rows, at = pos[hit], todo[hit]
             order = np.argsort(rows, kind="stable")
             try:
-                got = read_rows(shard, rows[order])
+                if vecs is None:
+                    with zipfile.ZipFile(shard) as zf, zf.open("vecs.npy") as f:
+                        shape, _ = _header(f)
+                    vecs = np.empty((len(keys), int(shape[1])), dtype=np.float32)
+                    self.dim = int(shape[1])
+                read_rows(shard, rows[order], into=(vecs, at[order]))
             except (OSError, ValueError, KeyError, zipfile.BadZipFile):
                 continue
-            if vecs is None:
-                vecs = np.empty((len(keys), got.shape[1]), dtype=np.float32)
-                self.dim = got.shape[1]
-            vecs[at[order]] = got
             found[at[order]] = True
-        return found, (vecs[found] if vecs is not None else None), keys
+        return found, vecs, keys
 
     def add(self, keys: list[bytes], vecs: np.ndarray) -> None:
         if not keys:

@@ -313,8 +313,9 @@ class Embedder:
         if self.cache is None:
             self.last_stats = {"embedded_new": len(texts), "embedded_cached": 0}
             return self._encode_raw(texts, "passage")
-        found, cached, keys = self.cache.lookup(texts)
-        out: np.ndarray | None = None
+        # The cached vectors land in their rows of the result: a re-cluster looks up every
+        # stored case, and a compacted copy plus the result held them three times over at once.
+        found, out, keys = self.cache.lookup_rows(texts)
         todo = np.flatnonzero(~found)
         # Identical new texts are embedded once.
         uniq: dict[str, int] = {}
@@ -322,10 +323,14 @@ class Embedder:
             uniq.setdefault(texts[i], len(uniq))
         t0 = time.time()
         new = self._encode_raw(list(uniq), "passage") if uniq else None
-        dim = new.shape[1] if new is not None else cached.shape[1]  # type: ignore[union-attr]
-        out = np.empty((len(texts), dim), dtype=np.float32)
-        if cached is not None and found.any():
-            out[found] = cached
+        if out is None:
+            assert new is not None  # nothing found means every text was new
+            out = np.empty((len(texts), new.shape[1]), dtype=np.float32)
+        elif new is not None and new.shape[1] != out.shape[1]:
+            raise ValueError(
+                f"the embedding cache under {self.cache.dir} holds {out.shape[1]}-d vectors but the model "
+                f"gives {new.shape[1]}-d; remove that folder to rebuild it"
+            )
         if new is not None:
             for i in todo:
                 out[i] = new[uniq[texts[i]]]
