@@ -108,9 +108,11 @@ def test_cached_and_new_vectors_land_in_their_rows(tmp_path, monkeypatch, block_
     assert found.tolist() == [True, False, True]
     np.testing.assert_array_equal(compact, fake.encode(["第0个问题", "第1个问题"]))
     # read_rows into a filled array: rows asked many times over, across blocks, land where `at` says.
-    shard = sorted((tmp_path / "state" / "embeddings").rglob("shard-*.npz"))[0]
-    with np.load(shard) as z:
-        n = len(z["keys"])
+    sizes = {}
+    for shard in (tmp_path / "state" / "embeddings").rglob("shard-*.npz"):
+        with np.load(shard) as z:
+            sizes[shard] = len(z["keys"])
+    shard, n = max(sizes.items(), key=lambda kv: kv[1])  # the first call's 20 texts
     whole = cache.read_rows(shard, np.arange(n))
     rows = np.sort(np.array([0, 0, 0, 0, 0, 1, 4, 4, 7, n - 1, n - 1]))
     at = np.arange(len(rows))[::-1].copy()
