@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 
 from pipeline.analysis.emotion import TRAJECTORIES
 from pipeline.insights.cluster import arrow_text
+from pipeline.insights.codes import arrow_backed, sorted_codes, taken_codes
 
 _TEAM_KEYS = ("team", "agent_team", "group", "skill_group")
 
@@ -127,19 +128,23 @@ def trajectory_table(
             df["cluster_id"] = np.where(pos >= 0, cids[np.maximum(pos, 0)], np.nan) if len(cids) else np.nan
     # Every group of a dimension counted at once: a groupby iterated group by group (a value_counts
     # and three means per group, ~170 groups) cost 0.2 s of a night's export at 100k cases.
-    df = df[df["emotion_trajectory"].notna()]
     means = ["emotion_start", "emotion_end", "emotion_delta"]
+    # The cases with a trajectory, as positions: only the three means are copied; a filter of
+    # `df` copied its text columns too, and the codes of those are the columns' shared ones
+    # (`codes.sorted_codes`) taken at these rows, not the filtered copies hashed again.
+    traj_rows = np.flatnonzero(df["emotion_trajectory"].notna().to_numpy())
+    values = df[means].iloc[traj_rows]
     # Each dimension's values as sorted codes, once: sizes and trajectory counts are bincounts of
     # them, the means a groupby on the codes (the same rows in the same order per group as on
     # the values, so the same sums); three groupbys on text columns per dimension cost most of
     # the table's 0.1 s at 100k cases.
-    traj_codes, trajs = pd.factorize(df["emotion_trajectory"])
+    traj_codes, trajs = _codes_at(df["emotion_trajectory"], traj_rows)
     traj_of = {t: i for i, t in enumerate(trajs)}
     parts = []
     for dim in ("issue_type", "cluster_id", "channel", "outcome", "team"):
         if dim not in df:
             continue
-        codes, keys = pd.factorize(df[dim], sort=True)  # -1: missing, in no group
+        codes, keys = _codes_at(df[dim], traj_rows)  # -1: missing, in no group
         if not len(keys):
             continue
         kept = codes >= 0
@@ -147,7 +152,7 @@ def trajectory_table(
         counts = np.bincount(codes[kept] * len(trajs) + traj_codes[kept], minlength=len(keys) * len(trajs)).reshape(
             len(keys), len(trajs)
         )
-        avg = df[means].groupby(pd.Series(codes, index=df.index).where(kept), sort=True).mean()
+        avg = values.groupby(pd.Series(codes, index=values.index).where(kept), sort=True).mean()
         part = pd.DataFrame(
             {
                 "dimension": dim,
@@ -170,6 +175,14 @@ def trajectory_table(
         if len(out)
         else out
     )
+
+
+def _codes_at(values: pd.Series, rows: np.ndarray) -> tuple[np.ndarray, Any]:
+    """`pd.factorize(values.iloc[rows], sort=True)`: from the column's shared codes when it is
+    Arrow text, else factorized here."""
+    if arrow_backed(values):
+        return taken_codes(*sorted_codes(values), rows)
+    return pd.factorize(values.iloc[rows], sort=True)
 
 
 def _r(x: float) -> float | None:

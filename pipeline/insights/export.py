@@ -51,6 +51,7 @@ from pipeline.insights.cluster import (
     members_table,
     select_cases,
 )
+from pipeline.insights.codes import sorted_codes
 from pipeline.insights.emotion_stats import (
     TEAM_KEY_PATTERN,
     case_teams,
@@ -398,7 +399,7 @@ def members_view(frame: pd.DataFrame, membership: pd.DataFrame) -> pd.DataFrame:
     # a night. Rows in the members table's order (cross-type scope first, then scopes by name,
     # cases in frame order) by one lexsort of integer codes, not a sort of the string columns.
     pos = _index_in(_key(m["case_id"]), _key(frame["case_id"]))
-    scope_codes, scopes = pd.factorize(m["scope"], sort=True)  # scopes are never missing
+    scope_codes, scopes = sorted_codes(m["scope"])  # scopes are never missing
     per_type = np.asarray(scopes != ALL_SCOPE, dtype=np.int8)[scope_codes]
     rows = np.flatnonzero(pos >= 0)
     rows = rows[np.lexsort((pos[rows], scope_codes[rows], per_type[rows]))]

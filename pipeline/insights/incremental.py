@@ -32,6 +32,7 @@ from pipeline.insights.cluster import (
     group_rows,
     group_shares,
 )
+from pipeline.insights.codes import sorted_codes
 
 MEMBER_COLUMNS = ["case_id", "run_id", "scope", "cluster_id", "is_noise", "similarity", "x", "y"]
 MODEL_COLUMNS = ("center", "radius_full", "model_day")
@@ -216,7 +217,7 @@ def recount_clusters(
     # Groups by integer codes (`cluster_groups`), counted from the members' own columns: the
     # copy of the clustered rows and a groupby's `.indices` on two text columns cost 35 ms a
     # night at 100k cases (200k members).
-    scope_codes, scope_names = pd.factorize(members["scope"])
+    scope_codes, scope_names = sorted_codes(members["scope"])  # shared with the other tables
     scope_sizes = dict(zip(scope_names.tolist(), np.bincount(scope_codes[scope_codes >= 0]).tolist()))
     codes, keys = cluster_groups(scope_codes, scope_names, members["cluster_id"])
     groups = {key: (code, idx) for code, (key, idx) in enumerate(zip(keys, group_rows(codes, len(keys))))}

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.insights.cluster import group_rows
+from pipeline.insights.codes import filled_codes
 
 KPI_COLUMNS = [
     "group_by",
@@ -63,8 +64,12 @@ def compute_kpis(cases: pd.DataFrame) -> pd.DataFrame:
     floats."""
     n_all = len(cases)
     fr, du = _floats(cases, "first_response_s"), _floats(cases, "duration_s")
-    outcomes = cases["outcome"].fillna("unknown") if "outcome" in cases else pd.Series(["unknown"] * n_all)
-    oc_codes, oc_names = pd.factorize(outcomes)
+    # The columns' shared codes (`codes.filled_codes`), sorted: the outcomes are looked up by name.
+    oc_codes, oc_names = (
+        filled_codes(cases["outcome"], "unknown")
+        if "outcome" in cases
+        else pd.factorize(pd.Series(["unknown"] * n_all))
+    )
     oc_of = {str(k): i for i, k in enumerate(oc_names)}
 
     def kpis(idx: np.ndarray) -> dict[str, Any]:
@@ -94,7 +99,7 @@ def compute_kpis(cases: pd.DataFrame) -> pd.DataFrame:
     for col in ("channel", "issue_type"):
         if col not in cases:
             continue
-        codes, keys = pd.factorize(cases[col].fillna("未分类" if col == "issue_type" else "未知"), sort=True)
+        codes, keys = filled_codes(cases[col], "未分类" if col == "issue_type" else "未知")
         # Each group's rows in row order, as a groupby's (a key fillna leaves missing: in no group).
         for k, idx in zip(keys, group_rows(codes, len(keys))):
             rows.append({"group_by": col, "group": str(k), **kpis(idx)})

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.insights.cluster import ALL_SCOPE
+from pipeline.insights.codes import filled_codes, sorted_codes
 
 _PLOT_CONFIG = {"displaylogo": False, "responsive": True}
 _FONT = "PingFang SC, Microsoft YaHei, Noto Sans CJK SC, WenQuanYi Micro Hei, sans-serif"
@@ -154,8 +155,9 @@ def _outcome_table(members: pd.DataFrame) -> pd.DataFrame:
     "unknown"), both sorted, as `pd.crosstab` counted them: counted here on integer codes, as the
     crosstab of an all-history members frame was most of this chart's time."""
     keep = (members["scope"] == ALL_SCOPE).to_numpy()
-    types, type_names = pd.factorize(members["issue_type"], sort=True)  # missing: -1, left out as crosstab did
-    outcomes, outcome_names = pd.factorize(members["outcome"].fillna("unknown"), sort=True)
+    # The columns' shared codes (`codes.sorted_codes`); missing types: -1, left out as crosstab did.
+    types, type_names = sorted_codes(members["issue_type"])
+    outcomes, outcome_names = filled_codes(members["outcome"], "unknown")
     types, outcomes = types[keep], outcomes[keep]
     ok = (types >= 0) & (outcomes >= 0)
     n = np.bincount(types[ok] * len(outcome_names) + outcomes[ok], minlength=len(type_names) * len(outcome_names))

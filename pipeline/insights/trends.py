@@ -17,7 +17,8 @@ import pandas as pd
 import pyarrow as pa
 from scipy.stats import binomtest
 
-from pipeline.insights.cluster import ALL_SCOPE, format_shares, group_shares, list_str_dtype
+from pipeline.insights.cluster import ALL_SCOPE, coded_shares, format_shares, list_str_dtype
+from pipeline.insights.codes import arrow_backed, filled_codes, sorted_codes, taken_codes
 
 BREAKDOWNS = ("channel", "region", "product")
 
@@ -26,7 +27,7 @@ def _distinct_dates(dates: pd.Series) -> tuple[np.ndarray, pd.Series]:
     """Each row's code among the distinct dates (-1: missing) and those dates parsed (NaT where
     they cannot be): all-history frames hold ~100k cases on a few hundred dates, so each is
     parsed once. Unsorted: stored dates may mix strings and date objects."""
-    codes, seen = pd.factorize(dates)
+    codes, seen = sorted_codes(dates)  # the column's shared codes (any order of dates serves)
     return codes, pd.Series(pd.to_datetime(pd.Series(seen, dtype=object), errors="coerce"))
 
 
@@ -49,9 +50,9 @@ _COUNT_COLUMNS = ["dimension", "key", "granularity", "period", "breakdown", "bre
 
 def _sorted_codes(values: Any) -> tuple[np.ndarray, np.ndarray]:
     """Each value's rank among the distinct values in sorted order (-1 for missing), and those
-    values: codes that sort as the values do, as a groupby orders its groups."""
-    codes, uniques = pd.factorize(values, sort=True)
-    return codes.astype(np.int64, copy=False), np.asarray(uniques, dtype=object)
+    values: codes that sort as the values do, as a groupby orders its groups. A column's codes
+    are shared with the other tables (`codes.sorted_codes`)."""
+    return sorted_codes(values)
 
 
 def _period_codes(dates: pd.Series) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -115,7 +116,7 @@ def count_table(df: pd.DataFrame, dimension: str, key_col: str) -> pd.DataFrame:
         return pd.DataFrame(columns=_COUNT_COLUMNS)
     keys, key_values = _sorted_codes(df[key_col])
     periods = _period_codes(df["date"])
-    breakdowns = {b: _sorted_codes(df[b].fillna("未知")) for b in BREAKDOWNS if b in df}
+    breakdowns = {b: filled_codes(df[b], "未知") for b in BREAKDOWNS if b in df}
     parts = []
     for gran in ("day", "week"):
         pcodes, pvalues = periods[gran]
@@ -210,7 +211,9 @@ def week_over_week(
     t0, t1, l0, l1 = pd.Timestamp(a0), pd.Timestamp(a1), pd.Timestamp(b0), pd.Timestamp(b1)
     # Keys as codes, each week's cases counted by bincount: two filtered value_counts and a set
     # of every row's key cost half of this at 100k cases.
-    codes, uniques = pd.factorize(df[key_col])  # -1: missing, counted nowhere
+    # -1: missing, counted nowhere. A text column's shared codes (sorted: the rows are sorted by
+    # key below anyway); another column's factorized here, unsorted, as mixed keys do not sort.
+    codes, uniques = sorted_codes(df[key_col]) if arrow_backed(df[key_col]) else pd.factorize(df[key_col])
     keyed = codes >= 0
     this_week = np.asarray((d >= t0) & (d <= t1), dtype=bool) & keyed
     last_week = np.asarray((d >= l0) & (d <= l1), dtype=bool) & keyed
@@ -253,7 +256,7 @@ def _type_cluster_groups(members: pd.DataFrame) -> tuple[np.ndarray, list[tuple[
     sizes, and each per-type row's group (len(keys) for none). By integer codes: a copy of the
     per-type rows and a groupby on two text columns cost 30 ms a night at 100k cases."""
     per_type = np.flatnonzero(np.asarray(members["scope"] != ALL_SCOPE, dtype=bool))
-    it_c, types = _sorted_codes(members["issue_type"].take(per_type))
+    it_c, types = taken_codes(*sorted_codes(members["issue_type"]), per_type)
     cid_c, cids = _sorted_codes(members["cluster_id"].take(per_type).fillna(""))
     typed = it_c >= 0
     width = max(len(cids), 1)
@@ -265,6 +268,11 @@ def _type_cluster_groups(members: pd.DataFrame) -> tuple[np.ndarray, list[tuple[
     codes[typed] = group_of[combined]
     keys = [(types[f // width], cids[f % width]) for f in found.tolist()]
     return per_type, keys, counts.astype(np.int64).tolist(), codes
+
+
+def _rows_of(coded: tuple[np.ndarray, np.ndarray], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Some rows of a coded column: their codes, and all the column's values."""
+    return coded[0][rows], coded[1]
 
 
 def root_cause_matrix(members: pd.DataFrame, clusters: pd.DataFrame, issue_counts: pd.Series, top: int) -> pd.DataFrame:
@@ -299,7 +307,11 @@ def root_cause_matrix(members: pd.DataFrame, clusters: pd.DataFrame, issue_count
     per_type, keys, sizes, codes = _type_cluster_groups(members)
     # Region and product shares of the per-type rows counted for all groups at once
     # (`group_shares`); rows without an issue type counted as one more group, never read.
-    shares = {col: group_shares(codes, members[col].take(per_type)) for col in ("region", "product") if col in members}
+    shares = {
+        col: coded_shares(codes, *_rows_of(sorted_codes(members[col]), per_type))
+        for col in ("region", "product")
+        if col in members
+    }
     type_sizes: dict[Any, int] = {}
     for (it, _), size in zip(keys, sizes):
         type_sizes[it] = type_sizes.get(it, 0) + size

@@ -1,0 +1,95 @@
+"""The shared column codes give what the pandas calls they replaced give (pipeline.insights.codes)."""
+
+from __future__ import annotations
+
+import gc
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.insights import codes as cd
+from pipeline.insights.cluster import coded_shares, group_shares, share_dict
+
+VALUES = ["华东", None, "", "华北", "未知", "华东", "b", None, "a", "华北"]
+
+
+def _column(values: list, dtype: object) -> pd.Series:
+    return pd.Series(values, dtype=dtype)
+
+
+def _same(got: tuple, want: tuple) -> None:
+    assert np.asarray(got[0]).tolist() == np.asarray(want[0]).tolist()
+    assert list(got[1]) == list(want[1])
+
+
+@pytest.mark.parametrize("dtype", [object, "str"])
+def test_sorted_codes_are_a_sorted_factorize_and_stay_so_when_remembered(dtype):
+    s = _column(VALUES, dtype)
+    want = pd.factorize(s, sort=True)
+    _same(cd.sorted_codes(s), want)
+    _same(cd.sorted_codes(s), want)  # the remembered ones, for an Arrow column
+    assert cd.arrow_backed(s) == (dtype == "str")
+
+
+@pytest.mark.parametrize("dtype", [object, "str"])
+@pytest.mark.parametrize("fill", ["未知", "华北", "0", "zz"])
+@pytest.mark.parametrize("values", [VALUES, [v for v in VALUES if v is not None], [None, None]])
+def test_filled_codes_are_the_factorize_of_the_filled_column(dtype, fill, values):
+    s = _column(values, dtype)
+    _same(cd.filled_codes(s, fill), pd.factorize(s.fillna(fill), sort=True))
+
+
+@pytest.mark.parametrize("dtype", [object, "str"])
+def test_taken_codes_are_the_factorize_of_the_rows(dtype):
+    s = _column(VALUES, dtype)
+    for rows in ([], [1, 7], [0, 5, 2], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0], [3, 3, 1]):
+        idx = np.asarray(rows, dtype=np.int64)
+        _same(cd.taken_codes(*cd.sorted_codes(s), idx), pd.factorize(s.take(idx), sort=True))
+
+
+def test_remembered_codes_belong_to_their_array_only():
+    s = _column(VALUES, "str")
+    codes, _ = cd.sorted_codes(s)
+    assert not codes.flags.writeable  # shared: no caller may change them
+    t = s.copy()
+    t.iloc[0] = "zzz"  # a new Arrow array: its own codes, not the old ones
+    _same(cd.sorted_codes(t), pd.factorize(t, sort=True))
+    n = len(cd._MEMO)
+    del s, t
+    gc.collect()
+    assert len(cd._MEMO) < n  # forgotten with their arrays
+
+
+def test_remember_records_codes_found_another_way():
+    s = _column(["x", "y", "x"], "str")
+    cd.remember(s, np.array([1, 0, 1]), np.array(["y", "x"], dtype=object))  # deliberately not sorted
+    assert cd.sorted_codes(s)[0].tolist() == [1, 0, 1]
+
+
+def _shares_by_counter(codes: np.ndarray, values: list, top: int | None) -> dict[int, dict[str, float]]:
+    rows: dict[int, list] = {}
+    for c, v in zip(codes.tolist(), values):
+        if c >= 0:
+            rows.setdefault(c, []).append(v)
+    return {g: share_dict(vs, top) for g, vs in rows.items()}
+
+
+# Few keys: counted over their span (60 small groups: many ties); many: hashed.
+@pytest.mark.parametrize("n_groups,n_values", [(3, 4), (60, 3), (120, 150)])
+@pytest.mark.parametrize("top", [None, 2])
+def test_group_shares_by_span_or_hash_are_counters_shares(n_groups, n_values, top):
+    rng = np.random.default_rng(n_groups)
+    n = 300
+    codes = rng.integers(-1, n_groups, n)
+    pool = [f"v{i}" for i in range(n_values)] + ["", None, "未知"]
+    values = [pool[i] for i in rng.integers(0, len(pool), n)]
+    want = _shares_by_counter(codes, values, top)
+    for dtype in (object, "str"):
+        got = group_shares(codes, pd.Series(values, dtype=dtype), top)
+        assert got == want
+        assert [list(d) for d in got.values()] == [list(d) for d in (want[g] for g in got)]  # order too
+    vc, uniques = cd.sorted_codes(pd.Series(values, dtype="str"))
+    assert coded_shares(codes, vc, uniques, top) == want
+    assert Counter(len(d) for d in want.values())  # the case is not empty
