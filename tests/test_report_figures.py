@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 import itertools
+import json
 import uuid
 from typing import Any
 
@@ -320,3 +321,13 @@ def test_each_table_is_the_table_it_replaced(name):
         for columns, row_class, max_rows in ((shown, None, 50), (shown, "alert", 2), ({"key": "编号"}, "alert", 50)):
             # a row class from a column the table does not show still marks its rows
             assert rp.table_html(df, columns, max_rows, row_class) == ref_table_html(df, columns, max_rows, row_class)
+
+
+def test_template_read_from_plotlys_file_is_the_template_objects_json():
+    import plotly.io as pio
+
+    want = pio.templates["plotly_white"].to_plotly_json()
+    rp._template.cache_clear()
+    got = rp._template()
+    # As text: the report writes the dict in its key order, so the order must match too.
+    assert json.dumps(got, ensure_ascii=False) == json.dumps(want, ensure_ascii=False)
