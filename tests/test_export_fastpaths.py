@@ -32,6 +32,7 @@ from pipeline.insights.cluster import (
     select_cases,
     share_dict,
 )
+from pipeline.insights.codes import sorted_codes
 from pipeline.insights.emotion_stats import _TEAM_KEYS, _r, case_teams, trajectory_table, wilson, worsened_by_team
 from pipeline.insights.export import map_points, members_view
 from pipeline.insights.trends import BREAKDOWNS, _dates, count_table, week_over_week, week_start
@@ -240,7 +241,9 @@ def test_count_table_counts_what_a_groupby_counts(dtype):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "not a date" is parsed one by one
             got, want = count_table(df, "d", "k"), _count_table_by_groupby(df, "d", "k")
+            coded = count_table(df, "d", "k", key_codes=sorted_codes(df["k"]))  # the caller's codes
         pd.testing.assert_frame_equal(got, want, check_dtype=False)
+        pd.testing.assert_frame_equal(coded, got)
         # Text columns typed as pandas types their values (`str` where all are text): as the
         # frame built from object arrays was, so the written tables keep their column types.
         for col in ("dimension", "key", "granularity", "period", "breakdown", "breakdown_value"):
@@ -802,6 +805,8 @@ def test_trajectory_table_finds_each_cases_cluster_as_the_merge_did(ids, repeat)
     )
     got = trajectory_table(cases, members)
     pd.testing.assert_frame_equal(got, _trajectory_by_groupbys(want_in), check_exact=True)
+    coded = trajectory_table(cases, members, cluster_codes=sorted_codes(members["cluster_id"]))  # the caller's
+    pd.testing.assert_frame_equal(coded, got, check_exact=True)
 
 
 def _week_counts_before(df: pd.DataFrame, key_col: str, as_of: date) -> list[tuple]:
@@ -837,6 +842,10 @@ def test_week_over_week_counts_each_key_as_the_value_counts_did(dtype):
             warnings.simplefilter("ignore", UserWarning)  # "x" is parsed one by one
             got = week_over_week(df, "d", "k", date(2025, 11, 30), 0.5, 1, new_keys=["C2"])
             want = _week_counts_before(df, "k", date(2025, 11, 30))
+            coded = week_over_week(
+                df, "d", "k", date(2025, 11, 30), 0.5, 1, new_keys=["C2"], key_codes=sorted_codes(df["k"])
+            )
+        pd.testing.assert_frame_equal(coded, got)  # the caller's codes
         got_rows = sorted(zip(got["key"], got["this_week"], got["last_week"], got["is_new"]))
         assert got_rows == [(k, a, b, base and k == "C2") for k, a, b, base in want]
         pvals = dict(zip(got["key"], got["p_value"].isna()))
@@ -920,6 +929,8 @@ def test_root_cause_matrix_groups_as_the_sorted_groupby_did(dtype):
         counts = pd.Series({"物流": 500, "其他": 3})
         got = root_cause_matrix(members, clusters, counts, 2)
         want = _root_cause_matrix_before(members, clusters, counts, 2)
+        coded = root_cause_matrix(members, clusters, counts, 2, sorted_codes(members["cluster_id"]))
+        pd.testing.assert_frame_equal(coded, got)  # the caller's codes
         if not len(want):
             assert not len(got)
             continue

@@ -82,12 +82,16 @@ def sorted_codes(values: Any) -> Codes:
 
 
 def filled_codes(values: pd.Series, fill: str) -> Codes:
-    """`pd.factorize(values.fillna(fill), sort=True)`, from the column's `sorted_codes`: the
-    missing rows take `fill`'s rank, inserted among the values where it sorts (Arrow sorts text
-    by code point, as Python compares str)."""
+    """`pd.factorize(values.fillna(fill), sort=True)`, from the column's `sorted_codes`."""
     if _arrow_of(values) is None:
         return sorted_codes(values.fillna(fill))
-    codes, uniques = sorted_codes(values)
+    return fill_codes(*sorted_codes(values), fill)
+
+
+def fill_codes(codes: np.ndarray, uniques: np.ndarray, fill: str) -> Codes:
+    """Sorted codes of a column (all text) with its missing values filled with `fill`: they
+    take `fill`'s rank, inserted among the values where it sorts (Arrow sorts text by code
+    point, as Python compares str)."""
     missing = codes < 0
     if not missing.any():
         return codes, uniques

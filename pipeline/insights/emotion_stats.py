@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from pipeline.analysis.emotion import TRAJECTORIES
 from pipeline.insights.cluster import arrow_text
-from pipeline.insights.codes import arrow_backed, sorted_codes, taken_codes
+from pipeline.insights.codes import Codes, arrow_backed, sorted_codes, taken_codes
 
 _TEAM_KEYS = ("team", "agent_team", "group", "skill_group")
 
@@ -88,10 +88,14 @@ def _unique_positions(ids: pd.Series, among: pd.Series) -> np.ndarray | None:
 
 
 def trajectory_table(
-    cases: pd.DataFrame, members: pd.DataFrame | None = None, teams: list[str | None] | None = None
+    cases: pd.DataFrame,
+    members: pd.DataFrame | None = None,
+    teams: list[str | None] | None = None,
+    cluster_codes: Codes | None = None,
 ) -> pd.DataFrame:
     """Per dimension value: cases, shares of 改善/平稳/恶化, mean start, end and delta. `teams`:
-    `case_teams(cases)` when the caller has it already."""
+    `case_teams(cases)` when the caller has it already; `cluster_codes`: the members' cluster
+    ids' `sorted_codes`, when the caller has them."""
     if not len(cases) or "emotion_trajectory" not in cases:
         return pd.DataFrame(
             columns=[
@@ -108,6 +112,7 @@ def trajectory_table(
     # Groups copy only these; shallow (copy-on-write), as `team` is added, not written into a column.
     df = cases[[c for c in [*used, "emotion_delta"] if c in cases]].copy(deep=False)
     df["team"] = case_teams(cases) if teams is None else teams
+    case_clusters = None  # each case's cluster as a code of `cluster_codes` (-1: none), when given
     if members is not None and len(members) and "scope" in members:
         from pipeline.insights.cluster import ALL_SCOPE
 
@@ -126,6 +131,10 @@ def trajectory_table(
             # (a new index, as a merge's), each with its cluster or none.
             df = df.reset_index(drop=True)
             df["cluster_id"] = np.where(pos >= 0, cids[np.maximum(pos, 0)], np.nan) if len(cids) else np.nan
+            if cluster_codes is not None:
+                # The same clusters as codes: the object column is not hashed again below.
+                of_rows = cluster_codes[0][rows]
+                case_clusters = np.where(pos >= 0, of_rows[np.maximum(pos, 0)] if len(rows) else -1, -1)
     # Every group of a dimension counted at once: a groupby iterated group by group (a value_counts
     # and three means per group, ~170 groups) cost 0.2 s of a night's export at 100k cases.
     means = ["emotion_start", "emotion_end", "emotion_delta"]
@@ -144,7 +153,10 @@ def trajectory_table(
     for dim in ("issue_type", "cluster_id", "channel", "outcome", "team"):
         if dim not in df:
             continue
-        codes, keys = _codes_at(df[dim], traj_rows)  # -1: missing, in no group
+        if dim == "cluster_id" and case_clusters is not None and cluster_codes is not None:
+            codes, keys = taken_codes(case_clusters, cluster_codes[1], traj_rows)
+        else:
+            codes, keys = _codes_at(df[dim], traj_rows)  # -1: missing, in no group
         if not len(keys):
             continue
         kept = codes >= 0

@@ -449,15 +449,30 @@ def finish_export(
     clustered = members
     if len(members):
         clustered = members[counted] if members["cluster_id"].notna().any() else members.iloc[0:0][counted]
+    # The members' cluster ids as sorted codes, once: an object column (no shared Arrow codes),
+    # hashed by each table that counts by cluster, ~15 ms each at 200k members.
+    cluster_codes = sorted_codes(members["cluster_id"]) if len(members) and "cluster_id" in members else None
+    by_cluster = cluster_codes if len(clustered) == len(members) else None  # rows as the codes'
     counts = pd.concat(
-        [count_table(cases, "issue_type", "issue_type"), count_table(clustered, "cluster", "cluster_id")],
+        [
+            count_table(cases, "issue_type", "issue_type"),
+            count_table(clustered, "cluster", "cluster_id", key_codes=by_cluster),
+        ],
         ignore_index=True,
     )
     alerts = (
         pd.concat(
             [
                 week_over_week(
-                    clustered, "cluster", "cluster_id", as_of, c.alert_alpha, c.alert_min_count, labels, new_ids
+                    clustered,
+                    "cluster",
+                    "cluster_id",
+                    as_of,
+                    c.alert_alpha,
+                    c.alert_min_count,
+                    labels,
+                    new_ids,
+                    key_codes=by_cluster,
                 ),
                 week_over_week(cases, "issue_type", "issue_type", as_of, c.alert_alpha, c.alert_min_count),
             ],
@@ -471,14 +486,18 @@ def finish_export(
             ["emerging", "alert", "p_value"], ascending=[False, False, True], kind="stable"
         ).reset_index(drop=True)
     matrix = root_cause_matrix(
-        members, clusters, frame["issue_type"].value_counts() if len(frame) else pd.Series(dtype=int), c.top_breakdown
+        members,
+        clusters,
+        frame["issue_type"].value_counts() if len(frame) else pd.Series(dtype=int),
+        c.top_breakdown,
+        cluster_codes,
     )
     kpis = compute_kpis(cases)
     notes.append(timing_coverage(kpis))
     if "date_source" in cases and (cases["date_source"] == "ingested").any():
         notes.append(f"{int((cases['date_source'] == 'ingested').sum())} 个案例无会话时间，按导入日期计入趋势。")
     teams = case_teams(cases)  # both emotion tables group by team: parse the metadata once
-    emotion = trajectory_table(cases, members, teams)
+    emotion = trajectory_table(cases, members, teams, cluster_codes)
     emotion_rel = relations(cases)
     emotion_teams = worsened_by_team(cases, teams)
     tables = {

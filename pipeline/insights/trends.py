@@ -18,7 +18,7 @@ import pyarrow as pa
 from scipy.stats import binomtest
 
 from pipeline.insights.cluster import ALL_SCOPE, coded_shares, format_shares, list_str_dtype
-from pipeline.insights.codes import arrow_backed, filled_codes, sorted_codes, taken_codes
+from pipeline.insights.codes import Codes, arrow_backed, fill_codes, filled_codes, sorted_codes, taken_codes
 
 BREAKDOWNS = ("channel", "region", "product")
 
@@ -105,16 +105,17 @@ def _constant(value: str, n: int) -> Any:
     return _take(np.array([value], dtype=object), np.zeros(n, dtype=np.int64))
 
 
-def count_table(df: pd.DataFrame, dimension: str, key_col: str) -> pd.DataFrame:
+def count_table(df: pd.DataFrame, dimension: str, key_col: str, key_codes: Codes | None = None) -> pd.DataFrame:
     """Daily and weekly counts of `key_col`, overall and by channel, region and product, in one
     long table: dimension, key, granularity, period, breakdown, breakdown_value, count.
 
     Counted by integer codes that sort as the values do, so the rows come out in a groupby's
     order: a groupby per (granularity, breakdown) on the string columns cost 0.4 s of a
-    night's export at 100k stored cases."""
+    night's export at 100k stored cases. `key_codes`: the key column's `sorted_codes`, when the
+    caller has them (the members' cluster ids, an object column, are hashed once a night)."""
     if df.empty or key_col not in df:
         return pd.DataFrame(columns=_COUNT_COLUMNS)
-    keys, key_values = _sorted_codes(df[key_col])
+    keys, key_values = key_codes if key_codes is not None else _sorted_codes(df[key_col])
     periods = _period_codes(df["date"])
     breakdowns = {b: filled_codes(df[b], "未知") for b in BREAKDOWNS if b in df}
     parts = []
@@ -185,9 +186,11 @@ def week_over_week(
     min_count: int,
     labels: dict[str, str] | None = None,
     new_keys: Sequence[str] = (),
+    key_codes: Codes | None = None,
 ) -> pd.DataFrame:
     """This week vs last week per key, with the test, an alert flag and an emerging flag (new
-    clusters, or a significant rise). Emerging rows come first, then by p-value."""
+    clusters, or a significant rise). Emerging rows come first, then by p-value. `key_codes`:
+    the key column's `sorted_codes`, when the caller has them."""
     cols = [
         "dimension",
         "key",
@@ -211,9 +214,10 @@ def week_over_week(
     t0, t1, l0, l1 = pd.Timestamp(a0), pd.Timestamp(a1), pd.Timestamp(b0), pd.Timestamp(b1)
     # Keys as codes, each week's cases counted by bincount: two filtered value_counts and a set
     # of every row's key cost half of this at 100k cases.
-    # -1: missing, counted nowhere. A text column's shared codes (sorted: the rows are sorted by
-    # key below anyway); another column's factorized here, unsorted, as mixed keys do not sort.
-    codes, uniques = sorted_codes(df[key_col]) if arrow_backed(df[key_col]) else pd.factorize(df[key_col])
+    # -1: missing, counted nowhere. The caller's or a text column's shared codes (sorted: the rows
+    # are sorted by key below anyway); another column's factorized here, unsorted, as mixed keys
+    # do not sort.
+    codes, uniques = key_codes if key_codes is not None else _week_codes(df[key_col])
     keyed = codes >= 0
     this_week = np.asarray((d >= t0) & (d <= t1), dtype=bool) & keyed
     last_week = np.asarray((d >= l0) & (d <= l1), dtype=bool) & keyed
@@ -250,14 +254,25 @@ def week_over_week(
     ).reset_index(drop=True)
 
 
-def _type_cluster_groups(members: pd.DataFrame) -> tuple[np.ndarray, list[tuple[Any, Any]], list[int], np.ndarray]:
+def _week_codes(keys: pd.Series) -> tuple[np.ndarray, Any]:
+    """A key column's codes for `week_over_week`: shared when it is Arrow text."""
+    return sorted_codes(keys) if arrow_backed(keys) else pd.factorize(keys)
+
+
+def _type_cluster_groups(
+    members: pd.DataFrame, cluster_codes: Codes | None = None
+) -> tuple[np.ndarray, list[tuple[Any, Any]], list[int], np.ndarray]:
     """The per-type scopes' rows (positions), their (issue type, cluster id or "") groups in
     sorted order, as a sorted groupby's keys (rows without an issue type in none), the groups'
     sizes, and each per-type row's group (len(keys) for none). By integer codes: a copy of the
     per-type rows and a groupby on two text columns cost 30 ms a night at 100k cases."""
     per_type = np.flatnonzero(np.asarray(members["scope"] != ALL_SCOPE, dtype=bool))
     it_c, types = taken_codes(*sorted_codes(members["issue_type"]), per_type)
-    cid_c, cids = _sorted_codes(members["cluster_id"].take(per_type).fillna(""))
+    if cluster_codes is not None and all(isinstance(c, str) for c in cluster_codes[1]):
+        # The caller's codes of every member's cluster id, filled and taken at the per-type rows.
+        cid_c, cids = taken_codes(*fill_codes(*cluster_codes, ""), per_type)
+    else:
+        cid_c, cids = _sorted_codes(members["cluster_id"].take(per_type).fillna(""))
     typed = it_c >= 0
     width = max(len(cids), 1)
     combined = it_c[typed] * width + cid_c[typed]
@@ -275,9 +290,16 @@ def _rows_of(coded: tuple[np.ndarray, np.ndarray], rows: np.ndarray) -> tuple[np
     return coded[0][rows], coded[1]
 
 
-def root_cause_matrix(members: pd.DataFrame, clusters: pd.DataFrame, issue_counts: pd.Series, top: int) -> pd.DataFrame:
+def root_cause_matrix(
+    members: pd.DataFrame,
+    clusters: pd.DataFrame,
+    issue_counts: pd.Series,
+    top: int,
+    cluster_codes: Codes | None = None,
+) -> pd.DataFrame:
     """Issue type -> cluster (direct cause) -> cause category -> impact. One row per per-type
-    cluster plus one "未归类" row per type for its noise, so each type's shares add up."""
+    cluster plus one "未归类" row per type for its noise, so each type's shares add up.
+    `cluster_codes`: the members' cluster ids' `sorted_codes`, when the caller has them."""
     cols = [
         "issue_type",
         "cluster_id",
@@ -304,7 +326,7 @@ def root_cause_matrix(members: pd.DataFrame, clusters: pd.DataFrame, issue_count
         else {}
     )
     rows = []
-    per_type, keys, sizes, codes = _type_cluster_groups(members)
+    per_type, keys, sizes, codes = _type_cluster_groups(members, cluster_codes)
     # Region and product shares of the per-type rows counted for all groups at once
     # (`group_shares`); rows without an issue type counted as one more group, never read.
     shares = {
