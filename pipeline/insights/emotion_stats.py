@@ -111,7 +111,7 @@ def trajectory_table(
     used = ["case_id", "issue_type", "channel", "outcome", "emotion_trajectory", "emotion_start", "emotion_end"]
     # Groups copy only these; shallow (copy-on-write), as `team` is added, not written into a column.
     df = cases[[c for c in [*used, "emotion_delta"] if c in cases]].copy(deep=False)
-    df["team"] = case_teams(cases) if teams is None else teams
+    team_of = case_teams(cases) if teams is None else teams
     case_clusters = None  # each case's cluster as a code of `cluster_codes` (-1: none), when given
     if members is not None and len(members) and "scope" in members:
         from pipeline.insights.cluster import ALL_SCOPE
@@ -125,16 +125,20 @@ def trajectory_table(
         ids, cids = members["case_id"].take(rows), members["cluster_id"].to_numpy(dtype=object)[rows]
         pos = _unique_positions(df["case_id"], ids)
         if pos is None:
+            df["team"] = team_of  # the merge repeats a case with its team
             df = df.merge(pd.DataFrame({"case_id": ids.to_numpy(), "cluster_id": cids}), on="case_id", how="left")
+        elif cluster_codes is not None:
+            # The merge's result when each case has at most one cluster, as codes: the cases in
+            # their order, each with its cluster's code or none (-1). No column of ids is built
+            # and hashed again below.
+            df = df.reset_index(drop=True)
+            of_rows = cluster_codes[0][rows]
+            case_clusters = np.where(pos >= 0, of_rows[np.maximum(pos, 0)] if len(rows) else -1, -1)
         else:
             # The merge's result when each case has at most one cluster: the cases in their order
             # (a new index, as a merge's), each with its cluster or none.
             df = df.reset_index(drop=True)
             df["cluster_id"] = np.where(pos >= 0, cids[np.maximum(pos, 0)], np.nan) if len(cids) else np.nan
-            if cluster_codes is not None:
-                # The same clusters as codes: the object column is not hashed again below.
-                of_rows = cluster_codes[0][rows]
-                case_clusters = np.where(pos >= 0, of_rows[np.maximum(pos, 0)] if len(rows) else -1, -1)
     # Every group of a dimension counted at once: a groupby iterated group by group (a value_counts
     # and three means per group, ~170 groups) cost 0.2 s of a night's export at 100k cases.
     means = ["emotion_start", "emotion_end", "emotion_delta"]
@@ -151,12 +155,16 @@ def trajectory_table(
     traj_of = {t: i for i, t in enumerate(trajs)}
     parts = []
     for dim in ("issue_type", "cluster_id", "channel", "outcome", "team"):
-        if dim not in df:
-            continue
+        # -1: missing, in no group. Teams and clusters from the arrays beside `df` when they are
+        # not its columns: a column of 100k Python strings was converted to Arrow text (6 ms).
         if dim == "cluster_id" and case_clusters is not None and cluster_codes is not None:
             codes, keys = taken_codes(case_clusters, cluster_codes[1], traj_rows)
+        elif dim == "team" and dim not in df:
+            codes, keys = pd.factorize(np.asarray(team_of, dtype=object)[traj_rows], sort=True)
+        elif dim in df:
+            codes, keys = _codes_at(df[dim], traj_rows)
         else:
-            codes, keys = _codes_at(df[dim], traj_rows)  # -1: missing, in no group
+            continue
         if not len(keys):
             continue
         kept = codes >= 0
