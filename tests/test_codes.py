@@ -52,7 +52,8 @@ def test_taken_codes_are_the_factorize_of_the_rows(dtype):
 def test_remembered_codes_belong_to_their_array_only():
     s = _column(VALUES, "str")
     codes, _ = cd.sorted_codes(s)
-    assert not codes.flags.writeable  # shared: no caller may change them
+    codes[:] = 7  # a caller's copy: the remembered ones stay
+    _same(cd.sorted_codes(s), pd.factorize(s, sort=True))
     t = s.copy()
     t.iloc[0] = "zzz"  # a new Arrow array: its own codes, not the old ones
     _same(cd.sorted_codes(t), pd.factorize(t, sort=True))
@@ -62,10 +63,12 @@ def test_remembered_codes_belong_to_their_array_only():
     assert len(cd._MEMO) < n  # forgotten with their arrays
 
 
-def test_remember_records_codes_found_another_way():
-    s = _column(["x", "y", "x"], "str")
-    cd.remember(s, np.array([1, 0, 1]), np.array(["y", "x"], dtype=object))  # deliberately not sorted
-    assert cd.sorted_codes(s)[0].tolist() == [1, 0, 1]
+def test_codes_are_kept_narrow_and_handed_out_as_int64():
+    s = _column([f"v{i % 300}" if i % 7 else None for i in range(2000)], "str")
+    codes, uniques = cd.sorted_codes(s)
+    kept = cd._MEMO[id(cd._arrow_of(s))][1]
+    assert kept.dtype == np.int16 and codes.dtype == np.int64 and (kept == codes).all()
+    _same(cd.sorted_codes(s), pd.factorize(s, sort=True))
 
 
 def _shares_by_counter(codes: np.ndarray, values: list, top: int | None) -> dict[int, dict[str, float]]:
