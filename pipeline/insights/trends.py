@@ -27,7 +27,8 @@ def _distinct_dates(dates: pd.Series) -> tuple[np.ndarray, pd.Series]:
     """Each row's code among the distinct dates (-1: missing) and those dates parsed (NaT where
     they cannot be): all-history frames hold ~100k cases on a few hundred dates, so each is
     parsed once. Unsorted: stored dates may mix strings and date objects."""
-    codes, seen = sorted_codes(dates)  # the column's shared codes (any order of dates serves)
+    # An Arrow column's shared codes (any order of the dates serves); others factorized unsorted.
+    codes, seen = sorted_codes(dates) if arrow_backed(dates) else pd.factorize(dates)
     return codes, pd.Series(pd.to_datetime(pd.Series(seen, dtype=object), errors="coerce"))
 
 
