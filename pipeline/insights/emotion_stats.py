@@ -151,7 +151,8 @@ def trajectory_table(
     # them, the means a groupby on the codes (the same rows in the same order per group as on
     # the values, so the same sums); three groupbys on text columns per dimension cost most of
     # the table's 0.1 s at 100k cases.
-    traj_codes, trajs = _codes_at(df["emotion_trajectory"], traj_rows)
+    traj = df["emotion_trajectory"]  # any numbering serves: unsorted unless shared, as before
+    traj_codes, trajs = _codes_at(traj, traj_rows) if arrow_backed(traj) else pd.factorize(traj.iloc[traj_rows])
     traj_of = {t: i for i, t in enumerate(trajs)}
     parts = []
     for dim in ("issue_type", "cluster_id", "channel", "outcome", "team"):

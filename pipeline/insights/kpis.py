@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.insights.cluster import group_rows
-from pipeline.insights.codes import filled_codes
+from pipeline.insights.codes import arrow_backed, filled_codes
 
 KPI_COLUMNS = [
     "group_by",
@@ -64,12 +64,14 @@ def compute_kpis(cases: pd.DataFrame) -> pd.DataFrame:
     floats."""
     n_all = len(cases)
     fr, du = _floats(cases, "first_response_s"), _floats(cases, "duration_s")
-    # The columns' shared codes (`codes.filled_codes`), sorted: the outcomes are looked up by name.
-    oc_codes, oc_names = (
-        filled_codes(cases["outcome"], "unknown")
-        if "outcome" in cases
-        else pd.factorize(pd.Series(["unknown"] * n_all))
-    )
+    # An Arrow column's shared codes (`codes.filled_codes`, sorted: outcomes are looked up by
+    # name); another factorized unsorted, as before.
+    outcomes = cases["outcome"] if "outcome" in cases else pd.Series(["unknown"] * n_all)
+    if arrow_backed(outcomes):
+        oc_codes, oc_names = filled_codes(outcomes, "unknown")
+    else:
+        oc_codes, found = pd.factorize(outcomes.fillna("unknown"))
+        oc_names = np.asarray(found, dtype=object)
     oc_of = {str(k): i for i, k in enumerate(oc_names)}
 
     def kpis(idx: np.ndarray) -> dict[str, Any]:
