@@ -172,3 +172,87 @@ def test_parts_joined_in_blocks_read_as_one_by_one(tmp_path, monkeypatch):
         got = store.read_parts(files, COLUMNS, shrink_case_part)
         assert got.schema.equals(one_by_one.schema) and got.equals(one_by_one), per_block
     assert _cached(tmp_path).equals(_plain(tmp_path))
+
+
+def _keys(rng, n: int, ids: int, runs: list[str | None]) -> pd.DataFrame:
+    """Random (case_id, run_id, row) rows: repeated ids and runs, some of either missing."""
+    case = [None if rng.random() < 0.05 else f"c{rng.integers(ids):03d}" for _ in range(n)]
+    run = [runs[rng.integers(len(runs))] for _ in range(n)]
+    return pd.DataFrame({"case_id": case, "run_id": run, "row": range(n)})
+
+
+def _arrow(df: pd.DataFrame):
+    import pyarrow as pa
+
+    types = {"case_id": pa.string(), "run_id": pa.string(), "row": pa.int64()}
+    return pa.table({c: pa.array(df[c].tolist(), types[c], from_pandas=True) for c in df})
+
+
+def test_newest_order_is_newest_rows_on_arrow():
+    """The Arrow form of the newest-row rule picks and orders rows as the pandas form does:
+    by run id (a missing one last), ties in row order, the last row of each case id kept (a
+    missing case id counts as one id)."""
+    import numpy as np
+
+    from pipeline.storage.store import newest_order, newest_rows
+
+    rng = np.random.default_rng(15)
+    for n in (0, 1, 2, 7, 50, 400):
+        for runs in (["r1"], ["r1", "r2", "r3"], ["r1", None, "r2"], [None]):
+            df = _keys(rng, n, max(1, n // 3), runs)
+            got = newest_order(_arrow(df)).tolist()
+            assert got == newest_rows(df)["row"].tolist(), (n, runs)
+
+
+def test_new_rows_met_with_the_copy_as_the_rule_over_all_of_them():
+    """`with_new_rows` (the copy as kept, only the new rows ordered) gives the rows and order of
+    the rule over the copy and the new rows together: newer runs, a late older run, runs equal
+    to the copy's last, missing run and case ids on either side, an empty copy."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.storage.store import newest_rows
+
+    rng = np.random.default_rng(16)
+    cases = [
+        (["r1", "r2"], ["r3", "r4"]),  # the nightly case: newer runs
+        (["r1", "r2"], ["r2", "r3"]),  # a run equal to the copy's last
+        (["r2", "r3"], ["r1", "r4"]),  # a late older run
+        (["r1", "r2"], ["r3", None]),  # a new row without run id
+        (["r1", None], ["r2"]),  # the copy ends with a row without run id
+        (["r1"], [None]),
+    ]
+    for copy_runs, new_runs in cases:
+        for n_copy, n_new in ((0, 5), (40, 0), (40, 10), (200, 60)):
+            copy_df = newest_rows(_keys(rng, n_copy, 80, copy_runs)).reset_index(drop=True)
+            new_df = _keys(rng, n_new, 80, new_runs)
+            new_df["row"] += 1000
+            copy, new = _arrow(copy_df), _arrow(new_df)
+            got = cc.with_new_rows(copy, new)
+            want = newest_rows(pd.concat([copy_df, new_df], ignore_index=True))
+            assert got["row"].to_pylist() == want["row"].tolist(), (copy_runs, new_runs, n_copy, n_new)
+            assert got.schema.equals(pa.concat_tables([copy, new]).schema)
+
+
+def test_a_copy_of_the_former_layout_is_ignored_and_rewritten(out, monkeypatch):
+    """A copy written before the rows were kept in order (zstd, rows in file order, no format
+    number) would be read in the wrong order: it is read as no copy, and replaced."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    _cached(out)
+    path = case_cache_path(out)
+    with pa.memory_map(str(path)) as src:
+        table = ipc.open_file(src).read_all()
+    meta = json.loads(table.schema.metadata[cc._META])
+    del meta["format"]
+    old = table.take(pa.array(range(len(table) - 1, -1, -1))).replace_schema_metadata({cc._META: json.dumps(meta)})
+    with ipc.new_file(str(path), old.schema, options=ipc.IpcWriteOptions(compression="zstd")) as w:
+        w.write_table(old)
+    calls = _spy(monkeypatch)
+    pd.testing.assert_frame_equal(_cached(out), _plain(out))
+    assert len(calls) == 1 and len(calls[0]) == len(stored_parts(out))  # every part read
+    pd.testing.assert_frame_equal(_cached(out), _plain(out))
+    assert len(calls) == 1  # and the copy rewritten in the current layout

@@ -217,6 +217,19 @@ def newest_row_mask(keys: pa.Table) -> np.ndarray:
     return wanted
 
 
+def newest_order(keys: pa.Table) -> np.ndarray:
+    """The rows of `keys` (case_id, run_id) that `newest_rows` returns, in the order it returns
+    them (by run id, a missing one last, ties in row order): `newest_rows` on Arrow, so a reader
+    can pick and order rows without a pandas frame of them (the export's case copy keeps its
+    rows in this order, so a night orders only its new rows)."""
+    import pyarrow.compute as pc
+
+    n = len(keys)
+    t = pa.table({"run_id": keys["run_id"], "row": pa.array(np.arange(n))})
+    order = pc.sort_indices(t, sort_keys=[("run_id", "ascending", "at_end"), ("row", "ascending")]).to_numpy()
+    return order[newest_row_mask(keys)[order]]
+
+
 def read_case(out: Path, case_id: str) -> dict[str, Any] | None:
     """The newest stored row of one case (a re-run may have written it again), or None."""
     rows = [r for f in stored_parts(out) for r in _read_part(f, CASE_SCHEMA, [("case_id", "==", case_id)]).to_pylist()]
