@@ -1,0 +1,62 @@
+"""The nightly export's read of all history: its shortcuts give what the forms they replaced gave.
+
+Each test runs the replaced form beside the new one on data with the awkward values (missing ids
+and runs, a case twice, cases no longer selected, re-processed cases) and wants the same result."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.insights.export import _is_in, _key, match_members
+
+
+def _replaced(membership: pd.DataFrame, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The look-ups as export_all made them: joined (case, run) keys, hashed each time."""
+    member_ids = _key(membership["case_id"])
+    todo = ~_is_in(_key(frame["case_id"], frame["run_id"]), _key(membership["case_id"], membership["run_id"]))
+    alive = _is_in(member_ids, _key(frame["case_id"]))
+    todo_frame = frame[todo].reset_index(drop=True)
+    return alive, todo, _is_in(member_ids, _key(todo_frame["case_id"]))
+
+
+def _ids(rng, n: int, k: int, missing: float, prefix: str) -> list[str | None]:
+    return [None if rng.random() < missing else f"{prefix}{rng.integers(k)}" for _ in range(n)]
+
+
+@pytest.mark.parametrize("dtype", [object, "str"])
+@pytest.mark.parametrize("unique", [True, False])
+@pytest.mark.parametrize("seed", range(4))
+def test_match_members_answers_what_the_joined_keys_answered(dtype, unique, seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(0, 120))
+    if unique:
+        ids = [f"c{i}" for i in rng.permutation(200)[:n]]
+        ids = [None if rng.random() < 0.05 else i for i in ids]  # missing ids may repeat
+    else:
+        ids = _ids(rng, n, 60, 0.05, "c")
+    frame = pd.DataFrame({"case_id": ids, "run_id": _ids(rng, n, 3, 0.05, "r")}, dtype=dtype)
+    m = int(rng.integers(0, 300))
+    # Members: mostly the frame's cases, with their run or another, and cases it no longer has.
+    member_case = _ids(rng, m, 220, 0.03, "c")
+    member_run = [r if rng.random() < 0.7 else None for r in _ids(rng, m, 3, 0.0, "r")]
+    membership = pd.DataFrame({"case_id": member_case, "run_id": member_run}, dtype=dtype)
+    got = match_members(membership, frame)
+    want = _replaced(membership, frame)
+    for name, g, w in zip(("alive", "todo", "redone"), got, want):
+        assert g.dtype == bool and g.tolist() == w.tolist(), name
+
+
+def test_match_members_on_the_nightly_shape():
+    """Two scopes' rows per case, one case re-processed, one new, one no longer selected."""
+    frame = pd.DataFrame({"case_id": ["a", "b", "c", "d"], "run_id": ["r1", "r2", "r1", "r2"]}, dtype="str")
+    membership = pd.DataFrame(
+        {"case_id": ["a", "a", "b", "b", "c", "c", "x", "x"], "run_id": ["r1", "r1", "r1", "r1"] * 2}, dtype="str"
+    )
+    alive, todo, redone = match_members(membership, frame)
+    assert alive.tolist() == [True] * 6 + [False] * 2
+    assert todo.tolist() == [False, True, False, True]  # b re-processed (r2), d new
+    assert redone.tolist() == [False, False, True, True, False, False, False, False]
+    empty = match_members(membership.iloc[:0], frame)
+    assert empty[1].all() and not len(empty[0]) and not len(empty[2])
