@@ -60,3 +60,25 @@ def test_match_members_on_the_nightly_shape():
     assert redone.tolist() == [False, False, True, True, False, False, False, False]
     empty = match_members(membership.iloc[:0], frame)
     assert empty[1].all() and not len(empty[0]) and not len(empty[2])
+
+
+@pytest.mark.parametrize("min_chars", [-1, 0, 1, 3, 4, 6])
+def test_long_enough_is_the_placeholder_count_compared(min_chars):
+    """`_long_enough` removes placeholders only where the byte count cannot vouch for a text:
+    it must decide what `_counted_chars(...) >= min_chars` decides, on texts of 1- to 4-byte
+    characters mixed with placeholders (a text of three 4-byte characters and a placeholder
+    has 9 spare bytes and 3 characters left), missing texts included."""
+    import random
+
+    import pyarrow as pa
+
+    from pipeline.insights.cluster import _counted_chars, _long_enough
+
+    rng = random.Random(min_chars)
+    pieces = ["<", ">", "A", "_", "中", "Ä", "\U0001f600", " ", "<PHONE>", "<ORDER_ID>", "1"]
+    texts: list[str | None] = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 9))) for _ in range(20_000)]
+    texts += [None, "", "\U0001f600" * 3 + "<PHONE>", "中中中中中中<PHONE>", "ÄÄÄ<PHONE>"]
+    arr = pa.chunked_array([pa.array(texts[:700], pa.large_string()), pa.array(texts[700:], pa.large_string())])
+    got = _long_enough(arr, min_chars)
+    want = _counted_chars(arr) >= min_chars
+    assert got.dtype == bool and [t for t, g, w in zip(texts, got.tolist(), want.tolist()) if g != w] == []

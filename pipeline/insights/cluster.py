@@ -190,6 +190,22 @@ def _counted_chars(texts: Any) -> np.ndarray:
     return lengths
 
 
+def _long_enough(texts: Any, min_chars: int) -> np.ndarray:
+    """`_counted_chars(texts) >= min_chars`, with the placeholders removed only from the texts it
+    is not sure of: placeholders are ASCII, so a text keeps at least its non-ASCII characters,
+    and UTF-8 spends 2-4 bytes on each of those, so there are at least (bytes - code points) / 3.
+    Nearly every stored problem has six CJK characters or more; the removal over a third of them
+    was two thirds of the selection's cost each night."""
+    chars = np.asarray(pc.fill_null(pc.utf8_length(texts), 0).to_numpy(zero_copy_only=False), dtype=np.int64)
+    nbytes = np.asarray(pc.fill_null(pc.binary_length(texts), 0).to_numpy(zero_copy_only=False), dtype=np.int64)
+    enough = nbytes - chars >= 3 * min_chars
+    # A text shorter than min_chars in all is too short whatever it holds.
+    unsure = np.flatnonzero(~enough & (chars >= min_chars))
+    if len(unsure):
+        enough[unsure] = _counted_chars(texts.take(pa.array(unsure))) >= min_chars
+    return enough
+
+
 def _cluster_texts(df: pd.DataFrame, min_chars: int) -> tuple[Any, Any]:
     """`cluster_text` for every case and whether it is long enough, by `_texts_in_python`'s rule.
     On an Arrow-backed problem column, Python sees only the cases whose problem is not plainly
@@ -204,7 +220,7 @@ def _cluster_texts(df: pd.DataFrame, min_chars: int) -> tuple[Any, Any]:
         customer = df["customer_text"].tolist() if "customer_text" in df else [""] * n
         return _texts_in_python(problems, customer, min_chars)
     plain = _plain_problems(problem)
-    long_enough = plain & (_counted_chars(problem) >= min_chars)
+    long_enough = plain & _long_enough(problem, min_chars)
     rest = np.flatnonzero(~plain)
     if not len(rest):
         return pd.array(problem, dtype=dtype), long_enough
