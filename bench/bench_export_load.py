@@ -9,6 +9,10 @@ embedder's warm-up) and warm passes, each on a fresh copy of the night.
 
     python -m bench.bench_export_load --nights DIR/night1000,DIR/night10000 [--runs 3] [--repeat 3]
 
+The stages are those of the code on PYTHONPATH, so the same file measures an older checkout
+(A/B): `PYTHONPATH=OLD python bench/bench_export_load.py --nights ...` (its look-ups and its
+case copy as that code made them).
+
 The case copy a kept night holds may be of an older layout (read as no copy: every part would be
 decoded). Each night is measured with its copy rebuilt from the very parts the kept copy had seen,
 so the night's new parts are still new to it.
@@ -40,6 +44,8 @@ def prime(night: Path, dest: Path) -> None:
     from pipeline.storage.store import CASE_SCHEMA, cases_dir, read_columns, read_parts
 
     shutil.copytree(night, dest)  # keeps mtimes: the copy's record of its parts stays valid
+    if not hasattr(cc, "_newest"):
+        return  # the code before the copy kept its rows in order (A/B runs): the kept copy is its own
     path = case_cache_path(dest)
     with pa.memory_map(str(path)) as src:
         meta = json.loads(ipc.open_file(src).schema.metadata[cc._META])
@@ -78,8 +84,15 @@ def child(night: Path, repeat: int) -> None:
             marks.append(time.perf_counter())
             membership, _ = mb.load_members(out, mb.load_meta(out))
             marks.append(time.perf_counter())
-            alive, todo, redone = ex.match_members(membership, frame)
-            frame[todo].reset_index(drop=True)
+            if hasattr(ex, "match_members"):
+                alive, todo, redone = ex.match_members(membership, frame)
+                frame[todo].reset_index(drop=True)
+            else:  # the look-ups before match_members (A/B runs against older code)
+                member_ids = ex._key(membership["case_id"])
+                keys = ex._key(membership["case_id"], membership["run_id"])
+                todo = ~ex._is_in(ex._key(frame["case_id"], frame["run_id"]), keys)
+                _alive = ex._is_in(member_ids, ex._key(frame["case_id"]))
+                _redone = ex._is_in(member_ids, ex._key(frame[todo].reset_index(drop=True)["case_id"]))
             marks.append(time.perf_counter())
             times = {name: b - a for name, a, b in zip(STAGES, marks, marks[1:])}
             times["cpu"] = time.process_time() - cpu
@@ -107,8 +120,7 @@ def main() -> None:
             for _ in range(args.runs):
                 cmd = [
                     sys.executable,
-                    "-m",
-                    "bench.bench_export_load",
+                    __file__,
                     "--child",
                     str(primed),
                     "--repeat",
