@@ -9,7 +9,9 @@ from (path, size, mtime) in its metadata. A read maps the copy (no decoding, no 
 not seen; only their rows meet the rule: they replace the copy's rows of their cases and follow
 them, as their runs are newer (a late older run's rows make it order everything again). If any
 part it has seen is gone or changed (`casemine repair`, a lost or rewritten file) it reads every
-part again.
+part again. (Rows of parts read on different nights that tie on the run id keep the order they
+were read in, where `read_cases` orders them by path; runs never share an id and every stored
+row has one. The former layout did the same.)
 
 It is a cache: never fsynced, any unreadable or foreign copy (another key, other columns, an
 older layout) is ignored and rewritten, and a copy that cannot be written (a read-only output)
