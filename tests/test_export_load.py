@@ -82,3 +82,32 @@ def test_long_enough_is_the_placeholder_count_compared(min_chars):
     got = _long_enough(arr, min_chars)
     want = _counted_chars(arr) >= min_chars
     assert got.dtype == bool and [t for t, g, w in zip(texts, got.tolist(), want.tolist()) if g != w] == []
+
+
+@pytest.mark.parametrize("dtype", [object, "str"])
+@pytest.mark.parametrize("seed", range(6))
+def test_member_positions_are_what_members_view_looked_up(dtype, seed):
+    """`locate_members`' positions, and `renewed_positions` after a night's new rows, are the
+    frame rows `members_view` found by hashing the frame's ids (`_index_in`)."""
+    from pipeline.insights.export import _index_in, locate_members, renewed_positions
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(0, 120))
+    ids = [f"c{i}" for i in rng.permutation(200)[:n]]
+    missing = 0.05 if seed % 2 else 0.0  # missing ids on odd seeds only: both kinds of night
+    ids = [None if rng.random() < missing else i for i in ids]
+    frame = pd.DataFrame({"case_id": ids, "run_id": _ids(rng, n, 3, 0.05, "r")}, dtype=dtype)
+    m = int(rng.integers(0, 300))
+    membership = pd.DataFrame(
+        {"case_id": _ids(rng, m, 220, missing, "c"), "run_id": _ids(rng, m, 3, 0.2, "r")}, dtype=dtype
+    )
+    alive, todo, redone, pos = locate_members(membership, frame)
+    assert pos is not None and pos.tolist() == _index_in(_key(membership["case_id"]), _key(frame["case_id"])).tolist()
+    todo_frame = frame[todo].reset_index(drop=True)
+    # The new rows as assign_cases writes them: each todo case once per scope, ids as str.
+    new_ids = pd.Series(list(todo_frame["case_id"].astype(str)) * 2, dtype=object)
+    tonight = pd.concat([membership[alive & ~redone], pd.DataFrame({"case_id": new_ids})], ignore_index=True)
+    got = renewed_positions(pos[alive & ~redone], new_ids, todo_frame, todo)
+    want = _index_in(_key(tonight["case_id"]), _key(frame["case_id"]))
+    assert got is not None  # new rows' keys are their todo cases' (a missing one is nowhere)
+    assert got.tolist() == want.tolist()

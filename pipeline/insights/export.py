@@ -392,9 +392,10 @@ def _run_ids(members: pd.DataFrame, frame: pd.DataFrame) -> pd.Series:
     return pd.Series(pc.fill_null(runs, "").to_pandas().array, index=members.index)
 
 
-def members_view(frame: pd.DataFrame, membership: pd.DataFrame) -> pd.DataFrame:
+def members_view(frame: pd.DataFrame, membership: pd.DataFrame, pos: np.ndarray | None = None) -> pd.DataFrame:
     """The export's members table (as `members_table` lays it out) from stored membership rows
-    and the cases' current fields: no vectors needed."""
+    and the cases' current fields: no vectors needed. `pos`: each membership row's frame row
+    (-1: none) where the caller has them (`locate_members`), else found here."""
     keep = [c for c in MEMBER_FIELDS if c in frame]
     fields = frame[[c for c in keep if c != "case_id"]].rename(columns={"cluster_text": "problem"})
     m = membership[["scope", "cluster_id", "is_noise", "similarity", "case_id", "x", "y"]]
@@ -405,7 +406,8 @@ def members_view(frame: pd.DataFrame, membership: pd.DataFrame) -> pd.DataFrame:
     # three keys combined into one int64 (a case is once in a scope, so no two rows tie), whose
     # stable sort (timsort: the membership is mostly in this order already) took a third of the
     # three-key lexsort's 15 ms.
-    pos = _index_in(_key(m["case_id"]), _key(frame["case_id"]))
+    if pos is None:
+        pos = _index_in(_key(m["case_id"]), _key(frame["case_id"]))
     scope_codes, scopes = sorted_codes(m["scope"])  # scopes are never missing
     per_type = np.asarray(scopes != ALL_SCOPE, dtype=np.int64)[scope_codes]
     rows = np.flatnonzero(pos >= 0)
@@ -794,20 +796,29 @@ def _index_in(values: pa.Array, among: pa.Array) -> np.ndarray:
 
 
 def match_members(membership: pd.DataFrame, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`locate_members` without the positions."""
+    alive, todo, redone, _ = locate_members(membership, frame)
+    return alive, todo, redone
+
+
+def locate_members(
+    membership: pd.DataFrame, frame: pd.DataFrame
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """What a night asks of the membership: which of its rows hold a case `frame` still selects
     (`alive`), which `frame` rows no membership row holds with their run (`todo`: new or
     re-processed), and which membership rows hold a case of those (`redone`: replaced tonight).
     Where `frame` holds each case once (the newest-row rule's frame always does), one hash of its
     case ids answers all three: hashing the membership's 200k joined (case, run) keys and probing
     them cost 25-40 ms at 100k cases. Otherwise the keys are looked up as such (`_is_in`).
-    A missing id or run matches nothing."""
+    A missing id or run matches nothing. Fourth: each membership row's frame row (-1: none) as
+    `members_view` finds it, kept from that hash (None where the frame repeats an id)."""
     frame_ids = _key(frame["case_id"])
     member_ids = _key(membership["case_id"])
     codes = frame_ids.dictionary_encode()
     if len(codes.dictionary) != len(frame_ids) - frame_ids.null_count:
         todo = ~_is_in(_key(frame["case_id"], frame["run_id"]), _key(membership["case_id"], membership["run_id"]))
         alive = _is_in(member_ids, frame_ids)
-        return alive, todo, _is_in(member_ids, frame_ids.filter(pa.array(todo)))
+        return alive, todo, _is_in(member_ids, frame_ids.filter(pa.array(todo))), None
     # The dictionary is the frame's ids in row order, less the missing ones.
     rows = np.flatnonzero(np.asarray(codes.indices.is_valid().to_numpy(zero_copy_only=False), dtype=bool))
     found = _index_in(member_ids, codes.dictionary)
@@ -819,7 +830,27 @@ def match_members(membership: pd.DataFrame, frame: pd.DataFrame) -> tuple[np.nda
     todo[pos[np.asarray(pc.fill_null(same, False).to_numpy(zero_copy_only=False), dtype=bool)]] = False
     redone = np.zeros(len(member_ids), dtype=bool)
     redone[np.flatnonzero(alive)[todo[pos]]] = True
-    return alive, todo, redone
+    where = np.full(len(member_ids), -1, dtype=np.int64)
+    where[alive] = pos
+    return alive, todo, redone, where
+
+
+def renewed_positions(
+    kept: np.ndarray, new_ids: pd.Series, todo_frame: pd.DataFrame, todo: np.ndarray
+) -> np.ndarray | None:
+    """`locate_members`' positions for tonight's membership (the `kept` rows' positions, then
+    the new rows'), the new rows found among the few `todo_frame` cases they came from rather
+    than by hashing the whole frame again. Where the frame holds each id once, a new row's case
+    is that todo row's and nowhere else (a missing key is nowhere, -1, as it was); None (look up
+    as before) when a key is not found there, so that a key `_key` spells differently cannot be
+    placed elsewhere."""
+    keys = _key(new_ids)
+    found = _index_in(keys, _key(todo_frame["case_id"]))
+    valid = np.asarray(keys.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    if (valid & (found < 0)).any():
+        return None
+    rows = np.where(found >= 0, np.flatnonzero(todo)[np.maximum(found, 0)] if todo.any() else -1, -1)
+    return np.concatenate([kept, rows]).astype(np.int64, copy=False)
 
 
 def _embed(embedder: PassageEncoder, texts: list[str]) -> np.ndarray:
@@ -907,7 +938,7 @@ def export_all(
     # Which cases are not yet members (new, or re-processed: same id, newer run): counted on every
     # night, embedded and assigned on an incremental one.
     membership, n_parts = mb.load_members(out, meta)
-    alive, todo, redone = match_members(membership, frame)
+    alive, todo, redone, positions = locate_members(membership, frame)
     dropped = int((~alive).sum())  # cases removed by `casemine repair` (or no longer selected)
     todo_frame = frame[todo].reset_index(drop=True)
     n_new = len(todo_frame)
@@ -925,6 +956,8 @@ def export_all(
         else:
             n_redone = int(redone.sum())
             membership = pd.concat([membership[alive & ~redone], new_rows], ignore_index=True)
+            if positions is not None:  # the frame rows of tonight's membership, without a hash
+                positions = renewed_positions(positions[alive & ~redone], new_rows["case_id"], todo_frame, todo)
             compact = dropped > 0 or n_parts + 1 > mb.COMPACT_PARTS
     if reason is not None:
         t1 = time.perf_counter()
@@ -948,7 +981,7 @@ def export_all(
         described = clustering.clusters
     else:
         described = mb.load_described(out)
-        members = members_view(frame, membership)
+        members = members_view(frame, membership, positions)
         clusters, new_state = recount_clusters(described, members, state, day, c.top_breakdown)
         clustering = Clustering(clusters, members, new_state)
     t_cluster = time.perf_counter() - t0
