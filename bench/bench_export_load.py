@@ -84,10 +84,10 @@ def child(night: Path, repeat: int) -> None:
             marks.append(time.perf_counter())
             membership, _ = mb.load_members(out, mb.load_meta(out))
             marks.append(time.perf_counter())
-            if hasattr(ex, "match_members"):
-                alive, todo, redone = ex.match_members(membership, frame)
+            if hasattr(ex, "locate_members"):
+                alive, todo, redone, _ = ex.locate_members(membership, frame)
                 frame[todo].reset_index(drop=True)
-            else:  # the look-ups before match_members (A/B runs against older code)
+            else:  # the look-ups before locate_members (A/B runs against older code)
                 member_ids = ex._key(membership["case_id"])
                 keys = ex._key(membership["case_id"], membership["run_id"])
                 todo = ~ex._is_in(ex._key(frame["case_id"], frame["run_id"]), keys)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.insights.export import _is_in, _key, match_members
+from pipeline.insights.export import _is_in, _key, locate_members
 
 
 def _replaced(membership: pd.DataFrame, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -28,7 +28,7 @@ def _ids(rng, n: int, k: int, missing: float, prefix: str) -> list[str | None]:
 @pytest.mark.parametrize("dtype", [object, "str"])
 @pytest.mark.parametrize("unique", [True, False])
 @pytest.mark.parametrize("seed", range(4))
-def test_match_members_answers_what_the_joined_keys_answered(dtype, unique, seed):
+def test_locate_members_answers_what_the_joined_keys_answered(dtype, unique, seed):
     rng = np.random.default_rng(seed)
     n = int(rng.integers(0, 120))
     if unique:
@@ -42,23 +42,23 @@ def test_match_members_answers_what_the_joined_keys_answered(dtype, unique, seed
     member_case = _ids(rng, m, 220, 0.03, "c")
     member_run = [r if rng.random() < 0.7 else None for r in _ids(rng, m, 3, 0.0, "r")]
     membership = pd.DataFrame({"case_id": member_case, "run_id": member_run}, dtype=dtype)
-    got = match_members(membership, frame)
+    got = locate_members(membership, frame)[:3]
     want = _replaced(membership, frame)
     for name, g, w in zip(("alive", "todo", "redone"), got, want):
         assert g.dtype == bool and g.tolist() == w.tolist(), name
 
 
-def test_match_members_on_the_nightly_shape():
+def test_locate_members_on_the_nightly_shape():
     """Two scopes' rows per case, one case re-processed, one new, one no longer selected."""
     frame = pd.DataFrame({"case_id": ["a", "b", "c", "d"], "run_id": ["r1", "r2", "r1", "r2"]}, dtype="str")
     membership = pd.DataFrame(
         {"case_id": ["a", "a", "b", "b", "c", "c", "x", "x"], "run_id": ["r1", "r1", "r1", "r1"] * 2}, dtype="str"
     )
-    alive, todo, redone = match_members(membership, frame)
+    alive, todo, redone, _ = locate_members(membership, frame)
     assert alive.tolist() == [True] * 6 + [False] * 2
     assert todo.tolist() == [False, True, False, True]  # b re-processed (r2), d new
     assert redone.tolist() == [False, False, True, True, False, False, False, False]
-    empty = match_members(membership.iloc[:0], frame)
+    empty = locate_members(membership.iloc[:0], frame)[:3]
     assert empty[1].all() and not len(empty[0]) and not len(empty[2])
 
 

@@ -795,12 +795,6 @@ def _index_in(values: pa.Array, among: pa.Array) -> np.ndarray:
     return np.asarray(pc.fill_null(found, -1).to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
-def match_members(membership: pd.DataFrame, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`locate_members` without the positions."""
-    alive, todo, redone, _ = locate_members(membership, frame)
-    return alive, todo, redone
-
-
 def locate_members(
     membership: pd.DataFrame, frame: pd.DataFrame
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
