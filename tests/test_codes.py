@@ -19,17 +19,17 @@ def _column(values: list, dtype: object) -> pd.Series:
     return pd.Series(values, dtype=dtype)
 
 
-def _same(got: tuple, want: tuple) -> None:
-    assert np.asarray(got[0]).tolist() == np.asarray(want[0]).tolist()
-    assert list(got[1]) == list(want[1])
+def _same(got: tuple, want: tuple) -> bool:
+    """Same codes and same distinct values, in order."""
+    return np.asarray(got[0]).tolist() == np.asarray(want[0]).tolist() and list(got[1]) == list(want[1])
 
 
 @pytest.mark.parametrize("dtype", [object, "str"])
 def test_sorted_codes_are_a_sorted_factorize_and_stay_so_when_remembered(dtype):
     s = _column(VALUES, dtype)
     want = pd.factorize(s, sort=True)
-    _same(cd.sorted_codes(s), want)
-    _same(cd.sorted_codes(s), want)  # the remembered ones, for an Arrow column
+    assert _same(cd.sorted_codes(s), want)
+    assert _same(cd.sorted_codes(s), want)  # the remembered ones, for an Arrow column
     assert cd.arrow_backed(s) == (dtype == "str")
 
 
@@ -38,7 +38,7 @@ def test_sorted_codes_are_a_sorted_factorize_and_stay_so_when_remembered(dtype):
 @pytest.mark.parametrize("values", [VALUES, [v for v in VALUES if v is not None], [None, None]])
 def test_filled_codes_are_the_factorize_of_the_filled_column(dtype, fill, values):
     s = _column(values, dtype)
-    _same(cd.filled_codes(s, fill), pd.factorize(s.fillna(fill), sort=True))
+    assert _same(cd.filled_codes(s, fill), pd.factorize(s.fillna(fill), sort=True))
 
 
 @pytest.mark.parametrize("dtype", [object, "str"])
@@ -46,17 +46,17 @@ def test_taken_codes_are_the_factorize_of_the_rows(dtype):
     s = _column(VALUES, dtype)
     for rows in ([], [1, 7], [0, 5, 2], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0], [3, 3, 1]):
         idx = np.asarray(rows, dtype=np.int64)
-        _same(cd.taken_codes(*cd.sorted_codes(s), idx), pd.factorize(s.take(idx), sort=True))
+        assert _same(cd.taken_codes(*cd.sorted_codes(s), idx), pd.factorize(s.take(idx), sort=True))
 
 
 def test_remembered_codes_belong_to_their_array_only():
     s = _column(VALUES, "str")
     codes, _ = cd.sorted_codes(s)
     codes[:] = 7  # a caller's copy: the remembered ones stay
-    _same(cd.sorted_codes(s), pd.factorize(s, sort=True))
+    assert _same(cd.sorted_codes(s), pd.factorize(s, sort=True))
     t = s.copy()
     t.iloc[0] = "zzz"  # a new Arrow array: its own codes, not the old ones
-    _same(cd.sorted_codes(t), pd.factorize(t, sort=True))
+    assert _same(cd.sorted_codes(t), pd.factorize(t, sort=True))
     n = len(cd._MEMO)
     del s, t
     gc.collect()
@@ -68,7 +68,7 @@ def test_codes_are_kept_narrow_and_handed_out_as_int64():
     codes, uniques = cd.sorted_codes(s)
     kept = cd._MEMO[id(cd._arrow_of(s))][1]
     assert kept.dtype == np.int16 and codes.dtype == np.int64 and (kept == codes).all()
-    _same(cd.sorted_codes(s), pd.factorize(s, sort=True))
+    assert _same(cd.sorted_codes(s), pd.factorize(s, sort=True))
 
 
 def _shares_by_counter(codes: np.ndarray, values: list, top: int | None) -> dict[int, dict[str, float]]:
@@ -96,3 +96,12 @@ def test_group_shares_by_span_or_hash_are_counters_shares(n_groups, n_values, to
     vc, uniques = cd.sorted_codes(pd.Series(values, dtype="str"))
     assert coded_shares(codes, vc, uniques, top) == want
     assert Counter(len(d) for d in want.values())  # the case is not empty
+
+
+@pytest.mark.parametrize("dtype", [object, "str"])
+def test_column_codes_are_shared_for_arrow_text_and_a_plain_factorize_otherwise(dtype):
+    s = _column(VALUES, dtype)
+    want = pd.factorize(s, sort=True) if dtype == "str" else pd.factorize(s)
+    assert _same(cd.column_codes(s), want)
+    if dtype == "str":
+        assert cd.column_codes(s)[1] is cd.sorted_codes(s)[1]  # the remembered values, not a new hashing

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import Config
-from pipeline.insights.codes import arrow_backed, sorted_codes
+from pipeline.insights.codes import column_codes
 from pipeline.text.mask import PLACEHOLDER_RE
 
 NOISE = -1
@@ -743,10 +743,7 @@ def group_shares(codes: np.ndarray, values: pd.Series, top: int | None = None) -
     column's shared ones (`codes.sorted_codes`): a column is hashed once a night, not per table.
     Another column is factorized unsorted, as before (any numbering serves; mixed values may not
     sort)."""
-    if arrow_backed(values):
-        return coded_shares(codes, *sorted_codes(values), top)
-    vcodes, uniques = pd.factorize(values, use_na_sentinel=True)
-    return coded_shares(codes, vcodes, np.asarray(uniques, dtype=object), top)
+    return coded_shares(codes, *column_codes(values), top)
 
 
 def coded_shares(

@@ -71,6 +71,16 @@ def sorted_codes(values: Any) -> Codes:
     return out
 
 
+def column_codes(values: Any) -> Codes:
+    """A column's codes where any numbering serves: its shared `sorted_codes` when it is Arrow
+    text, else `pd.factorize` unsorted (mixed values may not sort), as the callers did before
+    codes were shared."""
+    if arrow_backed(values):
+        return sorted_codes(values)
+    codes, uniques = pd.factorize(values, use_na_sentinel=True)
+    return codes.astype(np.int64, copy=False), np.asarray(uniques, dtype=object)
+
+
 def filled_codes(values: pd.Series, fill: str) -> Codes:
     """`pd.factorize(values.fillna(fill), sort=True)`, from the column's `sorted_codes`."""
     if _arrow_of(values) is None:

@@ -18,7 +18,7 @@ import pyarrow as pa
 from scipy.stats import binomtest
 
 from pipeline.insights.cluster import ALL_SCOPE, coded_shares, format_shares, list_str_dtype
-from pipeline.insights.codes import Codes, arrow_backed, fill_codes, filled_codes, sorted_codes, taken_codes
+from pipeline.insights.codes import Codes, column_codes, fill_codes, filled_codes, sorted_codes, taken_codes
 
 BREAKDOWNS = ("channel", "region", "product")
 
@@ -27,8 +27,7 @@ def _distinct_dates(dates: pd.Series) -> tuple[np.ndarray, pd.Series]:
     """Each row's code among the distinct dates (-1: missing) and those dates parsed (NaT where
     they cannot be): all-history frames hold ~100k cases on a few hundred dates, so each is
     parsed once. Unsorted: stored dates may mix strings and date objects."""
-    # An Arrow column's shared codes (any order of the dates serves); others factorized unsorted.
-    codes, seen = sorted_codes(dates) if arrow_backed(dates) else pd.factorize(dates)
+    codes, seen = column_codes(dates)  # any order of the dates serves
     return codes, pd.Series(pd.to_datetime(pd.Series(seen, dtype=object), errors="coerce"))
 
 
@@ -49,20 +48,13 @@ def week_start(d: pd.Series) -> pd.Series:
 _COUNT_COLUMNS = ["dimension", "key", "granularity", "period", "breakdown", "breakdown_value", "count"]
 
 
-def _sorted_codes(values: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Each value's rank among the distinct values in sorted order (-1 for missing), and those
-    values: codes that sort as the values do, as a groupby orders its groups. A column's codes
-    are shared with the other tables (`codes.sorted_codes`)."""
-    return sorted_codes(values)
-
-
 def _period_codes(dates: pd.Series) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per granularity (day, week), each row's period code and the period labels (YYYY-MM-DD),
     formatted once per distinct stored date."""
     raw, parsed = _distinct_dates(dates)
     out = {}
     for gran, labels in (("day", parsed.dt.strftime("%Y-%m-%d")), ("week", week_start(parsed))):
-        of_seen, periods = _sorted_codes(labels)
+        of_seen, periods = sorted_codes(labels)
         out[gran] = (np.where(raw >= 0, of_seen[np.maximum(raw, 0)] if len(of_seen) else -1, -1), periods)
     return out
 
@@ -117,7 +109,7 @@ def count_table(df: pd.DataFrame, dimension: str, key_col: str, key_codes: Codes
     caller has them (the members' cluster ids, an object column, are hashed once a night)."""
     if df.empty or key_col not in df:
         return pd.DataFrame(columns=_COUNT_COLUMNS)
-    keys, key_values = key_codes if key_codes is not None else _sorted_codes(df[key_col])
+    keys, key_values = key_codes if key_codes is not None else sorted_codes(df[key_col])
     periods = _period_codes(df["date"])
     breakdowns = {b: filled_codes(df[b], "未知") for b in BREAKDOWNS if b in df}
     dtype = list_str_dtype()
@@ -220,7 +212,7 @@ def week_over_week(
     # -1: missing, counted nowhere. The caller's or a text column's shared codes (sorted: the rows
     # are sorted by key below anyway); another column's factorized here, unsorted, as mixed keys
     # do not sort.
-    codes, uniques = key_codes if key_codes is not None else _week_codes(df[key_col])
+    codes, uniques = key_codes if key_codes is not None else column_codes(df[key_col])
     keyed = codes >= 0
     this_week = np.asarray((d >= t0) & (d <= t1), dtype=bool) & keyed
     last_week = np.asarray((d >= l0) & (d <= l1), dtype=bool) & keyed
@@ -257,11 +249,6 @@ def week_over_week(
     ).reset_index(drop=True)
 
 
-def _week_codes(keys: pd.Series) -> tuple[np.ndarray, Any]:
-    """A key column's codes for `week_over_week`: shared when it is Arrow text."""
-    return sorted_codes(keys) if arrow_backed(keys) else pd.factorize(keys)
-
-
 def _type_cluster_groups(
     members: pd.DataFrame, cluster_codes: Codes | None = None
 ) -> tuple[np.ndarray, list[tuple[Any, Any]], list[int], np.ndarray]:
@@ -275,7 +262,7 @@ def _type_cluster_groups(
         # The caller's codes of every member's cluster id, filled and taken at the per-type rows.
         cid_c, cids = taken_codes(*fill_codes(*cluster_codes, ""), per_type)
     else:
-        cid_c, cids = _sorted_codes(members["cluster_id"].take(per_type).fillna(""))
+        cid_c, cids = sorted_codes(members["cluster_id"].take(per_type).fillna(""))
     typed = it_c >= 0
     width = max(len(cids), 1)
     combined = it_c[typed] * width + cid_c[typed]
