@@ -34,12 +34,17 @@ def _blocks(cases, size=7):
     return [cases.iloc[i : i + size].reset_index(drop=True) for i in range(0, len(cases), size)]
 
 
+@pytest.mark.parametrize("reserve", [1, 4])
 @pytest.mark.parametrize("pool", [1, 3, 100])
-def test_extending_equals_selecting_over_everything(cfg, pool):
+def test_extending_equals_selecting_over_everything(cfg, pool, reserve, monkeypatch):
     """Old cases pooled first and new ones added later give the pick of one selection over all of
     them (candidates, order, groups, counts), in whatever order the new cases come, and only the
-    new pooled cases are encoded; where only a whole read can be exact (a group short of picks
-    with cases cut), the extension says so instead of guessing."""
+    new pooled cases (and reserve cases a deepened pick reaches) are encoded. A group short of
+    picks takes its next texts from its pool's reserve; where only a whole read can be exact (the
+    reserve used up, or none: `reserve` 1), the extension says so instead of guessing."""
+    import pipeline.library.candidates as candidates
+
+    monkeypatch.setattr(candidates, "RESERVE", reserve)
     scorer = CandidateScorer(cfg.library.model_copy(update={"per_group": 2}), ["催促", "加急", "补发"])
     cases = _tiny_cases()
     clusters = {f"c{i:03d}": f"C{i % 3}" for i in range(0, 60, 2)}
@@ -59,6 +64,7 @@ def test_extending_equals_selecting_over_everything(cfg, pool):
         whole = pool_selection(lambda: _blocks(cases), encode, scorer, lookup, pool=pool)
         first = pool_selection(lambda: _blocks(old), encode, scorer, lookup, pool=pool)
         caps_before = dict(first.caps)
+        reserved = {e.text for g, p in first.pools.pools.items() for e in p[first.caps.get(g, pool) :]}
         encoded.clear()
         more = extend_selection(first, _blocks(new.sample(frac=1, random_state=1)), encode, scorer, lookup)
         if isinstance(more, Fallback):
@@ -74,12 +80,42 @@ def test_extending_equals_selecting_over_everything(cfg, pool):
                                     reread=lambda groups: (_blocks(cases), lookup))
             assert not isinstance(more, Fallback) and more.counts["groups_read_again"] > 0
         else:
-            outcomes.add("extended")
-            assert set(encoded) <= set(case_texts(new))  # old pooled cases are not encoded again
+            outcomes.add("from the reserve" if more.counts["groups_deepened"] else "extended")
+            assert more.counts["groups_read_again"] == 0
+            # Old cases are encoded only from a reserve a deepened pick reached.
+            assert set(encoded) <= set(case_texts(new)) | reserved
         assert [asdict(c) for c in more.candidates] == [asdict(c) for c in whole.candidates]
         assert {k: more.counts[k] for k in whole.counts} == whole.counts
     if pool == 1:
-        assert "whole read" in outcomes
+        assert ("whole read" if reserve == 1 else "from the reserve") in outcomes, outcomes
+
+
+def test_a_group_with_every_text_pooled_is_never_read_again(cfg):
+    """A group whose pool holds every distinct text it has (nothing was cut), and whose pick runs
+    short because it has fewer different texts than the pick needs, stays short without any
+    read of the old cases: copies of its texts and texts that fit its reserve are added from
+    the night's cases alone, and the pick equals one over everything."""
+    scorer = CandidateScorer(cfg.library.model_copy(update={"per_group": 3}), ["催促", "加急", "补发"])
+    base = "快递三天还没到，今天能不能送到，着急用，麻烦加急处理，已经联系过两次了，页面显示异常"
+    # Two texts, many copies each: the pick of three can never fill.
+    old = pd.DataFrame([_case(f"o{i:03d}", base + "啊呀"[i % 2], delta=0.9 - i / 1000) for i in range(40)])
+    # The night: more copies, and near-copies beyond the cap of 2 (but inside its reserve).
+    new = pd.DataFrame(
+        [_case(f"n{i:03d}", base + "啊呀"[i % 2], delta=0.95 - i / 1000) for i in range(20)]
+        + [_case(f"m{i:03d}", base + chr(0x4E00 + 7 * i), delta=0.99 - i / 1000) for i in range(5)]
+    )
+    encode = HashingEmbedder().encode
+    whole = pool_selection(lambda: _blocks(pd.concat([old, new])), encode, scorer, pool=2)
+    first = pool_selection(lambda: _blocks(old), encode, scorer, pool=2)
+    assert len(first.candidates) < 3 and not first.pools.cut  # short, but nothing left to find
+
+    def no_read(groups):
+        raise AssertionError(f"read again: {groups}")
+
+    more = extend_selection(first, _blocks(new), encode, scorer, reread=no_read)
+    assert not isinstance(more, Fallback) and more.counts["groups_deepened"] > 0
+    assert [asdict(c) for c in more.candidates] == [asdict(c) for c in whole.candidates]
+    assert {k: more.counts[k] for k in whole.counts} == whole.counts
 
 
 def test_copies_kept_or_short_vectors_need_a_whole_read(cfg):
@@ -292,18 +328,41 @@ def _crowded(prefix, day, run, n_copies, diverse):
     return pd.DataFrame(rows).drop(columns="turning_points").assign(date=day, run_id=run)
 
 
-def test_a_short_group_is_read_again_alone_from_the_store(cfg, tmp_path):
-    """Near-copies make a group run short of diverse picks while cases were cut from its pool:
-    the night reads every stored part again for that group only (rows of other groups dropped
-    while still Arrow) and still picks what a build over everything picks."""
+@pytest.mark.parametrize("reserve", [1, 4])
+def test_a_short_group_deepens_from_its_reserve_or_is_read_again_alone(cfg, tmp_path, monkeypatch, reserve):
+    """Near-copies make a group run short of diverse picks while texts lie beyond its cap. With
+    a reserve (the pools kept 4x deeper than the pick reads) the night takes the next texts from
+    it and reads no old part; without one (`reserve` 1) it reads every stored part again for that
+    group only (rows of other groups dropped while still Arrow). Either way it picks what a build
+    over everything picks, and the next night continues from the deepened pools."""
+    import pipeline.library.candidates as candidates
+    import pipeline.storage.store as store
     from pipeline.library.typical_cases import select_from_store
     from pipeline.storage.store import write_cases
 
+    monkeypatch.setattr(candidates, "RESERVE", reserve)
     small = cfg.model_copy(update={"library": cfg.library.model_copy(update={"per_group": 3})})
     write_cases(tmp_path, _crowded("a", "2025-01-01", "run1", 60, ["发票抬头开错了", "退款一直没到账"]), "run1", 0)
     first = select_from_store(small, tmp_path, HashingEmbedder())[1]
     assert first["build"] == "full"
     write_cases(tmp_path, _crowded("b", "2025-01-02", "run2", 60, ["商品有划痕想换货"]), "run2", 0)
+    read: list[int] = []
+    real = store.read_parts
+
+    def counting(files, *a, **k):
+        read.append(len(files))
+        return real(files, *a, **k)
+
+    monkeypatch.setattr(store, "read_parts", counting)
     got = select_from_store(small, tmp_path, HashingEmbedder())
-    assert got[1]["build"] == "incremental" and got[1]["groups_read_again"] > 0, got[1]
+    monkeypatch.setattr(store, "read_parts", real)
+    assert got[1]["build"] == "incremental" and got[1]["groups_deepened"] > 0, got[1]
+    if reserve == 1:
+        assert got[1]["groups_read_again"] > 0 and max(read) == 2  # both parts, for the short group
+    else:
+        assert got[1]["groups_read_again"] == 0 and max(read) == 1  # the new part only
+    _same(small, tmp_path, got)
+    write_cases(tmp_path, _crowded("c", "2025-01-03", "run3", 60, ["地址填错了要改"]), "run3", 0)
+    got = select_from_store(small, tmp_path, HashingEmbedder())
+    assert got[1]["build"] == "incremental", got[1]
     _same(small, tmp_path, got)

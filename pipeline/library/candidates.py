@@ -243,10 +243,21 @@ class _Pooled:
         return self.cand.case_id
 
 
+# A pool is kept this many times deeper than the pick reads (its cap): a group whose pick runs
+# short while texts lie beyond its cap takes the next 4x from its own pool (`_deepen`) instead of
+# reading every stored case again. Why: on a night that adds cases, crowded groups (templated
+# complaints, near-copies of one text) fill their top-cap with new near-copies and run short; the
+# deeper texts of the old cases are not in the night's parts, so without a reserve the group's
+# every stored case had to be read again (most of a +10,000 night's time at 100k).
+RESERVE = 4
+
+
 @dataclass
 class _Pools:
-    """Per group, in the order select_candidates first meets it: its best cases (at most its cap
-    of distinct texts), its size, whether a case was ever cut for the cap."""
+    """Per group, in the order select_candidates first meets it: its best cases (at most its depth
+    of distinct texts: `RESERVE` x its cap, of which the pick reads the first cap), its size,
+    whether a case was ever cut for the depth (if not, the pool holds every distinct text of
+    the group, so no pick of it ever needs the cases read again)."""
 
     pools: dict[str, list[_Pooled]] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
@@ -280,16 +291,16 @@ def _pool_blocks(
     blocks: Iterable[Block],
     scorer: CandidateScorer,
     clusters: Callable[[list[str]], list[str | None]],
-    caps: dict[str, int],
-    default_cap: int,
+    depths: dict[str, int],
+    default_depth: int,
     drop_copies: bool,
     got: _Pools | None = None,
     only: set[str] | None = None,
 ) -> _Pools:
-    """One read of the blocks into per-group pools (see `select_candidates_in_blocks`), added to
-    `got` when given (a previous night's pools: `extend_selection`). With `only`, the pools of
-    those groups alone, from the rows of those groups alone (a deeper pass: `_deepen`); sizes and
-    the count of cases read are then left to the pass that read everything."""
+    """One read of the blocks into per-group pools (see `select_candidates_in_blocks`) cut to
+    their depths, added to `got` when given (a previous night's pools: `extend_selection`). With
+    `only`, the pools of those groups alone, from the rows of those groups alone (a deeper pass:
+    `_deepen`); sizes and the count of cases read are then left to the pass that read everything."""
     got = got if got is not None else _Pools()
     for item in blocks:
         block, n_read = item if isinstance(item, tuple) else (item, len(item))
@@ -318,7 +329,7 @@ def _pool_blocks(
                     got.sizes[g] = got.sizes.get(g, 0) + 1
                 touched.add(g)
         for g in touched:
-            got.pools[g], cut = _trim(got.pools[g], caps.get(g, default_cap), drop_copies)
+            got.pools[g], cut = _trim(got.pools[g], depths.get(g, default_depth), drop_copies)
             if cut:
                 got.cut.add(g)
     return got
@@ -359,23 +370,35 @@ def rows_in_groups(
 def _deepen(
     got: _Pools,
     short: list[str],
-    blocks: Iterable[Block],
+    read_again: Callable[[set[str]], tuple[Iterable[Block], Callable[[list[str]], list[str | None]]]],
     scorer: CandidateScorer,
-    clusters: Callable[[list[str]], list[str | None]],
     caps: dict[str, int],
+    depths: dict[str, int],
     default_cap: int,
     drop_copies: bool,
-) -> None:
-    """The pools of the `short` groups read again from `blocks` (every case) with caps four times
-    larger, in place of theirs in `got`; the other groups' pools stay as they are."""
+) -> list[str]:
+    """The `short` groups' caps made four times larger. A group whose pool already holds its
+    best texts to the new cap (its reserve, or every text it has) reads them from there; the
+    others are read again from `read_again(groups)` (every case's blocks and their cluster
+    lookup) with a reserve under the new cap, in place of their pools in `got`; the other
+    groups' pools stay as they are. Returns the groups read again."""
     for g in short:
         caps[g] = 4 * caps.get(g, default_cap)
-    deeper = _pool_blocks(blocks, scorer, clusters, caps, default_cap, drop_copies, only=set(short))
+    again = [g for g in short if g in got.cut and caps[g] > depths.get(g, RESERVE * default_cap)]
     for g in short:
-        got.pools[g] = deeper.pools.get(g, [])
-        got.cut.discard(g)
-        if g in deeper.cut:
-            got.cut.add(g)
+        if g not in got.cut:  # every text it has is pooled: any depth holds them, keep a reserve
+            depths[g] = max(depths.get(g, RESERVE * default_cap), RESERVE * caps[g])
+    if again:
+        for g in again:
+            depths[g] = RESERVE * caps[g]
+        blocks, clusters = read_again(set(again))
+        deeper = _pool_blocks(blocks, scorer, clusters, depths, RESERVE * default_cap, drop_copies, only=set(again))
+        for g in again:
+            got.pools[g] = deeper.pools.get(g, [])
+            got.cut.discard(g)
+            if g in deeper.cut:
+                got.cut.add(g)
+    return again
 
 
 def group_order(groups: list[str]) -> list[str]:
@@ -403,14 +426,25 @@ class Selection:
     default_cap: int
     vectors: dict[str, np.ndarray]
     copies_dropped: bool
+    # The pools' depths where not RESERVE x cap (a group deepened from its reserve keeps the
+    # depth it had until it is read again).
+    depths: dict[str, int] = field(default_factory=dict)
+
+    def depth(self, group: str) -> int:
+        return self.depths.get(group, RESERVE * self.caps.get(group, self.default_cap))
+
+
+def _heads(got: _Pools, caps: dict[str, int], default_cap: int) -> dict[str, list[_Pooled]]:
+    """Each group's pool as far as its pick reads it (its cap; the rest is reserve)."""
+    return {g: p[: caps.get(g, default_cap)] for g, p in got.pools.items()}
 
 
 def _encode_pooled(
-    got: _Pools, vectors: dict[str, np.ndarray], encode: Callable[[list[str]], np.ndarray]
+    heads: dict[str, list[_Pooled]], vectors: dict[str, np.ndarray], encode: Callable[[list[str]], np.ndarray]
 ) -> dict[str, _Pooled]:
-    """Vectors for every pooled case (the ones not in `vectors` encoded, the unpooled dropped);
-    returns the pooled cases by id."""
-    pooled = {e.case_id: e for p in got.pools.values() for e in p}
+    """Vectors for every case a pick reads (`_heads`: the ones not in `vectors` encoded, the
+    others dropped; a reserve is encoded only once a pick reaches it); returns those cases by id."""
+    pooled = {e.case_id: e for p in heads.values() for e in p}
     for i in [i for i in vectors if i not in pooled]:
         del vectors[i]
     fresh = [e for i, e in pooled.items() if i not in vectors]
@@ -427,15 +461,18 @@ def _copy_margin_holds(entries: Iterable[_Pooled], vectors: dict[str, np.ndarray
     return all(float(vectors[e.case_id] @ vectors[e.case_id]) > lib.max_similarity + 1e-3 for e in entries)
 
 
-def _pick(got: _Pools, vectors: dict[str, np.ndarray], lib: LibraryConfig) -> tuple[list[Candidate], list[str]]:
-    """The greedy diverse pick of every pool, as candidates (a case picked by two groups listed
-    once, best score first), and the groups that ran short of picks while cases were cut."""
+def _pick(
+    got: _Pools, heads: dict[str, list[_Pooled]], vectors: dict[str, np.ndarray], lib: LibraryConfig
+) -> tuple[list[Candidate], list[str]]:
+    """The greedy diverse pick of every pool's head, as candidates (a case picked by two groups
+    listed once, best score first), and the groups that ran short of picks while texts lay
+    beyond their heads (in the reserve, or cut)."""
     chosen: dict[str, tuple[_Pooled, list[str]]] = {}
     short = []
-    for g, members in got.pools.items():
+    for g, members in heads.items():
         mat = np.stack([vectors[e.case_id] for e in members])
         picks = select_diverse(range(len(members)), mat, lib.per_group, lib.max_similarity)
-        if len(picks) < lib.per_group and g in got.cut:
+        if len(picks) < lib.per_group and (g in got.cut or len(got.pools[g]) > len(members)):
             short.append(g)
         for i in picks:
             chosen.setdefault(members[i].case_id, (members[i], []))[1].append(g)
@@ -498,21 +535,27 @@ def pool_selection(
     default_cap = pool or 8 * lib.per_group
     lookup = clusters or (lambda ids: [None] * len(ids))
     caps = dict(caps or {})
+    depths = {g: RESERVE * c for g, c in caps.items()}
     drop_copies = True
     vectors: dict[str, np.ndarray] = {}
-    got = _pool_blocks(blocks(), scorer, lookup, caps, default_cap, drop_copies)
+
+    def read_again(groups: set[str]):
+        return (blocks_of(groups) if blocks_of is not None else blocks()), lookup
+
+    got = _pool_blocks(blocks(), scorer, lookup, depths, RESERVE * default_cap, drop_copies)
     while True:
-        pooled = _encode_pooled(got, vectors, encode)
+        heads = _heads(got, caps, default_cap)
+        pooled = _encode_pooled(heads, vectors, encode)
         if drop_copies and not _copy_margin_holds((e for e in pooled.values() if e.stands_for_copies), vectors, lib):
             drop_copies = False
-            got = _pool_blocks(blocks(), scorer, lookup, caps, default_cap, drop_copies)
+            got = _pool_blocks(blocks(), scorer, lookup, depths, RESERVE * default_cap, drop_copies)
             continue
-        out, short = _pick(got, vectors, lib)
+        out, short = _pick(got, heads, vectors, lib)
         if not short:
             break
-        every = blocks_of(set(short)) if blocks_of is not None else blocks()
-        _deepen(got, short, every, scorer, lookup, caps, default_cap, drop_copies)
-    return Selection(out, _counts(got, out), got, caps, default_cap, vectors, drop_copies)
+        _deepen(got, short, read_again, scorer, caps, depths, default_cap, drop_copies)
+    depths = {g: d for g, d in depths.items() if d != RESERVE * caps.get(g, default_cap)}
+    return Selection(out, _counts(got, out), got, caps, default_cap, vectors, drop_copies, depths)
 
 
 @dataclass
@@ -541,35 +584,49 @@ def extend_selection(
     after the old ones, and only they are encoded. It needs what the caller checks: no case of
     `blocks` is an old case again, and no old case changed (its row, issue type or cluster).
 
-    A group that runs short of picks while cases were cut from it needs its cases read again
-    with a deeper pool: `reread(groups)` gives every case's blocks (those groups' rows at least)
-    and their cluster lookup, and only
-    the rows of the short groups are judged (counted in `groups_read_again`); without `reread`
-    the Fallback says "short group". A pooled vector whose self-similarity is too low for copies
-    to be left out gives "copy margin" (checked on every pooled case: which pooled case stood for
-    left-out copies depends on the read order)."""
+    A group that runs short of picks takes the next texts from its pool's reserve (or finds it
+    holds every text it has: `_deepen`), as a build over everything would (counted in
+    `groups_deepened`). Only one whose reserve is used up and whose cases were cut needs its
+    cases read again: `reread(groups)` gives every case's blocks (those groups' rows at least)
+    and their cluster lookup, and only the rows of the short groups are judged (counted in
+    `groups_read_again`); without `reread` the Fallback says "short group". A pooled vector
+    whose self-similarity is too low for copies to be left out gives "copy margin" (checked on
+    every pooled case: which pooled case stood for left-out copies depends on the read order)."""
     lib = scorer.lib
     if not previous.copies_dropped:
         return Fallback("copies kept", previous.caps)
     lookup = clusters or (lambda ids: [None] * len(ids))
+    default_cap = previous.default_cap
     caps = dict(previous.caps)
-    got = _pool_blocks(blocks, scorer, lookup, caps, previous.default_cap, True, previous.pools)
+    depths = {g: previous.depth(g) for g in set(caps) | set(previous.depths)}
+    got = _pool_blocks(blocks, scorer, lookup, depths, RESERVE * default_cap, True, previous.pools)
     vectors = previous.vectors
-    deepened = 0
+
+    def no_reread(groups: set[str]):
+        raise _NeedsWholeRead(groups)
+
+    deepened = read_again = 0
     while True:
-        pooled = _encode_pooled(got, vectors, encode)
+        heads = _heads(got, caps, default_cap)
+        pooled = _encode_pooled(heads, vectors, encode)
         if not _copy_margin_holds(pooled.values(), vectors, lib):
             return Fallback("copy margin", caps)
-        out, short = _pick(got, vectors, lib)
+        out, short = _pick(got, heads, vectors, lib)
         if not short:
             break
-        if reread is None:
-            return Fallback("short group", {**caps, **{g: 4 * caps.get(g, previous.default_cap) for g in short}})
-        every, every_lookup = reread(set(short))
-        _deepen(got, short, every, scorer, every_lookup, caps, previous.default_cap, True)
+        try:
+            again = _deepen(got, short, reread or no_reread, scorer, caps, depths, default_cap, True)
+        except _NeedsWholeRead:
+            return Fallback("short group", caps)
         deepened += len(short)
-    counts = {**_counts(got, out), "groups_read_again": deepened}
-    return Selection(out, counts, got, caps, previous.default_cap, vectors, True)
+        read_again += len(again)
+    counts = {**_counts(got, out), "groups_deepened": deepened, "groups_read_again": read_again}
+    depths = {g: d for g, d in depths.items() if d != RESERVE * caps.get(g, default_cap)}
+    return Selection(out, counts, got, caps, default_cap, vectors, True, depths)
+
+
+class _NeedsWholeRead(Exception):
+    """A group's reserve is used up and no reader of every case was given."""
 
 
 def cluster_map(members: pd.DataFrame | None) -> dict[str, str]:

@@ -3,9 +3,9 @@
 Why: the typical-case library is a diverse pick of the best cases per issue type and root-cause
 cluster, and picking it from scratch reads and assesses every stored case (about 10 s a night at
 100k, linear in the history). What the pick needs of the old cases is small: each group's best
-distinct texts (`candidates._Pools`) and their vectors. Kept here with what they were made from,
-a night adds its new cases to them (`candidates.extend_selection`) and gets the pick a build over
-everything would make.
+distinct texts (`candidates._Pools`, with a reserve of the next ones) and the vectors of those a
+pick reads. Kept here with what they were made from, a night adds its new cases to them
+(`candidates.extend_selection`) and gets the pick a build over everything would make.
 
 That holds only while the old cases are as they were, so a night checks, and builds over
 everything when any check fails (the reason is reported):
@@ -39,7 +39,7 @@ from pipeline.library.candidates import Candidate, Selection, _Pooled, _Pools
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2  # 2: pools kept with their reserves, vectors for the heads only
 Stat = tuple[int, int]
 FileId = tuple[str, int, int]  # name, size, inode: a hard link is the same file
 
@@ -109,7 +109,9 @@ class PoolState:
 def save(path: Path, state: PoolState) -> None:
     sel = state.selection
     entries: dict[str, _Pooled] = {e.case_id: e for p in sel.pools.pools.values() for e in p}
-    order = list(entries)
+    # The cases a pick reads have vectors and come first; the reserves' cases have none yet.
+    with_vectors = [i for i in entries if i in sel.vectors]
+    order = with_vectors + [i for i in entries if i not in sel.vectors]
     meta = {
         "version": VERSION,
         "key": state.key,
@@ -120,6 +122,8 @@ def save(path: Path, state: PoolState) -> None:
         "cut": sorted(sel.pools.cut),
         "caps": sel.caps,
         "default_cap": sel.default_cap,
+        "depths": sel.depths,
+        "n_vectors": len(with_vectors),
         "pools": {g: [e.case_id for e in p] for g, p in sel.pools.pools.items()},
         "entries": [
             {
@@ -132,11 +136,11 @@ def save(path: Path, state: PoolState) -> None:
                 "text": e.text,
                 "copies": e.stands_for_copies,
             }
-            for i, e in entries.items()
+            for i, e in ((i, entries[i]) for i in order)
         ],
     }
     dim = next(iter(sel.vectors.values())).shape[0] if sel.vectors else 0
-    vectors = np.stack([sel.vectors[i] for i in order]) if order else np.zeros((0, dim), np.float32)
+    vectors = np.stack([sel.vectors[i] for i in with_vectors]) if with_vectors else np.zeros((0, dim), np.float32)
     text = np.array(json.dumps(meta, ensure_ascii=False))
     vecs, seen = vectors.astype(np.float32), state.seen.astype(np.uint64)
     write_cache(
@@ -159,7 +163,7 @@ def load(path: Path, key: str) -> PoolState | str:
                 return "configuration or models changed"
             vectors, seen = z["vectors"], z["seen"]
         entries = {}
-        if len(meta["entries"]) != len(vectors):
+        if int(meta["n_vectors"]) != len(vectors) or len(meta["entries"]) < len(vectors):
             raise ValueError("entries and vectors differ in length")
         for row in meta["entries"]:
             cand = Candidate(
@@ -172,8 +176,9 @@ def load(path: Path, key: str) -> PoolState | str:
             cut=set(meta["cut"]),
             n_cases=int(meta["n_cases"]),
         )
-        vecs = {i: v for i, v in zip(entries, vectors)}
-        selection = Selection([], {}, pools, dict(meta["caps"]), int(meta["default_cap"]), vecs, True)
+        vecs = {i: v for i, v in zip(entries, vectors)}  # the first n_vectors entries
+        depths = {g: int(d) for g, d in meta["depths"].items()}
+        selection = Selection([], {}, pools, dict(meta["caps"]), int(meta["default_cap"]), vecs, True, depths)
         return PoolState(
             key,
             {k: (int(v[0]), int(v[1])) for k, v in meta["parts"].items()},
