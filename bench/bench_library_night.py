@@ -9,7 +9,9 @@ replicated over eight weeks, exported once with the hashing embedder) gets, per 
 each night the new cases stored and exported incrementally, and tonight's build as the product
 runs it (from the pools: incremental, or full with the reason) against a build over every case
 (`--full`), alternating which runs first, each from the pools saved the night before. "same":
-every build of the night gave the same candidates (a digest). The hashing embedder stands in
+every build of the night gave the same candidates (a digest). "deep/again": groups whose pick ran
+short tonight, and how many of them read every stored part again (the rest took more texts from
+their pools' reserves). The hashing embedder stands in
 for the encoder: "encoded" is how many texts tonight's build asked it for (the product's encoder
 finds most in its cache: the export embedded the same problem texts).
 
@@ -83,7 +85,7 @@ def main() -> None:
         print(f"history: {a.history:,} stored cases ({base})\n", flush=True)
         print(
             f"{'new cases':>10} {'night':>5} {'tonight':>24} {'secs (median, range)':>22} {'full build':>22} "
-            f"{'encoded':>8} {'cases':>8} {'eligible':>9} {'cands':>6}  same"
+            f"{'encoded':>8} {'cases':>8} {'eligible':>9} {'cands':>6} {'deep/again':>10}  same"
         )
         for k, n in enumerate(int(x) for x in a.increments.split(",")):
             out = tmp / f"night{n}"
@@ -109,6 +111,8 @@ def main() -> None:
                 shutil.copy2(after, state_file(out))  # the next night continues from tonight's build
                 c = got["night"][0][1]
                 mode = c["build"] + (f" ({c['full_because']})" if c["build"] == "full" else "")
+                # Short groups deepened tonight, and how many of them read every stored part again.
+                deep = f"{c.get('groups_deepened', '-')}/{c.get('groups_read_again', '-')}"
                 same = len({x[2] for runs in got.values() for x in runs}) == 1
                 med = {}
                 for kind, runs in got.items():
@@ -116,7 +120,7 @@ def main() -> None:
                     med[kind] = f"{statistics.median(v):.2f} s ({min(v):.2f}-{max(v):.2f})"
                 print(
                     f"{n:>10,} {night:>5} {mode:>24} {med['night']:>22} {med['full']:>22} {got['night'][0][3]:>8,} "
-                    f"{c['cases']:>8,} {c['eligible']:>9,} {c['candidates']:>6}  {same}",
+                    f"{c['cases']:>8,} {c['eligible']:>9,} {c['candidates']:>6} {deep:>10}  {same}",
                     flush=True,
                 )
     print(f"\nbench wall {time.perf_counter() - t_all:.0f} s; load {os.getloadavg()}")

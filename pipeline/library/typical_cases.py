@@ -189,7 +189,8 @@ def _continue(
     every_keys: list[list[pa.Table]] = []
 
     def everything(groups: set[str]):
-        # A group short of picks is read again from every stored case (its rows only).
+        # A group short of picks whose reserve is used up is read again from every stored case
+        # (its rows only): its pool lacks the old texts beyond it.
         if not every_keys:
             every_keys.append(part_keys(files))
         lookup = load_cluster_lookup(out, members)
