@@ -134,7 +134,9 @@ class Sampler:
 # The full re-cluster's stages (export.py's names unless the module is given), wrapped by --breakdown.
 FULL_STAGES = (
     ("_with_tokens", True),
+    ("release_unused_memory", False),
     ("full_clustering", False),
+    ("token_codes", False),
     ("seeds_from_state", False),
     ("cluster_cases", False),
     ("assign_stable_ids", False),

@@ -233,7 +233,10 @@ def _old_members_table(frame, results, clusters, X):
     return pd.concat(parts, ignore_index=True)
 
 
-def test_cluster_cases_and_members_match_the_copying_form(cfg):
+@pytest.mark.parametrize("fit_max_cases, block", [(50_000, 65_536), (30, 16)])
+def test_cluster_cases_and_members_match_the_copying_form(cfg, monkeypatch, fit_max_cases, block):
+    # (30, 16): every scope past the fit cap, projected in blocks of 16 rows gathered at its rows.
+    import pipeline.insights.cluster as cl
     from pipeline.embed.fake import HashingEmbedder
     from pipeline.insights.cluster import (
         CauseLexicon,
@@ -273,7 +276,10 @@ def test_cluster_cases_and_members_match_the_copying_form(cfg):
     frame = frame.assign(tokens=pd.Series(pd.arrays.ArrowExtensionArray(pa.array(stored, pa.list_(pa.string())))))
     X = HashingEmbedder().encode_passages(frame["cluster_text"].tolist()).astype(np.float32)
     lexicon, cut = CauseLexicon.load(cfg), Segmenter(cfg).cut
-    params = ClusterParams(pca_components=5, max_clusters=6, min_cluster_size=3, min_scope_cases=10)
+    params = ClusterParams(
+        pca_components=5, max_clusters=6, min_cluster_size=3, min_scope_cases=10, fit_max_cases=fit_max_cases
+    )
+    monkeypatch.setattr(cl, "_BLOCK", block)
     old_frame = frame.assign(tokens=pd.Series([s for s in stored], dtype=object))
     want = _old_cluster_cases(old_frame, X, cfg, lexicon, cut, frozenset(), params)
     got = cluster_cases(frame, X, cfg, lexicon, cut=cut, params=params)
@@ -285,10 +291,58 @@ def test_cluster_cases_and_members_match_the_copying_form(cfg):
         assert g.centroids.keys() == w.centroids.keys()
         assert all(np.array_equal(g.centroids[k], w.centroids[k]) for k in w.centroids)
         assert all(np.array_equal(g.fit.centers[k], w.fit.centers[k]) for k in w.fit.centers)
+    # The codes made by the caller (`full_clustering`), the frame's token lists let go: the same.
+    given = cluster_cases(frame.drop(columns="tokens"), X, cfg, lexicon, params=params, tokens=token_codes(frame, cut))
+    for g, w in zip(given, want):
+        pd.testing.assert_frame_equal(g.clusters, w.clusters)
+        assert np.array_equal(g.labels, w.labels)
     clusters, _ = assign_stable_ids(got, ClusterState.empty(), "2025-11-02", 0.8)
     pd.testing.assert_frame_equal(
         members_table(frame, got, clusters, X), _old_members_table(old_frame, want, clusters, X)
     )
+
+
+@pytest.mark.parametrize("fit_max_cases", [10_000, 150])
+@pytest.mark.parametrize("order", ["sorted", "any"])
+def test_fit_clusters_at_rows_matches_the_copy_of_the_rows(monkeypatch, fit_max_cases, order):
+    """A scope's rows read where they are give the partition, space and centres of a copy of them
+    (the same PCA input, the same blocks projected), seeded or not, capped or not."""
+    import pipeline.insights.cluster as cl
+    from pipeline.insights.cluster import ClusterParams, fit_clusters
+
+    monkeypatch.setattr(cl, "_BLOCK", 64)  # several blocks, the last one short
+    rng = np.random.default_rng(11)
+    centers = rng.normal(size=(4, 24))
+    X = np.concatenate([c + rng.normal(0, 0.4, (150, 24)) for c in centers]).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    rows = np.flatnonzero(rng.random(len(X)) < 0.6)
+    if order == "any":
+        rows = rng.permutation(rows)
+    params = ClusterParams(pca_components=5, max_clusters=6, min_cluster_size=5, fit_max_cases=fit_max_cases)
+    for seeds in (None, centers[:3].astype(np.float32)):
+        want = fit_clusters(X[rows], params, seeds)
+        got = fit_clusters(X, params, seeds, rows=rows)
+        assert len(set(want.labels.tolist())) > 2
+        assert np.array_equal(got.labels, want.labels)
+        assert np.array_equal(got.projection.mean, want.projection.mean)
+        assert np.array_equal(got.projection.components, want.projection.components)
+        assert got.centers.keys() == want.centers.keys()
+        assert all(np.array_equal(got.centers[k], want.centers[k]) for k in want.centers)
+    small = fit_clusters(X, ClusterParams(min_scope_cases=50), rows=rows[:20]).labels
+    assert len(small) == 20 and (small == NOISE).all()
+
+
+def test_project_blocks_at_rows_matches_the_copy(monkeypatch):
+    import pipeline.insights.cluster as cl
+    from pipeline.insights.cluster import fit_projection, project_blocks
+
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(300, 12)).astype(np.float32)
+    proj = fit_projection(X, 4)
+    for block in (7, 64, 1000):
+        monkeypatch.setattr(cl, "_BLOCK", block)
+        for rows in (np.arange(300), rng.permutation(300)[:130], np.array([5, 5, 0]), np.zeros(0, dtype=int)):
+            assert np.array_equal(project_blocks(proj, X, rows), project_blocks(proj, X[rows]))
 
 
 def test_run_ids_of_members_match_the_dict_form():

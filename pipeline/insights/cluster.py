@@ -463,10 +463,15 @@ class ClusterFit:
     centers: dict[int, np.ndarray]
 
 
-def fit_clusters(X: np.ndarray, params: ClusterParams, seeds: np.ndarray | None = None) -> ClusterFit:
+def fit_clusters(
+    X: np.ndarray, params: ClusterParams, seeds: np.ndarray | None = None, rows: np.ndarray | None = None
+) -> ClusterFit:
     """Cluster labels 0..k-1 per row (largest cluster first), NOISE (-1) for cases whose group is
     too small to be more than an anecdote; `seeds` are stored centroids (full embedding space)
-    the KMeans search starts from (see `kmeans_by_silhouette`).
+    the KMeans search starts from (see `kmeans_by_silhouette`). `rows`: the scope's rows of `X`
+    (None: every row, in order), so a scope's vectors are gathered only for its PCA and a block
+    at a time for its projection, not held as a copy through the KMeans search, which holds the
+    re-cluster's peak (its silhouette's distance matrix).
 
     Why KMeans with a silhouette-chosen k on PCA'd vectors (bench/bench_clusters.py, on both
     real labelled sets and on the halves of 3 seeded splits): PCA + HDBSCAN left 13% (complaints)
@@ -476,7 +481,7 @@ def fit_clusters(X: np.ndarray, params: ClusterParams, seeds: np.ndarray | None 
     to its nearest centroid, except members of clusters under `min_cluster_size`, which are
     reported as noise (`is_noise`, counted as one extra cluster by `casemine eval clusters`).
     Fewer rows than `min_scope_cases` are all noise: a "cluster" of three calls is an anecdote."""
-    n = len(X)
+    n = len(X) if rows is None else len(rows)
     if n < max(params.min_scope_cases, params.min_cluster_size, 3):
         return ClusterFit(np.full(n, NOISE, dtype=int), Projection(), {})
     # Past `fit_max_cases`, fit on a seeded sample and give every row its nearest KMeans centre
@@ -485,8 +490,17 @@ def fit_clusters(X: np.ndarray, params: ClusterParams, seeds: np.ndarray | None 
     fit_rows = (
         np.sort(np.random.default_rng(params.seed).choice(n, params.fit_max_cases, replace=False)) if capped else None
     )
-    proj = fit_projection(X[fit_rows] if capped else X, params.pca_components, params.seed)
-    Z = project_blocks(proj, X)
+    if capped:
+        sample = X[fit_rows] if rows is None else X[rows[fit_rows]]
+        proj = fit_projection(sample, params.pca_components, params.seed)
+        del sample
+        Z = project_blocks(proj, X, rows)
+    else:
+        # An uncapped scope's PCA needs its vectors whole: gathered once, projected, let go.
+        scope_X = X if rows is None else X[rows]
+        proj = fit_projection(scope_X, params.pca_components, params.seed)
+        Z = project_blocks(proj, scope_X)
+        del scope_X
     k_max = min(params.max_clusters, math.isqrt(n))
     init = proj.apply(seeds) if seeds is not None and len(seeds) else None
     keep = params.keep_k_within if init is not None else 0.0
@@ -511,11 +525,16 @@ def fit_clusters(X: np.ndarray, params: ClusterParams, seeds: np.ndarray | None 
 _BLOCK = 65_536  # rows projected or assigned at a time
 
 
-def project_blocks(proj: Projection, X: np.ndarray) -> np.ndarray:
-    """`proj.apply(X)` a block at a time: the centred copy of the vectors stays one block."""
-    if len(X) <= _BLOCK:
-        return proj.apply(X)
-    return np.concatenate([proj.apply(X[i : i + _BLOCK]) for i in range(0, len(X), _BLOCK)])
+def project_blocks(proj: Projection, X: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """`proj.apply(X)` (of `X[rows]` when given) a block at a time: the centred copy of the
+    vectors, and the gathered rows, stay one block. Each block is the same rows either way, so
+    the same products."""
+    n = len(X) if rows is None else len(rows)
+    if n <= _BLOCK:
+        return proj.apply(X if rows is None else X[rows])
+    if rows is None:
+        return np.concatenate([proj.apply(X[i : i + _BLOCK]) for i in range(0, n, _BLOCK)])
+    return np.concatenate([proj.apply(X[rows[i : i + _BLOCK]]) for i in range(0, n, _BLOCK)])
 
 
 def label_means(Z: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -849,23 +868,29 @@ def describe_scope(
     lexicon: CauseLexicon,
     cfg: Config,
     stopwords: frozenset[str] = frozenset(),
+    rows: np.ndarray | None = None,
 ) -> ScopeResult:
-    """One row per cluster of a scope: label, terms, representatives, size, shares, mix, causes."""
+    """One row per cluster of a scope: label, terms, representatives, size, shares, mix, causes.
+    `labels` and `tokens` are the scope's; `frame` and `X` are the scope's rows, or, with `rows`
+    (the scope's positions in them), every case's: a cluster's rows are then read where they
+    are, with no copy of the scope's fields and vectors held through the scope."""
     c = cfg.cluster
     terms = class_tfidf(tokens, labels, c.top_terms, stopwords, c.label_min_lift)
-    rows, cents = [], {}
-    scope_size = len(frame)
+    out, cents = [], {}
+    scope_size = len(labels)  # the scope frame's length when it was a copy of the scope's rows
     for lab in sorted(set(int(v) for v in labels) - {NOISE}):
         idx = np.flatnonzero(labels == lab)
-        sub = frame.iloc[idx]
-        reps = [int(idx[i]) for i in representatives(X[idx], c.representatives)]
+        at = idx if rows is None else rows[idx]  # the cluster's rows of `frame` and `X`
+        sub = frame.iloc[at]
+        Xc = X[at]
+        reps = [int(at[i]) for i in representatives(Xc, c.representatives)]
         top = [t for t, _ in terms.get(lab, [])]
         rep_texts = frame["cluster_text"].iloc[reps].tolist()
         outcome = share_dict(sub["outcome"] if "outcome" in sub else [])
         regions = share_dict(sub["region"] if "region" in sub else [])
         products = share_dict(sub["product"] if "product" in sub else [])
-        cents[lab] = centroid_of(X[idx])
-        rows.append(
+        cents[lab] = centroid_of(Xc)
+        out.append(
             {
                 "scope": scope,
                 "local_label": lab,
@@ -889,7 +914,7 @@ def describe_scope(
                 "cause_suggested": True,
             }
         )
-    return ScopeResult(scope, pd.DataFrame(rows), np.asarray(labels, dtype=int), cents)
+    return ScopeResult(scope, pd.DataFrame(out), np.asarray(labels, dtype=int), cents)
 
 
 def cluster_cases(
@@ -901,13 +926,16 @@ def cluster_cases(
     stopwords: frozenset[str] = frozenset(),
     params: ClusterParams | None = None,
     seeds: dict[str, np.ndarray] | None = None,
+    tokens: TokenCodes | None = None,
 ) -> list[ScopeResult]:
     """Cluster the selected cases within each issue type and across all of them. Returns one
     ScopeResult per scope; `labels` are aligned with the scope's rows of `frame` (in order).
-    `seeds`: per scope, the stored centroids its KMeans starts from (stable ids)."""
+    `seeds`: per scope, the stored centroids its KMeans starts from (stable ids). `tokens`: the
+    cases' `token_codes` when the caller made them (and let the frame's token lists go)."""
     params = params or ClusterParams.from_config(cfg)
     stopwords = stopwords | lexicon.label_stopwords | label_stopwords(cfg)
-    tokens = token_codes(frame, cut)
+    if tokens is None:
+        tokens = token_codes(frame, cut)
     # The tokens are read from `tokens` only; the scopes' frames leave them out.
     cases = frame.drop(columns=["tokens"]) if "tokens" in frame else frame
     X = np.ascontiguousarray(X)  # what X[idx] gave each scope: a C-ordered array
@@ -919,17 +947,17 @@ def cluster_cases(
         for it, idx in frame.groupby("issue_type", sort=True).indices.items():
             scopes.append((str(it), np.asarray(idx)))
     for scope, idx in scopes:
-        # The cross-type scope is every row in order: its frame, vectors and tokens are the
-        # whole ones, not copies (each was another all-history copy held through the scope).
+        # Every scope reads the whole frame and vectors at its rows: copies of a scope's fields
+        # and vectors (X[idx]) were held through its KMeans search and its description, and
+        # grew with the history. The cross-type scope is every row in order: no rows at all.
         whole = len(idx) == len(frame) and bool((idx == np.arange(len(frame))).all())
-        sub = cases.reset_index(drop=True) if whole else cases.iloc[idx].reset_index(drop=True)
-        Xs = X if whole else X[idx]
-        fit = fit_clusters(Xs, params, (seeds or {}).get(scope))
-        res = describe_scope(scope, sub, Xs, fit.labels, tokens if whole else tokens.take(idx), lexicon, cfg, stopwords)
+        rows = None if whole else idx
+        fit = fit_clusters(X, params, (seeds or {}).get(scope), rows=rows)
+        scope_tokens = tokens if whole else tokens.take(idx)
+        res = describe_scope(scope, cases, X, fit.labels, scope_tokens, lexicon, cfg, stopwords, rows=rows)
         res.row_index = idx
         res.fit = fit
         results.append(res)
-        del sub, Xs  # before the next scope's copies
     return results
 
 

@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from pipeline.config import Config
+from pipeline.heap import release_unused_memory
 from pipeline.insights import member_parts as mp
 from pipeline.insights import membership as mb
 from pipeline.insights.cluster import (
@@ -44,12 +45,14 @@ from pipeline.insights.cluster import (
     CauseLexicon,
     ClusterState,
     Projection,
+    ScopeResult,
     _as_list,
     assign_stable_ids,
     cluster_cases,
     fill_classification,
     members_table,
     select_cases,
+    token_codes,
 )
 from pipeline.insights.codes import sorted_codes
 from pipeline.insights.emotion_stats import (
@@ -350,7 +353,15 @@ def full_clustering(
     (and the map's) and the membership rows to store. `consume_vectors`: the caller reads `X`
     no more, so it is centred in place for the map (overwritten) instead of copied."""
     c = cfg.cluster
-    results = cluster_cases(frame, X, cfg, lexicon, cut=cut, stopwords=stopwords, seeds=seeds) if len(frame) else []
+    results: list[ScopeResult] = []
+    if len(frame):
+        # The token lists as codes, then let go (with what reading them left in the allocators):
+        # kept in the frame, Arrow's lists of every case's tokens were held to the end.
+        tokens = token_codes(frame, cut)
+        frame = frame.drop(columns=["tokens"]) if "tokens" in frame else frame
+        release_unused_memory()
+        results = cluster_cases(frame, X, cfg, lexicon, stopwords=stopwords, seeds=seeds, tokens=tokens)
+        del tokens
     clusters, new_state = assign_stable_ids(results, state, day, c.match_threshold)
     members = members_table(frame, results, clusters, X)
     projections, model = fit_models(results, clusters, X, c.noise_quantile)
@@ -957,6 +968,7 @@ def export_all(
         t1 = time.perf_counter()
         X = _embed(embedder, frame["cluster_text"].tolist())
         t_embed += time.perf_counter() - t1
+        release_unused_memory()  # the encoding's buffers: what the re-cluster would grow on top of
         same_space = meta.get("embedder") == embedder_id
         seeds = seeds_from_state(state, meta, X.shape[1]) if c.seed_from_state and same_space else {}
         clustering, projections, stored = full_clustering(

@@ -1,32 +1,7 @@
-"""Give the heap's freed memory back to the operating system after each step of a run.
-
-Why: glibc keeps what the encoder frees (buffers for each batch's padded shape) in its arenas
-instead of returning it, so a chunked run's RSS rose by about 20 MiB per chunk of 150
-transcripts with nothing live behind it; `malloc_trim(0)` returned all of it (measured: 12
-batches of 150 texts took RSS from 1,117 to 1,372 MiB, one trim brought it to 960). A no-op
-where the C library has no `malloc_trim` (musl, macOS).
-"""
+"""The run steps' heap trim, now in `pipeline.heap` (the export, a lower layer, trims too)."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
-from typing import Any
+from pipeline.heap import release_free_heap
 
-
-@functools.cache
-def _libc() -> Any:
-    name = ctypes.util.find_library("c")
-    try:
-        lib = ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-    return lib if lib is not None and hasattr(lib, "malloc_trim") else None
-
-
-def release_free_heap() -> None:
-    """Return freed heap pages to the OS (glibc's `malloc_trim(0)`); costs milliseconds."""
-    lib = _libc()
-    if lib is not None:
-        lib.malloc_trim(0)
+__all__ = ["release_free_heap"]
