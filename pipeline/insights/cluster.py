@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import Config
+from pipeline.heap import release_unused_memory
 from pipeline.insights.codes import column_codes
 from pipeline.text.mask import PLACEHOLDER_RE
 
@@ -958,6 +959,10 @@ def cluster_cases(
         res.row_index = idx
         res.fit = fit
         results.append(res)
+        # What the scope freed (its clusters' rows, its KMeans fits) back to the OS: kept by
+        # glibc it grew with the history, and the next scope's silhouette matrix (mapped afresh,
+        # never from that free memory) came on top of it.
+        release_unused_memory()
     return results
 
 
