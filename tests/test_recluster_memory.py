@@ -422,3 +422,37 @@ def test_members_table_in_one_take_matches_the_concatenated_copies():
     pd.testing.assert_frame_equal(got, _old_members_table(frame, results, clusters, X))
     assert len(got) == n + len(idx_a) + len(idx_b) and got["cluster_id"].iloc[-1] is None
     assert members_table(frame, [], clusters, X).columns.tolist() == ["scope", "cluster_id", "is_noise"]
+
+
+def test_silhouette_in_blocks_scores_and_clusters_as_the_whole_matrix(monkeypatch):
+    """The k search's silhouette under a small working memory (distances a block of rows at a
+    time) gives the scores, and so the clusters, of the whole distance matrix at once."""
+    import sklearn
+    from sklearn.metrics import silhouette_score
+
+    import pipeline.insights.cluster as cl
+    from pipeline.insights.cluster import ClusterParams, fit_clusters
+
+    rng = np.random.default_rng(4)
+    centers = rng.normal(size=(6, 20))
+    X = np.concatenate([c + rng.normal(0, 0.8, (250, 20)) for c in centers]).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    Z = cl.fit_projection(X, 5).apply(X)
+    for k in (2, 5, 7):
+        lab = rng.integers(0, k, len(Z))
+        whole = silhouette_score(Z, lab)
+        with sklearn.config_context(working_memory=1):  # blocks of about 90 rows
+            assert silhouette_score(Z, lab) == whole
+    seen = []
+    real = cl.kmeans_by_silhouette
+    monkeypatch.setattr(
+        cl, "kmeans_by_silhouette", lambda *a, **k: seen.append(sklearn.get_config()["working_memory"]) or real(*a, **k)
+    )
+    params = ClusterParams(pca_components=5, max_clusters=9, min_cluster_size=5)
+    monkeypatch.setattr(cl, "_SILHOUETTE_MIB", 1024)
+    want = fit_clusters(X, params)
+    monkeypatch.setattr(cl, "_SILHOUETTE_MIB", 1)
+    got = fit_clusters(X, params)
+    assert seen == [1024, 1]
+    assert len(set(want.labels.tolist())) > 2 and np.array_equal(got.labels, want.labels)
+    assert all(np.array_equal(got.centers[k], want.centers[k]) for k in want.centers)

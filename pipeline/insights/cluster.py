@@ -505,11 +505,18 @@ def fit_clusters(
     k_max = min(params.max_clusters, math.isqrt(n))
     init = proj.apply(seeds) if seeds is not None and len(seeds) else None
     keep = params.keep_k_within if init is not None else 0.0
-    if capped:
-        sample_labels = kmeans_by_silhouette(Z[fit_rows], k_max, params.seed, init, keep)
-        raw = nearest_center(Z, label_means(Z[fit_rows], sample_labels))
-    else:
-        raw = kmeans_by_silhouette(Z, k_max, params.seed, init, keep)
+    from sklearn import config_context
+
+    # The silhouette's distances a block of rows at a time, not the whole matrix of the search's
+    # sample at once (sklearn's default 1 GiB of working memory: 5,000 rows, about 100-190 MiB,
+    # the re-cluster's peak on top of everything it holds). Each row's distances and its
+    # silhouette are computed alike in any block, so the scores and the chosen k are the same.
+    with config_context(working_memory=_SILHOUETTE_MIB):
+        if capped:
+            sample_labels = kmeans_by_silhouette(Z[fit_rows], k_max, params.seed, init, keep)
+            raw = nearest_center(Z, label_means(Z[fit_rows], sample_labels))
+        else:
+            raw = kmeans_by_silhouette(Z, k_max, params.seed, init, keep)
     sizes = np.bincount(raw)
     # Renumber by size (ties by first row), so label 0 is the biggest group and runs agree.
     first = {int(v): int(i) for v, i in zip(*np.unique(raw, return_index=True))}
@@ -524,6 +531,7 @@ def fit_clusters(
 
 
 _BLOCK = 65_536  # rows projected or assigned at a time
+_SILHOUETTE_MIB = 32  # sklearn working memory for the silhouette's distance blocks
 
 
 def project_blocks(proj: Projection, X: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
