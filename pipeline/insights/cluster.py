@@ -868,6 +868,19 @@ class ScopeResult:
     fit: ClusterFit | None = None  # the space and centres new cases are assigned in until the next re-cluster
 
 
+# The case fields `describe_scope` reads of a cluster's rows (`sub`).
+_DESCRIBED_FIELDS = (
+    "outcome",
+    "region",
+    "product",
+    "emotion_score",
+    "emotion",
+    "channel",
+    "issue_type",
+    "cluster_text",
+)
+
+
 def describe_scope(
     scope: str,
     frame: pd.DataFrame,
@@ -885,12 +898,15 @@ def describe_scope(
     are, with no copy of the scope's fields and vectors held through the scope."""
     c = cfg.cluster
     terms = class_tfidf(tokens, labels, c.top_terms, stopwords, c.label_min_lift)
+    release_unused_memory()  # the term counts' arrays, before the clusters' rows are read
     out, cents = [], {}
     scope_size = len(labels)  # the scope frame's length when it was a copy of the scope's rows
+    # Only the fields a cluster's row below reads are taken per cluster, not every case column.
+    fields = frame[[col for col in _DESCRIBED_FIELDS if col in frame]]
     for lab in sorted(set(int(v) for v in labels) - {NOISE}):
         idx = np.flatnonzero(labels == lab)
         at = idx if rows is None else rows[idx]  # the cluster's rows of `frame` and `X`
-        sub = frame.iloc[at]
+        sub = fields.iloc[at]
         Xc = X[at]
         reps = [int(at[i]) for i in representatives(Xc, c.representatives)]
         top = [t for t, _ in terms.get(lab, [])]
