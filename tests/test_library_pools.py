@@ -177,6 +177,21 @@ def _same(cfg, out, got):
     assert {k: counts[k] for k in SAME} == {k: want_counts[k] for k in SAME}
 
 
+def _count_part_reads(monkeypatch) -> list[int]:
+    """How many stored parts each `read_parts` call reads, from now on (the list fills)."""
+    import pipeline.storage.store as store
+
+    read: list[int] = []
+    real = store.read_parts
+
+    def counting(files, *a, **k):
+        read.append(len(files))
+        return real(files, *a, **k)
+
+    monkeypatch.setattr(store, "read_parts", counting)
+    return read
+
+
 def test_a_night_that_adds_cases_reads_only_its_parts(cfg, night, monkeypatch):
     import pipeline.storage.store as store
     from pipeline.library.typical_cases import build, select_from_store
@@ -187,14 +202,8 @@ def test_a_night_that_adds_cases_reads_only_its_parts(cfg, night, monkeypatch):
     summary = add("run2", "2025-01-03", _typed(cfg, "n", "2025-01-03", run="run2", n=200))
     assert summary["mode"] == "incremental"
 
-    read: list[int] = []
     real = store.read_parts
-
-    def counting(files, *a, **k):
-        read.append(len(files))
-        return real(files, *a, **k)
-
-    monkeypatch.setattr(store, "read_parts", counting)
+    read = _count_part_reads(monkeypatch)
     got = select_from_store(cfg, out, HashingEmbedder())
     assert got[1]["build"] == "incremental" and got[1]["new_parts"] == 1, got[1]
     assert read and max(read) == 1  # the new part only, not the three stored before
@@ -346,14 +355,8 @@ def test_a_short_group_deepens_from_its_reserve_or_is_read_again_alone(cfg, tmp_
     first = select_from_store(small, tmp_path, HashingEmbedder())[1]
     assert first["build"] == "full"
     write_cases(tmp_path, _crowded("b", "2025-01-02", "run2", 60, ["商品有划痕想换货"]), "run2", 0)
-    read: list[int] = []
     real = store.read_parts
-
-    def counting(files, *a, **k):
-        read.append(len(files))
-        return real(files, *a, **k)
-
-    monkeypatch.setattr(store, "read_parts", counting)
+    read = _count_part_reads(monkeypatch)
     got = select_from_store(small, tmp_path, HashingEmbedder())
     monkeypatch.setattr(store, "read_parts", real)
     assert got[1]["build"] == "incremental" and got[1]["groups_deepened"] > 0, got[1]
