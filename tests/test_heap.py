@@ -1,16 +1,9 @@
-"""The allocator trims (pipeline.heap): the export calls them between a re-cluster's stages and
-the run steps through the old orchestrate module, so both names must reach the same code."""
+"""The allocator trims (pipeline.heap): the run steps call them after each step, the export
+between a re-cluster's stages."""
 
 from __future__ import annotations
 
 import pyarrow as pa
-
-
-def test_orchestrate_keeps_the_run_steps_trim():
-    from pipeline.heap import release_free_heap
-    from pipeline.orchestrate import heap as old
-
-    assert old.release_free_heap is release_free_heap
 
 
 def test_release_unused_memory_returns_arrows_pool_and_glibcs_heap(monkeypatch):

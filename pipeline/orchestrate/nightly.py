@@ -23,11 +23,11 @@ from typing import Any, NamedTuple
 import pandas as pd
 
 from pipeline.config import Config
+from pipeline.heap import release_free_heap
 from pipeline.ingest import FileResult, discover, input_name, read_file
 from pipeline.ingest.spans import Span, spans
 from pipeline.io import atomic_write_text, sha256_file
 from pipeline.orchestrate.batch import BatchResult
-from pipeline.orchestrate.heap import release_free_heap
 from pipeline.orchestrate.lock import run_lock
 from pipeline.orchestrate.memtrace import step_ended, step_started
 from pipeline.orchestrate.steps import Components, run_batch, through
