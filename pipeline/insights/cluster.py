@@ -539,11 +539,13 @@ def project_blocks(proj: Projection, X: np.ndarray, rows: np.ndarray | None = No
     vectors, and the gathered rows, stay one block. Each block is the same rows either way, so
     the same products."""
     n = len(X) if rows is None else len(rows)
+
+    def block(i: int) -> np.ndarray:
+        return X[i : i + _BLOCK] if rows is None else X[rows[i : i + _BLOCK]]
+
     if n <= _BLOCK:
-        return proj.apply(X if rows is None else X[rows])
-    if rows is None:
-        return np.concatenate([proj.apply(X[i : i + _BLOCK]) for i in range(0, n, _BLOCK)])
-    return np.concatenate([proj.apply(X[rows[i : i + _BLOCK]]) for i in range(0, n, _BLOCK)])
+        return proj.apply(block(0))
+    return np.concatenate([proj.apply(block(i)) for i in range(0, n, _BLOCK)])
 
 
 def label_means(Z: np.ndarray, labels: np.ndarray) -> np.ndarray:
