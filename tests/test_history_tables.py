@@ -1,0 +1,127 @@
+"""The export's all-history tables on codes and float arrays give what the pandas forms they
+replaced gave (issue 15: a night's export should cost in proportion to its new cases).
+
+Each test runs the replaced form, kept here, beside the new one on data with the awkward values
+(missing, signed zeros, infinities, ties, Arrow-backed strings, object columns) and wants the
+same result, order and floats included."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.insights.emotion_stats import _varies, average_ranks, bootstrap_corr, fisher_ci, relations
+
+
+def test_average_ranks_are_pandas_ranks():
+    rng = random.Random(5)
+    pool = [0.0, -0.0, 1.0, -1.5, np.inf, -np.inf, 1e-300, 2.5, 3.0]
+    for n in range(0, 40):
+        for _ in range(20):
+            v = np.array([rng.choice(pool) for _ in range(n)], dtype=float)
+            np.testing.assert_array_equal(average_ranks(v), pd.Series(v).rank().to_numpy())
+    big = np.round(np.random.default_rng(1).normal(size=50_000), 2)  # long tie runs
+    np.testing.assert_array_equal(average_ranks(big), pd.Series(big).rank().to_numpy())
+    with_nan = np.array([1.0, np.nan, 1.0, 0.5])
+    np.testing.assert_array_equal(average_ranks(with_nan), pd.Series(with_nan).rank().to_numpy())
+    ints = np.array([3, 1, 3, 2])
+    np.testing.assert_array_equal(average_ranks(ints), pd.Series(ints).rank().to_numpy())
+
+
+def _bootstrap_corr_before(
+    x: np.ndarray, y: np.ndarray, method: str = "pearson", n_boot: int = 1000, seed: int = 0, max_n: int = 5_000
+) -> tuple[float, float, float]:
+    """bootstrap_corr as it was: Spearman on pandas' ranks."""
+    if method == "spearman":
+        x, y = pd.Series(x).rank().to_numpy(), pd.Series(y).rank().to_numpy()
+    r = float(np.corrcoef(x, y)[0, 1])
+    if len(x) > max_n:
+        lo, hi = fisher_ci(r, len(x), method)
+        return r, lo, hi
+    rng = np.random.default_rng(seed)
+    parts = []
+    for k in range(0, n_boot, 100):
+        idx = rng.integers(0, len(x), size=(min(100, n_boot - k), len(x)))
+        xs, ys = x[idx], y[idx]
+        xs = xs - xs.mean(axis=1, keepdims=True)
+        ys = ys - ys.mean(axis=1, keepdims=True)
+        denom = np.sqrt((xs**2).sum(axis=1) * (ys**2).sum(axis=1))
+        parts.append(np.divide((xs * ys).sum(axis=1), denom, out=np.full(len(idx), np.nan), where=denom > 0))
+    lo, hi = np.nanpercentile(np.concatenate(parts), [2.5, 97.5])
+    return r, float(lo), float(hi)
+
+
+@pytest.mark.parametrize("n", [30, 400, 6000])
+def test_spearman_bootstrap_keeps_its_values_and_random_stream(n):
+    rng = np.random.default_rng(n)
+    x = np.round(rng.normal(size=n), 1)
+    y = rng.integers(1, 6, size=n).astype(float)
+    assert bootstrap_corr(x, y, "spearman") == _bootstrap_corr_before(x, y, "spearman")
+    assert bootstrap_corr(x, y, "spearman", max_n=10) == _bootstrap_corr_before(x, y, "spearman", max_n=10)
+
+
+def _relations_before(cases: pd.DataFrame, min_n: int = 20) -> pd.DataFrame:
+    """relations as it was: the frame filtered per target, each column converted per target."""
+    cols = ["measure", "outcome_measure", "method", "n", "r", "ci_low", "ci_high", "note"]
+    if not len(cases) or "emotion_start" not in cases:
+        return pd.DataFrame(columns=cols)
+    rows: list[dict[str, Any]] = []
+    used = ("outcome", "csat", "emotion_start", "emotion_end", "emotion_delta")
+    cases = cases[[c for c in used if c in cases]]
+    known = cases[cases["outcome"].isin(["resolved", "unresolved", "escalated"])]
+    targets = [("resolved", "pearson", known, (known["outcome"] == "resolved").astype(float))]
+    if "csat" in cases:
+        rated = cases[pd.to_numeric(cases["csat"], errors="coerce").notna()]
+        targets.append(("csat", "spearman", rated, pd.to_numeric(rated["csat"], errors="coerce")))
+    for measure in ("emotion_start", "emotion_end", "emotion_delta"):
+        for name, method, frame, target in targets:
+            x = pd.to_numeric(frame[measure], errors="coerce")
+            ok = x.notna() & target.notna()
+            n = int(ok.sum())
+            row = {"measure": measure, "outcome_measure": name, "method": method, "n": n}
+            if n < min_n or not _varies(x[ok].to_numpy(float)) or not _varies(target[ok].to_numpy(float)):
+                rows.append(
+                    {
+                        **row,
+                        "r": None,
+                        "ci_low": None,
+                        "ci_high": None,
+                        "note": f"too few cases with both values (need {min_n})",
+                    }
+                )
+                continue
+            r, lo, hi = _bootstrap_corr_before(x[ok].to_numpy(float), target[ok].to_numpy(float), method)
+            strength = (
+                "no clear relation"
+                if lo <= 0 <= hi
+                else ("weak" if abs(r) < 0.3 else "moderate" if abs(r) < 0.5 else "strong")
+            )
+            rows.append({**row, "r": round(r, 3), "ci_low": round(lo, 3), "ci_high": round(hi, 3), "note": strength})
+    return pd.DataFrame(rows, columns=cols)
+
+
+@pytest.mark.parametrize("dtype", [object, "str"])
+@pytest.mark.parametrize("drop", [(), ("csat",), ("other",)])
+def test_relations_give_what_the_filtered_frames_gave(dtype, drop):
+    rng = random.Random(17)
+    for n in (0, 1, 25, 60, 300, 6000):
+        outcomes = ["resolved", "unresolved", "escalated", "unknown", "", None]
+        cases = pd.DataFrame(
+            {
+                "outcome": pd.Series([rng.choice(outcomes) for _ in range(n)], dtype=dtype),
+                "csat": [rng.choice([None, np.nan, 1.0, 2.0, 3.0, 4.0, 5.0]) for _ in range(n)],
+                "emotion_start": [rng.choice([np.nan, -0.0, 0.0, round(rng.uniform(-1, 1), 2)]) for _ in range(n)],
+                "emotion_end": [round(rng.uniform(-1, 1), 1) for _ in range(n)],
+                # Text in an object column: coerced to NaN, as to_numeric did.
+                "emotion_delta": pd.Series([rng.choice(["x", 0.5, -0.25, 1, None]) for _ in range(n)], dtype=object),
+                "other": ["z"] * n,
+            },
+            index=np.arange(n) * 2 + 1,
+        ).drop(columns=list(drop))
+        for min_n in (20, 2):
+            got, want = relations(cases, min_n), _relations_before(cases, min_n)
+            pd.testing.assert_frame_equal(got, want, check_exact=True)
