@@ -125,3 +125,112 @@ def test_relations_give_what_the_filtered_frames_gave(dtype, drop):
         for min_n in (20, 2):
             got, want = relations(cases, min_n), _relations_before(cases, min_n)
             pd.testing.assert_frame_equal(got, want, check_exact=True)
+
+
+def test_linear_quantile_is_numpys():
+    from pipeline.insights.kpis import linear_quantile
+
+    rng = random.Random(9)
+    pool = [0.0, 1.0, 2.5, 3.0, 1e-300, 7.1, 1e6 + 0.1, -4.0, np.inf]
+    for n in range(1, 60):
+        for _ in range(15):
+            v = np.array(
+                [rng.choice(pool) if rng.random() < 0.5 else rng.random() * 10 ** rng.randint(0, 6) for _ in range(n)]
+            )
+            s = np.sort(v)
+            for q in (0.5, 0.9, 0.0, 1.0, 0.25, 0.1):
+                want = float(np.quantile(v, q))
+                got = linear_quantile(s.item, n, q)
+                assert got == want or (np.isnan(got) and np.isnan(want)), (v, q)
+
+
+def _group_kpis_before(g: pd.DataFrame) -> dict:
+    """One group's KPI row as compute_kpis made it from each groupby group."""
+    from pipeline.insights.kpis import _num, _q
+
+    n = len(g)
+    fr = _num(g["first_response_s"] if "first_response_s" in g else None).dropna()
+    du = _num(g["duration_s"] if "duration_s" in g else None).dropna()
+    oc = g["outcome"].fillna("unknown") if "outcome" in g else pd.Series(["unknown"] * n)
+    rate = lambda k: round(float((oc == k).mean()), 4) if n else None  # noqa: E731
+    return {
+        "n_cases": n,
+        "n_with_first_response": int(len(fr)),
+        "first_response_median_s": _q(fr, 0.5),
+        "first_response_p90_s": _q(fr, 0.9),
+        "n_with_duration": int(len(du)),
+        "duration_median_s": _q(du, 0.5),
+        "duration_mean_s": round(float(du.mean()), 1) if len(du) else None,
+        "resolution_rate": rate("resolved"),
+        "escalation_rate": rate("escalated"),
+        "unresolved_rate": rate("unresolved"),
+        "n_outcome_unknown": int((oc == "unknown").sum()),
+    }
+
+
+def _compute_kpis_before(cases: pd.DataFrame) -> pd.DataFrame:
+    from pipeline.insights.kpis import KPI_COLUMNS
+
+    rows = [{"group_by": "all", "group": "全部", **_group_kpis_before(cases)}]
+    used = cases[[c for c in ("first_response_s", "duration_s", "outcome") if c in cases]]
+    for col in ("channel", "issue_type"):
+        if col not in cases:
+            continue
+        keys = cases[col].fillna("未分类" if col == "issue_type" else "未知")
+        for k, g in used.groupby(keys, sort=True):
+            rows.append({"group_by": col, "group": str(k), **_group_kpis_before(g)})
+    return pd.DataFrame(rows, columns=KPI_COLUMNS)
+
+
+@pytest.mark.parametrize("dtype", [object, "str"])
+@pytest.mark.parametrize("values", ["few", "many", "signed_zeros", "zeros"])
+def test_compute_kpis_from_histograms_give_what_each_group_gave(dtype, values):
+    """Stored timings hold few distinct values (the histogram path); many distinct ones, and -0.0
+    beside 0.0, take the per-group quantiles. Both must give the groupby form's floats."""
+    from pipeline.insights.kpis import compute_kpis
+
+    rng = random.Random(23)
+    pools = {
+        "few": [np.nan, 0.0, 3.0, 12.5, 60.0, 61.0, 3600.0, np.inf, 1e-9],
+        "signed_zeros": [np.nan, 0.0, -0.0, 5.0, -0.0],
+        "zeros": [np.nan, -0.0, 1.0, 2.0],
+    }
+
+    def value() -> float:
+        if values == "many":
+            return rng.choice([np.nan, rng.random() * 10 ** rng.randint(0, 6)])
+        return rng.choice(pools[values])
+
+    for n in (0, 1, 2, 9, 3000):
+        cases = pd.DataFrame(
+            {
+                "channel": pd.Series([rng.choice(["chat", "call", "", None]) for _ in range(n)], dtype=dtype),
+                "issue_type": pd.Series(
+                    [rng.choice(["物流", "发票", "未分类", "退款", None]) for _ in range(n)], dtype=dtype
+                ),
+                "outcome": pd.Series(
+                    [rng.choice(["resolved", "escalated", "unresolved", "unknown", None]) for _ in range(n)],
+                    dtype=dtype,
+                ),
+                "first_response_s": [value() for _ in range(n)],
+                "duration_s": [value() for _ in range(n)],
+            },
+            index=np.arange(n) * 3,
+        )
+        got, want = compute_kpis(cases), _compute_kpis_before(cases)
+        pd.testing.assert_frame_equal(got, want, check_exact=True)
+        assert str(got.to_dict()) == str(want.to_dict())  # -0.0 prints as it did
+
+
+def test_cross_counts_count_each_pair_and_leave_out_the_missing():
+    from pipeline.insights.codes import cross_counts
+
+    rng = np.random.default_rng(4)
+    for n in (0, 1, 50, 2000):
+        for n_a, n_b in ((1, 1), (3, 7), (12, 2)):
+            a, b = rng.integers(-1, n_a, size=n), rng.integers(-1, n_b, size=n)
+            want = np.zeros((n_a, n_b), dtype=np.int64)
+            for x, y in zip(a.tolist(), b.tolist()):
+                if x >= 0 and y >= 0:
+                    want[x, y] += 1
+            np.testing.assert_array_equal(cross_counts(a, n_a, b, n_b), want)
