@@ -234,3 +234,65 @@ def test_cross_counts_count_each_pair_and_leave_out_the_missing():
                 if x >= 0 and y >= 0:
                     want[x, y] += 1
             np.testing.assert_array_equal(cross_counts(a, n_a, b, n_b), want)
+
+
+@pytest.mark.parametrize("dtype", ["str", object])
+@pytest.mark.parametrize("meta", ["none", "some", "absent"])
+def test_case_team_codes_are_the_factorized_teams(dtype, meta):
+    """Without metadata every team is the agent: its shared codes stand for the teams' list."""
+    from pipeline.insights.emotion_stats import case_team_codes, case_teams, worsened_by_team
+
+    rng = np.random.default_rng(8)
+    pool_m = [None, '{"team": "T1"}', "{}", '{"group": "a2"}']
+    pool_a = [None, "a1", "a2", "", "坐席7", "b"]
+    for n in (0, 1, 300):
+        df = pd.DataFrame(
+            {
+                "metadata_json": pd.Series(
+                    [pool_m[i] if meta == "some" else None for i in rng.integers(0, len(pool_m), n)], dtype=dtype
+                ),
+                "agent_id": pd.Series([pool_a[i] for i in rng.integers(0, len(pool_a), n)], dtype=dtype),
+                "emotion_trajectory": pd.Series(
+                    [rng.choice(["改善", "平稳", "恶化", None]) for _ in range(n)], dtype=dtype
+                ),
+            },
+            index=np.arange(n) + 5,
+        )
+        if meta == "absent":
+            df = df.drop(columns="metadata_json")
+        codes, names = pd.factorize(pd.Series(case_teams(df), index=df.index), sort=True)
+        got_codes, got_names = case_team_codes(df)
+        np.testing.assert_array_equal(got_codes, codes)
+        assert got_names.tolist() == list(names)
+        teams = case_teams(df)
+        for got in (worsened_by_team(df), worsened_by_team(df, teams)):
+            pd.testing.assert_frame_equal(got, _worsened_by_team_before(df, teams), check_exact=True)
+
+
+def _worsened_by_team_before(cases: pd.DataFrame, teams: list) -> pd.DataFrame:
+    """worsened_by_team as it was before codes: the teams' list factorized, the trajectory compared."""
+    from pipeline.insights.emotion_stats import wilson
+
+    cols = ["team", "n", "worsened", "share_worsened", "ci_low", "ci_high"]
+    if not len(cases):
+        return pd.DataFrame(columns=cols)
+    codes, names = pd.factorize(pd.Series(teams, index=cases.index), sort=True)
+    kept = codes >= 0
+    worse = np.asarray((cases["emotion_trajectory"] == "恶化").fillna(False), dtype=bool)
+    sizes = np.bincount(codes[kept], minlength=len(names))
+    worsened = np.bincount(codes[kept & worse], minlength=len(names))
+    rows = []
+    for team, n, k in zip(names, sizes.tolist(), worsened.tolist()):
+        lo, hi = wilson(k, n)
+        rows.append(
+            {
+                "team": team,
+                "n": n,
+                "worsened": k,
+                "share_worsened": round(k / n, 4),
+                "ci_low": round(lo, 4),
+                "ci_high": round(hi, 4),
+            }
+        )
+    out = pd.DataFrame(rows, columns=cols)
+    return out.sort_values(["ci_low", "n"], ascending=[False, False]).reset_index(drop=True)
