@@ -296,3 +296,32 @@ def _worsened_by_team_before(cases: pd.DataFrame, teams: list) -> pd.DataFrame:
         )
     out = pd.DataFrame(rows, columns=cols)
     return out.sort_values(["ci_low", "n"], ascending=[False, False]).reset_index(drop=True)
+
+
+@pytest.mark.parametrize("n", [300, 5000])
+def test_count_table_sums_weeks_from_days_as_a_groupby_counts(n):
+    """Weekly counts are the daily ones summed: over two months of dates (weeks of several
+    days, a week across a year's end), keys and breakdowns with missing values, Arrow text."""
+    import warnings
+
+    from test_export_fastpaths import _count_table_by_groupby
+
+    from pipeline.insights.codes import sorted_codes
+    from pipeline.insights.trends import count_table
+
+    rng = np.random.default_rng(n)
+    days = [f"2025-12-{d:02d}" for d in range(1, 32)] + [f"2026-01-{d:02d}" for d in range(1, 20)] + [None, "bad"]
+    keys = [f"C{i}" for i in range(30)] + [None]
+    df = pd.DataFrame(
+        {
+            "k": pd.Series([keys[i] for i in rng.integers(0, len(keys), n)], dtype="str"),
+            "date": pd.Series([days[i] for i in rng.integers(0, len(days), n)], dtype="str"),
+            "channel": pd.Series([["chat", "call", None][i] for i in rng.integers(0, 3, n)], dtype="str"),
+            "product": pd.Series([f"P{i}" for i in rng.integers(0, 40, n)], dtype="str"),
+        }
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        want = _count_table_by_groupby(df, "d", "k")
+        for got in (count_table(df, "d", "k"), count_table(df, "d", "k", key_codes=sorted_codes(df["k"]))):
+            pd.testing.assert_frame_equal(got, want, check_dtype=False)
