@@ -325,3 +325,28 @@ def test_count_table_sums_weeks_from_days_as_a_groupby_counts(n):
         want = _count_table_by_groupby(df, "d", "k")
         for got in (count_table(df, "d", "k"), count_table(df, "d", "k", key_codes=sorted_codes(df["k"]))):
             pd.testing.assert_frame_equal(got, want, check_dtype=False)
+
+
+@pytest.mark.parametrize("dtype", [object, "str"])
+def test_default_as_of_is_the_latest_parsed_date(dtype):
+    import warnings
+
+    from pipeline.insights.trends import _dates, default_as_of
+
+    rng = random.Random(2)
+    naive = ["2025-11-30", "2025-12-01 00:10", "2024-02-29", None, "x", ""]
+    zoned = ["2025-11-30 23:30+08:00", "2025-12-01 00:10+08:00", None]
+    compared = 0
+    for n in (0, 1, 3, 40):
+        for pool in [naive, zoned] * 10:
+            df = pd.DataFrame({"date": pd.Series([rng.choice(pool) for _ in range(n)], dtype=dtype)})
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                try:
+                    d = _dates(df).dropna()
+                except (ValueError, TypeError):  # mixed zones: neither form parses them
+                    continue
+                assert default_as_of(df) == (d.max().date() if len(d) else None)
+                compared += bool(len(d))
+    assert compared > 40
+    assert default_as_of(pd.DataFrame({"x": [1]})) is None

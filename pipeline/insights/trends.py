@@ -213,6 +213,13 @@ def week_windows(as_of: date) -> tuple[tuple[date, date], tuple[date, date]]:
     return this, last
 
 
+def _rows_in(of_distinct: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Each row's flag from its distinct value's (`codes`: -1, no value, is never flagged)."""
+    if not len(of_distinct):
+        return np.zeros(len(codes), dtype=bool)
+    return np.append(of_distinct, False)[np.where(codes < 0, len(of_distinct), codes)]
+
+
 def week_over_week(
     df: pd.DataFrame,
     dimension: str,
@@ -242,10 +249,11 @@ def week_over_week(
     ]
     if df.empty or key_col not in df:
         return pd.DataFrame(columns=cols)
-    # Whole days compared as timestamps (not Python dates, one object per case), keys as a list:
-    # both ran per stored case each night.
-    d = _dates(df)
-    d = (d.dt.tz_localize(None) if d.dt.tz is not None else d).dt.normalize()  # local day, as .dt.date
+    # Whole days compared as timestamps (not Python dates, one object per case), once per distinct
+    # stored date: each row is in a week where its date is (a Series of 1M parsed dates, its
+    # normalize and four comparisons cost 30 ms a night at 1M cases).
+    date_codes, parsed = _distinct_dates(df["date"])
+    d = (parsed.dt.tz_localize(None) if parsed.dt.tz is not None else parsed).dt.normalize()  # local day
     (a0, a1), (b0, b1) = week_windows(as_of)
     t0, t1, l0, l1 = pd.Timestamp(a0), pd.Timestamp(a1), pd.Timestamp(b0), pd.Timestamp(b1)
     # Keys as codes, each week's cases counted by bincount: two filtered value_counts and a set
@@ -255,8 +263,8 @@ def week_over_week(
     # do not sort.
     codes, uniques = key_codes if key_codes is not None else column_codes(df[key_col])
     keyed = codes >= 0
-    this_week = np.asarray((d >= t0) & (d <= t1), dtype=bool) & keyed
-    last_week = np.asarray((d >= l0) & (d <= l1), dtype=bool) & keyed
+    this_week = _rows_in(np.asarray((d >= t0) & (d <= t1), dtype=bool), date_codes) & keyed
+    last_week = _rows_in(np.asarray((d >= l0) & (d <= l1), dtype=bool), date_codes) & keyed
     this = np.bincount(codes[this_week], minlength=len(uniques)).tolist()
     last = np.bincount(codes[last_week], minlength=len(uniques)).tolist()
     rows = []
@@ -404,7 +412,8 @@ def root_cause_matrix(
 
 def default_as_of(cases: pd.DataFrame) -> date | None:
     """The latest case date: trends end where the data ends (a backfill is not "no calls")."""
-    d = _dates(cases).dropna() if "date" in cases else pd.Series(dtype="datetime64[ns]")
+    # The latest of the distinct stored dates (each is some case's): no Series of every case's.
+    d = _distinct_dates(cases["date"])[1].dropna() if "date" in cases else pd.Series(dtype="datetime64[ns]")
     return d.max().date() if len(d) else None
 
 
