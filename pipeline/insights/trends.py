@@ -18,7 +18,7 @@ import pyarrow as pa
 from scipy.stats import binomtest
 
 from pipeline.insights.cluster import ALL_SCOPE, coded_shares, format_shares, list_str_dtype
-from pipeline.insights.codes import Codes, column_codes, fill_codes, filled_codes, sorted_codes, taken_codes
+from pipeline.insights.codes import Codes, column_codes, fill_codes, filled_codes, sorted_codes
 
 BREAKDOWNS = ("channel", "region", "product")
 
@@ -304,12 +304,15 @@ def _type_cluster_groups(
     """The per-type scopes' rows (positions), their (issue type, cluster id or "") groups in
     sorted order, as a sorted groupby's keys (rows without an issue type in none), the groups'
     sizes, and each per-type row's group (len(keys) for none). By integer codes: a copy of the
-    per-type rows and a groupby on two text columns cost 30 ms a night at 100k cases."""
+    per-type rows and a groupby on two text columns cost 30 ms a night at 100k cases. Combined
+    in the columns' own numbering (sorted, so the groups come out in the same order as in the
+    per-type rows' own): renumbering both at the per-type rows first cost half of this at 1M."""
     per_type = np.flatnonzero(np.asarray(members["scope"] != ALL_SCOPE, dtype=bool))
-    it_c, types = taken_codes(*sorted_codes(members["issue_type"]), per_type)
+    all_it, types = sorted_codes(members["issue_type"])
+    it_c = all_it[per_type]
     if cluster_codes is not None and all(isinstance(c, str) for c in cluster_codes[1]):
-        # The caller's codes of every member's cluster id, filled and taken at the per-type rows.
-        cid_c, cids = taken_codes(*fill_codes(*cluster_codes, ""), per_type)
+        # The caller's codes of every member's cluster id, taken at the per-type rows and filled.
+        cid_c, cids = fill_codes(cluster_codes[0][per_type], cluster_codes[1], "")
     else:
         cid_c, cids = sorted_codes(members["cluster_id"].take(per_type).fillna(""))
     typed = it_c >= 0
