@@ -350,3 +350,26 @@ def test_default_as_of_is_the_latest_parsed_date(dtype):
                 compared += bool(len(d))
     assert compared > 40
     assert default_as_of(pd.DataFrame({"x": [1]})) is None
+
+
+@pytest.mark.parametrize("dtype", [object, "str"])
+def test_outcome_table_is_the_cross_type_crosstab(dtype):
+    from pipeline.insights.cluster import ALL_SCOPE
+    from pipeline.insights.report import _outcome_table
+
+    rng = random.Random(6)
+    for n in (1, 5, 400):
+        m = pd.DataFrame(
+            {
+                "scope": pd.Series([rng.choice([ALL_SCOPE, "物流"]) for _ in range(n)], dtype=dtype),
+                "issue_type": pd.Series([rng.choice(["物流", "发票", "仅单类", None]) for _ in range(n)], dtype=dtype),
+                "outcome": pd.Series(
+                    [rng.choice(["resolved", "escalated", "unknown", None]) for _ in range(n)], dtype=dtype
+                ),
+            }
+        )
+        kept = m[m["scope"] == ALL_SCOPE]
+        want = pd.crosstab(kept["issue_type"], kept["outcome"].fillna("unknown"))
+        got = _outcome_table(m)
+        assert got.index.tolist() == want.index.tolist() and got.columns.tolist() == want.columns.tolist()
+        np.testing.assert_array_equal(got.to_numpy(), want.to_numpy())
