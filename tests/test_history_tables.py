@@ -373,3 +373,16 @@ def test_outcome_table_is_the_cross_type_crosstab(dtype):
         got = _outcome_table(m)
         assert got.index.tolist() == want.index.tolist() and got.columns.tolist() == want.columns.tolist()
         np.testing.assert_array_equal(got.to_numpy(), want.to_numpy())
+
+
+def test_marginal_counts_are_each_groupings_cross_counts():
+    from pipeline.insights.codes import cross_counts, marginal_counts
+
+    rng = np.random.default_rng(12)
+    for n in (0, 1, 70, 3000):
+        for sizes in ((1,), (1, 4), (1, 5, 12), (3, 200, 150)):  # the last past the rows: per grouping
+            groupings = [(rng.integers(-1, k, size=n), k) for k in sizes]
+            b = rng.integers(-1, 9, size=n)
+            got = marginal_counts(groupings, b, 9)
+            for (a, n_a), g in zip(groupings, got):
+                np.testing.assert_array_equal(g, cross_counts(a, n_a, b, 9))

@@ -13,6 +13,7 @@ call, as before. Every function gives what the pandas call in its docstring give
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 from typing import Any
@@ -120,3 +121,22 @@ def cross_counts(a: np.ndarray, n_a: int, b: np.ndarray, n_b: int) -> np.ndarray
     b = np.where(b < 0, n_b, b) if len(b) and b.min() < 0 else b
     counts = np.bincount(a * (n_b + 1) + b, minlength=(n_a + 1) * (n_b + 1))
     return counts.reshape(n_a + 1, n_b + 1)[:n_a, :n_b]
+
+
+def marginal_counts(groupings: list[tuple[np.ndarray, int]], b: np.ndarray, n_b: int) -> list[np.ndarray]:
+    """`cross_counts(a, n_a, b, n_b)` for each grouping (a, n_a), from one bincount of the rows'
+    joint cells (every grouping's code, a missing one in a spare slot) summed along the other
+    groupings: a few groupings of few groups, so the cells are few; one pass over 1M rows, not
+    one per grouping. Per grouping when the cells would outnumber the rows."""
+    shape = tuple(n + 1 for _, n in groupings) + (n_b + 1,)
+    if not groupings or math.prod(shape) > max(4 * len(b), 1 << 16):
+        return [cross_counts(a, n_a, b, n_b) for a, n_a in groupings]
+    cell = np.zeros(len(b), dtype=np.int64)
+    for (a, n_a), width in zip([*groupings, (b, n_b)], shape):
+        cell = cell * width + (np.where(a < 0, n_a, a) if len(a) and a.min() < 0 else a)
+    joint = np.bincount(cell, minlength=math.prod(shape)).reshape(shape)[..., :n_b]
+    out = []
+    for axis, (_, n_a) in enumerate(groupings):
+        others = tuple(i for i in range(len(groupings)) if i != axis)
+        out.append((joint.sum(axis=others) if others else joint)[:n_a])
+    return out

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
-from pipeline.insights.codes import arrow_backed, cross_counts, filled_codes
+from pipeline.insights.codes import arrow_backed, filled_codes, marginal_counts
 
 KPI_COLUMNS = [
     "group_by",
@@ -84,8 +84,8 @@ class _Timing:
     Why: the per-group form copied each group's values and partitioned them per quantile, for
     every grouping (0.15 s a night at 1M cases). Stored timings hold a few hundred distinct
     values, so each group's order statistics come from a histogram of the values' ranks (one
-    bincount per grouping); only the mean reads the values, in row order per group as before
-    (a float sum depends on its order)."""
+    bincount for all groupings, `codes.marginal_counts`); only the mean reads the values, in
+    row order per group as before (a float sum depends on its order)."""
 
     def __init__(self, values: np.ndarray | None, n_rows: int):
         self.values = values
@@ -108,23 +108,34 @@ class _Timing:
         self.rank = np.full(n_rows, -1, dtype=np.int64)
         self.rank[self.known] = where[codes]
 
-    def stats(self, codes: np.ndarray, n_groups: int, with_values: bool) -> list[GroupTiming]:
+    def histograms(self, groupings: list[tuple[np.ndarray, int]]) -> list[np.ndarray | None]:
+        """Per grouping (codes, number of groups), its groups' counts of each distinct value
+        (groups x values), or None where the values are not counted (`distinct` is None)."""
+        if self.distinct is None:
+            return [None] * len(groupings)
+        if sum(n + 1 for _, n in groupings) * (len(self.distinct) + 1) > max(4 * len(self.rank), 1 << 16):
+            return [None] * len(groupings)  # past the rows: per-group quantiles, as before
+        return list(marginal_counts(groupings, self.rank, len(self.distinct)))
+
+    def stats(self, codes: np.ndarray, n_groups: int, with_values: bool, hist: np.ndarray | None) -> list[GroupTiming]:
         """Per group of `codes` (-1: in none): known count, median, p90 and, `with_values`, the
-        known values in row order (for the caller's mean; else empty)."""
+        known values in row order (for the caller's mean; else empty). `hist`: the groups'
+        `histograms`, or None (then each group's values are read)."""
         if self.values is None:
             return [(0, None, None, np.zeros(0)) for _ in range(n_groups)]
-        hist = None
-        if self.distinct is not None and n_groups * len(self.distinct) <= max(4 * len(codes), 1 << 16):
-            hist = cross_counts(codes, n_groups, self.rank, len(self.distinct))
+        if hist is not None:
             sizes = hist.sum(axis=1)
         by_group, starts = np.zeros(0), np.zeros(n_groups + 1, dtype=np.int64)
         if with_values or hist is None:
             in_group = self.known & (codes >= 0)
             gk = codes[in_group]
             sizes = np.bincount(gk, minlength=n_groups)
-            # The known values of each group in row order: a stable sort of their group numbers.
-            small = gk.astype(np.int16) if n_groups < 2**15 else gk  # int16 sorts by radix
-            by_group = self.values[in_group][np.argsort(small, kind="stable")]
+            # The known values of each group in row order: a stable sort of their group numbers
+            # (one group: they are in row order already).
+            by_group = self.values[in_group]
+            if n_groups > 1:
+                small = gk.astype(np.int16) if n_groups < 2**15 else gk  # int16 sorts by radix
+                by_group = by_group[np.argsort(small, kind="stable")]
             starts = np.r_[0, np.cumsum(sizes)]
         out: list[GroupTiming] = []
         for g in range(n_groups):
@@ -173,12 +184,16 @@ def compute_kpis(cases: pd.DataFrame) -> pd.DataFrame:
         if col in cases:
             col_codes, col_keys = filled_codes(cases[col], "未分类" if col == "issue_type" else "未知")
             groupings.append((col, [str(k) for k in col_keys], col_codes))
+    # Every grouping's counts of outcomes and timings from one pass over the rows each; a key
+    # fillna leaves missing (-1) is in no group, as in a groupby.
+    coded = [(codes, len(keys)) for _, keys, codes in groupings]
+    by_outcomes = marginal_counts(coded, oc_codes, n_oc)
+    fr_hists, du_hists = fr.histograms(coded), du.histograms(coded)
     rows = []
-    for group_by, keys, codes in groupings:
-        # A key fillna leaves missing (-1) is in no group, as in a groupby.
-        by_outcome = cross_counts(codes, len(keys), oc_codes, n_oc)
+    for (group_by, keys, codes), by_outcome, f_hist, d_hist in zip(groupings, by_outcomes, fr_hists, du_hists):
         sizes = by_outcome.sum(axis=1)
-        f_stats, d_stats = fr.stats(codes, len(keys), False), du.stats(codes, len(keys), True)
+        f_stats = fr.stats(codes, len(keys), False, f_hist)
+        d_stats = du.stats(codes, len(keys), True, d_hist)
         for g, key in enumerate(keys):
             n = int(sizes[g])
             count = {k: int(by_outcome[g, oc_of[k]]) if k in oc_of else 0 for k in _OUTCOMES}
