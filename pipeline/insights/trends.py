@@ -48,25 +48,19 @@ def week_start(d: pd.Series) -> pd.Series:
 _COUNT_COLUMNS = ["dimension", "key", "granularity", "period", "breakdown", "breakdown_value", "count"]
 
 
-def _periods(dates: pd.Series) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per granularity (day, week), each row's period code, the period labels (YYYY-MM-DD) and
-    the distinct stored dates' period codes (-1: no date), formatted once per distinct date."""
+def _periods(dates: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's day code (-1: no date), the day labels and the week labels (YYYY-MM-DD, week
+    of its Monday), formatted once per distinct stored date, and each day's week: a day's rows
+    are all in its week, so weekly counts are the daily ones summed (no second pass over the
+    rows)."""
     raw, parsed = _distinct_dates(dates)
-    out = {}
-    for gran, labels in (("day", parsed.dt.strftime("%Y-%m-%d")), ("week", week_start(parsed))):
-        of_seen, periods = sorted_codes(labels)
-        out[gran] = (np.where(raw >= 0, of_seen[np.maximum(raw, 0)] if len(of_seen) else -1, -1), periods, of_seen)
-    return out
-
-
-def _day_weeks(periods: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
-    """Each day period's week period: a day's rows are all in its week, so weekly counts are the
-    daily ones summed (no second pass over the rows)."""
-    day_of_seen, week_of_seen = periods["day"][2], periods["week"][2]
-    out = np.full(len(periods["day"][1]), -1, dtype=np.int64)
+    day_of_seen, days = sorted_codes(parsed.dt.strftime("%Y-%m-%d"))
+    week_of_seen, weeks = sorted_codes(week_start(parsed))
+    day_rows = np.where(raw >= 0, day_of_seen[np.maximum(raw, 0)] if len(day_of_seen) else -1, -1)
+    day_week = np.full(len(days), -1, dtype=np.int64)
     dated = day_of_seen >= 0
-    out[day_of_seen[dated]] = week_of_seen[dated]
-    return out
+    day_week[day_of_seen[dated]] = week_of_seen[dated]
+    return day_rows, days, weeks, day_week
 
 
 def _spare(codes: np.ndarray, span: int) -> np.ndarray:
@@ -86,9 +80,10 @@ def _combine(first: np.ndarray, span: int, width: int, then: np.ndarray) -> np.n
 
 
 def _count_spare(combined: np.ndarray, span: int) -> tuple[np.ndarray, np.ndarray]:
-    """`_count_combined` of the rows whose combination is below `span` (the others are spare)."""
+    """`_count_combined` of the rows whose combination is below `span` (the others are spare:
+    `_combine`'s, below span + span / keys, so their bins cost little)."""
     if span <= 4 * len(combined):
-        binned = np.bincount(np.minimum(combined, span), minlength=span + 1)[:span]
+        binned = np.bincount(combined, minlength=span)[:span]
         found = np.flatnonzero(binned)
         return found, binned[found]
     return np.unique(combined[combined < span], return_counts=True)
@@ -170,14 +165,12 @@ def count_table(df: pd.DataFrame, dimension: str, key_col: str, key_codes: Codes
     if df.empty or key_col not in df:
         return pd.DataFrame(columns=_COUNT_COLUMNS)
     keys, key_values = key_codes if key_codes is not None else sorted_codes(df[key_col])
-    periods = _periods(df["date"])
-    days, weeks = periods["day"][1], periods["week"][1]
-    day_week = _day_weeks(periods)
+    day_rows, days, weeks, day_week = _periods(df["date"])
     breakdowns = {b: filled_codes(df[b], "未知") for b in BREAKDOWNS if b in df}
     dtype = list_str_dtype()
     nk, nd, nw = max(len(key_values), 1), max(len(days), 1), max(len(weeks), 1)
     # (key, day) combined once, each breakdown's code appended to it; -1 in any: a spare value.
-    key_day = _combine(_spare(keys, nk), nk, nd, periods["day"][0])
+    key_day = _combine(_spare(keys, nk), nk, nd, day_rows)
     parts: dict[str, list[pd.DataFrame]] = {"day": [], "week": []}
     for b, (bcodes, bvalues) in [("all", (np.zeros(len(keys), dtype=np.int64), np.array([None]))), *breakdowns.items()]:
         nb = max(len(bvalues), 1)
