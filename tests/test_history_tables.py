@@ -240,7 +240,7 @@ def test_cross_counts_count_each_pair_and_leave_out_the_missing():
 @pytest.mark.parametrize("meta", ["none", "some", "absent"])
 def test_case_team_codes_are_the_factorized_teams(dtype, meta):
     """Without metadata every team is the agent: its shared codes stand for the teams' list."""
-    from pipeline.insights.emotion_stats import case_team_codes, case_teams, worsened_by_team
+    from pipeline.insights.emotion_stats import _team, case_team_codes, case_teams, worsened_by_team
 
     rng = np.random.default_rng(8)
     pool_m = [None, '{"team": "T1"}', "{}", '{"group": "a2"}']
@@ -260,7 +260,11 @@ def test_case_team_codes_are_the_factorized_teams(dtype, meta):
         )
         if meta == "absent":
             df = df.drop(columns="metadata_json")
-        codes, names = pd.factorize(pd.Series(case_teams(df), index=df.index), sort=True)
+        # The row-by-row rule: metadata's team keys, else the agent.
+        metas = df["metadata_json"].tolist() if "metadata_json" in df else [None] * n
+        rule = [_team(m, a) for m, a in zip(metas, df["agent_id"].tolist())]
+        assert case_teams(df) == rule
+        codes, names = pd.factorize(pd.Series(rule, index=df.index), sort=True)
         got_codes, got_names = case_team_codes(df)
         np.testing.assert_array_equal(got_codes, codes)
         assert got_names.tolist() == list(names)
