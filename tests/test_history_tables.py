@@ -390,3 +390,18 @@ def test_marginal_counts_are_each_groupings_cross_counts():
             got = marginal_counts(groupings, b, 9)
             for (a, n_a), g in zip(groupings, got):
                 np.testing.assert_array_equal(g, cross_counts(a, n_a, b, 9))
+
+
+@pytest.mark.parametrize("dtype", [object, "str"])
+def test_counted_members_are_the_filter_by_notna(dtype):
+    from pipeline.insights.codes import sorted_codes
+    from pipeline.insights.export import counted_members
+
+    counted = ["cluster_id", "date"]
+    for ids in ([None, None], ["C1", None], [np.nan, None], ["C2", "C1"], []):
+        m = pd.DataFrame(
+            {"cluster_id": pd.Series(ids, dtype=dtype), "date": ["2025-11-30"] * len(ids), "x": [1] * len(ids)}
+        )
+        want = m if not len(m) else (m[counted] if m["cluster_id"].notna().any() else m.iloc[0:0][counted])
+        for codes in (sorted_codes(m["cluster_id"]), None):
+            pd.testing.assert_frame_equal(counted_members(m, counted, codes), want)
