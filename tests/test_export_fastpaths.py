@@ -764,6 +764,55 @@ def test_members_view_slices_the_leading_cases_and_takes_the_rest(dtype, missing
     want = _members_view_before(frame, membership)
     pd.testing.assert_frame_equal(got, want)
     assert list(got["problem"]) == list(want["problem"])
+    # Without texts (the tables' view on a night that writes only its new rows): every column
+    # but the per-type rows' problem the same, those null; the cross-type rows' texts kept.
+    lean = members_view(frame.assign(conversation_id=frame["case_id"]), membership, texts=False)
+    full = members_view(frame.assign(conversation_id=frame["case_id"]), membership)
+    cross = (full["scope"] == ALL_SCOPE).to_numpy()
+    for col in ("problem", "conversation_id"):
+        assert lean[col].iloc[np.flatnonzero(cross)].tolist() == full[col].iloc[np.flatnonzero(cross)].tolist()
+        assert lean[col].iloc[np.flatnonzero(~cross)].isna().all()
+    pd.testing.assert_frame_equal(
+        lean.drop(columns=["problem", "conversation_id"]), full.drop(columns=["problem", "conversation_id"])
+    )
+
+
+@pytest.mark.parametrize("dtype", ["str", object])
+def test_members_view_of_the_new_rows_is_the_whole_views_new_rows(dtype):
+    """A night that links yesterday's member parts writes the view of its new membership rows
+    alone: the rows (and dtypes) a filter of the whole view by those cases kept."""
+    ids = [f"k{i}" for i in (3, 1, 4, 0, 2, 7, 5, 6)]
+    frame = pd.DataFrame(
+        {
+            "case_id": pd.Series(ids, dtype=dtype),
+            "date": pd.Series(["2025-11-01"] * 8, dtype=dtype),
+            "region": pd.Series(["华东", None, "华北", "华东", "", "华南", "华北", None], dtype=dtype),
+            "cluster_text": pd.Series([f"文本{i}" for i in range(8)], dtype=dtype),
+        }
+    )
+
+    def rows(cases, run):
+        return pd.DataFrame(
+            [
+                {"case_id": cid, "run_id": run, "scope": scope, "cluster_id": None if cid == "k6" else "C1",
+                 "is_noise": cid == "k6", "similarity": None if cid == "k6" else 0.5, "x": np.nan, "y": np.nan}
+                for scope in (ALL_SCOPE, "物流", "售后")
+                for cid in cases
+            ]
+        )
+
+    # Yesterday's rows as read from the store (Arrow text, float similarities), tonight's as
+    # assigned (Python objects): the concatenated membership's dtypes are neither's alone.
+    old = rows(["k0", "k1", "k2", "k3", "k4"], "r1").astype(
+        {"case_id": dtype, "scope": "str", "cluster_id": "str", "similarity": float}
+    )
+    new = rows(["k7", "k5", "k6"], "r2")
+    membership = pd.concat([old, new], ignore_index=True)
+    pos = np.asarray([ids.index(c) for c in membership["case_id"]], dtype=np.int64)
+    whole = members_view(frame, membership, pos)
+    want = whole[whole["case_id"].isin(["k5", "k6", "k7"]).to_numpy()].reset_index(drop=True)
+    got = members_view(frame, membership.iloc[len(old):], pos[len(old):]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, want)
 
 
 @pytest.mark.parametrize("ids", [object, "str"])
@@ -1015,7 +1064,7 @@ def test_write_export_writes_on_threads_what_one_by_one_wrote(tmp_path, monkeypa
 
     for name in ex.TABLES:
         if name == "members":
-            ex.mp.write_members(one_by_one, bundle.tables[name], None, [], pair)
+            ex.mp.write_members(one_by_one, bundle.tables[name], [], pair)
         else:
             ex.write_table(one_by_one, name, bundle.tables[name], "utf-8-sig")
     threaded = tmp_path / "a" / "exports" / "2025-12-01"

@@ -90,26 +90,27 @@ def _link(src: Path, dst: Path) -> None:
 
 def write_members(
     folder: Path,
-    members: pd.DataFrame,
-    new: pd.Series | None,
+    rows: pd.DataFrame,
     reuse: list[Path],
     write_part: Callable[[Path, Path, pd.DataFrame], None],
 ) -> int:
-    """Write `members` as parts into `folder`: the `reuse` parts linked (with their CSVs) and
-    the rows where `new` is true as the next part; with no `reuse`, every row as one part.
-    `write_part(parquet, csv, frame)` writes one part's two files. Returns the part count."""
+    """Write the members table as parts into `folder`: the `reuse` parts linked (with their
+    CSVs) and `rows`, the rows after them, as the next part; with no `reuse`, `rows` is the whole
+    table, one part. The caller hands the new rows alone, not the whole table and a mask: a
+    filter of every member to keep a night's few joined each Arrow column's chunks (0.8 s at
+    1M cases). `write_part(parquet, csv, frame)` writes one part's two files. Returns the part
+    count."""
     d = Path(folder) / PARQUET_DIR
     for sub in (d, Path(folder) / CSV_DIR):
         sub.mkdir(parents=True, exist_ok=True)
-    if not (reuse and new is not None):
+    if not reuse:
         first = d / "part-000001.parquet"
-        write_part(first, csv_part(first), members)
+        write_part(first, csv_part(first), rows)
         return 1
     for p in reuse:
         _link(p, d / p.name)
         if csv_part(p).is_file():
             _link(csv_part(p), csv_part(d / p.name))
-    rows = members[new.to_numpy(dtype=bool)]
     if not len(rows):
         return len(reuse)
     n = int(_PART.match(reuse[-1].name).group(1))  # type: ignore[union-attr]
