@@ -105,3 +105,39 @@ def test_column_codes_are_shared_for_arrow_text_and_a_plain_factorize_otherwise(
     assert _same(cd.column_codes(s), want)
     if dtype == "str":
         assert cd.column_codes(s)[1] is cd.sorted_codes(s)[1]  # the remembered values, not a new hashing
+
+
+@pytest.mark.parametrize("rows", [[], [1, 7], [0, 5, 2, 5], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 0]])
+def test_a_derived_columns_codes_are_its_own_sorted_factorize(rows):
+    """A column declared as another's rows (`derive_codes`) is coded from the source's codes,
+    taken: the same as hashing its own values (the form it replaced)."""
+    source = _column(VALUES, "str")
+    idx = np.asarray(rows, dtype=np.int64)
+    taken = pd.Series(source.array.take(idx))
+    cd.derive_codes(taken, source, idx)
+    assert id(cd._arrow_of(taken)) in cd._DERIVED
+    assert _same(cd.sorted_codes(taken), pd.factorize(taken, sort=True))
+    assert _same(cd.sorted_codes(taken), pd.factorize(taken, sort=True))  # remembered
+    assert id(cd._arrow_of(taken)) not in cd._DERIVED  # computed once, the source let go
+    assert _same(cd.sorted_codes(source), pd.factorize(source, sort=True))
+
+
+def test_a_derived_column_not_arrow_or_of_another_length_is_not_declared():
+    source = _column(VALUES, "str")
+    n = len(cd._DERIVED)
+    cd.derive_codes(_column(VALUES, object), source, np.arange(len(VALUES)))
+    cd.derive_codes(_column(VALUES[:3], "str"), source, np.arange(len(VALUES)))
+    assert len(cd._DERIVED) == n
+
+
+def test_an_arrays_finalizer_inside_a_locked_block_does_not_deadlock():
+    """The last reference to a remembered array dropped while the memo's lock is held (here by
+    hand; in an export, a derived entry letting go of its source) runs its finalizer, which
+    takes the lock again in the same thread: a plain Lock hung the export."""
+    s = _column(VALUES, "str")
+    cd.sorted_codes(s)
+    key = id(cd._arrow_of(s))
+    with cd._LOCK:
+        del s
+        gc.collect()
+    assert key not in cd._MEMO

@@ -54,7 +54,7 @@ from pipeline.insights.cluster import (
     select_cases,
     token_codes,
 )
-from pipeline.insights.codes import Codes, sorted_codes
+from pipeline.insights.codes import Codes, derive_codes, sorted_codes
 from pipeline.insights.emotion_stats import (
     TEAM_KEY_PATTERN,
     case_teams,
@@ -460,7 +460,15 @@ def members_view(
     out["is_noise"] = out["is_noise"].astype(bool)
     out["similarity"] = out["similarity"].astype(object).where(out["similarity"].notna(), None)
     order = ["scope", "cluster_id", "is_noise", "similarity", *[c if c != "cluster_text" else "problem" for c in keep]]
-    return out[[*order, "x", "y"]].reset_index(drop=True)
+    view = out[[*order, "x", "y"]].reset_index(drop=True)
+    # The cases' columns at each row's case: the tables' codes of them are the frame's, taken
+    # (`derive_codes`), not 2M members' strings hashed again; the scopes are the membership's.
+    derive_codes(view["scope"], m["scope"], rows)
+    for col in keep:
+        name = "problem" if col == "cluster_text" else col
+        if col != "case_id" and name not in _MEMBER_TEXTS:
+            derive_codes(view[name], frame[col], taken)
+    return view
 
 
 def counted_members(members: pd.DataFrame, counted: list[str], cluster_codes: Codes | None) -> pd.DataFrame:
