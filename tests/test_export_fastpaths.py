@@ -586,6 +586,9 @@ def test_cluster_groups_are_a_groupbys_groups_with_noise_in_none(dtype):
         assert list(got) == [(str(s), str(c)) for s, c in want]
         assert all(np.array_equal(got[(str(s), str(c))], idx) for (s, c), idx in want.items())
         assert ((codes < 0) == (members["cluster_id"].isna() | members["scope"].isna()).to_numpy()).all()
+        # The caller's sorted codes of the ids (shared with the tables): the same groups.
+        given = cluster_groups(scope_codes, scope_names, members["cluster_id"], sorted_codes(members["cluster_id"]))
+        assert given[0].tolist() == codes.tolist() and given[1] == keys
 
 
 def test_recount_counts_each_cluster_apart_from_the_noise():

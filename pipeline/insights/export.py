@@ -334,6 +334,7 @@ class Clustering:
     clusters: pd.DataFrame
     members: pd.DataFrame  # the export's members table, plus x/y for the map
     state: ClusterState
+    cluster_codes: Codes | None = None  # the members' cluster ids' `sorted_codes`, when known
 
 
 def full_clustering(
@@ -509,7 +510,9 @@ def finish_export(
     counted = [col for col in ("cluster_id", "date", *BREAKDOWNS) if col in members]
     # The members' cluster ids as sorted codes, once: an object column (no shared Arrow codes),
     # hashed by each table that counts by cluster, ~15 ms each at 200k members.
-    cluster_codes = sorted_codes(members["cluster_id"]) if len(members) and "cluster_id" in members else None
+    cluster_codes = clustering.cluster_codes
+    if cluster_codes is None or len(cluster_codes[0]) != len(members):
+        cluster_codes = sorted_codes(members["cluster_id"]) if len(members) and "cluster_id" in members else None
     clustered = counted_members(members, counted, cluster_codes)
     by_cluster = cluster_codes if len(clustered) == len(members) else None  # rows as the codes'
     counts = pd.concat(
@@ -1038,8 +1041,10 @@ def export_all(
         members = members_view(frame, membership, positions, texts=not reuse)
         if reuse and positions is not None:  # (always with reuse: for the type checker)
             part_rows = members_view(frame, membership.iloc[n_kept:], positions[n_kept:])
-        clusters, new_state = recount_clusters(described, members, state, day, c.top_breakdown)
-        clustering = Clustering(clusters, members, new_state)
+        # The cluster ids (an object column) hashed once for the recount and the tables.
+        cluster_codes = sorted_codes(members["cluster_id"]) if len(members) else None
+        clusters, new_state = recount_clusters(described, members, state, day, c.top_breakdown, cluster_codes)
+        clustering = Clustering(clusters, members, new_state, cluster_codes)
     t_cluster = time.perf_counter() - t0
     view_cases, view_frame = cases, frame
     if since is not None:

@@ -32,7 +32,7 @@ from pipeline.insights.cluster import (
     group_rows,
     group_shares,
 )
-from pipeline.insights.codes import sorted_codes
+from pipeline.insights.codes import Codes, sorted_codes
 
 MEMBER_COLUMNS = ["case_id", "run_id", "scope", "cluster_id", "is_noise", "similarity", "x", "y"]
 MODEL_COLUMNS = ("center", "radius_full", "model_day")
@@ -189,12 +189,13 @@ def _float_mean(values: np.ndarray) -> float | None:
 
 
 def cluster_groups(
-    scope_codes: np.ndarray, scope_names: Any, cluster_ids: pd.Series
+    scope_codes: np.ndarray, scope_names: Any, cluster_ids: pd.Series, cluster_codes: Codes | None = None
 ) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """Each member row's (scope, cluster) group number (-1: noise, or a missing scope) and the
     groups as (str(scope), str(cluster_id)), numbered in order of first appearance as a
-    groupby(sort=False) numbers them."""
-    cid_codes, cids = pd.factorize(cluster_ids)
+    groupby(sort=False) numbers them. `cluster_codes`: the ids' codes when the caller has them
+    (any numbering serves: the pairs are numbered by first appearance)."""
+    cid_codes, cids = cluster_codes if cluster_codes is not None else pd.factorize(cluster_ids)
     codes = np.full(len(cid_codes), -1, dtype=np.int64)
     kept = (cid_codes >= 0) & (scope_codes >= 0)
     width = max(len(cids), 1)
@@ -206,12 +207,18 @@ def cluster_groups(
 
 
 def recount_clusters(
-    described: pd.DataFrame, members: pd.DataFrame, state: ClusterState, day: str, top: int
+    described: pd.DataFrame,
+    members: pd.DataFrame,
+    state: ClusterState,
+    day: str,
+    top: int,
+    cluster_codes: Codes | None = None,
 ) -> tuple[pd.DataFrame, ClusterState]:
     """Today's clusters table from the last re-cluster's descriptions (label, terms,
     representatives, causes: they need vectors and tokens) and today's members (sizes, shares,
     mix: counts). Clusters without a member today are left out; the state's size history and
-    last_seen take today's figures."""
+    last_seen take today's figures. `cluster_codes`: the members' cluster ids' `sorted_codes`,
+    when the caller has them (an object column: 2M ids hashed at 1M cases)."""
     if described.empty or members.empty:
         return described.iloc[0:0].copy(), state
     # Groups by integer codes (`cluster_groups`), counted from the members' own columns: the
@@ -219,7 +226,7 @@ def recount_clusters(
     # night at 100k cases (200k members).
     scope_codes, scope_names = sorted_codes(members["scope"])  # shared with the other tables
     scope_sizes = dict(zip(scope_names.tolist(), np.bincount(scope_codes[scope_codes >= 0]).tolist()))
-    codes, keys = cluster_groups(scope_codes, scope_names, members["cluster_id"])
+    codes, keys = cluster_groups(scope_codes, scope_names, members["cluster_id"], cluster_codes)
     groups = {key: (code, idx) for code, (key, idx) in enumerate(zip(keys, group_rows(codes, len(keys))))}
     # Scores as floats once (missing: NaN): `_mean` per group converted every value in Python.
     scores = (
