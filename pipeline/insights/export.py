@@ -54,7 +54,7 @@ from pipeline.insights.cluster import (
     select_cases,
     token_codes,
 )
-from pipeline.insights.codes import Codes, derive_codes, sorted_codes
+from pipeline.insights.codes import Codes, arrow_backed, derive_codes, sorted_codes
 from pipeline.insights.emotion_stats import (
     TEAM_KEY_PATTERN,
     case_teams,
@@ -404,9 +404,9 @@ def _run_ids(members: pd.DataFrame, frame: pd.DataFrame) -> pd.Series:
     return pd.Series(pc.fill_null(runs, "").to_pandas().array, index=members.index)
 
 
-# The members' long text columns: the tables read them only from the cross-type rows (the map's
-# points), the members table file from every row.
-_MEMBER_TEXTS = ("conversation_id", "problem")
+# The members' columns only the members file shows (its texts and two labels no table counts);
+# the tables read problem from the cross-type rows alone (the map's points).
+_FILE_ONLY = ("conversation_id", "request_kind", "urgency", "problem")
 
 
 def members_view(
@@ -415,9 +415,9 @@ def members_view(
     """The export's members table (as `members_table` lays it out) from stored membership rows
     and the cases' current fields: no vectors needed. `pos`: each membership row's frame row
     (-1: none) where the caller has them (`locate_members`), else found here. `texts=False`: the
-    per-type rows' long texts (`_MEMBER_TEXTS`) left null, for a view only the tables read (the
-    file is written from other rows): taking them for a million per-type rows was most of the
-    view's 1.6 s at 1M cases."""
+    per-type rows' `_FILE_ONLY` columns left null, for a view only the tables read (the file is
+    written from other rows): taking them, the long problem texts most, for a million per-type
+    rows was most of the view's 1.6 s at 1M cases."""
     keep = [c for c in MEMBER_FIELDS if c in frame]
     fields = frame[[c for c in keep if c != "case_id"]].rename(columns={"cluster_text": "problem"})
     m = membership[["scope", "cluster_id", "is_noise", "similarity", "case_id", "x", "y"]]
@@ -441,7 +441,8 @@ def members_view(
     # all rows copied the cases' text twice (40 MB at 100k cases), 0.1 s of a night's export.
     off = np.flatnonzero(taken != np.arange(len(taken)))
     lead = int(off[0]) if len(off) else len(taken)
-    blank = [c for c in _MEMBER_TEXTS if c in fields] if not texts else []
+    # Arrow columns only: an object column's take with fills turns its None into NaN.
+    blank = [c for c in _FILE_ONLY if c in fields and arrow_backed(fields[c])] if not texts else []
     if 0 < lead:
         picked = pd.concat([fields.iloc[:lead], fields.drop(columns=blank).iloc[taken[lead:]]], ignore_index=True)
     else:
@@ -467,7 +468,7 @@ def members_view(
     derive_codes(view["scope"], m["scope"], rows)
     for col in keep:
         name = "problem" if col == "cluster_text" else col
-        if col != "case_id" and name not in _MEMBER_TEXTS:
+        if col != "case_id" and name not in _FILE_ONLY:
             derive_codes(view[name], frame[col], taken)
     return view
 
