@@ -115,7 +115,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
             primed = Path(tmp) / night.name
             prime(night, primed)
-            size = (primed / "state" / "cache" / "export-cases.arrow").stat().st_size
+            size = sum(f.stat().st_size for f in (primed / "state" / "cache" / "export-cases").rglob("*") if f.is_file())
             rows: list[dict] = []
             for _ in range(args.runs):
                 cmd = [

@@ -3,6 +3,7 @@ parts it has not seen are read."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -60,7 +61,7 @@ def _spy(monkeypatch) -> list[list[Path]]:
 def test_cold_warm_and_after_new_runs_equal_reading_every_part(out, monkeypatch):
     calls = _spy(monkeypatch)
     pd.testing.assert_frame_equal(_cached(out), _plain(out))  # cold: every part, copy written
-    assert case_cache_path(out).is_file()
+    assert (case_cache_path(out) / "meta.json").is_file()
     assert len(calls[-1]) == len(stored_parts(out))
     pd.testing.assert_frame_equal(_cached(out), _plain(out))  # warm: no part decoded
     assert len(calls) == 1
@@ -102,9 +103,9 @@ def test_a_foreign_or_broken_copy_is_ignored_and_rewritten(out):
     path = case_cache_path(out)
     cc.read_cases_cached(out, path, COLUMNS, "another-rule", shrink=None)  # kept without shrinking
     pd.testing.assert_frame_equal(_cached(out), _plain(out))
-    path.write_bytes(b"not an arrow file")
+    (path / "meta.json").write_bytes(b"not a meta file")
     pd.testing.assert_frame_equal(_cached(out), _plain(out))
-    assert path.read_bytes()[:6] == b"ARROW1"
+    assert json.loads((path / "meta.json").read_text())["key"] == CASE_CACHE_KEY
     # Other columns asked: the copy does not hold them, every part is read.
     fewer = cc.read_cases_cached(out, path, ["case_id", "date", "run_id"], CASE_CACHE_KEY, shrink=shrink_case_part)
     pd.testing.assert_frame_equal(fewer, read_cases(out, columns=["case_id", "date", "run_id"]).reset_index(drop=True))
@@ -120,7 +121,7 @@ def test_an_unwritable_copy_costs_speed_not_the_cases(out, caplog):
 
 def test_the_export_reads_through_the_copy(out):
     frame = load_cases(out)
-    assert case_cache_path(out).is_file()
+    assert (case_cache_path(out) / "meta.json").is_file()
     pd.testing.assert_frame_equal(load_cases(out), frame)
     assert len(frame) == 60
 
@@ -130,27 +131,63 @@ def test_no_parts_no_copy(tmp_path):
     assert got.empty and not case_cache_path(tmp_path).exists()
 
 
-def test_a_few_new_cases_are_read_beside_the_copy_until_they_are_many(out, monkeypatch):
+def _gen(out: Path) -> str:
+    return json.loads((case_cache_path(out) / "meta.json").read_text())["gen"]
+
+
+def test_new_cases_are_written_after_the_copy_in_place_until_they_are_many(out, monkeypatch):
     _cached(out)  # 60 cases in the copy
-    path = case_cache_path(out)
-    before = path.read_bytes()
-    monkeypatch.setattr(cc, "REWRITE_PARTS", 3)
+    gen = _gen(out)
+    monkeypatch.setattr(cc, "REWRITE_SHARE", 0.1)
     calls = _spy(monkeypatch)
-    write_cases(out, _cases(range(100, 102), "20261102T000000-r2"), "20261102T000000-r2", 0)  # 2 parts, 3% of rows
+    write_cases(out, _cases(range(100, 103), "20261102T000000-r2"), "20261102T000000-r2", 0)  # 3 parts, 5%
     pd.testing.assert_frame_equal(_cached(out), _plain(out))
-    assert path.read_bytes() == before  # not rewritten for 2 cases
+    assert _gen(out) == gen  # appended, not written whole
+    assert len(calls) == 1 and len(calls[-1]) == 3  # only the unseen parts
+    copy = cc._load(case_cache_path(out), CASE_CACHE_KEY, _schema())[0]
+    assert len(copy) == 63 and all(c.num_chunks == 1 for c in copy.columns)  # one chunk, as mapped
     pd.testing.assert_frame_equal(_cached(out), _plain(out))
-    assert len(calls) == 2 and len(calls[-1]) == 2  # the unseen parts are read again, only they
-    write_cases(out, _cases(range(103, 104), "20261103T000000-r3"), "20261103T000000-r3", 0)
-    pd.testing.assert_frame_equal(_cached(out), _plain(out))  # 3 unseen parts: taken in
-    assert path.read_bytes() != before
+    assert len(calls) == 1  # nothing left to decode
+    write_cases(out, _cases(range(103, 107), "20261103T000000-r3"), "20261103T000000-r3", 0)
+    pd.testing.assert_frame_equal(_cached(out), _plain(out))  # 7 appended rows of 67: written whole
+    assert _gen(out) != gen and len(list(case_cache_path(out).glob("g*"))) == 1
+    # A re-processed case replaces a row of the copy: written whole, read as every part.
+    gen = _gen(out)
+    write_cases(out, _cases(range(5, 6), "20261104T000000-r4", problem="退款"), "20261104T000000-r4", 0)
     pd.testing.assert_frame_equal(_cached(out), _plain(out))
-    assert len(calls) == 3  # nothing left to decode
-    # Many new rows at once are taken in at once.
-    write_cases(out, _cases(range(200, 220), "20261104T000000-r4"), "20261104T000000-r4", 0)
+    assert _gen(out) != gen
+
+
+def _schema():
+    import pyarrow as pa
+
+    from pipeline.storage.store import CASE_SCHEMA
+
+    return pa.schema([cc._storage(f) for f in CASE_SCHEMA if f.name in COLUMNS])
+
+
+def test_an_append_cut_short_or_damaged_is_never_read(out, monkeypatch):
+    """Bytes past the recorded sizes (an append killed before its meta) are not the copy's; bytes
+    the copy recorded but that changed since (a write lost in a crash) fail the checksum and the
+    copy is written again."""
+    monkeypatch.setattr(cc, "REWRITE_SHARE", 1.0)
     _cached(out)
+    write_cases(out, _cases(range(100, 110), "20261102T000000-r2"), "20261102T000000-r2", 0)
+    _cached(out)
+    folder = case_cache_path(out) / _gen(out)
+    for f in folder.iterdir():  # an append cut short: garbage after every file, meta unchanged
+        with open(f, "ab") as fh:
+            fh.write(b"\xff" * 13)
     pd.testing.assert_frame_equal(_cached(out), _plain(out))
-    assert len(calls) == 4
+    write_cases(out, _cases(range(110, 112), "20261103T000000-r3"), "20261103T000000-r3", 0)
+    pd.testing.assert_frame_equal(_cached(out), _plain(out))  # appended over the garbage
+    gen = _gen(out)
+    text = next(f for f in folder.iterdir() if f.name == "3.data")  # the problems' text
+    data = bytearray(text.read_bytes())
+    data[-2] ^= 0x55  # a byte of tonight's rows
+    text.write_bytes(bytes(data))
+    pd.testing.assert_frame_equal(_cached(out), _plain(out))
+    assert _gen(out) != gen  # not trusted: written whole again
 
 
 def test_parts_joined_in_blocks_read_as_one_by_one(tmp_path, monkeypatch):
@@ -234,23 +271,13 @@ def test_new_rows_met_with_the_copy_as_the_rule_over_all_of_them():
             assert got.schema.equals(pa.concat_tables([copy, new]).schema)
 
 
-def test_a_copy_of_the_former_layout_is_ignored_and_rewritten(out, monkeypatch):
-    """A copy written before the rows were kept in order (zstd, rows in file order, no format
-    number) would be read in the wrong order: it is read as no copy, and replaced."""
-    import json
-
-    import pyarrow as pa
-    import pyarrow.ipc as ipc
-
+def test_a_copy_of_another_layout_is_ignored_and_rewritten(out, monkeypatch):
+    """A copy whose meta names another layout (the former single Arrow file had none here) is
+    read as no copy: every part is read, and the copy written in the current layout."""
     _cached(out)
-    path = case_cache_path(out)
-    with pa.memory_map(str(path)) as src:
-        table = ipc.open_file(src).read_all()
-    meta = json.loads(table.schema.metadata[cc._META])
-    del meta["format"]
-    old = table.take(pa.array(range(len(table) - 1, -1, -1))).replace_schema_metadata({cc._META: json.dumps(meta)})
-    with ipc.new_file(str(path), old.schema, options=ipc.IpcWriteOptions(compression="zstd")) as w:
-        w.write_table(old)
+    meta_path = case_cache_path(out) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "format": 2}))
     calls = _spy(monkeypatch)
     pd.testing.assert_frame_equal(_cached(out), _plain(out))
     assert len(calls) == 1 and len(calls[0]) == len(stored_parts(out))  # every part read
@@ -258,8 +285,8 @@ def test_a_copy_of_the_former_layout_is_ignored_and_rewritten(out, monkeypatch):
     assert len(calls) == 1  # and the copy rewritten in the current layout
 
 
-@pytest.mark.parametrize("rewrite_parts", [2, 16])
-def test_night_after_night_the_copy_reads_as_every_part(tmp_path, monkeypatch, rewrite_parts):
+@pytest.mark.parametrize("rewrite_share", [0.0, 1.0])
+def test_night_after_night_the_copy_reads_as_every_part(tmp_path, monkeypatch, rewrite_share):
     """Runs in random order (newer, late older), re-processing random earlier cases, one run's
     rows without a run id; after each the copy (taken in or not) reads as reading every part
     does, rows and order. (Rows of two parts that tie on the run id, read on different nights,
@@ -268,8 +295,8 @@ def test_night_after_night_the_copy_reads_as_every_part(tmp_path, monkeypatch, r
     layout did the same.)"""
     import random
 
-    monkeypatch.setattr(cc, "REWRITE_PARTS", rewrite_parts)
-    rng = random.Random(rewrite_parts)
+    monkeypatch.setattr(cc, "REWRITE_SHARE", rewrite_share)
+    rng = random.Random(int(rewrite_share * 10))
     for night in range(12):
         run = f"202611{rng.choice([night + 1, night + 1, max(1, night - 3)]):02d}T000000-r{night}"
         ids = rng.sample(range(0, 40 + night * 8), rng.randint(1, 12))

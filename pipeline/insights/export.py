@@ -140,7 +140,7 @@ def exports_root(out: Path) -> Path:
 
 
 def case_cache_path(out: Path) -> Path:
-    return Path(out) / "state" / "cache" / "export-cases.arrow"
+    return Path(out) / "state" / "cache" / "export-cases"
 
 
 # What the case copy's rows hold beyond their columns: bump when `shrink_case_part` changes.

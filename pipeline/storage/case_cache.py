@@ -2,34 +2,49 @@
 
 Why: the nightly export reads every stored case (a few columns, free text shrunk), and at 100k
 cases decoding the ~60 Parquet parts took 0.3-0.5 s of a 1.7 s export, the same each night while
-the new cases cost a few milliseconds. The copy is one uncompressed Arrow IPC file holding the
-rows `read_cases` returns (the newest-row rule applied, in its order), with the parts it was read
-from (path, size, mtime) in its metadata. A read maps the copy (no decoding, no copy: zstd cost
-30-60 ms a night at 100k cases to decompress, for a file 5x smaller) and reads the parts it has
-not seen; only their rows meet the rule: they replace the copy's rows of their cases and follow
-them, as their runs are newer (a late older run's rows make it order everything again). If any
-part it has seen is gone or changed (`casemine repair`, a lost or rewritten file) it reads every
-part again. (Rows of parts read on different nights that tie on the run id keep the order they
-were read in, where `read_cases` orders them by path; runs never share an id and every stored
-row has one. The former layout did the same.)
+the new cases cost a few milliseconds. The copy holds the rows `read_cases` returns (the
+newest-row rule applied, in its order) and the parts it was read from (path, size, mtime). A read
+maps the copy (no decoding, no copy) and reads the parts it has not seen; only their rows meet
+the rule: they replace the copy's rows of their cases and follow them, as their runs are newer
+(a late older run's rows make it order everything again). If any part it has seen is gone or
+changed (`casemine repair`, a lost or rewritten file) it reads every part again. (Rows of parts
+read on different nights that tie on the run id keep the order they were read in, where
+`read_cases` orders them by path; runs never share an id and every stored row has one.)
 
-It is a cache: never fsynced, any unreadable or foreign copy (another key, other columns, an
-older layout) is ignored and rewritten, and a copy that cannot be written (a read-only output)
-only costs the next read its speed. It is replaced by a rename, never written in place, so a
-reader still holding the old copy mapped keeps reading it whole.
+Layout: a folder with one file per Arrow buffer of each column (validity bits, offsets, data;
+text as large_string, the type pandas keeps it in, so the frame is built without a cast) and
+`meta.json` naming the files' sizes. Why not one Arrow IPC file: a night's new rows then made a
+second chunk, and joining them to the mapped history copied every column (430 MB, 1.2 s of a 10 s
+night at 1M stored cases), as every later take on a two-chunk column would. Here a night that
+only adds rows after the copy's writes them at the ends of the files, in place, and the mapped
+columns are one chunk again: a night costs its own rows. A night that replaces rows of the copy
+(re-processed cases, a late older run) writes it whole, as do new rows past `REWRITE_SHARE`.
+
+It is a cache, never fsynced, and never trusted beyond what `meta.json` (replaced by a rename,
+last) records: bytes past the recorded sizes (an append cut short) are ignored and overwritten,
+in-place writes never change a recorded row (a bitmap's shared last byte is written with the
+same bits), the bytes appended since the copy was written whole carry a checksum that a read
+verifies, and any unreadable, short or foreign copy (another key, other columns, an older
+layout) is ignored and written again. A whole write goes to a new folder, so a reader still
+holding the old copy mapped keeps reading it; a copy that cannot be written (a read-only output)
+only costs the next read its speed.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
+import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.ipc as ipc
 
 from pipeline.io import write_cache
 from pipeline.storage.store import (
@@ -45,20 +60,13 @@ from pipeline.storage.store import (
 
 log = logging.getLogger(__name__)
 
-# The copy is rewritten once the parts it has not seen hold this share of its rows, or number
-# this many: a rewrite costs the whole history (writing 43 MiB, 0.03 s at 100k cases), the unseen
-# parts only their own rows, so a night of 1% new cases rewrites it about every fifth night.
+# The copy is written whole once the rows appended since it last was reach this share of it: the
+# checksum a read verifies covers those rows, so this bounds what a read reads beyond mapping.
 REWRITE_SHARE = 0.05
-REWRITE_PARTS = 16
 
-_META = b"casemine_case_cache"
-# The copy's layout: rows in `newest_order`, uncompressed. A copy without it (zstd, rows in file
-# order) is ignored and rewritten.
-_FORMAT = 2
-# None: the copy is mapped, not decoded (43 MiB at 100k cases, larger than the parts it copies:
-# 32 MiB). "lz4": 15 MiB, decoded in 16-50 ms; "zstd" (the former copy): 8 MiB, 30-110 ms. A
-# reader takes any of them.
-_COMPRESSION: str | None = None
+# The copy's layout; a copy of another (the former single Arrow file, or none) is written again.
+_FORMAT = 3
+_META = "meta.json"
 Stat = tuple[int, int]
 
 
@@ -69,33 +77,171 @@ def _stat(path: Path) -> Stat:
     return (s.st_size, s.st_mtime_ns)
 
 
-def _load(cache: Path, key: str, columns: list[str]) -> tuple[pa.Table, dict[str, Stat]] | None:
-    """The copy and the parts it holds, or None when it is missing, unreadable, of another
-    layout (`_FORMAT`) or made for other columns or another `key`."""
+def _storage(field: pa.Field) -> pa.Field:
+    """A column as the copy keeps it: text as large_string (what pandas holds it as: the frame is
+    then the mapped buffers, not a cast copy), fixed-width values as they are."""
+    t = field.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return pa.field(field.name, pa.large_string())
+    if pa.types.is_boolean(t) or (pa.types.is_primitive(t) and t.bit_width % 8 == 0):
+        return field
+    raise TypeError(f"the case copy keeps text and fixed-width columns only, not {field.name} ({t})")
+
+
+def _bits(values: np.ndarray) -> bytes:
+    return np.packbits(values, bitorder="little").tobytes()
+
+
+def _is_bitmap(name: str, schema: pa.Schema) -> bool:
+    i, kind = name.split(".")
+    return kind == "valid" or pa.types.is_boolean(schema.field(int(i)).type)
+
+
+def _pieces(i: int, head: pa.Array, new: pa.Array, n0: int, text_size: int) -> dict[str, tuple[int, Any]]:
+    """What writing `new` after the copy's first `n0` rows puts into column `i`'s files, as
+    (position, bytes). Bitmaps start at the byte the copy's last `n0 % 8` rows (`head`) share
+    with the new ones, offsets at the copy's end offset (`text_size`, its text's bytes): both
+    rewrite what is there with the same values, so no recorded row changes."""
+    both = pa.concat_arrays([head, new]) if len(head) else new
+    valid = np.ones(len(both), bool) if not both.null_count else both.is_valid().to_numpy(zero_copy_only=False)
+    out: dict[str, tuple[int, Any]] = {f"{i}.valid": (n0 // 8, _bits(np.asarray(valid, bool)))}
+    t = new.type
+    if pa.types.is_boolean(t):
+        data = np.asarray(both.fill_null(False).to_numpy(zero_copy_only=False), bool)
+        out[f"{i}.data"] = (n0 // 8, _bits(data))
+    elif pa.types.is_large_string(t):
+        bufs = new.buffers()
+        offs = np.zeros(1, np.int64)
+        if len(new):
+            offs = np.frombuffer(bufs[1], np.int64)[new.offset : new.offset + len(new) + 1]
+        start, end = int(offs[0]), int(offs[-1])
+        text = memoryview(bufs[2])[start:end] if end > start else b""
+        moved = np.concatenate([[text_size], offs[1:] - start + text_size]).astype(np.int64)
+        out[f"{i}.offsets"] = (n0 * 8, moved.tobytes())
+        out[f"{i}.data"] = (text_size, text)
+    else:
+        w = t.bit_width // 8
+        buf = new.buffers()[1]
+        out[f"{i}.data"] = (n0 * w, memoryview(buf)[new.offset * w : (new.offset + len(new)) * w] if len(new) else b"")
+    return out
+
+
+def _write(folder: Path, pieces: dict[str, tuple[int, Any]]) -> dict[str, int]:
+    """Each piece written at its position, the file cut after it (past it: an earlier append cut
+    short, never recorded); returns the files' sizes."""
+    sizes = {}
+    for name, (pos, data) in pieces.items():
+        path = folder / name
+        with open(path, "r+b" if path.exists() else "wb") as f:
+            f.seek(pos)
+            f.write(data)
+            f.truncate(pos + len(data))
+        sizes[name] = pos + len(data)
+    return sizes
+
+
+def _crc(path: Path, start: int, end: int) -> int:
+    with open(path, "rb") as f:
+        f.seek(start)
+        return zlib.crc32(f.read(end - start))
+
+
+def _map(path: Path, size: int) -> pa.Buffer:
+    """The first `size` bytes of the file, mapped (bytes past them are not the copy's)."""
+    if not size:
+        return pa.py_buffer(b"")
+    # Buffers point into the map (it stays mapped while they live, closed or not).
+    with pa.memory_map(str(path)) as src:
+        if src.size() < size:
+            raise ValueError(f"{path} is shorter than recorded")
+        return src.read_buffer(size)
+
+
+def _load(cache: Path, key: str, schema: pa.Schema) -> tuple[pa.Table, dict[str, Stat], dict[str, Any]] | None:
+    """The copy (one chunk a column, mapped), the parts it holds and its meta, or None when it is
+    missing, unreadable, short, fails its checksum, or is of another layout (`_FORMAT`), other
+    columns or another `key`."""
     try:
-        with pa.memory_map(str(cache)) as src:
-            reader = ipc.open_file(src)
-            meta = json.loads((reader.schema.metadata or {})[_META])
-            # read_parts lays columns out in the case schema's order, whatever order was asked.
-            names = [f.name for f in CASE_SCHEMA if f.name in columns]
-            if meta.get("format") != _FORMAT or meta.get("key") != key or reader.schema.names != names:
+        meta = json.loads((cache / _META).read_text(encoding="utf-8"))
+        if (
+            meta.get("format") != _FORMAT
+            or meta.get("key") != key
+            or meta.get("columns") != [[f.name, str(f.type)] for f in schema]
+        ):
+            return None
+        folder, n = cache / meta["gen"], int(meta["rows"])
+        bufs = {name: _map(folder / name, int(size)) for name, size in meta["sizes"].items()}
+        for name, (start, crc) in meta["check"].items():
+            if zlib.crc32(memoryview(bufs[name])[start:]) != crc:
                 return None
-            # Buffers point into the map (it stays mapped while they live, closed or not).
-            table = reader.read_all()
-        return table.replace_schema_metadata(None), {k: tuple(v) for k, v in meta["files"].items()}
+        arrays = []
+        for i, f in enumerate(schema):
+            kinds = ["valid", "offsets", "data"] if pa.types.is_large_string(f.type) else ["valid", "data"]
+            arr = pa.Array.from_buffers(f.type, n, [bufs[f"{i}.{k}"] for k in kinds])
+            arr.validate()
+            arrays.append(arr)
+        table = pa.Table.from_arrays(arrays, schema=schema)
+        return table, {k: (int(v[0]), int(v[1])) for k, v in meta["files"].items()}, meta
     except (OSError, KeyError, ValueError, TypeError, pa.ArrowException):
         return None
 
 
+def _save_meta(cache: Path, meta: dict[str, Any]) -> bool:
+    text = json.dumps(meta, separators=(",", ":")).encode()
+    return write_cache(cache / _META, lambda f: f.write(text), "the case cache", "the next read decodes every part")
+
+
 def _save(cache: Path, table: pa.Table, key: str, files: dict[str, Stat]) -> None:
-    meta = json.dumps({"format": _FORMAT, "key": key, "files": files}, separators=(",", ":")).encode()
-    table = table.replace_schema_metadata({_META: meta})
+    """The copy written whole, into a new folder (a reader of the former keeps it), then named."""
+    gen = f"g{time.time_ns()}"
+    folder = cache / gen
+    try:
+        folder.mkdir(parents=True)
+        sizes: dict[str, int] = {}
+        for i, col in enumerate(table.columns):
+            arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+            sizes.update(_write(folder, _pieces(i, arr.slice(0, 0), arr, 0, 0)))
+    except OSError as e:
+        log.warning("could not write the case cache %s (%s): the next read decodes every part", cache, e)
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    n = table.num_rows
+    starts = {name: (n // 8 if _is_bitmap(name, table.schema) else size) for name, size in sizes.items()}
+    meta = {
+        "format": _FORMAT,
+        "key": key,
+        "columns": [[f.name, str(f.type)] for f in table.schema],
+        "gen": gen,
+        "rows": n,
+        "base_rows": n,
+        "sizes": sizes,
+        "check": {name: [s, _crc(folder / name, s, sizes[name])] for name, s in starts.items()},
+        "files": files,
+    }
+    if not _save_meta(cache, meta):
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for old in cache.glob("g*"):
+        if old.name != gen:
+            shutil.rmtree(old, ignore_errors=True)
 
-    def write(f) -> None:
-        with ipc.new_file(f, table.schema, options=ipc.IpcWriteOptions(compression=_COMPRESSION)) as w:
-            w.write_table(table)
 
-    write_cache(cache, write, "the case cache", "the next read decodes every part")
+def _append(cache: Path, meta: dict[str, Any], copy: pa.Table, new: pa.Table, files: dict[str, Stat]) -> bool:
+    """`new` (rows that follow the copy's by the rule) written after the copy's rows, in place;
+    whether the copy now holds them (if not, it still reads as it was: nothing recorded changed)."""
+    folder, n0 = cache / meta["gen"], len(copy)
+    sizes = {k: int(v) for k, v in meta["sizes"].items()}
+    try:
+        for i in range(copy.num_columns):
+            col = copy.column(i).combine_chunks()
+            head = col.slice(n0 - n0 % 8, n0 % 8)
+            text = sizes[f"{i}.data"] if pa.types.is_large_string(col.type) else 0
+            sizes.update(_write(folder, _pieces(i, head, new.column(i).combine_chunks(), n0, text)))
+        check = {name: [s, _crc(folder / name, s, sizes[name])] for name, (s, _) in meta["check"].items()}
+    except OSError as e:
+        log.warning("could not write the case cache %s (%s): the next read decodes the new parts again", cache, e)
+        return False
+    return _save_meta(cache, {**meta, "rows": n0 + len(new), "sizes": sizes, "check": check, "files": files})
 
 
 def _newest(table: pa.Table) -> pa.Table:
@@ -103,19 +249,30 @@ def _newest(table: pa.Table) -> pa.Table:
     return table.take(pa.array(newest_order(table.select(["case_id", "run_id"]))))
 
 
-def with_new_rows(copy: pa.Table, new: pa.Table) -> pa.Table:
-    """`_newest(concat(copy, new))` for a `copy` that is already its own newest rows in order:
-    when every new run id sorts at or after the copy's last, the sort leaves the copy first, so
-    only the new rows are ordered, and the copy loses just the rows of the cases they hold (the
-    rule over all history cost 70 ms a night at 100k cases, for 1,000 new rows)."""
-    if not len(new):
-        return copy
+def _follows(copy: pa.Table, new: pa.Table) -> bool:
+    """Whether every new run id sorts at or after the copy's last: then the rule's sort leaves
+    the copy first and orders only the new rows."""
     last = copy["run_id"][-1] if len(copy) else None
     first_new = pc.min(new["run_id"]).as_py()  # nulls skipped: a missing run id sorts last anyway
-    if last is not None and (not last.is_valid or (first_new is not None and first_new < last.as_py())):
-        return _newest(pa.concat_tables([copy, new]))
+    return last is None or (last.is_valid and (first_new is None or first_new >= last.as_py()))
+
+
+def _replaced(copy: pa.Table, new: pa.Table) -> pa.ChunkedArray:
+    """Which of the copy's rows are of cases the new rows hold."""
     # A missing case id is one more id, as pandas' drop_duplicates counts it (skip_nulls=False).
-    replaced = pc.is_in(copy["case_id"], value_set=new["case_id"].combine_chunks(), skip_nulls=False)
+    return pc.is_in(copy["case_id"], value_set=new["case_id"].combine_chunks(), skip_nulls=False)
+
+
+def with_new_rows(copy: pa.Table, new: pa.Table) -> pa.Table:
+    """`_newest(concat(copy, new))` for a `copy` that is already its own newest rows in order:
+    when every new run id sorts at or after the copy's last, only the new rows are ordered, and
+    the copy loses just the rows of the cases they hold (the rule over all history cost 70 ms a
+    night at 100k cases, for 1,000 new rows)."""
+    if not len(new):
+        return copy
+    if not _follows(copy, new):
+        return _newest(pa.concat_tables([copy, new]))
+    replaced = _replaced(copy, new)
     if pc.any(replaced).as_py():
         copy = copy.filter(pc.invert(replaced))
     return pa.concat_tables([copy, _newest(new)])
@@ -129,28 +286,37 @@ def read_cases_cached(
     shrink: Callable[[pa.Table], pa.Table] | None = None,
 ) -> pd.DataFrame:
     """`read_cases(out, columns, shrink=shrink)` (newest row per case), reading only the parts
-    the copy at `cache` has not seen; the copy takes them in once they are many
-    (`REWRITE_SHARE`, `REWRITE_PARTS`). `key` names what the copy holds
-    beyond its columns (the shrink rule and its version): a copy with another key is not used."""
+    the copy in the folder `cache` has not seen, and taking them into it. `key` names what the
+    copy holds beyond its columns (the shrink rule and its version): a copy with another key is
+    not used."""
     out = Path(out)
     files = stored_parts(out)
     wanted = [c for c in columns if c in CASE_SCHEMA.names]
     if not files:
         return read_cases(out, columns, shrink=shrink)
     read = read_columns(wanted, latest=True) or wanted
+    schema = pa.schema([_storage(f) for f in CASE_SCHEMA if f.name in read])
     root = cases_dir(out)
     # Stat before reading: a part changed after this is seen as changed next time.
     stats = {f.relative_to(root).as_posix(): _stat(f) for f in files}
-    loaded = _load(cache, key, read)
+    loaded = _load(cache, key, schema)
     if loaded is not None and all(stats.get(rel) == st for rel, st in loaded[1].items()):
-        copy, seen = loaded
+        copy, seen, meta = loaded
         new = [f for f in files if f.relative_to(root).as_posix() not in seen]
-        added = read_parts(new, read, shrink) if new else None
-        table = copy if added is None else with_new_rows(copy, added)
-        rewrite = added is not None and (len(new) >= REWRITE_PARTS or len(added) >= REWRITE_SHARE * len(copy))
+        table = copy
+        if new:
+            added = read_parts(new, read, shrink).cast(schema)
+            appended = int(meta["rows"]) - int(meta["base_rows"]) + len(added)
+            fits = appended <= REWRITE_SHARE * (len(copy) + len(added))
+            if fits and _follows(copy, added) and not pc.any(_replaced(copy, added)).as_py():
+                ordered = _newest(added)
+                reread = _load(cache, key, schema) if _append(cache, meta, copy, ordered, stats) else None
+                # Mapped again: the history and tonight's rows as one chunk, nothing copied.
+                table = reread[0] if reread is not None else pa.concat_tables([copy, ordered])
+            else:
+                table = with_new_rows(copy, added)
+                _save(cache, table, key, stats)
     else:
-        table = _newest(read_parts(files, read, shrink))
-        rewrite = True
-    if rewrite:
+        table = _newest(read_parts(files, read, shrink).cast(schema))
         _save(cache, table, key, stats)
     return cases_frame(table, wanted, latest=False)
