@@ -47,13 +47,19 @@ def prime(night: Path, dest: Path) -> None:
     if not hasattr(cc, "_newest"):
         return  # the code before the copy kept its rows in order (A/B runs): the kept copy is its own
     path = case_cache_path(dest)
-    with pa.memory_map(str(path)) as src:
-        meta = json.loads(ipc.open_file(src).schema.metadata[cc._META])
+    former = path.parent / "export-cases.arrow"  # the single Arrow file the kept nights were made with
+    if former.is_file():
+        with pa.memory_map(str(former)) as src:
+            meta = json.loads(ipc.open_file(src).schema.metadata[b"casemine_case_cache"])
+        former.unlink()
+    else:
+        meta = json.loads((path / "meta.json").read_text())
     wanted = [c for c in [*[c for c in CASE_COLUMNS if c != "tokens"], "run_id"] if c in CASE_SCHEMA.names]
     read = read_columns(wanted, latest=True) or wanted
     seen = sorted(meta["files"])
     table = cc._newest(read_parts([cases_dir(dest) / rel for rel in seen], read, shrink_case_part))
-    cc._save(path, table, CASE_CACHE_KEY, {rel: tuple(meta["files"][rel]) for rel in seen})
+    schema = pa.schema([cc._storage(f) for f in table.schema])
+    cc._save(path, table.cast(schema), CASE_CACHE_KEY, {rel: tuple(meta["files"][rel]) for rel in seen})
 
 
 def child(night: Path, repeat: int) -> None:
@@ -115,7 +121,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
             primed = Path(tmp) / night.name
             prime(night, primed)
-            size = sum(f.stat().st_size for f in (primed / "state" / "cache" / "export-cases").rglob("*") if f.is_file())
+            copy = primed / "state" / "cache" / "export-cases"
+            size = sum(f.stat().st_size for f in copy.rglob("*") if f.is_file())
             rows: list[dict] = []
             for _ in range(args.runs):
                 cmd = [

@@ -330,3 +330,47 @@ def test_member_parts_are_written_whole_when_cases_are_classified_at_export(hist
     assert night["members_parts"] == 1
     m = _members(night)
     assert not m.duplicated(["case_id", "scope"]).any() and len(m[m["scope"] == ALL_SCOPE]) == 123
+
+
+def test_nights_with_kept_member_rows_export_what_looking_every_member_up_exports(history, cfg, monkeypatch):
+    """The membership's case rows kept between nights (`member_rows`, with the case copy growing
+    in place) give the tables that looking every member up (`locate_members`) gives: new cases,
+    a re-processed case (the copy written whole), a night of nothing new."""
+    import shutil
+
+    import pipeline.insights.export as ex
+    import pipeline.insights.member_rows as mr
+    import pipeline.storage.case_cache as cc
+
+    real_load = ex.load_cases_copy
+
+    monkeypatch.setattr(cc, "REWRITE_SHARE", 1.0)  # the copy grows in place, as on a big history
+    out, _ = history
+    looked: list[int] = []
+    real = mr.case_rows
+    monkeypatch.setattr(mr, "case_rows", lambda ids, *a: looked.append(len(ids)) or real(ids, *a))
+    nights = [
+        _cases({"物流": 4, "退款": 3}, 3000, "20251104T000000-n1", seed=5),
+        _cases({"发票": 5}, 3100, "20251105T000000-n2", seed=6),
+        _cases({"蓝牙": 1}, 5, "20251106T000000-n3", seed=7),  # re-processes c00005
+        None,
+    ]
+    for k, rows in enumerate(nights):
+        if rows is not None:
+            _store(out, rows, str(rows["run_id"].iloc[0]))
+        plain = out.parent / f"plain{k}"
+        shutil.copytree(out, plain)
+        shutil.rmtree(plain / "state" / "cache" / "member-rows", ignore_errors=True)
+        day = DAY0 + timedelta(days=k + 1)
+        looked.clear()
+        got = _export(cfg, out, day)
+        if k == 1:  # the re-cluster's 240 rows kept: only last night's new part is looked up
+            assert looked == [14]
+        with monkeypatch.context() as m:  # no copy generation: every member looked up (`locate_members`)
+            m.setattr(ex, "load_cases_copy", lambda o: (real_load(o)[0], None))
+            want = _export(cfg, plain, day)
+        for name in ("members.parquet", "clusters.parquet", "trends.parquet"):
+            a, b = (Path(s["export_dir"]) / name for s in (got, want))
+            if a.exists():
+                pd.testing.assert_frame_equal(pd.read_parquet(a), pd.read_parquet(b))
+        assert (got["mode"], got["n_new_cases"]) == (want["mode"], want["n_new_cases"])

@@ -133,13 +133,21 @@ def _issue_types(col: pd.Series) -> Any:
 def select_cases(cases: pd.DataFrame, min_chars: int = 4, request_kinds: Sequence[str] = ()) -> pd.DataFrame:
     """The cases worth clustering: a problem statement long enough to carry a cause ("怎么办" does
     not), optionally only some request kinds. Adds `cluster_text` (problem, else customer text)."""
+    return select_cases_at(cases, min_chars, request_kinds)[0]
+
+
+def select_cases_at(
+    cases: pd.DataFrame, min_chars: int = 4, request_kinds: Sequence[str] = ()
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """`select_cases`, and the `cases` row each selected row is (kept facts about the stored
+    cases' rows then find their selected row without a look-up)."""
     df = fill_classification(cases)
     texts, long_enough = _cluster_texts(df, min_chars)
     df["cluster_text"] = texts
     keep = pd.Series(long_enough, index=df.index, dtype=bool)
     if request_kinds:
         keep &= df["request_kind"].isin(list(request_kinds))
-    return df[keep].reset_index(drop=True)
+    return df[keep].reset_index(drop=True), np.flatnonzero(keep.to_numpy(dtype=bool))
 
 
 def _texts_in_python(problem: list, customer: list, min_chars: int) -> tuple[list[str], list[bool]]:

@@ -37,6 +37,7 @@ import pyarrow.csv as pacsv
 from pipeline.config import Config
 from pipeline.heap import release_unused_memory
 from pipeline.insights import member_parts as mp
+from pipeline.insights import member_rows
 from pipeline.insights import membership as mb
 from pipeline.insights.cluster import (
     ALL_SCOPE,
@@ -51,7 +52,7 @@ from pipeline.insights.cluster import (
     cluster_cases,
     fill_classification,
     members_table,
-    select_cases,
+    select_cases_at,
     token_codes,
 )
 from pipeline.insights.codes import Codes, arrow_backed, derive_codes, sorted_codes
@@ -72,6 +73,8 @@ from pipeline.insights.incremental import (
     scope_models,
 )
 from pipeline.insights.kpis import compute_kpis, timing_coverage
+from pipeline.insights.member_rows import arrow_strings as _arrow_strings
+from pipeline.insights.member_rows import index_in as _index_in
 from pipeline.insights.report import ReportData, render_report
 from pipeline.insights.trends import (
     BREAKDOWNS,
@@ -203,15 +206,21 @@ def load_cases(out: Path, since: date | None = None) -> pd.DataFrame:
     customer_text and metadata_json only where the export reads them (`shrink_case_part`).
     Read through a copy kept between nights (`case_cache_path`), so a night decodes only the
     parts written since the last export."""
-    from pipeline.storage.case_cache import read_cases_cached
+    df, _ = load_cases_copy(out)
+    if since is not None and len(df):
+        df = df[df["date"].astype(str) >= since.isoformat()]
+    return df.reset_index(drop=True)
+
+
+def load_cases_copy(out: Path) -> tuple[pd.DataFrame, tuple[str, int] | None]:
+    """`load_cases(out)` and which generation of the case copy its rows are
+    (`pipeline.storage.case_cache.CopyRows`)."""
+    from pipeline.storage.case_cache import read_cases_copy
 
     # run_id tells a re-processed case (same id, newer row) from a member; tokens are read only
     # by a re-cluster (`_with_tokens`).
     columns = [c for c in CASE_COLUMNS if c != "tokens"] + ["run_id"]
-    df = read_cases_cached(Path(out), case_cache_path(out), columns, CASE_CACHE_KEY, shrink=shrink_case_part)
-    if since is not None and len(df):
-        df = df[df["date"].astype(str) >= since.isoformat()]
-    return df.reset_index(drop=True)
+    return read_cases_copy(Path(out), case_cache_path(out), columns, CASE_CACHE_KEY, shrink=shrink_case_part)
 
 
 def ensure_classified(cases: pd.DataFrame, cfg: Config) -> tuple[pd.DataFrame, str | None]:
@@ -827,26 +836,11 @@ def _key(*cols: pd.Series) -> pa.Array:
     return arrays[0] if len(arrays) == 1 else pc.binary_join_element_wise(*arrays, pa.scalar("\x1f", pa.large_string()))
 
 
-def _arrow_strings(col: pd.Series) -> pa.Array:
-    """A column as one Arrow large_string array; no copy for the Arrow-backed strings read from
-    the store."""
-    arr = pa.array(col.astype(str), from_pandas=True)
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    return arr.cast(pa.large_string())
-
-
 def _is_in(values: pa.Array, among: pa.Array) -> np.ndarray:
     """Which `values` are in `among`, as a bool array; a missing value is in nothing. Arrow's
     hash look-up: Python sets of 200k (case, run) tuples built and probed each night cost 0.3 s
     at 100k stored cases, and Series.isin on Arrow strings makes one Arrow scalar per value."""
     return np.asarray(pc.is_in(values, value_set=among, skip_nulls=True).to_numpy(zero_copy_only=False), dtype=bool)
-
-
-def _index_in(values: pa.Array, among: pa.Array) -> np.ndarray:
-    """Each of `values`' position in `among` (its first), -1 where it is not there or missing."""
-    found = pc.index_in(values, value_set=among, skip_nulls=True)
-    return np.asarray(pc.fill_null(found, -1).to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
 def locate_members(
@@ -966,8 +960,10 @@ def export_all(
     today_d = today or date.today()
     day = today_d.isoformat()
     c = cfg.cluster
-    cases, note = ensure_classified(load_cases(out), cfg)
-    frame = select_cases(cases, c.min_problem_chars, c.request_kinds)
+    loaded, copy_rows = load_cases_copy(out)
+    cases, note = ensure_classified(loaded.reset_index(drop=True), cfg)
+    del loaded
+    frame, selected = select_cases_at(cases, c.min_problem_chars, c.request_kinds)
     cases, frame = drop_texts(cases, frame)
     if embedder is None:
         from pipeline.embed import Embedder
@@ -987,8 +983,19 @@ def export_all(
     n_redone = 0
     # Which cases are not yet members (new, or re-processed: same id, newer run): counted on every
     # night, embedded and assigned on an incremental one.
-    membership, n_parts = mb.load_members(out, meta)
-    alive, todo, redone, positions = locate_members(membership, frame)
+    read = mb.read_members(out, meta)
+    membership, n_parts = read.frame, len(read.parts)
+    positions: np.ndarray | None
+    if copy_rows is not None and copy_rows[1] == len(cases):
+        # The cases are the case copy's rows: each member's case row is kept between nights.
+        rows, same = member_rows.part_rows(
+            out, read, _key(cases["case_id"]), _arrow_strings(cases["run_id"]), copy_rows[0]
+        )
+        alive, todo, redone, positions = member_rows.locate(rows[read.kept], same[read.kept], selected, len(cases))
+        del rows, same
+    else:
+        alive, todo, redone, positions = locate_members(membership, frame)
+    del read  # every part's rows: `membership` holds the current ones
     dropped = int((~alive).sum())  # cases removed by `casemine repair` (or no longer selected)
     todo_frame = frame[todo].reset_index(drop=True)
     n_new = len(todo_frame)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,13 +65,25 @@ def last_part(out: Path) -> int:
     return max((s for s, _ in _parts(out)), default=0)
 
 
-def load_members(out: Path, meta: dict[str, Any]) -> tuple[pd.DataFrame, int]:
-    """The current membership (one set of rows per case: its newest part's) and the number of
-    parts it was read from."""
+@dataclass
+class Members:
+    """The current membership (`frame`) and where its rows came from: `rows`, every row of the
+    parts it was read from (seq, path, row count) in order, and `kept`, which of them `frame`
+    holds (for `member_rows`, which keeps facts per part row between nights)."""
+
+    frame: pd.DataFrame
+    rows: pd.DataFrame
+    parts: list[tuple[int, Path, int]]
+    kept: np.ndarray
+
+
+def read_members(out: Path, meta: dict[str, Any]) -> Members:
+    """`load_members`, with where its rows came from."""
     start = int(meta.get("members_from", 0))
     parts = [(s, p) for s, p in _parts(out) if s >= start]
     if not parts:
-        return pd.DataFrame(columns=[*MEMBER_COLUMNS, "seq"]), 0
+        empty = pd.DataFrame(columns=[*MEMBER_COLUMNS, "seq"])
+        return Members(empty, empty, [], np.zeros(0, dtype=bool))
     frames = [pd.read_parquet(p).assign(seq=s) for s, p in parts]
     df = pd.concat(frames, ignore_index=True)
     # A part's rows are kept unless a newer part holds their case: looked up in Arrow part by
@@ -85,10 +98,18 @@ def load_members(out: Path, meta: dict[str, Any]) -> tuple[pd.DataFrame, int]:
         kept = pc.and_(pc.invert(pc.is_in(ids, value_set=newer)), pc.is_valid(ids))
         keep.append(np.asarray(pc.fill_null(kept, False).to_numpy(zero_copy_only=False), dtype=bool))
         newer = pa.concat_arrays([newer, ids])
-    kept = np.concatenate(keep[::-1])
+    rows = np.concatenate(keep[::-1])
     # Usually every row (one re-cluster's part, nights of new cases): a filter copied them all,
     # 0.1 s at 1M stored cases.
-    return (df if kept.all() else df[kept].reset_index(drop=True)), len(parts)
+    frame = df if rows.all() else df[rows].reset_index(drop=True)
+    return Members(frame, df, [(s, p, len(f)) for (s, p), f in zip(parts, frames)], rows)
+
+
+def load_members(out: Path, meta: dict[str, Any]) -> tuple[pd.DataFrame, int]:
+    """The current membership (one set of rows per case: its newest part's) and the number of
+    parts it was read from."""
+    m = read_members(out, meta)
+    return m.frame, len(m.parts)
 
 
 def append_members(out: Path, rows: pd.DataFrame) -> int:

@@ -191,8 +191,9 @@ def _save_meta(cache: Path, meta: dict[str, Any]) -> bool:
     return write_cache(cache / _META, lambda f: f.write(text), "the case cache", "the next read decodes every part")
 
 
-def _save(cache: Path, table: pa.Table, key: str, files: dict[str, Stat]) -> None:
-    """The copy written whole, into a new folder (a reader of the former keeps it), then named."""
+def _save(cache: Path, table: pa.Table, key: str, files: dict[str, Stat]) -> str | None:
+    """The copy written whole, into a new folder (a reader of the former keeps it), then named;
+    returns its generation (None: not written)."""
     gen = f"g{time.time_ns()}"
     folder = cache / gen
     try:
@@ -204,7 +205,7 @@ def _save(cache: Path, table: pa.Table, key: str, files: dict[str, Stat]) -> Non
     except OSError as e:
         log.warning("could not write the case cache %s (%s): the next read decodes every part", cache, e)
         shutil.rmtree(folder, ignore_errors=True)
-        return
+        return None
     n = table.num_rows
     starts = {name: (n // 8 if _is_bitmap(name, table.schema) else size) for name, size in sizes.items()}
     meta = {
@@ -220,10 +221,11 @@ def _save(cache: Path, table: pa.Table, key: str, files: dict[str, Stat]) -> Non
     }
     if not _save_meta(cache, meta):
         shutil.rmtree(folder, ignore_errors=True)
-        return
+        return None
     for old in cache.glob("g*"):
         if old.name != gen:
             shutil.rmtree(old, ignore_errors=True)
+    return gen
 
 
 def _append(cache: Path, meta: dict[str, Any], copy: pa.Table, new: pa.Table, files: dict[str, Stat]) -> bool:
@@ -278,6 +280,12 @@ def with_new_rows(copy: pa.Table, new: pa.Table) -> pa.Table:
     return pa.concat_tables([copy, _newest(new)])
 
 
+# Which copy a frame's rows are: its first `rows` rows are those of the copy generation `gen`, in
+# order (rows after them, if any, follow them). A generation only ever grows at its end, so facts
+# kept about its rows (`pipeline.insights.member_rows`) hold while it is the copy.
+CopyRows = tuple[str, int]
+
+
 def read_cases_cached(
     out: Path,
     cache: Path,
@@ -289,21 +297,33 @@ def read_cases_cached(
     the copy in the folder `cache` has not seen, and taking them into it. `key` names what the
     copy holds beyond its columns (the shrink rule and its version): a copy with another key is
     not used."""
+    return read_cases_copy(out, cache, columns, key, shrink)[0]
+
+
+def read_cases_copy(
+    out: Path,
+    cache: Path,
+    columns: list[str],
+    key: str,
+    shrink: Callable[[pa.Table], pa.Table] | None = None,
+) -> tuple[pd.DataFrame, CopyRows | None]:
+    """`read_cases_cached`, and which copy its rows are (None: none written)."""
     out = Path(out)
     files = stored_parts(out)
     wanted = [c for c in columns if c in CASE_SCHEMA.names]
     if not files:
-        return read_cases(out, columns, shrink=shrink)
+        return read_cases(out, columns, shrink=shrink), None
     read = read_columns(wanted, latest=True) or wanted
     schema = pa.schema([_storage(f) for f in CASE_SCHEMA if f.name in read])
     root = cases_dir(out)
     # Stat before reading: a part changed after this is seen as changed next time.
     stats = {f.relative_to(root).as_posix(): _stat(f) for f in files}
     loaded = _load(cache, key, schema)
+    rows: CopyRows | None
     if loaded is not None and all(stats.get(rel) == st for rel, st in loaded[1].items()):
         copy, seen, meta = loaded
         new = [f for f in files if f.relative_to(root).as_posix() not in seen]
-        table = copy
+        table, rows = copy, (meta["gen"], len(copy))
         if new:
             added = read_parts(new, read, shrink).cast(schema)
             appended = int(meta["rows"]) - int(meta["base_rows"]) + len(added)
@@ -313,10 +333,13 @@ def read_cases_cached(
                 reread = _load(cache, key, schema) if _append(cache, meta, copy, ordered, stats) else None
                 # Mapped again: the history and tonight's rows as one chunk, nothing copied.
                 table = reread[0] if reread is not None else pa.concat_tables([copy, ordered])
+                rows = (meta["gen"], len(table) if reread is not None else len(copy))
             else:
                 table = with_new_rows(copy, added)
-                _save(cache, table, key, stats)
+                gen = _save(cache, table, key, stats)
+                rows = None if gen is None else (gen, len(table))
     else:
         table = _newest(read_parts(files, read, shrink).cast(schema))
-        _save(cache, table, key, stats)
-    return cases_frame(table, wanted, latest=False)
+        gen = _save(cache, table, key, stats)
+        rows = None if gen is None else (gen, len(table))
+    return cases_frame(table, wanted, latest=False), rows
