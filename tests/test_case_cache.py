@@ -120,7 +120,11 @@ def test_an_unwritable_copy_costs_speed_not_the_cases(out, caplog):
 
 
 def test_the_export_reads_through_the_copy(out):
+    former = case_cache_path(out).parent / "export-cases.arrow"
+    former.parent.mkdir(parents=True)
+    former.write_bytes(b"ARROW1 the former layout's copy")
     frame = load_cases(out)
+    assert not former.exists()  # removed: nothing reads it
     assert (case_cache_path(out) / "meta.json").is_file()
     pd.testing.assert_frame_equal(load_cases(out), frame)
     assert len(frame) == 60

@@ -220,7 +220,13 @@ def load_cases_copy(out: Path) -> tuple[pd.DataFrame, tuple[str, int] | None]:
     # run_id tells a re-processed case (same id, newer row) from a member; tokens are read only
     # by a re-cluster (`_with_tokens`).
     columns = [c for c in CASE_COLUMNS if c != "tokens"] + ["run_id"]
-    return read_cases_copy(Path(out), case_cache_path(out), columns, CASE_CACHE_KEY, shrink=shrink_case_part)
+    got = read_cases_copy(Path(out), case_cache_path(out), columns, CASE_CACHE_KEY, shrink=shrink_case_part)
+    # The former layout's single file (430 MB at 1M cases): read by nothing since.
+    try:
+        (case_cache_path(out).parent / "export-cases.arrow").unlink(missing_ok=True)
+    except OSError:
+        pass  # a read-only output: it only takes room
+    return got
 
 
 def ensure_classified(cases: pd.DataFrame, cfg: Config) -> tuple[pd.DataFrame, str | None]:
