@@ -235,8 +235,9 @@ def _append(cache: Path, meta: dict[str, Any], copy: pa.Table, new: pa.Table, fi
     sizes = {k: int(v) for k, v in meta["sizes"].items()}
     try:
         for i in range(copy.num_columns):
-            col = copy.column(i).combine_chunks()
-            head = col.slice(n0 - n0 % 8, n0 % 8)
+            col = copy.column(i)
+            # Only the rows sharing the bitmaps' last byte: combining the column copied it whole.
+            head = col.slice(n0 - n0 % 8, n0 % 8).combine_chunks()
             text = sizes[f"{i}.data"] if pa.types.is_large_string(col.type) else 0
             sizes.update(_write(folder, _pieces(i, head, new.column(i).combine_chunks(), n0, text)))
         check = {name: [s, _crc(folder / name, s, sizes[name])] for name, (s, _) in meta["check"].items()}
