@@ -128,3 +128,43 @@ def test_a_broken_entry_is_looked_up_again(tmp_path):
     entry.write_bytes(entry.read_bytes()[:40])  # cut short
     assert _answer(tmp_path, cases, "g1") == want == ([1, 0], [True, True])
     assert entry.stat().st_size > 40  # written again
+
+
+def test_membership_parts_are_read_from_their_copies_as_from_the_parts(tmp_path, monkeypatch):
+    """`read_members` reads each part through an uncompressed copy (`membership._read_part`):
+    the same frame as decoding the parts; a copy of another part (the number written again),
+    a broken one or one of a part gone is not used."""
+    _members(tmp_path, 1, ["a", "b", None], "r1")
+    _members(tmp_path, 2, ["b", "c"], "r2")
+
+    def plain():
+        frames = [pd.read_parquet(p).assign(seq=s) for s, p in mb._parts(tmp_path)]
+        return pd.concat(frames, ignore_index=True)
+
+    decoded: list[Path] = []
+    real = mb.pq.read_table
+    meta = mb.load_meta(tmp_path)
+
+    def read():
+        with monkeypatch.context() as m:
+            m.setattr(mb.pq, "read_table", lambda p, *a, **k: decoded.append(p) or real(p, *a, **k))
+            return mb.read_members(tmp_path, meta)
+
+    first = read()
+    pd.testing.assert_frame_equal(first.rows, plain(), check_exact=True)
+    assert len(decoded) == 2
+    again = read()
+    pd.testing.assert_frame_equal(again.rows, plain(), check_exact=True)
+    pd.testing.assert_frame_equal(again.frame, first.frame, check_exact=True)
+    assert len(decoded) == 2  # both from their copies
+    part = mb.members_dir(tmp_path) / "part-000002.parquet"
+    part.unlink()
+    _members(tmp_path, 2, ["d"], "r3")  # the same number, other rows
+    copy = mb.copies_dir(tmp_path) / "part-000001.arrow"
+    copy.write_bytes(copy.read_bytes()[:-30])  # broken
+    got = read()
+    pd.testing.assert_frame_equal(got.rows, plain(), check_exact=True)
+    assert len(decoded) == 4 and got.rows["case_id"].tolist()[-1] == "d"
+    part.unlink()
+    read()
+    assert [p.name for p in mb.copies_dir(tmp_path).iterdir()] == ["part-000001.arrow"]
