@@ -310,3 +310,21 @@ def test_night_after_night_the_copy_reads_as_every_part(tmp_path, monkeypatch, r
         write_cases(tmp_path, rows, run, night)
         pd.testing.assert_frame_equal(_cached(tmp_path), _plain(tmp_path))
     pd.testing.assert_frame_equal(_cached(tmp_path), _plain(tmp_path))
+
+
+def test_the_frame_names_the_copy_generation_its_rows_are(out, monkeypatch, caplog):
+    """`read_cases_copy` says which copy generation the frame's rows are (what kept facts about
+    the copy's rows are keyed on): after a whole write, an append, and none when unwritten."""
+    monkeypatch.setattr(cc, "REWRITE_SHARE", 1.0)
+    path = case_cache_path(out)
+    frame, rows = cc.read_cases_copy(out, path, COLUMNS, CASE_CACHE_KEY, shrink=shrink_case_part)
+    assert rows == (_gen(out), 60)
+    write_cases(out, _cases(range(100, 103), "20261102T000000-r2"), "20261102T000000-r2", 0)
+    frame, rows = cc.read_cases_copy(out, path, COLUMNS, CASE_CACHE_KEY, shrink=shrink_case_part)
+    assert rows == (_gen(out), 63) and len(frame) == 63
+    pd.testing.assert_frame_equal(frame, _plain(out))
+    other = out.parent / "readonly-cache"
+    other.write_text("a file where the copy's folder would be")
+    frame, rows = cc.read_cases_copy(out, other, COLUMNS, CASE_CACHE_KEY, shrink=shrink_case_part)
+    assert rows is None
+    pd.testing.assert_frame_equal(frame, _plain(out))

@@ -336,11 +336,21 @@ def read_cases_copy(
                 table = reread[0] if reread is not None else pa.concat_tables([copy, ordered])
                 rows = (meta["gen"], len(table) if reread is not None else len(copy))
             else:
-                table = with_new_rows(copy, added)
-                gen = _save(cache, table, key, stats)
-                rows = None if gen is None else (gen, len(table))
+                table, rows = _written(cache, with_new_rows(copy, added), key, stats, schema)
     else:
-        table = _newest(read_parts(files, read, shrink).cast(schema))
-        gen = _save(cache, table, key, stats)
-        rows = None if gen is None else (gen, len(table))
+        table, rows = _written(cache, _newest(read_parts(files, read, shrink).cast(schema)), key, stats, schema)
     return cases_frame(table, wanted, latest=False), rows
+
+
+def _written(
+    cache: Path, table: pa.Table, key: str, files: dict[str, Stat], schema: pa.Schema
+) -> tuple[pa.Table, CopyRows | None]:
+    """`table` written whole as the copy, and read back mapped: one chunk a column without
+    combining it in memory (a second copy of every column, 1 s at 1M cases)."""
+    gen = _save(cache, table, key, files)
+    if gen is None:
+        return table, None
+    reread = _load(cache, key, schema)
+    if reread is None or reread[2]["gen"] != gen:
+        return table, None
+    return reread[0], (gen, len(table))
