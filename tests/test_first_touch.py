@@ -180,6 +180,25 @@ def test_a_second_run_on_a_held_out_root_is_refused_naming_the_holder(small_inpu
         pass
 
 
+def test_an_export_on_a_held_out_root_is_refused_naming_the_holder(tmp_path):
+    # The export appends to its case copy and membership in place: never beside a run's export.
+    out = tmp_path / "o"
+    (out / "processed" / "cases").mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from pipeline.orchestrate.lock import run_lock\n"
+        f"with run_lock(Path({str(out)!r}), command='holder-test'):\n"
+        "    print('held', flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = runner.invoke(app, ["clusters", "export", "--out", str(out)])
+        assert r.exit_code == 1
+        line = _one_line_error(r)
+        assert "in use by" in line and f"pid {holder.pid}" in line and "holder-test" in line
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 # -- Prefect ------------------------------------------------------------------------------------
 
 def test_schedule_without_a_server_refuses_with_how_to_start_one(tmp_path):

@@ -32,6 +32,9 @@ def export_cmd(
     recluster: bool = typer.Option(
         False, "--recluster", help="Re-cluster all cases now instead of assigning only the new ones."
     ),
+    wait: float = typer.Option(
+        0.0, "--wait", min=0, help="Seconds to wait when a run or another export holds --out (default: refuse at once)."
+    ),
 ) -> None:
     """Cluster the stored cases (new ones assigned to the stored clusters; all re-clustered on
     schedule, on drift or with --recluster); write clusters, members, trends, alerts, matrix, KPIs (Parquet + CSV)
@@ -42,8 +45,15 @@ def export_cmd(
     if not (root / "processed" / "cases").is_dir():
         fail(f"no case table under {root}/processed/cases; run `casemine run --out {root}` first")
     from pipeline.insights.export import export_all
+    from pipeline.orchestrate.lock import LockHeld, run_lock
 
-    summary = export_all(cfg, root, start, recluster=recluster)
+    # Under the run's lock: the export appends to its case copy in place and to the membership,
+    # which a run's own export (or a second export) must not do at the same time.
+    try:
+        with run_lock(root, wait_s=wait, command="casemine clusters export"):
+            summary = export_all(cfg, root, start, recluster=recluster)
+    except LockHeld as e:
+        fail(str(e))
     if summary["n_cases"] == 0:
         fail(f"no cases{' since ' + since if since else ''} under {root}; nothing to export")
     if json_out:
