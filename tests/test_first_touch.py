@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 
 from pipeline.cli import _register, app
 from pipeline.config import PACKAGE_ROOT, load_config
-from pipeline.progress import reporting
 from pipeline.orchestrate.nightly import run_pipeline, summary_text
+from pipeline.progress import reporting
 
 _register()
 runner = CliRunner()
@@ -158,15 +158,28 @@ def test_summary_has_no_empty_or_none_lines(run_out):
     assert all(line.split() for line in text.splitlines())
 
 
-def test_a_second_run_on_a_held_out_root_is_refused_naming_the_holder(small_input, tmp_path):
-    out = tmp_path / "o"
+def _hold_lock(out: Path) -> subprocess.Popen:
+    """Another process holding `out`'s run lock (kill it to let go)."""
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from pathlib import Path; from pipeline.orchestrate.lock import run_lock\n"
         f"with run_lock(Path({str(out)!r}), command='holder-test'):\n"
         "    print('held', flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+@pytest.mark.parametrize("command", ["run", "clusters export"])
+def test_a_second_command_on_a_held_out_root_is_refused_naming_the_holder(command, small_input, tmp_path):
+    # The export too: it appends to its case copy and membership in place, never beside a run's.
+    out = tmp_path / "o"
+    if command == "run":
+        args = ["run", "--input", str(small_input), "--out", str(out), "--no-prefect"]
+    else:
+        (out / "processed" / "cases").mkdir(parents=True)
+        args = ["clusters", "export", "--out", str(out)]
+    holder = _hold_lock(out)
     try:
-        assert holder.stdout.readline().strip() == "held"
-        r = runner.invoke(app, ["run", "--input", str(small_input), "--out", str(out), "--no-prefect"])
+        r = runner.invoke(app, args)
         assert r.exit_code == 1
         line = _one_line_error(r)
         assert "in use by" in line and f"pid {holder.pid}" in line and "holder-test" in line
@@ -178,25 +191,6 @@ def test_a_second_run_on_a_held_out_root_is_refused_naming_the_holder(small_inpu
 
     with run_lock(out):
         pass
-
-
-def test_an_export_on_a_held_out_root_is_refused_naming_the_holder(tmp_path):
-    # The export appends to its case copy and membership in place: never beside a run's export.
-    out = tmp_path / "o"
-    (out / "processed" / "cases").mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from pipeline.orchestrate.lock import run_lock\n"
-        f"with run_lock(Path({str(out)!r}), command='holder-test'):\n"
-        "    print('held', flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        r = runner.invoke(app, ["clusters", "export", "--out", str(out)])
-        assert r.exit_code == 1
-        line = _one_line_error(r)
-        assert "in use by" in line and f"pid {holder.pid}" in line and "holder-test" in line
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 # -- Prefect ------------------------------------------------------------------------------------

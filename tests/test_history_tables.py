@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.insights.emotion_stats import _varies, average_ranks, bootstrap_corr, fisher_ci, relations
+from pipeline.insights.emotion_stats import _varies, average_ranks, bootstrap_corr, relations
+from tests.test_export_fastpaths import _compute_kpis_before  # the groupby form both files check against
 
 
 def test_average_ranks_are_pandas_ranks():
@@ -35,24 +36,10 @@ def test_average_ranks_are_pandas_ranks():
 def _bootstrap_corr_before(
     x: np.ndarray, y: np.ndarray, method: str = "pearson", n_boot: int = 1000, seed: int = 0, max_n: int = 5_000
 ) -> tuple[float, float, float]:
-    """bootstrap_corr as it was: Spearman on pandas' ranks."""
+    """bootstrap_corr as it was: Spearman on pandas' ranks (the resampling after them is unchanged)."""
     if method == "spearman":
         x, y = pd.Series(x).rank().to_numpy(), pd.Series(y).rank().to_numpy()
-    r = float(np.corrcoef(x, y)[0, 1])
-    if len(x) > max_n:
-        lo, hi = fisher_ci(r, len(x), method)
-        return r, lo, hi
-    rng = np.random.default_rng(seed)
-    parts = []
-    for k in range(0, n_boot, 100):
-        idx = rng.integers(0, len(x), size=(min(100, n_boot - k), len(x)))
-        xs, ys = x[idx], y[idx]
-        xs = xs - xs.mean(axis=1, keepdims=True)
-        ys = ys - ys.mean(axis=1, keepdims=True)
-        denom = np.sqrt((xs**2).sum(axis=1) * (ys**2).sum(axis=1))
-        parts.append(np.divide((xs * ys).sum(axis=1), denom, out=np.full(len(idx), np.nan), where=denom > 0))
-    lo, hi = np.nanpercentile(np.concatenate(parts), [2.5, 97.5])
-    return r, float(lo), float(hi)
+    return bootstrap_corr(x, y, method, n_boot, seed, max_n, ranked=True)
 
 
 @pytest.mark.parametrize("n", [30, 400, 6000])
@@ -142,44 +129,6 @@ def test_linear_quantile_is_numpys():
                 want = float(np.quantile(v, q))
                 got = linear_quantile(s.item, n, q)
                 assert got == want or (np.isnan(got) and np.isnan(want)), (v, q)
-
-
-def _group_kpis_before(g: pd.DataFrame) -> dict:
-    """One group's KPI row as compute_kpis made it from each groupby group."""
-    from pipeline.insights.kpis import _num, _q
-
-    n = len(g)
-    fr = _num(g["first_response_s"] if "first_response_s" in g else None).dropna()
-    du = _num(g["duration_s"] if "duration_s" in g else None).dropna()
-    oc = g["outcome"].fillna("unknown") if "outcome" in g else pd.Series(["unknown"] * n)
-    rate = lambda k: round(float((oc == k).mean()), 4) if n else None  # noqa: E731
-    return {
-        "n_cases": n,
-        "n_with_first_response": int(len(fr)),
-        "first_response_median_s": _q(fr, 0.5),
-        "first_response_p90_s": _q(fr, 0.9),
-        "n_with_duration": int(len(du)),
-        "duration_median_s": _q(du, 0.5),
-        "duration_mean_s": round(float(du.mean()), 1) if len(du) else None,
-        "resolution_rate": rate("resolved"),
-        "escalation_rate": rate("escalated"),
-        "unresolved_rate": rate("unresolved"),
-        "n_outcome_unknown": int((oc == "unknown").sum()),
-    }
-
-
-def _compute_kpis_before(cases: pd.DataFrame) -> pd.DataFrame:
-    from pipeline.insights.kpis import KPI_COLUMNS
-
-    rows = [{"group_by": "all", "group": "全部", **_group_kpis_before(cases)}]
-    used = cases[[c for c in ("first_response_s", "duration_s", "outcome") if c in cases]]
-    for col in ("channel", "issue_type"):
-        if col not in cases:
-            continue
-        keys = cases[col].fillna("未分类" if col == "issue_type" else "未知")
-        for k, g in used.groupby(keys, sort=True):
-            rows.append({"group_by": col, "group": str(k), **_group_kpis_before(g)})
-    return pd.DataFrame(rows, columns=KPI_COLUMNS)
 
 
 @pytest.mark.parametrize("dtype", [object, "str"])
@@ -274,32 +223,18 @@ def test_case_team_codes_are_the_factorized_teams(dtype, meta):
 
 
 def _worsened_by_team_before(cases: pd.DataFrame, teams: list) -> pd.DataFrame:
-    """worsened_by_team as it was before codes: the teams' list factorized, the trajectory compared."""
-    from pipeline.insights.emotion_stats import wilson
+    """worsened_by_team as it was before codes: the teams' list factorized, the trajectory compared
+    (the table laid out from the counts as before)."""
+    from pipeline.insights.emotion_stats import team_table
 
-    cols = ["team", "n", "worsened", "share_worsened", "ci_low", "ci_high"]
     if not len(cases):
-        return pd.DataFrame(columns=cols)
+        return pd.DataFrame(columns=["team", "n", "worsened", "share_worsened", "ci_low", "ci_high"])
     codes, names = pd.factorize(pd.Series(teams, index=cases.index), sort=True)
     kept = codes >= 0
     worse = np.asarray((cases["emotion_trajectory"] == "恶化").fillna(False), dtype=bool)
     sizes = np.bincount(codes[kept], minlength=len(names))
     worsened = np.bincount(codes[kept & worse], minlength=len(names))
-    rows = []
-    for team, n, k in zip(names, sizes.tolist(), worsened.tolist()):
-        lo, hi = wilson(k, n)
-        rows.append(
-            {
-                "team": team,
-                "n": n,
-                "worsened": k,
-                "share_worsened": round(k / n, 4),
-                "ci_low": round(lo, 4),
-                "ci_high": round(hi, 4),
-            }
-        )
-    out = pd.DataFrame(rows, columns=cols)
-    return out.sort_values(["ci_low", "n"], ascending=[False, False]).reset_index(drop=True)
+    return team_table(names, sizes, worsened)
 
 
 @pytest.mark.parametrize("n", [300, 5000])

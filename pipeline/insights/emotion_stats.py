@@ -403,12 +403,14 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (c - h) / d, (c + h) / d
 
 
+_TEAM_COLUMNS = ["team", "n", "worsened", "share_worsened", "ci_low", "ci_high"]
+
+
 def worsened_by_team(cases: pd.DataFrame, teams: list[str | None] | None = None) -> pd.DataFrame:
     """Share of conversations whose emotion worsened, per agent team (or agent), with Wilson CI.
     `teams`: `case_teams(cases)` when the caller has it already."""
-    cols = ["team", "n", "worsened", "share_worsened", "ci_low", "ci_high"]
     if not len(cases) or "emotion_trajectory" not in cases:
-        return pd.DataFrame(columns=cols)
+        return pd.DataFrame(columns=_TEAM_COLUMNS)
     # Teams as sorted codes (a groupby's order), their cases and worsened ones counted by
     # bincount: a groupby iterated team by team copied ~120 groups a night.
     codes, names = case_team_codes(cases, teams)  # -1: no team, counted nowhere
@@ -417,9 +419,14 @@ def worsened_by_team(cases: pd.DataFrame, teams: list[str | None] | None = None)
     is_worse = np.array([v == "恶化" for v in found.tolist()] + [False], dtype=bool)
     worse = is_worse[np.where(traj < 0, len(found), traj)]
     by = cross_counts(codes, len(names), worse.astype(np.int64), 2)
-    sizes, worsened = by.sum(axis=1), by[:, 1]
+    return team_table(names, by.sum(axis=1), by[:, 1])
+
+
+def team_table(names: Any, sizes: np.ndarray, worsened: np.ndarray) -> pd.DataFrame:
+    """The worsened-by-team table from each team's case and worsened counts (teams in `names`'
+    order), with Wilson intervals, ranked by their lower bound."""
     rows = []
-    for team, n, k in zip(names, sizes.tolist(), worsened.tolist()):
+    for team, n, k in zip(names, np.asarray(sizes).tolist(), np.asarray(worsened).tolist()):
         lo, hi = wilson(k, n)
         rows.append(
             {
@@ -431,6 +438,6 @@ def worsened_by_team(cases: pd.DataFrame, teams: list[str | None] | None = None)
                 "ci_high": round(hi, 4),
             }
         )
-    out = pd.DataFrame(rows, columns=cols)
+    out = pd.DataFrame(rows, columns=_TEAM_COLUMNS)
     # By the lower bound: a team with 2 of 2 worsened is not ranked above one with 40 of 100.
     return out.sort_values(["ci_low", "n"], ascending=[False, False]).reset_index(drop=True)
