@@ -1087,3 +1087,61 @@ def test_write_export_writes_on_threads_what_one_by_one_wrote(tmp_path, monkeypa
         ex.write_export(tmp_path / "a", _bundle("2025-12-01", 7))
     assert pd.read_parquet(threaded / "kpis.parquet")["k"].tolist()[-1] == "kpis49"  # yesterday's folder
     assert sorted(p.name for p in (tmp_path / "a" / "exports").iterdir()) == ["2025-12-01", "LATEST"]
+
+
+@pytest.mark.parametrize("ids", [object, "str"])
+@pytest.mark.parametrize("repeat", [False, True])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_trajectory_table_from_the_members_case_rows_is_the_merges(ids, repeat, seed, monkeypatch):
+    """Each members row's case row (as the export knows it) gives the merge's table: cases
+    without a member, members in other scopes or without a cluster, and an id repeated in the
+    cross-type scope (the merge repeats its case) or not text (the merge decides) alike."""
+    import pipeline.insights.emotion_stats as es
+
+    rng = random.Random(seed)
+    n = 200
+    cases = pd.DataFrame(
+        {
+            "case_id": pd.Series([f"c{i}" for i in range(n)], dtype=ids),
+            "issue_type": [rng.choice(["物流配送", "发票", None]) for _ in range(n)],
+            "channel": [rng.choice(["chat", "phone"]) for _ in range(n)],
+            "outcome": [rng.choice(["resolved", "unknown"]) for _ in range(n)],
+            "emotion_trajectory": [rng.choice(["改善", "平稳", "恶化", None]) for _ in range(n)],
+            "emotion_start": [rng.uniform(-1, 1) for _ in range(n)],
+            "emotion_end": [rng.uniform(-1, 1) for _ in range(n)],
+            "emotion_delta": [rng.choice([rng.uniform(-2, 2), np.nan]) for _ in range(n)],
+            "agent_id": [rng.choice(["a1", "a2", None]) for _ in range(n)],
+        }
+    ).set_axis(rng.sample(range(1000), n))
+    # Every case a cross-type row (some left out) and some a per-type row, in shuffled order.
+    rows = [r for r in range(n) if rng.random() < 0.8]
+    scopes = [ALL_SCOPE] * len(rows)
+    extra = rng.sample(range(n), 60)
+    rows, scopes = rows + extra, scopes + [rng.choice(["发票", "物流配送"]) for _ in extra]
+    if repeat:
+        rows, scopes = rows + [rows[3]], scopes + [ALL_SCOPE]
+    order = rng.sample(range(len(rows)), len(rows))
+    case_rows = np.array([rows[i] for i in order], dtype=np.int64)
+    members = pd.DataFrame(
+        {
+            "scope": [scopes[i] for i in order],
+            "case_id": pd.Series([f"c{r}" for r in case_rows], dtype=ids),
+            "cluster_id": [rng.choice(["C1", "C2", "C3", None]) for _ in order],
+        }
+    )
+    if repeat:  # the repeated case counted twice, once in each of two clusters
+        twice = np.flatnonzero(case_rows == rows[3])
+        members.loc[twice, ["scope", "cluster_id"]] = [[ALL_SCOPE, "C1"], [ALL_SCOPE, "C2"]]
+        cases.iloc[rows[3], cases.columns.get_loc("emotion_trajectory")] = "恶化"
+    want_in = cases.assign(team=case_teams(cases)).merge(
+        members.loc[(members["scope"] == ALL_SCOPE) & members["cluster_id"].notna(), ["case_id", "cluster_id"]],
+        on="case_id",
+        how="left",
+    )
+    want = _trajectory_by_groupbys(want_in)
+    if ids == "str" and not repeat:  # found by position alone
+        monkeypatch.setattr(es, "_unique_positions", lambda *a: pytest.fail("ids hashed"))
+    got = trajectory_table(cases, members, case_rows=case_rows)
+    pd.testing.assert_frame_equal(got, want, check_exact=True)
+    coded = trajectory_table(cases, members, cluster_codes=sorted_codes(members["cluster_id"]), case_rows=case_rows)
+    pd.testing.assert_frame_equal(coded, want, check_exact=True)

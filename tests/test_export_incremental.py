@@ -374,3 +374,53 @@ def test_nights_with_kept_member_rows_export_what_looking_every_member_up_export
             if a.exists():
                 pd.testing.assert_frame_equal(pd.read_parquet(a), pd.read_parquet(b))
         assert (got["mode"], got["n_new_cases"]) == (want["mode"], want["n_new_cases"])
+
+
+def _with_emotions(df: pd.DataFrame, seed: int) -> pd.DataFrame:
+    rng = random.Random(seed)
+    return df.assign(
+        emotion_trajectory=[rng.choice(["改善", "平稳", "恶化", None]) for _ in range(len(df))],
+        emotion_start=[rng.uniform(-1, 1) for _ in range(len(df))],
+        emotion_end=[rng.uniform(-1, 1) for _ in range(len(df))],
+        emotion_delta=[rng.uniform(-2, 2) for _ in range(len(df))],
+    )
+
+
+def test_the_emotion_table_finds_members_cases_by_row_as_by_id(tmp_path, cfg, monkeypatch):
+    """An incremental night hands the emotion table each member's case row (known from the
+    membership's positions): on new cases, a re-processed case and a night of nothing new, each
+    is the case of that id, and the table is the one found by hashing the ids."""
+    import pipeline.insights.export as ex
+
+    out = tmp_path / "out"
+    _store(
+        out,
+        _with_emotions(_cases({k: 30 for k in TOPICS}, 0, "20251103T000000-aaaa", seed=1), 1),
+        "20251103T000000-aaaa",
+    )
+    assert _export(cfg, out, DAY0)["mode"] == "full"
+    real = ex.trajectory_table
+    given: list[bool] = []
+
+    def both(cases, members, teams, cluster_codes, case_rows=None):
+        got = real(cases, members, teams, cluster_codes, case_rows)
+        given.append(case_rows is not None)
+        if case_rows is not None:
+            assert cases["case_id"].to_numpy()[case_rows].tolist() == members["case_id"].tolist()
+            pd.testing.assert_frame_equal(got, real(cases, members, teams, cluster_codes), check_exact=True)
+        return got
+
+    monkeypatch.setattr(ex, "trajectory_table", both)
+    nights = [
+        _cases({"物流": 4, "退款": 3}, 3000, "20251104T000000-n1", seed=5),
+        _cases({"蓝牙": 1}, 5, "20251105T000000-n2", seed=7),  # re-processes c00005
+        None,
+    ]
+    for k, rows in enumerate(nights):
+        if rows is not None:
+            _store(out, _with_emotions(rows, k), str(rows["run_id"].iloc[0]))
+        night = _export(cfg, out, DAY0 + timedelta(days=k + 1))
+        assert night["mode"] == "incremental"
+        emotion = pd.read_parquet(Path(night["export_dir"]) / "emotion.parquet")
+        assert (emotion["dimension"] == "cluster_id").sum() > 1
+    assert given == [True, True, True]

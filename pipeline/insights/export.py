@@ -350,6 +350,9 @@ class Clustering:
     members: pd.DataFrame  # the export's members table, plus x/y for the map
     state: ClusterState
     cluster_codes: Codes | None = None  # the members' cluster ids' `sorted_codes`, when known
+    # Each members row's row in the cases handed to the tables with it, when known: only for
+    # cases that hold each id once (the store's newest rows), as the tables then assume.
+    case_rows: np.ndarray | None = None
 
 
 def full_clustering(
@@ -427,12 +430,20 @@ _FILE_ONLY = ("conversation_id", "request_kind", "urgency", "problem")
 def members_view(
     frame: pd.DataFrame, membership: pd.DataFrame, pos: np.ndarray | None = None, texts: bool = True
 ) -> pd.DataFrame:
+    """`members_view_rows` without the rows."""
+    return members_view_rows(frame, membership, pos, texts)[0]
+
+
+def members_view_rows(
+    frame: pd.DataFrame, membership: pd.DataFrame, pos: np.ndarray | None = None, texts: bool = True
+) -> tuple[pd.DataFrame, np.ndarray]:
     """The export's members table (as `members_table` lays it out) from stored membership rows
     and the cases' current fields: no vectors needed. `pos`: each membership row's frame row
     (-1: none) where the caller has them (`locate_members`), else found here. `texts=False`: the
     per-type rows' `_FILE_ONLY` columns left null, for a view only the tables read (the file is
     written from other rows): taking them, the long problem texts most, for a million per-type
-    rows was most of the view's 1.6 s at 1M cases."""
+    rows was most of the view's 1.6 s at 1M cases. Also each view row's frame row: the tables
+    then find a member's case by position, not by hashing its id again."""
     keep = [c for c in MEMBER_FIELDS if c in frame]
     fields = frame[[c for c in keep if c != "case_id"]].rename(columns={"cluster_text": "problem"})
     m = membership[["scope", "cluster_id", "is_noise", "similarity", "case_id", "x", "y"]]
@@ -485,7 +496,7 @@ def members_view(
         name = "problem" if col == "cluster_text" else col
         if col != "case_id" and name not in _FILE_ONLY:
             derive_codes(view[name], frame[col], taken)
-    return view
+    return view, taken
 
 
 def counted_members(members: pd.DataFrame, counted: list[str], cluster_codes: Codes | None) -> pd.DataFrame:
@@ -575,7 +586,10 @@ def finish_export(
     if "date_source" in cases and (cases["date_source"] == "ingested").any():
         notes.append(f"{int((cases['date_source'] == 'ingested').sum())} 个案例无会话时间，按导入日期计入趋势。")
     teams = case_teams(cases)  # both emotion tables group by team: parse the metadata once
-    emotion = trajectory_table(cases, members, teams, cluster_codes)
+    case_rows = (
+        clustering.case_rows if clustering.case_rows is not None and len(clustering.case_rows) == len(members) else None
+    )
+    emotion = trajectory_table(cases, members, teams, cluster_codes, case_rows)
     emotion_rel = relations(cases)
     emotion_teams = worsened_by_team(cases, teams)
     tables = {
@@ -1052,13 +1066,14 @@ def export_all(
         # of every member (a filter of 2M rows joined each column's chunks: 0.8 s at 1M cases).
         if since is None and not compact and not dropped and not n_redone and note is None and positions is not None:
             reuse = mp.reusable_parts(latest_export(out), mb.last_part(out), int((positions[:n_kept] >= 0).sum()))
-        members = members_view(frame, membership, positions, texts=not reuse)
+        members, frame_rows = members_view_rows(frame, membership, positions, texts=not reuse)
         if reuse and positions is not None:  # (always with reuse: for the type checker)
             part_rows = members_view(frame, membership.iloc[n_kept:], positions[n_kept:])
         # The cluster ids (an object column) hashed once for the recount and the tables.
         cluster_codes = sorted_codes(members["cluster_id"]) if len(members) else None
         clusters, new_state = recount_clusters(described, members, state, day, c.top_breakdown, cluster_codes)
-        clustering = Clustering(clusters, members, new_state, cluster_codes)
+        # The cases are the store's newest rows, one per id: a member's case is its frame row's.
+        clustering = Clustering(clusters, members, new_state, cluster_codes, selected[frame_rows])
     t_cluster = time.perf_counter() - t0
     view_cases, view_frame = cases, frame
     if since is not None:
