@@ -49,6 +49,22 @@ def test_taken_codes_are_the_factorize_of_the_rows(dtype):
         assert _same(cd.taken_codes(*cd.sorted_codes(s), idx), pd.factorize(s.take(idx), sort=True))
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_taken_codes_of_random_rows_are_the_factorize_of_the_rows(seed):
+    """Rows taking every value, some, none or only missing ones: the same codes (int64, the
+    caller's own) and values as factorizing the rows."""
+    rng = np.random.default_rng(seed)
+    pool = [None, "a", "b", "华东", "", "zz"][: int(rng.integers(1, 7))]
+    s = _column([pool[i] for i in rng.integers(0, len(pool), 300)], "str")
+    source = cd.sorted_codes(s)
+    for n in (0, 1, 5, 50, 600):
+        idx = rng.integers(0, len(s), n)
+        got = cd.taken_codes(*source, idx)
+        assert _same(got, pd.factorize(s.take(idx), sort=True)) and got[0].dtype == np.int64
+        got[0][:] = 99  # not the source's codes
+    assert _same(cd.sorted_codes(s), source)
+
+
 def test_remembered_codes_belong_to_their_array_only():
     s = _column(VALUES, "str")
     codes, _ = cd.sorted_codes(s)

@@ -141,11 +141,16 @@ def fill_codes(codes: np.ndarray, uniques: np.ndarray, fill: str) -> Codes:
 def taken_codes(codes: np.ndarray, uniques: np.ndarray, rows: np.ndarray) -> Codes:
     """`pd.factorize(values.take(rows), sort=True)` from `values`' sorted codes: the rows' codes
     renumbered among the values they hold."""
-    sub = np.asarray(codes)[rows]
-    used = np.zeros(len(uniques), dtype=bool)
-    used[sub[sub >= 0]] = True
-    rank = np.cumsum(used) - 1
-    return np.where(sub >= 0, rank[np.maximum(sub, 0)] if len(rank) else -1, -1).astype(np.int64), uniques[used]
+    sub = np.asarray(codes, dtype=np.int64)[rows]
+    # Missing (-1) marks a spare last slot, and reads it back as -1 below: no filter of the rows
+    # and no second pass to put -1 back (the members' 2M rows per column, 0.25 s a night at 1M).
+    used = np.zeros(len(uniques) + 1, dtype=bool)
+    used[sub] = True
+    used = used[:-1]
+    if used.all():  # every value taken (nearly always): the codes as they are
+        return sub, uniques[used]
+    rank = np.append(np.cumsum(used) - 1, -1)
+    return rank[sub], uniques[used]
 
 
 def cross_counts(a: np.ndarray, n_a: int, b: np.ndarray, n_b: int) -> np.ndarray:
