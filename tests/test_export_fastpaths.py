@@ -1145,3 +1145,45 @@ def test_trajectory_table_from_the_members_case_rows_is_the_merges(ids, repeat, 
     pd.testing.assert_frame_equal(got, want, check_exact=True)
     coded = trajectory_table(cases, members, cluster_codes=sorted_codes(members["cluster_id"]), case_rows=case_rows)
     pd.testing.assert_frame_equal(coded, want, check_exact=True)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_frames_counted_columns_are_coded_from_the_cases(seed):
+    """The selected frame's counted columns are declared the cases' values at its rows (their
+    codes taken, not the copies hashed) and code as factorizing the frame's own values; cases
+    already filled keep their issue type column itself, so it is coded once."""
+    from pipeline.insights import codes as cd
+    from pipeline.insights.cluster import CODED_COLUMNS, fill_classification, select_cases_at
+
+    rng = random.Random(seed)
+    n = 400
+    texts = ["短", "这个问题已经很久了", "", None, "物流一直没有更新"]
+    text = pd.Series([rng.choice(texts) for _ in range(n)], dtype="str")
+    cases = pd.DataFrame(
+        {
+            "case_id": pd.Series([f"c{i}" for i in range(n)], dtype="str"),
+            "problem": text,
+            "customer_text": pd.Series([None] * n, dtype="str"),
+            **{
+                col: pd.Series([rng.choice(["x", "y", "", None, "华东"]) for _ in range(n)], dtype="str")
+                for col in CODED_COLUMNS
+            },
+        }
+    )
+    filled = fill_classification(cases)
+    again = fill_classification(filled)
+    assert again["issue_type"].array._pa_array is filled["issue_type"].array._pa_array
+    assert fill_classification(cases)["issue_type"].tolist() == filled["issue_type"].tolist()
+    frame, rows = select_cases_at(filled, 4)
+    assert 0 < len(frame) < n
+    for col in CODED_COLUMNS:
+        assert id(cd._arrow_of(frame[col])) in cd._DERIVED
+        want = pd.factorize(frame[col].astype(object), sort=True)
+        got = cd.sorted_codes(frame[col])
+        assert got[0].tolist() == want[0].tolist() and list(got[1]) == list(want[1])
+    # Every case selected: the frame's columns are the cases' own arrays, not derived from themselves.
+    fresh = pd.DataFrame({col: pd.Series(cases[col].tolist(), dtype="str") for col in cases})
+    everything, _ = select_cases_at(fresh.assign(problem="这个问题已经很久了"), 4)
+    assert cd._arrow_of(everything["channel"]) is cd._arrow_of(fresh["channel"])
+    want = pd.factorize(fresh["channel"], sort=True)[0].tolist()
+    assert cd.sorted_codes(everything["channel"])[0].tolist() == want

@@ -31,13 +31,16 @@ import pyarrow.compute as pc
 
 from pipeline.config import Config
 from pipeline.heap import release_unused_memory
-from pipeline.insights.codes import column_codes
+from pipeline.insights.codes import column_codes, derive_codes
 from pipeline.text.mask import PLACEHOLDER_RE
 
 NOISE = -1
 UNCLASSIFIED = "未分类"
 ALL_SCOPE = "全部"
 OUTCOME_KEYS = ("resolved", "unresolved", "escalated", "unknown")
+# Low-cardinality case columns the tables count over both the cases and the selected frame (and
+# the members, taken from the frame); free text is never declared (it would be held alive).
+CODED_COLUMNS = ("date", "channel", "region", "product", "issue_type", "outcome", "emotion")
 CAUSE_CATEGORIES = ("system", "process", "people", "product", "logistics_partner", "external")
 _TERM_OK = re.compile(r"[\u4e00-\u9fffA-Za-z]")
 # JDDC-style bracket tokens ([订单x]) survive some segmentations as pieces; never show them as terms.
@@ -127,6 +130,10 @@ def _issue_types(col: pd.Series) -> Any:
         # A list, not Series.map: mapping an Arrow-backed column visits it cell by cell.
         return [v if isinstance(v, str) and v else UNCLASSIFIED for v in col.tolist()]
     named = pc.fill_null(pc.greater(pc.binary_length(arr), 0), False)
+    if col.dtype == dtype and pc.all(named).as_py():
+        # Nothing to fill (the export's cases were filled on loading): the column itself, so
+        # that its codes stay the ones the tables share, not a copy's hashed again.
+        return col.array
     return pd.array(pc.if_else(named, arr, pa.scalar(UNCLASSIFIED, type=arr.type)), dtype=dtype)
 
 
@@ -147,7 +154,13 @@ def select_cases_at(
     keep = pd.Series(long_enough, index=df.index, dtype=bool)
     if request_kinds:
         keep &= df["request_kind"].isin(list(request_kinds))
-    return df[keep].reset_index(drop=True), np.flatnonzero(keep.to_numpy(dtype=bool))
+    frame, rows = df[keep].reset_index(drop=True), np.flatnonzero(keep.to_numpy(dtype=bool))
+    # The columns both the cases' and the members' tables count: the frame's codes are the
+    # cases' taken at its rows, not the filtered copy hashed again (a column of 1M cases each).
+    for col in CODED_COLUMNS:
+        if col in frame:
+            derive_codes(frame[col], df[col], rows)
+    return frame, rows
 
 
 def _texts_in_python(problem: list, customer: list, min_chars: int) -> tuple[list[str], list[bool]]:

@@ -62,7 +62,8 @@ def derive_codes(values: pd.Series, source: pd.Series, rows: np.ndarray) -> None
     `sorted_codes(values)` is `taken_codes` of the source's codes. Only Arrow text columns are
     declared (others are not remembered); `rows` is kept, not copied: the caller must not change it."""
     arr, src = _arrow_of(values), _arrow_of(source)
-    if arr is None or src is None or len(arr) != len(rows):
+    # The same array (a take of every row in order keeps it): its own codes already.
+    if arr is None or src is None or arr is src or len(arr) != len(rows):
         return
     key = id(arr)
     with _LOCK:
