@@ -825,20 +825,43 @@ def coded_shares(
         at = np.full(span, len(key), dtype=np.int64)
         np.minimum.at(at, key, np.arange(len(key), dtype=np.int64))
         first = at[ukey]
+        # Every row is in one (group, value) cell: a group's size is its cells' sum, not a
+        # bincount of the rows again.
+        sizes = binned.reshape(-1, len(names)).sum(axis=1)
     else:
         kcodes, ukey = pd.factorize(key)
         seen = np.maximum.accumulate(kcodes)
         first = np.flatnonzero(np.concatenate(([True], seen[1:] > seen[:-1])))
         counts = np.bincount(kcodes, minlength=len(ukey))
+        sizes = np.bincount(codes)
     group, value = ukey // len(names), ukey % len(names)
-    sizes = np.bincount(codes)
-    out: dict[int, dict[str, float]] = {}
-    for i in np.lexsort((first, -counts, group)):
-        g = int(group[i])
-        shares = out.setdefault(g, {})
-        if top is None or len(shares) < top:
-            shares[names[value[i]]] = round(int(counts[i]) / max(int(sizes[g]), 1), 3)
-    return out
+    return _ranked_shares(group, value, counts, first, sizes, names, top)
+
+
+def _ranked_shares(
+    group: np.ndarray,
+    value: np.ndarray,
+    counts: np.ndarray,
+    first: np.ndarray,
+    sizes: np.ndarray,
+    names: list[str],
+    top: int | None,
+) -> dict[int, dict[str, float]]:
+    """Each group's {name: share} from its (group, value) pairs' counts, most common first, ties
+    by first row, its `top` kept. Ranked, cut and divided as arrays: a Python step per pair cost
+    0.13 s for a column of 40 values over ~370 clusters (15k pairs). The shares are the Python
+    ones: int / int and float64 division round alike below 2**53, and round() is Python's."""
+    order = np.lexsort((first, -counts, group))
+    ranked = group[order]
+    if top is not None:
+        # A pair's rank in its group: its position past the group's first in `order`.
+        kept = np.arange(len(order)) - np.searchsorted(ranked, ranked, side="left") < top
+        order, ranked = order[kept], ranked[kept]
+    shares = [round(x, 3) for x in (counts[order] / np.maximum(sizes[ranked], 1)).tolist()]
+    labels = [names[v] for v in value[order].tolist()]
+    cuts = np.flatnonzero(ranked[1:] != ranked[:-1]) + 1
+    starts, ends = [0, *cuts.tolist()], [*cuts.tolist(), len(order)]
+    return {int(ranked[a]): dict(zip(labels[a:b], shares[a:b])) for a, b in zip(starts, ends) if b > a}
 
 
 def _unique_names(names: list[str]) -> tuple[list[str], np.ndarray]:
