@@ -1189,3 +1189,15 @@ def test_the_frames_counted_columns_are_coded_from_the_cases(seed):
     assert cd._arrow_of(everything["channel"]) is cd._arrow_of(fresh["channel"])
     want = pd.factorize(fresh["channel"], sort=True)[0].tolist()
     assert cd.sorted_codes(everything["channel"])[0].tolist() == want
+
+
+@pytest.mark.parametrize("n, span", [(0, 10), (1, 1), (500, 40), (3000, 7000), (50, 100_000)])
+def test_first_seen_numbers_keys_as_factorize_does(n, span):
+    """recount's (scope, cluster) pairs numbered in order of first appearance, by first rows
+    over a small span or by factorize over a large one: pd.factorize's numbers and keys."""
+    from pipeline.insights.incremental import _first_seen
+
+    keys = np.random.default_rng(n + span).integers(0, span, n).astype(np.int64)
+    got, pairs = _first_seen(keys, span)
+    want, uniques = pd.factorize(keys)
+    assert got.tolist() == want.tolist() and np.asarray(pairs).tolist() == np.asarray(uniques).tolist()

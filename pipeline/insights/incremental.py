@@ -199,11 +199,30 @@ def cluster_groups(
     codes = np.full(len(cid_codes), -1, dtype=np.int64)
     kept = (cid_codes >= 0) & (scope_codes >= 0)
     width = max(len(cids), 1)
-    numbered, pairs = pd.factorize(scope_codes[kept].astype(np.int64) * width + cid_codes[kept])
+    numbered, pairs = _first_seen(
+        scope_codes[kept].astype(np.int64) * width + cid_codes[kept], len(scope_names) * width
+    )
     codes[kept] = numbered
     names, ids = np.asarray(scope_names, dtype=object), np.asarray(cids, dtype=object)
     keys = [(str(names[p // width]), str(ids[p % width])) for p in np.asarray(pairs).tolist()]
     return codes, keys
+
+
+def _first_seen(keys: np.ndarray, span: int) -> tuple[np.ndarray, np.ndarray]:
+    """`pd.factorize(keys)` of keys in [0, span): each key's number in order of first appearance,
+    and the keys so numbered. By each key's first row (a minimum.at over the span, a few
+    thousand scope x cluster pairs) where the span is small beside the rows: hashing the 2M
+    members' keys cost 30 ms a night at 1M cases."""
+    if span > 4 * len(keys) + 1024:
+        numbered, uniques = pd.factorize(keys)
+        return numbered, np.asarray(uniques)
+    first = np.full(span, len(keys), dtype=np.int64)
+    np.minimum.at(first, keys, np.arange(len(keys), dtype=np.int64))
+    seen = np.flatnonzero(first < len(keys))
+    pairs = seen[np.argsort(first[seen], kind="stable")]
+    number = np.full(span, -1, dtype=np.int64)
+    number[pairs] = np.arange(len(pairs))
+    return number[keys], pairs
 
 
 def recount_clusters(
