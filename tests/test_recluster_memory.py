@@ -456,3 +456,77 @@ def test_silhouette_in_blocks_scores_and_clusters_as_the_whole_matrix(monkeypatc
     assert seen == [1024, 1]
     assert len(set(want.labels.tolist())) > 2 and np.array_equal(got.labels, want.labels)
     assert all(np.array_equal(got.centers[k], want.centers[k]) for k in want.centers)
+
+
+def _old_full_clustering(frame, X, cfg, state, day, lexicon, cut=None, consume_vectors=False):
+    """full_clustering as it was: the members table built from the frame while `X` was held."""
+    from pipeline.insights.cluster import ALL_SCOPE, assign_stable_ids, cluster_cases, members_table
+    from pipeline.insights.export import _run_ids, fit_map
+    from pipeline.insights.incremental import MAP_SCOPE, MEMBER_COLUMNS, MODEL_COLUMNS, fit_models
+
+    c = cfg.cluster
+    results = cluster_cases(frame, X, cfg, lexicon, cut=cut) if len(frame) else []
+    frame = frame.drop(columns=["tokens"]) if "tokens" in frame else frame
+    clusters, new_state = assign_stable_ids(results, state, day, c.match_threshold)
+    members = members_table(frame, results, clusters, X)
+    projections, model = fit_models(results, clusters, X, c.noise_quantile)
+    projections[MAP_SCOPE] = fit_map(X)
+    t = new_state.table.drop(columns=[m for m in MODEL_COLUMNS if m in new_state.table])
+    t = t.merge(model.assign(model_day=day), on="cluster_id", how="left") if len(t) else t
+    for m in MODEL_COLUMNS:
+        if m not in t:
+            t[m] = None
+    members["x"], members["y"] = np.nan, np.nan
+    all_rows = np.flatnonzero((members["scope"] == ALL_SCOPE).to_numpy()) if len(members) else np.zeros(0, int)
+    mp = projections[MAP_SCOPE]
+    if len(all_rows) == len(X) > 0 and mp.components is not None and mp.mean is not None:
+        xy = (X - mp.mean) @ mp.components.T
+        members.loc[all_rows, "x"] = np.round(xy[:, 0].astype(np.float64), 4)
+        members.loc[all_rows, "y"] = np.round(xy[:, 1].astype(np.float64), 4)
+    stored = members.assign(run_id=_run_ids(members, frame)) if len(members) else members
+    return clusters, members, t, projections, stored.reindex(columns=MEMBER_COLUMNS)
+
+
+@pytest.mark.parametrize("n", [90, 2, 0])
+def test_members_built_after_the_vectors_are_gone_match_the_old_full_clustering(cfg, n):
+    """`fit_vectors` then `recluster_members` (the vectors overwritten in between, as the export
+    lets them go) give the clusters, members, state, projections and stored rows the re-cluster
+    gave building its members table while it held the vectors; `full_clustering` too. n=2: too
+    few cases for a cluster or a map (all noise, no x/y); n=0: nothing selected."""
+    from pipeline.embed.fake import HashingEmbedder
+    from pipeline.insights.cluster import CauseLexicon, ClusterState, select_cases
+    from pipeline.insights.export import fit_vectors, full_clustering, recluster_members
+
+    texts = ["快递三天没到", "物流不更新", "发票抬头开错", "退款一直没到账", "耳机左边没声音", "快递员不送货上门"]
+    rows = [
+        {"case_id": f"c{i % 80:03d}", "run_id": f"r{i // 80}", "issue_type": ["物流", "售后", "票据"][i % 3],
+         "region": [None, "华东"][i % 2], "problem": f"{texts[i % len(texts)]}，第{i}次", "outcome": "resolved",
+         "date": f"2025-11-{1 + i % 9:02d}", "emotion_score": float(i % 5) / 5}
+        for i in range(n)
+    ]  # fmt: skip
+    frame = select_cases(pd.DataFrame(rows)) if rows else select_cases(pd.DataFrame(rows, columns=["case_id"]))
+
+    def vectors() -> np.ndarray:
+        texts = frame["cluster_text"].tolist()
+        return HashingEmbedder().encode_passages(texts).astype(np.float32) if texts else np.zeros((0, 384), np.float32)
+
+    X = vectors()
+    args = (cfg, ClusterState.empty(), "2025-11-02", CauseLexicon.load(cfg))
+    clusters, members, table, projections, stored = _old_full_clustering(frame, X.copy(), *args, cut=_cut)
+    with_tokens = frame.assign(tokens=pd.Series([None] * len(frame), dtype=object))
+    fitted = fit_vectors(with_tokens, X, *args, cut=_cut, consume_vectors=True)
+    X[:] = np.nan  # read no more
+    got = [recluster_members(frame, fitted)]
+    got.append(full_clustering(frame, vectors(), *args, _cut))
+    for clustering, proj, st in got:
+        pd.testing.assert_frame_equal(clustering.clusters, clusters)
+        pd.testing.assert_frame_equal(clustering.members, members)
+        pd.testing.assert_frame_equal(clustering.state.table, table)
+        pd.testing.assert_frame_equal(st, stored)
+        assert proj.keys() == projections.keys()
+        for k in proj:
+            for a, b in ((proj[k].mean, projections[k].mean), (proj[k].components, projections[k].components)):
+                assert (a is None and b is None) or np.array_equal(a, b)
+    if n == 90:
+        assert members["x"].notna().sum() == len(frame) and members["cluster_id"].notna().any()
+        assert stored["run_id"].eq("r1").sum() == 40  # 10 ids re-run: both their rows, both scopes

@@ -1190,17 +1190,24 @@ def members_table(
 ) -> pd.DataFrame:
     """One row per (case, scope): its stable cluster id (None for noise) and cosine to the
     cluster's centroid, with the case fields an analyst filters on."""
+    return members_with_fields(frame, results, member_heads(results, clusters, X))
+
+
+def member_heads(results: list[ScopeResult], clusters: pd.DataFrame, X: np.ndarray) -> pd.DataFrame | None:
+    """The members table's own columns (scope, cluster id, noise, similarity), every scope's rows
+    in `members_table`'s order; None without results. Apart from `members_with_fields` so a
+    re-cluster can let the vectors go before the case fields are copied for 2 rows a case: the
+    two were held together at its peak."""
     ids = (
         {(r["scope"], int(r["local_label"])): r["cluster_id"] for r in clusters.to_dict("records")}
         if len(clusters)
         else {}
     )
     if not results:
-        return pd.DataFrame(columns=["scope", "cluster_id", "is_noise"])
+        return None
     # Per scope only its four own columns, built as before (each part's inferred dtype, then
-    # concatenated); the case fields of every scope's rows picked in one take. Copying the
-    # fields per scope and concatenating the copies held every member's fields twice.
-    heads, rows = [], []
+    # concatenated).
+    heads = []
     for res in results:
         idx = res.row_index if res.row_index is not None else np.arange(len(res.labels))
         head = pd.DataFrame(index=pd.RangeIndex(len(idx)))
@@ -1211,7 +1218,19 @@ def members_table(
         head.insert(2, "is_noise", [lab == NOISE for lab in res.labels])
         head.insert(3, "similarity", [round(s, 4) if s is not None else None for s in sims])
         heads.append(head)
-        rows.append(np.asarray(idx, dtype=np.int64))
+    return pd.concat(heads, ignore_index=True)
+
+
+def members_with_fields(frame: pd.DataFrame, results: list[ScopeResult], heads: pd.DataFrame | None) -> pd.DataFrame:
+    """`heads` (`member_heads`) beside the case fields of each row's case: no vectors read."""
+    if heads is None:
+        return pd.DataFrame(columns=["scope", "cluster_id", "is_noise"])
+    # The case fields of every scope's rows picked in one take. Copying the fields per scope and
+    # concatenating the copies held every member's fields twice.
+    rows = [
+        np.asarray(res.row_index if res.row_index is not None else np.arange(len(res.labels)), dtype=np.int64)
+        for res in results
+    ]
     fields = frame[[c for c in MEMBER_FIELDS if c in frame]]
     body = fields.iloc[np.concatenate(rows)].reset_index(drop=True).rename(columns={"cluster_text": "problem"})
-    return pd.concat([pd.concat(heads, ignore_index=True), body], axis=1)
+    return pd.concat([heads, body], axis=1)

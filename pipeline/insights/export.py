@@ -51,7 +51,8 @@ from pipeline.insights.cluster import (
     assign_stable_ids,
     cluster_cases,
     fill_classification,
-    members_table,
+    member_heads,
+    members_with_fields,
     select_cases_at,
     token_codes,
 )
@@ -370,7 +371,41 @@ def full_clustering(
     """Re-cluster every selected case (KMeans started from `seeds`), keep ids stable, and fit
     what later nights assign new cases with. Returns the clustering, the projections per scope
     (and the map's) and the membership rows to store. `consume_vectors`: the caller reads `X`
-    no more, so it is centred in place for the map (overwritten) instead of copied."""
+    no more, so it is centred in place for the map (overwritten) instead of copied. The two
+    halves, `fit_vectors` then `recluster_members`; a caller that can let `X` go between them
+    (`export_all`) calls them itself."""
+    fitted = fit_vectors(frame, X, cfg, state, day, lexicon, cut, stopwords, seeds, consume_vectors)
+    return recluster_members(frame.drop(columns=["tokens"]) if "tokens" in frame else frame, fitted)
+
+
+@dataclass
+class VectorFit:
+    """What a re-cluster takes from the vectors: the rest (`recluster_members`) reads the frame
+    alone, so the vectors (1.5 KiB a case) need not be held while 2 member rows a case are built."""
+
+    results: list[ScopeResult]
+    clusters: pd.DataFrame
+    state: ClusterState
+    heads: pd.DataFrame | None  # `member_heads`
+    projections: dict[str, Projection]
+    all_rows: np.ndarray  # the heads' rows of the cross-type scope
+    xy: tuple[np.ndarray, np.ndarray] | None  # their map coordinates, rounded; None when not placed
+
+
+def fit_vectors(
+    frame: pd.DataFrame,
+    X: np.ndarray,
+    cfg: Config,
+    state: ClusterState,
+    day: str,
+    lexicon: CauseLexicon,
+    cut=None,
+    stopwords: frozenset[str] = frozenset(),
+    seeds: dict[str, np.ndarray] | None = None,
+    consume_vectors: bool = False,
+) -> VectorFit:
+    """The clusters, stable ids, models, members' similarities and map points of a re-cluster
+    (`full_clustering`'s arguments): everything of it that reads `X`."""
     c = cfg.cluster
     results: list[ScopeResult] = []
     if len(frame):
@@ -382,7 +417,7 @@ def full_clustering(
         results = cluster_cases(frame, X, cfg, lexicon, stopwords=stopwords, seeds=seeds, tokens=tokens)
         del tokens
     clusters, new_state = assign_stable_ids(results, state, day, c.match_threshold)
-    members = members_table(frame, results, clusters, X)
+    heads = member_heads(results, clusters, X)
     projections, model = fit_models(results, clusters, X, c.noise_quantile)
     projections[MAP_SCOPE] = fit_map(X)
     t = new_state.table.drop(columns=[m for m in MODEL_COLUMNS if m in new_state.table])
@@ -390,22 +425,35 @@ def full_clustering(
     for m in MODEL_COLUMNS:
         if m not in t:
             t[m] = None
-    members["x"], members["y"] = np.nan, np.nan
-    all_rows = np.flatnonzero((members["scope"] == ALL_SCOPE).to_numpy()) if len(members) else np.zeros(0, int)
-    mp = projections[MAP_SCOPE]
-    if len(all_rows) == len(X) > 0 and mp.components is not None and mp.mean is not None:
+    all_rows = np.zeros(0, int)
+    if heads is not None and len(heads):
+        all_rows = np.flatnonzero((heads["scope"] == ALL_SCOPE).to_numpy())
+    map_proj = projections[MAP_SCOPE]
+    xy = None
+    if len(all_rows) == len(X) > 0 and map_proj.components is not None and map_proj.mean is not None:
         # The ALL scope's rows are the frame's, in order. Centred in place when the caller is done
         # with X: the centred copy was a second all-history matrix. The same float32 values
         # either way, and the same product of a C-ordered matrix.
-        if consume_vectors and X.flags.c_contiguous and X.flags.writeable and X.dtype == np.result_type(X, mp.mean):
-            xy = np.subtract(X, mp.mean, out=X) @ mp.components.T
+        mean = map_proj.mean
+        if consume_vectors and X.flags.c_contiguous and X.flags.writeable and X.dtype == np.result_type(X, mean):
+            pts = np.subtract(X, mean, out=X) @ map_proj.components.T
         else:
-            xy = (X - mp.mean) @ mp.components.T
-        members.loc[all_rows, "x"] = np.round(xy[:, 0].astype(np.float64), 4)
-        members.loc[all_rows, "y"] = np.round(xy[:, 1].astype(np.float64), 4)
+            pts = (X - mean) @ map_proj.components.T
+        xy = (np.round(pts[:, 0].astype(np.float64), 4), np.round(pts[:, 1].astype(np.float64), 4))
+    return VectorFit(results, clusters, ClusterState(t), heads, projections, all_rows, xy)
+
+
+def recluster_members(frame: pd.DataFrame, fitted: VectorFit) -> tuple[Clustering, dict[str, Projection], pd.DataFrame]:
+    """`full_clustering`'s result from `fit_vectors`' and the selected cases (without tokens):
+    the members table with the case fields and map points, and the membership rows to store."""
+    members = members_with_fields(frame, fitted.results, fitted.heads)
+    members["x"], members["y"] = np.nan, np.nan
+    if fitted.xy is not None:
+        members.loc[fitted.all_rows, "x"] = fitted.xy[0]
+        members.loc[fitted.all_rows, "y"] = fitted.xy[1]
     stored = members.assign(run_id=_run_ids(members, frame)) if len(members) else members
     stored = stored.reindex(columns=MEMBER_COLUMNS)
-    return Clustering(clusters, members, ClusterState(t)), projections, stored
+    return Clustering(fitted.clusters, members, fitted.state), fitted.projections, stored
 
 
 def _run_ids(members: pd.DataFrame, frame: pd.DataFrame) -> pd.Series:
@@ -1043,7 +1091,7 @@ def export_all(
         release_unused_memory()  # the encoding's buffers: what the re-cluster would grow on top of
         same_space = meta.get("embedder") == embedder_id
         seeds = seeds_from_state(state, meta, X.shape[1]) if c.seed_from_state and same_space else {}
-        clustering, projections, stored = full_clustering(
+        fitted = fit_vectors(
             _with_tokens(out, frame),
             X,
             cfg,
@@ -1055,7 +1103,12 @@ def export_all(
             seeds=seeds,
             consume_vectors=True,
         )
-        del X  # overwritten by the map's centring and not read again: not held through the tables
+        # Overwritten by the map's centring and not read again: let go before the members' case
+        # fields are copied (2 rows a case), not held with them and through the tables. The
+        # tokens' frame (an argument) goes with it.
+        del X
+        clustering, projections, stored = recluster_members(frame, fitted)
+        del fitted
         described = clustering.clusters
     else:
         described = mb.load_described(out)
