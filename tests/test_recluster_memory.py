@@ -530,3 +530,61 @@ def test_members_built_after_the_vectors_are_gone_match_the_old_full_clustering(
     if n == 90:
         assert members["x"].notna().sum() == len(frame) and members["cluster_id"].notna().any()
         assert stored["run_id"].eq("r1").sum() == 40  # 10 ids re-run: both their rows, both scopes
+
+
+def _old_member_part_table(rows: pd.DataFrame) -> pa.Table:
+    """append_members' table as it was: every text value a Python object, then Arrow."""
+    from pipeline.insights.incremental import MEMBER_COLUMNS
+
+    t = rows[MEMBER_COLUMNS].reset_index(drop=True).copy()
+    for c in ("case_id", "run_id", "scope", "cluster_id"):
+        t[c] = t[c].astype(object).where(t[c].notna(), None)
+    for c in ("similarity", "x", "y"):
+        t[c] = pd.to_numeric(t[c], errors="coerce").astype(np.float64)
+    t["is_noise"] = t["is_noise"].astype(bool)
+    return pa.Table.from_pandas(t, preserve_index=False)
+
+
+def _member_rows(n: int, cluster_ids) -> pd.DataFrame:
+    half = pd.DataFrame(
+        {
+            "scope": ["全部"] * n,
+            "cluster_id": cluster_ids,
+            "is_noise": [c is None for c in cluster_ids],
+            "similarity": [None if c is None else 0.5 + i / 1000 for i, c in enumerate(cluster_ids)],
+            "case_id": [f"c{i}" for i in range(n)],
+        }
+    )
+    rows = pd.concat([half, half.assign(scope="物流")], ignore_index=True)  # Arrow chunks, as concatenated
+    rows["x"], rows["y"] = np.nan, np.nan
+    rows.loc[: n - 1, "x"] = np.round(np.linspace(-1, 1, n), 4)
+    rows.loc[: n - 1, "y"] = 0.25
+    run = pd.Series(pd.array(["r1" if i % 3 else "" for i in range(2 * n)], dtype="str"))
+    return rows.assign(run_id=run).set_axis(pd.RangeIndex(5, 5 + 2 * n)).reindex(columns=[*rows.columns, "run_id"])
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["clusters and noise", "all noise", "no rows", "object texts", "one row", "missing run id"],
+)
+def test_member_part_table_from_arrow_texts_is_the_object_forms(tmp_path, case):
+    """A membership part's table cast from the members' Arrow text columns is the one their
+    Python objects gave (schema, pandas metadata, values, the Parquet file's bytes), and where it
+    cannot be (no text column value: Arrow's null type; object columns) the object form is used."""
+    from pipeline.insights.membership import _arrow_texts_table, member_part_table
+    from pipeline.io import atomic_write_parquet
+
+    n = {"no rows": 0, "one row": 1}.get(case, 50)
+    ids = [None if i % 4 == 1 else f"C{i % 3}" for i in range(n)]
+    rows = _member_rows(n, [None] * n if case == "all noise" else ids)
+    if case == "object texts":
+        rows["case_id"] = rows["case_id"].astype(object)
+    if case == "missing run id":
+        rows["run_id"] = rows["run_id"].where(rows.index % 2 == 0)
+    got, want = member_part_table(rows), _old_member_part_table(rows)
+    assert got.equals(want, check_metadata=True) and got.schema.metadata == want.schema.metadata
+    atomic_write_parquet(tmp_path / "got.parquet", got)
+    atomic_write_parquet(tmp_path / "want.parquet", want)
+    assert (tmp_path / "got.parquet").read_bytes() == (tmp_path / "want.parquet").read_bytes()
+    direct = _arrow_texts_table(rows[got.schema.names].reset_index(drop=True))
+    assert (direct is not None) == (case in ("clusters and noise", "one row", "missing run id"))

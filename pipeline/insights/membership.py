@@ -168,14 +168,56 @@ def load_members(out: Path, meta: dict[str, Any]) -> tuple[pd.DataFrame, int]:
 def append_members(out: Path, rows: pd.DataFrame) -> int:
     """Write `rows` as the next part; returns its sequence number."""
     seq = last_part(out) + 1
+    atomic_write_parquet(members_dir(out) / f"part-{seq:06d}.parquet", member_part_table(rows))
+    return seq
+
+
+_MEMBER_TEXTS = ("case_id", "run_id", "scope", "cluster_id")
+
+
+def member_part_table(rows: pd.DataFrame) -> pa.Table:
+    """`rows` as a membership part: its text columns as Python objects (missing: None) converted
+    by Arrow, as they have always been written (the part's schema and pandas metadata)."""
     t = rows[MEMBER_COLUMNS].reset_index(drop=True).copy()
-    for c in ("case_id", "run_id", "scope", "cluster_id"):
-        t[c] = t[c].astype(object).where(t[c].notna(), None)
     for c in ("similarity", "x", "y"):
         t[c] = pd.to_numeric(t[c], errors="coerce").astype(np.float64)
     t["is_noise"] = t["is_noise"].astype(bool)
-    atomic_write_parquet(members_dir(out) / f"part-{seq:06d}.parquet", pa.Table.from_pandas(t, preserve_index=False))
-    return seq
+    direct = _arrow_texts_table(t)
+    if direct is not None:
+        return direct
+    for c in _MEMBER_TEXTS:
+        t[c] = t[c].astype(object).where(t[c].notna(), None)
+    return pa.Table.from_pandas(t, preserve_index=False)
+
+
+def _arrow_texts_table(t: pd.DataFrame) -> pa.Table | None:
+    """The object form's table (`member_part_table`) with the text columns cast from their Arrow
+    arrays, None where that cannot be the same table (a text column not Arrow strings, or with
+    no value: Arrow's null type there). Why: the object form made a Python str of every value,
+    2 rows a case after a re-cluster (4 columns, ~70 bytes each), the top of the export's last
+    step; the Arrow arrays are there already. The schema and its pandas metadata are the object
+    form's, taken from a one-row frame of each column's first value."""
+    texts = {}
+    for c in _MEMBER_TEXTS:
+        dtype = t[c].dtype
+        if not (isinstance(dtype, pd.StringDtype) and dtype.storage == "pyarrow"):
+            return None
+        arr = pa.chunked_array([pa.array(t[c].array)]) if len(t) else None
+        if arr is None or arr.null_count == len(arr):
+            return None
+        texts[c] = arr
+    sample = t.iloc[:1].copy()
+    for c in _MEMBER_TEXTS:  # each has a value (checked above)
+        sample[c] = pd.Series([t[c].loc[t[c].first_valid_index()]], index=sample.index, dtype=object)
+    schema = pa.Table.from_pandas(sample, preserve_index=False).schema
+    rest = pa.Table.from_pandas(t.drop(columns=list(_MEMBER_TEXTS)), preserve_index=False)
+    columns = [
+        texts[c].cast(schema.field(c).type).combine_chunks() if c in texts else rest.column(c).combine_chunks()
+        for c in schema.names
+    ]
+    if any(col.type != f.type for col, f in zip(columns, schema)):
+        return None
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def drop_parts_before(out: Path, seq: int) -> None:
