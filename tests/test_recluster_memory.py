@@ -96,8 +96,13 @@ def _cut(text: str) -> list[str]:
 # -- class_tfidf ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("block", [65_536, 7, 1])
 @pytest.mark.parametrize("seed", range(40))
-def test_class_tfidf_on_codes_matches_the_counter_form(seed):
+def test_class_tfidf_on_codes_matches_the_counter_form(monkeypatch, seed, block):
+    # block: cases counted at a time (several blocks, the last one short; one case a block).
+    import pipeline.insights.cluster as cl
+
+    monkeypatch.setattr(cl, "_TFIDF_CASES", block)
     rng = np.random.default_rng(seed)
     words = WORDS + [f"词{i}" for i in range(int(rng.integers(0, 40)))]
     n = int(rng.integers(0, 120))

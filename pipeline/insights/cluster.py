@@ -631,23 +631,10 @@ def class_tfidf(
     n = min(len(tokens), len(labs))  # as zip() pairs them
     if not n:
         return {}
-    lens = np.diff(tokens.offsets[: n + 1])
-    codes = tokens.codes[: int(tokens.offsets[n])]
     kcode, classes = pd.factorize(labs[:n])  # classes in order of first appearance
     k = len(classes)
     n_docs = np.bincount(kcode, minlength=k)
-    doc = np.repeat(np.arange(n, dtype=np.int64), lens)
-    kept = tokens.term_mask(stopwords)[codes]
-    codes, doc = codes[kept], doc[kept]
-    # The scope's own words, numbered 0..w-1, so the per-class tables are classes x words used.
-    used = np.zeros(len(tokens.vocab), dtype=bool)
-    used[codes] = True
-    words = np.flatnonzero(used)
-    w = len(words)
-    local = (np.cumsum(used) - 1)[codes]
-    cnt = np.bincount(kcode[doc] * w + local, minlength=k * w).reshape(k, w)  # tokens per class and word
-    pairs = np.unique(doc * w + local)  # each word once per case
-    din = np.bincount(kcode[pairs // w] * w + pairs % w, minlength=k * w).reshape(k, w)  # cases per class and word
+    words, cnt, din = _class_word_counts(tokens, n, kcode, k, tokens.term_mask(stopwords))
     docs_all, total = din.sum(axis=0), cnt.sum(axis=0)
     avg = int(total.sum()) / max(k, 1)
     vocab = tokens.vocab
@@ -669,6 +656,45 @@ def class_tfidf(
         scored.sort(key=lambda kv: (-kv[1], kv[0]))
         out[int(lab)] = [(t, round(sc, 5)) for t, sc in scored[:top_k]]
     return out
+
+
+_TFIDF_CASES = 65_536  # cases whose tokens `class_tfidf` counts at a time
+
+
+def _case_blocks(n: int) -> list[tuple[int, int]]:
+    return [(a, min(a + _TFIDF_CASES, n)) for a in range(0, n, _TFIDF_CASES)]
+
+
+def _class_word_counts(
+    tokens: TokenCodes, n: int, kcode: np.ndarray, k: int, term: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The words the first `n` cases use as terms (`term`: per vocabulary entry), and per class
+    (`kcode`: each case's) and word the tokens (`cnt`) and the cases (`din`), k x words.
+
+    Counted a block of cases at a time and summed (integer counts: the same tables): each token's
+    case, code, key and the sort of the (case, word) pairs, 8-byte arrays of every token of the
+    scope at once, were ~0.8 KiB a case at the cross-type scope, the top of a re-cluster's memory."""
+    offsets = tokens.offsets
+    used = np.zeros(len(tokens.vocab), dtype=bool)
+    for a, b in _case_blocks(n):
+        codes = tokens.codes[int(offsets[a]) : int(offsets[b])]
+        used[codes[term[codes]]] = True
+    # The scope's own words, numbered 0..w-1, so the per-class tables are classes x words used.
+    words = np.flatnonzero(used)
+    w = len(words)
+    local_of = np.cumsum(used) - 1
+    cnt = np.zeros(k * w, dtype=np.int64)
+    din = np.zeros(k * w, dtype=np.int64)
+    for a, b in _case_blocks(n):
+        codes = tokens.codes[int(offsets[a]) : int(offsets[b])]
+        doc = np.repeat(np.arange(a, b, dtype=np.int64), np.diff(offsets[a : b + 1]))
+        kept = term[codes]
+        codes, doc = codes[kept], doc[kept]
+        local = local_of[codes]
+        cnt += np.bincount(kcode[doc] * w + local, minlength=k * w)  # tokens per class and word
+        pairs = np.unique(doc * w + local)  # each word once per case (a case is in one block)
+        din += np.bincount(kcode[pairs // w] * w + pairs % w, minlength=k * w)  # cases per class and word
+    return words, cnt.reshape(k, w), din.reshape(k, w)
 
 
 def label_from_terms(terms: Sequence[str], example: str, n: int) -> str:
