@@ -817,15 +817,9 @@ def test_members_view_of_the_new_rows_is_the_whole_views_new_rows(dtype):
     pd.testing.assert_frame_equal(got, want)
 
 
-@pytest.mark.parametrize("ids", [object, "str"])
-@pytest.mark.parametrize("repeat", [False, True])
-def test_trajectory_table_finds_each_cases_cluster_as_the_merge_did(ids, repeat):
-    """Clusters found by position (the cross-type scope's clustered rows, other scopes and noise
-    left out, cases without a member kept); an id repeated among them goes to the merge, which
-    repeats its case."""
-    rng = random.Random(4)
-    n = 300
-    cases = pd.DataFrame(
+def _trajectory_cases(rng: random.Random, n: int, ids, agent_ids) -> pd.DataFrame:
+    """n cases c0.. with the emotion table's columns drawn from `rng`, on a shuffled index."""
+    return pd.DataFrame(
         {
             "case_id": pd.Series([f"c{i}" for i in range(n)], dtype=ids),
             "issue_type": [rng.choice(["物流配送", "发票", None]) for _ in range(n)],
@@ -835,9 +829,20 @@ def test_trajectory_table_finds_each_cases_cluster_as_the_merge_did(ids, repeat)
             "emotion_start": [rng.uniform(-1, 1) for _ in range(n)],
             "emotion_end": [rng.uniform(-1, 1) for _ in range(n)],
             "emotion_delta": [rng.choice([rng.uniform(-2, 2), np.nan]) for _ in range(n)],
-            "agent_id": [rng.choice(["a1", "a2", None]) for _ in range(n)],
+            "agent_id": agent_ids,
         }
     ).set_axis(rng.sample(range(1000), n))
+
+
+@pytest.mark.parametrize("ids", [object, "str"])
+@pytest.mark.parametrize("repeat", [False, True])
+def test_trajectory_table_finds_each_cases_cluster_as_the_merge_did(ids, repeat):
+    """Clusters found by position (the cross-type scope's clustered rows, other scopes and noise
+    left out, cases without a member kept); an id repeated among them goes to the merge, which
+    repeats its case."""
+    rng = random.Random(4)
+    n = 300
+    cases = _trajectory_cases(rng, n, ids, [rng.choice(["a1", "a2", None]) for _ in range(n)])
     picked = [f"c{i}" for i in rng.sample(range(2, n + 20), n)]  # some cases no member, some no case
     picked[:2] = ["c0", "c0" if repeat else "c1"]
     cases.loc[cases["case_id"] == "c0", "emotion_trajectory"] = "恶化"  # counted, not left out
@@ -1102,19 +1107,8 @@ def test_trajectory_table_from_the_members_case_rows_is_the_merges(ids, repeat, 
 
     rng = random.Random(seed)
     n = 200
-    cases = pd.DataFrame(
-        {
-            "case_id": pd.Series([f"c{i}" for i in range(n)], dtype=ids),
-            "issue_type": [rng.choice(["物流配送", "发票", None]) for _ in range(n)],
-            "channel": [rng.choice(["chat", "phone"]) for _ in range(n)],
-            "outcome": [rng.choice(["resolved", "unknown"]) for _ in range(n)],
-            "emotion_trajectory": [rng.choice(["改善", "平稳", "恶化", None]) for _ in range(n)],
-            "emotion_start": [rng.uniform(-1, 1) for _ in range(n)],
-            "emotion_end": [rng.uniform(-1, 1) for _ in range(n)],
-            "emotion_delta": [rng.choice([rng.uniform(-2, 2), np.nan]) for _ in range(n)],
-            "agent_id": pd.Series([rng.choice(["a1", "a2", "b3", "", None]) for _ in range(n)], dtype=agents),
-        }
-    ).set_axis(rng.sample(range(1000), n))
+    agent_ids = pd.Series([rng.choice(["a1", "a2", "b3", "", None]) for _ in range(n)], dtype=agents)
+    cases = _trajectory_cases(rng, n, ids, agent_ids)
     # Every case a cross-type row (some left out) and some a per-type row, in shuffled order.
     rows = [r for r in range(n) if rng.random() < 0.8]
     scopes = [ALL_SCOPE] * len(rows)
