@@ -634,10 +634,7 @@ def finish_export(
     if "date_source" in cases and (cases["date_source"] == "ingested").any():
         notes.append(f"{int((cases['date_source'] == 'ingested').sum())} 个案例无会话时间，按导入日期计入趋势。")
     teams = case_teams(cases)  # both emotion tables group by team: parse the metadata once
-    case_rows = (
-        clustering.case_rows if clustering.case_rows is not None and len(clustering.case_rows) == len(members) else None
-    )
-    emotion = trajectory_table(cases, members, teams, cluster_codes, case_rows)
+    emotion = trajectory_table(cases, members, teams, cluster_codes, clustering.case_rows)
     emotion_rel = relations(cases)
     emotion_teams = worsened_by_team(cases, teams)
     tables = {
