@@ -39,15 +39,18 @@ from pipeline.heap import release_unused_memory
 from pipeline.insights import member_parts as mp
 from pipeline.insights import member_rows
 from pipeline.insights import membership as mb
+from pipeline.insights.case_facts import kept_problem_facts
 from pipeline.insights.cluster import (
     ALL_SCOPE,
     MEMBER_FIELDS,
     NOT_SPACE,
     CauseLexicon,
     ClusterState,
+    ProblemFacts,
     Projection,
     ScopeResult,
     _as_list,
+    arrow_text,
     assign_stable_ids,
     cluster_cases,
     fill_classification,
@@ -228,6 +231,18 @@ def load_cases_copy(out: Path) -> tuple[pd.DataFrame, tuple[str, int] | None]:
     except OSError:
         pass  # a read-only output: it only takes room
     return got
+
+
+def selection_facts(
+    out: Path, cases: pd.DataFrame, copy_rows: tuple[str, int] | None, min_chars: int
+) -> ProblemFacts | None:
+    """The cases' `problem_facts`, kept between nights (`case_facts`) when the cases are the case
+    copy's rows (`load_cases_copy`); None where the selection computes them itself."""
+    problem = arrow_text(cases["problem"]) if len(cases) and "problem" in cases else None
+    if problem is None or problem.num_chunks != 1:
+        return None
+    gen = copy_rows[0] if copy_rows is not None and copy_rows[1] == len(cases) else None
+    return kept_problem_facts(out, problem.chunk(0), gen, min_chars)
 
 
 def ensure_classified(cases: pd.DataFrame, cfg: Config) -> tuple[pd.DataFrame, str | None]:
@@ -1028,7 +1043,9 @@ def export_all(
     loaded, copy_rows = load_cases_copy(out)
     cases, note = ensure_classified(loaded.reset_index(drop=True), cfg)
     del loaded
-    frame, selected = select_cases_at(cases, c.min_problem_chars, c.request_kinds)
+    facts = selection_facts(out, cases, copy_rows, c.min_problem_chars)
+    frame, selected = select_cases_at(cases, c.min_problem_chars, c.request_kinds, facts)
+    del facts
     cases, frame = drop_texts(cases, frame)
     if embedder is None:
         from pipeline.embed import Embedder
