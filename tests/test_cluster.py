@@ -435,3 +435,20 @@ def test_fit_cap_projection_is_fitted_on_the_sample_only(monkeypatch):
     X, _ = _blobs(n_per=200, k=3)
     fit = cl.fit_clusters(X, ClusterParams(pca_components=5, min_cluster_size=5, fit_max_cases=150))
     assert seen == [150] and len(fit.labels) == len(X) and len(fit.centers) == 3
+
+
+@pytest.mark.parametrize("n_groups", [0, 1, 7, 2**15 - 1, 2**15, 70_000])
+def test_group_rows_are_a_groupbys_indices_whatever_the_number_of_groups(n_groups):
+    """`group_rows` sorts narrowed codes (radix) below 2**15 groups and wide ones above: either
+    way each group's rows in row order, as a groupby's `.indices` holds them."""
+    from pipeline.insights.cluster import group_rows
+
+    rng = np.random.default_rng(n_groups)
+    codes = rng.integers(-1, max(n_groups, 1), size=50_000) if n_groups else np.full(10, -1)
+    if n_groups:
+        codes[:3] = [n_groups - 1, -1, 0]  # the widest code present
+    got = group_rows(codes, n_groups)
+    want = pd.Series(np.arange(len(codes))).groupby(codes).indices
+    assert len(got) == n_groups
+    for g, rows in enumerate(got):
+        assert rows.tolist() == (want[g].tolist() if g in want else []), g
