@@ -532,18 +532,16 @@ def members_view_rows(
     lead = int(off[0]) if len(off) else len(taken)
     # Arrow columns only: an object column's take with fills turns its None into NaN.
     blank = [c for c in _FILE_ONLY if c in fields and arrow_backed(fields[c])] if not texts else []
-    if 0 < lead:
-        picked = pd.concat([fields.iloc[:lead], fields.drop(columns=blank).iloc[taken[lead:]]], ignore_index=True)
-    else:
-        picked = fields.drop(columns=blank).iloc[taken].reset_index(drop=True)
+    rest = fields.drop(columns=blank).iloc[taken[lead:]]
     if blank:
         # Null where a row is per-type, the cross-type rows' texts kept (the map shows them).
+        # Taken into the rows after the slice before they meet it: joined to the slice without
+        # them, the columns were filled with nulls (a 1M-row array each at 1M cases) and then
+        # replaced, 0.06 s a night.
         cross = (per_type[rows] == 0)[lead:]
         tail = np.where(cross, taken[lead:], -1)
-        for col in blank:
-            picked[col] = pd.concat(
-                [fields[col].iloc[:lead], pd.Series(fields[col].array.take(tail, allow_fill=True))], ignore_index=True
-            )
+        rest = rest.assign(**{col: fields[col].array.take(tail, allow_fill=True) for col in blank})[fields.columns]
+    picked = pd.concat([fields.iloc[:lead], rest], ignore_index=True) if 0 < lead else rest.reset_index(drop=True)
     head = m.iloc[rows].reset_index(drop=True)
     head["case_id"] = head["case_id"].astype(str)  # as matched (no copy when they are text already)
     out = pd.concat([head, picked], axis=1)
