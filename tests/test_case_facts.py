@@ -93,10 +93,12 @@ def test_kept_facts_of_another_copy_rule_or_length_are_computed_again(tmp_path, 
     assert not path.exists()
 
 
-def test_nights_with_kept_facts_export_what_computing_every_fact_exports(tmp_path, cfg, monkeypatch):
+@pytest.mark.parametrize("kept", ["case-facts.arrow", "case-codes"])
+def test_nights_with_kept_facts_export_what_computing_every_fact_exports(tmp_path, cfg, monkeypatch, kept):
     """New cases (the copy grows in place), a re-processed case whose problem became too short to
     cluster and one whose blank problem became long enough (the copy written whole), cases removed
-    by repair, a night of nothing new: each night's export is the one without kept facts."""
+    by repair, a night of nothing new: each night's export is the one without the kept selection
+    facts (`case_facts`) or column codes (`case_codes`), new values (a region, a date) included."""
     import pipeline.storage.case_cache as cc
 
     monkeypatch.setattr(cc, "REWRITE_SHARE", 1.0)  # the copy grows in place, as on a big history
@@ -106,9 +108,11 @@ def test_nights_with_kept_facts_export_what_computing_every_fact_exports(tmp_pat
     _store(out, first, "20251103T000000-aaaa")
     _export(cfg, out, DAY0)
     short = _cases({"物流": 1}, 3, "20251106T000000-n3", seed=7).assign(problem="怎么办")
-    worded = _cases({"退款": 1}, 5, "20251106T000000-n3", seed=8)
+    worded = _cases({"退款": 1}, 5, "20251106T000000-n3", seed=8).assign(region="东北", outcome="escalated")
     grown = _cases({"物流": 4, "退款": 3}, 3000, "20251104T000000-n1", seed=5)
     grown.loc[[0, 4], "problem"] = ["怎么办", " 退款一直没有到账 "]  # too short; not its own cluster text
+    grown.loc[[1, 2], "region"] = ["西南", None]  # a new value; a missing one
+    grown.loc[3, "date"] = "2025-11-04"
     nights = [
         grown,
         _cases({"发票": 5}, 3100, "20251105T000000-n2", seed=6, topics={"发票": ("发票抬头开错了", ["税号", "开票"])}),
@@ -123,12 +127,13 @@ def test_nights_with_kept_facts_export_what_computing_every_fact_exports(tmp_pat
             [p for p in stored_parts(out) if "n2" in p.as_posix()][0].unlink()  # the 发票 cases
         plain = tmp_path / f"plain{k}"
         shutil.copytree(out, plain)
-        cf.cache_path(plain).unlink()
+        cache = plain / "state" / "cache" / kept
+        shutil.rmtree(cache) if cache.is_dir() else cache.unlink()
         day = DAY0 + timedelta(days=k + 1)
         got = _export(cfg, out, day)
         want = _export(cfg, plain, day)
-        assert cf.cache_path(out).exists()
-        for name in ("members.parquet", "clusters.parquet", "trends.parquet"):
+        assert (out / "state" / "cache" / kept).exists()
+        for name in ("members.parquet", "clusters.parquet", "trends.parquet", "alerts.parquet", "emotion.parquet"):
             a, b = (pd.read_parquet(f"{s['export_dir']}/{name}") for s in (got, want))
             pd.testing.assert_frame_equal(a, b)
         assert (got["n_clustered_cases"], got["n_new_cases"]) == (want["n_clustered_cases"], want["n_new_cases"])

@@ -36,7 +36,7 @@ def cache_path(out: Path) -> Path:
     return Path(out) / "state" / "cache" / "case-facts.arrow"
 
 
-def _text_bytes(problem: pa.Array, n: int) -> int:
+def text_bytes(problem: pa.Array, n: int) -> int:
     """The bytes of text the first `n` problems hold: a changed row among them (a copy that is
     not the one the facts were kept for) shows here without reading the texts."""
     if not n:
@@ -59,7 +59,7 @@ def _load(path: Path, key: dict[str, Any], problem: pa.Array) -> ProblemFacts | 
             n = int(meta["n"])
             if {k: meta.get(k) for k in key} != key or n > len(problem):
                 return None
-            if meta.get("bytes") != _text_bytes(problem, n):
+            if meta.get("bytes") != text_bytes(problem, n):
                 return None
             t = reader.read_all()
         if t.column_names != ["plain", "long"] or len(t) != n:
@@ -73,7 +73,7 @@ def _load(path: Path, key: dict[str, Any], problem: pa.Array) -> ProblemFacts | 
 
 def _save(path: Path, key: dict[str, Any], facts: ProblemFacts, problem: pa.Array) -> None:
     n = len(facts[0])
-    meta = json.dumps({**key, "n": n, "bytes": _text_bytes(problem, n)}).encode()
+    meta = json.dumps({**key, "n": n, "bytes": text_bytes(problem, n)}).encode()
     t = pa.table({"plain": facts[0], "long": facts[1]}).replace_schema_metadata({_META: meta})
 
     def write(f: Any) -> None:

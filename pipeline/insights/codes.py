@@ -73,6 +73,17 @@ def derive_codes(values: pd.Series, source: pd.Series, rows: np.ndarray) -> None
     weakref.finalize(arr, _forget, key)
 
 
+def remember_codes(values: pd.Series, codes: Codes) -> bool:
+    """Hand `sorted_codes(values)` known from elsewhere (codes kept between nights) to every
+    later caller, for this Arrow column's array; whether it was taken (not an Arrow column, or
+    not its length: not)."""
+    arr = _arrow_of(values)
+    if arr is None or len(codes[0]) != len(arr):
+        return False
+    _remember(arr, np.asarray(codes[0], dtype=np.int64), np.asarray(codes[1], dtype=object))
+    return True
+
+
 def _remember(arr: pa.ChunkedArray, codes: np.ndarray, uniques: np.ndarray) -> None:
     """Keep `arr`'s codes while it lives, in the narrowest type that holds them (and -1)."""
     narrow = np.min_scalar_type(-max(len(uniques), 1))

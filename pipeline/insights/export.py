@@ -39,6 +39,7 @@ from pipeline.heap import release_unused_memory
 from pipeline.insights import member_parts as mp
 from pipeline.insights import member_rows
 from pipeline.insights import membership as mb
+from pipeline.insights.case_codes import remember_case_codes
 from pipeline.insights.case_facts import kept_problem_facts
 from pipeline.insights.cluster import (
     ALL_SCOPE,
@@ -1039,6 +1040,7 @@ def export_all(
     day = today_d.isoformat()
     c = cfg.cluster
     loaded, copy_rows = load_cases_copy(out)
+    remember_case_codes(out, loaded, copy_rows)
     cases, note = ensure_classified(loaded.reset_index(drop=True), cfg)
     del loaded
     facts = selection_facts(out, cases, copy_rows, c.min_problem_chars)
