@@ -59,6 +59,10 @@ def test_the_views_cluster_codes_are_its_cluster_ids_sorted_codes(seed):
     plain, _, none = members_view_rows(frame, membership, texts=False)
     pd.testing.assert_frame_equal(plain, view)
     assert none is None
+    # Missing ids are None either way (found from the codes, or by visiting the cells), not NaN.
+    assert [v is None for v in view["cluster_id"]] == [v is None for v in plain["cluster_id"]]
+    missing = dict(zip(zip(membership["case_id"], membership["scope"]), membership["cluster_id"].isna()))
+    assert [v is None for v in view["cluster_id"]] == [missing[k] for k in zip(view["case_id"], view["scope"])]
 
 
 def test_cluster_ids_that_are_not_all_text_are_hashed_as_before():

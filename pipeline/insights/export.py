@@ -551,7 +551,8 @@ def members_view_rows(
     head = m.iloc[rows].reset_index(drop=True)
     head["case_id"] = head["case_id"].astype(str)  # as matched (no copy when they are text already)
     out = pd.concat([head, picked], axis=1)
-    out["cluster_id"] = out["cluster_id"].where(out["cluster_id"].notna(), None)
+    view_codes = taken_codes(*cluster_codes, rows) if cluster_codes is not None else None
+    out["cluster_id"] = _none_where_missing(out["cluster_id"], view_codes)
     out["is_noise"] = out["is_noise"].astype(bool)
     out["similarity"] = out["similarity"].astype(object).where(out["similarity"].notna(), None)
     order = ["scope", "cluster_id", "is_noise", "similarity", *[c if c != "cluster_text" else "problem" for c in keep]]
@@ -563,7 +564,18 @@ def members_view_rows(
         name = "problem" if col == "cluster_text" else col
         if col != "case_id" and name not in _FILE_ONLY:
             derive_codes(view[name], frame[col], taken)
-    return view, taken, (taken_codes(*cluster_codes, rows) if cluster_codes is not None else None)
+    return view, taken, view_codes
+
+
+def _none_where_missing(ids: pd.Series, codes: Codes | None) -> pd.Series:
+    """`ids.where(ids.notna(), None)`: missing ids as None. For an object column whose codes are
+    known, the missing cells are the codes' -1, not found by visiting every object (`notna` and
+    `where` on the 2M members' ids cost 0.05 s a night at 1M cases)."""
+    if codes is None or ids.dtype != object or len(codes[0]) != len(ids):
+        return ids.where(ids.notna(), None)
+    values = ids.to_numpy(dtype=object, copy=True)
+    values[codes[0] < 0] = None
+    return pd.Series(values, index=ids.index, dtype=object, name=ids.name)
 
 
 def member_cluster_codes(kept: pd.Series, new: pd.Series) -> Codes | None:
