@@ -69,3 +69,24 @@ def test_cluster_ids_that_are_not_all_text_are_hashed_as_before():
     held = pd.Series(["C1", None], dtype="str")
     assert member_cluster_codes(held, pd.Series([3, None], dtype=object)) is None
     assert member_cluster_codes(pd.Series(["C1", None], dtype=object), pd.Series(["C2"], dtype=object)) is None
+
+
+def test_similarities_kept_as_floats_give_the_view_the_same_cells():
+    """The new rows' similarities as floats beside the stored floats (`float_similarity`): the
+    view's similarity cells are the same Python floats and None as from the object column."""
+    from pipeline.insights.export import float_similarity
+
+    frame = pd.DataFrame({"case_id": pd.array([f"k{i}" for i in range(6)], dtype="str"), "date": "2025-11-01"})
+    rng = np.random.default_rng(0)
+    held = _membership(rng, ["k0", "k1", "k2", "k3"], ["C1", None], arrow=True)
+    held["similarity"] = [0.5, np.nan, 0.1234, 1.0, -0.25, np.nan, 0.3333, 0.0]
+    new = _membership(rng, ["k4", "k5"], ["C1", None], arrow=False)
+    new["similarity"] = pd.Series([0.9876, None, None, 0.25], dtype=object)
+    floats = pd.concat([held, float_similarity(new, held)], ignore_index=True)
+    objects = pd.concat([held, new], ignore_index=True)
+    assert floats["similarity"].dtype == np.float64 and objects["similarity"].dtype == object
+    a, b = (members_view_rows(frame, m)[0]["similarity"].tolist() for m in (floats, objects))
+    assert [type(x) for x in a] == [type(y) for y in b] and a == b
+    assert a.count(None) == 4 and 0.9876 in a
+    # Stored rows not floats: the new rows as they are.
+    assert float_similarity(new, objects) is new

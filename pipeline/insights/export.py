@@ -554,7 +554,7 @@ def members_view_rows(
     view_codes = taken_codes(*cluster_codes, rows) if cluster_codes is not None else None
     out["cluster_id"] = _none_where_missing(out["cluster_id"], view_codes)
     out["is_noise"] = out["is_noise"].astype(bool)
-    out["similarity"] = out["similarity"].astype(object).where(out["similarity"].notna(), None)
+    out["similarity"] = _objects_or_none(out["similarity"])
     order = ["scope", "cluster_id", "is_noise", "similarity", *[c if c != "cluster_text" else "problem" for c in keep]]
     view = out[[*order, "x", "y"]].reset_index(drop=True)
     # The cases' columns at each row's case: the tables' codes of them are the frame's, taken
@@ -565,6 +565,28 @@ def members_view_rows(
         if col != "case_id" and name not in _FILE_ONLY:
             derive_codes(view[name], frame[col], taken)
     return view, taken, view_codes
+
+
+def _objects_or_none(values: pd.Series) -> pd.Series:
+    """`values.astype(object).where(values.notna(), None)`. For floats, the missing ones are
+    found as NaN in the floats, not by visiting the 2M Python objects made of them (0.03 s a
+    night at 1M cases)."""
+    if values.dtype != np.float64:
+        return values.astype(object).where(values.notna(), None)
+    floats = values.to_numpy()
+    out = floats.astype(object)
+    out[np.isnan(floats)] = None
+    return pd.Series(out, index=values.index, dtype=object, name=values.name)
+
+
+def float_similarity(new: pd.DataFrame, held: pd.DataFrame) -> pd.DataFrame:
+    """The night's new membership rows with their similarities as floats (missing: NaN) when the
+    stored rows hold floats, so that the joined column stays floats (`_objects_or_none`): the
+    new rows' Python floats (or None) made an object column of all 2M. The same values: a stored
+    part keeps them as floats (`membership.member_part_table`)."""
+    if held["similarity"].dtype != np.float64 or "similarity" not in new:
+        return new
+    return new.assign(similarity=pd.to_numeric(new["similarity"], errors="coerce").astype(np.float64))
 
 
 def _none_where_missing(ids: pd.Series, codes: Codes | None) -> pd.Series:
@@ -1132,7 +1154,7 @@ def export_all(
             n_redone = int(redone.sum())
             held = membership[alive & ~redone]
             stored_codes = member_cluster_codes(held["cluster_id"], new_rows["cluster_id"])
-            membership = pd.concat([held, new_rows], ignore_index=True)
+            membership = pd.concat([held, float_similarity(new_rows, held)], ignore_index=True)
             del held
             if positions is not None:  # the frame rows of tonight's membership, without a hash
                 positions = renewed_positions(positions[alive & ~redone], new_rows["case_id"], todo_frame, todo)
