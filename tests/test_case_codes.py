@@ -44,16 +44,32 @@ def test_kept_codes_are_the_sorted_factorization_and_only_new_rows_are_coded(tmp
     rng = np.random.default_rng(seed)
     # The first rows hold few values, later ones new values too (added to the dictionary).
     column = pa.concat_arrays([_column(rng, 100, VALUES[:3]), _column(rng, 300)])
-    sizes = sorted({int(s) for s in rng.integers(1, 400, size=3)}) + [400]
-    before = 0
+    sizes = sorted({int(s) for s in rng.integers(1, 400, size=3)}) + [400, 400]
+    covered = 0
     for size in sizes:
         part = column.slice(0, size)
+        before = len(spied)
         assert _got(cc.kept_column_codes(tmp_path, part, "g1", "region")) == _want(part)
-        assert spied[-1] == size - before
-        before = size
-    spied.clear()
+        # The rows past the kept ones coded; kept again once they pass RECODE_SHARE.
+        assert spied[before:] == ([size - covered] if size > covered else [])
+        if size - covered > cc.RECODE_SHARE * size or not covered:
+            covered = size
+
+
+def test_a_few_new_rows_are_coded_each_night_until_they_are_kept(tmp_path, spied):
+    rng = np.random.default_rng(11)
+    column = _column(rng, 1000)
+    cc.kept_column_codes(tmp_path, column.slice(0, 900), "g1", "region")
+    path = cc.cache_dir(tmp_path) / "region.arrow"
+    written = path.stat().st_mtime_ns
+    for size in (910, 930, 940):  # within 5% of the copy past the kept 900: coded, not kept
+        part = column.slice(0, size)
+        assert _got(cc.kept_column_codes(tmp_path, part, "g1", "region")) == _want(part)
+        assert spied[-1] == size - 900 and path.stat().st_mtime_ns == written
     assert _got(cc.kept_column_codes(tmp_path, column, "g1", "region")) == _want(column)
-    assert spied == []  # nothing new: nothing coded
+    assert spied[-1] == 100 and path.stat().st_mtime_ns != written  # past 5%: kept
+    assert _got(cc.kept_column_codes(tmp_path, column, "g1", "region")) == _want(column)
+    assert spied[-1] == 100  # (nothing new since)
 
 
 def test_kept_codes_of_another_copy_or_length_are_coded_again(tmp_path, spied, monkeypatch):
@@ -74,7 +90,7 @@ def test_kept_codes_of_another_copy_or_length_are_coded_again(tmp_path, spied, m
     path.write_bytes(path.read_bytes()[:60])
     assert _got(cc.kept_column_codes(tmp_path, changed, "g2", "region")) == _want(changed)
     assert spied == [200, 120, 120, 120]  # a broken file
-    monkeypatch.setattr(cc, "MAX_VALUES", 5)  # too many values: not kept
+    monkeypatch.setattr(cc, "MAX_VALUES", 5)  # too many values (beyond int16 codes): not kept
     assert cc.kept_column_codes(tmp_path, column, "g3", "region") is None
     assert not path.exists()
 

@@ -80,7 +80,7 @@ def remember_codes(values: pd.Series, codes: Codes) -> bool:
     arr = _arrow_of(values)
     if arr is None or len(codes[0]) != len(arr):
         return False
-    _remember(arr, np.asarray(codes[0], dtype=np.int64), np.asarray(codes[1], dtype=object))
+    _remember(arr, np.asarray(codes[0]), np.asarray(codes[1], dtype=object))
     return True
 
 
