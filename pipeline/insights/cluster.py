@@ -613,15 +613,44 @@ def cluster_vectors(X: np.ndarray, params: ClusterParams, seeds: np.ndarray | No
 
 def centroid_of(X: np.ndarray) -> np.ndarray:
     """Normalised mean vector: compared by cosine across nights, so scale must not matter."""
-    c = np.asarray(X, dtype=np.float64).mean(axis=0)
+    X = np.asarray(X)
+    # Summed in blocks only where numpy's own sum runs row after row: a C-ordered matrix of
+    # several columns (one column, or Fortran order, is summed pairwise along the rows).
+    by_rows = X.ndim == 2 and len(X) > 0 and X.shape[1] > 1 and X.flags.c_contiguous
+    c = row_sum(X) / len(X) if by_rows else np.asarray(X, dtype=np.float64).mean(axis=0)
     n = np.linalg.norm(c)
     return (c / n if n else c).astype(np.float32)
 
 
+_SUM_ROWS = 2048  # rows `row_sum` converts to float64 at a time
+
+
+def row_sum(X: np.ndarray) -> np.ndarray:
+    """`np.asarray(X, dtype=np.float64).sum(axis=0)` of a C-ordered matrix of two or more
+    columns, bit for bit, without a float64 copy of X: numpy sums such a matrix along axis 0 row
+    after row (pairwise summation runs along the fast axis only), so each block is summed after
+    the running total, put as its first row. Why: the float64 copy of a cluster's vectors (3 KiB
+    a case), made twice per cluster, was most of the cross-type scope's description peak."""
+    acc = np.add.reduce(np.asarray(X[:_SUM_ROWS], dtype=np.float64), axis=0)
+    if len(X) <= _SUM_ROWS:
+        return acc
+    buf = np.empty((_SUM_ROWS + 1, X.shape[1]), dtype=np.float64)
+    for a in range(_SUM_ROWS, len(X), _SUM_ROWS):
+        block = X[a : a + _SUM_ROWS]
+        buf[0] = acc
+        buf[1 : len(block) + 1] = block
+        acc = np.add.reduce(buf[: len(block) + 1], axis=0)
+    return acc
+
+
 def representatives(X: np.ndarray, k: int) -> list[int]:
     """Row positions of the k cases closest to the centroid: what a reader should see first."""
-    c = centroid_of(X)
-    sims = np.asarray(X, dtype=np.float32) @ c
+    return closest_rows(X, centroid_of(X), k)
+
+
+def closest_rows(X: np.ndarray, centroid: np.ndarray, k: int) -> list[int]:
+    """`representatives` given the rows' centroid (a caller that keeps it computes it once)."""
+    sims = np.asarray(X, dtype=np.float32) @ centroid
     return [int(i) for i in np.argsort(-sims, kind="stable")[:k]]
 
 
@@ -795,13 +824,22 @@ class CauseLexicon:
     def attribute(self, texts: Sequence[str], min_share: float) -> dict[str, Any]:
         """Cause phrases found in at least `min_share` of the texts (most frequent first) and the
         category with the most matching texts; None when nothing matches often enough."""
-        n = max(len(texts), 1)
         phrase_hits: Counter = Counter()
         cat_hits: Counter = Counter()
+        self.count_hits(texts, phrase_hits, cat_hits)
+        return self.attribution(phrase_hits, cat_hits, len(texts), min_share)
+
+    def count_hits(self, texts: Iterable[str], phrase_hits: Counter, cat_hits: Counter) -> None:
+        """Add to the counts the texts matching each phrase and each category: a caller may
+        count a cluster's texts a block at a time (`attribution` then reads the sums)."""
         for t in texts:
             found = self.find(t)
             phrase_hits.update({c.phrase for c in found})
             cat_hits.update({c.category for c in found})
+
+    def attribution(self, phrase_hits: Counter, cat_hits: Counter, n_texts: int, min_share: float) -> dict[str, Any]:
+        """`attribute` from the counts of `count_hits` over `n_texts` texts."""
+        n = max(n_texts, 1)
         # Ties broken by name, not by Counter's insertion order: that follows set iteration, which
         # differs between processes (string hashing is salted), and two identical runs disagreed.
         phrases = [(p, k / n) for p, k in _ranked(phrase_hits) if k / n >= min_share]
@@ -964,17 +1002,9 @@ class ScopeResult:
     fit: ClusterFit | None = None  # the space and centres new cases are assigned in until the next re-cluster
 
 
-# The case fields `describe_scope` reads of a cluster's rows (`sub`).
-_DESCRIBED_FIELDS = (
-    "outcome",
-    "region",
-    "product",
-    "emotion_score",
-    "emotion",
-    "channel",
-    "issue_type",
-    "cluster_text",
-)
+# The case columns whose mix `describe_scope` reports per cluster, and how many values each keeps.
+_MIX_FIELDS = {"outcome": None, "region": None, "product": None, "emotion": None, "channel": None, "issue_type": 3}
+_TEXT_BLOCK = 4096  # a cluster's texts read for its causes at a time
 
 
 def describe_scope(
@@ -991,26 +1021,36 @@ def describe_scope(
     """One row per cluster of a scope: label, terms, representatives, size, shares, mix, causes.
     `labels` and `tokens` are the scope's; `frame` and `X` are the scope's rows, or, with `rows`
     (the scope's positions in them), every case's: a cluster's rows are then read where they
-    are, with no copy of the scope's fields and vectors held through the scope."""
+    are, with no copy of the scope's fields and vectors held through the scope.
+
+    Per cluster only its vectors are copied (the representatives' similarities are the product
+    of that very matrix: BLAS rounds a row's dot product by its place in the matrix); the mix of
+    every cluster is counted in one pass over the columns' codes, and the causes from its texts a
+    block at a time. The per-cluster copies of the fields, texts and float64 vectors these
+    replaced were the cross-type scope's peak (~0.7 KiB a case) and stayed in glibc's heap."""
     c = cfg.cluster
     terms = class_tfidf(tokens, labels, c.top_terms, stopwords, c.label_min_lift)
     release_unused_memory()  # the term counts' arrays, before the clusters' rows are read
+    labs = np.asarray(labels, dtype=int)
+    found = sorted(set(labs.tolist()) - {NOISE})
+    group = np.full(len(labs), -1, dtype=np.int64)  # each scope row's place in `found`, -1: noise
+    kept = labs != NOISE
+    group[kept] = np.searchsorted(np.asarray(found, dtype=labs.dtype), labs[kept])
+    at_rows = np.asarray(rows) if rows is not None else None
+    mix = _cluster_mix(frame, group, at_rows)
+    scores = frame["emotion_score"].to_numpy() if "emotion_score" in frame else None
     out, cents = [], {}
     scope_size = len(labels)  # the scope frame's length when it was a copy of the scope's rows
-    # Only the fields a cluster's row below reads are taken per cluster, not every case column.
-    fields = frame[[col for col in _DESCRIBED_FIELDS if col in frame]]
-    for lab in sorted(set(int(v) for v in labels) - {NOISE}):
-        idx = np.flatnonzero(labels == lab)
-        at = idx if rows is None else rows[idx]  # the cluster's rows of `frame` and `X`
-        sub = fields.iloc[at]
+    for g, (lab, idx) in enumerate(zip(found, group_rows(group, len(found)))):
+        at = idx if at_rows is None else at_rows[idx]  # the cluster's rows of `frame` and `X`
         Xc = X[at]
-        reps = [int(at[i]) for i in representatives(Xc, c.representatives)]
+        cents[lab] = centroid_of(Xc)
+        reps = [int(at[i]) for i in closest_rows(Xc, cents[lab], c.representatives)]
+        del Xc
         top = [t for t, _ in terms.get(lab, [])]
         rep_texts = frame["cluster_text"].iloc[reps].tolist()
-        outcome = share_dict(sub["outcome"] if "outcome" in sub else [])
-        regions = share_dict(sub["region"] if "region" in sub else [])
-        products = share_dict(sub["product"] if "product" in sub else [])
-        cents[lab] = centroid_of(Xc)
+        shares = {col: mix[col].get(g, {}) for col in mix}
+        outcome, regions, products = shares.get("outcome", {}), shares.get("region", {}), shares.get("product", {})
         out.append(
             {
                 "scope": scope,
@@ -1021,21 +1061,47 @@ def describe_scope(
                 "scope_size": scope_size,
                 "share_of_scope": round(len(idx) / max(scope_size, 1), 4),
                 **{f"share_{k}": outcome.get(k, 0.0) for k in OUTCOME_KEYS},
-                "mean_emotion": _mean(sub["emotion_score"]) if "emotion_score" in sub else None,
-                "top_emotion": next(iter(share_dict(sub["emotion"]).keys()), None) if "emotion" in sub else None,
-                "channels": json.dumps(share_dict(sub["channel"] if "channel" in sub else []), ensure_ascii=False),
-                "issue_types": json.dumps(share_dict(sub["issue_type"], top=3), ensure_ascii=False),
+                "mean_emotion": _mean(scores[at]) if scores is not None else None,
+                "top_emotion": next(iter(shares["emotion"].keys()), None) if "emotion" in shares else None,
+                "channels": json.dumps(shares.get("channel", {}), ensure_ascii=False),
+                "issue_types": json.dumps(shares["issue_type"], ensure_ascii=False),
                 "top_regions": format_shares(regions, c.top_breakdown),
                 "top_products": format_shares(products, c.top_breakdown),
                 "representative_case_ids": frame["case_id"].iloc[reps].astype(str).tolist()
                 if "case_id" in frame
                 else [],
                 "representative_texts": rep_texts,
-                **lexicon.attribute(sub["cluster_text"].tolist(), c.cause_min_share),
+                **_causes(lexicon, frame["cluster_text"], at, c.cause_min_share),
                 "cause_suggested": True,
             }
         )
-    return ScopeResult(scope, pd.DataFrame(out), np.asarray(labels, dtype=int), cents)
+    return ScopeResult(scope, pd.DataFrame(out), labs, cents)
+
+
+def _cluster_mix(
+    frame: pd.DataFrame, group: np.ndarray, rows: np.ndarray | None
+) -> dict[str, dict[int, dict[str, float]]]:
+    """Per `_MIX_FIELDS` column of `frame`: each cluster's `share_dict` of its rows' values (by
+    its place in `group`; `rows`: the scope's rows of `frame`, None for all), all clusters
+    counted in one pass over the column's codes (`coded_shares`: the same shares and order)."""
+    if "issue_type" not in frame:
+        raise KeyError("issue_type")  # as reading the clusters' issue types did
+    out = {}
+    for col, top in _MIX_FIELDS.items():
+        if col in frame:
+            vcodes, uniques = column_codes(frame[col])
+            out[col] = coded_shares(group, vcodes if rows is None else vcodes[rows], uniques, top)
+    return out
+
+
+def _causes(lexicon: CauseLexicon, texts: pd.Series, at: np.ndarray, min_share: float) -> dict[str, Any]:
+    """`lexicon.attribute` of the texts at rows `at`, read a block at a time: a list of every
+    text of a large cluster was Python strings by the tens of thousands."""
+    phrase_hits: Counter = Counter()
+    cat_hits: Counter = Counter()
+    for a in range(0, len(at), _TEXT_BLOCK):
+        lexicon.count_hits(texts.iloc[at[a : a + _TEXT_BLOCK]].tolist(), phrase_hits, cat_hits)
+    return lexicon.attribution(phrase_hits, cat_hits, len(at), min_share)
 
 
 def cluster_cases(
