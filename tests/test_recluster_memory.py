@@ -1,8 +1,9 @@
 """A full re-cluster's memory savings change nothing it computes.
 
 The full re-cluster (a back-fill's export) labels clusters from every selected case's jieba
-tokens. They are kept as codes into one vocabulary (`TokenCodes`), read from the store as Arrow
-(`_with_tokens`) and counted on the codes (`class_tfidf`), where they were Python lists per case,
+tokens. They are kept as codes into one vocabulary (`TokenCodes`), read from the store and
+encoded a block of parts at a time (`stored_token_codes`; before, as Arrow all at once,
+`_with_tokens`) and counted on the codes (`class_tfidf`), where they were Python lists per case,
 a merge of `read_cases` and a Counter per class; the cross-type scope uses the whole frame and
 vectors, not copies; the members' run ids come from an Arrow look-up; the map's centring may
 overwrite the vectors. Each test compares with the replaced form, kept here verbatim, on awkward
@@ -21,8 +22,10 @@ import pyarrow as pa
 import pytest
 
 from pipeline.insights.cluster import NOISE, TokenCodes, _as_list, class_tfidf, is_term, token_codes
-from pipeline.insights.export import _with_tokens
-from pipeline.storage.store import read_cases, write_cases
+from pipeline.insights.export import _key
+from pipeline.insights.member_rows import index_in
+from pipeline.insights.stored_tokens import stored_token_codes
+from pipeline.storage.store import newest_row_mask, read_cases, read_parts, stored_parts, write_cases
 
 WORDS = ["快递", "没收到", "发票", "抬头", "京东", "问题", "<PHONE>", "订单", "x", "好", "a1", "退款", "客服", "签收"]
 
@@ -176,6 +179,24 @@ def _old_with_tokens(out, frame: pd.DataFrame) -> pd.DataFrame:
     return frame.merge(toks, on="case_id", how="left", sort=False)
 
 
+def _with_tokens(out, frame: pd.DataFrame) -> pd.DataFrame:
+    """Every stored case's tokens read at once, as Arrow (replaced by `stored_token_codes`)."""
+    if frame.empty:
+        return frame.assign(tokens=pd.Series(dtype=object))
+    t = read_parts(stored_parts(out), ["case_id", "run_id", "tokens"])
+    t = t.filter(pa.array(newest_row_mask(t.select(["case_id", "run_id"]))))
+    ids = t["case_id"].combine_chunks().cast(pa.large_string())
+    pos = index_in(_key(frame["case_id"]), ids)
+    tokens = t["tokens"].combine_chunks().take(pa.array(pos, mask=pos < 0))
+    return frame.assign(tokens=pd.Series(pd.arrays.ArrowExtensionArray(tokens), index=frame.index))
+
+
+def _stored(out, frame: pd.DataFrame) -> pd.DataFrame:
+    """The tokens `stored_token_codes` reads, as the column the replaced form gave."""
+    lists = stored_token_codes(out, _key(frame["case_id"])).lists()
+    return frame.assign(tokens=lists)
+
+
 def test_with_tokens_reads_the_newest_row_of_each_case(tmp_path):
     base = pd.DataFrame(
         {
@@ -193,9 +214,78 @@ def test_with_tokens_reads_the_newest_row_of_each_case(tmp_path):
     frame = pd.DataFrame({"case_id": ["d", "b", "zz", "a", "c"], "cluster_text": ["四", "二", "无", "一", "三"]})
     got, old = _with_tokens(tmp_path, frame), _old_with_tokens(tmp_path, frame)
     assert got.drop(columns="tokens").equals(frame)
+    assert _stored(tmp_path, frame)["tokens"].tolist() == [_as_list(v) for v in got["tokens"].tolist()]
     assert [_as_list(v) for v in got["tokens"].tolist()] == [_as_list(v) for v in old["tokens"]]
     assert [_as_list(v) for v in got["tokens"].tolist()] == [[], ["发票", "抬头"], [], ["快递", "没收到"], ["退款"]]
     assert token_codes(got, _cut).lists() == _case_tokens(old, _cut)
+
+
+def _backfill_store(out, rng: np.random.Generator) -> list[str]:
+    """Parts of 1 to 9 cases over several days and runs; some cases re-processed (several runs of
+    one id, a later run without tokens, two rows of one id in one run), tokens null, empty, with
+    a null token or repeated words. Returns the stored ids."""
+    ids = [f"k{i:03d}" for i in range(90)]
+    words = WORDS + [f"词{i}" for i in range(30)]
+    runs = [f"2025110{r}T000000-r{r}" for r in range(1, 5)]
+    for r, run in enumerate(runs):
+        chosen = ids if r == 0 else sorted(rng.choice(ids, 25, replace=False).tolist())
+        if r == 2:
+            chosen = chosen + chosen[:3]  # two rows of an id in one run: the last one counts
+        tokens: list = []
+        for _ in chosen:
+            kind = int(rng.integers(6))
+            toks = [str(w) for w in rng.choice(words, int(rng.integers(1, 8)))]
+            tokens.append(None if kind == 0 else [] if kind == 1 else [*toks, None] if kind == 2 else toks)
+        cases = pd.DataFrame(
+            {
+                "case_id": chosen,
+                "conversation_id": [f"conv-{i}" for i in chosen],
+                "date": [f"2025-11-0{1 + int(d)}" for d in rng.integers(0, 4, len(chosen))],
+                "problem": ["问题"] * len(chosen),
+                "tokens": tokens,
+            }
+        )
+        for part, a in enumerate(range(0, len(cases), 9)):
+            write_cases(out, cases.iloc[a : a + int(rng.integers(1, 10))], run, part)
+    return ids
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("parts, rows, renumber", [(32, 32_768, 1 << 20), (1, 4, 3), (3, 1, 1)])
+def test_stored_token_codes_match_the_all_at_once_read(tmp_path, monkeypatch, seed, parts, rows, renumber):
+    """Read a block of parts at a time (one part a block; one larger part past the rows limit;
+    the codes renumbered a few at a time): the codes and vocabulary of the Arrow column read at
+    once, for cases in any order, repeated, unknown, with a null id; and the cut fills the same."""
+    import pipeline.insights.stored_tokens as st
+
+    monkeypatch.setattr(st, "_BLOCK_PARTS", parts)
+    monkeypatch.setattr(st, "_BLOCK_ROWS", rows)
+    monkeypatch.setattr(st, "_RENUMBER_TOKENS", renumber)
+    rng = np.random.default_rng(seed)
+    ids = _backfill_store(tmp_path, rng)
+    picked = [str(i) for i in rng.choice(ids + ["nope"], 120)] + [ids[0], ids[0]]
+    frame = pd.DataFrame({"case_id": picked + [None], "cluster_text": [f"{i} 切出来" for i in range(len(picked) + 1)]})
+    frame["case_id"] = frame["case_id"].astype("str")
+    want = token_codes(_with_tokens(tmp_path, frame), None)
+    got = stored_token_codes(tmp_path, _key(frame["case_id"]))
+    assert got.vocab == want.vocab
+    assert np.array_equal(got.codes, want.codes) and got.codes.dtype == want.codes.dtype
+    assert np.array_equal(got.offsets, want.offsets)
+    assert any(len(t) == 0 for t in got.lists()) and any("" in t for t in got.lists())
+    cut_want = token_codes(_with_tokens(tmp_path, frame), _cut)
+    cut_got = token_codes(frame, _cut, got)
+    assert cut_got.vocab == cut_want.vocab
+    assert np.array_equal(cut_got.codes, cut_want.codes) and np.array_equal(cut_got.offsets, cut_want.offsets)
+
+
+def test_stored_token_codes_of_no_parts_or_no_cases(tmp_path):
+    frame = pd.DataFrame({"case_id": ["a", "b"], "cluster_text": ["一", "二"]})
+    none = stored_token_codes(tmp_path, _key(frame["case_id"]))
+    assert none.lists() == [[], []] and none.vocab == []
+    _backfill_store(tmp_path, np.random.default_rng(0))
+    assert len(stored_token_codes(tmp_path, _key(frame["case_id"].iloc[:0]))) == 0
+    with pytest.raises(ValueError):
+        token_codes(frame.iloc[:1], None, none)
 
 
 # -- cluster_cases and members_table --------------------------------------------------------------

@@ -349,14 +349,21 @@ def _arrow_lists(col: pd.Series) -> pa.ChunkedArray | None:
     return arr if isinstance(arr, pa.ChunkedArray) else pa.chunked_array([arr])
 
 
-def token_codes(frame: pd.DataFrame, cut: Cutter | None) -> TokenCodes:
+def token_codes(frame: pd.DataFrame, cut: Cutter | None, stored: TokenCodes | None = None) -> TokenCodes:
     """Stored jieba tokens of each case's problem as codes; the cluster text cut where they are
-    missing or empty (when `cut` is given). An Arrow-backed tokens column is encoded in Arrow."""
+    missing or empty (when `cut` is given). An Arrow-backed tokens column is encoded in Arrow.
+    `stored`: the frame's stored tokens already encoded (`stored_tokens.stored_token_codes`, read
+    a block of parts at a time), in place of a tokens column."""
     n = len(frame)
     vocab: dict[str, int] = {}
-    col = frame["tokens"] if "tokens" in frame else None
+    col = frame["tokens"] if "tokens" in frame and stored is None else None
     arr = _arrow_lists(col) if col is not None and n else None
-    if arr is not None:
+    if stored is not None:
+        if len(stored) != n:
+            raise ValueError(f"stored tokens of {len(stored)} cases for {n} cases")
+        vocab = {w: i for i, w in enumerate(stored.vocab)}
+        lens, codes = np.diff(stored.offsets), stored.codes
+    elif arr is not None:
         lists = arr.combine_chunks()
         lens = np.asarray(pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False), dtype=np.int64)
         enc = pc.dictionary_encode(pc.fill_null(pc.list_flatten(lists), ""))

@@ -50,6 +50,7 @@ from pipeline.insights.cluster import (
     ProblemFacts,
     Projection,
     ScopeResult,
+    TokenCodes,
     _as_list,
     arrow_text,
     assign_stable_ids,
@@ -81,6 +82,7 @@ from pipeline.insights.kpis import compute_kpis, timing_coverage
 from pipeline.insights.member_rows import arrow_strings as _arrow_strings
 from pipeline.insights.member_rows import index_in as _index_in
 from pipeline.insights.report import ReportData, render_report
+from pipeline.insights.stored_tokens import stored_token_codes
 from pipeline.insights.trends import (
     BREAKDOWNS,
     count_table,
@@ -223,7 +225,7 @@ def load_cases_copy(out: Path) -> tuple[pd.DataFrame, tuple[str, int] | None]:
     from pipeline.storage.case_cache import read_cases_copy
 
     # run_id tells a re-processed case (same id, newer row) from a member; tokens are read only
-    # by a re-cluster (`_with_tokens`).
+    # by a re-cluster (`stored_token_codes`).
     columns = [c for c in CASE_COLUMNS if c != "tokens"] + ["run_id"]
     got = read_cases_copy(Path(out), case_cache_path(out), columns, CASE_CACHE_KEY, shrink=shrink_case_part)
     # The former layout's single file (430 MB at 1M cases): read by nothing since.
@@ -419,15 +421,18 @@ def fit_vectors(
     stopwords: frozenset[str] = frozenset(),
     seeds: dict[str, np.ndarray] | None = None,
     consume_vectors: bool = False,
+    stored_tokens: TokenCodes | None = None,
 ) -> VectorFit:
     """The clusters, stable ids, models, members' similarities and map points of a re-cluster
-    (`full_clustering`'s arguments): everything of it that reads `X`."""
+    (`full_clustering`'s arguments): everything of it that reads `X`. `stored_tokens`: the
+    frame's stored tokens as codes (`stored_token_codes`), in place of a tokens column."""
     c = cfg.cluster
     results: list[ScopeResult] = []
     if len(frame):
         # The token lists as codes, then let go (with what reading them left in the allocators):
         # kept in the frame, Arrow's lists of every case's tokens were held to the end.
-        tokens = token_codes(frame, cut)
+        tokens = token_codes(frame, cut, stored_tokens)
+        del stored_tokens
         frame = frame.drop(columns=["tokens"]) if "tokens" in frame else frame
         release_unused_memory()
         results = cluster_cases(frame, X, cfg, lexicon, stopwords=stopwords, seeds=seeds, tokens=tokens)
@@ -1051,23 +1056,6 @@ def drop_texts(cases: pd.DataFrame, frame: pd.DataFrame) -> tuple[pd.DataFrame, 
     )
 
 
-def _with_tokens(out: Path, frame: pd.DataFrame) -> pd.DataFrame:
-    """The stored jieba tokens beside the selected cases (only a re-cluster labels clusters): each
-    case's newest stored row's (as `read_cases` picks it), null where there is none. Kept as
-    Arrow list<string> (`cluster.token_codes` encodes them in Arrow): read into pandas, every
-    token of every stored case was a Python str, the largest holder of a re-cluster's memory."""
-    from pipeline.storage.store import newest_row_mask, read_parts, stored_parts
-
-    if frame.empty:
-        return frame.assign(tokens=pd.Series(dtype=object))
-    t = read_parts(stored_parts(Path(out)), ["case_id", "run_id", "tokens"])
-    t = t.filter(pa.array(newest_row_mask(t.select(["case_id", "run_id"]))))
-    ids = t["case_id"].combine_chunks().cast(pa.large_string())
-    pos = _index_in(_key(frame["case_id"]), ids)
-    tokens = t["tokens"].combine_chunks().take(pa.array(pos, mask=pos < 0))
-    return frame.assign(tokens=pd.Series(pd.arrays.ArrowExtensionArray(tokens), index=frame.index))
-
-
 def export_all(
     cfg: Config,
     out: Path,
@@ -1167,7 +1155,7 @@ def export_all(
         same_space = meta.get("embedder") == embedder_id
         seeds = seeds_from_state(state, meta, X.shape[1]) if c.seed_from_state and same_space else {}
         fitted = fit_vectors(
-            _with_tokens(out, frame),
+            frame,
             X,
             cfg,
             state,
@@ -1177,10 +1165,12 @@ def export_all(
             stopwords=_stopwords(cfg),
             seeds=seeds,
             consume_vectors=True,
+            # Each case's newest stored tokens (only a re-cluster labels clusters), read and
+            # encoded a block of parts at a time: never every case's token strings at once.
+            stored_tokens=stored_token_codes(out, _key(frame["case_id"])) if len(frame) else None,
         )
         # Overwritten by the map's centring and not read again: let go before the members' case
-        # fields are copied (2 rows a case), not held with them and through the tables. The
-        # tokens' frame (an argument) goes with it.
+        # fields are copied (2 rows a case), not held with them and through the tables.
         del X
         clustering, projections, stored = recluster_members(frame, fitted)
         del fitted
