@@ -133,7 +133,8 @@ class Sampler:
 
 # The full re-cluster's stages (export.py's names unless the module is given), wrapped by --breakdown.
 FULL_STAGES = (
-    ("_with_tokens", True),
+    ("_with_tokens", True),  # an older tree's read of every stored case's tokens at once
+    ("stored_token_codes", False),
     ("release_unused_memory", False),
     ("full_clustering", False),
     ("fit_vectors", False),
