@@ -440,6 +440,38 @@ def test_project_blocks_at_rows_matches_the_copy(monkeypatch):
             assert np.array_equal(project_blocks(proj, X, rows), project_blocks(proj, X[rows]))
 
 
+def _block_apply(proj, X, rows, block):
+    """project_blocks as it was: one `apply` per block of rows, gathered whole."""
+    n = len(X) if rows is None else len(rows)
+    parts = [proj.apply(X[i : i + block] if rows is None else X[rows[i : i + block]]) for i in range(0, n, block)]
+    return proj.apply(X[:0]) if not parts else parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+@pytest.mark.parametrize("block", [65_536, 64, 7, 1])
+def test_project_blocks_centre_gathered_rows_in_place_alike(monkeypatch, block):
+    """Gathered rows centred in place give the bytes of the centred copy, for sizes around the
+    block; the vectors read in place (no rows) are never changed."""
+    import pipeline.insights.cluster as cl
+    from pipeline.insights.cluster import fit_projection, project_blocks
+
+    monkeypatch.setattr(cl, "_BLOCK", block)
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(300, 48)).astype(np.float32)
+    before = X.copy()
+    proj = fit_projection(X, 6)
+    for n in sorted({0, 1, 2, block - 1, block, block + 1, 3 * block + 2, 300} & set(range(301))):
+        for rows in (None, rng.permutation(len(X))[:n], np.repeat(np.arange(3), n)[:n]):
+            data = X[:n] if rows is None else X
+            want = _block_apply(proj, data, rows, block)
+            got = project_blocks(proj, data, rows)
+            assert got.shape == want.shape and got.dtype == want.dtype and got.tobytes() == want.tobytes(), n
+            assert np.array_equal(X, before)
+    gathered = X[[3, 1, 2]]
+    assert proj.apply(gathered.copy(), overwrite=True).tobytes() == proj.apply(gathered).tobytes()
+    assert proj.apply(X[::2], overwrite=True).tobytes() == proj.apply(X[::2].copy()).tobytes()
+    assert np.array_equal(X, before)  # a strided view is not centred in place
+
+
 def test_run_ids_of_members_match_the_dict_form():
     from pipeline.insights.export import _run_ids
 

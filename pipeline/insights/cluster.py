@@ -416,10 +416,16 @@ class Projection:
     mean: np.ndarray | None = None
     components: np.ndarray | None = None
 
-    def apply(self, X: np.ndarray) -> np.ndarray:
-        """Rows projected and re-normalised, so Euclidean distance tracks cosine."""
+    def apply(self, X: np.ndarray, overwrite: bool = False) -> np.ndarray:
+        """Rows projected and re-normalised, so Euclidean distance tracks cosine. `overwrite`: X
+        is the caller's scratch copy, centred in place (the same values, the same product)."""
         X = np.asarray(X, dtype=np.float32)
-        Z = X if self.components is None else (X - self.mean) @ self.components.T
+        if self.components is None:
+            Z = X
+        elif overwrite and X.flags.writeable and X.flags.c_contiguous and self.mean is not None:
+            Z = np.subtract(X, self.mean, out=X) @ self.components.T
+        else:
+            Z = (X - self.mean) @ self.components.T
         norms = np.linalg.norm(Z, axis=1, keepdims=True)
         return (Z / np.where(norms == 0, 1, norms)).astype(np.float32)
 
@@ -544,11 +550,12 @@ def fit_clusters(
         del sample
         Z = project_blocks(proj, X, rows)
     else:
-        # An uncapped scope's PCA needs its vectors whole: gathered once, projected, let go.
+        # An uncapped scope's PCA needs its vectors whole: gathered once and let go before they
+        # are projected (a piece at a time, gathered again: the same rows, the same products).
         scope_X = X if rows is None else X[rows]
         proj = fit_projection(scope_X, params.pca_components, params.seed)
-        Z = project_blocks(proj, scope_X)
         del scope_X
+        Z = project_blocks(proj, X, rows)
     k_max = min(params.max_clusters, math.isqrt(n))
     init = proj.apply(seeds) if seeds is not None and len(seeds) else None
     keep = params.keep_k_within if init is not None else 0.0
@@ -584,15 +591,16 @@ _SILHOUETTE_MIB = 32  # sklearn working memory for the silhouette's distance blo
 def project_blocks(proj: Projection, X: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
     """`proj.apply(X)` (of `X[rows]` when given) a block at a time: the centred copy of the
     vectors, and the gathered rows, stay one block. Each block is the same rows either way, so
-    the same products."""
+    the same products. Gathered rows are the block's own copy: centred in place (`overwrite`),
+    not copied again (a second 1.5 KiB a row of the block, on top of the gathered rows)."""
     n = len(X) if rows is None else len(rows)
 
     def block(i: int) -> np.ndarray:
-        return X[i : i + _BLOCK] if rows is None else X[rows[i : i + _BLOCK]]
+        return proj.apply(X[i : i + _BLOCK]) if rows is None else proj.apply(X[rows[i : i + _BLOCK]], overwrite=True)
 
     if n <= _BLOCK:
-        return proj.apply(block(0))
-    return np.concatenate([proj.apply(block(i)) for i in range(0, n, _BLOCK)])
+        return block(0)
+    return np.concatenate([block(i) for i in range(0, n, _BLOCK)])
 
 
 def label_means(Z: np.ndarray, labels: np.ndarray) -> np.ndarray:
