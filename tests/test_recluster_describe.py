@@ -27,7 +27,6 @@ from pipeline.insights.cluster import (
     _ranked,
     centroid_of,
     class_tfidf,
-    closest_rows,
     describe_scope,
     format_shares,
     label_from_terms,
@@ -147,7 +146,6 @@ def test_centroid_of_other_layouts_as_before():
     for v in (X[:, :1], np.asfortranarray(X), X[::3], X.tolist(), np.asfortranarray(cancel), cancel[::2]):
         assert centroid_of(v).tobytes() == _old_centroid_of(v).tobytes()
     assert representatives(X, 7) == _old_representatives(X, 7)
-    assert closest_rows(X, _old_centroid_of(X), 7) == _old_representatives(X, 7)
 
 
 # -- describe_scope -------------------------------------------------------------------------------
@@ -216,3 +214,36 @@ def test_describe_scope_without_issue_types_fails_as_before(cfg):
     X = np.random.default_rng(2).standard_normal((20, 8)).astype(np.float32)
     with pytest.raises(KeyError):
         describe_scope("s", frame, X, np.zeros(20, dtype=int), [[]] * 20, CauseLexicon.load(cfg), cfg)
+
+
+def test_fit_models_radii_from_the_descriptions_products(cfg):
+    """The radii `fit_models` cuts from the similarities `describe_scope` kept are those of its
+    own product of each cluster's rows (float32 vectors; float64 ones are not kept)."""
+    from pipeline.insights.cluster import ClusterParams, ClusterState, assign_stable_ids, cluster_cases
+    from pipeline.insights.incremental import fit_models
+
+    rng = np.random.default_rng(8)
+    frame = _frame(360, rng, True)
+    centers = rng.standard_normal((5, 32))
+    X = (centers[rng.integers(5, size=len(frame))] + rng.normal(0, 0.3, (len(frame), 32))).astype(np.float32)
+    params = ClusterParams(pca_components=4, max_clusters=6, min_cluster_size=3, min_scope_cases=10)
+    lexicon = CauseLexicon.load(cfg)
+    results = cluster_cases(frame, X, cfg, lexicon, params=params, tokens=cl.TokenCodes.from_lists([[]] * len(frame)))
+    assert sum(len(r.sims) for r in results) > 5
+    for res in results:
+        assert res.sims.keys() == res.centroids.keys()
+        for lab, sims in res.sims.items():
+            own = X[res.row_index[res.labels == lab]] @ res.centroids[lab]
+            assert sims.dtype == own.dtype and sims.tobytes() == own.tobytes()
+    clusters, _ = assign_stable_ids(results, ClusterState.empty(), "2025-11-02", 0.8)
+    q = cfg.cluster.noise_quantile
+    _, kept = fit_models(results, clusters, X, q)
+    for res in results:
+        res.sims = {}
+    _, again = fit_models(results, clusters, X, q)
+    assert len(kept) > 5
+    pd.testing.assert_frame_equal(kept, again)
+    wide = cluster_cases(
+        frame, X.astype(np.float64), cfg, lexicon, params=params, tokens=cl.TokenCodes.from_lists([[]] * len(frame))
+    )
+    assert all(not r.sims for r in wide)

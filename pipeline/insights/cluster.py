@@ -660,12 +660,8 @@ def row_sum(X: np.ndarray) -> np.ndarray:
 
 def representatives(X: np.ndarray, k: int) -> list[int]:
     """Row positions of the k cases closest to the centroid: what a reader should see first."""
-    return closest_rows(X, centroid_of(X), k)
-
-
-def closest_rows(X: np.ndarray, centroid: np.ndarray, k: int) -> list[int]:
-    """`representatives` given the rows' centroid (a caller that keeps it computes it once)."""
-    sims = np.asarray(X, dtype=np.float32) @ centroid
+    c = centroid_of(X)
+    sims = np.asarray(X, dtype=np.float32) @ c
     return [int(i) for i in np.argsort(-sims, kind="stable")[:k]]
 
 
@@ -1015,6 +1011,10 @@ class ScopeResult:
     centroids: dict[int, np.ndarray]
     row_index: np.ndarray | None = None  # positions of the scope's rows in the selected frame
     fit: ClusterFit | None = None  # the space and centres new cases are assigned in until the next re-cluster
+    # Per cluster its rows' similarity to its centroid (float32 vectors), in row order: the product
+    # its representatives were picked by, which the assignment radii (`fit_models`) are cut from,
+    # so the cluster's rows are gathered once, not again there.
+    sims: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 # The case columns whose mix `describe_scope` reports per cluster, and how many values each keeps.
@@ -1054,14 +1054,17 @@ def describe_scope(
     at_rows = np.asarray(rows) if rows is not None else None
     mix = _cluster_mix(frame, group, at_rows)
     scores = frame["emotion_score"].to_numpy() if "emotion_score" in frame else None
-    out, cents = [], {}
+    out, cents, sims = [], {}, {}
     scope_size = len(labels)  # the scope frame's length when it was a copy of the scope's rows
     for g, (lab, idx) in enumerate(zip(found, group_rows(group, len(found)))):
         at = idx if at_rows is None else at_rows[idx]  # the cluster's rows of `frame` and `X`
         Xc = X[at]
         cents[lab] = centroid_of(Xc)
-        reps = [int(at[i]) for i in closest_rows(Xc, cents[lab], c.representatives)]
+        cluster_sims = np.asarray(Xc, dtype=np.float32) @ cents[lab]
+        if Xc.dtype == np.float32:  # the product `fit_models` would make of these rows
+            sims[lab] = cluster_sims
         del Xc
+        reps = [int(at[i]) for i in np.argsort(-cluster_sims, kind="stable")[: c.representatives]]
         top = [t for t, _ in terms.get(lab, [])]
         rep_texts = frame["cluster_text"].iloc[reps].tolist()
         shares = {col: mix[col].get(g, {}) for col in mix}
@@ -1090,7 +1093,7 @@ def describe_scope(
                 "cause_suggested": True,
             }
         )
-    return ScopeResult(scope, pd.DataFrame(out), labs, cents)
+    return ScopeResult(scope, pd.DataFrame(out), labs, cents, sims=sims)
 
 
 def _cluster_mix(

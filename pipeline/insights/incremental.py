@@ -74,8 +74,10 @@ def fit_models(
             cid = ids.get((res.scope, lab))
             if cid is None:
                 continue
-            mine = res.labels == lab
-            sims = X[idx[mine]] @ res.centroids[lab]  # only the cluster's rows copied, not the scope's per cluster
+            sims = res.sims.get(lab)
+            if sims is None:
+                mine = res.labels == lab
+                sims = X[idx[mine]] @ res.centroids[lab]  # only the cluster's rows copied, not the scope's per cluster
             rows.append(
                 {
                     "cluster_id": cid,
