@@ -212,8 +212,13 @@ def test_describe_scope_matches_the_copying_form(cfg, monkeypatch, arrow, drop, 
 def test_describe_scope_without_issue_types_fails_as_before(cfg):
     frame = _frame(20, np.random.default_rng(1), True).drop(columns="issue_type")
     X = np.random.default_rng(2).standard_normal((20, 8)).astype(np.float32)
+    lexicon = CauseLexicon.load(cfg)
     with pytest.raises(KeyError):
-        describe_scope("s", frame, X, np.zeros(20, dtype=int), [[]] * 20, CauseLexicon.load(cfg), cfg)
+        describe_scope("s", frame, X, np.zeros(20, dtype=int), [[]] * 20, lexicon, cfg)
+    # A scope of noise alone reads no cluster's issue types: no error, no clusters.
+    noise = np.full(20, NOISE)
+    assert describe_scope("s", frame, X, noise, [[]] * 20, lexicon, cfg).clusters.empty
+    assert _old_describe_scope("s", frame, X, noise, [[]] * 20, lexicon, cfg).clusters.empty
 
 
 def test_fit_models_radii_from_the_descriptions_products(cfg):

@@ -551,7 +551,7 @@ def fit_clusters(
         Z = project_blocks(proj, X, rows)
     else:
         # An uncapped scope's PCA needs its vectors whole: gathered once and let go before they
-        # are projected (a piece at a time, gathered again: the same rows, the same products).
+        # are projected (a block at a time, gathered again: the same rows, the same products).
         scope_X = X if rows is None else X[rows]
         proj = fit_projection(scope_X, params.pca_components, params.seed)
         del scope_X
@@ -1082,7 +1082,7 @@ def describe_scope(
                 "mean_emotion": _mean(scores[at]) if scores is not None else None,
                 "top_emotion": next(iter(shares["emotion"].keys()), None) if "emotion" in shares else None,
                 "channels": json.dumps(shares.get("channel", {}), ensure_ascii=False),
-                "issue_types": json.dumps(shares["issue_type"], ensure_ascii=False),
+                "issue_types": json.dumps(shares["issue_type"], ensure_ascii=False),  # KeyError without, as before
                 "top_regions": format_shares(regions, c.top_breakdown),
                 "top_products": format_shares(products, c.top_breakdown),
                 "representative_case_ids": frame["case_id"].iloc[reps].astype(str).tolist()
@@ -1102,8 +1102,6 @@ def _cluster_mix(
     """Per `_MIX_FIELDS` column of `frame`: each cluster's `share_dict` of its rows' values (by
     its place in `group`; `rows`: the scope's rows of `frame`, None for all), all clusters
     counted in one pass over the column's codes (`coded_shares`: the same shares and order)."""
-    if "issue_type" not in frame:
-        raise KeyError("issue_type")  # as reading the clusters' issue types did
     out = {}
     for col, top in _MIX_FIELDS.items():
         if col in frame:
