@@ -80,6 +80,40 @@ def write_cache(path: Path, write: Callable[[BinaryIO], Any], name: str, without
             pass  # its folder could not be made: there is nothing to remove
 
 
+def write_cache_table(path: Path, table: pa.Table, key: bytes, meta: dict[str, Any], name: str, without: str) -> bool:
+    """`table` as an Arrow IPC cache file (`write_cache`), `meta` kept as JSON in its schema
+    metadata under `key`: what `read_cache_table` checks before it reads the rows."""
+    import pyarrow.ipc as ipc
+
+    t = table.replace_schema_metadata({key: json.dumps(meta, ensure_ascii=False).encode()})
+
+    def write(f: BinaryIO) -> None:
+        with ipc.new_file(f, t.schema) as w:
+            w.write_table(t)
+
+    return write_cache(path, write, name, without)
+
+
+def read_cache_table(
+    path: Path, key: bytes, columns: list[str], accept: Callable[[dict[str, Any]], bool]
+) -> tuple[dict[str, Any], pa.Table] | None:
+    """A `write_cache_table` file's metadata and rows, memory-mapped; None when there is none,
+    it cannot be read, its metadata is not `accept`ed (checked before the rows are read), or
+    its columns are not `columns`: a cache that does not answer is made again by its caller."""
+    import pyarrow.ipc as ipc
+
+    try:
+        with pa.memory_map(str(path)) as src:
+            reader = ipc.open_file(src)
+            meta = json.loads((reader.schema.metadata or {})[key])
+            if not accept(meta):
+                return None
+            t = reader.read_all()
+    except (OSError, KeyError, ValueError, TypeError, pa.ArrowException):
+        return None
+    return (meta, t) if t.column_names == columns else None
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -20,7 +20,6 @@ of more than `MAX_VALUES` distinct values are not kept (their dictionary would b
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +27,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.ipc as ipc
 
 from pipeline.insights.case_facts import text_bytes
 from pipeline.insights.cluster import arrow_text
 from pipeline.insights.codes import Codes, remember_codes
-from pipeline.io import write_cache
+from pipeline.io import read_cache_table, write_cache_table
 
 _META = b"casemine_case_codes"
 # The columns every night's tables hash over all stored cases.
@@ -60,37 +58,33 @@ def cache_dir(out: Path) -> Path:
 
 def _load(path: Path, gen: str, column: pa.Array) -> tuple[np.ndarray, list[str]] | None:
     """The kept codes of the first rows of `column` and their dictionary, or None."""
-    try:
-        with pa.memory_map(str(path)) as src:
-            reader = ipc.open_file(src)
-            meta = json.loads((reader.schema.metadata or {})[_META])
-            n = int(meta["n"])
-            if meta.get("gen") != gen or meta.get("rule") != _RULE or n > len(column):
-                return None
-            if meta.get("bytes") != text_bytes(column, n):
-                return None
-            values = [str(v) for v in meta["values"]]
-            t = reader.read_all()
-        if t.column_names != ["code"] or len(t) != n:
-            return None
-        codes = np.asarray(t["code"].to_numpy(), dtype=np.int16)
-        if n and (codes.max(initial=-1) >= len(values) or codes.min(initial=0) < -1):
-            return None
-        return codes, values
-    except (OSError, KeyError, ValueError, TypeError, pa.ArrowException):
+
+    def accept(meta: dict[str, Any]) -> bool:
+        n = int(meta["n"])
+        return (
+            meta.get("gen") == gen
+            and meta.get("rule") == _RULE
+            and n <= len(column)
+            and meta.get("bytes") == text_bytes(column, n)
+            and isinstance(meta.get("values"), list)
+        )
+
+    got = read_cache_table(path, _META, ["code"], accept)
+    if got is None or len(got[1]) != int(got[0]["n"]):
         return None
+    values = [str(v) for v in got[0]["values"]]
+    codes = np.asarray(got[1]["code"].to_numpy(), dtype=np.int16)
+    if len(codes) and (codes.max(initial=-1) >= len(values) or codes.min(initial=0) < -1):
+        return None
+    return codes, values
 
 
 def _save(path: Path, gen: str, codes: np.ndarray, values: list[str], column: pa.Array) -> None:
     n = len(codes)
     meta = {"gen": gen, "rule": _RULE, "n": n, "bytes": text_bytes(column, n), "values": values}
-    t = pa.table({"code": codes}).replace_schema_metadata({_META: json.dumps(meta, ensure_ascii=False).encode()})
-
-    def write(f: Any) -> None:
-        with ipc.new_file(f, t.schema) as w:
-            w.write_table(t)
-
-    write_cache(path, write, "the case column codes", "the next night hashes the column again")
+    write_cache_table(
+        path, pa.table({"code": codes}), _META, meta, "the case column codes", "the next night hashes the column again"
+    )
 
 
 def extend_codes(codes: np.ndarray, values: list[str], new: pa.Array) -> tuple[np.ndarray, list[str]]:

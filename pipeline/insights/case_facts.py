@@ -18,16 +18,14 @@ size differs from the copy's, is ignored and written again.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.ipc as ipc
 
 from pipeline.insights.cluster import PROBLEM_FACTS_RULE, ProblemFacts, problem_facts
-from pipeline.io import write_cache
+from pipeline.io import read_cache_table, write_cache_table
 
 _META = b"casemine_case_facts"
 
@@ -52,35 +50,30 @@ def _key(gen: str, min_chars: int) -> dict[str, Any]:
 
 def _load(path: Path, key: dict[str, Any], problem: pa.Array) -> ProblemFacts | None:
     """The kept facts of the first rows of `problem`, or None when there are none for it."""
-    try:
-        with pa.memory_map(str(path)) as src:
-            reader = ipc.open_file(src)
-            meta = json.loads((reader.schema.metadata or {})[_META])
-            n = int(meta["n"])
-            if {k: meta.get(k) for k in key} != key or n > len(problem):
-                return None
-            if meta.get("bytes") != text_bytes(problem, n):
-                return None
-            t = reader.read_all()
-        if t.column_names != ["plain", "long"] or len(t) != n:
-            return None
-        plain = np.asarray(t["plain"].to_numpy(), dtype=bool)
-        long_enough = np.asarray(t["long"].to_numpy(), dtype=bool)
-        return plain, long_enough
-    except (OSError, KeyError, ValueError, TypeError, pa.ArrowException):
+
+    def accept(meta: dict[str, Any]) -> bool:
+        n = int(meta["n"])
+        return (
+            {k: meta.get(k) for k in key} == key and n <= len(problem) and meta.get("bytes") == text_bytes(problem, n)
+        )
+
+    got = read_cache_table(path, _META, ["plain", "long"], accept)
+    if got is None or len(got[1]) != int(got[0]["n"]):
         return None
+    t = got[1]
+    return np.asarray(t["plain"].to_numpy(), dtype=bool), np.asarray(t["long"].to_numpy(), dtype=bool)
 
 
 def _save(path: Path, key: dict[str, Any], facts: ProblemFacts, problem: pa.Array) -> None:
     n = len(facts[0])
-    meta = json.dumps({**key, "n": n, "bytes": text_bytes(problem, n)}).encode()
-    t = pa.table({"plain": facts[0], "long": facts[1]}).replace_schema_metadata({_META: meta})
-
-    def write(f: Any) -> None:
-        with ipc.new_file(f, t.schema) as w:
-            w.write_table(t)
-
-    write_cache(path, write, "the case selection facts", "the next night tests every problem again")
+    write_cache_table(
+        path,
+        pa.table({"plain": facts[0], "long": facts[1]}),
+        _META,
+        {**key, "n": n, "bytes": text_bytes(problem, n)},
+        "the case selection facts",
+        "the next night tests every problem again",
+    )
 
 
 def kept_problem_facts(out: Path, problem: pa.Array, gen: str | None, min_chars: int) -> ProblemFacts:

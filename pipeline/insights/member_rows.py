@@ -18,18 +18,17 @@ written only costs the next night its speed.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.ipc as ipc
 
 from pipeline.insights.membership import Members
-from pipeline.io import write_cache
+from pipeline.io import read_cache_table, write_cache_table
 
 _META = b"casemine_member_rows"
 # Fewer ids than this share of the cases: the ids are hashed and the cases probed against them
@@ -88,31 +87,28 @@ def _stat(path: Path) -> list[int]:
 
 
 def _load(path: Path, stat: list[int], gen: str, n: int) -> tuple[np.ndarray, np.ndarray, int] | None:
-    try:
-        with pa.memory_map(str(path)) as src:
-            reader = ipc.open_file(src)
-            meta = json.loads((reader.schema.metadata or {})[_META])
-            if meta.get("part") != stat or meta.get("gen") != gen or meta.get("n") != n:
-                return None
-            t = reader.read_all()
-        if t.column_names != ["row", "same"] or len(t) != n:
-            return None
-        rows = np.asarray(t["row"].to_numpy(), dtype=np.int64)
-        same = np.asarray(t["same"].to_numpy(), dtype=bool)
-        return rows, same, int(meta["looked"])
-    except (OSError, KeyError, ValueError, TypeError, pa.ArrowException):
+    def accept(meta: dict[str, Any]) -> bool:
+        return meta.get("part") == stat and meta.get("gen") == gen and meta.get("n") == n and "looked" in meta
+
+    got = read_cache_table(path, _META, ["row", "same"], accept)
+    if got is None or len(got[1]) != n:
         return None
+    meta, t = got
+    rows = np.asarray(t["row"].to_numpy(), dtype=np.int64)
+    same = np.asarray(t["same"].to_numpy(), dtype=bool)
+    return rows, same, int(meta["looked"])
 
 
 def _save(path: Path, rows: np.ndarray, same: np.ndarray, stat: list[int], gen: str, looked: int) -> None:
-    meta = json.dumps({"part": stat, "gen": gen, "n": len(rows), "looked": looked}).encode()
-    t = pa.table({"row": rows, "same": same}).replace_schema_metadata({_META: meta})
-
-    def write(f) -> None:
-        with ipc.new_file(f, t.schema) as w:
-            w.write_table(t)
-
-    write_cache(path, write, "the membership rows cache", "the next night looks every member up")
+    meta = {"part": stat, "gen": gen, "n": len(rows), "looked": looked}
+    write_cache_table(
+        path,
+        pa.table({"row": rows, "same": same}),
+        _META,
+        meta,
+        "the membership rows cache",
+        "the next night looks every member up",
+    )
 
 
 def part_rows(
