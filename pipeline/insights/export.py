@@ -1189,8 +1189,12 @@ def export_all(
         )
         if reuse and positions is not None:  # (always with reuse: for the type checker)
             part_rows = members_view(frame, membership.iloc[n_kept:], positions[n_kept:])
-        # The cluster ids (an object column) hashed once for the recount and the tables.
-        cluster_codes = (cluster_codes or sorted_codes(members["cluster_id"])) if len(members) else None
+        # The cluster ids (an object column) hashed once for the recount and the tables, unless
+        # the view has them from the stored membership's codes.
+        if not len(members):
+            cluster_codes = None
+        elif cluster_codes is None:
+            cluster_codes = sorted_codes(members["cluster_id"])
         clusters, new_state = recount_clusters(described, members, state, day, c.top_breakdown, cluster_codes)
         # The cases are the store's newest rows, one per id: a member's case is its frame row's.
         clustering = Clustering(clusters, members, new_state, cluster_codes, selected[frame_rows])
