@@ -551,6 +551,58 @@ def test_members_table_in_one_take_matches_the_concatenated_copies():
     assert members_table(frame, [], clusters, X).columns.tolist() == ["scope", "cluster_id", "is_noise"]
 
 
+def _old_member_heads(results, clusters, X):
+    """member_heads as it was: Python lists of every row's id, flag and similarity."""
+    ids = {(r["scope"], int(r["local_label"])): r["cluster_id"] for r in clusters.to_dict("records")}
+    heads = []
+    for res in results:
+        idx = res.row_index
+        head = pd.DataFrame(index=pd.RangeIndex(len(idx)))
+        head.insert(0, "scope", res.scope)
+        cid = [ids.get((res.scope, int(lab))) if lab != NOISE else None for lab in res.labels]
+        sims = [float(X[i] @ res.centroids[int(lab)]) if lab != NOISE else None for i, lab in zip(idx, res.labels)]
+        head.insert(1, "cluster_id", cid)
+        head.insert(2, "is_noise", [lab == NOISE for lab in res.labels])
+        head.insert(3, "similarity", [round(s, 4) if s is not None else None for s in sims])
+        heads.append(head)
+    return pd.concat(heads, ignore_index=True)
+
+
+@pytest.mark.parametrize("block", [4096, 7])
+@pytest.mark.parametrize("all_noise", [False, True])
+def test_member_heads_as_arrays_match_the_lists(monkeypatch, block, all_noise):
+    """The heads built as arrays (vectors gathered a block at a time, short last block) are the
+    lists' frame: values, NaN/None for noise, dtypes, and a label without an id (None)."""
+    import pipeline.insights.cluster as cl
+    from pipeline.insights.cluster import ScopeResult, member_heads
+
+    monkeypatch.setattr(cl, "_HEAD_ROWS", block)
+    rng = np.random.default_rng(5)
+    n, d = 300, 384
+    X = rng.normal(size=(n, d)).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    cents = {k: rng.normal(size=d).astype(np.float32) for k in range(4)}
+    idx_b = np.flatnonzero(rng.random(n) < 0.4)
+    lab_b = np.full(len(idx_b), NOISE) if all_noise else rng.integers(-1, 4, len(idx_b))
+    results = [
+        ScopeResult("全部", pd.DataFrame(), rng.integers(-1, 4, n), cents, np.arange(n)),
+        ScopeResult("物流", pd.DataFrame(), lab_b, cents, idx_b),
+        ScopeResult("售后", pd.DataFrame(), np.full(5, NOISE), {}, np.arange(5)),
+    ]
+    # Label 3 of the cross-type scope has no id (not in the table): None, as a noise row.
+    clusters = pd.DataFrame(
+        {"scope": ["全部"] * 3 + ["物流"] * 4, "local_label": [0, 1, 2, 0, 1, 2, 3], "cluster_id": list("ABCDEFG")}
+    )
+    got, want = member_heads(results, clusters, X), _old_member_heads(results, clusters, X)
+    pd.testing.assert_frame_equal(got, want)
+    assert got.dtypes.tolist() == want.dtypes.tolist()
+    sim = got["similarity"].to_numpy(dtype=np.float64, na_value=np.nan)
+    ref = want["similarity"].to_numpy(dtype=np.float64, na_value=np.nan)
+    assert np.array_equal(sim, ref, equal_nan=True) and np.isfinite(sim).sum() > 200
+    no_id = (results[0].labels >= 3) | (results[0].labels < 0)
+    assert got["cluster_id"].iloc[:n].isna().sum() == int(no_id.sum()) > 0
+
+
 def test_silhouette_in_blocks_scores_and_clusters_as_the_whole_matrix(monkeypatch):
     """The k search's silhouette under a small working memory (distances a block of rows at a
     time) gives the scores, and so the clusters, of the whole distance matrix at once."""
