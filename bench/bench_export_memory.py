@@ -137,6 +137,7 @@ FULL_STAGES = (
     ("stored_token_codes", False),
     ("release_unused_memory", False),
     ("full_clustering", False),
+    ("spill_vectors", False),
     ("fit_vectors", False),
     ("recluster_members", False),
     ("token_codes", False),

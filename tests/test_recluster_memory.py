@@ -603,6 +603,89 @@ def test_member_heads_as_arrays_match_the_lists(monkeypatch, block, all_noise):
     assert got["cluster_id"].iloc[:n].isna().sum() == int(no_id.sum()) > 0
 
 
+def test_row_file_gathers_what_the_matrix_gives(tmp_path, monkeypatch):
+    """Rows read back from the spilled file, a few per window (the last one short), equal the
+    matrix's: one row, negative rows, slices with steps, any order, repeats, none; C-ordered."""
+    import pipeline.insights.row_file as rf
+    from pipeline.insights.row_file import RowFile
+
+    monkeypatch.setattr(rf, "_WRITE_ROWS", 7)
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(1000, 384)).astype(np.float32)
+    monkeypatch.setattr(rf, "_WINDOW_BYTES", 5 * X.shape[1] * 4 + 3)  # 5 rows, not page-aligned
+    with RowFile(X, tmp_path) as rows:
+        assert len(rows) == 1000 and rows.shape == X.shape and rows.dtype == X.dtype
+        picks = [rng.permutation(1000)[:300], np.sort(rng.choice(1000, 200)), np.array([5, 5, 999, 0, -1])]
+        picks += [np.zeros(0, np.int64), np.arange(1000)]
+        for p in picks:
+            got = rows[p]
+            assert got.flags.c_contiguous and np.array_equal(got, X[p])
+        for key in (slice(None), slice(3, 70), slice(10, None, 3), slice(990, 2000)):
+            assert np.array_equal(rows[key], X[key])
+        assert np.array_equal(rows[17], X[17]) and np.array_equal(rows[-1], X[-1])
+        with pytest.raises(IndexError):
+            rows[np.array([1000])]
+        with pytest.raises(TypeError):
+            rows[np.ones(1000, bool)]
+    with RowFile(np.zeros((0, 384), np.float32)) as empty:
+        assert len(empty) == 0 and empty[np.zeros(0, np.int64)].shape == (0, 384)
+
+
+@pytest.mark.parametrize("fit_max_cases, block", [(50_000, 65_536), (30, 16)])
+def test_cluster_cases_on_spilled_vectors_match_the_matrix(cfg, tmp_path, monkeypatch, fit_max_cases, block):
+    """Every stage that reads vectors after the map (scopes' fits, capped and projected in blocks
+    or not, descriptions, members' similarities, models) gives the same from the spilled file."""
+    import pipeline.insights.cluster as cl
+    import pipeline.insights.row_file as rf
+    from pipeline.embed.fake import HashingEmbedder
+    from pipeline.insights.cluster import (
+        CauseLexicon,
+        ClusterParams,
+        ClusterState,
+        assign_stable_ids,
+        cluster_cases,
+        member_heads,
+        select_cases,
+    )
+    from pipeline.insights.incremental import fit_models
+    from pipeline.insights.row_file import RowFile
+
+    monkeypatch.setattr(cl, "_BLOCK", block)
+    monkeypatch.setattr(cl, "_HEAD_ROWS", 13)
+    monkeypatch.setattr(rf, "_WINDOW_BYTES", 4096 * 3)  # 8 rows of 384 floats a window
+    texts = ["快递三天没到", "物流不更新", "发票抬头开错", "退款一直没到账", "耳机左边没声音", "快递员不送货上门"]
+    rows = [
+        {"case_id": f"c{i:03d}", "issue_type": ["物流", "售后", "票据"][i % 3], "region": ["华北", "华东"][i % 2],
+         "problem": f"{texts[i % len(texts)]}，第{i}次", "outcome": "resolved", "date": "2025-11-01",
+         "emotion_score": float(i % 5) / 5}
+        for i in range(150)
+    ]  # fmt: skip
+    frame = select_cases(pd.DataFrame(rows))
+    X = HashingEmbedder().encode_passages(frame["cluster_text"].tolist()).astype(np.float32)
+    params = ClusterParams(
+        pca_components=5, max_clusters=6, min_cluster_size=3, min_scope_cases=10, fit_max_cases=fit_max_cases
+    )
+    lexicon = CauseLexicon.load(cfg)
+    want = cluster_cases(frame, X, cfg, lexicon, cut=_cut, params=params)
+    with RowFile(X, tmp_path) as spilled:
+        got = cluster_cases(frame, spilled, cfg, lexicon, cut=_cut, params=params)
+        assert any(len(r.clusters) > 1 for r in got) and len(got) == 4
+        for g, w in zip(got, want):
+            pd.testing.assert_frame_equal(g.clusters, w.clusters)
+            assert np.array_equal(g.labels, w.labels)
+            assert all(np.array_equal(g.centroids[k], w.centroids[k]) for k in w.centroids)
+            assert all(np.array_equal(g.sims[k], w.sims[k]) for k in w.sims)
+            assert np.array_equal(g.fit.projection.components, w.fit.projection.components)
+            assert all(np.array_equal(g.fit.centers[k], w.fit.centers[k]) for k in w.fit.centers)
+        clusters, _ = assign_stable_ids(want, ClusterState.empty(), "2025-11-02", 0.8)
+        pd.testing.assert_frame_equal(member_heads(got, clusters, spilled), member_heads(want, clusters, X))
+        for g in got:
+            g.sims = {}  # the models' radii from the gathered rows, not the descriptions' products
+        pg, mg = fit_models(got, clusters, spilled, 0.1)
+        pw, mw = fit_models(want, clusters, X, 0.1)
+        pd.testing.assert_frame_equal(mg, mw)
+
+
 def test_silhouette_in_blocks_scores_and_clusters_as_the_whole_matrix(monkeypatch):
     """The k search's silhouette under a small working memory (distances a block of rows at a
     time) gives the scores, and so the clusters, of the whole distance matrix at once."""
@@ -667,14 +750,15 @@ def _old_full_clustering(frame, X, cfg, state, day, lexicon, cut=None, consume_v
 
 
 @pytest.mark.parametrize("n", [90, 2, 0])
-def test_members_built_after_the_vectors_are_gone_match_the_old_full_clustering(cfg, n):
+def test_members_built_after_the_vectors_are_gone_match_the_old_full_clustering(cfg, tmp_path, n):
     """`fit_vectors` then `recluster_members` (the vectors overwritten in between, as the export
     lets them go) give the clusters, members, state, projections and stored rows the re-cluster
-    gave building its members table while it held the vectors; `full_clustering` too. n=2: too
-    few cases for a cluster or a map (all noise, no x/y); n=0: nothing selected."""
+    gave building its members table while it held the vectors; `full_clustering` too; and so do
+    the vectors spilled to a file after the map was fitted (`spill_vectors`, as the export does).
+    n=2: too few cases for a cluster or a map (all noise, no x/y); n=0: nothing selected."""
     from pipeline.embed.fake import HashingEmbedder
     from pipeline.insights.cluster import CauseLexicon, ClusterState, select_cases
-    from pipeline.insights.export import fit_vectors, full_clustering, recluster_members
+    from pipeline.insights.export import fit_vectors, full_clustering, recluster_members, spill_vectors
 
     texts = ["快递三天没到", "物流不更新", "发票抬头开错", "退款一直没到账", "耳机左边没声音", "快递员不送货上门"]
     rows = [
@@ -697,6 +781,10 @@ def test_members_built_after_the_vectors_are_gone_match_the_old_full_clustering(
     X[:] = np.nan  # read no more
     got = [recluster_members(frame, fitted)]
     got.append(full_clustering(frame, vectors(), *args, _cut))
+    spilled, mapped = spill_vectors(vectors(), tmp_path / "cache")
+    with spilled:
+        got.append(recluster_members(frame, fit_vectors(with_tokens, spilled, *args, cut=_cut, mapped=mapped)))
+    assert list((tmp_path / "cache").iterdir()) == []  # the spilled file has no name
     for clustering, proj, st in got:
         pd.testing.assert_frame_equal(clustering.clusters, clusters)
         pd.testing.assert_frame_equal(clustering.members, members)

@@ -32,9 +32,12 @@ import pyarrow.compute as pc
 from pipeline.config import Config
 from pipeline.heap import release_unused_memory
 from pipeline.insights.codes import column_codes, derive_codes
+from pipeline.insights.row_file import RowFile
 from pipeline.text.mask import PLACEHOLDER_RE
 
 NOISE = -1
+# The cases' vectors: in memory, or spilled (`RowFile`) once the map's PCA has read them whole.
+Vectors = np.ndarray | RowFile
 UNCLASSIFIED = "未分类"
 ALL_SCOPE = "全部"
 OUTCOME_KEYS = ("resolved", "unresolved", "escalated", "unknown")
@@ -518,7 +521,7 @@ class ClusterFit:
 
 
 def fit_clusters(
-    X: np.ndarray, params: ClusterParams, seeds: np.ndarray | None = None, rows: np.ndarray | None = None
+    X: Vectors, params: ClusterParams, seeds: np.ndarray | None = None, rows: np.ndarray | None = None
 ) -> ClusterFit:
     """Cluster labels 0..k-1 per row (largest cluster first), NOISE (-1) for cases whose group is
     too small to be more than an anecdote; `seeds` are stored centroids (full embedding space)
@@ -552,7 +555,7 @@ def fit_clusters(
     else:
         # An uncapped scope's PCA needs its vectors whole: gathered once and let go before they
         # are projected (a block at a time, gathered again: the same rows, the same products).
-        scope_X = X if rows is None else X[rows]
+        scope_X = X[:] if rows is None else X[rows]  # a view of an array in memory
         proj = fit_projection(scope_X, params.pca_components, params.seed)
         del scope_X
         Z = project_blocks(proj, X, rows)
@@ -588,15 +591,18 @@ _BLOCK = 65_536  # rows projected or assigned at a time
 _SILHOUETTE_MIB = 32  # sklearn working memory for the silhouette's distance blocks
 
 
-def project_blocks(proj: Projection, X: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+def project_blocks(proj: Projection, X: Vectors, rows: np.ndarray | None = None) -> np.ndarray:
     """`proj.apply(X)` (of `X[rows]` when given) a block at a time: the centred copy of the
     vectors, and the gathered rows, stay one block. Each block is the same rows either way, so
-    the same products. Gathered rows are the block's own copy: centred in place (`overwrite`),
-    not copied again (a second 1.5 KiB a row of the block, on top of the gathered rows)."""
+    the same products. Gathered rows (and a spilled matrix's blocks) are the block's own copy:
+    centred in place (`overwrite`), not copied again (a second 1.5 KiB a row of the block)."""
     n = len(X) if rows is None else len(rows)
+    own = isinstance(X, RowFile)  # its slices are copies, not views of the caller's matrix
 
     def block(i: int) -> np.ndarray:
-        return proj.apply(X[i : i + _BLOCK]) if rows is None else proj.apply(X[rows[i : i + _BLOCK]], overwrite=True)
+        if rows is None:
+            return proj.apply(X[i : i + _BLOCK], overwrite=own)
+        return proj.apply(X[rows[i : i + _BLOCK]], overwrite=True)
 
     if n <= _BLOCK:
         return block(0)
@@ -1025,7 +1031,7 @@ _TEXT_BLOCK = 4096  # a cluster's texts read for its causes at a time
 def describe_scope(
     scope: str,
     frame: pd.DataFrame,
-    X: np.ndarray,
+    X: Vectors,
     labels: np.ndarray,
     tokens: Sequence[Sequence[str]] | TokenCodes,
     lexicon: CauseLexicon,
@@ -1122,7 +1128,7 @@ def _causes(lexicon: CauseLexicon, texts: pd.Series, at: np.ndarray, min_share: 
 
 def cluster_cases(
     frame: pd.DataFrame,
-    X: np.ndarray,
+    X: Vectors,
     cfg: Config,
     lexicon: CauseLexicon,
     cut: Cutter | None = None,
@@ -1141,7 +1147,8 @@ def cluster_cases(
         tokens = token_codes(frame, cut)
     # The tokens are read from `tokens` only; the scopes' frames leave them out.
     cases = frame.drop(columns=["tokens"]) if "tokens" in frame else frame
-    X = np.ascontiguousarray(X)  # what X[idx] gave each scope: a C-ordered array
+    if isinstance(X, np.ndarray):
+        X = np.ascontiguousarray(X)  # what X[idx] gave each scope: a C-ordered array
     results = []
     scopes: list[tuple[str, np.ndarray]] = []
     if cfg.cluster.cluster_across_all:
@@ -1325,7 +1332,7 @@ def members_table(
     return members_with_fields(frame, results, member_heads(results, clusters, X))
 
 
-def member_heads(results: list[ScopeResult], clusters: pd.DataFrame, X: np.ndarray) -> pd.DataFrame | None:
+def member_heads(results: list[ScopeResult], clusters: pd.DataFrame, X: Vectors) -> pd.DataFrame | None:
     """The members table's own columns (scope, cluster id, noise, similarity), every scope's rows
     in `members_table`'s order; None without results. Apart from `members_with_fields` so a
     re-cluster can let the vectors go before the case fields are copied for 2 rows a case: the
@@ -1365,7 +1372,7 @@ _HEAD_ROWS = 4096  # vectors `_head_similarities` gathers at a time
 
 
 def _head_similarities(
-    X: np.ndarray, idx: np.ndarray, labels: np.ndarray, noise: np.ndarray, centroids: dict[int, np.ndarray]
+    X: Vectors, idx: np.ndarray, labels: np.ndarray, noise: np.ndarray, centroids: dict[int, np.ndarray]
 ) -> np.ndarray:
     """Each row's cosine to its cluster's centroid rounded to 4 places, NaN for noise (None
     throughout when every row is noise: the object column a list of Nones made). Still one dot

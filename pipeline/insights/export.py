@@ -51,6 +51,7 @@ from pipeline.insights.cluster import (
     Projection,
     ScopeResult,
     TokenCodes,
+    Vectors,
     _as_list,
     arrow_text,
     assign_stable_ids,
@@ -82,6 +83,7 @@ from pipeline.insights.kpis import compute_kpis, timing_coverage
 from pipeline.insights.member_rows import arrow_strings as _arrow_strings
 from pipeline.insights.member_rows import index_in as _index_in
 from pipeline.insights.report import ReportData, render_report
+from pipeline.insights.row_file import RowFile
 from pipeline.insights.stored_tokens import stored_token_codes
 from pipeline.insights.trends import (
     BREAKDOWNS,
@@ -302,6 +304,39 @@ def fit_map(X: np.ndarray) -> Projection:
     return Projection(pca.mean_.astype(np.float32), pca.components_.astype(np.float32))
 
 
+@dataclass
+class MapFit:
+    """The map's projection and every row's point on it (rounded), None when not placed."""
+
+    projection: Projection
+    xy: tuple[np.ndarray, np.ndarray] | None
+
+
+def fit_map_points(X: np.ndarray, consume: bool = False) -> MapFit:
+    """`fit_map` and every row's map point. `consume`: the caller reads `X` no more, so it is
+    centred in place (overwritten) instead of copied: the centred copy was a second all-history
+    matrix. The same float32 values either way, and the same product of a C-ordered matrix."""
+    proj = fit_map(X)
+    if not len(X) or proj.components is None or proj.mean is None:
+        return MapFit(proj, None)
+    mean = proj.mean
+    if consume and X.flags.c_contiguous and X.flags.writeable and X.dtype == np.result_type(X, mean):
+        pts = np.subtract(X, mean, out=X) @ proj.components.T
+    else:
+        pts = (X - mean) @ proj.components.T
+    return MapFit(proj, (np.round(pts[:, 0].astype(np.float64), 4), np.round(pts[:, 1].astype(np.float64), 4)))
+
+
+def spill_vectors(X: np.ndarray, folder: Path) -> tuple[RowFile, MapFit]:
+    """The map (whose PCA needs every vector at once: its covariance is one product of the whole
+    matrix, which BLAS would round otherwise in blocks), then the vectors spilled to a temporary
+    file for the rest of a re-cluster, which reads them a few rows at a time; `X` is overwritten
+    (centred for the map) and the caller lets it go. Why: the whole matrix (1.5 KiB a case) was
+    held under the re-cluster's peak, its capped scope's PCA sample and projected block."""
+    rows = RowFile(X, folder)
+    return rows, fit_map_points(X, consume=True)
+
+
 def map_points(members: pd.DataFrame, clusters: pd.DataFrame, max_points: int) -> pd.DataFrame:
     """x/y, cluster id, label and masked text of (a deterministic sample of) the cross-type
     scope's members, from the map coordinates kept with the membership."""
@@ -412,7 +447,7 @@ class VectorFit:
 
 def fit_vectors(
     frame: pd.DataFrame,
-    X: np.ndarray,
+    X: Vectors,
     cfg: Config,
     state: ClusterState,
     day: str,
@@ -422,10 +457,12 @@ def fit_vectors(
     seeds: dict[str, np.ndarray] | None = None,
     consume_vectors: bool = False,
     stored_tokens: TokenCodes | None = None,
+    mapped: MapFit | None = None,
 ) -> VectorFit:
     """The clusters, stable ids, models, members' similarities and map points of a re-cluster
     (`full_clustering`'s arguments): everything of it that reads `X`. `stored_tokens`: the
-    frame's stored tokens as codes (`stored_token_codes`), in place of a tokens column."""
+    frame's stored tokens as codes (`stored_token_codes`), in place of a tokens column.
+    `mapped`: the map fitted before `X` was spilled (`spill_vectors`); needed when `X` is."""
     c = cfg.cluster
     results: list[ScopeResult] = []
     if len(frame):
@@ -440,7 +477,11 @@ def fit_vectors(
     clusters, new_state = assign_stable_ids(results, state, day, c.match_threshold)
     heads = member_heads(results, clusters, X)
     projections, model = fit_models(results, clusters, X, c.noise_quantile)
-    projections[MAP_SCOPE] = fit_map(X)
+    if mapped is None:
+        if not isinstance(X, np.ndarray):
+            raise TypeError("spilled vectors come with their map (spill_vectors)")
+        mapped = fit_map_points(X, consume_vectors)
+    projections[MAP_SCOPE] = mapped.projection
     t = new_state.table.drop(columns=[m for m in MODEL_COLUMNS if m in new_state.table])
     t = t.merge(model.assign(model_day=day), on="cluster_id", how="left") if len(t) else t
     for m in MODEL_COLUMNS:
@@ -449,18 +490,8 @@ def fit_vectors(
     all_rows = np.zeros(0, int)
     if heads is not None and len(heads):
         all_rows = np.flatnonzero((heads["scope"] == ALL_SCOPE).to_numpy())
-    map_proj = projections[MAP_SCOPE]
-    xy = None
-    if len(all_rows) == len(X) > 0 and map_proj.components is not None and map_proj.mean is not None:
-        # The ALL scope's rows are the frame's, in order. Centred in place when the caller is done
-        # with X: the centred copy was a second all-history matrix. The same float32 values
-        # either way, and the same product of a C-ordered matrix.
-        mean = map_proj.mean
-        if consume_vectors and X.flags.c_contiguous and X.flags.writeable and X.dtype == np.result_type(X, mean):
-            pts = np.subtract(X, mean, out=X) @ map_proj.components.T
-        else:
-            pts = (X - mean) @ map_proj.components.T
-        xy = (np.round(pts[:, 0].astype(np.float64), 4), np.round(pts[:, 1].astype(np.float64), 4))
+    # The ALL scope's rows are the frame's, in order: the map's points are theirs.
+    xy = mapped.xy if len(all_rows) == len(X) > 0 else None
     return VectorFit(results, clusters, ClusterState(t), heads, projections, all_rows, xy)
 
 
@@ -1154,24 +1185,27 @@ def export_all(
         release_unused_memory()  # the encoding's buffers: what the re-cluster would grow on top of
         same_space = meta.get("embedder") == embedder_id
         seeds = seeds_from_state(state, meta, X.shape[1]) if c.seed_from_state and same_space else {}
-        fitted = fit_vectors(
-            frame,
-            X,
-            cfg,
-            state,
-            day,
-            CauseLexicon.load(cfg),
-            cut=_cutter(cfg),
-            stopwords=_stopwords(cfg),
-            seeds=seeds,
-            consume_vectors=True,
-            # Each case's newest stored tokens (only a re-cluster labels clusters), read and
-            # encoded a block of parts at a time: never every case's token strings at once.
-            stored_tokens=stored_token_codes(out, _key(frame["case_id"])) if len(frame) else None,
-        )
-        # Overwritten by the map's centring and not read again: let go before the members' case
-        # fields are copied (2 rows a case), not held with them and through the tables.
+        vectors, mapped = spill_vectors(X, case_cache_path(out).parent)
+        # Overwritten by the map's centring, and read from the spilled copy from here on: let go
+        # before the stored tokens are read and the scopes clustered.
         del X
+        release_unused_memory()
+        with vectors:
+            fitted = fit_vectors(
+                frame,
+                vectors,
+                cfg,
+                state,
+                day,
+                CauseLexicon.load(cfg),
+                cut=_cutter(cfg),
+                stopwords=_stopwords(cfg),
+                seeds=seeds,
+                # Each case's newest stored tokens (only a re-cluster labels clusters), read and
+                # encoded a block of parts at a time: never every case's token strings at once.
+                stored_tokens=stored_token_codes(out, _key(frame["case_id"])) if len(frame) else None,
+                mapped=mapped,
+            )
         clustering, projections, stored = recluster_members(frame, fitted)
         del fitted
         described = clustering.clusters

@@ -25,6 +25,7 @@ from pipeline.insights.cluster import (
     ClusterState,
     Projection,
     ScopeResult,
+    Vectors,
     _as_list,
     _history,
     _with_entry,
@@ -52,7 +53,7 @@ class ScopeModel:
 
 
 def fit_models(
-    results: list[ScopeResult], clusters: pd.DataFrame, X: np.ndarray, noise_quantile: float
+    results: list[ScopeResult], clusters: pd.DataFrame, X: Vectors, noise_quantile: float
 ) -> tuple[dict[str, Projection], pd.DataFrame]:
     """Per scope its projection, and per cluster id its centre and radii (MODEL_COLUMNS without
     model_day), from a full re-cluster's results and today's id table."""
