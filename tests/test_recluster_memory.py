@@ -551,6 +551,39 @@ def test_members_table_in_one_take_matches_the_concatenated_copies():
     assert members_table(frame, [], clusters, X).columns.tolist() == ["scope", "cluster_id", "is_noise"]
 
 
+@pytest.mark.parametrize("scopes", ["all+types", "all", "types", "all-shuffled"])
+def test_members_fields_share_the_frame_where_they_are_its_rows(scopes):
+    """The members' case fields equal the one take of every scope's rows (values, dtypes, order)
+    whichever scopes there are; where the leading scope is every case in order, its Arrow
+    columns are the frame's own buffers, not a copy."""
+    from pipeline.insights.cluster import MEMBER_FIELDS, ScopeResult, members_with_fields
+
+    n = 50
+    frame = pd.DataFrame(
+        {
+            "case_id": pd.array([f"c{i}" for i in range(n)], dtype="str"),
+            "date": [f"2025-11-{1 + i % 9:02d}" for i in range(n)],
+            "region": [None if i % 4 == 0 else "华东" for i in range(n)],
+            "emotion_score": [float(i) / n for i in range(n)],
+            "cluster_text": pd.array([None if i == 7 else f"问题{i}" for i in range(n)], dtype="str"),
+            "issue_type": pd.array(["物流" if i % 3 else "售后" for i in range(n)], dtype="str"),
+        },
+        index=pd.RangeIndex(100, 100 + n),  # a frame cut from a longer one
+    )
+    everyone = np.random.default_rng(1).permutation(n) if scopes == "all-shuffled" else np.arange(n)
+    parts = {"all": [everyone], "types": [np.flatnonzero(np.arange(n) % 3), np.flatnonzero(np.arange(n) % 3 == 0)]}
+    idx = parts["all"] + parts["types"] if scopes == "all+types" else parts[scopes.split("-")[0]]
+    results = [ScopeResult(f"s{k}", pd.DataFrame(), np.zeros(len(i), int), {}, i) for k, i in enumerate(idx)]
+    heads = pd.DataFrame({"scope": np.concatenate([[r.scope] * len(r.labels) for r in results])})
+    got = members_with_fields(frame, results, heads)
+    fields = frame[[c for c in MEMBER_FIELDS if c in frame]]
+    body = fields.iloc[np.concatenate(idx)].reset_index(drop=True).rename(columns={"cluster_text": "problem"})
+    pd.testing.assert_frame_equal(got, pd.concat([heads, body], axis=1))
+    shared = got["problem"].array._pa_array.chunks[0].buffers()[2].address
+    mine = frame["cluster_text"].array._pa_array.chunks[0].buffers()[2].address
+    assert (shared == mine) == (scopes in ("all+types", "all"))
+
+
 def _old_member_heads(results, clusters, X):
     """member_heads as it was: Python lists of every row's id, flag and similarity."""
     ids = {(r["scope"], int(r["local_label"])): r["cluster_id"] for r in clusters.to_dict("records")}

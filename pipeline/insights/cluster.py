@@ -1392,12 +1392,25 @@ def members_with_fields(frame: pd.DataFrame, results: list[ScopeResult], heads: 
     """`heads` (`member_heads`) beside the case fields of each row's case: no vectors read."""
     if heads is None:
         return pd.DataFrame(columns=["scope", "cluster_id", "is_noise"])
-    # The case fields of every scope's rows picked in one take. Copying the fields per scope and
-    # concatenating the copies held every member's fields twice.
     rows = [
         np.asarray(res.row_index if res.row_index is not None else np.arange(len(res.labels)), dtype=np.int64)
         for res in results
     ]
-    fields = frame[[c for c in MEMBER_FIELDS if c in frame]]
-    body = fields.iloc[np.concatenate(rows)].reset_index(drop=True).rename(columns={"cluster_text": "problem"})
+    fields = frame[[c for c in MEMBER_FIELDS if c in frame]].reset_index(drop=True)
+    body = _fields_at(fields, rows).rename(columns={"cluster_text": "problem"})
     return pd.concat([heads, body], axis=1)
+
+
+def _fields_at(fields: pd.DataFrame, rows: list[np.ndarray]) -> pd.DataFrame:
+    """The case fields of every scope's rows, in order. A leading scope of every row in order
+    (the cross-type scope) is the frame's own columns (Arrow's shared, not copied: a copy of
+    every case's text and fields, about half the members table, was held through the tables),
+    the other scopes' rows picked in one take: copying the fields per scope and concatenating
+    the copies held every member's fields twice."""
+    n = len(fields)
+    lead = bool(rows) and len(rows[0]) == n and bool(np.array_equal(rows[0], np.arange(n)))
+    if not lead:
+        return fields.iloc[np.concatenate(rows)].reset_index(drop=True)
+    if len(rows) == 1:
+        return fields
+    return pd.concat([fields, fields.iloc[np.concatenate(rows[1:])]], ignore_index=True)
