@@ -13,6 +13,7 @@ order, re-processed cases."""
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from collections.abc import Sequence
 
@@ -662,6 +663,28 @@ def test_row_file_gathers_what_the_matrix_gives(tmp_path, monkeypatch):
             rows[np.ones(1000, bool)]
     with RowFile(np.zeros((0, 384), np.float32)) as empty:
         assert len(empty) == 0 and empty[np.zeros(0, np.int64)].shape == (0, 384)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads RSS from /proc")
+def test_row_file_gathers_without_keeping_the_file_mapped(tmp_path):
+    """A gather of rows spread over the whole file leaves this process about the rows it asked
+    for, not the file: each window's mapped pages are dropped once its rows are copied (without
+    that, the kernel's fault-around maps most of the file's 128 MiB)."""
+    from pipeline.insights.row_file import RowFile
+
+    def rss_mib() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    X = np.random.default_rng(0).random((65_536, 512), dtype=np.float32)  # 128 MiB
+    rows = RowFile(X, tmp_path)
+    want = X[::40].copy()  # 3.2 MiB
+    del X
+    before = rss_mib()
+    got = rows[np.arange(0, 65_536, 40)]
+    grown = rss_mib() - before
+    rows.close()
+    assert np.array_equal(got, want) and grown < 24
 
 
 @pytest.mark.parametrize("fit_max_cases, block", [(50_000, 65_536), (30, 16)])

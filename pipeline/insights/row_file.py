@@ -96,7 +96,10 @@ class RowFile:
         return out
 
     def _drop(self, first: int, end: int) -> None:
-        """The mapped pages of rows first..end-1 out of this process (still in the page cache)."""
-        assert self._map is not None
+        """The mapped pages of rows first..end-1 out of this process (still in the page cache).
+        Where the platform has no `madvise` (Windows) they stay mapped until the file is closed:
+        no more than the matrix the file replaced."""
+        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
         start = first * self._width // mmap.PAGESIZE * mmap.PAGESIZE
         self._map.madvise(mmap.MADV_DONTNEED, start, end * self._width - start)
