@@ -328,11 +328,12 @@ def fit_map_points(X: np.ndarray, consume: bool = False) -> MapFit:
 
 
 def spill_vectors(X: np.ndarray, folder: Path) -> tuple[RowFile, MapFit]:
-    """The map (whose PCA needs every vector at once: its covariance is one product of the whole
-    matrix, which BLAS would round otherwise in blocks), then the vectors spilled to a temporary
-    file for the rest of a re-cluster, which reads them a few rows at a time; `X` is overwritten
-    (centred for the map) and the caller lets it go. Why: the whole matrix (1.5 KiB a case) was
-    held under the re-cluster's peak, its capped scope's PCA sample and projected block."""
+    """The map first (its PCA needs every vector at once: the covariance is one product of the
+    whole matrix, and summed a block at a time BLAS would round it otherwise), then the vectors
+    spilled to a temporary file for the rest of a re-cluster, which reads a few rows at a time;
+    `X` is overwritten (centred for the map) and the caller lets it go. Why: the whole matrix
+    (1.5 KiB a case) was held under the re-cluster's peak (its capped scope's PCA sample and
+    projected block) and through the members' similarities."""
     rows = RowFile(X, folder)
     return rows, fit_map_points(X, consume=True)
 
