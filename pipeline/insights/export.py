@@ -338,6 +338,38 @@ def spill_vectors(X: np.ndarray, folder: Path) -> tuple[RowFile, MapFit]:
     return rows, fit_map_points(X, consume=True)
 
 
+_EMBED_ROWS = 65_536  # texts a re-cluster embeds (or reads from the cache) at a time
+
+
+def embed_to_rows(embedder: PassageEncoder, texts: pd.Series, folder: Path, block: int = _EMBED_ROWS) -> RowFile:
+    """Every text's vector, in order, spilled to a `RowFile` a block at a time: neither the
+    vectors (1.5 KiB a case) nor the texts as Python strings are ever all in memory. The same
+    vectors as one call: each text's vector is its own (cached or encoded alone)."""
+    return RowFile.from_blocks(
+        (_embed(embedder, texts.iloc[a : a + block].tolist()) for a in range(0, len(texts), block)), folder
+    )
+
+
+def map_of_rows(vectors: RowFile, max_rows: int, seed: int = 0, block: int = _EMBED_ROWS) -> MapFit:
+    """The map of spilled vectors. Up to `max_rows` (`cluster.fit_max_cases`), read whole and
+    fitted as `fit_map_points` (the map of any smaller history is as before). Past it, the PCA
+    fits a seeded sample of that many rows, as each scope's projection does, and the points are
+    projected a block at a time: a map's two axes need no more, and its PCA was the one step of
+    a re-cluster that held every vector at once."""
+    n = len(vectors)
+    if n <= max_rows:
+        return fit_map_points(vectors[:], consume=True)
+    sample = np.sort(np.random.default_rng(seed).choice(n, max_rows, replace=False))
+    proj = fit_map(vectors[sample])
+    assert proj.mean is not None and proj.components is not None  # fitted on >= 100 rows
+    x, y = np.empty(n), np.empty(n)
+    for a in range(0, n, block):
+        rows = vectors[a : a + block]  # the block's own copy: centred in place
+        pts = np.subtract(rows, proj.mean, out=rows) @ proj.components.T
+        x[a : a + len(rows)], y[a : a + len(rows)] = pts[:, 0], pts[:, 1]
+    return MapFit(proj, (np.round(x, 4), np.round(y, 4)))
+
+
 def map_points(members: pd.DataFrame, clusters: pd.DataFrame, max_points: int) -> pd.DataFrame:
     """x/y, cluster id, label and masked text of (a deterministic sample of) the cross-type
     scope's members, from the map coordinates kept with the membership."""
@@ -1181,17 +1213,15 @@ def export_all(
             compact = dropped > 0 or n_parts + 1 > mb.COMPACT_PARTS
     if reason is not None:
         t1 = time.perf_counter()
-        X = _embed(embedder, frame["cluster_text"].tolist())
+        # Embedded (mostly read from the cache) into a file a block at a time, and read back a
+        # few rows at a time by every stage: the vectors are never all in memory.
+        vectors = embed_to_rows(embedder, frame["cluster_text"], case_cache_path(out).parent)
         t_embed += time.perf_counter() - t1
         release_unused_memory()  # the encoding's buffers: what the re-cluster would grow on top of
-        same_space = meta.get("embedder") == embedder_id
-        seeds = seeds_from_state(state, meta, X.shape[1]) if c.seed_from_state and same_space else {}
-        vectors, mapped = spill_vectors(X, case_cache_path(out).parent)
-        # Overwritten by the map's centring, and read from the spilled copy from here on: let go
-        # before the stored tokens are read and the scopes clustered.
-        del X
-        release_unused_memory()
         with vectors:
+            mapped = map_of_rows(vectors, c.fit_max_cases)
+            same_space = meta.get("embedder") == embedder_id
+            seeds = seeds_from_state(state, meta, vectors.shape[1]) if c.seed_from_state and same_space else {}
             fitted = fit_vectors(
                 frame,
                 vectors,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import mmap
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,17 +32,44 @@ class RowFile:
         X = np.asarray(X)
         if X.ndim != 2:
             raise ValueError("RowFile holds a 2-D matrix")
-        self.shape: tuple[int, int] = (int(X.shape[0]), int(X.shape[1]))
-        self.dtype = X.dtype
-        self._width = self.shape[1] * X.dtype.itemsize
+        self._fill((X[a : a + _WRITE_ROWS] for a in range(0, len(X), _WRITE_ROWS)), folder, X.shape[1], X.dtype)
+
+    @classmethod
+    def from_blocks(
+        cls, blocks: Iterable[np.ndarray], folder: Path | None = None, width: int = 384, dtype: Any = np.float32
+    ) -> RowFile:
+        """The blocks' rows one after another, each written as it comes: the matrix is never
+        whole in memory (a re-cluster embeds its cases a block at a time into one). `width` and
+        `dtype` are the empty file's; a block of another width or type is refused."""
+        self = cls.__new__(cls)
+        self._fill(blocks, folder, width, np.dtype(dtype), strict=False)
+        return self
+
+    def _fill(
+        self, blocks: Iterable[np.ndarray], folder: Path | None, width: int, dtype: Any, strict: bool = True
+    ) -> None:
         if folder is not None:
             Path(folder).mkdir(parents=True, exist_ok=True)
         self._file = tempfile.TemporaryFile(dir=folder)  # unnamed: gone when closed or on a crash
-        for a in range(0, len(X), _WRITE_ROWS):
-            self._file.write(np.ascontiguousarray(X[a : a + _WRITE_ROWS]).data)
-        self._file.flush()
         self._map: mmap.mmap | None = None
-        if len(X) and self._width:
+        n, seen = 0, strict
+        try:
+            for block in blocks:
+                block = np.ascontiguousarray(block)
+                if block.ndim == 2 and not seen and len(block):
+                    width, dtype, seen = int(block.shape[1]), block.dtype, True
+                if block.ndim != 2 or block.shape[1] != width or block.dtype != dtype:
+                    raise ValueError(f"a {block.shape} block of {block.dtype} among {width}-wide {dtype} rows")
+                self._file.write(block.data)
+                n += len(block)
+            self._file.flush()
+        except BaseException:
+            self._file.close()
+            raise
+        self.shape: tuple[int, int] = (n, int(width))
+        self.dtype = np.dtype(dtype)
+        self._width = self.shape[1] * self.dtype.itemsize
+        if n and self._width:
             self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
 
     def __len__(self) -> int:
