@@ -38,6 +38,7 @@ from pipeline.config import Config
 from pipeline.heap import release_unused_memory
 from pipeline.insights import member_parts as mp
 from pipeline.insights import member_rows
+from pipeline.insights import member_tallies as mt
 from pipeline.insights import membership as mb
 from pipeline.insights.case_codes import remember_case_codes
 from pipeline.insights.case_facts import kept_problem_facts
@@ -75,6 +76,7 @@ from pipeline.insights.incremental import (
     MEMBER_COLUMNS,
     MODEL_COLUMNS,
     assign_cases,
+    clusters_from_tally,
     fit_models,
     recount_clusters,
     scope_models,
@@ -1100,6 +1102,48 @@ def renewed_positions(
     return np.concatenate([kept, rows]).astype(np.int64, copy=False)
 
 
+def _night_tally(
+    out: Path,
+    reuse: list[Path],
+    positions: np.ndarray | None,
+    n_kept: int,
+    part_rows: pd.DataFrame | None,
+    members: pd.DataFrame,
+    cluster_codes: Codes | None,
+) -> mt.Tally:
+    """The tally of tonight's members (`member_tallies`): last night's kept one with tonight's
+    new rows added, when last night's members table is linked as tonight's leading rows
+    (`reuse`) and every new row's case comes after every kept row's in the cases (so it comes
+    after them within its cluster, as the ties assume); else every member counted."""
+    kept = None
+    if reuse and positions is not None and part_rows is not None and len(reuse):
+        new_pos, old_pos = positions[n_kept:], positions[:n_kept]
+        new_pos, old_pos = new_pos[new_pos >= 0], old_pos[old_pos >= 0]
+        after = not len(new_pos) or not len(old_pos) or int(new_pos.min()) > int(old_pos.max())
+        key = mt.folder_key(reuse[0].parent.parent, len(old_pos), mb.last_part(out)) if after else None
+        kept = mt.load(out, key)
+    if kept is None or part_rows is None:
+        return mt.count_members(members, cluster_codes)
+    try:
+        return mt.merge(kept, mt.count_members(part_rows, start=kept.rows)) if len(part_rows) else kept
+    except ValueError:  # kept of other columns than tonight's: counted afresh
+        return mt.count_members(members, cluster_codes)
+
+
+def _keep_tally(
+    out: Path, folder: Path, tally: mt.Tally | None, clustering: Clustering, state_part: int, summary: dict[str, Any]
+) -> None:
+    """Keep tonight's members tally for the next night, named by the members table just written."""
+    rows = int(summary["rows"]["members"])
+    if rows != len(clustering.members):
+        return
+    if tally is None or tally.rows != rows:
+        tally = mt.count_members(clustering.members, clustering.cluster_codes) if rows else None
+    key = mt.folder_key(folder, rows, state_part)
+    if tally is not None and key is not None:
+        mt.save(out, tally, key)
+
+
 def _embed(embedder: PassageEncoder, texts: list[str]) -> np.ndarray:
     if not texts:
         return np.zeros((0, 384), np.float32)
@@ -1172,6 +1216,7 @@ def export_all(
     reuse: list[Path] = []  # last night's member parts to link (`member_parts`)
     part_rows: pd.DataFrame | None = None  # the members file's rows after them
     n_redone = 0
+    tally: mt.Tally | None = None  # what the clusters table counts of tonight's members
     stored_codes: Codes | None = None  # the membership's cluster ids' codes, when known
     # Which cases are not yet members (new, or re-processed: same id, newer run): counted on every
     # night, embedded and assigned on an incremental one.
@@ -1260,7 +1305,8 @@ def export_all(
             cluster_codes = None
         elif cluster_codes is None:
             cluster_codes = sorted_codes(members["cluster_id"])
-        clusters, new_state = recount_clusters(described, members, state, day, c.top_breakdown, cluster_codes)
+        tally = _night_tally(out, reuse, positions, n_kept, part_rows, members, cluster_codes)
+        clusters, new_state = clusters_from_tally(described, tally, state, day, c.top_breakdown)
         # The cases are the store's newest rows, one per id: a member's case is its frame row's.
         clustering = Clustering(clusters, members, new_state, cluster_codes, selected[frame_rows])
     t_cluster = time.perf_counter() - t0
@@ -1307,6 +1353,8 @@ def export_all(
     if part_rows is not None:
         part_rows = part_rows.drop(columns=[x for x in ("x", "y") if x in part_rows])
     folder = write_export(out, bundle, c.csv_encoding, reuse, part_rows)
+    if since is None:
+        _keep_tally(out, folder, tally, clustering, state_part + 1 if appends else state_part, bundle.summary)
     if reason is not None:
         seq = mb.append_members(out, stored)
         mb.save_projections(out, projections)

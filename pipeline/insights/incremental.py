@@ -30,10 +30,10 @@ from pipeline.insights.cluster import (
     _history,
     _with_entry,
     format_shares,
-    group_rows,
-    group_shares,
 )
-from pipeline.insights.codes import Codes, sorted_codes
+from pipeline.insights.codes import Codes
+from pipeline.insights.member_tallies import Tally, _first_seen, cluster_groups, mean_scores
+from pipeline.insights.member_tallies import shares as tally_shares
 
 MEMBER_COLUMNS = ["case_id", "run_id", "scope", "cluster_id", "is_noise", "similarity", "x", "y"]
 MODEL_COLUMNS = ("center", "radius_full", "model_day")
@@ -182,50 +182,8 @@ def assign_cases(
 
 # -- the clusters table from counts ---------------------------------------------------------------
 
+__all__ = ["_first_seen", "cluster_groups"]  # moved to member_tallies; imported from here too
 _COUNT_COLUMNS = ("size", "scope_size", "share_of_scope", "previous_size", "growth", "label_history")
-
-
-def _float_mean(values: np.ndarray) -> float | None:
-    """`_mean` of float values (NaN for missing), without a Python pass over them."""
-    kept = values[~np.isnan(values)]
-    return round(float(np.mean(kept)), 3) if len(kept) else None
-
-
-def cluster_groups(
-    scope_codes: np.ndarray, scope_names: Any, cluster_ids: pd.Series, cluster_codes: Codes | None = None
-) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """Each member row's (scope, cluster) group number (-1: noise, or a missing scope) and the
-    groups as (str(scope), str(cluster_id)), numbered in order of first appearance as a
-    groupby(sort=False) numbers them. `cluster_codes`: the ids' codes when the caller has them
-    (any numbering serves: the pairs are numbered by first appearance)."""
-    cid_codes, cids = cluster_codes if cluster_codes is not None else pd.factorize(cluster_ids)
-    codes = np.full(len(cid_codes), -1, dtype=np.int64)
-    kept = (cid_codes >= 0) & (scope_codes >= 0)
-    width = max(len(cids), 1)
-    numbered, pairs = _first_seen(
-        scope_codes[kept].astype(np.int64) * width + cid_codes[kept], len(scope_names) * width
-    )
-    codes[kept] = numbered
-    names, ids = np.asarray(scope_names, dtype=object), np.asarray(cids, dtype=object)
-    keys = [(str(names[p // width]), str(ids[p % width])) for p in np.asarray(pairs).tolist()]
-    return codes, keys
-
-
-def _first_seen(keys: np.ndarray, span: int) -> tuple[np.ndarray, np.ndarray]:
-    """`pd.factorize(keys)` of keys in [0, span): each key's number in order of first appearance,
-    and the keys so numbered. By each key's first row (a minimum.at over the span, a few
-    thousand scope x cluster pairs) where the span is small beside the rows: hashing the 2M
-    members' keys cost 30 ms a night at 1M cases."""
-    if span > 4 * len(keys) + 1024:
-        numbered, uniques = pd.factorize(keys)
-        return numbered, np.asarray(uniques)
-    first = np.full(span, len(keys), dtype=np.int64)
-    np.minimum.at(first, keys, np.arange(len(keys), dtype=np.int64))
-    seen = np.flatnonzero(first < len(keys))
-    pairs = seen[np.argsort(first[seen], kind="stable")]
-    number = np.full(span, -1, dtype=np.int64)
-    number[pairs] = np.arange(len(pairs))
-    return number[keys], pairs
 
 
 def recount_clusters(
@@ -243,26 +201,22 @@ def recount_clusters(
     when the caller has them (an object column: 2M ids hashed at 1M cases)."""
     if described.empty or members.empty:
         return described.iloc[0:0].copy(), state
-    # Groups by integer codes (`cluster_groups`), counted from the members' own columns: the
-    # copy of the clustered rows and a groupby's `.indices` on two text columns cost 35 ms a
-    # night at 100k cases (200k members).
-    scope_codes, scope_names = sorted_codes(members["scope"])  # shared with the other tables
-    scope_sizes = dict(zip(scope_names.tolist(), np.bincount(scope_codes[scope_codes >= 0]).tolist()))
-    codes, keys = cluster_groups(scope_codes, scope_names, members["cluster_id"], cluster_codes)
-    groups = {key: (code, idx) for code, (key, idx) in enumerate(zip(keys, group_rows(codes, len(keys))))}
-    # Scores as floats once (missing: NaN): `_mean` per group converted every value in Python.
-    scores = (
-        pd.to_numeric(members["emotion_score"], errors="coerce").to_numpy(dtype=float)
-        if "emotion_score" in members
-        else None
-    )
+    from pipeline.insights.member_tallies import count_members
+
+    return clusters_from_tally(described, count_members(members, cluster_codes), state, day, top)
+
+
+def clusters_from_tally(
+    described: pd.DataFrame, tally: Tally, state: ClusterState, day: str, top: int
+) -> tuple[pd.DataFrame, ClusterState]:
+    """`recount_clusters` from the members' tally (`member_tallies`): what it counts of them,
+    whether counted tonight or kept from last night and added to."""
+    if described.empty or not tally.rows:
+        return described.iloc[0:0].copy(), state
+    groups = {key: code for code, key in enumerate(tally.keys)}
     # Per column, every group's share_dict at once (issue types: the top 3); a column the members
     # lack has no shares, as share_dict([]) had none.
-    tops = {"outcome": None, "emotion": None, "channel": None, "issue_type": 3, "region": None, "product": None}
-    # Rows in no cluster counted as one more group, whose shares are never read: a group_shares
-    # of codes with -1 filters every column first, which cost more than the counting.
-    every = np.where(codes >= 0, codes, len(keys))
-    shares = {col: group_shares(every, members[col], n) for col, n in tops.items() if col in members}
+    shares = {col: tally_shares(tally, col) for col in tally.mix}
 
     def mix(col: str, code: int) -> dict[str, float]:
         return shares[col].get(code, {}) if col in shares else {}
@@ -275,12 +229,12 @@ def recount_clusters(
         found = groups.get((str(r["scope"]), str(r["cluster_id"])))
         if found is None:
             continue
-        code, idx = found
-        n = len(idx)
+        code = found
+        n = int(tally.sizes[code])
         sizes_h = _history(size_hist[r["cluster_id"]]) if r["cluster_id"] in size_hist else []
         before = [e for e in sizes_h if e.get("date") != day]
         prev = int(before[-1]["size"]) if before else None
-        scope_size = int(scope_sizes.get(r["scope"], n))
+        scope_size = int(tally.scopes.get(r["scope"], n))
         outcome = mix("outcome", code)
         r.update(
             {
@@ -288,7 +242,7 @@ def recount_clusters(
                 "scope_size": scope_size,
                 "share_of_scope": round(n / max(scope_size, 1), 4),
                 **{f"share_{k}": outcome.get(k, 0.0) for k in OUTCOME_KEYS},
-                "mean_emotion": _float_mean(scores[idx]) if scores is not None else None,
+                "mean_emotion": mean_scores(tally, code),
                 "top_emotion": next(iter(mix("emotion", code).keys()), None) if "emotion" in shares else None,
                 "channels": json.dumps(mix("channel", code), ensure_ascii=False),
                 "issue_types": json.dumps(shares["issue_type"].get(code, {}), ensure_ascii=False),

@@ -1,0 +1,328 @@
+"""What the clusters table counts of the members, kept between nights so a night counts only its new rows.
+
+Why: on a night that only adds cases (last night's member parts linked, `member_parts`), the
+stored members and their case fields do not change and the night's rows come after them in each
+scope; yet `recount_clusters` counted every member again (0.34 s of a 1M-case night). Its inputs
+are sums over the members: each (scope, cluster)'s size, each scope's size, each (cluster, value)
+pair's count and first row per mix column, and each cluster's emotion scores. Counts add. A tie
+between two values of a cluster is broken by the first row of each in the cluster, and the
+night's rows come after the stored ones within a cluster, so a stored pair's first row stays the
+first and a new pair's is any rank past every stored row. The mean emotion is numpy's pairwise
+sum of the cluster's scores in row order, which no running state reproduces: the scores
+themselves are kept (8 bytes a scored member) and the night's appended.
+
+Kept in `state/cache/member-tallies/` (three Arrow files: groups, mix, scores), named by the
+export folder whose members table they count (its parts and rows) and the membership part it was
+written from: used only on a night that links exactly that folder's parts, which is the claim the
+linking already rests on (`member_parts.reusable_parts`). Anything else counts the members afresh
+and keeps that. Pure counting here; the caller reads and writes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from pipeline.insights import member_parts as mp
+from pipeline.insights.cluster import _ranked_shares, group_rows
+from pipeline.insights.codes import Codes, column_codes, sorted_codes
+from pipeline.io import read_cache_table, write_cache_table
+
+# The mix columns `recount_clusters` reports, and how many values each keeps (None: all).
+MIX = {"outcome": None, "emotion": None, "channel": None, "issue_type": 3, "region": None, "product": None}
+UNKNOWN = "未知"  # `share_dict`'s name for a missing or empty value
+_META = b"casemine_member_tallies"
+_VERSION = 1
+
+
+@dataclass
+class Tally:
+    """Sums over member rows: groups are (str(scope), str(cluster_id)) pairs in first-seen order."""
+
+    keys: list[tuple[str, str]]
+    sizes: np.ndarray  # rows per group
+    scopes: dict[str, int]  # rows per scope, noise included
+    # Per mix column: each (group, value name) pair's group, name, count and first row (a rank).
+    mix: dict[str, tuple[np.ndarray, list[str], np.ndarray, np.ndarray]] = field(default_factory=dict)
+    scores: list[np.ndarray] | None = None  # per group its non-missing emotion scores in row order
+    rows: int = 0  # member rows counted: the ranks of rows appended start here
+
+
+def _share_names(uniques: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """The share names of a column's distinct values (missing or empty: "未知") in first-seen
+    order, and each value's position among them; the last entry stands for a missing value."""
+    pos: dict[str, int] = {}
+    named = [u if isinstance(u, str) and u else UNKNOWN for u in uniques.tolist()] + [UNKNOWN]
+    merged = np.array([pos.setdefault(n, len(pos)) for n in named], dtype=np.int64)
+    return list(pos), merged
+
+
+def _pairs(codes: np.ndarray, values: np.ndarray, width: int, start: int) -> tuple[np.ndarray, ...]:
+    """Each (group, value) pair's group, value, count and first row (+ `start`) of grouped rows
+    (`codes` >= 0), in order of the pair's key. Binned over the pairs' span where it is small
+    beside the rows (as `coded_shares` counts): a sort of 2M members' keys per column cost more
+    than the recount it feeds."""
+    grouped = np.flatnonzero(codes >= 0)
+    key = codes[grouped] * width + values[grouped]
+    span = (int(key.max()) + 1) if len(key) else 0
+    if span <= 4 * len(key) + 1024:
+        binned = np.bincount(key, minlength=span)
+        ukey = np.flatnonzero(binned)
+        counts = binned[ukey]
+        at = np.full(span, len(codes), dtype=np.int64)
+        np.minimum.at(at, key, grouped)
+        first = at[ukey]
+    else:
+        ukey, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
+        first = np.full(len(ukey), len(codes), dtype=np.int64)
+        np.minimum.at(first, inverse.reshape(-1), grouped)
+    return ukey // width, ukey % width, counts.astype(np.int64), first + start
+
+
+def count_members(members: pd.DataFrame, cluster_codes: Codes | None = None, start: int = 0) -> Tally:
+    """The tally of `members` (the members table's scope, cluster_id, mix and emotion_score
+    columns), its rows ranked from `start`. `cluster_codes`: the cluster ids' codes, when known."""
+    scope_codes, scope_names = sorted_codes(members["scope"])
+    scopes = dict(zip(scope_names.tolist(), np.bincount(scope_codes[scope_codes >= 0]).tolist()))
+    codes, keys = cluster_groups(scope_codes, scope_names, members["cluster_id"], cluster_codes)
+    sizes = np.bincount(codes[codes >= 0], minlength=len(keys)).astype(np.int64)
+    mix = {}
+    for col in MIX:
+        if col in members:
+            vcodes, uniques = column_codes(members[col])
+            names, merged = _share_names(uniques)
+            group, value, counts, first = _pairs(codes, merged[vcodes], len(names), start)
+            mix[col] = (group, [names[v] for v in value.tolist()], counts, first)
+    scores = None
+    if "emotion_score" in members:
+        floats = pd.to_numeric(members["emotion_score"], errors="coerce").to_numpy(dtype=float)
+        scores = [s[~np.isnan(s)] for s in (floats[idx] for idx in group_rows(codes, len(keys)))]
+    return Tally(keys, sizes, scopes, mix, scores, start + len(members))
+
+
+def merge(kept: Tally, new: Tally) -> Tally:
+    """The tally of kept rows followed by new ones (`new` counted with start=kept.rows): the
+    kept groups first, then the new groups in their order, as first seen in the joined rows of
+    one scope after another; the order never reaches a table (the clusters follow `described`)."""
+    index = {k: i for i, k in enumerate(kept.keys)}
+    keys = list(kept.keys)
+    for k in new.keys:
+        if k not in index:
+            index[k] = len(keys)
+            keys.append(k)
+    where = np.array([index[k] for k in new.keys], dtype=np.int64)
+    sizes = np.zeros(len(keys), dtype=np.int64)
+    sizes[: len(kept.keys)] = kept.sizes
+    np.add.at(sizes, where, new.sizes)
+    scopes = dict(kept.scopes)
+    for scope, n in new.scopes.items():
+        scopes[scope] = scopes.get(scope, 0) + n
+    mix = {}
+    for name in set(kept.mix) | set(new.mix):
+        mix[name] = _merge_pairs(kept.mix.get(name), _regrouped(new.mix.get(name), where))
+    scores = None
+    if kept.scores is not None and new.scores is not None:
+        scores = list(kept.scores) + [np.zeros(0) for _ in range(len(keys) - len(kept.keys))]
+        for i, s in zip(where.tolist(), new.scores):
+            scores[i] = np.concatenate([scores[i], s])
+    elif kept.scores is not None or new.scores is not None:
+        raise ValueError("tallies of members with and without emotion scores")
+    return Tally(keys, sizes, scopes, mix, scores, new.rows)
+
+
+def _regrouped(pairs: Any, where: np.ndarray) -> Any:
+    return None if pairs is None else (where[pairs[0]], pairs[1], pairs[2], pairs[3])
+
+
+def _merge_pairs(a: Any, b: Any) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+    """Two tallies' pairs of one column as one: counts summed, the earlier first row kept."""
+    if a is None or b is None:
+        raise ValueError("tallies of members with different columns")
+    df = pd.DataFrame(
+        {
+            "group": np.concatenate([a[0], b[0]]),
+            "name": pd.Series(a[1] + b[1], dtype=object),
+            "count": np.concatenate([a[2], b[2]]),
+            "first": np.concatenate([a[3], b[3]]),
+        }
+    )
+    g = df.groupby(["group", "name"], sort=True).agg(count=("count", "sum"), first=("first", "min")).reset_index()
+    return (
+        g["group"].to_numpy(np.int64),
+        g["name"].tolist(),
+        g["count"].to_numpy(np.int64),
+        g["first"].to_numpy(np.int64),
+    )
+
+
+def shares(tally: Tally, col: str) -> dict[int, dict[str, float]]:
+    """`group_shares` of column `col` per group: most common first, ties by first row."""
+    if col not in tally.mix:
+        return {}
+    group, labels, counts, first = tally.mix[col]
+    names, value = _share_names(np.asarray(labels, dtype=object))
+    return _ranked_shares(group, value[:-1], counts, first, tally.sizes, names, MIX[col])
+
+
+def mean_scores(tally: Tally, group: int) -> float | None:
+    """`_float_mean` of a group's scores: numpy's pairwise mean of them in row order."""
+    if tally.scores is None:
+        return None
+    kept = tally.scores[group]
+    return round(float(np.mean(kept)), 3) if len(kept) else None
+
+
+def cluster_groups(
+    scope_codes: np.ndarray, scope_names: Any, cluster_ids: pd.Series, cluster_codes: Codes | None = None
+) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """Each member row's (scope, cluster) group number (-1: noise, or a missing scope) and the
+    groups as (str(scope), str(cluster_id)), numbered in order of first appearance as a
+    groupby(sort=False) numbers them. `cluster_codes`: the ids' codes when the caller has them
+    (any numbering serves: the pairs are numbered by first appearance)."""
+    cid_codes, cids = cluster_codes if cluster_codes is not None else pd.factorize(cluster_ids)
+    codes = np.full(len(cid_codes), -1, dtype=np.int64)
+    kept = (cid_codes >= 0) & (scope_codes >= 0)
+    width = max(len(cids), 1)
+    numbered, pairs = _first_seen(
+        scope_codes[kept].astype(np.int64) * width + cid_codes[kept], len(scope_names) * width
+    )
+    codes[kept] = numbered
+    names, ids = np.asarray(scope_names, dtype=object), np.asarray(cids, dtype=object)
+    keys = [(str(names[p // width]), str(ids[p % width])) for p in np.asarray(pairs).tolist()]
+    return codes, keys
+
+
+def _first_seen(keys: np.ndarray, span: int) -> tuple[np.ndarray, np.ndarray]:
+    """`pd.factorize(keys)` of keys in [0, span): each key's number in order of first appearance,
+    and the keys so numbered. By each key's first row (a minimum.at over the span, a few
+    thousand scope x cluster pairs) where the span is small beside the rows: hashing the 2M
+    members' keys cost 30 ms a night at 1M cases."""
+    if span > 4 * len(keys) + 1024:
+        numbered, uniques = pd.factorize(keys)
+        return numbered, np.asarray(uniques)
+    first = np.full(span, len(keys), dtype=np.int64)
+    np.minimum.at(first, keys, np.arange(len(keys), dtype=np.int64))
+    seen = np.flatnonzero(first < len(keys))
+    pairs = seen[np.argsort(first[seen], kind="stable")]
+    number = np.full(span, -1, dtype=np.int64)
+    number[pairs] = np.arange(len(pairs))
+    return number[keys], pairs
+
+
+# -- kept between nights --------------------------------------------------------------------------
+
+
+def cache_dir(out: Path) -> Path:
+    return Path(out) / "state" / "cache" / "member-tallies"
+
+
+def folder_key(folder: Path, rows: int, state_part: int) -> dict[str, Any] | None:
+    """What names an export folder's members table: its parts (count, the last one's name, size,
+    mtime and inode), its rows and the membership part it was written from."""
+    found = mp.parts(folder)
+    if not found:
+        return None
+    st = os.stat(found[-1])
+    return {
+        "v": _VERSION,
+        "folder": Path(folder).name,
+        "parts": len(found),
+        "last": [found[-1].name, st.st_size, st.st_mtime_ns, st.st_ino],
+        "rows": int(rows),
+        "state_part": int(state_part),
+    }
+
+
+_FILES = {
+    "groups": ["scope", "cluster_id", "size", "n_scores"],
+    "mix": ["column", "group", "name", "count", "first"],
+    "scores": ["score"],
+}
+
+
+def save(out: Path, tally: Tally, key: dict[str, Any]) -> None:
+    """Keep `tally` as the count of the members table `key` names (`folder_key`)."""
+    scores = tally.scores
+    n_scores = [len(s) for s in scores] if scores is not None else [0] * len(tally.keys)
+    cols = sorted(tally.mix)
+    tables = {
+        "groups": pa.table(
+            {
+                "scope": pa.array([k[0] for k in tally.keys], pa.large_string()),
+                "cluster_id": pa.array([k[1] for k in tally.keys], pa.large_string()),
+                "size": pa.array(tally.sizes, pa.int64()),
+                "n_scores": pa.array(n_scores, pa.int64()),
+            }
+        ),
+        "mix": pa.table(
+            {
+                "column": pa.array([c for c in cols for _ in tally.mix[c][1]], pa.large_string()),
+                "group": pa.array(_joined([tally.mix[c][0] for c in cols]), pa.int64()),
+                "name": pa.array([n for c in cols for n in tally.mix[c][1]], pa.large_string()),
+                "count": pa.array(_joined([tally.mix[c][2] for c in cols]), pa.int64()),
+                "first": pa.array(_joined([tally.mix[c][3] for c in cols]), pa.int64()),
+            }
+        ),
+        "scores": pa.table({"score": pa.array(np.concatenate(scores) if scores else np.zeros(0), pa.float64())}),
+    }
+    meta = {
+        **key,
+        "scopes": tally.scopes,
+        "columns": cols,
+        "has_scores": scores is not None,
+        "counted": tally.rows,
+    }
+    for name, t in tables.items():
+        write_cache_table(
+            cache_dir(out) / f"{name}.arrow", t, _META, meta, "the member tallies", "the next night counts every member"
+        )
+
+
+def _joined(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+
+
+def load(out: Path, key: dict[str, Any] | None) -> Tally | None:
+    """The kept tally of the members table `key` names, or None."""
+    if key is None:
+        return None
+    got = {}
+    for name, cols in _FILES.items():
+        found = read_cache_table(
+            cache_dir(out) / f"{name}.arrow", _META, cols, lambda m: {k: m.get(k) for k in key} == key
+        )
+        if found is None:
+            return None
+        got[name] = found
+    metas = [m for m, _ in got.values()]
+    if any(m != metas[0] for m in metas):
+        return None  # files of two saves
+    meta = metas[0]
+    groups, mix, scores = got["groups"][1], got["mix"][1], got["scores"][1]
+    keys = list(zip(groups["scope"].to_pylist(), groups["cluster_id"].to_pylist()))
+    n_scores = groups["n_scores"].to_numpy()
+    score_values = scores["score"].to_numpy()
+    if int(n_scores.sum()) != len(score_values):
+        return None
+    kept_scores = np.split(score_values, np.cumsum(n_scores)[:-1]) if len(keys) else []
+    column = np.asarray(mix["column"].to_pylist(), dtype=object)
+    group, names = mix["group"].to_numpy(), mix["name"].to_pylist()
+    count, first = mix["count"].to_numpy(), mix["first"].to_numpy()
+    pairs = {}
+    for col in meta["columns"]:
+        at = np.flatnonzero(column == col)
+        pairs[col] = (group[at], [names[i] for i in at.tolist()], count[at], first[at])
+    return Tally(
+        keys,
+        groups["size"].to_numpy().astype(np.int64),
+        {str(k): int(v) for k, v in meta["scopes"].items()},
+        pairs,
+        [np.asarray(s) for s in kept_scores] if meta["has_scores"] else None,
+        int(meta["counted"]),
+    )
