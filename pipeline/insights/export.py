@@ -90,10 +90,13 @@ from pipeline.insights.stored_tokens import stored_token_codes
 from pipeline.insights.trends import (
     BREAKDOWNS,
     count_table,
+    counts_from_days,
     default_as_of,
+    matrix_from_groups,
     root_cause_matrix,
     trend_summary,
     week_over_week,
+    wow_from_days,
 )
 from pipeline.io import atomic_write_parquet, atomic_write_stream, atomic_write_text
 
@@ -442,6 +445,9 @@ class Clustering:
     # Each members row's row in the cases handed to the tables with it, when known: only for
     # cases that hold each id once (the store's newest rows), as the tables then assume.
     case_rows: np.ndarray | None = None
+    tally: mt.Tally | None = None  # what the tables count of all the members (`member_tallies`)
+    # `members` holds the cross-type scope's rows alone: the per-type tables are the tally's.
+    partial: bool = False
 
 
 def full_clustering(
@@ -702,6 +708,48 @@ def counted_members(members: pd.DataFrame, counted: list[str], cluster_codes: Co
     return members[counted] if has_cluster else members.iloc[0:0][counted]
 
 
+def _member_tables(
+    members: pd.DataFrame,
+    clustering: Clustering,
+    clusters: pd.DataFrame,
+    frame: pd.DataFrame,
+    cfg: Config,
+    as_of: date | None,
+    labels: dict[str, str],
+    new_ids: list[str],
+) -> tuple[pd.DataFrame, pd.DataFrame | None, pd.DataFrame, Codes | None]:
+    """The cluster counts, the clusters' week-over-week rows and the matrix counted from every
+    member row, and the members' cluster ids' codes."""
+    c = cfg.cluster
+    # Only what the counts and the week-over-week test read, rows without a cluster kept: both
+    # count a missing key nowhere, and filtering 200k members cost 15 ms a night. Filtered when
+    # no row has a cluster, where both answer for an empty frame.
+    counted = [col for col in ("cluster_id", "date", *BREAKDOWNS) if col in members]
+    # The members' cluster ids as sorted codes, once: an object column (no shared Arrow codes),
+    # hashed by each table that counts by cluster, ~15 ms each at 200k members.
+    cluster_codes = clustering.cluster_codes
+    if cluster_codes is None or len(cluster_codes[0]) != len(members):
+        cluster_codes = sorted_codes(members["cluster_id"]) if len(members) and "cluster_id" in members else None
+    clustered = counted_members(members, counted, cluster_codes)
+    by_cluster = cluster_codes if len(clustered) == len(members) else None  # rows as the codes'
+    counts = count_table(clustered, "cluster", "cluster_id", key_codes=by_cluster)
+    alerts = (
+        week_over_week(
+            clustered, "cluster", "cluster_id", as_of, c.alert_alpha, c.alert_min_count, labels, new_ids, by_cluster
+        )
+        if as_of
+        else None
+    )
+    matrix = root_cause_matrix(
+        members,
+        clusters,
+        frame["issue_type"].value_counts() if len(frame) else pd.Series(dtype=int),
+        c.top_breakdown,
+        cluster_codes,
+    )
+    return counts, alerts, matrix, cluster_codes
+
+
 def finish_export(
     cases: pd.DataFrame,
     frame: pd.DataFrame,
@@ -721,38 +769,32 @@ def finish_export(
     as_of = default_as_of(cases)
     labels = dict(zip(clusters["cluster_id"], clusters["label"])) if len(clusters) else {}
     new_ids = clusters.loc[clusters["is_new"], "cluster_id"].tolist() if len(clusters) and len(state.table) else []
-    # Only what the counts and the week-over-week test read, rows without a cluster kept: both
-    # count a missing key nowhere, and filtering 200k members cost 15 ms a night. Filtered when
-    # no row has a cluster, where both answer for an empty frame.
-    counted = [col for col in ("cluster_id", "date", *BREAKDOWNS) if col in members]
-    # The members' cluster ids as sorted codes, once: an object column (no shared Arrow codes),
-    # hashed by each table that counts by cluster, ~15 ms each at 200k members.
-    cluster_codes = clustering.cluster_codes
-    if cluster_codes is None or len(cluster_codes[0]) != len(members):
-        cluster_codes = sorted_codes(members["cluster_id"]) if len(members) and "cluster_id" in members else None
-    clustered = counted_members(members, counted, cluster_codes)
-    by_cluster = cluster_codes if len(clustered) == len(members) else None  # rows as the codes'
-    counts = pd.concat(
-        [
-            count_table(cases, "issue_type", "issue_type"),
-            count_table(clustered, "cluster", "cluster_id", key_codes=by_cluster),
-        ],
-        ignore_index=True,
-    )
+    # On a night whose members are the kept tally's and a few new rows, the per-type tables are
+    # the tally's (`member_tallies`): `members` holds the cross-type rows alone.
+    tally = clustering.tally if clustering.partial else None
+    if tally is not None and tally.days is not None:
+        cluster_counts = counts_from_days("cluster", tally.days, tally.breakdowns)
+        cluster_alerts = (
+            wow_from_days(
+                tally.days, tally.cluster_ids(), "cluster", as_of, c.alert_alpha, c.alert_min_count, labels, new_ids
+            )
+            if as_of
+            else None
+        )
+        cluster_codes = clustering.cluster_codes
+        if cluster_codes is None or len(cluster_codes[0]) != len(members):
+            cluster_codes = sorted_codes(members["cluster_id"]) if len(members) else None
+        issue_counts = frame["issue_type"].value_counts() if len(frame) else pd.Series(dtype=int)
+        matrix = matrix_from_groups(*mt.typed_shares(tally), clusters, issue_counts, c.top_breakdown)
+    else:
+        cluster_counts, cluster_alerts, matrix, cluster_codes = _member_tables(
+            members, clustering, clusters, frame, cfg, as_of, labels, new_ids
+        )
+    counts = pd.concat([count_table(cases, "issue_type", "issue_type"), cluster_counts], ignore_index=True)
     alerts = (
         pd.concat(
             [
-                week_over_week(
-                    clustered,
-                    "cluster",
-                    "cluster_id",
-                    as_of,
-                    c.alert_alpha,
-                    c.alert_min_count,
-                    labels,
-                    new_ids,
-                    key_codes=by_cluster,
-                ),
+                cluster_alerts,
                 week_over_week(cases, "issue_type", "issue_type", as_of, c.alert_alpha, c.alert_min_count),
             ],
             ignore_index=True,
@@ -764,13 +806,6 @@ def finish_export(
         alerts = alerts.sort_values(
             ["emerging", "alert", "p_value"], ascending=[False, False, True], kind="stable"
         ).reset_index(drop=True)
-    matrix = root_cause_matrix(
-        members,
-        clusters,
-        frame["issue_type"].value_counts() if len(frame) else pd.Series(dtype=int),
-        c.top_breakdown,
-        cluster_codes,
-    )
     kpis = compute_kpis(cases)
     notes.append(timing_coverage(kpis))
     if "date_source" in cases and (cases["date_source"] == "ingested").any():
@@ -821,7 +856,8 @@ def finish_export(
         "noise_share_all_scope": round(float(all_noise.mean()), 4) if len(all_noise) else None,
         **trend_summary(alerts),
         **(extra or {}),
-        "rows": {k: int(len(v)) for k, v in tables.items()},
+        # The members file's rows: the tally counted them all where `members` is the cross-type part.
+        "rows": {k: int(tally.rows if k == "members" and tally is not None else len(v)) for k, v in tables.items()},
         "notes": notes,
     }
     return ExportBundle(day, tables, report, summary, state, notes)
@@ -1102,32 +1138,31 @@ def renewed_positions(
     return np.concatenate([kept, rows]).astype(np.int64, copy=False)
 
 
-def _night_tally(
-    out: Path,
-    reuse: list[Path],
-    positions: np.ndarray | None,
-    n_kept: int,
-    part_rows: pd.DataFrame | None,
-    members: pd.DataFrame,
-    cluster_codes: Codes | None,
-) -> mt.Tally:
+def _kept_tally(
+    out: Path, reuse: list[Path], positions: np.ndarray | None, n_kept: int, part_rows: pd.DataFrame | None
+) -> mt.Tally | None:
     """The tally of tonight's members (`member_tallies`): last night's kept one with tonight's
-    new rows added, when last night's members table is linked as tonight's leading rows
-    (`reuse`) and every new row's case comes after every kept row's in the cases (so it comes
-    after them within its cluster, as the ties assume); else every member counted."""
-    kept = None
-    if reuse and positions is not None and part_rows is not None and len(reuse):
-        new_pos, old_pos = positions[n_kept:], positions[:n_kept]
-        new_pos, old_pos = new_pos[new_pos >= 0], old_pos[old_pos >= 0]
-        after = not len(new_pos) or not len(old_pos) or int(new_pos.min()) > int(old_pos.max())
-        key = mt.folder_key(reuse[0].parent.parent, len(old_pos), mb.last_part(out)) if after else None
-        kept = mt.load(out, key)
-    if kept is None or part_rows is None:
-        return mt.count_members(members, cluster_codes)
+    new rows (`part_rows`) added, when last night's members table is linked as tonight's
+    leading rows (`reuse`) and every new row's case comes after every kept row's in the cases
+    (so after them within its cluster and matrix group, as the ties assume); else None (the
+    members are viewed and counted whole). Only a tally that can make every per-type table:
+    daily counts to add to, matrix groups each within one scope."""
+    if not reuse or positions is None or part_rows is None:
+        return None
+    new_pos, old_pos = positions[n_kept:], positions[:n_kept]
+    new_pos, old_pos = new_pos[new_pos >= 0], old_pos[old_pos >= 0]
+    if len(new_pos) and len(old_pos) and int(new_pos.min()) <= int(old_pos.max()):
+        return None
+    kept = mt.load(out, mt.folder_key(reuse[0].parent.parent, len(old_pos), mb.last_part(out)))
+    if kept is None:
+        return None
     try:
-        return mt.merge(kept, mt.count_members(part_rows, start=kept.rows)) if len(part_rows) else kept
-    except ValueError:  # kept of other columns than tonight's: counted afresh
-        return mt.count_members(members, cluster_codes)
+        tally = mt.merge(kept, mt.count_members(part_rows, start=kept.rows)) if len(part_rows) else kept
+    except ValueError:  # kept of other columns than tonight's
+        return None
+    if tally.days is None or not len(tally.days) or tally.typed is None or not tally.typed_in_scope:
+        return None
+    return tally
 
 
 def _keep_tally(
@@ -1135,9 +1170,9 @@ def _keep_tally(
 ) -> None:
     """Keep tonight's members tally for the next night, named by the members table just written."""
     rows = int(summary["rows"]["members"])
-    if rows != len(clustering.members):
-        return
     if tally is None or tally.rows != rows:
+        if len(clustering.members) != rows or clustering.partial:
+            return
         tally = mt.count_members(clustering.members, clustering.cluster_codes) if rows else None
     key = mt.folder_key(folder, rows, state_part)
     if tally is not None and key is not None:
@@ -1216,7 +1251,6 @@ def export_all(
     reuse: list[Path] = []  # last night's member parts to link (`member_parts`)
     part_rows: pd.DataFrame | None = None  # the members file's rows after them
     n_redone = 0
-    tally: mt.Tally | None = None  # what the clusters table counts of tonight's members
     stored_codes: Codes | None = None  # the membership's cluster ids' codes, when known
     # Which cases are not yet members (new, or re-processed: same id, newer run): counted on every
     # night, embedded and assigned on an incremental one.
@@ -1294,21 +1328,34 @@ def export_all(
         # of every member (a filter of 2M rows joined each column's chunks: 0.8 s at 1M cases).
         if since is None and not compact and not dropped and not n_redone and note is None and positions is not None:
             reuse = mp.reusable_parts(latest_export(out), mb.last_part(out), int((positions[:n_kept] >= 0).sum()))
-        members, frame_rows, cluster_codes = members_view_rows(
-            frame, membership, positions, texts=not reuse, cluster_codes=stored_codes
-        )
         if reuse and positions is not None:  # (always with reuse: for the type checker)
             part_rows = members_view(frame, membership.iloc[n_kept:], positions[n_kept:])
+        # Last night's tally with tonight's rows added, when it holds all the per-type rows'
+        # tables need: then the view is of the cross-type rows alone (the map, the emotion
+        # table, the chart and the noise share read them), not of every member twice.
+        tally = _kept_tally(out, reuse, positions, n_kept, part_rows)
+        viewed = membership
+        if tally is not None and positions is not None:
+            cross = np.flatnonzero((membership["scope"] == ALL_SCOPE).to_numpy())
+            viewed, positions = membership.iloc[cross], positions[cross]
+            if stored_codes is not None:
+                stored_codes = (stored_codes[0][cross], stored_codes[1])
+        members, frame_rows, cluster_codes = members_view_rows(
+            frame, viewed, positions, texts=not reuse, cluster_codes=stored_codes
+        )
+        del viewed
         # The cluster ids (an object column) hashed once for the recount and the tables, unless
         # the view has them from the stored membership's codes.
         if not len(members):
             cluster_codes = None
         elif cluster_codes is None:
             cluster_codes = sorted_codes(members["cluster_id"])
-        tally = _night_tally(out, reuse, positions, n_kept, part_rows, members, cluster_codes)
-        clusters, new_state = clusters_from_tally(described, tally, state, day, c.top_breakdown)
+        counted = tally if tally is not None else mt.count_members(members, cluster_codes)
+        clusters, new_state = clusters_from_tally(described, counted, state, day, c.top_breakdown)
         # The cases are the store's newest rows, one per id: a member's case is its frame row's.
-        clustering = Clustering(clusters, members, new_state, cluster_codes, selected[frame_rows])
+        clustering = Clustering(
+            clusters, members, new_state, cluster_codes, selected[frame_rows], counted, tally is not None
+        )
     t_cluster = time.perf_counter() - t0
     view_cases, view_frame = cases, frame
     if since is not None:
@@ -1354,7 +1401,8 @@ def export_all(
         part_rows = part_rows.drop(columns=[x for x in ("x", "y") if x in part_rows])
     folder = write_export(out, bundle, c.csv_encoding, reuse, part_rows)
     if since is None:
-        _keep_tally(out, folder, tally, clustering, state_part + 1 if appends else state_part, bundle.summary)
+        kept_tally = clustering.tally if clustering is view else None
+        _keep_tally(out, folder, kept_tally, clustering, state_part + 1 if appends else state_part, bundle.summary)
     if reason is not None:
         seq = mb.append_members(out, stored)
         mb.save_projections(out, projections)

@@ -41,17 +41,41 @@ _META = b"casemine_member_tallies"
 _VERSION = 1
 
 
+Pairs = tuple[np.ndarray, list[str], np.ndarray, np.ndarray]  # group, value name, count, first row
+
+
+@dataclass
+class Groups:
+    """Rows counted by group: the groups' keys, sizes, and per mix column each (group, value
+    name) pair's count and first row (a rank, only compared within a group)."""
+
+    keys: list[tuple[str, str]]
+    sizes: np.ndarray
+    mix: dict[str, Pairs] = field(default_factory=dict)
+
+
 @dataclass
 class Tally:
-    """Sums over member rows: groups are (str(scope), str(cluster_id)) pairs in first-seen order."""
+    """Sums over member rows. The clusters' groups are (str(scope), str(cluster_id)) pairs;
+    `typed` groups the per-type scopes' rows by (issue type, cluster id or ""), as the matrix
+    does; `days` is the cluster counts' daily rows (`trends.day_counts`)."""
 
     keys: list[tuple[str, str]]
     sizes: np.ndarray  # rows per group
     scopes: dict[str, int]  # rows per scope, noise included
-    # Per mix column: each (group, value name) pair's group, name, count and first row (a rank).
-    mix: dict[str, tuple[np.ndarray, list[str], np.ndarray, np.ndarray]] = field(default_factory=dict)
+    mix: dict[str, Pairs] = field(default_factory=dict)
     scores: list[np.ndarray] | None = None  # per group its non-missing emotion scores in row order
     rows: int = 0  # member rows counted: the ranks of rows appended start here
+    typed: Groups | None = None
+    # Whether every per-type row's issue type is its scope: then a matrix group lies in one
+    # scope, and rows appended to each scope come after its kept rows within the group too.
+    typed_in_scope: bool = False
+    days: pd.DataFrame | None = None
+    breakdowns: list[str] = field(default_factory=list)  # the BREAKDOWNS the members had
+
+    def cluster_ids(self) -> list[str]:
+        """The distinct cluster ids counted, sorted (the week-over-week test's keys)."""
+        return sorted({cid for _, cid in self.keys})
 
 
 def _share_names(uniques: np.ndarray) -> tuple[list[str], np.ndarray]:
@@ -103,13 +127,85 @@ def count_members(members: pd.DataFrame, cluster_codes: Codes | None = None, sta
     if "emotion_score" in members:
         floats = pd.to_numeric(members["emotion_score"], errors="coerce").to_numpy(dtype=float)
         scores = [s[~np.isnan(s)] for s in (floats[idx] for idx in group_rows(codes, len(keys)))]
-    return Tally(keys, sizes, scopes, mix, scores, start + len(members))
+    typed, in_scope = _typed_groups(members, cluster_codes, start)
+    days, breakdowns = _days(members, cluster_codes)
+    return Tally(keys, sizes, scopes, mix, scores, start + len(members), typed, in_scope, days, breakdowns)
+
+
+def _typed_groups(members: pd.DataFrame, cluster_codes: Codes | None, start: int) -> tuple[Groups | None, bool]:
+    """The matrix's groups of the per-type rows (`trends._type_cluster_groups`), with their
+    region and product pairs; and whether each per-type row's issue type is its scope."""
+    from pipeline.insights.trends import _type_cluster_groups
+
+    if "issue_type" not in members:
+        return None, False
+    per_type, keys, sizes, codes = _type_cluster_groups(members, cluster_codes)
+    codes = np.where(codes < len(keys), codes, -1)
+    mix = {}
+    for col in ("region", "product"):
+        if col in members:
+            vcodes, uniques = sorted_codes(members[col])
+            names, merged = _share_names(uniques)
+            group, value, counts, first = _pairs(codes, merged[vcodes[per_type]], len(names), 0)
+            mix[col] = (group, [names[v] for v in value.tolist()], counts, per_type[first] + start)
+    typed = [(str(it), str(cid)) for it, cid in keys]
+    scope = members["scope"].to_numpy(dtype=object)[per_type]
+    types = members["issue_type"].to_numpy(dtype=object)[per_type]
+    in_scope = bool((scope == types).all())
+    return Groups(typed, np.asarray(sizes, dtype=np.int64), mix), in_scope
+
+
+def _days(members: pd.DataFrame, cluster_codes: Codes | None) -> tuple[pd.DataFrame, list[str]]:
+    """The cluster counts' daily rows of the members (none when no row has a cluster, where the
+    export counts an empty frame) and which breakdown columns they had."""
+    from pipeline.insights.trends import BREAKDOWNS, count_table, day_counts
+
+    counted = [col for col in ("cluster_id", "date", *BREAKDOWNS) if col in members]
+    codes = cluster_codes if cluster_codes is not None else sorted_codes(members["cluster_id"])
+    if not len(members) or not (codes[0] >= 0).any() or "date" not in members:
+        return day_counts(pd.DataFrame()), [b for b in BREAKDOWNS if b in members]
+    table = count_table(members[counted], "cluster", "cluster_id", key_codes=codes)
+    return day_counts(table), [b for b in BREAKDOWNS if b in members]
 
 
 def merge(kept: Tally, new: Tally) -> Tally:
-    """The tally of kept rows followed by new ones (`new` counted with start=kept.rows): the
-    kept groups first, then the new groups in their order, as first seen in the joined rows of
-    one scope after another; the order never reaches a table (the clusters follow `described`)."""
+    """The tally of kept rows followed by new ones (`new` counted with start=kept.rows). Raises
+    ValueError where the two did not count the same columns."""
+    from pipeline.insights.trends import add_day_counts
+
+    if kept.breakdowns != new.breakdowns or (kept.typed is None) != (new.typed is None):
+        raise ValueError("tallies of members with different columns")
+    clusters, where = _merge_groups(Groups(kept.keys, kept.sizes, kept.mix), Groups(new.keys, new.sizes, new.mix))
+    scopes = dict(kept.scopes)
+    for scope, n in new.scopes.items():
+        scopes[scope] = scopes.get(scope, 0) + n
+    scores = None
+    if kept.scores is not None and new.scores is not None:
+        scores = list(kept.scores) + [np.zeros(0) for _ in range(len(clusters.keys) - len(kept.keys))]
+        for i, s in zip(where.tolist(), new.scores):
+            scores[i] = np.concatenate([scores[i], s])
+    elif kept.scores is not None or new.scores is not None:
+        raise ValueError("tallies of members with and without emotion scores")
+    typed = _merge_groups(kept.typed, new.typed)[0] if kept.typed is not None and new.typed is not None else None
+    days = add_day_counts(kept.days, new.days) if kept.days is not None and new.days is not None else None
+    return Tally(
+        clusters.keys,
+        clusters.sizes,
+        scopes,
+        clusters.mix,
+        scores,
+        new.rows,
+        typed,
+        kept.typed_in_scope and new.typed_in_scope,
+        days,
+        kept.breakdowns,
+    )
+
+
+def _merge_groups(kept: Groups, new: Groups) -> tuple[Groups, np.ndarray]:
+    """Two counts of groups as one (the kept groups first, then the new ones), and each new
+    group's number in it. The groups' order never reaches a table: the clusters follow
+    `described`, the matrix sorts its groups."""
     index = {k: i for i, k in enumerate(kept.keys)}
     keys = list(kept.keys)
     for k in new.keys:
@@ -120,20 +216,10 @@ def merge(kept: Tally, new: Tally) -> Tally:
     sizes = np.zeros(len(keys), dtype=np.int64)
     sizes[: len(kept.keys)] = kept.sizes
     np.add.at(sizes, where, new.sizes)
-    scopes = dict(kept.scopes)
-    for scope, n in new.scopes.items():
-        scopes[scope] = scopes.get(scope, 0) + n
-    mix = {}
-    for name in set(kept.mix) | set(new.mix):
-        mix[name] = _merge_pairs(kept.mix.get(name), _regrouped(new.mix.get(name), where))
-    scores = None
-    if kept.scores is not None and new.scores is not None:
-        scores = list(kept.scores) + [np.zeros(0) for _ in range(len(keys) - len(kept.keys))]
-        for i, s in zip(where.tolist(), new.scores):
-            scores[i] = np.concatenate([scores[i], s])
-    elif kept.scores is not None or new.scores is not None:
-        raise ValueError("tallies of members with and without emotion scores")
-    return Tally(keys, sizes, scopes, mix, scores, new.rows)
+    if set(kept.mix) != set(new.mix):
+        raise ValueError("tallies of members with different columns")
+    mix = {name: _merge_pairs(kept.mix[name], _regrouped(new.mix[name], where)) for name in kept.mix}
+    return Groups(keys, sizes, mix), where
 
 
 def _regrouped(pairs: Any, where: np.ndarray) -> Any:
@@ -168,6 +254,23 @@ def shares(tally: Tally, col: str) -> dict[int, dict[str, float]]:
     group, labels, counts, first = tally.mix[col]
     names, value = _share_names(np.asarray(labels, dtype=object))
     return _ranked_shares(group, value[:-1], counts, first, tally.sizes, names, MIX[col])
+
+
+def typed_shares(tally: Tally) -> tuple[list[tuple[str, str]], list[int], dict[str, dict[int, dict[str, float]]]]:
+    """The matrix's groups in sorted order, their sizes and region and product shares, as
+    `trends.root_cause_matrix` counts them (`trends.matrix_from_groups`)."""
+    typed = tally.typed
+    if typed is None:
+        return [], [], {}
+    order = sorted(range(len(typed.keys)), key=typed.keys.__getitem__)
+    number = np.empty(len(order), dtype=np.int64)
+    number[np.asarray(order, dtype=np.int64)] = np.arange(len(order))
+    sizes = typed.sizes[np.asarray(order, dtype=np.int64)] if order else typed.sizes
+    out = {}
+    for col, (group, labels, counts, first) in typed.mix.items():
+        names, value = _share_names(np.asarray(labels, dtype=object))
+        out[col] = _ranked_shares(number[group], value[:-1], counts, first, sizes, names, None)
+    return [typed.keys[i] for i in order], sizes.tolist(), out
 
 
 def mean_scores(tally: Tally, group: int) -> float | None:
@@ -243,39 +346,65 @@ _FILES = {
     "groups": ["scope", "cluster_id", "size", "n_scores"],
     "mix": ["column", "group", "name", "count", "first"],
     "scores": ["score"],
+    "typed": ["scope", "cluster_id", "size"],
+    "typed_mix": ["column", "group", "name", "count", "first"],
+    "days": ["breakdown", "key", "period", "value", "count"],
 }
+
+
+def _text(values: Any) -> pa.Array:
+    return pa.array(list(values), pa.large_string())
+
+
+def _groups_table(keys: list[tuple[str, str]], sizes: np.ndarray) -> dict[str, pa.Array]:
+    return {
+        "scope": _text(k[0] for k in keys),
+        "cluster_id": _text(k[1] for k in keys),
+        "size": pa.array(sizes, pa.int64()),
+    }
+
+
+def _mix_table(mix: dict[str, Pairs]) -> pa.Table:
+    cols = sorted(mix)
+    return pa.table(
+        {
+            "column": _text(c for c in cols for _ in mix[c][1]),
+            "group": pa.array(_joined([mix[c][0] for c in cols]), pa.int64()),
+            "name": _text(n for c in cols for n in mix[c][1]),
+            "count": pa.array(_joined([mix[c][2] for c in cols]), pa.int64()),
+            "first": pa.array(_joined([mix[c][3] for c in cols]), pa.int64()),
+        }
+    )
 
 
 def save(out: Path, tally: Tally, key: dict[str, Any]) -> None:
     """Keep `tally` as the count of the members table `key` names (`folder_key`)."""
     scores = tally.scores
     n_scores = [len(s) for s in scores] if scores is not None else [0] * len(tally.keys)
-    cols = sorted(tally.mix)
+    typed = tally.typed if tally.typed is not None else Groups([], np.zeros(0, dtype=np.int64))
+    days = tally.days if tally.days is not None else pd.DataFrame({c: [] for c in _FILES["days"]})
     tables = {
-        "groups": pa.table(
-            {
-                "scope": pa.array([k[0] for k in tally.keys], pa.large_string()),
-                "cluster_id": pa.array([k[1] for k in tally.keys], pa.large_string()),
-                "size": pa.array(tally.sizes, pa.int64()),
-                "n_scores": pa.array(n_scores, pa.int64()),
-            }
-        ),
-        "mix": pa.table(
-            {
-                "column": pa.array([c for c in cols for _ in tally.mix[c][1]], pa.large_string()),
-                "group": pa.array(_joined([tally.mix[c][0] for c in cols]), pa.int64()),
-                "name": pa.array([n for c in cols for n in tally.mix[c][1]], pa.large_string()),
-                "count": pa.array(_joined([tally.mix[c][2] for c in cols]), pa.int64()),
-                "first": pa.array(_joined([tally.mix[c][3] for c in cols]), pa.int64()),
-            }
-        ),
+        "groups": pa.table({**_groups_table(tally.keys, tally.sizes), "n_scores": pa.array(n_scores, pa.int64())}),
+        "mix": _mix_table(tally.mix),
         "scores": pa.table({"score": pa.array(np.concatenate(scores) if scores else np.zeros(0), pa.float64())}),
+        "typed": pa.table(_groups_table(typed.keys, typed.sizes)),
+        "typed_mix": _mix_table(typed.mix),
+        "days": pa.table(
+            {
+                **{c: _text(days[c].tolist()) for c in _FILES["days"][:-1]},
+                "count": pa.array(days["count"].to_numpy(dtype=np.int64), pa.int64()),
+            }
+        ),
     }
     meta = {
         **key,
         "scopes": tally.scopes,
-        "columns": cols,
+        "columns": sorted(tally.mix),
+        "typed_columns": sorted(typed.mix) if tally.typed is not None else None,
+        "typed_in_scope": tally.typed_in_scope,
         "has_scores": scores is not None,
+        "has_days": tally.days is not None,
+        "breakdowns": tally.breakdowns,
         "counted": tally.rows,
     }
     for name, t in tables.items():
@@ -286,6 +415,21 @@ def save(out: Path, tally: Tally, key: dict[str, Any]) -> None:
 
 def _joined(arrays: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+
+
+def _read_mix(t: pa.Table, columns: list[str]) -> dict[str, Pairs]:
+    column = np.asarray(t["column"].to_pylist(), dtype=object)
+    group, names = t["group"].to_numpy(), t["name"].to_pylist()
+    count, first = t["count"].to_numpy(), t["first"].to_numpy()
+    pairs = {}
+    for col in columns:
+        at = np.flatnonzero(column == col)
+        pairs[col] = (group[at], [names[i] for i in at.tolist()], count[at], first[at])
+    return pairs
+
+
+def _keys(t: pa.Table) -> list[tuple[str, str]]:
+    return list(zip(t["scope"].to_pylist(), t["cluster_id"].to_pylist()))
 
 
 def load(out: Path, key: dict[str, Any] | None) -> Tally | None:
@@ -304,25 +448,32 @@ def load(out: Path, key: dict[str, Any] | None) -> Tally | None:
     if any(m != metas[0] for m in metas):
         return None  # files of two saves
     meta = metas[0]
-    groups, mix, scores = got["groups"][1], got["mix"][1], got["scores"][1]
-    keys = list(zip(groups["scope"].to_pylist(), groups["cluster_id"].to_pylist()))
+    groups, scores = got["groups"][1], got["scores"][1]
     n_scores = groups["n_scores"].to_numpy()
     score_values = scores["score"].to_numpy()
     if int(n_scores.sum()) != len(score_values):
         return None
-    kept_scores = np.split(score_values, np.cumsum(n_scores)[:-1]) if len(keys) else []
-    column = np.asarray(mix["column"].to_pylist(), dtype=object)
-    group, names = mix["group"].to_numpy(), mix["name"].to_pylist()
-    count, first = mix["count"].to_numpy(), mix["first"].to_numpy()
-    pairs = {}
-    for col in meta["columns"]:
-        at = np.flatnonzero(column == col)
-        pairs[col] = (group[at], [names[i] for i in at.tolist()], count[at], first[at])
+    kept_scores = np.split(score_values, np.cumsum(n_scores)[:-1]) if len(groups) else []
+    typed_t = got["typed"][1]
+    typed = None
+    if meta["typed_columns"] is not None:
+        typed = Groups(
+            _keys(typed_t),
+            typed_t["size"].to_numpy().astype(np.int64),
+            _read_mix(got["typed_mix"][1], meta["typed_columns"]),
+        )
+    days = got["days"][1].to_pandas() if meta["has_days"] else None
+    if days is not None:
+        days = days.astype({c: object for c in _FILES["days"][:-1]}).astype({"count": np.int64})
     return Tally(
-        keys,
+        _keys(groups),
         groups["size"].to_numpy().astype(np.int64),
         {str(k): int(v) for k, v in meta["scopes"].items()},
-        pairs,
+        _read_mix(got["mix"][1], meta["columns"]),
         [np.asarray(s) for s in kept_scores] if meta["has_scores"] else None,
         int(meta["counted"]),
+        typed,
+        bool(meta["typed_in_scope"]),
+        days,
+        list(meta["breakdowns"]),
     )

@@ -260,6 +260,36 @@ def week_over_week(
     last_week = _rows_in(np.asarray((d >= l0) & (d <= l1), dtype=bool), date_codes) & keyed
     this = np.bincount(codes[this_week], minlength=len(uniques)).tolist()
     last = np.bincount(codes[last_week], minlength=len(uniques)).tolist()
+    return _wow_table(dimension, uniques.tolist(), this, last, alpha, min_count, labels, new_keys)
+
+
+_WOW_COLUMNS = [
+    "dimension",
+    "key",
+    "label",
+    "this_week",
+    "last_week",
+    "change",
+    "pct_change",
+    "p_value",
+    "alert",
+    "is_new",
+    "emerging",
+]
+
+
+def _wow_table(
+    dimension: str,
+    keys: list[Any],
+    this: list[int],
+    last: list[int],
+    alpha: float,
+    min_count: int,
+    labels: dict[str, str] | None,
+    new_keys: Sequence[str],
+) -> pd.DataFrame:
+    """`week_over_week`'s table from each key's count this week and last week."""
+    cols = _WOW_COLUMNS
     rows = []
     new = set(new_keys)
     # No case at all last week means the data does not reach back that far (first load, one
@@ -267,7 +297,7 @@ def week_over_week(
     # absent last week has no previous week to rise from either: it has no p-value and cannot
     # alert (a new cluster shows as emerging instead).
     has_baseline = sum(last) > 0
-    for k, a, b in sorted(zip(uniques.tolist(), this, last)):  # keys are distinct: sorted by key
+    for k, a, b in sorted(zip(keys, this, last)):  # keys are distinct: sorted by key
         p = rise_p_value(a, b) if has_baseline and b > 0 else None
         alert = bool(p is not None and a >= min_count and p < alpha)
         rows.append(
@@ -325,6 +355,23 @@ def _rows_of(coded: tuple[np.ndarray, np.ndarray], rows: np.ndarray) -> tuple[np
     return coded[0][rows], coded[1]
 
 
+_MATRIX_COLUMNS = [
+    "issue_type",
+    "cluster_id",
+    "label",
+    "cause_phrases",
+    "cause_category",
+    "cause_category_zh",
+    "cause_suggested",
+    "count",
+    "share_of_issue_type",
+    "issue_type_total",
+    "top_regions",
+    "top_products",
+    "impact",
+]
+
+
 def root_cause_matrix(
     members: pd.DataFrame,
     clusters: pd.DataFrame,
@@ -335,23 +382,31 @@ def root_cause_matrix(
     """Issue type -> cluster (direct cause) -> cause category -> impact. One row per per-type
     cluster plus one "未归类" row per type for its noise, so each type's shares add up.
     `cluster_codes`: the members' cluster ids' `sorted_codes`, when the caller has them."""
-    cols = [
-        "issue_type",
-        "cluster_id",
-        "label",
-        "cause_phrases",
-        "cause_category",
-        "cause_category_zh",
-        "cause_suggested",
-        "count",
-        "share_of_issue_type",
-        "issue_type_total",
-        "top_regions",
-        "top_products",
-        "impact",
-    ]
     if members.empty:
-        return pd.DataFrame(columns=cols)
+        return pd.DataFrame(columns=_MATRIX_COLUMNS)
+    per_type, keys, sizes, codes = _type_cluster_groups(members, cluster_codes)
+    # Region and product shares of the per-type rows counted for all groups at once
+    # (`group_shares`); rows without an issue type counted as one more group, never read.
+    shares = {
+        col: coded_shares(codes, *_rows_of(sorted_codes(members[col]), per_type))
+        for col in ("region", "product")
+        if col in members
+    }
+    return matrix_from_groups(keys, sizes, shares, clusters, issue_counts, top)
+
+
+def matrix_from_groups(
+    keys: list[tuple[Any, Any]],
+    sizes: list[int],
+    shares: dict[str, dict[int, dict[str, float]]],
+    clusters: pd.DataFrame,
+    issue_counts: pd.Series,
+    top: int,
+) -> pd.DataFrame:
+    """`root_cause_matrix` from its (issue type, cluster id or "") groups in sorted order, their
+    sizes and their region and product shares (by group number): what it counts of the
+    per-type members, counted tonight or kept and added to (`member_tallies`)."""
+    cols = _MATRIX_COLUMNS
     # Clusters as dicts by id, of the columns read: a .loc per matrix row cost 0.07 s a night
     # (~350 rows), and the dicts of every column 10 ms.
     read = ["cluster_id", "label", "cause_phrases", "cause_category", "cause_category_zh"]
@@ -361,14 +416,6 @@ def root_cause_matrix(
         else {}
     )
     rows = []
-    per_type, keys, sizes, codes = _type_cluster_groups(members, cluster_codes)
-    # Region and product shares of the per-type rows counted for all groups at once
-    # (`group_shares`); rows without an issue type counted as one more group, never read.
-    shares = {
-        col: coded_shares(codes, *_rows_of(sorted_codes(members[col]), per_type))
-        for col in ("region", "product")
-        if col in members
-    }
     type_sizes: dict[Any, int] = {}
     for (it, _), size in zip(keys, sizes):
         type_sizes[it] = type_sizes.get(it, 0) + size
@@ -437,3 +484,97 @@ def weekly_series(counts: pd.DataFrame, dimension: str, top: int) -> pd.DataFram
     grid = pd.MultiIndex.from_product([list(keep), weeks], names=["key", "period"])
     full = w.groupby(["key", "period"])["count"].sum().reindex(grid, fill_value=0).reset_index()
     return full.assign(dimension=dimension).sort_values(["period", "key"]).reset_index(drop=True)
+
+
+# -- the counts from kept daily counts (`member_tallies`) ---------------------------------------
+
+DAY_COLUMNS = ["breakdown", "key", "period", "value", "count"]
+
+
+def day_counts(table: pd.DataFrame) -> pd.DataFrame:
+    """The daily rows of a `count_table` (DAY_COLUMNS): its weekly rows are their sums, so they
+    are all a later night needs to add its rows' counts to."""
+    d = table[table["granularity"] == "day"] if len(table) else table
+    return pd.DataFrame(
+        {
+            "breakdown": d["breakdown"].to_numpy(dtype=object) if len(d) else np.zeros(0, dtype=object),
+            "key": d["key"].to_numpy(dtype=object) if len(d) else np.zeros(0, dtype=object),
+            "period": d["period"].to_numpy(dtype=object) if len(d) else np.zeros(0, dtype=object),
+            "value": d["breakdown_value"].to_numpy(dtype=object) if len(d) else np.zeros(0, dtype=object),
+            "count": d["count"].to_numpy(dtype=np.int64) if len(d) else np.zeros(0, dtype=np.int64),
+        }
+    )
+
+
+def add_day_counts(kept: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """Two `day_counts` as one: each (breakdown, key, day, value)'s counts summed."""
+    if not len(new):
+        return kept
+    both = pd.concat([kept, new], ignore_index=True)
+    combined = np.zeros(len(both), dtype=np.int64)
+    for col in DAY_COLUMNS[:-1]:
+        codes, uniques = sorted_codes(both[col].astype(object))
+        combined = combined * max(len(uniques), 1) + codes
+    _, first, inverse = np.unique(combined, return_index=True, return_inverse=True)
+    counts = np.bincount(inverse.reshape(-1), weights=both["count"].to_numpy(dtype=np.float64))
+    out = both.iloc[first].reset_index(drop=True)
+    return out.assign(count=np.rint(counts).astype(np.int64))
+
+
+def counts_from_days(dimension: str, days: pd.DataFrame, breakdowns: Sequence[str]) -> pd.DataFrame:
+    """`count_table` of rows whose daily counts are `days` (`day_counts`) and which had the
+    `breakdowns` columns: the same parts in the same order, the weeks summed from the days.
+    Empty `days`: the caller counts the rows (an empty table's columns are its own)."""
+    dtype = list_str_dtype()
+    parts: dict[str, list[pd.DataFrame]] = {"day": [], "week": []}
+    of = days["breakdown"].to_numpy(dtype=object)
+    for b in ("all", *breakdowns):
+        sub = days[of == b]
+        keys, key_values = sorted_codes(sub["key"].astype(object))
+        day_rows, pvalues = sorted_codes(sub["period"].astype(object))
+        if b == "all":
+            vcodes, bvalues = np.zeros(len(sub), dtype=np.int64), np.array([None])
+        else:
+            vcodes, bvalues = sorted_codes(sub["value"].astype(object))
+        weeks_of, weeks = sorted_codes(week_start(pd.Series(pvalues, dtype=object)))
+        nd, nb, nw = max(len(pvalues), 1), max(len(bvalues), 1), max(len(weeks), 1)
+        combined = (keys * nd + day_rows) * nb + vcodes
+        order = np.argsort(combined, kind="stable")
+        found, counts = combined[order], sub["count"].to_numpy(dtype=np.int64)[order]
+        k, d, v = found // (nd * nb), found // nb % nd, found % nb
+        wfound, wcounts = _regroup(found, counts, (k * nw + weeks_of[d]) * nb + v)
+        for gran, (f, n), periods in (("day", (found, counts), pvalues), ("week", (wfound, wcounts), weeks)):
+            if b == "all":
+                kk, pp, nn = _decode(f // nb, n, [key_values, periods], dtype)
+                parts[gran].append(_counts_part(kk, pp, nn, gran, b, None, dtype))
+            else:
+                kk, pp, vv, nn = _decode(f, n, [key_values, periods, bvalues], dtype)
+                parts[gran].append(_counts_part(kk, pp, nn, gran, b, vv, dtype))
+    out = pd.concat([*parts["day"], *parts["week"]], ignore_index=True)
+    out.insert(0, "dimension", _constant(dimension, len(out), dtype))
+    return out[_COUNT_COLUMNS]
+
+
+def wow_from_days(
+    days: pd.DataFrame,
+    keys: list[Any],
+    dimension: str,
+    as_of: date,
+    alpha: float,
+    min_count: int,
+    labels: dict[str, str] | None = None,
+    new_keys: Sequence[str] = (),
+) -> pd.DataFrame:
+    """`week_over_week` of rows whose daily counts are `days` (`day_counts`) and whose distinct
+    keys are `keys` (a key without a dated row still has its row, at 0 and 0)."""
+    every = days[days["breakdown"].to_numpy(dtype=object) == "all"]
+    index = {k: i for i, k in enumerate(keys)}
+    at = np.array([index[k] for k in every["key"].tolist()], dtype=np.int64)
+    d = pd.Series(pd.to_datetime(every["period"].astype(object)))
+    (a0, a1), (b0, b1) = week_windows(as_of)
+    n = every["count"].to_numpy(dtype=np.int64)
+    this_week = np.asarray((d >= pd.Timestamp(a0)) & (d <= pd.Timestamp(a1)), dtype=bool)
+    last_week = np.asarray((d >= pd.Timestamp(b0)) & (d <= pd.Timestamp(b1)), dtype=bool)
+    this = np.bincount(at[this_week], weights=n[this_week], minlength=len(keys)).astype(np.int64).tolist()
+    last = np.bincount(at[last_week], weights=n[last_week], minlength=len(keys)).astype(np.int64).tolist()
+    return _wow_table(dimension, keys, this, last, alpha, min_count, labels, new_keys)
