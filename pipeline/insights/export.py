@@ -769,9 +769,11 @@ def finish_export(
     as_of = default_as_of(cases)
     labels = dict(zip(clusters["cluster_id"], clusters["label"])) if len(clusters) else {}
     new_ids = clusters.loc[clusters["is_new"], "cluster_id"].tolist() if len(clusters) and len(state.table) else []
-    # On a night whose members are the kept tally's and a few new rows, the per-type tables are
-    # the tally's (`member_tallies`): `members` holds the cross-type rows alone.
-    tally = clustering.tally if clustering.partial else None
+    # The per-type tables from the members' tally (`member_tallies`) when it makes them all: on
+    # a night whose members are a kept tally's and a few new rows, `members` holds the
+    # cross-type rows alone; on another, the tally counted every member once for the clusters
+    # table, and counting them again for the counts and the matrix cost as much again.
+    tally = clustering.tally if clustering.partial or mt.makes_tables(clustering.tally) else None
     if tally is not None and tally.days is not None:
         cluster_counts = counts_from_days("cluster", tally.days, tally.breakdowns)
         cluster_alerts = (
@@ -1160,9 +1162,7 @@ def _kept_tally(
         tally = mt.merge(kept, mt.count_members(part_rows, start=kept.rows)) if len(part_rows) else kept
     except ValueError:  # kept of other columns than tonight's
         return None
-    if tally.days is None or not len(tally.days) or tally.typed is None or not tally.typed_in_scope:
-        return None
-    return tally
+    return tally if mt.makes_tables(tally) else None
 
 
 def _keep_tally(

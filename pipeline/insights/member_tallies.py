@@ -256,6 +256,14 @@ def shares(tally: Tally, col: str) -> dict[int, dict[str, float]]:
     return _ranked_shares(group, value[:-1], counts, first, tally.sizes, names, MIX[col])
 
 
+def makes_tables(tally: Tally | None) -> bool:
+    """Whether the tally makes every per-type table: daily counts (none when no member has a
+    cluster: then the tables count an empty frame) and matrix groups each within one scope."""
+    if tally is None or tally.days is None or not len(tally.days):
+        return False
+    return tally.typed is not None and tally.typed_in_scope
+
+
 def typed_shares(tally: Tally) -> tuple[list[tuple[str, str]], list[int], dict[str, dict[int, dict[str, float]]]]:
     """The matrix's groups in sorted order, their sizes and region and product shares, as
     `trends.root_cause_matrix` counts them (`trends.matrix_from_groups`)."""
