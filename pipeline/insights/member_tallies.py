@@ -234,25 +234,21 @@ def _regrouped(pairs: Any, where: np.ndarray) -> Any:
     return None if pairs is None else (where[pairs[0]], pairs[1], pairs[2], pairs[3])
 
 
-def _merge_pairs(a: Any, b: Any) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
-    """Two tallies' pairs of one column as one: counts summed, the earlier first row kept."""
-    if a is None or b is None:
-        raise ValueError("tallies of members with different columns")
-    df = pd.DataFrame(
-        {
-            "group": np.concatenate([a[0], b[0]]),
-            "name": pd.Series(a[1] + b[1], dtype=object),
-            "count": np.concatenate([a[2], b[2]]),
-            "first": np.concatenate([a[3], b[3]]),
-        }
-    )
-    g = df.groupby(["group", "name"], sort=True).agg(count=("count", "sum"), first=("first", "min")).reset_index()
-    return (
-        g["group"].to_numpy(np.int64),
-        g["name"].tolist(),
-        g["count"].to_numpy(np.int64),
-        g["first"].to_numpy(np.int64),
-    )
+def _merge_pairs(a: Pairs, b: Pairs) -> Pairs:
+    """Two tallies' pairs of one column as one: counts summed, the earlier first row kept. By
+    integer keys (group, name number): a groupby on the names cost 15 ms a column at 1M cases."""
+    index: dict[str, int] = {}
+    names = np.array([index.setdefault(n, len(index)) for n in [*a[1], *b[1]]], dtype=np.int64)
+    width = max(len(index), 1)
+    key = np.concatenate([a[0], b[0]]).astype(np.int64) * width + names
+    ukey, start, inverse = np.unique(key, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    counts = np.zeros(len(ukey), dtype=np.int64)
+    np.add.at(counts, inverse, np.concatenate([a[2], b[2]]).astype(np.int64))
+    first = np.full(len(ukey), np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first, inverse, np.concatenate([a[3], b[3]]).astype(np.int64))
+    joined = [*a[1], *b[1]]
+    return ukey // width, [joined[i] for i in start.tolist()], counts, first
 
 
 def shares(tally: Tally, col: str) -> dict[int, dict[str, float]]:
@@ -373,6 +369,14 @@ def _text(values: Any) -> pa.Array:
     return pa.array(list(values), pa.large_string())
 
 
+def _column_text(col: pd.Series) -> pa.Array:
+    """A text column as Arrow large_string, without a Python string per cell where it is Arrow."""
+    arr = pa.array(col, from_pandas=True) if len(col) else pa.array([], pa.large_string())
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    return arr.cast(pa.large_string())
+
+
 def _groups_table(keys: list[tuple[str, str]], sizes: np.ndarray) -> dict[str, pa.Array]:
     return {
         "scope": _text(k[0] for k in keys),
@@ -408,7 +412,7 @@ def save(out: Path, tally: Tally, key: dict[str, Any]) -> None:
         "typed_mix": _mix_table(typed.mix),
         "days": pa.table(
             {
-                **{c: _text(days[c].tolist()) for c in _FILES["days"][:-1]},
+                **{c: _column_text(days[c]) for c in _FILES["days"][:-1]},
                 "count": pa.array(days["count"].to_numpy(dtype=np.int64), pa.int64()),
             }
         ),
@@ -432,6 +436,22 @@ def save(out: Path, tally: Tally, key: dict[str, Any]) -> None:
 
 def _joined(arrays: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+
+
+def _arrow_frame(t: pa.Table) -> pd.DataFrame:
+    """A kept table's text columns as Arrow-backed text (no copy into Python strings: the
+    daily counts' 170k rows' codes are Arrow's hash), its integers as int64."""
+    from pipeline.insights.cluster import list_str_dtype
+
+    dtype = list_str_dtype()  # pandas' own text dtype, so the night's rows join without a cast
+    cols: dict[str, Any] = {}
+    for name in t.column_names:
+        col = t[name]
+        if pa.types.is_integer(col.type):
+            cols[name] = col.to_numpy().astype(np.int64)
+        else:
+            cols[name] = pd.Series(pd.array(col, dtype=dtype) if dtype is not None else col.to_pylist(), dtype=dtype)
+    return pd.DataFrame(cols)
 
 
 def _read_mix(t: pa.Table, columns: list[str]) -> dict[str, Pairs]:
@@ -479,9 +499,7 @@ def load(out: Path, key: dict[str, Any] | None) -> Tally | None:
             typed_t["size"].to_numpy().astype(np.int64),
             _read_mix(got["typed_mix"][1], meta["typed_columns"]),
         )
-    days = got["days"][1].to_pandas() if meta["has_days"] else None
-    if days is not None:
-        days = days.astype({c: object for c in _FILES["days"][:-1]}).astype({"count": np.int64})
+    days = _arrow_frame(got["days"][1]) if meta["has_days"] else None
     return Tally(
         _keys(groups),
         groups["size"].to_numpy().astype(np.int64),

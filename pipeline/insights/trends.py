@@ -494,14 +494,18 @@ DAY_COLUMNS = ["breakdown", "key", "period", "value", "count"]
 def day_counts(table: pd.DataFrame) -> pd.DataFrame:
     """The daily rows of a `count_table` (DAY_COLUMNS): its weekly rows are their sums, so they
     are all a later night needs to add its rows' counts to."""
-    d = table[table["granularity"] == "day"] if len(table) else table
+    if not len(table):
+        return pd.DataFrame({c: pd.Series([], dtype=object if c != "count" else np.int64) for c in DAY_COLUMNS})
+    d = table[(table["granularity"] == "day").to_numpy()]
+    # The table's own text columns (Arrow-backed where pandas keeps text so): the kept rows
+    # they join are, and a join of both kinds is object text, hashed in Python.
     return pd.DataFrame(
         {
-            "breakdown": d["breakdown"].to_numpy(dtype=object) if len(d) else np.zeros(0, dtype=object),
-            "key": d["key"].to_numpy(dtype=object) if len(d) else np.zeros(0, dtype=object),
-            "period": d["period"].to_numpy(dtype=object) if len(d) else np.zeros(0, dtype=object),
-            "value": d["breakdown_value"].to_numpy(dtype=object) if len(d) else np.zeros(0, dtype=object),
-            "count": d["count"].to_numpy(dtype=np.int64) if len(d) else np.zeros(0, dtype=np.int64),
+            "breakdown": d["breakdown"].reset_index(drop=True),
+            "key": d["key"].reset_index(drop=True),
+            "period": d["period"].reset_index(drop=True),
+            "value": d["breakdown_value"].reset_index(drop=True),
+            "count": d["count"].to_numpy(dtype=np.int64),
         }
     )
 
@@ -513,7 +517,7 @@ def add_day_counts(kept: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     both = pd.concat([kept, new], ignore_index=True)
     combined = np.zeros(len(both), dtype=np.int64)
     for col in DAY_COLUMNS[:-1]:
-        codes, uniques = sorted_codes(both[col].astype(object))
+        codes, uniques = sorted_codes(both[col])
         combined = combined * max(len(uniques), 1) + codes
     _, first, inverse = np.unique(combined, return_index=True, return_inverse=True)
     counts = np.bincount(inverse.reshape(-1), weights=both["count"].to_numpy(dtype=np.float64))
@@ -527,15 +531,15 @@ def counts_from_days(dimension: str, days: pd.DataFrame, breakdowns: Sequence[st
     Empty `days`: the caller counts the rows (an empty table's columns are its own)."""
     dtype = list_str_dtype()
     parts: dict[str, list[pd.DataFrame]] = {"day": [], "week": []}
-    of = days["breakdown"].to_numpy(dtype=object)
+    of, kinds = sorted_codes(days["breakdown"])
     for b in ("all", *breakdowns):
-        sub = days[of == b]
-        keys, key_values = sorted_codes(sub["key"].astype(object))
-        day_rows, pvalues = sorted_codes(sub["period"].astype(object))
+        sub = days[of == (kinds.tolist().index(b) if b in kinds else -2)]
+        keys, key_values = sorted_codes(sub["key"])
+        day_rows, pvalues = sorted_codes(sub["period"])
         if b == "all":
             vcodes, bvalues = np.zeros(len(sub), dtype=np.int64), np.array([None])
         else:
-            vcodes, bvalues = sorted_codes(sub["value"].astype(object))
+            vcodes, bvalues = sorted_codes(sub["value"])
         weeks_of, weeks = sorted_codes(week_start(pd.Series(pvalues, dtype=object)))
         nd, nb, nw = max(len(pvalues), 1), max(len(bvalues), 1), max(len(weeks), 1)
         combined = (keys * nd + day_rows) * nb + vcodes
@@ -567,7 +571,8 @@ def wow_from_days(
 ) -> pd.DataFrame:
     """`week_over_week` of rows whose daily counts are `days` (`day_counts`) and whose distinct
     keys are `keys` (a key without a dated row still has its row, at 0 and 0)."""
-    every = days[days["breakdown"].to_numpy(dtype=object) == "all"]
+    of, kinds = sorted_codes(days["breakdown"])
+    every = days[of == (kinds.tolist().index("all") if "all" in kinds else -2)]
     index = {k: i for i, k in enumerate(keys)}
     at = np.array([index[k] for k in every["key"].tolist()], dtype=np.int64)
     d = pd.Series(pd.to_datetime(every["period"].astype(object)))
