@@ -271,6 +271,11 @@ def test_nights_from_the_kept_tally_export_what_counting_every_member_exports(ni
     assert not night(day + timedelta(days=6))
     _store(out, _cases({"蓝牙": 2, "发票": 2}, 5000, seed=7), "20251111T000000-gggg")
     assert night(day + timedelta(days=7))
+    # A full re-cluster (its clusters, ids and members anew): its count is kept, then added to.
+    _store(out, _cases({"退款": 4, "物流": 2}, 6000, seed=8), "20251112T000000-hhhh")
+    assert not night(day + timedelta(days=8), recluster=True)
+    _store(out, _cases({"蓝牙": 3}, 7000, seed=9, regions=("华南",)), "20251113T000000-iiii")
+    assert night(day + timedelta(days=9))
 
 
 def test_since_and_a_compacted_membership_count_every_member(nights, cfg, monkeypatch):
