@@ -166,14 +166,12 @@ def _types_are_scopes(members: pd.DataFrame, rows: np.ndarray) -> bool:
 def _days(members: pd.DataFrame, cluster_codes: Codes | None) -> tuple[pd.DataFrame, list[str]]:
     """The cluster counts' daily rows of the members (none when no row has a cluster, where the
     export counts an empty frame) and which breakdown columns they had."""
-    from pipeline.insights.trends import BREAKDOWNS, count_table, day_counts
+    from pipeline.insights.trends import BREAKDOWNS, day_counts, day_counts_of
 
-    counted = [col for col in ("cluster_id", "date", *BREAKDOWNS) if col in members]
     codes = cluster_codes if cluster_codes is not None else sorted_codes(members["cluster_id"])
     if not len(members) or not (codes[0] >= 0).any() or "date" not in members:
         return day_counts(pd.DataFrame()), [b for b in BREAKDOWNS if b in members]
-    table = count_table(members[counted], "cluster", "cluster_id", key_codes=codes)
-    return day_counts(table), [b for b in BREAKDOWNS if b in members]
+    return day_counts_of(members, "cluster_id", codes), [b for b in BREAKDOWNS if b in members]
 
 
 def merge(kept: Tally, new: Tally) -> Tally:

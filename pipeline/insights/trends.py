@@ -18,7 +18,7 @@ import pyarrow as pa
 from scipy.stats import binomtest
 
 from pipeline.insights.cluster import ALL_SCOPE, coded_shares, format_shares, list_str_dtype
-from pipeline.insights.codes import Codes, column_codes, fill_codes, filled_codes, sorted_codes
+from pipeline.insights.codes import Codes, column_codes, fill_codes, filled_codes, sorted_codes, taken_codes
 
 BREAKDOWNS = ("channel", "region", "product")
 
@@ -510,6 +510,32 @@ def day_counts(table: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+def day_counts_of(df: pd.DataFrame, key_col: str, key_codes: Codes | None = None) -> pd.DataFrame:
+    """`day_counts(count_table(df, ..., key_col, key_codes))` without the weeks and the table:
+    each (breakdown, key, day, value) combination's count, counted as `count_table` counts
+    (missing keys and days nowhere, missing breakdown values as "未知"). A night's new rows'
+    counts cost 50 ms as a whole table."""
+    keys, key_values = key_codes if key_codes is not None else sorted_codes(df[key_col])
+    day_rows, days, _, _ = _periods(df["date"])
+    breakdowns = {b: filled_codes(df[b], "未知") for b in BREAKDOWNS if b in df}
+    nk, nd = max(len(key_values), 1), max(len(days), 1)
+    key_day = _combine(_spare(keys, nk), nk, nd, day_rows)
+    cols: dict[str, list[Any]] = {c: [] for c in DAY_COLUMNS}
+    every = ("all", (np.zeros(len(keys), dtype=np.int64), np.array(["全部"], dtype=object)))
+    for b, (bcodes, bvalues) in [every, *breakdowns.items()]:
+        nb = max(len(bvalues), 1)
+        combined = key_day if b == "all" else _combine(key_day, nk * nd, nb, bcodes)
+        found, counts = _count_spare(combined, nk * nd * nb)
+        cols["breakdown"].append(np.full(len(found), b, dtype=object))
+        cols["key"].append(np.asarray(key_values, dtype=object)[found // (nd * nb)])
+        cols["period"].append(np.asarray(days, dtype=object)[found // nb % nd])
+        cols["value"].append(np.asarray(bvalues, dtype=object)[found % nb])
+        cols["count"].append(counts.astype(np.int64))
+    dtype = list_str_dtype()  # the kept counts' text type, so that they join without a cast
+    out = {c: pd.Series(np.concatenate(v), dtype=dtype) for c, v in cols.items() if c != "count"}
+    return pd.DataFrame({**out, "count": np.concatenate(cols["count"])})
+
+
 def add_day_counts(kept: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     """Two `day_counts` as one: each (breakdown, key, day, value)'s counts summed."""
     if not len(new):
@@ -531,20 +557,25 @@ def counts_from_days(dimension: str, days: pd.DataFrame, breakdowns: Sequence[st
     Empty `days`: the caller counts the rows (an empty table's columns are its own)."""
     dtype = list_str_dtype()
     parts: dict[str, list[pd.DataFrame]] = {"day": [], "week": []}
+    # Each column coded once, each breakdown's rows' codes taken from them (renumbered among
+    # the values they hold, as coding the rows alone would): a breakdown's rows filtered and
+    # hashed again cost as much as the old count of every member.
     of, kinds = sorted_codes(days["breakdown"])
+    coded = {col: sorted_codes(days[col]) for col in ("key", "period", "value")}
+    every = days["count"].to_numpy(dtype=np.int64)
     for b in ("all", *breakdowns):
-        sub = days[of == (kinds.tolist().index(b) if b in kinds else -2)]
-        keys, key_values = sorted_codes(sub["key"])
-        day_rows, pvalues = sorted_codes(sub["period"])
+        rows = np.flatnonzero(of == (kinds.tolist().index(b) if b in kinds else -2))
+        keys, key_values = taken_codes(*coded["key"], rows)
+        day_rows, pvalues = taken_codes(*coded["period"], rows)
         if b == "all":
-            vcodes, bvalues = np.zeros(len(sub), dtype=np.int64), np.array([None])
+            vcodes, bvalues = np.zeros(len(rows), dtype=np.int64), np.array([None])
         else:
-            vcodes, bvalues = sorted_codes(sub["value"])
+            vcodes, bvalues = taken_codes(*coded["value"], rows)
         weeks_of, weeks = sorted_codes(week_start(pd.Series(pvalues, dtype=object)))
         nd, nb, nw = max(len(pvalues), 1), max(len(bvalues), 1), max(len(weeks), 1)
         combined = (keys * nd + day_rows) * nb + vcodes
         order = np.argsort(combined, kind="stable")
-        found, counts = combined[order], sub["count"].to_numpy(dtype=np.int64)[order]
+        found, counts = combined[order], every[rows][order]
         k, d, v = found // (nd * nb), found // nb % nd, found % nb
         wfound, wcounts = _regroup(found, counts, (k * nw + weeks_of[d]) * nb + v)
         for gran, (f, n), periods in (("day", (found, counts), pvalues), ("week", (wfound, wcounts), weeks)):
