@@ -563,16 +563,21 @@ def counts_from_days(dimension: str, days: pd.DataFrame, breakdowns: Sequence[st
     of, kinds = sorted_codes(days["breakdown"])
     coded = {col: sorted_codes(days[col]) for col in ("key", "period", "value")}
     every = days["count"].to_numpy(dtype=np.int64)
+    # Every breakdown's days and weeks as the codes of all of them, the weeks parsed once: the
+    # rows are ordered and decoded by them as by codes renumbered per breakdown (both sort as
+    # the values do), and a parse per breakdown cost 7 ms each (a night's issue types' 35 ms).
+    all_days, pvalues = coded["period"]
+    weeks_of, weeks = sorted_codes(week_start(pd.Series(pvalues, dtype=object)))
+    nd, nw = max(len(pvalues), 1), max(len(weeks), 1)
     for b in ("all", *breakdowns):
         rows = np.flatnonzero(of == (kinds.tolist().index(b) if b in kinds else -2))
         keys, key_values = taken_codes(*coded["key"], rows)
-        day_rows, pvalues = taken_codes(*coded["period"], rows)
+        day_rows = all_days[rows]
         if b == "all":
             vcodes, bvalues = np.zeros(len(rows), dtype=np.int64), np.array([None])
         else:
             vcodes, bvalues = taken_codes(*coded["value"], rows)
-        weeks_of, weeks = sorted_codes(week_start(pd.Series(pvalues, dtype=object)))
-        nd, nb, nw = max(len(pvalues), 1), max(len(bvalues), 1), max(len(weeks), 1)
+        nb = max(len(bvalues), 1)
         combined = (keys * nd + day_rows) * nb + vcodes
         order = np.argsort(combined, kind="stable")
         found, counts = combined[order], every[rows][order]
