@@ -152,6 +152,33 @@ def _counts_part(k: Any, p: Any, n: np.ndarray, gran: str, breakdown: str, v: An
     )
 
 
+def _add_parts(
+    parts: dict[str, list[pd.DataFrame]],
+    breakdown: str,
+    by_period: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+    key_values: np.ndarray,
+    bvalues: np.ndarray,
+    nb: int,
+    dtype: Any,
+) -> None:
+    """One breakdown's counted (key, period, value) combinations, per granularity its found
+    combinations, counts and periods, decoded into rows of the count table's parts."""
+    for gran, (f, n, periods) in by_period.items():
+        if breakdown == "all":
+            kk, pp, nn = _decode(f // nb, n, [key_values, periods], dtype)
+            parts[gran].append(_counts_part(kk, pp, nn, gran, breakdown, None, dtype))
+        else:
+            kk, pp, vv, nn = _decode(f, n, [key_values, periods, bvalues], dtype)
+            parts[gran].append(_counts_part(kk, pp, nn, gran, breakdown, vv, dtype))
+
+
+def _count_frame(parts: dict[str, list[pd.DataFrame]], dimension: str, dtype: Any) -> pd.DataFrame:
+    """The count table from its parts: every day part, then every week part."""
+    out = pd.concat([*parts["day"], *parts["week"]], ignore_index=True)
+    out.insert(0, "dimension", _constant(dimension, len(out), dtype))
+    return out[_COUNT_COLUMNS]
+
+
 def count_table(df: pd.DataFrame, dimension: str, key_col: str, key_codes: Codes | None = None) -> pd.DataFrame:
     """Daily and weekly counts of `key_col`, overall and by channel, region and product, in one
     long table: dimension, key, granularity, period, breakdown, breakdown_value, count.
@@ -179,16 +206,9 @@ def count_table(df: pd.DataFrame, dimension: str, key_col: str, key_codes: Codes
         # The weeks of the counted (key, day, value) combinations, as (key, week, value) ones.
         k, d, v = found // (nd * nb), found // nb % nd, found % nb
         wfound, wcounts = _regroup(found, counts, (k * nw + day_week[d]) * nb + v)
-        for gran, (f, n), pvalues in (("day", (found, counts), days), ("week", (wfound, wcounts), weeks)):
-            if b == "all":
-                kk, pp, nn = _decode(f // nb, n, [key_values, pvalues], dtype)
-                parts[gran].append(_counts_part(kk, pp, nn, gran, b, None, dtype))
-            else:
-                kk, pp, vv, nn = _decode(f, n, [key_values, pvalues, bvalues], dtype)
-                parts[gran].append(_counts_part(kk, pp, nn, gran, b, vv, dtype))
-    out = pd.concat([*parts["day"], *parts["week"]], ignore_index=True)
-    out.insert(0, "dimension", _constant(dimension, len(out), dtype))
-    return out[_COUNT_COLUMNS]
+        by_period = {"day": (found, counts, days), "week": (wfound, wcounts, weeks)}
+        _add_parts(parts, b, by_period, key_values, bvalues, nb, dtype)
+    return _count_frame(parts, dimension, dtype)
 
 
 def rise_p_value(this_week: int, last_week: int) -> float:
@@ -213,6 +233,21 @@ def _rows_in(of_distinct: np.ndarray, codes: np.ndarray) -> np.ndarray:
     return np.append(of_distinct, False)[np.where(codes < 0, len(of_distinct), codes)]
 
 
+_WOW_COLUMNS = [
+    "dimension",
+    "key",
+    "label",
+    "this_week",
+    "last_week",
+    "change",
+    "pct_change",
+    "p_value",
+    "alert",
+    "is_new",
+    "emerging",
+]
+
+
 def week_over_week(
     df: pd.DataFrame,
     dimension: str,
@@ -227,21 +262,8 @@ def week_over_week(
     """This week vs last week per key, with the test, an alert flag and an emerging flag (new
     clusters, or a significant rise). Emerging rows come first, then by p-value. `key_codes`:
     the key column's `sorted_codes`, when the caller has them."""
-    cols = [
-        "dimension",
-        "key",
-        "label",
-        "this_week",
-        "last_week",
-        "change",
-        "pct_change",
-        "p_value",
-        "alert",
-        "is_new",
-        "emerging",
-    ]
     if df.empty or key_col not in df:
-        return pd.DataFrame(columns=cols)
+        return pd.DataFrame(columns=_WOW_COLUMNS)
     # Whole days compared as timestamps (not Python dates, one object per case), once per distinct
     # stored date: each row is in a week where its date is (a Series of 1M parsed dates, its
     # normalize and four comparisons cost 30 ms a night at 1M cases).
@@ -261,21 +283,6 @@ def week_over_week(
     this = np.bincount(codes[this_week], minlength=len(uniques)).tolist()
     last = np.bincount(codes[last_week], minlength=len(uniques)).tolist()
     return _wow_table(dimension, uniques.tolist(), this, last, alpha, min_count, labels, new_keys)
-
-
-_WOW_COLUMNS = [
-    "dimension",
-    "key",
-    "label",
-    "this_week",
-    "last_week",
-    "change",
-    "pct_change",
-    "p_value",
-    "alert",
-    "is_new",
-    "emerging",
-]
 
 
 def _wow_table(
@@ -583,16 +590,9 @@ def counts_from_days(dimension: str, days: pd.DataFrame, breakdowns: Sequence[st
         found, counts = combined[order], every[rows][order]
         k, d, v = found // (nd * nb), found // nb % nd, found % nb
         wfound, wcounts = _regroup(found, counts, (k * nw + weeks_of[d]) * nb + v)
-        for gran, (f, n), periods in (("day", (found, counts), pvalues), ("week", (wfound, wcounts), weeks)):
-            if b == "all":
-                kk, pp, nn = _decode(f // nb, n, [key_values, periods], dtype)
-                parts[gran].append(_counts_part(kk, pp, nn, gran, b, None, dtype))
-            else:
-                kk, pp, vv, nn = _decode(f, n, [key_values, periods, bvalues], dtype)
-                parts[gran].append(_counts_part(kk, pp, nn, gran, b, vv, dtype))
-    out = pd.concat([*parts["day"], *parts["week"]], ignore_index=True)
-    out.insert(0, "dimension", _constant(dimension, len(out), dtype))
-    return out[_COUNT_COLUMNS]
+        by_period = {"day": (found, counts, pvalues), "week": (wfound, wcounts, weeks)}
+        _add_parts(parts, b, by_period, key_values, bvalues, nb, dtype)
+    return _count_frame(parts, dimension, dtype)
 
 
 def wow_from_days(
