@@ -104,6 +104,20 @@ def test_first_export_is_full_and_stores_membership(history):
     assert load_meta(out)["last_full"] == DAY0.isoformat()
 
 
+def test_full_export_members_file_carries_every_rows_case_texts(history):
+    """A re-cluster's tables read its per-type rows without their texts; the members file still
+    shows each row's case's problem and labels, as its cross-type row does, in every scope."""
+    _, first = history
+    m = _members(first)
+    cross = m[m["scope"] == ALL_SCOPE].set_index("case_id")
+    per_type = m[m["scope"] != ALL_SCOPE]
+    assert len(per_type) == len(cross) == 120
+    assert per_type["problem"].notna().all() and per_type["conversation_id"].notna().all()
+    for col in ("conversation_id", "request_kind", "urgency", "problem"):
+        want = cross.loc[per_type["case_id"], col].reset_index(drop=True)
+        pd.testing.assert_series_equal(per_type[col].reset_index(drop=True), want, check_names=False)
+
+
 def test_incremental_after_full_on_same_cases_gives_same_members(history, cfg):
     out, first = history
     again = _export(cfg, out, DAY0 + timedelta(days=1))

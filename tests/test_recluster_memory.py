@@ -853,6 +853,21 @@ def test_members_built_after_the_vectors_are_gone_match_the_old_full_clustering(
     if n == 90:
         assert members["x"].notna().sum() == len(frame) and members["cluster_id"].notna().any()
         assert stored["run_id"].eq("r1").sum() == 40  # 10 ids re-run: both their rows, both scopes
+    # The tables' form (per-type texts left null), and the members file made from it.
+    from pipeline.insights.cluster import scope_member_rows
+    from pipeline.insights.export import _FILE_ONLY, with_file_texts
+
+    fitted = fit_vectors(with_tokens, vectors(), *args, cut=_cut)
+    bare, _, st = recluster_members(frame, fitted, texts=False)
+    pd.testing.assert_frame_equal(st, stored)
+    pd.testing.assert_frame_equal(with_file_texts(bare.members, frame, scope_member_rows(fitted.results)), members)
+    per_type = (members["scope"] != "全部").to_numpy()
+    blank = [c for c in _FILE_ONLY if c in members]
+    assert (len(blank) > 0) == (n > 0) and bare.members.loc[per_type, blank].isna().all().all()
+    rest = [c for c in members.columns if c not in blank]
+    pd.testing.assert_frame_equal(bare.members[rest], members[rest])
+    pd.testing.assert_frame_equal(bare.members.loc[~per_type], members.loc[~per_type])
+    assert per_type.sum() == (len(frame) if n else 0)  # one issue-type scope: every case again
 
 
 def _old_member_part_table(rows: pd.DataFrame) -> pa.Table:

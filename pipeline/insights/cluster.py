@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 
 from pipeline.config import Config
 from pipeline.heap import release_unused_memory
-from pipeline.insights.codes import column_codes, derive_codes
+from pipeline.insights.codes import arrow_backed, column_codes, derive_codes
 from pipeline.insights.row_file import RowFile
 from pipeline.text.mask import PLACEHOLDER_RE
 
@@ -1388,29 +1388,51 @@ def _head_similarities(
     return out
 
 
-def members_with_fields(frame: pd.DataFrame, results: list[ScopeResult], heads: pd.DataFrame | None) -> pd.DataFrame:
-    """`heads` (`member_heads`) beside the case fields of each row's case: no vectors read."""
+def members_with_fields(
+    frame: pd.DataFrame,
+    results: list[ScopeResult],
+    heads: pd.DataFrame | None,
+    blank: Sequence[str] = (),
+) -> pd.DataFrame:
+    """`heads` (`member_heads`) beside the case fields of each row's case: no vectors read.
+    `blank`: fields left null in the rows after the leading cross-type scope's (`_fields_at`)."""
     if heads is None:
         return pd.DataFrame(columns=["scope", "cluster_id", "is_noise"])
-    rows = [
-        np.asarray(res.row_index if res.row_index is not None else np.arange(len(res.labels)), dtype=np.int64)
-        for res in results
-    ]
     fields = frame[[c for c in MEMBER_FIELDS if c in frame]].reset_index(drop=True)
-    body = _fields_at(fields, rows).rename(columns={"cluster_text": "problem"})
+    body = _fields_at(fields, scope_member_rows(results), blank).rename(columns={"cluster_text": "problem"})
     return pd.concat([heads, body], axis=1)
 
 
-def _fields_at(fields: pd.DataFrame, rows: list[np.ndarray]) -> pd.DataFrame:
+def scope_member_rows(results: list[ScopeResult]) -> list[np.ndarray]:
+    """Each scope's members' frame rows, in the members table's order."""
+    return [
+        np.asarray(res.row_index if res.row_index is not None else np.arange(len(res.labels)), dtype=np.int64)
+        for res in results
+    ]
+
+
+def leads_in_order(rows: list[np.ndarray], n: int) -> bool:
+    """Whether the first scope's rows are every one of `n` cases in order (the cross-type scope)."""
+    return bool(rows) and len(rows[0]) == n and bool(np.array_equal(rows[0], np.arange(n)))
+
+
+def _fields_at(fields: pd.DataFrame, rows: list[np.ndarray], blank: Sequence[str] = ()) -> pd.DataFrame:
     """The case fields of every scope's rows, in order. A leading scope of every row in order
     (the cross-type scope) is the frame's own columns (Arrow's shared, not copied: a copy of
     every case's text and fields, about half the members table, was held through the tables),
     the other scopes' rows picked in one take: copying the fields per scope and concatenating
-    the copies held every member's fields twice."""
+    the copies held every member's fields twice. `blank` (Arrow columns only; with a leading
+    scope only): null in the other scopes' rows, not copied, for a table only the counts read
+    (the per-type rows' texts, the members file's alone, were held through every table)."""
     n = len(fields)
-    lead = bool(rows) and len(rows[0]) == n and bool(np.array_equal(rows[0], np.arange(n)))
-    if not lead:
+    if not leads_in_order(rows, n):
         return fields.iloc[np.concatenate(rows)].reset_index(drop=True)
     if len(rows) == 1:
         return fields
-    return pd.concat([fields, fields.iloc[np.concatenate(rows[1:])]], ignore_index=True)
+    taken = np.concatenate(rows[1:])
+    nulls = [c for c in blank if c in fields and arrow_backed(fields[c])]
+    rest = fields.drop(columns=nulls).iloc[taken]
+    if nulls:
+        none = np.full(len(taken), -1, dtype=np.int64)
+        rest = rest.assign(**{c: fields[c].array.take(none, allow_fill=True) for c in nulls})[fields.columns]
+    return pd.concat([fields, rest], ignore_index=True)

@@ -54,12 +54,15 @@ from pipeline.insights.cluster import (
     TokenCodes,
     Vectors,
     _as_list,
+    _fields_at,
     arrow_text,
     assign_stable_ids,
     cluster_cases,
     fill_classification,
+    leads_in_order,
     member_heads,
     members_with_fields,
+    scope_member_rows,
     select_cases_at,
     token_codes,
 )
@@ -536,17 +539,36 @@ def fit_vectors(
     return VectorFit(results, clusters, ClusterState(t), heads, projections, all_rows, xy)
 
 
-def recluster_members(frame: pd.DataFrame, fitted: VectorFit) -> tuple[Clustering, dict[str, Projection], pd.DataFrame]:
+def recluster_members(
+    frame: pd.DataFrame, fitted: VectorFit, texts: bool = True
+) -> tuple[Clustering, dict[str, Projection], pd.DataFrame]:
     """`full_clustering`'s result from `fit_vectors`' and the selected cases (without tokens):
-    the members table with the case fields and map points, and the membership rows to store."""
-    members = members_with_fields(frame, fitted.results, fitted.heads)
+    the members table with the case fields and map points, and the membership rows to store
+    (`recluster_table`, then `stored_members`)."""
+    clustering, projections = recluster_table(frame, fitted, texts)
+    return clustering, projections, stored_members(clustering.members, frame)
+
+
+def recluster_table(
+    frame: pd.DataFrame, fitted: VectorFit, texts: bool = True
+) -> tuple[Clustering, dict[str, Projection]]:
+    """The members table with the case fields and map points, and the projections.
+    `texts=False`: the per-type rows' `_FILE_ONLY` fields left null (`members_view_rows`'
+    form), the members file's rows then made by `with_file_texts` when it is written."""
+    blank = () if texts else _FILE_ONLY_FIELDS
+    members = members_with_fields(frame, fitted.results, fitted.heads, blank)
     members["x"], members["y"] = np.nan, np.nan
     if fitted.xy is not None:
         members.loc[fitted.all_rows, "x"] = fitted.xy[0]
         members.loc[fitted.all_rows, "y"] = fitted.xy[1]
+    return Clustering(fitted.clusters, members, fitted.state), fitted.projections
+
+
+def stored_members(members: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame:
+    """The membership rows to store of a re-cluster's members table (`recluster_table`): made
+    when they are written, as their run ids (2 a case) were held through every table."""
     stored = members.assign(run_id=_run_ids(members, frame)) if len(members) else members
-    stored = stored.reindex(columns=MEMBER_COLUMNS)
-    return Clustering(fitted.clusters, members, fitted.state), fitted.projections, stored
+    return stored.reindex(columns=MEMBER_COLUMNS)
 
 
 def _run_ids(members: pd.DataFrame, frame: pd.DataFrame) -> pd.Series:
@@ -566,6 +588,20 @@ def _run_ids(members: pd.DataFrame, frame: pd.DataFrame) -> pd.Series:
 # The members' columns only the members file shows (its texts and two labels no table counts);
 # the tables read problem from the cross-type rows alone (the map's points).
 _FILE_ONLY = ("conversation_id", "request_kind", "urgency", "problem")
+_FILE_ONLY_FIELDS = ("conversation_id", "request_kind", "urgency", "cluster_text")  # the frame's names
+
+
+def with_file_texts(members: pd.DataFrame, frame: pd.DataFrame, rows: list[np.ndarray]) -> pd.DataFrame:
+    """The members file's rows from a re-cluster's `recluster_members(..., texts=False)` table:
+    the per-type rows' `_FILE_ONLY` fields taken from `frame` as `members_with_fields` takes
+    them (`rows`: `member_rows` of its results). Made just before the file is written: held
+    beside every table, those rows' texts (a copy of each selected case's problem) were the
+    largest part of the members table."""
+    cols = [c for c in _FILE_ONLY_FIELDS if c in frame]
+    if not cols or not leads_in_order(rows, len(frame)) or len(members) != sum(len(r) for r in rows):
+        return members
+    body = _fields_at(frame[cols].reset_index(drop=True), rows).rename(columns={"cluster_text": "problem"})
+    return members.assign(**{c: body[c] for c in body.columns})
 
 
 def members_view(
@@ -1251,6 +1287,7 @@ def export_all(
     reuse: list[Path] = []  # last night's member parts to link (`member_parts`)
     part_rows: pd.DataFrame | None = None  # the members file's rows after them
     n_redone = 0
+    file_rows: list[np.ndarray] | None = None  # a re-cluster's member rows, for the members file's texts
     stored_codes: Codes | None = None  # the membership's cluster ids' codes, when known
     # Which cases are not yet members (new, or re-processed: same id, newer run): counted on every
     # night, embedded and assigned on an incremental one.
@@ -1316,7 +1353,10 @@ def export_all(
                 stored_tokens=stored_token_codes(out, _key(frame["case_id"])) if len(frame) else None,
                 mapped=mapped,
             )
-        clustering, projections, stored = recluster_members(frame, fitted)
+        # Without `since` the tables read the per-type rows' counted fields alone: their texts
+        # are added for the members file only, as it is written.
+        file_rows = scope_member_rows(fitted.results) if since is None else None
+        clustering, projections = recluster_table(frame, fitted, texts=file_rows is None)
         del fitted
         described = clustering.clusters
     else:
@@ -1399,12 +1439,19 @@ def export_all(
     bundle = finish_export(view_cases, view_frame, view, cfg, day, notes=[note] if note else [], extra=extra)
     if part_rows is not None:
         part_rows = part_rows.drop(columns=[x for x in ("x", "y") if x in part_rows])
+    tables_members = bundle.tables[mp.MEMBERS]
+    if file_rows is not None:
+        bundle.tables[mp.MEMBERS] = with_file_texts(tables_members, frame, file_rows)
+        del file_rows
     folder = write_export(out, bundle, c.csv_encoding, reuse, part_rows)
+    # The file's texts let go once written: the membership part is written after it.
+    bundle.tables[mp.MEMBERS] = tables_members
+    del tables_members
     if since is None:
         kept_tally = clustering.tally if clustering is view else None
         _keep_tally(out, folder, kept_tally, clustering, state_part + 1 if appends else state_part, bundle.summary)
     if reason is not None:
-        seq = mb.append_members(out, stored)
+        seq = mb.append_members(out, stored_members(clustering.members, frame))
         mb.save_projections(out, projections)
         mb.save_described(out, clustering.clusters)
         save_state(out, clustering.state)

@@ -178,7 +178,9 @@ _MEMBER_TEXTS = ("case_id", "run_id", "scope", "cluster_id")
 def member_part_table(rows: pd.DataFrame) -> pa.Table:
     """`rows` as a membership part: its text columns as Python objects (missing: None) converted
     by Arrow, as they have always been written (the part's schema and pandas metadata)."""
-    t = rows[MEMBER_COLUMNS].reset_index(drop=True).copy()
+    # No copy: every column changed below is replaced, not written into (pandas' copy on write),
+    # and a copy of the 2 rows a case after a re-cluster was held at the export's last step.
+    t = rows[MEMBER_COLUMNS].reset_index(drop=True)
     for c in ("similarity", "x", "y"):
         t[c] = pd.to_numeric(t[c], errors="coerce").astype(np.float64)
     t["is_noise"] = t["is_noise"].astype(bool)
