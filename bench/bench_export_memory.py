@@ -137,7 +137,9 @@ FULL_STAGES = (
     ("stored_token_codes", False),
     ("release_unused_memory", False),
     ("full_clustering", False),
-    ("spill_vectors", False),
+    ("spill_vectors", False),  # an older tree's map-then-spill (a stage a tree lacks is skipped)
+    ("embed_to_rows", False),
+    ("map_of_rows", False),
     ("fit_vectors", False),
     ("recluster_members", False),
     ("token_codes", False),

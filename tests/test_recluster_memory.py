@@ -810,11 +810,12 @@ def test_members_built_after_the_vectors_are_gone_match_the_old_full_clustering(
     """`fit_vectors` then `recluster_members` (the vectors overwritten in between, as the export
     lets them go) give the clusters, members, state, projections and stored rows the re-cluster
     gave building its members table while it held the vectors; `full_clustering` too; and so do
-    the vectors spilled to a file after the map was fitted (`spill_vectors`, as the export does).
+    the vectors spilled to a file and the map fitted from it (`map_of_rows`, as the export does).
     n=2: too few cases for a cluster or a map (all noise, no x/y); n=0: nothing selected."""
     from pipeline.embed.fake import HashingEmbedder
     from pipeline.insights.cluster import CauseLexicon, ClusterState, select_cases
-    from pipeline.insights.export import fit_vectors, full_clustering, recluster_members, spill_vectors
+    from pipeline.insights.export import fit_vectors, full_clustering, map_of_rows, recluster_members
+    from pipeline.insights.row_file import RowFile
 
     texts = ["快递三天没到", "物流不更新", "发票抬头开错", "退款一直没到账", "耳机左边没声音", "快递员不送货上门"]
     rows = [
@@ -837,7 +838,8 @@ def test_members_built_after_the_vectors_are_gone_match_the_old_full_clustering(
     X[:] = np.nan  # read no more
     got = [recluster_members(frame, fitted)]
     got.append(full_clustering(frame, vectors(), *args, _cut))
-    spilled, mapped = spill_vectors(vectors(), tmp_path / "cache")
+    spilled = RowFile(vectors(), tmp_path / "cache")
+    mapped = map_of_rows(spilled, cfg.cluster.fit_max_cases)
     with spilled:
         got.append(recluster_members(frame, fit_vectors(with_tokens, spilled, *args, cut=_cut, mapped=mapped)))
     assert list((tmp_path / "cache").iterdir()) == []  # the spilled file has no name

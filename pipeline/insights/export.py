@@ -335,17 +335,6 @@ def fit_map_points(X: np.ndarray, consume: bool = False) -> MapFit:
     return MapFit(proj, (np.round(pts[:, 0].astype(np.float64), 4), np.round(pts[:, 1].astype(np.float64), 4)))
 
 
-def spill_vectors(X: np.ndarray, folder: Path) -> tuple[RowFile, MapFit]:
-    """The map first (its PCA needs every vector at once: the covariance is one product of the
-    whole matrix, and summed a block at a time BLAS would round it otherwise), then the vectors
-    spilled to a temporary file for the rest of a re-cluster, which reads a few rows at a time;
-    `X` is overwritten (centred for the map) and the caller lets it go. Why: the whole matrix
-    (1.5 KiB a case) was held under the re-cluster's peak (its capped scope's PCA sample and
-    projected block) and through the members' similarities."""
-    rows = RowFile(X, folder)
-    return rows, fit_map_points(X, consume=True)
-
-
 _EMBED_ROWS = 65_536  # texts a re-cluster embeds (or reads from the cache) at a time
 
 
@@ -506,7 +495,7 @@ def fit_vectors(
     """The clusters, stable ids, models, members' similarities and map points of a re-cluster
     (`full_clustering`'s arguments): everything of it that reads `X`. `stored_tokens`: the
     frame's stored tokens as codes (`stored_token_codes`), in place of a tokens column.
-    `mapped`: the map fitted before `X` was spilled (`spill_vectors`); needed when `X` is."""
+    `mapped`: the map of spilled vectors (`map_of_rows`); needed when `X` is spilled."""
     c = cfg.cluster
     results: list[ScopeResult] = []
     if len(frame):
@@ -523,7 +512,7 @@ def fit_vectors(
     projections, model = fit_models(results, clusters, X, c.noise_quantile)
     if mapped is None:
         if not isinstance(X, np.ndarray):
-            raise TypeError("spilled vectors come with their map (spill_vectors)")
+            raise TypeError("spilled vectors come with their map (map_of_rows)")
         mapped = fit_map_points(X, consume_vectors)
     projections[MAP_SCOPE] = mapped.projection
     t = new_state.table.drop(columns=[m for m in MODEL_COLUMNS if m in new_state.table])
