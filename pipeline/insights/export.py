@@ -737,11 +737,11 @@ def _member_tables(
     members: pd.DataFrame,
     clustering: Clustering,
     clusters: pd.DataFrame,
-    frame: pd.DataFrame,
     cfg: Config,
     as_of: date | None,
     labels: dict[str, str],
     new_ids: list[str],
+    issue_counts: pd.Series,
 ) -> tuple[pd.DataFrame, pd.DataFrame | None, pd.DataFrame, Codes | None]:
     """The cluster counts, the clusters' week-over-week rows and the matrix counted from every
     member row, and the members' cluster ids' codes."""
@@ -750,11 +750,7 @@ def _member_tables(
     # count a missing key nowhere, and filtering 200k members cost 15 ms a night. Filtered when
     # no row has a cluster, where both answer for an empty frame.
     counted = [col for col in ("cluster_id", "date", *BREAKDOWNS) if col in members]
-    # The members' cluster ids as sorted codes, once: an object column (no shared Arrow codes),
-    # hashed by each table that counts by cluster, ~15 ms each at 200k members.
-    cluster_codes = clustering.cluster_codes
-    if cluster_codes is None or len(cluster_codes[0]) != len(members):
-        cluster_codes = sorted_codes(members["cluster_id"]) if len(members) and "cluster_id" in members else None
+    cluster_codes = _cluster_codes(members, clustering.cluster_codes)
     clustered = counted_members(members, counted, cluster_codes)
     by_cluster = cluster_codes if len(clustered) == len(members) else None  # rows as the codes'
     counts = count_table(clustered, "cluster", "cluster_id", key_codes=by_cluster)
@@ -765,14 +761,16 @@ def _member_tables(
         if as_of
         else None
     )
-    matrix = root_cause_matrix(
-        members,
-        clusters,
-        frame["issue_type"].value_counts() if len(frame) else pd.Series(dtype=int),
-        c.top_breakdown,
-        cluster_codes,
-    )
+    matrix = root_cause_matrix(members, clusters, issue_counts, c.top_breakdown, cluster_codes)
     return counts, alerts, matrix, cluster_codes
+
+
+def _cluster_codes(members: pd.DataFrame, known: Codes | None) -> Codes | None:
+    """The members' cluster ids as sorted codes, once: `known` when they are these rows', else
+    hashed (an object column, no shared Arrow codes: ~15 ms a table at 200k members)."""
+    if known is not None and len(known[0]) == len(members):
+        return known
+    return sorted_codes(members["cluster_id"]) if len(members) and "cluster_id" in members else None
 
 
 def finish_export(
@@ -799,6 +797,7 @@ def finish_export(
     # cross-type rows alone; on another, the tally counted every member once for the clusters
     # table, and counting them again for the counts and the matrix cost as much again.
     tally = clustering.tally if clustering.partial or mt.makes_tables(clustering.tally) else None
+    issue_counts = frame["issue_type"].value_counts() if len(frame) else pd.Series(dtype=int)
     if tally is not None and tally.days is not None:
         cluster_counts = counts_from_days("cluster", tally.days, tally.breakdowns)
         cluster_alerts = (
@@ -808,14 +807,11 @@ def finish_export(
             if as_of
             else None
         )
-        cluster_codes = clustering.cluster_codes
-        if cluster_codes is None or len(cluster_codes[0]) != len(members):
-            cluster_codes = sorted_codes(members["cluster_id"]) if len(members) else None
-        issue_counts = frame["issue_type"].value_counts() if len(frame) else pd.Series(dtype=int)
+        cluster_codes = _cluster_codes(members, clustering.cluster_codes)
         matrix = matrix_from_groups(*mt.typed_shares(tally), clusters, issue_counts, c.top_breakdown)
     else:
         cluster_counts, cluster_alerts, matrix, cluster_codes = _member_tables(
-            members, clustering, clusters, frame, cfg, as_of, labels, new_ids
+            members, clustering, clusters, cfg, as_of, labels, new_ids, issue_counts
         )
     counts = pd.concat([count_table(cases, "issue_type", "issue_type"), cluster_counts], ignore_index=True)
     alerts = (
