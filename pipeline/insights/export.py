@@ -36,6 +36,7 @@ import pyarrow.csv as pacsv
 
 from pipeline.config import Config
 from pipeline.heap import release_unused_memory
+from pipeline.insights import member_cross as mc
 from pipeline.insights import member_parts as mp
 from pipeline.insights import member_rows
 from pipeline.insights import member_tallies as mt
@@ -66,7 +67,7 @@ from pipeline.insights.cluster import (
     select_cases_at,
     token_codes,
 )
-from pipeline.insights.codes import Codes, arrow_backed, derive_codes, sorted_codes, taken_codes
+from pipeline.insights.codes import Codes, arrow_backed, derive_codes, remember_codes, sorted_codes, taken_codes
 from pipeline.insights.emotion_stats import (
     TEAM_KEY_PATTERN,
     case_teams,
@@ -669,6 +670,47 @@ def members_view_rows(
     return view, taken, view_codes
 
 
+def cross_view(frame: pd.DataFrame, kept: mc.Kept, selected: np.ndarray) -> tuple[pd.DataFrame, np.ndarray, Codes]:
+    """`members_view_rows(frame, viewed, pos, texts=False, cluster_codes=codes)` for the frame's
+    cross-type members as the kept entry holds them (`mc.cross_membership`: `viewed`, `pos` and
+    their codes), built from the entry's arrays: the frame of 1M cross-type rows that call sorts,
+    copies and converts (every id and similarity as a Python object, twice) cost 0.3 s at 1M
+    cases. The same columns, values and types; its rows are in frame order already."""
+    pos = np.flatnonzero(kept.cross[selected])
+    rows = np.asarray(selected, dtype=np.int64)[pos]
+    keep = [c for c in MEMBER_FIELDS if c in frame]
+    fields = frame[[c for c in keep if c != "case_id"]].rename(columns={"cluster_text": "problem"})
+    off = np.flatnonzero(pos != np.arange(len(pos)))
+    lead = int(off[0]) if len(off) else len(pos)
+    blank = [c for c in _FILE_ONLY if c in fields and arrow_backed(fields[c])]
+    rest = fields.drop(columns=blank).iloc[pos[lead:]]
+    if blank:
+        rest = rest.assign(**{col: fields[col].array.take(pos[lead:]) for col in blank})[fields.columns]
+    picked = pd.concat([fields.iloc[:lead], rest], ignore_index=True) if 0 < lead else rest.reset_index(drop=True)
+    code = kept.code[rows]
+    view_codes = taken_codes(code, kept.ids, np.arange(len(code)))
+    ids = np.append(kept.ids, np.array([None], dtype=object))[code]  # -1 (none) reads the last
+    head = pd.DataFrame(
+        {
+            "scope": mc.repeated(ALL_SCOPE, len(rows)),
+            "cluster_id": pd.Series(ids, dtype=object),
+            "is_noise": kept.is_noise[rows],
+            "similarity": _objects_or_none(pd.Series(kept.similarity[rows])),
+            "case_id": frame["case_id"].iloc[pos].reset_index(drop=True).astype(str),
+        }
+    )
+    out = pd.concat([head, picked], axis=1)
+    out["x"], out["y"] = kept.x[rows], kept.y[rows]
+    order = ["scope", "cluster_id", "is_noise", "similarity", *[c if c != "cluster_text" else "problem" for c in keep]]
+    view = out[[*order, "x", "y"]].reset_index(drop=True)
+    remember_codes(view["scope"], (np.zeros(len(view), dtype=np.int64), np.array([ALL_SCOPE], dtype=object)))
+    for col in keep:
+        name = "problem" if col == "cluster_text" else col
+        if col != "case_id" and name not in _FILE_ONLY:
+            derive_codes(view[name], frame[col], pos)
+    return view, pos, view_codes
+
+
 def _objects_or_none(values: pd.Series) -> pd.Series:
     """`values.astype(object).where(values.notna(), None)`. For floats, the missing ones are
     found as NaN in the floats, not by visiting the 2M Python objects made of them (0.03 s a
@@ -1161,6 +1203,128 @@ def renewed_positions(
     return np.concatenate([kept, rows]).astype(np.int64, copy=False)
 
 
+def located(
+    out: Path,
+    meta: dict[str, Any],
+    cases: pd.DataFrame,
+    copy_rows: tuple[str, int] | None,
+    frame: pd.DataFrame,
+    selected: np.ndarray,
+) -> tuple[pd.DataFrame, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """The stored membership, its part count and `locate_members` of it (alive, todo, redone,
+    positions), read from every membership part."""
+    read = mb.read_members(out, meta)
+    membership, n_parts = read.frame, len(read.parts)
+    if copy_rows is not None and copy_rows[1] == len(cases):
+        # The cases are the case copy's rows: each member's case row is kept between nights.
+        rows, same = member_rows.part_rows(
+            out, read, _key(cases["case_id"]), _arrow_strings(cases["run_id"]), copy_rows[0]
+        )
+        return membership, n_parts, *member_rows.locate(rows[read.kept], same[read.kept], selected, len(cases))
+    return membership, n_parts, *locate_members(membership, frame)
+
+
+@dataclass
+class KeptNight:
+    """A night whose membership is the kept cross-type entry's (`member_cross`): `todo`, the frame
+    rows no member holds; `head`, one stored membership row (the stored columns' types, which
+    tonight's new rows are joined to as the read membership's rows were); what the linked
+    members parts and the kept tally are (`reuse`, `tally`)."""
+
+    kept: mc.Kept
+    todo: np.ndarray
+    head: pd.DataFrame
+    n_parts: int
+    reuse: list[Path]
+    tally: mt.Tally
+
+
+@dataclass
+class FastView:
+    """A kept night's members side after its new rows: the members file's new part, the tally
+    with them, and the entry with them (`kept`), which the cross-type view is read from."""
+
+    reuse: list[Path]
+    part_rows: pd.DataFrame
+    tally: mt.Tally
+    kept: mc.Kept
+
+
+def kept_night(
+    out: Path, meta: dict[str, Any], copy_rows: tuple[str, int] | None, n_cases: int, selected: np.ndarray
+) -> KeptNight | None:
+    """The night as the kept entry describes it, when it can be taken so: the entry is of this
+    membership and case copy, the same rows of it selected, the membership not due to be
+    compacted, last night's members parts linkable with their kept tally, and every case no
+    member holds after every held one in the frame (as `_kept_tally` needs); else None."""
+    if copy_rows is None or copy_rows[1] != n_cases:
+        return None
+    parts = mb.current_parts(out, meta)
+    if not parts or len(parts) + 1 > mb.COMPACT_PARTS:
+        return None
+    from pipeline.storage.case_cache import copy_prefix
+
+    prefix = copy_prefix(case_cache_path(out), copy_rows[0])
+    kept = mc.load(out, copy_rows[0], n_cases, mc.parts_key(out, meta), prefix)
+    if kept is None:
+        return None
+    is_selected = np.zeros(n_cases, dtype=bool)
+    is_selected[selected] = True
+    if not np.array_equal(is_selected[: kept.n], kept.selected):
+        return None
+    held = np.zeros(n_cases, dtype=bool)
+    held[: kept.n] = kept.member
+    held_rows = held[selected]
+    todo = ~held_rows
+    at = np.flatnonzero(held_rows)
+    if len(at) and todo.any() and int(at[-1]) > int(np.flatnonzero(todo)[0]):
+        return None
+    state_part = mb.last_part(out)
+    reuse = mp.reusable_parts(latest_export(out), state_part, kept.n_members)
+    if not reuse:
+        return None
+    tally = mt.load(out, mt.folder_key(reuse[0].parent.parent, kept.n_members, state_part))
+    if tally is None:
+        return None
+    head = mb.first_row(parts[-1][0], parts[-1][1])
+    if head is None:
+        return None
+    return KeptNight(kept, todo, head, len(parts), reuse, tally)
+
+
+def fast_members(
+    night: KeptNight,
+    frame: pd.DataFrame,
+    selected: np.ndarray,
+    new_rows: pd.DataFrame,
+    todo_frame: pd.DataFrame,
+    todo: np.ndarray,
+    n_cases: int,
+) -> FastView | None:
+    """What a kept night's tables read of its members, from the entry and tonight's new rows;
+    None where the entry cannot give it (then the membership is read)."""
+    head = night.head
+    joined = pd.concat([head, float_similarity(new_rows, head)], ignore_index=True).iloc[len(head) :]
+    new_positions = renewed_positions(np.zeros(0, dtype=np.int64), new_rows["case_id"], todo_frame, todo)
+    if new_positions is None or (len(new_positions) and int(new_positions.min()) < 0):
+        return None
+    part_rows = members_view(frame, joined, new_positions)
+    try:
+        tally = (
+            mt.merge(night.tally, mt.count_members(part_rows, start=night.tally.rows))
+            if len(part_rows)
+            else night.tally
+        )
+    except ValueError:  # kept of other columns than tonight's
+        return None
+    if not mt.makes_tables(tally):
+        return None
+    kept = mc.with_new_rows(night.kept, new_rows, np.asarray(selected)[new_positions], selected, n_cases)
+    if kept is None:
+        return None
+    return FastView(night.reuse, part_rows, tally, kept)
+
+
 def _kept_tally(
     out: Path, reuse: list[Path], positions: np.ndarray | None, n_kept: int, part_rows: pd.DataFrame | None
 ) -> mt.Tally | None:
@@ -1272,23 +1436,22 @@ def export_all(
     reuse: list[Path] = []  # last night's member parts to link (`member_parts`)
     part_rows: pd.DataFrame | None = None  # the members file's rows after them
     n_redone = 0
+    member_positions: np.ndarray | None = None  # tonight's membership rows' frame rows (read nights)
     file_rows: list[np.ndarray] | None = None  # a re-cluster's member rows, for the members file's texts
     stored_codes: Codes | None = None  # the membership's cluster ids' codes, when known
     # Which cases are not yet members (new, or re-processed: same id, newer run): counted on every
     # night, embedded and assigned on an incremental one.
-    read = mb.read_members(out, meta)
-    membership, n_parts = read.frame, len(read.parts)
+    # A night that only adds cases reads the membership's cross-type rows kept per case row
+    # (`member_cross`), not the stored membership (every member, twice a case).
+    simple = reason is None and since is None and note is None
+    fast = kept_night(out, meta, copy_rows, len(cases), selected) if simple else None
+    fast_view: FastView | None = None
     positions: np.ndarray | None
-    if copy_rows is not None and copy_rows[1] == len(cases):
-        # The cases are the case copy's rows: each member's case row is kept between nights.
-        rows, same = member_rows.part_rows(
-            out, read, _key(cases["case_id"]), _arrow_strings(cases["run_id"]), copy_rows[0]
-        )
-        alive, todo, redone, positions = member_rows.locate(rows[read.kept], same[read.kept], selected, len(cases))
-        del rows, same
+    if fast is not None:
+        membership, n_parts, todo = fast.head, fast.n_parts, fast.todo
+        alive, redone, positions = np.ones(1, dtype=bool), np.zeros(1, dtype=bool), None
     else:
-        alive, todo, redone, positions = locate_members(membership, frame)
-    del read  # every part's rows: `membership` holds the current ones
+        membership, n_parts, alive, todo, redone, positions = located(out, meta, cases, copy_rows, frame, selected)
     dropped = int((~alive).sum())  # cases removed by `casemine repair` (or no longer selected)
     todo_frame = frame[todo].reset_index(drop=True)
     n_new = len(todo_frame)
@@ -1304,14 +1467,23 @@ def export_all(
         if drift is not None and n_new >= c.drift_min_cases and drift > c.recluster_drift:
             reason = "drift"
         else:
-            n_redone = int(redone.sum())
-            held = membership[alive & ~redone]
-            stored_codes = member_cluster_codes(held["cluster_id"], new_rows["cluster_id"])
-            membership = pd.concat([held, float_similarity(new_rows, held)], ignore_index=True)
-            del held
-            if positions is not None:  # the frame rows of tonight's membership, without a hash
-                positions = renewed_positions(positions[alive & ~redone], new_rows["case_id"], todo_frame, todo)
-            compact = dropped > 0 or n_parts + 1 > mb.COMPACT_PARTS
+            if fast is not None:
+                fast_view = fast_members(fast, frame, selected, new_rows, todo_frame, todo, len(cases))
+                if fast_view is None:  # not as kept after all: the membership read and located
+                    membership, n_parts, alive, _, redone, positions = located(
+                        out, meta, cases, copy_rows, frame, selected
+                    )
+                    dropped = int((~alive).sum())
+            if fast_view is None:
+                n_redone = int(redone.sum())
+                held = membership[alive & ~redone]
+                stored_codes = member_cluster_codes(held["cluster_id"], new_rows["cluster_id"])
+                membership = pd.concat([held, float_similarity(new_rows, held)], ignore_index=True)
+                del held
+                if positions is not None:  # the frame rows of tonight's membership, without a hash
+                    positions = renewed_positions(positions[alive & ~redone], new_rows["case_id"], todo_frame, todo)
+                member_positions = positions
+                compact = dropped > 0 or n_parts + 1 > mb.COMPACT_PARTS
     if reason is not None:
         t1 = time.perf_counter()
         # Embedded (mostly read from the cache) into a file a block at a time, and read back a
@@ -1351,23 +1523,30 @@ def export_all(
         # the tables' view goes without the per-type rows' texts, and the members file's new part
         # is built from tonight's new membership rows alone (a slice), not filtered out of a view
         # of every member (a filter of 2M rows joined each column's chunks: 0.8 s at 1M cases).
-        if since is None and not compact and not dropped and not n_redone and note is None and positions is not None:
+        if fast_view is not None:
+            reuse, part_rows = fast_view.reuse, fast_view.part_rows
+        elif since is None and not compact and not dropped and not n_redone and note is None and positions is not None:
             reuse = mp.reusable_parts(latest_export(out), mb.last_part(out), int((positions[:n_kept] >= 0).sum()))
-        if reuse and positions is not None:  # (always with reuse: for the type checker)
+        if reuse and positions is not None and fast_view is None:  # (always with reuse: for the type checker)
             part_rows = members_view(frame, membership.iloc[n_kept:], positions[n_kept:])
         # Last night's tally with tonight's rows added, when it holds all the per-type rows'
         # tables need: then the view is of the cross-type rows alone (the map, the emotion
         # table, the chart and the noise share read them), not of every member twice.
-        tally = _kept_tally(out, reuse, positions, n_kept, part_rows)
+        tally = _kept_tally(out, reuse, positions, n_kept, part_rows) if fast_view is None else fast_view.tally
         viewed = membership
-        if tally is not None and positions is not None:
-            cross = np.flatnonzero((membership["scope"] == ALL_SCOPE).to_numpy())
-            viewed, positions = membership.iloc[cross], positions[cross]
-            if stored_codes is not None:
-                stored_codes = (stored_codes[0][cross], stored_codes[1])
-        members, frame_rows, cluster_codes = members_view_rows(
-            frame, viewed, positions, texts=not reuse, cluster_codes=stored_codes
-        )
+        cluster_codes: Codes | None
+        if fast_view is not None:
+            members, frame_rows, cluster_codes = cross_view(frame, fast_view.kept, selected)
+            positions = frame_rows
+        else:
+            if tally is not None and positions is not None:
+                cross = np.flatnonzero((membership["scope"] == ALL_SCOPE).to_numpy())
+                viewed, positions = membership.iloc[cross], positions[cross]
+                if stored_codes is not None:
+                    stored_codes = (stored_codes[0][cross], stored_codes[1])
+            members, frame_rows, cluster_codes = members_view_rows(
+                frame, viewed, positions, texts=not reuse, cluster_codes=stored_codes
+            )
         del viewed
         # The cluster ids (an object column) hashed once for the recount and the tables, unless
         # the view has them from the stored membership's codes.
@@ -1450,6 +1629,15 @@ def export_all(
             mb.drop_parts_before(out, seq)
         elif len(new_rows):
             mb.append_members(out, new_rows)
+        if simple and copy_rows is not None and copy_rows[1] == len(cases):
+            if fast_view is not None:
+                kept: mc.Kept | None = fast_view.kept
+            elif member_positions is not None:
+                kept = mc.of_membership(membership, member_positions, selected, len(cases))
+            else:
+                kept = None
+            if kept is not None:
+                mc.save(out, kept, copy_rows[0], mc.parts_key(out, mb.load_meta(out)))
     return {
         "export_dir": str(folder),
         "report": str(folder / "report.html"),

@@ -66,6 +66,26 @@ def last_part(out: Path) -> int:
     return max((s for s, _ in _parts(out)), default=0)
 
 
+def current_parts(out: Path, meta: dict[str, Any]) -> list[tuple[int, Path]]:
+    """The membership parts `read_members` reads (from `members_from` on), in order."""
+    start = int(meta.get("members_from", 0))
+    return [(s, p) for s, p in _parts(out) if s >= start]
+
+
+def first_row(seq: int, path: Path) -> pd.DataFrame | None:
+    """A part's first row as `read_members` gives it (its columns' types: what a night's new rows
+    are joined to), read without decoding the part; None where it has none."""
+    try:
+        f = pq.ParquetFile(path)
+        batch = next(f.iter_batches(batch_size=1), None)
+    except (OSError, pa.ArrowException):
+        return None
+    if batch is None or not batch.num_rows or b"PANDAS_ATTRS" in (f.schema_arrow.metadata or {}):
+        return None
+    table = pa.Table.from_batches([batch.slice(0, 1)]).replace_schema_metadata(f.schema_arrow.metadata)
+    return table.to_pandas().assign(seq=seq)
+
+
 @dataclass
 class Members:
     """The current membership (`frame`) and where its rows came from: `rows`, every row of the
@@ -80,8 +100,7 @@ class Members:
 
 def read_members(out: Path, meta: dict[str, Any]) -> Members:
     """`load_members`, with where its rows came from."""
-    start = int(meta.get("members_from", 0))
-    parts = [(s, p) for s, p in _parts(out) if s >= start]
+    parts = current_parts(out, meta)
     if not parts:
         empty = pd.DataFrame(columns=[*MEMBER_COLUMNS, "seq"])
         return Members(empty, empty, [], np.zeros(0, dtype=bool))

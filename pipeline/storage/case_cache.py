@@ -191,9 +191,10 @@ def _save_meta(cache: Path, meta: dict[str, Any]) -> bool:
     return write_cache(cache / _META, lambda f: f.write(text), "the case cache", "the next read decodes every part")
 
 
-def _save(cache: Path, table: pa.Table, key: str, files: dict[str, Stat]) -> str | None:
+def _save(cache: Path, table: pa.Table, key: str, files: dict[str, Stat], prefix: CopyRows | None = None) -> str | None:
     """The copy written whole, into a new folder (a reader of the former keeps it), then named;
-    returns its generation (None: not written)."""
+    returns its generation (None: not written). `prefix`: the generation and row count of the
+    former copy whose rows are this one's first, in order (`copy_prefix`)."""
     gen = f"g{time.time_ns()}"
     folder = cache / gen
     try:
@@ -219,6 +220,8 @@ def _save(cache: Path, table: pa.Table, key: str, files: dict[str, Stat]) -> str
         "check": {name: [s, _crc(folder / name, s, sizes[name])] for name, s in starts.items()},
         "files": files,
     }
+    if prefix is not None:
+        meta["prefix"] = [prefix[0], prefix[1]]
     if not _save_meta(cache, meta):
         shutil.rmtree(folder, ignore_errors=True)
         return None
@@ -329,28 +332,49 @@ def read_cases_copy(
             added = read_parts(new, read, shrink).cast(schema)
             appended = int(meta["rows"]) - int(meta["base_rows"]) + len(added)
             fits = appended <= REWRITE_SHARE * (len(copy) + len(added))
-            if fits and _follows(copy, added) and not pc.any(_replaced(copy, added)).as_py():
+            grows = _follows(copy, added) and not pc.any(_replaced(copy, added)).as_py()
+            if fits and grows:
                 ordered = _newest(added)
                 reread = _load(cache, key, schema) if _append(cache, meta, copy, ordered, stats) else None
                 # Mapped again: the history and tonight's rows as one chunk, nothing copied.
                 table = reread[0] if reread is not None else pa.concat_tables([copy, ordered])
                 rows = (meta["gen"], len(table) if reread is not None else len(copy))
             else:
-                table, rows = _written(cache, with_new_rows(copy, added), key, stats, schema)
+                # Only grown (past the share appended in place): the copy's rows lead the new one.
+                prefix = (str(meta["gen"]), len(copy)) if grows else None
+                table, rows = _written(cache, with_new_rows(copy, added), key, stats, schema, prefix)
     else:
         table, rows = _written(cache, _newest(read_parts(files, read, shrink).cast(schema)), key, stats, schema)
     return cases_frame(table, wanted, latest=False), rows
 
 
 def _written(
-    cache: Path, table: pa.Table, key: str, files: dict[str, Stat], schema: pa.Schema
+    cache: Path,
+    table: pa.Table,
+    key: str,
+    files: dict[str, Stat],
+    schema: pa.Schema,
+    prefix: CopyRows | None = None,
 ) -> tuple[pa.Table, CopyRows | None]:
     """`table` written whole as the copy, and read back mapped: one chunk a column without
     combining it in memory (a second copy of every column, 1 s at 1M cases)."""
-    gen = _save(cache, table, key, files)
+    gen = _save(cache, table, key, files, prefix)
     if gen is None:
         return table, None
     reread = _load(cache, key, schema)
     if reread is None or reread[2]["gen"] != gen:
         return table, None
     return reread[0], (gen, len(table))
+
+
+def copy_prefix(cache: Path, gen: str) -> CopyRows | None:
+    """The former generation whose rows lead the copy generation `gen` in `cache`, in order, and
+    how many: a copy written whole only because the rows appended in place passed
+    `REWRITE_SHARE` keeps them, so facts kept about them still hold. None when `gen` is not the
+    copy or was written from anything else."""
+    try:
+        meta = json.loads((cache / _META).read_text(encoding="utf-8"))
+        prefix = meta.get("prefix") if meta.get("gen") == gen else None
+        return (str(prefix[0]), int(prefix[1])) if prefix else None
+    except (OSError, ValueError, TypeError, IndexError, KeyError):
+        return None
