@@ -17,6 +17,7 @@ from pipeline.embed.fake import HashingEmbedder
 from pipeline.insights import member_cross as mc
 from pipeline.insights import membership as mb
 from pipeline.insights.cluster import ALL_SCOPE
+from pipeline.insights.codes import sorted_codes
 from pipeline.insights.export import export_all
 from pipeline.storage import case_cache
 from pipeline.storage.store import stored_parts
@@ -165,6 +166,11 @@ def test_an_entry_grown_by_new_rows_is_the_entry_of_the_grown_membership(seed):
     assert got.ids.tolist() == want.ids.tolist()
     for name in ("selected", "member", "cross", "code", "is_noise", "similarity", "x", "y"):
         assert np.array_equal(getattr(got, name), getattr(want, name), equal_nan=True), name
+    # From the night's codes of every member's id (per-type rows' ids among them): the same ids.
+    coded = mc.of_membership(m, positions, selected, grown, sorted_codes(m["cluster_id"]))
+    assert coded is not None
+    decoded = [coded.ids[c] if c >= 0 else None for c in coded.code]
+    assert decoded == [want.ids[c] if c >= 0 else None for c in want.code]
     # The view's rows: each selected case's cross-type row, in frame order, with its values.
     ids = pd.Series([f"c{p}" for p in range(len(selected))], dtype="str")
     view, at = _cross_membership(got, ids, selected)
