@@ -10,7 +10,7 @@ night's new rows. Kept here per row of the case copy (`pipeline.storage.case_cac
 stay put while its generation lasts): whether the row was selected, whether any membership row
 holds its case (with its run: every stored row does after a night), and its cross-type row's
 cluster id (as a code of the kept ids), noise flag, similarity and map point. A primed 1M-case
-+1,000 night: 2.96-3.39 -> 1.68-2.19 CPU s, peak RSS 1.30 -> 0.92 GiB.
++1,000 night: 2.96-3.39 -> 1.68-2.19 CPU s, peak RSS 1.27-1.30 -> 0.90 GiB.
 
 A kept entry is used only while it describes the stored membership exactly: the same membership
 parts (number, size and mtime of each, from `members_from` on), the same copy generation with at
