@@ -295,3 +295,25 @@ def test_trained_sentiment_holds_up_on_unseen_domains(cfg, shared_data):
         s = res["summary"][group]
         assert s["trained"] >= s["baseline"] - 0.005, s
         assert s["trained+rules (join)"] >= s["baseline"], s
+
+
+def test_group_means_are_the_groupbys_bit_for_bit():
+    """The kernel `trajectory_table` calls gives what `DataFrame.groupby(codes).mean()` gives,
+    float for float: large and small values (where a plain sum differs), NaN, -0.0, groups
+    without rows in some columns and rows in no group."""
+    from pipeline.insights.emotion_stats import _group_means, _stacked
+
+    rng = np.random.default_rng(5)
+    for n in (1, 7, 300, 5000):
+        values = rng.choice([1e16, 1.0, -1.0, 0.1, 0.7, -0.0, np.nan, 3e-17], size=(n, 3))
+        values[:, 2] = np.where(rng.random(n) < 0.5, np.nan, rng.normal(size=n))
+        n_groups = 4
+        codes = rng.integers(-1, n_groups, n)
+        codes[: min(n, n_groups)] = np.arange(min(n, n_groups))  # every group present
+        groups = int(codes.max()) + 1
+        df = pd.DataFrame(values, columns=["a", "b", "c"])
+        want = df.groupby(pd.Series(codes).where(codes >= 0), sort=True).mean().to_numpy()
+        got = _group_means(_stacked(df, ["a", "b", "c"], np.arange(n)), codes, groups)
+        assert got.tobytes() == want.tobytes()
+    # Not float64: no stacked values (the groupby decides).
+    assert _stacked(pd.DataFrame({"a": [1, 2]}), ["a"], np.arange(2)) is None

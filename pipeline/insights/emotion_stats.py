@@ -8,6 +8,7 @@ Wilson intervals for the same reason (a team with 3 conversations is not "the wo
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import re
@@ -19,7 +20,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.analysis.emotion import TRAJECTORIES
-from pipeline.insights.cluster import arrow_text
+from pipeline.insights import case_relations, case_trajectories
+from pipeline.insights.case_kept import fisher_ci
+from pipeline.insights.cluster import ALL_SCOPE, arrow_text
 from pipeline.insights.codes import Codes, arrow_backed, column_codes, cross_counts, sorted_codes, taken_codes
 
 _TEAM_KEYS = ("team", "agent_team", "group", "skill_group")
@@ -153,26 +156,29 @@ def trajectory_table(
                 "mean_delta",
             ]
         )
+    # The issue type, channel, outcome and team parts from the counts kept between nights
+    # (`case_trajectories`), when these are the counted columns; the clusters' from the rows.
+    counted = case_trajectories.known(cases)
+    kept = case_trajectories.parts(counted, TRAJECTORIES) if counted is not None else None
+    if kept is not None and (members is None or not len(members) or "scope" not in members):
+        return _sorted_parts(list(kept.values()))  # no cluster dimension to count from the rows
     used = ["case_id", "issue_type", "channel", "outcome", "emotion_trajectory", "emotion_start", "emotion_end"]
     # Groups copy only these; shallow (copy-on-write), as `team` is added, not written into a column.
     df = cases[[c for c in [*used, "emotion_delta"] if c in cases]].copy(deep=False)
     team_of = case_teams(cases) if teams is None else teams
     case_clusters = None  # each case's cluster as a code of `cluster_codes` (-1: none), when given
     if members is not None and len(members) and "scope" in members:
-        from pipeline.insights.cluster import ALL_SCOPE
-
         # Columns chosen in the filter: filtering first copied every members column.
         # The cross-type scope's clustered rows by position, two columns taken: a filter of the
         # members frame, then a merge's hash join on 100k string keys, cost 40 ms a night.
-        rows = np.flatnonzero(
-            np.asarray(members["scope"] == ALL_SCOPE, dtype=bool) & members["cluster_id"].notna().to_numpy()
-        )
+        rows = np.flatnonzero(_cross_clustered(members, cluster_codes))
         ids, cids = members["case_id"].take(rows), members["cluster_id"].to_numpy(dtype=object)[rows]
         if case_rows is not None and len(case_rows) == len(members):
             pos = _known_positions(df["case_id"], ids, np.asarray(case_rows, dtype=np.int64)[rows])
         else:
             pos = _unique_positions(df["case_id"], ids)
         if pos is None:
+            kept = None  # the merge repeats a case: not the counted rows
             df["team"] = team_of  # the merge repeats a case with its team
             df = df.merge(pd.DataFrame({"case_id": ids.to_numpy(), "cluster_id": cids}), on="case_id", how="left")
         elif cluster_codes is not None:
@@ -193,17 +199,23 @@ def trajectory_table(
     # The cases with a trajectory, as positions: only the three means are copied; a filter of
     # `df` copied its text columns too, and the codes of those are the columns' shared ones
     # (`codes.sorted_codes`) taken at these rows, not the filtered copies hashed again.
-    traj_rows = np.flatnonzero(df["emotion_trajectory"].notna().to_numpy())
-    values = df[means].iloc[traj_rows]
+    traj = df["emotion_trajectory"]  # any numbering serves: unsorted unless shared, as before
+    # Arrow text is missing exactly where its shared codes are -1: no notna pass over the text.
+    traj_rows = np.flatnonzero(sorted_codes(traj)[0] >= 0 if arrow_backed(traj) else traj.notna().to_numpy())
+    stacked = _stacked(df, means, traj_rows)
+    values = df[means].iloc[traj_rows] if stacked is None else None
     # Each dimension's values as sorted codes, once: sizes and trajectory counts are bincounts of
     # them, the means a groupby on the codes (the same rows in the same order per group as on
     # the values, so the same sums); three groupbys on text columns per dimension cost most of
     # the table's 0.1 s at 100k cases.
-    traj = df["emotion_trajectory"]  # any numbering serves: unsorted unless shared, as before
     traj_codes, trajs = _codes_at(traj, traj_rows) if arrow_backed(traj) else pd.factorize(traj.iloc[traj_rows])
     traj_of = {t: i for i, t in enumerate(trajs)}
     parts = []
     for dim in ("issue_type", "cluster_id", "channel", "outcome", "team"):
+        if kept is not None and dim in case_trajectories.DIMS:
+            if dim in kept:
+                parts.append(kept[dim])
+            continue
         # -1: missing, in no group. Teams and clusters from the arrays beside `df` when they are
         # not its columns: a column of 100k Python strings was converted to Arrow text (6 ms).
         if dim == "cluster_id" and case_clusters is not None and cluster_codes is not None:
@@ -219,12 +231,15 @@ def trajectory_table(
             continue
         if not len(keys):
             continue
-        kept = codes >= 0
-        n = np.bincount(codes[kept], minlength=len(keys))
-        counts = np.bincount(codes[kept] * len(trajs) + traj_codes[kept], minlength=len(keys) * len(trajs)).reshape(
-            len(keys), len(trajs)
-        )
-        avg = values.groupby(pd.Series(codes, index=values.index).where(kept), sort=True).mean()
+        # Every trajectory row has a trajectory code: a group's size is its row of counts' sum.
+        counts = cross_counts(codes, len(keys), traj_codes, len(trajs))
+        n = counts.sum(axis=1)
+        if stacked is not None:
+            avg = dict(zip(means, _group_means(stacked, codes, len(keys)).T))
+        else:
+            assert values is not None
+            by = values.groupby(pd.Series(codes, index=values.index).where(codes >= 0), sort=True).mean()
+            avg = {c: by[c].to_numpy() for c in means}
         part = pd.DataFrame(
             {
                 "dimension": dim,
@@ -241,12 +256,68 @@ def trajectory_table(
             }
         )
         parts.append(part)
+    return _sorted_parts(parts)
+
+
+def _sorted_parts(parts: list[pd.DataFrame]) -> pd.DataFrame:
+    """The dimensions' parts as one table, by dimension, then by size (largest first)."""
     out = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     return (
         out.sort_values(["dimension", "n"], ascending=[True, False], kind="stable").reset_index(drop=True)
         if len(out)
         else out
     )
+
+
+def _cross_clustered(members: pd.DataFrame, cluster_codes: Codes | None) -> np.ndarray:
+    """Which members rows are the cross-type scope's and have a cluster. From the scopes' and
+    cluster ids' codes where they are known (-1: missing, as notna tells): comparing and testing
+    1M object cells each cost 20 ms a night at 1M cases."""
+    scope = members["scope"]
+    if arrow_backed(scope):
+        scope_codes, scopes = sorted_codes(scope)
+        cross = np.asarray(scopes == ALL_SCOPE, dtype=bool)[scope_codes] & (scope_codes >= 0)
+    else:
+        cross = np.asarray(scope == ALL_SCOPE, dtype=bool)
+    if cluster_codes is not None and len(cluster_codes[0]) == len(members):
+        return cross & (np.asarray(cluster_codes[0]) >= 0)
+    return cross & members["cluster_id"].notna().to_numpy()
+
+
+def _stacked(df: pd.DataFrame, means: list[str], rows: np.ndarray) -> np.ndarray | None:
+    """The `means` columns at `rows` as one (rows x columns) float64 array for `_group_means`,
+    or None where a column is not plain float64 (its groupby mean is pandas' to decide)."""
+    if _GROUP_MEAN is None or not all(c in df and df[c].dtype == np.float64 for c in means):
+        return None
+    out = np.empty((len(rows), len(means)), dtype=np.float64, order="F")
+    for j, c in enumerate(means):
+        np.take(df[c].to_numpy(), rows, out=out[:, j])
+    return out
+
+
+def _kernel(module: str, name: str) -> Any:
+    """A pandas kernel by name, or None (another pandas: the public call it backs is used)."""
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except ImportError:  # pragma: no cover
+        return None
+
+
+# pandas' own per-group mean kernel, the one `DataFrameGroupBy.mean` runs on float64 columns.
+_GROUP_MEAN = _kernel("pandas._libs.groupby", "group_mean")
+
+
+def _group_means(values: np.ndarray, codes: np.ndarray, n_groups: int) -> np.ndarray:
+    """`DataFrame(values).groupby(codes).mean()` (codes -1: in no group; every group present)
+    as an (n_groups x columns) array: the kernel the groupby calls (a Kahan-compensated sum of
+    each group's values in row order, over their count), without the groupby's factorizing of
+    the codes and its frames, most of the trajectory table's time (80 ms a night at 1M cases).
+    A compensated sum depends on every value before it, so no kept state can resume it: the
+    sums are made again over all rows, once per dimension."""
+    out = np.zeros((n_groups, values.shape[1]), dtype=np.float64)
+    assert _GROUP_MEAN is not None
+    _GROUP_MEAN(out, np.zeros(n_groups, dtype=np.int64), values, codes.astype(np.intp, copy=False))
+    return out
 
 
 def _codes_at(values: pd.Series, rows: np.ndarray) -> tuple[np.ndarray, Any]:
@@ -265,14 +336,6 @@ def _r(x: float) -> float | None:
 # (n_boot x n) matrix, 35 s and GBs at 100k stored cases on every night's export, while the two
 # intervals agree within 0.003 from 2,000 cases on (point-biserial and Spearman, tests/test_emotion.py).
 BOOTSTRAP_MAX_N = 5_000
-
-
-def fisher_ci(r: float, n: int, method: str = "pearson", z: float = 1.96) -> tuple[float, float]:
-    """95% interval of a correlation on Fisher's z scale; Spearman with Bonett and Wright's
-    standard error sqrt((1 + r^2 / 2) / (n - 3))."""
-    rr = min(max(r, -0.999999), 0.999999)
-    se = math.sqrt((1 + rr * rr / 2) / (n - 3)) if method == "spearman" else 1 / math.sqrt(n - 3)
-    return math.tanh(math.atanh(rr) - z * se), math.tanh(math.atanh(rr) + z * se)
 
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
@@ -354,6 +417,10 @@ def relations(cases: pd.DataFrame, min_n: int = 20) -> pd.DataFrame:
     cols = ["measure", "outcome_measure", "method", "n", "r", "ci_low", "ci_high", "note"]
     if not len(cases) or "emotion_start" not in cases:
         return pd.DataFrame(columns=cols)
+    counts = case_relations.known(cases)
+    kept = _relations_from_counts(counts, min_n, "csat" in cases) if counts is not None else None
+    if kept is not None:
+        return pd.DataFrame(kept, columns=cols)
     rows: list[dict[str, Any]] = []
     # The outcome's codes (shared for an Arrow column), looked up per distinct value: an isin of
     # every stored case's text.
@@ -413,6 +480,29 @@ def relations(cases: pd.DataFrame, min_n: int = 20) -> pd.DataFrame:
                 }
             )
     return pd.DataFrame(rows, columns=cols)
+
+
+def _relations_from_counts(counts: case_relations.Counts, min_n: int, rated: bool) -> list[dict[str, Any]] | None:
+    """`relations`' rows from the cases' kept counts (`case_relations`), or None where any row
+    must be made from the cases (a bootstrap's few cases, or an r too near a rounding step)."""
+    rows: list[dict[str, Any]] = []
+    targets = [("resolved", "pearson")] + ([("csat", "spearman")] if rated else [])
+    for measure in case_relations.MEASURES:
+        for name, method in targets:
+            got = case_relations.relation(counts.triples[measure], name, min_n, BOOTSTRAP_MAX_N)
+            if got is None:
+                return None
+            n, _, r = got
+            head = {"measure": measure, "outcome_measure": name, "method": method, "n": n}
+            if r is None:
+                note = f"too few cases with both values (need {min_n})"
+                rows.append({**head, "r": None, "ci_low": None, "ci_high": None, "note": note})
+                continue
+            shown = case_relations.shown(r, n, method)
+            if shown is None:
+                return None
+            rows.append({**head, **shown})
+    return rows
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:

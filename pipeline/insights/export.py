@@ -36,9 +36,9 @@ import pyarrow.csv as pacsv
 
 from pipeline.config import Config
 from pipeline.heap import release_unused_memory
+from pipeline.insights import case_kpis, case_numbers, case_relations, case_trajectories, member_rows
 from pipeline.insights import member_cross as mc
 from pipeline.insights import member_parts as mp
-from pipeline.insights import member_rows
 from pipeline.insights import member_tallies as mt
 from pipeline.insights import membership as mb
 from pipeline.insights.case_codes import remember_case_codes
@@ -70,6 +70,7 @@ from pipeline.insights.cluster import (
 from pipeline.insights.codes import Codes, arrow_backed, derive_codes, remember_codes, sorted_codes, taken_codes
 from pipeline.insights.emotion_stats import (
     TEAM_KEY_PATTERN,
+    case_team_codes,
     case_teams,
     relations,
     trajectory_table,
@@ -1417,6 +1418,10 @@ def export_all(
     c = cfg.cluster
     loaded, copy_rows = load_cases_copy(out)
     remember_case_codes(out, loaded, copy_rows)
+    case_numbers.remember(out, loaded, copy_rows)
+    case_relations.remember(out, loaded, copy_rows)
+    case_kpis.remember(out, loaded, copy_rows)
+    case_trajectories.remember(out, loaded, copy_rows, case_team_codes)
     cases, note = ensure_classified(loaded.reset_index(drop=True), cfg)
     del loaded
     facts = selection_facts(out, cases, copy_rows, c.min_problem_chars)
@@ -1605,6 +1610,10 @@ def export_all(
         "members_state_part": state_part + 1 if appends else state_part,
     }
     bundle = finish_export(view_cases, view_frame, view, cfg, day, notes=[note] if note else [], extra=extra)
+    case_numbers.forget()  # the columns' codes and counts let go with them
+    case_relations.forget()
+    case_kpis.forget()
+    case_trajectories.forget()
     if part_rows is not None:
         part_rows = part_rows.drop(columns=[x for x in ("x", "y") if x in part_rows])
     tables_members = bundle.tables[mp.MEMBERS]
