@@ -89,6 +89,7 @@ from pipeline.insights.incremental import (
 from pipeline.insights.kpis import compute_kpis, timing_coverage
 from pipeline.insights.member_rows import arrow_strings as _arrow_strings
 from pipeline.insights.member_rows import index_in as _index_in
+from pipeline.insights.recluster_rows import ReclusterRows, recluster_rows
 from pipeline.insights.report import ReportData, render_report
 from pipeline.insights.row_file import RowFile
 from pipeline.insights.stored_tokens import stored_token_codes
@@ -553,6 +554,21 @@ def recluster_table(
         members.loc[fitted.all_rows, "x"] = fitted.xy[0]
         members.loc[fitted.all_rows, "y"] = fitted.xy[1]
     return Clustering(fitted.clusters, members, fitted.state), fitted.projections
+
+
+def recluster_clustering(
+    frame: pd.DataFrame, fitted: VectorFit, tail: ReclusterRows | None, texts: bool = True
+) -> tuple[Clustering, dict[str, Projection]]:
+    """The clustering the tables read of a re-cluster: with its members' parts (`tail`), the
+    cross-type rows and the tally of every row (a partial clustering, as a night's with a kept
+    tally), where that tally makes every per-type table; else the whole table
+    (`recluster_table`)."""
+    if tail is not None:
+        cross = tail.cross()
+        tally = tail.tally(cross)
+        if mt.makes_tables(tally):
+            return Clustering(fitted.clusters, cross, fitted.state, tally=tally, partial=True), fitted.projections
+    return recluster_table(frame, fitted, texts)
 
 
 def stored_members(members: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame:
@@ -1447,12 +1463,14 @@ def export_all(
     member_positions: np.ndarray | None = None  # tonight's membership rows' frame rows (read nights)
     member_codes: Codes | None = None  # and their cluster ids' codes
     file_rows: list[np.ndarray] | None = None  # a re-cluster's member rows, for the members file's texts
+    tail: ReclusterRows | None = None  # a re-cluster's members as their parts, when the tables need no more
     stored_codes: Codes | None = None  # the membership's cluster ids' codes, when known
     # Which cases are not yet members (new, or re-processed: same id, newer run): counted on every
     # night, embedded and assigned on an incremental one.
     # A night that only adds cases reads the membership's cross-type rows kept per case row
     # (`member_cross`), not the stored membership (every member, twice a case).
     simple = reason is None and since is None and note is None
+    n_cases = len(cases)  # the case copy's rows, while `cases` lives
     fast = kept_night(out, meta, copy_rows, len(cases), selected) if simple else None
     fast_view: FastView | None = None
     positions: np.ndarray | None
@@ -1462,12 +1480,14 @@ def export_all(
     else:
         membership, n_parts, alive, todo, redone, positions = located(out, meta, cases, copy_rows, frame, selected)
     dropped = int((~alive).sum())  # cases removed by `casemine repair` (or no longer selected)
-    todo_frame = frame[todo].reset_index(drop=True)
-    n_new = len(todo_frame)
+    n_new = int(np.count_nonzero(todo))
     projections = mb.load_projections(out)
     models = scope_models(state, projections, str(meta.get("last_full")))
     if reason is None and not models and len(frame):
         reason = "no_state"  # an export killed between its state files: nothing to assign to
+    # The new cases' rows, for a night that assigns them; a re-cluster reads the frame itself,
+    # and this copy of every case (on a back-fill all are new) was held through it.
+    todo_frame = frame[todo].reset_index(drop=True) if reason is None else frame.iloc[0:0]
     if reason is None:
         t1 = time.perf_counter()
         X_new = _embed(embedder, todo_frame["cluster_text"].tolist())
@@ -1494,6 +1514,7 @@ def export_all(
                 member_positions = positions
                 compact = dropped > 0 or n_parts + 1 > mb.COMPACT_PARTS
     if reason is not None:
+        todo_frame = frame.iloc[0:0]  # read no more (a night re-clustered for drift assigned it)
         t1 = time.perf_counter()
         # Embedded (mostly read from the cache) into a file a block at a time, and read back a
         # few rows at a time by every stage: the vectors are never all in memory.
@@ -1522,8 +1543,14 @@ def export_all(
         # Without `since` the tables read the per-type rows' counted fields alone: their texts
         # are added for the members file only, as it is written.
         file_rows = scope_member_rows(fitted.results) if since is None else None
-        clustering, projections = recluster_table(frame, fitted, texts=file_rows is None)
+        tail = recluster_rows(frame, fitted.heads, file_rows, fitted.xy) if file_rows is not None else None
+        clustering, projections = recluster_clustering(frame, fitted, tail, texts=file_rows is None)
+        if clustering.partial:
+            file_rows = None  # the members file is `tail`'s table
+        else:
+            tail = None
         del fitted
+        release_unused_memory()  # the blocks counted: what the tables would grow on top of
         described = clustering.clusters
     else:
         described = mb.load_described(out)
@@ -1614,21 +1641,28 @@ def export_all(
     case_relations.forget()
     case_kpis.forget()
     case_trajectories.forget()
+    del cases, view_cases  # no later step reads the cases: not held while the files are written
+    if reason is not None:
+        release_unused_memory()  # the cases and what the tables freed: the files are made on top
     if part_rows is not None:
         part_rows = part_rows.drop(columns=[x for x in ("x", "y") if x in part_rows])
     tables_members = bundle.tables[mp.MEMBERS]
-    if file_rows is not None:
+    if tail is not None:
+        bundle.tables[mp.MEMBERS] = tail.table()  # the tables read the cross-type rows alone
+    elif file_rows is not None:
         bundle.tables[mp.MEMBERS] = with_file_texts(tables_members, frame, file_rows)
         del file_rows
     folder = write_export(out, bundle, c.csv_encoding, reuse, part_rows)
     # The file's texts let go once written: the membership part is written after it.
     bundle.tables[mp.MEMBERS] = tables_members
     del tables_members
+    if reason is not None:
+        release_unused_memory()  # the members file's table and its encoding, before the part's
     if since is None:
         kept_tally = clustering.tally if clustering is view else None
         _keep_tally(out, folder, kept_tally, clustering, state_part + 1 if appends else state_part, bundle.summary)
     if reason is not None:
-        seq = mb.append_members(out, stored_members(clustering.members, frame))
+        seq = mb.append_members(out, stored_members(tail.stored() if tail is not None else clustering.members, frame))
         mb.save_projections(out, projections)
         mb.save_described(out, clustering.clusters)
         save_state(out, clustering.state)
@@ -1642,11 +1676,11 @@ def export_all(
             mb.drop_parts_before(out, seq)
         elif len(new_rows):
             mb.append_members(out, new_rows)
-        if simple and copy_rows is not None and copy_rows[1] == len(cases):
+        if simple and copy_rows is not None and copy_rows[1] == n_cases:
             if fast_view is not None:
                 kept: mc.Kept | None = fast_view.kept
             elif member_positions is not None:
-                kept = mc.of_membership(membership, member_positions, selected, len(cases), member_codes)
+                kept = mc.of_membership(membership, member_positions, selected, n_cases, member_codes)
             else:
                 kept = None
             if kept is not None:

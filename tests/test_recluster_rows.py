@@ -1,0 +1,186 @@
+"""A full re-cluster's members kept as their parts (pipeline.insights.recluster_rows) give what
+the whole members table gave: the tables counted from the cross-type rows and the tally of every
+row counted a block at a time (block sizes of 1 row, a few, and more than all rows), the members
+file made only as it is written (its Parquet and CSV bytes), and the membership part (its bytes)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+import pipeline.insights.recluster_rows as rr
+from pipeline.embed.fake import HashingEmbedder
+from pipeline.insights import member_tallies as mt
+from pipeline.insights.cluster import ALL_SCOPE, CauseLexicon, ClusterState, scope_member_rows, select_cases
+from pipeline.insights.export import (
+    finish_export,
+    fit_vectors,
+    recluster_clustering,
+    recluster_table,
+    stored_members,
+    with_file_texts,
+    write_pair,
+)
+from pipeline.insights.membership import member_part_table
+from pipeline.io import atomic_write_parquet
+
+TEXTS = ["快递 三天 没到", "物流 不 更新", "发票 抬头 开错", "退款 一直 没 到账", "耳机 左边 没声音", "快递员 不 送货"]
+
+
+def _cut(text: str) -> list[str]:
+    return text.split()
+
+
+def _frame(n: int, types: int = 3) -> pd.DataFrame:
+    """Selected cases in two Arrow chunks (as read from two store parts), some ids re-run, some
+    fields missing."""
+    rows = [
+        {"case_id": f"c{i % (n - 10) if n > 20 else i:03d}", "run_id": f"r{i // max(n - 10, 1)}",
+         "conversation_id": f"v{i}", "issue_type": ["物流", "售后", "票据", "账户"][i % types],
+         "region": [None, "华东", "华北"][i % 3], "product": ["耳机", "手表"][i % 2], "channel": "chat",
+         "problem": f"{TEXTS[i % len(TEXTS)]} 第{i}次", "outcome": ["resolved", None][i % 5 == 0],
+         "emotion": ["平静", "愤怒", ""][i % 3], "date": f"2025-11-{1 + i % 20:02d}",
+         "emotion_score": float("nan") if i % 7 == 0 else float(i % 5) / 5}
+        for i in range(n)
+    ]  # fmt: skip
+    half = len(rows) // 2
+    return select_cases(pd.concat([pd.DataFrame(rows[:half]), pd.DataFrame(rows[half:])], ignore_index=True))
+
+
+def _fit(cfg, frame: pd.DataFrame):
+    X = HashingEmbedder().encode_passages(frame["cluster_text"].tolist()).astype(np.float32)
+    args = (cfg, ClusterState.empty(), "2025-11-21", CauseLexicon.load(cfg))
+    return fit_vectors(frame.assign(tokens=pd.Series([None] * len(frame), dtype=object)), X, *args, cut=_cut)
+
+
+def _no_ids(html: str) -> str:
+    return re.sub(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", "ID", html)
+
+
+def _pair_bytes(tmp, name: str, df: pd.DataFrame) -> tuple[bytes, bytes]:
+    write_pair(tmp / f"{name}.parquet", tmp / f"{name}.csv", df, "utf-8-sig")
+    return (tmp / f"{name}.parquet").read_bytes(), (tmp / f"{name}.csv").read_bytes()
+
+
+@pytest.mark.parametrize("block", [1, 7, 64, 10**6])
+def test_the_parts_give_the_whole_tables_files_and_membership(cfg, tmp_path, monkeypatch, block):
+    frame = _frame(240)
+    fitted = _fit(cfg, frame)
+    rows = scope_member_rows(fitted.results)
+    whole, _ = recluster_table(frame, fitted)  # every field of every row
+    bare, _ = recluster_table(frame, fitted, texts=False)  # what the tables read before
+    tail = rr.recluster_rows(frame, fitted.heads, rows, fitted.xy)
+    assert tail is not None and tail.lead == len(frame) < len(tail.heads)
+    monkeypatch.setattr(rr, "BLOCK_ROWS", block)
+    got, _ = recluster_clustering(frame, fitted, tail, texts=False)
+    assert got.partial and got.tally is not None and mt.makes_tables(got.tally)
+    # The cross-type rows are the whole table's leading rows, x/y included.
+    pd.testing.assert_frame_equal(got.members, whole.members.iloc[: len(frame)])
+    assert got.members["x"].notna().all() and (got.members["scope"] == ALL_SCOPE).all()
+    # Every table, the report and the summary as the whole members table made them.
+    a = finish_export(frame, frame, got, cfg, "2025-11-21")
+    b = finish_export(frame, frame, bare, cfg, "2025-11-21")
+    assert got.tally.rows == len(bare.members) == a.summary["rows"]["members"]
+    for name, table in b.tables.items():
+        if name != "members":
+            pd.testing.assert_frame_equal(a.tables[name], table, check_exact=True, obj=name)
+    assert _no_ids(a.report_html) == _no_ids(b.report_html) and a.summary == b.summary
+    # The members file, made as it is written: the same Parquet and CSV bytes.
+    file_rows = with_file_texts(bare.members.drop(columns=["x", "y"]), frame, rows)
+    assert _pair_bytes(tmp_path, "got", tail.table()) == _pair_bytes(tmp_path, "want", file_rows)
+    # The membership part: the same file.
+    atomic_write_parquet(tmp_path / "got-part.parquet", member_part_table(stored_members(tail.stored(), frame)))
+    atomic_write_parquet(tmp_path / "want-part.parquet", member_part_table(stored_members(bare.members, frame)))
+    assert (tmp_path / "got-part.parquet").read_bytes() == (tmp_path / "want-part.parquet").read_bytes()
+
+
+@pytest.mark.parametrize("block", [1, 5, 10**6])
+def test_the_block_tally_is_the_tally_of_every_row(cfg, monkeypatch, block):
+    """The tally kept for the next night: the same sums as counting the whole table."""
+    frame = _frame(150, types=4)
+    fitted = _fit(cfg, frame)
+    bare, _ = recluster_table(frame, fitted, texts=False)
+    tail = rr.recluster_rows(frame, fitted.heads, scope_member_rows(fitted.results), fitted.xy)
+    assert tail is not None
+    monkeypatch.setattr(rr, "BLOCK_ROWS", block)
+    got, want = tail.tally(tail.cross()), mt.count_members(bare.members)
+    assert (got.keys, got.sizes.tolist(), got.scopes, got.rows) == (
+        want.keys,
+        want.sizes.tolist(),
+        want.scopes,
+        want.rows,
+    )
+    assert got.scores is not None and want.scores is not None
+    assert [s.tolist() for s in got.scores] == [s.tolist() for s in want.scores]
+    assert got.typed is not None and want.typed is not None and got.typed_in_scope == want.typed_in_scope
+    assert sorted(zip(got.typed.keys, got.typed.sizes.tolist())) == sorted(
+        zip(want.typed.keys, want.typed.sizes.tolist())
+    )
+    for col, (group, names, counts, first) in want.mix.items():
+        g = got.mix[col]
+        pairs = {(got.keys[k], n): (c, f) for k, n, c, f in zip(g[0].tolist(), g[1], g[2].tolist(), g[3].tolist())}
+        assert pairs == {
+            (want.keys[k], n): (c, f) for k, n, c, f in zip(group.tolist(), names, counts.tolist(), first.tolist())
+        }
+    assert got.days is not None and want.days is not None
+    by = ["breakdown", "key", "period", "value"]
+    pd.testing.assert_frame_equal(
+        got.days.astype(object).sort_values(by, ignore_index=True),
+        want.days.astype(object).sort_values(by, ignore_index=True),
+    )
+
+
+def test_an_all_noise_first_block_keeps_the_days_text_type(cfg, monkeypatch):
+    """A block whose rows have no cluster has no daily counts: the next block's are taken as
+    they are, not joined to an empty frame of object columns."""
+    frame = _frame(150)
+    fitted = _fit(cfg, frame)
+    tail = rr.recluster_rows(frame, fitted.heads, scope_member_rows(fitted.results), fitted.xy)
+    assert tail is not None
+    cross = tail.cross().assign(cluster_id=None, is_noise=True)
+    monkeypatch.setattr(rr, "BLOCK_ROWS", 10**6)
+    got = tail.tally(cross)
+    assert got.days is not None and len(got.days)
+    assert (
+        got.days["key"].dtype
+        == mt.count_members(tail.block(tail.lead, len(tail.heads), tail.fields())).days["key"].dtype
+    )
+
+
+@pytest.mark.parametrize("n", [12, 0])
+def test_without_a_tally_that_makes_the_tables_the_whole_table_is_built(cfg, n):
+    """Too few cases for a cluster (all noise: no daily counts) or none: the whole table."""
+    frame = _frame(n) if n else select_cases(pd.DataFrame(columns=["case_id", "problem"]))
+    fitted = _fit(cfg, frame)
+    tail = rr.recluster_rows(frame, fitted.heads, scope_member_rows(fitted.results), fitted.xy)
+    assert (tail is None) == (n == 0)
+    got, _ = recluster_clustering(frame, fitted, tail, texts=False)
+    want, _ = recluster_table(frame, fitted, texts=False)
+    assert not got.partial
+    pd.testing.assert_frame_equal(got.members, want.members)
+
+
+def test_rows_between_is_the_slice_of_the_concatenation():
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(0, 50, k) for k in (5, 0, 9, 1, 13)]
+    whole = np.concatenate(rows)
+    for a in range(len(whole) + 1):
+        for b in range(a, len(whole) + 2):
+            assert np.array_equal(rr.rows_between(rows, a, b), whole[a:b])
+
+
+def test_scope_and_cluster_ids_are_arrow_text_only_when_every_value_is_text():
+    ids = pd.Series(["a", None, "b"], dtype=object)
+    assert isinstance(rr._arrow_text(ids).dtype, pd.StringDtype) and rr._arrow_text(ids).isna().tolist() == [
+        False,
+        True,
+        False,
+    ]
+    for odd in ([None, None], [1, "a"]):
+        col = pd.Series(odd, dtype=object)
+        assert rr._arrow_text(col) is col
+    assert pa.array(rr._arrow_text(ids).array).to_pylist() == ["a", None, "b"]
