@@ -92,10 +92,46 @@ def test_the_parts_give_the_whole_tables_files_and_membership(cfg, tmp_path, mon
     # The members file, made as it is written: the same Parquet and CSV bytes.
     file_rows = with_file_texts(bare.members.drop(columns=["x", "y"]), frame, rows)
     assert _pair_bytes(tmp_path, "got", tail.table()) == _pair_bytes(tmp_path, "want", file_rows)
-    # The membership part: the same file.
-    atomic_write_parquet(tmp_path / "got-part.parquet", member_part_table(stored_members(tail.stored(), frame)))
-    atomic_write_parquet(tmp_path / "want-part.parquet", member_part_table(stored_members(bare.members, frame)))
-    assert (tmp_path / "got-part.parquet").read_bytes() == (tmp_path / "want-part.parquet").read_bytes()
+    # The membership part, built in Arrow or from the parts' pandas rows: the same file.
+    _same_part(tmp_path, tail, frame, bare.members)
+
+
+def _same_part(tmp_path, tail: rr.ReclusterRows, frame: pd.DataFrame, members: pd.DataFrame, direct: bool = True):
+    want = member_part_table(stored_members(members, frame))
+    built = rr.part_table(tail)
+    assert (built is not None) == direct
+    for name, table in (
+        ("want", want),
+        ("built", built),
+        ("rows", member_part_table(stored_members(tail.stored(), frame))),
+    ):
+        if table is not None:
+            assert table.equals(want, check_metadata=True) and table.schema.metadata == want.schema.metadata, name
+            atomic_write_parquet(tmp_path / f"{name}-part.parquet", table)
+            assert (tmp_path / f"{name}-part.parquet").read_bytes() == (tmp_path / "want-part.parquet").read_bytes(), (
+                name
+            )
+
+
+@pytest.mark.parametrize("case", ["all noise", "no run ids", "no map", "re-run ids"])
+def test_the_membership_part_is_the_whole_tables(cfg, tmp_path, case):
+    """Where every row is noise (no cluster id: the object form's null type) the part is built
+    from pandas rows; a frame without run ids, or without map points, or with a case id twice
+    (its last row's run): built in Arrow, the same file."""
+    frame = _frame(150)
+    if case == "no run ids":
+        frame = frame.drop(columns=["run_id"])
+    if case == "re-run ids":
+        frame = pd.concat([frame, frame.iloc[:9].assign(run_id="r9")], ignore_index=True)
+    fitted = _fit(cfg, frame)
+    if case == "all noise":
+        fitted.heads = fitted.heads.assign(cluster_id=None, is_noise=True, similarity=None)
+    if case == "no map":
+        fitted.xy = None
+    whole, _ = recluster_table(frame, fitted, texts=False)
+    tail = rr.recluster_rows(frame, fitted.heads, scope_member_rows(fitted.results), fitted.xy)
+    assert tail is not None
+    _same_part(tmp_path, tail, frame, whole.members, direct=case != "all noise")
 
 
 @pytest.mark.parametrize("block", [1, 5, 10**6])

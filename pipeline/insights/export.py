@@ -89,7 +89,7 @@ from pipeline.insights.incremental import (
 from pipeline.insights.kpis import compute_kpis, timing_coverage
 from pipeline.insights.member_rows import arrow_strings as _arrow_strings
 from pipeline.insights.member_rows import index_in as _index_in
-from pipeline.insights.recluster_rows import ReclusterRows, recluster_rows
+from pipeline.insights.recluster_rows import ReclusterRows, part_table, recluster_rows
 from pipeline.insights.report import ReportData, render_report
 from pipeline.insights.row_file import RowFile
 from pipeline.insights.stored_tokens import stored_token_codes
@@ -1487,7 +1487,7 @@ def export_all(
         reason = "no_state"  # an export killed between its state files: nothing to assign to
     # The new cases' rows, for a night that assigns them; a re-cluster reads the frame itself,
     # and this copy of every case (on a back-fill all are new) was held through it.
-    todo_frame = frame[todo].reset_index(drop=True) if reason is None else frame.iloc[0:0]
+    todo_frame = frame[todo].reset_index(drop=True) if reason is None else frame.iloc[0:0].copy()
     if reason is None:
         t1 = time.perf_counter()
         X_new = _embed(embedder, todo_frame["cluster_text"].tolist())
@@ -1514,7 +1514,7 @@ def export_all(
                 member_positions = positions
                 compact = dropped > 0 or n_parts + 1 > mb.COMPACT_PARTS
     if reason is not None:
-        todo_frame = frame.iloc[0:0]  # read no more (a night re-clustered for drift assigned it)
+        todo_frame = frame.iloc[0:0].copy()  # read no more (a night re-clustered for drift assigned it)
         t1 = time.perf_counter()
         # Embedded (mostly read from the cache) into a file a block at a time, and read back a
         # few rows at a time by every stage: the vectors are never all in memory.
@@ -1642,6 +1642,10 @@ def export_all(
     case_kpis.forget()
     case_trajectories.forget()
     del cases, view_cases  # no later step reads the cases: not held while the files are written
+    if tail is not None:
+        # The files read the member fields and run ids alone: the frame's other columns let go.
+        frame = frame[[c for c in (*MEMBER_FIELDS, "run_id") if c in frame]]
+        tail.frame, view_frame = frame, frame
     if reason is not None:
         release_unused_memory()  # the cases and what the tables freed: the files are made on top
     if part_rows is not None:
@@ -1662,7 +1666,14 @@ def export_all(
         kept_tally = clustering.tally if clustering is view else None
         _keep_tally(out, folder, kept_tally, clustering, state_part + 1 if appends else state_part, bundle.summary)
     if reason is not None:
-        seq = mb.append_members(out, stored_members(tail.stored() if tail is not None else clustering.members, frame))
+        part = part_table(tail) if tail is not None else None
+        if part is not None:
+            seq = mb.append_part(out, part)
+            del part
+        else:
+            seq = mb.append_members(
+                out, stored_members(tail.stored() if tail is not None else clustering.members, frame)
+            )
         mb.save_projections(out, projections)
         mb.save_described(out, clustering.clusters)
         save_state(out, clustering.state)

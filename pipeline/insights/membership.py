@@ -186,8 +186,13 @@ def load_members(out: Path, meta: dict[str, Any]) -> tuple[pd.DataFrame, int]:
 
 def append_members(out: Path, rows: pd.DataFrame) -> int:
     """Write `rows` as the next part; returns its sequence number."""
+    return append_part(out, member_part_table(rows))
+
+
+def append_part(out: Path, table: pa.Table) -> int:
+    """Write a part's table (`member_part_table`'s) as the next part; returns its number."""
     seq = last_part(out) + 1
-    atomic_write_parquet(members_dir(out) / f"part-{seq:06d}.parquet", member_part_table(rows))
+    atomic_write_parquet(members_dir(out) / f"part-{seq:06d}.parquet", table)
     return seq
 
 

@@ -20,10 +20,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.insights import member_tallies as mt
 from pipeline.insights.cluster import ALL_SCOPE, MEMBER_FIELDS, _fields_at, leads_in_order
 from pipeline.insights.codes import arrow_backed
+from pipeline.insights.incremental import MEMBER_COLUMNS
+from pipeline.insights.member_rows import arrow_strings, index_in
 
 BLOCK_ROWS = 65_536  # member rows counted at a time: ~5 MiB of their fields
 # The fields no count reads (the members file's texts and labels, the case ids).
@@ -97,6 +101,70 @@ class ReclusterRows:
         if case_ids is not None:
             out.insert(0, "case_id", case_ids)
         return out.assign(x=x, y=y)
+
+
+_TEXTS = ("case_id", "run_id", "scope", "cluster_id")  # the part's text columns (`membership._MEMBER_TEXTS`)
+
+
+def part_table(parts: ReclusterRows) -> pa.Table | None:
+    """The membership part of the whole table (`member_part_table(stored_members(...))`), built
+    in Arrow a column at a time: the pandas rows and their Arrow copy were held together, two
+    rows a case, at the export's last step. The schema (and its pandas metadata) is the object
+    form's, taken from a one-row frame of each text column's first value, as
+    `membership._arrow_texts_table` takes it. None where that cannot be the same table (a text
+    column without a value or with a value that is not text, no case ids): then the caller
+    builds it from pandas rows."""
+    if "case_id" not in parts.frame or not len(parts.heads):
+        return None
+    at = rows_between(parts.rows, 0, len(parts.heads))  # each member row's case
+    ids = arrow_strings(parts.frame["case_id"])
+    try:
+        texts = {
+            "case_id": ids.take(pa.array(at)),
+            "run_id": _run_ids(parts.frame, ids, at),
+            "scope": pa.array(parts.heads["scope"].to_numpy(dtype=object), pa.large_string()),
+            "cluster_id": pa.array(parts.heads["cluster_id"].to_numpy(dtype=object), pa.large_string()),
+        }
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return None  # a value that is not text: the object form converts it as it is
+    if any(t.null_count == len(t) for t in texts.values()):
+        return None  # Arrow's null type in the object form
+    x, y = np.full(len(at), np.nan), np.full(len(at), np.nan)
+    if parts.xy is not None:
+        x[: parts.lead], y[: parts.lead] = parts.xy
+    numbers = {
+        "is_noise": parts.heads["is_noise"].to_numpy(dtype=bool),
+        "similarity": pd.to_numeric(parts.heads["similarity"], errors="coerce").to_numpy(dtype=np.float64),
+        "x": x,
+        "y": y,
+    }
+    sample = pd.DataFrame(
+        {c: [_first_valid(texts[c])] if c in texts else numbers[c][:1] for c in MEMBER_COLUMNS}
+    ).astype({c: object for c in texts})
+    schema = pa.Table.from_pandas(sample, preserve_index=False).schema
+    columns = []
+    for name in schema.names:  # each made in its type, the rest let go
+        values = texts.pop(name) if name in texts else pa.array(numbers.pop(name), from_pandas=True)
+        columns.append(values.cast(schema.field(name).type))
+        del values
+    if any(col.type != f.type for col, f in zip(columns, schema)):
+        return None
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _run_ids(frame: pd.DataFrame, ids: pa.Array, at: np.ndarray) -> pa.Array:
+    """Each member row's case's run id: the last frame row of its case id's, "" where none
+    (`export._run_ids`, found per case rather than per member row)."""
+    if "run_id" not in frame:
+        return pa.array([""] * len(at), pa.large_string())
+    last = index_in(ids, ids[::-1])  # -1: a missing id
+    pos = np.where(last >= 0, len(ids) - 1 - last, -1)[at]
+    runs = arrow_strings(frame["run_id"]).take(pa.array(pos, mask=pos < 0))
+    return pc.fill_null(runs, "")
+
+
+def _first_valid(values: pa.Array) -> str:
+    return values.filter(values.is_valid())[0].as_py()
 
 
 def recluster_rows(
