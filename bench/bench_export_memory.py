@@ -151,6 +151,8 @@ FULL_STAGES = (
     ("members_with_fields", True),
     ("fit_models", False),
     ("fit_map", False),
+    ("recluster_clustering", False),  # the cross-type rows and the block tally (`recluster_rows`)
+    ("part_table", False),
 )
 # case_tokens: the lists token_codes replaced (so an older tree's breakdown shows them).
 CLUSTER_STAGES = ("case_tokens", "token_codes", "fit_clusters", "describe_scope", "class_tfidf")
@@ -195,6 +197,7 @@ def child(store: Path, day: str, breakdown: bool) -> None:
             sampler.wrap(ex, name)
         sampler.wrap(mb, "load_members", frames=True)
         sampler.wrap(mb, "append_members")
+        sampler.wrap(mb, "append_part")  # a re-cluster's part built in Arrow (`part_table`)
         for name, frames in FULL_STAGES:
             sampler.wrap(ex, name, frames=frames)
         for name in CLUSTER_STAGES:
