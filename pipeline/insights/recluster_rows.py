@@ -108,48 +108,73 @@ _TEXTS = ("case_id", "run_id", "scope", "cluster_id")  # the part's text columns
 
 def part_table(parts: ReclusterRows) -> pa.Table | None:
     """The membership part of the whole table (`member_part_table(stored_members(...))`), built
-    in Arrow a column at a time: the pandas rows and their Arrow copy were held together, two
-    rows a case, at the export's last step. The schema (and its pandas metadata) is the object
-    form's, taken from a one-row frame of each text column's first value, as
-    `membership._arrow_texts_table` takes it. None where that cannot be the same table (a text
-    column without a value or with a value that is not text, no case ids): then the caller
-    builds it from pandas rows."""
+    in Arrow a column at a time, each made in its type before the next: the pandas rows and their
+    Arrow copy were held together, two rows a case, at the export's last step. The schema (and
+    its pandas metadata) is the object form's, taken from a one-row frame of each text column's
+    first value, as `membership._arrow_texts_table` takes it. None where that cannot be the same
+    table (a text column without a value or with a value that is not text, no case ids): then
+    the caller builds it from pandas rows."""
     if "case_id" not in parts.frame or not len(parts.heads):
         return None
     at = rows_between(parts.rows, 0, len(parts.heads))  # each member row's case
     ids = arrow_strings(parts.frame["case_id"])
-    try:
-        texts = {
-            "case_id": ids.take(pa.array(at)),
-            "run_id": _run_ids(parts.frame, ids, at),
-            "scope": pa.array(parts.heads["scope"].to_numpy(dtype=object), pa.large_string()),
-            "cluster_id": pa.array(parts.heads["cluster_id"].to_numpy(dtype=object), pa.large_string()),
-        }
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        return None  # a value that is not text: the object form converts it as it is
-    if any(t.null_count == len(t) for t in texts.values()):
+    first = _first_texts(parts, ids, at)
+    if first is None:
         return None  # Arrow's null type in the object form
-    x, y = np.full(len(at), np.nan), np.full(len(at), np.nan)
-    if parts.xy is not None:
-        x[: parts.lead], y[: parts.lead] = parts.xy
-    numbers = {
-        "is_noise": parts.heads["is_noise"].to_numpy(dtype=bool),
-        "similarity": pd.to_numeric(parts.heads["similarity"], errors="coerce").to_numpy(dtype=np.float64),
-        "x": x,
-        "y": y,
-    }
     sample = pd.DataFrame(
-        {c: [_first_valid(texts[c])] if c in texts else numbers[c][:1] for c in MEMBER_COLUMNS}
-    ).astype({c: object for c in texts})
+        {
+            **{c: pd.Series([v], dtype=object) for c, v in first.items()},
+            "is_noise": pd.Series([False], dtype=bool),
+            **{c: pd.Series([np.nan], dtype=np.float64) for c in ("similarity", "x", "y")},
+        }
+    )[MEMBER_COLUMNS]
     schema = pa.Table.from_pandas(sample, preserve_index=False).schema
     columns = []
-    for name in schema.names:  # each made in its type, the rest let go
-        values = texts.pop(name) if name in texts else pa.array(numbers.pop(name), from_pandas=True)
-        columns.append(values.cast(schema.field(name).type))
-        del values
+    for name in schema.names:
+        try:
+            columns.append(_part_column(parts, name, ids, at).cast(schema.field(name).type))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            return None  # a value that is not text: the object form converts it as it is
     if any(col.type != f.type for col, f in zip(columns, schema)):
         return None
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _first_texts(parts: ReclusterRows, ids: pa.Array, at: np.ndarray) -> dict[str, str] | None:
+    """Each text column's first value, None where a column has none."""
+    valid = np.flatnonzero(np.asarray(ids.is_valid().to_numpy(zero_copy_only=False), dtype=bool)[at])
+    first: dict[str, str] = {}
+    if not len(valid):
+        return None
+    first["case_id"] = ids[int(at[valid[0]])].as_py()
+    first["run_id"] = _run_ids(parts.frame, ids, at[:1])[0].as_py()
+    for name in ("scope", "cluster_id"):
+        col = parts.heads[name]
+        where = col.first_valid_index()
+        if where is None:
+            return None
+        first[name] = col.loc[where]
+    return first
+
+
+def _part_column(parts: ReclusterRows, name: str, ids: pa.Array, at: np.ndarray) -> pa.Array:
+    """One column of the membership part, as Arrow makes it from the object form's values."""
+    heads = parts.heads
+    if name == "case_id":
+        return ids.take(pa.array(at))
+    if name == "run_id":
+        return _run_ids(parts.frame, ids, at)
+    if name in ("scope", "cluster_id"):
+        return pa.array(heads[name].to_numpy(dtype=object), pa.large_string(), from_pandas=True)
+    if name == "is_noise":
+        return pa.array(heads["is_noise"].to_numpy(dtype=bool))
+    if name == "similarity":
+        values = pd.to_numeric(heads["similarity"], errors="coerce").to_numpy(dtype=np.float64)
+    else:  # the map's x or y: the cross-type rows' points, none for the others
+        values = np.full(len(at), np.nan)
+        if parts.xy is not None:
+            values[: parts.lead] = parts.xy[0 if name == "x" else 1]
+    return pa.array(values, from_pandas=True)
 
 
 def _run_ids(frame: pd.DataFrame, ids: pa.Array, at: np.ndarray) -> pa.Array:
@@ -161,10 +186,6 @@ def _run_ids(frame: pd.DataFrame, ids: pa.Array, at: np.ndarray) -> pa.Array:
     pos = np.where(last >= 0, len(ids) - 1 - last, -1)[at]
     runs = arrow_strings(frame["run_id"]).take(pa.array(pos, mask=pos < 0))
     return pc.fill_null(runs, "")
-
-
-def _first_valid(values: pa.Array) -> str:
-    return values.filter(values.is_valid())[0].as_py()
 
 
 def recluster_rows(
