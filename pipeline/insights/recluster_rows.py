@@ -89,9 +89,10 @@ class ReclusterRows:
 
     def stored(self) -> pd.DataFrame:
         """The membership part's columns of the whole table but its run ids (`stored_members`
-        adds them): each row's case id, head and map point. Scope and cluster id as Arrow text
-        where every value is text, so that the part is cast from Arrow (`member_part_table`):
-        as Python objects, with the case and run ids, they were 2 strings a row."""
+        adds them): each row's case id, head and map point; for a part `part_table` cannot
+        build. Scope and cluster id as Arrow text where every value is text, so that the part
+        is cast from Arrow (`member_part_table`): as Python objects, with the case and run ids,
+        they were 2 strings a row."""
         case_ids = _fields_at(self.fields()[["case_id"]], self.rows)["case_id"] if "case_id" in self.frame else None
         x = np.full(len(self.heads), np.nan)
         y = np.full(len(self.heads), np.nan)
@@ -101,9 +102,6 @@ class ReclusterRows:
         if case_ids is not None:
             out.insert(0, "case_id", case_ids)
         return out.assign(x=x, y=y)
-
-
-_TEXTS = ("case_id", "run_id", "scope", "cluster_id")  # the part's text columns (`membership._MEMBER_TEXTS`)
 
 
 def part_table(parts: ReclusterRows) -> pa.Table | None:
