@@ -595,7 +595,8 @@ def _run_ids(members: pd.DataFrame, frame: pd.DataFrame) -> pd.Series:
 # The members' columns only the members file shows (its texts and two labels no table counts);
 # the tables read problem from the cross-type rows alone (the map's points).
 _FILE_ONLY = ("conversation_id", "request_kind", "urgency", "problem")
-_FILE_ONLY_FIELDS = ("conversation_id", "request_kind", "urgency", "cluster_text")  # the frame's names
+# The same fields by the frame's names (the members table calls the cluster text `problem`).
+_FILE_ONLY_FIELDS = tuple("cluster_text" if c == "problem" else c for c in _FILE_ONLY)
 
 
 def with_file_texts(members: pd.DataFrame, frame: pd.DataFrame, rows: list[np.ndarray]) -> pd.DataFrame:
