@@ -9,8 +9,9 @@ kept counts need the tables' own float steps; both import these, neither the oth
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import pandas as pd
 
@@ -94,3 +95,39 @@ def column_key(col: pd.Series) -> Any:
 
 def same_column(a: Any, b: Any) -> bool:
     return a is b if not isinstance(a, tuple) else a == b
+
+
+T = TypeVar("T")
+
+
+class Held(Generic[T]):
+    """The current export's counts of the case copy's columns, found again by the table that reads
+    them from the frame it is handed (`finish_export` passes frames; the tables keep their
+    signatures). An entry holds its columns, so their memory cannot be reused by other columns
+    while it lives: `clear` at the export's end."""
+
+    def __init__(self, read: tuple[str, ...]) -> None:
+        self.read = read
+        self._entries: list[tuple[dict[str, Any], int, T]] = []
+        self._lock = threading.Lock()
+
+    def hold(self, cases: pd.DataFrame, counts: T, rows: int) -> None:
+        cols = {c: (column_key(cases[c]), cases[c]) for c in self.read if c in cases}
+        with self._lock:
+            self._entries.append((cols, rows, counts))
+
+    def find(self, cases: pd.DataFrame) -> T | None:
+        """The counts held of `cases` when its read columns are the very ones counted."""
+        with self._lock:
+            entries = list(self._entries)
+        present = {c for c in self.read if c in cases}
+        for cols, rows, counts in entries:
+            if set(cols) == present and all(
+                len(cases[c]) == rows and same_column(cols[c][0], column_key(cases[c])) for c in cols
+            ):
+                return counts
+        return None
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()

@@ -20,7 +20,6 @@ copy holds is ignored and counted again.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,12 +28,11 @@ import numpy as np
 import pandas as pd
 
 from pipeline.insights.case_kept import (
-    column_key,
+    Held,
     linear_quantile,
     rate,
     round_q,
     rounded_mean,
-    same_column,
 )
 from pipeline.insights.case_kept import (
     keep_from as _keep_from,
@@ -243,10 +241,8 @@ def save(out: Path, gen: str, counts: KpiCounts) -> None:
         )
 
 
-# The current export's counts, with the columns they count (held: their memory is then theirs).
-_KNOWN: list[tuple[dict[str, Any], KpiCounts]] = []
-_LOCK = threading.Lock()
 _READ = ("channel", "issue_type", "outcome", *TIMINGS)
+_HELD: Held[KpiCounts] = Held(_READ)  # this export's counts (`remember`), for `known`
 
 
 def remember(out: Path, cases: pd.DataFrame, copy_rows: tuple[str, int] | None, min_rows: int | None = None) -> None:
@@ -262,22 +258,13 @@ def remember(out: Path, cases: pd.DataFrame, copy_rows: tuple[str, int] | None, 
     counts = new if kept is None else merge(kept, new) if kept.rows < new.rows else kept
     if kept is None or kept.rows != counts.rows:
         save(out, copy_rows[0], counts)
-    with _LOCK:
-        _KNOWN.append(({c: (column_key(cases[c]), cases[c]) for c in _READ if c in cases}, counts))
+    _HELD.hold(cases, counts, counts.rows)
 
 
 def known(cases: pd.DataFrame) -> KpiCounts | None:
     """The counts of `cases` when its columns are the ones `remember` counted."""
-    with _LOCK:
-        entries = list(_KNOWN)
-    for cols, counts in entries:
-        if set(cols) != {c for c in _READ if c in cases}:
-            continue
-        if all(len(cases[c]) == counts.rows and same_column(cols[c][0], column_key(cases[c])) for c in cols):
-            return counts
-    return None
+    return _HELD.find(cases)
 
 
 def forget() -> None:
-    with _LOCK:
-        _KNOWN.clear()
+    _HELD.clear()

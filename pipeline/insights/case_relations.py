@@ -23,7 +23,6 @@ generation or counting more rows than the copy holds is ignored and counted agai
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.insights.case_kept import column_key, fisher_ci, same_column, same_float
+from pipeline.insights.case_kept import Held, fisher_ci, same_float
 from pipeline.insights.case_kept import keep_from as _keep_from
 from pipeline.io import read_cache_table, write_cache_table
 
@@ -240,10 +239,8 @@ def save(out: Path, gen: str, counts: Counts) -> None:
     )
 
 
-# The current export's counts, with the columns they count (held: their memory is then theirs).
-_KNOWN: list[tuple[dict[str, Any], Counts]] = []
-_LOCK = threading.Lock()
 _READ = ("outcome", "csat", *MEASURES)
+_HELD: Held[Counts] = Held(_READ)  # this export's counts (`remember`), for `known`
 
 
 def remember(out: Path, cases: pd.DataFrame, copy_rows: tuple[str, int] | None, min_rows: int | None = None) -> None:
@@ -269,22 +266,13 @@ def remember(out: Path, cases: pd.DataFrame, copy_rows: tuple[str, int] | None, 
         return
     if kept is None or kept.rows != counts.rows:
         save(out, copy_rows[0], counts)
-    with _LOCK:
-        _KNOWN.append(({c: (column_key(cases[c]), cases[c]) for c in _READ}, counts))
+    _HELD.hold(cases, counts, counts.rows)
 
 
 def known(cases: pd.DataFrame) -> Counts | None:
     """The counts of `cases` when its columns are the ones `remember` counted."""
-    with _LOCK:
-        entries = list(_KNOWN)
-    for cols, counts in entries:
-        if all(
-            c in cases and len(cases[c]) == counts.rows and same_column(cols[c][0], column_key(cases[c])) for c in _READ
-        ):
-            return counts
-    return None
+    return _HELD.find(cases)
 
 
 def forget() -> None:
-    with _LOCK:
-        _KNOWN.clear()
+    _HELD.clear()

@@ -21,16 +21,14 @@ than the copy holds is ignored and counted again.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from pipeline.insights.case_kept import column_key, rounded_mean, same_column
+from pipeline.insights.case_kept import Held, rounded_mean
 from pipeline.insights.case_kept import keep_from as _keep_from
 from pipeline.io import read_cache_table, write_cache_table
 
@@ -42,6 +40,7 @@ _COUNT_COLUMNS = ["dim", "key", "trajectory", "count"]
 _SUM_COLUMNS = ["dim", "key", "column", "nobs", "sum", "abs"]
 _TEXT = ("emotion_trajectory", "issue_type", "channel", "outcome", "agent_id")
 _READ = (*_TEXT, "metadata_json", *MEANS)
+_HELD: Held[TrajectoryCounts] = Held(_READ)  # this export's counts (`remember`), for `known`
 
 
 @dataclass
@@ -213,11 +212,6 @@ def save(out: Path, gen: str, counts: TrajectoryCounts) -> None:
         )
 
 
-# The current export's counts, with the columns they count (held: their memory is then theirs).
-_KNOWN: list[tuple[dict[str, Any], TrajectoryCounts]] = []
-_LOCK = threading.Lock()
-
-
 def remember(
     out: Path,
     cases: pd.DataFrame,
@@ -239,22 +233,13 @@ def remember(
     counts = new if kept is None else merge(kept, new) if kept.rows < new.rows else kept
     if kept is None or kept.rows != counts.rows:
         save(out, copy_rows[0], counts)
-    with _LOCK:
-        _KNOWN.append(({c: (column_key(cases[c]), cases[c]) for c in _READ if c in cases}, counts))
+    _HELD.hold(cases, counts, counts.rows)
 
 
 def known(cases: pd.DataFrame) -> TrajectoryCounts | None:
     """The counts of `cases` when its columns are the ones `remember` counted."""
-    with _LOCK:
-        entries = list(_KNOWN)
-    for cols, counts in entries:
-        if set(cols) != {c for c in _READ if c in cases}:
-            continue
-        if all(len(cases[c]) == counts.rows and same_column(cols[c][0], column_key(cases[c])) for c in cols):
-            return counts
-    return None
+    return _HELD.find(cases)
 
 
 def forget() -> None:
-    with _LOCK:
-        _KNOWN.clear()
+    _HELD.clear()
