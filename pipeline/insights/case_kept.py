@@ -11,9 +11,13 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import pandas as pd
+import pyarrow as pa
+
+from pipeline.io import read_cache_table, write_cache_table
 
 # Below this many stored cases the tables are computed from the rows and nothing is kept:
 # loading, counting, merging and keeping the counts costs ~25 ms a night, what the tables
@@ -131,3 +135,33 @@ class Held(Generic[T]):
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+
+
+def read_tables(
+    folder: Path, tables: dict[str, list[str]], tag: bytes, gen: str, rule: int, n_rows: int
+) -> tuple[dict[str, Any], dict[str, pa.Table]] | None:
+    """Kept counts saved as several tables of one save (`write_tables`): their metadata and each
+    table, when every one was kept of copy generation `gen` by this `rule` and counted at most
+    `n_rows` rows, and all of one save; else None (then every case is counted again)."""
+    got: dict[str, pa.Table] = {}
+    metas = []
+    for name, cols in tables.items():
+        found = read_cache_table(
+            folder / f"{name}.arrow",
+            tag,
+            cols,
+            lambda m: m.get("gen") == gen and m.get("rule") == rule and int(m["n"]) <= n_rows,
+        )
+        if found is None:
+            return None
+        metas.append(found[0])
+        got[name] = found[1]
+    if any(m != metas[0] for m in metas):
+        return None  # files of two saves
+    return metas[0], got
+
+
+def write_tables(folder: Path, tables: dict[str, pa.Table], tag: bytes, meta: dict[str, Any], what: str) -> None:
+    """Keep `tables` with one `meta` (see `read_tables`)."""
+    for name, table in tables.items():
+        write_cache_table(folder / f"{name}.arrow", table, tag, meta, what, "the next night counts every case")

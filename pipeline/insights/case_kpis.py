@@ -31,13 +31,14 @@ from pipeline.insights.case_kept import (
     Held,
     linear_quantile,
     rate,
+    read_tables,
     round_q,
     rounded_mean,
+    write_tables,
 )
 from pipeline.insights.case_kept import (
     keep_from as _keep_from,
 )
-from pipeline.io import read_cache_table, write_cache_table
 
 _META = b"casemine_case_kpis"
 _RULE = 1
@@ -198,20 +199,10 @@ def cache_dir(out: Path) -> Path:
 
 
 def load(out: Path, gen: str, n_rows: int) -> KpiCounts | None:
-    got = {}
-    for name, cols in (("groups", _GROUP_COLUMNS), ("hist", _HIST_COLUMNS)):
-        found = read_cache_table(
-            cache_dir(out) / f"{name}.arrow",
-            _META,
-            cols,
-            lambda m: m.get("gen") == gen and m.get("rule") == _RULE and int(m["n"]) <= n_rows,
-        )
-        if found is None:
-            return None
-        got[name] = found
-    (gm, gt), (hm, ht) = got["groups"], got["hist"]
-    if gm != hm:
-        return None  # files of two saves
+    got = read_tables(cache_dir(out), {"groups": _GROUP_COLUMNS, "hist": _HIST_COLUMNS}, _META, gen, _RULE, n_rows)
+    if got is None:
+        return None
+    gm, (gt, ht) = got[0], (got[1]["groups"], got[1]["hist"])
     g = [gt[c].to_pylist() for c in _GROUP_COLUMNS]
     groups = {(grouping, key): [*row] for grouping, key, *row in zip(*g)}
     hist: dict[tuple[str, str, str], dict[float, int]] = {}
@@ -229,16 +220,11 @@ def save(out: Path, gen: str, counts: KpiCounts) -> None:
     kinds = {"grouping": pa.string(), "key": pa.string(), "timing": pa.string(), "value": pa.float64()}
     kinds.update({c: pa.int64() for c in ("n", *OUTCOMES, "nd", "count")})
     kinds.update({"dsum": pa.float64(), "dabs": pa.float64()})
-    for name, cols, data in (("groups", _GROUP_COLUMNS, rows), ("hist", _HIST_COLUMNS, cells)):
-        table = pa.table({c: pa.array([r[i] for r in data], kinds[c]) for i, c in enumerate(cols)})
-        write_cache_table(
-            cache_dir(out) / f"{name}.arrow",
-            table,
-            _META,
-            meta,
-            "the case KPI counts",
-            "the next night counts every case",
-        )
+    tables = {
+        name: pa.table({c: pa.array([r[i] for r in data], kinds[c]) for i, c in enumerate(cols)})
+        for name, cols, data in (("groups", _GROUP_COLUMNS, rows), ("hist", _HIST_COLUMNS, cells))
+    }
+    write_tables(cache_dir(out), tables, _META, meta, "the case KPI counts")
 
 
 _READ = ("channel", "issue_type", "outcome", *TIMINGS)

@@ -28,9 +28,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.insights.case_kept import Held, rounded_mean
+from pipeline.insights.case_kept import Held, read_tables, rounded_mean, write_tables
 from pipeline.insights.case_kept import keep_from as _keep_from
-from pipeline.io import read_cache_table, write_cache_table
 
 _META = b"casemine_case_trajectories"
 _RULE = 1
@@ -171,20 +170,10 @@ def cache_dir(out: Path) -> Path:
 
 
 def load(out: Path, gen: str, n_rows: int) -> TrajectoryCounts | None:
-    got = {}
-    for name, cols in (("counts", _COUNT_COLUMNS), ("sums", _SUM_COLUMNS)):
-        found = read_cache_table(
-            cache_dir(out) / f"{name}.arrow",
-            _META,
-            cols,
-            lambda m: m.get("gen") == gen and m.get("rule") == _RULE and int(m["n"]) <= n_rows,
-        )
-        if found is None:
-            return None
-        got[name] = found
-    (cm, ct), (sm, st) = got["counts"], got["sums"]
-    if cm != sm:
-        return None  # files of two saves
+    got = read_tables(cache_dir(out), {"counts": _COUNT_COLUMNS, "sums": _SUM_COLUMNS}, _META, gen, _RULE, n_rows)
+    if got is None:
+        return None
+    cm, (ct, st) = got[0], (got[1]["counts"], got[1]["sums"])
     counts: dict[tuple[str, str], dict[str, int]] = {}
     for dim, key, traj, n in zip(*(ct[c].to_pylist() for c in _COUNT_COLUMNS)):
         counts.setdefault((dim, key), {})[traj] = n
@@ -200,16 +189,11 @@ def save(out: Path, gen: str, counts: TrajectoryCounts) -> None:
     rows = [(*cell, *row) for cell, row in counts.sums.items()]
     kinds = {c: pa.string() for c in ("dim", "key", "trajectory", "column")}
     kinds.update({"count": pa.int64(), "nobs": pa.int64(), "sum": pa.float64(), "abs": pa.float64()})
-    for name, cols, data in (("counts", _COUNT_COLUMNS, cells), ("sums", _SUM_COLUMNS, rows)):
-        table = pa.table({c: pa.array([r[i] for r in data], kinds[c]) for i, c in enumerate(cols)})
-        write_cache_table(
-            cache_dir(out) / f"{name}.arrow",
-            table,
-            _META,
-            meta,
-            "the case trajectory counts",
-            "the next night counts every case",
-        )
+    tables = {
+        name: pa.table({c: pa.array([r[i] for r in data], kinds[c]) for i, c in enumerate(cols)})
+        for name, cols, data in (("counts", _COUNT_COLUMNS, cells), ("sums", _SUM_COLUMNS, rows))
+    }
+    write_tables(cache_dir(out), tables, _META, meta, "the case trajectory counts")
 
 
 def remember(
