@@ -34,7 +34,7 @@ def _cases(
     return frame
 
 
-def _same_counts(a: cr.Counts, b: cr.Counts) -> None:
+def _assert_same_counts(a: cr.Counts, b: cr.Counts) -> None:
     for m in cr.MEASURES:
         for x, y in zip(a.triples[m], b.triples[m]):
             assert x.tobytes() == y.tobytes()
@@ -46,7 +46,7 @@ def test_kept_counts_and_new_rows_are_the_counts_of_all_rows(seed: int):
     whole = cr.count_rows(cases)
     for cut in (0, 1, 1500, 2999, 3000):
         kept = cr.count_rows(cases.iloc[:cut].reset_index(drop=True))
-        _same_counts(cr.merge(kept, cr.count_rows(cases, cut)), whole)
+        _assert_same_counts(cr.merge(kept, cr.count_rows(cases, cut)), whole)
 
 
 @pytest.mark.parametrize(

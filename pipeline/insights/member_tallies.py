@@ -193,7 +193,12 @@ def merge(kept: Tally, new: Tally) -> Tally:
     elif kept.scores is not None or new.scores is not None:
         raise ValueError("tallies of members with and without emotion scores")
     typed = _merge_groups(kept.typed, new.typed)[0] if kept.typed is not None and new.typed is not None else None
-    days = add_day_counts(kept.days, new.days) if kept.days is not None and new.days is not None else None
+    days = None
+    if kept.days is not None and new.days is not None:
+        # Kept rows with no cluster yet have no daily counts: their empty frame's columns would
+        # change the added counts' text type, so the new rows' count from none.
+        kept_days = kept.days if len(kept.days) else new.days.iloc[0:0]
+        days = add_day_counts(kept_days, new.days)
     return Tally(
         clusters.keys,
         clusters.sizes,

@@ -15,7 +15,6 @@ file, as it is written, then let go.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,7 +77,7 @@ class ReclusterRows:
         counted = self.fields(_UNCOUNTED)
         for a in range(self.lead, len(self.heads), BLOCK_ROWS):
             b = min(a + BLOCK_ROWS, len(self.heads))
-            tally = merge_tallies(tally, mt.count_members(self.block(a, b, counted), start=a))
+            tally = mt.merge(tally, mt.count_members(self.block(a, b, counted), start=a))
         return tally
 
     def table(self) -> pd.DataFrame:
@@ -210,14 +209,6 @@ def rows_between(rows: list[np.ndarray], a: int, b: int) -> np.ndarray:
             out.append(r[max(a - start, 0) : min(b, end) - start])
         start = end
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
-
-
-def merge_tallies(kept: mt.Tally, new: mt.Tally) -> mt.Tally:
-    """`member_tallies.merge`, where the kept rows' daily counts may be none yet (their rows had
-    no cluster): the empty frame's columns would change the joined counts' text type."""
-    if kept.days is not None and new.days is not None and not len(kept.days):
-        kept = dataclasses.replace(kept, days=new.days.iloc[0:0])
-    return mt.merge(kept, new)
 
 
 def _arrow_text(col: pd.Series) -> pd.Series:
