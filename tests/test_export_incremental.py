@@ -442,3 +442,34 @@ def test_the_emotion_table_finds_members_cases_by_row_as_by_id(tmp_path, cfg, mo
         emotion = pd.read_parquet(Path(night["export_dir"]) / "emotion.parquet")
         assert (emotion["dimension"] == "cluster_id").sum() > 1
     assert given == [True, True, True]
+
+
+def test_an_export_that_raises_lets_the_kept_counts_go(history, cfg, monkeypatch):
+    """The kept-count modules hold this export's columns until the tables are counted; an export
+    that raises in between must not leave them held (their memory) until the next export."""
+    from pipeline.insights import case_kept, case_kpis, case_relations, case_trajectories
+    from pipeline.insights import export as ex
+
+    out, _ = history
+    monkeypatch.setattr(case_kept, "KEEP_FROM_ROWS", 0)  # counts kept at any size
+
+    def fail(*a, **k):
+        raise RuntimeError("a table failed")
+
+    monkeypatch.setattr(ex, "finish_export", fail)
+    with pytest.raises(RuntimeError, match="a table failed"):
+        _export(cfg, out, DAY0 + timedelta(days=1))
+    for module in (case_kpis, case_relations, case_trajectories):
+        assert not module._HELD._entries, module.__name__
+    monkeypatch.undo()
+    monkeypatch.setattr(case_kept, "KEEP_FROM_ROWS", 0)
+    seen: list[bool] = []
+    finish = ex.finish_export
+
+    def held_then_finish(*a, **k):  # the counts are held while the tables are counted
+        seen.append(bool(case_kpis._HELD._entries))
+        return finish(*a, **k)
+
+    monkeypatch.setattr(ex, "finish_export", held_then_finish)
+    _export(cfg, out, DAY0 + timedelta(days=1))
+    assert seen == [True] and not case_kpis._HELD._entries

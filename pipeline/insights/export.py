@@ -1405,6 +1405,327 @@ def drop_texts(cases: pd.DataFrame, frame: pd.DataFrame) -> tuple[pd.DataFrame, 
     )
 
 
+def _remember_counts(out: Path, cases: pd.DataFrame, copy_rows: tuple[str, int] | None) -> None:
+    """Hand the kept-count modules this export's case columns: each reads (or counts and keeps)
+    its counts beside the case copy, for the table that counts the very same column."""
+    remember_case_codes(out, cases, copy_rows)
+    case_numbers.remember(out, cases, copy_rows)
+    case_relations.remember(out, cases, copy_rows)
+    case_kpis.remember(out, cases, copy_rows)
+    case_trajectories.remember(out, cases, copy_rows, case_team_codes)
+
+
+def _forget_counts() -> None:
+    """Let the kept counts go once the tables are counted, and when an export raises before
+    that: else a failed export's counts stay held until the next export's."""
+    case_numbers.forget()
+    case_relations.forget()
+    case_kpis.forget()
+    case_trajectories.forget()
+
+
+@dataclass
+class _Recluster:
+    """A full re-cluster's result: the clustering the tables read, the scopes' projections to
+    save, and the members as the file is written from them: `tail` (the parts of the whole
+    table, `ReclusterRows`) or `file_rows` (each scope's member rows, for the texts the tables'
+    members lack); neither under `since`."""
+
+    clustering: Clustering
+    projections: dict[str, Any]
+    tail: ReclusterRows | None
+    file_rows: list[np.ndarray] | None
+    t_embed: float
+
+
+def _recluster(
+    cfg: Config,
+    out: Path,
+    frame: pd.DataFrame,
+    embedder: PassageEncoder,
+    state: ClusterState,
+    meta: dict[str, Any],
+    embedder_id: str,
+    day: str,
+    since: date | None,
+) -> _Recluster:
+    """Re-cluster every selected case (`fit_vectors`), from vectors embedded (mostly read from
+    the cache) into a file a block at a time and read back a few rows at a time by every
+    stage: the vectors are never all in memory."""
+    c = cfg.cluster
+    t1 = time.perf_counter()
+    vectors = embed_to_rows(embedder, frame["cluster_text"], case_cache_path(out).parent)
+    t_embed = time.perf_counter() - t1
+    release_unused_memory()  # the encoding's buffers: what the re-cluster would grow on top of
+    with vectors:
+        mapped = map_of_rows(vectors, c.fit_max_cases)
+        same_space = meta.get("embedder") == embedder_id
+        seeds = seeds_from_state(state, meta, vectors.shape[1]) if c.seed_from_state and same_space else {}
+        fitted = fit_vectors(
+            frame,
+            vectors,
+            cfg,
+            state,
+            day,
+            CauseLexicon.load(cfg),
+            cut=_cutter(cfg),
+            stopwords=_stopwords(cfg),
+            seeds=seeds,
+            # Each case's newest stored tokens (only a re-cluster labels clusters), read and
+            # encoded a block of parts at a time: never every case's token strings at once.
+            stored_tokens=stored_token_codes(out, _key(frame["case_id"])) if len(frame) else None,
+            mapped=mapped,
+        )
+    # Without `since` the tables read the per-type rows' counted fields alone: their texts are
+    # added for the members file only, as it is written.
+    file_rows = scope_member_rows(fitted.results) if since is None else None
+    tail = recluster_rows(frame, fitted.heads, file_rows, fitted.xy) if file_rows is not None else None
+    clustering, projections = recluster_clustering(frame, fitted, tail, texts=file_rows is None)
+    if clustering.partial:
+        file_rows = None  # the members file is `tail`'s table
+    else:
+        tail = None
+    del fitted
+    release_unused_memory()  # the blocks counted: what the tables would grow on top of
+    return _Recluster(clustering, projections, tail, file_rows, t_embed)
+
+
+@dataclass
+class _Tonight:
+    """Tonight's membership before the tables are counted: the stored one, located in the cases
+    (`located`) or taken from the kept entry (`kept_night`), with the cases no member holds
+    embedded and assigned to the stored clusters (`assign_cases`). `reason`: why the night
+    re-clusters instead (the caller's, or no state to assign to, or drift); then nothing was
+    assigned, or what was is not read."""
+
+    reason: str | None
+    n_new: int  # the selected cases no member holds (new, or re-processed by a later run)
+    dropped: int  # members whose case is gone (`casemine repair`) or no longer selected
+    membership: pd.DataFrame  # tonight's: the stored rows kept, then `new_rows`
+    positions: np.ndarray | None  # its rows' frame rows, where known
+    todo_frame: pd.DataFrame  # the assigned cases' frame rows
+    new_rows: pd.DataFrame = field(default_factory=pd.DataFrame)
+    drift: float | None = None
+    t_embed: float = 0.0
+    fast_view: FastView | None = None  # what the kept entry gives the tables, when it does
+    member_positions: np.ndarray | None = None  # `positions` of a membership read and located
+    member_codes: Codes | None = None  # and its cluster ids' codes
+    n_redone: int = 0  # members re-assigned because a later run re-processed their case
+    compact: bool = False  # the membership to be written as one part
+
+
+def _tonight(
+    cfg: Config,
+    out: Path,
+    meta: dict[str, Any],
+    state: ClusterState,
+    cases: pd.DataFrame,
+    copy_rows: tuple[str, int] | None,
+    frame: pd.DataFrame,
+    selected: np.ndarray,
+    embedder: PassageEncoder,
+    reason: str | None,
+    simple: bool,
+) -> _Tonight:
+    """Locate tonight's stored membership and assign the cases no member holds. `simple`: a
+    night that may only add cases, which reads the membership's cross-type rows kept per case
+    row (`member_cross`), not the stored membership (every member, twice a case)."""
+    c = cfg.cluster
+    fast = kept_night(out, meta, copy_rows, len(cases), selected) if simple else None
+    positions: np.ndarray | None
+    if fast is not None:
+        membership, n_parts, todo = fast.head, fast.n_parts, fast.todo
+        alive, redone, positions = np.ones(1, dtype=bool), np.zeros(1, dtype=bool), None
+    else:
+        membership, n_parts, alive, todo, redone, positions = located(out, meta, cases, copy_rows, frame, selected)
+    night = _Tonight(
+        reason, int(np.count_nonzero(todo)), int((~alive).sum()), membership, positions, frame.iloc[0:0].copy()
+    )
+    projections = mb.load_projections(out)
+    models = scope_models(state, projections, str(meta.get("last_full")))
+    if night.reason is None and not models and len(frame):
+        night.reason = "no_state"  # an export killed between its state files: nothing to assign to
+    if night.reason is not None:
+        # A re-cluster reads the frame itself; the stored membership is not read again.
+        night.membership = membership.iloc[0:0]
+        return night
+    todo_frame = frame[todo].reset_index(drop=True)
+    t1 = time.perf_counter()
+    X_new = _embed(embedder, todo_frame["cluster_text"].tolist())
+    night.t_embed = time.perf_counter() - t1
+    scopes = ([ALL_SCOPE] if c.cluster_across_all else []) + (["issue_type"] if c.cluster_within_issue_types else [])
+    new_rows, night.drift = assign_cases(todo_frame, X_new, models, c.assign_space, scopes, projections.get(MAP_SCOPE))
+    night.new_rows = new_rows
+    if night.drift is not None and night.n_new >= c.drift_min_cases and night.drift > c.recluster_drift:
+        night.reason = "drift"
+        night.membership = membership.iloc[0:0]
+        return night
+    night.todo_frame = todo_frame
+    if fast is not None:
+        night.fast_view = fast_members(fast, frame, selected, new_rows, todo_frame, todo, len(cases))
+        if night.fast_view is not None:
+            return night
+        # Not as kept after all: the membership read and located.
+        membership, n_parts, alive, _, redone, positions = located(out, meta, cases, copy_rows, frame, selected)
+        night.dropped = int((~alive).sum())
+    night.n_redone = int(redone.sum())
+    held = membership[alive & ~redone]
+    night.member_codes = member_cluster_codes(held["cluster_id"], new_rows["cluster_id"])
+    night.membership = pd.concat([held, float_similarity(new_rows, held)], ignore_index=True)
+    del held
+    if positions is not None:  # the frame rows of tonight's membership, without a hash
+        positions = renewed_positions(positions[alive & ~redone], new_rows["case_id"], todo_frame, todo)
+    night.positions = night.member_positions = positions
+    night.compact = night.dropped > 0 or n_parts + 1 > mb.COMPACT_PARTS
+    return night
+
+
+@dataclass
+class _NightView:
+    """An incremental night's clustering as the tables read it, and the members file's parts:
+    `reuse` (last export's parts to link) and `part_rows` (the rows after them), or neither."""
+
+    clustering: Clustering
+    reuse: list[Path]
+    part_rows: pd.DataFrame | None
+    positions: np.ndarray | None  # the view's members' frame rows, where known
+
+
+def _night_view(
+    out: Path,
+    frame: pd.DataFrame,
+    selected: np.ndarray,
+    described: pd.DataFrame,
+    membership: pd.DataFrame,
+    n_new_rows: int,
+    positions: np.ndarray | None,
+    stored_codes: Codes | None,
+    fast_view: FastView | None,
+    linkable: bool,
+    state: ClusterState,
+    day: str,
+    top_breakdown: int,
+) -> _NightView:
+    """Tonight's clusters recounted over tonight's membership (the stored rows kept and the new
+    rows assigned: `membership`, its rows' frame rows `positions` where known) with the stored
+    clusters' descriptions. `linkable`: nothing but new rows was added tonight (no compaction,
+    removal, re-processing, `since` or in-memory classification), so last night's member parts
+    may be linked."""
+    n_kept = len(membership) - n_new_rows
+    reuse: list[Path] = []
+    part_rows: pd.DataFrame | None = None
+    # Whether last night's member parts can be linked, known before the view is built: then the
+    # tables' view goes without the per-type rows' texts, and the members file's new part is
+    # built from tonight's new membership rows alone (a slice), not filtered out of a view of
+    # every member (a filter of 2M rows joined each column's chunks: 0.8 s at 1M cases).
+    if fast_view is not None:
+        reuse, part_rows = fast_view.reuse, fast_view.part_rows
+    elif linkable and positions is not None:
+        reuse = mp.reusable_parts(latest_export(out), mb.last_part(out), int((positions[:n_kept] >= 0).sum()))
+    if reuse and positions is not None and fast_view is None:  # (always with reuse: for the type checker)
+        part_rows = members_view(frame, membership.iloc[n_kept:], positions[n_kept:])
+    # Last night's tally with tonight's rows added, when it holds all the per-type rows' tables
+    # need: then the view is of the cross-type rows alone (the map, the emotion table, the chart
+    # and the noise share read them), not of every member twice.
+    tally = _kept_tally(out, reuse, positions, n_kept, part_rows) if fast_view is None else fast_view.tally
+    cluster_codes: Codes | None
+    if fast_view is not None:
+        members, frame_rows, cluster_codes = cross_view(frame, fast_view.kept, selected)
+        positions = frame_rows
+    else:
+        viewed = membership
+        if tally is not None and positions is not None:
+            cross = np.flatnonzero((membership["scope"] == ALL_SCOPE).to_numpy())
+            viewed, positions = membership.iloc[cross], positions[cross]
+            if stored_codes is not None:
+                stored_codes = (stored_codes[0][cross], stored_codes[1])
+        members, frame_rows, cluster_codes = members_view_rows(
+            frame, viewed, positions, texts=not reuse, cluster_codes=stored_codes
+        )
+        del viewed
+    # The cluster ids (an object column) hashed once for the recount and the tables, unless the
+    # view has them from the stored membership's codes.
+    if not len(members):
+        cluster_codes = None
+    elif cluster_codes is None:
+        cluster_codes = sorted_codes(members["cluster_id"])
+    counted = tally if tally is not None else mt.count_members(members, cluster_codes)
+    clusters, new_state = clusters_from_tally(described, counted, state, day, top_breakdown)
+    # The cases are the store's newest rows, one per id: a member's case is its frame row's.
+    clustering = Clustering(
+        clusters, members, new_state, cluster_codes, selected[frame_rows], counted, tally is not None
+    )
+    return _NightView(clustering, reuse, part_rows, positions)
+
+
+def _since_view(
+    cases: pd.DataFrame,
+    frame: pd.DataFrame,
+    clustering: Clustering,
+    described: pd.DataFrame,
+    since: date,
+    day: str,
+    top_breakdown: int,
+    full: bool,
+) -> tuple[pd.DataFrame, pd.DataFrame, Clustering]:
+    """The cases, frame and clustering the tables count from `since` on: clusters and
+    membership cover all history, `since` narrows what the tables count."""
+    keep = since.isoformat()
+    view_cases = cases[cases["date"].astype(str) >= keep].reset_index(drop=True)
+    view_frame = frame[frame["date"].astype(str) >= keep].reset_index(drop=True)
+    vm = clustering.members[_is_in(_key(clustering.members["case_id"]), _key(view_frame["case_id"]))]
+    view_clusters, _ = recount_clusters(described, vm.reset_index(drop=True), clustering.state, day, top_breakdown)
+    if full and len(view_clusters):
+        view_clusters["is_new"] = view_clusters["cluster_id"].map(
+            dict(zip(clustering.clusters["cluster_id"], clustering.clusters["is_new"]))
+        )
+    return view_cases, view_frame, Clustering(view_clusters, vm.reset_index(drop=True), clustering.state)
+
+
+def _save_recluster(
+    out: Path,
+    rc: _Recluster,
+    frame: pd.DataFrame,
+    meta: dict[str, Any],
+    day: str,
+    embedder_id: str,
+) -> None:
+    """A re-cluster's state: its membership as a new first part (the parts before it dropped),
+    the scopes' projections, the clusters' descriptions and state, and the meta naming it."""
+    part = part_table(rc.tail) if rc.tail is not None else None
+    if part is not None:
+        seq = mb.append_part(out, part)
+        del part
+    else:
+        seq = mb.append_members(
+            out, stored_members(rc.tail.stored() if rc.tail is not None else rc.clustering.members, frame)
+        )
+    mb.save_projections(out, rc.projections)
+    mb.save_described(out, rc.clustering.clusters)
+    save_state(out, rc.clustering.state)
+    mb.save_meta(out, {**meta, "last_full": day, "members_from": seq, "embedder": embedder_id})
+    mb.drop_parts_before(out, seq)
+
+
+def _save_night(
+    out: Path,
+    state: ClusterState,
+    meta: dict[str, Any],
+    membership: pd.DataFrame,
+    new_rows: pd.DataFrame,
+    compact: bool,
+) -> None:
+    """A night's state: the clusters' state, and its membership compacted into one new part
+    (`compact`) or its new rows appended as the next."""
+    save_state(out, state)
+    if compact:
+        seq = mb.append_members(out, membership)
+        mb.save_meta(out, {**meta, "members_from": seq})
+        mb.drop_parts_before(out, seq)
+    elif len(new_rows):
+        mb.append_members(out, new_rows)
+
+
 def export_all(
     cfg: Config,
     out: Path,
@@ -1434,215 +1755,90 @@ def export_all(
     day = today_d.isoformat()
     c = cfg.cluster
     loaded, copy_rows = load_cases_copy(out)
-    remember_case_codes(out, loaded, copy_rows)
-    case_numbers.remember(out, loaded, copy_rows)
-    case_relations.remember(out, loaded, copy_rows)
-    case_kpis.remember(out, loaded, copy_rows)
-    case_trajectories.remember(out, loaded, copy_rows, case_team_codes)
-    cases, note = ensure_classified(loaded.reset_index(drop=True), cfg)
-    del loaded
-    facts = selection_facts(out, cases, copy_rows, c.min_problem_chars)
-    frame, selected = select_cases_at(cases, c.min_problem_chars, c.request_kinds, facts)
-    del facts
-    cases, frame = drop_texts(cases, frame)
-    if embedder is None:
-        from pipeline.embed import Embedder
+    _remember_counts(out, loaded, copy_rows)
+    try:
+        cases, note = ensure_classified(loaded.reset_index(drop=True), cfg)
+        del loaded
+        facts = selection_facts(out, cases, copy_rows, c.min_problem_chars)
+        frame, selected = select_cases_at(cases, c.min_problem_chars, c.request_kinds, facts)
+        del facts
+        cases, frame = drop_texts(cases, frame)
+        if embedder is None:
+            from pipeline.embed import Embedder
 
-        embedder = Embedder(cfg, out_root=out)
-    meta = mb.load_meta(out)
-    state = load_state(out)
-    embedder_id = embedder_identity(embedder)
-    reason = full_reason(cfg, meta, state, today_d, recluster, embedder_id)
-    scopes = ([ALL_SCOPE] if c.cluster_across_all else []) + (["issue_type"] if c.cluster_within_issue_types else [])
-    drift: float | None = None
-    t_embed = 0.0
-    new_rows = pd.DataFrame()
-    compact = False
-    reuse: list[Path] = []  # last night's member parts to link (`member_parts`)
-    part_rows: pd.DataFrame | None = None  # the members file's rows after them
-    n_redone = 0
-    member_positions: np.ndarray | None = None  # tonight's membership rows' frame rows (read nights)
-    member_codes: Codes | None = None  # and their cluster ids' codes
-    file_rows: list[np.ndarray] | None = None  # a re-cluster's member rows, for the members file's texts
-    tail: ReclusterRows | None = None  # a re-cluster's members as their parts, when the tables need no more
-    stored_codes: Codes | None = None  # the membership's cluster ids' codes, when known
-    # Which cases are not yet members (new, or re-processed: same id, newer run): counted on every
-    # night, embedded and assigned on an incremental one.
-    # A night that only adds cases reads the membership's cross-type rows kept per case row
-    # (`member_cross`), not the stored membership (every member, twice a case).
-    simple = reason is None and since is None and note is None
-    n_cases = len(cases)  # the case copy's rows, while `cases` lives
-    fast = kept_night(out, meta, copy_rows, len(cases), selected) if simple else None
-    fast_view: FastView | None = None
-    positions: np.ndarray | None
-    if fast is not None:
-        membership, n_parts, todo = fast.head, fast.n_parts, fast.todo
-        alive, redone, positions = np.ones(1, dtype=bool), np.zeros(1, dtype=bool), None
-    else:
-        membership, n_parts, alive, todo, redone, positions = located(out, meta, cases, copy_rows, frame, selected)
-    dropped = int((~alive).sum())  # cases removed by `casemine repair` (or no longer selected)
-    n_new = int(np.count_nonzero(todo))
-    projections = mb.load_projections(out)
-    models = scope_models(state, projections, str(meta.get("last_full")))
-    if reason is None and not models and len(frame):
-        reason = "no_state"  # an export killed between its state files: nothing to assign to
-    # The new cases' rows, for a night that assigns them; a re-cluster reads the frame itself,
-    # and this copy of every case (on a back-fill all are new) was held through it.
-    todo_frame = frame[todo].reset_index(drop=True) if reason is None else frame.iloc[0:0].copy()
-    if reason is None:
-        t1 = time.perf_counter()
-        X_new = _embed(embedder, todo_frame["cluster_text"].tolist())
-        t_embed = time.perf_counter() - t1
-        new_rows, drift = assign_cases(todo_frame, X_new, models, c.assign_space, scopes, projections.get(MAP_SCOPE))
-        if drift is not None and n_new >= c.drift_min_cases and drift > c.recluster_drift:
-            reason = "drift"
+            embedder = Embedder(cfg, out_root=out)
+        meta = mb.load_meta(out)
+        state = load_state(out)
+        embedder_id = embedder_identity(embedder)
+        reason = full_reason(cfg, meta, state, today_d, recluster, embedder_id)
+        # Which cases are not yet members (new, or re-processed: same id, newer run): counted on
+        # every night, embedded and assigned on an incremental one.
+        simple = reason is None and since is None and note is None
+        n_cases = len(cases)  # the case copy's rows, while `cases` lives
+        night = _tonight(cfg, out, meta, state, cases, copy_rows, frame, selected, embedder, reason, simple)
+        reason, t_embed = night.reason, night.t_embed
+        rc: _Recluster | None = None
+        reuse: list[Path] = []  # last night's member parts to link (`member_parts`)
+        part_rows: pd.DataFrame | None = None  # the members file's rows after them
+        positions: np.ndarray | None = None  # the tables' members' frame rows, where known
+        # Nothing but new rows added to the stored membership tonight.
+        linked = not night.compact and not night.dropped and not night.n_redone
+        if reason is not None:
+            rc = _recluster(cfg, out, frame, embedder, state, meta, embedder_id, day, since)
+            t_embed += rc.t_embed
+            clustering, described = rc.clustering, rc.clustering.clusters
         else:
-            if fast is not None:
-                fast_view = fast_members(fast, frame, selected, new_rows, todo_frame, todo, len(cases))
-                if fast_view is None:  # not as kept after all: the membership read and located
-                    membership, n_parts, alive, _, redone, positions = located(
-                        out, meta, cases, copy_rows, frame, selected
-                    )
-                    dropped = int((~alive).sum())
-            if fast_view is None:
-                n_redone = int(redone.sum())
-                held = membership[alive & ~redone]
-                stored_codes = member_codes = member_cluster_codes(held["cluster_id"], new_rows["cluster_id"])
-                membership = pd.concat([held, float_similarity(new_rows, held)], ignore_index=True)
-                del held
-                if positions is not None:  # the frame rows of tonight's membership, without a hash
-                    positions = renewed_positions(positions[alive & ~redone], new_rows["case_id"], todo_frame, todo)
-                member_positions = positions
-                compact = dropped > 0 or n_parts + 1 > mb.COMPACT_PARTS
-    if reason is not None:
-        todo_frame = frame.iloc[0:0].copy()  # read no more (a night re-clustered for drift assigned it)
-        t1 = time.perf_counter()
-        # Embedded (mostly read from the cache) into a file a block at a time, and read back a
-        # few rows at a time by every stage: the vectors are never all in memory.
-        vectors = embed_to_rows(embedder, frame["cluster_text"], case_cache_path(out).parent)
-        t_embed += time.perf_counter() - t1
-        release_unused_memory()  # the encoding's buffers: what the re-cluster would grow on top of
-        with vectors:
-            mapped = map_of_rows(vectors, c.fit_max_cases)
-            same_space = meta.get("embedder") == embedder_id
-            seeds = seeds_from_state(state, meta, vectors.shape[1]) if c.seed_from_state and same_space else {}
-            fitted = fit_vectors(
+            described = mb.load_described(out)
+            seen = _night_view(
+                out,
                 frame,
-                vectors,
-                cfg,
+                selected,
+                described,
+                night.membership,
+                len(night.new_rows),
+                night.positions,
+                night.member_codes,
+                night.fast_view,
+                linked and since is None and note is None,
                 state,
                 day,
-                CauseLexicon.load(cfg),
-                cut=_cutter(cfg),
-                stopwords=_stopwords(cfg),
-                seeds=seeds,
-                # Each case's newest stored tokens (only a re-cluster labels clusters), read and
-                # encoded a block of parts at a time: never every case's token strings at once.
-                stored_tokens=stored_token_codes(out, _key(frame["case_id"])) if len(frame) else None,
-                mapped=mapped,
+                c.top_breakdown,
             )
-        # Without `since` the tables read the per-type rows' counted fields alone: their texts
-        # are added for the members file only, as it is written.
-        file_rows = scope_member_rows(fitted.results) if since is None else None
-        tail = recluster_rows(frame, fitted.heads, file_rows, fitted.xy) if file_rows is not None else None
-        clustering, projections = recluster_clustering(frame, fitted, tail, texts=file_rows is None)
-        if clustering.partial:
-            file_rows = None  # the members file is `tail`'s table
-        else:
-            tail = None
-        del fitted
-        release_unused_memory()  # the blocks counted: what the tables would grow on top of
-        described = clustering.clusters
-    else:
-        described = mb.load_described(out)
-        n_kept = len(membership) - len(new_rows)
-        # Whether last night's member parts can be linked, known before the view is built: then
-        # the tables' view goes without the per-type rows' texts, and the members file's new part
-        # is built from tonight's new membership rows alone (a slice), not filtered out of a view
-        # of every member (a filter of 2M rows joined each column's chunks: 0.8 s at 1M cases).
-        if fast_view is not None:
-            reuse, part_rows = fast_view.reuse, fast_view.part_rows
-        elif since is None and not compact and not dropped and not n_redone and note is None and positions is not None:
-            reuse = mp.reusable_parts(latest_export(out), mb.last_part(out), int((positions[:n_kept] >= 0).sum()))
-        if reuse and positions is not None and fast_view is None:  # (always with reuse: for the type checker)
-            part_rows = members_view(frame, membership.iloc[n_kept:], positions[n_kept:])
-        # Last night's tally with tonight's rows added, when it holds all the per-type rows'
-        # tables need: then the view is of the cross-type rows alone (the map, the emotion
-        # table, the chart and the noise share read them), not of every member twice.
-        tally = _kept_tally(out, reuse, positions, n_kept, part_rows) if fast_view is None else fast_view.tally
-        viewed = membership
-        cluster_codes: Codes | None
-        if fast_view is not None:
-            members, frame_rows, cluster_codes = cross_view(frame, fast_view.kept, selected)
-            positions = frame_rows
-        else:
-            if tally is not None and positions is not None:
-                cross = np.flatnonzero((membership["scope"] == ALL_SCOPE).to_numpy())
-                viewed, positions = membership.iloc[cross], positions[cross]
-                if stored_codes is not None:
-                    stored_codes = (stored_codes[0][cross], stored_codes[1])
-            members, frame_rows, cluster_codes = members_view_rows(
-                frame, viewed, positions, texts=not reuse, cluster_codes=stored_codes
+            clustering, reuse, part_rows, positions = seen.clustering, seen.reuse, seen.part_rows, seen.positions
+            del seen
+        t_cluster = time.perf_counter() - t0
+        view_cases, view_frame, view = cases, frame, clustering
+        if since is not None:
+            view_cases, view_frame, view = _since_view(
+                cases, frame, clustering, described, since, day, c.top_breakdown, reason is not None
             )
-        del viewed
-        # The cluster ids (an object column) hashed once for the recount and the tables, unless
-        # the view has them from the stored membership's codes.
-        if not len(members):
-            cluster_codes = None
-        elif cluster_codes is None:
-            cluster_codes = sorted_codes(members["cluster_id"])
-        counted = tally if tally is not None else mt.count_members(members, cluster_codes)
-        clusters, new_state = clusters_from_tally(described, counted, state, day, c.top_breakdown)
-        # The cases are the store's newest rows, one per id: a member's case is its frame row's.
-        clustering = Clustering(
-            clusters, members, new_state, cluster_codes, selected[frame_rows], counted, tally is not None
-        )
-    t_cluster = time.perf_counter() - t0
-    view_cases, view_frame = cases, frame
-    if since is not None:
-        # Clusters and membership cover all history; `since` narrows what the tables count.
-        keep = since.isoformat()
-        view_cases = cases[cases["date"].astype(str) >= keep].reset_index(drop=True)
-        view_frame = frame[frame["date"].astype(str) >= keep].reset_index(drop=True)
-        vm = clustering.members[_is_in(_key(clustering.members["case_id"]), _key(view_frame["case_id"]))]
-        view_clusters, _ = recount_clusters(
-            described, vm.reset_index(drop=True), clustering.state, day, c.top_breakdown
-        )
-        if reason is not None and len(view_clusters):
-            view_clusters["is_new"] = view_clusters["cluster_id"].map(
-                dict(zip(clustering.clusters["cluster_id"], clustering.clusters["is_new"]))
-            )
-        view = Clustering(view_clusters, vm.reset_index(drop=True), clustering.state)
-    else:
-        view = clustering
-    # The members table as parts: on a night that only adds cases, last night's parts are linked
-    # and the new cases' rows written (`member_parts`); the state's membership part it was
-    # written from tells the next night whether they still match.
-    state_part = mb.last_part(out)
-    appends = reason is not None or compact or len(new_rows) > 0
-    # Not when cases were classified in memory (`note`): their issue types follow today's model,
-    # so yesterday's rows of them may differ.
-    if reason is None and positions is None and since is None and not compact and not dropped and not n_redone:
-        if note is None:
-            # The frame repeats a case id (no positions): the new rows found by their ids.
-            members_new = _is_in(_key(view.members["case_id"]), _key(todo_frame["case_id"]))
-            reuse = mp.reusable_parts(latest_export(out), state_part, len(view.members) - int(members_new.sum()))
-            part_rows = view.members[members_new] if reuse else None
-    extra = {
-        "mode": "full" if reason is not None else "incremental",
-        "mode_reason": reason or "new_cases_assigned",
-        "drift": drift,
-        "n_new_cases": int(n_new),
-        "n_members_dropped": dropped,
-        "since": since.isoformat() if since else None,
-        "members_state_part": state_part + 1 if appends else state_part,
-    }
-    bundle = finish_export(view_cases, view_frame, view, cfg, day, notes=[note] if note else [], extra=extra)
-    case_numbers.forget()  # the columns' codes and counts let go with them
-    case_relations.forget()
-    case_kpis.forget()
-    case_trajectories.forget()
+        # The members table as parts: on a night that only adds cases, last night's parts are
+        # linked and the new cases' rows written (`member_parts`); the state's membership part it
+        # was written from tells the next night whether they still match.
+        state_part = mb.last_part(out)
+        appends = reason is not None or night.compact or len(night.new_rows) > 0
+        # Not when cases were classified in memory (`note`): their issue types follow today's
+        # model, so yesterday's rows of them may differ.
+        if reason is None and positions is None and since is None and linked:
+            if note is None:
+                # The frame repeats a case id (no positions): the new rows found by their ids.
+                members_new = _is_in(_key(view.members["case_id"]), _key(night.todo_frame["case_id"]))
+                reuse = mp.reusable_parts(latest_export(out), state_part, len(view.members) - int(members_new.sum()))
+                part_rows = view.members[members_new] if reuse else None
+        extra = {
+            "mode": "full" if reason is not None else "incremental",
+            "mode_reason": reason or "new_cases_assigned",
+            "drift": night.drift,
+            "n_new_cases": night.n_new,
+            "n_members_dropped": night.dropped,
+            "since": since.isoformat() if since else None,
+            "members_state_part": state_part + 1 if appends else state_part,
+        }
+        bundle = finish_export(view_cases, view_frame, view, cfg, day, notes=[note] if note else [], extra=extra)
+    finally:
+        _forget_counts()  # the columns' codes and counts let go with them
     del cases, view_cases  # no later step reads the cases: not held while the files are written
+    tail = rc.tail if rc is not None else None
     if tail is not None:
         # The files read the member fields and run ids alone: the frame's other columns let go.
         frame = frame[[c for c in (*MEMBER_FIELDS, "run_id") if c in frame]]
@@ -1654,9 +1850,9 @@ def export_all(
     tables_members = bundle.tables[mp.MEMBERS]
     if tail is not None:
         bundle.tables[mp.MEMBERS] = tail.table()  # the tables read the cross-type rows alone
-    elif file_rows is not None:
-        bundle.tables[mp.MEMBERS] = with_file_texts(tables_members, frame, file_rows)
-        del file_rows
+    elif rc is not None and rc.file_rows is not None:
+        bundle.tables[mp.MEMBERS] = with_file_texts(tables_members, frame, rc.file_rows)
+        rc.file_rows = None
     folder = write_export(out, bundle, c.csv_encoding, reuse, part_rows)
     # The file's texts let go once written: the membership part is written after it.
     bundle.tables[mp.MEMBERS] = tables_members
@@ -1666,35 +1862,16 @@ def export_all(
     if since is None:
         kept_tally = clustering.tally if clustering is view else None
         _keep_tally(out, folder, kept_tally, clustering, state_part + 1 if appends else state_part, bundle.summary)
-    if reason is not None:
-        part = part_table(tail) if tail is not None else None
-        if part is not None:
-            seq = mb.append_part(out, part)
-            del part
-        else:
-            seq = mb.append_members(
-                out, stored_members(tail.stored() if tail is not None else clustering.members, frame)
-            )
-        mb.save_projections(out, projections)
-        mb.save_described(out, clustering.clusters)
-        save_state(out, clustering.state)
-        mb.save_meta(out, {**meta, "last_full": day, "members_from": seq, "embedder": embedder_id})
-        mb.drop_parts_before(out, seq)
+    if rc is not None:
+        _save_recluster(out, rc, frame, meta, day, embedder_id)
     else:
-        save_state(out, clustering.state)
-        if compact:
-            seq = mb.append_members(out, membership)
-            mb.save_meta(out, {**meta, "members_from": seq})
-            mb.drop_parts_before(out, seq)
-        elif len(new_rows):
-            mb.append_members(out, new_rows)
+        _save_night(out, clustering.state, meta, night.membership, night.new_rows, night.compact)
         if simple and copy_rows is not None and copy_rows[1] == n_cases:
-            if fast_view is not None:
-                kept: mc.Kept | None = fast_view.kept
-            elif member_positions is not None:
-                kept = mc.of_membership(membership, member_positions, selected, n_cases, member_codes)
-            else:
-                kept = None
+            kept: mc.Kept | None = None
+            if night.fast_view is not None:
+                kept = night.fast_view.kept
+            elif night.member_positions is not None:
+                kept = mc.of_membership(night.membership, night.member_positions, selected, n_cases, night.member_codes)
             if kept is not None:
                 mc.save(out, kept, copy_rows[0], mc.parts_key(out, mb.load_meta(out)))
     return {
