@@ -32,6 +32,7 @@ from pipeline.insights.case_facts import text_bytes
 from pipeline.insights.cluster import arrow_text
 from pipeline.insights.codes import Codes, remember_codes
 from pipeline.io import read_cache_table, write_cache_table
+from pipeline.storage.case_cache import CopyRows, accepts
 
 _META = b"casemine_case_codes"
 # The columns every night's tables hash over all stored cases.
@@ -56,15 +57,17 @@ def cache_dir(out: Path) -> Path:
     return Path(out) / "state" / "cache" / "case-codes"
 
 
-def _load(path: Path, gen: str, column: pa.Array) -> tuple[np.ndarray, list[str]] | None:
-    """The kept codes of the first rows of `column` and their dictionary, or None."""
+def _load(
+    path: Path, gen: str, column: pa.Array, prefix: CopyRows | None = None
+) -> tuple[np.ndarray, list[str], bool] | None:
+    """The kept codes of the first rows of `column` and their dictionary, and whether they were
+    kept of generation `gen` itself (not through `prefix`), or None."""
 
     def accept(meta: dict[str, Any]) -> bool:
-        n = int(meta["n"])
+        n = meta.get("n", -1)  # -1: none, which `accepts` refuses
         return (
-            meta.get("gen") == gen
-            and meta.get("rule") == _RULE
-            and n <= len(column)
+            meta.get("rule") == _RULE
+            and accepts(meta.get("gen"), n, gen, len(column), prefix)
             and meta.get("bytes") == text_bytes(column, n)
             and isinstance(meta.get("values"), list)
         )
@@ -76,7 +79,7 @@ def _load(path: Path, gen: str, column: pa.Array) -> tuple[np.ndarray, list[str]
     codes = np.asarray(got[1]["code"].to_numpy(), dtype=np.int16)
     if len(codes) and (codes.max(initial=-1) >= len(values) or codes.min(initial=0) < -1):
         return None
-    return codes, values
+    return codes, values, got[0]["gen"] == gen
 
 
 def _save(path: Path, gen: str, codes: np.ndarray, values: list[str], column: pa.Array) -> None:
@@ -113,13 +116,13 @@ def sorted_from(codes: np.ndarray, values: list[str]) -> Codes:
     return rank[codes], np.asarray([values[i] for i in order], dtype=object)
 
 
-def kept_column_codes(out: Path, column: pa.Array, gen: str, name: str) -> Codes | None:
+def kept_column_codes(out: Path, column: pa.Array, gen: str, name: str, prefix: CopyRows | None = None) -> Codes | None:
     """`sorted_codes` of `column` (column `name` of the case copy generation `gen`, its rows in
-    order), from the codes kept for its first rows and the new rows coded; None for a column of
-    more than `MAX_VALUES` values."""
+    order; `prefix`: its `case_cache.copy_prefix`), from the codes kept for its first rows and the
+    new rows coded; None for a column of more than `MAX_VALUES` values."""
     path = cache_dir(out) / f"{name}.arrow"
-    kept = _load(path, gen, column)
-    codes, values = kept if kept is not None else (np.zeros(0, dtype=np.int16), [])
+    kept = _load(path, gen, column, prefix)
+    codes, values, same_gen = kept if kept is not None else (np.zeros(0, dtype=np.int16), [], False)
     if len(codes) < len(column):
         covered = len(codes)
         codes, values = extend_codes(codes, values, column.slice(covered))
@@ -130,20 +133,23 @@ def kept_column_codes(out: Path, column: pa.Array, gen: str, name: str) -> Codes
         # rewriting every column's codes for a night's few rows cost more than coding them (0.07
         # s a night at 1M cases). The copy itself is written whole (a new generation, coded
         # again) once the rows appended to it reach `case_cache.REWRITE_SHARE`.
-        if kept is None or len(codes) - covered > RECODE_SHARE * len(codes):
+        # Codes kept through the prefix are saved under `gen`: a later rewrite names only `gen`.
+        if not same_gen or len(codes) - covered > RECODE_SHARE * len(codes):
             _save(path, gen, codes, values, column)
     return sorted_from(codes, values)
 
 
-def remember_case_codes(out: Path, cases: pd.DataFrame, copy_rows: tuple[str, int] | None) -> None:
+def remember_case_codes(
+    out: Path, cases: pd.DataFrame, copy_rows: CopyRows | None, prefix: CopyRows | None = None
+) -> None:
     """The kept columns' sorted codes handed to the shared codes for `cases`' own column arrays,
-    when `cases` are the case copy's rows (`load_cases_copy`)."""
+    when `cases` are the case copy's rows (`load_cases_copy`; `prefix`: its `copy_prefix`)."""
     if copy_rows is None or copy_rows[1] != len(cases) or not len(cases):
         return
     for name in KEPT_COLUMNS:
         arr = arrow_text(cases[name]) if name in cases else None
         if arr is None or arr.num_chunks != 1:
             continue
-        got = kept_column_codes(out, arr.chunk(0), copy_rows[0], name)
+        got = kept_column_codes(out, arr.chunk(0), copy_rows[0], name, prefix)
         if got is not None:
             remember_codes(cases[name], got)

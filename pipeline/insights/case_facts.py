@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from pipeline.insights.cluster import PROBLEM_FACTS_RULE, ProblemFacts, problem_facts
 from pipeline.io import read_cache_table, write_cache_table
+from pipeline.storage.case_cache import CopyRows, accepts
 
 _META = b"casemine_case_facts"
 
@@ -48,13 +49,16 @@ def _key(gen: str, min_chars: int) -> dict[str, Any]:
     return {"gen": gen, "rule": PROBLEM_FACTS_RULE, "min_chars": int(min_chars)}
 
 
-def _load(path: Path, key: dict[str, Any], problem: pa.Array) -> ProblemFacts | None:
-    """The kept facts of the first rows of `problem`, or None when there are none for it."""
+def _load(path: Path, key: dict[str, Any], problem: pa.Array, prefix: CopyRows | None = None) -> ProblemFacts | None:
+    """The kept facts of the first rows of `problem` (of generation `key["gen"]`, `prefix`: its
+    `case_cache.copy_prefix`), or None when there are none for it."""
 
     def accept(meta: dict[str, Any]) -> bool:
-        n = int(meta["n"])
+        n = meta.get("n", -1)  # -1: none, which `accepts` refuses
         return (
-            {k: meta.get(k) for k in key} == key and n <= len(problem) and meta.get("bytes") == text_bytes(problem, n)
+            all(meta.get(k) == v for k, v in key.items() if k != "gen")
+            and accepts(meta.get("gen"), n, key["gen"], len(problem), prefix)
+            and meta.get("bytes") == text_bytes(problem, n)
         )
 
     got = read_cache_table(path, _META, ["plain", "long"], accept)
@@ -76,14 +80,17 @@ def _save(path: Path, key: dict[str, Any], facts: ProblemFacts, problem: pa.Arra
     )
 
 
-def kept_problem_facts(out: Path, problem: pa.Array, gen: str | None, min_chars: int) -> ProblemFacts:
+def kept_problem_facts(
+    out: Path, problem: pa.Array, gen: str | None, min_chars: int, prefix: CopyRows | None = None
+) -> ProblemFacts:
     """`problem_facts(problem, min_chars)` for `problem`, the problems of the case copy
-    generation `gen` (its rows, in order; None: no copy), computed for the rows the kept facts
-    do not cover and kept again."""
+    generation `gen` (its rows, in order; None: no copy; `prefix`: its `copy_prefix`), computed
+    for the rows the kept facts do not cover and kept again (under `gen`: facts kept through the
+    prefix cover fewer rows than the rewritten copy, so they are saved again)."""
     if gen is None:
         return problem_facts(problem, min_chars)
     path, key = cache_path(out), _key(gen, min_chars)
-    kept = _load(path, key, problem)
+    kept = _load(path, key, problem, prefix)
     if kept is not None and len(kept[0]) == len(problem):
         return kept
     if kept is None:

@@ -18,6 +18,7 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline.io import read_cache_table, write_cache_table
+from pipeline.storage.case_cache import CopyRows, accepts
 
 # Below this many stored cases the tables are computed from the rows and nothing is kept:
 # loading, counting, merging and keeping the counts costs ~25 ms a night, what the tables
@@ -138,11 +139,18 @@ class Held(Generic[T]):
 
 
 def read_tables(
-    folder: Path, tables: dict[str, list[str]], tag: bytes, gen: str, rule: int, n_rows: int
+    folder: Path,
+    tables: dict[str, list[str]],
+    tag: bytes,
+    gen: str,
+    rule: int,
+    n_rows: int,
+    prefix: CopyRows | None = None,
 ) -> tuple[dict[str, Any], dict[str, pa.Table]] | None:
     """Kept counts saved as several tables of one save (`write_tables`): their metadata and each
-    table, when every one was kept of copy generation `gen` by this `rule` and counted at most
-    `n_rows` rows, and all of one save; else None (then every case is counted again)."""
+    table, when every one was kept by this `rule` of rows that still lead copy generation `gen`
+    of `n_rows` rows (`case_cache.accepts`, `prefix`: `case_cache.copy_prefix`), and all of one
+    save; else None (then every case is counted again)."""
     got: dict[str, pa.Table] = {}
     metas = []
     for name, cols in tables.items():
@@ -150,7 +158,7 @@ def read_tables(
             folder / f"{name}.arrow",
             tag,
             cols,
-            lambda m: m.get("gen") == gen and m.get("rule") == rule and int(m["n"]) <= n_rows,
+            lambda m: m.get("rule") == rule and accepts(m.get("gen"), m.get("n"), gen, n_rows, prefix),
         )
         if found is None:
             return None

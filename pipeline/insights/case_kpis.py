@@ -39,6 +39,7 @@ from pipeline.insights.case_kept import (
 from pipeline.insights.case_kept import (
     keep_from as _keep_from,
 )
+from pipeline.storage.case_cache import CopyRows
 
 _META = b"casemine_case_kpis"
 _RULE = 1
@@ -198,8 +199,10 @@ def cache_dir(out: Path) -> Path:
     return Path(out) / "state" / "cache" / "case-kpis"
 
 
-def load(out: Path, gen: str, n_rows: int) -> KpiCounts | None:
-    got = read_tables(cache_dir(out), {"groups": _GROUP_COLUMNS, "hist": _HIST_COLUMNS}, _META, gen, _RULE, n_rows)
+def load(out: Path, gen: str, n_rows: int, prefix: CopyRows | None = None) -> KpiCounts | None:
+    got = read_tables(
+        cache_dir(out), {"groups": _GROUP_COLUMNS, "hist": _HIST_COLUMNS}, _META, gen, _RULE, n_rows, prefix
+    )
     if got is None:
         return None
     gm, (gt, ht) = got[0], (got[1]["groups"], got[1]["hist"])
@@ -231,13 +234,22 @@ _READ = ("channel", "issue_type", "outcome", *TIMINGS)
 _HELD: Held[KpiCounts] = Held(_READ)  # this export's counts (`remember`), for `known`
 
 
-def remember(out: Path, cases: pd.DataFrame, copy_rows: tuple[str, int] | None, min_rows: int | None = None) -> None:
+def remember(
+    out: Path,
+    cases: pd.DataFrame,
+    copy_rows: CopyRows | None,
+    min_rows: int | None = None,
+    prefix: CopyRows | None = None,
+) -> None:
     """The counts of `cases` (the case copy's rows: `load_cases_copy`) from the kept ones and
-    the rows after them, kept again and made known to `known` for these columns."""
+    the rows after them, kept again and made known to `known` for these columns (`prefix`: the
+    copy's `case_cache.copy_prefix`)."""
     forget()
     if len(cases) < _keep_from(min_rows) or copy_rows is None or copy_rows[1] != len(cases) or not len(cases):
         return
-    kept = load(out, copy_rows[0], len(cases))
+    # Counts kept through the prefix cover fewer rows than the copy (it was rewritten for new
+    # rows), so they are saved again below, under this generation.
+    kept = load(out, copy_rows[0], len(cases), prefix)
     new = count_rows(cases, kept.rows if kept is not None else 0)
     if new is None:
         return

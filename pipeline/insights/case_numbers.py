@@ -33,6 +33,7 @@ import pandas as pd
 
 from pipeline.insights.case_kept import keep_from as _keep_from
 from pipeline.io import read_cache_table, write_cache_table
+from pipeline.storage.case_cache import CopyRows, accepts
 
 _META = b"casemine_case_numbers"
 KEPT_COLUMNS = ("first_response_s", "duration_s")
@@ -59,12 +60,16 @@ def cache_dir(out: Path) -> Path:
     return Path(out) / "state" / "cache" / "case-numbers"
 
 
-def _load(path: Path, gen: str, n_rows: int) -> tuple[np.ndarray, list[float], list[bool]] | None:
+def _load(
+    path: Path, gen: str, n_rows: int, prefix: CopyRows | None = None
+) -> tuple[np.ndarray, list[float], list[bool], bool] | None:
+    """The kept codes of the first rows, their values and signs of zero, and whether they were
+    kept of generation `gen` itself (not through `prefix`), or None."""
+
     def accept(meta: dict[str, Any]) -> bool:
         return (
-            meta.get("gen") == gen
-            and meta.get("rule") == _RULE
-            and int(meta["n"]) <= n_rows
+            meta.get("rule") == _RULE
+            and accepts(meta.get("gen"), meta.get("n"), gen, n_rows, prefix)
             and isinstance(meta.get("values"), list)
         )
 
@@ -75,7 +80,7 @@ def _load(path: Path, gen: str, n_rows: int) -> tuple[np.ndarray, list[float], l
     codes = np.asarray(got[1]["code"].to_numpy(), dtype=np.int16)
     if len(codes) and (int(codes.max(initial=-1)) >= len(values) or int(codes.min(initial=0)) < -1):
         return None
-    return codes, values, [bool(z) for z in got[0].get("zero_signs", [])]
+    return codes, values, [bool(z) for z in got[0].get("zero_signs", [])], got[0]["gen"] == gen
 
 
 def _save(path: Path, gen: str, codes: np.ndarray, values: list[float], zero_signs: list[bool]) -> None:
@@ -115,21 +120,24 @@ def value_codes(codes: np.ndarray, values: list[float], zero_signs: list[bool]) 
     return ValueCodes(codes, found, np.argsort(found, kind="stable"), len(zero_signs) > 1)
 
 
-def kept_value_codes(out: Path, column: np.ndarray, gen: str, name: str) -> ValueCodes | None:
+def kept_value_codes(
+    out: Path, column: np.ndarray, gen: str, name: str, prefix: CopyRows | None = None
+) -> ValueCodes | None:
     """The `ValueCodes` of `column` (column `name` of the case copy generation `gen`,
-    its rows in order): the kept codes of its first rows and the new rows coded; None for a
-    column of more than `MAX_VALUES` values."""
+    its rows in order; `prefix`: its `case_cache.copy_prefix`): the kept codes of its first rows
+    and the new rows coded; None for a column of more than `MAX_VALUES` values."""
     path = cache_dir(out) / f"{name}.arrow"
-    kept = _load(path, gen, len(column))
-    empty: tuple[np.ndarray, list[float], list[bool]] = (np.zeros(0, dtype=np.int16), [], [])
-    codes, values, signed = kept if kept is not None else empty
+    kept = _load(path, gen, len(column), prefix)
+    empty: tuple[np.ndarray, list[float], list[bool], bool] = (np.zeros(0, dtype=np.int16), [], [], False)
+    codes, values, signed, same_gen = kept if kept is not None else empty
     if len(codes) < len(column):
         covered = len(codes)
         codes, values, signed = extend_codes(codes, values, signed, column[covered:])
         if len(values) > MAX_VALUES:
             path.unlink(missing_ok=True)
             return None
-        if kept is None or len(codes) - covered > RECODE_SHARE * len(codes):
+        # Codes kept through the prefix are saved under `gen`: a later rewrite names only `gen`.
+        if not same_gen or len(codes) - covered > RECODE_SHARE * len(codes):
             _save(path, gen, codes, values, signed)
     return value_codes(codes, values, signed)
 
@@ -154,9 +162,16 @@ def known_codes(column: pd.Series) -> ValueCodes | None:
     return hit[1] if hit is not None else None
 
 
-def remember(out: Path, cases: pd.DataFrame, copy_rows: tuple[str, int] | None, min_rows: int | None = None) -> None:
+def remember(
+    out: Path,
+    cases: pd.DataFrame,
+    copy_rows: CopyRows | None,
+    min_rows: int | None = None,
+    prefix: CopyRows | None = None,
+) -> None:
     """The kept columns' codes made known for `cases`' own columns when `cases` are the case
-    copy's rows (`load_cases_copy`); what an earlier export made known is forgotten."""
+    copy's rows (`load_cases_copy`; `prefix`: its `copy_prefix`); what an earlier export made
+    known is forgotten."""
     forget()
     if len(cases) < _keep_from(min_rows) or copy_rows is None or copy_rows[1] != len(cases) or not len(cases):
         return
@@ -164,7 +179,7 @@ def remember(out: Path, cases: pd.DataFrame, copy_rows: tuple[str, int] | None, 
         if name not in cases or cases[name].dtype != np.float64:
             continue
         values = cases[name].to_numpy()
-        got = kept_value_codes(out, values, copy_rows[0], name)
+        got = kept_value_codes(out, values, copy_rows[0], name, prefix)
         if got is not None:
             with _LOCK:
                 _KNOWN[_where(values)] = (values, got)

@@ -33,6 +33,7 @@ import pandas as pd
 from pipeline.insights.case_kept import Held, fisher_ci, same_float
 from pipeline.insights.case_kept import keep_from as _keep_from
 from pipeline.io import read_cache_table, write_cache_table
+from pipeline.storage.case_cache import CopyRows, accepts
 
 _META = b"casemine_case_relations"
 _RULE = 1
@@ -196,12 +197,12 @@ def cache_path(out: Path) -> Path:
     return Path(out) / "state" / "cache" / "case-relations.arrow"
 
 
-def load(out: Path, gen: str, n_rows: int) -> Counts | None:
+def load(out: Path, gen: str, n_rows: int, prefix: CopyRows | None = None) -> Counts | None:
     got = read_cache_table(
         cache_path(out),
         _META,
         _COLUMNS,
-        lambda m: m.get("gen") == gen and m.get("rule") == _RULE and int(m["n"]) <= n_rows,
+        lambda m: m.get("rule") == _RULE and accepts(m.get("gen"), m.get("n"), gen, n_rows, prefix),
     )
     if got is None:
         return None
@@ -243,9 +244,16 @@ _READ = ("outcome", "csat", *MEASURES)
 _HELD: Held[Counts] = Held(_READ)  # this export's counts (`remember`), for `known`
 
 
-def remember(out: Path, cases: pd.DataFrame, copy_rows: tuple[str, int] | None, min_rows: int | None = None) -> None:
+def remember(
+    out: Path,
+    cases: pd.DataFrame,
+    copy_rows: CopyRows | None,
+    min_rows: int | None = None,
+    prefix: CopyRows | None = None,
+) -> None:
     """The counts of `cases` (the case copy's rows: `load_cases_copy`) from the kept ones and
-    the rows after them, kept again and made known to `known` for these columns."""
+    the rows after them, kept again and made known to `known` for these columns (`prefix`: the
+    copy's `case_cache.copy_prefix`)."""
     forget()
     if (
         len(cases) < _keep_from(min_rows)
@@ -257,7 +265,9 @@ def remember(out: Path, cases: pd.DataFrame, copy_rows: tuple[str, int] | None, 
         return
     if any(cases[m].dtype != np.float64 for m in (*MEASURES, "csat")):
         return
-    kept = load(out, copy_rows[0], len(cases))
+    # Counts kept through the prefix cover fewer rows than the copy (it was rewritten for new
+    # rows), so they are saved again below, under this generation.
+    kept = load(out, copy_rows[0], len(cases), prefix)
     try:
         counts = count_rows(cases) if kept is None else merge(kept, count_rows(cases, kept.rows))
     except (TypeError, ValueError):

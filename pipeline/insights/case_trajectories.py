@@ -30,6 +30,7 @@ import pandas as pd
 
 from pipeline.insights.case_kept import Held, read_tables, rounded_mean, write_tables
 from pipeline.insights.case_kept import keep_from as _keep_from
+from pipeline.storage.case_cache import CopyRows
 
 _META = b"casemine_case_trajectories"
 _RULE = 1
@@ -169,8 +170,10 @@ def cache_dir(out: Path) -> Path:
     return Path(out) / "state" / "cache" / "case-trajectories"
 
 
-def load(out: Path, gen: str, n_rows: int) -> TrajectoryCounts | None:
-    got = read_tables(cache_dir(out), {"counts": _COUNT_COLUMNS, "sums": _SUM_COLUMNS}, _META, gen, _RULE, n_rows)
+def load(out: Path, gen: str, n_rows: int, prefix: CopyRows | None = None) -> TrajectoryCounts | None:
+    got = read_tables(
+        cache_dir(out), {"counts": _COUNT_COLUMNS, "sums": _SUM_COLUMNS}, _META, gen, _RULE, n_rows, prefix
+    )
     if got is None:
         return None
     cm, (ct, st) = got[0], (got[1]["counts"], got[1]["sums"])
@@ -199,18 +202,21 @@ def save(out: Path, gen: str, counts: TrajectoryCounts) -> None:
 def remember(
     out: Path,
     cases: pd.DataFrame,
-    copy_rows: tuple[str, int] | None,
+    copy_rows: CopyRows | None,
     team_codes: TeamCodes,
     min_rows: int | None = None,
+    prefix: CopyRows | None = None,
 ) -> None:
     """The counts of `cases` (the case copy's rows: `load_cases_copy`) from the kept ones and
     the rows after them, kept again and made known to `known` for these columns. `team_codes`:
     the table's teams of rows (`emotion_stats.case_team_codes`), passed in: the table imports
-    this module."""
+    this module. `prefix`: the copy's `case_cache.copy_prefix`."""
     forget()
     if len(cases) < _keep_from(min_rows) or copy_rows is None or copy_rows[1] != len(cases) or not len(cases):
         return
-    kept = load(out, copy_rows[0], len(cases))
+    # Counts kept through the prefix cover fewer rows than the copy (it was rewritten for new
+    # rows), so they are saved again below, under this generation.
+    kept = load(out, copy_rows[0], len(cases), prefix)
     new = count_rows(cases, team_codes, kept.rows if kept is not None else 0)
     if new is None:
         return

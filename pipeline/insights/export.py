@@ -105,6 +105,7 @@ from pipeline.insights.trends import (
     wow_from_days,
 )
 from pipeline.io import atomic_write_parquet, atomic_write_stream, atomic_write_text
+from pipeline.storage.case_cache import CopyRows, copy_prefix
 
 CASE_COLUMNS = [
     "case_id",
@@ -249,16 +250,23 @@ def load_cases_copy(out: Path) -> tuple[pd.DataFrame, tuple[str, int] | None]:
     return got
 
 
+def copy_lead(out: Path, copy_rows: CopyRows | None) -> CopyRows | None:
+    """The former case copy generation whose rows lead the copy's, and how many
+    (`case_cache.copy_prefix`): what every cache kept of those rows still holds for this one."""
+    return copy_prefix(case_cache_path(out), copy_rows[0]) if copy_rows is not None else None
+
+
 def selection_facts(
-    out: Path, cases: pd.DataFrame, copy_rows: tuple[str, int] | None, min_chars: int
+    out: Path, cases: pd.DataFrame, copy_rows: CopyRows | None, min_chars: int, prefix: CopyRows | None = None
 ) -> ProblemFacts | None:
     """The cases' `problem_facts`, kept between nights (`case_facts`) when the cases are the case
-    copy's rows (`load_cases_copy`); None where the selection computes them itself."""
+    copy's rows (`load_cases_copy`; `prefix`: `copy_lead`); None where the selection computes them
+    itself."""
     problem = arrow_text(cases["problem"]) if len(cases) and "problem" in cases else None
     if problem is None or problem.num_chunks != 1:
         return None
     gen = copy_rows[0] if copy_rows is not None and copy_rows[1] == len(cases) else None
-    return kept_problem_facts(out, problem.chunk(0), gen, min_chars)
+    return kept_problem_facts(out, problem.chunk(0), gen, min_chars, prefix)
 
 
 def ensure_classified(cases: pd.DataFrame, cfg: Config) -> tuple[pd.DataFrame, str | None]:
@@ -1228,18 +1236,19 @@ def located(
     out: Path,
     meta: dict[str, Any],
     cases: pd.DataFrame,
-    copy_rows: tuple[str, int] | None,
+    copy_rows: CopyRows | None,
     frame: pd.DataFrame,
     selected: np.ndarray,
+    prefix: CopyRows | None = None,
 ) -> tuple[pd.DataFrame, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """The stored membership, its part count and `locate_members` of it (alive, todo, redone,
-    positions), read from every membership part."""
+    positions), read from every membership part (`prefix`: `copy_lead`)."""
     read = mb.read_members(out, meta)
     membership, n_parts = read.frame, len(read.parts)
     if copy_rows is not None and copy_rows[1] == len(cases):
         # The cases are the case copy's rows: each member's case row is kept between nights.
         rows, same = member_rows.part_rows(
-            out, read, _key(cases["case_id"]), _arrow_strings(cases["run_id"]), copy_rows[0]
+            out, read, _key(cases["case_id"]), _arrow_strings(cases["run_id"]), copy_rows[0], prefix
         )
         return membership, n_parts, *member_rows.locate(rows[read.kept], same[read.kept], selected, len(cases))
     return membership, n_parts, *locate_members(membership, frame)
@@ -1272,20 +1281,23 @@ class FastView:
 
 
 def kept_night(
-    out: Path, meta: dict[str, Any], copy_rows: tuple[str, int] | None, n_cases: int, selected: np.ndarray
+    out: Path,
+    meta: dict[str, Any],
+    copy_rows: CopyRows | None,
+    n_cases: int,
+    selected: np.ndarray,
+    prefix: CopyRows | None = None,
 ) -> KeptNight | None:
     """The night as the kept entry describes it, when it can be taken so: the entry is of this
-    membership and case copy, the same rows of it selected, the membership not due to be
-    compacted, last night's members parts linkable with their kept tally, and every case no
-    member holds after every held one in the frame (as `_kept_tally` needs); else None."""
+    membership and case copy (`prefix`: `copy_lead`), the same rows of it selected, the
+    membership not due to be compacted, last night's members parts linkable with their kept
+    tally, and every case no member holds after every held one in the frame (as `_kept_tally`
+    needs); else None."""
     if copy_rows is None or copy_rows[1] != n_cases:
         return None
     parts = mb.current_parts(out, meta)
     if not parts or len(parts) + 1 > mb.COMPACT_PARTS:
         return None
-    from pipeline.storage.case_cache import copy_prefix
-
-    prefix = copy_prefix(case_cache_path(out), copy_rows[0])
     kept = mc.load(out, copy_rows[0], n_cases, mc.parts_key(out, meta), prefix)
     if kept is None:
         return None
@@ -1405,14 +1417,15 @@ def drop_texts(cases: pd.DataFrame, frame: pd.DataFrame) -> tuple[pd.DataFrame, 
     )
 
 
-def _remember_counts(out: Path, cases: pd.DataFrame, copy_rows: tuple[str, int] | None) -> None:
+def _remember_counts(out: Path, cases: pd.DataFrame, copy_rows: CopyRows | None, lead: CopyRows | None) -> None:
     """Hand the kept-count modules this export's case columns: each reads (or counts and keeps)
-    its counts beside the case copy, for the table that counts the very same column."""
-    remember_case_codes(out, cases, copy_rows)
-    case_numbers.remember(out, cases, copy_rows)
-    case_relations.remember(out, cases, copy_rows)
-    case_kpis.remember(out, cases, copy_rows)
-    case_trajectories.remember(out, cases, copy_rows, case_team_codes)
+    its counts beside the case copy (`lead`: `copy_lead`), for the table that counts the very
+    same column."""
+    remember_case_codes(out, cases, copy_rows, lead)
+    case_numbers.remember(out, cases, copy_rows, prefix=lead)
+    case_relations.remember(out, cases, copy_rows, prefix=lead)
+    case_kpis.remember(out, cases, copy_rows, prefix=lead)
+    case_trajectories.remember(out, cases, copy_rows, case_team_codes, prefix=lead)
 
 
 def _forget_counts() -> None:
@@ -1520,7 +1533,8 @@ def _tonight(
     meta: dict[str, Any],
     state: ClusterState,
     cases: pd.DataFrame,
-    copy_rows: tuple[str, int] | None,
+    copy_rows: CopyRows | None,
+    lead: CopyRows | None,
     frame: pd.DataFrame,
     selected: np.ndarray,
     embedder: PassageEncoder,
@@ -1529,15 +1543,18 @@ def _tonight(
 ) -> _Tonight:
     """Locate tonight's stored membership and assign the cases no member holds. `simple`: a
     night that may only add cases, which reads the membership's cross-type rows kept per case
-    row (`member_cross`), not the stored membership (every member, twice a case)."""
+    row (`member_cross`), not the stored membership (every member, twice a case). `lead`:
+    `copy_lead`, for the caches kept per case copy row."""
     c = cfg.cluster
-    fast = kept_night(out, meta, copy_rows, len(cases), selected) if simple else None
+    fast = kept_night(out, meta, copy_rows, len(cases), selected, lead) if simple else None
     positions: np.ndarray | None
     if fast is not None:
         membership, n_parts, todo = fast.head, fast.n_parts, fast.todo
         alive, redone, positions = np.ones(1, dtype=bool), np.zeros(1, dtype=bool), None
     else:
-        membership, n_parts, alive, todo, redone, positions = located(out, meta, cases, copy_rows, frame, selected)
+        membership, n_parts, alive, todo, redone, positions = located(
+            out, meta, cases, copy_rows, frame, selected, lead
+        )
     night = _Tonight(
         reason, int(np.count_nonzero(todo)), int((~alive).sum()), membership, positions, frame.iloc[0:0].copy()
     )
@@ -1566,7 +1583,7 @@ def _tonight(
         if night.fast_view is not None:
             return night
         # Not as kept after all: the membership read and located.
-        membership, n_parts, alive, _, redone, positions = located(out, meta, cases, copy_rows, frame, selected)
+        membership, n_parts, alive, _, redone, positions = located(out, meta, cases, copy_rows, frame, selected, lead)
         night.dropped = int((~alive).sum())
     night.n_redone = int(redone.sum())
     held = membership[alive & ~redone]
@@ -1755,11 +1772,12 @@ def export_all(
     day = today_d.isoformat()
     c = cfg.cluster
     loaded, copy_rows = load_cases_copy(out)
-    _remember_counts(out, loaded, copy_rows)
+    lead = copy_lead(out, copy_rows)
+    _remember_counts(out, loaded, copy_rows, lead)
     try:
         cases, note = ensure_classified(loaded.reset_index(drop=True), cfg)
         del loaded
-        facts = selection_facts(out, cases, copy_rows, c.min_problem_chars)
+        facts = selection_facts(out, cases, copy_rows, c.min_problem_chars, lead)
         frame, selected = select_cases_at(cases, c.min_problem_chars, c.request_kinds, facts)
         del facts
         cases, frame = drop_texts(cases, frame)
@@ -1775,7 +1793,7 @@ def export_all(
         # every night, embedded and assigned on an incremental one.
         simple = reason is None and since is None and note is None
         n_cases = len(cases)  # the case copy's rows, while `cases` lives
-        night = _tonight(cfg, out, meta, state, cases, copy_rows, frame, selected, embedder, reason, simple)
+        night = _tonight(cfg, out, meta, state, cases, copy_rows, lead, frame, selected, embedder, reason, simple)
         reason, t_embed = night.reason, night.t_embed
         rc: _Recluster | None = None
         reuse: list[Path] = []  # last night's member parts to link (`member_parts`)

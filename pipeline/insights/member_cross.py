@@ -39,6 +39,7 @@ from pipeline.insights import membership as mb
 from pipeline.insights.cluster import ALL_SCOPE
 from pipeline.insights.codes import sorted_codes
 from pipeline.io import read_cache_table, write_cache_table
+from pipeline.storage.case_cache import accepts
 
 _META = b"casemine_member_cross"
 _VERSION = 1
@@ -87,11 +88,9 @@ def load(out: Path, gen: str, n_cases: int, key: list[Any], prefix: tuple[str, i
     `case_cache.copy_prefix`) with at most that many; else None."""
 
     def accept(meta: dict[str, Any]) -> bool:
-        if meta.get("v") != _VERSION or meta.get("parts") != key or not isinstance(meta.get("n"), int):
+        if meta.get("v") != _VERSION or meta.get("parts") != key:
             return False
-        if meta.get("gen") == gen:
-            return bool(meta["n"] <= n_cases)
-        return prefix is not None and meta.get("gen") == prefix[0] and meta["n"] <= min(prefix[1], n_cases)
+        return accepts(meta.get("gen"), meta.get("n"), gen, n_cases, prefix)
 
     got = read_cache_table(cache_path(out), _META, COLUMNS, accept)
     if got is None:

@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 
 from pipeline.insights.membership import Members
 from pipeline.io import read_cache_table, write_cache_table
+from pipeline.storage.case_cache import CopyRows, accepts
 
 _META = b"casemine_member_rows"
 # Fewer ids than this share of the cases: the ids are hashed and the cases probed against them
@@ -86,9 +87,19 @@ def _stat(path: Path) -> list[int]:
     return [s.st_size, s.st_mtime_ns]
 
 
-def _load(path: Path, stat: list[int], gen: str, n: int) -> tuple[np.ndarray, np.ndarray, int] | None:
+def _load(
+    path: Path, stat: list[int], gen: str, n: int, n_cases: int, prefix: CopyRows | None = None
+) -> tuple[np.ndarray, np.ndarray, int, bool] | None:
+    """The part's `n` rows' kept case rows and runs' sameness, how many case rows they were
+    looked in (rows of generation `gen`, `n_cases` now, or of the one that leads it: `prefix`),
+    and whether they were kept of `gen` itself; or None."""
+
     def accept(meta: dict[str, Any]) -> bool:
-        return meta.get("part") == stat and meta.get("gen") == gen and meta.get("n") == n and "looked" in meta
+        return (
+            meta.get("part") == stat
+            and meta.get("n") == n
+            and accepts(meta.get("gen"), meta.get("looked"), gen, n_cases, prefix)
+        )
 
     got = read_cache_table(path, _META, ["row", "same"], accept)
     if got is None or len(got[1]) != n:
@@ -96,7 +107,7 @@ def _load(path: Path, stat: list[int], gen: str, n: int) -> tuple[np.ndarray, np
     meta, t = got
     rows = np.asarray(t["row"].to_numpy(), dtype=np.int64)
     same = np.asarray(t["same"].to_numpy(), dtype=bool)
-    return rows, same, int(meta["looked"])
+    return rows, same, int(meta["looked"]), meta["gen"] == gen
 
 
 def _save(path: Path, rows: np.ndarray, same: np.ndarray, stat: list[int], gen: str, looked: int) -> None:
@@ -112,11 +123,12 @@ def _save(path: Path, rows: np.ndarray, same: np.ndarray, stat: list[int], gen: 
 
 
 def part_rows(
-    out: Path, members: Members, case_ids: pa.Array, case_runs: pa.Array, gen: str
+    out: Path, members: Members, case_ids: pa.Array, case_runs: pa.Array, gen: str, prefix: CopyRows | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Over every row of `members.rows` (every part's): its case's row among `case_ids` (the case
-    copy generation `gen`, whole: each id once) and whether that row's run (`case_runs`) is its
-    run; kept per part between nights, and brought up to date here."""
+    copy generation `gen`, whole: each id once; `prefix`: its `case_cache.copy_prefix`) and
+    whether that row's run (`case_runs`) is its run; kept per part between nights, and brought up
+    to date here."""
     folder = cache_dir(out)
     n_cases = len(case_ids)
     rows_of: list[np.ndarray] = []
@@ -126,14 +138,15 @@ def part_rows(
         part = members.rows.iloc[offset : offset + n]
         offset += n
         entry_path, stat = folder / f"part-{seq:06d}.arrow", _stat(path)
-        entry = _load(entry_path, stat, gen, n)
+        entry = _load(entry_path, stat, gen, n, n_cases, prefix)
         if entry is None:
             rows = case_rows(arrow_strings(part["case_id"]), case_ids)
             same = _same_runs(arrow_strings(part["run_id"]), case_runs, rows)
             _save(entry_path, rows, same, stat, gen, n_cases)
         else:
-            rows, same, looked = entry
+            rows, same, looked, same_gen = entry
             missing = np.flatnonzero(rows < 0)
+            found = np.zeros(0, dtype=np.int64)
             if looked < n_cases and len(missing):
                 # Cases added to the copy since: a member without a case may have one now.
                 ids = arrow_strings(part["case_id"].iloc[missing])
@@ -142,7 +155,9 @@ def part_rows(
                     rows, same = rows.copy(), same.copy()
                     rows[missing] = found
                     same[missing] = _same_runs(arrow_strings(part["run_id"].iloc[missing]), case_runs, found)
-                    _save(entry_path, rows, same, stat, gen, n_cases)
+            # An entry kept through the prefix is saved under `gen`: a later rewrite names only `gen`.
+            if (found >= 0).any() or not same_gen:
+                _save(entry_path, rows, same, stat, gen, n_cases)
         rows_of.append(rows)
         same_of.append(same)
     if folder.is_dir():

@@ -367,6 +367,20 @@ def _written(
     return reread[0], (gen, len(table))
 
 
+def accepts(kept_gen: Any, kept_n: Any, gen: str, n_rows: int, prefix: CopyRows | None = None) -> bool:
+    """Whether facts kept about the first `kept_n` rows of copy generation `kept_gen` describe the
+    first `kept_n` rows of generation `gen` (`n_rows` rows now): kept of `gen` itself (it only
+    grows at its end), or of the former generation whose rows lead it (`prefix`: `copy_prefix`)
+    and within the rows it handed on. The one rule every cache kept per copy row answers by: a
+    cache taken through the prefix saves itself under `gen`, so later nights take it by the first
+    part however many generations follow."""
+    if not isinstance(kept_n, int) or isinstance(kept_n, bool) or not 0 <= kept_n <= n_rows:
+        return False
+    if kept_gen == gen:
+        return True
+    return prefix is not None and kept_gen == prefix[0] and kept_n <= prefix[1]
+
+
 def copy_prefix(cache: Path, gen: str) -> CopyRows | None:
     """The former generation whose rows lead the copy generation `gen` in `cache`, in order, and
     how many: a copy written whole only because the rows appended in place passed
