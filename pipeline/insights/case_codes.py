@@ -13,9 +13,10 @@ before.
 
 Layout: `state/cache/case-codes/<column>.arrow` (column `code`), its metadata naming the copy
 generation, the rows covered, their text's byte size and the dictionary. It is a cache: written
-by a rename, never synced; an entry of another generation, covering more rows than the copy
-holds, or whose rows' text size differs from the copy's, is ignored and written again. Columns
-of more than `MAX_VALUES` distinct values are not kept (their dictionary would be the cost).
+by a rename, never synced; an entry of another generation (but the one whose rows lead this one,
+`case_cache.accepts`), covering more rows than the copy holds, or whose rows' text size differs
+from the copy's, is ignored and written again. Columns of more than `MAX_VALUES` distinct
+values are not kept (their dictionary would be the cost).
 """
 
 from __future__ import annotations
@@ -131,8 +132,9 @@ def kept_column_codes(out: Path, column: pa.Array, gen: str, name: str, prefix: 
             return None
         # Written again only when the rows coded each night would grow past a share of the copy:
         # rewriting every column's codes for a night's few rows cost more than coding them (0.07
-        # s a night at 1M cases). The copy itself is written whole (a new generation, coded
-        # again) once the rows appended to it reach `case_cache.REWRITE_SHARE`.
+        # s a night at 1M cases). The copy itself is written whole (a new generation, led by the
+        # former's rows: only the rows after them coded) once the rows appended to it reach
+        # `case_cache.REWRITE_SHARE`.
         # Codes kept through the prefix are saved under `gen`: a later rewrite names only `gen`.
         if not same_gen or len(codes) - covered > RECODE_SHARE * len(codes):
             _save(path, gen, codes, values, column)

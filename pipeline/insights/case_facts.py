@@ -12,8 +12,9 @@ since (as `member_rows` keeps each member's case row).
 Layout: `state/cache/case-facts.arrow` (columns `plain`, `long`), its metadata naming the copy
 generation, the rule (`PROBLEM_FACTS_RULE`), `min_chars`, the rows covered and their problem
 texts' byte size. It is a cache: written by a rename, never synced; an entry of another
-generation, rule or `min_chars`, covering more rows than the copy holds, or whose rows' text
-size differs from the copy's, is ignored and written again.
+generation (but the one whose rows lead this one, `case_cache.accepts`), rule or `min_chars`,
+covering more rows than the copy holds, or whose rows' text size differs from the copy's, is
+ignored and written again.
 """
 
 from __future__ import annotations

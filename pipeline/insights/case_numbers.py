@@ -16,9 +16,9 @@ kept codes does.)
 As `pd.factorize`, 0.0 and -0.0 are one value (the first seen); `signed_zeros` says whether both
 occur (the KPIs then read the values, as before). Layout: `state/cache/case-numbers/<column>.arrow`
 (column `code`, int16, -1: missing), its metadata naming the copy generation, the rows covered,
-the dictionary and the signs of zero seen. A cache: an entry of another generation or covering
-more rows than the copy holds is ignored and written again; a column of more than `MAX_VALUES`
-distinct values is not kept.
+the dictionary and the signs of zero seen. A cache: an entry of another generation (but the one
+whose rows lead this one, `case_cache.accepts`) or covering more rows than the copy holds is
+ignored and written again; a column of more than `MAX_VALUES` distinct values is not kept.
 """
 
 from __future__ import annotations

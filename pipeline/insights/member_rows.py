@@ -12,8 +12,9 @@ the cases probed against them) and, for rows that had no case, only the cases ad
 Layout: `state/cache/member-rows/part-<seq>.arrow` (columns `row`, `same`), its metadata naming
 the part's size and mtime, the copy generation and how many of its rows were looked in. It is a
 cache: written by a rename, never synced; an entry of another part (same number rewritten),
-another copy generation or another length is ignored and written again, and one that cannot be
-written only costs the next night its speed.
+another copy generation (but the one whose rows lead this one, `case_cache.accepts`) or another
+length is ignored and written again, and one that cannot be written only costs the next night
+its speed.
 """
 
 from __future__ import annotations

@@ -286,7 +286,8 @@ def with_new_rows(copy: pa.Table, new: pa.Table) -> pa.Table:
 
 # Which copy a frame's rows are: its first `rows` rows are those of the copy generation `gen`, in
 # order (rows after them, if any, follow them). A generation only ever grows at its end, so facts
-# kept about its rows (`pipeline.insights.member_rows`) hold while it is the copy.
+# kept about its rows (`pipeline.insights.member_rows`) hold while it is the copy, and after it
+# for the copy it leads (`copy_prefix`): `accepts` says which.
 CopyRows = tuple[str, int]
 
 
