@@ -14,8 +14,9 @@ numpy's then does too. Otherwise, or where a timing holds -0.0 (which zero a qua
 the rows' to decide) or a group key is not text, the KPIs are computed from the rows as before.
 
 Layout: `state/cache/case-kpis/{groups,hist}.arrow`, their metadata naming the copy generation
-and the rows counted. A cache: an entry of another generation or counting more rows than the
-copy holds is ignored and counted again.
+and the rows counted. A cache: an entry of another generation (but the one whose rows lead
+this one, `case_cache.accepts`) or counting more rows than the copy holds is ignored and counted
+again.
 """
 
 from __future__ import annotations

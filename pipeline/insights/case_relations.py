@@ -17,7 +17,8 @@ the rows as before.
 
 Layout: `state/cache/case-relations.arrow` (measure, value, outcome class, rating, count), its
 metadata naming the copy generation and the rows counted. A cache: an entry of another
-generation or counting more rows than the copy holds is ignored and counted again.
+generation (but the one whose rows lead this one, `case_cache.accepts`) or counting more rows
+than the copy holds is ignored and counted again.
 """
 
 from __future__ import annotations

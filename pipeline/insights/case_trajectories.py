@@ -15,8 +15,9 @@ when every mean within that bound rounds alike (`case_kept.rounded_mean`); other
 is made from the rows as before.
 
 Layout: `state/cache/case-trajectories/{counts,sums}.arrow`, their metadata naming the copy
-generation and the rows counted. A cache: an entry of another generation or counting more rows
-than the copy holds is ignored and counted again.
+generation and the rows counted. A cache: an entry of another generation (but the one whose
+rows lead this one, `case_cache.accepts`) or counting more rows than the copy holds is ignored
+and counted again.
 """
 
 from __future__ import annotations
