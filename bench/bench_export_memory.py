@@ -8,10 +8,12 @@ replicated as `bench.bench_export` does), runs one full export to create the clu
 --new cases dated the next day, then runs the INCREMENTAL export in a fresh child process with
 the hashing embedder (no model: the export's own memory). Reported per size: the child's RSS
 after its imports, its peak RSS (VmHWM; not ru_maxrss, which a forked child inherits from its
-parent), the peak above the imports per 1,000 stored cases, and the export's seconds. With
---breakdown a second child samples its RSS every few milliseconds and reports, per export
-stage, the RSS on entry, the peak sampled inside and VmHWM on exit (a sample can miss a peak
-inside one long C call; VmHWM does not), plus the MiB of each column of the frames it holds.
+parent), the largest anonymous RSS sampled (RssAnon: the peak less the pages of the files the
+export maps, which the kernel may drop), the peak above the imports per 1,000 stored cases, and
+the export's seconds. With --breakdown a second child samples its RSS every few milliseconds
+and reports, per export stage, the RSS on entry, the peak sampled inside and VmHWM on exit (a
+sample can miss a peak inside one long C call; VmHWM does not), plus the MiB of each column of
+the frames it holds.
 
     python -m bench.bench_export_memory [--sizes 10000,30000,60000] [--new 1000] [--repeat 3] [--keep DIR]
                                         [--mode incremental|full] [--stored-tokens]
@@ -64,6 +66,39 @@ def peak_mib() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def anon_mib() -> float:
+    """Anonymous resident memory now (RssAnon): the RSS less the mapped files' pages (the case
+    copy and the vectors' file are memory-mapped; their clean pages are the kernel's to drop)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class AnonPeak:
+    """The largest RssAnon sampled on a thread: says whether a peak's growth is memory the
+    export holds or pages of the files it maps (VmHWM counts both; no kernel figure keeps the
+    anonymous high-water mark, so it is sampled and can miss a short spike)."""
+
+    def __init__(self, every_s: float = 0.005):
+        self.every_s = every_s
+        self.peak = anon_mib()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, anon_mib())
+            time.sleep(self.every_s)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._t.join()
+        return max(self.peak, anon_mib())
 
 
 # -- the child: one incremental export, measured --------------------------------------------------
@@ -203,9 +238,11 @@ def child(store: Path, day: str, breakdown: bool) -> None:
         for name in CLUSTER_STAGES:
             sampler.wrap(cl, name)
         sampler.start()
+    anon = AnonPeak()
     t, cpu = time.perf_counter(), time.process_time()
     s = ex.export_all(cfg, store, embedder=emb, today=date.fromisoformat(day))
     secs, cpu = time.perf_counter() - t, time.process_time() - cpu
+    peak_anon = anon.stop()
     if sampler is not None:
         sampler.stop()
     print(
@@ -215,6 +252,7 @@ def child(store: Path, day: str, breakdown: bool) -> None:
                 "n_cases": s["n_cases"],
                 "after_imports_mib": round(base, 1),
                 "peak_mib": round(peak_mib(), 1),
+                "peak_anon_mib": round(peak_anon, 1),
                 "seconds": round(secs, 2),
                 "cpu_seconds": round(cpu, 2),
                 "stages": sampler.done if sampler else [],
@@ -359,7 +397,8 @@ def main() -> None:
                 assert r["mode"] == a.mode, r
                 runs.append(r)
                 print(
-                    f"  {n:>7,} stored: after imports {r['after_imports_mib']:.0f} MiB, peak {r['peak_mib']:.0f} MiB, "
+                    f"  {n:>7,} stored: after imports {r['after_imports_mib']:.0f} MiB, peak {r['peak_mib']:.0f} MiB "
+                    f"({r.get('peak_anon_mib', 0):.0f} anonymous), "
                     f"{_mib_per_k(r, n):.1f} MiB per 1,000 stored cases, {r['seconds']:.2f} s "
                     f"({r.get('cpu_seconds', 0):.2f} s CPU)",
                     flush=True,
@@ -376,12 +415,15 @@ def main() -> None:
             if a.keep is None:
                 shutil.rmtree(work, ignore_errors=True)
         print(f"\n({a.mode} export, median of {a.repeat} runs per size)")
-        print(f"{'stored':>8} {'imports MiB':>12} {'peak MiB':>9} {'range':>11} {'MiB/1k':>7} {'seconds':>8}")
+        print(
+            f"{'stored':>8} {'imports MiB':>12} {'peak MiB':>9} {'range':>11} {'anon MiB':>9} {'MiB/1k':>7} "
+            f"{'seconds':>8}"
+        )
         for n, r in rows:
             lo, hi = r["range"]
             print(
                 f"{n:>8,} {r['after_imports_mib']:>12.0f} {r['peak_mib']:>9.0f} {f'{lo:.0f}-{hi:.0f}':>11} "
-                f"{_mib_per_k(r, n):>7.1f} {r['seconds']:>8.2f}"
+                f"{r.get('peak_anon_mib', 0):>9.0f} {_mib_per_k(r, n):>7.1f} {r['seconds']:>8.2f}"
             )
         if len(rows) > 1:
             (n0, r0), (n1, r1) = rows[0], rows[-1]
