@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -126,6 +126,22 @@ def atomic_write_parquet(path: Path, table: pa.Table) -> None:
     tmp = _tmp_path(path)
     try:
         pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_parquet_groups(path: Path, schema: pa.Schema, groups: Iterable[pa.Table]) -> None:
+    """`atomic_write_parquet` of the tables `groups` gives, one after another, each one row group
+    (of at most Arrow's million rows) with its columns in one chunk: a table written a block at
+    a time is never whole in memory, and the bytes follow the rows alone (where a column's
+    chunks end moves its pages' bounds: the same rows in other chunks were other bytes).
+    `schema`, with its metadata, is the file's."""
+    tmp = _tmp_path(path)
+    try:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for group in groups:
+                writer.write_table(group.combine_chunks())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

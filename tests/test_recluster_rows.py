@@ -10,10 +10,12 @@ import re
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import pipeline.insights.recluster_rows as rr
 from pipeline.embed.fake import HashingEmbedder
+from pipeline.insights import member_parts as mp
 from pipeline.insights import member_tallies as mt
 from pipeline.insights.cluster import ALL_SCOPE, CauseLexicon, ClusterState, scope_member_rows, select_cases
 from pipeline.insights.export import (
@@ -23,6 +25,7 @@ from pipeline.insights.export import (
     recluster_table,
     stored_members,
     with_file_texts,
+    write_members_pair,
     write_pair,
 )
 from pipeline.insights.membership import member_part_table
@@ -220,3 +223,61 @@ def test_scope_and_cluster_ids_are_arrow_text_only_when_every_value_is_text():
         col = pd.Series(odd, dtype=object)
         assert rr._arrow_text(col) is col
     assert pa.array(rr._arrow_text(ids).array).to_pylist() == ["a", None, "b"]
+
+
+def _file_bytes(tmp_path, name: str, rows, encoding: str = "utf-8-sig") -> tuple[bytes, bytes]:
+    write_members_pair(tmp_path / f"{name}.parquet", tmp_path / f"{name}.csv", rows, encoding)
+    return (tmp_path / f"{name}.parquet").read_bytes(), (tmp_path / f"{name}.csv").read_bytes()
+
+
+@pytest.mark.parametrize("group", [1, 7, 10**6])
+def test_the_members_file_written_a_block_at_a_time_is_the_whole_tables(cfg, tmp_path, monkeypatch, group):
+    """A re-cluster's members file made a row group at a time: the bytes the one-rule writer
+    gives the whole table (row groups of `GROUP_ROWS`), the content (schema and pandas metadata
+    included) and the CSV bytes `write_pair` gave it whole; within one group, its bytes too. A
+    text column of a few labels is missing in whole blocks (its type is the whole column's)."""
+    frame = _frame(240)
+    kinds = [None] * len(frame)
+    kinds[200] = "咨询"  # one label, in a late cross-type row: the first blocks have none
+    frame = frame.assign(request_kind=pd.Series(kinds, dtype=object))
+    fitted = _fit(cfg, frame)
+    tail = rr.recluster_rows(frame, fitted.heads, scope_member_rows(fitted.results), fitted.xy)
+    assert tail is not None
+    whole = tail.table()
+    monkeypatch.setattr(mp, "GROUP_ROWS", group)
+    want = _file_bytes(tmp_path, "whole", whole)
+    monkeypatch.setattr(rr.FileBlocks, "whole", lambda self: pytest.fail("built whole"))
+    assert _file_bytes(tmp_path, "blocks", tail.file()) == want
+    old_parquet, old_csv = _pair_bytes(tmp_path, "old", whole)
+    assert want[1] == old_csv
+    got, old = pq.read_table(tmp_path / "blocks.parquet"), pq.read_table(tmp_path / "old.parquet")
+    assert got.equals(old) and got.schema.equals(old.schema, check_metadata=True)
+    assert got.schema.field("request_kind").type == pa.string()
+    n = len(whole)
+    assert pq.ParquetFile(tmp_path / "blocks.parquet").metadata.num_row_groups == -(-n // group)
+    assert (want[0] == old_parquet) == (group >= n)
+
+
+def test_a_members_file_the_blocks_cannot_make_is_made_whole(cfg, tmp_path):
+    """Another CSV encoding than UTF-8 is pandas' writer, of the whole table: the same files."""
+    frame = _frame(60)
+    fitted = _fit(cfg, frame)
+    tail = rr.recluster_rows(frame, fitted.heads, scope_member_rows(fitted.results), fitted.xy)
+    assert tail is not None
+    assert _file_bytes(tmp_path, "blocks", tail.file(), "gb18030") == _file_bytes(
+        tmp_path, "whole", tail.table(), "gb18030"
+    )
+
+
+def test_a_members_parts_bytes_follow_its_rows_not_its_chunks(tmp_path, monkeypatch):
+    """The same rows in other Arrow chunks (a long text column's pages and its dictionary's
+    fallback are bound by them): the same file."""
+    monkeypatch.setattr(mp, "GROUP_ROWS", 10_000)
+    n = 20_000
+    values = [f"问题{i}" * (i % 60) if i % 7 else None for i in range(n)]
+    text = pa.array(values, pa.large_string())
+    chunked = pa.chunked_array([text.slice(a, 777) for a in range(0, n, 777)])
+    one = pd.DataFrame({"problem": pd.arrays.ArrowExtensionArray(pa.chunked_array([text])), "n": np.arange(n)})
+    many = one.assign(problem=pd.arrays.ArrowExtensionArray(chunked))
+    assert pa.Table.from_pandas(many)["problem"].num_chunks > 1
+    assert _file_bytes(tmp_path, "one", one) == _file_bytes(tmp_path, "many", many)

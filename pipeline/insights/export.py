@@ -22,6 +22,7 @@ import json
 import secrets
 import shutil
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date
@@ -104,7 +105,7 @@ from pipeline.insights.trends import (
     week_over_week,
     wow_from_days,
 )
-from pipeline.io import atomic_write_parquet, atomic_write_stream, atomic_write_text
+from pipeline.io import atomic_write_parquet, atomic_write_parquet_groups, atomic_write_stream, atomic_write_text
 from pipeline.storage.case_cache import CopyRows, copy_prefix
 
 CASE_COLUMNS = [
@@ -1057,18 +1058,80 @@ def write_pair(parquet: Path, csv: Path, df: pd.DataFrame, csv_encoding: str) ->
     write_csv(csv, df, csv_encoding, table)
 
 
+def write_members_pair(parquet: Path, csv: Path, rows: pd.DataFrame | mp.RowBlocks, csv_encoding: str) -> None:
+    """A members part as `write_pair` writes a table, but in row groups of `GROUP_ROWS` rows
+    (`member_parts`); `RowBlocks` a block at a time, where the blocks make the same files."""
+    if not isinstance(rows, pd.DataFrame):
+        schema = _block_schema(rows, csv_encoding)
+        if schema is not None:
+            _write_blocks(parquet, csv, rows, schema, _UTF8[csv_encoding.lower().replace("_", "-")])
+            return
+        rows = rows.whole()
+    df = rows.reset_index(drop=True)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    atomic_write_parquet_groups(parquet, table.schema, (table.slice(a, b - a) for a, b in mp.group_bounds(len(df))))
+    write_csv(csv, df, csv_encoding, table)
+
+
+def _block_schema(rows: mp.RowBlocks, csv_encoding: str) -> pa.Schema | None:
+    """The whole table's schema, its pandas metadata included, where the blocks' CSV is Arrow's
+    written from them as `write_csv` writes it from the whole table; else None. Arrow's values
+    are written each on its own; `write_csv`'s decisions made over a whole column (lists as JSON,
+    pandas' writer for dates) are not taken block by block."""
+    try:
+        types = rows.types()
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return None  # a mixed column: as the whole table fails
+    empty = rows.block(0, 0)
+    if _UTF8.get(csv_encoding.lower().replace("_", "-")) is None or len(types) < 2:
+        return None
+    if any(pa.types.is_nested(t) for t in types.types):
+        return None
+    if any(pd.api.types.is_datetime64_any_dtype(t) for t in empty.dtypes):
+        return None
+    # The metadata follows the dtypes and the types alone, not the rows.
+    return pa.Table.from_pandas(empty, schema=types, preserve_index=False).schema
+
+
+def _write_blocks(parquet: Path, csv: Path, rows: mp.RowBlocks, schema: pa.Schema, bom: bytes) -> None:
+    """`rows` into both files, a block (a row group) at a time: each block converted once."""
+
+    def groups(f: Any) -> Iterator[pa.Table]:
+        with pacsv.CSVWriter(f, schema, write_options=pacsv.WriteOptions(quoting_style="needed")) as out:
+            for a, b in mp.group_bounds(len(rows)):
+                table = pa.Table.from_pandas(rows.block(a, b), schema=schema, preserve_index=False)
+                out.write_table(table)
+                yield table
+
+    def write(f: Any) -> None:
+        f.write(bom)
+        atomic_write_parquet_groups(parquet, schema, groups(f))
+
+    atomic_write_stream(csv, write)
+
+
+def _members_to_write(
+    bundle: ExportBundle, rows: pd.DataFrame | None, blocks: mp.RowBlocks | None
+) -> pd.DataFrame | mp.RowBlocks:
+    """The members part's rows: `rows` (after linked parts), else `blocks`, else the bundle's."""
+    if rows is not None:
+        return rows
+    return blocks if blocks is not None else bundle.tables[mp.MEMBERS]
+
+
 def write_export(
     out: Path,
     bundle: ExportBundle,
     csv_encoding: str = "utf-8-sig",
     members_reuse: list[Path] | None = None,
     members_rows: pd.DataFrame | None = None,
+    members_blocks: mp.RowBlocks | None = None,
 ) -> Path:
     """Write every file into a temporary folder, swap it in as exports/<day>, update LATEST.
     A killed export leaves the previous folder (and LATEST) untouched. The members table is
     written as parts (`member_parts`): `members_reuse`, the previous folder's parts to link,
     and `members_rows`, the rows after them (the next part); without both, the bundle's
-    members table as one part."""
+    members table, or `members_blocks` (a re-cluster's, made as written), as one part."""
     root = exports_root(out)
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{bundle.day}.tmp-{secrets.token_hex(4)}"
@@ -1088,9 +1151,9 @@ def write_export(
             linked = members_reuse is not None and members_rows is not None and len(members_reuse) > 0
             bundle.summary["members_parts"] = mp.write_members(
                 tmp,
-                members_rows if linked and members_rows is not None else bundle.tables[mp.MEMBERS],
+                _members_to_write(bundle, members_rows if linked else None, members_blocks),
                 (members_reuse or []) if linked else [],
-                lambda parquet, csv, df: write_pair(parquet, csv, df, csv_encoding),
+                lambda parquet, csv, rows: write_members_pair(parquet, csv, rows, csv_encoding),
             )
             atomic_write_text(tmp / "report.html", bundle.report_html)
             for done in pending:
@@ -1866,12 +1929,14 @@ def export_all(
     if part_rows is not None:
         part_rows = part_rows.drop(columns=[x for x in ("x", "y") if x in part_rows])
     tables_members = bundle.tables[mp.MEMBERS]
-    if tail is not None:
-        bundle.tables[mp.MEMBERS] = tail.table()  # the tables read the cross-type rows alone
-    elif rc is not None and rc.file_rows is not None:
+    # A re-cluster's members file is made a block at a time as written (the tables read the
+    # cross-type rows alone).
+    file_blocks = tail.file() if tail is not None else None
+    if rc is not None and rc.file_rows is not None:
         bundle.tables[mp.MEMBERS] = with_file_texts(tables_members, frame, rc.file_rows)
         rc.file_rows = None
-    folder = write_export(out, bundle, c.csv_encoding, reuse, part_rows)
+    folder = write_export(out, bundle, c.csv_encoding, reuse, part_rows, file_blocks)
+    del file_blocks
     # The file's texts let go once written: the membership part is written after it.
     bundle.tables[mp.MEMBERS] = tables_members
     del tables_members

@@ -23,15 +23,48 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import pandas as pd
+import pyarrow as pa
 
 MEMBERS = "members"
 PARQUET_DIR, CSV_DIR = f"{MEMBERS}.parquet", f"{MEMBERS}.csv"
 MAX_PARTS = 60  # more and the next night writes the table again as one part
 _PART = re.compile(r"^part-(\d{6})\.parquet$")
+# Every part's Parquet row groups hold this many rows (the last fewer), whoever writes it: a
+# re-cluster's part is written a block of rows at a time (its whole table, two rows a case with
+# their texts, and its one row group's encoding were the peak of the export a back-fill ends
+# with), and the same rows give the same file written whole (a night's, a compaction's).
+GROUP_ROWS = 65_536  # ~13 MiB of member rows with their texts
+
+
+class RowBlocks(Protocol):
+    """A part's rows made a block at a time as they are written, not held whole."""
+
+    def __len__(self) -> int: ...
+
+    def types(self) -> pa.Schema:
+        """The Arrow type of each column of all the rows (no metadata)."""
+        ...
+
+    def block(self, a: int, b: int) -> pd.DataFrame:
+        """Rows [a, b), with the columns and dtypes of all the rows."""
+        ...
+
+    def whole(self) -> pd.DataFrame:
+        """All the rows: for a file the blocks cannot make the same."""
+        ...
+
+
+def group_bounds(n: int) -> Iterator[tuple[int, int]]:
+    """Each row group's rows [a, b) of a part of `n` rows (`GROUP_ROWS`); an empty part's one."""
+    if not n:
+        yield 0, 0
+    for a in range(0, n, GROUP_ROWS):
+        yield a, min(a + GROUP_ROWS, n)
 
 
 def parts(folder: Path) -> list[Path]:
@@ -90,15 +123,16 @@ def _link(src: Path, dst: Path) -> None:
 
 def write_members(
     folder: Path,
-    rows: pd.DataFrame,
+    rows: pd.DataFrame | RowBlocks,
     reuse: list[Path],
-    write_part: Callable[[Path, Path, pd.DataFrame], None],
+    write_part: Callable[[Path, Path, pd.DataFrame | RowBlocks], None],
 ) -> int:
     """Write the members table as parts into `folder`: the `reuse` parts linked (with their
     CSVs) and `rows`, the rows after them, as the next part; with no `reuse`, `rows` is the whole
     table, one part. The caller hands the new rows alone, not the whole table and a mask: a
     filter of every member to keep a night's few joined each Arrow column's chunks (0.8 s at
-    1M cases). `write_part(parquet, csv, frame)` writes one part's two files. Returns the part
+    1M cases). `rows` may be `RowBlocks` (a re-cluster's). `write_part(parquet, csv, rows)`
+    writes one part's two files. Returns the part
     count."""
     d = Path(folder) / PARQUET_DIR
     for sub in (d, Path(folder) / CSV_DIR):

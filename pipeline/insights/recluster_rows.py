@@ -86,6 +86,10 @@ class ReclusterRows:
         body = _fields_at(self.fields(), self.rows).rename(columns={"cluster_text": "problem"})
         return pd.concat([self.heads, body], axis=1)
 
+    def file(self) -> FileBlocks:
+        """The members file's rows (`table()`), made a block at a time as they are written."""
+        return FileBlocks(self, self.fields())
+
     def stored(self) -> pd.DataFrame:
         """The membership part's columns of the whole table but its run ids (`stored_members`
         adds them): each row's case id, head and map point; for a part `part_table` cannot
@@ -101,6 +105,41 @@ class ReclusterRows:
         if case_ids is not None:
             out.insert(0, "case_id", case_ids)
         return out.assign(x=x, y=y)
+
+
+@dataclass
+class FileBlocks:
+    """`ReclusterRows.table()` as `member_parts.RowBlocks`: its rows made a block at a time,
+    the cases' `fields` taken at each block's rows, so the whole table (two rows a case with
+    every field and the problem text) and its encoding are never held."""
+
+    parts: ReclusterRows
+    fields: pd.DataFrame
+
+    def __len__(self) -> int:
+        return len(self.parts.heads)
+
+    def types(self) -> pa.Schema:
+        """Each column's Arrow type in the whole table, without it: a field column holds the
+        frame's values (every case is a cross-type row, the other rows repeat cases), so the
+        type inferred from them is the one inferred from the whole column's."""
+        body = self.fields.rename(columns={"cluster_text": "problem"})
+        cols = [*self.parts.heads.items(), *body.items()]
+        return pa.schema([(str(name), _arrow_type(col)) for name, col in cols])
+
+    def block(self, a: int, b: int) -> pd.DataFrame:
+        return self.parts.block(a, b, self.fields)
+
+    def whole(self) -> pd.DataFrame:
+        return self.parts.table()
+
+
+def _arrow_type(col: pd.Series) -> pa.DataType:
+    """The type `pa.Table.from_pandas` gives `col`: an object column's inferred from its values
+    (Arrow's inference, without converting them), another's from its dtype."""
+    if col.dtype == object:
+        return pa.infer_type(col.to_numpy(), from_pandas=True)
+    return pa.Schema.from_pandas(col.iloc[:0].to_frame(), preserve_index=False).field(0).type
 
 
 def part_table(parts: ReclusterRows) -> pa.Table | None:
