@@ -90,7 +90,7 @@ from pipeline.insights.incremental import (
 from pipeline.insights.kpis import compute_kpis, timing_coverage
 from pipeline.insights.member_rows import arrow_strings as _arrow_strings
 from pipeline.insights.member_rows import index_in as _index_in
-from pipeline.insights.recluster_rows import ReclusterRows, part_table, recluster_rows
+from pipeline.insights.recluster_rows import ReclusterRows, last_rows, part_table, recluster_rows, run_ids_at
 from pipeline.insights.report import ReportData, render_report
 from pipeline.insights.row_file import RowFile
 from pipeline.insights.stored_tokens import stored_token_codes
@@ -594,11 +594,8 @@ def _run_ids(members: pd.DataFrame, frame: pd.DataFrame) -> pd.Series:
     n = len(members)
     if "run_id" not in frame or not len(frame):
         return pd.Series([""] * n, index=members.index, dtype=object)
-    # The last row of an id, as a dict built from the rows in order keeps it.
-    last = _index_in(_key(members["case_id"]), _key(frame["case_id"].iloc[::-1]))
-    pos = np.where(last >= 0, len(frame) - 1 - last, -1)
-    runs = _arrow_strings(frame["run_id"]).take(pa.array(pos, mask=pos < 0))
-    return pd.Series(pc.fill_null(runs, "").to_pandas().array, index=members.index)
+    runs = run_ids_at(frame, last_rows(_key(members["case_id"]), _key(frame["case_id"])))
+    return pd.Series(runs.to_pandas().array, index=members.index)
 
 
 # The members' columns only the members file shows (its texts and two labels no table counts);

@@ -214,12 +214,24 @@ def _part_column(parts: ReclusterRows, name: str, ids: pa.Array, at: np.ndarray)
 
 
 def _run_ids(frame: pd.DataFrame, ids: pa.Array, at: np.ndarray) -> pa.Array:
-    """Each member row's case's run id: the last frame row of its case id's, "" where none
-    (`export._run_ids`, found per case rather than per member row)."""
+    """Each member row's case's run id (`run_ids_at`), its case (`at`) a frame row: each case's
+    last row of its id found once, not once a member row (`export._run_ids`)."""
     if "run_id" not in frame:
-        return pa.array([""] * len(at), pa.large_string())
-    last = index_in(ids, ids[::-1])  # -1: a missing id
-    pos = np.where(last >= 0, len(ids) - 1 - last, -1)[at]
+        return run_ids_at(frame, at)
+    return run_ids_at(frame, last_rows(ids, ids)[at])
+
+
+def last_rows(values: pa.Array, ids: pa.Array) -> np.ndarray:
+    """Each of `values`' last position in `ids` (a frame's case ids), -1 where none or missing:
+    the row a dict built from the rows in order keeps."""
+    last = index_in(values, ids[::-1])
+    return np.where(last >= 0, len(ids) - 1 - last, -1)
+
+
+def run_ids_at(frame: pd.DataFrame, pos: np.ndarray) -> pa.Array:
+    """The frame's run ids at rows `pos`, "" at -1 or without run ids: the membership's key."""
+    if "run_id" not in frame:
+        return pa.array([""] * len(pos), pa.large_string())
     runs = arrow_strings(frame["run_id"]).take(pa.array(pos, mask=pos < 0))
     return pc.fill_null(runs, "")
 
