@@ -131,9 +131,8 @@ def write_members(
     CSVs) and `rows`, the rows after them, as the next part; with no `reuse`, `rows` is the whole
     table, one part. The caller hands the new rows alone, not the whole table and a mask: a
     filter of every member to keep a night's few joined each Arrow column's chunks (0.8 s at
-    1M cases). `rows` may be `RowBlocks` (a re-cluster's). `write_part(parquet, csv, rows)`
-    writes one part's two files. Returns the part
-    count."""
+    1M cases). `rows` may be `RowBlocks` (a re-cluster's, made as written). `write_part(parquet,
+    csv, rows)` writes one part's two files. Returns the part count."""
     d = Path(folder) / PARQUET_DIR
     for sub in (d, Path(folder) / CSV_DIR):
         sub.mkdir(parents=True, exist_ok=True)
