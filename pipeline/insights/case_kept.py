@@ -33,6 +33,15 @@ def keep_from(min_rows: int | None) -> int:
     return KEEP_FROM_ROWS if min_rows is None else min_rows
 
 
+def counted_generation(cases: pd.DataFrame, copy_rows: CopyRows | None, min_rows: int | None) -> str | None:
+    """The case copy generation whose counts of `cases` are kept, or None where none are: they
+    must be every row of the copy (`copy_rows`: `load_cases_copy`'s) and at least
+    `keep_from(min_rows)` of them."""
+    if copy_rows is None or not len(cases) or copy_rows[1] != len(cases) or len(cases) < keep_from(min_rows):
+        return None
+    return copy_rows[0]
+
+
 def same_float(a: float, b: float) -> bool:
     """Whether two floats print alike: equal, and of one sign (-0.0 == 0.0, but prints "-0")."""
     return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)

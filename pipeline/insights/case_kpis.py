@@ -30,15 +30,13 @@ import pandas as pd
 
 from pipeline.insights.case_kept import (
     Held,
+    counted_generation,
     linear_quantile,
     rate,
     read_tables,
     round_q,
     rounded_mean,
     write_tables,
-)
-from pipeline.insights.case_kept import (
-    keep_from as _keep_from,
 )
 from pipeline.storage.case_cache import CopyRows
 
@@ -246,17 +244,18 @@ def remember(
     the rows after them, kept again and made known to `known` for these columns (`prefix`: the
     copy's `case_cache.copy_prefix`)."""
     forget()
-    if len(cases) < _keep_from(min_rows) or copy_rows is None or copy_rows[1] != len(cases) or not len(cases):
+    gen = counted_generation(cases, copy_rows, min_rows)
+    if gen is None:
         return
     # Counts kept through the prefix cover fewer rows than the copy (it was rewritten for new
     # rows), so they are saved again below, under this generation.
-    kept = load(out, copy_rows[0], len(cases), prefix)
+    kept = load(out, gen, len(cases), prefix)
     new = count_rows(cases, kept.rows if kept is not None else 0)
     if new is None:
         return
     counts = new if kept is None else merge(kept, new) if kept.rows < new.rows else kept
     if kept is None or kept.rows != counts.rows:
-        save(out, copy_rows[0], counts)
+        save(out, gen, counts)
     _HELD.hold(cases, counts, counts.rows)
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.insights.case_kept import keep_from as _keep_from
+from pipeline.insights.case_kept import counted_generation
 from pipeline.io import read_cache_table, write_cache_table
 from pipeline.storage.case_cache import CopyRows, accepts
 
@@ -173,13 +173,14 @@ def remember(
     copy's rows (`load_cases_copy`; `prefix`: its `copy_prefix`); what an earlier export made
     known is forgotten."""
     forget()
-    if len(cases) < _keep_from(min_rows) or copy_rows is None or copy_rows[1] != len(cases) or not len(cases):
+    gen = counted_generation(cases, copy_rows, min_rows)
+    if gen is None:
         return
     for name in KEPT_COLUMNS:
         if name not in cases or cases[name].dtype != np.float64:
             continue
         values = cases[name].to_numpy()
-        got = kept_value_codes(out, values, copy_rows[0], name, prefix)
+        got = kept_value_codes(out, values, gen, name, prefix)
         if got is not None:
             with _LOCK:
                 _KNOWN[_where(values)] = (values, got)

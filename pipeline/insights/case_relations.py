@@ -31,8 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.insights.case_kept import Held, fisher_ci, same_float
-from pipeline.insights.case_kept import keep_from as _keep_from
+from pipeline.insights.case_kept import Held, counted_generation, fisher_ci, same_float
 from pipeline.io import read_cache_table, write_cache_table
 from pipeline.storage.case_cache import CopyRows, accepts
 
@@ -256,19 +255,14 @@ def remember(
     the rows after them, kept again and made known to `known` for these columns (`prefix`: the
     copy's `case_cache.copy_prefix`)."""
     forget()
-    if (
-        len(cases) < _keep_from(min_rows)
-        or copy_rows is None
-        or copy_rows[1] != len(cases)
-        or not len(cases)
-        or not all(c in cases for c in _READ)
-    ):
+    gen = counted_generation(cases, copy_rows, min_rows)
+    if gen is None or not all(c in cases for c in _READ):
         return
     if any(cases[m].dtype != np.float64 for m in (*MEASURES, "csat")):
         return
     # Counts kept through the prefix cover fewer rows than the copy (it was rewritten for new
     # rows), so they are saved again below, under this generation.
-    kept = load(out, copy_rows[0], len(cases), prefix)
+    kept = load(out, gen, len(cases), prefix)
     try:
         counts = count_rows(cases) if kept is None else merge(kept, count_rows(cases, kept.rows))
     except (TypeError, ValueError):
@@ -276,7 +270,7 @@ def remember(
     if sum(len(counts.triples[m][0]) for m in MEASURES) > MAX_CELLS:
         return
     if kept is None or kept.rows != counts.rows:
-        save(out, copy_rows[0], counts)
+        save(out, gen, counts)
     _HELD.hold(cases, counts, counts.rows)
 
 

@@ -29,8 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.insights.case_kept import Held, read_tables, rounded_mean, write_tables
-from pipeline.insights.case_kept import keep_from as _keep_from
+from pipeline.insights.case_kept import Held, counted_generation, read_tables, rounded_mean, write_tables
 from pipeline.storage.case_cache import CopyRows
 
 _META = b"casemine_case_trajectories"
@@ -213,17 +212,18 @@ def remember(
     the table's teams of rows (`emotion_stats.case_team_codes`), passed in: the table imports
     this module. `prefix`: the copy's `case_cache.copy_prefix`."""
     forget()
-    if len(cases) < _keep_from(min_rows) or copy_rows is None or copy_rows[1] != len(cases) or not len(cases):
+    gen = counted_generation(cases, copy_rows, min_rows)
+    if gen is None:
         return
     # Counts kept through the prefix cover fewer rows than the copy (it was rewritten for new
     # rows), so they are saved again below, under this generation.
-    kept = load(out, copy_rows[0], len(cases), prefix)
+    kept = load(out, gen, len(cases), prefix)
     new = count_rows(cases, team_codes, kept.rows if kept is not None else 0)
     if new is None:
         return
     counts = new if kept is None else merge(kept, new) if kept.rows < new.rows else kept
     if kept is None or kept.rows != counts.rows:
-        save(out, copy_rows[0], counts)
+        save(out, gen, counts)
     _HELD.hold(cases, counts, counts.rows)
 
 
