@@ -1008,6 +1008,18 @@ def to_csv_frame(df: pd.DataFrame) -> pd.DataFrame:
 _UTF8 = {"utf-8": b"", "utf8": b"", "utf-8-sig": codecs.BOM_UTF8, "utf_8_sig": codecs.BOM_UTF8}
 
 
+def _csv_bom(encoding: str) -> bytes | None:
+    """The bytes Arrow's CSV text starts with for `encoding` (a BOM or none), None where Arrow
+    cannot write it (not UTF-8: pandas writes it)."""
+    return _UTF8.get(encoding.lower().replace("_", "-"))
+
+
+def _pandas_writes(bom: bytes | None, frame: pd.DataFrame) -> bool:
+    """Whether pandas, not Arrow, writes `frame`'s CSV (`write_csv`'s reasons): another encoding
+    than UTF-8, one column, or date-times."""
+    return bom is None or len(frame.columns) < 2 or any(pd.api.types.is_datetime64_any_dtype(t) for t in frame.dtypes)
+
+
 def write_csv(path: Path, df: pd.DataFrame, encoding: str, table: pa.Table | None = None) -> None:
     """`df` as CSV (lists as JSON text), whole or not at all. `table`: `df` as Arrow already (the
     Parquet file's), reused when no column is nested, so the members table is converted once.
@@ -1018,20 +1030,19 @@ def write_csv(path: Path, df: pd.DataFrame, encoding: str, table: pa.Table | Non
     Pandas writes what Arrow would write differently or not at all: other encodings than UTF-8,
     columns Arrow cannot type (mixed objects), date-times (Arrow adds nanoseconds), and one-column
     tables (Arrow writes a null as an empty line, which readers skip)."""
-    bom = _UTF8.get(encoding.lower().replace("_", "-"))
+    bom = _csv_bom(encoding)
     if table is not None and any(pa.types.is_nested(f.type) for f in table.schema):
         table = None  # lists and dicts are written as JSON text: converted again from `csv`
     # Without nested columns `to_csv_frame` has nothing to change: the reused table is the text.
     csv = df if table is not None else to_csv_frame(df)
-    timed = any(pd.api.types.is_datetime64_any_dtype(t) for t in csv.dtypes)
-    if bom is None or len(csv.columns) < 2 or timed:
+    if _pandas_writes(bom, csv):
         table = None
     elif table is None:
         try:
             table = pa.Table.from_pandas(csv, preserve_index=False)
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             table = None  # a mixed column: pandas writes each cell's own text
-    if table is None:
+    if table is None or bom is None:
         atomic_write_stream(path, lambda f: csv.to_csv(f, index=False, encoding=encoding))
         return
 
@@ -1059,9 +1070,10 @@ def write_members_pair(parquet: Path, csv: Path, rows: pd.DataFrame | mp.RowBloc
     """A members part as `write_pair` writes a table, but in row groups of `GROUP_ROWS` rows
     (`member_parts`); `RowBlocks` a block at a time, where the blocks make the same files."""
     if not isinstance(rows, pd.DataFrame):
-        schema = _block_schema(rows, csv_encoding)
-        if schema is not None:
-            _write_blocks(parquet, csv, rows, schema, _UTF8[csv_encoding.lower().replace("_", "-")])
+        bom = _csv_bom(csv_encoding)
+        schema = _block_schema(rows, bom)
+        if schema is not None and bom is not None:
+            _write_blocks(parquet, csv, rows, schema, bom)
             return
         rows = rows.whole()
     df = rows.reset_index(drop=True)
@@ -1070,7 +1082,7 @@ def write_members_pair(parquet: Path, csv: Path, rows: pd.DataFrame | mp.RowBloc
     write_csv(csv, df, csv_encoding, table)
 
 
-def _block_schema(rows: mp.RowBlocks, csv_encoding: str) -> pa.Schema | None:
+def _block_schema(rows: mp.RowBlocks, bom: bytes | None) -> pa.Schema | None:
     """The whole table's schema, its pandas metadata included, where the blocks' CSV is Arrow's
     written from them as `write_csv` writes it from the whole table; else None. Arrow's values
     are written each on its own; `write_csv`'s decisions made over a whole column (lists as JSON,
@@ -1080,11 +1092,7 @@ def _block_schema(rows: mp.RowBlocks, csv_encoding: str) -> pa.Schema | None:
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         return None  # a mixed column: as the whole table fails
     empty = rows.block(0, 0)
-    if _UTF8.get(csv_encoding.lower().replace("_", "-")) is None or len(types) < 2:
-        return None
-    if any(pa.types.is_nested(t) for t in types.types):
-        return None
-    if any(pd.api.types.is_datetime64_any_dtype(t) for t in empty.dtypes):
+    if _pandas_writes(bom, empty) or any(pa.types.is_nested(t) for t in types.types):
         return None
     # The metadata follows the dtypes and the types alone, not the rows.
     return pa.Table.from_pandas(empty, schema=types, preserve_index=False).schema
