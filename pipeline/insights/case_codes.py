@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.insights.case_facts import text_bytes
+from pipeline.insights.case_kept import counted_generation
 from pipeline.insights.cluster import arrow_text
 from pipeline.insights.codes import Codes, remember_codes
 from pipeline.io import read_cache_table, write_cache_table
@@ -146,12 +147,13 @@ def remember_case_codes(
 ) -> None:
     """The kept columns' sorted codes handed to the shared codes for `cases`' own column arrays,
     when `cases` are the case copy's rows (`load_cases_copy`; `prefix`: its `copy_prefix`)."""
-    if copy_rows is None or copy_rows[1] != len(cases) or not len(cases):
+    gen = counted_generation(cases, copy_rows, 0)  # kept at every size
+    if gen is None:
         return
     for name in KEPT_COLUMNS:
         arr = arrow_text(cases[name]) if name in cases else None
         if arr is None or arr.num_chunks != 1:
             continue
-        got = kept_column_codes(out, arr.chunk(0), copy_rows[0], name, prefix)
+        got = kept_column_codes(out, arr.chunk(0), gen, name, prefix)
         if got is not None:
             remember_codes(cases[name], got)
