@@ -105,7 +105,9 @@ class AnonPeak:
 
 
 class Sampler:
-    """RSS sampled on a thread; nested stages record their entry RSS and the peak seen inside."""
+    """RSS sampled on a thread; nested stages record their entry RSS and the peak seen inside, and
+    the same of the anonymous part (RssAnon): a stage's RSS step may be pages of a mapped file
+    (the case copy, the vectors) that the kernel can drop, or memory the export holds."""
 
     def __init__(self, every_s: float = 0.003):
         self.every_s = every_s
@@ -117,9 +119,10 @@ class Sampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            r = rss_mib()
+            r, a = rss_mib(), anon_mib()
             for rec in list(self.active):
                 rec["peak"] = max(rec["peak"], r)
+                rec["anon_peak"] = max(rec["anon_peak"], a)
             time.sleep(self.every_s)
 
     def start(self) -> None:
@@ -135,9 +138,10 @@ class Sampler:
         fn = getattr(module, name)
 
         def wrapped(*a, **k):
-            r0 = rss_mib()
+            r0, a0 = rss_mib(), anon_mib()
             self.seq += 1
             rec = {"stage": name, "seq": self.seq, "depth": len(self.active), "enter": r0, "peak": r0}
+            rec.update(anon=a0, anon_peak=a0)
             rec["t"] = time.perf_counter()
             self.active.append(rec)
             try:
@@ -146,6 +150,8 @@ class Sampler:
                 rec["exit"] = rss_mib()
                 rec["hwm"] = peak_mib()  # exact: the stage where it jumps holds the peak
                 rec["peak"] = max(rec["peak"], rec["exit"])
+                rec["anon_exit"] = anon_mib()
+                rec["anon_peak"] = max(rec["anon_peak"], rec["anon_exit"])
                 rec["t"] = time.perf_counter() - rec["t"]
                 self.active.remove(rec)
                 self.done.append(rec)
@@ -344,12 +350,16 @@ def _mib_per_k(r: dict[str, Any], n: int) -> float:
 
 
 def print_breakdown(r: dict[str, Any]) -> None:
-    print(f"    {'stage':<22} {'s':>6} {'enter':>7} {'peak':>7} {'exit':>7} {'VmHWM':>7}   (MiB)")
+    print(
+        f"    {'stage':<22} {'s':>6} {'enter':>7} {'peak':>7} {'exit':>7} {'VmHWM':>7}"
+        f" {'anon in':>8} {'peak':>6} {'out':>6}   (MiB)"
+    )
     for rec in sorted(r["stages"], key=lambda x: x["seq"]):
         pad = "  " * rec["depth"]
         print(
             f"    {pad + rec['stage']:<22} {rec['t']:>6.2f} {rec['enter']:>7.0f} {rec['peak']:>7.0f} "
-            f"{rec['exit']:>7.0f} {rec['hwm']:>7.0f}"
+            f"{rec['exit']:>7.0f} {rec['hwm']:>7.0f} {rec.get('anon', 0):>8.0f} {rec.get('anon_peak', 0):>6.0f}"
+            f" {rec.get('anon_exit', 0):>6.0f}"
         )
         for f in rec.get("frames", []):
             big = sorted(f["columns"].items(), key=lambda kv: -kv[1])[:8]

@@ -317,3 +317,16 @@ def test_group_means_are_the_groupbys_bit_for_bit():
         assert got.tobytes() == want.tobytes()
     # Not float64: no stacked values (the groupby decides).
     assert _stacked(pd.DataFrame({"a": [1, 2]}), ["a"], np.arange(2)) is None
+
+
+def test_known_positions_refuse_a_missing_id_only_at_the_counted_rows():
+    """A missing member case id outside the counted rows does not matter (the old take of those
+    rows had none); one at a counted row sends the table to the merge, as before."""
+    from pipeline.insights.emotion_stats import _known_positions
+
+    ids = pd.Series(["c0", "c1", "c2"], dtype="str")
+    column = pd.Series(["c2", None, "c0", "c1"], dtype="str")
+    rows, at = np.array([0, 2, 3]), np.array([2, 0, 1])
+    assert _known_positions(ids, column, rows, at).tolist() == [1, 2, 0]
+    assert _known_positions(ids, column, np.array([0, 1, 2]), at) is None
+    assert _known_positions(ids, column.astype(object), rows, at) is None  # not Arrow text: the merge decides

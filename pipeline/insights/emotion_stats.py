@@ -119,13 +119,15 @@ def _unique_positions(ids: pd.Series, among: pd.Series) -> np.ndarray | None:
     return np.asarray(pc.fill_null(found, -1).to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
-def _known_positions(ids: pd.Series, among: pd.Series, at: np.ndarray) -> np.ndarray | None:
-    """`_unique_positions(ids, among)` where `among` is known to be `ids`' values at rows `at`
-    and `ids` to hold each id once: each row's position in `among` from `at`, no id hashed
-    (hashing every case id against the members' cost 0.43 s a night at 1M cases). None where
-    `_unique_positions` is: ids not all text, or a row twice in `at` (an id repeated in `among`)."""
-    a, b = arrow_text(ids), arrow_text(among)
-    if a is None or b is None or a.null_count or b.null_count or (len(at) and int(at.min()) < 0):
+def _known_positions(ids: pd.Series, column: pd.Series, rows: np.ndarray, at: np.ndarray) -> np.ndarray | None:
+    """`_unique_positions(ids, column.take(rows))` where those are known to be `ids`' values at
+    rows `at` and `ids` to hold each id once: each row's position from `at`, no id hashed
+    (hashing every case id against the members' cost 0.43 s a night at 1M cases) and none taken.
+    None where `_unique_positions` is: ids not all text, or a row twice in `at` (an id repeated)."""
+    a, b = arrow_text(ids), arrow_text(column)
+    if a is None or b is None or a.null_count or (len(at) and int(at.min()) < 0):
+        return None
+    if b.null_count and bool(np.asarray(b.is_null().to_numpy(zero_copy_only=False), dtype=bool)[rows].any()):
         return None
     pos = np.full(len(ids), -1, dtype=np.int64)
     pos[at] = np.arange(len(at))
@@ -172,14 +174,17 @@ def trajectory_table(
         # The cross-type scope's clustered rows by position, two columns taken: a filter of the
         # members frame, then a merge's hash join on 100k string keys, cost 40 ms a night.
         rows = np.flatnonzero(_cross_clustered(members, cluster_codes))
-        ids, cids = members["case_id"].take(rows), members["cluster_id"].to_numpy(dtype=object)[rows]
+        # The rows' ids and cluster ids are taken only where a merge or the ids themselves are
+        # read: with the cluster codes and each row's case known, neither is. As Python strings
+        # they were the emotion table's largest step at a re-cluster (0.3 MiB per 1,000 cases).
         if case_rows is not None and len(case_rows) == len(members):
-            pos = _known_positions(df["case_id"], ids, np.asarray(case_rows, dtype=np.int64)[rows])
+            pos = _known_positions(df["case_id"], members["case_id"], rows, np.asarray(case_rows, dtype=np.int64)[rows])
         else:
-            pos = _unique_positions(df["case_id"], ids)
+            pos = _unique_positions(df["case_id"], members["case_id"].take(rows))
         if pos is None:
             kept = None  # the merge repeats a case: not the counted rows
             df["team"] = team_of  # the merge repeats a case with its team
+            ids, cids = members["case_id"].take(rows), members["cluster_id"].to_numpy(dtype=object)[rows]
             df = df.merge(pd.DataFrame({"case_id": ids.to_numpy(), "cluster_id": cids}), on="case_id", how="left")
         elif cluster_codes is not None:
             # The merge's result when each case has at most one cluster, as codes: the cases in
@@ -192,6 +197,7 @@ def trajectory_table(
             # The merge's result when each case has at most one cluster: the cases in their order
             # (a new index, as a merge's), each with its cluster or none.
             df = df.reset_index(drop=True)
+            cids = members["cluster_id"].to_numpy(dtype=object)[rows]
             df["cluster_id"] = np.where(pos >= 0, cids[np.maximum(pos, 0)], np.nan) if len(cids) else np.nan
     # Every group of a dimension counted at once: a groupby iterated group by group (a value_counts
     # and three means per group, ~170 groups) cost 0.2 s of a night's export at 100k cases.
