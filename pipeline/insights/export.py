@@ -1873,6 +1873,10 @@ def export_all(
             rc = _recluster(cfg, out, frame, embedder, state, meta, embedder_id, day, since)
             t_embed += rc.t_embed
             clustering, described = rc.clustering, rc.clustering.clusters
+            if clustering.partial:
+                # Its members are the cross-type rows, the frame's in order: each one's case row is
+                # known, so the emotion table finds them without hashing every case id twice.
+                clustering.case_rows = selected
         else:
             described = mb.load_described(out)
             seen = _night_view(
