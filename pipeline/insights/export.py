@@ -90,7 +90,14 @@ from pipeline.insights.incremental import (
 from pipeline.insights.kpis import compute_kpis, timing_coverage
 from pipeline.insights.member_rows import arrow_strings as _arrow_strings
 from pipeline.insights.member_rows import index_in as _index_in
-from pipeline.insights.recluster_rows import ReclusterRows, last_rows, part_table, recluster_rows, run_ids_at
+from pipeline.insights.recluster_rows import (
+    NotText,
+    ReclusterRows,
+    last_rows,
+    part_groups,
+    recluster_rows,
+    run_ids_at,
+)
 from pipeline.insights.report import ReportData, render_report
 from pipeline.insights.row_file import RowFile
 from pipeline.insights.stored_tokens import stored_token_codes
@@ -1777,11 +1784,12 @@ def _save_recluster(
 ) -> None:
     """A re-cluster's state: its membership as a new first part (the parts before it dropped),
     the scopes' projections, the clusters' descriptions and state, and the meta naming it."""
-    part = part_table(rc.tail) if rc.tail is not None else None
-    if part is not None:
-        seq = mb.append_part(out, part)
-        del part
-    else:
+    made = part_groups(rc.tail) if rc.tail is not None else None
+    try:
+        seq = mb.append_groups(out, made.schema, made.groups()) if made is not None else None
+    except NotText:
+        seq = None  # no part written: the object form converts the value as it is
+    if seq is None:
         seq = mb.append_members(
             out, stored_members(rc.tail.stored() if rc.tail is not None else rc.clustering.members, frame)
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,8 @@ import pyarrow.parquet as pq
 
 from pipeline.insights.cluster import Projection
 from pipeline.insights.incremental import MEMBER_COLUMNS
-from pipeline.io import atomic_write_parquet, atomic_write_text, write_cache
+from pipeline.insights.member_parts import group_bounds
+from pipeline.io import atomic_write_parquet, atomic_write_parquet_groups, atomic_write_text, write_cache
 
 _PART = re.compile(r"part-(\d+)\.parquet$")
 COMPACT_PARTS = 60  # more parts than this and the membership is rewritten as one
@@ -191,8 +193,18 @@ def append_members(out: Path, rows: pd.DataFrame) -> int:
 
 def append_part(out: Path, table: pa.Table) -> int:
     """Write a part's table (`member_part_table`'s) as the next part; returns its number."""
+    return append_groups(out, table.schema, (table.slice(a, b - a) for a, b in group_bounds(table.num_rows)))
+
+
+def append_groups(out: Path, schema: pa.Schema, groups: Iterable[pa.Table]) -> int:
+    """Write a part given as its row groups (`schema`, with its metadata, the part's) as the next
+    part; returns its number. One rule for every part, whoever writes it: row groups of
+    `member_parts.GROUP_ROWS` rows, each column in one chunk, so the same rows give the same
+    bytes (a re-cluster's part made a group at a time, a compaction's or a night's whole); a part
+    within one group has the bytes it had as one table. 65,536 rows is also the batch of the
+    part's Arrow copy (`_read_part`), so a night reads the same chunks from either."""
     seq = last_part(out) + 1
-    atomic_write_parquet(members_dir(out) / f"part-{seq:06d}.parquet", table)
+    atomic_write_parquet_groups(members_dir(out) / f"part-{seq:06d}.parquet", schema, groups)
     return seq
 
 

@@ -15,6 +15,7 @@ file, as it is written, then let go.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,7 @@ from pipeline.insights import member_tallies as mt
 from pipeline.insights.cluster import ALL_SCOPE, MEMBER_FIELDS, _fields_at, leads_in_order
 from pipeline.insights.codes import arrow_backed
 from pipeline.insights.incremental import MEMBER_COLUMNS
+from pipeline.insights.member_parts import group_bounds
 from pipeline.insights.member_rows import arrow_strings, index_in
 
 BLOCK_ROWS = 65_536  # member rows counted at a time: ~5 MiB of their fields
@@ -142,19 +144,77 @@ def _arrow_type(col: pd.Series) -> pa.DataType:
     return pa.Schema.from_pandas(col.iloc[:0].to_frame(), preserve_index=False).field(0).type
 
 
-def part_table(parts: ReclusterRows) -> pa.Table | None:
-    """The membership part of the whole table (`member_part_table(stored_members(...))`), built
-    in Arrow a column at a time, each made in its type before the next: the pandas rows and their
-    Arrow copy were held together, two rows a case, at the export's last step. The schema (and
-    its pandas metadata) is the object form's, taken from a one-row frame of each text column's
-    first value, as `membership._arrow_texts_table` takes it. None where that cannot be the same
-    table (a text column without a value or with a value that is not text, no case ids): then
-    the caller builds it from pandas rows."""
+class NotText(ValueError):
+    """A membership part's text column holds a value that is not text (found in a row group):
+    the object form converts it as it is, so the part is built from pandas rows."""
+
+
+@dataclass
+class PartGroups:
+    """The membership part of the whole table (`member_part_table(stored_members(...))`) made a
+    row group (`member_parts.GROUP_ROWS` member rows) at a time, each column made in Arrow in its
+    type from that group's rows alone: built whole and written as one row group, the part (two
+    rows a case) was the peak of the export a back-fill ends with (+167 MiB at 400k stored
+    cases). `schema` is the whole part's, its pandas metadata the object form's; `last`, each
+    case's frame row holding its id's run (`last_rows`), None without run ids."""
+
+    parts: ReclusterRows
+    schema: pa.Schema
+    ids: pa.Array
+    last: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(self.parts.heads)
+
+    def group(self, a: int, b: int) -> pa.Table:
+        """Member rows [a, b) of the part; `NotText` where a text column's value is not text."""
+        at = rows_between(self.parts.rows, a, b)  # each row's case
+        columns = []
+        for f in self.schema:
+            try:
+                columns.append(self._column(f.name, a, b, at).cast(f.type))
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+                raise NotText(f.name) from e
+        return pa.Table.from_arrays(columns, schema=self.schema)
+
+    def groups(self) -> Iterator[pa.Table]:
+        """Every row group of the part in order (`member_parts.group_bounds`)."""
+        for a, b in group_bounds(len(self)):
+            yield self.group(a, b)
+
+    def _column(self, name: str, a: int, b: int, at: np.ndarray) -> pa.Array:
+        """One column of rows [a, b), as Arrow makes it from the object form's values."""
+        heads = self.parts.heads
+        if name == "case_id":
+            return self.ids.take(pa.array(at))
+        if name == "run_id":
+            return run_ids_at(self.parts.frame, at if self.last is None else self.last[at])
+        if name in ("scope", "cluster_id"):
+            return pa.array(heads[name].iloc[a:b].to_numpy(dtype=object), pa.large_string(), from_pandas=True)
+        if name == "is_noise":
+            return pa.array(heads["is_noise"].iloc[a:b].to_numpy(dtype=bool))
+        if name == "similarity":
+            values = pd.to_numeric(heads["similarity"].iloc[a:b], errors="coerce").to_numpy(dtype=np.float64)
+        else:  # the map's x or y: the cross-type rows' points, none for the others
+            values = np.full(b - a, np.nan)
+            xy = self.parts.xy
+            if xy is not None and a < self.parts.lead:
+                end = min(b, self.parts.lead)
+                values[: end - a] = xy[0 if name == "x" else 1][a:end]
+        return pa.array(values, from_pandas=True)
+
+
+def part_groups(parts: ReclusterRows) -> PartGroups | None:
+    """The membership part of the whole table as `PartGroups`. The schema (and its pandas
+    metadata) is the object form's, taken from a one-row frame of each text column's first value,
+    as `membership._arrow_texts_table` takes it. None where that cannot be the same table (a text
+    column without a value, no case ids): then the caller builds it from pandas rows."""
     if "case_id" not in parts.frame or not len(parts.heads):
         return None
-    at = rows_between(parts.rows, 0, len(parts.heads))  # each member row's case
     ids = arrow_strings(parts.frame["case_id"])
-    first = _first_texts(parts, ids, at)
+    # Each case's run found once, not once a member row (`export._run_ids`).
+    last = last_rows(ids, ids) if "run_id" in parts.frame else None
+    first = _first_texts(parts, ids, last)
     if first is None:
         return None  # Arrow's null type in the object form
     sample = pd.DataFrame(
@@ -164,26 +224,32 @@ def part_table(parts: ReclusterRows) -> pa.Table | None:
             **{c: pd.Series([np.nan], dtype=np.float64) for c in ("similarity", "x", "y")},
         }
     )[MEMBER_COLUMNS]
-    schema = pa.Table.from_pandas(sample, preserve_index=False).schema
-    columns = []
-    for name in schema.names:
-        try:
-            columns.append(_part_column(parts, name, ids, at).cast(schema.field(name).type))
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-            return None  # a value that is not text: the object form converts it as it is
-    if any(col.type != f.type for col, f in zip(columns, schema)):
+    return PartGroups(parts, pa.Table.from_pandas(sample, preserve_index=False).schema, ids, last)
+
+
+def part_table(parts: ReclusterRows) -> pa.Table | None:
+    """The whole membership part (`PartGroups` as one group), or None where it cannot be built in
+    Arrow (`part_groups`, `NotText`)."""
+    made = part_groups(parts)
+    if made is None:
         return None
-    return pa.Table.from_arrays(columns, schema=schema)
+    try:
+        return made.group(0, len(made))
+    except NotText:
+        return None
 
 
-def _first_texts(parts: ReclusterRows, ids: pa.Array, at: np.ndarray) -> dict[str, str] | None:
+def _first_texts(parts: ReclusterRows, ids: pa.Array, last: np.ndarray | None) -> dict[str, str] | None:
     """Each text column's first value, None where a column has none."""
-    valid = np.flatnonzero(np.asarray(ids.is_valid().to_numpy(zero_copy_only=False), dtype=bool)[at])
-    first: dict[str, str] = {}
-    if not len(valid):
+    valid = np.asarray(ids.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    case = next((int(r[valid[r]][0]) for r in parts.rows if valid[r].any()), None)
+    if case is None:
         return None
-    first["case_id"] = ids[int(at[valid[0]])].as_py()
-    first["run_id"] = _run_ids(parts.frame, ids, at[:1])[0].as_py()
+    at = rows_between(parts.rows, 0, 1)  # the first member row's case
+    first = {
+        "case_id": ids[case].as_py(),
+        "run_id": run_ids_at(parts.frame, at if last is None else last[at])[0].as_py(),
+    }
     for name in ("scope", "cluster_id"):
         col = parts.heads[name]
         where = col.first_valid_index()
@@ -191,34 +257,6 @@ def _first_texts(parts: ReclusterRows, ids: pa.Array, at: np.ndarray) -> dict[st
             return None
         first[name] = col.loc[where]
     return first
-
-
-def _part_column(parts: ReclusterRows, name: str, ids: pa.Array, at: np.ndarray) -> pa.Array:
-    """One column of the membership part, as Arrow makes it from the object form's values."""
-    heads = parts.heads
-    if name == "case_id":
-        return ids.take(pa.array(at))
-    if name == "run_id":
-        return _run_ids(parts.frame, ids, at)
-    if name in ("scope", "cluster_id"):
-        return pa.array(heads[name].to_numpy(dtype=object), pa.large_string(), from_pandas=True)
-    if name == "is_noise":
-        return pa.array(heads["is_noise"].to_numpy(dtype=bool))
-    if name == "similarity":
-        values = pd.to_numeric(heads["similarity"], errors="coerce").to_numpy(dtype=np.float64)
-    else:  # the map's x or y: the cross-type rows' points, none for the others
-        values = np.full(len(at), np.nan)
-        if parts.xy is not None:
-            values[: parts.lead] = parts.xy[0 if name == "x" else 1]
-    return pa.array(values, from_pandas=True)
-
-
-def _run_ids(frame: pd.DataFrame, ids: pa.Array, at: np.ndarray) -> pa.Array:
-    """Each member row's case's run id (`run_ids_at`), its case (`at`) a frame row: each case's
-    last row of its id found once, not once a member row (`export._run_ids`)."""
-    if "run_id" not in frame:
-        return run_ids_at(frame, at)
-    return run_ids_at(frame, last_rows(ids, ids)[at])
 
 
 def last_rows(values: pa.Array, ids: pa.Array) -> np.ndarray:
