@@ -17,6 +17,7 @@ import pipeline.insights.recluster_rows as rr
 from pipeline.embed.fake import HashingEmbedder
 from pipeline.insights import member_parts as mp
 from pipeline.insights import member_tallies as mt
+from pipeline.insights import membership as mb
 from pipeline.insights.cluster import ALL_SCOPE, CauseLexicon, ClusterState, scope_member_rows, select_cases
 from pipeline.insights.export import (
     finish_export,
@@ -281,3 +282,77 @@ def test_a_members_parts_bytes_follow_its_rows_not_its_chunks(tmp_path, monkeypa
     many = one.assign(problem=pd.arrays.ArrowExtensionArray(chunked))
     assert pa.Table.from_pandas(many)["problem"].num_chunks > 1
     assert _file_bytes(tmp_path, "one", one) == _file_bytes(tmp_path, "many", many)
+
+
+def _tail(cfg, n: int = 240) -> tuple[pd.DataFrame, rr.ReclusterRows]:
+    frame = _frame(n)
+    fitted = _fit(cfg, frame)
+    tail = rr.recluster_rows(frame, fitted.heads, scope_member_rows(fitted.results), fitted.xy)
+    assert tail is not None
+    return frame, tail
+
+
+def _one_part(out) -> pa.Table:
+    (path,) = mb.members_dir(out).glob("part-*.parquet")
+    return pq.read_table(path)
+
+
+@pytest.mark.parametrize("group", [1, 7, 10**6])
+def test_the_membership_part_written_a_group_at_a_time_is_the_whole_parts(cfg, tmp_path, monkeypatch, group):
+    """A re-cluster's membership part made a row group at a time (`PartGroups`, no group past
+    `membership.GROUP_ROWS` rows, the cross-type rows' map points straddling groups): the content, schema and
+    pandas metadata included, of the whole part (`part_table`) and of the object form
+    (`member_part_table(stored_members(...))`); the bytes the one rule gives the whole part
+    (`append_part`); within one group, the bytes of the part written whole as before."""
+    frame, tail = _tail(cfg)
+    whole = rr.part_table(tail)
+    want = member_part_table(stored_members(tail.stored(), frame))
+    assert whole is not None and whole.equals(want) and whole.schema.metadata == want.schema.metadata
+    monkeypatch.setattr(mb, "GROUP_ROWS", group)
+    made = rr.part_groups(tail)
+    assert made is not None and len(made) == whole.num_rows
+    sizes: list[int] = []
+    real = rr.PartGroups.group
+    monkeypatch.setattr(rr.PartGroups, "group", lambda self, a, b: sizes.append(b - a) or real(self, a, b))
+    mb.append_groups(tmp_path / "groups", made.schema, len(made), made.group)
+    n = whole.num_rows
+    assert max(sizes) <= group and sum(sizes) == n
+    got = _one_part(tmp_path / "groups")
+    assert got.equals(whole) and got.schema.equals(whole.schema, check_metadata=True)
+    (path,) = mb.members_dir(tmp_path / "groups").glob("part-*.parquet")
+    assert pq.ParquetFile(path).metadata.num_row_groups == -(-n // group)
+    mb.append_part(tmp_path / "whole", whole)
+    (whole_path,) = mb.members_dir(tmp_path / "whole").glob("part-*.parquet")
+    assert path.read_bytes() == whole_path.read_bytes()
+    atomic_write_parquet(tmp_path / "old.parquet", whole)  # how every part was written before
+    assert (path.read_bytes() == (tmp_path / "old.parquet").read_bytes()) == (group >= n)
+
+
+def test_a_value_that_is_not_text_in_a_late_group_leaves_the_part_to_the_pandas_rows(cfg, tmp_path, monkeypatch):
+    """Cluster ids that are not text, the first after a few row groups of noise (found after
+    those groups are written): no part is left of them, and the re-cluster's state writes the
+    part of the pandas rows (`stored_members`), as when the whole part could not be built in
+    Arrow."""
+    from types import SimpleNamespace
+
+    import pipeline.insights.export as ex
+
+    frame, tail = _tail(cfg)
+    ids = pd.Series([None] * 30 + list(range(len(tail.heads) - 30)), dtype=object)
+    tail.heads = tail.heads.assign(cluster_id=ids)
+    assert rr.part_table(tail) is None
+    monkeypatch.setattr(mb, "GROUP_ROWS", 7)
+    made = rr.part_groups(tail)
+    assert made is not None
+    with pytest.raises(rr.NotText):
+        mb.append_groups(tmp_path / "bad", made.schema, len(made), made.group)
+    assert not list(mb.members_dir(tmp_path / "bad").iterdir())  # not even the temporary file
+    clustering = SimpleNamespace(clusters=pd.DataFrame({"cluster_id": ["a"]}), state=ClusterState.empty(), members=None)
+    rc = SimpleNamespace(tail=tail, clustering=clustering, projections={})
+    out = tmp_path / "out"
+    ex._save_recluster(out, rc, frame, {}, "2025-11-21", "hashing")  # type: ignore[arg-type]
+    assert mb.load_meta(out)["members_from"] == 1
+    want = member_part_table(stored_members(tail.stored(), frame))
+    got = _one_part(out)
+    assert got.equals(want) and got.schema.equals(want.schema, check_metadata=True)
+    assert got.schema.field("cluster_id").type == pa.int64()

@@ -1786,7 +1786,7 @@ def _save_recluster(
     the scopes' projections, the clusters' descriptions and state, and the meta naming it."""
     made = part_groups(rc.tail) if rc.tail is not None else None
     try:
-        seq = mb.append_groups(out, made.schema, made.groups()) if made is not None else None
+        seq = mb.append_groups(out, made.schema, len(made), made.group) if made is not None else None
     except NotText:
         seq = None  # no part written: the object form converts the value as it is
     if seq is None:

@@ -59,12 +59,14 @@ class RowBlocks(Protocol):
         ...
 
 
-def group_bounds(n: int) -> Iterator[tuple[int, int]]:
-    """Each row group's rows [a, b) of a part of `n` rows (`GROUP_ROWS`); an empty part's one."""
+def group_bounds(n: int, size: int | None = None) -> Iterator[tuple[int, int]]:
+    """Each row group's rows [a, b) of a part of `n` rows (`size`, else `GROUP_ROWS`); an empty
+    part's one."""
+    size = size or GROUP_ROWS
     if not n:
         yield 0, 0
-    for a in range(0, n, GROUP_ROWS):
-        yield a, min(a + GROUP_ROWS, n)
+    for a in range(0, n, size):
+        yield a, min(a + size, n)
 
 
 def parts(folder: Path) -> list[Path]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,10 @@ from pipeline.io import atomic_write_parquet, atomic_write_parquet_groups, atomi
 
 _PART = re.compile(r"part-(\d+)\.parquet$")
 COMPACT_PARTS = 60  # more parts than this and the membership is rewritten as one
+# Every part's Parquet row groups hold this many rows (`append_groups`): a re-cluster's part (two
+# rows a case) built whole and written as one group was the peak of a back-fill's export. The
+# batch of the part's Arrow copy (`_read_part`, feather's 64K) too: a night reads the same chunks.
+GROUP_ROWS = 65_536
 
 
 def state_dir(out: Path) -> Path:
@@ -193,17 +197,17 @@ def append_members(out: Path, rows: pd.DataFrame) -> int:
 
 def append_part(out: Path, table: pa.Table) -> int:
     """Write a part's table (`member_part_table`'s) as the next part; returns its number."""
-    return append_groups(out, table.schema, (table.slice(a, b - a) for a, b in group_bounds(table.num_rows)))
+    return append_groups(out, table.schema, table.num_rows, lambda a, b: table.slice(a, b - a))
 
 
-def append_groups(out: Path, schema: pa.Schema, groups: Iterable[pa.Table]) -> int:
-    """Write a part given as its row groups (`schema`, with its metadata, the part's) as the next
-    part; returns its number. One rule for every part, whoever writes it: row groups of
-    `member_parts.GROUP_ROWS` rows, each column in one chunk, so the same rows give the same
-    bytes (a re-cluster's part made a group at a time, a compaction's or a night's whole); a part
-    within one group has the bytes it had as one table. 65,536 rows is also the batch of the
-    part's Arrow copy (`_read_part`), so a night reads the same chunks from either."""
+def append_groups(out: Path, schema: pa.Schema, n: int, group: Callable[[int, int], pa.Table]) -> int:
+    """Write a part of `n` rows as the next part, made a row group at a time (`group(a, b)`: its
+    rows [a, b), `schema` with its metadata the part's); returns its number. The one rule for
+    every part, whoever writes it: row groups of `GROUP_ROWS` rows, each column in one chunk, so
+    the same rows give the same bytes (a re-cluster's part made a group at a time, a night's or a
+    compaction's whole); a part within one group has the bytes it had written as one table."""
     seq = last_part(out) + 1
+    groups = (group(a, b) for a, b in group_bounds(n, GROUP_ROWS))
     atomic_write_parquet_groups(members_dir(out) / f"part-{seq:06d}.parquet", schema, groups)
     return seq
 

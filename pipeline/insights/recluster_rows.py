@@ -15,7 +15,6 @@ file, as it is written, then let go.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +26,6 @@ from pipeline.insights import member_tallies as mt
 from pipeline.insights.cluster import ALL_SCOPE, MEMBER_FIELDS, _fields_at, leads_in_order
 from pipeline.insights.codes import arrow_backed
 from pipeline.insights.incremental import MEMBER_COLUMNS
-from pipeline.insights.member_parts import group_bounds
 from pipeline.insights.member_rows import arrow_strings, index_in
 
 BLOCK_ROWS = 65_536  # member rows counted at a time: ~5 MiB of their fields
@@ -152,8 +150,8 @@ class NotText(ValueError):
 @dataclass
 class PartGroups:
     """The membership part of the whole table (`member_part_table(stored_members(...))`) made a
-    row group (`member_parts.GROUP_ROWS` member rows) at a time, each column made in Arrow in its
-    type from that group's rows alone: built whole and written as one row group, the part (two
+    row group (`membership.append_groups` asks for each) at a time, each column made in Arrow in
+    its type from that group's rows alone: built whole and written as one row group, the part (two
     rows a case) was the peak of the export a back-fill ends with (+167 MiB at 400k stored
     cases). `schema` is the whole part's, its pandas metadata the object form's; `last`, each
     case's frame row holding its id's run (`last_rows`), None without run ids."""
@@ -176,11 +174,6 @@ class PartGroups:
             except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
                 raise NotText(f.name) from e
         return pa.Table.from_arrays(columns, schema=self.schema)
-
-    def groups(self) -> Iterator[pa.Table]:
-        """Every row group of the part in order (`member_parts.group_bounds`)."""
-        for a, b in group_bounds(len(self)):
-            yield self.group(a, b)
 
     def _column(self, name: str, a: int, b: int, at: np.ndarray) -> pa.Array:
         """One column of rows [a, b), as Arrow makes it from the object form's values."""
