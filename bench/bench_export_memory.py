@@ -194,6 +194,7 @@ FULL_STAGES = (
     ("fit_map", False),
     ("recluster_clustering", False),  # the cross-type rows and the block tally (`recluster_rows`)
     ("part_table", False),
+    ("part_groups", False),  # the part's schema; its groups are made as append_groups writes them
 )
 # case_tokens: the lists token_codes replaced (so an older tree's breakdown shows them).
 CLUSTER_STAGES = ("case_tokens", "token_codes", "fit_clusters", "describe_scope", "class_tfidf")
@@ -239,6 +240,7 @@ def child(store: Path, day: str, breakdown: bool) -> None:
         sampler.wrap(mb, "load_members", frames=True)
         sampler.wrap(mb, "append_members")
         sampler.wrap(mb, "append_part")  # a re-cluster's part built in Arrow (`part_table`)
+        sampler.wrap(mb, "append_groups")  # ... or made a row group at a time as it is written
         for name, frames in FULL_STAGES:
             sampler.wrap(ex, name, frames=frames)
         for name in CLUSTER_STAGES:
