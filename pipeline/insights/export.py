@@ -573,17 +573,26 @@ def recluster_table(
 
 
 def recluster_clustering(
-    frame: pd.DataFrame, fitted: VectorFit, tail: ReclusterRows | None, texts: bool = True
+    frame: pd.DataFrame,
+    fitted: VectorFit,
+    tail: ReclusterRows | None,
+    texts: bool = True,
+    case_rows: np.ndarray | None = None,
 ) -> tuple[Clustering, dict[str, Projection]]:
     """The clustering the tables read of a re-cluster: with its members' parts (`tail`), the
     cross-type rows and the tally of every row (a partial clustering, as a night's with a kept
     tally), where that tally makes every per-type table; else the whole table
-    (`recluster_table`)."""
+    (`recluster_table`). `case_rows`: each frame row's row in the cases (`select_cases_at`)."""
     if tail is not None:
         cross = tail.cross()
         tally = tail.tally(cross)
         if mt.makes_tables(tally):
-            return Clustering(fitted.clusters, cross, fitted.state, tally=tally, partial=True), fitted.projections
+            # The cross-type rows are the frame's in order: each one's case row is known, so the
+            # emotion table finds them without hashing every case id twice.
+            clustering = Clustering(
+                fitted.clusters, cross, fitted.state, case_rows=case_rows, tally=tally, partial=True
+            )
+            return clustering, fitted.projections
     return recluster_table(frame, fitted, texts)
 
 
@@ -1536,10 +1545,11 @@ def _recluster(
     embedder_id: str,
     day: str,
     since: date | None,
+    selected: np.ndarray,
 ) -> _Recluster:
     """Re-cluster every selected case (`fit_vectors`), from vectors embedded (mostly read from
     the cache) into a file a block at a time and read back a few rows at a time by every
-    stage: the vectors are never all in memory."""
+    stage: the vectors are never all in memory. `selected`: each frame row's row in the cases."""
     c = cfg.cluster
     t1 = time.perf_counter()
     vectors = embed_to_rows(embedder, frame["cluster_text"], case_cache_path(out).parent)
@@ -1568,7 +1578,7 @@ def _recluster(
     # added for the members file only, as it is written.
     file_rows = scope_member_rows(fitted.results) if since is None else None
     tail = recluster_rows(frame, fitted.heads, file_rows, fitted.xy) if file_rows is not None else None
-    clustering, projections = recluster_clustering(frame, fitted, tail, texts=file_rows is None)
+    clustering, projections = recluster_clustering(frame, fitted, tail, texts=file_rows is None, case_rows=selected)
     if clustering.partial:
         file_rows = None  # the members file is `tail`'s table
     else:
@@ -1878,13 +1888,9 @@ def export_all(
         # Nothing but new rows added to the stored membership tonight.
         linked = not night.compact and not night.dropped and not night.n_redone
         if reason is not None:
-            rc = _recluster(cfg, out, frame, embedder, state, meta, embedder_id, day, since)
+            rc = _recluster(cfg, out, frame, embedder, state, meta, embedder_id, day, since, selected)
             t_embed += rc.t_embed
             clustering, described = rc.clustering, rc.clustering.clusters
-            if clustering.partial:
-                # Its members are the cross-type rows, the frame's in order: each one's case row is
-                # known, so the emotion table finds them without hashing every case id twice.
-                clustering.case_rows = selected
         else:
             described = mb.load_described(out)
             seen = _night_view(
