@@ -92,7 +92,7 @@ class ReclusterRows:
 
     def stored(self) -> pd.DataFrame:
         """The membership part's columns of the whole table but its run ids (`stored_members`
-        adds them): each row's case id, head and map point; for a part `part_table` cannot
+        adds them): each row's case id, head and map point; for a part `part_groups` cannot
         build. Scope and cluster id as Arrow text where every value is text, so that the part
         is cast from Arrow (`member_part_table`): as Python objects, with the case and run ids,
         they were 2 strings a row."""
@@ -218,18 +218,6 @@ def part_groups(parts: ReclusterRows) -> PartGroups | None:
         }
     )[MEMBER_COLUMNS]
     return PartGroups(parts, pa.Table.from_pandas(sample, preserve_index=False).schema, ids, last)
-
-
-def part_table(parts: ReclusterRows) -> pa.Table | None:
-    """The whole membership part (`PartGroups` as one group), or None where it cannot be built in
-    Arrow (`part_groups`, `NotText`)."""
-    made = part_groups(parts)
-    if made is None:
-        return None
-    try:
-        return made.group(0, len(made))
-    except NotText:
-        return None
 
 
 def _first_texts(parts: ReclusterRows, ids: pa.Array, last: np.ndarray | None) -> dict[str, str] | None:
