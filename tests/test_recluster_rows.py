@@ -100,7 +100,6 @@ def test_the_parts_give_the_whole_tables_files_and_membership(cfg, tmp_path, mon
     _same_part(tmp_path, tail, frame, bare.members)
 
 
-
 def _part_table(parts: rr.ReclusterRows) -> pa.Table | None:
     """The whole membership part (`PartGroups` as one group), or None where it cannot be built in
     Arrow (`part_groups`, `NotText`): the reference the group-wise part is checked against."""
@@ -111,6 +110,7 @@ def _part_table(parts: rr.ReclusterRows) -> pa.Table | None:
         return made.group(0, len(made))
     except rr.NotText:
         return None
+
 
 def _same_part(tmp_path, tail: rr.ReclusterRows, frame: pd.DataFrame, members: pd.DataFrame, direct: bool = True):
     want = member_part_table(stored_members(members, frame))
@@ -214,6 +214,33 @@ def test_without_a_tally_that_makes_the_tables_the_whole_table_is_built(cfg, n):
     want, _ = recluster_table(frame, fitted, texts=False)
     assert not got.partial
     pd.testing.assert_frame_equal(got.members, want.members)
+
+
+def test_the_cross_type_rows_hold_no_more_than_their_values(cfg):
+    """The tables hold the cross-type rows until the files are written, after the cases are let
+    go: their emotion scores are a copy, not a view of the cases' block of float columns (which
+    a view keeps whole); their texts are the frame's Arrow buffers and their map points the
+    ones the membership part reads, not copies. The rows are the ones `assign` made."""
+    frame = _frame(150)
+    n = len(frame)
+    numbers = np.c_[frame["emotion_score"].to_numpy(), np.arange(n, dtype=float), np.ones(n)]
+    block = pd.DataFrame(numbers, columns=["emotion_score", "duration_s", "csat"], copy=False)
+    frame = pd.concat([frame.drop(columns="emotion_score"), block], axis=1)
+    assert np.shares_memory(frame["emotion_score"].to_numpy(), numbers)  # one block, as read
+    fitted = _fit(cfg, frame)
+    xy = (np.arange(n) / 7, -np.arange(n) / 3)
+    tail = rr.recluster_rows(frame, fitted.heads, scope_member_rows(fitted.results), xy)
+    assert tail is not None
+    cross = tail.cross()
+    scores = cross["emotion_score"].to_numpy()
+    assert not np.shares_memory(scores, numbers)
+    np.testing.assert_array_equal(scores, frame["emotion_score"].to_numpy())
+    # The map's points: the ones the membership part reads, not a second copy of them.
+    assert np.shares_memory(cross["x"].to_numpy(), xy[0]) and np.shares_memory(cross["y"].to_numpy(), xy[1])
+    old = pd.concat([tail.heads.iloc[:n], tail.fields().rename(columns={"cluster_text": "problem"})], axis=1)
+    pd.testing.assert_frame_equal(cross, old.assign(x=xy[0], y=xy[1]))
+    shared = cross["problem"].array._pa_array.chunks[0].buffers()[2].address
+    assert shared == frame["cluster_text"].array._pa_array.chunks[0].buffers()[2].address
 
 
 def test_rows_between_is_the_slice_of_the_concatenation():

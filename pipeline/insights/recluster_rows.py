@@ -59,10 +59,15 @@ class ReclusterRows:
         """The cross-type scope's rows with their fields and map points, as the whole table's
         leading rows: the cases' own columns beside their heads."""
         n = self.lead
-        body = self.fields().rename(columns={"cluster_text": "problem"})
-        out = pd.concat([self.heads.iloc[:n], body], axis=1)
-        x, y = self.xy if self.xy is not None else (np.nan, np.nan)
-        return out.assign(x=x, y=y)
+        # A copy of the numbers alone (the texts stay Arrow's, shared): the cases' eight float
+        # columns are one pandas block, and a view of emotion_score kept all eight alive for as
+        # long as the tables held these rows, after the cases were let go.
+        body = self.fields().copy().rename(columns={"cluster_text": "problem"})
+        if self.xy is None:
+            return pd.concat([self.heads.iloc[:n], body], axis=1).assign(x=np.nan, y=np.nan)
+        # The map's points as they are (the membership part reads them too): `assign` copied them.
+        points = pd.DataFrame({"x": self.xy[0], "y": self.xy[1]}, copy=False)
+        return pd.concat([self.heads.iloc[:n], body, points], axis=1)
 
     def block(self, a: int, b: int, fields: pd.DataFrame) -> pd.DataFrame:
         """Member rows [a, b) with `fields` (the cases' fields, some of them) at their cases."""
