@@ -100,6 +100,8 @@ def test_chunks_commit_under_their_own_run_ids(big_jsonl, tmp_path, monkeypatch)
     logged = [json.loads(x) for x in memlog.read_text(encoding="utf-8").splitlines()]
     done = [(r["step"], r["chunk"]) for r in logged if r["step"] not in ("start", "between", "no-reset")]
     assert logged[0]["step"] == "start" and all(r["peak_mib"] > 0 for r in logged)
+    # The RSS each step leaves, split into what the run holds and the pages of files it maps.
+    assert all(0 < r["anon_mib"] <= r["rss_mib"] and 0 <= r["file_mib"] <= r["rss_mib"] for r in logged)
     assert done == [(st, c) for c in s["chunks"] for st in ("ingest", "process", "index", "commit")] + [
         (st, None) for st in ("export", "library", "summary")
     ]

@@ -1,5 +1,6 @@
 """Peak memory per run step, for the memory bench: with CASEMINE_MEMLOG=<file> the runner appends
-one JSON line per step it finishes (step, the chunk's run id, the step's peak and end RSS in MiB).
+one JSON line per step it finishes (step, the chunk's run id, the step's peak and end RSS in MiB,
+and of that end RSS the anonymous memory and the pages of mapped files).
 
 Why inside the run and why the kernel's high-water mark: a sampler outside the process misses
 peaks shorter than its period and has to guess which step was running; VmHWM, reset when a step
@@ -17,7 +18,7 @@ import re
 from pathlib import Path
 
 _ENV = "CASEMINE_MEMLOG"
-_FIELDS = re.compile(r"^(VmHWM|VmRSS):\s+(\d+) kB", re.M)
+_FIELDS = re.compile(r"^(VmHWM|VmRSS|RssAnon|RssFile):\s+(\d+) kB", re.M)
 
 
 def _status() -> dict[str, float] | None:
@@ -62,5 +63,10 @@ def _write(path: str, step: str, chunk: str | None) -> None:
     if st is None:
         return
     rec = {"step": step, "chunk": chunk, "peak_mib": round(st["VmHWM"], 1), "rss_mib": round(st["VmRSS"], 1)}
+    # What RSS left behind is made of: memory the process holds (anonymous) or pages of files
+    # it maps, which the kernel may drop. A growth of the one is a leak, of the other a mapping.
+    for key, name in (("RssAnon", "anon_mib"), ("RssFile", "file_mib")):
+        if key in st:
+            rec[name] = round(st[key], 1)
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(rec) + "\n")
