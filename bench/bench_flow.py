@@ -79,15 +79,17 @@ def step_peaks(memlog: Path) -> dict[str, float]:
     models, later ones should add nothing; run-to-run noise of a few hundred MiB in the models'
     loading makes this within-run difference the sharper test of flatness)."""
     peaks: dict[str, float] = {}
-    commits: list[float] = []
+    commits: list[dict] = []
     for line in memlog.read_text(encoding="utf-8").splitlines():
         r = json.loads(line)
         peaks[r["step"]] = max(peaks.get(r["step"], 0.0), r["peak_mib"])
         peaks["total"] = max(peaks.get("total", 0.0), r["peak_mib"])
         if r["step"] == "commit":
-            commits.append(r["rss_mib"])
-    if commits:
-        peaks["rss_after_chunk_1"], peaks["rss_after_chunks"] = commits[0], commits[-1]
+            commits.append(r)
+    # What the commits leave, and of it the run's own memory and the pages of files it maps.
+    for key, name in (("rss_mib", "rss"), ("anon_mib", "anon"), ("file_mib", "file")):
+        if commits and key in commits[0] and key in commits[-1]:
+            peaks[f"{name}_after_chunk_1"], peaks[f"{name}_after_chunks"] = commits[0][key], commits[-1][key]
     return peaks
 
 
@@ -114,7 +116,8 @@ def memory_flatness(tmp: Path, sizes: list[int], chunk_mb: float, one_chunk: boo
     print(f"\n  peak RSS MiB per step of the chunked runs (chunk steps: the largest chunk; 'start': imports "
           f"before the first step), growth {sizes[0]:,} -> {sizes[-1]:,}:")
     print(f"  {'step':<17}" + "".join(f"{n:>10,}" for n in sizes) + f"{'growth':>9}")
-    for step in [*MEM_STEPS, "total", "rss_after_chunk_1", "rss_after_chunks"]:
+    after = [f"{k}_after_chunk{s}" for k in ("rss", "anon", "file") for s in ("_1", "s")]
+    for step in [*MEM_STEPS, "total", *after]:
         vals = [r[2].get(step) for r in rows]
         if all(v is None for v in vals):
             continue
