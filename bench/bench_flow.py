@@ -115,7 +115,7 @@ def memory_flatness(tmp: Path, sizes: list[int], chunk_mb: float, one_chunk: boo
               f"{wall:>10.1f} {wall1:>12.1f}", flush=True)
     print(f"\n  peak RSS MiB per step of the chunked runs (chunk steps: the largest chunk; 'start': imports "
           f"before the first step), growth {sizes[0]:,} -> {sizes[-1]:,}:")
-    print(f"  {'step':<17}" + "".join(f"{n:>10,}" for n in sizes) + f"{'growth':>9}")
+    print(f"  {'step':<19}" + "".join(f"{n:>10,}" for n in sizes) + f"{'growth':>9}")
     after = [f"{k}_after_chunk{s}" for k in ("rss", "anon", "file") for s in ("_1", "s")]
     for step in [*MEM_STEPS, "total", *after]:
         vals = [r[2].get(step) for r in rows]
@@ -123,7 +123,7 @@ def memory_flatness(tmp: Path, sizes: list[int], chunk_mb: float, one_chunk: boo
             continue
         cells = "".join(f"{v:>10,.0f}" if v is not None else f"{'-':>10}" for v in vals)
         growth = f"{vals[-1] / vals[0]:>8.2f}x" if vals[0] and vals[-1] else ""
-        print(f"  {step:<17}{cells}{growth}")
+        print(f"  {step:<19}{cells}{growth}")
     if len(rows) > 1 and one_chunk:
         (a, pa1, _), (b, pb1, _) = rows[0], rows[-1]
         print(f"  one chunk {a:,} -> {b:,} transcripts: {pb1 / pa1:.2f}x peak memory")
@@ -156,12 +156,23 @@ def main() -> None:
     ap.add_argument("--chunk-mb", type=float, default=1.0, help="chunk size of the peak-memory check")
     ap.add_argument("--memory-only", action="store_true", help="only the peak-memory check (no throughput runs)")
     ap.add_argument("--no-one-chunk", action="store_true", help="peak-memory check without the one-chunk baseline")
+    ap.add_argument(
+        "--keep",
+        default="",
+        help="keep the peak-memory runs' inputs, outputs and memory logs in this folder (to probe a run's "
+        "stores afterwards: an hour's run at 120k is not made twice)",
+    )
     a = ap.parse_args()
     sizes = [int(x) for x in a.sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        mem_root = Path(a.keep) if a.keep else tmp
+        if a.keep and mem_root.exists() and any(mem_root.iterdir()):
+            # A run into an existing output would be a night on top of it, not the measured back-fill.
+            raise SystemExit(f"--keep {mem_root}: the folder is not empty; name a new one")
+        mem_root.mkdir(parents=True, exist_ok=True)
         if a.memory_only:
-            memory_flatness(tmp, [int(x) for x in a.memory_sizes.split(",")], a.chunk_mb, not a.no_one_chunk)
+            memory_flatness(mem_root, [int(x) for x in a.memory_sizes.split(",")], a.chunk_mb, not a.no_one_chunk)
             return
         results = {}
         for n in sizes:
@@ -199,7 +210,7 @@ def main() -> None:
               f"+{flow - plain:.1f} s per run ({flow / plain:.2f}x), {len(STAGES)} stages in 6 task kinds "
               f"(one process-batch task per {2000} conversations)")
         if a.memory_sizes:
-            memory_flatness(tmp, [int(x) for x in a.memory_sizes.split(",")], a.chunk_mb, not a.no_one_chunk)
+            memory_flatness(mem_root, [int(x) for x in a.memory_sizes.split(",")], a.chunk_mb, not a.no_one_chunk)
 
 
 if __name__ == "__main__":
