@@ -1944,11 +1944,9 @@ def export_all(
     del cases, view_cases  # no later step reads the cases: not held while the files are written
     tail = rc.tail if rc is not None else None
     if tail is not None:
-        # The files read the member fields and run ids alone: the frame's other columns let go.
-        # Copied, so that its one number (emotion_score) no longer views the cases' block of
-        # eight float columns (the texts are Arrow's and stay shared).
-        frame = frame[[c for c in (*MEMBER_FIELDS, "run_id") if c in frame]].copy()
-        tail.frame, view_frame = frame, frame
+        # The files read the member fields and run ids alone: the tail's own copy of them
+        # (`recluster_rows`), the frame's other columns let go.
+        frame = view_frame = tail.frame
     if reason is not None:
         release_unused_memory()  # the cases and what the tables freed: the files are made on top
     if part_rows is not None:

@@ -59,14 +59,10 @@ class ReclusterRows:
         """The cross-type scope's rows with their fields and map points, as the whole table's
         leading rows: the cases' own columns beside their heads."""
         n = self.lead
-        # A copy of the numbers alone (the texts stay Arrow's, shared): the cases' eight float
-        # columns are one pandas block, and a view of emotion_score kept all eight alive for as
-        # long as the tables held these rows, after the cases were let go.
-        body = self.fields().copy().rename(columns={"cluster_text": "problem"})
-        if self.xy is None:
-            return pd.concat([self.heads.iloc[:n], body], axis=1).assign(x=np.nan, y=np.nan)
+        body = self.fields().rename(columns={"cluster_text": "problem"})
         # The map's points as they are (the membership part reads them too): `assign` copied them.
-        points = pd.DataFrame({"x": self.xy[0], "y": self.xy[1]}, copy=False)
+        x, y = self.xy if self.xy is not None else (np.full(n, np.nan), np.full(n, np.nan))
+        points = pd.DataFrame({"x": x, "y": y}, copy=False)
         return pd.concat([self.heads.iloc[:n], body, points], axis=1)
 
     def block(self, a: int, b: int, fields: pd.DataFrame) -> pd.DataFrame:
@@ -272,7 +268,12 @@ def recluster_rows(
         return None
     if not (heads["scope"].iloc[: len(frame)] == ALL_SCOPE).all():
         return None
-    return ReclusterRows(frame, heads, rows, xy)
+    # The member fields and run ids alone, all the parts read, copied: the texts stay Arrow's,
+    # shared, and the one number (emotion_score) becomes its own. The cases' eight float columns
+    # are one pandas block, and a view of one kept all eight alive for as long as the tables held
+    # these rows, after the cases were let go.
+    held = frame[[c for c in (*MEMBER_FIELDS, "run_id") if c in frame]].copy()
+    return ReclusterRows(held, heads, rows, xy)
 
 
 def rows_between(rows: list[np.ndarray], a: int, b: int) -> np.ndarray:
