@@ -45,10 +45,12 @@ def test_spans_cut_between_lines_and_cover_the_file(big_jsonl):
     for a, b in zip(cuts, cuts[1:]):
         assert a.end == b.start and data[a.end - 1 : a.end] == b"\n"
         assert b.first_line == a.first_line + data[a.start : a.end].count(b"\n")
-    # Files that cannot be cut between records are one span whatever their size.
-    csv = big_jsonl.with_suffix(".csv")
-    csv.write_bytes(data)
-    assert spans(csv, size, 4_000) == [Span(0, size)]
+    # Files that cannot be cut between records are one span whatever their size: a JSON
+    # document, and a CSV whose first line is no header naming conversation_id and text.
+    for suffix in (".json", ".csv"):
+        other = big_jsonl.with_suffix(suffix)
+        other.write_bytes(data)
+        assert spans(other, size, 4_000) == [Span(0, size)]
 
 
 def test_a_span_reads_like_the_whole_file(big_jsonl):
@@ -67,6 +69,111 @@ def test_a_span_reads_like_the_whole_file(big_jsonl):
         (q.line, q.byte_offset, q.reason) for q in whole.quarantined
     ]
     assert bad[0].line == 218
+
+
+_ASR_HEADER = "conversation_id,channel_id,begin_ms,end_ms,text,started_at"
+_STARTED = "2025-10-29T12:26:53+08:00"
+
+
+def _call_rows(i: int, n: int = 4) -> list[str]:
+    return [
+        f"CALL-{i:04d},{r % 2},{r * 3000},{r * 3000 + 2500},第{i}通电话第{r}句快递三天没到请帮我查一下,{_STARTED}"
+        for r in range(n)
+    ]
+
+
+@pytest.fixture(params=["utf-8-sig", "gb18030"])
+def big_csv(tmp_path, request):
+    """ASR rows of 120 calls, with what csvrows must read alike whole or in spans: a quoted cell
+    over three lines (with commas), a quote never closed,
+    a header pasted again mid-file, a blank line, and CRLF line ends in one stretch."""
+    lines = [_ASR_HEADER]
+    for i in range(120):
+        rows = _call_rows(i)
+        if i == 30:
+            rows[1] = 'CALL-0030,0,3000,5500,"我要投诉\n你们的快递,三天没到\n到底怎么回事",2025-10-29T12:26:53+08:00'
+        if i == 55:
+            rows[2] = 'CALL-0055,1,6000,8500,"这一句的引号没有关上,2025-10-29T12:26:53+08:00'
+        if i == 70:
+            lines.append(_ASR_HEADER)
+        if i == 80:
+            lines.append("")
+        if 90 <= i < 95:
+            rows = [r + "\r" for r in rows]
+        lines.extend(rows)
+    p = tmp_path / "in" / "calls.csv"
+    p.parent.mkdir()
+    p.write_bytes(("\n".join(lines) + "\n").encode(request.param))
+    return p
+
+
+def _read_in_spans(path, max_bytes):
+    cfg = load_config(REPO / "configs" / "casemine.yaml").ingest
+    cuts = spans(path, path.stat().st_size, max_bytes)
+    return cuts, read_file(path, cfg, root=path.parent), [read_file(path, cfg, root=path.parent, span=s) for s in cuts]
+
+
+def _conversations(results):
+    return [
+        (c.conversation_id, c.source_line, [(t.speaker, t.text) for t in c.turns])
+        for r in results
+        for c in r.conversations
+    ]
+
+
+def test_a_big_csv_is_cut_between_conversations_and_reads_like_the_whole_file(big_csv):
+    """Each later span is read behind the header line; its conversations, their turns, and the
+    quarantined rows with their line numbers and byte offsets are those of the whole file.
+    Spans of many sizes, so that cuts fall next to each of the fixture's traps."""
+    data = big_csv.read_bytes()
+    for max_bytes in range(400, 4_000, 90):
+        cuts, whole, parts = _read_in_spans(big_csv, max_bytes)
+        assert len(cuts) > 4 and cuts[0].start == 0 and cuts[-1].end == len(data)
+        for a, b in zip(cuts, cuts[1:]):
+            assert a.end == b.start and data[a.end - 1 : a.end] == b"\n"
+            assert b.first_line == a.first_line + data[a.start : a.end].count(b"\n")
+            before, after = data[: b.start].splitlines()[-1], data[b.start :].split(b"\n", 1)[0]
+            assert before.split(b",")[0] != after.split(b",")[0]  # never inside a conversation
+        assert _conversations(parts) == _conversations([whole])
+        bad = [q for p in parts for q in p.quarantined]
+        assert [(q.line, q.byte_offset, q.reason, q.conversation_id) for q in bad] == [
+            (q.line, q.byte_offset, q.reason, q.conversation_id) for q in whole.quarantined
+        ]
+    assert len(whole.conversations) == 119
+    call_30 = next(c for c in whole.conversations if c.conversation_id == "CALL-0030")
+    assert call_30.turns[1].text.count("\n") == 2  # the quoted cell kept its line breaks
+    assert [q.conversation_id for q in whole.quarantined] == ["CALL-0055"]
+
+
+def test_rows_of_one_conversation_far_apart_keep_their_spans_together(tmp_path):
+    """csvrows gathers a conversation's rows wherever they lie in the file; a cut between them
+    would split it across chunks (each part then a different version of one conversation), so
+    the spans it would cross are joined."""
+    lines = [_ASR_HEADER, *_call_rows(0, 2)]
+    for i in range(1, 100):
+        lines += _call_rows(i)
+        if i == 40:
+            lines += _call_rows(0, 4)[2:]  # the rest of call 0, 40 calls further on
+    p = tmp_path / "calls.csv"
+    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    cuts, whole, parts = _read_in_spans(p, 1_500)
+    data = p.read_bytes()
+    last_of_call_0 = data.rindex(b"CALL-0000")
+    assert cuts[1].start > last_of_call_0 and len(cuts) > 3
+    assert _conversations(parts) == _conversations([whole])
+    assert [len(c.turns) for c in whole.conversations if c.conversation_id == "CALL-0000"] == [4]
+
+
+def test_a_run_reads_a_big_csv_in_chunks(big_csv, tmp_path):
+    """The planner cuts the CSV like JSONL: several chunks, the file stamped by its last piece."""
+    cfg = load_config(REPO / "configs" / "casemine.yaml")
+    ctx = steps.start_run(cfg, big_csv.parent, tmp_path / "out")
+    try:
+        pieces = [p for plan in steps.plan_chunks(ctx, chunk_bytes=3_000) for p in plan.pieces]
+    finally:
+        ctx.close()
+    assert len(pieces) > 3 and [p.stamp is not None for p in pieces][-1] and pieces[0].span.header is None
+    assert all(p.span.header is not None for p in pieces[1:])
 
 
 def test_plan_stamps_a_file_only_with_its_last_piece(big_jsonl, tmp_path):
@@ -133,9 +240,7 @@ def test_a_chunk_leaves_nothing_behind_for_the_next(big_jsonl, tmp_path, monkeyp
         if step == "commit":
             gc.collect()
             objs = gc.get_objects()
-            live.append(
-                (sum(isinstance(o, Conversation) for o in objs), sum(isinstance(o, BatchResult) for o in objs))
-            )
+            live.append((sum(isinstance(o, Conversation) for o in objs), sum(isinstance(o, BatchResult) for o in objs)))
 
     monkeypatch.setattr(steps, "step_ended", count_at_commit)
     s = steps.run_pipeline(cfg, big_jsonl.parent, tmp_path / "out")

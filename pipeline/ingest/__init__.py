@@ -83,7 +83,7 @@ def _display_name(path: Path, root: Path | None) -> str:
 
 def read_file(path: Path, cfg: IngestConfig, root: Path | None = None, span: Span | None = None) -> FileResult:
     """Read one file of any supported format; `root` makes the recorded path relative. `span`
-    reads only those lines of a JSONL file (see `pipeline.ingest.spans`), numbered as in the file."""
+    reads only those lines of a big JSONL or CSV file (see `pipeline.ingest.spans`), numbered as in the file."""
     name = _display_name(path, root)
     try:
         data = path.read_bytes() if span is None else read_span(path, span)
@@ -101,7 +101,7 @@ def read_file(path: Path, cfg: IngestConfig, root: Path | None = None, span: Spa
         else:
             res.encoding, lines = decode_lines(data)
             if span is not None and not span.whole:
-                lines = [replace(x, number=x.number + span.first_line - 1, offset=x.offset + span.start) for x in lines]
+                lines = _numbered_in_file(lines, span)
             if suffix == ".jsonl":
                 _read_jsonl(lines, Parser(cfg), res, cfg)
             elif suffix == ".csv":
@@ -115,6 +115,15 @@ def read_file(path: Path, cfg: IngestConfig, root: Path | None = None, span: Spa
         c.encoding = c.encoding or res.encoding
         c.source_format = c.source_format or suffix.lstrip(".")
     return res
+
+
+def _numbered_in_file(lines: list[Line], span: Span) -> list[Line]:
+    """A span's lines with the numbers and byte offsets they have in the whole file."""
+    out = []
+    for x in lines:
+        number, offset = span.in_file(x.number, x.offset)
+        out.append(replace(x, number=number, offset=offset))
+    return out
 
 
 def load_json(text: str) -> Any:
