@@ -202,8 +202,15 @@ def test_chunks_commit_under_their_own_run_ids(big_jsonl, tmp_path, monkeypatch)
     cfg = load_config(REPO / "configs" / "casemine.yaml").with_overrides(flow={"chunk_mb": 0.01})
     memlog = tmp_path / "mem.jsonl"
     monkeypatch.setenv("CASEMINE_MEMLOG", str(memlog))
+    # Each step hands what it freed back to the OS (glibc's heap and Arrow's pool) before its
+    # memory is logged, so a chunk's RSS is what it holds, not what allocators keep.
+    events: list[str] = []
+    release, ended = steps.release_unused_memory, steps.step_ended
+    monkeypatch.setattr(steps, "release_unused_memory", lambda: (events.append("release"), release()))
+    monkeypatch.setattr(steps, "step_ended", lambda step, chunk: (events.append(step), ended(step, chunk)))
     s = steps.run_pipeline(cfg, big_jsonl.parent, tmp_path / "out")
     monkeypatch.delenv("CASEMINE_MEMLOG")
+    assert len(events) > 8 and all(events[i - 1] == "release" for i, e in enumerate(events) if e != "release")
     logged = [json.loads(x) for x in memlog.read_text(encoding="utf-8").splitlines()]
     done = [(r["step"], r["chunk"]) for r in logged if r["step"] not in ("start", "between", "no-reset")]
     assert logged[0]["step"] == "start" and all(r["peak_mib"] > 0 for r in logged)
