@@ -32,3 +32,26 @@ def test_release_unused_memory_runs_for_real():
     # Only free memory goes back: what is still held stays allocated and intact.
     assert pa.default_memory_pool().bytes_allocated() == in_use
     assert live.to_numpy().sum() == sum(range(100_000))
+
+
+def test_a_run_allocates_arrow_memory_from_the_system_heap(tmp_path, monkeypatch):
+    """A run's Arrow buffers come from glibc's heap, which each step's trim returns to the OS
+    (mimalloc kept a chunk's freed memory in huge pages); a pool named by the user stays."""
+    from pipeline.config import load_config
+    from pipeline.orchestrate import nightly
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO / "configs" / "casemine.yaml")
+    (tmp_path / "in").mkdir()
+    before = pa.default_memory_pool()
+    try:
+        monkeypatch.setenv("ARROW_DEFAULT_MEMORY_POOL", "mimalloc")
+        pa.set_memory_pool(pa.mimalloc_memory_pool())
+        nightly.start_run(cfg, tmp_path / "in", tmp_path / "out").close()
+        assert pa.default_memory_pool().backend_name == "mimalloc"
+        monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL")
+        nightly.start_run(cfg, tmp_path / "in", tmp_path / "out2").close()
+        assert pa.default_memory_pool().backend_name == "system"
+        assert pa.array(range(1000)).sum().as_py() == sum(range(1000))
+    finally:
+        pa.set_memory_pool(before)

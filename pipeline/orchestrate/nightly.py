@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import pandas as pd
 
 from pipeline.config import Config
-from pipeline.heap import release_unused_memory
+from pipeline.heap import release_unused_memory, use_system_arrow_pool
 from pipeline.ingest import FileResult, discover, input_name, read_file
 from pipeline.ingest.spans import Span, spans
 from pipeline.io import atomic_write_text, sha256_file
@@ -154,6 +154,7 @@ def start_run(cfg: Config, input_dir: Path, out: Path, runner: str = "plain") ->
             "(or run `casemine sample` to make some)"
         )
     out.mkdir(parents=True, exist_ok=True)
+    use_system_arrow_pool()
     from pipeline.retrieval.index import IndexStore
     from pipeline.retrieval.update import index_root
 
