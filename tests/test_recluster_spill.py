@@ -5,6 +5,8 @@ it, a seeded sample's PCA, its points projected a block at a time."""
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -35,6 +37,24 @@ def test_row_file_from_blocks_holds_the_stacked_blocks(tmp_path):
     with pytest.raises(ValueError):
         RowFile.from_blocks([X[:4], X[4:8].astype(np.float64)], tmp_path)  # another type
     assert list(tmp_path.iterdir()) == []  # nothing named left behind, refused or not
+
+
+def test_row_file_lets_each_block_go_before_the_next_is_made(tmp_path):
+    """Only the block being written is held: a re-cluster's embedding made each block while the
+    last one (96 MiB at 65,536 texts) was still referenced by the writer's loop."""
+    refs: list[weakref.ref] = []
+
+    def tracked(block: np.ndarray) -> np.ndarray:
+        refs.append(weakref.ref(block))
+        return block
+
+    def blocks():
+        for i in range(4):
+            assert all(r() is None for r in refs)  # every earlier block is gone
+            yield tracked(np.full((5, 3), i, dtype=np.float32))
+
+    with RowFile.from_blocks(blocks(), tmp_path, width=3) as rows:
+        assert rows[:].tolist() == [[float(i)] * 3 for i in range(4) for _ in range(5)]
 
 
 def test_embed_to_rows_gives_the_vectors_of_one_call(tmp_path):
