@@ -48,7 +48,7 @@ def read_csv_lines(lines: list[Line], parser: Parser, res: FileResult, cfg: Inge
         return
     first = lines[start]
     header_text = (first.text or "").lstrip("\ufeff")
-    header = [h.strip().lower() for h in _parse([header_text])]
+    header = header_names(header_text)
     if "conversation_id" not in header or "text" not in header:
         res.quarantined.append(
             quarantine(
@@ -127,7 +127,9 @@ def _rows(lines: list[Line], header: list[str], max_bytes: int) -> tuple[list[Ro
             end = closing
         try:
             fields = (
-                text.split(",") if end == i + 1 and '"' not in text else _parse([ln.text or "" for ln in lines[i:end]])
+                text.split(",")
+                if end == i + 1 and '"' not in text
+                else first_row([ln.text or "" for ln in lines[i:end]])
             )
         except csv.Error as e:
             err = RecordError("malformed_csv", f"line {line.number}: CSV parse error ({e})")
@@ -152,7 +154,12 @@ def _rows(lines: list[Line], header: list[str], max_bytes: int) -> tuple[list[Ro
     return rows, broken
 
 
-def _parse(texts: list[str]) -> list[str]:
+def header_names(text: str) -> list[str]:
+    """A header line's column names, as rows are matched to them (trimmed, lower case)."""
+    return [h.strip().lower() for h in first_row([text])]
+
+
+def first_row(texts: list[str]) -> list[str]:
     """The first row of these lines (a quoted field may join them)."""
     return next(csv.reader(t + "\n" for t in texts), [])
 
@@ -188,25 +195,25 @@ def _closing(lines: list[Line], i: int, ncols: int, max_bytes: int) -> int | Non
     for k in range(i + 1, len(lines)):
         line = lines[k]
         size += len(line.raw) + 1
-        if line.text is None or size > max_bytes or _is_row(line.text, ncols):
+        if line.text is None or size > max_bytes or is_row(line.text, ncols):
             return None
         if not _ends_open(line.text, True):
             try:
-                fields = _parse([ln.text or "" for ln in lines[i : k + 1]])
+                fields = first_row([ln.text or "" for ln in lines[i : k + 1]])
             except csv.Error:
                 return None
             return k + 1 if len(fields) == ncols else None
     return None
 
 
-def _is_row(text: str, ncols: int) -> bool:
+def is_row(text: str, ncols: int) -> bool:
     """A complete row by itself: exactly the header's number of fields, no open quote, and an id
     with no quote in it (`0",,,` is the end of a quoted id that holds a line break, not a row)."""
     if '"' in text:
         if _ends_open(text, False):
             return False
         try:
-            fields = _parse([text])
+            fields = first_row([text])
         except csv.Error:
             return False
     else:

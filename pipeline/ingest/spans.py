@@ -18,6 +18,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from pipeline.ingest.csvrows import first_row, header_names, is_row
+
 _BLOCK = 1 << 20
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 _BOM = b"\xef\xbb\xbf"
@@ -116,10 +118,11 @@ def _csv_spans(fh: BinaryIO, size: int, max_bytes: int) -> list[Span]:
         if b'"' in raw:
             cid, prev = _quoted_id(raw, k), None
         else:
-            fields = raw.split(b",")
+            # csvrows' own test of a row that stands alone, on the bytes as latin-1 (every byte
+            # kept: commas and quotes are the same bytes in UTF-8, GB18030 and Big5).
+            text = raw.decode("latin-1")
             pasted = raw.removeprefix(_BOM).rstrip(b"\r") == header_key  # files joined, each with its header
-            row = len(fields) == ncols and bool(fields[0].strip()) and not pasted
-            cid = (fields[k].strip() or None) if row else None
+            cid = (text.split(",")[k].strip().encode("latin-1") or None) if is_row(text, ncols) and not pasted else None
             if cid is not None and prev is not None and cid != prev and offset >= target:
                 cuts.append((offset, number))
                 ids.append(set())
@@ -156,8 +159,8 @@ def _apart(ids: list[set[bytes]]) -> list[int]:
 
 
 def _header_names(raw: bytes) -> list[str] | None:
-    """The header's column names as csvrows reads them; None when it is not UTF-8 (or ASCII) or
-    opens a quote it does not close on its line."""
+    """The header's column names as csvrows reads them (`header_names`); None when it is not
+    UTF-8 (or ASCII) or opens a quote it does not close on its line."""
     try:
         text = raw.removeprefix(_BOM).decode("utf-8").rstrip("\r")
     except UnicodeDecodeError:
@@ -165,7 +168,7 @@ def _header_names(raw: bytes) -> list[str] | None:
     if text.count('"') % 2:
         return None
     try:
-        return [h.strip().lower() for h in next(csv.reader([text]), [])]
+        return header_names(text)
     except csv.Error:
         return None
 
@@ -174,7 +177,7 @@ def _quoted_id(raw: bytes, k: int) -> bytes | None:
     """The id field of a line with quotes, read byte for byte (latin-1 keeps every byte). A line
     that is the middle of a quoted cell may yield a false id: that only joins spans."""
     try:
-        fields = next(csv.reader([raw.decode("latin-1")]), [])
+        fields = first_row([raw.decode("latin-1")])
     except csv.Error:
         return None
     return (fields[k].encode("latin-1").strip() or None) if len(fields) > k else None
