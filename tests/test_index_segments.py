@@ -161,13 +161,17 @@ def _merge_by_concatenation(parts, tombstones, dst, seg):
                             TermStats.concat([st for _, _, st in read])), table.num_rows
 
 
-def test_streamed_merge_writes_what_the_concatenation_wrote(tmp_path):
+@pytest.mark.parametrize("row_group", [2048, 2])
+def test_streamed_merge_writes_what_the_concatenation_wrote(tmp_path, monkeypatch, row_group):
     """Rows, column types (a part whose column was all null), vectors and term statistics of the
-    streamed merge equal those of the concatenated one, dead rows dropped in both."""
+    streamed merge equal those of the concatenated one, dead rows dropped in both. With groups of
+    2 rows the merge reads many groups per part, some thinned by dead rows, and still writes full
+    groups."""
     import faiss
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    monkeypatch.setattr(sg, "ROW_GROUP", row_group)
     rng = np.random.default_rng(0)
     src = tmp_path / "src"
     parts, vid = [], 0
@@ -198,6 +202,34 @@ def test_streamed_merge_writes_what_the_concatenation_wrote(tmp_path):
     assert sa.vocab == sb.vocab
     for x, y in zip((sa.indptr, sa.docs, sa.counts, sa.doclen), (sb.indptr, sb.docs, sb.counts, sb.doclen)):
         assert np.array_equal(x, y)
+    # the vectors and statistics are the very files the held merge wrote
+    for name in (sg.VECTORS_FILE, *TermStats.FILES):
+        assert (new / name).read_bytes() == (ref / name).read_bytes(), name
+    # groups of ROW_GROUP rows but the last of each part: thinned groups are joined again
+    sizes = [pq.ParquetFile(new / sg.SEG_META_FILE).metadata.row_group(i).num_rows
+             for i in range(pq.ParquetFile(new / sg.SEG_META_FILE).num_row_groups)]
+    assert all(n <= row_group for n in sizes) and sum(sizes) == got_rows
+    if row_group == 2:
+        assert sizes == [2, 2, 2, 1]  # part 0 keeps 4 rows (its groups 1, 2, 1 before), part 2 keeps 3
+
+
+@pytest.mark.parametrize("block", [1, 2, 5, 1 << 18])
+def test_term_stats_merged_into_files_equal_the_concatenation(tmp_path, block):
+    """`merge_into` writes, block by block, the files `concat(...).save` writes: across parts with
+    dead documents, a part with no live document, an empty document and terms in several parts."""
+    rng = np.random.default_rng(1)
+    words = [f"w{i}" for i in range(30)]
+    parts = []
+    for n in (17, 4, 0, 23):
+        docs = [list(rng.choice(words, size=int(rng.integers(0, 9)))) for _ in range(n)]
+        st = TermStats.build(docs)
+        keep = np.flatnonzero(rng.random(n) < 0.7) if n != 4 else np.zeros(0, dtype=np.int64)
+        parts.append((st, keep))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert TermStats.merge_into(parts, tmp_path / "a", block=block) == TermStats.concat(parts).save(tmp_path / "b")
+    for name in TermStats.FILES:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
 def test_dead_rows_past_the_limit_compact_everything(tmp_path):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +128,68 @@ class TermStats:
         tf = np.concatenate(all_tf)[order] if all_tf else np.zeros(0, np.float32)
         doclen = np.concatenate(lens).astype(np.int32) if lens else np.zeros(0, np.int32)
         return cls(list(term_of), indptr, docs[order].astype(np.int32), tf.astype(np.float32), doclen)
+
+    @classmethod
+    def merge_into(cls, parts: Sequence[tuple[TermStats, np.ndarray]], d: Path, block: int = 1 << 18) -> list[str]:
+        """Write what `concat(parts).save(d)` writes, a block of postings at a time; returns the
+        file names.
+
+        Why: `concat` holds every posting of the merged segments several times over (terms,
+        documents, the sort order): merging a 129,000-case history rose 141 MiB there, growing
+        with it. Here a first pass counts each term's live postings, which fixes where each one
+        goes; the second places them straight into the mapped output files. Within a part the
+        postings of one term are consecutive and ascending by document, and parts come in order,
+        so this keeps `concat`'s order (by term, then document)."""
+        import json
+
+        term_of: dict[str, int] = {}
+        remaps = [np.array([term_of.setdefault(t, len(term_of)) for t in st.vocab], dtype=np.int64) for st, _ in parts]
+        df = np.zeros(len(term_of), dtype=np.int64)
+        for (st, keep), remap in zip(parts, remaps):
+            alive = np.zeros(len(st.doclen), dtype=bool)
+            alive[keep] = True
+            for terms, docs, _ in cls._posting_blocks(st, block):
+                ok = alive[docs]
+                df += np.bincount(remap[terms[ok]], minlength=len(df))
+        indptr = np.zeros(len(df) + 1, dtype=np.int64)
+        np.cumsum(df, out=indptr[1:])
+        nnz = int(indptr[-1])
+        out_docs = np.lib.format.open_memmap(d / cls.FILES[1], mode="w+", dtype=np.int32, shape=(nnz,))
+        out_tf = np.lib.format.open_memmap(d / cls.FILES[2], mode="w+", dtype=np.float32, shape=(nnz,))
+        fill = indptr[:-1].copy()  # each term's next free slot
+        offset = 0
+        for (st, keep), remap in zip(parts, remaps):
+            new_pos = np.full(len(st.doclen), -1, dtype=np.int64)
+            new_pos[keep] = np.arange(offset, offset + len(keep))
+            for terms, docs, tf in cls._posting_blocks(st, block):
+                ok = new_pos[docs] >= 0
+                g = remap[terms[ok]]
+                if not len(g):
+                    continue
+                starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+                runs = np.diff(np.r_[starts, len(g)])
+                pos = fill[g] + (np.arange(len(g)) - np.repeat(starts, runs))
+                out_docs[pos] = new_pos[docs[ok]]
+                out_tf[pos] = tf[ok]
+                fill[g[starts]] += runs  # a part's terms are distinct, so each appears once here
+            offset += len(keep)
+        out_docs.flush()
+        out_tf.flush()
+        del out_docs, out_tf
+        doclen = [np.asarray(st.doclen)[keep] for st, keep in parts]
+        np.save(d / cls.FILES[0], indptr)
+        np.save(d / cls.FILES[3], np.concatenate(doclen).astype(np.int32) if doclen else np.zeros(0, np.int32))
+        (d / "vocab.json").write_text(json.dumps(list(term_of), ensure_ascii=False), "utf-8")
+        return list(cls.FILES)
+
+    @staticmethod
+    def _posting_blocks(st: TermStats, block: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(local term, document, count) of `block` postings at a time, in stored order."""
+        indptr = np.asarray(st.indptr)
+        for a in range(0, int(indptr[-1]) if len(indptr) else 0, block):
+            b = min(a + block, int(indptr[-1]))
+            terms = np.searchsorted(indptr, np.arange(a, b), side="right") - 1
+            yield terms, np.asarray(st.docs[a:b], dtype=np.int64), np.asarray(st.counts[a:b], dtype=np.float32)
 
     def term(self, token: str) -> int | None:
         if self._term_of is None:
