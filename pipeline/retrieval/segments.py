@@ -249,7 +249,7 @@ def merge_segments(
     Streamed a block of rows at a time: metadata from the inputs' row groups into the Parquet
     writers, vectors from the inputs' mapped exact indexes into the new index's file
     (`FlatFileWriter`). The tier that merges a back-fill's whole history was the index step's
-    peak and grew with it: 580 MiB over a 129,000-case history when the new exact index and each
+    peak and grew with it: 526 MiB over a 129,000-case history when the new exact index and each
     input segment were held whole."""
     import faiss
     import pyarrow as pa
