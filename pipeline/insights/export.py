@@ -354,7 +354,9 @@ def fit_map_points(X: np.ndarray, consume: bool = False) -> MapFit:
     return MapFit(proj, (np.round(pts[:, 0].astype(np.float64), 4), np.round(pts[:, 1].astype(np.float64), 4)))
 
 
-_EMBED_ROWS = 65_536  # rows a re-cluster's map projects at a time
+# Rows a re-cluster's map projects at a time (1.5 KiB each at 384 dimensions): at 65,536 a
+# block was 96 MiB and the loop briefly held two, the peak of a 129,000-case re-cluster.
+_MAP_ROWS = 16_384
 # Texts a re-cluster embeds (or reads from the cache) at a time. A block's lookup holds about
 # 2.7 KiB a text at its peak (the vectors, their keys, the shards' rows read): 65,536 texts made
 # it the peak of a 120,000-transcript run's export (+177 MiB anonymous); 16,384 keep it near 45.
@@ -370,7 +372,7 @@ def embed_to_rows(embedder: PassageEncoder, texts: pd.Series, folder: Path, bloc
     )
 
 
-def map_of_rows(vectors: RowFile, max_rows: int, seed: int = 0, block: int = _EMBED_ROWS) -> MapFit:
+def map_of_rows(vectors: RowFile, max_rows: int, seed: int = 0, block: int = _MAP_ROWS) -> MapFit:
     """The map of spilled vectors. Up to `max_rows` (`cluster.fit_max_cases`), read whole and
     fitted as `fit_map_points` (the map of any smaller history is as before). Past it, the PCA
     fits a seeded sample of that many rows, as each scope's projection does, and the points are
@@ -387,6 +389,7 @@ def map_of_rows(vectors: RowFile, max_rows: int, seed: int = 0, block: int = _EM
         rows = vectors[a : a + block]  # the block's own copy: centred in place
         pts = np.subtract(rows, proj.mean, out=rows) @ proj.components.T
         x[a : a + len(rows)], y[a : a + len(rows)] = pts[:, 0], pts[:, 1]
+        del rows, pts  # before the next block is read, not after
     return MapFit(proj, (np.round(x, 4), np.round(y, 4)))
 
 
