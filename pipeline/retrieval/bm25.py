@@ -144,12 +144,17 @@ class TermStats:
 
         term_of: dict[str, int] = {}
         remaps = [np.array([term_of.setdefault(t, len(term_of)) for t in st.vocab], dtype=np.int64) for st, _ in parts]
+        # Each part's documents' rows in the merge (-1: dead), which also says which are live.
+        new_rows, offset = [], 0
+        for st, keep in parts:
+            rows = np.full(len(st.doclen), -1, dtype=np.int64)
+            rows[keep] = np.arange(offset, offset + len(keep))
+            new_rows.append(rows)
+            offset += len(keep)
         df = np.zeros(len(term_of), dtype=np.int64)
-        for (st, keep), remap in zip(parts, remaps):
-            alive = np.zeros(len(st.doclen), dtype=bool)
-            alive[keep] = True
+        for (st, _), remap, new_pos in zip(parts, remaps, new_rows):
             for terms, docs, _ in cls._posting_blocks(st, block):
-                ok = alive[docs]
+                ok = new_pos[docs] >= 0
                 df += np.bincount(remap[terms[ok]], minlength=len(df))
         indptr = np.zeros(len(df) + 1, dtype=np.int64)
         np.cumsum(df, out=indptr[1:])
@@ -157,10 +162,7 @@ class TermStats:
         out_docs = np.lib.format.open_memmap(d / cls.FILES[1], mode="w+", dtype=np.int32, shape=(nnz,))
         out_tf = np.lib.format.open_memmap(d / cls.FILES[2], mode="w+", dtype=np.float32, shape=(nnz,))
         fill = indptr[:-1].copy()  # each term's next free slot
-        offset = 0
-        for (st, keep), remap in zip(parts, remaps):
-            new_pos = np.full(len(st.doclen), -1, dtype=np.int64)
-            new_pos[keep] = np.arange(offset, offset + len(keep))
+        for (st, _), remap, new_pos in zip(parts, remaps, new_rows):
             for terms, docs, tf in cls._posting_blocks(st, block):
                 ok = new_pos[docs] >= 0
                 g = remap[terms[ok]]
@@ -172,7 +174,6 @@ class TermStats:
                 out_docs[pos] = new_pos[docs[ok]]
                 out_tf[pos] = tf[ok]
                 fill[g[starts]] += runs  # a part's terms are distinct, so each appears once here
-            offset += len(keep)
         out_docs.flush()
         out_tf.flush()
         del out_docs, out_tf

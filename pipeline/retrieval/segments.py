@@ -65,17 +65,16 @@ def write_segment(d: Path, seg: str, table: Any, vectors: np.ndarray, stats: Ter
     """Write one segment under `d/seg/`: `table` is a pyarrow Table of the metadata columns with
     `vid` (tokens included), `vectors` its rows' unit vectors, `stats` its rows' BM25 term counts.
     Returns the files, relative to `d`."""
-    import faiss
     import pyarrow.parquet as pq
+
+    from pipeline.retrieval.flatfile import FlatFileWriter
 
     sd = d / seg
     sd.mkdir(parents=True)
     pq.write_table(table.select(["case_id", "vid"]), sd / IDS_FILE, compression="zstd")
     pq.write_table(table, sd / SEG_META_FILE, compression="zstd", row_group_size=ROW_GROUP)
-    flat = faiss.IndexFlatIP(int(vectors.shape[1]))
-    if len(vectors):
-        flat.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    faiss.write_index(flat, str(sd / VECTORS_FILE))
+    with FlatFileWriter(sd / VECTORS_FILE, int(vectors.shape[1])) as w:
+        w.add(vectors)
     stats.save(sd)
     return segment_files(seg)
 
@@ -192,12 +191,17 @@ def live_rows(seg_vids: Sequence[np.ndarray], tombstones: np.ndarray) -> list[np
     out = []
     start = 0
     for vids in seg_vids:
-        live = ~np.isin(vids, tombstones) if len(tombstones) else np.ones(len(vids), dtype=bool)
+        live = alive(vids, tombstones)
         rows = np.full(len(vids), -1, dtype=np.int64)
         rows[live] = np.arange(start, start + int(live.sum()))
         start += int(live.sum())
         out.append(rows)
     return out
+
+
+def alive(vids: np.ndarray, tombstones: np.ndarray) -> np.ndarray:
+    """Which of these vids are live (not tombstoned), as a mask."""
+    return ~np.isin(vids, tombstones) if len(tombstones) else np.ones(len(vids), dtype=bool)
 
 
 def plan_merge(rows: Sequence[int], max_segments: int | None = None) -> int | None:
@@ -222,7 +226,7 @@ def read_segment(d: Path, seg: str, tombstones: np.ndarray) -> tuple[Any, np.nda
 
     t = pq.ParquetFile(d / seg / SEG_META_FILE).read()
     vids = np.asarray(t.column("vid").to_numpy(), dtype=np.int64)
-    keep = np.flatnonzero(~np.isin(vids, tombstones)) if len(tombstones) else np.arange(len(vids))
+    keep = np.flatnonzero(alive(vids, tombstones))
     flat = faiss.read_index(str(d / seg / VECTORS_FILE))
     vecs = flat.reconstruct_n(0, flat.ntotal) if flat.ntotal else np.zeros((0, flat.d), np.float32)
     if len(keep) < len(vids):
@@ -232,9 +236,7 @@ def read_segment(d: Path, seg: str, tombstones: np.ndarray) -> tuple[Any, np.nda
 
 def read_vectors(d: Path, seg: str, local: np.ndarray) -> np.ndarray:
     """Some rows' vectors (local positions) of one segment, read from its mapped exact index."""
-    import faiss
-
-    flat = faiss.read_index(str(d / seg / VECTORS_FILE), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+    flat = mapped_vectors(d / seg)
     if not len(local):
         return np.zeros((0, flat.d), np.float32)
     return flat.reconstruct_batch(np.asarray(local, dtype=np.int64))
@@ -251,7 +253,6 @@ def merge_segments(
     (`FlatFileWriter`). The tier that merges a back-fill's whole history was the index step's
     peak and grew with it: 526 MiB over a 129,000-case history when the new exact index and each
     input segment were held whole."""
-    import faiss
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -265,7 +266,7 @@ def merge_segments(
         [pq.read_schema(d / s / SEG_META_FILE) for d, s in parts],  # type: ignore[operator]
         promote_options="default",
     )
-    dim = _dim(parts[0][0] / parts[0][1])  # type: ignore[operator]
+    dim = int(mapped_vectors(parts[0][0] / parts[0][1]).d)  # type: ignore[operator]
     sd = dst / seg
     sd.mkdir(parents=True)
     stats = []
@@ -277,8 +278,8 @@ def merge_segments(
         for d, s in parts:
             src = d / s  # type: ignore[operator]
             vids = segment_vids(d, s)  # type: ignore[arg-type]
-            alive = ~np.isin(vids, tombstones) if len(tombstones) else np.ones(len(vids), dtype=bool)
-            flat = faiss.read_index(str(src / VECTORS_FILE), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+            live = alive(vids, tombstones)
+            flat = mapped_vectors(src)
             if int(flat.d) != dim:
                 raise ValueError(f"segment {s} holds {flat.d}-dimensional vectors, the merge {dim}")
             at = 0
@@ -287,19 +288,20 @@ def merge_segments(
             # groups of ROW_GROUP rows so that groups thinned by dead rows do not stay thin.
             pf = pq.ParquetFile(src / SEG_META_FILE)
             for g in range(pf.num_row_groups):
+                last = g == pf.num_row_groups - 1
                 t = pf.read_row_group(g)
                 n = t.num_rows
-                keep = np.flatnonzero(alive[at : at + n])
+                keep = np.flatnonzero(live[at : at + n])
                 if len(keep):
                     pending.append(_conform(t if len(keep) == n else t.take(keep), schema))
                     vec_w.add(flat.reconstruct_batch(keep + at))
                 at += n
                 del t
-                if sum(p.num_rows for p in pending) >= ROW_GROUP or (g == pf.num_row_groups - 1 and pending):
-                    pending = _write_groups(pending, ids_w, meta_w, last=g == pf.num_row_groups - 1)
+                if pending and (last or sum(p.num_rows for p in pending) >= ROW_GROUP):
+                    pending = _write_groups(pending, ids_w, meta_w, last)
             if at != len(vids) or flat.ntotal != len(vids):
                 raise ValueError(f"segment {s}: {at} metadata rows, {len(vids)} ids, {flat.ntotal} vectors")
-            stats.append((TermStats.load(src), np.flatnonzero(alive)))
+            stats.append((TermStats.load(src), np.flatnonzero(live)))
             del flat
     TermStats.merge_into(stats, sd)
     return segment_files(seg), vec_w.ntotal
@@ -318,10 +320,11 @@ def _write_groups(tables: list[Any], ids_w: Any, meta_w: Any, last: bool) -> lis
     return [t.slice(cut)] if cut < t.num_rows else []
 
 
-def _dim(seg_dir: Path) -> int:
+def mapped_vectors(seg_dir: Path) -> Any:
+    """A segment's exact index, mapped read-only: rows are read from the file as they are asked for."""
     import faiss
 
-    return int(faiss.read_index(str(seg_dir / VECTORS_FILE), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY).d)
+    return faiss.read_index(str(seg_dir / VECTORS_FILE), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
 
 
 def _ids_schema(schema: Any) -> Any:
