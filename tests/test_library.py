@@ -400,6 +400,37 @@ def test_cluster_lookup_answers_as_cluster_map(tmp_path):
     members[members["case_id"] == "nobody"].to_parquet(folder / "members.parquet")
     assert load_cluster_lookup(tmp_path)(["b2"]) == [None]
 
+
+def test_cluster_lookup_answers_the_same_when_ids_share_a_hash(tmp_path, monkeypatch):
+    """Two stored ids with one hash would make the hash search miss one: the lookup then searches
+    the ids themselves, and answers as with distinct hashes. A hash hit on an id not stored (a
+    collision with an asked id) is checked against the id and answers None."""
+    import pipeline.library.sources as src
+
+    folder = tmp_path / "exports" / "d1"
+    folder.mkdir(parents=True)
+    (tmp_path / "exports" / "LATEST").write_text("d1", encoding="utf-8")
+    ids = [f"case-{i}" for i in range(50)] + ["案例", "x"]
+    pd.DataFrame(
+        {"case_id": ids, "scope": "all", "issue_type": "物流", "cluster_id": [f"C{i % 7}" for i in range(52)]}
+    ).to_parquet(folder / "members.parquet")
+    asked = ["case-3", "x", "nobody", "案例", "case-49", "case-5"]
+    want = src.load_cluster_lookup(tmp_path)(asked)
+    assert want == ["C3", "C2", None, "C1", "C0", "C5"]
+    assert isinstance(src.load_cluster_lookup(tmp_path), src._HashedLookup)
+    real = src._id_hash
+    # Every id hashed to its length: many stored ids share a hash.
+    monkeypatch.setattr(src, "_id_hash", lambda v: np.array([len(x) for x in v], dtype=np.uint64))
+    lookup = src.load_cluster_lookup(tmp_path)
+    assert not isinstance(lookup, src._HashedLookup)
+    assert lookup(asked) == want
+    # Distinct stored hashes, but "nobody" hashed as "case-3" is: found by its hash, refused by its id.
+    monkeypatch.setattr(src, "_id_hash", lambda v: real(["case-3" if x == "nobody" else x for x in v]))
+    lookup = src.load_cluster_lookup(tmp_path)
+    assert isinstance(lookup, src._HashedLookup)
+    assert lookup(asked) == want
+
+
 @pytest.mark.parametrize("reserve", [1, 4])
 def test_blocked_selection_with_tiny_pools_reads_again_until_exact(scorer, reserve, monkeypatch):
     """Copies and near-copies make the greedy pick skip cases; a group whose pool runs out before

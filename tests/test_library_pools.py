@@ -400,3 +400,37 @@ def test_saved_pools_keep_their_meta_as_utf8_and_read_the_older_string_form(cfg,
     assert {i: v.tolist() for i, v in old.selection.vectors.items()} == {
         i: v.tolist() for i, v in new.selection.vectors.items()
     }
+
+
+def test_saved_pools_are_written_a_piece_at_a_time_as_np_savez_would(cfg, night, tmp_path):
+    """The state file is written a piece at a time (`pool_state._write_npz`), and is what
+    `np.savez` of the whole meta text, vectors and hashes would hold: the meta is exactly
+    `json.dumps` of itself, every vector and hash read back equal; an empty selection too."""
+    import json
+
+    from pipeline.library import pool_state
+    from pipeline.library.candidates import Selection, _Pools
+    from pipeline.library.typical_cases import build
+
+    out, _ = night
+    build(cfg, out, embedder=HashingEmbedder())
+    path = pool_state.state_file(out)
+    key = pool_state.build_key(cfg, CandidateScorer.from_config(cfg).actions)
+    state = pool_state.load(path, key)
+    assert not isinstance(state, str) and state.selection.vectors
+    for block in (1, 3, pool_state._VECTOR_BLOCK):
+        again = tmp_path / f"again{block}.npz"
+        pool_state._VECTOR_BLOCK, old = block, pool_state._VECTOR_BLOCK
+        try:
+            pool_state.save(again, state)
+        finally:
+            pool_state._VECTOR_BLOCK = old
+        with np.load(path) as a, np.load(again) as b:
+            raw = b["meta"].tobytes()
+            assert json.dumps(json.loads(raw), ensure_ascii=False).encode() == raw == a["meta"].tobytes()
+            assert b["vectors"].dtype == np.float32 and np.array_equal(a["vectors"], b["vectors"])
+            assert np.array_equal(a["seen"], b["seen"])
+    empty = pool_state.PoolState(key, {}, [], np.zeros(0, np.uint64), Selection([], {}, _Pools(), {}, 40, {}, True))
+    pool_state.save(tmp_path / "empty.npz", empty)
+    got = pool_state.load(tmp_path / "empty.npz", key)
+    assert not isinstance(got, str) and got.selection.pools.pools == {} and len(got.seen) == 0

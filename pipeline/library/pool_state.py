@@ -26,9 +26,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 import pandas as pd
@@ -107,12 +109,19 @@ class PoolState:
 
 
 def save(path: Path, state: PoolState) -> None:
+    """The state as an .npz of three arrays (`load`): the meta as the UTF-8 bytes of one JSON
+    object, the vectors of the cases a pick reads, the seen id hashes; written a piece at a time.
+
+    Why a piece at a time: the meta's JSON text, its UTF-8 bytes and the stacked vectors made at
+    once were the library build's peak (+102 MiB at a 129k-case history's 29,000 pooled
+    entries), and they grew with the pools. The meta is JSON-encoded an entry at a time twice,
+    once to size the array and once to write it; the vectors are copied a block at a time."""
     sel = state.selection
     entries: dict[str, _Pooled] = {e.case_id: e for p in sel.pools.pools.values() for e in p}
     # The cases a pick reads have vectors and come first; the reserves' cases have none yet.
     with_vectors = [i for i in entries if i in sel.vectors]
     order = with_vectors + [i for i in entries if i not in sel.vectors]
-    meta = {
+    head = {
         "version": VERSION,
         "key": state.key,
         "parts": state.parts,
@@ -125,32 +134,83 @@ def save(path: Path, state: PoolState) -> None:
         "depths": sel.depths,
         "n_vectors": len(with_vectors),
         "pools": {g: [e.case_id for e in p] for g, p in sel.pools.pools.items()},
-        "entries": [
-            {
-                "case_id": i,
-                "issue_type": e.cand.issue_type,
-                "cluster_id": e.cand.cluster_id,
-                "score": e.cand.score,
-                "reasons": e.cand.reasons,
-                "parts": e.cand.parts,
-                "text": e.text,
-                "copies": e.stands_for_copies,
-            }
-            for i, e in ((i, entries[i]) for i in order)
-        ],
     }
+
+    def entry(i: str) -> bytes:
+        e = entries[i]
+        cand = e.cand  # made from its packed form: once per entry
+        row = {
+            "case_id": i,
+            "issue_type": cand.issue_type,
+            "cluster_id": cand.cluster_id,
+            "score": cand.score,
+            "reasons": cand.reasons,
+            "parts": cand.parts,
+            "text": e.text,
+            "copies": e.stands_for_copies,
+        }
+        return json.dumps(row, ensure_ascii=False).encode("utf-8")
+
+    # json.dumps of the head with "entries" as its last key, as one text: the same bytes.
+    opening = (json.dumps(head, ensure_ascii=False)[:-1] + ', "entries": [').encode("utf-8")
+    comma, closing = b", ", b"]}"
+    n_meta = len(opening) + sum(len(entry(i)) for i in order) + len(comma) * max(len(order) - 1, 0) + len(closing)
+
+    def meta(f: BinaryIO) -> None:
+        f.write(opening)
+        for k, i in enumerate(order):
+            f.write(entry(i) if not k else comma + entry(i))
+        f.write(closing)
+
     dim = next(iter(sel.vectors.values())).shape[0] if sel.vectors else 0
-    vectors = np.stack([sel.vectors[i] for i in with_vectors]) if with_vectors else np.zeros((0, dim), np.float32)
-    # The meta as UTF-8 bytes, not a NumPy string (4 bytes a character: 80 MB for a 120k
-    # history's 29,000 pooled entries); the vectors as they are, not an astype copy.
-    text = np.frombuffer(json.dumps(meta, ensure_ascii=False).encode("utf-8"), dtype=np.uint8)
-    vecs, seen = np.asarray(vectors, dtype=np.float32), np.asarray(state.seen, dtype=np.uint64)
+
+    def vectors(f: BinaryIO) -> None:
+        for at in range(0, len(with_vectors), _VECTOR_BLOCK):
+            block = np.stack([sel.vectors[i] for i in with_vectors[at : at + _VECTOR_BLOCK]])
+            f.write(np.ascontiguousarray(block, dtype="<f4").tobytes())
+
+    seen = np.asarray(state.seen, dtype="<u8")
     write_cache(
         path,
-        lambda f: np.savez(f, meta=text, vectors=vecs, seen=seen),
+        lambda f: _write_npz(
+            f,
+            [
+                ("meta", np.dtype(np.uint8), (n_meta,), meta),
+                ("vectors", np.dtype("<f4"), (len(with_vectors), dim), vectors),
+                ("seen", seen.dtype, seen.shape, lambda g: g.write(seen.tobytes())),
+            ],
+        ),
         "the library pools",
         "the next build reads every case",
     )
+
+
+_VECTOR_BLOCK = 4_096  # vectors copied per write: 6 MiB at 384 dimensions
+
+
+def _write_npz(f: BinaryIO, arrays: list[tuple[str, np.dtype, tuple[int, ...], Callable[[BinaryIO], Any]]]) -> None:
+    """An uncompressed .npz (what `np.savez` writes and `np.load` reads) of arrays given as
+    (name, dtype, shape, write-the-C-order-bytes): no array need be in memory whole."""
+    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
+        for name, dtype, shape, body in arrays:
+            with z.open(f"{name}.npy", "w", force_zip64=True) as member:
+                header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+                np.lib.format.write_array_header_2_0(member, header)
+                counted = _Counted(member)
+                body(cast(BinaryIO, counted))
+                if counted.n != int(np.prod(shape)) * dtype.itemsize:
+                    raise RuntimeError(f"{name}: wrote {counted.n} bytes for shape {shape} of {dtype}")
+
+
+class _Counted:
+    """A writer that counts what passes through it: an array's bytes must fill its shape."""
+
+    def __init__(self, f: Any):
+        self.f, self.n = f, 0
+
+    def write(self, b: bytes) -> int:
+        self.n += len(b)
+        return self.f.write(b)
 
 
 def load(path: Path, key: str) -> PoolState | str:

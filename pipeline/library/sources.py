@@ -62,9 +62,10 @@ def load_cluster_lookup(out: Path, members: list[Path] | None = None) -> Callabl
     which hold every row of their cases).
 
     Why: the members table holds a row per case and scope with its texts; the library build needs
-    a cluster id per case, and a dict of every case would grow with the history. Sorted ids are
-    answered by binary search: a per-call `pc.index_in` hashed every clustered id again for each
-    block's lookup, a cost that grew with the history times the number of blocks."""
+    a cluster id per case, and a dict of every case would grow with the history. The ids' hashes,
+    sorted once, are answered by binary search (`_HashedLookup`): a per-call `pc.index_in`
+    hashed every clustered id again for each block's lookup, a cost that grew with the history
+    times the number of blocks."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -101,17 +102,64 @@ def load_cluster_lookup(out: Path, members: list[Path] | None = None) -> Callabl
     if len(ids) > 1:
         first[1:] = pc.not_equal(ids[1:], ids[:-1]).to_numpy(zero_copy_only=False)
     pick = pa.array(first)
-    # Arrow sorts text by its UTF-8 bytes, which is code-point order, the order Python's str
-    # comparisons (so searchsorted over str objects) use; the ids are distinct after the pick.
-    case_ids = ids.filter(pick).to_numpy(zero_copy_only=False)
-    cluster_ids = keyed["cluster_id"].combine_chunks().filter(pick)
+    return _HashedLookup.of(ids.filter(pick), keyed["cluster_id"].combine_chunks().filter(pick))
+
+
+def _id_hash(ids: Any) -> np.ndarray:
+    """64-bit hashes of case ids (pandas' SipHash with a fixed key: the same in every process)."""
+    return pd.util.hash_array(np.asarray(ids, dtype=object), categorize=False)
+
+
+class _HashedLookup:
+    """case id -> cluster id over the distinct `case_ids` (Arrow text) and their `cluster_ids`,
+    in memory of a few bytes a case: their hashes sorted (searched), the ids in that order as
+    Arrow text (every hit compared exactly), the clusters as codes into their distinct ids.
+
+    Why not the ids as a NumPy array of Python strings searched directly: one object a case was
+    28 MiB held through the build at a 129k-case history, and building it left 53 MiB more the
+    heap kept. Two distinct ids with one hash (about 1 in 10^8 at 1M cases) would make the
+    search miss one of them: the lookup then searches the Python strings, as before."""
+
+    def __init__(self, hashes: np.ndarray, ids: pa.Array, codes: np.ndarray, names: list[str | None]):
+        self.hashes, self.ids, self.codes, self.names = hashes, ids, codes, names
+
+    @classmethod
+    def of(cls, case_ids: pa.Array, cluster_ids: pa.Array) -> Callable[[list[str]], list[str | None]]:
+        import pyarrow.compute as pc
+
+        if not len(case_ids):
+            return lambda ids: [None] * len(ids)
+        hashes = _id_hash(case_ids.to_numpy(zero_copy_only=False))
+        order = np.argsort(hashes, kind="stable")
+        hashes = hashes[order]
+        if bool((hashes[1:] == hashes[:-1]).any()):
+            return _sorted_lookup(case_ids, cluster_ids)
+        at = pa.array(order)
+        coded = pc.dictionary_encode(cluster_ids.take(at))
+        codes = coded.indices.to_numpy(zero_copy_only=False).astype(np.int32)
+        return cls(hashes, case_ids.take(at), codes, coded.dictionary.to_pylist())
+
+    def __call__(self, wanted: list[str]) -> list[str | None]:
+        import pyarrow.compute as pc
+
+        if not len(wanted):
+            return []
+        at = np.minimum(np.searchsorted(self.hashes, _id_hash(wanted)), len(self.hashes) - 1)
+        same = pc.equal(self.ids.take(pa.array(at)), pa.array(wanted, type=self.ids.type))
+        found = np.asarray(same.to_numpy(zero_copy_only=False), dtype=bool)
+        names = self.names
+        return [names[c] if f else None for c, f in zip(self.codes[at].tolist(), found.tolist())]
+
+
+def _sorted_lookup(case_ids: pa.Array, cluster_ids: pa.Array) -> Callable[[list[str]], list[str | None]]:
+    """The lookup by binary search over the sorted ids as Python strings: Arrow sorts text by its
+    UTF-8 bytes, which is code-point order, the order Python's str comparisons use."""
+    ids = case_ids.to_numpy(zero_copy_only=False)
 
     def lookup(wanted: list[str]) -> list[str | None]:
-        if not len(case_ids):
-            return [None] * len(wanted)
         asked = np.asarray(wanted, dtype=object)
-        at = np.minimum(np.searchsorted(case_ids, asked), len(case_ids) - 1)
-        found = case_ids[at] == asked
+        at = np.minimum(np.searchsorted(ids, asked), len(ids) - 1)
+        found = ids[at] == asked
         return cast(list[str | None], cluster_ids.take(pa.array(at, mask=~found)).to_pylist())
 
     return lookup
