@@ -434,3 +434,25 @@ def test_saved_pools_are_written_a_piece_at_a_time_as_np_savez_would(cfg, night,
     pool_state.save(tmp_path / "empty.npz", empty)
     got = pool_state.load(tmp_path / "empty.npz", key)
     assert not isinstance(got, str) and got.selection.pools.pools == {} and len(got.seen) == 0
+
+
+def test_a_pooled_case_keeps_its_candidate_packed_and_gives_it_back_equal():
+    """A pool entry keeps its Candidate as packed bytes, not as Python objects (the pools of a
+    crowded history grow with it): read back, it is the Candidate pooled, any text included."""
+    from pipeline.library.candidates import Candidate, _Pooled
+
+    parts = {
+        "context": "渠道:chat 商品:手机",
+        "problem": "快递三天没到\ud800",
+        "handling": "",
+        "outcome": "resolved（好的）",
+    }
+    for cand in (
+        Candidate("c1", "物流配送", "C0007", 0.8123, ["已解决（结果词）", "四部分齐全"], parts),
+        Candidate("案例2", "未分类", None, 0.4, [], {}),
+    ):
+        e = _Pooled((-cand.score, cand.case_id), cand, "快递三天没到")
+        assert e.cand == cand and e.case_id == cand.case_id and e.cand is not e.cand
+        assert not hasattr(e, "__dict__")
+        # Nothing of it is kept as the Candidate's objects: they are made when read.
+        assert not any(isinstance(getattr(e, n), (Candidate, dict, list)) for n in _Pooled.__slots__)
