@@ -328,3 +328,37 @@ def test_the_frame_names_the_copy_generation_its_rows_are(out, monkeypatch, capl
     frame, rows = cc.read_cases_copy(out, other, COLUMNS, CASE_CACHE_KEY, shrink=shrink_case_part)
     assert rows is None
     pd.testing.assert_frame_equal(frame, _plain(out))
+
+
+def test_a_copy_made_from_the_parts_a_column_at_a_time_is_the_copy_made_whole(out, tmp_path, monkeypatch):
+    """The first copy of a history is cast, ordered and written a column at a time, each let go
+    once written (`_written_from_parts`): the same files, byte for byte, and the same meta as
+    writing the ordered table whole; the parts of two runs interleave in the rule's order. Where
+    the copy cannot be written, the frame is still every part's newest rows."""
+    import pyarrow as pa
+
+    from pipeline.storage.store import cases_dir, read_columns
+
+    write_cases(out, _cases(range(30, 50), "20261101T000000-r0", problem="退款"), "20261101T000000-r0", 0)
+    files = stored_parts(out)
+    read = read_columns(COLUMNS, latest=True)
+    schema = pa.schema([cc._storage(f) for f in cc.CASE_SCHEMA if f.name in read])
+    root = cases_dir(out)
+    stats = {f.relative_to(root).as_posix(): cc._stat(f) for f in files}
+    whole, streamed = tmp_path / "whole", tmp_path / "streamed"
+    table = cc._newest(cc.read_parts(files, read, shrink_case_part).cast(schema))
+    cc._written(whole, table, CASE_CACHE_KEY, stats, schema)
+    got, rows = cc._written_from_parts(streamed, files, read, shrink_case_part, CASE_CACHE_KEY, stats, schema)
+    assert got.equals(table) and rows is not None and rows[1] == len(table) == 60
+    m1, m2 = (json.loads((d / "meta.json").read_text()) for d in (whole, streamed))
+    g1, g2 = m1.pop("gen"), m2.pop("gen")
+    assert m1 == m2
+    names = sorted(p.name for p in (whole / g1).iterdir())
+    assert names == sorted(p.name for p in (streamed / g2).iterdir()) and names
+    for name in names:
+        assert (whole / g1 / name).read_bytes() == (streamed / g2 / name).read_bytes(), name
+    monkeypatch.setattr(cc, "_save_meta", lambda *a: False)
+    got, rows = cc._written_from_parts(
+        tmp_path / "unwritable", files, read, shrink_case_part, CASE_CACHE_KEY, stats, schema
+    )
+    assert rows is None and got.equals(table)

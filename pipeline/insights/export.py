@@ -1874,6 +1874,10 @@ def export_all(
         frame, selected = select_cases_at(cases, c.min_problem_chars, c.request_kinds, facts)
         del facts
         cases, frame = drop_texts(cases, frame)
+        # Reading the case copy, classifying and selecting freed more than the frames they left
+        # (at a 129k-case history the heap kept 162 MiB freed over 146 live): given back before
+        # the embedding and clustering grow on top of it.
+        release_unused_memory()
         if embedder is None:
             from pipeline.embed import Embedder
 

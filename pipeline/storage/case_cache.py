@@ -37,7 +37,7 @@ import logging
 import shutil
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -195,24 +195,41 @@ def _save(cache: Path, table: pa.Table, key: str, files: dict[str, Stat], prefix
     """The copy written whole, into a new folder (a reader of the former keeps it), then named;
     returns its generation (None: not written). `prefix`: the generation and row count of the
     former copy whose rows are this one's first, in order (`copy_prefix`)."""
+    return _save_columns(cache, table.schema, table.num_rows, iter(table.columns), key, files, prefix)
+
+
+def _save_columns(
+    cache: Path,
+    schema: pa.Schema,
+    n: int,
+    columns: Iterator[pa.Array | pa.ChunkedArray],
+    key: str,
+    files: dict[str, Stat],
+    prefix: CopyRows | None = None,
+) -> str | None:
+    """`_save` of a table given as its schema, row count and columns, each made only when the
+    one before is written (`_written_from_parts`)."""
     gen = f"g{time.time_ns()}"
     folder = cache / gen
     try:
         folder.mkdir(parents=True)
         sizes: dict[str, int] = {}
-        for i, col in enumerate(table.columns):
-            arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
-            sizes.update(_write(folder, _pieces(i, arr.slice(0, 0), arr, 0, 0)))
+        for i, col in enumerate(columns):
+            if isinstance(col, pa.ChunkedArray):
+                col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+            if len(col) != n:
+                raise ValueError(f"column {schema.field(i).name} has {len(col)} rows, not {n}")
+            sizes.update(_write(folder, _pieces(i, col.slice(0, 0), col, 0, 0)))
+            del col
     except OSError as e:
         log.warning("could not write the case cache %s (%s): the next read decodes every part", cache, e)
         shutil.rmtree(folder, ignore_errors=True)
         return None
-    n = table.num_rows
-    starts = {name: (n // 8 if _is_bitmap(name, table.schema) else size) for name, size in sizes.items()}
+    starts = {name: (n // 8 if _is_bitmap(name, schema) else size) for name, size in sizes.items()}
     meta = {
         "format": _FORMAT,
         "key": key,
-        "columns": [[f.name, str(f.type)] for f in table.schema],
+        "columns": [[f.name, str(f.type)] for f in schema],
         "gen": gen,
         "rows": n,
         "base_rows": n,
@@ -345,8 +362,43 @@ def read_cases_copy(
                 prefix = (str(meta["gen"]), len(copy)) if grows else None
                 table, rows = _written(cache, with_new_rows(copy, added), key, stats, schema, prefix)
     else:
-        table, rows = _written(cache, _newest(read_parts(files, read, shrink).cast(schema)), key, stats, schema)
+        table, rows = _written_from_parts(cache, files, read, shrink, key, stats, schema)
     return cases_frame(table, wanted, latest=False), rows
+
+
+def _written_from_parts(
+    cache: Path,
+    files: list[Path],
+    read: list[str],
+    shrink: Callable[[pa.Table], pa.Table] | None,
+    key: str,
+    stats: dict[str, Stat],
+    schema: pa.Schema,
+) -> tuple[pa.Table, CopyRows | None]:
+    """`_written(cache, _newest(read_parts(files, read, shrink).cast(schema)), ...)`, the same
+    files, with the parts' columns cast, ordered and written one at a time, each let go once
+    written, and the copy read back mapped.
+
+    Why: the first export of a history (a back-fill's) makes the copy from every stored part. Cast,
+    ordered and combined as whole tables, every column was held three times at once (the read,
+    the cast, the ordered copy): the export's first peak, and it grew with the history."""
+    table = read_parts(files, read, shrink)
+    order = pa.array(newest_order(table.select(["case_id", "run_id"])))
+    held = {name: table.column(name) for name in table.column_names}
+    del table  # each column is let go as it is written
+
+    def columns() -> Iterator[pa.ChunkedArray]:
+        for f in schema:
+            yield held.pop(f.name).cast(f.type).take(order)
+
+    gen = _save_columns(cache, schema, len(order), columns(), key, stats)
+    held.clear()  # what a failed write left
+    if gen is not None:
+        reread = _load(cache, key, schema)
+        if reread is not None and reread[2]["gen"] == gen:
+            return reread[0], (gen, len(order))
+    # Not written (a read-only output): the copy in memory, as `_written` returns it.
+    return _newest(read_parts(files, read, shrink).cast(schema)), None
 
 
 def _written(
