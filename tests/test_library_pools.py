@@ -456,3 +456,21 @@ def test_a_pooled_case_keeps_its_candidate_packed_and_gives_it_back_equal():
         assert not hasattr(e, "__dict__")
         # Nothing of it is kept as the Candidate's objects: they are made when read.
         assert not any(isinstance(getattr(e, n), (Candidate, dict, list)) for n in _Pooled.__slots__)
+
+
+def test_saved_id_hashes_are_hashed_a_part_at_a_time_as_all_ids_at_once():
+    """The saved ids' hashes are made a part's keys at a time: the same sorted hashes as of every
+    id at once, a missing id hashed as the text "None" as before, and none of no parts."""
+    import pyarrow as pa
+
+    from pipeline.library import pool_state
+    from pipeline.library.typical_cases import _id_hashes
+
+    keys = [
+        pa.table({"case_id": ["b", "案例1", None], "run_id": ["r1"] * 3}),
+        pa.table({"case_id": pa.array([], pa.string()), "run_id": pa.array([], pa.string())}),
+        pa.table({"case_id": ["a", "b"], "run_id": ["r2", "r2"]}),
+    ]
+    every = ["b", "案例1", None, "a", "b"]
+    assert np.array_equal(_id_hashes(keys), pool_state.id_hashes(every))
+    assert _id_hashes(keys).dtype == np.uint64 and len(_id_hashes([])) == 0

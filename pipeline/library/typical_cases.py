@@ -158,7 +158,7 @@ def select_from_store(
         blocks_of=lambda groups: blocks_of(cfg, out, scorer, files, keys, lookup, groups),
     )
     if files and sel.copies_dropped:
-        pool_state.save(path, pool_state.PoolState(key, stats, member_ids, pool_state.id_hashes(_ids(keys)), sel))
+        pool_state.save(path, pool_state.PoolState(key, stats, member_ids, _id_hashes(keys), sel))
     return sel.candidates, {**sel.counts, "build": "full", "full_because": why}
 
 
@@ -186,7 +186,7 @@ def _continue(
     root = cases_dir(out)
     new = [f for f in files if f.relative_to(root).as_posix() not in previous.parts]
     new_keys = part_keys(new)
-    new_hashes = pool_state.id_hashes(_ids(new_keys))
+    new_hashes = _id_hashes(new_keys)
     if pool_state.any_seen(previous.seen, new_hashes):
         return "cases re-processed"
     blocks = iter_library_blocks(cfg, out, BLOCK_ROWS, scorer.may_pass, parts=new, keys=new_keys) if new else iter(())
@@ -228,9 +228,16 @@ def blocks_of(
     return iter_library_blocks(cfg, out, BLOCK_ROWS, keep, parts=files, keys=keys)
 
 
-def _ids(keys: list[pa.Table]) -> np.ndarray:
-    """Every case id of `part_keys` tables."""
-    return np.concatenate([k["case_id"].to_numpy(zero_copy_only=False) for k in keys]) if keys else np.array([], object)
+def _id_hashes(keys: list[pa.Table]) -> np.ndarray:
+    """`pool_state.id_hashes` of every case id of `part_keys` tables, hashed a table at a time:
+    the ids of every stored case as one array of Python strings (and its str copy) were the
+    build's last peak, and grew with the history."""
+    return np.sort(
+        np.concatenate(
+            [pool_state.id_hashes(k["case_id"].to_numpy(zero_copy_only=False)) for k in keys]
+            or [pool_state.id_hashes([])]
+        )
+    )
 
 
 def member_case_ids(files: list[Path]) -> np.ndarray:
