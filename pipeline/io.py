@@ -142,6 +142,7 @@ def atomic_write_parquet_groups(path: Path, schema: pa.Schema, groups: Iterable[
         with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
             for group in groups:
                 writer.write_table(group.combine_chunks())
+                del group  # written: not alive while `groups` makes the next
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

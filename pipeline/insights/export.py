@@ -1130,6 +1130,7 @@ def _write_blocks(parquet: Path, csv: Path, rows: mp.RowBlocks, schema: pa.Schem
                 table = pa.Table.from_pandas(rows.block(a, b), schema=schema, preserve_index=False)
                 out.write_table(table)
                 yield table
+                del table  # written to both: not alive while the next block is made
 
     def write(f: Any) -> None:
         f.write(bom)

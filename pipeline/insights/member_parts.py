@@ -38,7 +38,9 @@ _PART = re.compile(r"^part-(\d{6})\.parquet$")
 # re-cluster's part is written a block of rows at a time (its whole table, two rows a case with
 # their texts, and its one row group's encoding were the peak of the export a back-fill ends
 # with), and the same rows give the same file written whole (a night's, a compaction's).
-GROUP_ROWS = 65_536  # ~13 MiB of member rows with their texts
+# 16,384: a block of 65,536 rows took 36-40 MiB as its pandas rows and their Arrow table, and
+# two were alive while the next was made (+101 MiB over a 60k history's re-cluster export).
+GROUP_ROWS = 16_384
 
 
 class RowBlocks(Protocol):
