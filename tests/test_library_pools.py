@@ -371,9 +371,10 @@ def test_a_short_group_deepens_from_its_reserve_or_is_read_again_alone(cfg, tmp_
     _same(small, tmp_path, got)
 
 
-def test_saved_pools_keep_their_meta_as_utf8_and_read_the_older_string_form(cfg, night):
+def test_saved_pools_keep_their_meta_as_utf8_and_read_the_older_forms(cfg, night, tmp_path):
     """The pools' meta is stored as UTF-8 bytes (a NumPy string took 4 bytes a character, 80 MB
-    at a 120k history); a file saved before, meta as a NumPy string, still loads the same."""
+    at a 120k history), the entries as UTF-8 JSON lines beside it; files saved before, the
+    entries inside the meta, as UTF-8 or as a NumPy string, still load the same."""
     import json
 
     from pipeline.library import pool_state
@@ -385,27 +386,36 @@ def test_saved_pools_keep_their_meta_as_utf8_and_read_the_older_string_form(cfg,
     scorer = CandidateScorer.from_config(cfg)
     key = pool_state.build_key(cfg, scorer.actions)
     with np.load(path) as z:
-        assert z["meta"].dtype == np.uint8
+        assert z["meta"].dtype == np.uint8 and z["entries"].dtype == np.uint8
         meta, vectors, seen = json.loads(z["meta"].tobytes()), z["vectors"], z["seen"]
+        lines = z["entries"].tobytes().decode("utf-8").splitlines()
+    assert "entries" not in meta and meta["n_entries"] == len(lines) > 0
     new = pool_state.load(path, key)
     assert not isinstance(new, str) and len(new.selection.pools.pools) > 0
-    older = path.with_name("older.npz")
-    np.savez(older, meta=np.array(json.dumps(meta, ensure_ascii=False)), vectors=vectors, seen=seen)
-    old = pool_state.load(older, key)
-    assert not isinstance(old, str)
-    assert old.parts == new.parts and np.array_equal(old.seen, new.seen)
-    assert {g: [e.cand for e in p] for g, p in old.selection.pools.pools.items()} == {
-        g: [e.cand for e in p] for g, p in new.selection.pools.pools.items()
-    }
-    assert {i: v.tolist() for i, v in old.selection.vectors.items()} == {
-        i: v.tolist() for i, v in new.selection.vectors.items()
-    }
+    del meta["n_entries"]
+    text = json.dumps({**meta, "entries": [json.loads(x) for x in lines]}, ensure_ascii=False)
+    for name, form in (("older.npz", np.array(text)), ("utf8.npz", np.frombuffer(text.encode(), np.uint8))):
+        np.savez(tmp_path / name, meta=form, vectors=vectors, seen=seen)
+        old = pool_state.load(tmp_path / name, key)
+        assert not isinstance(old, str)
+        assert old.parts == new.parts and np.array_equal(old.seen, new.seen)
+        assert {g: [e.cand for e in p] for g, p in old.selection.pools.pools.items()} == {
+            g: [e.cand for e in p] for g, p in new.selection.pools.pools.items()
+        }
+        assert {i: v.tolist() for i, v in old.selection.vectors.items()} == {
+            i: v.tolist() for i, v in new.selection.vectors.items()
+        }
+    # Lines that do not add up to the count recorded: unreadable, so a build over everything.
+    np.savez(tmp_path / "short.npz", meta=np.frombuffer(json.dumps({**meta, "n_entries": len(lines) + 1}).encode(), np.uint8),
+             entries=np.frombuffer(("\n".join(lines) + "\n").encode(), np.uint8), vectors=vectors, seen=seen)
+    assert pool_state.load(tmp_path / "short.npz", key) == "saved pools unreadable"
 
 
 def test_saved_pools_are_written_a_piece_at_a_time_as_np_savez_would(cfg, night, tmp_path):
     """The state file is written a piece at a time (`pool_state._write_npz`), and is what
-    `np.savez` of the whole meta text, vectors and hashes would hold: the meta is exactly
-    `json.dumps` of itself, every vector and hash read back equal; an empty selection too."""
+    `np.savez` of the whole meta text, entry lines, vectors and hashes would hold: the meta and
+    each entry line are exactly `json.dumps` of themselves, every vector and hash read back
+    equal; an empty selection too."""
     import json
 
     from pipeline.library import pool_state
@@ -428,6 +438,9 @@ def test_saved_pools_are_written_a_piece_at_a_time_as_np_savez_would(cfg, night,
         with np.load(path) as a, np.load(again) as b:
             raw = b["meta"].tobytes()
             assert json.dumps(json.loads(raw), ensure_ascii=False).encode() == raw == a["meta"].tobytes()
+            lines = b["entries"].tobytes()
+            assert lines == a["entries"].tobytes() and lines.endswith(b"\n")
+            assert all(json.dumps(json.loads(x), ensure_ascii=False).encode() == x for x in lines.split(b"\n")[:-1])
             assert b["vectors"].dtype == np.float32 and np.array_equal(a["vectors"], b["vectors"])
             assert np.array_equal(a["seen"], b["seen"])
     empty = pool_state.PoolState(key, {}, [], np.zeros(0, np.uint64), Selection([], {}, _Pools(), {}, 40, {}, True))

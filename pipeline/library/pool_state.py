@@ -27,7 +27,7 @@ import hashlib
 import json
 import logging
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -109,13 +109,16 @@ class PoolState:
 
 
 def save(path: Path, state: PoolState) -> None:
-    """The state as an .npz of three arrays (`load`): the meta as the UTF-8 bytes of one JSON
-    object, the vectors of the cases a pick reads, the seen id hashes; written a piece at a time.
+    """The state as an .npz of four arrays (`load`): the meta (UTF-8 JSON), the pooled entries
+    (UTF-8 JSON lines, one an entry), the vectors of the cases a pick reads, the seen id hashes;
+    written a piece at a time.
 
-    Why a piece at a time: the meta's JSON text, its UTF-8 bytes and the stacked vectors made at
-    once were the library build's peak (+102 MiB at a 129k-case history's 29,000 pooled
-    entries), and they grew with the pools. The meta is JSON-encoded an entry at a time twice,
-    once to size the array and once to write it; the vectors are copied a block at a time."""
+    Why a piece at a time: the meta's JSON text (entries in it), its UTF-8 bytes and the stacked
+    vectors made at once were the library build's peak (+102 MiB at a 129k-case history's 28,885
+    pooled entries), and they grew with the pools. The entries are JSON-encoded one at a time
+    twice, once to size their array and once to write it; the vectors are copied a block at a
+    time. Why lines: `load` parses them one at a time too, where one JSON document of them was
+    parsed whole into Python objects first (+149 MiB at the same history)."""
     sel = state.selection
     entries: dict[str, _Pooled] = {e.case_id: e for p in sel.pools.pools.values() for e in p}
     # The cases a pick reads have vectors and come first; the reserves' cases have none yet.
@@ -151,16 +154,13 @@ def save(path: Path, state: PoolState) -> None:
         }
         return json.dumps(row, ensure_ascii=False).encode("utf-8")
 
-    # json.dumps of the head with "entries" as its last key, as one text: the same bytes.
-    opening = (json.dumps(head, ensure_ascii=False)[:-1] + ', "entries": [').encode("utf-8")
-    comma, closing = b", ", b"]}"
-    n_meta = len(opening) + sum(len(entry(i)) for i in order) + len(comma) * max(len(order) - 1, 0) + len(closing)
+    meta = json.dumps({**head, "n_entries": len(order)}, ensure_ascii=False).encode("utf-8")
+    # A JSON text holds no raw newline (ensure_ascii or not, one in a string is escaped).
+    n_lines = sum(len(entry(i)) + 1 for i in order)
 
-    def meta(f: BinaryIO) -> None:
-        f.write(opening)
-        for k, i in enumerate(order):
-            f.write(entry(i) if not k else comma + entry(i))
-        f.write(closing)
+    def lines(f: BinaryIO) -> None:
+        for i in order:
+            f.write(entry(i) + b"\n")
 
     dim = next(iter(sel.vectors.values())).shape[0] if sel.vectors else 0
 
@@ -175,7 +175,8 @@ def save(path: Path, state: PoolState) -> None:
         lambda f: _write_npz(
             f,
             [
-                ("meta", np.dtype(np.uint8), (n_meta,), meta),
+                ("meta", np.dtype(np.uint8), (len(meta),), lambda g: g.write(meta)),
+                ("entries", np.dtype(np.uint8), (n_lines,), lines),
                 ("vectors", np.dtype("<f4"), (len(with_vectors), dim), vectors),
                 ("seen", seen.dtype, seen.shape, lambda g: g.write(seen.tobytes())),
             ],
@@ -227,14 +228,17 @@ def load(path: Path, key: str) -> PoolState | str:
             if meta.get("version") != VERSION or meta.get("key") != key:
                 return "configuration or models changed"
             vectors, seen = z["vectors"], z["seen"]
-        entries = {}
-        if int(meta["n_vectors"]) != len(vectors) or len(meta["entries"]) < len(vectors):
+            # Entries inside the meta: a file saved before they were written as lines.
+            rows = meta.pop("entries") if "entries" in meta else _lines(z["entries"], int(meta["n_entries"]))
+            entries = {}
+            for row in rows:
+                cand = Candidate(
+                    row["case_id"], row["issue_type"], row["cluster_id"], row["score"], row["reasons"], row["parts"]
+                )
+                entries[row["case_id"]] = _Pooled((-cand.score, cand.case_id), cand, row["text"], bool(row["copies"]))
+            del rows
+        if int(meta["n_vectors"]) != len(vectors) or len(entries) < len(vectors):
             raise ValueError("entries and vectors differ in length")
-        for row in meta["entries"]:
-            cand = Candidate(
-                row["case_id"], row["issue_type"], row["cluster_id"], row["score"], row["reasons"], row["parts"]
-            )
-            entries[row["case_id"]] = _Pooled((-cand.score, cand.case_id), cand, row["text"], bool(row["copies"]))
         pools = _Pools(
             pools={g: [entries[i] for i in ids] for g, ids in meta["pools"].items()},
             sizes={g: int(n) for g, n in meta["sizes"].items()},
@@ -254,3 +258,14 @@ def load(path: Path, key: str) -> PoolState | str:
     except (OSError, KeyError, ValueError, TypeError) as e:
         log.warning("library pools %s not readable (%s): building over every case", path, e)
         return "saved pools unreadable"
+
+
+def _lines(raw: np.ndarray, n: int) -> Iterator[dict[str, Any]]:
+    """The entries of a version 3 file: `n` JSON lines in UTF-8 bytes, parsed one at a time."""
+    ends = np.flatnonzero(raw == ord("\n"))
+    if len(ends) != n or (len(raw) and raw[-1] != ord("\n")):
+        raise ValueError(f"{len(ends)} entry lines, not {n}")
+    start = 0
+    for end in ends.tolist():
+        yield json.loads(raw[start:end].tobytes())
+        start = end + 1
