@@ -84,11 +84,16 @@ def file_ids(files: list[Path]) -> list[FileId]:
     return out
 
 
-def id_hashes(ids: Any) -> np.ndarray:
-    """Stable 64-bit hashes of case ids, sorted (pandas' SipHash with a fixed key: the same in
-    every process, unlike Python's `hash`). A collision only makes a night build over everything."""
+def id_hash(ids: Any) -> np.ndarray:
+    """Stable 64-bit hashes of case ids, in their order (pandas' SipHash with a fixed key: the
+    same in every process, unlike Python's `hash`); a missing id hashed as the text "None"."""
     values = pd.Series(ids, dtype=object).astype(str).to_numpy(dtype=object)
-    return np.sort(pd.util.hash_array(values, categorize=False))
+    return pd.util.hash_array(values, categorize=False)
+
+
+def id_hashes(ids: Any) -> np.ndarray:
+    """`id_hash` of case ids, sorted. A collision only makes a night build over everything."""
+    return np.sort(id_hash(ids))
 
 
 def any_seen(seen: np.ndarray, h: np.ndarray) -> bool:

@@ -12,6 +12,7 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline.config import Config
+from pipeline.library.pool_state import id_hash as _id_hash
 from pipeline.storage.store import newest_row_mask
 
 # What selection reads of a stored case: `CandidateScorer.may_pass` (outcome, problem, handling,
@@ -103,11 +104,6 @@ def load_cluster_lookup(out: Path, members: list[Path] | None = None) -> Callabl
         first[1:] = pc.not_equal(ids[1:], ids[:-1]).to_numpy(zero_copy_only=False)
     pick = pa.array(first)
     return _HashedLookup.of(ids.filter(pick), keyed["cluster_id"].combine_chunks().filter(pick))
-
-
-def _id_hash(ids: Any) -> np.ndarray:
-    """64-bit hashes of case ids (pandas' SipHash with a fixed key: the same in every process)."""
-    return pd.util.hash_array(np.asarray(ids, dtype=object), categorize=False)
 
 
 class _HashedLookup:

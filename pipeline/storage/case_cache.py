@@ -393,10 +393,9 @@ def _written_from_parts(
 
     gen = _save_columns(cache, schema, len(order), columns(), key, stats)
     held.clear()  # what a failed write left
-    if gen is not None:
-        reread = _load(cache, key, schema)
-        if reread is not None and reread[2]["gen"] == gen:
-            return reread[0], (gen, len(order))
+    mapped = _mapped(cache, key, schema, gen)
+    if mapped is not None:
+        return mapped, (str(gen), len(order))
     # Not written (a read-only output): the copy in memory, as `_written` returns it.
     return _newest(read_parts(files, read, shrink).cast(schema)), None
 
@@ -412,12 +411,17 @@ def _written(
     """`table` written whole as the copy, and read back mapped: one chunk a column without
     combining it in memory (a second copy of every column, 1 s at 1M cases)."""
     gen = _save(cache, table, key, files, prefix)
+    mapped = _mapped(cache, key, schema, gen)
+    return (table, None) if mapped is None else (mapped, (str(gen), len(table)))
+
+
+def _mapped(cache: Path, key: str, schema: pa.Schema, gen: str | None) -> pa.Table | None:
+    """The copy generation `gen` just written, read back mapped; None when it was not written
+    (`gen` None) or another writer's copy is there now."""
     if gen is None:
-        return table, None
+        return None
     reread = _load(cache, key, schema)
-    if reread is None or reread[2]["gen"] != gen:
-        return table, None
-    return reread[0], (gen, len(table))
+    return reread[0] if reread is not None and reread[2]["gen"] == gen else None
 
 
 def accepts(kept_gen: Any, kept_n: Any, gen: str, n_rows: int, prefix: CopyRows | None = None) -> bool:
