@@ -83,14 +83,16 @@ def test_cache_second_call_embeds_nothing(tmp_path, monkeypatch):
     assert any((tmp_path / "state" / "embeddings").rglob("shard-*.npz"))
 
 
-@pytest.mark.parametrize("block_rows", [16_384, 3])
+@pytest.mark.parametrize("block_rows", [16_384, 1_024, 3])
 def test_cached_and_new_vectors_land_in_their_rows(tmp_path, monkeypatch, block_rows):
     """Texts found in several shards, repeated, and new, in mixed order: every row is its own
     text's vector, read straight into the result (`lookup_rows`), as the fake model gives it.
-    With 3-row blocks the reads cross blocks and a block's repeated rows come in slices."""
+    With 3-row blocks and read windows the reads cross them and a window's repeated rows come in
+    slices."""
     from pipeline.embed import cache
 
     monkeypatch.setattr(cache, "_BLOCK_ROWS", block_rows)
+    monkeypatch.setattr(cache, "_READ_ROWS", block_rows)
     e, fake = _stub_embedder(monkeypatch, Config(), tmp_path)
     first = [f"第{i}个问题" for i in range(0, 40, 2)]
     e.encode_passages(first)
