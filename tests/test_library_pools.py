@@ -34,15 +34,19 @@ def _blocks(cases, size=7):
     return [cases.iloc[i : i + size].reset_index(drop=True) for i in range(0, len(cases), size)]
 
 
+@pytest.mark.parametrize("spilled", [False, True])
 @pytest.mark.parametrize("reserve", [1, 4])
 @pytest.mark.parametrize("pool", [1, 3, 100])
-def test_extending_equals_selecting_over_everything(cfg, pool, reserve, monkeypatch):
+def test_extending_equals_selecting_over_everything(cfg, pool, reserve, spilled, monkeypatch, tmp_path):
     """Old cases pooled first and new ones added later give the pick of one selection over all of
     them (candidates, order, groups, counts), in whatever order the new cases come, and only the
     new pooled cases (and reserve cases a deepened pick reaches) are encoded. A group short of
     picks takes its next texts from its pool's reserve; where only a whole read can be exact (the
-    reserve used up, or none: `reserve` 1), the extension says so instead of guessing."""
+    reserve used up, or none: `reserve` 1), the extension says so instead of guessing. The old
+    pools kept in a spill file (`spilled`, as a build keeps them) give the same picks as the
+    selection over everything kept in memory."""
     import pipeline.library.candidates as candidates
+    from pipeline.library.spill import Spill
 
     monkeypatch.setattr(candidates, "RESERVE", reserve)
     scorer = CandidateScorer(cfg.library.model_copy(update={"per_group": 2}), ["催促", "加急", "补发"])
@@ -55,6 +59,7 @@ def test_extending_equals_selecting_over_everything(cfg, pool, reserve, monkeypa
         encoded.extend(texts)
         return HashingEmbedder().encode(texts)
 
+    spill = (lambda: Spill(tmp_path)) if spilled else (lambda: None)
     rng = np.random.default_rng(pool)
     outcomes = set()
     for _ in range(6):
@@ -62,7 +67,7 @@ def test_extending_equals_selecting_over_everything(cfg, pool, reserve, monkeypa
         cut = int(rng.integers(5, 55))
         old, new = cases.iloc[order[:cut]], cases.iloc[order[cut:]]
         whole = pool_selection(lambda: _blocks(cases), encode, scorer, lookup, pool=pool)
-        first = pool_selection(lambda: _blocks(old), encode, scorer, lookup, pool=pool)
+        first = pool_selection(lambda: _blocks(old), encode, scorer, lookup, pool=pool, spill=spill())
         caps_before = dict(first.caps)
         reserved = {e.text for g, p in first.pools.pools.items() for e in p[first.caps.get(g, pool) :]}
         encoded.clear()
@@ -75,7 +80,7 @@ def test_extending_equals_selecting_over_everything(cfg, pool, reserve, monkeypa
             again = pool_selection(lambda: _blocks(cases), encode, scorer, lookup, pool=pool, caps=more.caps)
             assert [asdict(c) for c in again.candidates] == [asdict(c) for c in whole.candidates]
             # Given every case to read again, only the short groups' rows are judged again.
-            first = pool_selection(lambda: _blocks(old), encode, scorer, lookup, pool=pool)
+            first = pool_selection(lambda: _blocks(old), encode, scorer, lookup, pool=pool, spill=spill())
             more = extend_selection(first, _blocks(new), encode, scorer, lookup,
                                     reread=lambda groups: (_blocks(cases), lookup))
             assert not isinstance(more, Fallback) and more.counts["groups_read_again"] > 0
@@ -447,6 +452,39 @@ def test_saved_pools_are_written_a_piece_at_a_time_as_np_savez_would(cfg, night,
     pool_state.save(tmp_path / "empty.npz", empty)
     got = pool_state.load(tmp_path / "empty.npz", key)
     assert not isinstance(got, str) and got.selection.pools.pools == {} and len(got.seen) == 0
+
+
+def test_spilled_pools_keep_handles_and_give_back_what_was_saved(cfg, night, tmp_path):
+    """Saved pools loaded into a spill file hold an int a Candidate and a vector, and give back
+    the same entries, order, Candidates and vectors (bit for bit) as pools loaded into memory;
+    saved again from the spill they make the same file, and the spill's own records read back."""
+    from pipeline.library import pool_state
+    from pipeline.library.spill import Spill, SpilledVectors
+    from pipeline.library.typical_cases import build
+
+    out, _ = night
+    build(cfg, out, embedder=HashingEmbedder())
+    path = pool_state.state_file(out)
+    key = pool_state.build_key(cfg, CandidateScorer.from_config(cfg).actions)
+    memory, spilled = pool_state.load(path, key), pool_state.load(path, key, Spill(tmp_path))
+    assert not isinstance(memory, str) and not isinstance(spilled, str)
+    a, b = memory.selection, spilled.selection
+    assert isinstance(b.vectors, SpilledVectors) and b.pools.spill is not None
+    assert all(isinstance(e._packed, int) for p in b.pools.pools.values() for e in p)
+    assert {g: [(e.key, e.text, e.stands_for_copies, e.cand) for e in p] for g, p in a.pools.pools.items()} == {
+        g: [(e.key, e.text, e.stands_for_copies, e.cand) for e in p] for g, p in b.pools.pools.items()
+    }
+    assert list(a.vectors) == list(b.vectors) and len(b.vectors) > 0
+    assert all(a.vectors[i].tobytes() == b.vectors[i].tobytes() for i in a.vectors)
+    pool_state.save(tmp_path / "again.npz", spilled)
+    with np.load(path) as x, np.load(tmp_path / "again.npz") as y:
+        assert all(x[n].tobytes() == y[n].tobytes() for n in ("meta", "entries", "vectors", "seen"))
+    s = Spill(tmp_path)
+    records = [b"", "快递\ud800".encode("utf-8", "surrogatepass"), bytes(range(256)) * 9]
+    handles = [s.put(r) for r in records]
+    assert [s.get(h) for h in reversed(handles)] == records[::-1] and s.size == sum(map(len, records))
+    del b.vectors[next(iter(b.vectors))]
+    assert len(b.vectors) == len(a.vectors) - 1
 
 
 def test_a_pooled_case_keeps_its_candidate_packed_and_gives_it_back_equal():

@@ -7,7 +7,7 @@ the same candidates (decisions live in the review store, `pipeline.library.store
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import Config, LibraryConfig
+from pipeline.library.spill import Spill, SpilledVectors
 
 PARTS = ("context", "problem", "handling", "outcome")
 PART_NAMES = {"context": "客户背景", "problem": "问题", "handling": "处理", "outcome": "结果"}
@@ -237,18 +238,27 @@ class _Pooled:
     (`cand`): only the picked cases' and the saved pools' are. Why: the pools hold every distinct
     text of a group whose near-copies make its pick run short, and those grow with the history;
     as Python objects (a parts dict of five strings, a reasons list, the Candidate) an entry took
-    3.3 KiB, 92 MiB for a 129k-case history's 28,885 entries; packed it takes about a third."""
+    3.3 KiB, 92 MiB for a 129k-case history's 28,885 entries; packed it takes about a third.
+    With a `Spill` the packed bytes are written there and the entry keeps their handle."""
 
-    __slots__ = ("key", "text", "stands_for_copies", "_packed")
+    __slots__ = ("key", "text", "stands_for_copies", "_packed", "_spill")
 
-    def __init__(self, key: tuple[float, str], cand: Candidate, text: str, stands_for_copies: bool = False):
+    def __init__(
+        self,
+        key: tuple[float, str],
+        cand: Candidate,
+        text: str,
+        stands_for_copies: bool = False,
+        spill: Spill | None = None,
+    ):
         self.key = key  # (-score, case_id): the order select_candidates reads a group in
         self.text = text
         self.stands_for_copies = stands_for_copies  # a later case of one of its groups had the same text
         fields = [cand.issue_type, cand.cluster_id, cand.score, cand.reasons, cand.parts]
         # surrogatepass: a text is packed and read back whatever code points it holds.
-        packed = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
-        self._packed = packed.encode("utf-8", "surrogatepass")
+        packed = json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
+        self._spill = spill
+        self._packed: bytes | int = spill.put(packed) if spill is not None else packed
 
     @property
     def case_id(self) -> str:
@@ -257,7 +267,8 @@ class _Pooled:
     @property
     def cand(self) -> Candidate:
         """The Candidate pooled, its groups empty (they are filled in once it is picked)."""
-        issue_type, cluster_id, score, reasons, parts = json.loads(self._packed.decode("utf-8", "surrogatepass"))
+        packed = self._spill.get(cast(int, self._packed)) if self._spill is not None else cast(bytes, self._packed)
+        issue_type, cluster_id, score, reasons, parts = json.loads(packed.decode("utf-8", "surrogatepass"))
         return Candidate(self.key[1], issue_type, cluster_id, score, reasons, parts)
 
 
@@ -281,6 +292,7 @@ class _Pools:
     sizes: dict[str, int] = field(default_factory=dict)
     cut: set[str] = field(default_factory=set)
     n_cases: int = 0
+    spill: Spill | None = None  # where its entries keep their packed Candidates (None: in memory)
 
 
 def _trim(pool: list[_Pooled], cap: int, drop_copies: bool) -> tuple[list[_Pooled], bool]:
@@ -314,12 +326,14 @@ def _pool_blocks(
     drop_copies: bool,
     got: _Pools | None = None,
     only: set[str] | None = None,
+    spill: Spill | None = None,
 ) -> _Pools:
     """One read of the blocks into per-group pools (see `select_candidates_in_blocks`) cut to
     their depths, added to `got` when given (a previous night's pools: `extend_selection`). With
     `only`, the pools of those groups alone, from the rows of those groups alone (a deeper pass:
-    `_deepen`); sizes and the count of cases read are then left to the pass that read everything."""
-    got = got if got is not None else _Pools()
+    `_deepen`); sizes and the count of cases read are then left to the pass that read everything.
+    A new `_Pools` keeps its entries' Candidates in `spill` when given."""
+    got = got if got is not None else _Pools(spill=spill)
     for item in blocks:
         block, n_read = item if isinstance(item, tuple) else (item, len(item))
         if only is not None:
@@ -338,7 +352,7 @@ def _pool_blocks(
         for (r, (_, score, reasons, parts)), text, cid in zip(ok, texts, cids):
             issue = _text(r.get("issue_type")) or "未分类"
             cand = Candidate(str(r["case_id"]), issue, cid, score, reasons, parts)
-            e = _Pooled((-score, cand.case_id), cand, text)
+            e = _Pooled((-score, cand.case_id), cand, text, spill=got.spill)
             for g in groups_of(cand.issue_type, cand.cluster_id):
                 if only is not None and g not in only:
                     continue
@@ -410,7 +424,9 @@ def _deepen(
         for g in again:
             depths[g] = RESERVE * caps[g]
         blocks, clusters = read_again(set(again))
-        deeper = _pool_blocks(blocks, scorer, clusters, depths, RESERVE * default_cap, drop_copies, only=set(again))
+        deeper = _pool_blocks(
+            blocks, scorer, clusters, depths, RESERVE * default_cap, drop_copies, only=set(again), spill=got.spill
+        )
         for g in again:
             got.pools[g] = deeper.pools.get(g, [])
             got.cut.discard(g)
@@ -442,7 +458,7 @@ class Selection:
     pools: _Pools
     caps: dict[str, int]
     default_cap: int
-    vectors: dict[str, np.ndarray]
+    vectors: MutableMapping[str, np.ndarray]  # a dict, or `SpilledVectors` with a spill
     copies_dropped: bool
     # The pools' depths where not RESERVE x cap (a group deepened from its reserve keeps the
     # depth it had until it is read again).
@@ -458,7 +474,9 @@ def _heads(got: _Pools, caps: dict[str, int], default_cap: int) -> dict[str, lis
 
 
 def _encode_pooled(
-    heads: dict[str, list[_Pooled]], vectors: dict[str, np.ndarray], encode: Callable[[list[str]], np.ndarray]
+    heads: dict[str, list[_Pooled]],
+    vectors: MutableMapping[str, np.ndarray],
+    encode: Callable[[list[str]], np.ndarray],
 ) -> dict[str, _Pooled]:
     """Vectors for every case a pick reads (`_heads`: the ones not in `vectors` encoded, the
     others dropped; a reserve is encoded only once a pick reaches it); returns those cases by id."""
@@ -472,7 +490,9 @@ def _encode_pooled(
     return pooled
 
 
-def _copy_margin_holds(entries: Iterable[_Pooled], vectors: dict[str, np.ndarray], lib: LibraryConfig) -> bool:
+def _copy_margin_holds(
+    entries: Iterable[_Pooled], vectors: MutableMapping[str, np.ndarray], lib: LibraryConfig
+) -> bool:
     """Whether a text's later copies may be left out of these entries' groups: each copy's
     similarity to its twin (v.v) is above max_similarity, with a margin because the greedy
     computes v.v inside a matrix product."""
@@ -480,7 +500,7 @@ def _copy_margin_holds(entries: Iterable[_Pooled], vectors: dict[str, np.ndarray
 
 
 def _pick(
-    got: _Pools, heads: dict[str, list[_Pooled]], vectors: dict[str, np.ndarray], lib: LibraryConfig
+    got: _Pools, heads: dict[str, list[_Pooled]], vectors: MutableMapping[str, np.ndarray], lib: LibraryConfig
 ) -> tuple[list[Candidate], list[str]]:
     """The greedy diverse pick of every pool's head, as candidates (a case picked by two groups
     listed once, best score first), and the groups that ran short of picks while texts lay
@@ -543,30 +563,33 @@ def pool_selection(
     pool: int | None = None,
     caps: dict[str, int] | None = None,
     blocks_of: Callable[[set[str]], Iterable[Block]] | None = None,
+    spill: Spill | None = None,
 ) -> Selection:
     """`select_candidates_in_blocks`, returning also what a later night continues from.
     `caps`: pool sizes to start from for some groups (a group that ran short before keeps its
     deeper pool, so the nights after can extend it); any cap gives the same pick.
     `blocks_of(groups)`: the blocks a deeper pass reads for those groups, when the reader can
-    leave out rows of other groups before they become pandas rows (`rows_in_groups`)."""
+    leave out rows of other groups before they become pandas rows (`rows_in_groups`).
+    `spill`: where the pools keep their Candidates and vectors while they grow (`pipeline.library.spill`);
+    the same selection either way."""
     lib = scorer.lib
     default_cap = pool or 8 * lib.per_group
     lookup = clusters or (lambda ids: [None] * len(ids))
     caps = dict(caps or {})
     depths = {g: RESERVE * c for g, c in caps.items()}
     drop_copies = True
-    vectors: dict[str, np.ndarray] = {}
+    vectors: MutableMapping[str, np.ndarray] = SpilledVectors(spill) if spill is not None else {}
 
     def read_again(groups: set[str]):
         return (blocks_of(groups) if blocks_of is not None else blocks()), lookup
 
-    got = _pool_blocks(blocks(), scorer, lookup, depths, RESERVE * default_cap, drop_copies)
+    got = _pool_blocks(blocks(), scorer, lookup, depths, RESERVE * default_cap, drop_copies, spill=spill)
     while True:
         heads = _heads(got, caps, default_cap)
         pooled = _encode_pooled(heads, vectors, encode)
         if drop_copies and not _copy_margin_holds((e for e in pooled.values() if e.stands_for_copies), vectors, lib):
             drop_copies = False
-            got = _pool_blocks(blocks(), scorer, lookup, depths, RESERVE * default_cap, drop_copies)
+            got = _pool_blocks(blocks(), scorer, lookup, depths, RESERVE * default_cap, drop_copies, spill=spill)
             continue
         out, short = _pick(got, heads, vectors, lib)
         if not short:

@@ -27,7 +27,7 @@ import hashlib
 import json
 import logging
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -38,6 +38,7 @@ import pandas as pd
 from pipeline.config import Config
 from pipeline.io import write_cache
 from pipeline.library.candidates import Candidate, Selection, _Pooled, _Pools
+from pipeline.library.spill import Spill, SpilledVectors
 
 log = logging.getLogger(__name__)
 
@@ -219,9 +220,11 @@ class _Counted:
         return self.f.write(b)
 
 
-def load(path: Path, key: str) -> PoolState | str:
+def load(path: Path, key: str, spill: Spill | None = None) -> PoolState | str:
     """The saved state, or why there is none to continue from: missing or unreadable, or made
-    under another configuration, other models or another version of this file."""
+    under another configuration, other models or another version of this file. With `spill`,
+    the entries' Candidates and the vectors are kept there (read a block of vectors at a time),
+    as the build that continues from them keeps its own."""
     if not path.is_file():
         return "no saved pools"
     try:
@@ -232,7 +235,7 @@ def load(path: Path, key: str) -> PoolState | str:
             del raw
             if meta.get("version") != VERSION or meta.get("key") != key:
                 return "configuration or models changed"
-            vectors, seen = z["vectors"], z["seen"]
+            seen = z["seen"]
             # Entries inside the meta: a file saved before they were written as lines.
             rows = meta.pop("entries") if "entries" in meta else _lines(z["entries"], int(meta["n_entries"]))
             entries = {}
@@ -240,17 +243,18 @@ def load(path: Path, key: str) -> PoolState | str:
                 cand = Candidate(
                     row["case_id"], row["issue_type"], row["cluster_id"], row["score"], row["reasons"], row["parts"]
                 )
-                entries[row["case_id"]] = _Pooled((-cand.score, cand.case_id), cand, row["text"], bool(row["copies"]))
+                entries[row["case_id"]] = _Pooled(
+                    (-cand.score, cand.case_id), cand, row["text"], bool(row["copies"]), spill
+                )
             del rows
-        if int(meta["n_vectors"]) != len(vectors) or len(entries) < len(vectors):
-            raise ValueError("entries and vectors differ in length")
+        vecs = _vectors(path, list(entries), int(meta["n_vectors"]), spill)
         pools = _Pools(
             pools={g: [entries[i] for i in ids] for g, ids in meta["pools"].items()},
             sizes={g: int(n) for g, n in meta["sizes"].items()},
             cut=set(meta["cut"]),
             n_cases=int(meta["n_cases"]),
+            spill=spill,
         )
-        vecs = {i: v for i, v in zip(entries, vectors)}  # the first n_vectors entries
         depths = {g: int(d) for g, d in meta["depths"].items()}
         selection = Selection([], {}, pools, dict(meta["caps"]), int(meta["default_cap"]), vecs, True, depths)
         return PoolState(
@@ -260,9 +264,37 @@ def load(path: Path, key: str) -> PoolState | str:
             np.asarray(seen, dtype=np.uint64),
             selection,
         )
-    except (OSError, KeyError, ValueError, TypeError) as e:
+    except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as e:
         log.warning("library pools %s not readable (%s): building over every case", path, e)
         return "saved pools unreadable"
+
+
+def _vectors(path: Path, ids: list[str], n: int, spill: Spill | None) -> MutableMapping[str, np.ndarray]:
+    """The saved vectors of the first `n` of `ids` (the entries with vectors come first): views
+    of the one array read, or, with `spill`, written there a block at a time."""
+    with np.load(path, allow_pickle=False) as z:
+        if spill is None:
+            vectors = z["vectors"]
+            if len(vectors) != n or len(ids) < n:
+                raise ValueError("entries and vectors differ in length")
+            return dict(zip(ids, vectors))
+    out = SpilledVectors(spill)
+    with zipfile.ZipFile(path) as zf, zf.open("vectors.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+        if len(shape) != 2 or fortran or shape[0] != n or len(ids) < n:
+            raise ValueError("entries and vectors differ in length")
+        width = int(shape[1]) * dtype.itemsize
+        for at in range(0, n, _VECTOR_BLOCK):
+            rows = min(_VECTOR_BLOCK, n - at)
+            raw = f.read(rows * width)
+            if len(raw) != rows * width:
+                raise ValueError("the vectors end early")
+            block = np.frombuffer(raw, dtype=dtype).reshape(rows, -1)
+            for i, v in zip(ids[at : at + rows], block):
+                out[i] = v
+    return out
 
 
 def _lines(raw: np.ndarray, n: int) -> Iterator[dict[str, Any]]:

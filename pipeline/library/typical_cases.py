@@ -49,6 +49,7 @@ from pipeline.library.sources import (
     load_members,
     part_keys,
 )
+from pipeline.library.spill import Spill
 from pipeline.library.store import (
     STATUSES,
     Decision,
@@ -131,7 +132,10 @@ def select_from_store(
     stats = pool_state.part_stats(root, files)  # before reading: a part changed later is seen next time
     members = members_files(latest) if (latest := latest_export(out)) is not None else []
     member_ids = pool_state.file_ids(members)
-    previous = pool_state.load(path, key)
+    # The pools' Candidates and vectors, which grow with a crowded history, wait on disk while
+    # the build runs (`pipeline.library.spill`); the file goes when the last entry does.
+    spill = Spill(path.parent)
+    previous = pool_state.load(path, key, spill)
     caps: dict[str, int] = {}
     if isinstance(previous, str):
         why = "asked" if full else previous
@@ -156,6 +160,7 @@ def select_from_store(
         lookup,
         caps=caps,
         blocks_of=lambda groups: blocks_of(cfg, out, scorer, files, keys, lookup, groups),
+        spill=spill,
     )
     if files and sel.copies_dropped:
         pool_state.save(path, pool_state.PoolState(key, stats, member_ids, _id_hashes(keys), sel))
