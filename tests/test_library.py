@@ -401,6 +401,36 @@ def test_cluster_lookup_answers_as_cluster_map(tmp_path):
     assert load_cluster_lookup(tmp_path)(["b2"]) == [None]
 
 
+def test_cluster_lookup_reads_row_groups_and_files_in_their_order(tmp_path):
+    """Members spread over files of small row groups are read a row group at a time, and still
+    answer as `cluster_map` of them all in order: a case's own-scope row wins wherever it lies,
+    else its first row across files; a cluster named again in a later file keeps one code."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.library.candidates import cluster_map
+    from pipeline.library.sources import load_cluster_lookup
+
+    folder = tmp_path / "exports" / "d1" / "members.parquet"
+    folder.mkdir(parents=True)
+    (tmp_path / "exports" / "LATEST").write_text("d1", encoding="utf-8")
+    rng = np.random.default_rng(3)
+    rows = [
+        (f"c{rng.integers(40)}", ("all", "物流", "发票")[rng.integers(3)], ("物流", "发票", None)[rng.integers(3)],
+         None if rng.random() < 0.1 else f"K{rng.integers(6)}")
+        for _ in range(300)
+    ]
+    members = pd.DataFrame(rows, columns=["case_id", "scope", "issue_type", "cluster_id"])
+    for i, (a, b) in enumerate(((0, 120), (120, 121), (121, 300))):
+        kind = (pa.string(), pa.large_string())[i % 2]
+        part = pa.table({c: pa.array(members[c].iloc[a:b], kind, from_pandas=True) for c in members.columns})
+        pq.write_table(part, folder / f"part-{i:06d}.parquet", row_group_size=7)
+    want = cluster_map(members)
+    asked = [f"c{i}" for i in range(45)]
+    assert len(want) > 20
+    assert load_cluster_lookup(tmp_path)(asked) == [want.get(i) for i in asked]
+
+
 def test_cluster_lookup_answers_the_same_when_ids_share_a_hash(tmp_path, monkeypatch):
     """Two stored ids with one hash would make the hash search miss one: the lookup then searches
     the ids themselves, and answers as with distinct hashes. A hash hit on an id not stored (a

@@ -82,28 +82,56 @@ def load_cluster_lookup(out: Path, members: list[Path] | None = None) -> Callabl
     if not {"case_id", "cluster_id"} <= names:
         return lambda ids: [None] * len(ids)
     own_cols = ["scope", "issue_type"] if {"scope", "issue_type"} <= names else []
-    # Parts written on different nights may type a text column string or large_string.
-    t = pa.concat_tables(
-        [pq.read_table(f, columns=["case_id", "cluster_id", *own_cols]) for f in files], promote_options="permissive"
-    )
-    # A null id is never asked for (ids are str): left out, as searchsorted cannot order it.
-    t = t.filter(pc.and_(pc.is_valid(t["cluster_id"]), pc.is_valid(t["case_id"])))
+    # Read a row group at a time and narrowed at once to what the pick per case needs: the id,
+    # the cluster as a code, whether the row is its own issue type's scope. Read whole (four
+    # text columns of a row per case and scope), cast, filtered and sorted as tables, the members
+    # were held four or five times over: +112 MiB at a 129k-case history, twice the 60k one's.
+    ids: list[pa.Array] = []
+    codes: list[np.ndarray] = []
+    own: list[np.ndarray] = []
+    clusters: dict[str, int] = {}
+    for f in files:
+        pf = pq.ParquetFile(f)
+        for g in range(pf.num_row_groups):
+            t = pf.read_row_group(g, columns=["case_id", "cluster_id", *own_cols])
+            # A null id is never asked for (ids are str): left out, as a sort cannot order it.
+            t = t.filter(pc.and_(pc.is_valid(t["cluster_id"]), pc.is_valid(t["case_id"])))
+            # Parts written on different nights may type a text column string or large_string.
+            ids.append(pc.cast(t["case_id"], pa.large_string()).combine_chunks())
+            coded = pc.dictionary_encode(t["cluster_id"].combine_chunks())
+            remap = np.array([clusters.setdefault(c, len(clusters)) for c in coded.dictionary.to_pylist()], np.int32)
+            codes.append(remap[coded.indices.to_numpy(zero_copy_only=False)] if len(remap) else np.zeros(0, np.int32))
+            mine = pc.fill_null(pc.equal(t["scope"], t["issue_type"]), False) if own_cols else None
+            # A missing type is not its own.
+            own.append(
+                np.asarray(mine.to_numpy(zero_copy_only=False), dtype=np.int8)
+                if mine is not None
+                else np.zeros(len(t), np.int8)
+            )
+            del t, coded, mine
+    n = sum(len(i) for i in ids)
+    if not n:
+        return lambda ids: [None] * len(ids)
     # cluster_map's pick per case: the first row of its own issue type's scope, else its first row.
-    own = pc.equal(t["scope"], t["issue_type"]) if own_cols else pa.nulls(len(t), pa.bool_())
     keyed = pa.table(
         {
-            "case_id": pc.cast(t["case_id"], pa.large_string()),
-            "cluster_id": pc.cast(t["cluster_id"], pa.large_string()),
-            "own": pc.cast(pc.fill_null(own, False), pa.int8()),  # a missing type is not its own
-            "row": pa.array(np.arange(len(t), dtype=np.int64)),
+            "case_id": pa.chunked_array(ids, pa.large_string()),
+            "own": pa.array(np.concatenate(own)),
+            "row": pa.array(np.arange(n, dtype=np.int64)),
         }
-    ).sort_by([("case_id", "ascending"), ("own", "descending"), ("row", "ascending")])
-    ids = keyed["case_id"].combine_chunks()
-    first = np.ones(len(ids), dtype=bool)
-    if len(ids) > 1:
-        first[1:] = pc.not_equal(ids[1:], ids[:-1]).to_numpy(zero_copy_only=False)
-    pick = pa.array(first)
-    return _HashedLookup.of(ids.filter(pick), keyed["cluster_id"].combine_chunks().filter(pick))
+    )
+    del own
+    order = pc.sort_indices(keyed, sort_keys=[("case_id", "ascending"), ("own", "descending"), ("row", "ascending")])
+    sorted_ids = keyed["case_id"].take(order).combine_chunks()
+    del keyed, ids
+    first = np.ones(n, dtype=bool)
+    if n > 1:
+        first[1:] = pc.not_equal(sorted_ids[1:], sorted_ids[:-1]).to_numpy(zero_copy_only=False)
+    rows = order.to_numpy(zero_copy_only=False)[first]
+    del order
+    picked = sorted_ids.filter(pa.array(first))
+    del sorted_ids
+    return _HashedLookup.of(picked, np.concatenate(codes)[rows], list(clusters))
 
 
 class _HashedLookup:
@@ -120,20 +148,22 @@ class _HashedLookup:
         self.hashes, self.ids, self.codes, self.names = hashes, ids, codes, names
 
     @classmethod
-    def of(cls, case_ids: pa.Array, cluster_ids: pa.Array) -> Callable[[list[str]], list[str | None]]:
-        import pyarrow.compute as pc
-
+    def of(cls, case_ids: pa.Array, codes: np.ndarray, names: list[str]) -> Callable[[list[str]], list[str | None]]:
+        """The lookup of distinct `case_ids`, sorted (the fallback searches them), each in
+        cluster `names[codes[i]]`."""
         if not len(case_ids):
             return lambda ids: [None] * len(ids)
-        hashes = _id_hash(case_ids.to_numpy(zero_copy_only=False))
+        hashes = np.concatenate(
+            [
+                _id_hash(case_ids.slice(a, _HASH_ROWS).to_numpy(zero_copy_only=False))
+                for a in range(0, len(case_ids), _HASH_ROWS)
+            ]
+        )
         order = np.argsort(hashes, kind="stable")
         hashes = hashes[order]
         if bool((hashes[1:] == hashes[:-1]).any()):
-            return _sorted_lookup(case_ids, cluster_ids)
-        at = pa.array(order)
-        coded = pc.dictionary_encode(cluster_ids.take(at))
-        codes = coded.indices.to_numpy(zero_copy_only=False).astype(np.int32)
-        return cls(hashes, case_ids.take(at), codes, coded.dictionary.to_pylist())
+            return _sorted_lookup(case_ids, pa.array(names, pa.large_string()).take(pa.array(codes)))
+        return cls(hashes, case_ids.take(pa.array(order)), np.asarray(codes, np.int32)[order], list(names))
 
     def __call__(self, wanted: list[str]) -> list[str | None]:
         import pyarrow.compute as pc
@@ -145,6 +175,10 @@ class _HashedLookup:
         found = np.asarray(same.to_numpy(zero_copy_only=False), dtype=bool)
         names = self.names
         return [names[c] if f else None for c, f in zip(self.codes[at].tolist(), found.tolist())]
+
+
+# Ids hashed at a time (made Python strings for it): at 16,384 a slice is about 1.5 MiB of them.
+_HASH_ROWS = 16_384
 
 
 def _sorted_lookup(case_ids: pa.Array, cluster_ids: pa.Array) -> Callable[[list[str]], list[str | None]]:
