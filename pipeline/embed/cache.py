@@ -40,11 +40,12 @@ def _read_keys(shard: Path) -> np.ndarray | None:
         return None  # a damaged shard only costs re-embedding, never a failed run
 
 
-def _header(f) -> tuple[tuple[int, ...], np.dtype]:
+def npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype) of the .npy array `f` is positioned at, leaving `f` at its
+    first data byte: an uncompressed member's rows can then be read at fixed offsets."""
     version = np.lib.format.read_magic(f)
     read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, _, dtype = read(f)
-    return shape, dtype
+    return read(f)
 
 
 def read_rows(shard: Path, rows: np.ndarray, into: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
@@ -68,7 +69,7 @@ def read_rows(shard: Path, rows: np.ndarray, into: tuple[np.ndarray, np.ndarray]
         local = f.read(30)  # the local file header; its name and extra field lengths end it
         name_len, extra_len = struct.unpack("<HH", local[26:30])
         f.seek(info.header_offset + 30 + name_len + extra_len)
-        shape, dtype = _header(f)
+        shape, _, dtype = npy_header(f)
         dim = int(shape[1])
         width = dim * dtype.itemsize
         start = f.tell()
@@ -148,7 +149,7 @@ class EmbeddingCache:
             try:
                 if vecs is None:
                     with zipfile.ZipFile(shard) as zf, zf.open("vecs.npy") as f:
-                        shape, _ = _header(f)
+                        shape, _, _ = npy_header(f)
                     vecs = np.empty((len(keys), int(shape[1])), dtype=np.float32)
                     self.dim = int(shape[1])
                 read_rows(shard, rows[order], into=(vecs, at[order]))

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import Config
+from pipeline.embed.cache import npy_header
 from pipeline.io import write_cache
 from pipeline.library.candidates import Candidate, Selection, _Pooled, _Pools
 from pipeline.library.spill import Spill, SpilledVectors
@@ -272,17 +273,15 @@ def load(path: Path, key: str, spill: Spill | None = None) -> PoolState | str:
 def _vectors(path: Path, ids: list[str], n: int, spill: Spill | None) -> MutableMapping[str, np.ndarray]:
     """The saved vectors of the first `n` of `ids` (the entries with vectors come first): views
     of the one array read, or, with `spill`, written there a block at a time."""
-    with np.load(path, allow_pickle=False) as z:
-        if spill is None:
+    if spill is None:
+        with np.load(path, allow_pickle=False) as z:
             vectors = z["vectors"]
-            if len(vectors) != n or len(ids) < n:
-                raise ValueError("entries and vectors differ in length")
-            return dict(zip(ids, vectors))
+        if len(vectors) != n or len(ids) < n:
+            raise ValueError("entries and vectors differ in length")
+        return dict(zip(ids, vectors))
     out = SpilledVectors(spill)
     with zipfile.ZipFile(path) as zf, zf.open("vectors.npy") as f:
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read(f)
+        shape, fortran, dtype = npy_header(f)
         if len(shape) != 2 or fortran or shape[0] != n or len(ids) < n:
             raise ValueError("entries and vectors differ in length")
         width = int(shape[1]) * dtype.itemsize
