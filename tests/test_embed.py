@@ -138,6 +138,58 @@ def test_cache_compacts_shards(tmp_path):
     assert found.all() and vecs[:, 0].tolist() == list(range(20))
 
 
+def test_cache_merges_small_shards_and_leaves_a_big_one_alone(tmp_path):
+    """Size tiers: a back-fill's chunks merge among themselves, and the big shard a history
+    built is not rewritten each time they do."""
+    from pipeline.embed import cache
+
+    c = EmbeddingCache(tmp_path, "m")
+    big = [f"old{i}" for i in range(600)]
+    c.add(c.lookup(big)[2], np.arange(600, dtype=np.float32)[:, None].repeat(3, 1))
+    (big_shard,) = tmp_path.glob("shard-*.npz")
+    for i in range(3 * cache._TIER_FANIN):
+        c.add(c.lookup([f"t{i}"])[2], np.full((1, 3), 1000 + i, np.float32))
+        assert len(list(tmp_path.glob("shard-*.npz"))) <= 2 * cache._TIER_FANIN
+    assert big_shard.exists()  # 24 one-row shards merged three times, never with the big one
+    assert isinstance(c._shards[big_shard], np.memmap)  # keys mapped from the file, not read
+    texts = big + [f"t{i}" for i in range(3 * cache._TIER_FANIN)]
+    found, vecs, _ = EmbeddingCache(tmp_path, "m").lookup(texts)
+    assert found.all() and vecs[:, 0].tolist() == list(range(600)) + [1000 + i for i in range(24)]
+    assert len(c) == len(texts)
+
+
+@pytest.mark.parametrize("block_rows", [1, 5, 4096])
+def test_a_merge_streamed_in_key_ranges_equals_a_merge_of_everything(tmp_path, monkeypatch, block_rows):
+    from pipeline.embed import cache
+
+    monkeypatch.setattr(cache, "_BLOCK_ROWS", block_rows)
+    monkeypatch.setattr(cache, "_TIER_FANIN", 1000)  # no merge until asked for
+    rng = np.random.default_rng(0)
+    c = EmbeddingCache(tmp_path, "m")
+    written = {}
+    for _ in range(5):  # overlapping shards: a text in several keeps the vector of the first by name
+        texts = sorted({f"x{int(v)}" for v in rng.integers(0, 300, size=int(rng.integers(1, 120)))})
+        vals = rng.random(len(texts)).astype(np.float32)
+        before = set(tmp_path.glob("shard-*.npz"))
+        c.add(c.lookup(texts)[2], np.repeat(vals[:, None], 4, 1))
+        (shard,) = set(tmp_path.glob("shard-*.npz")) - before
+        written[shard] = dict(zip(texts, vals.tolist()))
+    first: dict[str, float] = {}
+    for shard in sorted(written):
+        for t, v in written[shard].items():
+            first.setdefault(t, v)
+    assert len(list(tmp_path.glob("shard-*.npz"))) == 5 and len(c) == len(first)
+    c.compact()
+    assert len(list(tmp_path.glob("shard-*.npz"))) == 1 and not list(tmp_path.glob(".*"))
+    names = sorted(first)
+    found, vecs, _ = EmbeddingCache(tmp_path, "m").lookup(names)
+    assert found.all() and np.array_equal(vecs[:, 0], np.array([first[t] for t in names], np.float32))
+    (merged,) = tmp_path.glob("shard-*.npz")
+    with np.load(merged) as z:  # a plain .npz: sorted distinct keys, one vector each
+        assert len(np.unique(z["keys"])) == len(z["keys"]) == len(first) and z["vecs"].shape == (len(first), 4)
+        assert (np.sort(z["keys"]) == z["keys"]).all()
+
+
 @pytest.mark.slow
 def test_onnx_int8_backend_agrees_with_torch():
     """Exports + quantises once into models/embedder/<name>/onnx/ (~40 s), then compares."""
