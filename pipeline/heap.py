@@ -57,7 +57,11 @@ def use_system_arrow_pool() -> None:
     huge pages it could not hand back: 84 MiB resident there while Arrow held 4 MiB, growing
     chunk by chunk. Through the system pool that memory is glibc's, which `release_free_heap`
     returns: a 10,000-transcript run's memory after its last commit rose 11 MiB over 18 chunks
-    instead of 35. Buffers made before keep their own pool and are freed to it."""
+    instead of 35. Buffers made before keep their own pool and are freed to it.
+
+    This sets only pyarrow's Python-side pool: Arrow's C++ code keeps the pool it chose when it
+    loaded, from ARROW_DEFAULT_MEMORY_POOL, which the `casemine` command sets to `system` before
+    anything imports pyarrow. A caller of the pipeline's functions should do the same."""
     if os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
         return
     import pyarrow as pa

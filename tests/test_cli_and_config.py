@@ -131,3 +131,22 @@ def test_an_order_an_earlier_run_committed_makes_a_repeat_contact(cfg, tmp_path,
     assert not cases.loc[recs[0]["conversation_id"], "repeat_contact"]
     assert cases.loc["AGAIN-1", "repeat_contact"]
     assert not cases.loc[recs[2]["conversation_id"], "repeat_contact"]
+
+
+@pytest.mark.parametrize("given", [None, "jemalloc"])
+def test_the_command_gives_arrows_cpp_code_the_system_pool(given):
+    """Arrow's C++ reads allocate from the pool named when pyarrow loads; the command names the
+    system pool first (its memory is glibc's, which a trim returns), unless the user named one."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    if given:
+        env["ARROW_DEFAULT_MEMORY_POOL"] = given
+    code = (
+        "import pipeline.cli, pandas, pyarrow as pa, pyarrow.parquet, os;"
+        "print(pa.default_memory_pool().backend_name, os.environ['ARROW_DEFAULT_MEMORY_POOL'])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ([given] * 2 if given else ["system", "system"])
