@@ -414,6 +414,10 @@ def test_saved_pools_keep_their_meta_as_utf8_and_read_the_older_forms(cfg, night
     np.savez(tmp_path / "short.npz", meta=np.frombuffer(json.dumps({**meta, "n_entries": len(lines) + 1}).encode(), np.uint8),
              entries=np.frombuffer(("\n".join(lines) + "\n").encode(), np.uint8), vectors=vectors, seen=seen)
     assert pool_state.load(tmp_path / "short.npz", key) == "saved pools unreadable"
+    # The lines are read one at a time from the file: a last line cut short is unreadable too.
+    np.savez(tmp_path / "cut.npz", meta=np.frombuffer(json.dumps({**meta, "n_entries": len(lines)}).encode(), np.uint8),
+             entries=np.frombuffer(("\n".join(lines) + "\n")[:-5].encode(), np.uint8), vectors=vectors, seen=seen)
+    assert pool_state.load(tmp_path / "cut.npz", key) == "saved pools unreadable"
 
 
 def test_saved_pools_are_written_a_piece_at_a_time_as_np_savez_would(cfg, night, tmp_path):
