@@ -12,14 +12,13 @@ import os
 import sys
 from typing import Any
 
+from pipeline.heap import name_system_arrow_pool
+
 # Prefect reads these at import: no telemetry from a machine with no network.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
-# Arrow's C++ code (Parquet and IPC reads, compute kernels) allocates from the pool this names,
-# chosen once when pyarrow loads: set later, it changes only the Python-side pool. Its default,
-# mimalloc, kept what a chunk of a back-fill freed in its own reserved region, which no trim
-# returns: the level a run's chunks leave stepped up by 25-50 MiB at a time (see pipeline/heap.py).
-os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+# Before anything imports pyarrow: Arrow's C++ code on glibc's heap (see pipeline/heap.py).
+name_system_arrow_pool()
 
 _APPS: dict[str, Any] = {}
 

@@ -80,6 +80,12 @@ def npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
     return read(f)
 
 
+def vector_dim(shard: Path) -> int:
+    """The width of a shard's vectors, from its `vecs` member's header alone."""
+    with zipfile.ZipFile(shard) as zf, zf.open("vecs.npy") as f:
+        return int(npy_header(f)[0][1])
+
+
 def read_rows(shard: Path, rows: np.ndarray, into: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Vectors at `rows` (ascending) of a shard, read a window at a time from its `vecs` member,
     never the whole array: the member is stored uncompressed, so its rows sit at fixed offsets.
@@ -174,10 +180,8 @@ class EmbeddingCache:
             order = np.argsort(rows, kind="stable")
             try:
                 if vecs is None:
-                    with zipfile.ZipFile(shard) as zf, zf.open("vecs.npy") as f:
-                        shape, _, _ = npy_header(f)
-                    vecs = np.empty((len(keys), int(shape[1])), dtype=np.float32)
-                    self.dim = int(shape[1])
+                    self.dim = vector_dim(shard)
+                    vecs = np.empty((len(keys), self.dim), dtype=np.float32)
                 read_rows(shard, rows[order], into=(vecs, at[order]))
             except (OSError, ValueError, KeyError, zipfile.BadZipFile):
                 continue
@@ -221,7 +225,9 @@ class EmbeddingCache:
         vector), streamed a range of keys at a time: memory follows `_BLOCK_ROWS`, not the
         shards' size, even when a merge covers the whole cache."""
         keys = [self._shards[p] for p in group]
-        dim = read_rows(group[0], np.zeros(1, dtype=np.int64)).shape[1]
+        dim = vector_dim(group[0])
+        # Three passes over the mapped keys (count, keys, vectors): a zip member's header holds
+        # its shape before its data, and the keys cost 32 bytes a row against 1.5 KiB of vector.
         total = sum(len(m) for m, _, _ in _merged_blocks(keys))
         name = f"shard-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}-merged.npz"
         tmp = self.dir / f".{name}.tmp"
