@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from pipeline.config import Config
-from pipeline.heap import release_unused_memory
+from pipeline.heap import dropping_mapped_pages, release_unused_memory
 from pipeline.insights import case_kpis, case_numbers, case_relations, case_trajectories, member_rows
 from pipeline.insights import member_cross as mc
 from pipeline.insights import member_parts as mp
@@ -1860,6 +1860,21 @@ def export_all(
     defaults to `pipeline.embed.Embedder` (its cache under `<out>/state/embeddings/` makes
     re-exports cheap); tests pass a fake.
     """
+    # What each step read of the mapped case copy is let go at every release point, not held in
+    # this process to the end (`dropping_mapped_pages`).
+    with dropping_mapped_pages(case_cache_path(Path(out))):
+        return _export_all(cfg, out, since, embedder, today, recluster)
+
+
+def _export_all(
+    cfg: Config,
+    out: Path,
+    since: date | None,
+    embedder: PassageEncoder | None,
+    today: date | None,
+    recluster: bool,
+) -> dict[str, Any]:
+    """`export_all`, its copy's mapped pages dropped at each release point."""
     t0 = time.perf_counter()
     out = Path(out)
     today_d = today or date.today()
