@@ -56,6 +56,13 @@ def release_unused_memory() -> None:
 
     pa.default_memory_pool().release_unused()
     release_free_heap()
+    release_mapped_pages()
+
+
+def release_mapped_pages() -> None:
+    """The pages mapped from the folders `dropping_mapped_pages` names, out of this process: for
+    a loop that reads a mapped column through (a cluster's texts at a time), where a whole
+    `release_unused_memory` each turn would cost a trim. A no-op outside such a block."""
     if _DROPPED_UNDER:
         drop_mapped_pages(_DROPPED_UNDER)
 

@@ -452,3 +452,35 @@ def test_group_rows_are_a_groupbys_indices_whatever_the_number_of_groups(n_group
     assert len(got) == n_groups
     for g, rows in enumerate(got):
         assert rows.tolist() == (want[g].tolist() if g in want else []), g
+
+
+def test_export_lets_the_mapped_case_copy_go_at_its_release_points(exported, tmp_path, monkeypatch, cfg):
+    """A re-cluster's export maps its copy of the stored cases; at each release point the pages it
+    read of that copy are dropped from the process (`heap.dropping_mapped_pages`), and only then."""
+    import os
+    import shutil
+
+    import pipeline.heap as heap
+    from pipeline.insights.export import case_cache_path, export_all
+
+    out = tmp_path / "out"
+    shutil.copytree(exported[0], out)
+    copy = os.path.realpath(case_cache_path(out))
+    seen: list[tuple[list[str], bool]] = []
+    real = heap.drop_mapped_pages
+
+    def recording(folders: list[str]) -> int:
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            mapped = any(copy + "/" in line for line in f)
+        seen.append((list(folders), mapped))
+        return real(folders)
+
+    monkeypatch.setattr(heap, "drop_mapped_pages", recording)
+    s = export_all(cfg, out, embedder=HashingEmbedder(), today=date(2025, 11, 3), recluster=True)
+    assert s["mode"] == "full"
+    assert seen and all(folders == [copy] for folders, _ in seen)
+    assert any(mapped for _, mapped in seen)  # the copy was mapped when its pages were dropped
+    assert heap._DROPPED_UNDER == []  # the block ended with the export
+    n = len(seen)
+    heap.release_unused_memory()  # outside it nothing is dropped
+    assert len(seen) == n

@@ -88,7 +88,7 @@ def test_dropping_mapped_pages_lets_read_pages_go_and_keeps_the_data(tmp_path):
     import numpy as np
     import pytest
 
-    from pipeline.heap import dropping_mapped_pages, release_unused_memory
+    from pipeline.heap import dropping_mapped_pages, release_mapped_pages, release_unused_memory
 
     if not _linux_maps():
         pytest.skip("needs /proc/self/smaps, madvise and glibc (Linux)")
@@ -107,6 +107,12 @@ def test_dropping_mapped_pages_lets_read_pages_go_and_keeps_the_data(tmp_path):
             release_unused_memory()
             assert _mapped_rss_kib(path) < 1024
             assert np.array_equal(view, data)  # mapped back from the page cache, the same bytes
+            assert _mapped_rss_kib(path) >= 8 * 1024 - 64
+            release_mapped_pages()  # the maps alone (a loop's turn), no trim
+            assert _mapped_rss_kib(path) < 1024
+        view.sum()
+        release_mapped_pages()  # outside the block: nothing named, nothing dropped
+        assert _mapped_rss_kib(path) >= 8 * 1024 - 64
         del view
 
 

@@ -392,6 +392,26 @@ def test_cluster_cases_and_members_match_the_copying_form(cfg, monkeypatch, fit_
     for g, w in zip(given, want):
         pd.testing.assert_frame_equal(g.clusters, w.clusters)
         assert np.array_equal(g.labels, w.labels)
+    # ... or made when first needed (a re-cluster's stored tokens): after the cross-type fit,
+    # read once, the same clusters.
+    calls: list[str] = []
+    real_fit = cl.fit_clusters
+
+    def fit(*a, **k):
+        calls.append("fit")
+        return real_fit(*a, **k)
+
+    def make():
+        calls.append("tokens")
+        return token_codes(frame, cut)
+
+    monkeypatch.setattr(cl, "fit_clusters", fit)
+    late = cluster_cases(frame.drop(columns="tokens"), X, cfg, lexicon, params=params, tokens=make)
+    assert calls == ["fit", "tokens", "fit", "fit", "fit"]
+    for g, w in zip(late, want):
+        pd.testing.assert_frame_equal(g.clusters, w.clusters)
+        assert np.array_equal(g.labels, w.labels)
+    monkeypatch.setattr(cl, "fit_clusters", real_fit)
     clusters, _ = assign_stable_ids(got, ClusterState.empty(), "2025-11-02", 0.8)
     pd.testing.assert_frame_equal(
         members_table(frame, got, clusters, X), _old_members_table(old_frame, want, clusters, X)

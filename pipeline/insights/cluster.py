@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import Config
-from pipeline.heap import release_unused_memory
+from pipeline.heap import release_mapped_pages, release_unused_memory
 from pipeline.insights.codes import arrow_backed, column_codes, derive_codes
 from pipeline.insights.row_file import RowFile
 from pipeline.text.mask import PLACEHOLDER_RE
@@ -1099,6 +1099,9 @@ def describe_scope(
                 "cause_suggested": True,
             }
         )
+        # The texts just read, where the export maps them: not held until the scope is done
+        # (the cross-type scope reads every case's text, and that grew with the history).
+        release_mapped_pages()
     return ScopeResult(scope, pd.DataFrame(out), labs, cents, sims=sims)
 
 
@@ -1135,12 +1138,14 @@ def cluster_cases(
     stopwords: frozenset[str] = frozenset(),
     params: ClusterParams | None = None,
     seeds: dict[str, np.ndarray] | None = None,
-    tokens: TokenCodes | None = None,
+    tokens: TokenCodes | Callable[[], TokenCodes] | None = None,
 ) -> list[ScopeResult]:
     """Cluster the selected cases within each issue type and across all of them. Returns one
     ScopeResult per scope; `labels` are aligned with the scope's rows of `frame` (in order).
     `seeds`: per scope, the stored centroids its KMeans starts from (stable ids). `tokens`: the
-    cases' `token_codes` when the caller made them (and let the frame's token lists go)."""
+    cases' `token_codes` when the caller made them (and let the frame's token lists go), or what
+    makes them: called after the first scope's fit, so the cross-type KMeans search (a
+    re-cluster's peak) runs without every case's codes (4 bytes a token) held."""
     params = params or ClusterParams.from_config(cfg)
     stopwords = stopwords | lexicon.label_stopwords | label_stopwords(cfg)
     if tokens is None:
@@ -1163,6 +1168,8 @@ def cluster_cases(
         whole = len(idx) == len(frame) and bool((idx == np.arange(len(frame))).all())
         rows = None if whole else idx
         fit = fit_clusters(X, params, (seeds or {}).get(scope), rows=rows)
+        if not isinstance(tokens, TokenCodes):
+            tokens = tokens()
         scope_tokens = tokens if whole else tokens.take(idx)
         res = describe_scope(scope, cases, X, fit.labels, scope_tokens, lexicon, cfg, stopwords, rows=rows)
         res.row_index = idx

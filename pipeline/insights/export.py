@@ -18,11 +18,12 @@ The nightly flow calls `export_all(cfg, out, since)`; the CLI calls the same fun
 from __future__ import annotations
 
 import codecs
+import functools
 import json
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date
@@ -36,7 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from pipeline.config import Config
-from pipeline.heap import dropping_mapped_pages, release_unused_memory
+from pipeline.heap import dropping_mapped_pages, release_mapped_pages, release_unused_memory
 from pipeline.insights import case_kpis, case_numbers, case_relations, case_trajectories, member_rows
 from pipeline.insights import member_cross as mc
 from pipeline.insights import member_parts as mp
@@ -515,7 +516,7 @@ def fit_vectors(
     stopwords: frozenset[str] = frozenset(),
     seeds: dict[str, np.ndarray] | None = None,
     consume_vectors: bool = False,
-    stored_tokens: TokenCodes | None = None,
+    stored_tokens: TokenCodes | Callable[[], TokenCodes] | None = None,
     mapped: MapFit | None = None,
 ) -> VectorFit:
     """The clusters, stable ids, models, members' similarities and map points of a re-cluster
@@ -527,9 +528,17 @@ def fit_vectors(
     if len(frame):
         # The token lists as codes, then let go (with what reading them left in the allocators):
         # kept in the frame, Arrow's lists of every case's tokens were held to the end.
-        tokens = token_codes(frame, cut, stored_tokens)
+        tokens: TokenCodes | Callable[[], TokenCodes]
+        if callable(stored_tokens):
+            # Read when the clusters are first labelled (`cluster_cases`): not held through the
+            # cross-type scope's KMeans search, the re-cluster's peak.
+            read, frame = stored_tokens, frame.drop(columns=["tokens"]) if "tokens" in frame else frame
+            tokens = functools.partial(_token_codes_of, frame, cut, read)
+        else:
+            tokens = token_codes(frame, cut, stored_tokens)
+            frame = frame.drop(columns=["tokens"]) if "tokens" in frame else frame
         del stored_tokens
-        frame = frame.drop(columns=["tokens"]) if "tokens" in frame else frame
+        # What the map's fit or the token read freed, back before the KMeans search grows on it.
         release_unused_memory()
         results = cluster_cases(frame, X, cfg, lexicon, stopwords=stopwords, seeds=seeds, tokens=tokens)
         del tokens
@@ -552,6 +561,11 @@ def fit_vectors(
     # The ALL scope's rows are the frame's, in order: the map's points are theirs.
     xy = mapped.xy if len(all_rows) == len(X) > 0 else None
     return VectorFit(results, clusters, ClusterState(t), heads, projections, all_rows, xy)
+
+
+def _token_codes_of(frame: pd.DataFrame, cut, read: Callable[[], TokenCodes]) -> TokenCodes:
+    """`token_codes` of the frame with its stored tokens read (`stored_token_codes`) now."""
+    return token_codes(frame, cut, read())
 
 
 def recluster_members(
@@ -1131,6 +1145,7 @@ def _write_blocks(parquet: Path, csv: Path, rows: mp.RowBlocks, schema: pa.Schem
                 out.write_table(table)
                 yield table
                 del table  # written to both: not alive while the next block is made
+                release_mapped_pages()  # the block's texts read from the mapped case copy
 
     def write(f: Any) -> None:
         f.write(bom)
@@ -1579,7 +1594,7 @@ def _recluster(
             seeds=seeds,
             # Each case's newest stored tokens (only a re-cluster labels clusters), read and
             # encoded a block of parts at a time: never every case's token strings at once.
-            stored_tokens=stored_token_codes(out, _key(frame["case_id"])) if len(frame) else None,
+            stored_tokens=functools.partial(_stored_tokens, out, frame) if len(frame) else None,
             mapped=mapped,
         )
     # Without `since` the tables read the per-type rows' counted fields alone: their texts are
@@ -1594,6 +1609,10 @@ def _recluster(
     del fitted
     release_unused_memory()  # the blocks counted: what the tables would grow on top of
     return _Recluster(clustering, projections, tail, file_rows, t_embed)
+
+
+def _stored_tokens(out: Path, frame: pd.DataFrame) -> TokenCodes:
+    return stored_token_codes(out, _key(frame["case_id"]))
 
 
 @dataclass
