@@ -528,16 +528,16 @@ def fit_vectors(
     if len(frame):
         # The token lists as codes, then let go (with what reading them left in the allocators):
         # kept in the frame, Arrow's lists of every case's tokens were held to the end.
+        without = frame.drop(columns=["tokens"]) if "tokens" in frame else frame
         tokens: TokenCodes | Callable[[], TokenCodes]
         if callable(stored_tokens):
             # Read when the clusters are first labelled (`cluster_cases`): not held through the
             # cross-type scope's KMeans search, the re-cluster's peak.
-            read, frame = stored_tokens, frame.drop(columns=["tokens"]) if "tokens" in frame else frame
-            tokens = functools.partial(_token_codes_of, frame, cut, read)
+            tokens = functools.partial(_token_codes_of, without, cut, stored_tokens)
         else:
             tokens = token_codes(frame, cut, stored_tokens)
-            frame = frame.drop(columns=["tokens"]) if "tokens" in frame else frame
-        del stored_tokens
+        frame = without
+        del stored_tokens, without
         # What the map's fit or the token read freed, back before the KMeans search grows on it.
         release_unused_memory()
         results = cluster_cases(frame, X, cfg, lexicon, stopwords=stopwords, seeds=seeds, tokens=tokens)
