@@ -395,3 +395,66 @@ def test_a_value_that_is_not_text_in_a_late_group_leaves_the_part_to_the_pandas_
     got = _one_part(out)
     assert got.equals(want) and got.schema.equals(want.schema, check_metadata=True)
     assert got.schema.field("cluster_id").type == pa.int64()
+
+
+def test_take_by_windows_is_iloc_with_the_same_order_index_and_dtypes():
+    """The windowed take gives exactly `frame.iloc[rows]`: rows in the order asked (repeats
+    too), the frame's index labels, every column's dtype (Arrow text, object, float, bool,
+    categorical), with and without windows."""
+    rng = np.random.default_rng(1)
+    n = 5_000
+    frame = pd.DataFrame(
+        {
+            "text": pd.Series([f"问题{i}" if i % 7 else None for i in range(n)], dtype=pd.StringDtype("pyarrow")),
+            "obj": pd.Series([i if i % 3 else None for i in range(n)], dtype=object),
+            "score": rng.normal(size=n),
+            "flag": rng.random(n) < 0.5,
+            "kind": pd.Categorical(rng.choice(["a", "b", "c"], n)),
+        },
+        index=pd.RangeIndex(n) * 3 + 11,
+    )
+    for rows in (rng.integers(0, n, 3_000), np.arange(40, 90), np.array([n - 1, 0, n - 1, 5]), np.zeros(0, int)):
+        for window in (1, 64, 1_000, n * 2):
+            pd.testing.assert_frame_equal(rr.take_by_windows(frame, rows, window), frame.iloc[rows])
+
+
+def test_take_by_windows_keeps_only_a_window_of_the_mapped_copy_resident(tmp_path, monkeypatch):
+    """A per-type block of member rows picks cases across the whole history: inside the
+    export's `dropping_mapped_pages` the windowed take holds at most about a window's pages of
+    the mapped case copy resident at any time, where one take held every page it touched."""
+    import pyarrow.feather as feather
+    import pytest
+
+    from pipeline.heap import dropping_mapped_pages, release_mapped_pages
+    from tests.test_heap import _linux_maps, _mapped_rss_kib
+
+    if not _linux_maps():
+        pytest.skip("needs /proc/self/smaps, madvise and glibc (Linux)")
+    folder = tmp_path / "export-cases"
+    folder.mkdir()
+    n = 200_000
+    path = folder / "problem.arrow"
+    feather.write_feather(pa.table({"problem": [f"{i:08d}" * 16 for i in range(n)]}), path, compression="uncompressed")
+    frame = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all().to_pandas(types_mapper=pd.ArrowDtype)
+    frame["problem"] = frame["problem"].astype(pd.StringDtype("pyarrow"))
+    rows = np.random.default_rng(0).choice(n, 20_000, replace=False)  # across the whole column
+    size_kib = path.stat().st_size // 1024
+    resident: list[int] = []  # the copy's resident KiB at each drop, before it
+
+    def measured() -> None:
+        resident.append(_mapped_rss_kib(path))
+        release_mapped_pages()
+
+    monkeypatch.setattr(rr, "release_mapped_pages", measured)
+    with dropping_mapped_pages(folder):
+        release_mapped_pages()
+        once = frame.iloc[rows]
+        touched = _mapped_rss_kib(path)
+        release_mapped_pages()
+        windowed = rr.take_by_windows(frame, rows, window=2_048)
+        left = _mapped_rss_kib(path)
+    assert touched > size_kib * 0.8  # one take touched nearly every page
+    # A window's pages at a time (a fault maps a whole folio of the page cache, up to 2 MiB).
+    assert len(resident) >= n // 2_048 and max(resident) < size_kib * 0.3
+    assert left < size_kib * 0.1
+    pd.testing.assert_frame_equal(windowed, once)
