@@ -948,3 +948,39 @@ def test_member_part_table_from_arrow_texts_is_the_object_forms(tmp_path, case):
     assert (tmp_path / "got.parquet").read_bytes() == (tmp_path / "want.parquet").read_bytes()
     direct = _arrow_texts_table(rows[got.schema.names].reset_index(drop=True))
     assert (direct is not None) == (case in ("clusters and noise", "one row", "missing run id"))
+
+
+def test_centroid_and_sims_are_the_whole_clusters_and_gather_a_block_at_a_time():
+    """A cluster's centroid and its rows' similarities, read a block of rows at a time: the same
+    centroid bit for bit as `centroid_of` of its rows gathered whole, and each similarity the
+    one-thread product of the whole matrix (blocks of any length; a one-row tail would be numpy's
+    dot and rounds otherwise). No gather is longer than the block."""
+    from threadpoolctl import threadpool_limits
+
+    from pipeline.insights.cluster import centroid_and_sims, centroid_of
+    from pipeline.insights.row_file import RowFile
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(6_000, 24)).astype(np.float32)
+    gathered: list[int] = []
+
+    class Counting(RowFile):
+        def __getitem__(self, key):
+            out = super().__getitem__(key)
+            gathered.append(len(out))
+            return out
+
+    with Counting(X) as spilled:
+        for n in (1, 2, 300, 2_047, 2_048, 2_049, 4_097, 6_000):
+            at = np.sort(rng.choice(len(X), n, replace=False))
+            whole = X[at]
+            want_c = centroid_of(whole)
+            with threadpool_limits(limits=1, user_api="blas"):
+                want_s = whole @ want_c
+            for source in (X, spilled):
+                gathered.clear()
+                cent, sims = centroid_and_sims(source, at, block=2_048)
+                assert np.array_equal(cent, want_c) and cent.dtype == np.float32
+                assert np.array_equal(sims, want_s) and sims.dtype == np.float32
+                if source is spilled:
+                    assert max(gathered) <= 2_049  # a block, or the last block with a one-row tail

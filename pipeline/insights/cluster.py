@@ -14,6 +14,7 @@ KMeans with k chosen by silhouette; clusters too small to matter are noise)
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -604,9 +605,17 @@ def project_blocks(proj: Projection, X: Vectors, rows: np.ndarray | None = None)
             return proj.apply(X[i : i + _BLOCK], overwrite=own)
         return proj.apply(X[rows[i : i + _BLOCK]], overwrite=True)
 
+    first = block(0)
     if n <= _BLOCK:
-        return block(0)
-    return np.concatenate([block(i) for i in range(0, n, _BLOCK)])
+        return first
+    # Each block written into its place: the list of blocks and their concatenation held the
+    # projected rows twice at the end (40 bytes a case each, at the cross-type fit's peak).
+    out = np.empty((n, *first.shape[1:]), dtype=first.dtype)
+    out[: len(first)] = first
+    del first
+    for i in range(_BLOCK, n, _BLOCK):
+        out[i : i + _BLOCK] = block(i)
+    return out
 
 
 def label_means(Z: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -646,7 +655,7 @@ def centroid_of(X: np.ndarray) -> np.ndarray:
 _SUM_ROWS = 2048  # rows `row_sum` converts to float64 at a time
 
 
-def row_sum(X: np.ndarray) -> np.ndarray:
+def row_sum(X: np.ndarray | _RowsAt) -> np.ndarray:
     """`np.asarray(X, dtype=np.float64).sum(axis=0)` of a C-ordered matrix of two or more
     columns, bit for bit, without a float64 copy of X: numpy sums such a matrix along axis 0 row
     after row (pairwise summation runs along the fast axis only), so each block is summed after
@@ -662,6 +671,64 @@ def row_sum(X: np.ndarray) -> np.ndarray:
         buf[1 : len(block) + 1] = block
         acc = np.add.reduce(buf[: len(block) + 1], axis=0)
     return acc
+
+
+_VECTOR_BLOCK = 8192  # a cluster's vectors gathered at a time (12 MiB of 384-d float32)
+
+
+@functools.cache
+def _blas_threads() -> Any:
+    """The thread pools' controller, made once: making one lists every loaded library (1.4 ms,
+    once a cluster of every scope); limiting through it costs microseconds."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+class _RowsAt:
+    """`X[at]` for `row_sum`, gathered a slice at a time and never whole."""
+
+    def __init__(self, X: Vectors, at: np.ndarray):
+        self.X, self.at = X, at
+        self.shape = (len(at), *X.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.at)
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        return np.asarray(self.X[self.at[key]])
+
+
+def centroid_and_sims(X: Vectors, at: np.ndarray, block: int = _VECTOR_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """`centroid_of(X[at])` and each of those rows' similarity to it (float32), the rows gathered
+    `block` at a time: the same centroid bit for bit (`row_sum` sums a block after the running
+    total), and each similarity a one-thread product of its own row.
+
+    Why: the biggest cross-type cluster holds a share of every case, and its vectors gathered
+    whole (1.5 KiB a case: 76 MiB for 51,691 of 129,353 cases) were the re-cluster's peak once the
+    members file was written a window at a time, and grew with the history. OpenBLAS splits a
+    large product between its threads, and a row at the split rounds differently (~1e-9) than
+    in a block; on one thread a row's product is the same in any block, so the similarities no
+    longer depend on the machine's cores."""
+    rows = _RowsAt(X, at)
+    head = rows[:block]
+    if len(at) <= block or head.shape[1] < 2:  # one column: numpy sums it pairwise, whole
+        cent = centroid_of(head if len(at) <= block else X[at])
+    else:
+        c = row_sum(rows) / len(at)
+        norm = np.linalg.norm(c)
+        cent = (c / norm if norm else c).astype(np.float32)
+    sims = np.empty(len(at), dtype=np.float32)
+    # A last block of one row would be numpy's dot, not the matrix product, and round as no row
+    # of the whole product does: it goes with the block before it.
+    starts = [a for a in range(0, len(at), block) if not (a and a == len(at) - 1)]
+    ends = [*starts[1:], len(at)]
+    with _blas_threads().limit(limits=1, user_api="blas"):
+        sims[: ends[0]] = np.asarray(head if ends[0] == len(head) else rows[: ends[0]], dtype=np.float32) @ cent
+        del head  # not held past its block
+        for a, b in zip(starts[1:], ends[1:]):
+            sims[a:b] = np.asarray(rows[a:b], dtype=np.float32) @ cent
+    return cent, sims
 
 
 def representatives(X: np.ndarray, k: int) -> list[int]:
@@ -1064,12 +1131,9 @@ def describe_scope(
     scope_size = len(labels)  # the scope frame's length when it was a copy of the scope's rows
     for g, (lab, idx) in enumerate(zip(found, group_rows(group, len(found)))):
         at = idx if at_rows is None else at_rows[idx]  # the cluster's rows of `frame` and `X`
-        Xc = X[at]
-        cents[lab] = centroid_of(Xc)
-        cluster_sims = np.asarray(Xc, dtype=np.float32) @ cents[lab]
-        if Xc.dtype == np.float32:  # the product `fit_models` would make of these rows
+        cents[lab], cluster_sims = centroid_and_sims(X, at)
+        if X.dtype == np.float32:  # the product `fit_models` would make of these rows
             sims[lab] = cluster_sims
-        del Xc
         reps = [int(at[i]) for i in np.argsort(-cluster_sims, kind="stable")[: c.representatives]]
         top = [t for t, _ in terms.get(lab, [])]
         rep_texts = frame["cluster_text"].iloc[reps].tolist()
