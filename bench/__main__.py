@@ -40,7 +40,7 @@ SCALE = [
     ["bench.bench_export_memory", "--mode", "full", "--sizes", "200000,400000", "--repeat", "1", "--stored-tokens"],
     ["bench.bench_embed_index", "--sizes", "100000"],
     ["bench.bench_index_update", "--history", "100000", "--adds", "1000,10000"],
-    ["bench.bench_index_merge", "--rows", "200000,1000000"],
+    ["bench.bench_index_merge", "--rows", "200000,1000000", "--tiered"],
     ["bench.bench_query", "--sizes", "100000,1000000"],
     ["bench.bench_export", "--history", "100000", "--increments", "1000,10000"],
     ["bench.bench_library_night", "--history", "100000", "--increments", "1000,10000"],

@@ -9,11 +9,15 @@ child's peak (VmHWM) is its own:
 - `streamed`: `segments.merge_segments`, the product's merge (a segment at a time into the
   Parquet writers and the new exact index);
 - `concatenated`: the merge as it was before (every segment read, concatenated, written once),
-  kept here as the baseline measured in the same run.
+  kept here as the baseline measured in the same run;
+- `pages kept`: the product's merge without its page drops (`heap.drop_mapped_pages`), which
+  held every mapped page it read or wrote to its end.
+--tiered lays the segments out as a back-fill's last merge finds them: the first holds half the
+rows, the others share the rest.
 Reported per size and method: RSS after imports, peak, peak above imports, MiB per 1,000 rows
 merged, seconds; and the ratio of the two peaks. Outputs are compared (same rows, vectors).
 
-    python -m bench.bench_index_merge [--rows 50000,200000] [--segments 17] [--repeat 1]
+    python -m bench.bench_index_merge [--rows 50000,200000] [--segments 17] [--repeat 1] [--tiered]
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 1024 * 1024
+METHODS = ("concatenated", "pages kept", "streamed")
 
 
 def _status_kib(field: str) -> int:
@@ -41,7 +46,15 @@ def _status_kib(field: str) -> int:
     return 0
 
 
-def _write(root: Path, rows: int, segments: int) -> list[str]:
+def _sizes(rows: int, segments: int, tiered: bool) -> list[int]:
+    """Rows per segment: equal, or (`tiered`) half in the first and the rest shared."""
+    if tiered and segments > 1:
+        first = rows // 2
+        return [first] + _sizes(rows - first, segments - 1, False)
+    return [rows // segments + (1 if i < rows % segments else 0) for i in range(segments)]
+
+
+def _write(root: Path, rows: int, segments: int, tiered: bool = False) -> list[str]:
     """`segments` segments of `rows` rows in all, as the nightly writer writes them."""
     import numpy as np
 
@@ -52,8 +65,7 @@ def _write(root: Path, rows: int, segments: int) -> list[str]:
 
     rng = np.random.default_rng(0)
     names, start = [], 0
-    for i in range(segments):
-        n = rows // segments + (1 if i < rows % segments else 0)
+    for i, n in enumerate(_sizes(rows, segments, tiered)):
         meta, vecs = _cases(start, n, rng)
         meta["vid"] = np.arange(start, start + n, dtype=np.int64)
         name = sg.segment_name(i)
@@ -77,7 +89,11 @@ def _child(root: Path, method: str, names: list[str], dst: Path) -> dict:
     parts = [(root, n) for n in names]
     base = _status_kib("VmRSS")
     t0 = time.perf_counter()
-    if method == "streamed":
+    if method == "pages kept":
+        from pipeline import heap
+
+        heap.drop_mapped_pages = lambda *a, **k: 0  # type: ignore[assignment]
+    if method in ("streamed", "pages kept"):
         _, rows = sg.merge_segments(parts, tomb, dst, "merged")
     else:
         read = [sg.read_segment(d, s, tomb) for d, s in parts]
@@ -101,6 +117,7 @@ def main() -> None:
     ap.add_argument("--rows", default="50000,200000", help="rows merged, per size")
     ap.add_argument("--segments", type=int, default=17, help="segments merged (the limit is 16)")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--tiered", action="store_true", help="half the rows in the first segment")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -112,11 +129,13 @@ def main() -> None:
         with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
             root = Path(tmp) / "v"
             t0 = time.perf_counter()
-            names = _write(root, rows, a.segments)
-            print(f"{rows:,} rows in {a.segments} segments written in {time.perf_counter() - t0:.1f} s", flush=True)
+            names = _write(root, rows, a.segments, a.tiered)
+            layout = " (half in the first)" if a.tiered else ""
+            print(f"{rows:,} rows in {a.segments} segments{layout} written in {time.perf_counter() - t0:.1f} s",
+                  flush=True)
             for r in range(a.repeat):
                 row: dict = {"rows": rows}
-                for method in ("concatenated", "streamed"):
+                for method in METHODS:
                     dst = Path(tmp) / f"{method}-{r}"
                     out = subprocess.run(
                         [
@@ -135,8 +154,8 @@ def main() -> None:
                         check=True,
                     )
                     row[method] = json.loads(out.stdout.strip().splitlines()[-1])
-                same = row["concatenated"]["digest"] == row["streamed"]["digest"]
-                for method in ("concatenated", "streamed"):
+                same = len({row[m]["digest"] for m in METHODS}) == 1
+                for method in METHODS:
                     m = row[method]
                     above = m["peak_mib"] - m["rss_before_mib"]
                     m["above_mib"] = above
@@ -146,9 +165,11 @@ def main() -> None:
                         flush=True,
                     )
                 ratio = row["streamed"]["above_mib"] / max(row["concatenated"]["above_mib"], 1e-9)
-                print(f"  streamed / concatenated peak above imports: {ratio:.2f}; same rows: {same}", flush=True)
+                kept = row["streamed"]["above_mib"] / max(row["pages kept"]["above_mib"], 1e-9)
+                print(f"  streamed / concatenated peak above imports: {ratio:.2f}; / pages kept: {kept:.2f}; "
+                      f"same rows: {same}", flush=True)
                 results.append(row)
-    print(json.dumps({"bench": "index_merge", "segments": a.segments, "results": results}))
+    print(json.dumps({"bench": "index_merge", "segments": a.segments, "tiered": a.tiered, "results": results}))
 
 
 if __name__ == "__main__":

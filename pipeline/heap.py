@@ -86,10 +86,12 @@ def dropping_mapped_pages(folder: Path) -> Iterator[None]:
         _DROPPED_UNDER.remove(key)
 
 
-def drop_mapped_pages(folders: list[str]) -> int:
+def drop_mapped_pages(folders: list[str], shared_writes: bool = False) -> int:
     """`madvise(MADV_DONTNEED)` every read-only mapping of a file under one of `folders`
-    (real paths); the bytes advised. Only read-only maps: a written private page would be lost.
-    Where there is no /proc/self/maps or no `madvise` (not Linux) nothing is dropped."""
+    (real paths); the bytes advised. A written private page would be lost, so writable maps are
+    left, except, with `shared_writes`, shared ones (`np.memmap(mode="w+")`): what is written
+    through them is the page cache's, and a later touch maps it back. Where there is no
+    /proc/self/maps or no `madvise` (not Linux) nothing is dropped."""
     import mmap
 
     lib = _libc()
@@ -107,7 +109,9 @@ def drop_mapped_pages(folders: list[str]) -> int:
     done = 0
     for line in lines:
         parts = line.split(maxsplit=5)
-        if len(parts) < 6 or "w" in parts[1] or not parts[5].startswith(prefixes):
+        if len(parts) < 6 or not parts[5].startswith(prefixes):
+            continue
+        if "w" in parts[1] and not (shared_writes and parts[1].endswith("s")):
             continue
         start, end = (int(x, 16) for x in parts[0].split("-"))
         if lib.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(advice)) == 0:

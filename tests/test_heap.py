@@ -143,3 +143,36 @@ def test_drop_mapped_pages_leaves_writable_maps_and_other_folders(tmp_path):
         w.close()
         r.close()
 
+
+
+def test_shared_written_pages_are_dropped_only_when_asked_and_keep_what_was_written(tmp_path):
+    """Pages written through a shared map (`np.memmap(mode="w+")`, the index merge's postings)
+    are the page cache's: with `shared_writes` they leave this process and read back as written;
+    a private written page is never dropped."""
+    import mmap
+
+    import numpy as np
+    import pytest
+
+    from pipeline.heap import drop_mapped_pages
+
+    if not _linux_maps():
+        pytest.skip("needs /proc/self/smaps, madvise and glibc (Linux)")
+    folder = str(tmp_path.resolve())
+    path = tmp_path / "postings.npy"
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=(1024 * 1024,))  # 4 MiB
+    out[:] = np.arange(len(out), dtype=np.int32)
+    (tmp_path / "p.bin").write_bytes(b"\0" * 65536)
+    with open(tmp_path / "p.bin", "r+b") as fp:
+        private = mmap.mmap(fp.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        private[:5] = b"hello"
+        assert drop_mapped_pages([folder]) == 0  # no read-only map here: nothing advised
+        assert _mapped_rss_kib(path) >= 4 * 1024 - 64
+        assert drop_mapped_pages([folder], shared_writes=True) >= 4 * 1024 * 1024
+        assert _mapped_rss_kib(path) == 0
+        assert private[:5] == b"hello" and _mapped_rss_kib(tmp_path / "p.bin") > 0
+        assert np.array_equal(out, np.arange(len(out), dtype=np.int32))  # mapped back as written
+        out.flush()
+        del out
+        assert np.array_equal(np.load(path), np.arange(1024 * 1024, dtype=np.int32))
+        private.close()

@@ -166,12 +166,18 @@ def test_streamed_merge_writes_what_the_concatenation_wrote(tmp_path, monkeypatc
     """Rows, column types (a part whose column was all null), vectors and term statistics of the
     streamed merge equal those of the concatenated one, dead rows dropped in both. With groups of
     2 rows the merge reads many groups per part, some thinned by dead rows, and still writes full
-    groups."""
+    groups, and lets its mapped pages go after every group and every block of postings (those
+    it wrote too): nothing written is lost."""
     import faiss
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     monkeypatch.setattr(sg, "ROW_GROUP", row_group)
+    if row_group == 2:
+        monkeypatch.setattr(sg, "DROP_ROWS", 1)
+        merge_into = TermStats.merge_into.__func__
+        by_one = classmethod(lambda cls, *a, **k: merge_into(cls, *a, block=1, **k))
+        monkeypatch.setattr(TermStats, "merge_into", by_one)
     rng = np.random.default_rng(0)
     src = tmp_path / "src"
     parts, vid = [], 0
@@ -230,6 +236,53 @@ def test_term_stats_merged_into_files_equal_the_concatenation(tmp_path, block):
     assert TermStats.merge_into(parts, tmp_path / "a", block=block) == TermStats.concat(parts).save(tmp_path / "b")
     for name in TermStats.FILES:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_merge_holds_about_a_window_of_the_mapped_input_resident(tmp_path, monkeypatch):
+    """A back-fill's last tiers merge half the history through one mapped input: the merge lets
+    each window's read pages go, so at most about a window of the input's vectors is resident
+    at any drop, and the pages of the postings it writes through a shared map go too (the
+    written bytes stay: `test_streamed_merge_writes_what_the_concatenation_wrote`)."""
+    import pyarrow as pa
+    from test_heap import _linux_maps, _mapped_rss_kib
+
+    from pipeline import heap
+
+    if not _linux_maps():
+        pytest.skip("needs /proc/self/smaps, madvise and glibc (Linux)")
+    n, dim = 20_000, 256
+    src, new = tmp_path / "src", tmp_path / "new"
+    rows = pa.table({"case_id": [f"c{i}" for i in range(n)], "vid": np.arange(n, dtype=np.int64)})
+    vecs = np.random.default_rng(0).normal(size=(n, dim)).astype(np.float32)
+    stats = TermStats.build([[f"t{(i * 7 + j) % 3000}" for j in range(10)] for i in range(n)])
+    sg.write_segment(src, "s000000", rows, vecs, stats)
+    vectors, postings = src / "s000000" / sg.VECTORS_FILE, new / "s000001" / TermStats.FILES[1]
+    size_kib = vectors.stat().st_size // 1024
+    read: list[int] = []  # the input's resident KiB at each drop, before it
+    written: list[int] = []  # the output postings' resident KiB before and after each shared drop
+    drop = heap.drop_mapped_pages
+
+    def measured(folders, shared_writes=False):
+        read.append(_mapped_rss_kib(vectors))
+        before = _mapped_rss_kib(postings) if postings.exists() else 0
+        got = drop(folders, shared_writes)
+        if shared_writes and postings.exists():
+            written.append((before, _mapped_rss_kib(postings)))
+        return got
+
+    merge_into = TermStats.merge_into.__func__
+    monkeypatch.setattr(TermStats, "merge_into", classmethod(lambda cls, *a, **k: merge_into(cls, *a, block=8192, **k)))
+    monkeypatch.setattr(sg, "DROP_ROWS", 2048)
+    monkeypatch.setattr(heap, "drop_mapped_pages", measured)
+    sg.merge_segments([(src, "s000000")], np.zeros(0, dtype=np.int64), new, "s000001")
+    # A fault maps a whole folio of the page cache (up to 2 MiB): hence the margin.
+    assert len(read) >= n // 2048 and max(read) < size_kib * 0.4
+    assert max(b for b, _ in written) > 0 and max(a for _, a in written) == 0
+    # The merge's own map of its input, read through as it reads it, without the drops:
+    held = sg.mapped_vectors(src / "s000000")
+    assert np.array_equal(held.reconstruct_batch(np.arange(n)), vecs)
+    assert _mapped_rss_kib(vectors) > size_kib * 0.8
+    del held
 
 
 def test_dead_rows_past_the_limit_compact_everything(tmp_path):

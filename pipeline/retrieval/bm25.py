@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +130,13 @@ class TermStats:
         return cls(list(term_of), indptr, docs[order].astype(np.int32), tf.astype(np.float32), doclen)
 
     @classmethod
-    def merge_into(cls, parts: Sequence[tuple[TermStats, np.ndarray]], d: Path, block: int = 1 << 18) -> list[str]:
+    def merge_into(
+        cls,
+        parts: Sequence[tuple[TermStats, np.ndarray]],
+        d: Path,
+        block: int = 1 << 18,
+        drop: Callable[[], object] = lambda: None,
+    ) -> list[str]:
         """Write what `concat(parts).save(d)` writes, a block of postings at a time; returns the
         file names.
 
@@ -139,7 +145,9 @@ class TermStats:
         with it. Here a first pass counts each term's live postings, which fixes where each one
         goes; the second places them straight into the mapped output files. Within a part the
         postings of one term are consecutive and ascending by document, and parts come in order,
-        so this keeps `concat`'s order (by term, then document)."""
+        so this keeps `concat`'s order (by term, then document). `drop`, called before each
+        block: lets go of the mapped pages read and written so far (`heap.drop_mapped_pages`),
+        which would otherwise stay resident to the end, as many as the merged postings."""
         import json
 
         term_of: dict[str, int] = {}
@@ -154,6 +162,7 @@ class TermStats:
         df = np.zeros(len(term_of), dtype=np.int64)
         for (st, _), remap, new_pos in zip(parts, remaps, new_rows):
             for terms, docs, _ in cls._posting_blocks(st, block):
+                drop()
                 ok = new_pos[docs] >= 0
                 df += np.bincount(remap[terms[ok]], minlength=len(df))
         indptr = np.zeros(len(df) + 1, dtype=np.int64)
@@ -164,6 +173,7 @@ class TermStats:
         fill = indptr[:-1].copy()  # each term's next free slot
         for (st, _), remap, new_pos in zip(parts, remaps, new_rows):
             for terms, docs, tf in cls._posting_blocks(st, block):
+                drop()
                 ok = new_pos[docs] >= 0
                 g = remap[terms[ok]]
                 if not len(g):
