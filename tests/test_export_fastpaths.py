@@ -104,8 +104,18 @@ def _map_points_before(members: pd.DataFrame, clusters: pd.DataFrame, max_points
     return pts
 
 
+@pytest.mark.parametrize("window", [None, 16])
 @pytest.mark.parametrize("max_points", [10, 5000])
-def test_map_points_keep_the_points_a_sample_of_all_would(max_points):
+def test_map_points_keep_the_points_a_sample_of_all_would(max_points, window, monkeypatch):
+    """The same points whether the rows are taken at once or a window of 16 at a time (as the
+    export's re-cluster takes them from its mapped copy, dropping each window's pages)."""
+    import functools
+
+    import pipeline.insights.export as ex
+    from pipeline.insights import recluster_rows as rr
+
+    if window is not None:
+        monkeypatch.setattr(ex, "take_by_windows", functools.partial(rr.take_by_windows, window=window))
     members = _members(400)
     clusters = pd.DataFrame({"cluster_id": ["C1", "C2"], "label": ["物流慢", "退款"]})
     got = map_points(members, clusters, max_points)
