@@ -144,7 +144,6 @@ def test_drop_mapped_pages_leaves_writable_maps_and_other_folders(tmp_path):
         r.close()
 
 
-
 def test_shared_written_pages_are_dropped_only_when_asked_and_keep_what_was_written(tmp_path):
     """Pages written through a shared map (`np.memmap(mode="w+")`, the index merge's postings)
     are the page cache's: with `shared_writes` they leave this process and read back as written;

@@ -259,7 +259,7 @@ def test_merge_holds_about_a_window_of_the_mapped_input_resident(tmp_path, monke
     vectors, postings = src / "s000000" / sg.VECTORS_FILE, new / "s000001" / TermStats.FILES[1]
     size_kib = vectors.stat().st_size // 1024
     read: list[int] = []  # the input's resident KiB at each drop, before it
-    written: list[int] = []  # the output postings' resident KiB before and after each shared drop
+    written: list[tuple[int, int]] = []  # the output postings' resident KiB before and after each shared drop
     drop = heap.drop_mapped_pages
 
     def measured(folders, shared_writes=False):
