@@ -863,6 +863,12 @@ def test_members_built_after_the_vectors_are_gone_match_the_old_full_clustering(
     with spilled:
         got.append(recluster_members(frame, fit_vectors(with_tokens, spilled, *args, cut=_cut, mapped=mapped)))
     assert list((tmp_path / "cache").iterdir()) == []  # the spilled file has no name
+    # The export's form: the stored tokens read when first needed, their codes kept mapped.
+    no_stored = lambda: TokenCodes.from_lists([[] for _ in range(len(frame))])  # noqa: E731
+    tok = tmp_path / "tokens"
+    fitted = fit_vectors(with_tokens, vectors(), *args, cut=_cut, stored_tokens=no_stored, token_folder=tok)
+    got.append(recluster_members(frame, fitted))
+    assert n == 0 or list(tok.iterdir()) == []
     for clustering, proj, st in got:
         pd.testing.assert_frame_equal(clustering.clusters, clusters)
         pd.testing.assert_frame_equal(clustering.members, members)
@@ -984,3 +990,50 @@ def test_centroid_and_sims_are_the_whole_clusters_and_gather_a_block_at_a_time()
                 assert np.array_equal(sims, want_s) and sims.dtype == np.float32
                 if source is spilled:
                     assert max(gathered) <= 2_049  # a block, or the last block with a one-row tail
+
+
+def _resident_kib_under(folder) -> int:
+    """Resident KiB of this process's maps of files under `folder`, named or not (/proc/self/smaps)."""
+    prefix, total, inside = os.path.realpath(folder) + "/", 0, False
+    with open("/proc/self/smaps", encoding="utf-8") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and not head[0].endswith(":"):
+                inside = len(head) > 5 and head[5].startswith(prefix)
+            elif inside and head[0] == "Rss:":
+                total += int(head[1])
+    return total
+
+
+@pytest.mark.parametrize("cases", [0, 1, 40_000])
+def test_spilled_token_codes_are_the_codes_mapped_and_let_go_at_release_points(tmp_path, cases):
+    """`spilled` keeps the same codes, offsets and vocabulary in an unnamed file, read-only;
+    inside `dropping_mapped_pages` of its folder a release point lets their pages go, and a read
+    maps them back unchanged. Outside the block they stay."""
+    from pipeline.heap import _libc, dropping_mapped_pages, release_unused_memory
+    from pipeline.insights.stored_tokens import spilled
+
+    rng = np.random.default_rng(cases)
+    lists = [[WORDS[j] for j in rng.integers(0, len(WORDS), int(rng.integers(0, 60)))] for _ in range(cases)]
+    tokens = TokenCodes.from_lists(lists)
+    folder = tmp_path / "tokens"
+    got = spilled(tokens, folder)
+    assert list(folder.iterdir()) == []  # unnamed: nothing left behind, even by a crash
+    assert got.vocab == tokens.vocab and got.lists() == lists
+    assert np.array_equal(got.codes, tokens.codes) and np.array_equal(got.offsets, tokens.offsets)
+    assert not got.codes.flags.writeable and not got.offsets.flags.writeable
+    idx = np.arange(cases)[::-3]
+    assert got.take(idx).lists() == [lists[i] for i in idx]
+    if cases < 40_000 or not os.path.exists("/proc/self/smaps") or _libc() is None:
+        return
+    size_kib = (got.codes.nbytes + got.offsets.nbytes) // 1024  # about 4.8 MiB
+    got.codes.sum(), got.offsets.sum()  # every page read
+    assert _resident_kib_under(folder) >= size_kib - 64
+    release_unused_memory()  # no block: kept
+    assert _resident_kib_under(folder) >= size_kib - 64
+    with dropping_mapped_pages(folder):
+        release_unused_memory()
+        assert _resident_kib_under(folder) < 256
+        assert got.lists() == lists  # read back from the page cache
+        release_unused_memory()
+        assert _resident_kib_under(folder) < 256

@@ -102,7 +102,7 @@ from pipeline.insights.recluster_rows import (
 )
 from pipeline.insights.report import ReportData, render_report
 from pipeline.insights.row_file import RowFile
-from pipeline.insights.stored_tokens import stored_token_codes
+from pipeline.insights.stored_tokens import spilled, stored_token_codes
 from pipeline.insights.trends import (
     BREAKDOWNS,
     count_table,
@@ -175,6 +175,11 @@ def exports_root(out: Path) -> Path:
 
 def case_cache_path(out: Path) -> Path:
     return Path(out) / "state" / "cache" / "export-cases"
+
+
+def token_spill_path(out: Path) -> Path:
+    """Where a re-cluster keeps its cases' token codes while it runs (unnamed files, `spilled`)."""
+    return Path(out) / "state" / "cache" / "export-tokens"
 
 
 # What the case copy's rows hold beyond their columns: bump when `shrink_case_part` changes.
@@ -521,11 +526,14 @@ def fit_vectors(
     consume_vectors: bool = False,
     stored_tokens: TokenCodes | Callable[[], TokenCodes] | None = None,
     mapped: MapFit | None = None,
+    token_folder: Path | None = None,
 ) -> VectorFit:
     """The clusters, stable ids, models, members' similarities and map points of a re-cluster
     (`full_clustering`'s arguments): everything of it that reads `X`. `stored_tokens`: the
     frame's stored tokens as codes (`stored_token_codes`), in place of a tokens column.
-    `mapped`: the map of spilled vectors (`map_of_rows`); needed when `X` is spilled."""
+    `mapped`: the map of spilled vectors (`map_of_rows`); needed when `X` is spilled.
+    `token_folder`: where the codes read through a callable `stored_tokens` are kept, mapped,
+    while the scopes are described (`stored_tokens.spilled`)."""
     c = cfg.cluster
     results: list[ScopeResult] = []
     if len(frame):
@@ -536,7 +544,7 @@ def fit_vectors(
         if callable(stored_tokens):
             # Read when the clusters are first labelled (`cluster_cases`): not held through the
             # cross-type scope's KMeans search, the re-cluster's peak.
-            tokens = functools.partial(_token_codes_of, without, cut, stored_tokens)
+            tokens = functools.partial(_token_codes_of, without, cut, stored_tokens, token_folder)
         else:
             tokens = token_codes(frame, cut, stored_tokens)
         frame = without
@@ -566,9 +574,11 @@ def fit_vectors(
     return VectorFit(results, clusters, ClusterState(t), heads, projections, all_rows, xy)
 
 
-def _token_codes_of(frame: pd.DataFrame, cut, read: Callable[[], TokenCodes]) -> TokenCodes:
-    """`token_codes` of the frame with its stored tokens read (`stored_token_codes`) now."""
-    return token_codes(frame, cut, read())
+def _token_codes_of(frame: pd.DataFrame, cut, read: Callable[[], TokenCodes], folder: Path | None) -> TokenCodes:
+    """`token_codes` of the frame with its stored tokens read (`stored_token_codes`) now; kept
+    in a mapped file under `folder` when given (`spilled`)."""
+    codes = token_codes(frame, cut, read())
+    return codes if folder is None else spilled(codes, folder)
 
 
 def recluster_members(
@@ -1608,6 +1618,7 @@ def _recluster(
             # encoded a block of parts at a time: never every case's token strings at once.
             stored_tokens=functools.partial(_stored_tokens, out, frame) if len(frame) else None,
             mapped=mapped,
+            token_folder=token_spill_path(out),
         )
     # Without `since` the tables read the per-type rows' counted fields alone: their texts are
     # added for the members file only, as it is written.
@@ -1893,7 +1904,9 @@ def export_all(
     """
     # What each step read of the mapped case copy is let go at every release point, not held in
     # this process to the end (`dropping_mapped_pages`).
-    with dropping_mapped_pages(case_cache_path(Path(out))):
+    # The same for a re-cluster's token codes (`spilled`): read by each scope's description,
+    # not held through the next scope's fit.
+    with dropping_mapped_pages(case_cache_path(Path(out))), dropping_mapped_pages(token_spill_path(Path(out))):
         return _export_all(cfg, out, since, embedder, today, recluster)
 
 
