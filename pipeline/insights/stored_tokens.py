@@ -170,7 +170,7 @@ def spilled(tokens: TokenCodes, folder: Path) -> TokenCodes:
             f.write(codes.data)
         f.flush()
         # The map keeps its own handle on the file: closing ours here leaves it mapped.
-        view = mmap.mmap(f.fileno(), offsets.nbytes + codes.nbytes, prot=mmap.PROT_READ)
+        view = mmap.mmap(f.fileno(), offsets.nbytes + codes.nbytes, access=mmap.ACCESS_READ)
     return TokenCodes(
         tokens.vocab,
         np.frombuffer(view, dtype=np.int32, count=len(codes), offset=offsets.nbytes),
