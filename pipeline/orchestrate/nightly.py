@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import pandas as pd
 
 from pipeline.config import Config
-from pipeline.heap import release_unused_memory, use_system_arrow_pool
+from pipeline.heap import fix_mmap_threshold, release_unused_memory, use_system_arrow_pool
 from pipeline.ingest import FileResult, discover, input_name, read_file
 from pipeline.ingest.spans import Span, spans
 from pipeline.io import atomic_write_text, sha256_file
@@ -155,6 +155,9 @@ def start_run(cfg: Config, input_dir: Path, out: Path, runner: str = "plain") ->
         )
     out.mkdir(parents=True, exist_ok=True)
     use_system_arrow_pool()
+    # The encoder's batch buffers mapped and unmapped, not left to fragment the heap chunk after
+    # chunk (`fix_mmap_threshold`).
+    fix_mmap_threshold()
     from pipeline.retrieval.index import IndexStore
     from pipeline.retrieval.update import index_root
 
