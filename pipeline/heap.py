@@ -138,7 +138,8 @@ def fix_mmap_threshold(size: int = MMAP_THRESHOLD) -> bool:
     (torch, 2 cores) peaked at 1,222 -> 1,462 MiB in the process step and 1,236 -> 1,553 in the
     index step over 14 chunks, at 1,163 -> 1,219 after each commit. With the threshold fixed at
     1 MiB: 1,180 -> 1,269 and 1,201 -> 1,279, the same level. What glibc then maps and unmaps is
-    zero-filled afresh, a few percent of the encoder's CPU time (measured in the speed log)."""
+    zero-filled afresh at every batch: about a tenth more of the torch encoder's CPU time, and
+    10% on that run's wall time (the speed log, 2026-12-07 night)."""
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or "glibc.malloc.mmap_threshold" in tunables:
         return False
