@@ -455,31 +455,34 @@ def test_group_rows_are_a_groupbys_indices_whatever_the_number_of_groups(n_group
 
 
 def test_export_lets_the_mapped_case_copy_go_at_its_release_points(exported, tmp_path, monkeypatch, cfg):
-    """A re-cluster's export maps its copy of the stored cases; at each release point the pages it
-    read of that copy are dropped from the process (`heap.dropping_mapped_pages`), and only then."""
+    """A re-cluster's export maps its copy of the stored cases and its token codes; at each
+    release point the pages it read of them are dropped from the process
+    (`heap.dropping_mapped_pages`), and only then."""
     import os
     import shutil
 
     import pipeline.heap as heap
-    from pipeline.insights.export import case_cache_path, export_all
+    from pipeline.insights.export import case_cache_path, export_all, token_spill_path
 
     out = tmp_path / "out"
     shutil.copytree(exported[0], out)
     copy = os.path.realpath(case_cache_path(out))
-    seen: list[tuple[list[str], bool]] = []
+    tokens = os.path.realpath(token_spill_path(out))  # the re-cluster's token codes (`spilled`)
+    seen: list[tuple[list[str], bool, bool]] = []
     real = heap.drop_mapped_pages
 
     def recording(folders: list[str]) -> int:
         with open("/proc/self/maps", encoding="utf-8") as f:
-            mapped = any(copy + "/" in line for line in f)
-        seen.append((list(folders), mapped))
+            lines = f.read()
+        seen.append((list(folders), copy + "/" in lines, tokens + "/" in lines))
         return real(folders)
 
     monkeypatch.setattr(heap, "drop_mapped_pages", recording)
     s = export_all(cfg, out, embedder=HashingEmbedder(), today=date(2025, 11, 3), recluster=True)
     assert s["mode"] == "full"
-    assert seen and all(folders == [copy] for folders, _ in seen)
-    assert any(mapped for _, mapped in seen)  # the copy was mapped when its pages were dropped
+    assert seen and all(folders == [copy, tokens] for folders, _, _ in seen)
+    assert any(mapped for _, mapped, _ in seen)  # the copy was mapped when its pages were dropped
+    assert any(codes for _, _, codes in seen)  # and so were the token codes, in their folder
     assert heap._DROPPED_UNDER == []  # the block ended with the export
     n = len(seen)
     heap.release_unused_memory()  # outside it nothing is dropped
