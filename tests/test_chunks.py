@@ -229,6 +229,37 @@ def test_chunks_commit_under_their_own_run_ids(big_jsonl, tmp_path, monkeypatch)
     assert again["cases"]["written"] == 0
 
 
+
+def test_the_encoder_is_let_go_before_the_export(big_jsonl, tmp_path, monkeypatch):
+    """The chunk steps embed (classify, index); the export and the library read the cache. The
+    model the chunks loaded is gone, with no reference left anywhere, when the export starts, so
+    it does not sit under the export's re-cluster, the step that grows with the history."""
+    import gc
+    import weakref
+
+    from pipeline.embed import embedder as E
+
+    cfg = load_config(REPO / "configs" / "casemine.yaml").with_overrides(flow={"chunk_mb": 0.01})
+    held: list[weakref.ref] = []
+    alive_at_export: list[int] = []
+    started = steps.step_started
+
+    def watch(step: str, chunk: str | None) -> None:
+        if step == "commit" and not held:  # the first chunk's classify and index loaded it
+            held.extend(weakref.ref(m) for m, _ in E._MODELS.values())
+            held.extend(weakref.ref(o) for o in E._ONNX.values())
+        if step == "export":
+            gc.collect()
+            alive_at_export.append(sum(r() is not None for r in held))
+        started(step, chunk)
+
+    monkeypatch.setattr(steps, "step_started", watch)
+    s = steps.run_pipeline(cfg, big_jsonl.parent, tmp_path / "out")
+    assert len(s["chunks"]) >= 4 and held, "the chunk steps loaded no model to let go"
+    assert alive_at_export == [0]
+    assert s["exports"]["n_clusters"] > 0 and s["cases"]["written"] == 299
+
+
 def test_a_chunk_leaves_nothing_behind_for_the_next(big_jsonl, tmp_path, monkeypatch):
     """Memory must follow the chunk, not the run: at each chunk's commit the process holds that
     chunk's conversations and batch results at most, never those of the chunks before it (a list

