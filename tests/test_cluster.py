@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -452,6 +453,39 @@ def test_group_rows_are_a_groupbys_indices_whatever_the_number_of_groups(n_group
     assert len(got) == n_groups
     for g, rows in enumerate(got):
         assert rows.tolist() == (want[g].tolist() if g in want else []), g
+
+
+
+def test_a_recluster_lets_a_loaded_model_go_before_it_fits(exported, tmp_path, monkeypatch, cfg):
+    """A re-cluster embeds first (mostly from the cache) and then fits; a model that embedding
+    loaded is not needed by the fits and is let go before them, with no reference left."""
+    import gc
+    import shutil
+    import weakref
+
+    import pipeline.insights.export as ex
+    from pipeline.embed import embedder as E
+
+    class Model:  # stands in for a loaded SentenceTransformer in the process's table
+        pass
+
+    out = tmp_path / "out"
+    shutil.copytree(exported[0], out)
+    model = Model()
+    monkeypatch.setitem(E._MODELS, ("a model the embedding loaded", "cpu"), (model, threading.Lock()))
+    held = weakref.ref(model)
+    del model
+    alive_at_fit: list[bool] = []
+    fit = ex.fit_vectors
+
+    def fitting(*args, **kwargs):
+        gc.collect()
+        alive_at_fit.append(held() is not None)
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(ex, "fit_vectors", fitting)
+    s = ex.export_all(cfg, out, embedder=HashingEmbedder(), today=date(2025, 11, 3), recluster=True)
+    assert s["mode"] == "full" and alive_at_fit and not any(alive_at_fit)
 
 
 def test_export_lets_the_mapped_case_copy_go_at_its_release_points(exported, tmp_path, monkeypatch, cfg):

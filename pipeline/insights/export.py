@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from pipeline.config import Config
+from pipeline.embed.embedder import release_shared_models
 from pipeline.heap import dropping_mapped_pages, release_mapped_pages, release_unused_memory
 from pipeline.insights import case_kpis, case_numbers, case_relations, case_trajectories, member_rows
 from pipeline.insights import member_cross as mc
@@ -1599,7 +1600,10 @@ def _recluster(
     t1 = time.perf_counter()
     vectors = embed_to_rows(embedder, frame["cluster_text"], case_cache_path(out).parent)
     t_embed = time.perf_counter() - t1
-    release_unused_memory()  # the encoding's buffers: what the re-cluster would grow on top of
+    # The model, if a text the cache lacked loaded it (a run lets it go before the export), and
+    # the encoding's buffers: what the re-cluster would grow on top of.
+    release_shared_models()
+    release_unused_memory()
     with vectors:
         mapped = map_of_rows(vectors, c.fit_max_cases)
         same_space = meta.get("embedder") == embedder_id
