@@ -23,6 +23,12 @@ no cluster state (its state/clusters folder is removed), so the export re-cluste
 case (mode "full", reason "no_state"); its --breakdown adds the re-cluster's stages.
 --stored-tokens: the cases carry their problem's jieba tokens, as a back-fill's cases do (the
 default stores have none, so a re-cluster cuts every case's text).
+--after-run: the export as a run's last step rather than alone. The child first runs the chunk
+steps of a real run over the bundled sample (`data/sample`: the run's components, the encoder
+loaded, the model let go as the runner does), then the run's export step exports the store. The
+run's own peak log (CASEMINE_MEMLOG) gives the chunk steps' peak and the export step's, so the
+two can be compared at history sizes a whole run could not reach in the bench's time. "after
+imports" is then the RSS the export step starts from.
 
 --keep DIR keeps the prepared stores (and reuses them on the next call, so two versions of the
 code measure the same stores) and every child's exports folder, for comparing outputs:
@@ -270,6 +276,54 @@ def child(store: Path, day: str, breakdown: bool) -> None:
     )
 
 
+def after_run_child(store: Path, day: str) -> None:
+    """The export step of a run over the bundled sample, pointed at `store` (see --after-run).
+
+    Why a real run and not a model loaded by hand: what the chunk steps leave resident (torch's
+    runtime, jieba's dictionary, the classifiers, the heap they fragmented) is what the export
+    grows on top of in a back-fill, and only the runner itself leaves exactly that."""
+    from pipeline.config import load_config
+    from pipeline.embed.fake import HashingEmbedder
+    from pipeline.insights.export import export_all
+    from pipeline.orchestrate import nightly
+    from pipeline.orchestrate.steps import Components
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(repo / "configs" / "casemine.yaml")
+    got: dict[str, Any] = {}
+
+    def call(step: Any, night: Any) -> Any:
+        if step.name == "export":
+            got["after_imports_mib"] = rss_mib()  # what the chunk steps left, the model let go
+            anon = AnonPeak()
+            t, cpu = time.perf_counter(), time.process_time()
+            s = export_all(cfg, store, embedder=HashingEmbedder(), today=date.fromisoformat(day))
+            got.update(seconds=round(time.perf_counter() - t, 2), cpu_seconds=round(time.process_time() - cpu, 2))
+            got.update(mode=s["mode"], n_cases=s["n_cases"], peak_anon_mib=round(anon.stop(), 1))
+            return {"mode": s["mode"]}
+        if step.name == "library":  # the sample's library is not what is measured
+            return {}
+        return step.run(night)
+
+    with tempfile.TemporaryDirectory(prefix="bench-after-run-") as tmp:
+        log = Path(tmp) / "mem.jsonl"
+        os.environ["CASEMINE_MEMLOG"] = str(log)
+        ctx = nightly.start_run(cfg, repo / "data" / "sample", Path(tmp) / "out")
+        try:
+            with Components.from_config(cfg) as comp:
+                nightly.run_declared(
+                    ctx, call, lambda step, chunk, parts: (step.run(chunk, comp, p, n) for n, p in enumerate(parts))
+                )
+        finally:
+            ctx.close()
+        steps = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()]
+    chunk_steps = {"ingest", "process", "index", "commit"}
+    got["chunk_steps_peak_mib"] = max(r["peak_mib"] for r in steps if r["step"] in chunk_steps)
+    got["peak_mib"] = next(r["peak_mib"] for r in steps if r["step"] == "export")
+    got["stages"] = []
+    print(json.dumps(got, ensure_ascii=False))
+
+
 def work_copy(store: Path, work: Path, mode: str) -> None:
     """A fresh copy of a prepared store for one child; for --mode full without its cluster state
     (a back-fill's export: nothing to assign to, every stored case re-clustered)."""
@@ -279,11 +333,13 @@ def work_copy(store: Path, work: Path, mode: str) -> None:
         shutil.rmtree(work / "state" / "clusters")
 
 
-def run_child(store: Path, day: str, breakdown: bool) -> dict[str, Any]:
+def run_child(store: Path, day: str, breakdown: bool, after_run: bool = False) -> dict[str, Any]:
     """The child's own report (its peak is its own VmHWM, see `peak_mib`)."""
     args = [sys.executable, "-m", "bench.bench_export_memory", "--child", str(store), "--day", day]
     if breakdown:
         args.append("--breakdown")
+    if after_run:
+        args.append("--after-run")
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate()
     if proc.returncode != 0:
@@ -384,12 +440,16 @@ def main() -> None:
     ap.add_argument(
         "--stored-tokens", action="store_true", help="stores whose cases carry jieba tokens (store-tok-<n>)"
     )
+    ap.add_argument("--after-run", action="store_true", help="the export as the last step of a run over data/sample")
     ap.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--day", default=(DAY + timedelta(days=1)).isoformat(), help=argparse.SUPPRESS)
     ap.add_argument("--compare", nargs=2, type=Path, default=None, help="compare two kept exports folders")
     a = ap.parse_args()
     if a.child is not None:
-        child(a.child, a.day, a.breakdown)
+        if a.after_run:
+            after_run_child(a.child, a.day)
+        else:
+            child(a.child, a.day, a.breakdown)
         return
     if a.compare is not None:
         sys.exit(compare(*a.compare))
@@ -405,14 +465,16 @@ def main() -> None:
             runs = []
             for _ in range(a.repeat):
                 work_copy(store, work, a.mode)
-                r = run_child(work, a.day, False)
+                r = run_child(work, a.day, False, a.after_run)
                 assert r["mode"] == a.mode, r
                 runs.append(r)
                 print(
-                    f"  {n:>7,} stored: after imports {r['after_imports_mib']:.0f} MiB, peak {r['peak_mib']:.0f} MiB "
+                    f"  {n:>7,} stored: {'export step starts at' if a.after_run else 'after imports'} "
+                    f"{r['after_imports_mib']:.0f} MiB, peak {r['peak_mib']:.0f} MiB "
                     f"({r.get('peak_anon_mib', 0):.0f} anonymous), "
                     f"{_mib_per_k(r, n):.1f} MiB per 1,000 stored cases, {r['seconds']:.2f} s "
-                    f"({r.get('cpu_seconds', 0):.2f} s CPU)",
+                    f"({r.get('cpu_seconds', 0):.2f} s CPU)"
+                    + (f"; the run's chunk steps peaked at {r['chunk_steps_peak_mib']:.0f} MiB" if a.after_run else ""),
                     flush=True,
                 )
             # The median run by peak, with the median time: allocator reuse makes the peak vary
@@ -426,16 +488,19 @@ def main() -> None:
                 print_breakdown(run_child(work, a.day, True))
             if a.keep is None:
                 shutil.rmtree(work, ignore_errors=True)
-        print(f"\n({a.mode} export, median of {a.repeat} runs per size)")
+        where = "as a run's last step" if a.after_run else "alone"
+        print(f"\n({a.mode} export {where}, median of {a.repeat} runs per size)")
+        start = "starts at" if a.after_run else "imports MiB"
         print(
-            f"{'stored':>8} {'imports MiB':>12} {'peak MiB':>9} {'range':>11} {'anon MiB':>9} {'MiB/1k':>7} "
-            f"{'seconds':>8}"
+            f"{'stored':>8} {start:>12} {'peak MiB':>9} {'range':>11} {'anon MiB':>9} {'MiB/1k':>7} "
+            f"{'seconds':>8}" + (f" {'chunk steps MiB':>16}" if a.after_run else "")
         )
         for n, r in rows:
             lo, hi = r["range"]
             print(
                 f"{n:>8,} {r['after_imports_mib']:>12.0f} {r['peak_mib']:>9.0f} {f'{lo:.0f}-{hi:.0f}':>11} "
                 f"{r.get('peak_anon_mib', 0):>9.0f} {_mib_per_k(r, n):>7.1f} {r['seconds']:>8.2f}"
+                + (f" {r['chunk_steps_peak_mib']:>16.0f}" if a.after_run else "")
             )
         if len(rows) > 1:
             (n0, r0), (n1, r1) = rows[0], rows[-1]
