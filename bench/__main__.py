@@ -1,8 +1,9 @@
 """`make bench`: every benchmark at quick sizes, figures printed with the baseline measured in the
 same run. `make bench-scale` (`python -m bench --scale`): the big sizes (whole runs of 10k and
 100k transcripts, the peak RSS of chunked runs of 10k, 60k and 120k and of a back-fill's last
-export at 200k and 400k stored cases, index builds at 100k, queries at 100k and 1M), which take
-hours on a 2-core machine and so are kept out of the quick pass."""
+export at 200k and 400k stored cases, alone and as a run's last step, index builds at 100k,
+queries at 100k and 1M), which take hours on a 2-core machine and so are kept out of the quick
+pass."""
 
 import subprocess
 import sys
@@ -36,8 +37,21 @@ SCALE = [
         "4",
         "--no-one-chunk",
     ],
-    # A back-fill's last export at history sizes no whole run here reaches in hours.
+    # A back-fill's last export at history sizes no whole run here reaches in hours: alone (its
+    # own memory), then as a run's last step beside the same run's chunk steps (which of the two
+    # sets a back-fill's peak).
     ["bench.bench_export_memory", "--mode", "full", "--sizes", "200000,400000", "--repeat", "1", "--stored-tokens"],
+    [
+        "bench.bench_export_memory",
+        "--mode",
+        "full",
+        "--sizes",
+        "200000,400000",
+        "--repeat",
+        "1",
+        "--stored-tokens",
+        "--after-run",
+    ],
     ["bench.bench_embed_index", "--sizes", "100000"],
     ["bench.bench_index_update", "--history", "100000", "--adds", "1000,10000"],
     ["bench.bench_index_merge", "--rows", "200000,1000000", "--tiered"],
