@@ -252,28 +252,29 @@ def child(store: Path, day: str, breakdown: bool) -> None:
         for name in CLUSTER_STAGES:
             sampler.wrap(cl, name)
         sampler.start()
-    anon = AnonPeak()
-    t, cpu = time.perf_counter(), time.process_time()
-    s = ex.export_all(cfg, store, embedder=emb, today=date.fromisoformat(day))
-    secs, cpu = time.perf_counter() - t, time.process_time() - cpu
-    peak_anon = anon.stop()
+    got = measured_export(cfg, store, day, emb)
     if sampler is not None:
         sampler.stop()
-    print(
-        json.dumps(
-            {
-                "mode": s["mode"],
-                "n_cases": s["n_cases"],
-                "after_imports_mib": round(base, 1),
-                "peak_mib": round(peak_mib(), 1),
-                "peak_anon_mib": round(peak_anon, 1),
-                "seconds": round(secs, 2),
-                "cpu_seconds": round(cpu, 2),
-                "stages": sampler.done if sampler else [],
-            },
-            ensure_ascii=False,
-        )
-    )
+    got.update(after_imports_mib=round(base, 1), peak_mib=round(peak_mib(), 1))
+    print(json.dumps({**got, "stages": sampler.done if sampler else []}, ensure_ascii=False))
+
+
+def measured_export(cfg: Any, store: Path, day: str, embedder: Any) -> dict[str, Any]:
+    """`export_all` on `store`: its mode, cases, wall and CPU seconds and the largest anonymous
+    RSS sampled while it ran."""
+    from pipeline.insights.export import export_all
+
+    anon = AnonPeak()
+    t, cpu = time.perf_counter(), time.process_time()
+    s = export_all(cfg, store, embedder=embedder, today=date.fromisoformat(day))
+    secs, cpu = time.perf_counter() - t, time.process_time() - cpu
+    return {
+        "mode": s["mode"],
+        "n_cases": s["n_cases"],
+        "peak_anon_mib": round(anon.stop(), 1),
+        "seconds": round(secs, 2),
+        "cpu_seconds": round(cpu, 2),
+    }
 
 
 def after_run_child(store: Path, day: str) -> None:
@@ -284,7 +285,6 @@ def after_run_child(store: Path, day: str) -> None:
     grows on top of in a back-fill, and only the runner itself leaves exactly that."""
     from pipeline.config import load_config
     from pipeline.embed.fake import HashingEmbedder
-    from pipeline.insights.export import export_all
     from pipeline.orchestrate import nightly
     from pipeline.orchestrate.steps import Components
 
@@ -295,12 +295,8 @@ def after_run_child(store: Path, day: str) -> None:
     def call(step: Any, night: Any) -> Any:
         if step.name == "export":
             got["after_imports_mib"] = rss_mib()  # what the chunk steps left, the model let go
-            anon = AnonPeak()
-            t, cpu = time.perf_counter(), time.process_time()
-            s = export_all(cfg, store, embedder=HashingEmbedder(), today=date.fromisoformat(day))
-            got.update(seconds=round(time.perf_counter() - t, 2), cpu_seconds=round(time.process_time() - cpu, 2))
-            got.update(mode=s["mode"], n_cases=s["n_cases"], peak_anon_mib=round(anon.stop(), 1))
-            return {"mode": s["mode"]}
+            got.update(measured_export(cfg, store, day, HashingEmbedder()))
+            return {"mode": got["mode"]}
         if step.name == "library":  # the sample's library is not what is measured
             return {}
         return step.run(night)
@@ -317,10 +313,9 @@ def after_run_child(store: Path, day: str) -> None:
         finally:
             ctx.close()
         steps = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()]
-    chunk_steps = {"ingest", "process", "index", "commit"}
+    chunk_steps = {s.name for s in nightly.CHUNK_STEPS}
     got["chunk_steps_peak_mib"] = max(r["peak_mib"] for r in steps if r["step"] in chunk_steps)
     got["peak_mib"] = next(r["peak_mib"] for r in steps if r["step"] == "export")
-    got["stages"] = []
     print(json.dumps(got, ensure_ascii=False))
 
 

@@ -229,7 +229,6 @@ def test_chunks_commit_under_their_own_run_ids(big_jsonl, tmp_path, monkeypatch)
     assert again["cases"]["written"] == 0
 
 
-
 def test_the_encoder_is_let_go_before_the_export(big_jsonl, tmp_path, monkeypatch):
     """The chunk steps embed (classify, index); the export and the library read the cache. The
     model the chunks loaded is gone, with no reference left anywhere, when the export starts, so

@@ -455,7 +455,6 @@ def test_group_rows_are_a_groupbys_indices_whatever_the_number_of_groups(n_group
         assert rows.tolist() == (want[g].tolist() if g in want else []), g
 
 
-
 def test_a_recluster_lets_a_loaded_model_go_before_it_fits(exported, tmp_path, monkeypatch, cfg):
     """A re-cluster embeds first (mostly from the cache) and then fits; a model that embedding
     loaded is not needed by the fits and is let go before them, with no reference left."""

@@ -232,7 +232,6 @@ def test_multi_process_embedding_equals_single_process():
     assert float((one * two).sum(axis=1).min()) > 0.9999
 
 
-
 @pytest.mark.slow
 def test_released_models_are_freed_and_load_again_on_the_next_encode():
     """A run lets its encoder go after the chunk steps (`release_shared_models`): no Embedder may
